@@ -1,0 +1,250 @@
+//! Backend and device selection, done once in the binary.
+//!
+//! burn 0.22 tensors carry no backend type: the backend is a property of the
+//! [`burn::tensor::Device`]. This crate maps the user's `--device` (`cpu`, `cuda`, `cuda:N`,
+//! `auto`) and `--backend` (`auto`, `flex`, `tch`) to a device plus the [`ExecEnv`] that goes
+//! into the cache key of stages whose numbers depend on it.
+//!
+//! - `flex`: burn's pure-Rust CPU backend; always compiled, no set-up.
+//! - `tch`: libtorch 2.9.0 through burn-tch (CPU, and CUDA with a CUDA libtorch); compiled
+//!   with the `tch` feature after `cargo xtask setup`. About 2× flex on a ViT train step
+//!   here, so it is the default whenever it is compiled in.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::Device;
+use msmae_core::ExecEnv;
+
+/// burn version compiled in (recorded with every artifact).
+pub const BURN_VERSION: &str = "0.22.1";
+/// libtorch version burn-tch 0.22 requires.
+pub const LIBTORCH_VERSION: &str = "2.9.0";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BackendError {
+    #[error("unknown device `{0}`: use cpu, cuda, cuda:N or auto")]
+    UnknownDevice(String),
+    #[error("unknown backend `{0}`: use auto, flex or tch")]
+    UnknownBackend(String),
+    #[error("this msmae was built without libtorch, which `{0}` needs: build it with `cargo xtask setup` (CPU) or `cargo xtask setup --cuda`, then `cargo xtask run …`")]
+    NoTorch(String),
+    #[error("`{0}`: libtorch reports no CUDA device (a CPU-only libtorch, no GPU, or no driver); use --device cpu")]
+    NoCuda(String),
+    #[error("the flex backend runs on the CPU only; `{0}` needs --backend tch")]
+    FlexCpuOnly(String),
+}
+
+/// A requested device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    Cpu,
+    Cuda(usize),
+    /// The first CUDA device if libtorch sees one, else the CPU.
+    Auto,
+}
+
+impl FromStr for DeviceRequest {
+    type Err = BackendError;
+    fn from_str(s: &str) -> Result<Self, BackendError> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "auto" => Ok(Self::Auto),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => t
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| BackendError::UnknownDevice(s.to_string())),
+        }
+    }
+}
+
+/// A requested backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendRequest {
+    /// libtorch when compiled in, else flex.
+    Auto,
+    Flex,
+    Tch,
+}
+
+impl FromStr for BackendRequest {
+    type Err = BackendError;
+    fn from_str(s: &str) -> Result<Self, BackendError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "flex" => Ok(Self::Flex),
+            "tch" | "libtorch" | "torch" => Ok(Self::Tch),
+            _ => Err(BackendError::UnknownBackend(s.to_string())),
+        }
+    }
+}
+
+/// The backend actually used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Flex,
+    Tch,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Flex => "flex",
+            BackendKind::Tch => "tch",
+        })
+    }
+}
+
+/// Backends compiled into this binary.
+pub fn compiled_backends() -> &'static [BackendKind] {
+    if cfg!(feature = "tch") { &[BackendKind::Tch, BackendKind::Flex] } else { &[BackendKind::Flex] }
+}
+
+/// Number of CUDA devices libtorch sees (0 without the `tch` feature or a CUDA libtorch).
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "tch")]
+    {
+        Device::enumerate(burn::tensor::DeviceType::LibTorch).len()
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        0
+    }
+}
+
+/// A resolved device and the environment it implies.
+#[derive(Debug, Clone)]
+pub struct Compute {
+    pub backend: BackendKind,
+    pub device: Device,
+    pub env: ExecEnv,
+}
+
+impl Compute {
+    /// Versions of the numeric tools, recorded with every artifact.
+    pub fn tools(&self) -> Vec<(String, String)> {
+        let mut v = vec![("burn".to_string(), BURN_VERSION.to_string())];
+        if self.backend == BackendKind::Tch {
+            v.push(("libtorch".to_string(), LIBTORCH_VERSION.to_string()));
+        }
+        v
+    }
+}
+
+/// Resolve a backend and device request.
+pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute, BackendError> {
+    let has_tch = cfg!(feature = "tch");
+    let kind = match backend {
+        BackendRequest::Flex => BackendKind::Flex,
+        BackendRequest::Tch if !has_tch => return Err(BackendError::NoTorch("--backend tch".into())),
+        BackendRequest::Tch => BackendKind::Tch,
+        BackendRequest::Auto if has_tch => BackendKind::Tch,
+        BackendRequest::Auto => match device {
+            DeviceRequest::Cuda(n) => return Err(BackendError::NoTorch(format!("--device cuda:{n}"))),
+            _ => BackendKind::Flex,
+        },
+    };
+    let device = match (kind, device) {
+        (BackendKind::Flex, DeviceRequest::Cuda(n)) => return Err(BackendError::FlexCpuOnly(format!("--device cuda:{n}"))),
+        (BackendKind::Flex, _) => DeviceRequest::Cpu,
+        (BackendKind::Tch, DeviceRequest::Auto) => {
+            if cuda_device_count() > 0 { DeviceRequest::Cuda(0) } else { DeviceRequest::Cpu }
+        }
+        (BackendKind::Tch, DeviceRequest::Cuda(n)) if n >= cuda_device_count() => return Err(BackendError::NoCuda(format!("cuda:{n}"))),
+        (_, d) => d,
+    };
+    let (name, dkind) = match device {
+        DeviceRequest::Cuda(n) => (format!("cuda:{n}"), "cuda"),
+        _ => ("cpu".to_string(), "cpu"),
+    };
+    Ok(Compute {
+        backend: kind,
+        device: make_device(kind, device),
+        env: ExecEnv { backend: kind.to_string(), device: name, device_kind: dkind.into(), precision: "f32".into() },
+    })
+}
+
+#[allow(deprecated)] // burn 0.22 marks the libtorch constructors deprecated; they are its only API.
+fn make_device(kind: BackendKind, device: DeviceRequest) -> Device {
+    match (kind, device) {
+        #[cfg(feature = "tch")]
+        (BackendKind::Tch, DeviceRequest::Cuda(n)) => Device::libtorch_cuda(n),
+        #[cfg(feature = "tch")]
+        (BackendKind::Tch, _) => Device::libtorch(),
+        _ => Device::flex(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tensor, Tolerance, activation};
+
+    #[test]
+    fn parses_requests_and_rejects_nonsense() {
+        assert_eq!("cpu".parse(), Ok(DeviceRequest::Cpu));
+        assert_eq!("CUDA:1".parse(), Ok(DeviceRequest::Cuda(1)));
+        assert_eq!("cuda".parse(), Ok(DeviceRequest::Cuda(0)));
+        assert_eq!("auto".parse(), Ok(DeviceRequest::Auto));
+        assert_eq!("tpu".parse::<DeviceRequest>(), Err(BackendError::UnknownDevice("tpu".into())));
+        assert_eq!("cuda:x".parse::<DeviceRequest>(), Err(BackendError::UnknownDevice("cuda:x".into())));
+        assert_eq!("libtorch".parse(), Ok(BackendRequest::Tch));
+        assert!("jax".parse::<BackendRequest>().is_err());
+    }
+
+    #[test]
+    fn flex_is_cpu_only_and_env_names_what_changes_numbers() {
+        let c = select(BackendRequest::Flex, DeviceRequest::Auto).expect("flex cpu");
+        assert_eq!(c.env, ExecEnv::cpu_flex());
+        assert_eq!(select(BackendRequest::Flex, DeviceRequest::Cuda(0)).err(), Some(BackendError::FlexCpuOnly("--device cuda:0".into())));
+        let auto = select(BackendRequest::Auto, DeviceRequest::Cpu).expect("auto cpu");
+        assert_eq!(auto.backend, if cfg!(feature = "tch") { BackendKind::Tch } else { BackendKind::Flex });
+        assert_eq!(auto.env.device_kind, "cpu");
+    }
+
+    #[test]
+    fn flex_device_computes() {
+        let c = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex");
+        let x = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &c.device);
+        let y: Vec<f32> = x.clone().matmul(x).into_data().try_into_vec::<f32>().expect("f32");
+        assert_eq!(y, [7.0, 10.0, 15.0, 22.0]);
+    }
+
+    #[cfg(not(feature = "tch"))]
+    #[test]
+    fn asking_for_torch_without_it_says_how_to_get_it() {
+        let e = select(BackendRequest::Tch, DeviceRequest::Cpu).err().expect("no tch");
+        assert!(e.to_string().contains("cargo xtask setup"), "{e}");
+        assert!(select(BackendRequest::Auto, DeviceRequest::Cuda(0)).is_err());
+    }
+
+    /// flex and libtorch agree on the ops a ViT uses, forward and backward.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn flex_and_libtorch_agree_forward_and_backward() {
+        let f = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").device;
+        let t = select(BackendRequest::Tch, DeviceRequest::Cpu).expect("tch").device;
+        f.seed(3);
+        let x = Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &f);
+        let w = Tensor::<2>::random([16, 16], Distribution::Normal(0.0, 0.25), &f);
+        let run = |dev: &Device| {
+            let dev = dev.clone().autodiff();
+            let x = Tensor::<3>::from_data(x.to_data(), &dev);
+            let w = Tensor::<2>::from_data(w.to_data(), &dev).require_grad();
+            let q = x.clone().matmul(w.clone().unsqueeze::<3>());
+            let attn = activation::softmax(q.clone().matmul(x.clone().swap_dims(1, 2)) / 4.0, 2);
+            let out = activation::gelu(attn.matmul(x));
+            let loss = (out.clone() * out.clone()).mean();
+            let grads = loss.backward();
+            let gw = w.grad(&grads).expect("w has a gradient");
+            (out.without_autodiff().into_data(), gw.into_data())
+        };
+        let (of, gf) = run(&f);
+        let (ot, gt) = run(&t);
+        of.assert_approx_eq::<f32>(&ot, Tolerance::absolute(1e-5));
+        gf.assert_approx_eq::<f32>(&gt, Tolerance::absolute(1e-5));
+    }
+}

@@ -1,0 +1,322 @@
+//! Command-line interface of msmae (the `msmae` binary and `cargo xtask run`).
+//!
+//! Exit codes: 0 success, 1 a stage failed or verification found mismatches, 2 the
+//! pipeline file or the command line is invalid.
+
+mod progress;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use msmae_backend::{BackendRequest, DeviceRequest};
+use msmae_core::{CancelToken, Registry};
+use msmae_pipeline::inspect::{self, DagFormat, State};
+use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
+
+/// The stage kinds this binary ships.
+pub fn registry() -> Registry {
+    Registry::new()
+}
+
+/// Medical Supervised Masked Autoencoder: cached pipelines of stages.
+#[derive(Debug, Parser)]
+#[command(name = "msmae", version, about, long_about = None, after_help = "Example:\n  msmae run pipelines/quickstart.yaml\n  msmae status pipelines/quickstart.yaml")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Common {
+    /// Pipeline file (YAML).
+    pub pipeline: PathBuf,
+    /// Artifact store; default `.msmae/` beside the pipeline file.
+    #[arg(long, env = "MSMAE_STORE")]
+    pub store: Option<PathBuf>,
+    /// Lock file; default `NAME.lock` beside the pipeline file.
+    #[arg(long)]
+    pub lock: Option<PathBuf>,
+    /// Override a parameter: `--set params.size=32` (repeatable; also `seed=N`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<Override>,
+    /// Compute device: cpu, cuda, cuda:N or auto.
+    #[arg(long, env = "MSMAE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Numeric backend: auto (libtorch when built in, else flex), flex or tch.
+    #[arg(long, env = "MSMAE_BACKEND", default_value = "auto")]
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline: cached stages are served from the store, the rest execute.
+    #[command(after_help = "Examples:\n  msmae run pipelines/quickstart.yaml\n  msmae run pipelines/quickstart.yaml --stage masks        # re-run one stage\n  msmae run pipelines/quickstart.yaml --set params.size=32 --dry-run")]
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Run only this stage (re-executed even if cached); its inputs must be cached.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Re-execute this stage, then whatever downstream its output changes.
+        #[arg(long)]
+        from: Option<String>,
+        /// Stop after this stage (and what it needs).
+        #[arg(long)]
+        until: Option<String>,
+        /// Re-execute every selected stage even if cached.
+        #[arg(long)]
+        force: bool,
+        /// Show what would run and why; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Job slots (light stages take one, training stages all).
+        #[arg(short, long)]
+        jobs: Option<usize>,
+        /// Fail instead of waiting when another runner is computing a stage.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Which stages are up to date, which would run and why.
+    #[command(after_help = "Example:\n  msmae status pipelines/quickstart.yaml")]
+    Status {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Explain one stage's state and list its cache-key components.
+    #[command(after_help = "Example:\n  msmae why pipelines/quickstart.yaml pretrain")]
+    Why {
+        #[command(flatten)]
+        common: Common,
+        stage: String,
+    },
+    /// Print the stage graph.
+    #[command(after_help = "Example:\n  msmae dag pipelines/quickstart.yaml --format mermaid")]
+    Dag {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Re-hash every artifact recorded in the lock file; exit 1 on any mismatch.
+    #[command(after_help = "Example:\n  msmae verify pipelines/quickstart.yaml")]
+    Verify {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove interrupted runs' leftovers and unreferenced artifacts from the store.
+    #[command(after_help = "Example:\n  msmae gc pipelines/quickstart.yaml --prune --dry-run")]
+    Gc {
+        #[command(flatten)]
+        common: Common,
+        /// Keep only artifacts recorded in lock files (drop other cached configurations).
+        #[arg(long)]
+        prune: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List the stage kinds this binary provides.
+    #[command(after_help = "Example:\n  msmae stages")]
+    Stages,
+}
+
+/// Parse arguments, run, and map errors to exit codes.
+pub fn main_with(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.quiet);
+    match execute(cli, &registry) {
+        Ok(code) => code,
+        Err(e) => {
+            let spec = e.downcast_ref::<msmae_pipeline::Error>().is_some_and(|e| matches!(e, msmae_pipeline::Error::Spec(_)));
+            eprintln!("error: {e:#}");
+            if spec { ExitCode::from(2) } else { ExitCode::from(1) }
+        }
+    }
+}
+
+fn init_tracing(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (_, 0) => "warn,msmae=info,msmae_pipeline=info,msmae_cli=info,msmae_data=info,msmae_backend=info",
+        (_, 1) => "info,msmae_pipeline=debug,msmae_cli=debug",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(progress::LogWriter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+fn store_for(common: &Common) -> Result<Store> {
+    let path = common.store.clone().unwrap_or_else(|| common.pipeline.parent().unwrap_or(Path::new(".")).join(".msmae"));
+    Store::open(&path).with_context(|| format!("opening the artifact store {}", path.display()))
+}
+
+fn compute(common: &Common) -> Result<msmae_backend::Compute> {
+    let device: DeviceRequest = common.device.parse()?;
+    let backend: BackendRequest = common.backend.parse()?;
+    Ok(msmae_backend::select(backend, device)?)
+}
+
+fn lock_path(common: &Common) -> PathBuf {
+    common.lock.clone().unwrap_or_else(|| lockfile::default_path(&common.pipeline))
+}
+
+fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
+    match cli.command {
+        Command::Stages => {
+            for s in registry.iter() {
+                println!("{:28} v{}  {}", s.kind(), s.version(), s.summary());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait } => {
+            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+            let store = store_for(&common)?;
+            let compute = compute(&common)?;
+            let cancel = CancelToken::new();
+            let c2 = cancel.clone();
+            let _ = ctrlc::set_handler(move || {
+                if c2.is_cancelled() {
+                    eprintln!("interrupted twice: exiting now (committed artifacts are intact)");
+                    std::process::exit(130);
+                }
+                eprintln!("interrupt: finishing nothing new; press Ctrl-C again to exit at once");
+                c2.cancel();
+            });
+            let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
+            tools.insert("msmae".into(), env!("CARGO_PKG_VERSION").into());
+            let opts = RunOptions {
+                jobs: jobs.unwrap_or_else(|| RunOptions::default().jobs),
+                force,
+                stage,
+                from,
+                until,
+                dry_run,
+                wait: !no_wait,
+                env: compute.env.clone(),
+                tools,
+                cancel,
+                lock_file: Some(lock_path(&common)),
+            };
+            tracing::info!("pipeline `{}`: {} stages, backend {} on {}, store {}", plan.spec.name, plan.nodes.len(), compute.env.backend, compute.env.device, store.root().display());
+            let bars = progress::bars();
+            let report = msmae_pipeline::run(&plan, &store, &opts, bars.as_ref())?;
+            print_report(&report);
+            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Status { common } => {
+            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+            let store = store_for(&common)?;
+            let lock = LockFile::read(&lock_path(&common), &plan.spec.name)?;
+            let rows = inspect::status(&plan, &store, &lock, &compute(&common)?.env);
+            let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+            for r in &rows {
+                let detail = match &r.state {
+                    State::Stale { reasons } | State::Restorable { reasons } => reasons.join("; "),
+                    State::Waiting { upstream } => format!("after `{upstream}`"),
+                    State::Error { message } => message.clone(),
+                    _ => String::new(),
+                };
+                println!("{:w$}  {:28} {:10}  {detail}", r.name, r.kind, r.state.label());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Why { common, stage } => {
+            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+            let store = store_for(&common)?;
+            let lock = LockFile::read(&lock_path(&common), &plan.spec.name)?;
+            print!("{}", inspect::why(&plan, &store, &lock, &compute(&common)?.env, &stage)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag { common, format } => {
+            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+            let f = match format {
+                Format::Text => DagFormat::Text,
+                Format::Dot => DagFormat::Dot,
+                Format::Mermaid => DagFormat::Mermaid,
+            };
+            print!("{}", inspect::dag(&plan, f));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { common } => {
+            let store = store_for(&common)?;
+            let lp = lock_path(&common);
+            if !lp.exists() {
+                anyhow::bail!("{}: no lock file (run the pipeline first)", lp.display());
+            }
+            let lock = LockFile::read(&lp, "")?;
+            let (checked, bad) = inspect::verify(&store, &lock)?;
+            for m in &bad {
+                println!("MISMATCH {}: {}", m.stage, m.problem);
+            }
+            println!("verified {checked} of {} artifacts in {}: {} mismatches", lock.stages.len(), lp.display(), bad.len());
+            Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Gc { common, prune, dry_run } => {
+            let store = store_for(&common)?;
+            let lp = lock_path(&common);
+            let extra: Vec<&Path> = if lp.exists() { vec![lp.as_path()] } else { vec![] };
+            let r = inspect::gc(&store, prune, dry_run, &extra)?;
+            println!(
+                "{}{} objects ({} bytes), {} index entries, {} staging dirs; kept {} objects",
+                if dry_run { "would remove " } else { "removed " },
+                r.objects,
+                r.bytes,
+                r.index_entries,
+                r.tmp_dirs,
+                r.kept_objects
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_report(r: &msmae_pipeline::RunReport) {
+    let w = r.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
+    println!("{:w$}  {:28} {:22} {:>9}  artifact", "stage", "kind", "outcome", "seconds");
+    for s in &r.stages {
+        let secs = match &s.outcome {
+            Outcome::Ran { seconds, .. } => format!("{seconds:.2}"),
+            _ => String::new(),
+        };
+        println!("{:w$}  {:28} {:22} {:>9}  {}", s.name, s.kind, s.outcome.label(), secs, s.artifact.as_deref().map(|a| &a[..12]).unwrap_or("-"));
+        match &s.outcome {
+            Outcome::Failed { error } => println!("{:w$}    error: {error}", ""),
+            Outcome::WouldRun { reasons } => reasons.iter().for_each(|x| println!("{:w$}    - {x}", "")),
+            Outcome::Blocked { upstream } => println!("{:w$}    blocked by `{upstream}`", ""),
+            _ => {}
+        }
+    }
+    println!(
+        "{}: {} ran, {} cached, {} failed in {:.2}s; lock file {}",
+        r.pipeline,
+        r.count("ran") + r.count("ran (output unchanged)"),
+        r.count("cached"),
+        r.count("FAILED"),
+        r.seconds,
+        r.lock_file.display()
+    );
+}

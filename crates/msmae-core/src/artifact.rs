@@ -1,0 +1,151 @@
+//! What a stage declares it reads and writes. The runner binds a pipeline's `needs` to the
+//! declared input slots by artifact kind and checks the produced files against the
+//! declared output, so a stage cannot silently depend on or produce anything undeclared.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The type of an artifact directory, e.g. `image-table`, `vit-checkpoint`, `attention-maps`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ArtifactKind(pub String);
+
+impl ArtifactKind {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How many upstream artifacts a slot takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arity {
+    One,
+    Optional,
+    Many,
+}
+
+/// A named input of a stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputSlot {
+    pub name: String,
+    /// Kinds this slot accepts (e.g. a checkpoint slot accepts `vit-checkpoint` and
+    /// `mae-checkpoint`).
+    pub kinds: Vec<ArtifactKind>,
+    pub arity: Arity,
+    pub doc: String,
+}
+
+impl InputSlot {
+    pub fn one(name: &str, kind: &str, doc: &str) -> Self {
+        Self { name: name.into(), kinds: vec![ArtifactKind::new(kind)], arity: Arity::One, doc: doc.into() }
+    }
+    pub fn optional(name: &str, kind: &str, doc: &str) -> Self {
+        Self { arity: Arity::Optional, ..Self::one(name, kind, doc) }
+    }
+    pub fn many(name: &str, kind: &str, doc: &str) -> Self {
+        Self { arity: Arity::Many, ..Self::one(name, kind, doc) }
+    }
+    /// Accept a further artifact kind in this slot.
+    pub fn or_kind(mut self, kind: &str) -> Self {
+        self.kinds.push(ArtifactKind::new(kind));
+        self
+    }
+    pub fn accepts(&self, kind: &ArtifactKind) -> bool {
+        self.kinds.iter().any(|k| k == kind)
+    }
+}
+
+/// The artifact a stage produces: its kind and the files it may contain.
+///
+/// Patterns are relative paths; `*` matches within one path component (`overlays/*.png`).
+/// Patterns without `*` name files that must exist after a successful run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputDecl {
+    pub kind: ArtifactKind,
+    pub files: Vec<String>,
+}
+
+impl OutputDecl {
+    pub fn new(kind: &str, files: &[&str]) -> Self {
+        Self { kind: ArtifactKind::new(kind), files: files.iter().map(|s| s.to_string()).collect() }
+    }
+
+    /// Whether `rel` (a `/`-separated relative path) is declared.
+    pub fn declares(&self, rel: &str) -> bool {
+        self.files.iter().any(|p| glob_match(p, rel))
+    }
+
+    /// Declared files that must exist (patterns without wildcards).
+    pub fn required(&self) -> impl Iterator<Item = &str> {
+        self.files.iter().filter(|p| !p.contains('*')).map(String::as_str)
+    }
+}
+
+/// `*` matches any run of characters except `/`; everything else matches literally.
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    let p: Vec<&str> = pattern.split('/').collect();
+    let s: Vec<&str> = path.split('/').collect();
+    p.len() == s.len() && p.iter().zip(&s).all(|(p, s)| component_match(p.as_bytes(), s.as_bytes()))
+}
+
+fn component_match(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| component_match(rest, &s[i..])),
+        Some((c, rest)) => s.first() == Some(c) && component_match(rest, &s[1..]),
+    }
+}
+
+/// A committed upstream artifact, as a stage sees it: read-only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputArtifact {
+    /// The upstream stage's name in the pipeline.
+    pub stage: String,
+    pub kind: ArtifactKind,
+    /// Directory holding the artifact's files (do not write into it).
+    pub dir: PathBuf,
+    /// BLAKE3 digest of the artifact's manifest (its content address).
+    pub digest: String,
+}
+
+impl InputArtifact {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches_within_one_component() {
+        assert!(glob_match("table.parquet", "table.parquet"));
+        assert!(glob_match("overlays/*.png", "overlays/img_001.png"));
+        assert!(!glob_match("overlays/*.png", "overlays/sub/img.png"));
+        assert!(!glob_match("*.png", "a/b.png"));
+        assert!(glob_match("*", "anything.bin"));
+        assert!(!glob_match("table.parquet", "table.parquet.tmp"));
+        assert!(glob_match("ckpt-*.bin", "ckpt-.bin"));
+    }
+
+    #[test]
+    fn output_decl_lists_required_files() {
+        let d = OutputDecl::new("image-table", &["images.parquet", "report.json", "previews/*.png"]);
+        assert_eq!(d.required().collect::<Vec<_>>(), ["images.parquet", "report.json"]);
+        assert!(d.declares("previews/x.png"));
+        assert!(!d.declares("notes.txt"));
+    }
+}

@@ -1,0 +1,32 @@
+//! Core vocabulary shared by every msmae crate: the [`Stage`] plugin trait and its
+//! type-erased form [`DynStage`], the [`StageContext`] a stage runs in, artifact
+//! declarations, errors, and the seeded RNG every random draw comes from.
+//!
+//! This crate has no ML dependencies: the runner (`msmae-pipeline`) talks to stages only
+//! through [`DynStage`], so it compiles and is tested without burn.
+
+pub mod artifact;
+pub mod context;
+pub mod error;
+pub mod progress;
+pub mod rng;
+pub mod stage;
+
+pub use artifact::{ArtifactKind, Arity, InputArtifact, InputSlot, OutputDecl};
+pub use context::{CancelToken, ExecEnv, StageContext};
+pub use error::{ConfigError, StageError};
+pub use progress::{NoProgress, ProgressBar, Progress};
+pub use rng::{derive_seed, seeded_rng, SeedPath};
+pub use stage::{DynStage, PreparedStage, Registry, Resources, Stage};
+
+/// The build-time fingerprint of the crate that expands this macro (see
+/// `msmae-fingerprint`), or its name and version when its build script does not emit one.
+#[macro_export]
+macro_rules! code_fingerprint {
+    () => {
+        match option_env!("MSMAE_CODE_FINGERPRINT") {
+            Some(fp) => fp,
+            None => concat!(env!("CARGO_PKG_NAME"), "@", env!("CARGO_PKG_VERSION")),
+        }
+    };
+}

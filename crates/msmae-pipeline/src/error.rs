@@ -1,0 +1,94 @@
+//! Errors of the runner. Pipeline-file errors carry the file, line, column and the dotted
+//! key they concern, and are collected so that one run reports all of them.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: PathBuf,
+    /// 1-based; 0 when unknown.
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key (`stages.pretrain.with.epochs`), empty for the whole file.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a pipeline file (at least one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SpecErrors {}
+
+/// Errors of planning, running and inspecting a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Spec(#[from] SpecErrors),
+    #[error("read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} {path}: {source}")]
+    Store {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt store entry {path}: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("unknown stage `{name}`; stages: {known}")]
+    UnknownStage { name: String, known: String },
+    #[error("stage `{stage}` needs `{upstream}`, which is not selected and has no cached output: run it first (e.g. `--until {upstream}`)")]
+    NotCached { stage: String, upstream: String },
+    #[error("hash {path}: {source}")]
+    Hash {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stage `{stage}` output: {message}")]
+    Output { stage: String, message: String },
+    #[error("lock file {path}: {message}")]
+    LockFile { path: PathBuf, message: String },
+    #[error("artifact store {path} is held by {holder} (use --wait to wait for it)")]
+    Busy { path: PathBuf, holder: String },
+}
+
+impl Error {
+    pub fn store(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Store { op, path: path.into(), source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

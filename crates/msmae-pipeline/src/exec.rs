@@ -1,0 +1,446 @@
+//! The executor: walks the DAG, computes each stage's cache key from its inputs' content,
+//! serves cached stages from the store, runs the rest in parallel within a slot budget,
+//! commits their outputs atomically, and keeps the lock file up to date.
+//!
+//! Selection flags:
+//! - `--stage S`: run only S (re-executed even if cached); its inputs must be cached.
+//! - `--from S`: re-execute S, then everything downstream that its new output changes.
+//! - `--until S`: S and what it needs, nothing after it (normal caching).
+//! - `--force`: re-execute every selected stage.
+//!
+//! Early cut-off falls out of content addressing: a re-executed stage whose output is
+//! byte-identical has the same digest, so downstream keys do not change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use msmae_core::{CancelToken, ExecEnv, InputArtifact, Progress, StageContext};
+
+use crate::error::{Error, Result};
+use crate::key::{EnvKey, ExternalRef, InputRef, KeyParts};
+use crate::lockfile::{self, LockFile};
+use crate::plan::{Node, Plan};
+use crate::store::{Host, IndexEntry, RunInfo, Store, now_rfc3339};
+
+/// How to run a pipeline.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Job slots: how many light stages run at once; heavy stages take several.
+    pub jobs: usize,
+    pub force: bool,
+    pub stage: Option<String>,
+    pub from: Option<String>,
+    pub until: Option<String>,
+    pub dry_run: bool,
+    /// Wait for other runners holding a stage (else fail with who holds it).
+    pub wait: bool,
+    pub env: ExecEnv,
+    /// Tool versions recorded with every artifact produced (msmae, burn, libtorch…).
+    pub tools: BTreeMap<String, String>,
+    pub cancel: CancelToken,
+    /// Lock file; default `NAME.lock` beside the pipeline file.
+    pub lock_file: Option<PathBuf>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            force: false,
+            stage: None,
+            from: None,
+            until: None,
+            dry_run: false,
+            wait: true,
+            env: ExecEnv::cpu_flex(),
+            tools: BTreeMap::new(),
+            cancel: CancelToken::new(),
+            lock_file: None,
+        }
+    }
+}
+
+/// What happened to one stage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Served from the store.
+    Cached,
+    /// Executed; `unchanged` when the output equals what the lock file had (early cut-off).
+    Ran { seconds: f64, unchanged: bool },
+    /// Dry run: would execute, with the reasons.
+    WouldRun { reasons: Vec<String> },
+    /// Not part of the selection.
+    Skipped,
+    Failed { error: String },
+    /// An upstream stage failed or was cancelled.
+    Blocked { upstream: String },
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Cached => "cached",
+            Outcome::Ran { unchanged: true, .. } => "ran (output unchanged)",
+            Outcome::Ran { .. } => "ran",
+            Outcome::WouldRun { .. } => "would run",
+            Outcome::Skipped => "skipped",
+            Outcome::Failed { .. } => "FAILED",
+            Outcome::Blocked { .. } => "blocked",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageReport {
+    pub name: String,
+    pub kind: String,
+    pub outcome: Outcome,
+    pub key: Option<String>,
+    pub artifact: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunReport {
+    pub pipeline: String,
+    pub stages: Vec<StageReport>,
+    pub seconds: f64,
+    pub lock_file: PathBuf,
+}
+
+impl RunReport {
+    /// No stage failed, was blocked or cancelled.
+    pub fn ok(&self) -> bool {
+        self.stages.iter().all(|s| !matches!(s.outcome, Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled))
+    }
+    pub fn count(&self, label: &str) -> usize {
+        self.stages.iter().filter(|s| s.outcome.label() == label).count()
+    }
+    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// Which stages to run, which to (re)execute.
+struct Selection {
+    needed: BTreeSet<usize>,
+    selected: BTreeSet<usize>,
+    forced: BTreeSet<usize>,
+}
+
+fn node_index(plan: &Plan, name: &str) -> Result<usize> {
+    plan.index_of(name).ok_or_else(|| Error::UnknownStage { name: name.into(), known: plan.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ") })
+}
+
+fn select(plan: &Plan, o: &RunOptions) -> Result<Selection> {
+    let all: BTreeSet<usize> = (0..plan.nodes.len()).collect();
+    let mut selected = all.clone();
+    let mut forced = BTreeSet::new();
+    if let Some(s) = &o.stage {
+        let i = node_index(plan, s)?;
+        selected = BTreeSet::from([i]);
+        forced.insert(i);
+    }
+    if let Some(s) = &o.from {
+        let i = node_index(plan, s)?;
+        selected = selected.intersection(&plan.downstream(i)).copied().collect();
+        forced.insert(i);
+    }
+    if let Some(s) = &o.until {
+        let i = node_index(plan, s)?;
+        selected = selected.intersection(&plan.upstream(i)).copied().collect();
+    }
+    if o.force {
+        forced.extend(selected.iter().copied());
+    }
+    let mut needed = selected.clone();
+    for &i in &selected {
+        needed.extend(plan.upstream(i));
+    }
+    Ok(Selection { needed, selected, forced })
+}
+
+/// The key parts of `node`, given the artifact digests of its upstream nodes.
+pub fn key_parts(plan: &Plan, node: &Node, digests: &BTreeMap<usize, String>, store: &Store, env: &ExecEnv) -> Result<KeyParts> {
+    let inputs = node
+        .bindings
+        .iter()
+        .map(|(slot, ups)| {
+            let refs = ups
+                .iter()
+                .map(|&j| InputRef { stage: plan.nodes[j].name.clone(), digest: digests.get(&j).cloned().unwrap_or_default() })
+                .collect();
+            (slot.clone(), refs)
+        })
+        .collect();
+    let external = node
+        .external
+        .iter()
+        .map(|p| {
+            let d = store.memo().tree(p)?;
+            let shown = p.strip_prefix(&plan.spec.base_dir).unwrap_or(p).to_string_lossy().into_owned();
+            Ok(ExternalRef { path: shown, digest: d.hex, files: d.files, bytes: d.bytes })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(KeyParts {
+        kind: node.kind.kind().to_string(),
+        version: node.kind.version(),
+        code: node.kind.code_fingerprint().to_string(),
+        seed: node.seed,
+        config: node.config.clone(),
+        inputs,
+        external,
+        env: node.kind.uses_backend().then(|| EnvKey { backend: env.backend.clone(), device_kind: env.device_kind.clone(), precision: env.precision.clone() }),
+    })
+}
+
+enum Msg {
+    Done { i: usize, outcome: Outcome, entry: Option<Box<IndexEntry>>, key: Option<String> },
+}
+
+/// Run (or dry-run) a planned pipeline against a store.
+pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progress) -> Result<RunReport> {
+    let t0 = Instant::now();
+    let sel = select(plan, opts)?;
+    let lock_path = opts.lock_file.clone().unwrap_or_else(|| lockfile::default_path(&plan.spec.file));
+    let lock = LockFile::read(&lock_path, &plan.spec.name)?;
+    let order: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
+    if !opts.dry_run {
+        for p in store.clean_stale_tmp()? {
+            tracing::info!("removed staging directory of an interrupted run: {}", p.display());
+        }
+    }
+    let n = plan.nodes.len();
+    let mut outcome: Vec<Option<Outcome>> = vec![None; n];
+    let mut keys: Vec<Option<String>> = vec![None; n];
+    let mut digests: BTreeMap<usize, String> = BTreeMap::new();
+    let mut running: BTreeMap<usize, usize> = BTreeMap::new(); // node → slots
+    for i in 0..n {
+        if !sel.needed.contains(&i) {
+            outcome[i] = Some(Outcome::Skipped);
+        }
+    }
+    let budget = opts.jobs.max(1);
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let mut result: Result<()> = Ok(());
+    std::thread::scope(|scope| {
+        loop {
+            // Propagate failures and launch what is ready.
+            for i in 0..n {
+                if outcome[i].is_some() || running.contains_key(&i) {
+                    continue;
+                }
+                let node = &plan.nodes[i];
+                if let Some(&bad) = node.deps.iter().find(|&&d| matches!(outcome[d], Some(Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled | Outcome::WouldRun { .. }))) {
+                    outcome[i] = Some(match &outcome[bad] {
+                        Some(Outcome::WouldRun { .. }) => Outcome::WouldRun { reasons: vec![format!("after `{}`", plan.nodes[bad].name)] },
+                        _ => Outcome::Blocked { upstream: plan.nodes[bad].name.clone() },
+                    });
+                    continue;
+                }
+                if !node.deps.iter().all(|d| digests.contains_key(d)) {
+                    continue;
+                }
+                if opts.cancel.is_cancelled() {
+                    outcome[i] = Some(Outcome::Cancelled);
+                    continue;
+                }
+                let slots = node.resources.slots(budget);
+                let used: usize = running.values().sum();
+                if used > 0 && used + slots > budget {
+                    continue;
+                }
+                running.insert(i, slots);
+                let tx = tx.clone();
+                let job = Job {
+                    plan,
+                    store,
+                    opts,
+                    progress,
+                    i,
+                    digests: digests.clone(),
+                    forced: sel.forced.contains(&i),
+                    selected: sel.selected.contains(&i),
+                    threads: slots,
+                    previous: lock.stage(&node.name).map(|s| (s.parts.clone(), s.output.digest.clone())),
+                };
+                scope.spawn(move || {
+                    let name = job.plan.nodes[job.i].name.clone();
+                    let span = tracing::info_span!("stage", name = %name);
+                    let _g = span.enter();
+                    let msg = match std::panic::catch_unwind(AssertUnwindSafe(|| job.execute())) {
+                        Ok(m) => m,
+                        Err(p) => {
+                            let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into());
+                            Msg::Done { i: job.i, outcome: Outcome::Failed { error: format!("panicked: {what}") }, entry: None, key: None }
+                        }
+                    };
+                    let _ = tx.send(msg);
+                });
+            }
+            if running.is_empty() {
+                break;
+            }
+            let Ok(Msg::Done { i, outcome: o, entry, key }) = rx.recv() else { break };
+            running.remove(&i);
+            keys[i] = key;
+            let name = &plan.nodes[i].name;
+            match &o {
+                Outcome::Failed { error } => tracing::error!("{name}: {error}"),
+                other => tracing::info!("{name}: {}", other.label()),
+            }
+            if let Some(e) = entry {
+                digests.insert(i, e.artifact.clone());
+                if !opts.dry_run {
+                    if let Err(err) = lockfile::update(store, &lock_path, &plan.spec.name, &order, &[(name.clone(), *e)]) {
+                        result = Err(err);
+                        opts.cancel.cancel();
+                    }
+                }
+            }
+            outcome[i] = Some(o);
+        }
+    });
+    result?;
+    if let Err(e) = store.memo().save() {
+        tracing::warn!("could not save the hash memo: {e}");
+    }
+    let stages = plan
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| StageReport {
+            name: node.name.clone(),
+            kind: node.kind.kind().to_string(),
+            outcome: outcome[i].clone().unwrap_or(Outcome::Cancelled),
+            key: keys[i].clone(),
+            artifact: digests.get(&i).cloned(),
+        })
+        .collect();
+    Ok(RunReport { pipeline: plan.spec.name.clone(), stages, seconds: t0.elapsed().as_secs_f64(), lock_file: lock_path })
+}
+
+struct Job<'a> {
+    plan: &'a Plan,
+    store: &'a Store,
+    opts: &'a RunOptions,
+    progress: &'a dyn Progress,
+    i: usize,
+    digests: BTreeMap<usize, String>,
+    forced: bool,
+    selected: bool,
+    threads: usize,
+    previous: Option<(KeyParts, String)>,
+}
+
+impl Job<'_> {
+    fn execute(&self) -> Msg {
+        let fail = |error: String, key: Option<String>| Msg::Done { i: self.i, outcome: Outcome::Failed { error }, entry: None, key };
+        let node = &self.plan.nodes[self.i];
+        let parts = match key_parts(self.plan, node, &self.digests, self.store, &self.opts.env) {
+            Ok(p) => p,
+            Err(e) => return fail(e.to_string(), None),
+        };
+        let key = parts.key();
+        let cached = match self.store.lookup(&key) {
+            Ok(c) => c,
+            Err(e) => return fail(e.to_string(), Some(key)),
+        };
+        let done = |outcome, entry: IndexEntry| Msg::Done { i: self.i, outcome, entry: Some(Box::new(entry)), key: Some(key.clone()) };
+        if let Some(entry) = &cached {
+            if !self.forced {
+                return done(Outcome::Cached, entry.clone());
+            }
+        }
+        if !self.selected && !self.forced {
+            let upstream = node.name.clone();
+            let stage = self.plan.nodes.iter().find(|n| n.deps.contains(&self.i)).map(|n| n.name.clone()).unwrap_or_default();
+            return fail(Error::NotCached { stage, upstream }.to_string(), Some(key));
+        }
+        if self.opts.dry_run {
+            let reasons = match (&self.previous, self.forced) {
+                (_, true) => vec!["forced".to_string()],
+                (Some((old, _)), _) => parts.diff(old),
+                (None, _) => vec!["never run".to_string()],
+            };
+            return Msg::Done { i: self.i, outcome: Outcome::WouldRun { reasons }, entry: None, key: Some(key) };
+        }
+        let _lock = match self.store.lock_key(&key, &format!("stage `{}` of {}", node.name, self.plan.spec.name), self.opts.wait) {
+            Ok(l) => l,
+            Err(e) => return fail(e.to_string(), Some(key)),
+        };
+        if !self.forced {
+            // Another runner may have produced it while we waited for the lock.
+            if let Ok(Some(entry)) = self.store.lookup(&key) {
+                return done(Outcome::Cached, entry);
+            }
+        }
+        match self.produce(node, parts, &key) {
+            Ok((entry, seconds)) => {
+                let unchanged = self.previous.as_ref().is_some_and(|(_, d)| d == &entry.artifact);
+                done(Outcome::Ran { seconds, unchanged }, entry)
+            }
+            Err(Error::Output { message, .. }) if self.opts.cancel.is_cancelled() => {
+                let _ = message;
+                Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key) }
+            }
+            Err(e) => fail(e.to_string(), Some(key)),
+        }
+    }
+
+    fn produce(&self, node: &Node, parts: KeyParts, key: &str) -> Result<(IndexEntry, f64)> {
+        let staging = self.store.begin(key)?;
+        let mut inputs: BTreeMap<String, Vec<InputArtifact>> = BTreeMap::new();
+        for (slot, ups) in &node.bindings {
+            for &j in ups {
+                let digest = self.digests.get(&j).cloned().unwrap_or_default();
+                inputs.entry(slot.clone()).or_default().push(InputArtifact {
+                    stage: self.plan.nodes[j].name.clone(),
+                    kind: self.plan.nodes[j].output.kind.clone(),
+                    dir: self.store.object_dir(&digest),
+                    digest,
+                });
+            }
+        }
+        let mut ctx = StageContext::new(
+            node.name.clone(),
+            node.seed,
+            self.opts.env.clone(),
+            self.threads,
+            self.opts.cancel.clone(),
+            self.progress,
+            staging.data_dir(),
+            self.plan.spec.base_dir.clone(),
+            node.output.clone(),
+            inputs,
+        );
+        let started = now_rfc3339();
+        let t = Instant::now();
+        tracing::info!("running `{}` ({})", node.name, node.kind.kind());
+        let res = node.prepared.run(&mut ctx);
+        let seconds = t.elapsed().as_secs_f64();
+        if let Err(e) = res {
+            if matches!(e, msmae_core::StageError::Cancelled) || self.opts.cancel.is_cancelled() {
+                return Err(Error::Output { stage: node.name.clone(), message: "cancelled".into() });
+            }
+            return Err(Error::Output { stage: node.name.clone(), message: e.to_string() });
+        }
+        let manifest = self.store.commit(staging, &node.name, &node.output)?;
+        let entry = IndexEntry {
+            key: key.to_string(),
+            artifact: manifest.digest.clone(),
+            kind: manifest.kind.clone(),
+            bytes: manifest.bytes,
+            files: manifest.files.len() as u64,
+            stage: node.name.clone(),
+            parts,
+            run: RunInfo { started, seconds: (seconds * 1000.0).round() / 1000.0, host: Host::current(), tools: self.opts.tools.clone() },
+        };
+        self.store.record(&entry)?;
+        Ok((entry, seconds))
+    }
+}

@@ -1,0 +1,257 @@
+//! Content hashing of files and directory trees, memoised by (path, size, mtime, inode) so
+//! that a no-op re-run over a 100k-image dataset only stats files.
+//!
+//! A memo entry is trusted only if the file's size, modification time (ns) and inode are
+//! unchanged. Entries whose mtime is within [`RACY_WINDOW`] of the moment they were hashed
+//! are not memoised: a write in the same timestamp tick could otherwise go unnoticed (the
+//! "racy clean" problem git solves the same way).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Files modified this recently before hashing are not memoised.
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// Files at least this large are hashed with blake3's multi-threaded mmap path.
+const LARGE_FILE: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(md: &fs::Metadata) -> Self {
+        Stamp { size: md.len(), mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()), inode: md.ino() }
+    }
+}
+
+/// Memo of file digests, persisted as a small text file in the store.
+#[derive(Debug, Default)]
+pub struct HashMemo {
+    path: Option<PathBuf>,
+    entries: Mutex<HashMap<PathBuf, (Stamp, [u8; 32])>>,
+    dirty: Mutex<bool>,
+}
+
+/// The digest of one file or tree and how much was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub hex: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Bytes actually read (not served from the memo).
+    pub hashed_bytes: u64,
+}
+
+impl HashMemo {
+    /// An in-memory memo (nothing persisted).
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    /// Load the memo at `path` (missing or unreadable: start empty; it is only a cache).
+    pub fn load(path: &Path) -> Self {
+        let mut entries = HashMap::new();
+        if let Ok(text) = fs::read_to_string(path) {
+            for line in text.lines() {
+                let mut it = line.splitn(5, '\t');
+                let parsed = (|| {
+                    let hex = it.next()?;
+                    let size = it.next()?.parse().ok()?;
+                    let mtime_ns = it.next()?.parse().ok()?;
+                    let inode = it.next()?.parse().ok()?;
+                    let p = PathBuf::from(it.next()?);
+                    let h = blake3::Hash::from_hex(hex).ok()?;
+                    Some((p, (Stamp { size, mtime_ns, inode }, *h.as_bytes())))
+                })();
+                if let Some((p, e)) = parsed {
+                    entries.insert(p, e);
+                }
+            }
+        }
+        Self { path: Some(path.to_path_buf()), entries: Mutex::new(entries), dirty: Mutex::new(false) }
+    }
+
+    /// Persist if changed (atomically: temp file + rename). Failing to save only costs time
+    /// on the next run, so the error is returned for logging, not treated as fatal.
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if !*dirty {
+            return Ok(());
+        }
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> = entries.iter().collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        {
+            let mut f = std::io::BufWriter::new(fs::File::create(&tmp)?);
+            for (p, (s, h)) in rows {
+                let Some(ps) = p.to_str() else { continue };
+                if ps.contains('\n') || ps.contains('\t') {
+                    continue;
+                }
+                writeln!(f, "{}\t{}\t{}\t{}\t{}", blake3::Hash::from(*h).to_hex(), s.size, s.mtime_ns, s.inode, ps)?;
+            }
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        fs::rename(&tmp, path)?;
+        *dirty = false;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Digest of one file; `Ok((hash, bytes_read))`.
+    pub fn file(&self, path: &Path) -> Result<([u8; 32], u64, u64)> {
+        let md = fs::metadata(path).map_err(|source| Error::Hash { path: path.to_path_buf(), source })?;
+        let stamp = Stamp::of(&md);
+        if let Some((s, h)) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
+            if *s == stamp {
+                return Ok((*h, stamp.size, 0));
+            }
+        }
+        let h = hash_file(path, stamp.size)?;
+        let racy = md.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).is_none_or(|age| age < RACY_WINDOW);
+        if !racy {
+            self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_path_buf(), (stamp, h));
+            *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        }
+        Ok((h, stamp.size, stamp.size))
+    }
+
+    /// Digest of a file or a directory tree (relative paths, sizes and contents; symlinks
+    /// followed; empty directories ignored).
+    pub fn tree(&self, root: &Path) -> Result<Digest> {
+        let md = fs::metadata(root).map_err(|source| Error::Hash { path: root.to_path_buf(), source })?;
+        if md.is_file() {
+            let (h, bytes, read) = self.file(root)?;
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(b"file\0");
+            hasher.update(&h);
+            return Ok(Digest { hex: hasher.finalize().to_hex().to_string(), files: 1, bytes, hashed_bytes: read });
+        }
+        let files = list_files(root)?;
+        let hashed: Vec<([u8; 32], u64, u64)> = files.par_iter().map(|(_, p)| self.file(p)).collect::<Result<_>>()?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"tree\0");
+        let (mut bytes, mut read) = (0, 0);
+        for ((rel, _), (h, size, r)) in files.iter().zip(&hashed) {
+            hasher.update(&(rel.len() as u64).to_le_bytes());
+            hasher.update(rel.as_bytes());
+            hasher.update(&size.to_le_bytes());
+            hasher.update(h);
+            bytes += size;
+            read += r;
+        }
+        Ok(Digest { hex: hasher.finalize().to_hex().to_string(), files: files.len() as u64, bytes, hashed_bytes: read })
+    }
+}
+
+/// Hash a file's content (multi-threaded for large files).
+pub fn hash_file(path: &Path, size: u64) -> Result<[u8; 32]> {
+    let err = |source| Error::Hash { path: path.to_path_buf(), source };
+    let mut hasher = blake3::Hasher::new();
+    if size >= LARGE_FILE {
+        hasher.update_mmap_rayon(path).map_err(err)?;
+    } else {
+        let f = fs::File::open(path).map_err(err)?;
+        hasher.update_reader(f).map_err(err)?;
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
+/// Every regular file under `root` as (`/`-separated relative path, full path), sorted.
+pub fn list_files(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = fs::read_dir(&dir).map_err(|source| Error::Hash { path: dir.clone(), source })?;
+        for entry in rd {
+            let entry = entry.map_err(|source| Error::Hash { path: dir.clone(), source })?;
+            let p = entry.path();
+            let ft = fs::metadata(&p).map_err(|source| Error::Hash { path: p.clone(), source })?;
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+                out.push((rel, p));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn age(p: &Path) {
+        // Make the file look old enough to be memoised.
+        let f = fs::File::options().write(true).open(p).expect("open");
+        f.set_modified(SystemTime::now() - Duration::from_secs(60)).expect("set mtime");
+    }
+
+    #[test]
+    fn tree_digest_depends_on_names_and_contents_and_uses_memo() {
+        let d = tempfile::tempdir().expect("tmp");
+        fs::create_dir_all(d.path().join("a/b")).expect("mkdir");
+        fs::write(d.path().join("a/b/x.png"), b"xx").expect("w");
+        fs::write(d.path().join("a/y.csv"), b"yy").expect("w");
+        age(&d.path().join("a/b/x.png"));
+        age(&d.path().join("a/y.csv"));
+        let memo = HashMemo::load(&d.path().join("memo.tsv"));
+        let t1 = memo.tree(&d.path().join("a")).expect("hash");
+        assert_eq!((t1.files, t1.bytes, t1.hashed_bytes), (2, 4, 4));
+        let t2 = memo.tree(&d.path().join("a")).expect("hash");
+        assert_eq!(t2.hex, t1.hex);
+        assert_eq!(t2.hashed_bytes, 0, "second pass is served from the memo");
+        memo.save().expect("save");
+        let reloaded = HashMemo::load(&d.path().join("memo.tsv"));
+        assert_eq!(reloaded.len(), 2);
+        assert_eq!(reloaded.tree(&d.path().join("a")).expect("hash").hashed_bytes, 0);
+        // Same size, new content: the mtime changes, so it is re-read.
+        fs::write(d.path().join("a/y.csv"), b"zz").expect("w");
+        let t3 = reloaded.tree(&d.path().join("a")).expect("hash");
+        assert_ne!(t3.hex, t1.hex);
+        assert_eq!(t3.hashed_bytes, 2);
+        // A rename changes the digest even with identical bytes.
+        fs::rename(d.path().join("a/y.csv"), d.path().join("a/w.csv")).expect("mv");
+        assert_ne!(reloaded.tree(&d.path().join("a")).expect("hash").hex, t3.hex);
+    }
+
+    #[test]
+    fn freshly_written_files_are_not_memoised() {
+        let d = tempfile::tempdir().expect("tmp");
+        fs::write(d.path().join("f"), b"new").expect("w");
+        let memo = HashMemo::in_memory();
+        memo.file(&d.path().join("f")).expect("hash");
+        assert!(memo.is_empty());
+    }
+
+    #[test]
+    fn missing_path_names_it() {
+        let memo = HashMemo::in_memory();
+        let e = memo.tree(Path::new("/nonexistent/dataset")).err().expect("fails");
+        assert!(e.to_string().contains("/nonexistent/dataset"), "{e}");
+    }
+}

@@ -1,0 +1,306 @@
+//! From a parsed pipeline to a validated DAG: every `uses` names a registered kind, every
+//! `with` fits the kind's typed config, every `needs` names a stage and binds to an input
+//! slot of a matching artifact kind, and there is no cycle. All problems are reported at
+//! once, with file, line and key, before any stage runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use msmae_core::{Arity, DynStage, InputSlot, OutputDecl, PreparedStage, Registry, Resources};
+
+use crate::error::{SpecError, SpecErrors};
+use crate::spec::{Needs, PipelineSpec};
+
+/// One stage of the validated DAG.
+#[derive(Clone)]
+pub struct Node {
+    pub name: String,
+    pub kind: Arc<dyn DynStage>,
+    pub prepared: Arc<dyn PreparedStage>,
+    pub config: serde_json::Value,
+    pub seed: u64,
+    pub output: OutputDecl,
+    pub slots: Vec<InputSlot>,
+    /// Slot → indices of upstream nodes.
+    pub bindings: BTreeMap<String, Vec<usize>>,
+    /// Upstream nodes (deduplicated, sorted).
+    pub deps: Vec<usize>,
+    pub external: Vec<PathBuf>,
+    pub resources: Resources,
+    pub description: Option<String>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("name", &self.name).field("kind", &self.kind.kind()).field("deps", &self.deps).finish_non_exhaustive()
+    }
+}
+
+/// A validated pipeline: nodes in a topological order (file order where free).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub spec: PipelineSpec,
+    pub nodes: Vec<Node>,
+}
+
+impl Plan {
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Direct dependents of each node.
+    pub fn dependents(&self) -> Vec<Vec<usize>> {
+        let mut out = vec![Vec::new(); self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &d in &n.deps {
+                out[d].push(i);
+            }
+        }
+        out
+    }
+
+    /// `start` and everything downstream of it.
+    pub fn downstream(&self, start: usize) -> BTreeSet<usize> {
+        let deps = self.dependents();
+        let mut seen = BTreeSet::from([start]);
+        let mut stack = vec![start];
+        while let Some(i) = stack.pop() {
+            for &j in &deps[i] {
+                if seen.insert(j) {
+                    stack.push(j);
+                }
+            }
+        }
+        seen
+    }
+
+    /// `start` and everything upstream of it.
+    pub fn upstream(&self, start: usize) -> BTreeSet<usize> {
+        let mut seen = BTreeSet::from([start]);
+        let mut stack = vec![start];
+        while let Some(i) = stack.pop() {
+            for &j in &self.nodes[i].deps {
+                if seen.insert(j) {
+                    stack.push(j);
+                }
+            }
+        }
+        seen
+    }
+}
+
+/// Validate `spec` against the registered stage kinds.
+pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors> {
+    let mut errs: Vec<SpecError> = Vec::new();
+    let names: BTreeMap<&str, usize> = spec.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    // 1. kinds and configs
+    let mut prepared: Vec<Option<(Arc<dyn DynStage>, Arc<dyn PreparedStage>)>> = Vec::new();
+    for s in &spec.stages {
+        let Some(kind) = registry.get(&s.uses) else {
+            let hint = match registry.suggest(&s.uses).as_slice() {
+                [] => String::new(),
+                near => format!(" (did you mean {}?)", near.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or ")),
+            };
+            errs.push(spec.error(&format!("{}.uses", s.src), format!("unknown stage kind `{}`{hint}; `msmae stages` lists the kinds", s.uses)));
+            prepared.push(None);
+            continue;
+        };
+        match kind.prepare(&s.with) {
+            Ok(p) => prepared.push(Some((kind.clone(), p))),
+            Err(e) => {
+                let key = if e.path.is_empty() { format!("{}.with", s.src) } else { format!("{}.with.{}", s.src, e.path) };
+                errs.push(spec.error(&key, format!("{} (stage `{}`, kind `{}`)", e.message, s.name, s.uses)));
+                prepared.push(None);
+            }
+        }
+    }
+    // 2. needs → slots
+    let mut bindings: Vec<BTreeMap<String, Vec<usize>>> = vec![BTreeMap::new(); spec.stages.len()];
+    for (i, s) in spec.stages.iter().enumerate() {
+        let resolved = |stage: &str, src: &str, errs: &mut Vec<SpecError>| -> Option<usize> {
+            if stage == s.name {
+                errs.push(spec.error(src, format!("stage `{}` cannot need itself", s.name)));
+                return None;
+            }
+            match names.get(stage) {
+                Some(&j) => Some(j),
+                None => {
+                    let near: Vec<&str> = names.keys().copied().filter(|n| msmae_core::stage::edit_distance(n, stage) <= 2).collect();
+                    let hint = near.first().map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default();
+                    errs.push(spec.error(src, format!("`{stage}` is not a stage of this pipeline{hint}")));
+                    None
+                }
+            }
+        };
+        let Some((_, p)) = &prepared[i] else {
+            // Still check that the names exist.
+            for n in s.needs.all() {
+                resolved(&n.stage, &n.src, &mut errs);
+            }
+            continue;
+        };
+        let slots = p.inputs();
+        let needs_key = format!("{}.needs", s.src);
+        let slot_list = || slots.iter().map(|sl| format!("{} ({})", sl.name, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"))).collect::<Vec<_>>().join(", ");
+        match &s.needs {
+            Needs::Slots(m) => {
+                for (slot, ns) in m {
+                    let Some(sl) = slots.iter().find(|x| &x.name == slot) else {
+                        errs.push(spec.error(&format!("{needs_key}.{slot}"), format!("kind `{}` has no input slot `{slot}`; its slots: {}", s.uses, slot_list())));
+                        continue;
+                    };
+                    for n in ns {
+                        let Some(j) = resolved(&n.stage, &n.src, &mut errs) else { continue };
+                        if let Some((_, up)) = &prepared[j] {
+                            let k = up.output().kind;
+                            if !sl.accepts(&k) {
+                                errs.push(spec.error(&n.src, format!("`{}` produces `{k}`, but slot `{slot}` takes {}", n.stage, sl.kinds.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or "))));
+                                continue;
+                            }
+                        }
+                        bindings[i].entry(slot.clone()).or_default().push(j);
+                    }
+                }
+            }
+            Needs::List(ns) => {
+                for n in ns {
+                    let Some(j) = resolved(&n.stage, &n.src, &mut errs) else { continue };
+                    let Some((_, up)) = &prepared[j] else { continue };
+                    let k = up.output().kind;
+                    let fits: Vec<&InputSlot> = slots.iter().filter(|sl| sl.accepts(&k)).collect();
+                    match fits.as_slice() {
+                        [] => errs.push(spec.error(&n.src, format!("`{}` produces `{k}`, which no input of kind `{}` takes; its slots: {}", n.stage, s.uses, if slots.is_empty() { "none".into() } else { slot_list() }))),
+                        [one] => bindings[i].entry(one.name.clone()).or_default().push(j),
+                        many => {
+                            // Fill single slots in declaration order; ambiguous only if more
+                            // artifacts of the kind are listed than there are slots for it.
+                            let free = many.iter().find(|sl| sl.arity == Arity::Many || !bindings[i].contains_key(&sl.name));
+                            match free {
+                                Some(sl) => bindings[i].entry(sl.name.clone()).or_default().push(j),
+                                None => errs.push(spec.error(&n.src, format!("`{}` ({k}) fits several slots ({}); name them: `needs: {{ slot: stage }}`", n.stage, many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")))),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for sl in &slots {
+            let got = bindings[i].get(&sl.name).map(Vec::len).unwrap_or(0);
+            let bad = match sl.arity {
+                Arity::One => got != 1,
+                Arity::Optional => got > 1,
+                Arity::Many => got == 0,
+            };
+            if bad {
+                let want = match sl.arity {
+                    Arity::One => "exactly one",
+                    Arity::Optional => "at most one",
+                    Arity::Many => "at least one",
+                };
+                errs.push(spec.error(if s.needs.all().is_empty() { &s.src } else { &needs_key }, format!(
+                    "input `{}` of kind `{}` takes {want} `{}` artifact ({}), got {got}",
+                    sl.name, s.uses, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"), sl.doc
+                )));
+            }
+        }
+    }
+    // 3. cycles
+    let deps: Vec<Vec<usize>> = bindings.iter().map(|b| b.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect()).collect();
+    let order = match topo_order(&deps) {
+        Ok(o) => o,
+        Err(cycle) => {
+            let path: Vec<&str> = cycle.iter().map(|&i| spec.stages[i].name.as_str()).collect();
+            let first = &spec.stages[cycle[0]];
+            errs.push(spec.error(&format!("{}.needs", first.src), format!("dependency cycle: {}", path.join(" → "))));
+            Vec::new()
+        }
+    };
+    if !errs.is_empty() {
+        errs.dedup();
+        return Err(SpecErrors(errs));
+    }
+    let mut pos = vec![0; order.len()];
+    for (p, &i) in order.iter().enumerate() {
+        pos[i] = p;
+    }
+    let nodes = order
+        .iter()
+        .map(|&i| {
+            let s = &spec.stages[i];
+            let Some((kind, p)) = prepared[i].clone() else { unreachable!("errors returned above") };
+            let b: BTreeMap<String, Vec<usize>> = bindings[i].iter().map(|(k, v)| (k.clone(), v.iter().map(|&j| pos[j]).collect())).collect();
+            Node {
+                name: s.name.clone(),
+                config: p.config_json(),
+                seed: s.seed,
+                output: p.output(),
+                slots: p.inputs(),
+                deps: deps[i].iter().map(|&j| pos[j]).collect::<BTreeSet<_>>().into_iter().collect(),
+                bindings: b,
+                external: p.external_inputs(&spec.base_dir),
+                resources: p.resources(),
+                description: s.description.clone(),
+                kind,
+                prepared: p,
+            }
+        })
+        .collect();
+    Ok(Plan { spec, nodes })
+}
+
+/// Kahn's algorithm, taking the lowest-numbered ready node first (stable file order).
+/// On a cycle, returns one cycle as a path that starts and ends at the same node.
+fn topo_order(deps: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
+    let n = deps.len();
+    let mut indeg: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut users = vec![Vec::new(); n];
+    for (i, d) in deps.iter().enumerate() {
+        for &j in d {
+            users[j].push(i);
+        }
+    }
+    let mut ready: BTreeSet<usize> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &u in &users[i] {
+            indeg[u] -= 1;
+            if indeg[u] == 0 {
+                ready.insert(u);
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Walk dependencies among the unresolved nodes until one repeats.
+    let start = (0..n).find(|&i| indeg[i] > 0).unwrap_or(0);
+    let mut path = vec![start];
+    let mut cur = start;
+    loop {
+        let Some(&next) = deps[cur].iter().find(|&&j| indeg[j] > 0) else { return Err(path) };
+        if let Some(p) = path.iter().position(|&x| x == next) {
+            let mut cycle = path[p..].to_vec();
+            cycle.push(next);
+            cycle.reverse(); // upstream → downstream reads naturally
+            return Err(cycle);
+        }
+        path.push(next);
+        cur = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topo_keeps_file_order_and_finds_cycles() {
+        assert_eq!(topo_order(&[vec![], vec![0], vec![0]]), Ok(vec![0, 1, 2]));
+        assert_eq!(topo_order(&[vec![1], vec![], vec![0]]), Ok(vec![1, 0, 2]));
+        let cycle = topo_order(&[vec![], vec![2], vec![1]]).err().expect("cycle");
+        assert_eq!(cycle.first(), cycle.last());
+        assert_eq!(cycle.len(), 3);
+    }
+}

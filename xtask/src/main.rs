@@ -1,0 +1,184 @@
+//! `cargo xtask`: project automation. Thin on purpose (clap + std::process, no ML crates):
+//! it sets libtorch up and shells out to cargo with ONE feature set and ONE profile for
+//! every command, so the ML stack is compiled once and shared by run, test and bench.
+
+mod libtorch;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Features every cargo invocation uses when libtorch is available. Keep identical across
+/// commands: a different feature set rebuilds burn.
+const TCH_FEATURES: &str = "msmae-backend/tch";
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "msmae project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Build without libtorch (burn-flex only): no set-up, about half the training speed.
+    #[arg(long, global = true)]
+    no_tch: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install libtorch 2.9.0 for burn-tch (idempotent; CPU from PyPI wheels, ~490 MB).
+    #[command(after_help = "Examples:\n  cargo xtask setup\n  cargo xtask setup --cuda   # pip install torch==2.9.0 into a venv (~6.7 GB)")]
+    Setup {
+        #[arg(long)]
+        cuda: bool,
+    },
+    /// Build the `msmae` binary (release) and run a pipeline with it.
+    #[command(after_help = "Example:\n  cargo xtask run pipelines/quickstart.yaml\n  cargo xtask run pipelines/quickstart.yaml --stage data --force")]
+    Run {
+        /// Pipeline file, then any `msmae run` flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+    /// Run `msmae` with any arguments (status, why, dag, verify, gc, stages…).
+    #[command(after_help = "Example:\n  cargo xtask msmae status pipelines/quickstart.yaml")]
+    Msmae {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The whole test suite, both backends built, parity tests included (README command).
+    #[command(after_help = "Example:\n  cargo xtask test\n  cargo xtask test -- spec::   # filter")]
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks that print a table: `runner` (no-op re-run, hashing throughput).
+    #[command(after_help = "Example:\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024")]
+    Bench {
+        /// Which benchmark.
+        which: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// What CI runs: set-up, then the README test command.
+    Ci,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn repo_root() -> PathBuf {
+    // xtask/Cargo.toml sits one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The shared target dir: $CARGO_TARGET_DIR, else one outside the checkout that CI and
+/// other clones reuse.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => libtorch::cache_root().join("target"),
+    }
+}
+
+/// A cargo command with the shared target dir, profile-independent env, and libtorch.
+struct Toolchain {
+    env: Vec<(String, String)>,
+    features: Option<&'static str>,
+}
+
+impl Toolchain {
+    fn new(no_tch: bool) -> Result<Self> {
+        if no_tch {
+            return Ok(Toolchain { env: vec![], features: None });
+        }
+        let dir = libtorch::ensure_cpu().context("setting up libtorch (or pass --no-tch to build with burn-flex only)")?;
+        Ok(Toolchain { env: libtorch::cargo_env(&dir), features: Some(TCH_FEATURES) })
+    }
+
+    fn cargo(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        c.current_dir(repo_root());
+        c.args(args);
+        c.arg("--release");
+        if let Some(f) = self.features {
+            c.args(["--features", f]);
+        }
+        c.env("CARGO_TARGET_DIR", target_dir());
+        for v in libtorch::CONFLICTING_ENV_VARS {
+            c.env_remove(v);
+        }
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+}
+
+fn status(mut c: Command) -> Result<ExitCode> {
+    let s = c.status().with_context(|| format!("running {c:?}"))?;
+    Ok(match s.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(n) => ExitCode::from(u8::try_from(n).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Setup { cuda } => {
+            if cuda {
+                let env = libtorch::ensure_cuda()?;
+                eprintln!("CUDA libtorch ready; build with:");
+                for (k, v) in env {
+                    eprintln!("  export {k}={v}");
+                }
+            } else {
+                let dir = libtorch::ensure_cpu()?;
+                eprintln!("libtorch {} ready at {}", libtorch::TORCH_VERSION, dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { args } => {
+            let tc = Toolchain::new(cli.no_tch)?;
+            let mut c = tc.cargo(&["run", "--quiet", "-p", "msmae-cli", "--bin", "msmae"]);
+            c.arg("--").arg("run").args(&args);
+            status(c)
+        }
+        Cmd::Msmae { args } => {
+            let tc = Toolchain::new(cli.no_tch)?;
+            let mut c = tc.cargo(&["run", "--quiet", "-p", "msmae-cli", "--bin", "msmae"]);
+            c.arg("--").args(&args);
+            status(c)
+        }
+        Cmd::Test { args } => test(cli.no_tch, &args),
+        Cmd::Ci => test(cli.no_tch, &[]),
+        Cmd::Bench { which, args } => {
+            let tc = Toolchain::new(cli.no_tch)?;
+            let mut c = match which.as_str() {
+                "runner" => tc.cargo(&["run", "-p", "msmae-cli", "--example", "bench_runner"]),
+                other => bail!("unknown benchmark `{other}`; available: runner"),
+            };
+            let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+            c.arg("--").args(args);
+            status(c)
+        }
+    }
+}
+
+fn test(no_tch: bool, args: &[String]) -> Result<ExitCode> {
+    let tc = Toolchain::new(no_tch)?;
+    let mut c = tc.cargo(&["test", "--workspace"]);
+    if !args.is_empty() {
+        let rest: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+        c.arg("--").args(rest);
+    }
+    status(c)
+}
