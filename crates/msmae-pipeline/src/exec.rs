@@ -238,6 +238,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
                 if let Some(&bad) = node.deps.iter().find(|&&d| matches!(outcome[d], Some(Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled | Outcome::WouldRun { .. }))) {
                     outcome[i] = Some(match &outcome[bad] {
                         Some(Outcome::WouldRun { .. }) => Outcome::WouldRun { reasons: vec![format!("after `{}`", plan.nodes[bad].name)] },
+                        Some(Outcome::Cancelled) => Outcome::Cancelled,
                         _ => Outcome::Blocked { upstream: plan.nodes[bad].name.clone() },
                     });
                     continue;

@@ -9,7 +9,7 @@ use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
 /// Map from a dotted path (`stages.data.with.size`, `stages.x.needs.0`) to a 1-based
-/// (line, column) of the key (or of the item, for sequence elements).
+/// (line, column), both 1-based, of the key (or of the item, for sequence elements).
 #[derive(Debug, Default, Clone)]
 pub struct LocationIndex {
     map: HashMap<String, (usize, usize)>,
@@ -41,7 +41,7 @@ impl Builder {
             Some(Frame::Seq { path, next }) => {
                 let p = join(path, &next.to_string());
                 *next += 1;
-                self.map.entry(p.clone()).or_insert((mark.line(), mark.col()));
+                self.map.entry(p.clone()).or_insert((mark.line(), mark.col() + 1));
                 Some(p)
             }
         }
@@ -56,7 +56,7 @@ impl MarkedEventReceiver for Builder {
                     if *expecting_key {
                         *expecting_key = false;
                         let p = join(path, &value);
-                        self.map.entry(p).or_insert((mark.line(), mark.col()));
+                        self.map.entry(p).or_insert((mark.line(), mark.col() + 1));
                         *key = Some(value);
                         return;
                     }
@@ -117,10 +117,10 @@ mod tests {
     fn finds_keys_items_and_falls_back_to_ancestors() {
         let src = "name: q\nstages:\n  data:\n    uses: ingest/synthetic\n    with: { size: 64, n: [1, 2] }\n  next:\n    needs:\n      - data\n      - other\n";
         let ix = LocationIndex::build(src);
-        assert_eq!(ix.find("name"), Some((1, 0)));
-        assert_eq!(ix.find("stages.data.uses"), Some((4, 4)));
+        assert_eq!(ix.find("name"), Some((1, 1)));
+        assert_eq!(ix.find("stages.data.uses"), Some((4, 5)));
         assert_eq!(ix.find("stages.data.with.size").map(|l| l.0), Some(5));
-        assert_eq!(ix.find("stages.next.needs.1"), Some((9, 8)));
+        assert_eq!(ix.find("stages.next.needs.1"), Some((9, 9)));
         assert_eq!(ix.find("stages.data.with.size.deeper"), ix.find("stages.data.with.size"));
         assert_eq!(ix.find("nothing"), None);
     }

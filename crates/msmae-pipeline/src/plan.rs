@@ -126,7 +126,7 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
             match names.get(stage) {
                 Some(&j) => Some(j),
                 None => {
-                    let near: Vec<&str> = names.keys().copied().filter(|n| msmae_core::stage::edit_distance(n, stage) <= 2).collect();
+                    let near: Vec<&str> = names.keys().copied().filter(|n| msmae_core::stage::edit_distance(n, stage) <= 1.max(stage.len() / 3)).collect();
                     let hint = near.first().map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default();
                     errs.push(spec.error(src, format!("`{stage}` is not a stage of this pipeline{hint}")));
                     None
@@ -141,6 +141,7 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
             continue;
         };
         let slots = p.inputs();
+        let errors_before = errs.len();
         let needs_key = format!("{}.needs", s.src);
         let slot_list = || slots.iter().map(|sl| format!("{} ({})", sl.name, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"))).collect::<Vec<_>>().join(", ");
         match &s.needs {
@@ -184,6 +185,9 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
                     }
                 }
             }
+        }
+        if errs.len() > errors_before {
+            continue; // arity complaints would only repeat the needs errors above
         }
         for sl in &slots {
             let got = bindings[i].get(&sl.name).map(Vec::len).unwrap_or(0);

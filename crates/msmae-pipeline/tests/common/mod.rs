@@ -237,9 +237,11 @@ impl Stage for Misbehave {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlowCfg {
-    /// Write a partial file, announce it here, then sleep this long.
-    pub sleep_ms: u64,
+    /// Influences the output (so that changing it re-runs the stage).
+    pub value: String,
+    /// Write a partial file, announce it here, then wait until `release` exists.
     pub started: String,
+    pub release: String,
     #[serde(default)]
     pub marker: Option<String>,
 }
@@ -266,11 +268,14 @@ impl Stage for Slow {
         fs::write(&p, "partial").map_err(|e| StageError::io(&p, e))?;
         fs::write(&c.started, std::process::id().to_string()).map_err(|e| StageError::io(&c.started, e))?;
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_millis(c.sleep_ms) {
+        while !Path::new(&c.release).exists() {
             ctx.cancel.check()?;
+            if t0.elapsed() > Duration::from_secs(120) {
+                return Err(StageError::other("never released"));
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
-        fs::write(&p, "complete").map_err(|e| StageError::io(&p, e))
+        fs::write(&p, format!("complete {}", c.value)).map_err(|e| StageError::io(&p, e))
     }
 }
 
@@ -313,24 +318,29 @@ pub fn registry() -> Registry {
 
 /// A pipeline file plus store in a temp dir.
 pub struct Fixture {
-    pub dir: tempfile::TempDir,
+    root: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Fixture {
     pub fn new(yaml: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let f = Fixture { dir };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let f = Fixture { root: tmp.path().to_path_buf(), _tmp: Some(tmp) };
         f.write(yaml);
         f
     }
+    /// A fixture over an existing directory, not removed on drop (child processes).
+    pub fn at(path: &Path) -> Self {
+        Fixture { root: path.to_path_buf(), _tmp: None }
+    }
     pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
+        self.root.join(rel)
     }
     pub fn pipeline(&self) -> PathBuf {
         self.path("p.yaml")
     }
     pub fn write(&self, yaml: &str) {
-        fs::write(self.pipeline(), yaml.replace("$DIR", &self.dir.path().to_string_lossy())).expect("write pipeline");
+        fs::write(self.pipeline(), yaml.replace("$DIR", &self.root.to_string_lossy())).expect("write pipeline");
     }
     pub fn store(&self) -> Store {
         Store::open(&self.path(".msmae")).expect("store")
