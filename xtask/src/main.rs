@@ -3,6 +3,7 @@
 //! every command, so the ML stack is compiled once and shared by run, test and bench.
 
 mod libtorch;
+mod pyenv;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -46,7 +47,7 @@ enum Cmd {
         args: Vec<String>,
     },
     /// The whole test suite, both backends built, parity tests included (README command).
-    #[command(after_help = "Example:\n  cargo xtask test\n  cargo xtask test -- spec::   # filter")]
+    #[command(after_help = "Examples:\n  cargo xtask test\n  cargo xtask test -- spec::   # only tests whose name contains `spec::`")]
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -131,6 +132,28 @@ fn status(mut c: Command) -> Result<ExitCode> {
     })
 }
 
+/// Build everything (all targets: the same artifacts `cargo xtask test` uses, so a run after
+/// a test, or a test after a run, compiles nothing new) and return the target dir.
+fn build_all(tc: &Toolchain) -> Result<PathBuf> {
+    let mut c = tc.cargo(&["build", "--workspace", "--all-targets"]);
+    c.arg("--quiet");
+    let code = status(c)?;
+    if code != ExitCode::SUCCESS {
+        bail!("the build failed");
+    }
+    Ok(target_dir().join("release"))
+}
+
+/// Run a built executable with libtorch on the library path.
+fn exec(tc: &Toolchain, exe: &Path, args: &[String]) -> Result<ExitCode> {
+    let mut c = Command::new(exe);
+    c.args(args);
+    for (k, v) in &tc.env {
+        c.env(k, v);
+    }
+    status(c)
+}
+
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Setup { cuda } => {
@@ -148,37 +171,41 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Run { args } => {
             let tc = Toolchain::new(cli.no_tch)?;
-            let mut c = tc.cargo(&["run", "--quiet", "-p", "msmae-cli", "--bin", "msmae"]);
-            c.arg("--").arg("run").args(&args);
-            status(c)
+            let bin = build_all(&tc)?;
+            let mut full = vec!["run".to_string()];
+            full.extend(args);
+            exec(&tc, &bin.join("msmae"), &full)
         }
         Cmd::Msmae { args } => {
             let tc = Toolchain::new(cli.no_tch)?;
-            let mut c = tc.cargo(&["run", "--quiet", "-p", "msmae-cli", "--bin", "msmae"]);
-            c.arg("--").args(&args);
-            status(c)
+            let bin = build_all(&tc)?;
+            exec(&tc, &bin.join("msmae"), &args)
         }
         Cmd::Test { args } => test(cli.no_tch, &args),
         Cmd::Ci => test(cli.no_tch, &[]),
         Cmd::Bench { which, args } => {
-            let tc = Toolchain::new(cli.no_tch)?;
-            let mut c = match which.as_str() {
-                "runner" => tc.cargo(&["run", "-p", "msmae-cli", "--example", "bench_runner"]),
+            let exe = match which.as_str() {
+                "runner" => "bench_runner",
                 other => bail!("unknown benchmark `{other}`; available: runner"),
             };
-            let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
-            c.arg("--").args(args);
-            status(c)
+            let tc = Toolchain::new(cli.no_tch)?;
+            let bin = build_all(&tc)?;
+            let args: Vec<String> = args.into_iter().skip_while(|a| a == "--").collect();
+            exec(&tc, &bin.join("examples").join(exe), &args)
         }
     }
 }
 
 fn test(no_tch: bool, args: &[String]) -> Result<ExitCode> {
     let tc = Toolchain::new(no_tch)?;
+    let python = pyenv::ensure().context("setting up the Python reference environment for the tests")?;
+    // Always the whole workspace with one feature set: selecting packages would change
+    // feature unification and rebuild burn. Filter tests by name instead.
     let mut c = tc.cargo(&["test", "--workspace"]);
-    if !args.is_empty() {
-        let rest: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
-        c.arg("--").args(rest);
+    c.env("MSMAE_PYTHON", &python);
+    let filters: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    if !filters.is_empty() {
+        c.arg("--").args(filters);
     }
     status(c)
 }

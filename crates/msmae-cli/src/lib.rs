@@ -20,7 +20,9 @@ use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
 
 /// The stage kinds this binary ships.
 pub fn registry() -> Registry {
-    Registry::new()
+    let mut r = Registry::new();
+    r.register(msmae_data::Synthetic);
+    r
 }
 
 /// Medical Supervised Masked Autoencoder: cached pipelines of stages.

@@ -1,0 +1,140 @@
+//! The `msmae` binary end to end on small generated data: run, cache, status, why, dag,
+//! verify, gc, stages, exit codes and error messages.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const PIPELINE: &str = "name: tiny\nseed: 5\nparams: { n: 24 }\nstages:\n  xray: { uses: ingest/synthetic, with: { images: '${params.n}', size: 32, modality: xray, previews: 4 } }\n  fundus: { uses: ingest/synthetic, with: { images: 12, size: 32, modality: fundus } }\n";
+
+fn msmae(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_msmae"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("MSMAE_STORE")
+        .env("MSMAE_BACKEND", "flex")
+        .output()
+        .expect("run msmae")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().expect("tmp");
+    let p = d.path().join("tiny.yaml");
+    fs::write(&p, PIPELINE).expect("write");
+    (d, p)
+}
+
+#[test]
+fn run_then_rerun_is_cached_and_everything_checks_out() {
+    let (d, _) = setup();
+    let o = msmae(d.path(), &["run", "tiny.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("tiny: 2 ran, 0 cached, 0 failed"), "{}", text(&o));
+    assert!(d.path().join(".msmae/objects").is_dir(), "default store beside the pipeline");
+    let lock = fs::read_to_string(d.path().join("tiny.lock")).expect("lock file beside the pipeline");
+    assert!(lock.starts_with("# msmae lock file"));
+    let o = msmae(d.path(), &["run", "tiny.yaml"]);
+    assert!(text(&o).contains("tiny: 0 ran, 2 cached"), "{}", text(&o));
+    assert_eq!(fs::read_to_string(d.path().join("tiny.lock")).expect("lock"), lock);
+    let o = msmae(d.path(), &["status", "tiny.yaml"]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).matches("up to date").count(), 2, "{}", text(&o));
+    let o = msmae(d.path(), &["verify", "tiny.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("verified 2 of 2 artifacts"), "{}", text(&o));
+    let o = msmae(d.path(), &["dag", "tiny.yaml", "--format", "mermaid"]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("flowchart LR"), "{}", text(&o));
+    let o = msmae(d.path(), &["dag", "tiny.yaml", "--format", "dot"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("digraph \"tiny\""), "{}", text(&o));
+    // a changed parameter: dry run explains, then only that stage runs
+    let o = msmae(d.path(), &["run", "tiny.yaml", "--set", "params.n=30", "--dry-run"]);
+    assert!(text(&o).contains("config.images: 24 → 30"), "{}", text(&o));
+    let o = msmae(d.path(), &["why", "tiny.yaml", "xray", "--set", "params.n=30"]);
+    assert!(text(&o).contains("will run because") && text(&o).contains("config.images: 24 → 30"), "{}", text(&o));
+    let o = msmae(d.path(), &["run", "tiny.yaml", "--set", "params.n=30"]);
+    assert!(text(&o).contains("tiny: 1 ran, 1 cached"), "{}", text(&o));
+    let o = msmae(d.path(), &["gc", "tiny.yaml", "--prune"]);
+    assert!(text(&o).contains("removed 1 objects"), "{}", text(&o));
+}
+
+#[test]
+fn artifacts_are_bit_identical_across_fresh_runs() {
+    let (a, _) = setup();
+    let (b, _) = setup();
+    assert!(msmae(a.path(), &["run", "tiny.yaml"]).status.success());
+    assert!(msmae(b.path(), &["run", "tiny.yaml", "--jobs", "1"]).status.success());
+    let digests = |d: &Path| {
+        let lock = fs::read_to_string(d.join("tiny.lock")).expect("lock");
+        lock.lines().filter(|l| l.trim_start().starts_with("digest:")).map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(digests(a.path()).len(), 2);
+    assert_eq!(digests(a.path()), digests(b.path()));
+}
+
+#[test]
+fn the_image_table_has_the_declared_files() {
+    let (d, _) = setup();
+    assert!(msmae(d.path(), &["run", "tiny.yaml"]).status.success());
+    let objects = d.path().join(".msmae/objects");
+    let mut found = Vec::new();
+    for shard in fs::read_dir(&objects).expect("objects") {
+        for o in fs::read_dir(shard.expect("shard").path()).expect("shard") {
+            let data = o.expect("object").path().join("data");
+            let report: serde_json::Value = serde_json::from_slice(&fs::read(data.join("split_report.json")).expect("report")).expect("json");
+            found.push(report["total_images"].as_u64().expect("count"));
+            assert!(data.join("images.parquet").is_file());
+            assert!(data.join("previews/sheet.png").is_file());
+        }
+    }
+    found.sort();
+    assert_eq!(found, [12, 24]);
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_exit_codes() {
+    let (d, _) = setup();
+    fs::write(d.path().join("bad.yaml"), "stages:\n  a:\n    uses: ingest/synthetik\n").expect("w");
+    let o = msmae(d.path(), &["run", "bad.yaml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("bad.yaml:3:5: stages.a.uses: unknown stage kind `ingest/synthetik` (did you mean `ingest/synthetic`?)"), "{}", text(&o));
+    fs::write(d.path().join("typed.yaml"), "stages:\n  a:\n    uses: ingest/synthetic\n    with: { size: big }\n").expect("w");
+    let o = msmae(d.path(), &["run", "typed.yaml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("typed.yaml:4:13: stages.a.with.size: invalid type: string \"big\", expected u32"), "{}", text(&o));
+    let o = msmae(d.path(), &["run", "missing.yaml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("read missing.yaml: No such file or directory"), "{}", text(&o));
+    let o = msmae(d.path(), &["run", "tiny.yaml", "--device", "tpu"]);
+    assert!(text(&o).contains("unknown device `tpu`: use cpu, cuda, cuda:N or auto"), "{}", text(&o));
+    let o = msmae(d.path(), &["verify", "tiny.yaml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("no lock file (run the pipeline first)"), "{}", text(&o));
+    fs::write(d.path().join("range.yaml"), "stages:\n  a:\n    uses: ingest/synthetic\n    with: { size: 8 }\n").expect("w");
+    let o = msmae(d.path(), &["run", "range.yaml"]);
+    assert!(text(&o).contains("stages.a.with.size: must be between 16 and 1024 pixels"), "{}", text(&o));
+}
+
+#[test]
+fn stages_and_help_list_kinds_and_examples() {
+    let d = tempfile::tempdir().expect("tmp");
+    let o = msmae(d.path(), &["stages"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ingest/synthetic"), "{}", text(&o));
+    for sub in ["run", "status", "why", "dag", "verify", "gc", "stages"] {
+        let o = msmae(d.path(), &[sub, "--help"]);
+        assert!(o.status.success());
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Example"), "`msmae {sub} --help` shows an example");
+    }
+}
+
+#[test]
+fn store_can_be_moved_by_flag() {
+    let (d, _) = setup();
+    let o = msmae(d.path(), &["run", "tiny.yaml", "--store", "elsewhere"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(d.path().join("elsewhere/objects").is_dir());
+    assert!(!d.path().join(".msmae").exists());
+}

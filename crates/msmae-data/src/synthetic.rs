@@ -1,0 +1,541 @@
+//! `ingest/synthetic`: a seeded generator of X-ray-like (1 channel) and fundus-like
+//! (3 channel) images with small lesions of known class, position and shape — the ground
+//! truth no public dataset gives offline (DATASETS.md, "Synthetic data"). The class is
+//! carried by the lesion only (its shape and texture), so a classifier must look at the
+//! lesion, and lesions cover a few patches, so random masking often hides them.
+//!
+//! Every image is a pure function of (seed, index): the table is bit-identical across runs
+//! and thread counts. Images of one patient share their anatomy; splits are by patient.
+
+use std::f32::consts::PI;
+
+use rand::Rng;
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
+
+use crate::report::SplitTally;
+use crate::table::{ImageRow, ImageTableWriter, Split, TableMeta};
+
+/// Which kind of image to draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Modality {
+    /// Chest-radiograph-like, 1 channel: lungs, ribs; nodule / mass / cavity lesions.
+    #[default]
+    Xray,
+    /// Fundus-like, 3 channels: disc, vessels; microaneurysms / exudates / haemorrhage.
+    Fundus,
+}
+
+impl Modality {
+    pub fn label_names(self) -> Vec<String> {
+        let n: &[&str] = match self {
+            Modality::Xray => &["normal", "nodule", "mass", "cavity"],
+            Modality::Fundus => &["healthy", "microaneurysms", "exudates", "haemorrhage"],
+        };
+        n.iter().map(|s| s.to_string()).collect()
+    }
+    pub fn channels(self) -> u32 {
+        match self {
+            Modality::Xray => 1,
+            Modality::Fundus => 3,
+        }
+    }
+}
+
+/// Fractions of patients per split.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitFractions {
+    pub train: f64,
+    pub val: f64,
+    pub test: f64,
+}
+
+fn d_images() -> u32 {
+    600
+}
+fn d_size() -> u32 {
+    64
+}
+fn d_ipp() -> u32 {
+    2
+}
+fn d_split() -> SplitFractions {
+    SplitFractions { train: 0.7, val: 0.1, test: 0.2 }
+}
+fn d_contrast() -> f64 {
+    0.3
+}
+fn d_noise() -> f64 {
+    0.04
+}
+fn d_lesion() -> [f64; 2] {
+    [0.05, 0.08]
+}
+fn d_normal() -> f64 {
+    0.25
+}
+fn d_previews() -> u32 {
+    16
+}
+fn d_row_group() -> u32 {
+    256
+}
+
+/// `with:` of `ingest/synthetic`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticConfig {
+    /// Number of images.
+    #[serde(default = "d_images")]
+    pub images: u32,
+    /// Side of the square images, in pixels.
+    #[serde(default = "d_size")]
+    pub size: u32,
+    #[serde(default)]
+    pub modality: Modality,
+    /// Images per patient (same anatomy; never split across train/val/test).
+    #[serde(default = "d_ipp")]
+    pub images_per_patient: u32,
+    #[serde(default = "d_split")]
+    pub split: SplitFractions,
+    /// Lesion amplitude relative to the intensity range: lower is harder.
+    #[serde(default = "d_contrast")]
+    pub contrast: f64,
+    /// Standard deviation of the pixel noise.
+    #[serde(default = "d_noise")]
+    pub noise: f64,
+    /// Lesion radius range as a fraction of the image side.
+    #[serde(default = "d_lesion")]
+    pub lesion_radius: [f64; 2],
+    /// Fraction of images without a lesion (class 0).
+    #[serde(default = "d_normal")]
+    pub normal_fraction: f64,
+    /// Images drawn in the preview sheet.
+    #[serde(default = "d_previews")]
+    pub previews: u32,
+    /// Rows per Parquet row group.
+    #[serde(default = "d_row_group")]
+    pub row_group: u32,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).unwrap_or_else(|_| unreachable!("all fields have defaults"))
+    }
+}
+
+/// One generated image with its ground truth.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub label: u8,
+    /// H×W×C, uint8.
+    pub pixels: Vec<u8>,
+    /// H×W, 1 inside the lesion.
+    pub mask: Vec<u8>,
+    /// Lesion centre (x, y) in pixels and radius; `None` for normal images.
+    pub lesion: Option<(f32, f32, f32)>,
+}
+
+/// The `ingest/synthetic` stage.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Synthetic;
+
+impl Stage for Synthetic {
+    type Config = SyntheticConfig;
+    const KIND: &'static str = "ingest/synthetic";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "seeded X-ray-/fundus-like images with lesions of known class and shape → image table";
+
+    fn code_fingerprint(&self) -> &'static str {
+        msmae_core::code_fingerprint!()
+    }
+
+    fn validate(&self, c: &SyntheticConfig) -> Result<(), ConfigError> {
+        let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
+        if c.images == 0 {
+            return err("images", "must be at least 1");
+        }
+        if !(16..=1024).contains(&c.size) {
+            return err("size", "must be between 16 and 1024 pixels");
+        }
+        if c.images_per_patient == 0 {
+            return err("images_per_patient", "must be at least 1");
+        }
+        let s = c.split;
+        if [s.train, s.val, s.test].iter().any(|f| !(0.0..=1.0).contains(f)) || (s.train + s.val + s.test - 1.0).abs() > 1e-6 {
+            return err("split", "train, val and test must be fractions that add up to 1");
+        }
+        if !(c.lesion_radius[0] > 0.0 && c.lesion_radius[0] <= c.lesion_radius[1] && c.lesion_radius[1] < 0.25) {
+            return err("lesion_radius", "must be [min, max] with 0 < min ≤ max < 0.25 (fractions of the image side)");
+        }
+        if !(0.0..=1.0).contains(&c.normal_fraction) {
+            return err("normal_fraction", "must be between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&c.contrast) || !(0.0..=0.5).contains(&c.noise) {
+            return err("contrast", "contrast must be in [0, 1] and noise in [0, 0.5]");
+        }
+        if c.row_group == 0 {
+            return err("row_group", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn inputs(&self, _: &SyntheticConfig) -> Vec<InputSlot> {
+        Vec::new()
+    }
+
+    fn output(&self, _: &SyntheticConfig) -> OutputDecl {
+        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "previews/*.png"])
+    }
+
+    fn resources(&self, _: &SyntheticConfig) -> Resources {
+        Resources::Exclusive
+    }
+
+    fn run(&self, c: &SyntheticConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let names = c.modality.label_names();
+        let meta = TableMeta {
+            schema_version: crate::table::SCHEMA_VERSION,
+            label_names: names.clone(),
+            multi_label: false,
+            height: c.size,
+            width: c.size,
+            channels: c.modality.channels(),
+            has_masks: true,
+            provenance: serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c }),
+        };
+        let table = ctx.output_path("images.parquet")?;
+        let mut writer = ImageTableWriter::create(&table, meta, c.row_group as usize)?;
+        let splits = patient_splits(c, ctx.seed);
+        let mut tally = SplitTally::new(&names);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
+        let bar = ctx.progress.bar(Some(u64::from(c.images)), "synthetic");
+        let mut previews: Vec<Sample> = Vec::new();
+        let chunk = c.row_group.max(1);
+        for start in (0..c.images).step_by(chunk as usize) {
+            ctx.cancel.check()?;
+            let end = (start + chunk).min(c.images);
+            let samples: Vec<Sample> = pool.install(|| (start..end).into_par_iter().map(|i| generate(c, ctx.seed, i)).collect());
+            for (i, s) in (start..end).zip(samples) {
+                let patient = i / c.images_per_patient;
+                let split = splits[patient as usize];
+                let pid = format!("P{patient:06}");
+                tally.add(&pid, split, Some(i32::from(s.label)), None).map_err(StageError::other)?;
+                if (previews.len() as u32) < c.previews {
+                    previews.push(s.clone());
+                }
+                writer.push(ImageRow {
+                    id: format!("syn{i:07}"),
+                    patient_id: pid,
+                    split,
+                    label: Some(i32::from(s.label)),
+                    labels: None,
+                    width: c.size as i32,
+                    height: c.size as i32,
+                    channels: c.modality.channels() as i32,
+                    source_sha256: hex(&sha2::Sha256::digest(&s.pixels)),
+                    source_path: format!("synthetic://{:?}/seed-{}/{i}", c.modality, ctx.seed).to_lowercase(),
+                    pixels: s.pixels,
+                    mask: Some(s.mask),
+                })?;
+            }
+            bar.inc(u64::from(end - start));
+        }
+        writer.finish()?;
+        let report = tally.report();
+        let rp = ctx.output_path("split_report.json")?;
+        std::fs::write(&rp, serde_json::to_vec_pretty(&report).unwrap_or_default()).map_err(|e| StageError::io(&rp, e))?;
+        tracing::info!("{}: split report\n{}", ctx.name, report.table(&names));
+        if !previews.is_empty() {
+            let pp = ctx.output_path("previews/sheet.png")?;
+            preview_sheet(&previews, c.size, c.modality.channels()).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
+        }
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Split of each patient: patients shuffled by the seed, then cut by the fractions.
+pub fn patient_splits(c: &SyntheticConfig, seed: u64) -> Vec<Split> {
+    let patients = c.images.div_ceil(c.images_per_patient) as usize;
+    let mut order: Vec<usize> = (0..patients).collect();
+    order.shuffle(&mut seeded_rng(seed, &["synthetic/splits".into()]));
+    let n_train = (patients as f64 * c.split.train).round() as usize;
+    let n_val = ((patients as f64 * c.split.val).round() as usize).min(patients - n_train.min(patients));
+    let mut out = vec![Split::Test; patients];
+    for (rank, &p) in order.iter().enumerate() {
+        out[p] = if rank < n_train {
+            Split::Train
+        } else if rank < n_train + n_val {
+            Split::Val
+        } else {
+            Split::Test
+        };
+    }
+    out
+}
+
+/// Per-patient anatomy.
+struct Anatomy {
+    lung_rx: f32,
+    lung_ry: f32,
+    lung_dx: f32,
+    brightness: f32,
+    rib_phase: f32,
+    disc_left: bool,
+    vessels: Vec<[f32; 4]>,
+}
+
+fn anatomy(seed: u64, patient: u32) -> Anatomy {
+    let mut r = seeded_rng(seed, &["synthetic/patient".into(), patient.into()]);
+    let vessels = (0..7).map(|_| [r.random_range(0.0..2.0 * PI), r.random_range(0.25..0.45), r.random_range(-0.6..0.6), r.random_range(0.6..1.0)]).collect();
+    Anatomy {
+        lung_rx: r.random_range(0.15..0.19),
+        lung_ry: r.random_range(0.29..0.36),
+        lung_dx: r.random_range(0.16..0.20),
+        brightness: r.random_range(0.9..1.1),
+        rib_phase: r.random_range(0.0..1.0),
+        disc_left: r.random_bool(0.5),
+        vessels,
+    }
+}
+
+/// Generate image `index` (deterministic in (seed, index)).
+pub fn generate(c: &SyntheticConfig, seed: u64, index: u32) -> Sample {
+    let (contrast, noise_sigma, normal_fraction) = (c.contrast as f32, c.noise as f32, c.normal_fraction as f32);
+    let lesion_radius = [c.lesion_radius[0] as f32, c.lesion_radius[1] as f32];
+    let n = c.size as usize;
+    let sz = c.size as f32;
+    let a = anatomy(seed, index / c.images_per_patient);
+    let mut r = seeded_rng(seed, &["synthetic/image".into(), index.into()]);
+    let label: u8 = if r.random::<f32>() < normal_fraction { 0 } else { r.random_range(1..=3) };
+    let radius = sz * r.random_range(lesion_radius[0]..=lesion_radius[1]);
+    let ch = c.modality.channels() as usize;
+    let mut img = vec![0f32; n * n * ch];
+    let mut lesion_field = vec![0f32; n * n];
+    // pose jitter between images of one patient
+    let (jx, jy) = (r.random_range(-0.02..0.02) * sz, r.random_range(-0.02..0.02) * sz);
+    let center = match c.modality {
+        Modality::Xray => {
+            let side = if r.random_bool(0.5) { -1.0 } else { 1.0 };
+            let (t, rr) = (r.random_range(0.0..2.0 * PI), r.random::<f32>().sqrt() * 0.65);
+            (sz * (0.5 + side * a.lung_dx + rr * a.lung_rx * t.cos()) + jx, sz * (0.5 + rr * a.lung_ry * t.sin()) + jy)
+        }
+        Modality::Fundus => {
+            let (t, rr) = (r.random_range(0.0..2.0 * PI), r.random_range(0.1..0.32));
+            (sz * (0.5 + rr * t.cos()), sz * (0.5 + rr * t.sin()))
+        }
+    };
+    // lesion profile (amplitude 1 at its strongest)
+    if label > 0 {
+        let lobes: Vec<(f32, f32, f32)> = (0..4).map(|_| (r.random_range(-0.6..0.6) * radius, r.random_range(-0.6..0.6) * radius, r.random_range(0.6..1.0))).collect();
+        let dots: Vec<(f32, f32)> = (0..6).map(|_| (r.random_range(-1.2..1.2) * radius, r.random_range(-1.2..1.2) * radius)).collect();
+        for y in 0..n {
+            for x in 0..n {
+                let (dx, dy) = (x as f32 + 0.5 - center.0, y as f32 + 0.5 - center.1);
+                let d = (dx * dx + dy * dy).sqrt();
+                let g = |s: f32, d: f32| (-d * d / (2.0 * s * s)).exp();
+                let v = match (c.modality, label) {
+                    (Modality::Xray, 1) => g(radius * 0.6, d),
+                    (Modality::Xray, 2) => lobes.iter().map(|(ox, oy, w)| w * g(radius * 0.7, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max),
+                    (Modality::Xray, _) => g(radius * 0.25, d - radius) - 0.6 * g(radius * 0.45, d),
+                    (Modality::Fundus, 1) => dots.iter().map(|(ox, oy)| g(0.6f32.max(sz / 110.0), ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max),
+                    (Modality::Fundus, 2) => lobes.iter().map(|(ox, oy, w)| w * g(radius * 0.35, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max),
+                    (Modality::Fundus, _) => g(radius * 0.7, d) * (1.0 + 0.2 * (5.0 * dy.atan2(dx)).sin()),
+                };
+                lesion_field[y * n + x] = v;
+            }
+        }
+    }
+    for y in 0..n {
+        for x in 0..n {
+            let (u, v) = ((x as f32 + 0.5 - jx) / sz, (y as f32 + 0.5 - jy) / sz);
+            let l = lesion_field[y * n + x];
+            let px = &mut img[(y * n + x) * ch..(y * n + x + 1) * ch];
+            match c.modality {
+                Modality::Xray => {
+                    let lung = |cx: f32| {
+                        let e = ((u - cx) / a.lung_rx).powi(2) + ((v - 0.5) / a.lung_ry).powi(2);
+                        1.0 / (1.0 + ((e - 1.0) * 12.0).exp())
+                    };
+                    let inside = lung(0.5 - a.lung_dx).max(lung(0.5 + a.lung_dx));
+                    let ribs = (2.0 * PI * (v * 6.5 + a.rib_phase + 0.15 * (u - 0.5).abs())).sin().max(0.0).powi(3);
+                    let spine = (-((u - 0.5) / 0.04).powi(2)).exp() * 0.15;
+                    let base = (0.72 + 0.1 * v) * a.brightness * (1.0 - 0.55 * inside) + inside * 0.07 * ribs + spine;
+                    px[0] = base + contrast * l;
+                }
+                Modality::Fundus => {
+                    let d = ((u - 0.5).powi(2) + (v - 0.5).powi(2)).sqrt();
+                    let fov = 1.0 / (1.0 + ((d - 0.46) * 80.0).exp());
+                    let vign = 1.0 - 0.6 * (d / 0.46).powi(2);
+                    let disc_x = if a.disc_left { 0.3 } else { 0.7 };
+                    let disc = (-(((u - disc_x).powi(2) + (v - 0.5).powi(2)) / (2.0 * 0.035f32.powi(2)))).exp();
+                    let mut vessel = 0.0f32;
+                    for w in &a.vessels {
+                        // a vessel: a curve leaving the disc at angle w[0]
+                        let (du, dv) = (u - disc_x, v - 0.5);
+                        let rr = (du * du + dv * dv).sqrt();
+                        let ang = dv.atan2(du);
+                        let target = w[0] + w[2] * rr;
+                        let da = ((ang - target + PI).rem_euclid(2.0 * PI) - PI).abs() * rr;
+                        if rr < w[1] + 0.2 {
+                            vessel = vessel.max(w[3] * (-(da / 0.006).powi(2)).exp() * (1.0 - rr / (w[1] + 0.2)));
+                        }
+                    }
+                    let base = [0.78 * vign * a.brightness, 0.36 * vign, 0.16 * vign];
+                    let col = match label {
+                        1 | 3 => [-0.35, -0.3, -0.12],
+                        2 => [0.2, 0.45, 0.1],
+                        _ => [0.0, 0.0, 0.0],
+                    };
+                    for k in 0..3 {
+                        let vcol = [-0.35, -0.25, -0.1][k];
+                        let dcol = [0.2, 0.5, 0.4][k];
+                        px[k] = fov * (base[k] + disc * dcol + vessel * vcol + contrast / 0.3 * l * col[k]);
+                    }
+                }
+            }
+        }
+    }
+    let noise = rand_distr_normal(&mut r, n * n * ch, noise_sigma);
+    let pixels: Vec<u8> = img.iter().zip(noise).map(|(v, e)| ((v + e).clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    let peak = lesion_field.iter().copied().fold(0.0, f32::max);
+    let mask: Vec<u8> = lesion_field.iter().map(|&v| u8::from(label > 0 && v.abs() > 0.35 * peak.max(1e-6))).collect();
+    Sample { label, pixels, mask, lesion: (label > 0).then_some((center.0, center.1, radius)) }
+}
+
+/// Box–Muller normal noise.
+fn rand_distr_normal(r: &mut impl Rng, count: usize, sigma: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(count + 1);
+    while out.len() < count {
+        let (u1, u2): (f32, f32) = (r.random_range(f32::EPSILON..1.0), r.random());
+        let m = (-2.0 * u1.ln()).sqrt();
+        out.push(sigma * m * (2.0 * PI * u2).cos());
+        out.push(sigma * m * (2.0 * PI * u2).sin());
+    }
+    out.truncate(count);
+    out
+}
+
+/// A contact sheet: each image with its lesion outline in red.
+fn preview_sheet(samples: &[Sample], size: u32, channels: u32) -> image::RgbImage {
+    let cols = 8u32.min(samples.len() as u32).max(1);
+    let rows = (samples.len() as u32).div_ceil(cols);
+    let pad = 2;
+    let mut sheet = image::RgbImage::from_pixel(cols * (size + pad) + pad, rows * (size + pad) + pad, image::Rgb([255, 255, 255]));
+    let n = size as usize;
+    for (k, s) in samples.iter().enumerate() {
+        let (ox, oy) = (pad + (k as u32 % cols) * (size + pad), pad + (k as u32 / cols) * (size + pad));
+        for y in 0..n {
+            for x in 0..n {
+                let i = y * n + x;
+                let edge = s.mask[i] == 1 && [(0i64, 1i64), (1, 0), (0, -1), (-1, 0)].iter().any(|(dx, dy)| {
+                    let (xx, yy) = (x as i64 + dx, y as i64 + dy);
+                    xx < 0 || yy < 0 || xx >= n as i64 || yy >= n as i64 || s.mask[yy as usize * n + xx as usize] == 0
+                });
+                let rgb = if edge {
+                    [255, 0, 0]
+                } else if channels == 1 {
+                    [s.pixels[i]; 3]
+                } else {
+                    [s.pixels[i * 3], s.pixels[i * 3 + 1], s.pixels[i * 3 + 2]]
+                };
+                sheet.put_pixel(ox + x as u32, oy + y as u32, image::Rgb(rgb));
+            }
+        }
+    }
+    sheet
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SyntheticConfig {
+        SyntheticConfig { images: 40, size: 32, ..Default::default() }
+    }
+
+    #[test]
+    fn images_are_deterministic_and_distinct() {
+        let c = cfg();
+        assert_eq!(generate(&c, 1, 5), generate(&c, 1, 5));
+        assert_ne!(generate(&c, 1, 5).pixels, generate(&c, 1, 6).pixels);
+        assert_ne!(generate(&c, 1, 5).pixels, generate(&c, 2, 5).pixels);
+    }
+
+    #[test]
+    fn lesions_are_small_marked_and_absent_in_normals() {
+        for modality in [Modality::Xray, Modality::Fundus] {
+            let c = SyntheticConfig { modality, size: 64, ..cfg() };
+            let (mut normals, mut lesions) = (0, 0);
+            for i in 0..60 {
+                let s = generate(&c, 7, i);
+                let area: usize = s.mask.iter().map(|&m| m as usize).sum();
+                assert_eq!(s.pixels.len(), 64 * 64 * modality.channels() as usize);
+                if s.label == 0 {
+                    normals += 1;
+                    assert_eq!(area, 0);
+                    assert!(s.lesion.is_none());
+                } else {
+                    lesions += 1;
+                    // a few 8-px patches, not a large part of the image
+                    assert!(area > 0 && area < 64 * 64 / 12, "{modality:?} image {i}: lesion area {area}");
+                    let (cx, cy, r) = s.lesion.expect("lesion");
+                    for (k, &m) in s.mask.iter().enumerate() {
+                        let (x, y) = ((k % 64) as f32 + 0.5, (k / 64) as f32 + 0.5);
+                        if m == 1 {
+                            assert!(((x - cx).powi(2) + (y - cy).powi(2)).sqrt() < 2.5 * r, "{modality:?} image {i}: mask pixel far from the lesion");
+                        }
+                    }
+                }
+            }
+            assert!(normals > 5 && lesions > 30, "{modality:?}: {normals} normal, {lesions} with lesions");
+        }
+    }
+
+    #[test]
+    fn lesion_raises_local_contrast() {
+        // The mean absolute difference to the same image without lesion concentrates on
+        // the mask: the lesion is visible and localised.
+        let c = SyntheticConfig { noise: 0.0, ..cfg() };
+        let no = SyntheticConfig { contrast: 0.0, ..c.clone() };
+        for i in 0..20 {
+            let (a, b) = (generate(&c, 3, i), generate(&no, 3, i));
+            if a.label == 0 {
+                continue;
+            }
+            let (mut inside, mut outside, mut n_in) = (0f64, 0f64, 0f64);
+            for (k, (&pa, &pb)) in a.pixels.iter().zip(&b.pixels).enumerate() {
+                let d = (f64::from(pa) - f64::from(pb)).abs();
+                if a.mask[k] == 1 {
+                    inside += d;
+                    n_in += 1.0;
+                } else {
+                    outside += d;
+                }
+            }
+            let (mean_in, mean_out) = (inside / n_in, outside / (a.mask.len() as f64 - n_in));
+            assert!(mean_in > 20.0 && mean_in > 10.0 * mean_out, "image {i}: mean change {mean_in:.1} inside vs {mean_out:.2} outside");
+        }
+    }
+
+    #[test]
+    fn splits_follow_fractions_by_patient() {
+        let c = SyntheticConfig { images: 1000, images_per_patient: 4, ..cfg() };
+        let s = patient_splits(&c, 9);
+        assert_eq!(s.len(), 250);
+        let count = |x: Split| s.iter().filter(|&&y| y == x).count();
+        assert_eq!((count(Split::Train), count(Split::Val), count(Split::Test)), (175, 25, 50));
+        assert_eq!(s, patient_splits(&c, 9));
+        assert_ne!(s, patient_splits(&c, 10));
+    }
+}
