@@ -472,6 +472,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
+    // `Path::parent` of a bare file name is the empty path: the current directory.
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::store("fsync", dir, e))
 }
 
