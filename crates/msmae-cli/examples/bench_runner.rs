@@ -40,7 +40,8 @@ impl Stage for IndexStage {
         vec![c.root.clone()]
     }
     fn run(&self, c: &IndexCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let n = msmae_pipeline::hashing::list_files(&ctx.resolve(&c.root)).map_err(|e| StageError::other(e.to_string()))?.len();
+        let root = ctx.resolve(&c.root);
+        let n = if root.is_file() { 1 } else { msmae_pipeline::hashing::list_files(&root).map_err(|e| StageError::other(e.to_string()))?.len() };
         let p = ctx.output_path("count.txt")?;
         fs::write(&p, n.to_string()).map_err(|e| StageError::io(&p, e))
     }
@@ -133,7 +134,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let plan = msmae_pipeline::load_plan(&pipeline, &[], &reg)?;
         let store = Store::open(&store_dir)?;
         let r = msmae_pipeline::run(&plan, &store, &RunOptions::default(), &NoProgress)?;
-        assert!(r.ok());
+        assert!(r.ok(), "{r:?}");
         Ok((t.elapsed().as_secs_f64(), r.count("cached")))
     };
     let (first, cached) = run()?;

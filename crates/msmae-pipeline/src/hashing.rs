@@ -188,7 +188,9 @@ pub fn list_files(root: &Path) -> Result<Vec<(String, PathBuf)>> {
         for entry in rd {
             let entry = entry.map_err(|source| Error::Hash { path: dir.clone(), source })?;
             let p = entry.path();
-            let ft = fs::metadata(&p).map_err(|source| Error::Hash { path: p.clone(), source })?;
+            // The directory entry's type is free (no stat); only links need following.
+            let ft = entry.file_type().map_err(|source| Error::Hash { path: p.clone(), source })?;
+            let ft = if ft.is_symlink() { fs::metadata(&p).map_err(|source| Error::Hash { path: p.clone(), source })?.file_type() } else { ft };
             if ft.is_dir() {
                 stack.push(p);
             } else if ft.is_file() {
