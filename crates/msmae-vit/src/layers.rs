@@ -1,0 +1,107 @@
+//! Transformer pieces: multi-head self-attention with a fused qkv projection, the GELU
+//! MLP, stochastic depth, and the pre-norm block (METHOD.md §1).
+
+use burn::nn::{Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig, Initializer};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::softmax;
+
+fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    // MAE initialises every Linear with xavier_uniform and zero bias.
+    LinearConfig::new(d_in, d_out).with_initializer(Initializer::XavierUniform { gain: 1.0 }).init(device)
+}
+
+/// Multi-head self-attention (`attn.qkv`, `attn.proj` as in timm).
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub num_heads: usize,
+}
+
+impl Attention {
+    pub fn new(dim: usize, num_heads: usize, device: &Device) -> Self {
+        Self { qkv: linear(dim, dim * 3, device), proj: linear(dim, dim, device), num_heads }
+    }
+
+    /// Self-attention; also returns the softmaxed weights when `keep` is set.
+    ///
+    /// # Shapes
+    /// - x: `[batch, tokens, dim]` → `[batch, tokens, dim]`, weights `[batch, heads, tokens, tokens]`
+    pub fn forward(&self, x: Tensor<3>, keep: bool) -> (Tensor<3>, Option<Tensor<4>>) {
+        let [b, n, d] = x.dims();
+        let h = self.num_heads;
+        let hd = d / h;
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, b, h, n, hd]
+        let q = qkv.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
+        let k = qkv.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
+        let v = qkv.narrow(0, 2, 1).reshape([b, h, n, hd]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()); // [b, h, n, n]
+        let attn = softmax(scores, 3);
+        let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([b, n, d]); // [b, n, d]
+        (self.proj.forward(out), keep.then_some(attn))
+    }
+}
+
+/// The MLP of a block (`mlp.fc1`, `mlp.fc2`), exact (erf) GELU.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Gelu,
+}
+
+impl Mlp {
+    pub fn new(dim: usize, hidden: usize, device: &Device) -> Self {
+        Self { fc1: linear(dim, hidden, device), fc2: linear(hidden, dim, device), act: Gelu::new() }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, tokens, dim]` → same
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(self.act.forward(self.fc1.forward(x)))
+    }
+}
+
+/// Stochastic depth: drops a residual branch per sample while training (on an autodiff
+/// device); the identity in evaluation.
+pub fn drop_path(x: Tensor<3>, prob: f64) -> Tensor<3> {
+    if prob <= 0.0 || !x.device().is_autodiff() {
+        return x;
+    }
+    let [b, _, _] = x.dims();
+    let keep = 1.0 - prob;
+    let mask = Tensor::<3>::random([b, 1, 1], Distribution::Bernoulli(keep), &x.device());
+    x * mask * (1.0 / keep)
+}
+
+/// Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+    pub drop_path: f64,
+}
+
+impl Block {
+    pub fn new(dim: usize, heads: usize, mlp_ratio: f64, eps: f64, drop_path: f64, device: &Device) -> Self {
+        Self {
+            norm1: LayerNormConfig::new(dim).with_epsilon(eps).init(device),
+            attn: Attention::new(dim, heads, device),
+            norm2: LayerNormConfig::new(dim).with_epsilon(eps).init(device),
+            mlp: Mlp::new(dim, (dim as f64 * mlp_ratio).round() as usize, device),
+            drop_path,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, tokens, dim]` → same, and the attention weights if `keep`
+    pub fn forward(&self, x: Tensor<3>, keep: bool) -> (Tensor<3>, Option<Tensor<4>>) {
+        let (a, w) = self.attn.forward(self.norm1.forward(x.clone()), keep);
+        let x = x + drop_path(a, self.drop_path);
+        let m = self.mlp.forward(self.norm2.forward(x.clone()));
+        (x + drop_path(m, self.drop_path), w)
+    }
+}
