@@ -71,4 +71,15 @@ mod tests {
         // counting the attention products too, the saving is larger still
         assert!(1.0 - msmae.total() / full.total() > cut);
     }
+
+    #[test]
+    fn small_configs_count_what_they_should() {
+        let c = VitConfig::new([16, 24], 4, 3, 32, 2, 4).with_num_classes(3);
+        let f = encoder(&c, 6);
+        // 24 patches × 48 values × 32 dims; 7 tokens through 2 blocks; head 32 × 3
+        assert_eq!(f.patch_embed, 24.0 * 48.0 * 32.0);
+        assert_eq!(f.blocks_linear, 2.0 * 7.0 * (32.0 * 96.0 + 32.0 * 32.0 + 2.0 * 32.0 * 128.0));
+        assert_eq!(f.attention, 2.0 * 2.0 * 49.0 * 32.0);
+        assert_eq!(f.head, 96.0);
+    }
 }
