@@ -52,8 +52,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks that print a table: `runner` (no-op re-run, hashing throughput).
-    #[command(after_help = "Example:\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024")]
+    /// Benchmarks that print a table: `runner` (no-op re-run, hashing throughput), `model`
+    /// (train steps of ViT/MAE on every backend beside PyTorch eager).
+    #[command(after_help = "Examples:\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick")]
     Bench {
         /// Which benchmark.
         which: String,
@@ -186,11 +187,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench { which, args } => {
             let exe = match which.as_str() {
                 "runner" => "bench_runner",
-                other => bail!("unknown benchmark `{other}`; available: runner"),
+                "model" => "bench_model",
+                other => bail!("unknown benchmark `{other}`; available: runner, model"),
             };
             let tc = Toolchain::new(cli.no_tch)?;
             let bin = build_all(&tc)?;
             let args: Vec<String> = args.into_iter().skip_while(|a| a == "--").collect();
+            // The model benchmark runs PyTorch eager beside burn on the same model.
+            let python = pyenv::ensure().context("setting up the Python reference environment")?;
+            let mut tc = tc;
+            tc.env.push(("MSMAE_PYTHON".into(), python.to_string_lossy().into_owned()));
             exec(&tc, &bin.join("examples").join(exe), &args)
         }
     }
