@@ -1,10 +1,15 @@
 //! Dataset ingestion for msmae: sources → one Parquet image table (see [`table`]) with
-//! patient-level splits and a split report. Stages: [`synthetic::Synthetic`]
-//! (`ingest/synthetic`).
+//! patient-level splits, a split report and a preview sheet. Stages:
+//! [`synthetic::Synthetic`] (`ingest/synthetic`), [`imagefolder::ImageFolder`]
+//! (`ingest/imagefolder`).
 
+pub mod decode;
+pub mod imagefolder;
+pub mod preview;
 pub mod report;
 pub mod synthetic;
 pub mod table;
 
+pub use imagefolder::ImageFolder;
 pub use synthetic::Synthetic;
 pub use table::{ImageRow, ImageTableWriter, Split, TableMeta};

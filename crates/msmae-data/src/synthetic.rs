@@ -254,7 +254,7 @@ impl Stage for Synthetic {
         tracing::info!("{}: split report\n{}", ctx.name, report.table(&names));
         if !previews.is_empty() {
             let pp = ctx.output_path("previews/sheet.png")?;
-            preview_sheet(&previews, c.size, c.modality.channels()).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
+            crate::preview::sheet(&previews.iter().map(|p| (p.pixels.as_slice(), Some(p.mask.as_slice()))).collect::<Vec<_>>(), c.size, c.size, c.modality.channels()).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
         }
         Ok(())
     }
@@ -424,36 +424,6 @@ fn rand_distr_normal(r: &mut impl Rng, count: usize, sigma: f32) -> Vec<f32> {
     }
     out.truncate(count);
     out
-}
-
-/// A contact sheet: each image with its lesion outline in red.
-fn preview_sheet(samples: &[Sample], size: u32, channels: u32) -> image::RgbImage {
-    let cols = 8u32.min(samples.len() as u32).max(1);
-    let rows = (samples.len() as u32).div_ceil(cols);
-    let pad = 2;
-    let mut sheet = image::RgbImage::from_pixel(cols * (size + pad) + pad, rows * (size + pad) + pad, image::Rgb([255, 255, 255]));
-    let n = size as usize;
-    for (k, s) in samples.iter().enumerate() {
-        let (ox, oy) = (pad + (k as u32 % cols) * (size + pad), pad + (k as u32 / cols) * (size + pad));
-        for y in 0..n {
-            for x in 0..n {
-                let i = y * n + x;
-                let edge = s.mask[i] == 1 && [(0i64, 1i64), (1, 0), (0, -1), (-1, 0)].iter().any(|(dx, dy)| {
-                    let (xx, yy) = (x as i64 + dx, y as i64 + dy);
-                    xx < 0 || yy < 0 || xx >= n as i64 || yy >= n as i64 || s.mask[yy as usize * n + xx as usize] == 0
-                });
-                let rgb = if edge {
-                    [255, 0, 0]
-                } else if channels == 1 {
-                    [s.pixels[i]; 3]
-                } else {
-                    [s.pixels[i * 3], s.pixels[i * 3 + 1], s.pixels[i * 3 + 2]]
-                };
-                sheet.put_pixel(ox + x as u32, oy + y as u32, image::Rgb(rgb));
-            }
-        }
-    }
-    sheet
 }
 
 #[cfg(test)]

@@ -209,7 +209,21 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
             }
         }
     }
-    // 3. cycles
+    // 3. external inputs (dataset folders) must exist before anything runs
+    for (i, s) in spec.stages.iter().enumerate() {
+        if let Some((_, p)) = &prepared[i] {
+            for path in p.external_inputs(&spec.base_dir) {
+                if !path.exists() {
+                    errs.push(spec.error(&format!("{}.with", s.src), format!(
+                        "stage `{}` reads `{}`, which does not exist; data/README.md says where each dataset comes from and how to lay it out",
+                        s.name,
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    // 4. cycles
     let deps: Vec<Vec<usize>> = bindings.iter().map(|b| b.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect()).collect();
     let order = match topo_order(&deps) {
         Ok(o) => o,

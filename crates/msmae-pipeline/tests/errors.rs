@@ -84,3 +84,9 @@ fn all_problems_are_reported_at_once() {
     let e = errors("stages:\n  a: { uses: nope/x }\n  b: { uses: test/source, with: { value: [1] } }\n  c: { uses: test/concat, needs: [zz] }\n");
     assert_eq!(e.lines().count(), 3, "{e}");
 }
+
+#[test]
+fn a_missing_dataset_folder_stops_the_run_before_it_starts() {
+    let e = errors("stages:\n  a:\n    uses: test/ingest\n    with: { root: no/such/dataset }\n");
+    assert!(e.starts_with("pipelines/x.yaml:4:5: stages.a.with: stage `a` reads `pipelines/no/such/dataset`, which does not exist"), "{e}");
+}

@@ -1,0 +1,366 @@
+//! `ingest/imagefolder`: the ImageFolder layout — `ROOT/<class>/*` with a seeded split, or
+//! `ROOT/<split>/<class>/*` with split folders named train/training, val/valid/validation,
+//! test/testing (BTMD ships `Training/` and `Testing/`; validation is then carved out of
+//! the training patients). ImageFolder carries no patient ids: each image is its own
+//! patient unless `patient_separator` says the file-name prefix names the patient.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
+
+use crate::decode::{Aspect, decode_file};
+use crate::report::SplitTally;
+use crate::synthetic::SplitFractions;
+use crate::table::{ImageRow, ImageTableWriter, Split, TableMeta};
+
+/// What to do with a file that cannot be ingested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop with an error naming the file.
+    #[default]
+    Fail,
+    /// Leave it out, record it in `rejects.json`, and say how many.
+    Skip,
+}
+
+fn d_size() -> u32 {
+    224
+}
+fn d_channels() -> u32 {
+    3
+}
+fn d_split() -> SplitFractions {
+    SplitFractions { train: 0.7, val: 0.1, test: 0.2 }
+}
+fn d_val() -> f64 {
+    0.1
+}
+fn d_row_group() -> u32 {
+    256
+}
+fn d_previews() -> u32 {
+    16
+}
+fn d_ext() -> Vec<String> {
+    ["png", "jpg", "jpeg", "tif", "tiff", "bmp"].iter().map(|s| s.to_string()).collect()
+}
+
+/// `with:` of `ingest/imagefolder`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFolderConfig {
+    /// Dataset root (relative to the pipeline file).
+    pub root: PathBuf,
+    #[serde(default = "d_size")]
+    pub size: u32,
+    /// 1 (grey) or 3 (RGB).
+    #[serde(default = "d_channels")]
+    pub channels: u32,
+    #[serde(default)]
+    pub aspect: Aspect,
+    /// Patient fractions when the root has no split folders.
+    #[serde(default = "d_split")]
+    pub split: SplitFractions,
+    /// Fraction of training patients moved to validation when there is no val folder.
+    #[serde(default = "d_val")]
+    pub val_fraction: f64,
+    /// The patient id is the file stem up to this separator (e.g. `_` for `P001_left.png`).
+    #[serde(default)]
+    pub patient_separator: Option<String>,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// File extensions taken as images (case-insensitive); other files are ignored.
+    #[serde(default = "d_ext")]
+    pub extensions: Vec<String>,
+    #[serde(default = "d_row_group")]
+    pub row_group: u32,
+    #[serde(default = "d_previews")]
+    pub previews: u32,
+}
+
+/// One file found under the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Found {
+    path: PathBuf,
+    rel: String,
+    class: String,
+    split: Option<Split>,
+    patient: String,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ImageFolder;
+
+fn split_of_dir(name: &str) -> Option<Split> {
+    match name.to_ascii_lowercase().as_str() {
+        "train" | "training" => Some(Split::Train),
+        "val" | "valid" | "validation" => Some(Split::Val),
+        "test" | "testing" => Some(Split::Test),
+        _ => None,
+    }
+}
+
+fn sorted_dirs(p: &Path) -> Result<Vec<PathBuf>, StageError> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+        .map_err(|e| StageError::io(p, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn scan(root: &Path, c: &ImageFolderConfig) -> Result<(Vec<Found>, usize), StageError> {
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let top = sorted_dirs(root)?;
+    let split_layout = top.iter().any(|d| split_of_dir(&name(d)).is_some());
+    let mut class_dirs: Vec<(Option<Split>, PathBuf)> = Vec::new();
+    for d in &top {
+        match (split_layout, split_of_dir(&name(d))) {
+            (true, Some(s)) => class_dirs.extend(sorted_dirs(d)?.into_iter().map(|cd| (Some(s), cd))),
+            (true, None) => tracing::warn!("{}: ignored (not a split folder beside the split folders)", d.display()),
+            (false, _) => class_dirs.push((None, d.clone())),
+        }
+    }
+    if class_dirs.is_empty() {
+        return Err(StageError::data(root, None, "no class folders: expected ROOT/<class>/<image> or ROOT/<split>/<class>/<image>"));
+    }
+    let exts: BTreeSet<String> = c.extensions.iter().map(|e| e.to_ascii_lowercase()).collect();
+    let (mut found, mut ignored) = (Vec::new(), 0);
+    for (split, cd) in class_dirs {
+        let class = name(&cd);
+        let mut stack = vec![cd.clone()];
+        let mut n = 0;
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).map_err(|e| StageError::io(&d, e))? {
+                let p = e.map_err(|e| StageError::io(&d, e))?.path();
+                let fname = name(&p);
+                if fname.starts_with('.') {
+                    continue;
+                }
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let ext = p.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+                if !exts.contains(&ext) {
+                    ignored += 1;
+                    tracing::debug!("ignoring {} (not an image extension)", p.display());
+                    continue;
+                }
+                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+                let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let patient = match &c.patient_separator {
+                    Some(sep) if !sep.is_empty() => stem.split(sep.as_str()).next().unwrap_or(&stem).to_string(),
+                    _ => rel.clone(),
+                };
+                found.push(Found { path: p, rel, class: class.clone(), split, patient });
+                n += 1;
+            }
+        }
+        if n == 0 {
+            tracing::warn!("{}: class folder without images", cd.display());
+        }
+    }
+    found.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok((found, ignored))
+}
+
+/// Give every patient one split: the folder's (val carved out of train when absent), or a
+/// seeded draw by the fractions.
+fn assign_splits(found: &mut [Found], c: &ImageFolderConfig, seed: u64) -> Result<(), StageError> {
+    let mut by_patient: BTreeMap<String, BTreeSet<Option<Split>>> = BTreeMap::new();
+    for f in found.iter() {
+        by_patient.entry(f.patient.clone()).or_default().insert(f.split);
+    }
+    if let Some((p, s)) = by_patient.iter().find(|(_, s)| s.len() > 1) {
+        return Err(StageError::other(format!("patient `{p}` has images in several split folders ({s:?}): splits must be by patient")));
+    }
+    let folder_layout = found.iter().any(|f| f.split.is_some());
+    let mut patients: Vec<String> = by_patient.keys().cloned().collect();
+    let mut rng = seeded_rng(seed, &["imagefolder/splits".into()]);
+    let mut assigned: BTreeMap<String, Split> = BTreeMap::new();
+    if folder_layout {
+        let has_val = found.iter().any(|f| f.split == Some(Split::Val));
+        let mut train: Vec<String> = patients.iter().filter(|p| by_patient[*p].contains(&Some(Split::Train))).cloned().collect();
+        train.shuffle(&mut rng);
+        let n_val = if has_val { 0 } else { (train.len() as f64 * c.val_fraction).round() as usize };
+        for (i, p) in train.iter().enumerate() {
+            assigned.insert(p.clone(), if i < n_val { Split::Val } else { Split::Train });
+        }
+        for p in &patients {
+            if let Some(Some(s)) = by_patient[p].iter().next() {
+                assigned.entry(p.clone()).or_insert(*s);
+            }
+        }
+    } else {
+        patients.shuffle(&mut rng);
+        let n = patients.len();
+        let n_train = (n as f64 * c.split.train).round() as usize;
+        let n_val = ((n as f64 * c.split.val).round() as usize).min(n - n_train.min(n));
+        for (i, p) in patients.iter().enumerate() {
+            assigned.insert(p.clone(), if i < n_train { Split::Train } else if i < n_train + n_val { Split::Val } else { Split::Test });
+        }
+    }
+    for f in found.iter_mut() {
+        f.split = assigned.get(&f.patient).copied();
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct Reject {
+    path: String,
+    reason: String,
+}
+
+impl Stage for ImageFolder {
+    type Config = ImageFolderConfig;
+    const KIND: &'static str = "ingest/imagefolder";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "ImageFolder layout (ROOT/[split/]class/image) → image table, splits by patient";
+
+    fn code_fingerprint(&self) -> &'static str {
+        msmae_core::code_fingerprint!()
+    }
+
+    fn validate(&self, c: &ImageFolderConfig) -> Result<(), ConfigError> {
+        let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
+        if !(8..=2048).contains(&c.size) {
+            return err("size", "must be between 8 and 2048 pixels");
+        }
+        if c.channels != 1 && c.channels != 3 {
+            return err("channels", "must be 1 (grey) or 3 (RGB)");
+        }
+        let s = c.split;
+        if [s.train, s.val, s.test].iter().any(|f| !(0.0..=1.0).contains(f)) || (s.train + s.val + s.test - 1.0).abs() > 1e-6 {
+            return err("split", "train, val and test must be fractions that add up to 1");
+        }
+        if !(0.0..1.0).contains(&c.val_fraction) {
+            return err("val_fraction", "must be in [0, 1)");
+        }
+        if c.row_group == 0 || c.extensions.is_empty() {
+            return err("row_group", "row_group must be positive and extensions non-empty");
+        }
+        Ok(())
+    }
+
+    fn inputs(&self, _: &ImageFolderConfig) -> Vec<InputSlot> {
+        Vec::new()
+    }
+
+    fn output(&self, _: &ImageFolderConfig) -> OutputDecl {
+        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
+    }
+
+    fn external_inputs(&self, c: &ImageFolderConfig) -> Vec<PathBuf> {
+        vec![c.root.clone()]
+    }
+
+    fn resources(&self, _: &ImageFolderConfig) -> Resources {
+        Resources::Exclusive
+    }
+
+    fn run(&self, c: &ImageFolderConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let root = ctx.resolve(&c.root);
+        let (mut found, ignored) = scan(&root, c)?;
+        assign_splits(&mut found, c, ctx.seed)?;
+        let names: Vec<String> = found.iter().map(|f| f.class.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let meta = TableMeta {
+            schema_version: crate::table::SCHEMA_VERSION,
+            label_names: names.clone(),
+            multi_label: false,
+            height: c.size,
+            width: c.size,
+            channels: c.channels,
+            has_masks: false,
+            provenance: serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c }),
+        };
+        let table = ctx.output_path("images.parquet")?;
+        let mut writer = ImageTableWriter::create(&table, meta, c.row_group as usize)?;
+        let mut tally = SplitTally::new(&names);
+        let mut rejects: Vec<Reject> = Vec::new();
+        let mut previews: Vec<Vec<u8>> = Vec::new();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
+        let bar = ctx.progress.bar(Some(found.len() as u64), "imagefolder");
+        for chunk in found.chunks(c.row_group as usize) {
+            ctx.cancel.check()?;
+            let decoded: Vec<_> = pool.install(|| chunk.par_iter().map(|f| decode_file(&f.path, c.size, c.channels, c.aspect)).collect());
+            for (f, d) in chunk.iter().zip(decoded) {
+                let (img, bytes) = match d {
+                    Ok(x) => x,
+                    Err(e) if c.on_error == OnError::Skip => {
+                        rejects.push(Reject { path: f.rel.clone(), reason: e.to_string() });
+                        continue;
+                    }
+                    Err(e) => return Err(StageError::data(&f.path, None, format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
+                };
+                let label = names.iter().position(|n| n == &f.class).map(|i| i as i32);
+                let split = f.split.ok_or_else(|| StageError::other(format!("{}: no split assigned", f.rel)))?;
+                tally.add(&f.patient, split, label, None).map_err(StageError::other)?;
+                if (previews.len() as u32) < c.previews {
+                    previews.push(img.pixels.clone());
+                }
+                writer.push(ImageRow {
+                    id: f.rel.clone(),
+                    patient_id: f.patient.clone(),
+                    split,
+                    label,
+                    labels: None,
+                    width: img.source_width as i32,
+                    height: img.source_height as i32,
+                    channels: c.channels as i32,
+                    pixels: img.pixels,
+                    mask: None,
+                    source_path: f.rel.clone(),
+                    source_sha256: sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+                })?;
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        let rows = writer.finish()?;
+        if rows == 0 {
+            return Err(StageError::data(&root, None, format!("no image could be ingested ({} found, {} rejected)", found.len(), rejects.len())));
+        }
+        tally.rejected = rejects.len() as u64;
+        let report = tally.report();
+        let write = |rel: &str, v: &dyn erased::Json| -> Result<(), StageError> {
+            let p = ctx.output_path(rel)?;
+            std::fs::write(&p, v.to_json()).map_err(|e| StageError::io(&p, e))
+        };
+        write("split_report.json", &report)?;
+        write("rejects.json", &rejects)?;
+        if !rejects.is_empty() {
+            tracing::warn!("{}: {} files rejected (listed in rejects.json), first: {} — {}", ctx.name, rejects.len(), rejects[0].path, rejects[0].reason);
+        }
+        if ignored > 0 {
+            tracing::info!("{}: {ignored} files without an image extension ignored", ctx.name);
+        }
+        tracing::info!("{}: split report\n{}", ctx.name, report.table(&names));
+        if !previews.is_empty() {
+            let pp = ctx.output_path("previews/sheet.png")?;
+            let imgs: Vec<(&[u8], Option<&[u8]>)> = previews.iter().map(|p| (p.as_slice(), None)).collect();
+            crate::preview::sheet(&imgs, c.size, c.size, c.channels).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
+        }
+        Ok(())
+    }
+}
+
+mod erased {
+    /// Serialise anything serde can, pretty-printed.
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec_pretty(self).unwrap_or_default()
+        }
+    }
+}
