@@ -18,11 +18,10 @@ pub enum StageError {
     Cancelled,
     #[error("missing input slot `{slot}`")]
     MissingInput { slot: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+                cause: std::io::Error,
     },
     /// Bad user data: names the file (and row/field where known).
     #[error("{path}{}: {message}", location.as_ref().map(|l| format!(" ({l})")).unwrap_or_default())]
@@ -35,7 +34,7 @@ pub enum StageError {
 
 impl StageError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io { path: path.into(), cause: source }
     }
     pub fn data(path: impl Into<PathBuf>, location: Option<String>, message: impl Into<String>) -> Self {
         Self::Data { path: path.into(), location, message: message.into() }

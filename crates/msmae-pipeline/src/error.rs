@@ -50,20 +50,18 @@ impl std::error::Error for SpecErrors {}
 /// Errors of planning, running and inspecting a pipeline.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error(transparent)]
     Spec(#[from] SpecErrors),
-    #[error("read {path}: {source}")]
+    #[error("read {path}: {cause}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+                cause: std::io::Error,
     },
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {cause}")]
     Store {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+                cause: std::io::Error,
     },
     #[error("corrupt store entry {path}: {message}")]
     Corrupt { path: PathBuf, message: String },
@@ -71,11 +69,10 @@ pub enum Error {
     UnknownStage { name: String, known: String },
     #[error("stage `{stage}` needs `{upstream}`, which is not selected and has no cached output: run it first (e.g. `--until {upstream}`)")]
     NotCached { stage: String, upstream: String },
-    #[error("hash {path}: {source}")]
+    #[error("hash {path}: {cause}")]
     Hash {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+                cause: std::io::Error,
     },
     #[error("stage `{stage}` output: {message}")]
     Output { stage: String, message: String },
@@ -87,7 +84,7 @@ pub enum Error {
 
 impl Error {
     pub fn store(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Store { op, path: path.into(), source }
+        Error::Store { op, path: path.into(), cause: source }
     }
 }
 

@@ -120,7 +120,7 @@ impl std::str::FromStr for Override {
 
 /// Read and parse a pipeline file.
 pub fn load(file: &Path, overrides: &[Override]) -> Result<PipelineSpec, crate::Error> {
-    let src = std::fs::read_to_string(file).map_err(|source| crate::Error::Read { path: file.to_path_buf(), source })?;
+    let src = std::fs::read_to_string(file).map_err(|source| crate::Error::Read { path: file.to_path_buf(), cause: source })?;
     Ok(parse(file, &src, overrides)?)
 }
 
