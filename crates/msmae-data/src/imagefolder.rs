@@ -16,8 +16,7 @@ use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageCont
 
 use crate::decode::{Aspect, decode_file};
 use crate::report::SplitTally;
-use crate::synthetic::SplitFractions;
-use crate::table::{ImageRow, ImageTableWriter, Split, TableMeta};
+use crate::table::{ImageRow, ImageTableWriter, Split, SplitFractions, TableMeta};
 
 /// What to do with a file that cannot be ingested.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -35,9 +34,6 @@ fn d_size() -> u32 {
 }
 fn d_channels() -> u32 {
     3
-}
-fn d_split() -> SplitFractions {
-    SplitFractions { train: 0.7, val: 0.1, test: 0.2 }
 }
 fn d_val() -> f64 {
     0.1
@@ -66,7 +62,7 @@ pub struct ImageFolderConfig {
     #[serde(default)]
     pub aspect: Aspect,
     /// Patient fractions when the root has no split folders.
-    #[serde(default = "d_split")]
+    #[serde(default)]
     pub split: SplitFractions,
     /// Fraction of training patients moved to validation when there is no val folder.
     #[serde(default = "d_val")]
@@ -184,7 +180,7 @@ fn assign_splits(found: &mut [Found], c: &ImageFolderConfig, seed: u64) -> Resul
         return Err(StageError::other(format!("patient `{p}` has images in several split folders ({s:?}): splits must be by patient")));
     }
     let folder_layout = found.iter().any(|f| f.split.is_some());
-    let mut patients: Vec<String> = by_patient.keys().cloned().collect();
+    let patients: Vec<String> = by_patient.keys().cloned().collect();
     let mut rng = seeded_rng(seed, &["imagefolder/splits".into()]);
     let mut assigned: BTreeMap<String, Split> = BTreeMap::new();
     if folder_layout {
@@ -201,13 +197,8 @@ fn assign_splits(found: &mut [Found], c: &ImageFolderConfig, seed: u64) -> Resul
             }
         }
     } else {
-        patients.shuffle(&mut rng);
-        let n = patients.len();
-        let n_train = (n as f64 * c.split.train).round() as usize;
-        let n_val = ((n as f64 * c.split.val).round() as usize).min(n - n_train.min(n));
-        for (i, p) in patients.iter().enumerate() {
-            assigned.insert(p.clone(), if i < n_train { Split::Train } else if i < n_train + n_val { Split::Val } else { Split::Test });
-        }
+        let splits = c.split.assign(patients.len(), &mut rng);
+        assigned.extend(patients.iter().cloned().zip(splits));
     }
     for f in found.iter_mut() {
         f.split = assigned.get(&f.patient).copied();
@@ -239,9 +230,8 @@ impl Stage for ImageFolder {
         if c.channels != 1 && c.channels != 3 {
             return err("channels", "must be 1 (grey) or 3 (RGB)");
         }
-        let s = c.split;
-        if [s.train, s.val, s.test].iter().any(|f| !(0.0..=1.0).contains(f)) || (s.train + s.val + s.test - 1.0).abs() > 1e-6 {
-            return err("split", "train, val and test must be fractions that add up to 1");
+        if let Err(m) = c.split.check() {
+            return err("split", &m);
         }
         if !(0.0..1.0).contains(&c.val_fraction) {
             return err("val_fraction", "must be in [0, 1)");

@@ -10,7 +10,6 @@
 use std::f32::consts::PI;
 
 use rand::Rng;
-use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -18,7 +17,7 @@ use sha2::Digest;
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::report::SplitTally;
-use crate::table::{ImageRow, ImageTableWriter, Split, TableMeta};
+use crate::table::{ImageRow, ImageTableWriter, Split, SplitFractions, TableMeta};
 
 /// Which kind of image to draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -47,15 +46,6 @@ impl Modality {
     }
 }
 
-/// Fractions of patients per split.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SplitFractions {
-    pub train: f64,
-    pub val: f64,
-    pub test: f64,
-}
-
 fn d_images() -> u32 {
     600
 }
@@ -64,9 +54,6 @@ fn d_size() -> u32 {
 }
 fn d_ipp() -> u32 {
     2
-}
-fn d_split() -> SplitFractions {
-    SplitFractions { train: 0.7, val: 0.1, test: 0.2 }
 }
 fn d_contrast() -> f64 {
     0.3
@@ -102,7 +89,7 @@ pub struct SyntheticConfig {
     /// Images per patient (same anatomy; never split across train/val/test).
     #[serde(default = "d_ipp")]
     pub images_per_patient: u32,
-    #[serde(default = "d_split")]
+    #[serde(default)]
     pub split: SplitFractions,
     /// Lesion amplitude relative to the intensity range: lower is harder.
     #[serde(default = "d_contrast")]
@@ -167,9 +154,8 @@ impl Stage for Synthetic {
         if c.images_per_patient == 0 {
             return err("images_per_patient", "must be at least 1");
         }
-        let s = c.split;
-        if [s.train, s.val, s.test].iter().any(|f| !(0.0..=1.0).contains(f)) || (s.train + s.val + s.test - 1.0).abs() > 1e-6 {
-            return err("split", "train, val and test must be fractions that add up to 1");
+        if let Err(m) = c.split.check() {
+            return err("split", &m);
         }
         if !(c.lesion_radius[0] > 0.0 && c.lesion_radius[0] <= c.lesion_radius[1] && c.lesion_radius[1] < 0.25) {
             return err("lesion_radius", "must be [min, max] with 0 < min ≤ max < 0.25 (fractions of the image side)");
@@ -266,22 +252,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Split of each patient: patients shuffled by the seed, then cut by the fractions.
 pub fn patient_splits(c: &SyntheticConfig, seed: u64) -> Vec<Split> {
-    let patients = c.images.div_ceil(c.images_per_patient) as usize;
-    let mut order: Vec<usize> = (0..patients).collect();
-    order.shuffle(&mut seeded_rng(seed, &["synthetic/splits".into()]));
-    let n_train = (patients as f64 * c.split.train).round() as usize;
-    let n_val = ((patients as f64 * c.split.val).round() as usize).min(patients - n_train.min(patients));
-    let mut out = vec![Split::Test; patients];
-    for (rank, &p) in order.iter().enumerate() {
-        out[p] = if rank < n_train {
-            Split::Train
-        } else if rank < n_train + n_val {
-            Split::Val
-        } else {
-            Split::Test
-        };
-    }
-    out
+    c.split.assign(c.images.div_ceil(c.images_per_patient) as usize, &mut seeded_rng(seed, &["synthetic/splits".into()]))
 }
 
 /// Per-patient anatomy.

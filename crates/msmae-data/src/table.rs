@@ -74,6 +74,52 @@ impl Split {
     }
 }
 
+/// Fractions of patients per split, for sources that do not prescribe a split.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitFractions {
+    pub train: f64,
+    pub val: f64,
+    pub test: f64,
+}
+
+impl Default for SplitFractions {
+    fn default() -> Self {
+        SplitFractions { train: 0.7, val: 0.1, test: 0.2 }
+    }
+}
+
+impl SplitFractions {
+    /// `Err` with a message for the config's `split` key.
+    pub fn check(&self) -> Result<(), String> {
+        let all = [self.train, self.val, self.test];
+        if all.iter().any(|f| !(0.0..=1.0).contains(f)) || (all.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+            return Err("train, val and test must be fractions that add up to 1".into());
+        }
+        Ok(())
+    }
+
+    /// Split of each of `n` patients (in the order given): shuffled by `rng`, then cut by the
+    /// fractions (rounded; the test split takes the rest).
+    pub fn assign(&self, n: usize, rng: &mut impl rand::Rng) -> Vec<Split> {
+        let mut order: Vec<usize> = (0..n).collect();
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), rng);
+        let n_train = ((n as f64 * self.train).round() as usize).min(n);
+        let n_val = ((n as f64 * self.val).round() as usize).min(n - n_train);
+        let mut out = vec![Split::Test; n];
+        for (rank, &p) in order.iter().enumerate() {
+            out[p] = if rank < n_train {
+                Split::Train
+            } else if rank < n_train + n_val {
+                Split::Val
+            } else {
+                Split::Test
+            };
+        }
+        out
+    }
+}
+
 /// Table-wide facts, stored in the Parquet footer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableMeta {
