@@ -33,10 +33,11 @@ impl Attention {
         let h = self.num_heads;
         let hd = d / h;
         let qkv = self.qkv.forward(x).reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, b, h, n, hd]
-        let q = qkv.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
+        // Scale q ([b, h, n, hd]) rather than the scores ([b, h, n, n]): fewer elements.
+        let q = qkv.clone().narrow(0, 0, 1).reshape([b, h, n, hd]) * (1.0 / (hd as f64).sqrt());
         let k = qkv.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
         let v = qkv.narrow(0, 2, 1).reshape([b, h, n, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()); // [b, h, n, n]
+        let scores = q.matmul(k.swap_dims(2, 3)); // [b, h, n, n]
         let attn = softmax(scores, 3);
         let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([b, n, d]); // [b, n, d]
         (self.proj.forward(out), keep.then_some(attn))
