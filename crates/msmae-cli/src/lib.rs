@@ -21,7 +21,7 @@ use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
 /// The stage kinds this binary ships.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(msmae_data::Synthetic).register(msmae_data::ImageFolder);
+    r.register(msmae_data::Synthetic).register(msmae_data::ImageFolder).register(msmae_data::Ham10000);
     r
 }
 

@@ -8,26 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
-use crate::decode::{Aspect, decode_file};
-use crate::report::SplitTally;
-use crate::table::{ImageRow, ImageTableWriter, Split, SplitFractions, TableMeta};
-
-/// What to do with a file that cannot be ingested.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnError {
-    /// Stop with an error naming the file.
-    #[default]
-    Fail,
-    /// Leave it out, record it in `rejects.json`, and say how many.
-    Skip,
-}
+use crate::decode::Aspect;
+use crate::ingest::{Item, WriteOptions, write_image_table};
+pub use crate::ingest::OnError;
+use crate::table::{Split, SplitFractions};
 
 fn d_size() -> u32 {
     224
@@ -206,12 +194,6 @@ fn assign_splits(found: &mut [Found], c: &ImageFolderConfig, seed: u64) -> Resul
     Ok(())
 }
 
-#[derive(Debug, Serialize)]
-struct Reject {
-    path: String,
-    reason: String,
-}
-
 impl Stage for ImageFolder {
     type Config = ImageFolderConfig;
     const KIND: &'static str = "ingest/imagefolder";
@@ -262,95 +244,19 @@ impl Stage for ImageFolder {
         let root = ctx.resolve(&c.root);
         let (mut found, ignored) = scan(&root, c)?;
         assign_splits(&mut found, c, ctx.seed)?;
-        let names: Vec<String> = found.iter().map(|f| f.class.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        let meta = TableMeta {
-            schema_version: crate::table::SCHEMA_VERSION,
-            label_names: names.clone(),
-            multi_label: false,
-            height: c.size,
-            width: c.size,
-            channels: c.channels,
-            has_masks: false,
-            provenance: serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c }),
-        };
-        let table = ctx.output_path("images.parquet")?;
-        let mut writer = ImageTableWriter::create(&table, meta, c.row_group as usize)?;
-        let mut tally = SplitTally::new(&names);
-        let mut rejects: Vec<Reject> = Vec::new();
-        let mut previews: Vec<Vec<u8>> = Vec::new();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
-        let bar = ctx.progress.bar(Some(found.len() as u64), "imagefolder");
-        for chunk in found.chunks(c.row_group as usize) {
-            ctx.cancel.check()?;
-            let decoded: Vec<_> = pool.install(|| chunk.par_iter().map(|f| decode_file(&f.path, c.size, c.channels, c.aspect)).collect());
-            for (f, d) in chunk.iter().zip(decoded) {
-                let (img, bytes) = match d {
-                    Ok(x) => x,
-                    Err(e) if c.on_error == OnError::Skip => {
-                        rejects.push(Reject { path: f.rel.clone(), reason: e.to_string() });
-                        continue;
-                    }
-                    Err(e) => return Err(StageError::data(&f.path, None, format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
-                };
-                let label = names.iter().position(|n| n == &f.class).map(|i| i as i32);
-                let split = f.split.ok_or_else(|| StageError::other(format!("{}: no split assigned", f.rel)))?;
-                tally.add(&f.patient, split, label, None).map_err(StageError::other)?;
-                if (previews.len() as u32) < c.previews {
-                    previews.push(img.pixels.clone());
-                }
-                writer.push(ImageRow {
-                    id: f.rel.clone(),
-                    patient_id: f.patient.clone(),
-                    split,
-                    label,
-                    labels: None,
-                    width: img.source_width as i32,
-                    height: img.source_height as i32,
-                    channels: c.channels as i32,
-                    pixels: img.pixels,
-                    mask: None,
-                    source_path: f.rel.clone(),
-                    source_sha256: sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
-                })?;
-            }
-            bar.inc(chunk.len() as u64);
-        }
-        let rows = writer.finish()?;
-        if rows == 0 {
-            return Err(StageError::data(&root, None, format!("no image could be ingested ({} found, {} rejected)", found.len(), rejects.len())));
-        }
-        tally.rejected = rejects.len() as u64;
-        let report = tally.report();
-        let write = |rel: &str, v: &dyn erased::Json| -> Result<(), StageError> {
-            let p = ctx.output_path(rel)?;
-            std::fs::write(&p, v.to_json()).map_err(|e| StageError::io(&p, e))
-        };
-        write("split_report.json", &report)?;
-        write("rejects.json", &rejects)?;
-        if !rejects.is_empty() {
-            tracing::warn!("{}: {} files rejected (listed in rejects.json), first: {} — {}", ctx.name, rejects.len(), rejects[0].path, rejects[0].reason);
-        }
         if ignored > 0 {
             tracing::info!("{}: {ignored} files without an image extension ignored", ctx.name);
         }
-        tracing::info!("{}: split report\n{}", ctx.name, report.table(&names));
-        if !previews.is_empty() {
-            let pp = ctx.output_path("previews/sheet.png")?;
-            let imgs: Vec<(&[u8], Option<&[u8]>)> = previews.iter().map(|p| (p.as_slice(), None)).collect();
-            crate::preview::sheet(&imgs, c.size, c.size, c.channels).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
-        }
-        Ok(())
-    }
-}
-
-mod erased {
-    /// Serialise anything serde can, pretty-printed.
-    pub trait Json {
-        fn to_json(&self) -> Vec<u8>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Vec<u8> {
-            serde_json::to_vec_pretty(self).unwrap_or_default()
-        }
+        let names: Vec<String> = found.iter().map(|f| f.class.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let items = found
+            .into_iter()
+            .map(|f| {
+                let split = f.split.ok_or_else(|| StageError::other(format!("{}: no split assigned", f.rel)))?;
+                Ok(Item { id: f.rel.clone(), label: names.iter().position(|n| n == &f.class).map(|i| i as i32), path: f.path, source: f.rel, patient: f.patient, split })
+            })
+            .collect::<Result<Vec<_>, StageError>>()?;
+        let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
+        let opts = WriteOptions { size: c.size, channels: c.channels, aspect: c.aspect, on_error: c.on_error, row_group: c.row_group, previews: c.previews };
+        write_image_table(ctx, provenance, &names, &items, opts, Vec::new())
     }
 }

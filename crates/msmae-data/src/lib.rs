@@ -1,15 +1,18 @@
 //! Dataset ingestion for msmae: sources → one Parquet image table (see [`table`]) with
 //! patient-level splits, a split report and a preview sheet. Stages:
 //! [`synthetic::Synthetic`] (`ingest/synthetic`), [`imagefolder::ImageFolder`]
-//! (`ingest/imagefolder`).
+//! (`ingest/imagefolder`), [`ham10000::Ham10000`] (`ingest/ham10000`).
 
 pub mod decode;
+pub mod ham10000;
 pub mod imagefolder;
+pub mod ingest;
 pub mod preview;
 pub mod report;
 pub mod synthetic;
 pub mod table;
 
+pub use ham10000::Ham10000;
 pub use imagefolder::ImageFolder;
 pub use synthetic::Synthetic;
 pub use table::{ImageRow, ImageTableWriter, Split, TableMeta};

@@ -1,0 +1,233 @@
+//! `ingest/ham10000`: the HAM10000 dermoscopy release as published (DATASETS.md):
+//! `HAM10000_metadata.csv` (`lesion_id,image_id,dx,dx_type,age,sex,localization`, some
+//! releases add `dataset`) and the JPEGs in `HAM10000_images_part_1/` and `_part_2/`.
+//! Seven classes from `dx`; several images share a lesion, so splits are by `lesion_id`.
+//!
+//! Metadata is read with polars (all columns as text, then checked row by row so an error
+//! can name the row and column). Every listed image must exist and every image must be
+//! listed: a mismatch is an error naming the file or row, or with `on_error: skip` a
+//! rejects.json entry.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
+
+use crate::decode::Aspect;
+use crate::ingest::{Item, OnError, Reject, WriteOptions, write_image_table};
+use crate::table::SplitFractions;
+
+/// The seven diagnoses, in the conventional (alphabetical) order.
+pub const CLASSES: [&str; 7] = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"];
+
+fn d_metadata() -> PathBuf {
+    PathBuf::from("HAM10000_metadata.csv")
+}
+fn d_dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from("HAM10000_images_part_1"), PathBuf::from("HAM10000_images_part_2")]
+}
+fn d_size() -> u32 {
+    224
+}
+fn d_channels() -> u32 {
+    3
+}
+fn d_row_group() -> u32 {
+    256
+}
+fn d_previews() -> u32 {
+    16
+}
+
+/// `with:` of `ingest/ham10000`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ham10000Config {
+    /// Dataset root (relative to the pipeline file).
+    pub root: PathBuf,
+    /// Metadata CSV, relative to the root.
+    #[serde(default = "d_metadata")]
+    pub metadata: PathBuf,
+    /// Image folders, relative to the root.
+    #[serde(default = "d_dirs")]
+    pub image_dirs: Vec<PathBuf>,
+    #[serde(default = "d_size")]
+    pub size: u32,
+    #[serde(default = "d_channels")]
+    pub channels: u32,
+    /// The images are 600×450: `pad` keeps the whole lesion field, `crop` the centre.
+    #[serde(default)]
+    pub aspect: Aspect,
+    /// Fractions of lesions per split.
+    #[serde(default)]
+    pub split: SplitFractions,
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default = "d_row_group")]
+    pub row_group: u32,
+    #[serde(default = "d_previews")]
+    pub previews: u32,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ham10000;
+
+/// One metadata row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    line: usize,
+    lesion: String,
+    image: String,
+    dx: String,
+}
+
+fn read_metadata(path: &Path) -> Result<Vec<Row>, StageError> {
+    let df = CsvReadOptions::default()
+        .with_has_header(true)
+        .with_infer_schema_length(Some(0)) // every column as text: we check values ourselves
+        .try_into_reader_with_file_path(Some(path.to_path_buf()))
+        .and_then(|r| r.finish())
+        .map_err(|e| StageError::data(path, None, format!("cannot read the metadata CSV: {e}")))?;
+    let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
+    let column = |name: &str| -> Result<Vec<Option<String>>, StageError> {
+        let col = df.column(name).map_err(|_| {
+            StageError::data(path, Some(format!("header, column `{name}`")), format!("missing column `{name}`; the file has columns {names:?} (expected lesion_id,image_id,dx,dx_type,age,sex,localization)"))
+        })?;
+        let s = col.as_materialized_series().str().map_err(|e| StageError::data(path, Some(format!("column `{name}`")), e.to_string()))?;
+        Ok((0..s.len()).map(|i| s.get(i).map(str::to_string)).collect())
+    };
+    let (lesion, image, dx) = (column("lesion_id")?, column("image_id")?, column("dx")?);
+    let mut rows = Vec::with_capacity(lesion.len());
+    for (i, ((l, im), d)) in lesion.into_iter().zip(image).zip(dx).enumerate() {
+        let line = i + 2; // 1-based, after the header
+        let get = |v: Option<String>, col: &str| -> Result<String, StageError> {
+            v.filter(|s| !s.trim().is_empty()).map(|s| s.trim().to_string()).ok_or_else(|| StageError::data(path, Some(format!("row {line}, column `{col}`")), "empty value"))
+        };
+        rows.push(Row { line, lesion: get(l, "lesion_id")?, image: get(im, "image_id")?, dx: get(d, "dx")? });
+    }
+    Ok(rows)
+}
+
+impl Stage for Ham10000 {
+    type Config = Ham10000Config;
+    const KIND: &'static str = "ingest/ham10000";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "HAM10000 as published (metadata CSV + two image folders) → image table, splits by lesion";
+
+    fn code_fingerprint(&self) -> &'static str {
+        msmae_core::code_fingerprint!()
+    }
+
+    fn validate(&self, c: &Ham10000Config) -> Result<(), ConfigError> {
+        let err = |path: &str, message: String| Err(ConfigError { path: path.into(), message });
+        if !(8..=2048).contains(&c.size) {
+            return err("size", "must be between 8 and 2048 pixels".into());
+        }
+        if c.channels != 1 && c.channels != 3 {
+            return err("channels", "must be 1 (grey) or 3 (RGB)".into());
+        }
+        if let Err(m) = c.split.check() {
+            return err("split", m);
+        }
+        if c.image_dirs.is_empty() || c.row_group == 0 {
+            return err("image_dirs", "at least one image folder, and a positive row_group".into());
+        }
+        Ok(())
+    }
+
+    fn inputs(&self, _: &Ham10000Config) -> Vec<InputSlot> {
+        Vec::new()
+    }
+
+    fn output(&self, _: &Ham10000Config) -> OutputDecl {
+        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
+    }
+
+    fn external_inputs(&self, c: &Ham10000Config) -> Vec<PathBuf> {
+        let mut v = vec![c.root.join(&c.metadata)];
+        v.extend(c.image_dirs.iter().map(|d| c.root.join(d)));
+        v
+    }
+
+    fn resources(&self, _: &Ham10000Config) -> Resources {
+        Resources::Exclusive
+    }
+
+    fn run(&self, c: &Ham10000Config, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let root = ctx.resolve(&c.root);
+        let meta_path = root.join(&c.metadata);
+        let rows = read_metadata(&meta_path)?;
+        let skip = c.on_error == OnError::Skip;
+        let mut rejects: Vec<Reject> = Vec::new();
+        // Images on disk, by id.
+        let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for dir in &c.image_dirs {
+            let d = root.join(dir);
+            for e in std::fs::read_dir(&d).map_err(|e| StageError::io(&d, e))? {
+                let p = e.map_err(|e| StageError::io(&d, e))?.path();
+                if !p.extension().is_some_and(|x| x.eq_ignore_ascii_case("jpg")) {
+                    continue;
+                }
+                let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                if let Some(prev) = files.insert(id.clone(), p.clone()) {
+                    return Err(StageError::data(&p, None, format!("image id `{id}` also exists as {}", prev.display())));
+                }
+            }
+        }
+        // Check rows: known labels, unique ids, images present.
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut good: Vec<&Row> = Vec::new();
+        for r in &rows {
+            let problem = if !CLASSES.contains(&r.dx.as_str()) {
+                Some(format!("row {}, column `dx`: unknown label `{}` (expected one of {})", r.line, r.dx, CLASSES.join(", ")))
+            } else if let Some(first) = seen.get(&r.image) {
+                Some(format!("row {}, column `image_id`: `{}` is listed twice (first on row {first})", r.line, r.image))
+            } else if !files.contains_key(&r.image) {
+                Some(format!("row {}: image `{}` is listed but no {}.jpg exists in {:?}", r.line, r.image, r.image, c.image_dirs))
+            } else {
+                None
+            };
+            seen.entry(r.image.clone()).or_insert(r.line);
+            match problem {
+                Some(p) if skip => rejects.push(Reject { path: format!("{}:{}", c.metadata.display(), r.line), reason: p }),
+                Some(p) => return Err(StageError::data(&meta_path, None, format!("{p} (set `on_error: skip` to leave such rows out)"))),
+                None => good.push(r),
+            }
+        }
+        for (id, p) in &files {
+            if !seen.contains_key(id) {
+                let msg = format!("image `{id}` is not listed in {}", c.metadata.display());
+                if skip {
+                    rejects.push(Reject { path: p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned(), reason: msg });
+                } else {
+                    return Err(StageError::data(p, None, format!("{msg} (set `on_error: skip` to leave it out)")));
+                }
+            }
+        }
+        // Split by lesion.
+        let lesions: Vec<String> = good.iter().map(|r| r.lesion.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let splits = c.split.assign(lesions.len(), &mut seeded_rng(ctx.seed, &["ham10000/splits".into()]));
+        let split_of: BTreeMap<&str, crate::table::Split> = lesions.iter().map(String::as_str).zip(splits).collect();
+        let names: Vec<String> = CLASSES.iter().map(|s| s.to_string()).collect();
+        let items: Vec<Item> = good
+            .iter()
+            .map(|r| {
+                let path = files[&r.image].clone();
+                Item {
+                    id: r.image.clone(),
+                    source: path.strip_prefix(&root).unwrap_or(&path).to_string_lossy().into_owned(),
+                    path,
+                    patient: r.lesion.clone(),
+                    split: split_of[r.lesion.as_str()],
+                    label: CLASSES.iter().position(|k| *k == r.dx).map(|i| i as i32),
+                }
+            })
+            .collect();
+        let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
+        let opts = WriteOptions { size: c.size, channels: c.channels, aspect: c.aspect, on_error: c.on_error, row_group: c.row_group, previews: c.previews };
+        write_image_table(ctx, provenance, &names, &items, opts, rejects)
+    }
+}

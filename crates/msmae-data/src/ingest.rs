@@ -1,0 +1,139 @@
+//! The part every file-based source shares: decode and resize a list of images in
+//! parallel (row group by row group, so memory stays bounded), apply the bad-file policy,
+//! and write the image table, split report, rejects list and preview sheet.
+
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use msmae_core::{StageContext, StageError};
+
+use crate::decode::{Aspect, decode_file};
+use crate::report::SplitTally;
+use crate::table::{ImageRow, ImageTableWriter, Split, TableMeta};
+
+/// What to do with a file (or metadata row) that cannot be ingested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop with an error naming the file (and row/column).
+    #[default]
+    Fail,
+    /// Leave it out, record it in `rejects.json`, and say how many.
+    Skip,
+}
+
+/// One image to ingest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub id: String,
+    pub path: PathBuf,
+    /// Path relative to the dataset root (recorded as `source_path`).
+    pub source: String,
+    pub patient: String,
+    pub split: Split,
+    pub label: Option<i32>,
+}
+
+/// Something left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reject {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Image conversion and writing options shared by the sources.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WriteOptions {
+    pub size: u32,
+    pub channels: u32,
+    pub aspect: Aspect,
+    pub on_error: OnError,
+    pub row_group: u32,
+    pub previews: u32,
+}
+
+/// Decode `items` and write `images.parquet`, `split_report.json`, `rejects.json` and
+/// `previews/sheet.png` into the stage's output.
+pub fn write_image_table(
+    ctx: &mut StageContext<'_>,
+    provenance: serde_json::Value,
+    label_names: &[String],
+    items: &[Item],
+    o: WriteOptions,
+    mut rejects: Vec<Reject>,
+) -> Result<(), StageError> {
+    let meta = TableMeta {
+        schema_version: crate::table::SCHEMA_VERSION,
+        label_names: label_names.to_vec(),
+        multi_label: false,
+        height: o.size,
+        width: o.size,
+        channels: o.channels,
+        has_masks: false,
+        provenance,
+    };
+    let table = ctx.output_path("images.parquet")?;
+    let mut writer = ImageTableWriter::create(&table, meta, o.row_group as usize)?;
+    let mut tally = SplitTally::new(label_names);
+    let mut previews: Vec<Vec<u8>> = Vec::new();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
+    let bar = ctx.progress.bar(Some(items.len() as u64), &ctx.name);
+    for chunk in items.chunks(o.row_group.max(1) as usize) {
+        ctx.cancel.check()?;
+        let decoded: Vec<_> = pool.install(|| chunk.par_iter().map(|it| decode_file(&it.path, o.size, o.channels, o.aspect)).collect());
+        for (it, d) in chunk.iter().zip(decoded) {
+            let (img, bytes) = match d {
+                Ok(x) => x,
+                Err(e) if o.on_error == OnError::Skip => {
+                    rejects.push(Reject { path: it.source.clone(), reason: e.to_string() });
+                    continue;
+                }
+                Err(e) => return Err(StageError::data(&it.path, None, format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
+            };
+            tally.add(&it.patient, it.split, it.label, None).map_err(StageError::other)?;
+            if (previews.len() as u32) < o.previews {
+                previews.push(img.pixels.clone());
+            }
+            writer.push(ImageRow {
+                id: it.id.clone(),
+                patient_id: it.patient.clone(),
+                split: it.split,
+                label: it.label,
+                labels: None,
+                width: img.source_width as i32,
+                height: img.source_height as i32,
+                channels: o.channels as i32,
+                pixels: img.pixels,
+                mask: None,
+                source_path: it.source.clone(),
+                source_sha256: sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+            })?;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    let rows = writer.finish()?;
+    if rows == 0 {
+        return Err(StageError::other(format!("no image could be ingested ({} listed, {} rejected)", items.len(), rejects.len())));
+    }
+    tally.rejected = rejects.len() as u64;
+    let report = tally.report();
+    let write = |rel: &str, bytes: Vec<u8>| -> Result<(), StageError> {
+        let p = ctx.output_path(rel)?;
+        std::fs::write(&p, bytes).map_err(|e| StageError::io(&p, e))
+    };
+    write("split_report.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
+    write("rejects.json", serde_json::to_vec_pretty(&rejects).unwrap_or_default())?;
+    if let Some(first) = rejects.first() {
+        tracing::warn!("{}: {} rejected (listed in rejects.json), first: {} — {}", ctx.name, rejects.len(), first.path, first.reason);
+    }
+    tracing::info!("{}: split report\n{}", ctx.name, report.table(label_names));
+    if !previews.is_empty() {
+        let pp = ctx.output_path("previews/sheet.png")?;
+        let imgs: Vec<(&[u8], Option<&[u8]>)> = previews.iter().map(|p| (p.as_slice(), None)).collect();
+        crate::preview::sheet(&imgs, o.size, o.size, o.channels).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
+    }
+    Ok(())
+}
