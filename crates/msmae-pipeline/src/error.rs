@@ -76,6 +76,8 @@ pub enum Error {
     },
     #[error("stage `{stage}` output: {message}")]
     Output { stage: String, message: String },
+    #[error("stage `{stage}` was cancelled")]
+    Cancelled { stage: String },
     #[error("lock file {path}: {message}")]
     LockFile { path: PathBuf, message: String },
     #[error("artifact store {path} is held by {holder} (use --wait to wait for it)")]

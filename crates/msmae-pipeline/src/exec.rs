@@ -385,10 +385,7 @@ impl Job<'_> {
                 let unchanged = self.previous.as_ref().is_some_and(|(_, d)| d == &entry.artifact);
                 done(Outcome::Ran { seconds, unchanged }, entry)
             }
-            Err(Error::Output { message, .. }) if self.opts.cancel.is_cancelled() => {
-                let _ = message;
-                Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key) }
-            }
+            Err(Error::Cancelled { .. }) => Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key) },
             Err(e) => fail(e.to_string(), Some(key)),
         }
     }
@@ -426,7 +423,7 @@ impl Job<'_> {
         let seconds = t.elapsed().as_secs_f64();
         if let Err(e) = res {
             if matches!(e, msmae_core::StageError::Cancelled) || self.opts.cancel.is_cancelled() {
-                return Err(Error::Output { stage: node.name.clone(), message: "cancelled".into() });
+                return Err(Error::Cancelled { stage: node.name.clone() });
             }
             return Err(Error::Output { stage: node.name.clone(), message: e.to_string() });
         }

@@ -315,3 +315,33 @@ fn rounds_chain_through_previous_round() {
     let d = r.stage("final").expect("final").artifact.clone().expect("digest");
     assert_eq!(fs::read_to_string(f.store().object_dir(&d).join("out.txt")).expect("read"), "s+1+2+3");
 }
+
+#[test]
+fn cancelling_mid_stage_commits_nothing_and_leaves_no_staging() {
+    let f = Fixture::new("");
+    let (started, release) = (f.path("started"), f.path("release"));
+    f.write(&format!(
+        "stages:\n  a: {{ uses: test/source, with: {{ value: a }} }}\n  slow: {{ uses: test/slow, needs: [a], with: {{ value: v, started: {}, release: {} }} }}\n  after: {{ uses: test/concat, needs: [slow] }}\n",
+        started.display(),
+        release.display()
+    ));
+    let opts = RunOptions::default();
+    let cancel = opts.cancel.clone();
+    let watcher = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        while !started.exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        cancel.cancel();
+    });
+    let r = f.run_with(&[], opts);
+    watcher.join().expect("watcher");
+    assert_eq!(outcome(&r, "a").label(), "ran");
+    assert_eq!(outcome(&r, "slow"), &Outcome::Cancelled);
+    assert_eq!(outcome(&r, "after"), &Outcome::Cancelled);
+    assert!(!r.ok());
+    let store = f.store();
+    assert_eq!(store.objects().expect("objects").len(), 1, "only `a` is stored");
+    assert!(fs::read_dir(store.root().join("tmp")).expect("tmp").next().is_none(), "staging removed");
+    assert!(f.lock_text().contains("name: a") && !f.lock_text().contains("name: slow"));
+}
