@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Reject, WriteOptions, write_image_table};
+use crate::ingest::{Item, OnError, Reject, WriteOptions, check_options, output_decl, write_image_table};
 use crate::table::SplitFractions;
 
 /// The seven diagnoses, in the conventional (alphabetical) order.
@@ -122,18 +122,9 @@ impl Stage for Ham10000 {
     }
 
     fn validate(&self, c: &Ham10000Config) -> Result<(), ConfigError> {
-        let err = |path: &str, message: String| Err(ConfigError { path: path.into(), message });
-        if !(8..=2048).contains(&c.size) {
-            return err("size", "must be between 8 and 2048 pixels".into());
-        }
-        if c.channels != 1 && c.channels != 3 {
-            return err("channels", "must be 1 (grey) or 3 (RGB)".into());
-        }
-        if let Err(m) = c.split.check() {
-            return err("split", m);
-        }
-        if c.image_dirs.is_empty() || c.row_group == 0 {
-            return err("image_dirs", "at least one image folder, and a positive row_group".into());
+        check_options(c.size, c.channels, &c.split, c.row_group)?;
+        if c.image_dirs.is_empty() {
+            return Err(ConfigError { path: "image_dirs".into(), message: "name at least one image folder".into() });
         }
         Ok(())
     }
@@ -143,7 +134,7 @@ impl Stage for Ham10000 {
     }
 
     fn output(&self, _: &Ham10000Config) -> OutputDecl {
-        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
+        output_decl()
     }
 
     fn external_inputs(&self, c: &Ham10000Config) -> Vec<PathBuf> {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, WriteOptions, write_image_table};
+use crate::ingest::{Item, WriteOptions, check_options, output_decl, write_image_table};
 pub use crate::ingest::OnError;
 use crate::table::{Split, SplitFractions};
 
@@ -205,21 +205,13 @@ impl Stage for ImageFolder {
     }
 
     fn validate(&self, c: &ImageFolderConfig) -> Result<(), ConfigError> {
+        check_options(c.size, c.channels, &c.split, c.row_group)?;
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
-        if !(8..=2048).contains(&c.size) {
-            return err("size", "must be between 8 and 2048 pixels");
-        }
-        if c.channels != 1 && c.channels != 3 {
-            return err("channels", "must be 1 (grey) or 3 (RGB)");
-        }
-        if let Err(m) = c.split.check() {
-            return err("split", &m);
-        }
         if !(0.0..1.0).contains(&c.val_fraction) {
             return err("val_fraction", "must be in [0, 1)");
         }
-        if c.row_group == 0 || c.extensions.is_empty() {
-            return err("row_group", "row_group must be positive and extensions non-empty");
+        if c.extensions.is_empty() {
+            return err("extensions", "name at least one image extension");
         }
         Ok(())
     }
@@ -229,7 +221,7 @@ impl Stage for ImageFolder {
     }
 
     fn output(&self, _: &ImageFolderConfig) -> OutputDecl {
-        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
+        output_decl()
     }
 
     fn external_inputs(&self, c: &ImageFolderConfig) -> Vec<PathBuf> {

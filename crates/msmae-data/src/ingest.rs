@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use msmae_core::{StageContext, StageError};
+use msmae_core::{ConfigError, OutputDecl, StageContext, StageError};
 
 use crate::decode::{Aspect, decode_file};
 use crate::report::SplitTally;
@@ -53,6 +53,29 @@ pub struct WriteOptions {
     pub on_error: OnError,
     pub row_group: u32,
     pub previews: u32,
+}
+
+/// The artifact every file-based source produces.
+pub fn output_decl() -> OutputDecl {
+    OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
+}
+
+/// Checks of the options every file-based source shares.
+pub fn check_options(size: u32, channels: u32, split: &crate::table::SplitFractions, row_group: u32) -> Result<(), ConfigError> {
+    let err = |path: &str, message: String| Err(ConfigError { path: path.into(), message });
+    if !(8..=2048).contains(&size) {
+        return err("size", "must be between 8 and 2048 pixels".into());
+    }
+    if channels != 1 && channels != 3 {
+        return err("channels", "must be 1 (grey) or 3 (RGB)".into());
+    }
+    if let Err(m) = split.check() {
+        return err("split", m);
+    }
+    if row_group == 0 {
+        return err("row_group", "must be positive".into());
+    }
+    Ok(())
 }
 
 /// Decode `items` and write `images.parquet`, `split_report.json`, `rejects.json` and
