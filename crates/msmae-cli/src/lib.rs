@@ -21,7 +21,14 @@ use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
 /// The stage kinds this binary ships.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(msmae_data::Synthetic).register(msmae_data::ImageFolder).register(msmae_data::Ham10000);
+    r.register(msmae_data::Synthetic)
+        .register(msmae_data::ImageFolder)
+        .register(msmae_data::Ham10000)
+        .register(msmae_mask::MsmaeMask)
+        .register(msmae_mask::AttmaskMask)
+        .register(msmae_mask::RandomMask);
+    r.register(msmae_eval::EvalClassify).register(msmae_eval::EvalCompare);
+    msmae_train::register(&mut r);
     r
 }
 

@@ -62,6 +62,7 @@ pub struct StageContext<'a> {
     base_dir: PathBuf,
     output: OutputDecl,
     inputs: BTreeMap<String, Vec<InputArtifact>>,
+    resume_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for StageContext<'_> {
@@ -89,7 +90,22 @@ impl<'a> StageContext<'a> {
         output: OutputDecl,
         inputs: BTreeMap<String, Vec<InputArtifact>>,
     ) -> Self {
-        Self { name, seed, env, threads, cancel, progress, out_dir, base_dir, output, inputs }
+        Self { name, seed, env, threads, cancel, progress, out_dir, base_dir, output, inputs, resume_dir: None }
+    }
+
+    /// Give the stage a directory that survives a killed run (the runner keys it by the
+    /// stage's cache key and removes it once the output is committed).
+    pub fn with_resume_dir(mut self, dir: PathBuf) -> Self {
+        self.resume_dir = Some(dir);
+        self
+    }
+
+    /// Where a long stage keeps checkpoints to resume from after a crash or kill. Anything
+    /// here belongs to this exact cache key (same code, config, inputs, seed and backend),
+    /// so a stage may resume from it without further checks beyond its own integrity
+    /// checks. `None` when the caller provides no such directory (then: no resume).
+    pub fn resume_dir(&self) -> Option<&Path> {
+        self.resume_dir.as_deref()
     }
 
     /// The (temporary) output directory; the runner commits it only if `run` succeeds.

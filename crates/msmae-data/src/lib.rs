@@ -3,16 +3,20 @@
 //! [`synthetic::Synthetic`] (`ingest/synthetic`), [`imagefolder::ImageFolder`]
 //! (`ingest/imagefolder`), [`ham10000::Ham10000`] (`ingest/ham10000`).
 
+pub mod attention;
 pub mod decode;
 pub mod ham10000;
 pub mod imagefolder;
 pub mod ingest;
+pub mod predictions;
 pub mod preview;
 pub mod report;
 pub mod synthetic;
 pub mod table;
 
+pub use attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRow, read_attention, write_attention};
 pub use ham10000::Ham10000;
 pub use imagefolder::ImageFolder;
+pub use predictions::{PREDICTIONS_SCHEMA_VERSION, PredictionMeta, PredictionRow, read_predictions, write_predictions};
 pub use synthetic::Synthetic;
 pub use table::{ImageRow, ImageTableWriter, Split, TableMeta};

@@ -13,8 +13,16 @@
 //!
 //! [`augment`] moves a weight map through the same RandomResizedCrop and flip as the image.
 //! Randomness always comes from [`sample_rng`] keyed by (seed, epoch, sample id).
+//!
+//! [`stages`] holds the `mask/msmae`, `mask/attmask` and `mask/random` pipeline stages
+//! (attention maps → [`MaskPolicy`] + per-image sampling weights); [`export`] the audit
+//! table and figure of exported plans.
 
 pub mod augment;
+pub mod export;
+pub mod stages;
+
+pub use stages::{AttmaskMask, MsmaeMask, RandomMask};
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -137,6 +145,76 @@ pub fn attmask_select(weights: &[f32], mask_ratio: f64, hints: f64, rng: &mut Ch
     let mut visible: Vec<usize> = (0..len).filter(|i| !masked.contains(i)).collect();
     visible.sort_unstable();
     MaskPlan { masked, thrown: Vec::new(), visible }
+}
+
+/// How a training stage draws each step's masks: the strategy and its ratios. Written by
+/// the `mask/*` stages as `policy.json` beside the per-image weights, read by pre-training
+/// (and usable by fine-tuning), so the policy travels with the weights it applies to.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "strategy", rename_all = "lowercase", deny_unknown_fields)]
+pub enum MaskPolicy {
+    /// MAE: uniform random masking, nothing thrown; needs no weights.
+    Random { mask_ratio: f64 },
+    /// MSMAE/AMT masking and throwing by multinomial sampling over the weights.
+    Msmae { mask_ratio: f64, throw_ratio: f64 },
+    /// AttMask: deterministic top-k of the weights, optional random hints.
+    Attmask { mask_ratio: f64, hints: f64 },
+}
+
+impl MaskPolicy {
+    /// Whether [`Self::select`] needs a weight map.
+    pub fn needs_weights(&self) -> bool {
+        !matches!(self, MaskPolicy::Random { .. })
+    }
+
+    /// Patches kept visible out of `len`.
+    pub fn visible_count(&self, len: usize) -> usize {
+        match *self {
+            MaskPolicy::Random { mask_ratio } | MaskPolicy::Attmask { mask_ratio, .. } => len - counts(len, mask_ratio, 0.0).0,
+            MaskPolicy::Msmae { mask_ratio, throw_ratio } => {
+                let (m, t) = counts(len, mask_ratio, throw_ratio);
+                len - m - t
+            }
+        }
+    }
+
+    /// Check the ratios; returns a description of the first problem.
+    pub fn check(&self) -> Result<(), String> {
+        let unit = |name: &str, v: f64| if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(format!("{name} must be within [0, 1], got {v}")) };
+        match *self {
+            MaskPolicy::Random { mask_ratio } => unit("mask_ratio", mask_ratio),
+            MaskPolicy::Msmae { mask_ratio, throw_ratio } => {
+                unit("mask_ratio", mask_ratio)?;
+                unit("throw_ratio", throw_ratio)?;
+                if mask_ratio + throw_ratio >= 1.0 {
+                    return Err(format!("mask_ratio + throw_ratio must leave patches visible, got {mask_ratio} + {throw_ratio}"));
+                }
+                Ok(())
+            }
+            MaskPolicy::Attmask { mask_ratio, hints } => {
+                unit("mask_ratio", mask_ratio)?;
+                unit("hints", hints)
+            }
+        }
+    }
+
+    /// One sample's plan. `weights` (aligned with the augmented image) is required by the
+    /// attention strategies.
+    ///
+    /// # Panics
+    /// When an attention strategy gets no weights, or `weights.len() != len`.
+    pub fn select(&self, weights: Option<&[f32]>, len: usize, rng: &mut ChaCha8Rng) -> MaskPlan {
+        let w = || {
+            let w = weights.unwrap_or_else(|| panic!("mask strategy {self:?} needs a weight map"));
+            assert_eq!(w.len(), len, "weight map of {} patches for a grid of {len}", w.len());
+            w
+        };
+        match *self {
+            MaskPolicy::Random { mask_ratio } => random_select(len, mask_ratio, rng),
+            MaskPolicy::Msmae { mask_ratio, throw_ratio } => msmae_select(w(), mask_ratio, throw_ratio, rng),
+            MaskPolicy::Attmask { mask_ratio, hints } => attmask_select(w(), mask_ratio, hints, rng),
+        }
+    }
 }
 
 /// The RNG for one sample's draws in one epoch (METHOD.md §3.5): independent of batch

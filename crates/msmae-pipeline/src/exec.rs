@@ -415,7 +415,8 @@ impl Job<'_> {
             self.plan.spec.base_dir.clone(),
             node.output.clone(),
             inputs,
-        );
+        )
+        .with_resume_dir(self.store.resume_dir(key, self.opts.force)?);
         let started = now_rfc3339();
         let t = Instant::now();
         tracing::info!("running `{}` ({})", node.name, node.kind.kind());
@@ -428,6 +429,7 @@ impl Job<'_> {
             return Err(Error::Output { stage: node.name.clone(), message: e.to_string() });
         }
         let manifest = self.store.commit(staging, &node.name, &node.output)?;
+        self.store.drop_resume_dir(key);
         let entry = IndexEntry {
             key: key.to_string(),
             artifact: manifest.digest.clone(),

@@ -322,6 +322,29 @@ impl Store {
         write_atomic(&self.index_path(&entry.key), &bytes)
     }
 
+    /// The checkpoint directory of `key` (`resume/<key>/`), created if missing; emptied
+    /// first when the stage is forced (a forced run starts from scratch). It lives outside
+    /// `tmp/` so that cleaning a killed run's staging keeps the checkpoints to resume from.
+    pub fn resume_dir(&self, key: &str, fresh: bool) -> Result<PathBuf> {
+        let dir = self.root.join("resume").join(key);
+        if fresh && dir.exists() {
+            remove_tree(&dir).map_err(|e| Error::store("remove", &dir, e))?;
+        }
+        fs::create_dir_all(&dir).map_err(|e| Error::store("create", &dir, e))?;
+        Ok(dir)
+    }
+
+    /// Remove `key`'s checkpoints once its artifact is committed (best effort: a leftover
+    /// only costs disk, and `gc` removes it).
+    pub fn drop_resume_dir(&self, key: &str) {
+        let dir = self.root.join("resume").join(key);
+        if let Err(e) = remove_tree(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("could not remove checkpoints {}: {e}", dir.display());
+            }
+        }
+    }
+
     /// Remove staging directories left by killed runs (those whose key lock is free).
     pub fn clean_stale_tmp(&self) -> Result<Vec<PathBuf>> {
         let dir = self.root.join("tmp");

@@ -1,0 +1,14 @@
+//! Evaluation for msmae: classification metrics with scikit-learn's semantics
+//! ([`metrics`]), PNG charts with text ([`plot`], also used by the training stages for loss
+//! curves), and two stages: [`EvalClassify`] (`eval/classify`: one model's predictions →
+//! metrics, report, ROC and confusion charts) and [`EvalCompare`] (`eval/compare`: several
+//! results → one comparison table).
+
+pub mod classify;
+pub mod compare;
+pub mod metrics;
+pub mod plot;
+
+pub use classify::{ClassifyConfig, EvalClassify, Metrics};
+pub use compare::{CompareConfig, Comparison, EvalCompare};
+pub use plot::{PlotError, Series, heatmap_chart, line_chart};

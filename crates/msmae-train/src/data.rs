@@ -1,0 +1,505 @@
+//! Training batches streamed from the Parquet image table: a light in-memory index (ids,
+//! splits, labels) plus the pixels of a few row groups at a time, augmented on the fly
+//! (RandomResizedCrop + flip, METHOD.md §3.4/§5) and masked per sample (§3), prepared on a
+//! background thread with rayon while the model steps on the previous batch.
+//!
+//! Every random draw is keyed by (seed, purpose, epoch, row), so an epoch's batches are a
+//! pure function of the table, the seed and the epoch: independent of thread counts,
+//! prefetch depth, and of whether the run was resumed from a checkpoint.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use arrow::array::{Array, BinaryArray, Int32Array, ListArray, StringArray, UInt8Array};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use msmae_core::{SeedPath, StageError, seeded_rng};
+use msmae_data::table::{Split, TableMeta, read_meta};
+use msmae_mask::augment::{self, Augmentation};
+use msmae_mask::{MaskPlan, MaskPolicy, sample_rng};
+
+/// One image's entry in the index (no pixels).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexRow {
+    pub id: String,
+    pub split: Split,
+    pub label: Option<i32>,
+    pub labels: Option<Vec<u8>>,
+}
+
+/// An opened image table: metadata, the index of every row, and row-group boundaries.
+#[derive(Debug)]
+pub struct ImageTable {
+    pub path: PathBuf,
+    pub meta: TableMeta,
+    pub rows: Vec<IndexRow>,
+    /// First row of each row group, plus the total at the end.
+    group_starts: Vec<usize>,
+}
+
+fn fmt_err(path: &Path, message: impl Into<String>) -> StageError {
+    StageError::data(path, None, message)
+}
+
+fn open_builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, StageError> {
+    let f = File::open(path).map_err(|e| StageError::io(path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| fmt_err(path, e.to_string()))
+}
+
+fn projection(builder: &ParquetRecordBatchReaderBuilder<File>, path: &Path, names: &[&str]) -> Result<ProjectionMask, StageError> {
+    let fields = builder.schema().fields();
+    let mut idx = Vec::new();
+    for n in names {
+        let i = fields.iter().position(|f| f.name() == n).ok_or_else(|| fmt_err(path, format!("image table has no column `{n}`")))?;
+        idx.push(i);
+    }
+    Ok(ProjectionMask::roots(builder.parquet_schema(), idx))
+}
+
+impl ImageTable {
+    /// Read the metadata and the light columns of every row.
+    pub fn open(path: &Path) -> Result<Self, StageError> {
+        let meta = read_meta(path).map_err(|e| fmt_err(path, e.to_string()))?;
+        let builder = open_builder(path)?;
+        let mut group_starts = vec![0usize];
+        for g in builder.metadata().row_groups() {
+            let last = *group_starts.last().unwrap_or(&0);
+            group_starts.push(last + g.num_rows() as usize);
+        }
+        let mut cols = vec!["id", "split", "label"];
+        if meta.multi_label {
+            cols.push("labels");
+        }
+        let mask = projection(&builder, path, &cols)?;
+        let reader = builder.with_projection(mask).with_batch_size(8192).build().map_err(|e| fmt_err(path, e.to_string()))?;
+        let mut rows = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| fmt_err(path, e.to_string()))?;
+            let col = |n: &str| batch.column_by_name(n).ok_or_else(|| fmt_err(path, format!("missing column `{n}`")));
+            let ids = col("id")?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt_err(path, "column `id` is not utf8"))?;
+            let splits = col("split")?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt_err(path, "column `split` is not utf8"))?;
+            let labels = col("label")?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| fmt_err(path, "column `label` is not int32"))?;
+            let multi = if meta.multi_label { col("labels")?.as_any().downcast_ref::<ListArray>().cloned() } else { None };
+            for r in 0..batch.num_rows() {
+                let id = ids.value(r).to_string();
+                let split = Split::parse(splits.value(r)).ok_or_else(|| StageError::data(path, Some(format!("row `{id}`")), format!("unknown split `{}`", splits.value(r))))?;
+                let multi_hot = multi.as_ref().map(|l| {
+                    let v = l.value(r);
+                    v.as_any().downcast_ref::<UInt8Array>().map(|a| a.values().to_vec()).unwrap_or_default()
+                });
+                if let Some(m) = &multi_hot {
+                    if m.len() != meta.label_names.len() {
+                        return Err(StageError::data(path, Some(format!("row `{id}`, column `labels`")), format!("{} entries for {} labels", m.len(), meta.label_names.len())));
+                    }
+                }
+                rows.push(IndexRow { id, split, label: labels.is_valid(r).then(|| labels.value(r)), labels: multi_hot });
+            }
+        }
+        if rows.len() != *group_starts.last().unwrap_or(&0) {
+            return Err(fmt_err(path, "row count disagrees with the row-group metadata"));
+        }
+        Ok(Self { path: path.to_path_buf(), meta, rows, group_starts })
+    }
+
+    pub fn height(&self) -> usize {
+        self.meta.height as usize
+    }
+    pub fn width(&self) -> usize {
+        self.meta.width as usize
+    }
+    pub fn channels(&self) -> usize {
+        self.meta.channels as usize
+    }
+    pub fn num_classes(&self) -> usize {
+        self.meta.label_names.len()
+    }
+
+    /// Rows of `split`, in table order.
+    pub fn rows_of(&self, split: Split) -> Vec<usize> {
+        self.rows.iter().enumerate().filter(|(_, r)| r.split == split).map(|(i, _)| i).collect()
+    }
+
+    /// Rows of a split that carry a label (every row for multi-label tables).
+    pub fn labelled_rows_of(&self, split: Split) -> Vec<usize> {
+        self.rows.iter().enumerate().filter(|(_, r)| r.split == split && (r.label.is_some() || r.labels.is_some())).map(|(i, _)| i).collect()
+    }
+
+    fn group_of(&self, row: usize) -> usize {
+        self.group_starts.partition_point(|&s| s <= row) - 1
+    }
+
+    /// Pixels (and lesion masks, when asked and present) of every row of group `g`.
+    pub fn read_group(&self, g: usize, masks: bool) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StageError> {
+        let builder = open_builder(&self.path)?;
+        let cols: &[&str] = if masks { &["pixels", "mask"] } else { &["pixels"] };
+        let mask = projection(&builder, &self.path, cols)?;
+        let reader = builder.with_projection(mask).with_row_groups(vec![g]).with_batch_size(4096).build().map_err(|e| fmt_err(&self.path, e.to_string()))?;
+        let expect = self.height() * self.width() * self.channels();
+        let mut out = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| fmt_err(&self.path, e.to_string()))?;
+            let px = batch.column_by_name("pixels").and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned()).ok_or_else(|| fmt_err(&self.path, "column `pixels` is not binary"))?;
+            let mk = if masks { batch.column_by_name("mask").and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned()) } else { None };
+            for r in 0..batch.num_rows() {
+                let row = self.group_starts[g] + out.len();
+                let p = px.value(r);
+                if p.len() != expect {
+                    let id = self.rows.get(row).map(|x| x.id.as_str()).unwrap_or("?");
+                    return Err(StageError::data(&self.path, Some(format!("row `{id}`, column `pixels`")), format!("{} bytes, expected {expect}", p.len())));
+                }
+                let m = mk.as_ref().and_then(|m| m.is_valid(r).then(|| m.value(r).to_vec()));
+                out.push((p.to_vec(), m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per-channel mean and standard deviation of the pixels (in [0, 1]) of `rows`,
+    /// streamed one row group at a time.
+    pub fn channel_stats(&self, rows: &[usize]) -> Result<Normalizer, StageError> {
+        let c = self.channels();
+        let mut sum = vec![0f64; c];
+        let mut sq = vec![0f64; c];
+        let mut n = 0f64;
+        let mut by_group: HashMap<usize, Vec<usize>> = HashMap::new();
+        for &r in rows {
+            by_group.entry(self.group_of(r)).or_default().push(r);
+        }
+        let mut groups: Vec<_> = by_group.into_iter().collect();
+        groups.sort_by_key(|(g, _)| *g);
+        for (g, members) in groups {
+            let data = self.read_group(g, false)?;
+            for r in members {
+                let px = &data[r - self.group_starts[g]].0;
+                for (i, &v) in px.iter().enumerate() {
+                    let v = f64::from(v) / 255.0;
+                    sum[i % c] += v;
+                    sq[i % c] += v * v;
+                }
+                n += (px.len() / c) as f64;
+            }
+        }
+        if n == 0.0 {
+            return Ok(Normalizer { mean: vec![0.5; c], std: vec![0.25; c] });
+        }
+        let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
+        let std: Vec<f32> = sq.iter().zip(&sum).map(|(q, s)| ((q / n - (s / n).powi(2)).max(1e-8).sqrt().max(1e-3)) as f32).collect();
+        Ok(Normalizer { mean, std })
+    }
+}
+
+/// Per-channel pixel normalisation (`(x/255 − mean) / std`), fixed by the training split of
+/// the model's first training stage and stored with every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Normalizer {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// Resample the `aug` crop of an H×W×C u8 image to `out_h × out_w` (bilinear, pixel
+/// centres aligned, flip applied) and normalise into `out` as C×out_h×out_w.
+#[allow(clippy::too_many_arguments)]
+pub fn render(pixels: &[u8], h: usize, w: usize, c: usize, aug: &Augmentation, out_h: usize, out_w: usize, norm: &Normalizer, out: &mut [f32]) {
+    let (sy, sx) = (aug.crop.height / out_h as f64, aug.crop.width / out_w as f64);
+    let scale: Vec<f32> = norm.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
+    let shift: Vec<f32> = norm.mean.iter().zip(&norm.std).map(|(m, s)| m / s).collect();
+    for y in 0..out_h {
+        // Sample inside the crop (crop, then resize — as torchvision's resized_crop).
+        let fy = (aug.crop.top + (y as f64 + 0.5) * sy - 0.5).clamp(aug.crop.top, aug.crop.top + aug.crop.height - 1.0).clamp(0.0, (h - 1) as f64);
+        let y0 = fy.floor() as usize;
+        let y1 = (y0 + 1).min(h - 1);
+        let ty = (fy - y0 as f64) as f32;
+        for x in 0..out_w {
+            let xs = if aug.flip { out_w - 1 - x } else { x };
+            let fx = (aug.crop.left + (xs as f64 + 0.5) * sx - 0.5).clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0).clamp(0.0, (w - 1) as f64);
+            let x0 = fx.floor() as usize;
+            let x1 = (x0 + 1).min(w - 1);
+            let tx = (fx - x0 as f64) as f32;
+            for ch in 0..c {
+                let p = |yy: usize, xx: usize| f32::from(pixels[(yy * w + xx) * c + ch]);
+                let top = p(y0, x0) * (1.0 - tx) + p(y0, x1) * tx;
+                let bot = p(y1, x0) * (1.0 - tx) + p(y1, x1) * tx;
+                let v = top * (1.0 - ty) + bot * ty;
+                out[(ch * out_h + y) * out_w + x] = v * scale[ch] - shift[ch];
+            }
+        }
+    }
+}
+
+/// How each sample's mask plan is drawn.
+#[derive(Debug, Clone)]
+pub struct MaskSpec {
+    pub policy: MaskPolicy,
+    /// Weight maps (grid row-major, un-augmented image) by table row; required by the
+    /// attention strategies.
+    pub weights: Option<Arc<HashMap<usize, Vec<f32>>>>,
+    pub grid: [usize; 2],
+}
+
+/// What one epoch's stream does.
+#[derive(Debug, Clone)]
+pub struct LoaderSpec {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    /// RandomResizedCrop scale range and flips; `None`: the image as stored.
+    pub augment: Option<(f64, f64)>,
+    pub drop_last: bool,
+    pub masks: Option<MaskSpec>,
+    /// Also deliver lesion masks (figures, coverage).
+    pub lesion_masks: bool,
+    /// Row groups whose rows are shuffled together (memory bound: this many groups).
+    pub shuffle_groups: usize,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+}
+
+impl LoaderSpec {
+    /// In table order, no augmentation, no masks (evaluation, attention maps).
+    pub fn eval(batch_size: usize) -> Self {
+        Self { batch_size, shuffle: false, augment: None, drop_last: false, masks: None, lesion_masks: false, shuffle_groups: 1, prefetch: 2 }
+    }
+
+    /// Shuffled, augmented, full batches only (training).
+    pub fn train(batch_size: usize, scale: (f64, f64)) -> Self {
+        Self { batch_size, shuffle: true, augment: Some(scale), drop_last: true, masks: None, lesion_masks: false, shuffle_groups: 8, prefetch: 2 }
+    }
+}
+
+/// A prepared batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Table rows of the samples.
+    pub rows: Vec<usize>,
+    /// `[n, C, H, W]`, normalised.
+    pub images: Vec<f32>,
+    /// Class indices (single-label tables; −1 where unlabelled).
+    pub labels: Vec<i64>,
+    /// Multi-hot targets `[n, classes]` (multi-label tables).
+    pub targets: Vec<f32>,
+    /// One plan per sample when the spec asks for masks.
+    pub plans: Vec<MaskPlan>,
+    /// Lesion masks (H×W, 0/1) when asked; `None` where the row has none.
+    pub lesions: Vec<Option<Vec<u8>>>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// An epoch's batches, produced on a background thread.
+#[derive(Debug)]
+pub struct BatchStream {
+    rx: Option<Receiver<Result<Batch, StageError>>>,
+    handle: Option<JoinHandle<()>>,
+    pub num_batches: usize,
+}
+
+impl Iterator for BatchStream {
+    type Item = Result<Batch, StageError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for BatchStream {
+    fn drop(&mut self) {
+        // Closing the receiver makes the producer's next send fail, so it stops.
+        self.rx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The order in which an epoch visits `rows`: row groups in a seeded random order, rows
+/// shuffled within windows of `shuffle_groups` groups (so only that many groups are held
+/// in memory); table order when not shuffling.
+pub fn epoch_order(table: &ImageTable, rows: &[usize], spec: &LoaderSpec, seed: u64, epoch: u64) -> Vec<usize> {
+    if !spec.shuffle {
+        return rows.to_vec();
+    }
+    let mut rng = seeded_rng(seed, &[SeedPath::from("shuffle"), SeedPath::from(epoch)]);
+    let mut by_group: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for &r in rows {
+        by_group.entry(table.group_of(r)).or_default().push(r);
+    }
+    let mut groups: Vec<Vec<usize>> = by_group.into_values().collect();
+    groups.shuffle(&mut rng);
+    let mut order = Vec::with_capacity(rows.len());
+    for window in groups.chunks(spec.shuffle_groups.max(1)) {
+        let mut w: Vec<usize> = window.iter().flatten().copied().collect();
+        w.shuffle(&mut rng);
+        order.extend(w);
+    }
+    order
+}
+
+/// Start streaming one epoch of `rows`.
+pub fn stream(table: Arc<ImageTable>, rows: &[usize], spec: LoaderSpec, norm: Normalizer, seed: u64, epoch: u64) -> BatchStream {
+    let order = epoch_order(&table, rows, &spec, seed, epoch);
+    let bs = spec.batch_size.max(1);
+    let mut batches: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
+    if spec.drop_last && batches.last().is_some_and(|b| b.len() < bs) && batches.len() > 1 {
+        batches.pop();
+    }
+    let num_batches = batches.len();
+    let (tx, rx) = sync_channel(spec.prefetch.max(1));
+    let handle = std::thread::Builder::new()
+        .name("msmae-loader".into())
+        .spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx))
+        .ok();
+    BatchStream { rx: Some(rx), handle, num_batches }
+}
+
+type GroupData = Arc<Vec<(Vec<u8>, Option<Vec<u8>>)>>;
+
+fn produce(table: &ImageTable, batches: Vec<Vec<usize>>, spec: &LoaderSpec, norm: &Normalizer, seed: u64, epoch: u64, tx: SyncSender<Result<Batch, StageError>>) {
+    // Remaining uses of each group, so a group is dropped right after its last row.
+    let mut uses: HashMap<usize, usize> = HashMap::new();
+    for b in &batches {
+        for &r in b {
+            *uses.entry(table.group_of(r)).or_default() += 1;
+        }
+    }
+    let mut cache: HashMap<usize, GroupData> = HashMap::new();
+    for rows in batches {
+        let mut samples = Vec::with_capacity(rows.len());
+        for &r in &rows {
+            let g = table.group_of(r);
+            let data = match cache.get(&g) {
+                Some(d) => d.clone(),
+                None => match table.read_group(g, spec.lesion_masks) {
+                    Ok(d) => {
+                        let d = Arc::new(d);
+                        cache.insert(g, d.clone());
+                        d
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                },
+            };
+            samples.push((r, data.clone(), r - table.group_starts[g]));
+            if let Some(u) = uses.get_mut(&g) {
+                *u -= 1;
+                if *u == 0 {
+                    cache.remove(&g);
+                }
+            }
+        }
+        let batch = prepare(table, samples, spec, norm, seed, epoch);
+        if tx.send(batch).is_err() {
+            return; // consumer gone
+        }
+    }
+}
+
+fn prepare(table: &ImageTable, samples: Vec<(usize, GroupData, usize)>, spec: &LoaderSpec, norm: &Normalizer, seed: u64, epoch: u64) -> Result<Batch, StageError> {
+    let (h, w, c) = (table.height(), table.width(), table.channels());
+    let per = c * h * w;
+    let k = table.num_classes();
+    let prepared: Vec<(Vec<f32>, Option<MaskPlan>)> = samples
+        .par_iter()
+        .map(|(row, data, off)| {
+            let px = &data[*off].0;
+            let aug = match spec.augment {
+                Some(scale) => augment::sample(&mut sample_rng(seed, "augment", epoch, *row as u64), h, w, scale),
+                None => Augmentation::identity(h, w),
+            };
+            let mut img = vec![0f32; per];
+            render(px, h, w, c, &aug, h, w, norm, &mut img);
+            let plan = match &spec.masks {
+                Some(m) => {
+                    let [gh, gw] = m.grid;
+                    let mut rng = sample_rng(seed, "mask", epoch, *row as u64);
+                    if m.policy.needs_weights() {
+                        let map = m.weights.as_ref().and_then(|ws| ws.get(row)).ok_or_else(|| {
+                            StageError::data(&table.path, Some(format!("row `{}`", table.rows[*row].id)), "no attention weights for this image (the mask weights come from another table?)")
+                        })?;
+                        let moved = augment::transform_weights(map, gh, gw, h, w, &aug, gh, gw);
+                        Some(m.policy.select(Some(&moved), gh * gw, &mut rng))
+                    } else {
+                        Some(m.policy.select(None, gh * gw, &mut rng))
+                    }
+                }
+                None => None,
+            };
+            Ok((img, plan))
+        })
+        .collect::<Result<_, StageError>>()?;
+    let n = samples.len();
+    let mut images = Vec::with_capacity(n * per);
+    let mut plans = Vec::new();
+    for (img, plan) in prepared {
+        images.extend_from_slice(&img);
+        plans.extend(plan);
+    }
+    let rows: Vec<usize> = samples.iter().map(|s| s.0).collect();
+    let labels = rows.iter().map(|&r| table.rows[r].label.map_or(-1, i64::from)).collect();
+    let targets = if table.meta.multi_label {
+        rows.iter().flat_map(|&r| table.rows[r].labels.clone().unwrap_or_else(|| vec![0; k]).into_iter().map(f32::from)).collect()
+    } else {
+        Vec::new()
+    };
+    let lesions = if spec.lesion_masks {
+        // Lesion masks follow the stored image (figures and coverage use eval streams).
+        samples.iter().map(|(_, d, off)| d[*off].1.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Batch { rows, images, labels, targets, plans, lesions })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msmae_mask::augment::CropBox;
+
+    #[test]
+    fn identity_render_reproduces_pixels_and_flip_mirrors() {
+        let (h, w, c) = (4, 5, 2);
+        let px: Vec<u8> = (0..h * w * c).map(|i| (i * 7 % 256) as u8).collect();
+        let norm = Normalizer { mean: vec![0.0; c], std: vec![1.0; c] };
+        let mut out = vec![0f32; h * w * c];
+        render(&px, h, w, c, &Augmentation::identity(h, w), h, w, &norm, &mut out);
+        for y in 0..h {
+            for x in 0..w {
+                for ch in 0..c {
+                    let want = f32::from(px[(y * w + x) * c + ch]) / 255.0;
+                    assert!((out[(ch * h + y) * w + x] - want).abs() < 1e-6);
+                }
+            }
+        }
+        let flip = Augmentation { crop: CropBox::full(h, w), flip: true };
+        let mut f = vec![0f32; h * w * c];
+        render(&px, h, w, c, &flip, h, w, &norm, &mut f);
+        assert_eq!(f[1 * w + 0], out[1 * w + (w - 1)]);
+    }
+
+    #[test]
+    fn crop_render_takes_the_crop_region() {
+        // A 8×8 image whose left half is 0 and right half 255: a crop of the right half
+        // renders all-255.
+        let (h, w) = (8, 8);
+        let px: Vec<u8> = (0..h * w).map(|i| if i % w >= 4 { 255 } else { 0 }).collect();
+        let norm = Normalizer { mean: vec![0.0], std: vec![1.0] };
+        let aug = Augmentation { crop: CropBox { top: 0.0, left: 4.0, height: 8.0, width: 4.0 }, flip: false };
+        let mut out = vec![0f32; h * w];
+        render(&px, h, w, 1, &aug, h, w, &norm, &mut out);
+        assert!(out.iter().all(|v| (*v - 1.0).abs() < 1e-6), "{out:?}");
+    }
+}
