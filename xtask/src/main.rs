@@ -53,8 +53,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmarks that print a table: `runner` (no-op re-run, hashing throughput), `model`
-    /// (train steps of ViT/MAE on every backend beside PyTorch eager).
-    #[command(after_help = "Examples:\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick")]
+    /// (train steps of ViT/MAE on every backend beside PyTorch eager), `study` (the quickstart
+    /// study under several seeds: lesion coverage, accuracy of none/MAE/MSMAE, epoch times).
+    #[command(after_help = "Examples:\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench study -- --seeds 1,2,3")]
     Bench {
         /// Which benchmark.
         which: String,
@@ -188,7 +189,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let exe = match which.as_str() {
                 "runner" => "bench_runner",
                 "model" => "bench_model",
-                other => bail!("unknown benchmark `{other}`; available: runner, model"),
+                "study" => "bench_study",
+                other => bail!("unknown benchmark `{other}`; available: runner, model, study"),
             };
             let tc = Toolchain::new(cli.no_tch)?;
             let bin = build_all(&tc)?;

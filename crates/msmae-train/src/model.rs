@@ -8,6 +8,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::prelude::*;
+use burn::store::{ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
 use msmae_core::StageError;
@@ -89,7 +90,7 @@ pub enum CheckpointKind {
     Mae,
 }
 
-/// `model.json`: everything needed to rebuild and use `model.bpk`.
+/// `model.json`: everything needed to rebuild and use the weights file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
     pub format: u32,
@@ -103,7 +104,9 @@ pub struct CheckpointMeta {
     pub trained_by: String,
 }
 
-pub const MODEL_FILE: &str = "model.bpk";
+/// Weights as safetensors (burn parameter names). Not burnpack: burnpack stores the random
+/// per-process parameter ids, which would make two identical runs differ byte-wise.
+pub const MODEL_FILE: &str = "model.safetensors";
 pub const META_FILE: &str = "model.json";
 
 /// A loaded checkpoint.
@@ -138,22 +141,35 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, StageError> {
     Ok(meta)
 }
 
+fn load_weights<M: Module>(mut model: M, p: &Path) -> Result<M, StageError> {
+    let mut store = SafetensorsStore::from_file(p);
+    let r = model.load_from(&mut store).map_err(|e| json_err(p, format!("cannot load weights: {e}")))?;
+    if !r.missing.is_empty() || !r.errors.is_empty() {
+        let missing: Vec<&str> = r.missing.iter().map(|(k, _)| k.as_str()).collect();
+        return Err(json_err(p, format!("weights do not fit the model: missing {missing:?}, errors {:?}", r.errors)));
+    }
+    Ok(model)
+}
+
 /// Load a checkpoint directory onto `device`.
 pub fn load(dir: &Path, device: &Device) -> Result<(Loaded, CheckpointMeta), StageError> {
     let meta = read_meta(dir)?;
     let p = dir.join(MODEL_FILE);
     let loaded = match (meta.kind, &meta.mae) {
-        (CheckpointKind::Vit, _) => Loaded::Vit(meta.vit.init(device).try_load_file(&p).map_err(|e| json_err(&p, format!("cannot load weights: {e}")))?),
-        (CheckpointKind::Mae, Some(m)) => Loaded::Mae(m.init(device).try_load_file(&p).map_err(|e| json_err(&p, format!("cannot load weights: {e}")))?),
+        (CheckpointKind::Vit, _) => Loaded::Vit(load_weights(meta.vit.init(device), &p)?),
+        (CheckpointKind::Mae, Some(m)) => Loaded::Mae(load_weights(m.init(device), &p)?),
         (CheckpointKind::Mae, None) => return Err(json_err(&dir.join(META_FILE), "an MAE checkpoint without its `mae` config")),
     };
     Ok((loaded, meta))
 }
 
-/// Write `model.bpk` + `model.json` into `dir` (files named as declared by the stages).
+/// Write the weights and `model.json` into `dir` (files named as declared by the stages).
 pub fn save<M: Module>(dir: &Path, model: &M, meta: &CheckpointMeta) -> Result<(), StageError> {
     let p = dir.join(MODEL_FILE);
-    model.clone().save_file(&p).map_err(|e| StageError::other(format!("writing {}: {e}", p.display())))?;
+    // One metadata entry: the default three live in a HashMap, so their order (and the
+    // file bytes) would change from run to run.
+    let mut store = SafetensorsStore::from_file(&p).overwrite(true).clear_metadata().metadata("producer", "msmae (burn 0.22.1)");
+    model.save_into(&mut store).map_err(|e| StageError::other(format!("writing {}: {e}", p.display())))?;
     let j = dir.join(META_FILE);
     let bytes = serde_json::to_vec_pretty(meta).map_err(|e| json_err(&j, e))?;
     std::fs::write(&j, bytes).map_err(|e| StageError::io(&j, e))
@@ -173,13 +189,18 @@ impl ModuleVisitor for NoDecay {
     }
 }
 
+/// The parameters [`adamw`] exempts from weight decay.
+pub fn no_decay_ids<M: Module>(model: &M) -> Vec<ParamId> {
+    let mut v = NoDecay(Vec::new());
+    model.visit(&mut v);
+    v.0
+}
+
 /// AdamW (β 0.9/`beta2`, ε 1e-8, PyTorch's defaults otherwise) with `weight_decay` on
 /// weight matrices only.
 pub fn adamw<M: Module>(model: &M, beta2: f64, weight_decay: f64) -> ModuleOptimizer {
     let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(beta2 as f32).with_epsilon(1e-8).with_weight_decay(weight_decay as f32);
-    let mut v = NoDecay(Vec::new());
-    model.visit(&mut v);
-    base.init().with_group(ParamGroup::from_ids(v.0), base.clone().with_weight_decay(0.0).build(), None)
+    base.init().with_group(ParamGroup::from_ids(no_decay_ids(model)), base.clone().with_weight_decay(0.0).build(), None)
 }
 
 /// Linear warm-up then half-cosine to `min_lr`, evaluated per step with fractional epochs

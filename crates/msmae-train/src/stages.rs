@@ -49,7 +49,29 @@ fn write_history(ctx: &StageContext<'_>, history: &[EpochLog], extra: serde_json
             v
         })
         .collect();
-    write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs, "summary": extra }))
+    write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs, "summary": extra }))?;
+    loss_chart(ctx, history)
+}
+
+/// `loss.png`: training loss (and reconstruction / validation loss where logged) per epoch.
+fn loss_chart(ctx: &StageContext<'_>, history: &[EpochLog]) -> Result<(), StageError> {
+    use msmae_eval::plot::{Series, line_chart};
+    let x = |h: &EpochLog| (h.epoch + 1) as f64;
+    let mut series = vec![Series::new("train loss", history.iter().map(|h| (x(h), h.train_loss)).collect())];
+    let rec: Vec<(f64, f64)> = history.iter().filter_map(|h| h.reconstruction_loss.map(|v| (x(h), v))).collect();
+    if !rec.is_empty() && history.iter().any(|h| h.reconstruction_loss != Some(h.train_loss)) {
+        series.push(Series::new("reconstruction", rec));
+    }
+    let val: Vec<(f64, f64)> = history.iter().filter_map(|h| h.val_loss.map(|v| (x(h), v))).collect();
+    if !val.is_empty() {
+        series.push(Series::new("validation loss", val));
+    }
+    let acc: Vec<(f64, f64)> = history.iter().filter_map(|h| h.val_accuracy.map(|v| (x(h), v))).collect();
+    line_chart(&ctx.output_path("loss.png")?, &format!("{}: loss per epoch", ctx.name), "epoch", "loss", &series)?;
+    if !acc.is_empty() {
+        line_chart(&ctx.output_path("accuracy.png")?, &format!("{}: validation accuracy", ctx.name), "epoch", "accuracy", &[Series::new("validation accuracy", acc)])?;
+    }
+    Ok(())
 }
 
 fn check_image_compat(meta: &CheckpointMeta, table: &ImageTable, what: &Path) -> Result<(), StageError> {
@@ -230,7 +252,7 @@ fn msmae_policy(c: &ClassifierConfig) -> MaskPolicy {
 }
 
 fn classifier_output() -> OutputDecl {
-    OutputDecl::new("vit-checkpoint", &["model.bpk", "model.json", "history.json", "predictions.parquet", "*.png"])
+    OutputDecl::new("vit-checkpoint", &["model.safetensors", "model.json", "history.json", "predictions.parquet", "*.png"])
 }
 
 fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
@@ -451,7 +473,7 @@ impl Stage for AttentionExtract {
         let (h, w, ch) = (table.height(), table.width(), table.channels());
         let top = ((grid[0] * grid[1]) as f64 * c.top_fraction).round().max(1.0) as usize;
         let (mut cov_sum, mut hits, mut with_lesion) = (0f64, 0usize, 0usize);
-        let mut by_split: HashMap<&'static str, (f64, usize)> = HashMap::new();
+        let mut by_split: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
         for batch in crate::data::stream(table.clone(), &rows, spec, meta.normalizer.clone(), ctx.seed, 0) {
             ctx.cancel.check()?;
             let batch = batch?;
@@ -638,7 +660,7 @@ impl Stage for MaePretrain {
         ]
     }
     fn output(&self, _: &PretrainConfig) -> OutputDecl {
-        OutputDecl::new("mae-checkpoint", &["model.bpk", "model.json", "history.json", "reconstructions.png", "attention*.parquet", "*.png"])
+        OutputDecl::new("mae-checkpoint", &["model.safetensors", "model.json", "history.json", "reconstructions.png", "attention*.parquet", "*.png"])
     }
     fn resources(&self, _: &PretrainConfig) -> Resources {
         Resources::Exclusive

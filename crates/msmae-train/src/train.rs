@@ -111,6 +111,12 @@ pub fn read_maps(path: &Path, table: &ImageTable, grid: [usize; 2]) -> Result<Ha
     Ok(out)
 }
 
+/// A logged value, rounded to 1e-9 so that it survives a JSON round trip (a resumed run
+/// reloads the history of the epochs before the checkpoint) bit for bit.
+pub fn logged(x: f64) -> f64 {
+    if x.is_finite() { (x * 1e9).round() / 1e9 } else { x }
+}
+
 /// One epoch in `history.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochLog {
@@ -377,12 +383,13 @@ pub fn train_classifier(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageT
         // Higher is better: accuracy, else minus the loss.
         let score = val_acc.or(val_loss.map(|v| -v));
         if let Some(s) = score {
+            let s = logged(s);
             if best.is_none_or(|(b, _)| s > b) {
                 best = Some((s, epoch));
                 best_model = Some(model.clone());
             }
         }
-        history.push(EpochLog { epoch, lr, train_loss: loss_sum / seen.max(1) as f64, reconstruction_loss: None, val_loss, val_accuracy: val_acc, tokens, masking, refreshed_maps: refreshed, seconds });
+        history.push(EpochLog { epoch, lr: logged(lr), train_loss: logged(loss_sum / seen.max(1) as f64), reconstruction_loss: None, val_loss: val_loss.map(logged), val_accuracy: val_acc.map(logged), tokens, masking, refreshed_maps: refreshed, seconds });
         tracing::info!(
             "`{}` epoch {}/{}: loss {:.4}{}{} ({seconds:.1} s)",
             ctx.name,
@@ -526,9 +533,9 @@ pub fn pretrain(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, n
         let n = seen.max(1) as f64;
         history.push(EpochLog {
             epoch,
-            lr,
-            train_loss: loss_sum / n,
-            reconstruction_loss: Some(rec_sum / n),
+            lr: logged(lr),
+            train_loss: logged(loss_sum / n),
+            reconstruction_loss: Some(logged(rec_sum / n)),
             val_loss: None,
             val_accuracy: None,
             tokens: policy.visible_count(l) + 1,

@@ -1,0 +1,138 @@
+//! The batch stream: every row once per epoch, memory bounded by row groups, batches a pure
+//! function of (seed, epoch) whatever the prefetch depth, masks of the policy's sizes that
+//! follow the weights; and the optimiser groups (no decay on 1-D params, layer decay).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use burn::prelude::*;
+
+use msmae_data::table::{ImageRow, ImageTableWriter, SCHEMA_VERSION, Split, TableMeta};
+use msmae_mask::MaskPolicy;
+use msmae_train::data::{self, ImageTable, LoaderSpec, MaskSpec, Normalizer, epoch_order};
+use msmae_train::model::{LayerDecay, no_decay_ids};
+
+const SIZE: usize = 16;
+
+/// 50 images in row groups of 8; image i is filled with the value i.
+fn table(dir: &std::path::Path) -> Arc<ImageTable> {
+    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: SIZE as u32, width: SIZE as u32, channels: 1, has_masks: false, provenance: serde_json::Value::Null };
+    let p = dir.join("images.parquet");
+    let mut w = ImageTableWriter::create(&p, meta, 8).expect("create");
+    for i in 0..50u8 {
+        w.push(ImageRow {
+            id: format!("img{i:02}"),
+            patient_id: format!("p{i}"),
+            split: if i < 40 { Split::Train } else { Split::Test },
+            label: Some(i32::from(i % 2)),
+            labels: None,
+            width: SIZE as i32,
+            height: SIZE as i32,
+            channels: 1,
+            pixels: vec![i; SIZE * SIZE],
+            mask: None,
+            source_path: String::new(),
+            source_sha256: String::new(),
+        })
+        .expect("push");
+    }
+    w.finish().expect("finish");
+    Arc::new(ImageTable::open(&p).expect("open"))
+}
+
+fn unit() -> Normalizer {
+    Normalizer { mean: vec![0.0], std: vec![1.0] }
+}
+
+#[test]
+fn an_epoch_visits_every_row_once_and_is_a_function_of_seed_and_epoch() {
+    let d = tempfile::tempdir().expect("tmp");
+    let t = table(d.path());
+    let rows = t.rows_of(Split::Train);
+    assert_eq!(rows.len(), 40);
+    let mut spec = LoaderSpec::train(6, (0.2, 1.0));
+    spec.shuffle_groups = 2;
+    let o1 = epoch_order(&t, &rows, &spec, 7, 0);
+    let mut sorted = o1.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, rows, "a permutation of the split");
+    assert_ne!(o1, rows, "shuffled");
+    assert_eq!(o1, epoch_order(&t, &rows, &spec, 7, 0));
+    assert_ne!(o1, epoch_order(&t, &rows, &spec, 7, 1), "epochs differ");
+    // windows of 2 row groups (16 rows): each window's rows come from at most 2 groups
+    for w in o1.chunks(16) {
+        let groups: HashSet<usize> = w.iter().map(|r| r / 8).collect();
+        assert!(groups.len() <= 2, "{w:?}");
+    }
+
+    let collect = |prefetch: usize| {
+        let mut s = spec.clone();
+        s.prefetch = prefetch;
+        data::stream(t.clone(), &rows, s, unit(), 7, 3).map(|b| b.expect("batch")).collect::<Vec<_>>()
+    };
+    let a = collect(1);
+    let b = collect(4);
+    assert_eq!(a.len(), 40 / 6, "drop_last keeps full batches only");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.rows, y.rows);
+        assert_eq!(x.images, y.images, "augmentation does not depend on prefetch/threads");
+        assert_eq!(x.labels, x.rows.iter().map(|r| (*r % 2) as i64).collect::<Vec<_>>());
+        // every pixel of image r has the value r/255 (crops of a flat image stay flat)
+        for (i, r) in x.rows.iter().enumerate() {
+            let px = &x.images[i * SIZE * SIZE..(i + 1) * SIZE * SIZE];
+            assert!(px.iter().all(|v| (v - *r as f32 / 255.0).abs() < 1e-5));
+        }
+    }
+}
+
+#[test]
+fn masks_have_the_policy_sizes_and_follow_the_weights() {
+    let d = tempfile::tempdir().expect("tmp");
+    let t = table(d.path());
+    let rows = t.rows_of(Split::Train);
+    let grid = [4, 4];
+    // all weight on the left column: under MSMAE those patches are masked first
+    let w: Vec<f32> = (0..16).map(|i| if i % 4 == 0 { 1.0 } else { 1e-6 }).collect();
+    let weights: HashMap<usize, Vec<f32>> = rows.iter().map(|&r| (r, w.clone())).collect();
+    let mut spec = LoaderSpec::eval(8);
+    spec.masks = Some(MaskSpec { policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 }, weights: Some(Arc::new(weights)), grid });
+    let (mut left_masked, mut n) = (0usize, 0usize);
+    for b in data::stream(t.clone(), &rows, spec, unit(), 1, 0) {
+        let b = b.expect("batch");
+        assert_eq!(b.plans.len(), b.len());
+        for p in &b.plans {
+            assert_eq!((p.masked.len(), p.thrown.len(), p.visible.len()), (7, 5, 4));
+            left_masked += p.masked.iter().filter(|i| *i % 4 == 0).count();
+            n += 1;
+        }
+    }
+    // the 4 heavy patches are (almost surely) all among the 7 masked ones
+    assert!(left_masked as f64 / n as f64 > 3.9, "{left_masked} of {}", 4 * n);
+    // attention strategies refuse to run without weights for a row
+    let mut spec = LoaderSpec::eval(8);
+    spec.masks = Some(MaskSpec { policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 }, weights: Some(Arc::new(HashMap::new())), grid });
+    let e = data::stream(t, &rows, spec, unit(), 1, 0).next().expect("one").expect_err("no weights");
+    assert!(e.to_string().contains("img00"), "{e}");
+}
+
+#[test]
+fn optimiser_groups_exclude_norms_biases_and_tokens_and_decay_by_layer() {
+    let dev = Device::flex();
+    let cfg = msmae_vit::VitConfig::new([16, 16], 8, 1, 16, 3, 2).with_num_classes(2).with_global_pool(true);
+    let vit = cfg.init(&dev);
+    let ids = no_decay_ids(&vit);
+    // per block: norm1/norm2 (γ, β) + qkv/proj/fc1/fc2 biases = 8; plus patch-embed bias,
+    // cls token, final norm (2), fc_norm (2), head bias = 7
+    assert_eq!(ids.len(), 3 * 8 + 7);
+    assert!(ids.contains(&vit.cls_token.id));
+    assert!(!ids.contains(&vit.blocks[0].attn.qkv.weight.id));
+    let rates = LayerDecay::new(&vit, 0.5).rates(1.0);
+    let lr = |id| rates.lr_from_param(id, None);
+    assert_eq!(lr(vit.patch_embed.proj.weight.id), 0.5f64.powi(4));
+    assert_eq!(lr(vit.cls_token.id), 0.5f64.powi(4));
+    assert_eq!(lr(vit.blocks[0].mlp.fc1.weight.id), 0.5f64.powi(3));
+    assert_eq!(lr(vit.blocks[2].attn.proj.weight.id), 0.5);
+    let head = vit.head.as_ref().expect("head");
+    assert_eq!(lr(head.weight.id), 1.0);
+    assert_eq!(LayerDecay::new(&vit, 1.0).rates(0.1).lr_from_param(vit.patch_embed.proj.weight.id, None), 0.1);
+}
