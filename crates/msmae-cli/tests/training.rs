@@ -26,6 +26,13 @@ stages:
   eval-msmae: {{ uses: eval/classify, needs: [ft-msmae] }}
   eval-mae: {{ uses: eval/classify, needs: [ft-mae] }}
   report: {{ uses: eval/compare, needs: [eval-msmae, eval-mae] }}
+  rounds:
+    repeat: 2
+    init: {{ pretrain: pretrain }}
+    stages:
+      attn: {{ uses: attention/extract, needs: ["${{prev.pretrain}}", data], with: {{ overlays: 1 }} }}
+      masks: {{ uses: mask/msmae, needs: [attn] }}
+      pretrain: {{ uses: mae/pretrain, needs: {{ data: data, masks: masks, init: "${{prev.pretrain}}" }}, with: {{ epochs: 1, batch_size: 16, warmup_epochs: 0, warmup_mask_epochs: 0, figure_images: 1 }} }}
 "#
     )
 }
@@ -78,7 +85,7 @@ fn the_msmae_study_runs_end_to_end_with_real_outputs_and_is_bit_identical() {
     let backend = "auto";
     let o = msmae(a.path(), backend, &["run", "tinystudy.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("tinystudy: 11 ran, 0 cached, 0 failed"), "{}", text(&o));
+    assert!(text(&o).contains("tinystudy: 17 ran, 0 cached, 0 failed"), "{}", text(&o));
     let (store, lock) = (a.path().join(".msmae"), a.path().join("tinystudy.lock"));
 
     // attention maps: one per image, a lesion-coverage figure in [0, 1], overlays
@@ -114,6 +121,12 @@ fn the_msmae_study_runs_end_to_end_with_real_outputs_and_is_bit_identical() {
     assert!((0.0..=1.0).contains(&acc) && m["n"].as_u64().unwrap_or(0) > 0, "{m}");
     let cmp = fs::read_to_string(artifact_dir(&store, &lock, "report").join("comparison.md")).expect("comparison");
     assert!(cmp.contains("eval-msmae") && cmp.contains("eval-mae"), "{cmp}");
+
+    // map refresh as DAG rounds: round 2 continues from round 1 under masks from its maps
+    let r2 = json(&artifact_dir(&store, &lock, "rounds.2.pretrain").join("history.json"));
+    assert!(r2["epochs"][0]["masking"].as_str().unwrap_or("").starts_with("Msmae"), "{r2}");
+    let a2 = json(&artifact_dir(&store, &lock, "rounds.2.attn").join("summary.json"));
+    assert_eq!(a2["model"].as_str(), digests(&lock).iter().find(|(s, _)| s == "rounds.1.pretrain").map(|(_, d)| d.as_str()));
 
     // the same pipeline from scratch elsewhere: every artifact bit-identical
     let o = msmae(b.path(), backend, &["run", "tinystudy.yaml"]);

@@ -87,7 +87,11 @@ impl ImageTable {
             let ids = col("id")?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt_err(path, "column `id` is not utf8"))?;
             let splits = col("split")?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt_err(path, "column `split` is not utf8"))?;
             let labels = col("label")?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| fmt_err(path, "column `label` is not int32"))?;
-            let multi = if meta.multi_label { col("labels")?.as_any().downcast_ref::<ListArray>().cloned() } else { None };
+            let multi = if meta.multi_label {
+                Some(col("labels")?.as_any().downcast_ref::<ListArray>().cloned().ok_or_else(|| fmt_err(path, "column `labels` is not a list of uint8"))?)
+            } else {
+                None
+            };
             for r in 0..batch.num_rows() {
                 let id = ids.value(r).to_string();
                 let split = Split::parse(splits.value(r)).ok_or_else(|| StageError::data(path, Some(format!("row `{id}`")), format!("unknown split `{}`", splits.value(r))))?;
@@ -100,11 +104,28 @@ impl ImageTable {
                         return Err(StageError::data(path, Some(format!("row `{id}`, column `labels`")), format!("{} entries for {} labels", m.len(), meta.label_names.len())));
                     }
                 }
-                rows.push(IndexRow { id, split, label: labels.is_valid(r).then(|| labels.value(r)), labels: multi_hot });
+                let label = labels.is_valid(r).then(|| labels.value(r));
+                if let Some(l) = label.filter(|l| *l < 0 || *l as usize >= meta.label_names.len()) {
+                    return Err(StageError::data(path, Some(format!("row `{id}`, column `label`")), format!("label {l} is outside 0..{}", meta.label_names.len())));
+                }
+                if multi_hot.as_ref().is_some_and(|m| m.iter().any(|v| *v > 1)) {
+                    return Err(StageError::data(path, Some(format!("row `{id}`, column `labels`")), "multi-hot values must be 0 or 1"));
+                }
+                if id.is_empty() {
+                    return Err(StageError::data(path, Some(format!("row {}", rows.len())), "empty image id"));
+                }
+                rows.push(IndexRow { id, split, label, labels: multi_hot });
             }
         }
         if rows.len() != *group_starts.last().unwrap_or(&0) {
             return Err(fmt_err(path, "row count disagrees with the row-group metadata"));
+        }
+        // Ids key attention maps and predictions: they must be unique.
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        for r in &rows {
+            if !seen.insert(r.id.as_str()) {
+                return Err(StageError::data(path, Some(format!("row `{}`, column `id`", r.id)), "duplicate image id"));
+            }
         }
         Ok(Self { path: path.to_path_buf(), meta, rows, group_starts })
     }
@@ -156,6 +177,10 @@ impl ImageTable {
                     return Err(StageError::data(&self.path, Some(format!("row `{id}`, column `pixels`")), format!("{} bytes, expected {expect}", p.len())));
                 }
                 let m = mk.as_ref().and_then(|m| m.is_valid(r).then(|| m.value(r).to_vec()));
+                if let Some(m) = m.as_ref().filter(|m| m.len() != self.height() * self.width()) {
+                    let id = self.rows.get(row).map(|x| x.id.as_str()).unwrap_or("?");
+                    return Err(StageError::data(&self.path, Some(format!("row `{id}`, column `mask`")), format!("{} bytes, expected {}×{}", m.len(), self.height(), self.width())));
+                }
                 out.push((p.to_vec(), m));
             }
         }
@@ -255,7 +280,9 @@ pub struct LoaderSpec {
     pub masks: Option<MaskSpec>,
     /// Also deliver lesion masks (figures, coverage).
     pub lesion_masks: bool,
-    /// Row groups whose rows are shuffled together (memory bound: this many groups).
+    /// Row groups whose rows are shuffled together; 0: as many as fit in
+    /// [`SHUFFLE_BUDGET`] bytes of pixels (a full shuffle for all but large tables — ingested
+    /// tables are often sorted by class, so small windows would give one-class batches).
     pub shuffle_groups: usize,
     /// Batches prepared ahead of the consumer.
     pub prefetch: usize,
@@ -269,7 +296,7 @@ impl LoaderSpec {
 
     /// Shuffled, augmented, full batches only (training).
     pub fn train(batch_size: usize, scale: (f64, f64)) -> Self {
-        Self { batch_size, shuffle: true, augment: Some(scale), drop_last: true, masks: None, lesion_masks: false, shuffle_groups: 8, prefetch: 2 }
+        Self { batch_size, shuffle: true, augment: Some(scale), drop_last: true, masks: None, lesion_masks: false, shuffle_groups: 0, prefetch: 2 }
     }
 }
 
@@ -305,12 +332,34 @@ pub struct BatchStream {
     rx: Option<Receiver<Result<Batch, StageError>>>,
     handle: Option<JoinHandle<()>>,
     pub num_batches: usize,
+    received: usize,
+    failed: bool,
 }
 
 impl Iterator for BatchStream {
     type Item = Result<Batch, StageError>;
     fn next(&mut self) -> Option<Self::Item> {
-        self.rx.as_ref()?.recv().ok()
+        if self.failed {
+            return None;
+        }
+        match self.rx.as_ref()?.recv() {
+            Ok(b) => {
+                self.received += 1;
+                Some(b)
+            }
+            Err(_) if self.received < self.num_batches => {
+                // The producer ended early: it panicked (or could not start). Never let
+                // that pass for the end of the epoch.
+                self.failed = true;
+                let why = match self.handle.take().map(JoinHandle::join) {
+                    Some(Err(p)) => p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into()),
+                    Some(Ok(())) => "it stopped without an error".into(),
+                    None => "the loader thread could not be started".into(),
+                };
+                Some(Err(StageError::other(format!("the data loader failed after {} of {} batches: {why}", self.received, self.num_batches))))
+            }
+            Err(_) => None,
+        }
     }
 }
 
@@ -323,6 +372,9 @@ impl Drop for BatchStream {
         }
     }
 }
+
+/// Pixel bytes the shuffle window may hold (see [`LoaderSpec::shuffle_groups`]).
+pub const SHUFFLE_BUDGET: usize = 1 << 30;
 
 /// The order in which an epoch visits `rows`: row groups in a seeded random order, rows
 /// shuffled within windows of `shuffle_groups` groups (so only that many groups are held
@@ -338,8 +390,15 @@ pub fn epoch_order(table: &ImageTable, rows: &[usize], spec: &LoaderSpec, seed: 
     }
     let mut groups: Vec<Vec<usize>> = by_group.into_values().collect();
     groups.shuffle(&mut rng);
+    let window = if spec.shuffle_groups > 0 {
+        spec.shuffle_groups
+    } else {
+        let largest = table.group_starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(1).max(1);
+        let bytes = largest * table.height() * table.width() * table.channels();
+        (SHUFFLE_BUDGET / bytes.max(1)).max(2)
+    };
     let mut order = Vec::with_capacity(rows.len());
-    for window in groups.chunks(spec.shuffle_groups.max(1)) {
+    for window in groups.chunks(window) {
         let mut w: Vec<usize> = window.iter().flatten().copied().collect();
         w.shuffle(&mut rng);
         order.extend(w);
@@ -361,7 +420,7 @@ pub fn stream(table: Arc<ImageTable>, rows: &[usize], spec: LoaderSpec, norm: No
         .name("msmae-loader".into())
         .spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx))
         .ok();
-    BatchStream { rx: Some(rx), handle, num_batches }
+    BatchStream { rx: Some(rx), handle, num_batches, received: 0, failed: false }
 }
 
 type GroupData = Arc<Vec<(Vec<u8>, Option<Vec<u8>>)>>;

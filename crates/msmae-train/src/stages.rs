@@ -16,7 +16,7 @@ use msmae_vit::VisionTransformer;
 
 use crate::data::{ImageTable, LoaderSpec, Normalizer};
 use crate::figures;
-use crate::model::{self, CheckpointKind, CheckpointMeta, ModelSpec};
+use crate::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec};
 use crate::train::{self, ClassifierOpts, EpochLog, PretrainOpts, Runtime};
 
 const TABLE: &str = "images.parquet";
@@ -36,8 +36,7 @@ fn write_json(ctx: &StageContext<'_>, rel: &str, v: &impl Serialize) -> Result<(
 }
 
 /// `history.json` without wall times (timing is not content: two identical runs must
-/// produce identical artifacts) — the times go to `timing.json`'s sibling field in the
-/// log and the lock file's run time.
+/// produce identical artifacts); the times are in the log and the lock file's run time.
 fn write_history(ctx: &StageContext<'_>, history: &[EpochLog], extra: serde_json::Value) -> Result<(), StageError> {
     let epochs: Vec<serde_json::Value> = history
         .iter()
@@ -75,6 +74,10 @@ fn loss_chart(ctx: &StageContext<'_>, history: &[EpochLog]) -> Result<(), StageE
 }
 
 fn check_image_compat(meta: &CheckpointMeta, table: &ImageTable, what: &Path) -> Result<(), StageError> {
+    let n = &meta.normalizer;
+    if n.mean.len() != meta.vit.in_chans || n.std.len() != meta.vit.in_chans || n.std.iter().any(|s| !(*s > 0.0)) {
+        return Err(StageError::data(what, None, format!("normalizer for {} channels with positive std expected, found mean {:?} std {:?}", meta.vit.in_chans, n.mean, n.std)));
+    }
     let want = [table.height(), table.width()];
     if meta.vit.image_size != want || meta.vit.in_chans != table.channels() {
         return Err(StageError::data(
@@ -220,6 +223,9 @@ fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result<(),
     }
     if c.warmup_epochs < 0.0 || c.warmup_epochs > c.epochs as f64 {
         return err("warmup_epochs", "must be between 0 and epochs");
+    }
+    if c.min_lr < 0.0 || c.min_lr > c.blr * c.batch_size as f64 / 256.0 {
+        return err("min_lr", "must be between 0 and the peak lr (blr · batch_size / 256)");
     }
     if !(0.0..1.0).contains(&c.label_smoothing) {
         return err("label_smoothing", "must be in [0, 1)");
@@ -639,8 +645,11 @@ impl Stage for MaePretrain {
         if !(c.blr > 0.0 && c.blr.is_finite()) {
             return err("blr", "must be positive");
         }
-        if !(0.0..1.0).contains(&c.mask_ratio) {
-            return err("mask_ratio", "must be in [0, 1)");
+        if !(c.mask_ratio > 0.0 && c.mask_ratio < 1.0) {
+            return err("mask_ratio", "must be in (0, 1): something must be masked and something visible");
+        }
+        if c.min_lr < 0.0 || c.min_lr > c.blr * c.batch_size as f64 / 256.0 {
+            return err("min_lr", "must be between 0 and the peak lr (blr · batch_size / 256)");
         }
         if c.cls_weight < 0.0 {
             return err("cls_weight", "must be ≥ 0");
@@ -657,6 +666,7 @@ impl Stage for MaePretrain {
         vec![
             InputSlot::one("data", "image-table", "the images (labels used only by the cls_weight term)"),
             InputSlot::optional("masks", "mask-weights", "attention weights + policy from a mask/* stage (none: MAE random masking)"),
+            InputSlot::optional("init", "mae-checkpoint", "continue from this MAE (a previous round of a `repeat:` group; none: fresh weights)"),
         ]
     }
     fn output(&self, _: &PretrainConfig) -> OutputDecl {
@@ -671,25 +681,59 @@ impl Stage for MaePretrain {
         let size = [table.height(), table.width()];
         c.model.check(size, table.channels()).map_err(|m| StageError::other(format!("model: {m}")))?;
         let k = table.num_classes();
-        let mut arch = c.model.mae(size, table.channels()).with_norm_pix_loss(c.norm_pix_loss);
-        if c.cls_weight > 0.0 {
-            arch.encoder.num_classes = k;
-        }
+        let init = ctx.inputs("init").first().cloned();
+        let (model, norm, arch) = match &init {
+            Some(i) => {
+                let what = i.dir.join(model::META_FILE);
+                let (loaded, meta) = model::load(&i.dir, &rt.train)?;
+                check_image_compat(&meta, &table, &what)?;
+                let (Loaded::Mae(mut m), Some(mut a)) = (loaded, meta.mae.clone()) else {
+                    return Err(StageError::data(&what, None, "`init` must be an MAE checkpoint (from mae/pretrain)"));
+                };
+                if c.cls_weight > 0.0 && (meta.label_names != table.meta.label_names || meta.multi_label != table.meta.multi_label) {
+                    return Err(StageError::data(&what, None, format!("cls_weight {} needs the checkpoint's CLS head to mean the table's labels; it was trained on {:?}, the table has {:?}", c.cls_weight, meta.label_names, table.meta.label_names)));
+                }
+                if c.cls_weight > 0.0 && a.encoder.num_classes != k {
+                    return Err(StageError::data(&what, None, format!("cls_weight {} needs a CLS head over the table's {k} classes; this checkpoint has {} (pre-train its first round with cls_weight > 0)", c.cls_weight, a.encoder.num_classes)));
+                }
+                a.norm_pix_loss = c.norm_pix_loss;
+                m.norm_pix_loss = c.norm_pix_loss;
+                (m, meta.normalizer, a)
+            }
+            None => {
+                let mut arch = c.model.mae(size, table.channels()).with_norm_pix_loss(c.norm_pix_loss);
+                if c.cls_weight > 0.0 {
+                    arch.encoder.num_classes = k;
+                }
+                let norm = table.channel_stats(&table.rows_of(Split::Train))?;
+                train::seed_backend(&rt, ctx.seed, "init", 0);
+                (arch.init(&rt.train), norm, arch)
+            }
+        };
         let grid = arch.encoder.grid();
+        let mut random_ratio = c.mask_ratio;
         let masks = ctx.inputs("masks").first().cloned();
         let guided = match &masks {
             Some(m) => {
                 let pp = m.path("policy.json");
                 let text = std::fs::read(&pp).map_err(|e| StageError::io(&pp, e))?;
                 let policy: MaskPolicy = serde_json::from_slice(&text).map_err(|e| StageError::data(&pp, None, e.to_string()))?;
-                let maps = if policy.needs_weights() { train::read_maps(&m.path("weights.parquet"), &table, grid)? } else { HashMap::new() };
-                Some((policy, maps))
+                policy.check().map_err(|e| StageError::data(&pp, None, e))?;
+                if policy.needs_weights() {
+                    if c.warmup_mask_epochs >= c.epochs {
+                        return Err(StageError::other(format!("warmup_mask_epochs ({}) ≥ epochs ({}): the attention-guided masks from `{}` would never be used", c.warmup_mask_epochs, c.epochs, m.stage)));
+                    }
+                    Some((policy, train::read_maps(&m.path("weights.parquet"), &table, grid)?))
+                } else {
+                    // mask/random: MAE masking with the mask stage's ratio throughout, no maps.
+                    if let MaskPolicy::Random { mask_ratio: r } = policy {
+                        random_ratio = r;
+                    }
+                    None
+                }
             }
             None => None,
         };
-        let norm = table.channel_stats(&table.rows_of(Split::Train))?;
-        train::seed_backend(&rt, ctx.seed, "init", 0);
-        let model = arch.init(&rt.train);
         let _ = model.clone().into_record();
         let opts = PretrainOpts {
             epochs: c.epochs,
@@ -699,7 +743,7 @@ impl Stage for MaePretrain {
             warmup_epochs: c.warmup_epochs,
             weight_decay: c.weight_decay,
             augment: c.augment.then_some((c.crop_scale[0], c.crop_scale[1])),
-            mask_ratio: c.mask_ratio,
+            mask_ratio: random_ratio,
             guided,
             warmup_mask_epochs: c.warmup_mask_epochs,
             refresh_every: c.refresh_every,
@@ -714,7 +758,11 @@ impl Stage for MaePretrain {
                 train::write_maps(&ctx.output_path("attention.parquet")?, &table, m, grid, serde_json::json!({ "stage": Self::KIND, "name": ctx.name, "what": "maps in use at the end of pre-training" }))?;
             }
         }
-        let final_policy = opts.guided.as_ref().map(|(p, _)| p.clone()).unwrap_or(MaskPolicy::Random { mask_ratio: c.mask_ratio });
+        // The figure shows the masking of the last epoch that ran.
+        let final_policy = match (&opts.guided, res.history.last().map(|h| h.masking.starts_with("Random"))) {
+            (Some((p, _)), Some(false)) => p.clone(),
+            _ => MaskPolicy::Random { mask_ratio: random_ratio },
+        };
         reconstructions(ctx, &rt, &table, &res.model, &norm, &final_policy, res.maps.as_ref(), grid, c)?;
         let train_seconds: f64 = res.history.iter().map(|h| h.seconds).sum();
         tracing::info!("`{}`: {} epochs, {:.1} s of training steps", ctx.name, res.history.len(), train_seconds);

@@ -111,10 +111,10 @@ pub fn read_maps(path: &Path, table: &ImageTable, grid: [usize; 2]) -> Result<Ha
     Ok(out)
 }
 
-/// A logged value, rounded to 1e-9 so that it survives a JSON round trip (a resumed run
-/// reloads the history of the epochs before the checkpoint) bit for bit.
+/// A logged value, rounded to 13 significant digits so that it survives a JSON round trip
+/// (a resumed run reloads the history of the epochs before the checkpoint) bit for bit.
 pub fn logged(x: f64) -> f64 {
-    if x.is_finite() { (x * 1e9).round() / 1e9 } else { x }
+    if x.is_finite() { format!("{x:.12e}").parse().unwrap_or(x) } else { x }
 }
 
 /// One epoch in `history.json`.
@@ -188,10 +188,15 @@ impl Resume {
         if let Some((m, table, grid)) = maps {
             write_maps(&dir.join(format!("maps-e{e}.parquet")), table, m, grid, serde_json::Value::Null)?;
         }
+        // Durable before the state points at them (power loss, not just a kill).
+        for p in [Some(mp.clone()), Some(op.clone()), best.map(|_| self.file("best", e).unwrap_or_default()), maps.map(|_| dir.join(format!("maps-e{e}.parquet")))].into_iter().flatten() {
+            std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(|x| StageError::io(&p, x))?;
+        }
         let tmp = dir.join("state.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(st).map_err(|x| err(&tmp, x.to_string()))?).map_err(|x| StageError::io(&tmp, x))?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|x| StageError::io(&tmp, x))?;
         std::fs::rename(&tmp, dir.join("state.json")).map_err(|x| StageError::io(dir, x))?;
+        std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|x| StageError::io(dir, x))?;
         // Older checkpoints are no longer referenced.
         if let Ok(rd) = std::fs::read_dir(dir) {
             for f in rd.flatten() {
@@ -265,12 +270,18 @@ pub fn predict(vit: &VisionTransformer, table: &Arc<ImageTable>, rows: &[usize],
         let x = images(&mut batch, table, &rt.device);
         let logits = model.forward(x);
         let [b, k] = logits.dims();
-        let loss = cls_loss(logits.clone(), &batch, table, 0.0, &rt.device);
-        loss_sum += f64::from(loss.into_scalar::<f32>()) * b as f64;
-        n += b;
+        // Unlabelled images (a test set without labels) get scores but no loss.
+        if table.meta.multi_label || batch.labels.iter().all(|l| *l >= 0) {
+            let loss = cls_loss(logits.clone(), &batch, table, 0.0, &rt.device);
+            loss_sum += f64::from(loss.into_scalar::<f32>()) * b as f64;
+            n += b;
+        }
         let p = if table.meta.multi_label { sigmoid(logits) } else { softmax(logits, 1) };
         let flat = to_vec(p)?;
         scores.extend(flat.chunks(k).map(<[f32]>::to_vec));
+    }
+    if scores.len() != rows.len() {
+        return Err(StageError::other(format!("predicted {} of {} images", scores.len(), rows.len())));
     }
     Ok((scores, if n > 0 { loss_sum / n as f64 } else { f64::NAN }))
 }
@@ -307,11 +318,11 @@ pub fn train_classifier(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageT
     let mut start = 0;
     if let Some(st) = resume.load_state() {
         let load = |name: &str| resume.file(name, st.epochs_done).unwrap_or_default();
-        let m = model.clone().try_load_file(load("model")).map_err(|e| StageError::other(format!("resuming: {e}")))?;
-        model = m;
-        optim = adamw(&model, 0.999, opts.weight_decay).load(load("optim")).map_err(|e| StageError::other(format!("resuming optimiser: {e}")))?;
+        let bad = |p: PathBuf, e: String| StageError::data(&p, None, format!("cannot resume from the checkpoint after epoch {} ({e}); `--force` starts over", st.epochs_done));
+        model = model.clone().try_load_file(load("model")).map_err(|e| bad(load("model"), e.to_string()))?;
+        optim = adamw(&model, 0.999, opts.weight_decay).load(load("optim")).map_err(|e| bad(load("optim"), e.to_string()))?;
         if st.best.is_some() {
-            best_model = Some(model.clone().try_load_file(load("best")).map_err(|e| StageError::other(format!("resuming: {e}")))?);
+            best_model = Some(model.clone().try_load_file(load("best")).map_err(|e| bad(load("best"), e.to_string()))?);
         }
         if st.has_maps {
             if let Some(d) = &resume.dir {
@@ -467,8 +478,9 @@ pub fn pretrain(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, n
     let mut start = 0;
     if let Some(st) = resume.load_state() {
         let load = |name: &str| resume.file(name, st.epochs_done).unwrap_or_default();
-        model = model.clone().try_load_file(load("model")).map_err(|e| StageError::other(format!("resuming: {e}")))?;
-        optim = adamw(&model, 0.95, opts.weight_decay).load(load("optim")).map_err(|e| StageError::other(format!("resuming optimiser: {e}")))?;
+        let bad = |p: PathBuf, e: String| StageError::data(&p, None, format!("cannot resume from the checkpoint after epoch {} ({e}); `--force` starts over", st.epochs_done));
+        model = model.clone().try_load_file(load("model")).map_err(|e| bad(load("model"), e.to_string()))?;
+        optim = adamw(&model, 0.95, opts.weight_decay).load(load("optim")).map_err(|e| bad(load("optim"), e.to_string()))?;
         if st.has_maps {
             if let Some(d) = &resume.dir {
                 maps = Some(Arc::new(read_maps(&d.join(format!("maps-e{}.parquet", st.epochs_done)), table, grid)?));

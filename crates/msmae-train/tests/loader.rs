@@ -136,3 +136,41 @@ fn optimiser_groups_exclude_norms_biases_and_tokens_and_decay_by_layer() {
     assert_eq!(lr(head.weight.id), 1.0);
     assert_eq!(LayerDecay::new(&vit, 1.0).rates(0.1).lr_from_param(vit.patch_embed.proj.weight.id, None), 0.1);
 }
+
+#[test]
+fn a_crashing_loader_is_an_error_not_a_short_epoch() {
+    let d = tempfile::tempdir().expect("tmp");
+    let t = table(d.path());
+    let rows = t.rows_of(Split::Train);
+    // weight maps of the wrong length make the selection panic inside the loader thread
+    let weights: HashMap<usize, Vec<f32>> = rows.iter().map(|&r| (r, vec![1.0; 3])).collect();
+    let mut spec = LoaderSpec::eval(8);
+    spec.masks = Some(MaskSpec { policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 }, weights: Some(Arc::new(weights)), grid: [4, 4] });
+    let got: Vec<_> = data::stream(t, &rows, spec, unit(), 1, 0).collect();
+    assert_eq!(got.len(), 1, "one error, then the stream ends");
+    let e = got.into_iter().next().expect("item").expect_err("an error");
+    assert!(e.to_string().contains("data loader failed after 0 of 5 batches"), "{e}");
+}
+
+#[test]
+fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() {
+    let d = tempfile::tempdir().expect("tmp");
+    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, provenance: serde_json::Value::Null };
+    let write = |name: &str, dup: bool| {
+        let p = d.path().join(name);
+        let mut w = ImageTableWriter::create(&p, meta.clone(), 8).expect("create");
+        for i in 0..64u8 {
+            let id = if dup && i == 63 { "img00".to_string() } else { format!("img{i:02}") };
+            w.push(ImageRow { id, patient_id: format!("p{i}"), split: Split::Train, label: Some(i32::from(i >= 32)), labels: None, width: 4, height: 4, channels: 1, pixels: vec![i; 16], mask: None, source_path: String::new(), source_sha256: String::new() }).expect("push");
+        }
+        w.finish().expect("finish");
+        p
+    };
+    // rows sorted by class, as an ImageFolder ingestion writes them
+    let t = Arc::new(ImageTable::open(&write("sorted.parquet", false)).expect("open"));
+    let rows = t.rows_of(Split::Train);
+    let mixed = data::stream(t.clone(), &rows, LoaderSpec::train(16, (0.5, 1.0)), unit(), 4, 0).map(|b| b.expect("batch")).filter(|b| b.labels.iter().any(|l| *l == 0) && b.labels.iter().any(|l| *l == 1)).count();
+    assert_eq!(mixed, 4, "every batch holds both classes");
+    let e = ImageTable::open(&write("dup.parquet", true)).expect_err("duplicate id");
+    assert!(e.to_string().contains("img00") && e.to_string().contains("duplicate"), "{e}");
+}
