@@ -29,6 +29,7 @@ pub fn registry() -> Registry {
         .register(msmae_mask::RandomMask);
     r.register(msmae_eval::EvalClassify).register(msmae_eval::EvalCompare);
     msmae_train::register(&mut r);
+    msmae_segment::register(&mut r);
     r
 }
 

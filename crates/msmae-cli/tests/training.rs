@@ -26,6 +26,7 @@ stages:
   eval-msmae: {{ uses: eval/classify, needs: [ft-msmae] }}
   eval-mae: {{ uses: eval/classify, needs: [ft-mae] }}
   report: {{ uses: eval/compare, needs: [eval-msmae, eval-mae] }}
+  seg: {{ uses: segment/setr-pup, needs: [pretrain, data], with: {{ epochs: 1, batch_size: 16, head_channels: 8, figure_images: 2 }} }}
   rounds:
     repeat: 2
     init: {{ pretrain: pretrain }}
@@ -85,7 +86,7 @@ fn the_msmae_study_runs_end_to_end_with_real_outputs_and_is_bit_identical() {
     let backend = "auto";
     let o = msmae(a.path(), backend, &["run", "tinystudy.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("tinystudy: 17 ran, 0 cached, 0 failed"), "{}", text(&o));
+    assert!(text(&o).contains("tinystudy: 18 ran, 0 cached, 0 failed"), "{}", text(&o));
     let (store, lock) = (a.path().join(".msmae"), a.path().join("tinystudy.lock"));
 
     // attention maps: one per image, a lesion-coverage figure in [0, 1], overlays
@@ -121,6 +122,12 @@ fn the_msmae_study_runs_end_to_end_with_real_outputs_and_is_bit_identical() {
     assert!((0.0..=1.0).contains(&acc) && m["n"].as_u64().unwrap_or(0) > 0, "{m}");
     let cmp = fs::read_to_string(artifact_dir(&store, &lock, "report").join("comparison.md")).expect("comparison");
     assert!(cmp.contains("eval-msmae") && cmp.contains("eval-mae"), "{cmp}");
+
+    // segmentation transfer: Dice/IoU in [0, 1] over the test images with lesions
+    let seg = json(&artifact_dir(&store, &lock, "seg").join("metrics.json"));
+    let dice = seg["dice"].as_f64().expect("dice");
+    assert!((0.0..=1.0).contains(&dice) && seg["images_with_lesion"].as_u64().unwrap_or(0) > 0, "{seg}");
+    assert_eq!(seg["blocks"], serde_json::json!([1, 2]), "two evenly spread blocks of a 2-block encoder (deduplicated)");
 
     // map refresh as DAG rounds: round 2 continues from round 1 under masks from its maps
     let r2 = json(&artifact_dir(&store, &lock, "rounds.2.pretrain").join("history.json"));

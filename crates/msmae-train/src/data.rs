@@ -259,6 +259,22 @@ pub fn render(pixels: &[u8], h: usize, w: usize, c: usize, aug: &Augmentation, o
     }
 }
 
+/// The `aug` crop of an H×W 0/1 lesion mask at `out_h × out_w`, nearest neighbour (so the
+/// mask stays binary and aligned with [`render`]'s image).
+pub fn render_mask(mask: &[u8], h: usize, w: usize, aug: &Augmentation, out_h: usize, out_w: usize) -> Vec<u8> {
+    let (sy, sx) = (aug.crop.height / out_h as f64, aug.crop.width / out_w as f64);
+    let mut out = vec![0u8; out_h * out_w];
+    for y in 0..out_h {
+        let fy = (aug.crop.top + (y as f64 + 0.5) * sy).floor().clamp(aug.crop.top, aug.crop.top + aug.crop.height - 1.0).clamp(0.0, (h - 1) as f64) as usize;
+        for x in 0..out_w {
+            let xs = if aug.flip { out_w - 1 - x } else { x };
+            let fx = (aug.crop.left + (xs as f64 + 0.5) * sx).floor().clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0).clamp(0.0, (w - 1) as f64) as usize;
+            out[y * out_w + x] = mask[fy * w + fx];
+        }
+    }
+    out
+}
+
 /// How each sample's mask plan is drawn.
 #[derive(Debug, Clone)]
 pub struct MaskSpec {
@@ -471,7 +487,7 @@ fn prepare(table: &ImageTable, samples: Vec<(usize, GroupData, usize)>, spec: &L
     let (h, w, c) = (table.height(), table.width(), table.channels());
     let per = c * h * w;
     let k = table.num_classes();
-    let prepared: Vec<(Vec<f32>, Option<MaskPlan>)> = samples
+    let prepared: Vec<(Vec<f32>, Option<MaskPlan>, Option<Vec<u8>>)> = samples
         .par_iter()
         .map(|(row, data, off)| {
             let px = &data[*off].0;
@@ -497,26 +513,26 @@ fn prepare(table: &ImageTable, samples: Vec<(usize, GroupData, usize)>, spec: &L
                 }
                 None => None,
             };
-            Ok((img, plan))
+            // Lesion masks go through the same crop and flip as the image.
+            let lesion = if spec.lesion_masks { data[*off].1.as_ref().map(|m| render_mask(m, h, w, &aug, h, w)) } else { None };
+            Ok((img, plan, lesion))
         })
         .collect::<Result<_, StageError>>()?;
     let n = samples.len();
     let mut images = Vec::with_capacity(n * per);
     let mut plans = Vec::new();
-    for (img, plan) in prepared {
+    let mut lesions = Vec::new();
+    for (img, plan, lesion) in prepared {
         images.extend_from_slice(&img);
         plans.extend(plan);
+        if spec.lesion_masks {
+            lesions.push(lesion);
+        }
     }
     let rows: Vec<usize> = samples.iter().map(|s| s.0).collect();
     let labels = rows.iter().map(|&r| table.rows[r].label.map_or(-1, i64::from)).collect();
     let targets = if table.meta.multi_label {
         rows.iter().flat_map(|&r| table.rows[r].labels.clone().unwrap_or_else(|| vec![0; k]).into_iter().map(f32::from)).collect()
-    } else {
-        Vec::new()
-    };
-    let lesions = if spec.lesion_masks {
-        // Lesion masks follow the stored image (figures and coverage use eval streams).
-        samples.iter().map(|(_, d, off)| d[*off].1.clone()).collect()
     } else {
         Vec::new()
     };

@@ -1,0 +1,425 @@
+//! Segmentation transfer (METHOD.md §6): the pre-trained ViT encoder, features from four
+//! evenly spread blocks (4, 6, 8, 12 of 12), a SETR-PUP head per feature
+//! (conv3×3 → BatchNorm → ReLU → bilinear ×2, repeated until the patch grid is back at
+//! pixel resolution, then a 1×1 conv to the logit), loss 0.5·BCE + Dice, Adam with weight
+//! decay and cosine decay, Dice and IoU at threshold 0.5.
+//!
+//! The stage `segment/setr-pup` trains on the lesion masks of an image table (the synthetic
+//! source's masks; BUSI and generic image/mask pairs once their ingestion lands) and
+//! evaluates on its test split.
+
+pub mod metrics;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::interpolate::{Interpolate2d, Interpolate2dConfig, InterpolateMode};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::activation::{relu, sigmoid};
+use image::{Rgb, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError};
+use msmae_data::table::Split;
+use msmae_train::data::{self, ImageTable, LoaderSpec};
+use msmae_train::model::{self as ckpt, ModelSpec, Schedule};
+use msmae_train::train::{self, logged};
+use msmae_vit::{VisionTransformer, VitConfig};
+
+/// One SETR-PUP head: `n` × (conv3×3 → BN → ReLU → bilinear ×2), then a 1×1 conv.
+#[derive(Module, Debug)]
+pub struct PupHead {
+    pub convs: Vec<Conv2d>,
+    pub norms: Vec<BatchNorm>,
+    pub cls: Conv2d,
+    pub up: Interpolate2d,
+}
+
+impl PupHead {
+    pub fn new(dim: usize, channels: usize, ups: usize, classes: usize, device: &Device) -> Self {
+        let conv = |i: usize| Conv2dConfig::new([if i == 0 { dim } else { channels }, channels], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device);
+        Self {
+            convs: (0..ups).map(conv).collect(),
+            norms: (0..ups).map(|_| BatchNormConfig::new(channels).init(device)).collect(),
+            cls: Conv2dConfig::new([channels, classes], [1, 1]).init(device),
+            up: Interpolate2dConfig::new().with_scale_factor(Some([2.0, 2.0])).with_mode(InterpolateMode::Linear).with_align_corners(false).init(),
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, dim, gh, gw]` → `[batch, classes, gh·2^n, gw·2^n]`
+    pub fn forward(&self, mut x: Tensor<4>) -> Tensor<4> {
+        for (c, n) in self.convs.iter().zip(&self.norms) {
+            x = self.up.forward(relu(n.forward(c.forward(x))));
+        }
+        self.cls.forward(x)
+    }
+}
+
+/// Encoder + one head per selected block; the logits are the mean of the heads'.
+#[derive(Module, Debug)]
+pub struct SetrPup {
+    pub encoder: VisionTransformer,
+    pub heads: Vec<PupHead>,
+    /// 1-based block numbers the heads read.
+    pub blocks: Vec<usize>,
+    pub grid: [usize; 2],
+}
+
+/// Four evenly spread blocks of `depth` (METHOD.md §6: 4, 6, 8, 12 of 12), 1-based,
+/// distinct.
+pub fn spread_blocks(depth: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = [1.0 / 3.0, 0.5, 2.0 / 3.0, 1.0].iter().map(|f| ((depth as f64 * f).round() as usize).clamp(1, depth)).collect();
+    v.dedup();
+    v
+}
+
+impl SetrPup {
+    pub fn new(encoder: VisionTransformer, cfg: &VitConfig, blocks: Vec<usize>, channels: usize, device: &Device) -> Self {
+        let ups = (cfg.patch_size as f64).log2().round() as usize;
+        let heads = blocks.iter().map(|_| PupHead::new(cfg.embed_dim, channels, ups, 1, device)).collect();
+        Self { encoder, heads, blocks, grid: cfg.grid() }
+    }
+
+    /// # Shapes
+    /// - imgs: `[batch, C, H, W]` → logits `[batch, 1, H, W]`
+    pub fn forward(&self, imgs: Tensor<4>) -> Tensor<4> {
+        let feats = self.encoder.forward_intermediates(imgs, &self.blocks);
+        let n = feats.len() as f64;
+        let [gh, gw] = self.grid;
+        let mut sum: Option<Tensor<4>> = None;
+        for (f, h) in feats.into_iter().zip(&self.heads) {
+            let [b, l, d] = f.dims();
+            debug_assert_eq!(l, gh * gw);
+            let y = h.forward(f.swap_dims(1, 2).reshape([b, d, gh, gw]));
+            sum = Some(match sum {
+                Some(s) => s + y,
+                None => y,
+            });
+        }
+        sum.map(|s| s / n).unwrap_or_else(|| unreachable!("at least one head"))
+    }
+}
+
+/// 0.5·BCE + soft Dice on logits (binary).
+///
+/// # Shapes
+/// - logits, target: `[batch, 1, H, W]` → `[1]`
+pub fn seg_loss(logits: Tensor<4>, target: Tensor<4>) -> Tensor<1> {
+    let bce = (logits.clone().clamp_min(0.0) - logits.clone() * target.clone() + (logits.clone().abs().neg().exp() + 1.0).log()).mean();
+    let p = sigmoid(logits);
+    let [b, _, _, _] = p.dims();
+    let inter = (p.clone() * target.clone()).reshape([b as i32, -1]).sum_dim(1);
+    let denom = p.reshape([b as i32, -1]).sum_dim(1) + target.reshape([b as i32, -1]).sum_dim(1);
+    let dice = ((inter * 2.0 + 1.0) / (denom + 1.0)).mean();
+    bce * 0.5 + (dice.neg() + 1.0)
+}
+
+fn d_epochs() -> usize {
+    20
+}
+fn d_batch() -> usize {
+    16
+}
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_min_lr() -> f64 {
+    1e-5
+}
+fn d_wd() -> f64 {
+    1e-4
+}
+fn d_channels() -> usize {
+    256
+}
+fn d_true() -> bool {
+    true
+}
+fn d_scale() -> [f64; 2] {
+    [0.5, 1.0]
+}
+fn d_figures() -> usize {
+    8
+}
+
+/// `with:` of `segment/setr-pup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentConfig {
+    /// Encoder architecture without a `pretrained` input (the random-init baseline).
+    #[serde(default)]
+    pub model: ModelSpec,
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default = "d_min_lr")]
+    pub min_lr: f64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// Channels of the head convolutions (SETR: 256).
+    #[serde(default = "d_channels")]
+    pub head_channels: usize,
+    /// 1-based encoder blocks the heads read; default four evenly spread ones.
+    #[serde(default)]
+    pub blocks: Option<Vec<usize>>,
+    /// The same crop and flip on image and mask.
+    #[serde(default = "d_true")]
+    pub augment: bool,
+    #[serde(default = "d_scale")]
+    pub crop_scale: [f64; 2],
+    /// Test images in `predictions.png`.
+    #[serde(default = "d_figures")]
+    pub figure_images: usize,
+}
+
+/// `segment/setr-pup`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetrPupStage;
+
+fn cerr(path: &str, m: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError { path: path.into(), message: m.into() })
+}
+
+impl Stage for SetrPupStage {
+    type Config = SegmentConfig;
+    const KIND: &'static str = "segment/setr-pup";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "SETR-PUP segmentation on a pre-trained (or random) ViT encoder; Dice/IoU on the test split";
+    const USES_BACKEND: bool = true;
+
+    fn code_fingerprint(&self) -> &'static str {
+        msmae_core::code_fingerprint!()
+    }
+    fn validate(&self, c: &SegmentConfig) -> Result<(), ConfigError> {
+        if c.epochs == 0 || c.batch_size == 0 || c.head_channels == 0 {
+            return cerr("epochs", "epochs, batch_size and head_channels must be at least 1");
+        }
+        if !(c.lr > 0.0) || c.min_lr < 0.0 || c.min_lr > c.lr {
+            return cerr("lr", "lr must be positive and min_lr within [0, lr]");
+        }
+        if !(c.crop_scale[0] > 0.0 && c.crop_scale[0] <= c.crop_scale[1] && c.crop_scale[1] <= 1.0) {
+            return cerr("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
+        }
+        if let Some(b) = &c.blocks {
+            if b.is_empty() || b.contains(&0) {
+                return cerr("blocks", "1-based block numbers, at least one");
+            }
+        }
+        Ok(())
+    }
+    fn inputs(&self, _: &SegmentConfig) -> Vec<InputSlot> {
+        vec![
+            InputSlot::one("data", "image-table", "images with lesion masks"),
+            InputSlot::optional("pretrained", "mae-checkpoint", "pre-trained encoder (none: random initialisation)").or_kind("vit-checkpoint"),
+        ]
+    }
+    fn output(&self, _: &SegmentConfig) -> OutputDecl {
+        OutputDecl::new("segmentation", &["model.safetensors", "model.json", "metrics.json", "history.json", "predictions.png", "*.png"])
+    }
+    fn resources(&self, _: &SegmentConfig) -> Resources {
+        Resources::Exclusive
+    }
+    fn run(&self, c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        run(c, ctx)
+    }
+}
+
+fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+    let rt = train::runtime(ctx)?;
+    let table = Arc::new(ImageTable::open(&ctx.input("data")?.path("images.parquet"))?);
+    if !table.meta.has_masks {
+        return Err(StageError::data(&table.path, None, "this image table has no lesion masks (segmentation needs image/mask pairs)"));
+    }
+    let size = [table.height(), table.width()];
+    train::seed_backend(&rt, ctx.seed, "init", 0);
+    let pretrained = ctx.inputs("pretrained").first().cloned();
+    let (encoder, norm, vit_cfg) = match &pretrained {
+        Some(p) => {
+            let (loaded, meta) = ckpt::load(&p.dir, &rt.train)?;
+            if meta.vit.image_size != size || meta.vit.in_chans != table.channels() {
+                return Err(StageError::data(p.dir.join(ckpt::META_FILE), None, format!("model expects {:?}×{} images, the table holds {:?}×{}", meta.vit.image_size, meta.vit.in_chans, size, table.channels())));
+            }
+            (loaded.into_encoder(), meta.normalizer, meta.vit)
+        }
+        None => {
+            c.model.check(size, table.channels()).map_err(|m| StageError::other(format!("model: {m}")))?;
+            let cfg = c.model.vit(size, table.channels());
+            (cfg.init(&rt.train), table.channel_stats(&table.rows_of(Split::Train))?, cfg)
+        }
+    };
+    let blocks = c.blocks.clone().unwrap_or_else(|| spread_blocks(vit_cfg.depth));
+    if let Some(b) = blocks.iter().find(|b| **b > vit_cfg.depth) {
+        return Err(StageError::other(format!("blocks: block {b} does not exist in a {}-block encoder", vit_cfg.depth)));
+    }
+    if !vit_cfg.patch_size.is_power_of_two() {
+        return Err(StageError::other(format!("SETR-PUP upsamples by 2 per stage: patch size {} must be a power of two", vit_cfg.patch_size)));
+    }
+    let mut model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, &rt.train);
+    let _ = model.clone().into_record();
+    let mut optim = AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
+    let sched = Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 };
+    let train_rows = table.rows_of(Split::Train);
+    if train_rows.len() < c.batch_size {
+        return Err(StageError::data(&table.path, None, format!("{} training images, fewer than one batch of {}", train_rows.len(), c.batch_size)));
+    }
+    let (h, w) = (size[0], size[1]);
+    let mut history = Vec::new();
+    let bar = ctx.progress.bar(Some(c.epochs as u64), &format!("{}: epochs", ctx.name));
+    let mut total_seconds = 0.0;
+    for epoch in 0..c.epochs {
+        ctx.cancel.check()?;
+        let mut spec = LoaderSpec::train(c.batch_size, (c.crop_scale[0], c.crop_scale[1]));
+        if !c.augment {
+            spec.augment = None;
+        }
+        spec.lesion_masks = true;
+        train::seed_backend(&rt, ctx.seed, "epoch", epoch as u64);
+        let stream = data::stream(table.clone(), &train_rows, spec, norm.clone(), ctx.seed, epoch as u64);
+        let nb = stream.num_batches.max(1);
+        let t = Instant::now();
+        let (mut loss_sum, mut seen) = (0f64, 0usize);
+        for (i, batch) in stream.enumerate() {
+            ctx.cancel.check()?;
+            let mut batch = batch?;
+            let n = batch.len();
+            let target = masks_tensor(&batch, &table, &rt.train)?;
+            let x = train::images(&mut batch, &table, &rt.train);
+            let loss = seg_loss(model.forward(x), target);
+            let lv = f64::from(loss.clone().into_scalar::<f32>());
+            if !lv.is_finite() {
+                return Err(StageError::other(format!("segmentation training diverged at epoch {epoch}, step {i}: loss {lv}")));
+            }
+            loss_sum += lv * n as f64;
+            seen += n;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(sched.at(epoch as f64 + i as f64 / nb as f64), model, grads);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        total_seconds += secs;
+        history.push(serde_json::json!({ "epoch": epoch, "train_loss": logged(loss_sum / seen.max(1) as f64) }));
+        tracing::info!("`{}` epoch {}/{}: loss {:.4} ({secs:.1} s)", ctx.name, epoch + 1, c.epochs, loss_sum / seen.max(1) as f64);
+        bar.inc(1);
+    }
+    tracing::info!("`{}`: {} epochs, {:.2} s per epoch of training steps", ctx.name, c.epochs, total_seconds / c.epochs as f64);
+    // Evaluation on the test split: Dice and IoU per image at 0.5.
+    let model = model.valid();
+    let test_rows = table.rows_of(Split::Test);
+    let mut spec = LoaderSpec::eval(32);
+    spec.lesion_masks = true;
+    let mut per_image = Vec::new();
+    let mut figure = Vec::new();
+    for batch in data::stream(table.clone(), &test_rows, spec, norm.clone(), ctx.seed, 0) {
+        ctx.cancel.check()?;
+        let mut batch = batch?;
+        let host = batch.images.clone();
+        let x = train::images(&mut batch, &table, &rt.device);
+        let probs = train::to_vec(sigmoid(model.forward(x)))?;
+        for (i, &r) in batch.rows.iter().enumerate() {
+            let gt = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[r].id)), "no lesion mask"))?;
+            let pred: Vec<u8> = probs[i * h * w..(i + 1) * h * w].iter().map(|p| u8::from(*p >= 0.5)).collect();
+            let (dice, iou) = metrics::dice_iou(&pred, gt);
+            per_image.push(serde_json::json!({ "id": table.rows[r].id, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": gt.iter().filter(|v| **v > 0).count() }));
+            if figure.len() < c.figure_images && gt.iter().any(|v| *v > 0) {
+                let c_ = table.channels();
+                let img = msmae_train::figures::denormalize(&host[i * c_ * h * w..(i + 1) * c_ * h * w], c_, h, w, &norm);
+                figure.push(prediction_row(&img, gt, &pred));
+            }
+        }
+    }
+    let summary = metrics::summarize(&per_image);
+    tracing::info!("`{}`: test Dice {:.4}, IoU {:.4} over {} images with lesions ({} images in all)", ctx.name, summary.dice_lesion, summary.iou_lesion, summary.n_lesion, summary.n);
+    let meta = ckpt::CheckpointMeta { format: 1, kind: ckpt::CheckpointKind::Vit, vit: vit_cfg.clone(), mae: None, normalizer: norm.clone(), label_names: vec!["lesion".into()], multi_label: false, trained_by: SetrPupStage::KIND.into() };
+    ckpt::save(ctx.out_dir(), &model, &meta)?;
+    let write = |rel: &str, v: &serde_json::Value| -> Result<(), StageError> {
+        let p = ctx.output_path(rel)?;
+        std::fs::write(&p, serde_json::to_vec_pretty(v).map_err(|e| StageError::other(e.to_string()))?).map_err(|e| StageError::io(&p, e))
+    };
+    write(
+        "metrics.json",
+        &serde_json::json!({
+            "split": "test",
+            "threshold": 0.5,
+            "pretrained": pretrained.as_ref().map(|p| &p.digest),
+            "blocks": blocks,
+            "dice": logged(summary.dice_lesion),
+            "iou": logged(summary.iou_lesion),
+            "images_with_lesion": summary.n_lesion,
+            "dice_all_images": logged(summary.dice_all),
+            "iou_all_images": logged(summary.iou_all),
+            "images": summary.n,
+            "note": "dice/iou: mean over test images with a lesion; *_all_images: over every test image, an empty prediction of an empty mask scoring 1",
+            "per_image": per_image,
+        }),
+    )?;
+    write("history.json", &serde_json::json!({ "epochs": history }))?;
+    let pts: Vec<(f64, f64)> = history.iter().filter_map(|e| Some((e["epoch"].as_f64()? + 1.0, e["train_loss"].as_f64()?))).collect();
+    msmae_eval::plot::line_chart(&ctx.output_path("loss.png")?, &format!("{}: loss per epoch", ctx.name), "epoch", "0.5 BCE + Dice", &[msmae_eval::plot::Series::new("train loss", pts)])?;
+    msmae_train::figures::save_sheet(&ctx.output_path("predictions.png")?, &figure, 3)
+}
+
+fn masks_tensor(batch: &data::Batch, table: &ImageTable, device: &Device) -> Result<Tensor<4>, StageError> {
+    let (h, w) = (table.height(), table.width());
+    let mut v = Vec::with_capacity(batch.len() * h * w);
+    for (i, r) in batch.rows.iter().enumerate() {
+        let m = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[*r].id)), "no lesion mask"))?;
+        v.extend(m.iter().map(|x| f32::from(u8::from(*x > 0))));
+    }
+    Ok(Tensor::from_data(TensorData::new(v, [batch.len(), 1, h, w]), device))
+}
+
+/// image | ground truth (green) | prediction (red) over the image.
+fn prediction_row(img: &RgbImage, gt: &[u8], pred: &[u8]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let gap = 2;
+    let mut row = RgbImage::from_pixel(3 * w + 2 * gap, h, Rgb([255, 255, 255]));
+    for y in 0..h {
+        for x in 0..w {
+            let p = img.get_pixel(x, y).0;
+            let i = (y * w + x) as usize;
+            row.put_pixel(x, y, Rgb(p));
+            let tint = |on: bool, c: [u8; 3]| if on { Rgb([(p[0] / 2).saturating_add(c[0] / 2), (p[1] / 2).saturating_add(c[1] / 2), (p[2] / 2).saturating_add(c[2] / 2)]) } else { Rgb(p) };
+            row.put_pixel(w + gap + x, y, tint(gt[i] > 0, [0, 255, 0]));
+            row.put_pixel(2 * (w + gap) + x, y, tint(pred[i] > 0, [255, 0, 0]));
+        }
+    }
+    row
+}
+
+/// Every stage kind of this crate.
+pub fn register(r: &mut msmae_core::Registry) {
+    r.register(SetrPupStage);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_spread_like_the_paper() {
+        assert_eq!(spread_blocks(12), [4, 6, 8, 12]);
+        assert_eq!(spread_blocks(4), [1, 2, 3, 4]);
+        assert_eq!(spread_blocks(1), [1]);
+    }
+
+    #[test]
+    fn heads_restore_pixel_resolution_and_the_loss_prefers_the_truth() {
+        let dev = Device::flex();
+        let cfg = VitConfig::new([16, 16], 4, 1, 16, 2, 2);
+        let m = SetrPup::new(cfg.init(&dev), &cfg, vec![1, 2], 8, &dev);
+        let y = m.forward(Tensor::zeros([2, 1, 16, 16], &dev));
+        assert_eq!(y.dims(), [2, 1, 16, 16]);
+        let t = Tensor::<4>::from_data(TensorData::new((0..256).map(|i| f32::from(u8::from(i % 3 == 0))).collect::<Vec<_>>(), [1, 1, 16, 16]), &dev);
+        let good = seg_loss((t.clone() - 0.5) * 20.0, t.clone()).into_scalar::<f32>();
+        let bad = seg_loss((t.clone() - 0.5) * -20.0, t).into_scalar::<f32>();
+        assert!(good < 0.01 && bad > 1.0, "{good} {bad}");
+    }
+}
