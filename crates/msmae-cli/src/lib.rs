@@ -291,12 +291,13 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let extra: Vec<&Path> = if lp.exists() { vec![lp.as_path()] } else { vec![] };
             let r = inspect::gc(&store, prune, dry_run, &extra)?;
             println!(
-                "{}{} objects ({} bytes), {} index entries, {} staging dirs; kept {} objects",
+                "{}{} objects ({} bytes), {} index entries, {} staging dirs, {} checkpoint dirs; kept {} objects",
                 if dry_run { "would remove " } else { "removed " },
                 r.objects,
                 r.bytes,
                 r.index_entries,
                 r.tmp_dirs,
+                r.resume_dirs,
                 r.kept_objects
             );
             Ok(ExitCode::SUCCESS)

@@ -183,6 +183,11 @@ fn killed_pretraining_resumes_to_the_uninterrupted_result() {
     };
     let _ = child.wait();
     assert!(epochs_done < 40);
+    // gc keeps an interrupted run's checkpoints unless pruning
+    let o = msmae(cut.path(), backend, &["gc", "resume.yaml", "--dry-run"]);
+    assert!(text(&o).contains(", 0 checkpoint dirs"), "{}", text(&o));
+    let o = msmae(cut.path(), backend, &["gc", "resume.yaml", "--prune", "--dry-run"]);
+    assert!(text(&o).contains(", 1 checkpoint dirs"), "{}", text(&o));
     let o = msmae(cut.path(), backend, &["run", "resume.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("resuming after epoch"), "{}", text(&o));

@@ -247,13 +247,15 @@ pub fn verify(store: &Store, lock: &LockFile) -> Result<(usize, Vec<Mismatch>)> 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
     pub tmp_dirs: usize,
+    /// Checkpoint directories of finished keys (and, with `prune`, of interrupted runs).
+    pub resume_dirs: usize,
     pub objects: usize,
     pub index_entries: usize,
     pub bytes: u64,
     pub kept_objects: usize,
 }
 
-/// Remove staging leftovers and unreferenced objects. By default an object is kept if any
+/// Remove staging leftovers, stale checkpoints and unreferenced objects. By default an object is kept if any
 /// cache index entry refers to it (alternative configs stay cached); with `prune`, only
 /// artifacts recorded in the lock files written with this store (and `extra_roots`) are
 /// kept, and index entries for anything else are dropped.
@@ -263,6 +265,7 @@ pub fn gc(store: &Store, prune: bool, dry_run: bool, extra_roots: &[&Path]) -> R
     if !dry_run {
         report.tmp_dirs = store.clean_stale_tmp()?.len();
     }
+    report.resume_dirs = store.clean_resume(prune, dry_run)?.len();
     let mut roots: BTreeSet<String> = BTreeSet::new();
     let mut lock_files = store.roots()?;
     lock_files.extend(extra_roots.iter().map(|p| p.to_path_buf()));

@@ -345,6 +345,29 @@ impl Store {
         }
     }
 
+    /// Checkpoint directories (`resume/<key>/`) that no runner is using: those of keys that
+    /// are already committed (left behind when removal failed), and with `all`, also those
+    /// of interrupted runs (which a re-run would resume from). Removed unless `dry_run`.
+    pub fn clean_resume(&self, all: bool, dry_run: bool) -> Result<Vec<PathBuf>> {
+        let dir = self.root.join("resume");
+        let mut removed = Vec::new();
+        let Ok(rd) = fs::read_dir(&dir) else { return Ok(removed) };
+        for e in rd {
+            let p = e.map_err(|e| Error::store("list", &dir, e))?.path();
+            let key = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let lock = self.root.join("locks").join(format!("{key}.lock"));
+            let free = fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock).map(|f| f.try_lock().is_ok()).unwrap_or(false);
+            let committed = matches!(self.lookup(&key), Ok(Some(_)));
+            if free && (all || committed) {
+                if !dry_run {
+                    remove_tree(&p).map_err(|e| Error::store("remove", &p, e))?;
+                }
+                removed.push(p);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Remove staging directories left by killed runs (those whose key lock is free).
     pub fn clean_stale_tmp(&self) -> Result<Vec<PathBuf>> {
         let dir = self.root.join("tmp");
