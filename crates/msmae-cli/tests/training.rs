@@ -194,3 +194,17 @@ fn killed_pretraining_resumes_to_the_uninterrupted_result() {
     assert_eq!(digests(&cut.path().join("resume.lock")), want, "resumed run differs from the uninterrupted one");
     assert!(fs::read_dir(&resume).map(|d| d.count()).unwrap_or(0) == 0, "checkpoints are removed once the artifact is committed");
 }
+
+#[test]
+fn bad_training_configs_are_refused_before_anything_runs() {
+    let d = tempfile::tempdir().expect("tmp");
+    let bad = "name: bad\nstages:\n  data: { uses: ingest/synthetic, with: { images: 16, size: 32 } }\n  ft: { uses: finetune/full, needs: [data], with: { mask_ratio: 0.5 } }\n  pre: { uses: mae/pretrain, needs: [data], with: { blr: 1.0e-3, min_lr: 1.0, batch_size: 8 } }\n  seg: { uses: segment/setr-pup, needs: [data], with: { blocks: [0] } }\n";
+    fs::write(d.path().join("bad.yaml"), bad).expect("write");
+    let o = msmae(d.path(), "flex", &["run", "bad.yaml"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("bad.yaml:4:") && t.contains("stages.ft.with.mask_ratio") && t.contains("finetune/msmae"), "{t}");
+    assert!(t.contains("bad.yaml:5:") && t.contains("stages.pre.with.min_lr"), "{t}");
+    assert!(t.contains("stages.seg.with.blocks"), "{t}");
+    assert!(!d.path().join(".msmae/objects").exists() || fs::read_dir(d.path().join(".msmae/objects")).map(|r| r.count()).unwrap_or(0) == 0, "nothing ran");
+}

@@ -211,30 +211,36 @@ enum ClassifierKind {
     Msmae,
 }
 
-fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result<(), ConfigError> {
-    if c.epochs == 0 {
+/// Checks every training stage shares: epochs, batch, learning rates, warm-up, crop.
+fn validate_schedule(epochs: usize, batch_size: usize, blr: f64, min_lr: f64, warmup_epochs: f64, crop_scale: [f64; 2]) -> Result<(), ConfigError> {
+    if epochs == 0 {
         return err("epochs", "must be at least 1");
     }
-    if c.batch_size == 0 {
+    if batch_size == 0 {
         return err("batch_size", "must be at least 1");
     }
-    if !(c.blr > 0.0 && c.blr.is_finite()) {
+    if !(blr > 0.0 && blr.is_finite()) {
         return err("blr", "must be positive");
     }
-    if c.warmup_epochs < 0.0 || c.warmup_epochs > c.epochs as f64 {
-        return err("warmup_epochs", "must be between 0 and epochs");
-    }
-    if c.min_lr < 0.0 || c.min_lr > c.blr * c.batch_size as f64 / 256.0 {
+    if min_lr < 0.0 || min_lr > blr * batch_size as f64 / 256.0 {
         return err("min_lr", "must be between 0 and the peak lr (blr · batch_size / 256)");
     }
+    if warmup_epochs < 0.0 || warmup_epochs > epochs as f64 {
+        return err("warmup_epochs", "must be between 0 and epochs");
+    }
+    if !(crop_scale[0] > 0.0 && crop_scale[0] <= crop_scale[1] && crop_scale[1] <= 1.0) {
+        return err("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
+    }
+    Ok(())
+}
+
+fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result<(), ConfigError> {
+    validate_schedule(c.epochs, c.batch_size, c.blr, c.min_lr, c.warmup_epochs, c.crop_scale)?;
     if !(0.0..1.0).contains(&c.label_smoothing) {
         return err("label_smoothing", "must be in [0, 1)");
     }
     if !(0.0..1.0).contains(&c.drop_path) {
         return err("drop_path", "must be in [0, 1)");
-    }
-    if !(c.crop_scale[0] > 0.0 && c.crop_scale[0] <= c.crop_scale[1] && c.crop_scale[1] <= 1.0) {
-        return err("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
     }
     if let Some(d) = c.layer_decay {
         if !(d > 0.0 && d <= 1.0) {
@@ -636,29 +642,12 @@ impl Stage for MaePretrain {
         msmae_core::code_fingerprint!()
     }
     fn validate(&self, c: &PretrainConfig) -> Result<(), ConfigError> {
-        if c.epochs == 0 {
-            return err("epochs", "must be at least 1");
-        }
-        if c.batch_size == 0 {
-            return err("batch_size", "must be at least 1");
-        }
-        if !(c.blr > 0.0 && c.blr.is_finite()) {
-            return err("blr", "must be positive");
-        }
+        validate_schedule(c.epochs, c.batch_size, c.blr, c.min_lr, c.warmup_epochs, c.crop_scale)?;
         if !(c.mask_ratio > 0.0 && c.mask_ratio < 1.0) {
             return err("mask_ratio", "must be in (0, 1): something must be masked and something visible");
         }
-        if c.min_lr < 0.0 || c.min_lr > c.blr * c.batch_size as f64 / 256.0 {
-            return err("min_lr", "must be between 0 and the peak lr (blr · batch_size / 256)");
-        }
         if c.cls_weight < 0.0 {
             return err("cls_weight", "must be ≥ 0");
-        }
-        if c.warmup_epochs < 0.0 || c.warmup_epochs > c.epochs as f64 {
-            return err("warmup_epochs", "must be between 0 and epochs");
-        }
-        if !(c.crop_scale[0] > 0.0 && c.crop_scale[0] <= c.crop_scale[1] && c.crop_scale[1] <= 1.0) {
-            return err("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
         }
         Ok(())
     }

@@ -171,6 +171,25 @@ impl Resume {
         }
     }
 
+    /// Restore what a checkpoint holds: the model and optimiser (AdamW with `beta2`,
+    /// `weight_decay`), the best model if recorded, and the maps in use.
+    #[allow(clippy::type_complexity)]
+    fn restore<M: Module>(&self, st: &ResumeState, model: M, beta2: f64, weight_decay: f64, table: &ImageTable, grid: [usize; 2]) -> Result<(M, ModuleOptimizer, Option<M>, Option<Arc<HashMap<usize, Vec<f32>>>>), StageError> {
+        let load = |name: &str| self.file(name, st.epochs_done).unwrap_or_default();
+        let bad = |p: PathBuf, e: String| StageError::data(&p, None, format!("cannot resume from the checkpoint after epoch {} ({e}); `--force` starts over", st.epochs_done));
+        let model = model.try_load_file(load("model")).map_err(|e| bad(load("model"), e.to_string()))?;
+        let optim = adamw(&model, beta2, weight_decay).load(load("optim")).map_err(|e| bad(load("optim"), e.to_string()))?;
+        let best = match st.best {
+            Some(_) => Some(model.clone().try_load_file(load("best")).map_err(|e| bad(load("best"), e.to_string()))?),
+            None => None,
+        };
+        let maps = match (&self.dir, st.has_maps) {
+            (Some(d), true) => Some(Arc::new(read_maps(&d.join(format!("maps-e{}.parquet", st.epochs_done)), table, grid)?)),
+            _ => None,
+        };
+        Ok((model, optim, best, maps))
+    }
+
     /// Save model, optimiser, best model and maps for `epochs_done`, then (atomically) the
     /// state that points at them, then drop older files.
     fn save<M: Module>(&self, st: &ResumeState, model: &M, optim: &ModuleOptimizer, best: Option<&M>, maps: Option<(&HashMap<usize, Vec<f32>>, &ImageTable, [usize; 2])>) -> Result<(), StageError> {
@@ -317,18 +336,9 @@ pub fn train_classifier(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageT
     let mut maps: Option<Arc<HashMap<usize, Vec<f32>>>> = None;
     let mut start = 0;
     if let Some(st) = resume.load_state() {
-        let load = |name: &str| resume.file(name, st.epochs_done).unwrap_or_default();
-        let bad = |p: PathBuf, e: String| StageError::data(&p, None, format!("cannot resume from the checkpoint after epoch {} ({e}); `--force` starts over", st.epochs_done));
-        model = model.clone().try_load_file(load("model")).map_err(|e| bad(load("model"), e.to_string()))?;
-        optim = adamw(&model, 0.999, opts.weight_decay).load(load("optim")).map_err(|e| bad(load("optim"), e.to_string()))?;
-        if st.best.is_some() {
-            best_model = Some(model.clone().try_load_file(load("best")).map_err(|e| bad(load("best"), e.to_string()))?);
-        }
-        if st.has_maps {
-            if let Some(d) = &resume.dir {
-                maps = Some(Arc::new(read_maps(&d.join(format!("maps-e{}.parquet", st.epochs_done)), table, grid)?));
-            }
-        }
+        let (m, o, b, mp) = resume.restore(&st, model, 0.999, opts.weight_decay, table, grid)?;
+        (model, optim, best_model) = (m, o, b);
+        maps = mp.or(maps);
         tracing::info!("`{}`: resuming after epoch {} of {}", ctx.name, st.epochs_done, opts.epochs);
         start = st.epochs_done;
         history = st.history;
@@ -477,15 +487,9 @@ pub fn pretrain(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, n
     let mut maps: Option<Arc<HashMap<usize, Vec<f32>>>> = opts.guided.as_ref().map(|(_, m)| Arc::new(m.clone()));
     let mut start = 0;
     if let Some(st) = resume.load_state() {
-        let load = |name: &str| resume.file(name, st.epochs_done).unwrap_or_default();
-        let bad = |p: PathBuf, e: String| StageError::data(&p, None, format!("cannot resume from the checkpoint after epoch {} ({e}); `--force` starts over", st.epochs_done));
-        model = model.clone().try_load_file(load("model")).map_err(|e| bad(load("model"), e.to_string()))?;
-        optim = adamw(&model, 0.95, opts.weight_decay).load(load("optim")).map_err(|e| bad(load("optim"), e.to_string()))?;
-        if st.has_maps {
-            if let Some(d) = &resume.dir {
-                maps = Some(Arc::new(read_maps(&d.join(format!("maps-e{}.parquet", st.epochs_done)), table, grid)?));
-            }
-        }
+        let (m, o, _, mp) = resume.restore(&st, model, 0.95, opts.weight_decay, table, grid)?;
+        (model, optim) = (m, o);
+        maps = mp.or(maps);
         tracing::info!("`{}`: resuming after epoch {} of {}", ctx.name, st.epochs_done, opts.epochs);
         start = st.epochs_done;
         history = st.history;
