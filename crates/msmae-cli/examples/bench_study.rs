@@ -60,6 +60,9 @@ struct Row {
     scores: [(f64, f64, f64); 4],
     /// seconds per fine-tuning epoch (stage wall time / epochs): full, msmae
     epoch_seconds: [f64; 2],
+    /// segmentation Dice (test images with lesions): MSMAE-pre-trained, random encoder;
+    /// NaN when the pipeline has no segmentation branch
+    dice: [f64; 2],
 }
 
 fn json(p: &Path) -> serde_json::Value {
@@ -93,6 +96,9 @@ impl Row {
             hit: attn["lesion_hit_rate"].as_f64().unwrap_or(f64::NAN),
             scores: [score("eval-scratch"), score("eval-mae"), score("eval-msmae-full"), score("eval-msmae")],
             epoch_seconds: [per_epoch("ft-mae"), per_epoch("ft-msmae")],
+            dice: ["seg-msmae", "seg-scratch"].map(|n| {
+                if stages.iter().any(|s| s.get("name").and_then(|x| x.as_str()) == Some(n)) { json(&dir(n).join("metrics.json"))["dice"].as_f64().unwrap_or(f64::NAN) } else { f64::NAN }
+            }),
         }
     }
 }
@@ -123,4 +129,7 @@ fn print_table(rows: &[Row]) {
     }
     println!("\nlesion coverage of the top-25 % attention patches: {} (uniform attention: 0.250)", col(&|r| r.coverage));
     println!("fine-tuning wall time per epoch (stage time / epochs, incl. validation): full {} s, MSMAE {} s", col(&|r| r.epoch_seconds[0]), col(&|r| r.epoch_seconds[1]));
+    if rows.iter().all(|r| r.dice[0].is_finite()) {
+        println!("segmentation Dice (test images with lesions): MSMAE-pre-trained encoder {}, random encoder {}", col(&|r| r.dice[0]), col(&|r| r.dice[1]));
+    }
 }
