@@ -141,7 +141,7 @@ fn the_msmae_study_runs_end_to_end_with_real_outputs_and_is_bit_identical() {
     assert_eq!(digests(&lock), digests(&b.path().join("tinystudy.lock")));
 }
 
-const LONG: &str = "name: resume\nseed: 9\nstages:\n  data: { uses: ingest/synthetic, with: { images: 256, size: 32, previews: 1 } }\n  pretrain: { uses: mae/pretrain, needs: [data], with: { model: { patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }, epochs: 40, batch_size: 16, warmup_epochs: 2, checkpoint_every: 1 } }\n";
+const LONG: &str = "name: resume\nseed: 9\nstages:\n  data: { uses: ingest/synthetic, with: { images: 256, size: 32, previews: 1 } }\n  pretrain: { uses: mae/pretrain, needs: [data], with: { model: { patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }, epochs: 80, batch_size: 16, warmup_epochs: 2, checkpoint_every: 1 } }\n";
 
 #[test]
 fn killed_pretraining_resumes_to_the_uninterrupted_result() {
@@ -182,7 +182,7 @@ fn killed_pretraining_resumes_to_the_uninterrupted_result() {
         std::thread::sleep(Duration::from_millis(10));
     };
     let _ = child.wait();
-    assert!(epochs_done < 40);
+    assert!(epochs_done < 80);
     // gc keeps an interrupted run's checkpoints unless pruning
     let o = msmae(cut.path(), backend, &["gc", "resume.yaml", "--dry-run"]);
     assert!(text(&o).contains(", 0 checkpoint dirs"), "{}", text(&o));
