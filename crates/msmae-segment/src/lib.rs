@@ -28,6 +28,7 @@ use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageCont
 use msmae_data::table::Split;
 use msmae_train::data::{self, ImageTable, LoaderSpec};
 use msmae_train::model::{self as ckpt, ModelSpec, Schedule};
+use msmae_train::stages::write_json;
 use msmae_train::train::{self, logged};
 use msmae_vit::{VisionTransformer, VitConfig};
 
@@ -339,11 +340,8 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     tracing::info!("`{}`: test Dice {:.4}, IoU {:.4} over {} images with lesions ({} images in all)", ctx.name, summary.dice_lesion, summary.iou_lesion, summary.n_lesion, summary.n);
     let meta = ckpt::CheckpointMeta { format: 1, kind: ckpt::CheckpointKind::Vit, vit: vit_cfg.clone(), mae: None, normalizer: norm.clone(), label_names: vec!["lesion".into()], multi_label: false, trained_by: SetrPupStage::KIND.into() };
     ckpt::save(ctx.out_dir(), &model, &meta)?;
-    let write = |rel: &str, v: &serde_json::Value| -> Result<(), StageError> {
-        let p = ctx.output_path(rel)?;
-        std::fs::write(&p, serde_json::to_vec_pretty(v).map_err(|e| StageError::other(e.to_string()))?).map_err(|e| StageError::io(&p, e))
-    };
-    write(
+    write_json(
+        ctx,
         "metrics.json",
         &serde_json::json!({
             "split": "test",
@@ -360,7 +358,7 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
             "per_image": per_image,
         }),
     )?;
-    write("history.json", &serde_json::json!({ "epochs": history }))?;
+    write_json(ctx, "history.json", &serde_json::json!({ "epochs": history }))?;
     let pts: Vec<(f64, f64)> = history.iter().filter_map(|e| Some((e["epoch"].as_f64()? + 1.0, e["train_loss"].as_f64()?))).collect();
     msmae_eval::plot::line_chart(&ctx.output_path("loss.png")?, &format!("{}: loss per epoch", ctx.name), "epoch", "0.5 BCE + Dice", &[msmae_eval::plot::Series::new("train loss", pts)])?;
     msmae_train::figures::save_sheet(&ctx.output_path("predictions.png")?, &figure, 3)

@@ -29,7 +29,8 @@ fn open_table(ctx: &StageContext<'_>, slot: &str) -> Result<Arc<ImageTable>, Sta
     Ok(Arc::new(ImageTable::open(&ctx.input(slot)?.path(TABLE))?))
 }
 
-fn write_json(ctx: &StageContext<'_>, rel: &str, v: &impl Serialize) -> Result<(), StageError> {
+/// Write `v` as pretty JSON to the declared output file `rel`.
+pub fn write_json(ctx: &StageContext<'_>, rel: &str, v: &impl Serialize) -> Result<(), StageError> {
     let p = ctx.output_path(rel)?;
     let bytes = serde_json::to_vec_pretty(v).map_err(|e| StageError::other(e.to_string()))?;
     std::fs::write(&p, bytes).map_err(|e| StageError::io(&p, e))
@@ -471,11 +472,8 @@ impl Stage for AttentionExtract {
             SplitSelect::Val => table.rows_of(Split::Val),
             SplitSelect::Test => table.rows_of(Split::Test),
         };
-        let maps = train::attention_maps(&vit, &table, &rows, &meta.normalizer, c.batch_size, &rt, ctx)?;
-        let provenance = serde_json::json!({ "stage": Self::KIND, "name": ctx.name, "model": input.digest, "model_stage": input.stage, "trained_by": meta.trained_by });
-        train::write_maps(&ctx.output_path("attention.parquet")?, &table, &maps, grid, provenance)?;
-        // Lesion coverage and overlays need the pixels and lesion masks: one eval pass.
-        let mut show: Vec<usize> = table.rows_of(Split::Test).into_iter().filter(|r| maps.contains_key(r)).collect();
+        // One pass: maps, lesion coverage and overlays from the same batches.
+        let mut show: Vec<usize> = table.rows_of(Split::Test).into_iter().filter(|r| rows.binary_search(r).is_ok()).collect();
         if show.is_empty() {
             show = rows.clone();
         }
@@ -486,31 +484,29 @@ impl Stage for AttentionExtract {
         let top = ((grid[0] * grid[1]) as f64 * c.top_fraction).round().max(1.0) as usize;
         let (mut cov_sum, mut hits, mut with_lesion) = (0f64, 0usize, 0usize);
         let mut by_split: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
-        for batch in crate::data::stream(table.clone(), &rows, spec, meta.normalizer.clone(), ctx.seed, 0) {
-            ctx.cancel.check()?;
-            let batch = batch?;
-            for (i, &r) in batch.rows.iter().enumerate() {
-                let map = &maps[&r];
-                let lesion = batch.lesions.get(i).and_then(Option::as_ref);
-                if let Some(m) = lesion.filter(|m| m.iter().any(|&v| v > 0)) {
-                    let (cov, hit) = lesion_coverage(map, grid, m, h, w, top);
-                    cov_sum += cov;
-                    hits += usize::from(hit);
-                    with_lesion += 1;
-                    let e = by_split.entry(table.rows[r].split.as_str()).or_default();
-                    e.0 += cov;
-                    e.1 += 1;
-                }
-                if show.contains(&r) {
-                    let chw = &batch.images[i * ch * h * w..(i + 1) * ch * h * w];
-                    let img = figures::denormalize(chw, ch, h, w, &meta.normalizer);
-                    let fig = figures::overlay(&img, map, grid, lesion.map(Vec::as_slice), 4);
-                    let name = format!("overlays/{:03}_{}.png", show.iter().position(|&x| x == r).unwrap_or(0), sanitize(&table.rows[r].id));
-                    let path = ctx.output_path(&name)?;
-                    fig.save(&path).map_err(|e| StageError::other(format!("writing {}: {e}", path.display())))?;
-                }
+        let maps = train::attention_pass(&vit, &table, &rows, &meta.normalizer, spec, &rt, ctx, |batch, i, map| {
+            let r = batch.rows[i];
+            let lesion = batch.lesions.get(i).and_then(Option::as_ref);
+            if let Some(m) = lesion.filter(|m| m.iter().any(|&v| v > 0)) {
+                let (cov, hit) = lesion_coverage(map, grid, m, h, w, top);
+                cov_sum += cov;
+                hits += usize::from(hit);
+                with_lesion += 1;
+                let e = by_split.entry(table.rows[r].split.as_str()).or_default();
+                e.0 += cov;
+                e.1 += 1;
             }
-        }
+            if let Some(k) = show.iter().position(|&x| x == r) {
+                let chw = &batch.images[i * ch * h * w..(i + 1) * ch * h * w];
+                let img = figures::denormalize(chw, ch, h, w, &meta.normalizer);
+                let fig = figures::overlay(&img, map, grid, lesion.map(Vec::as_slice), 4);
+                let path = ctx.output_path(&format!("overlays/{k:03}_{}.png", sanitize(&table.rows[r].id)))?;
+                fig.save(&path).map_err(|e| StageError::other(format!("writing {}: {e}", path.display())))?;
+            }
+            Ok(())
+        })?;
+        let provenance = serde_json::json!({ "stage": Self::KIND, "name": ctx.name, "model": input.digest, "model_stage": input.stage, "trained_by": meta.trained_by });
+        train::write_maps(&ctx.output_path("attention.parquet")?, &table, &maps, grid, provenance)?;
         let per_split: serde_json::Map<String, serde_json::Value> = by_split.iter().map(|(k, (s, n))| (k.to_string(), serde_json::json!({ "images": n, "lesion_coverage": s / *n as f64 }))).collect();
         let summary = serde_json::json!({
             "images": maps.len(),

@@ -62,18 +62,38 @@ pub fn images(batch: &mut Batch, table: &ImageTable, device: &Device) -> Tensor<
 /// CLS-attention maps (METHOD.md §2) of `rows`, by row: the model in eval mode, the
 /// stored image without augmentation.
 pub fn attention_maps(vit: &VisionTransformer, table: &Arc<ImageTable>, rows: &[usize], norm: &Normalizer, batch_size: usize, rt: &Runtime, ctx: &StageContext<'_>) -> Result<HashMap<usize, Vec<f32>>, StageError> {
+    attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), rt, ctx, |_, _, _| Ok(()))
+}
+
+/// [`attention_maps`] with a look at every image as its map is computed: `visit(batch,
+/// index in batch, map)` sees the batch's pixels (and lesion masks if `spec` asks for
+/// them), so callers that need both read the table once.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_pass(
+    vit: &VisionTransformer,
+    table: &Arc<ImageTable>,
+    rows: &[usize],
+    norm: &Normalizer,
+    spec: LoaderSpec,
+    rt: &Runtime,
+    ctx: &StageContext<'_>,
+    mut visit: impl FnMut(&Batch, usize, &[f32]) -> Result<(), StageError>,
+) -> Result<HashMap<usize, Vec<f32>>, StageError> {
     let model = vit.valid();
     let mut out = HashMap::with_capacity(rows.len());
-    for batch in data::stream(table.clone(), rows, LoaderSpec::eval(batch_size), norm.clone(), ctx.seed, 0) {
+    for batch in data::stream(table.clone(), rows, spec, norm.clone(), ctx.seed, 0) {
         ctx.cancel.check()?;
-        let mut batch = batch?;
-        let x = images(&mut batch, table, &rt.device);
+        let batch = batch?;
+        let n = batch.len();
+        let x = Tensor::from_data(TensorData::new(batch.images.clone(), [n, table.channels(), table.height(), table.width()]), &rt.device);
         let (_, attn) = model.forward_with_attention(x);
         let maps = cls_attention_map(attn);
-        let [n, l] = maps.dims();
+        let [_, l] = maps.dims();
         let flat = to_vec(maps)?;
-        for (i, r) in batch.rows.iter().enumerate().take(n) {
-            out.insert(*r, flat[i * l..(i + 1) * l].to_vec());
+        for (i, r) in batch.rows.iter().enumerate() {
+            let map = &flat[i * l..(i + 1) * l];
+            visit(&batch, i, map)?;
+            out.insert(*r, map.to_vec());
         }
     }
     Ok(out)
