@@ -56,7 +56,19 @@ pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> 
         1 => DynamicImage::ImageLuma8(img.to_luma8()),
         _ => DynamicImage::ImageRgb8(img.to_rgb8()),
     };
-    let out = match aspect {
+    let out = fit(&img, size, aspect);
+    let pixels = match channels {
+        1 => out.to_luma8().into_raw(),
+        _ => out.to_rgb8().into_raw(),
+    };
+    Ok(Decoded { pixels, source_width: w, source_height: h })
+}
+
+/// Bring `img` to `size × size` by the aspect policy, with an antialiased (triangle,
+/// support scaled with the reduction) filter.
+fn fit(img: &DynamicImage, size: u32, aspect: Aspect) -> DynamicImage {
+    let (w, h) = img.dimensions();
+    match aspect {
         Aspect::Stretch => img.resize_exact(size, size, FilterType::Triangle),
         Aspect::Crop => {
             let s = w.min(h);
@@ -64,20 +76,42 @@ pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> 
         }
         Aspect::Pad => {
             let scaled = img.resize(size, size, FilterType::Triangle); // keeps aspect, fits inside
-            let mut canvas = match channels {
-                1 => DynamicImage::new_luma8(size, size),
+            let mut canvas = match img {
+                DynamicImage::ImageLuma8(_) => DynamicImage::new_luma8(size, size),
                 _ => DynamicImage::new_rgb8(size, size),
             };
             let (sw, sh) = scaled.dimensions();
             image::imageops::overlay(&mut canvas, &scaled, i64::from((size - sw) / 2), i64::from((size - sh) / 2));
             canvas
         }
-    };
-    let pixels = match channels {
-        1 => out.to_luma8().into_raw(),
-        _ => out.to_rgb8().into_raw(),
-    };
-    Ok(Decoded { pixels, source_width: w, source_height: h })
+    }
+}
+
+/// Read one or more mask files of an image whose source is `width × height`, merge them
+/// (a pixel is foreground when it is in any mask, i.e. > 127 in any file), and bring the
+/// result through the image's aspect policy to `size × size` values in {0, 1} (area
+/// resize, then foreground where at least half of the pixel's area was). `Err` names the
+/// mask file.
+pub fn decode_masks(paths: &[std::path::PathBuf], width: u32, height: u32, size: u32, aspect: Aspect) -> Result<Vec<u8>, (std::path::PathBuf, DecodeError)> {
+    let mut merged = image::GrayImage::new(width, height);
+    for p in paths {
+        let bytes = std::fs::read(p).map_err(|e| (p.clone(), DecodeError::Read(e.to_string())))?;
+        if bytes.is_empty() {
+            return Err((p.clone(), DecodeError::Empty));
+        }
+        let m = image::load_from_memory(&bytes).map_err(|e| (p.clone(), DecodeError::Decode(e.to_string())))?.to_luma8();
+        if m.dimensions() != (width, height) {
+            let (mw, mh) = m.dimensions();
+            return Err((p.clone(), DecodeError::Decode(format!("mask is {mw}×{mh} but its image is {width}×{height}"))));
+        }
+        for (o, v) in merged.pixels_mut().zip(m.pixels()) {
+            if v.0[0] > 127 {
+                o.0[0] = 255;
+            }
+        }
+    }
+    let out = fit(&DynamicImage::ImageLuma8(merged), size, aspect).to_luma8();
+    Ok(out.into_raw().into_iter().map(|v| u8::from(v >= 128)).collect())
 }
 
 /// Read and decode a file.

@@ -11,13 +11,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
 use crate::ingest::{Item, OnError, Reject, WriteOptions, check_options, output_decl, write_image_table};
+use crate::meta::TextTable;
 use crate::table::SplitFractions;
 
 /// The seven diagnoses, in the conventional (alphabetical) order.
@@ -85,30 +85,12 @@ struct Row {
 }
 
 fn read_metadata(path: &Path) -> Result<Vec<Row>, StageError> {
-    let df = CsvReadOptions::default()
-        .with_has_header(true)
-        .with_infer_schema_length(Some(0)) // every column as text: we check values ourselves
-        .try_into_reader_with_file_path(Some(path.to_path_buf()))
-        .and_then(|r| r.finish())
-        .map_err(|e| StageError::data(path, None, format!("cannot read the metadata CSV: {e}")))?;
-    let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
-    let column = |name: &str| -> Result<Vec<Option<String>>, StageError> {
-        let col = df.column(name).map_err(|_| {
-            StageError::data(path, Some(format!("header, column `{name}`")), format!("missing column `{name}`; the file has columns {names:?} (expected lesion_id,image_id,dx,dx_type,age,sex,localization)"))
-        })?;
-        let s = col.as_materialized_series().str().map_err(|e| StageError::data(path, Some(format!("column `{name}`")), e.to_string()))?;
-        Ok((0..s.len()).map(|i| s.get(i).map(str::to_string)).collect())
-    };
-    let (lesion, image, dx) = (column("lesion_id")?, column("image_id")?, column("dx")?);
-    let mut rows = Vec::with_capacity(lesion.len());
-    for (i, ((l, im), d)) in lesion.into_iter().zip(image).zip(dx).enumerate() {
-        let line = i + 2; // 1-based, after the header
-        let get = |v: Option<String>, col: &str| -> Result<String, StageError> {
-            v.filter(|s| !s.trim().is_empty()).map(|s| s.trim().to_string()).ok_or_else(|| StageError::data(path, Some(format!("row {line}, column `{col}`")), "empty value"))
-        };
-        rows.push(Row { line, lesion: get(l, "lesion_id")?, image: get(im, "image_id")?, dx: get(d, "dx")? });
-    }
-    Ok(rows)
+    let t = TextTable::read_csv(path, b',')?;
+    const EXPECTED: &str = "lesion_id,image_id,dx,dx_type,age,sex,localization";
+    let (lesion, image, dx) = (t.column("lesion_id", EXPECTED)?, t.column("image_id", EXPECTED)?, t.column("dx", EXPECTED)?);
+    (0..t.len())
+        .map(|i| Ok(Row { line: i + 2, lesion: lesion.require(i)?.to_string(), image: image.require(i)?.to_string(), dx: dx.require(i)?.to_string() }))
+        .collect()
 }
 
 impl Stage for Ham10000 {
@@ -173,11 +155,11 @@ impl Stage for Ham10000 {
         let mut good: Vec<&Row> = Vec::new();
         for r in &rows {
             let problem = if !CLASSES.contains(&r.dx.as_str()) {
-                Some(format!("row {}, column `dx`: unknown label `{}` (expected one of {})", r.line, r.dx, CLASSES.join(", ")))
+                Some(format!("line {}, column `dx`: unknown label `{}` (expected one of {})", r.line, r.dx, CLASSES.join(", ")))
             } else if let Some(first) = seen.get(&r.image) {
-                Some(format!("row {}, column `image_id`: `{}` is listed twice (first on row {first})", r.line, r.image))
+                Some(format!("line {}, column `image_id`: `{}` is listed twice (first on line {first})", r.line, r.image))
             } else if !files.contains_key(&r.image) {
-                Some(format!("row {}: image `{}` is listed but no {}.jpg exists in {:?}", r.line, r.image, r.image, c.image_dirs))
+                Some(format!("line {}: image `{}` is listed but no {}.jpg exists in {:?}", r.line, r.image, r.image, c.image_dirs))
             } else {
                 None
             };
@@ -207,18 +189,12 @@ impl Stage for Ham10000 {
             .iter()
             .map(|r| {
                 let path = files[&r.image].clone();
-                Item {
-                    id: r.image.clone(),
-                    source: path.strip_prefix(&root).unwrap_or(&path).to_string_lossy().into_owned(),
-                    path,
-                    patient: r.lesion.clone(),
-                    split: split_of[r.lesion.as_str()],
-                    label: CLASSES.iter().position(|k| *k == r.dx).map(|i| i as i32),
-                }
+                let source = path.strip_prefix(&root).unwrap_or(&path).to_string_lossy().into_owned();
+                Item::new(r.image.clone(), path, source, r.lesion.clone(), split_of[r.lesion.as_str()], CLASSES.iter().position(|k| *k == r.dx).map(|i| i as i32))
             })
             .collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions { size: c.size, channels: c.channels, aspect: c.aspect, on_error: c.on_error, row_group: c.row_group, previews: c.previews };
+        let opts = WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews);
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

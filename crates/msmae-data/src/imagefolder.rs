@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, WriteOptions, check_options, output_decl, write_image_table};
+use crate::ingest::{Item, Reject, WriteOptions, check_options, output_decl, write_image_table};
 pub use crate::ingest::OnError;
 use crate::table::{Split, SplitFractions};
 
@@ -60,6 +60,11 @@ pub struct ImageFolderConfig {
     pub patient_separator: Option<String>,
     #[serde(default)]
     pub on_error: OnError,
+    /// Segmentation pairs: files named `<image stem><mask_suffix>[_<n>].<ext>` beside an
+    /// image are its masks (BUSI: `_mask`, with `_mask_1`, `_mask_2`, … merged), and every
+    /// image must have at least one.
+    #[serde(default)]
+    pub mask_suffix: Option<String>,
     /// File extensions taken as images (case-insensitive); other files are ignored.
     #[serde(default = "d_ext")]
     pub extensions: Vec<String>,
@@ -77,6 +82,7 @@ struct Found {
     class: String,
     split: Option<Split>,
     patient: String,
+    masks: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -145,7 +151,7 @@ fn scan(root: &Path, c: &ImageFolderConfig) -> Result<(Vec<Found>, usize), Stage
                     Some(sep) if !sep.is_empty() => stem.split(sep.as_str()).next().unwrap_or(&stem).to_string(),
                     _ => rel.clone(),
                 };
-                found.push(Found { path: p, rel, class: class.clone(), split, patient });
+                found.push(Found { path: p, rel, class: class.clone(), split, patient, masks: Vec::new() });
                 n += 1;
             }
         }
@@ -155,6 +161,50 @@ fn scan(root: &Path, c: &ImageFolderConfig) -> Result<(Vec<Found>, usize), Stage
     }
     found.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok((found, ignored))
+}
+
+/// The image stem a mask file belongs to: `<base><suffix>` or `<base><suffix>_<digits>`.
+fn mask_base<'a>(stem: &'a str, suffix: &str) -> Option<&'a str> {
+    let pos = stem.rfind(suffix)?;
+    let rest = &stem[pos + suffix.len()..];
+    let numbered = rest.strip_prefix('_').is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    (pos > 0 && (rest.is_empty() || numbered)).then(|| &stem[..pos])
+}
+
+/// Move mask files onto their images. An image without a mask, or a mask without an
+/// image, is an error naming the file, or with `on_error: skip` a reject.
+fn pair_masks(found: Vec<Found>, suffix: &str, on_error: OnError) -> Result<(Vec<Found>, Vec<Reject>), StageError> {
+    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let (masks, mut images): (Vec<Found>, Vec<Found>) = found.into_iter().partition(|f| mask_base(&stem(&f.path), suffix).is_some());
+    let index: BTreeMap<(PathBuf, String), usize> = images.iter().enumerate().map(|(i, f)| ((f.path.with_file_name(""), stem(&f.path)), i)).collect();
+    let mut rejects = Vec::new();
+    let mut problem = |path: &Path, rel: &str, msg: String| -> Result<(), StageError> {
+        match on_error {
+            OnError::Skip => {
+                rejects.push(Reject { path: rel.to_string(), reason: msg });
+                Ok(())
+            }
+            OnError::Fail => Err(StageError::data(path, None, format!("{msg} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
+        }
+    };
+    for m in masks {
+        let s = stem(&m.path);
+        let base = mask_base(&s, suffix).unwrap_or_default().to_string();
+        match index.get(&(m.path.with_file_name(""), base.clone())) {
+            Some(&i) => images[i].masks.push(m.path),
+            None => problem(&m.path, &m.rel, format!("mask without an image: no `{base}.*` beside it"))?,
+        }
+    }
+    let mut kept = Vec::with_capacity(images.len());
+    for mut f in images {
+        if f.masks.is_empty() {
+            problem(&f.path, &f.rel, format!("image without a mask: no `{}{suffix}.*` beside it", stem(&f.path)))?;
+            continue;
+        }
+        f.masks.sort();
+        kept.push(f);
+    }
+    Ok((kept, rejects))
 }
 
 /// Give every patient one split: the folder's (val carved out of train when absent), or a
@@ -197,7 +247,7 @@ fn assign_splits(found: &mut [Found], c: &ImageFolderConfig, seed: u64) -> Resul
 impl Stage for ImageFolder {
     type Config = ImageFolderConfig;
     const KIND: &'static str = "ingest/imagefolder";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "ImageFolder layout (ROOT/[split/]class/image) → image table, splits by patient";
 
     fn code_fingerprint(&self) -> &'static str {
@@ -209,6 +259,9 @@ impl Stage for ImageFolder {
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
         if !(0.0..1.0).contains(&c.val_fraction) {
             return err("val_fraction", "must be in [0, 1)");
+        }
+        if c.mask_suffix.as_deref().is_some_and(str::is_empty) {
+            return err("mask_suffix", "must not be empty (BUSI uses `_mask`)");
         }
         if c.extensions.is_empty() {
             return err("extensions", "name at least one image extension");
@@ -234,7 +287,11 @@ impl Stage for ImageFolder {
 
     fn run(&self, c: &ImageFolderConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         let root = ctx.resolve(&c.root);
-        let (mut found, ignored) = scan(&root, c)?;
+        let (found, ignored) = scan(&root, c)?;
+        let (mut found, rejects) = match c.mask_suffix.as_deref() {
+            Some(suffix) => pair_masks(found, suffix, c.on_error)?,
+            None => (found, Vec::new()),
+        };
         assign_splits(&mut found, c, ctx.seed)?;
         if ignored > 0 {
             tracing::info!("{}: {ignored} files without an image extension ignored", ctx.name);
@@ -244,11 +301,12 @@ impl Stage for ImageFolder {
             .into_iter()
             .map(|f| {
                 let split = f.split.ok_or_else(|| StageError::other(format!("{}: no split assigned", f.rel)))?;
-                Ok(Item { id: f.rel.clone(), label: names.iter().position(|n| n == &f.class).map(|i| i as i32), path: f.path, source: f.rel, patient: f.patient, split })
+                let label = names.iter().position(|n| n == &f.class).map(|i| i as i32);
+                Ok(Item { masks: f.masks, ..Item::new(f.rel.clone(), f.path, f.rel, f.patient, split, label) })
             })
             .collect::<Result<Vec<_>, StageError>>()?;
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions { size: c.size, channels: c.channels, aspect: c.aspect, on_error: c.on_error, row_group: c.row_group, previews: c.previews };
-        write_image_table(ctx, provenance, &names, &items, opts, Vec::new())
+        let opts = WriteOptions { masks: c.mask_suffix.is_some(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

@@ -10,7 +10,7 @@ use sha2::Digest;
 
 use msmae_core::{ConfigError, OutputDecl, StageContext, StageError};
 
-use crate::decode::{Aspect, decode_file};
+use crate::decode::{Aspect, DecodeError, Decoded, decode_file, decode_masks};
 use crate::report::SplitTally;
 use crate::table::{ImageRow, ImageTableWriter, Split, TableMeta};
 
@@ -34,7 +34,19 @@ pub struct Item {
     pub source: String,
     pub patient: String,
     pub split: Split,
+    /// Class index (single-label sources).
     pub label: Option<i32>,
+    /// Multi-hot over the label names (multi-label sources).
+    pub labels: Option<Vec<u8>>,
+    /// Mask files of a segmentation source, merged into one mask (empty: no mask).
+    pub masks: Vec<PathBuf>,
+}
+
+impl Item {
+    /// A single-label item without masks.
+    pub fn new(id: String, path: PathBuf, source: String, patient: String, split: Split, label: Option<i32>) -> Self {
+        Self { id, path, source, patient, split, label, labels: None, masks: Vec::new() }
+    }
 }
 
 /// Something left out, and why.
@@ -53,6 +65,17 @@ pub struct WriteOptions {
     pub on_error: OnError,
     pub row_group: u32,
     pub previews: u32,
+    /// Items carry multi-hot `labels` instead of a `label`.
+    pub multi_label: bool,
+    /// Items carry mask files (a segmentation source): every row gets a mask.
+    pub masks: bool,
+}
+
+impl WriteOptions {
+    /// Single-label, no masks.
+    pub fn new(size: u32, channels: u32, aspect: Aspect, on_error: OnError, row_group: u32, previews: u32) -> Self {
+        Self { size, channels, aspect, on_error, row_group, previews, multi_label: false, masks: false }
+    }
 }
 
 /// The artifact every file-based source produces.
@@ -78,6 +101,16 @@ pub fn check_options(size: u32, channels: u32, split: &crate::table::SplitFracti
     Ok(())
 }
 
+/// Decode one item: the image (resized), its merged mask when the source has masks, and
+/// the SHA-256 of the image file. `Err` names the file at fault (image or mask).
+fn decode_item(it: &Item, o: WriteOptions) -> Result<(Decoded, Option<Vec<u8>>, String), (PathBuf, DecodeError)> {
+    let (img, bytes) = decode_file(&it.path, o.size, o.channels, o.aspect).map_err(|e| (it.path.clone(), e))?;
+    let sha = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    drop(bytes);
+    let mask = if o.masks { Some(decode_masks(&it.masks, img.source_width, img.source_height, o.size, o.aspect)?) } else { None };
+    Ok((img, mask, sha))
+}
+
 /// Decode `items` and write `images.parquet`, `split_report.json`, `rejects.json` and
 /// `previews/sheet.png` into the stage's output.
 pub fn write_image_table(
@@ -91,48 +124,49 @@ pub fn write_image_table(
     let meta = TableMeta {
         schema_version: crate::table::SCHEMA_VERSION,
         label_names: label_names.to_vec(),
-        multi_label: false,
+        multi_label: o.multi_label,
         height: o.size,
         width: o.size,
         channels: o.channels,
-        has_masks: false,
+        has_masks: o.masks,
         provenance,
     };
     let table = ctx.output_path("images.parquet")?;
     let mut writer = ImageTableWriter::create(&table, meta, o.row_group as usize)?;
     let mut tally = SplitTally::new(label_names);
-    let mut previews: Vec<Vec<u8>> = Vec::new();
+    let mut previews: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
     let bar = ctx.progress.bar(Some(items.len() as u64), &ctx.name);
     for chunk in items.chunks(o.row_group.max(1) as usize) {
         ctx.cancel.check()?;
-        let decoded: Vec<_> = pool.install(|| chunk.par_iter().map(|it| decode_file(&it.path, o.size, o.channels, o.aspect)).collect());
+        let decoded: Vec<_> = pool.install(|| chunk.par_iter().map(|it| decode_item(it, o)).collect());
         for (it, d) in chunk.iter().zip(decoded) {
-            let (img, bytes) = match d {
+            let (img, mask, sha) = match d {
                 Ok(x) => x,
-                Err(e) if o.on_error == OnError::Skip => {
-                    rejects.push(Reject { path: it.source.clone(), reason: e.to_string() });
+                Err((path, e)) if o.on_error == OnError::Skip => {
+                    let reason = if path == it.path { e.to_string() } else { format!("mask {}: {e}", path.display()) };
+                    rejects.push(Reject { path: it.source.clone(), reason });
                     continue;
                 }
-                Err(e) => return Err(StageError::data(&it.path, None, format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
+                Err((path, e)) => return Err(StageError::data(&path, None, format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
             };
-            tally.add(&it.patient, it.split, it.label, None).map_err(StageError::other)?;
+            tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
             if (previews.len() as u32) < o.previews {
-                previews.push(img.pixels.clone());
+                previews.push((img.pixels.clone(), mask.clone()));
             }
             writer.push(ImageRow {
                 id: it.id.clone(),
                 patient_id: it.patient.clone(),
                 split: it.split,
                 label: it.label,
-                labels: None,
+                labels: it.labels.clone(),
                 width: img.source_width as i32,
                 height: img.source_height as i32,
                 channels: o.channels as i32,
                 pixels: img.pixels,
-                mask: None,
+                mask,
                 source_path: it.source.clone(),
-                source_sha256: sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+                source_sha256: sha,
             })?;
         }
         bar.inc(chunk.len() as u64);
@@ -155,7 +189,7 @@ pub fn write_image_table(
     tracing::info!("{}: split report\n{}", ctx.name, report.table(label_names));
     if !previews.is_empty() {
         let pp = ctx.output_path("previews/sheet.png")?;
-        let imgs: Vec<(&[u8], Option<&[u8]>)> = previews.iter().map(|p| (p.as_slice(), None)).collect();
+        let imgs: Vec<(&[u8], Option<&[u8]>)> = previews.iter().map(|(p, m)| (p.as_slice(), m.as_deref())).collect();
         crate::preview::sheet(&imgs, o.size, o.size, o.channels).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
     }
     Ok(())

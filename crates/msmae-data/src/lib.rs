@@ -8,6 +8,7 @@ pub mod decode;
 pub mod ham10000;
 pub mod imagefolder;
 pub mod ingest;
+pub mod meta;
 pub mod predictions;
 pub mod preview;
 pub mod report;

@@ -70,11 +70,11 @@ fn failure(extra: &str, tweak: impl Fn(&Path)) -> String {
 #[test]
 fn every_mismatch_is_named() {
     let e = failure("HAM_0000099,ISIC_0000001,mel,histo,1,male,back\n", |_| {});
-    assert!(e.contains("row 50, column `image_id`: `ISIC_0000001` is listed twice (first on row 3)"), "{e}");
+    assert!(e.contains("line 50, column `image_id`: `ISIC_0000001` is listed twice (first on line 3)"), "{e}");
     let e = failure("HAM_0000099,ISIC_0000100,melanoma,histo,1,male,back\n", |_| {});
-    assert!(e.contains("row 50, column `dx`: unknown label `melanoma`"), "{e}");
+    assert!(e.contains("line 50, column `dx`: unknown label `melanoma`"), "{e}");
     let e = failure("HAM_0000099,ISIC_0000100,mel,histo,1,male,back\n", |_| {});
-    assert!(e.contains("row 50: image `ISIC_0000100` is listed but no ISIC_0000100.jpg exists"), "{e}");
+    assert!(e.contains("line 50: image `ISIC_0000100` is listed but no ISIC_0000100.jpg exists"), "{e}");
     let e = failure("", |root| jpg(&root.join("HAM10000_images_part_2/ISIC_0009999.jpg"), 1));
     assert!(e.contains("ISIC_0009999.jpg") && e.contains("image `ISIC_0009999` is not listed in HAM10000_metadata.csv"), "{e}");
     let e = failure("", |root| {

@@ -133,3 +133,76 @@ fn an_empty_root_says_what_layout_it_expects() {
     let e = run(&config(&d.path().join("ds"), serde_json::json!({})), d.path()).err().expect("fails");
     assert!(e.to_string().contains("no class folders: expected ROOT/<class>/<image> or ROOT/<split>/<class>/<image>"), "{e}");
 }
+
+/// A BUSI-style release: `<class>/<name> (i).png` with `<name> (i)_mask.png` and, for some,
+/// `_mask_1.png`; masks are 0/255, RGB for some images as in the published set.
+fn busi(root: &Path) {
+    for (class, n) in [("benign", 6), ("malignant", 4), ("normal", 3)] {
+        for i in 1..=n {
+            let stem = format!("{class} ({i})");
+            write_png(&root.join(format!("{class}/{stem}.png")), 40, 32, 90 + i as u8, true);
+            let lesion = class != "normal";
+            let mask = image::GrayImage::from_fn(40, 32, |x, y| image::Luma([if lesion && (4..20).contains(&x) && (4..28).contains(&y) { 255 } else { 0 }]));
+            if i % 2 == 0 {
+                image::DynamicImage::ImageLuma8(mask).to_rgb8().save(root.join(format!("{class}/{stem}_mask.png"))).expect("rgb mask");
+            } else {
+                mask.save(root.join(format!("{class}/{stem}_mask.png"))).expect("mask");
+            }
+            if lesion && i == 1 {
+                // a second lesion in the right half, merged into the same mask
+                image::GrayImage::from_fn(40, 32, |x, y| image::Luma([if (24..36).contains(&x) && (8..16).contains(&y) { 255 } else { 0 }]))
+                    .save(root.join(format!("{class}/{stem}_mask_1.png")))
+                    .expect("mask 1");
+            }
+        }
+    }
+}
+
+#[test]
+fn segmentation_pairs_merge_masks_and_every_image_needs_one() {
+    let d = tempfile::tempdir().expect("tmp");
+    let root = d.path().join("Dataset_BUSI_with_GT");
+    busi(&root);
+    let out = d.path().join("out");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    // crop 40×32 → central 32×32 (x 4..36), then 16×16: 2 source px per table px
+    run(&config(&root, serde_json::json!({ "mask_suffix": "_mask", "channels": 3 })), &out).expect("ingest");
+    let meta = table::read_meta(&out.join("images.parquet")).expect("meta");
+    assert!(meta.has_masks);
+    assert_eq!(meta.label_names, ["benign", "malignant", "normal"]);
+    let rows = table::read_rows(&out.join("images.parquet")).expect("rows");
+    assert_eq!(rows.len(), 13, "masks are not images");
+    for r in &rows {
+        let m = r.mask.as_ref().expect("every row has a mask");
+        assert_eq!(m.len(), 256);
+        assert!(m.iter().all(|&v| v <= 1));
+        let fg: usize = m.iter().map(|&v| usize::from(v)).sum();
+        if r.id.starts_with("normal/") {
+            assert_eq!(fg, 0, "{}", r.id);
+        } else if r.id.ends_with(" (1).png") {
+            // first lesion x 4..20 → table x 0..8 (8 px × 12 rows) + second x 24..36 → 10..16 (6 × 4)
+            assert_eq!(fg, 8 * 12 + 6 * 4, "{}: masks merged", r.id);
+            assert_eq!(m[5 * 16 + 12], 1, "the second mask's lesion is in");
+        } else {
+            assert_eq!(fg, 8 * 12, "{}", r.id);
+            assert_eq!((m[2 * 16], m[2 * 16 + 8]), (1, 0), "lesion on the left only");
+        }
+    }
+    // an image without a mask, and a mask without an image: named, or rejected with skip
+    std::fs::remove_file(root.join("benign/benign (2)_mask.png")).expect("rm");
+    std::fs::copy(root.join("benign/benign (3)_mask.png"), root.join("malignant/malignant (9)_mask.png")).expect("cp");
+    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("x")).err().expect("fails").to_string();
+    assert!(e.contains("benign (2).png") && e.contains("image without a mask") || e.contains("malignant (9)_mask.png") && e.contains("mask without an image"), "{e}");
+    let out2 = d.path().join("out2");
+    std::fs::create_dir_all(&out2).expect("mkdir");
+    run(&config(&root, serde_json::json!({ "mask_suffix": "_mask", "on_error": "skip" })), &out2).expect("skips");
+    assert_eq!(table::read_rows(&out2.join("images.parquet")).expect("rows").len(), 12);
+    let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(out2.join("rejects.json")).expect("rejects")).expect("json");
+    let text = rejects.to_string();
+    assert!(text.contains("benign/benign (2).png") && text.contains("malignant/malignant (9)_mask.png"), "{text}");
+    // a mask of another size than its image is named
+    image::GrayImage::new(10, 10).save(root.join("benign/benign (2)_mask.png")).expect("small mask");
+    std::fs::remove_file(root.join("malignant/malignant (9)_mask.png")).expect("rm");
+    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("y")).err().expect("fails").to_string();
+    assert!(e.contains("benign (2)_mask.png") && e.contains("mask is 10×10 but its image is 40×32"), "{e}");
+}

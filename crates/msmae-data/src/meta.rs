@@ -1,0 +1,134 @@
+//! Metadata tables of the sources (label CSVs, manifests in CSV or Parquet) read as text
+//! columns, so that every value is checked by the source itself and an error can name the
+//! file, the line and the column.
+//!
+//! CSV goes through polars (every column as text, ragged lines truncated so that copies
+//! with a trailing comma on every line read the same); Parquet through arrow, each column
+//! cast to text.
+
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, StringArray};
+use arrow::datatypes::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use polars::prelude::*;
+
+use msmae_core::StageError;
+
+/// A table of optional text values, column-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextTable {
+    path: PathBuf,
+    names: Vec<String>,
+    cols: Vec<Vec<Option<String>>>,
+    /// CSV rows are named by their line (header is line 1); Parquet rows by their index.
+    csv: bool,
+}
+
+impl TextTable {
+    /// Read a CSV file with a header line; `separator` is usually `b','`.
+    pub fn read_csv(path: &Path, separator: u8) -> Result<Self, StageError> {
+        if !path.is_file() {
+            return Err(StageError::data(path, None, "file not found"));
+        }
+        let df = CsvReadOptions::default()
+            .with_has_header(true)
+            .with_infer_schema_length(Some(0)) // every column as text: values are checked by the source
+            .map_parse_options(|p| p.with_separator(separator).with_truncate_ragged_lines(true))
+            .try_into_reader_with_file_path(Some(path.to_path_buf()))
+            .and_then(|r| r.finish())
+            .map_err(|e| StageError::data(path, None, format!("cannot read the CSV: {e}")))?;
+        let mut names = Vec::new();
+        let mut cols = Vec::new();
+        for col in df.columns() {
+            let s = col.as_materialized_series().str().map_err(|e| StageError::data(path, Some(format!("column `{}`", col.name())), e.to_string()))?;
+            names.push(col.name().trim_start_matches('\u{feff}').trim().to_string());
+            cols.push((0..s.len()).map(|i| s.get(i).map(str::to_string)).collect());
+        }
+        Ok(Self { path: path.into(), names, cols, csv: true })
+    }
+
+    /// Read a Parquet file; every column is cast to text.
+    pub fn read_parquet(path: &Path) -> Result<Self, StageError> {
+        let fmt = |m: String| StageError::data(path, None, m);
+        let f = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| fmt(format!("not a readable Parquet file: {e}")))?;
+        let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
+        let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); names.len()];
+        for batch in builder.build().map_err(|e| fmt(e.to_string()))? {
+            let batch = batch.map_err(|e| fmt(e.to_string()))?;
+            for (i, a) in batch.columns().iter().enumerate() {
+                let text = arrow::compute::cast(a, &DataType::Utf8).map_err(|e| StageError::data(path, Some(format!("column `{}`", names[i])), format!("cannot read as text: {e}")))?;
+                let s = text.as_any().downcast_ref::<StringArray>().ok_or_else(|| fmt(format!("column `{}`: not text after cast", names[i])))?;
+                cols[i].extend((0..s.len()).map(|r| s.is_valid(r).then(|| s.value(r).to_string())));
+            }
+        }
+        Ok(Self { path: path.into(), names, cols, csv: false })
+    }
+
+    /// CSV or Parquet by the file's extension (`.parquet`/`.pq` → Parquet).
+    pub fn read(path: &Path) -> Result<Self, StageError> {
+        let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        if ext == "parquet" || ext == "pq" { Self::read_parquet(path) } else { Self::read_csv(path, b',') }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn len(&self) -> usize {
+        self.cols.first().map_or(0, Vec::len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+
+    /// How an error names row `row` (0-based): its line in a CSV, its index in Parquet.
+    pub fn row_name(&self, row: usize) -> String {
+        if self.csv { format!("line {}", row + 2) } else { format!("row {row}") }
+    }
+
+    /// The column `name`; the error lists the columns the file has and what was expected.
+    pub fn column(&self, name: &str, expected: &str) -> Result<Column<'_>, StageError> {
+        let idx = self.names.iter().position(|n| n == name).ok_or_else(|| {
+            StageError::data(&self.path, Some(format!("header, column `{name}`")), format!("missing column `{name}`; the file has columns {:?} (expected {expected})", self.names))
+        })?;
+        Ok(Column { table: self, name: &self.names[idx], idx })
+    }
+
+    /// An error about row `row`, column `col`.
+    pub fn error(&self, row: usize, col: &str, message: impl Into<String>) -> StageError {
+        StageError::data(&self.path, Some(format!("{}, column `{col}`", self.row_name(row))), message)
+    }
+}
+
+/// One column of a [`TextTable`].
+#[derive(Debug, Clone, Copy)]
+pub struct Column<'a> {
+    table: &'a TextTable,
+    name: &'a str,
+    idx: usize,
+}
+
+impl<'a> Column<'a> {
+    /// The trimmed value, `None` when empty or null.
+    pub fn get(&self, row: usize) -> Option<&'a str> {
+        self.table.cols[self.idx][row].as_deref().map(str::trim).filter(|s| !s.is_empty())
+    }
+    /// The trimmed value; an error naming the line and column when empty.
+    pub fn require(&self, row: usize) -> Result<&'a str, StageError> {
+        self.get(row).ok_or_else(|| self.table.error(row, self.name, "empty value"))
+    }
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+    /// An error about this column at `row`.
+    pub fn error(&self, row: usize, message: impl Into<String>) -> StageError {
+        self.table.error(row, self.name, message)
+    }
+}
