@@ -194,3 +194,65 @@ pub fn write_image_table(
     }
     Ok(())
 }
+
+/// Applies the bad-input policy to one problem at a time: with `fail` the first problem is
+/// the stage's error (naming the file and what to change), with `skip` it becomes a reject.
+#[derive(Debug)]
+pub struct Triage {
+    pub on_error: OnError,
+    pub rejects: Vec<Reject>,
+}
+
+impl Triage {
+    pub fn new(on_error: OnError) -> Self {
+        Self { on_error, rejects: Vec::new() }
+    }
+
+    /// `file` is where the problem is (a metadata file or an image), `what` how the rejects
+    /// list names the entry (relative path or `file:line`), `location` the row/column.
+    pub fn problem(&mut self, file: &std::path::Path, location: Option<String>, what: String, message: String) -> Result<(), StageError> {
+        match self.on_error {
+            OnError::Skip => {
+                let reason = match location {
+                    Some(l) => format!("{l}: {message}"),
+                    None => message,
+                };
+                self.rejects.push(Reject { path: what, reason });
+                Ok(())
+            }
+            OnError::Fail => Err(StageError::data(file, location, format!("{message} (set `on_error: skip` to leave such entries out and list them in rejects.json)"))),
+        }
+    }
+}
+
+/// Every file with one of `extensions` (lower case, no dot) directly in `dirs`, by
+/// `key(file name)`; the same key in two places is an error naming both files.
+pub fn index_files(dirs: &[PathBuf], extensions: &[&str], key: impl Fn(&str) -> String) -> Result<std::collections::BTreeMap<String, PathBuf>, StageError> {
+    let mut files = std::collections::BTreeMap::new();
+    for d in dirs {
+        for e in std::fs::read_dir(d).map_err(|e| StageError::io(d, e))? {
+            let p = e.map_err(|e| StageError::io(d, e))?.path();
+            let ext = p.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            if !p.is_file() || !extensions.contains(&ext.as_str()) {
+                continue;
+            }
+            let name = p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            if let Some(prev) = files.insert(key(&name), p.clone()) {
+                return Err(StageError::data(&p, None, format!("`{name}` also exists as {}: one image, two files", prev.display())));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Lines of a list file (one name per line): trimmed, blank lines and a BOM dropped; with
+/// the 1-based line number of each.
+pub fn read_list(path: &std::path::Path) -> Result<Vec<(usize, String)>, StageError> {
+    let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
+    Ok(text.trim_start_matches('\u{feff}').lines().enumerate().map(|(i, l)| (i + 1, l.trim().to_string())).filter(|(_, l)| !l.is_empty()).collect())
+}
+
+/// `path` relative to `root`, with `/` separators (the table's `source_path`).
+pub fn relative(path: &std::path::Path, root: &std::path::Path) -> String {
+    path.strip_prefix(root).unwrap_or(path).to_string_lossy().replace('\\', "/")
+}

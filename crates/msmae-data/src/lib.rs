@@ -1,9 +1,11 @@
 //! Dataset ingestion for msmae: sources → one Parquet image table (see [`table`]) with
 //! patient-level splits, a split report and a preview sheet. Stages:
 //! [`synthetic::Synthetic`] (`ingest/synthetic`), [`imagefolder::ImageFolder`]
-//! (`ingest/imagefolder`), [`ham10000::Ham10000`] (`ingest/ham10000`).
+//! (`ingest/imagefolder`), [`ham10000::Ham10000`] (`ingest/ham10000`), [`chestxray14::ChestXray14`]
+//! (`ingest/chestxray14`).
 
 pub mod attention;
+pub mod chestxray14;
 pub mod decode;
 pub mod ham10000;
 pub mod imagefolder;
@@ -16,6 +18,7 @@ pub mod synthetic;
 pub mod table;
 
 pub use attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRow, read_attention, write_attention};
+pub use chestxray14::ChestXray14;
 pub use ham10000::Ham10000;
 pub use imagefolder::ImageFolder;
 pub use predictions::{PREDICTIONS_SCHEMA_VERSION, PredictionMeta, PredictionRow, read_predictions, write_predictions};
