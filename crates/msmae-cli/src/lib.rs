@@ -25,6 +25,7 @@ pub fn registry() -> Registry {
         .register(msmae_data::ImageFolder)
         .register(msmae_data::Ham10000)
         .register(msmae_data::ChestXray14)
+        .register(msmae_data::Messidor2)
         .register(msmae_mask::MsmaeMask)
         .register(msmae_mask::AttmaskMask)
         .register(msmae_mask::RandomMask);
