@@ -26,6 +26,7 @@ pub fn registry() -> Registry {
         .register(msmae_data::Ham10000)
         .register(msmae_data::ChestXray14)
         .register(msmae_data::Messidor2)
+        .register(msmae_data::Manifest)
         .register(msmae_mask::MsmaeMask)
         .register(msmae_mask::AttmaskMask)
         .register(msmae_mask::RandomMask);

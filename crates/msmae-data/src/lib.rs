@@ -2,7 +2,8 @@
 //! patient-level splits, a split report and a preview sheet. Stages:
 //! [`synthetic::Synthetic`] (`ingest/synthetic`), [`imagefolder::ImageFolder`]
 //! (`ingest/imagefolder`), [`ham10000::Ham10000`] (`ingest/ham10000`), [`chestxray14::ChestXray14`]
-//! (`ingest/chestxray14`), [`messidor2::Messidor2`] (`ingest/messidor2`).
+//! (`ingest/chestxray14`), [`messidor2::Messidor2`] (`ingest/messidor2`),
+//! [`manifest::Manifest`] (`ingest/manifest`).
 
 pub mod attention;
 pub mod chestxray14;
@@ -10,6 +11,7 @@ pub mod decode;
 pub mod ham10000;
 pub mod imagefolder;
 pub mod ingest;
+pub mod manifest;
 pub mod messidor2;
 pub mod meta;
 pub mod predictions;
@@ -21,6 +23,7 @@ pub mod table;
 pub use attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRow, read_attention, write_attention};
 pub use chestxray14::ChestXray14;
 pub use ham10000::Ham10000;
+pub use manifest::Manifest;
 pub use messidor2::Messidor2;
 pub use imagefolder::ImageFolder;
 pub use predictions::{PREDICTIONS_SCHEMA_VERSION, PredictionMeta, PredictionRow, read_predictions, write_predictions};

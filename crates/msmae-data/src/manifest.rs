@@ -1,0 +1,311 @@
+//! `ingest/manifest`: any dataset described by a CSV or Parquet manifest — one row per
+//! image with a path column, label(s) in one of three forms, and optional patient, split,
+//! id and mask columns. Image paths are relative to `root` (default: the manifest's
+//! folder) unless absolute; images may be PNG, JPEG, TIFF, BMP or DICOM.
+//!
+//! Labels: `label_column` (one class name per row), `labels_column` (names joined by
+//! `separator`, multi-label) or `label_columns` (one 0/1 column per label, multi-label).
+//! Class names and their order come from `classes`, or are the sorted distinct values.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
+
+use crate::decode::Aspect;
+use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, output_decl, write_image_table};
+use crate::meta::TextTable;
+use crate::table::{Split, SplitFractions};
+
+fn d_path() -> String {
+    "path".into()
+}
+fn d_sep() -> String {
+    "|".into()
+}
+fn d_size() -> u32 {
+    224
+}
+fn d_channels() -> u32 {
+    3
+}
+fn d_row_group() -> u32 {
+    256
+}
+fn d_previews() -> u32 {
+    16
+}
+
+/// `with:` of `ingest/manifest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestConfig {
+    /// The manifest (`.csv`, or `.parquet`/`.pq`), relative to the pipeline file.
+    pub manifest: PathBuf,
+    /// Base of relative image paths; default: the manifest's folder.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    #[serde(default = "d_path")]
+    pub path_column: String,
+    /// Image id column; default: the path as written in the manifest.
+    #[serde(default)]
+    pub id_column: Option<String>,
+    /// One class name per row (single-label).
+    #[serde(default)]
+    pub label_column: Option<String>,
+    /// Class names joined by `separator` (multi-label; empty = no label).
+    #[serde(default)]
+    pub labels_column: Option<String>,
+    /// One 0/1 column per label (multi-label); the column names are the label names.
+    #[serde(default)]
+    pub label_columns: Option<Vec<String>>,
+    #[serde(default = "d_sep")]
+    pub separator: String,
+    /// Class names in label order; default: sorted distinct values.
+    #[serde(default)]
+    pub classes: Option<Vec<String>>,
+    /// Patient column; default: every image its own patient.
+    #[serde(default)]
+    pub patient_column: Option<String>,
+    /// Split column (`train`/`val`/`test`, also `training`, `valid`, `validation`,
+    /// `testing`); default: a seeded split of patients by `split`.
+    #[serde(default)]
+    pub split_column: Option<String>,
+    /// Mask path(s) of a segmentation dataset, several joined by `separator` are merged.
+    #[serde(default)]
+    pub mask_column: Option<String>,
+    #[serde(default = "d_size")]
+    pub size: u32,
+    #[serde(default = "d_channels")]
+    pub channels: u32,
+    #[serde(default)]
+    pub aspect: Aspect,
+    #[serde(default)]
+    pub split: SplitFractions,
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default = "d_row_group")]
+    pub row_group: u32,
+    #[serde(default = "d_previews")]
+    pub previews: u32,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Manifest;
+
+fn parse_split(s: &str) -> Option<Split> {
+    match s.to_ascii_lowercase().as_str() {
+        "train" | "training" => Some(Split::Train),
+        "val" | "valid" | "validation" => Some(Split::Val),
+        "test" | "testing" => Some(Split::Test),
+        _ => None,
+    }
+}
+
+/// One accepted manifest row.
+struct Row {
+    id: String,
+    path: PathBuf,
+    source: String,
+    patient: String,
+    split: Option<Split>,
+    label: Option<i32>,
+    labels: Option<Vec<u8>>,
+    masks: Vec<PathBuf>,
+}
+
+impl Stage for Manifest {
+    type Config = ManifestConfig;
+    const KIND: &'static str = "ingest/manifest";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "CSV/Parquet manifest (path, label(s), patient, split, mask columns) → image table";
+
+    fn code_fingerprint(&self) -> &'static str {
+        msmae_core::code_fingerprint!()
+    }
+
+    fn validate(&self, c: &ManifestConfig) -> Result<(), ConfigError> {
+        check_options(c.size, c.channels, &c.split, c.row_group)?;
+        let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
+        let forms = [c.label_column.is_some(), c.labels_column.is_some(), c.label_columns.is_some()].iter().filter(|b| **b).count();
+        if forms > 1 {
+            return err("label_column", "give one of label_column, labels_column, label_columns");
+        }
+        if c.label_columns.as_ref().is_some_and(Vec::is_empty) {
+            return err("label_columns", "name at least one column");
+        }
+        if c.label_columns.is_some() && c.classes.is_some() {
+            return err("classes", "with label_columns the column names are the classes");
+        }
+        if c.separator.is_empty() {
+            return err("separator", "must not be empty");
+        }
+        if c.classes.as_ref().is_some_and(|v| v.iter().collect::<BTreeSet<_>>().len() != v.len() || v.is_empty()) {
+            return err("classes", "must be a non-empty list of distinct names");
+        }
+        Ok(())
+    }
+
+    fn inputs(&self, _: &ManifestConfig) -> Vec<InputSlot> {
+        Vec::new()
+    }
+
+    fn output(&self, _: &ManifestConfig) -> OutputDecl {
+        output_decl()
+    }
+
+    fn external_inputs(&self, c: &ManifestConfig) -> Vec<PathBuf> {
+        let mut v = vec![c.manifest.clone()];
+        v.extend(c.root.clone());
+        v
+    }
+
+    fn resources(&self, _: &ManifestConfig) -> Resources {
+        Resources::Exclusive
+    }
+
+    fn run(&self, c: &ManifestConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let manifest = ctx.resolve(&c.manifest);
+        let root = match &c.root {
+            Some(r) => ctx.resolve(r),
+            None => manifest.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        let t = TextTable::read(&manifest)?;
+        let expected = "the columns named in the stage's `with:`";
+        let path_col = t.column(&c.path_column, expected)?;
+        let opt = |name: &Option<String>| name.as_deref().map(|n| t.column(n, expected)).transpose();
+        let (id_col, label_col, labels_col, patient_col, split_col, mask_col) =
+            (opt(&c.id_column)?, opt(&c.label_column)?, opt(&c.labels_column)?, opt(&c.patient_column)?, opt(&c.split_column)?, opt(&c.mask_column)?);
+        let hot_cols = c.label_columns.as_ref().map(|v| v.iter().map(|n| t.column(n, expected)).collect::<Result<Vec<_>, _>>()).transpose()?;
+
+        // Class names: given, or the sorted distinct values.
+        let names: Vec<String> = match (&c.classes, &hot_cols, label_col, labels_col) {
+            (Some(v), ..) => v.clone(),
+            (None, Some(cols), ..) => cols.iter().map(|c| c.name().to_string()).collect(),
+            (None, None, Some(col), _) => (0..t.len()).filter_map(|i| col.get(i)).map(str::to_string).collect::<BTreeSet<_>>().into_iter().collect(),
+            (None, None, None, Some(col)) => {
+                (0..t.len()).filter_map(|i| col.get(i)).flat_map(|v| v.split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string)).collect::<BTreeSet<_>>().into_iter().collect()
+            }
+            _ => Vec::new(),
+        };
+        let class_index = |col: &crate::meta::Column<'_>, v: &str| -> Result<usize, String> {
+            names.iter().position(|n| n == v).ok_or_else(|| format!("unknown label `{v}` in column `{}` (classes: {})", col.name(), names.join(", ")))
+        };
+
+        let manifest_name = manifest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut triage = Triage::new(c.on_error);
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut rows: Vec<Row> = Vec::new();
+        for i in 0..t.len() {
+            let what = format!("{manifest_name}:{}", t.row_name(i));
+            let written = path_col.require(i)?;
+            let id = match id_col {
+                Some(col) => col.require(i)?.to_string(),
+                None => written.to_string(),
+            };
+            let loc = |col: &str| Some(format!("{}, column `{col}`", t.row_name(i)));
+            if let Some(first) = seen.insert(id.clone(), i) {
+                let col = c.id_column.as_deref().unwrap_or(&c.path_column);
+                triage.problem(&manifest, loc(col), what, format!("id `{id}` is listed twice (first on {})", t.row_name(first)))?;
+                continue;
+            }
+            let path = root.join(written);
+            if !path.is_file() {
+                triage.problem(&manifest, loc(&c.path_column), what, format!("image `{}` is listed but does not exist", path.display()))?;
+                continue;
+            }
+            let mut label = None;
+            let mut labels = None;
+            let mut bad: Option<(String, String)> = None;
+            if let Some(col) = label_col {
+                match col.get(i).map(|v| class_index(&col, v)) {
+                    Some(Ok(k)) => label = Some(k as i32),
+                    Some(Err(m)) => bad = Some((col.name().to_string(), m)),
+                    None => bad = Some((col.name().to_string(), "empty label".into())),
+                }
+            } else if let Some(col) = labels_col {
+                let mut hot = vec![0u8; names.len()];
+                for v in col.get(i).unwrap_or("").split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()) {
+                    match class_index(&col, v) {
+                        Ok(k) => hot[k] = 1,
+                        Err(m) => bad = Some((col.name().to_string(), m)),
+                    }
+                }
+                labels = Some(hot);
+            } else if let Some(cols) = &hot_cols {
+                let mut hot = Vec::with_capacity(cols.len());
+                for col in cols {
+                    match col.get(i).and_then(|v| v.parse::<f64>().ok()) {
+                        Some(v) if v == 0.0 || v == 1.0 => hot.push(v as u8),
+                        _ => bad = Some((col.name().to_string(), format!("`{}` is not 0 or 1", col.get(i).unwrap_or("")))),
+                    }
+                }
+                labels = Some(hot);
+            }
+            let split = match split_col {
+                Some(col) => match col.get(i).map(|v| (v, parse_split(v))) {
+                    Some((_, Some(s))) => Some(s),
+                    Some((v, None)) => {
+                        bad = Some((col.name().to_string(), format!("unknown split `{v}` (expected train, val or test)")));
+                        None
+                    }
+                    None => {
+                        bad = Some((col.name().to_string(), "empty split".into()));
+                        None
+                    }
+                },
+                None => None,
+            };
+            let masks: Vec<PathBuf> = match mask_col {
+                Some(col) => col.get(i).unwrap_or("").split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(|m| root.join(m)).collect(),
+                None => Vec::new(),
+            };
+            if mask_col.is_some() && masks.is_empty() {
+                bad = Some((c.mask_column.clone().unwrap_or_default(), "no mask path".into()));
+            }
+            if let Some(m) = masks.iter().find(|m| !m.is_file()) {
+                bad = Some((c.mask_column.clone().unwrap_or_default(), format!("mask `{}` does not exist", m.display())));
+            }
+            if let Some((col, m)) = bad {
+                triage.problem(&manifest, loc(&col), what, m)?;
+                continue;
+            }
+            let patient = match patient_col {
+                Some(col) => col.require(i)?.to_string(),
+                None => id.clone(),
+            };
+            let source = crate::ingest::relative(&path, &root);
+            rows.push(Row { id, path, source, patient, split, label, labels, masks });
+        }
+
+        // Splits: the manifest's (checked patient-disjoint) or a seeded draw by patient.
+        let mut split_of: BTreeMap<String, Split> = BTreeMap::new();
+        if split_col.is_some() {
+            for r in &rows {
+                let s = r.split.unwrap_or(Split::Train);
+                if let Some(prev) = split_of.insert(r.patient.clone(), s) {
+                    if prev != s {
+                        return Err(StageError::data(&manifest, Some(format!("column `{}`", c.split_column.clone().unwrap_or_default())), format!("patient `{}` is in both {} and {}: splits must be by patient", r.patient, prev.as_str(), s.as_str())));
+                    }
+                }
+            }
+        } else {
+            let patients: Vec<String> = rows.iter().map(|r| r.patient.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let splits = c.split.assign(patients.len(), &mut seeded_rng(ctx.seed, &["manifest/splits".into()]));
+            split_of.extend(patients.into_iter().zip(splits));
+        }
+        let multi = labels_col.is_some() || hot_cols.is_some();
+        let items: Vec<Item> = rows
+            .into_iter()
+            .map(|r| {
+                let split = split_of[&r.patient];
+                Item { labels: r.labels, masks: r.masks, ..Item::new(r.id, r.path, r.source, r.patient, split, r.label) }
+            })
+            .collect();
+        let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
+        let opts = WriteOptions { multi_label: multi, masks: c.mask_column.is_some(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
+    }
+}

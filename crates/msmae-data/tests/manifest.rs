@@ -1,0 +1,135 @@
+//! `ingest/manifest`: CSV and Parquet manifests, the three label forms, patient and split
+//! columns, masks, and each bad row named by line and column.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use msmae_core::{ExecEnv, NoProgress, Stage, StageContext, StageError};
+use msmae_data::manifest::{Manifest, ManifestConfig};
+use msmae_data::table::{self, Split};
+
+fn png(p: &Path, v: u8) {
+    std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+    image::GrayImage::from_fn(20, 20, |x, _| image::Luma([if x < 10 { v } else { 255 - v }])).save(p).expect("png");
+}
+
+fn run(extra: serde_json::Value, out: &Path) -> Result<(), StageError> {
+    let c: ManifestConfig = serde_json::from_value(extra).expect("config");
+    Manifest.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
+    std::fs::create_dir_all(out).expect("mkdir");
+    let mut ctx = StageContext::new("man".into(), 4, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out.to_path_buf(), out.to_path_buf(), Manifest.output(&c), BTreeMap::new());
+    Manifest.run(&c, &mut ctx)
+}
+
+/// 12 images of 6 patients; CSV with path, diagnosis, patient, split, mask.
+fn csv_dataset(root: &Path, extra_rows: &str) -> std::path::PathBuf {
+    let mut csv = String::from("path,diagnosis,patient,split,mask\n");
+    for i in 0..12u32 {
+        png(&root.join(format!("img/{i}.png")), (i * 20) as u8);
+        image::GrayImage::from_fn(20, 20, |x, y| image::Luma([if x < 10 && y < 10 { 255 } else { 0 }])).save(root.join(format!("img/{i}_m.png"))).expect("mask");
+        let split = ["train", "train", "validation", "test", "train", "Testing"][(i / 2) as usize];
+        csv.push_str(&format!("img/{i}.png,{},P{},{split},img/{i}_m.png\n", ["benign", "malignant", "normal"][(i % 3) as usize], i / 2));
+    }
+    csv.push_str(extra_rows);
+    let p = root.join("manifest.csv");
+    std::fs::write(&p, csv).expect("csv");
+    p
+}
+
+#[test]
+fn csv_manifest_with_patients_splits_and_masks() {
+    let d = tempfile::tempdir().expect("tmp");
+    let m = csv_dataset(d.path(), "");
+    let out = d.path().join("out");
+    let cfg = serde_json::json!({ "manifest": m, "label_column": "diagnosis", "patient_column": "patient", "split_column": "split", "mask_column": "mask", "size": 10, "channels": 1 });
+    run(cfg, &out).expect("ingest");
+    let meta = table::read_meta(&out.join("images.parquet")).expect("meta");
+    assert_eq!(meta.label_names, ["benign", "malignant", "normal"], "sorted distinct values");
+    assert!(meta.has_masks && !meta.multi_label);
+    let rows = table::read_rows(&out.join("images.parquet")).expect("rows");
+    assert_eq!(rows.len(), 12);
+    let r5 = rows.iter().find(|r| r.id == "img/5.png").expect("row");
+    assert_eq!((r5.label, r5.patient_id.as_str(), r5.split), (Some(2), "P2", Split::Val));
+    assert_eq!(rows.iter().find(|r| r.id == "img/11.png").expect("row").split, Split::Test, "`Testing` is test");
+    let mask = r5.mask.as_ref().expect("mask");
+    assert_eq!(mask.iter().map(|&v| u32::from(v)).sum::<u32>(), 25, "the top-left quarter");
+    // classes given: their order is the label order
+    let out2 = d.path().join("out2");
+    run(serde_json::json!({ "manifest": m, "label_column": "diagnosis", "classes": ["normal", "benign", "malignant"], "size": 10 }), &out2).expect("ingest");
+    let rows = table::read_rows(&out2.join("images.parquet")).expect("rows");
+    assert_eq!(rows.iter().find(|r| r.id == "img/5.png").expect("row").label, Some(0));
+}
+
+#[test]
+fn parquet_manifest_with_multi_hot_columns_or_joined_names() {
+    let d = tempfile::tempdir().expect("tmp");
+    let paths: Vec<String> = (0..8).map(|i| format!("{}/x{i}.png", d.path().display())).collect();
+    for (i, p) in paths.iter().enumerate() {
+        png(Path::new(p), (i * 30) as u8);
+    }
+    let col = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
+    let joined: Vec<&str> = vec!["effusion", "", "mass|effusion", "mass", "", "effusion", "mass", "mass|effusion"];
+    let batch = RecordBatch::try_from_iter([
+        ("file", Arc::new(StringArray::from(paths.clone())) as ArrayRef),
+        ("effusion", col(vec![1, 0, 1, 0, 0, 1, 0, 1])),
+        ("mass", col(vec![0, 0, 1, 1, 0, 0, 1, 1])),
+        ("findings", Arc::new(StringArray::from(joined)) as ArrayRef),
+    ])
+    .expect("batch");
+    let m = d.path().join("m.parquet");
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&m).expect("create"), batch.schema(), None).expect("writer");
+    w.write(&batch).expect("write");
+    w.close().expect("close");
+    let mut hots = Vec::new();
+    for (k, form) in [("hot", serde_json::json!({ "label_columns": ["effusion", "mass"] })), ("joined", serde_json::json!({ "labels_column": "findings" }))] {
+        let mut cfg = serde_json::json!({ "manifest": m, "path_column": "file", "size": 8, "split": { "train": 0.5, "val": 0.25, "test": 0.25 } });
+        cfg.as_object_mut().expect("obj").extend(form.as_object().expect("obj").clone());
+        let out = d.path().join(k);
+        run(cfg, &out).expect("ingest");
+        let meta = table::read_meta(&out.join("images.parquet")).expect("meta");
+        assert!(meta.multi_label);
+        assert_eq!(meta.label_names, ["effusion", "mass"]);
+        let rows = table::read_rows(&out.join("images.parquet")).expect("rows");
+        assert_eq!(rows.len(), 8);
+        hots.push(rows.iter().map(|r| (r.id.clone(), r.split, r.labels.clone().expect("labels"))).collect::<Vec<_>>());
+    }
+    assert_eq!(hots[0], hots[1], "both forms give the same table");
+    assert_eq!(hots[0][2].2, vec![1, 1]);
+    assert_eq!(hots[0].iter().filter(|r| r.1 == Split::Train).count(), 4, "seeded split by image when no patient column");
+}
+
+#[test]
+fn bad_rows_are_named_or_rejected() {
+    let fail = |extra: &str, cfg: serde_json::Value| -> String {
+        let d = tempfile::tempdir().expect("tmp");
+        let m = csv_dataset(d.path(), extra);
+        let mut c = serde_json::json!({ "manifest": m, "label_column": "diagnosis", "patient_column": "patient", "split_column": "split", "size": 10 });
+        c.as_object_mut().expect("obj").extend(cfg.as_object().expect("obj").clone());
+        run(c, &d.path().join("out")).err().expect("must fail").to_string()
+    };
+    let e = fail("img/0.png,benign,P9,train,\n", serde_json::json!({}));
+    assert!(e.contains("manifest.csv (line 14, column `path`): id `img/0.png` is listed twice (first on line 2)"), "{e}");
+    let e = fail("img/99.png,benign,P9,train,\n", serde_json::json!({}));
+    assert!(e.contains("line 14, column `path`): image") && e.contains("img/99.png` is listed but does not exist"), "{e}");
+    let e = fail("", serde_json::json!({ "classes": ["benign", "malignant"] }));
+    assert!(e.contains("line 4, column `diagnosis`): unknown label `normal` in column `diagnosis` (classes: benign, malignant)"), "{e}");
+    let e = fail("", serde_json::json!({ "patient_column": "subject" }));
+    assert!(e.contains("(header, column `subject`): missing column `subject`; the file has columns [\"path\", \"diagnosis\", \"patient\", \"split\", \"mask\"]"), "{e}");
+    let e = fail("img/0_m.png,benign,P0,test,\n", serde_json::json!({}));
+    assert!(e.contains("patient `P0` is in both train and test"), "{e}");
+    let e = fail("img/0_m.png,benign,P7,holdout,\n", serde_json::json!({}));
+    assert!(e.contains("line 14, column `split`): unknown split `holdout`"), "{e}");
+    let e = fail("img/0_m.png,benign,P7,train,\n", serde_json::json!({ "mask_column": "mask" }));
+    assert!(e.contains("line 14, column `mask`): no mask path"), "{e}");
+    // skip: the bad rows are rejects, the rest is ingested
+    let d = tempfile::tempdir().expect("tmp");
+    let m = csv_dataset(d.path(), "img/99.png,benign,P9,train,\nimg/0_m.png,tumour,P8,train,\n");
+    let out = d.path().join("out");
+    run(serde_json::json!({ "manifest": m, "label_column": "diagnosis", "classes": ["benign", "malignant", "normal"], "size": 10, "on_error": "skip" }), &out).expect("skips");
+    assert_eq!(table::read_rows(&out.join("images.parquet")).expect("rows").len(), 12);
+    let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("rejects.json")).expect("rejects")).expect("json");
+    assert_eq!(rejects.as_array().map(Vec::len), Some(2), "{rejects}");
+    assert!(rejects.to_string().contains("manifest.csv:line 15"), "{rejects}");
+}
