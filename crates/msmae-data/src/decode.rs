@@ -1,4 +1,5 @@
-//! Decoding and resizing source images for the image table: decode (PNG, JPEG, TIFF, BMP),
+//! Decoding and resizing source images for the image table: decode (PNG, JPEG, TIFF, BMP,
+//! DICOM via [`crate::dicom`]),
 //! convert channels explicitly, fix the aspect ratio by an explicit policy, and resize
 //! with an area-correct (antialiased) filter.
 
@@ -47,14 +48,22 @@ pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> 
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let img = image::load_from_memory(bytes).map_err(|e| DecodeError::Decode(e.to_string()))?;
+    let img = if crate::dicom::is_dicom(bytes) {
+        crate::dicom::decode(bytes).map_err(DecodeError::Decode)?.to_image()
+    } else {
+        image::load_from_memory(bytes).map_err(|e| DecodeError::Decode(e.to_string()))?
+    };
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
         return Err(DecodeError::Decode(format!("image has size {w}×{h}")));
     }
-    let img = match channels {
-        1 => DynamicImage::ImageLuma8(img.to_luma8()),
-        _ => DynamicImage::ImageRgb8(img.to_rgb8()),
+    // 16-bit (and float) sources stay 16-bit through the resize; 8 bits only at the end.
+    let deep = img.color().bytes_per_pixel() > img.color().channel_count();
+    let img = match (channels, deep) {
+        (1, false) => DynamicImage::ImageLuma8(img.to_luma8()),
+        (1, true) => DynamicImage::ImageLuma16(img.to_luma16()),
+        (_, false) => DynamicImage::ImageRgb8(img.to_rgb8()),
+        (_, true) => DynamicImage::ImageRgb16(img.to_rgb16()),
     };
     let out = fit(&img, size, aspect);
     let pixels = match channels {
@@ -76,10 +85,7 @@ fn fit(img: &DynamicImage, size: u32, aspect: Aspect) -> DynamicImage {
         }
         Aspect::Pad => {
             let scaled = img.resize(size, size, FilterType::Triangle); // keeps aspect, fits inside
-            let mut canvas = match img {
-                DynamicImage::ImageLuma8(_) => DynamicImage::new_luma8(size, size),
-                _ => DynamicImage::new_rgb8(size, size),
-            };
+            let mut canvas = DynamicImage::new(size, size, img.color());
             let (sw, sh) = scaled.dimensions();
             image::imageops::overlay(&mut canvas, &scaled, i64::from((size - sw) / 2), i64::from((size - sh) / 2));
             canvas

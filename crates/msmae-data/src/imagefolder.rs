@@ -33,7 +33,7 @@ fn d_previews() -> u32 {
     16
 }
 fn d_ext() -> Vec<String> {
-    ["png", "jpg", "jpeg", "tif", "tiff", "bmp"].iter().map(|s| s.to_string()).collect()
+    ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"].iter().map(|s| s.to_string()).collect()
 }
 
 /// `with:` of `ingest/imagefolder`.
