@@ -5,8 +5,9 @@
 
 use std::path::Path;
 
-use image::imageops::FilterType;
-use image::{DynamicImage, GenericImageView};
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::GenericImageView;
 use serde::{Deserialize, Serialize};
 
 /// How a non-square source becomes a square table image.
@@ -43,7 +44,8 @@ pub enum DecodeError {
 }
 
 /// Decode `bytes` and bring them to `size × size × channels` (channels 1: luma, 3: RGB;
-/// alpha is dropped; grey sources are replicated to 3 channels when asked).
+/// alpha is dropped; grey sources are replicated to 3 channels when asked). 16-bit sources
+/// (DICOM, 16-bit PNG/TIFF) are resized in 16 bits and quantised to 8 bits last.
 pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> Result<Decoded, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
@@ -57,38 +59,68 @@ pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> 
     if w == 0 || h == 0 {
         return Err(DecodeError::Decode(format!("image has size {w}×{h}")));
     }
-    // 16-bit (and float) sources stay 16-bit through the resize; 8 bits only at the end.
     let deep = img.color().bytes_per_pixel() > img.color().channel_count();
-    let img = match (channels, deep) {
-        (1, false) => DynamicImage::ImageLuma8(img.to_luma8()),
-        (1, true) => DynamicImage::ImageLuma16(img.to_luma16()),
-        (_, false) => DynamicImage::ImageRgb8(img.to_rgb8()),
-        (_, true) => DynamicImage::ImageRgb16(img.to_rgb16()),
+    let raw = match (channels, deep) {
+        (1, false) => Raw { w, h, pt: PixelType::U8, bytes: img.into_luma8().into_raw() },
+        (_, false) => Raw { w, h, pt: PixelType::U8x3, bytes: img.into_rgb8().into_raw() },
+        (1, true) => Raw { w, h, pt: PixelType::U16, bytes: img.into_luma16().into_raw().into_iter().flat_map(u16::to_ne_bytes).collect() },
+        (_, true) => Raw { w, h, pt: PixelType::U16x3, bytes: img.into_rgb16().into_raw().into_iter().flat_map(u16::to_ne_bytes).collect() },
     };
-    let out = fit(&img, size, aspect);
-    let pixels = match channels {
-        1 => out.to_luma8().into_raw(),
-        _ => out.to_rgb8().into_raw(),
+    let out = fit(&raw, size, aspect)?;
+    let pixels = if deep {
+        out.bytes.chunks_exact(2).map(|b| ((u32::from(u16::from_ne_bytes([b[0], b[1]])) * 255 + 32767) / 65535) as u8).collect()
+    } else {
+        out.bytes
     };
     Ok(Decoded { pixels, source_width: w, source_height: h })
 }
 
-/// Bring `img` to `size × size` by the aspect policy, with an antialiased (triangle,
-/// support scaled with the reduction) filter.
-fn fit(img: &DynamicImage, size: u32, aspect: Aspect) -> DynamicImage {
-    let (w, h) = img.dimensions();
+/// Interleaved pixels in one of fast_image_resize's types (U8, U8x3, U16, U16x3).
+struct Raw {
+    w: u32,
+    h: u32,
+    pt: PixelType,
+    bytes: Vec<u8>,
+}
+
+thread_local! {
+    static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
+}
+
+fn resize(src: &Raw, dst_w: u32, dst_h: u32, crop: Option<(u32, u32, u32, u32)>) -> Result<Raw, DecodeError> {
+    let bad = |e: String| DecodeError::Decode(format!("resize: {e}"));
+    let view = ImageRef::new(src.w, src.h, &src.bytes, src.pt).map_err(|e| bad(e.to_string()))?;
+    let mut dst = Image::new(dst_w, dst_h, src.pt);
+    let mut opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    if let Some((l, t, w, h)) = crop {
+        opts = opts.crop(f64::from(l), f64::from(t), f64::from(w), f64::from(h));
+    }
+    RESIZER.with(|r| r.borrow_mut().resize(&view, &mut dst, &opts)).map_err(|e| bad(e.to_string()))?;
+    Ok(Raw { w: dst_w, h: dst_h, pt: src.pt, bytes: dst.into_vec() })
+}
+
+/// Bring `src` to `size × size` by the aspect policy, with Pillow's antialiased bilinear
+/// filter (support widened with the reduction, so downscaling averages, never aliases).
+fn fit(src: &Raw, size: u32, aspect: Aspect) -> Result<Raw, DecodeError> {
+    let (w, h) = (src.w, src.h);
     match aspect {
-        Aspect::Stretch => img.resize_exact(size, size, FilterType::Triangle),
+        Aspect::Stretch => resize(src, size, size, None),
         Aspect::Crop => {
             let s = w.min(h);
-            img.crop_imm((w - s) / 2, (h - s) / 2, s, s).resize_exact(size, size, FilterType::Triangle)
+            resize(src, size, size, Some(((w - s) / 2, (h - s) / 2, s, s)))
         }
         Aspect::Pad => {
-            let scaled = img.resize(size, size, FilterType::Triangle); // keeps aspect, fits inside
-            let mut canvas = DynamicImage::new(size, size, img.color());
-            let (sw, sh) = scaled.dimensions();
-            image::imageops::overlay(&mut canvas, &scaled, i64::from((size - sw) / 2), i64::from((size - sh) / 2));
-            canvas
+            let (sw, sh) = if w >= h { (size, ((f64::from(h) * f64::from(size) / f64::from(w)).round() as u32).max(1)) } else { (((f64::from(w) * f64::from(size) / f64::from(h)).round() as u32).max(1), size) };
+            let scaled = resize(src, sw, sh, None)?;
+            let px = src.pt.size();
+            let mut bytes = vec![0u8; (size * size) as usize * px];
+            let (x0, y0) = (((size - sw) / 2) as usize, ((size - sh) / 2) as usize);
+            let row = sw as usize * px;
+            for y in 0..sh as usize {
+                let at = ((y0 + y) * size as usize + x0) * px;
+                bytes[at..at + row].copy_from_slice(&scaled.bytes[y * row..(y + 1) * row]);
+            }
+            Ok(Raw { w: size, h: size, pt: src.pt, bytes })
         }
     }
 }
@@ -99,25 +131,26 @@ fn fit(img: &DynamicImage, size: u32, aspect: Aspect) -> DynamicImage {
 /// resize, then foreground where at least half of the pixel's area was). `Err` names the
 /// mask file.
 pub fn decode_masks(paths: &[std::path::PathBuf], width: u32, height: u32, size: u32, aspect: Aspect) -> Result<Vec<u8>, (std::path::PathBuf, DecodeError)> {
-    let mut merged = image::GrayImage::new(width, height);
+    let mut merged = vec![0u8; width as usize * height as usize];
     for p in paths {
         let bytes = std::fs::read(p).map_err(|e| (p.clone(), DecodeError::Read(e.to_string())))?;
         if bytes.is_empty() {
             return Err((p.clone(), DecodeError::Empty));
         }
-        let m = image::load_from_memory(&bytes).map_err(|e| (p.clone(), DecodeError::Decode(e.to_string())))?.to_luma8();
+        let m = image::load_from_memory(&bytes).map_err(|e| (p.clone(), DecodeError::Decode(e.to_string())))?.into_luma8();
         if m.dimensions() != (width, height) {
             let (mw, mh) = m.dimensions();
             return Err((p.clone(), DecodeError::Decode(format!("mask is {mw}×{mh} but its image is {width}×{height}"))));
         }
-        for (o, v) in merged.pixels_mut().zip(m.pixels()) {
-            if v.0[0] > 127 {
-                o.0[0] = 255;
+        for (o, v) in merged.iter_mut().zip(m.as_raw()) {
+            if *v > 127 {
+                *o = 255;
             }
         }
     }
-    let out = fit(&DynamicImage::ImageLuma8(merged), size, aspect).to_luma8();
-    Ok(out.into_raw().into_iter().map(|v| u8::from(v >= 128)).collect())
+    let first = paths.first().cloned().unwrap_or_default();
+    let out = fit(&Raw { w: width, h: height, pt: PixelType::U8, bytes: merged }, size, aspect).map_err(|e| (first, e))?;
+    Ok(out.bytes.into_iter().map(|v| u8::from(v >= 128)).collect())
 }
 
 /// Read and decode a file.
