@@ -46,9 +46,20 @@ pub enum DecodeError {
 /// Decode `bytes` and bring them to `size × size × channels` (channels 1: luma, 3: RGB;
 /// alpha is dropped; grey sources are replicated to 3 channels when asked). 16-bit sources
 /// (DICOM, 16-bit PNG/TIFF) are resized in 16 bits and quantised to 8 bits last.
+/// JPEGs at least twice the table size are decoded at reduced scale (see [`jpeg_reduced`]).
 pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> Result<Decoded, DecodeError> {
+    decode_resize_with(bytes, size, channels, aspect, true)
+}
+
+/// [`decode_resize`], with the DCT-domain JPEG reduction on or off.
+pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect, jpeg_dct_reduction: bool) -> Result<Decoded, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
+    }
+    if jpeg_dct_reduction {
+        if let Some(r) = jpeg_reduced(bytes, size, channels, aspect) {
+            return r;
+        }
     }
     let img = if crate::dicom::is_dicom(bytes) {
         crate::dicom::decode(bytes).map_err(DecodeError::Decode)?.to_image()
@@ -73,6 +84,60 @@ pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> 
         out.bytes
     };
     Ok(Decoded { pixels, source_width: w, source_height: h })
+}
+
+/// The largest DCT reduction (1, 2, 4 or 8) that keeps the part of a `w × h` image the
+/// aspect policy uses at least `size` pixels on each side.
+fn reduction(w: u32, h: u32, size: u32, aspect: Aspect) -> u32 {
+    let need = |k: u32| {
+        let (sw, sh) = (w.div_ceil(k), h.div_ceil(k));
+        match aspect {
+            Aspect::Crop => sw.min(sh) >= size,
+            Aspect::Pad => sw.max(sh) >= size,
+            Aspect::Stretch => sw >= size && sh >= size,
+        }
+    };
+    [8, 4, 2].into_iter().find(|&k| need(k)).unwrap_or(1)
+}
+
+/// A JPEG at least twice the table size is decoded at 1/2, 1/4 or 1/8 scale in the DCT
+/// domain (what libjpeg's scaled decoding and Pillow's `draft` do: each output pixel
+/// comes from the low frequencies of its block, i.e. a band-limited downsample), then
+/// resized like any image. `None`: not a JPEG, no reduction possible, or a colour space
+/// left to the general decoder (CMYK, 16-bit).
+fn jpeg_reduced(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> Option<Result<Decoded, DecodeError>> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let mut d = jpeg_decoder::Decoder::new(bytes);
+    d.read_info().ok()?;
+    let info = d.info()?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    if w == 0 || h == 0 || !matches!(info.pixel_format, jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::RGB24) {
+        return None;
+    }
+    let k = reduction(w, h, size, aspect);
+    if k == 1 {
+        return None;
+    }
+    let mut run = || -> Result<Decoded, DecodeError> {
+        let (sw, sh) = d.scale(w.div_ceil(k) as u16, h.div_ceil(k) as u16).map_err(|e| DecodeError::Decode(e.to_string()))?;
+        let px = d.decode().map_err(|e| DecodeError::Decode(e.to_string()))?;
+        let (sw, sh) = (u32::from(sw), u32::from(sh));
+        let grey = info.pixel_format == jpeg_decoder::PixelFormat::L8;
+        let (pt, bytes) = match (channels, grey) {
+            (1, true) => (PixelType::U8, px),
+            (1, false) => (PixelType::U8, px.chunks_exact(3).map(|p| ((2126 * u32::from(p[0]) + 7152 * u32::from(p[1]) + 722 * u32::from(p[2]) + 5000) / 10000) as u8).collect()),
+            (_, true) => (PixelType::U8x3, px.iter().flat_map(|&v| [v, v, v]).collect()),
+            (_, false) => (PixelType::U8x3, px),
+        };
+        if bytes.len() != (sw * sh) as usize * pt.size() {
+            return Err(DecodeError::Decode(format!("truncated JPEG: {} bytes decoded for {sw}×{sh}", bytes.len())));
+        }
+        let out = fit(&Raw { w: sw, h: sh, pt, bytes }, size, aspect)?;
+        Ok(Decoded { pixels: out.bytes, source_width: w, source_height: h })
+    };
+    Some(run())
 }
 
 /// Interleaved pixels in one of fast_image_resize's types (U8, U8x3, U16, U16x3).
@@ -199,6 +264,33 @@ mod tests {
         let bytes = png(64, 64, |x, y| if (x + y) % 2 == 0 { [255; 3] } else { [0; 3] });
         let d = decode_resize(&bytes, 8, 1, Aspect::Crop).expect("decode");
         assert!(d.pixels.iter().all(|&v| (100..=155).contains(&v)), "{:?}", d.pixels);
+    }
+
+    #[test]
+    fn dct_reduced_jpeg_matches_the_full_decode() {
+        // a smooth 1024×768 photograph-like field with fine texture, JPEG q90
+        let img = image::RgbImage::from_fn(1024, 768, |x, y| {
+            let (fx, fy) = (x as f32 / 1024.0, y as f32 / 768.0);
+            let v = 128.0 + 80.0 * (fx * 9.0).sin() * (fy * 7.0).cos() + 20.0 * ((x * 7 + y * 13) % 17) as f32 / 17.0;
+            image::Rgb([v as u8, (v * 0.7) as u8, (255.0 - v) as u8])
+        });
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&img).expect("jpeg");
+        let bytes = bytes.into_inner();
+        for (aspect, channels) in [(Aspect::Crop, 3), (Aspect::Pad, 1), (Aspect::Stretch, 3)] {
+            let fast = decode_resize_with(&bytes, 224, channels, aspect, true).expect("reduced");
+            let full = decode_resize_with(&bytes, 224, channels, aspect, false).expect("full");
+            assert_eq!((fast.source_width, fast.source_height), (1024, 768), "source size is the file's");
+            assert_eq!(fast.pixels.len(), full.pixels.len());
+            let diffs: Vec<i32> = fast.pixels.iter().zip(&full.pixels).map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs()).collect();
+            let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+            let max = diffs.iter().copied().max().unwrap_or(0);
+            eprintln!("DCT-reduced vs full decode, {aspect:?}/{channels} channels: mean {mean:.2}, max {max} levels");
+            assert!(mean < 0.6 && max <= 4, "{aspect:?}/{channels}: mean {mean:.2}, max {max} levels");
+        }
+        assert_eq!(reduction(1024, 1024, 224, Aspect::Crop), 4);
+        assert_eq!(reduction(600, 450, 224, Aspect::Crop), 2);
+        assert_eq!(reduction(300, 300, 224, Aspect::Crop), 1);
     }
 
     #[test]

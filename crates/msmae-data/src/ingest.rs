@@ -137,38 +137,57 @@ pub fn write_image_table(
     let mut previews: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
     let bar = ctx.progress.bar(Some(items.len() as u64), &ctx.name);
-    for chunk in items.chunks(o.row_group.max(1) as usize) {
+    // Decode row group k+1 on the pool while this thread compresses and writes row group k:
+    // two row groups in flight at most.
+    let chunks: Vec<&[Item]> = items.chunks(o.row_group.max(1) as usize).collect();
+    let decode = |chunk: &[Item]| pool.install(|| chunk.par_iter().map(|it| decode_item(it, o)).collect::<Vec<_>>());
+    let mut next = chunks.first().map(|c| decode(c));
+    for (k, chunk) in chunks.iter().enumerate() {
         ctx.cancel.check()?;
-        let decoded: Vec<_> = pool.install(|| chunk.par_iter().map(|it| decode_item(it, o)).collect());
-        for (it, d) in chunk.iter().zip(decoded) {
-            let (img, mask, sha) = match d {
-                Ok(x) => x,
-                Err((path, e)) if o.on_error == OnError::Skip => {
-                    let reason = if path == it.path { e.to_string() } else { format!("mask {}: {e}", path.display()) };
-                    rejects.push(Reject { path: it.source.clone(), reason });
-                    continue;
+        let decoded = next.take().unwrap_or_default();
+        let following = chunks.get(k + 1).copied();
+        let (ahead, written) = std::thread::scope(|s| {
+            let handle = following.map(|c| s.spawn(move || decode(c)));
+            let written = (|| -> Result<(), StageError> {
+                for (it, d) in chunk.iter().zip(decoded) {
+                    let (img, mask, sha) = match d {
+                        Ok(x) => x,
+                        Err((path, e)) if o.on_error == OnError::Skip => {
+                            let reason = if path == it.path { e.to_string() } else { format!("mask {}: {e}", path.display()) };
+                            rejects.push(Reject { path: it.source.clone(), reason });
+                            continue;
+                        }
+                        Err((path, e)) => return Err(StageError::data(&path, None, format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
+                    };
+                    tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
+                    if (previews.len() as u32) < o.previews {
+                        previews.push((img.pixels.clone(), mask.clone()));
+                    }
+                    writer.push(ImageRow {
+                        id: it.id.clone(),
+                        patient_id: it.patient.clone(),
+                        split: it.split,
+                        label: it.label,
+                        labels: it.labels.clone(),
+                        width: img.source_width as i32,
+                        height: img.source_height as i32,
+                        channels: o.channels as i32,
+                        pixels: img.pixels,
+                        mask,
+                        source_path: it.source.clone(),
+                        source_sha256: sha,
+                    })?;
                 }
-                Err((path, e)) => return Err(StageError::data(&path, None, format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
-            };
-            tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
-            if (previews.len() as u32) < o.previews {
-                previews.push((img.pixels.clone(), mask.clone()));
-            }
-            writer.push(ImageRow {
-                id: it.id.clone(),
-                patient_id: it.patient.clone(),
-                split: it.split,
-                label: it.label,
-                labels: it.labels.clone(),
-                width: img.source_width as i32,
-                height: img.source_height as i32,
-                channels: o.channels as i32,
-                pixels: img.pixels,
-                mask,
-                source_path: it.source.clone(),
-                source_sha256: sha,
-            })?;
-        }
+                Ok(())
+            })();
+            (handle.map(|h| h.join()), written)
+        });
+        written?;
+        next = match ahead {
+            Some(Ok(v)) => Some(v),
+            Some(Err(_)) => return Err(StageError::other("an image decoder thread panicked")),
+            None => None,
+        };
         bar.inc(chunk.len() as u64);
     }
     let rows = writer.finish()?;
