@@ -9,6 +9,7 @@ pub mod attention;
 pub mod chestxray14;
 pub mod decode;
 pub mod dicom;
+pub mod fixtures;
 pub mod ham10000;
 pub mod imagefolder;
 pub mod ingest;

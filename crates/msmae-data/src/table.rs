@@ -25,7 +25,8 @@ use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 
 /// Bump when the table's columns or their meaning change.
@@ -205,6 +206,10 @@ impl ImageTableWriter {
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
             .set_max_row_group_row_count(Some(row_group.max(1)))
             .set_created_by(format!("msmae {}", env!("CARGO_PKG_VERSION")))
+            // min/max statistics of image bytes are useless and, untruncated, put two whole
+            // images per row group and page into the footer (which readers hold in memory)
+            .set_column_statistics_enabled(ColumnPath::from("pixels"), EnabledStatistics::None)
+            .set_column_statistics_enabled(ColumnPath::from("mask"), EnabledStatistics::None)
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| TableError::Format { path: path.into(), message: e.to_string() })?;
         Ok(Self { path: path.into(), meta, schema, writer, pending: Vec::with_capacity(row_group), row_group: row_group.max(1), rows: 0 })

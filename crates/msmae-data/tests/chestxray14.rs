@@ -9,37 +9,8 @@ use msmae_core::{ExecEnv, NoProgress, Stage, StageContext, StageError};
 use msmae_data::chestxray14::{ChestXray14, ChestXray14Config};
 use msmae_data::table::{self, Split};
 
-const FINDINGS: [&str; 5] = ["No Finding", "Cardiomegaly", "Effusion|Mass", "Hernia", "Atelectasis|Effusion|Pneumothorax"];
-
-/// 30 patients with 1–3 images each; patients 0–7 are the official test split.
-/// `v2020`: trailing comma on every line and `Patient Sex`; `flat`: one `images/` folder.
 fn release(root: &Path, v2020: bool, flat: bool) -> Vec<String> {
-    let mut csv = String::from("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,");
-    csv.push_str(if v2020 { "Patient Sex" } else { "Patient Gender" });
-    csv.push_str(",View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]");
-    csv.push_str(if v2020 { ",\n" } else { "\n" });
-    let (mut train_val, mut test, mut names) = (String::new(), String::new(), Vec::new());
-    for p in 0..30u32 {
-        for k in 0..(1 + p % 3) {
-            let name = format!("{:08}_{k:03}.png", p + 1);
-            let dir = if flat { "images".to_string() } else { format!("images_{:03}/images", 1 + p % 2) };
-            let path = root.join(dir).join(&name);
-            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-            if p == 3 && k == 0 {
-                image::RgbaImage::from_pixel(40, 40, image::Rgba([200, 200, 200, 255])).save(&path).expect("rgba png");
-            } else {
-                image::GrayImage::from_fn(40, 40, |x, y| image::Luma([((x + y + p) % 256) as u8])).save(&path).expect("png");
-            }
-            let f = FINDINGS[((p + k) % 5) as usize];
-            csv.push_str(&format!("{name},{f},{k},{},{},M,PA,2500,2048,0.143,0.143{}\n", p + 1, 40 + p, if v2020 { "," } else { "" }));
-            if p < 8 { &mut test } else { &mut train_val }.push_str(&format!("{name}\n"));
-            names.push(name);
-        }
-    }
-    std::fs::write(root.join(if v2020 { "Data_Entry_2017_v2020.csv" } else { "Data_Entry_2017.csv" }), csv).expect("csv");
-    std::fs::write(root.join("train_val_list.txt"), train_val).expect("list");
-    std::fs::write(root.join("test_list.txt"), test).expect("list");
-    names
+    msmae_data::fixtures::chestxray14(root, v2020, flat)
 }
 
 fn run(root: &Path, out: &Path, extra: serde_json::Value) -> Result<(), StageError> {

@@ -134,28 +134,8 @@ fn an_empty_root_says_what_layout_it_expects() {
     assert!(e.to_string().contains("no class folders: expected ROOT/<class>/<image> or ROOT/<split>/<class>/<image>"), "{e}");
 }
 
-/// A BUSI-style release: `<class>/<name> (i).png` with `<name> (i)_mask.png` and, for some,
-/// `_mask_1.png`; masks are 0/255, RGB for some images as in the published set.
 fn busi(root: &Path) {
-    for (class, n) in [("benign", 6), ("malignant", 4), ("normal", 3)] {
-        for i in 1..=n {
-            let stem = format!("{class} ({i})");
-            write_png(&root.join(format!("{class}/{stem}.png")), 40, 32, 90 + i as u8, true);
-            let lesion = class != "normal";
-            let mask = image::GrayImage::from_fn(40, 32, |x, y| image::Luma([if lesion && (4..20).contains(&x) && (4..28).contains(&y) { 255 } else { 0 }]));
-            if i % 2 == 0 {
-                image::DynamicImage::ImageLuma8(mask).to_rgb8().save(root.join(format!("{class}/{stem}_mask.png"))).expect("rgb mask");
-            } else {
-                mask.save(root.join(format!("{class}/{stem}_mask.png"))).expect("mask");
-            }
-            if lesion && i == 1 {
-                // a second lesion in the right half, merged into the same mask
-                image::GrayImage::from_fn(40, 32, |x, y| image::Luma([if (24..36).contains(&x) && (8..16).contains(&y) { 255 } else { 0 }]))
-                    .save(root.join(format!("{class}/{stem}_mask_1.png")))
-                    .expect("mask 1");
-            }
-        }
-    }
+    msmae_data::fixtures::busi(root, [6, 4, 3]);
 }
 
 #[test]

@@ -9,32 +9,8 @@ use msmae_core::{ExecEnv, NoProgress, Stage, StageContext, StageError};
 use msmae_data::messidor2::{Messidor2, Messidor2Config};
 use msmae_data::table;
 
-/// 20 exams (left/right): half `IM…JPG` (listed as `.jpg` in the grades CSV, as released),
-/// half `…_PP.png`; exam 3's right eye is ungradable.
 fn release(root: &Path) {
-    let img = root.join("IMAGES");
-    std::fs::create_dir_all(&img).expect("mkdir");
-    let mut grades = String::from("image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable\n");
-    let mut pairs = String::from("left;right \n");
-    for e in 0..20u32 {
-        let names: Vec<(String, String)> = (0..2)
-            .map(|k| {
-                let n = e * 2 + k;
-                if e % 2 == 0 { (format!("IM{n:06}.JPG"), format!("IM{n:06}.jpg")) } else { (format!("2005_{n:05}_PP.png"), format!("2005_{n:05}_PP.png")) }
-            })
-            .collect();
-        for (k, (file, listed)) in names.iter().enumerate() {
-            image::RgbImage::from_fn(60, 40, |x, y| image::Rgb([(x * 4) as u8, (y * 6) as u8, (e * 10) as u8])).save(img.join(file)).expect("img");
-            if e == 3 && k == 1 {
-                grades.push_str(&format!("{listed},,,0\n"));
-            } else {
-                grades.push_str(&format!("{listed},{},{},1\n", (e + k as u32) % 5, e % 2));
-            }
-        }
-        pairs.push_str(&format!("{};{}\n", names[0].0, names[1].0));
-    }
-    std::fs::write(root.join("messidor_data.csv"), grades).expect("csv");
-    std::fs::write(root.join("messidor-2.csv"), pairs).expect("pairs");
+    msmae_data::fixtures::messidor2(root, 20);
 }
 
 fn run(root: &Path, out: &Path, extra: serde_json::Value) -> Result<(), StageError> {

@@ -1,0 +1,96 @@
+//! The shipped dataset pipelines (`pipelines/chestxray.yaml`, `messidor2.yaml`,
+//! `busi.yaml`), unchanged, on tiny releases generated in the publishers' layouts
+//! (`msmae_data::fixtures`) and CPU-sized by `--set`: every stage runs, including
+//! multi-label training and mean-AUC evaluation on ChestX-ray14 and segmentation transfer
+//! on BUSI's merged masks.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn msmae(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_msmae")).current_dir(dir).args(args).env_remove("MSMAE_STORE").output().expect("run msmae")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A temp project: `pipelines/<name>.yaml` copied from the repository, `data/` beside it.
+fn project(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().expect("tmp");
+    fs::create_dir_all(d.path().join("pipelines")).expect("mkdir");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines").join(format!("{name}.yaml"));
+    fs::copy(&src, d.path().join("pipelines").join(format!("{name}.yaml"))).expect("copy pipeline");
+    let data = d.path().join("data");
+    (d, data)
+}
+
+const TINY: &[&str] = &[
+    "--set", "params.preset=tiny", "--set", "params.size=32", "--set", "params.batch=8",
+    "--set", "params.pretrain_epochs=2", "--set", "params.pretrain_warmup=1", "--set", "params.finetune_epochs=2", "--set", "params.finetune_warmup=1",
+];
+
+/// `stage → committed artifact directory`, from the lock file.
+fn artifact(dir: &Path, name: &str, stage: &str) -> PathBuf {
+    let lock: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(dir.join(format!("pipelines/{name}.lock"))).expect("lock")).expect("yaml");
+    let d = lock["stages"].as_sequence().expect("stages").iter().find(|s| s["name"].as_str() == Some(stage)).and_then(|s| s["output"]["digest"].as_str()).expect("stage in lock").to_string();
+    let store = [dir.join(".msmae"), dir.join("pipelines/.msmae")].into_iter().find(|p| p.is_dir()).expect("store");
+    store.join("objects").join(&d[..2]).join(&d).join("data")
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).expect("json")
+}
+
+fn run(dir: &Path, name: &str, extra: &[&str]) {
+    let mut args = vec!["run".to_string(), format!("pipelines/{name}.yaml")];
+    args.extend(TINY.iter().chain(extra).map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = msmae(dir, &args);
+    assert!(o.status.success(), "{name}: {}", text(&o));
+    assert!(text(&o).contains("0 failed"), "{}", text(&o));
+}
+
+#[test]
+fn chestxray_pipeline_trains_multi_label_and_reports_mean_auc() {
+    let (d, data) = project("chestxray");
+    msmae_data::fixtures::chestxray14(&data.join("chestxray14"), true, false);
+    run(d.path(), "chestxray", &[]);
+    for stage in ["eval-msmae", "eval-mae", "eval-scratch"] {
+        let m = json(&artifact(d.path(), "chestxray", stage).join("metrics.json"));
+        assert_eq!(m["multi_label"], true, "{stage}: {m}");
+        assert_eq!(m["label_names"].as_array().map(Vec::len), Some(14), "{stage}");
+        assert!(m["n"].as_u64().unwrap_or(0) > 0, "{stage}: {m}");
+        let auc = m["mean_auc"].as_f64().unwrap_or_else(|| panic!("{stage}: no mean AUC: {m}"));
+        assert!((0.0..=1.0).contains(&auc), "{stage}: {m}");
+    }
+    let report = json(&artifact(d.path(), "chestxray", "data").join("split_report.json"));
+    assert!(report["splits"]["test"]["images"].as_u64().unwrap_or(0) > 0, "{report}");
+}
+
+#[test]
+fn messidor2_pipeline_runs_on_the_published_layout() {
+    let (d, data) = project("messidor2");
+    msmae_data::fixtures::messidor2(&data.join("messidor2"), 30);
+    run(d.path(), "messidor2", &[]);
+    let m = json(&artifact(d.path(), "messidor2", "eval").join("metrics.json"));
+    assert_eq!(m["label_names"], serde_json::json!(["none", "mild", "moderate", "severe", "proliferative"]));
+    assert!((0.0..=1.0).contains(&m["accuracy"].as_f64().expect("accuracy")), "{m}");
+    let rejects = json(&artifact(d.path(), "messidor2", "data").join("rejects.json"));
+    assert_eq!(rejects.as_array().map(Vec::len), Some(1), "the one ungradable image: {rejects}");
+}
+
+#[test]
+fn busi_pipeline_segments_with_merged_masks() {
+    let (d, data) = project("busi");
+    msmae_data::fixtures::busi(&data.join("busi/Dataset_BUSI_with_GT"), [24, 16, 10]);
+    run(d.path(), "busi", &["--set", "params.segment_epochs=2"]);
+    for stage in ["seg-msmae", "seg-scratch"] {
+        let m = json(&artifact(d.path(), "busi", stage).join("metrics.json"));
+        let dice = m["dice"].as_f64().unwrap_or_else(|| panic!("{stage}: {m}"));
+        assert!((0.0..=1.0).contains(&dice) && m["images_with_lesion"].as_u64().unwrap_or(0) > 0, "{stage}: {m}");
+    }
+    let m = json(&artifact(d.path(), "busi", "eval").join("metrics.json"));
+    assert_eq!(m["label_names"], serde_json::json!(["benign", "malignant", "normal"]));
+}
