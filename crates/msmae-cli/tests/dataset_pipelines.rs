@@ -91,6 +91,12 @@ fn busi_pipeline_segments_with_merged_masks() {
         let dice = m["dice"].as_f64().unwrap_or_else(|| panic!("{stage}: {m}"));
         assert!((0.0..=1.0).contains(&dice) && m["images_with_lesion"].as_u64().unwrap_or(0) > 0, "{stage}: {m}");
     }
+    let seg = json(&artifact(d.path(), "busi", "seg-msmae").join("metrics.json"));
+    let pc = &seg["per_class"];
+    if let Some(normal) = pc.get("normal") {
+        assert!(normal["images_with_lesion"] == 0 && normal["dice"].is_null(), "normal images have empty masks: {pc}");
+    }
+    assert!(pc["benign"]["dice"].as_f64().is_some() || pc["malignant"]["dice"].as_f64().is_some(), "{pc}");
     let m = json(&artifact(d.path(), "busi", "eval").join("metrics.json"));
     assert_eq!(m["label_names"], serde_json::json!(["benign", "malignant", "normal"]));
 }

@@ -328,7 +328,8 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
             let gt = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[r].id)), "no lesion mask"))?;
             let pred: Vec<u8> = probs[i * h * w..(i + 1) * h * w].iter().map(|p| u8::from(*p >= 0.5)).collect();
             let (dice, iou) = metrics::dice_iou(&pred, gt);
-            per_image.push(serde_json::json!({ "id": table.rows[r].id, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": gt.iter().filter(|v| **v > 0).count() }));
+            let class = table.rows[r].label.and_then(|l| table.meta.label_names.get(l as usize)).cloned();
+            per_image.push(serde_json::json!({ "id": table.rows[r].id, "class": class, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": gt.iter().filter(|v| **v > 0).count() }));
             if figure.len() < c.figure_images && gt.iter().any(|v| *v > 0) {
                 let c_ = table.channels();
                 let img = msmae_train::figures::denormalize(&host[i * c_ * h * w..(i + 1) * c_ * h * w], c_, h, w, &norm);
@@ -337,6 +338,14 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         }
     }
     let summary = metrics::summarize(&per_image);
+    // Per image class (BUSI: benign / malignant / normal), on single-label tables.
+    let per_class: serde_json::Map<String, serde_json::Value> = metrics::summarize_by(&per_image, "class")
+        .into_iter()
+        .map(|(k, s)| {
+            let v = serde_json::json!({ "dice": finite(s.dice_lesion), "iou": finite(s.iou_lesion), "images_with_lesion": s.n_lesion, "dice_all_images": finite(s.dice_all), "iou_all_images": finite(s.iou_all), "images": s.n });
+            (k, v)
+        })
+        .collect();
     tracing::info!("`{}`: test Dice {:.4}, IoU {:.4} over {} images with lesions ({} images in all)", ctx.name, summary.dice_lesion, summary.iou_lesion, summary.n_lesion, summary.n);
     let meta = ckpt::CheckpointMeta { format: 1, kind: ckpt::CheckpointKind::Vit, vit: vit_cfg.clone(), mae: None, normalizer: norm.clone(), label_names: vec!["lesion".into()], multi_label: false, trained_by: SetrPupStage::KIND.into() };
     ckpt::save(ctx.out_dir(), &model, &meta)?;
@@ -354,6 +363,7 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
             "dice_all_images": logged(summary.dice_all),
             "iou_all_images": logged(summary.iou_all),
             "images": summary.n,
+            "per_class": per_class,
             "note": "dice/iou: mean over test images with a lesion; *_all_images: over every test image, an empty prediction of an empty mask scoring 1",
             "per_image": per_image,
         }),
@@ -362,6 +372,11 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     let pts: Vec<(f64, f64)> = history.iter().filter_map(|e| Some((e["epoch"].as_f64()? + 1.0, e["train_loss"].as_f64()?))).collect();
     msmae_eval::plot::line_chart(&ctx.output_path("loss.png")?, &format!("{}: loss per epoch", ctx.name), "epoch", "0.5 BCE + Dice", &[msmae_eval::plot::Series::new("train loss", pts)])?;
     msmae_train::figures::save_sheet(&ctx.output_path("predictions.png")?, &figure, 3)
+}
+
+/// A metric for JSON: rounded like every logged number, `null` when undefined (NaN).
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then(|| logged(v))
 }
 
 fn masks_tensor(batch: &data::Batch, table: &ImageTable, device: &Device) -> Result<Tensor<4>, StageError> {

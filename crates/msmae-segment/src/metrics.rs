@@ -46,6 +46,18 @@ pub fn summarize(per_image: &[serde_json::Value]) -> Summary {
     Summary { dice_lesion: mean(&lesion, "dice"), iou_lesion: mean(&lesion, "iou"), n_lesion: lesion.len(), dice_all: mean(&all, "dice"), iou_all: mean(&all, "iou"), n: all.len() }
 }
 
+/// [`summarize`] per value of the string field `key` (e.g. the image's class), in
+/// sorted order; records without the field are left out.
+pub fn summarize_by(per_image: &[serde_json::Value], key: &str) -> Vec<(String, Summary)> {
+    let mut groups: std::collections::BTreeMap<String, Vec<serde_json::Value>> = std::collections::BTreeMap::new();
+    for v in per_image {
+        if let Some(k) = v[key].as_str() {
+            groups.entry(k.to_string()).or_default().push(v.clone());
+        }
+    }
+    groups.into_iter().map(|(k, v)| (k, summarize(&v))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +72,16 @@ mod tests {
         // Dice = 2·IoU / (1 + IoU) always
         let (d, i) = dice_iou(&[1, 1, 0, 1, 0, 0, 1], &[1, 0, 0, 1, 1, 1, 1]);
         assert!((d - 2.0 * i / (1.0 + i)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn per_class_summaries_group_by_the_image_class() {
+        let r = |class: &str, dice: f64, lesion: u64| serde_json::json!({ "class": class, "dice": dice, "iou": dice / 2.0, "lesion_pixels": lesion });
+        let v = [r("malignant", 0.4, 10), r("benign", 0.8, 5), r("benign", 0.6, 7), r("normal", 1.0, 0)];
+        let by = summarize_by(&v, "class");
+        let names: Vec<&str> = by.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["benign", "malignant", "normal"]);
+        assert!((by[0].1.dice_lesion - 0.7).abs() < 1e-12 && by[0].1.n_lesion == 2);
+        assert!(by[2].1.dice_lesion.is_nan() && by[2].1.n == 1 && by[2].1.dice_all == 1.0, "no lesion: only the all-images mean");
     }
 }
