@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, index_files, output_decl, read_list, relative, write_image_table};
+use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, read_list, relative, write_image_table};
 use crate::meta::TextTable;
 use crate::table::{Split, SplitFractions};
 
@@ -51,21 +51,6 @@ fn d_train_val() -> PathBuf {
 fn d_test() -> PathBuf {
     PathBuf::from("test_list.txt")
 }
-fn d_size() -> u32 {
-    224
-}
-fn d_channels() -> u32 {
-    1
-}
-fn d_val() -> f64 {
-    0.1
-}
-fn d_row_group() -> u32 {
-    256
-}
-fn d_previews() -> u32 {
-    16
-}
 
 /// `with:` of `ingest/chestxray14`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,21 +66,21 @@ pub struct ChestXray14Config {
     pub train_val_list: PathBuf,
     #[serde(default = "d_test")]
     pub test_list: PathBuf,
-    #[serde(default = "d_size")]
+    #[serde(default = "defaults::size")]
     pub size: u32,
     /// 1 (the radiographs are grey; RGBA files are converted) or 3.
-    #[serde(default = "d_channels")]
+    #[serde(default = "defaults::grey")]
     pub channels: u32,
     #[serde(default)]
     pub aspect: Aspect,
     /// Fraction of train_val patients moved to validation.
-    #[serde(default = "d_val")]
+    #[serde(default = "defaults::val_fraction")]
     pub val_fraction: f64,
     #[serde(default)]
     pub on_error: OnError,
-    #[serde(default = "d_row_group")]
+    #[serde(default = "defaults::row_group")]
     pub row_group: u32,
-    #[serde(default = "d_previews")]
+    #[serde(default = "defaults::previews")]
     pub previews: u32,
 }
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Reject, WriteOptions, check_options, output_decl, write_image_table};
+use crate::ingest::{Item, OnError, Reject, WriteOptions, check_options, defaults, output_decl, write_image_table};
 use crate::meta::TextTable;
 use crate::table::SplitFractions;
 
@@ -28,18 +28,6 @@ fn d_metadata() -> PathBuf {
 }
 fn d_dirs() -> Vec<PathBuf> {
     vec![PathBuf::from("HAM10000_images_part_1"), PathBuf::from("HAM10000_images_part_2")]
-}
-fn d_size() -> u32 {
-    224
-}
-fn d_channels() -> u32 {
-    3
-}
-fn d_row_group() -> u32 {
-    256
-}
-fn d_previews() -> u32 {
-    16
 }
 
 /// `with:` of `ingest/ham10000`.
@@ -54,9 +42,9 @@ pub struct Ham10000Config {
     /// Image folders, relative to the root.
     #[serde(default = "d_dirs")]
     pub image_dirs: Vec<PathBuf>,
-    #[serde(default = "d_size")]
+    #[serde(default = "defaults::size")]
     pub size: u32,
-    #[serde(default = "d_channels")]
+    #[serde(default = "defaults::rgb")]
     pub channels: u32,
     /// The images are 600×450: `pad` keeps the whole lesion field, `crop` the centre.
     #[serde(default)]
@@ -66,9 +54,9 @@ pub struct Ham10000Config {
     pub split: SplitFractions,
     #[serde(default)]
     pub on_error: OnError,
-    #[serde(default = "d_row_group")]
+    #[serde(default = "defaults::row_group")]
     pub row_group: u32,
-    #[serde(default = "d_previews")]
+    #[serde(default = "defaults::previews")]
     pub previews: u32,
 }
 

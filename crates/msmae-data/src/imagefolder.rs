@@ -13,25 +13,10 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, Reject, WriteOptions, check_options, output_decl, write_image_table};
+use crate::ingest::{Item, Reject, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
 pub use crate::ingest::OnError;
 use crate::table::{Split, SplitFractions};
 
-fn d_size() -> u32 {
-    224
-}
-fn d_channels() -> u32 {
-    3
-}
-fn d_val() -> f64 {
-    0.1
-}
-fn d_row_group() -> u32 {
-    256
-}
-fn d_previews() -> u32 {
-    16
-}
 fn d_ext() -> Vec<String> {
     ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"].iter().map(|s| s.to_string()).collect()
 }
@@ -42,10 +27,10 @@ fn d_ext() -> Vec<String> {
 pub struct ImageFolderConfig {
     /// Dataset root (relative to the pipeline file).
     pub root: PathBuf,
-    #[serde(default = "d_size")]
+    #[serde(default = "defaults::size")]
     pub size: u32,
     /// 1 (grey) or 3 (RGB).
-    #[serde(default = "d_channels")]
+    #[serde(default = "defaults::rgb")]
     pub channels: u32,
     #[serde(default)]
     pub aspect: Aspect,
@@ -53,7 +38,7 @@ pub struct ImageFolderConfig {
     #[serde(default)]
     pub split: SplitFractions,
     /// Fraction of training patients moved to validation when there is no val folder.
-    #[serde(default = "d_val")]
+    #[serde(default = "defaults::val_fraction")]
     pub val_fraction: f64,
     /// The patient id is the file stem up to this separator (e.g. `_` for `P001_left.png`).
     #[serde(default)]
@@ -68,9 +53,9 @@ pub struct ImageFolderConfig {
     /// File extensions taken as images (case-insensitive); other files are ignored.
     #[serde(default = "d_ext")]
     pub extensions: Vec<String>,
-    #[serde(default = "d_row_group")]
+    #[serde(default = "defaults::row_group")]
     pub row_group: u32,
-    #[serde(default = "d_previews")]
+    #[serde(default = "defaults::previews")]
     pub previews: u32,
 }
 
@@ -177,34 +162,25 @@ fn pair_masks(found: Vec<Found>, suffix: &str, on_error: OnError) -> Result<(Vec
     let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let (masks, mut images): (Vec<Found>, Vec<Found>) = found.into_iter().partition(|f| mask_base(&stem(&f.path), suffix).is_some());
     let index: BTreeMap<(PathBuf, String), usize> = images.iter().enumerate().map(|(i, f)| ((f.path.with_file_name(""), stem(&f.path)), i)).collect();
-    let mut rejects = Vec::new();
-    let mut problem = |path: &Path, rel: &str, msg: String| -> Result<(), StageError> {
-        match on_error {
-            OnError::Skip => {
-                rejects.push(Reject { path: rel.to_string(), reason: msg });
-                Ok(())
-            }
-            OnError::Fail => Err(StageError::data(path, None, format!("{msg} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
-        }
-    };
+    let mut triage = Triage::new(on_error);
     for m in masks {
         let s = stem(&m.path);
         let base = mask_base(&s, suffix).unwrap_or_default().to_string();
         match index.get(&(m.path.with_file_name(""), base.clone())) {
             Some(&i) => images[i].masks.push(m.path),
-            None => problem(&m.path, &m.rel, format!("mask without an image: no `{base}.*` beside it"))?,
+            None => triage.problem(&m.path, None, m.rel.clone(), format!("mask without an image: no `{base}.*` beside it"))?,
         }
     }
     let mut kept = Vec::with_capacity(images.len());
     for mut f in images {
         if f.masks.is_empty() {
-            problem(&f.path, &f.rel, format!("image without a mask: no `{}{suffix}.*` beside it", stem(&f.path)))?;
+            triage.problem(&f.path, None, f.rel.clone(), format!("image without a mask: no `{}{suffix}.*` beside it", stem(&f.path)))?;
             continue;
         }
         f.masks.sort();
         kept.push(f);
     }
-    Ok((kept, rejects))
+    Ok((kept, triage.rejects))
 }
 
 /// Give every patient one split: the folder's (val carved out of train when absent), or a

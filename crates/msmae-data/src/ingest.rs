@@ -14,6 +14,32 @@ use crate::decode::{Aspect, DecodeError, Decoded, decode_file, decode_masks};
 use crate::report::SplitTally;
 use crate::table::{ImageRow, ImageTableWriter, Split, TableMeta};
 
+/// Defaults of the options the file sources share (serde `default = "…"` targets).
+pub mod defaults {
+    /// Table image side, pixels.
+    pub fn size() -> u32 {
+        224
+    }
+    pub fn grey() -> u32 {
+        1
+    }
+    pub fn rgb() -> u32 {
+        3
+    }
+    /// Rows per Parquet row group (and per parallel decode batch).
+    pub fn row_group() -> u32 {
+        256
+    }
+    /// Images on the preview sheet.
+    pub fn previews() -> u32 {
+        16
+    }
+    /// Fraction of training patients carved out for validation.
+    pub fn val_fraction() -> f64 {
+        0.1
+    }
+}
+
 /// What to do with a file (or metadata row) that cannot be ingested.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

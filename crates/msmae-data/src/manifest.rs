@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, output_decl, write_image_table};
+use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
 use crate::meta::TextTable;
 use crate::table::{Split, SplitFractions};
 
@@ -24,18 +24,6 @@ fn d_path() -> String {
 }
 fn d_sep() -> String {
     "|".into()
-}
-fn d_size() -> u32 {
-    224
-}
-fn d_channels() -> u32 {
-    3
-}
-fn d_row_group() -> u32 {
-    256
-}
-fn d_previews() -> u32 {
-    16
 }
 
 /// `with:` of `ingest/manifest`.
@@ -76,9 +64,9 @@ pub struct ManifestConfig {
     /// Mask path(s) of a segmentation dataset, several joined by `separator` are merged.
     #[serde(default)]
     pub mask_column: Option<String>,
-    #[serde(default = "d_size")]
+    #[serde(default = "defaults::size")]
     pub size: u32,
-    #[serde(default = "d_channels")]
+    #[serde(default = "defaults::rgb")]
     pub channels: u32,
     #[serde(default)]
     pub aspect: Aspect,
@@ -86,9 +74,9 @@ pub struct ManifestConfig {
     pub split: SplitFractions,
     #[serde(default)]
     pub on_error: OnError,
-    #[serde(default = "d_row_group")]
+    #[serde(default = "defaults::row_group")]
     pub row_group: u32,
-    #[serde(default = "d_previews")]
+    #[serde(default = "defaults::previews")]
     pub previews: u32,
 }
 

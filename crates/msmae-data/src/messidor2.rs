@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Reject, Triage, WriteOptions, check_options, index_files, output_decl, relative, write_image_table};
+use crate::ingest::{Item, OnError, Reject, Triage, WriteOptions, check_options, defaults, index_files, output_decl, relative, write_image_table};
 use crate::meta::TextTable;
 use crate::table::SplitFractions;
 
@@ -33,18 +33,6 @@ fn d_pairs() -> Option<PathBuf> {
 }
 fn d_images() -> PathBuf {
     PathBuf::from("IMAGES")
-}
-fn d_size() -> u32 {
-    224
-}
-fn d_channels() -> u32 {
-    3
-}
-fn d_row_group() -> u32 {
-    128
-}
-fn d_previews() -> u32 {
-    16
 }
 
 /// `with:` of `ingest/messidor2`.
@@ -63,9 +51,9 @@ pub struct Messidor2Config {
     /// Image folder, relative to the root.
     #[serde(default = "d_images")]
     pub images: PathBuf,
-    #[serde(default = "d_size")]
+    #[serde(default = "defaults::size")]
     pub size: u32,
-    #[serde(default = "d_channels")]
+    #[serde(default = "defaults::rgb")]
     pub channels: u32,
     /// The photographs are wider than high with the retina filling the height: `crop`
     /// keeps the disc, `pad` the whole frame.
@@ -76,9 +64,9 @@ pub struct Messidor2Config {
     pub split: SplitFractions,
     #[serde(default)]
     pub on_error: OnError,
-    #[serde(default = "d_row_group")]
+    #[serde(default = "defaults::row_group")]
     pub row_group: u32,
-    #[serde(default = "d_previews")]
+    #[serde(default = "defaults::previews")]
     pub previews: u32,
 }
 
