@@ -82,6 +82,10 @@ pub struct ChestXray14Config {
     pub row_group: u32,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
+    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
+    /// training loader's normalisation (twice the storage).
+    #[serde(default = "defaults::bit_depth")]
+    pub bit_depth: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -137,7 +141,7 @@ impl Stage for ChestXray14 {
     }
 
     fn validate(&self, c: &ChestXray14Config) -> Result<(), ConfigError> {
-        check_options(c.size, c.channels, &SplitFractions::default(), c.row_group)?;
+        check_options(c.size, c.channels, &SplitFractions::default(), c.row_group, c.bit_depth)?;
         if !(0.0..1.0).contains(&c.val_fraction) {
             return Err(ConfigError { path: "val_fraction".into(), message: "must be in [0, 1)".into() });
         }
@@ -257,7 +261,7 @@ impl Stage for ChestXray14 {
             .collect();
         let names: Vec<String> = FINDINGS.iter().map(|s| s.to_string()).collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c, "metadata": csv_name });
-        let opts = WriteOptions { multi_label: true, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts = WriteOptions { bit_depth: c.bit_depth, multi_label: true, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

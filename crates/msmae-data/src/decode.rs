@@ -48,17 +48,19 @@ pub enum DecodeError {
 /// (DICOM, 16-bit PNG/TIFF) are resized in 16 bits and quantised to 8 bits last.
 /// JPEGs at least twice the table size are decoded at reduced scale (see [`jpeg_reduced`]).
 pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> Result<Decoded, DecodeError> {
-    decode_resize_with(bytes, size, channels, aspect, true)
+    decode_resize_with(bytes, size, channels, aspect, 8, true)
 }
 
-/// [`decode_resize`], with the DCT-domain JPEG reduction on or off.
-pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect, jpeg_dct_reduction: bool) -> Result<Decoded, DecodeError> {
+/// [`decode_resize`] into `bit_depth` 8 or 16 bits per sample (16: little-endian u16
+/// pairs; 8-bit sources are scaled by 257), with the DCT-domain JPEG reduction on or off.
+pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect, bit_depth: u32, jpeg_dct_reduction: bool) -> Result<Decoded, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
+    let widen = |d: Decoded| if bit_depth == 16 { Decoded { pixels: d.pixels.iter().flat_map(|&v| (u16::from(v) * 257).to_le_bytes()).collect(), ..d } } else { d };
     if jpeg_dct_reduction {
         if let Some(r) = jpeg_reduced(bytes, size, channels, aspect) {
-            return r;
+            return r.map(widen);
         }
     }
     let img = if crate::dicom::is_dicom(bytes) {
@@ -78,10 +80,10 @@ pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect
         (_, true) => Raw { w, h, pt: PixelType::U16x3, bytes: img.into_rgb16().into_raw().into_iter().flat_map(u16::to_ne_bytes).collect() },
     };
     let out = fit(&raw, size, aspect)?;
-    let pixels = if deep {
-        out.bytes.chunks_exact(2).map(|b| ((u32::from(u16::from_ne_bytes([b[0], b[1]])) * 255 + 32767) / 65535) as u8).collect()
-    } else {
-        out.bytes
+    let pixels = match (deep, bit_depth == 16) {
+        (true, true) => out.bytes.chunks_exact(2).flat_map(|b| u16::from_ne_bytes([b[0], b[1]]).to_le_bytes()).collect(),
+        (true, false) => out.bytes.chunks_exact(2).map(|b| ((u32::from(u16::from_ne_bytes([b[0], b[1]])) * 255 + 32767) / 65535) as u8).collect(),
+        (false, _) => return Ok(widen(Decoded { pixels: out.bytes, source_width: w, source_height: h })),
     };
     Ok(Decoded { pixels, source_width: w, source_height: h })
 }
@@ -219,9 +221,9 @@ pub fn decode_masks(paths: &[std::path::PathBuf], width: u32, height: u32, size:
 }
 
 /// Read and decode a file.
-pub fn decode_file(path: &Path, size: u32, channels: u32, aspect: Aspect) -> Result<(Decoded, Vec<u8>), DecodeError> {
+pub fn decode_file(path: &Path, size: u32, channels: u32, aspect: Aspect, bit_depth: u32) -> Result<(Decoded, Vec<u8>), DecodeError> {
     let bytes = std::fs::read(path).map_err(|e| DecodeError::Read(e.to_string()))?;
-    let d = decode_resize(&bytes, size, channels, aspect)?;
+    let d = decode_resize_with(&bytes, size, channels, aspect, bit_depth, true)?;
     Ok((d, bytes))
 }
 
@@ -278,8 +280,8 @@ mod tests {
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&img).expect("jpeg");
         let bytes = bytes.into_inner();
         for (aspect, channels) in [(Aspect::Crop, 3), (Aspect::Pad, 1), (Aspect::Stretch, 3)] {
-            let fast = decode_resize_with(&bytes, 224, channels, aspect, true).expect("reduced");
-            let full = decode_resize_with(&bytes, 224, channels, aspect, false).expect("full");
+            let fast = decode_resize_with(&bytes, 224, channels, aspect, 8, true).expect("reduced");
+            let full = decode_resize_with(&bytes, 224, channels, aspect, 8, false).expect("full");
             assert_eq!((fast.source_width, fast.source_height), (1024, 768), "source size is the file's");
             assert_eq!(fast.pixels.len(), full.pixels.len());
             let diffs: Vec<i32> = fast.pixels.iter().zip(&full.pixels).map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs()).collect();

@@ -58,6 +58,10 @@ pub struct Ham10000Config {
     pub row_group: u32,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
+    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
+    /// training loader's normalisation (twice the storage).
+    #[serde(default = "defaults::bit_depth")]
+    pub bit_depth: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -92,7 +96,7 @@ impl Stage for Ham10000 {
     }
 
     fn validate(&self, c: &Ham10000Config) -> Result<(), ConfigError> {
-        check_options(c.size, c.channels, &c.split, c.row_group)?;
+        check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
         if c.image_dirs.is_empty() {
             return Err(ConfigError { path: "image_dirs".into(), message: "name at least one image folder".into() });
         }
@@ -182,7 +186,7 @@ impl Stage for Ham10000 {
             })
             .collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews);
+        let opts = WriteOptions { bit_depth: c.bit_depth, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

@@ -57,6 +57,10 @@ pub struct ImageFolderConfig {
     pub row_group: u32,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
+    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
+    /// training loader's normalisation (twice the storage).
+    #[serde(default = "defaults::bit_depth")]
+    pub bit_depth: u32,
 }
 
 /// One file found under the root.
@@ -231,7 +235,7 @@ impl Stage for ImageFolder {
     }
 
     fn validate(&self, c: &ImageFolderConfig) -> Result<(), ConfigError> {
-        check_options(c.size, c.channels, &c.split, c.row_group)?;
+        check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
         if !(0.0..1.0).contains(&c.val_fraction) {
             return err("val_fraction", "must be in [0, 1)");
@@ -282,7 +286,7 @@ impl Stage for ImageFolder {
             })
             .collect::<Result<Vec<_>, StageError>>()?;
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions { masks: c.mask_suffix.is_some(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts = WriteOptions { bit_depth: c.bit_depth, masks: c.mask_suffix.is_some(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

@@ -34,6 +34,10 @@ pub mod defaults {
     pub fn previews() -> u32 {
         16
     }
+    /// Bits per pixel sample in the table.
+    pub fn bit_depth() -> u32 {
+        8
+    }
     /// Fraction of training patients carved out for validation.
     pub fn val_fraction() -> f64 {
         0.1
@@ -95,12 +99,14 @@ pub struct WriteOptions {
     pub multi_label: bool,
     /// Items carry mask files (a segmentation source): every row gets a mask.
     pub masks: bool,
+    /// 8 or 16 bits per pixel sample in the table.
+    pub bit_depth: u32,
 }
 
 impl WriteOptions {
     /// Single-label, no masks.
     pub fn new(size: u32, channels: u32, aspect: Aspect, on_error: OnError, row_group: u32, previews: u32) -> Self {
-        Self { size, channels, aspect, on_error, row_group, previews, multi_label: false, masks: false }
+        Self { size, channels, aspect, on_error, row_group, previews, multi_label: false, masks: false, bit_depth: 8 }
     }
 }
 
@@ -110,8 +116,11 @@ pub fn output_decl() -> OutputDecl {
 }
 
 /// Checks of the options every file-based source shares.
-pub fn check_options(size: u32, channels: u32, split: &crate::table::SplitFractions, row_group: u32) -> Result<(), ConfigError> {
+pub fn check_options(size: u32, channels: u32, split: &crate::table::SplitFractions, row_group: u32, bit_depth: u32) -> Result<(), ConfigError> {
     let err = |path: &str, message: String| Err(ConfigError { path: path.into(), message });
+    if bit_depth != 8 && bit_depth != 16 {
+        return err("bit_depth", "must be 8 or 16 (16 keeps the depth of DICOM and 16-bit PNG/TIFF sources)".into());
+    }
     if !(8..=2048).contains(&size) {
         return err("size", "must be between 8 and 2048 pixels".into());
     }
@@ -130,7 +139,7 @@ pub fn check_options(size: u32, channels: u32, split: &crate::table::SplitFracti
 /// Decode one item: the image (resized), its merged mask when the source has masks, and
 /// the SHA-256 of the image file. `Err` names the file at fault (image or mask).
 fn decode_item(it: &Item, o: WriteOptions) -> Result<(Decoded, Option<Vec<u8>>, String), (PathBuf, DecodeError)> {
-    let (img, bytes) = decode_file(&it.path, o.size, o.channels, o.aspect).map_err(|e| (it.path.clone(), e))?;
+    let (img, bytes) = decode_file(&it.path, o.size, o.channels, o.aspect, o.bit_depth).map_err(|e| (it.path.clone(), e))?;
     let sha = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     drop(bytes);
     let mask = if o.masks { Some(decode_masks(&it.masks, img.source_width, img.source_height, o.size, o.aspect)?) } else { None };
@@ -155,6 +164,7 @@ pub fn write_image_table(
         width: o.size,
         channels: o.channels,
         has_masks: o.masks,
+        bit_depth: o.bit_depth,
         provenance,
     };
     let table = ctx.output_path("images.parquet")?;
@@ -187,7 +197,8 @@ pub fn write_image_table(
                     };
                     tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
                     if (previews.len() as u32) < o.previews {
-                        previews.push((img.pixels.clone(), mask.clone()));
+                        let eight = if o.bit_depth == 16 { img.pixels.chunks_exact(2).map(|b| b[1]).collect() } else { img.pixels.clone() };
+                        previews.push((eight, mask.clone()));
                     }
                     writer.push(ImageRow {
                         id: it.id.clone(),

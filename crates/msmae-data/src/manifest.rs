@@ -78,6 +78,10 @@ pub struct ManifestConfig {
     pub row_group: u32,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
+    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
+    /// training loader's normalisation (twice the storage).
+    #[serde(default = "defaults::bit_depth")]
+    pub bit_depth: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -115,7 +119,7 @@ impl Stage for Manifest {
     }
 
     fn validate(&self, c: &ManifestConfig) -> Result<(), ConfigError> {
-        check_options(c.size, c.channels, &c.split, c.row_group)?;
+        check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
         let forms = [c.label_column.is_some(), c.labels_column.is_some(), c.label_columns.is_some()].iter().filter(|b| **b).count();
         if forms > 1 {
@@ -293,7 +297,7 @@ impl Stage for Manifest {
             })
             .collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions { multi_label: multi, masks: c.mask_column.is_some(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts = WriteOptions { bit_depth: c.bit_depth, multi_label: multi, masks: c.mask_column.is_some(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

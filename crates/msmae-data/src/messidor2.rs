@@ -68,6 +68,10 @@ pub struct Messidor2Config {
     pub row_group: u32,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
+    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
+    /// training loader's normalisation (twice the storage).
+    #[serde(default = "defaults::bit_depth")]
+    pub bit_depth: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -90,7 +94,7 @@ impl Stage for Messidor2 {
     }
 
     fn validate(&self, c: &Messidor2Config) -> Result<(), ConfigError> {
-        check_options(c.size, c.channels, &c.split, c.row_group)
+        check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)
     }
 
     fn inputs(&self, _: &Messidor2Config) -> Vec<InputSlot> {
@@ -188,7 +192,7 @@ impl Stage for Messidor2 {
         let mut rejects = triage.rejects;
         rejects.extend(ungradable);
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews);
+        let opts = WriteOptions { bit_depth: c.bit_depth, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

@@ -194,6 +194,7 @@ impl Stage for Synthetic {
             width: c.size,
             channels: c.modality.channels(),
             has_masks: true,
+            bit_depth: 8,
             provenance: serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c }),
         };
         let table = ctx.output_path("images.parquet")?;

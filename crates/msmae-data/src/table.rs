@@ -11,7 +11,7 @@
 //! | labels | list<uint8>, only for multi-label | multi-hot, one entry per label name |
 //! | width, height | int32 | of the source image |
 //! | channels | int32 | of `pixels` |
-//! | pixels | binary | uint8, row-major H×W×C at the table's size |
+//! | pixels | binary | row-major H×W×C at the table's size: uint8, or little-endian uint16 when `bit_depth` is 16 |
 //! | mask | binary, nullable | uint8 0/1, H×W (segmentation sources) |
 //! | source_path | utf8 | |
 //! | source_sha256 | utf8 | of the source file (of the generated pixels for synthetic data) |
@@ -131,8 +131,23 @@ pub struct TableMeta {
     pub width: u32,
     pub channels: u32,
     pub has_masks: bool,
+    /// Bits per pixel sample: 8 (`pixels` are bytes) or 16 (little-endian u16 pairs, for
+    /// sources deeper than 8 bits: DICOM, 16-bit PNG/TIFF). Absent in older tables: 8.
+    #[serde(default = "eight_bits")]
+    pub bit_depth: u32,
     /// What produced the table (stage kind, config, seed, …).
     pub provenance: serde_json::Value,
+}
+
+fn eight_bits() -> u32 {
+    8
+}
+
+impl TableMeta {
+    /// Bytes of one pixel sample (1 or 2).
+    pub fn sample_bytes(&self) -> usize {
+        if self.bit_depth == 16 { 2 } else { 1 }
+    }
 }
 
 /// One image.
@@ -217,10 +232,10 @@ impl ImageTableWriter {
 
     /// Queue a row (checked against the table's size and labels).
     pub fn push(&mut self, row: ImageRow) -> Result<(), TableError> {
-        let (h, w, c) = (self.meta.height as usize, self.meta.width as usize, self.meta.channels as usize);
+        let (h, w, c, b) = (self.meta.height as usize, self.meta.width as usize, self.meta.channels as usize, self.meta.sample_bytes());
         let bad = |m: String| TableError::Format { path: self.path.clone(), message: format!("row `{}`: {m}", row.id) };
-        if row.pixels.len() != h * w * c {
-            return Err(bad(format!("pixels hold {} bytes, expected {h}×{w}×{c}", row.pixels.len())));
+        if row.pixels.len() != h * w * c * b {
+            return Err(bad(format!("pixels hold {} bytes, expected {h}×{w}×{c}×{b}", row.pixels.len())));
         }
         if let Some(m) = &row.mask {
             if m.len() != h * w {

@@ -123,6 +123,20 @@ fn a_real_dicom_radiograph_ingests_through_a_manifest() {
     }
     // triangle filter vs box average over the same footprint: a few levels at most on a radiograph
     assert!(worst <= 12.0, "worst difference to the box-averaged pydicom decoding: {worst} levels");
+    // the same with `bit_depth: 16`: two bytes per sample, and the 8-bit table is its rounding
+    let c16: ManifestConfig = serde_json::from_value(serde_json::json!({ "manifest": d.path().join("m.csv"), "label_column": "finding", "size": 64, "channels": 1, "aspect": "pad", "previews": 1, "bit_depth": 16 })).expect("config");
+    let out16 = d.path().join("out16");
+    std::fs::create_dir_all(&out16).expect("mkdir");
+    let mut ctx = StageContext::new("dcm16".into(), 1, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out16.clone(), out16.clone(), Manifest.output(&c16), BTreeMap::new());
+    Manifest.run(&c16, &mut ctx).expect("ingest 16-bit");
+    assert_eq!(table::read_meta(&out16.join("images.parquet")).expect("meta").bit_depth, 16);
+    let rows16 = table::read_rows(&out16.join("images.parquet")).expect("rows");
+    assert_eq!(rows16[0].pixels.len(), 2 * 64 * 64);
+    let deep: Vec<u16> = rows16[0].pixels.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+    assert!(deep.iter().zip(&rows[0].pixels).all(|(&v, &e)| ((f64::from(v) / 257.0).round() - f64::from(e)).abs() <= 1.0));
+    let distinct16 = deep.iter().collect::<std::collections::BTreeSet<_>>().len();
+    let distinct8 = rows[0].pixels.iter().collect::<std::collections::BTreeSet<_>>().len();
+    assert!(distinct16 > 2 * distinct8, "16 bits keep more grey levels ({distinct16} vs {distinct8})");
     let centre = f32::from(rows[0].pixels[32 * 64 + 32]);
     let lung = f32::from(rows[0].pixels[28 * 64 + 18]);
     assert!(centre > lung, "mediastinum ({centre}) brighter than the lung field ({lung}) after MONOCHROME1 inversion");

@@ -163,7 +163,7 @@ impl ImageTable {
         let cols: &[&str] = if masks { &["pixels", "mask"] } else { &["pixels"] };
         let mask = projection(&builder, &self.path, cols)?;
         let reader = builder.with_projection(mask).with_row_groups(vec![g]).with_batch_size(4096).build().map_err(|e| fmt_err(&self.path, e.to_string()))?;
-        let expect = self.height() * self.width() * self.channels();
+        let expect = self.height() * self.width() * self.channels() * self.meta.sample_bytes();
         let mut out = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| fmt_err(&self.path, e.to_string()))?;
@@ -202,14 +202,16 @@ impl ImageTable {
         groups.sort_by_key(|(g, _)| *g);
         for (g, members) in groups {
             let data = self.read_group(g, false)?;
+            let deep = self.meta.bit_depth == 16;
             for r in members {
                 let px = &data[r - self.group_starts[g]].0;
-                for (i, &v) in px.iter().enumerate() {
-                    let v = f64::from(v) / 255.0;
+                let samples = px.len() / self.meta.sample_bytes();
+                for i in 0..samples {
+                    let v = if deep { f64::from(u16::from_le_bytes([px[2 * i], px[2 * i + 1]])) / 65535.0 } else { f64::from(px[i]) / 255.0 };
                     sum[i % c] += v;
                     sq[i % c] += v * v;
                 }
-                n += (px.len() / c) as f64;
+                n += (samples / c) as f64;
             }
         }
         if n == 0.0 {
@@ -233,8 +235,24 @@ pub struct Normalizer {
 /// centres aligned, flip applied) and normalise into `out` as C×out_h×out_w.
 #[allow(clippy::too_many_arguments)]
 pub fn render(pixels: &[u8], h: usize, w: usize, c: usize, aug: &Augmentation, out_h: usize, out_w: usize, norm: &Normalizer, out: &mut [f32]) {
+    render_samples(|i| f32::from(pixels[i]), 255.0, h, w, c, aug, out_h, out_w, norm, out);
+}
+
+/// [`render`] for a table of `bit_depth` 8 or 16 (little-endian u16 samples): 16-bit
+/// pixels reach the normalisation at full depth.
+#[allow(clippy::too_many_arguments)]
+pub fn render_depth(pixels: &[u8], bit_depth: u32, h: usize, w: usize, c: usize, aug: &Augmentation, out_h: usize, out_w: usize, norm: &Normalizer, out: &mut [f32]) {
+    if bit_depth == 16 {
+        render_samples(|i| f32::from(u16::from_le_bytes([pixels[2 * i], pixels[2 * i + 1]])), 65535.0, h, w, c, aug, out_h, out_w, norm, out);
+    } else {
+        render(pixels, h, w, c, aug, out_h, out_w, norm, out);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render_samples(sample: impl Fn(usize) -> f32, max: f32, h: usize, w: usize, c: usize, aug: &Augmentation, out_h: usize, out_w: usize, norm: &Normalizer, out: &mut [f32]) {
     let (sy, sx) = (aug.crop.height / out_h as f64, aug.crop.width / out_w as f64);
-    let scale: Vec<f32> = norm.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
+    let scale: Vec<f32> = norm.std.iter().map(|s| 1.0 / (max * s)).collect();
     let shift: Vec<f32> = norm.mean.iter().zip(&norm.std).map(|(m, s)| m / s).collect();
     for y in 0..out_h {
         // Sample inside the crop (crop, then resize — as torchvision's resized_crop).
@@ -249,7 +267,7 @@ pub fn render(pixels: &[u8], h: usize, w: usize, c: usize, aug: &Augmentation, o
             let x1 = (x0 + 1).min(w - 1);
             let tx = (fx - x0 as f64) as f32;
             for ch in 0..c {
-                let p = |yy: usize, xx: usize| f32::from(pixels[(yy * w + xx) * c + ch]);
+                let p = |yy: usize, xx: usize| sample((yy * w + xx) * c + ch);
                 let top = p(y0, x0) * (1.0 - tx) + p(y0, x1) * tx;
                 let bot = p(y1, x0) * (1.0 - tx) + p(y1, x1) * tx;
                 let v = top * (1.0 - ty) + bot * ty;
@@ -496,7 +514,7 @@ fn prepare(table: &ImageTable, samples: Vec<(usize, GroupData, usize)>, spec: &L
                 None => Augmentation::identity(h, w),
             };
             let mut img = vec![0f32; per];
-            render(px, h, w, c, &aug, h, w, norm, &mut img);
+            render_depth(px, table.meta.bit_depth, h, w, c, &aug, h, w, norm, &mut img);
             let plan = match &spec.masks {
                 Some(m) => {
                     let [gh, gw] = m.grid;
@@ -543,6 +561,24 @@ fn prepare(table: &ImageTable, samples: Vec<(usize, GroupData, usize)>, spec: &L
 mod tests {
     use super::*;
     use msmae_mask::augment::CropBox;
+
+    #[test]
+    fn sixteen_bit_pixels_render_like_their_eight_bit_equivalent() {
+        let (h, w) = (6, 5);
+        let px8: Vec<u8> = (0..h * w).map(|i| (i * 37 % 256) as u8).collect();
+        let px16: Vec<u8> = px8.iter().flat_map(|&v| (u16::from(v) * 257).to_le_bytes()).collect();
+        let norm = Normalizer { mean: vec![0.3], std: vec![0.2] };
+        let aug = Augmentation { crop: augment::CropBox { top: 0.5, left: 1.0, height: 4.0, width: 3.5 }, flip: true };
+        let (mut a, mut b) = (vec![0f32; 4 * 4], vec![0f32; 4 * 4]);
+        render(&px8, h, w, 1, &aug, 4, 4, &norm, &mut a);
+        render_depth(&px16, 16, h, w, 1, &aug, 4, 4, &norm, &mut b);
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "{a:?} {b:?}");
+        // and the extra depth is used: 16-bit steps between two 8-bit levels are kept
+        let fine: Vec<u8> = [1000u16, 1001].iter().cycle().take(h * w).flat_map(|v| v.to_le_bytes()).collect();
+        let mut c = vec![0f32; h * w];
+        render_depth(&fine, 16, h, w, 1, &Augmentation::identity(h, w), h, w, &norm, &mut c);
+        assert!((c[1] - c[0]).abs() > 1e-5 && (c[1] - c[0] - 1.0 / 65535.0 / 0.2).abs() < 1e-6);
+    }
 
     #[test]
     fn identity_render_reproduces_pixels_and_flip_mirrors() {

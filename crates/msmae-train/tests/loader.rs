@@ -16,7 +16,7 @@ const SIZE: usize = 16;
 
 /// 50 images in row groups of 8; image i is filled with the value i.
 fn table(dir: &std::path::Path) -> Arc<ImageTable> {
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: SIZE as u32, width: SIZE as u32, channels: 1, has_masks: false, provenance: serde_json::Value::Null };
+    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: SIZE as u32, width: SIZE as u32, channels: 1, has_masks: false, bit_depth: 8, provenance: serde_json::Value::Null };
     let p = dir.join("images.parquet");
     let mut w = ImageTableWriter::create(&p, meta, 8).expect("create");
     for i in 0..50u8 {
@@ -155,7 +155,7 @@ fn a_crashing_loader_is_an_error_not_a_short_epoch() {
 #[test]
 fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() {
     let d = tempfile::tempdir().expect("tmp");
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, provenance: serde_json::Value::Null };
+    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, bit_depth: 8, provenance: serde_json::Value::Null };
     let write = |name: &str, dup: bool| {
         let p = d.path().join(name);
         let mut w = ImageTableWriter::create(&p, meta.clone(), 8).expect("create");
@@ -173,4 +173,40 @@ fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() 
     assert_eq!(mixed, 4, "every batch holds both classes");
     let e = ImageTable::open(&write("dup.parquet", true)).expect_err("duplicate id");
     assert!(e.to_string().contains("img00") && e.to_string().contains("duplicate"), "{e}");
+}
+
+/// A 16-bit table (bit_depth 16): the loader reads two bytes per sample, the channel
+/// statistics and the rendered batches carry the full depth.
+#[test]
+fn sixteen_bit_tables_stream_at_full_depth() {
+    let d = tempfile::tempdir().expect("tmp");
+    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, bit_depth: 16, provenance: serde_json::Value::Null };
+    let p = d.path().join("images.parquet");
+    let mut w = ImageTableWriter::create(&p, meta, 4).expect("create");
+    for i in 0..10u16 {
+        // 1000·i + 1: not a multiple of 257, so an 8-bit table could not hold it
+        let v = 1000 * i + 1;
+        let row = ImageRow { id: format!("i{i}"), patient_id: format!("p{i}"), split: Split::Train, label: Some(0), labels: None, width: 4, height: 4, channels: 1, pixels: [v; 16].iter().flat_map(|x| x.to_le_bytes()).collect(), mask: None, source_path: String::new(), source_sha256: String::new() };
+        w.push(row).expect("push");
+    }
+    let short = ImageRow { id: "bad".into(), patient_id: "p".into(), split: Split::Train, label: Some(0), labels: None, width: 4, height: 4, channels: 1, pixels: vec![0; 16], mask: None, source_path: String::new(), source_sha256: String::new() };
+    assert!(w.push(short).is_err(), "8-bit bytes in a 16-bit table are refused");
+    w.finish().expect("finish");
+    let t = Arc::new(ImageTable::open(&p).expect("open"));
+    let rows = t.rows_of(Split::Train);
+    let stats = t.channel_stats(&rows).expect("stats");
+    let mean = (0..10).map(|i| f64::from(1000 * i + 1) / 65535.0).sum::<f64>() / 10.0;
+    assert!((f64::from(stats.mean[0]) - mean).abs() < 1e-6, "{stats:?} vs {mean}");
+    let mut got = HashMap::new();
+    for b in data::stream(t.clone(), &rows, LoaderSpec::eval(4), unit(), 1, 0) {
+        let b = b.expect("batch");
+        for (k, &r) in b.rows.iter().enumerate() {
+            got.insert(r, b.images[k * 16]);
+        }
+    }
+    assert_eq!(got.len(), 10);
+    for (r, v) in got {
+        let want = f64::from(1000 * r as u16 + 1) / 65535.0;
+        assert!((f64::from(v) - want).abs() < 1e-6, "row {r}: {v} vs {want}");
+    }
 }
