@@ -117,3 +117,28 @@ fn writer_rejects_rows_that_do_not_fit_the_table() {
     assert!(e.to_string().contains("label 3 is outside 0..1"), "{e}");
     assert!(table::read_meta(&d.path().join("missing.parquet")).is_err());
 }
+
+/// A multi-label table as ingested (ChestX-ray14 layout): pyarrow reads the `labels`
+/// list<uint8> column and the footer unchanged.
+#[test]
+fn pyarrow_reads_a_multi_label_ingested_table() {
+    use msmae_core::{ExecEnv, NoProgress, Stage, StageContext};
+    use msmae_data::chestxray14::{ChestXray14, ChestXray14Config};
+    let d = tempfile::tempdir().expect("tmp");
+    msmae_data::fixtures::chestxray14(d.path(), false, false);
+    let c: ChestXray14Config = serde_json::from_value(serde_json::json!({ "root": d.path(), "size": 8, "previews": 0 })).expect("config");
+    let out = d.path().join("out");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    let mut ctx = StageContext::new("cxr".into(), 1, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out.clone(), out.clone(), ChestXray14.output(&c), BTreeMap::new());
+    ChestXray14.run(&c, &mut ctx).expect("ingest");
+    let path = out.join("images.parquet");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/read_table.py");
+    let o = Command::new(python()).arg(script).arg(&path).output().expect("run python");
+    assert!(o.status.success(), "pyarrow failed: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["types"]["labels"], "list<item: uint8>");
+    assert_eq!(v["bit_depth"], 8);
+    let rows = table::read_rows(&path).expect("rows");
+    assert_eq!(v["multi_hot"], serde_json::json!(rows.iter().map(|r| r.labels.clone()).collect::<Vec<_>>()));
+    assert_eq!(v["label_names"].as_array().map(Vec::len), Some(14));
+}

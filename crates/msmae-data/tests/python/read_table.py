@@ -23,4 +23,6 @@ print(json.dumps({
     "pixel_sha256": [hashlib.sha256(r["pixels"]).hexdigest() for r in rows],
     "source_sha256": [r["source_sha256"] for r in rows],
     "mask_sums": [sum(r["mask"]) if r["mask"] is not None else None for r in rows],
+    "multi_hot": [r["labels"] for r in rows] if "labels" in table.schema.names else None,
+    "bit_depth": meta.get("bit_depth", 8),
 }))
