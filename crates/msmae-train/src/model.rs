@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
-use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::prelude::*;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
@@ -197,11 +197,12 @@ pub fn no_decay_ids<M: Module>(model: &M) -> Vec<ParamId> {
 }
 
 /// AdamW (β 0.9/`beta2`, ε 1e-8, PyTorch's defaults otherwise) with `weight_decay` on
-/// weight matrices only.
+/// weight matrices only ([`msmae_vit::optim::LeanAdamW`]: burn's update with fewer buffers).
 pub fn adamw<M: Module>(model: &M, beta2: f64, weight_decay: f64) -> ModuleOptimizer {
-    let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(beta2 as f32).with_epsilon(1e-8).with_weight_decay(weight_decay as f32);
-    base.init().with_group(ParamGroup::from_ids(no_decay_ids(model)), base.clone().with_weight_decay(0.0).build(), None)
+    let opt = msmae_vit::optim::LeanAdamW { beta_1: 0.9, beta_2: beta2, epsilon: 1e-8, weight_decay };
+    ModuleOptimizer::from(opt).with_group(ParamGroup::from_ids(no_decay_ids(model)), msmae_vit::optim::LeanAdamW { weight_decay: 0.0, ..opt }, None)
 }
+
 
 /// Linear warm-up then half-cosine to `min_lr`, evaluated per step with fractional epochs
 /// (MAE's `adjust_learning_rate`).

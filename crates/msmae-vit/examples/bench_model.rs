@@ -68,6 +68,16 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The training stages' AdamW ([`msmae_vit::optim::LeanAdamW`]); `MSMAE_BURN_ADAMW=1`
+/// takes burn's own for comparison.
+fn optimizer(beta_2: f64) -> burn::optim::ModuleOptimizer {
+    if std::env::var_os("MSMAE_BURN_ADAMW").is_some() {
+        AdamWConfig::new().with_beta_2(beta_2 as f32).with_weight_decay(0.05).with_epsilon(1e-8).init()
+    } else {
+        burn::optim::ModuleOptimizer::from(msmae_vit::optim::LeanAdamW { beta_1: 0.9, beta_2, epsilon: 1e-8, weight_decay: 0.05 })
+    }
+}
+
 /// Run one case on one backend in this process; prints `RESULT ms_per_step peak_mib`.
 fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
     let dev = select(backend, DeviceRequest::Cpu).expect("backend").device.autodiff();
@@ -83,7 +93,7 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
     match case.kind {
         Kind::Finetune(keep) => {
             let mut m = c.encoder.init(&dev);
-            let mut opt = AdamWConfig::new().with_weight_decay(0.05).with_epsilon(1e-8).init();
+            let mut opt = optimizer(0.999);
             let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&dev);
             for s in 0..steps + 2 {
                 let t = Instant::now();
@@ -99,7 +109,7 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
         }
         Kind::Pretrain => {
             let mut m = c.init(&dev);
-            let mut opt = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(0.05).with_epsilon(1e-8).init();
+            let mut opt = optimizer(0.95);
             for s in 0..steps + 2 {
                 let t = Instant::now();
                 let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((y.clone(), 0.1)));

@@ -11,6 +11,7 @@ pub mod config;
 pub mod flops;
 pub mod layers;
 pub mod mae;
+pub mod optim;
 pub mod patch;
 pub mod pos_embed;
 pub mod vit;
