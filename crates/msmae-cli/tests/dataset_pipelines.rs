@@ -65,6 +65,10 @@ fn chestxray_pipeline_trains_multi_label_and_reports_mean_auc() {
         let auc = m["mean_auc"].as_f64().unwrap_or_else(|| panic!("{stage}: no mean AUC: {m}"));
         assert!((0.0..=1.0).contains(&auc), "{stage}: {m}");
     }
+    // multi-label: the best epoch is picked on the val mean AUC (select_on: auto)
+    let h = json(&artifact(d.path(), "chestxray", "ft-scratch").join("history.json"));
+    let epochs = h["epochs"].as_array().expect("epochs");
+    assert!(epochs.iter().all(|e| e["val_auc"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)) && e.get("val_accuracy").is_none()), "{h}");
     let report = json(&artifact(d.path(), "chestxray", "data").join("split_report.json"));
     assert!(report["splits"]["test"]["images"].as_u64().unwrap_or(0) > 0, "{report}");
 }

@@ -191,6 +191,10 @@ pub struct ClassifierConfig {
     /// Early stopping: epochs without a better validation score.
     #[serde(default)]
     pub patience: Option<usize>,
+    /// The validation score that picks the best epoch: `auto` (accuracy; mean per-label
+    /// AUC for multi-label data), `accuracy`, `loss` or `auc`.
+    #[serde(default)]
+    pub select_on: train::SelectOn,
     #[serde(default = "d_ckpt")]
     pub checkpoint_every: usize,
     /// `finetune/msmae` only (default 0.45).
@@ -304,6 +308,7 @@ fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConfig, 
         augment: c.augment.then_some((c.crop_scale[0], c.crop_scale[1])),
         msmae: (kind == ClassifierKind::Msmae).then(|| (msmae_policy(c), c.refresh_every.unwrap_or(20))),
         patience: c.patience,
+        select_on: c.select_on,
         checkpoint_every: c.checkpoint_every,
     };
     let res = train::train_classifier(ctx, &rt, &table, &norm, model, &opts)?;

@@ -149,6 +149,9 @@ pub struct EpochLog {
     pub val_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_accuracy: Option<f64>,
+    /// Macro (single-label) or mean per-label (multi-label) AUC on the val split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_auc: Option<f64>,
     /// Patch tokens (plus CLS) each training sample fed to the encoder.
     pub tokens: usize,
     pub masking: String,
@@ -254,6 +257,22 @@ impl Resume {
 // ---------------------------------------------------------------------------------------
 // Classifier training (supervised attention model, fine-tuning).
 
+/// The validation score that picks the best model (and drives early stopping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectOn {
+    /// Accuracy for single-label data, mean per-label AUC for multi-label data (the
+    /// ChestX-ray14 convention).
+    #[default]
+    Auto,
+    /// Validation accuracy (single-label only).
+    Accuracy,
+    /// Validation loss (lower is better).
+    Loss,
+    /// Macro one-vs-rest AUC (single-label) or mean per-label AUC (multi-label).
+    Auc,
+}
+
 /// Options of a classifier run (the stages map their configs onto this).
 #[derive(Debug, Clone)]
 pub struct ClassifierOpts {
@@ -271,6 +290,8 @@ pub struct ClassifierOpts {
     pub msmae: Option<(MaskPolicy, usize)>,
     /// Stop when validation has not improved for this many epochs.
     pub patience: Option<usize>,
+    /// The validation score that picks the best epoch.
+    pub select_on: SelectOn,
     pub checkpoint_every: usize,
 }
 
@@ -338,6 +359,19 @@ fn accuracy(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f
         })
         .count();
     Some(hits as f64 / rows.len() as f64)
+}
+
+/// Macro one-vs-rest AUC (single-label) or mean per-label AUC (multi-label) of `scores`.
+fn auc(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
+    let probs: Vec<Vec<f64>> = scores.iter().map(|s| s.iter().map(|&v| f64::from(v)).collect()).collect();
+    let k = table.num_classes();
+    if table.meta.multi_label {
+        let truth: Vec<Vec<u8>> = rows.iter().map(|&r| table.rows[r].labels.clone().unwrap_or_else(|| vec![0; k])).collect();
+        msmae_eval::metrics::multilabel_auc(&truth, &probs, k).mean_auc
+    } else {
+        let truth: Vec<usize> = rows.iter().map(|&r| table.rows[r].label.unwrap_or(0).max(0) as usize).collect();
+        msmae_eval::metrics::ovr_auc(&truth, &probs, k).macro_auc
+    }
 }
 
 /// Train a classifier on the train split, selecting on the val split.
@@ -415,14 +449,20 @@ pub fn train_classifier(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageT
             model = optim.step(decay.rates(lr), model, grads);
         }
         let seconds = t.elapsed().as_secs_f64();
-        let (val_loss, val_acc) = if val_rows.is_empty() {
-            (None, None)
+        let (val_loss, val_acc, val_auc) = if val_rows.is_empty() {
+            (None, None, None)
         } else {
             let (s, vl) = predict(&model, table, &val_rows, norm, opts.batch_size.max(64), rt, ctx)?;
-            (Some(vl), accuracy(&s, &val_rows, table))
+            (Some(vl), accuracy(&s, &val_rows, table), auc(&s, &val_rows, table))
         };
-        // Higher is better: accuracy, else minus the loss.
-        let score = val_acc.or(val_loss.map(|v| -v));
+        // Higher is better; a score the split cannot give (AUC with one class present)
+        // falls back to minus the loss.
+        let chosen = match (opts.select_on, table.meta.multi_label) {
+            (SelectOn::Auto, false) | (SelectOn::Accuracy, _) => val_acc,
+            (SelectOn::Auto, true) | (SelectOn::Auc, _) => val_auc,
+            (SelectOn::Loss, _) => None,
+        };
+        let score = chosen.or(val_loss.filter(|v| v.is_finite()).map(|v| -v));
         if let Some(s) = score {
             let s = logged(s);
             if best.is_none_or(|(b, _)| s > b) {
@@ -430,7 +470,7 @@ pub fn train_classifier(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageT
                 best_model = Some(model.clone());
             }
         }
-        history.push(EpochLog { epoch, lr: logged(lr), train_loss: logged(loss_sum / seen.max(1) as f64), reconstruction_loss: None, val_loss: val_loss.map(logged), val_accuracy: val_acc.map(logged), tokens, masking, refreshed_maps: refreshed, seconds });
+        history.push(EpochLog { epoch, lr: logged(lr), train_loss: logged(loss_sum / seen.max(1) as f64), reconstruction_loss: None, val_loss: val_loss.map(logged), val_accuracy: val_acc.map(logged), val_auc: val_auc.map(logged), tokens, masking, refreshed_maps: refreshed, seconds });
         tracing::info!(
             "`{}` epoch {}/{}: loss {:.4}{}{} ({seconds:.1} s)",
             ctx.name,
@@ -574,6 +614,7 @@ pub fn pretrain(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, n
             reconstruction_loss: Some(logged(rec_sum / n)),
             val_loss: None,
             val_accuracy: None,
+            val_auc: None,
             tokens: policy.visible_count(l) + 1,
             masking: format!("{policy:?}"),
             refreshed_maps: refreshed,
