@@ -58,9 +58,15 @@ pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect
         return Err(DecodeError::Empty);
     }
     let widen = |d: Decoded| if bit_depth == 16 { Decoded { pixels: d.pixels.iter().flat_map(|&v| (u16::from(v) * 257).to_le_bytes()).collect(), ..d } } else { d };
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_complete(bytes) {
+        // zune-jpeg (the general decoder) fills a cut-off scan with grey instead of failing
+        return Err(DecodeError::Decode("truncated JPEG: the scan has no end-of-image marker (FFD9)".into()));
+    }
+    // A JPEG the reduced decoder cannot read (arithmetic coding, damage it does not
+    // tolerate) goes to the general decoder, which names the problem if it fails too.
     if jpeg_dct_reduction {
-        if let Some(r) = jpeg_reduced(bytes, size, channels, aspect) {
-            return r.map(widen);
+        if let Some(Ok(d)) = jpeg_reduced(bytes, size, channels, aspect) {
+            return Ok(widen(d));
         }
     }
     let img = if crate::dicom::is_dicom(bytes) {
@@ -86,6 +92,14 @@ pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect
         (false, _) => return Ok(widen(Decoded { pixels: out.bytes, source_width: w, source_height: h })),
     };
     Ok(Decoded { pixels, source_width: w, source_height: h })
+}
+
+/// Whether a JPEG's last scan is followed by its end-of-image marker. Inside entropy-coded
+/// data 0xFF is always stuffed (FF 00), so FF D9 after the last start-of-scan (FF DA)
+/// can only be the real EOI; a thumbnail's EOI comes before the main scan.
+fn jpeg_complete(bytes: &[u8]) -> bool {
+    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
+    matches!((last(0xDA), last(0xD9)), (Some(sos), Some(eoi)) if eoi > sos)
 }
 
 /// The largest DCT reduction (1, 2, 4 or 8) that keeps the part of a `w × h` image the
@@ -290,6 +304,16 @@ mod tests {
             eprintln!("DCT-reduced vs full decode, {aspect:?}/{channels} channels: mean {mean:.2}, max {max} levels");
             assert!(mean < 0.6 && max <= 4, "{aspect:?}/{channels}: mean {mean:.2}, max {max} levels");
         }
+        // a truncated JPEG is an error on the reduced path too, never a half-grey image
+        let cut = &bytes[..bytes.len() / 2];
+        for dct in [true, false] {
+            let e = decode_resize_with(cut, 224, 3, Aspect::Crop, 8, dct);
+            assert!(matches!(&e, Err(DecodeError::Decode(m)) if m.contains("truncated JPEG")), "truncated JPEG accepted: {:?}", e.map(|d| d.pixels.len()));
+        }
+        // bytes after the end-of-image marker (some writers append data) are not truncation
+        let mut padded = bytes.clone();
+        padded.extend_from_slice(b"trailing vendor data");
+        assert!(decode_resize(&padded, 224, 3, Aspect::Crop).is_ok());
         assert_eq!(reduction(1024, 1024, 224, Aspect::Crop), 4);
         assert_eq!(reduction(600, 450, 224, Aspect::Crop), 2);
         assert_eq!(reduction(300, 300, 224, Aspect::Crop), 1);
