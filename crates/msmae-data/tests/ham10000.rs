@@ -84,6 +84,12 @@ fn every_mismatch_is_named() {
     assert!(e.contains("HAM10000_metadata.csv (header, column `dx`): missing column `dx`"), "{e}");
     let e = failure("", |root| std::fs::write(root.join("HAM10000_images_part_1/ISIC_0000000.jpg"), b"").expect("truncate"));
     assert!(e.contains("ISIC_0000000.jpg") && e.contains("empty file"), "{e}");
+    let e = failure("", |root| {
+        let p = root.join("HAM10000_images_part_1/ISIC_0000000.jpg");
+        let bytes = std::fs::read(&p).expect("read");
+        std::fs::write(&p, &bytes[..bytes.len() * 3 / 4]).expect("truncate");
+    });
+    assert!(e.contains("ISIC_0000000.jpg") && e.contains("truncated JPEG"), "{e}");
 }
 
 #[test]
