@@ -104,3 +104,43 @@ fn busi_pipeline_segments_with_merged_masks() {
     let m = json(&artifact(d.path(), "busi", "eval").join("metrics.json"));
     assert_eq!(m["label_names"], serde_json::json!(["benign", "malignant", "normal"]));
 }
+
+/// Multi-class segmentation from a manifest: class-index masks (0 background, 1 organ,
+/// 2 lesion inside it) → `segment/setr-pup` with K-class heads, CE + Dice, Dice/IoU per
+/// mask class.
+#[test]
+fn multi_class_masks_from_a_manifest_segment_per_class() {
+    let d = tempfile::tempdir().expect("tmp");
+    let data = d.path().join("data");
+    fs::create_dir_all(&data).expect("mkdir");
+    let mut csv = String::from("path,mask,patient\n");
+    for i in 0..40u32 {
+        let (cx, cy) = (8 + i % 12, 10 + (i * 7) % 10);
+        let class = |x: u32, y: u32| if x.abs_diff(cx) < 3 && y.abs_diff(cy) < 3 { 2u8 } else if x.abs_diff(cx) < 7 && y.abs_diff(cy) < 7 { 1 } else { 0 };
+        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([[30, 120, 230][usize::from(class(x, y))] + (i % 5) as u8])).save(data.join(format!("img{i}.png"))).expect("image");
+        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([class(x, y)])).save(data.join(format!("img{i}_m.png"))).expect("mask");
+        csv.push_str(&format!("img{i}.png,img{i}_m.png,P{i}\n"));
+    }
+    fs::write(data.join("manifest.csv"), csv).expect("csv");
+    let pipeline = r#"name: organs
+seed: 5
+stages:
+  data: { uses: ingest/manifest, with: { manifest: data/manifest.csv, mask_column: mask, patient_column: patient, mask_classes: [background, organ, lesion], size: 32, channels: 1 } }
+  seg: { uses: segment/setr-pup, needs: [data], with: { model: { preset: tiny }, epochs: 3, batch_size: 8, lr: 1.0e-3, head_channels: 8, figure_images: 2 } }
+"#;
+    fs::write(d.path().join("organs.yaml"), pipeline).expect("pipeline");
+    let o = msmae(d.path(), &["run", "organs.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let lock: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(d.path().join("organs.lock")).expect("lock")).expect("yaml");
+    let digest = lock["stages"].as_sequence().expect("stages").iter().find(|s| s["name"].as_str() == Some("seg")).and_then(|s| s["output"]["digest"].as_str()).expect("seg").to_string();
+    let m = json(&d.path().join(".msmae/objects").join(&digest[..2]).join(&digest).join("data/metrics.json"));
+    for class in ["organ", "lesion"] {
+        let c = &m["per_mask_class"][class];
+        assert!(c["dice"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)) && c["images"].as_u64().unwrap_or(0) > 0, "{class}: {m}");
+    }
+    assert!(m["per_mask_class"].get("background").is_none(), "background is not scored");
+    // a mask value outside the named classes is named
+    image::GrayImage::from_pixel(32, 32, image::Luma([7])).save(data.join("img3_m.png")).expect("bad mask");
+    let o = msmae(d.path(), &["run", "organs.yaml"]);
+    assert!(!o.status.success() && text(&o).contains("img3_m.png") && text(&o).contains("mask value 7 is not a class index"), "{}", text(&o));
+}

@@ -168,11 +168,11 @@ thread_local! {
     static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
 }
 
-fn resize(src: &Raw, dst_w: u32, dst_h: u32, crop: Option<(u32, u32, u32, u32)>) -> Result<Raw, DecodeError> {
+fn resize(src: &Raw, dst_w: u32, dst_h: u32, crop: Option<(u32, u32, u32, u32)>, nearest: bool) -> Result<Raw, DecodeError> {
     let bad = |e: String| DecodeError::Decode(format!("resize: {e}"));
     let view = ImageRef::new(src.w, src.h, &src.bytes, src.pt).map_err(|e| bad(e.to_string()))?;
     let mut dst = Image::new(dst_w, dst_h, src.pt);
-    let mut opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let mut opts = ResizeOptions::new().resize_alg(if nearest { ResizeAlg::Nearest } else { ResizeAlg::Convolution(FilterType::Bilinear) });
     if let Some((l, t, w, h)) = crop {
         opts = opts.crop(f64::from(l), f64::from(t), f64::from(w), f64::from(h));
     }
@@ -183,16 +183,22 @@ fn resize(src: &Raw, dst_w: u32, dst_h: u32, crop: Option<(u32, u32, u32, u32)>)
 /// Bring `src` to `size × size` by the aspect policy, with Pillow's antialiased bilinear
 /// filter (support widened with the reduction, so downscaling averages, never aliases).
 fn fit(src: &Raw, size: u32, aspect: Aspect) -> Result<Raw, DecodeError> {
+    fit_with(src, size, aspect, false)
+}
+
+/// [`fit`], with nearest-neighbour sampling when `nearest` (class-index masks: no value
+/// may be blended into another class).
+fn fit_with(src: &Raw, size: u32, aspect: Aspect, nearest: bool) -> Result<Raw, DecodeError> {
     let (w, h) = (src.w, src.h);
     match aspect {
-        Aspect::Stretch => resize(src, size, size, None),
+        Aspect::Stretch => resize(src, size, size, None, nearest),
         Aspect::Crop => {
             let s = w.min(h);
-            resize(src, size, size, Some(((w - s) / 2, (h - s) / 2, s, s)))
+            resize(src, size, size, Some(((w - s) / 2, (h - s) / 2, s, s)), nearest)
         }
         Aspect::Pad => {
             let (sw, sh) = if w >= h { (size, ((f64::from(h) * f64::from(size) / f64::from(w)).round() as u32).max(1)) } else { (((f64::from(w) * f64::from(size) / f64::from(h)).round() as u32).max(1), size) };
-            let scaled = resize(src, sw, sh, None)?;
+            let scaled = resize(src, sw, sh, None, nearest)?;
             let px = src.pt.size();
             let mut bytes = vec![0u8; (size * size) as usize * px];
             let (x0, y0) = (((size - sw) / 2) as usize, ((size - sh) / 2) as usize);
@@ -232,6 +238,34 @@ pub fn decode_masks(paths: &[std::path::PathBuf], width: u32, height: u32, size:
     let first = paths.first().cloned().unwrap_or_default();
     let out = fit(&Raw { w: width, h: height, pt: PixelType::U8, bytes: merged }, size, aspect).map_err(|e| (first, e))?;
     Ok(out.bytes.into_iter().map(|v| u8::from(v >= 128)).collect())
+}
+
+/// A multi-class mask: one single-channel file of class indices (0 = background, below
+/// `classes`) for an image whose source is `width × height`, brought through the image's
+/// aspect policy to `size × size` by nearest neighbour. `Err` names the file.
+pub fn decode_class_mask(paths: &[std::path::PathBuf], width: u32, height: u32, size: u32, aspect: Aspect, classes: usize) -> Result<Vec<u8>, (std::path::PathBuf, DecodeError)> {
+    let first = paths.first().cloned().unwrap_or_default();
+    if paths.len() != 1 {
+        return Err((first, DecodeError::Decode(format!("multi-class masks take one file per image, got {}", paths.len()))));
+    }
+    let bytes = std::fs::read(&first).map_err(|e| (first.clone(), DecodeError::Read(e.to_string())))?;
+    if bytes.is_empty() {
+        return Err((first, DecodeError::Empty));
+    }
+    let m = image::load_from_memory(&bytes).map_err(|e| (first.clone(), DecodeError::Decode(e.to_string())))?;
+    if m.color() != image::ColorType::L8 {
+        return Err((first, DecodeError::Decode(format!("a class mask must be an 8-bit single-channel image of class indices, this one is {:?}", m.color()))));
+    }
+    if m.dimensions() != (width, height) {
+        let (mw, mh) = m.dimensions();
+        return Err((first, DecodeError::Decode(format!("mask is {mw}×{mh} but its image is {width}×{height}"))));
+    }
+    let raw = m.into_luma8().into_raw();
+    if let Some(v) = raw.iter().find(|&&v| usize::from(v) >= classes) {
+        return Err((first, DecodeError::Decode(format!("mask value {v} is not a class index (mask_classes names {classes} classes, 0–{})", classes - 1))));
+    }
+    let out = fit_with(&Raw { w: width, h: height, pt: PixelType::U8, bytes: raw }, size, aspect, true).map_err(|e| (first, e))?;
+    Ok(out.bytes)
 }
 
 /// Read and decode a file.

@@ -87,7 +87,7 @@ pub struct Reject {
 }
 
 /// Image conversion and writing options shared by the sources.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WriteOptions {
     pub size: u32,
     pub channels: u32,
@@ -101,12 +101,15 @@ pub struct WriteOptions {
     pub masks: bool,
     /// 8 or 16 bits per pixel sample in the table.
     pub bit_depth: u32,
+    /// Multi-class masks: the mask files hold class indices (these names, 0 = background),
+    /// one file per image, resized nearest-neighbour. Empty: binary lesion masks.
+    pub mask_classes: Vec<String>,
 }
 
 impl WriteOptions {
     /// Single-label, no masks.
     pub fn new(size: u32, channels: u32, aspect: Aspect, on_error: OnError, row_group: u32, previews: u32) -> Self {
-        Self { size, channels, aspect, on_error, row_group, previews, multi_label: false, masks: false, bit_depth: 8 }
+        Self { size, channels, aspect, on_error, row_group, previews, multi_label: false, masks: false, bit_depth: 8, mask_classes: Vec::new() }
     }
 }
 
@@ -138,11 +141,15 @@ pub fn check_options(size: u32, channels: u32, split: &crate::table::SplitFracti
 
 /// Decode one item: the image (resized), its merged mask when the source has masks, and
 /// the SHA-256 of the image file. `Err` names the file at fault (image or mask).
-fn decode_item(it: &Item, o: WriteOptions) -> Result<(Decoded, Option<Vec<u8>>, String), (PathBuf, DecodeError)> {
+fn decode_item(it: &Item, o: &WriteOptions) -> Result<(Decoded, Option<Vec<u8>>, String), (PathBuf, DecodeError)> {
     let (img, bytes) = decode_file(&it.path, o.size, o.channels, o.aspect, o.bit_depth).map_err(|e| (it.path.clone(), e))?;
     let sha = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     drop(bytes);
-    let mask = if o.masks { Some(decode_masks(&it.masks, img.source_width, img.source_height, o.size, o.aspect)?) } else { None };
+    let mask = match (o.masks, o.mask_classes.len()) {
+        (false, _) => None,
+        (true, 0) => Some(decode_masks(&it.masks, img.source_width, img.source_height, o.size, o.aspect)?),
+        (true, k) => Some(crate::decode::decode_class_mask(&it.masks, img.source_width, img.source_height, o.size, o.aspect, k)?),
+    };
     Ok((img, mask, sha))
 }
 
@@ -165,6 +172,7 @@ pub fn write_image_table(
         channels: o.channels,
         has_masks: o.masks,
         bit_depth: o.bit_depth,
+        mask_classes: o.mask_classes.clone(),
         provenance,
     };
     let table = ctx.output_path("images.parquet")?;
@@ -176,7 +184,7 @@ pub fn write_image_table(
     // Decode row group k+1 on the pool while this thread compresses and writes row group k:
     // two row groups in flight at most.
     let chunks: Vec<&[Item]> = items.chunks(o.row_group.max(1) as usize).collect();
-    let decode = |chunk: &[Item]| pool.install(|| chunk.par_iter().map(|it| decode_item(it, o)).collect::<Vec<_>>());
+    let decode = |chunk: &[Item]| pool.install(|| chunk.par_iter().map(|it| decode_item(it, &o)).collect::<Vec<_>>());
     let mut next = chunks.first().map(|c| decode(c));
     for (k, chunk) in chunks.iter().enumerate() {
         ctx.cancel.check()?;

@@ -64,6 +64,10 @@ pub struct ManifestConfig {
     /// Mask path(s) of a segmentation dataset, several joined by `separator` are merged.
     #[serde(default)]
     pub mask_column: Option<String>,
+    /// Multi-class segmentation: the masks are single-channel images of class indices
+    /// named here (index 0 = background), one file per image. Absent: binary lesion masks.
+    #[serde(default)]
+    pub mask_classes: Option<Vec<String>>,
     #[serde(default = "defaults::size")]
     pub size: u32,
     #[serde(default = "defaults::rgb")]
@@ -131,6 +135,14 @@ impl Stage for Manifest {
         if c.label_columns.is_some() && c.classes.is_some() {
             return err("classes", "with label_columns the column names are the classes");
         }
+        if let Some(k) = &c.mask_classes {
+            if c.mask_column.is_none() {
+                return err("mask_classes", "needs a mask_column");
+            }
+            if k.len() < 2 || k.len() > 256 || k.iter().collect::<BTreeSet<_>>().len() != k.len() {
+                return err("mask_classes", "2 to 256 distinct names, background first");
+            }
+        }
         if c.separator.is_empty() {
             return err("separator", "must not be empty");
         }
@@ -148,9 +160,16 @@ impl Stage for Manifest {
         output_decl()
     }
 
+    /// The manifest and the folder its relative paths start from (`root`, else the
+    /// manifest's folder), so that a changed image or mask re-runs the stage. Files outside
+    /// that folder (absolute paths elsewhere) are read but not tracked by the cache.
     fn external_inputs(&self, c: &ManifestConfig) -> Vec<PathBuf> {
         let mut v = vec![c.manifest.clone()];
-        v.extend(c.root.clone());
+        match (&c.root, c.manifest.parent()) {
+            (Some(r), _) => v.push(r.clone()),
+            (None, Some(dir)) if !dir.as_os_str().is_empty() => v.push(dir.to_path_buf()),
+            _ => {}
+        }
         v
     }
 
@@ -297,7 +316,7 @@ impl Stage for Manifest {
             })
             .collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions { bit_depth: c.bit_depth, multi_label: multi, masks: c.mask_column.is_some(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts = WriteOptions { bit_depth: c.bit_depth, multi_label: multi, masks: c.mask_column.is_some(), mask_classes: c.mask_classes.clone().unwrap_or_default(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

@@ -195,6 +195,7 @@ impl Stage for Synthetic {
             channels: c.modality.channels(),
             has_masks: true,
             bit_depth: 8,
+            mask_classes: Vec::new(),
             provenance: serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c }),
         };
         let table = ctx.output_path("images.parquet")?;

@@ -135,6 +135,10 @@ pub struct TableMeta {
     /// sources deeper than 8 bits: DICOM, 16-bit PNG/TIFF). Absent in older tables: 8.
     #[serde(default = "eight_bits")]
     pub bit_depth: u32,
+    /// Multi-class segmentation: the name of each `mask` value (0 = background). Empty:
+    /// binary lesion masks (0/1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mask_classes: Vec<String>,
     /// What produced the table (stage kind, config, seed, …).
     pub provenance: serde_json::Value,
 }

@@ -27,6 +27,7 @@ fn write_table(dir: &std::path::Path, n: u32, row_group: usize) -> (PathBuf, Vec
         channels: 1,
         has_masks: true,
         bit_depth: 8,
+        mask_classes: Vec::new(),
         provenance: serde_json::json!({"test": true}),
     };
     let splits = patient_splits(&c, 4);
@@ -108,7 +109,7 @@ fn no_patient_crosses_splits_in_a_generated_table() {
 #[test]
 fn writer_rejects_rows_that_do_not_fit_the_table() {
     let d = tempfile::tempdir().expect("tmp");
-    let meta = TableMeta { schema_version: 1, label_names: vec!["a".into()], multi_label: false, height: 2, width: 2, channels: 1, has_masks: false, bit_depth: 8, provenance: serde_json::Value::Null };
+    let meta = TableMeta { schema_version: 1, label_names: vec!["a".into()], multi_label: false, height: 2, width: 2, channels: 1, has_masks: false, bit_depth: 8, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
     let mut w = ImageTableWriter::create(&d.path().join("t.parquet"), meta, 4).expect("create");
     let row = ImageRow { id: "r1".into(), patient_id: "p".into(), split: table::Split::Train, label: Some(0), labels: None, width: 2, height: 2, channels: 1, pixels: vec![0; 3], mask: None, source_path: "s".into(), source_sha256: "h".into() };
     let e = w.push(row.clone()).err().expect("short pixels");

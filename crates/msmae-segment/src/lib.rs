@@ -20,7 +20,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::activation::{log_softmax, relu, sigmoid, softmax};
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -81,14 +81,16 @@ pub fn spread_blocks(depth: usize) -> Vec<usize> {
 }
 
 impl SetrPup {
-    pub fn new(encoder: VisionTransformer, cfg: &VitConfig, blocks: Vec<usize>, channels: usize, device: &Device) -> Self {
+    /// `classes`: 1 for a binary lesion mask (one logit), else the number of mask classes
+    /// including background.
+    pub fn new(encoder: VisionTransformer, cfg: &VitConfig, blocks: Vec<usize>, channels: usize, classes: usize, device: &Device) -> Self {
         let ups = (cfg.patch_size as f64).log2().round() as usize;
-        let heads = blocks.iter().map(|_| PupHead::new(cfg.embed_dim, channels, ups, 1, device)).collect();
+        let heads = blocks.iter().map(|_| PupHead::new(cfg.embed_dim, channels, ups, classes.max(1), device)).collect();
         Self { encoder, heads, blocks, grid: cfg.grid() }
     }
 
     /// # Shapes
-    /// - imgs: `[batch, C, H, W]` → logits `[batch, 1, H, W]`
+    /// - imgs: `[batch, C, H, W]` → logits `[batch, classes, H, W]`
     pub fn forward(&self, imgs: Tensor<4>) -> Tensor<4> {
         let feats = self.encoder.forward_intermediates(imgs, &self.blocks);
         let n = feats.len() as f64;
@@ -119,6 +121,21 @@ pub fn seg_loss(logits: Tensor<4>, target: Tensor<4>) -> Tensor<1> {
     let denom = p.reshape([b as i32, -1]).sum_dim(1) + target.reshape([b as i32, -1]).sum_dim(1);
     let dice = ((inter * 2.0 + 1.0) / (denom + 1.0)).mean();
     bce * 0.5 + (dice.neg() + 1.0)
+}
+
+/// Multi-class: cross-entropy + (1 − mean soft Dice over the foreground classes).
+///
+/// # Shapes
+/// - logits, one-hot target: `[batch, K, H, W]` → `[1]`
+pub fn seg_loss_multi(logits: Tensor<4>, target: Tensor<4>) -> Tensor<1> {
+    let [b, k, h, w] = logits.dims();
+    let ce = (log_softmax(logits.clone(), 1) * target.clone()).sum_dim(1).mean().neg();
+    let p = softmax(logits, 1).slice([0..b, 1..k, 0..h, 0..w]);
+    let t = target.slice([0..b, 1..k, 0..h, 0..w]);
+    let inter = (p.clone() * t.clone()).sum_dim(3).sum_dim(2);
+    let denom = p.sum_dim(3).sum_dim(2) + t.sum_dim(3).sum_dim(2);
+    let dice = ((inter * 2.0 + 1.0) / (denom + 1.0)).mean();
+    ce + (dice.neg() + 1.0)
 }
 
 fn d_epochs() -> usize {
@@ -264,7 +281,10 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     if !vit_cfg.patch_size.is_power_of_two() {
         return Err(StageError::other(format!("SETR-PUP upsamples by 2 per stage: patch size {} must be a power of two", vit_cfg.patch_size)));
     }
-    let mut model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, &rt.train);
+    // Multi-class masks (class indices, `mask_classes` in the table) or one binary lesion mask.
+    let classes = table.meta.mask_classes.len();
+    let multi = classes >= 2;
+    let mut model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, if multi { classes } else { 1 }, &rt.train);
     let _ = model.clone().into_record();
     let mut optim = AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
     let sched = Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 };
@@ -292,9 +312,9 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
             ctx.cancel.check()?;
             let mut batch = batch?;
             let n = batch.len();
-            let target = masks_tensor(&batch, &table, &rt.train)?;
+            let target = masks_tensor(&batch, &table, if multi { classes } else { 1 }, &rt.train)?;
             let x = train::images(&mut batch, &table, &rt.train);
-            let loss = seg_loss(model.forward(x), target);
+            let loss = if multi { seg_loss_multi(model.forward(x), target) } else { seg_loss(model.forward(x), target) };
             let lv = f64::from(loss.clone().into_scalar::<f32>());
             if !lv.is_finite() {
                 return Err(StageError::other(format!("segmentation training diverged at epoch {epoch}, step {i}: loss {lv}")));
@@ -323,13 +343,35 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         let mut batch = batch?;
         let host = batch.images.clone();
         let x = train::images(&mut batch, &table, &rt.device);
-        let probs = train::to_vec(sigmoid(model.forward(x)))?;
+        let logits = model.forward(x);
+        let probs = train::to_vec(if multi { softmax(logits, 1) } else { sigmoid(logits) })?;
         for (i, &r) in batch.rows.iter().enumerate() {
             let gt = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[r].id)), "no lesion mask"))?;
-            let pred: Vec<u8> = probs[i * h * w..(i + 1) * h * w].iter().map(|p| u8::from(*p >= 0.5)).collect();
-            let (dice, iou) = metrics::dice_iou(&pred, gt);
             let class = table.rows[r].label.and_then(|l| table.meta.label_names.get(l as usize)).cloned();
-            per_image.push(serde_json::json!({ "id": table.rows[r].id, "class": class, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": gt.iter().filter(|v| **v > 0).count() }));
+            let (pred, record) = if multi {
+                // argmax over the class maps; Dice/IoU per foreground class present in the truth
+                let at = |k: usize, px: usize| probs[((i * classes + k) * h * w) + px];
+                let pred: Vec<u8> = (0..h * w).map(|px| (0..classes).max_by(|&a, &b| at(a, px).total_cmp(&at(b, px))).unwrap_or(0) as u8).collect();
+                let mut per = serde_json::Map::new();
+                let (mut ds, mut is) = (Vec::new(), Vec::new());
+                for k in 1..classes {
+                    let (g, p): (Vec<u8>, Vec<u8>) = gt.iter().zip(&pred).map(|(&g, &p)| (u8::from(usize::from(g) == k), u8::from(usize::from(p) == k))).unzip();
+                    if g.contains(&1) {
+                        let (d, iu) = metrics::dice_iou(&p, &g);
+                        ds.push(d);
+                        is.push(iu);
+                        per.insert(table.meta.mask_classes[k].clone(), serde_json::json!({ "dice": logged(d), "iou": logged(iu) }));
+                    }
+                }
+                let mean = |v: &[f64]| if v.is_empty() { 1.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+                let rec = serde_json::json!({ "id": table.rows[r].id, "class": class, "dice": logged(mean(&ds)), "iou": logged(mean(&is)), "lesion_pixels": gt.iter().filter(|v| **v > 0).count(), "mask_classes": per });
+                (pred, rec)
+            } else {
+                let pred: Vec<u8> = probs[i * h * w..(i + 1) * h * w].iter().map(|p| u8::from(*p >= 0.5)).collect();
+                let (dice, iou) = metrics::dice_iou(&pred, gt);
+                (pred, serde_json::json!({ "id": table.rows[r].id, "class": class, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": gt.iter().filter(|v| **v > 0).count() }))
+            };
+            per_image.push(record);
             if figure.len() < c.figure_images && gt.iter().any(|v| *v > 0) {
                 let c_ = table.channels();
                 let img = msmae_train::figures::denormalize(&host[i * c_ * h * w..(i + 1) * c_ * h * w], c_, h, w, &norm);
@@ -338,6 +380,18 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         }
     }
     let summary = metrics::summarize(&per_image);
+    // Multi-class: per mask class, over the test images whose truth contains it.
+    let per_mask_class: serde_json::Map<String, serde_json::Value> = table
+        .meta
+        .mask_classes
+        .iter()
+        .skip(1)
+        .map(|name| {
+            let v: Vec<(f64, f64)> = per_image.iter().filter_map(|r| Some((r["mask_classes"][name]["dice"].as_f64()?, r["mask_classes"][name]["iou"].as_f64()?))).collect();
+            let mean = |f: fn(&(f64, f64)) -> f64| if v.is_empty() { None } else { Some(logged(v.iter().map(f).sum::<f64>() / v.len() as f64)) };
+            (name.clone(), serde_json::json!({ "dice": mean(|x| x.0), "iou": mean(|x| x.1), "images": v.len() }))
+        })
+        .collect();
     // Per image class (BUSI: benign / malignant / normal), on single-label tables.
     let per_class: serde_json::Map<String, serde_json::Value> = metrics::summarize_by(&per_image, "class")
         .into_iter()
@@ -347,7 +401,7 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         })
         .collect();
     tracing::info!("`{}`: test Dice {:.4}, IoU {:.4} over {} images with lesions ({} images in all)", ctx.name, summary.dice_lesion, summary.iou_lesion, summary.n_lesion, summary.n);
-    let meta = ckpt::CheckpointMeta { format: 1, kind: ckpt::CheckpointKind::Vit, vit: vit_cfg.clone(), mae: None, normalizer: norm.clone(), label_names: vec!["lesion".into()], multi_label: false, trained_by: SetrPupStage::KIND.into() };
+    let meta = ckpt::CheckpointMeta { format: 1, kind: ckpt::CheckpointKind::Vit, vit: vit_cfg.clone(), mae: None, normalizer: norm.clone(), label_names: if multi { table.meta.mask_classes.clone() } else { vec!["lesion".into()] }, multi_label: false, trained_by: SetrPupStage::KIND.into() };
     ckpt::save(ctx.out_dir(), &model, &meta)?;
     write_json(
         ctx,
@@ -364,6 +418,7 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
             "iou_all_images": logged(summary.iou_all),
             "images": summary.n,
             "per_class": per_class,
+            "per_mask_class": per_mask_class,
             "note": "dice/iou: mean over test images with a lesion; *_all_images: over every test image, an empty prediction of an empty mask scoring 1",
             "per_image": per_image,
         }),
@@ -379,14 +434,21 @@ fn finite(v: f64) -> Option<f64> {
     v.is_finite().then(|| logged(v))
 }
 
-fn masks_tensor(batch: &data::Batch, table: &ImageTable, device: &Device) -> Result<Tensor<4>, StageError> {
+/// Targets: `[batch, 1, H, W]` 0/1 (binary, `classes` 1) or one-hot `[batch, K, H, W]`.
+fn masks_tensor(batch: &data::Batch, table: &ImageTable, classes: usize, device: &Device) -> Result<Tensor<4>, StageError> {
     let (h, w) = (table.height(), table.width());
-    let mut v = Vec::with_capacity(batch.len() * h * w);
+    let mut v = Vec::with_capacity(batch.len() * classes * h * w);
     for (i, r) in batch.rows.iter().enumerate() {
         let m = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[*r].id)), "no lesion mask"))?;
-        v.extend(m.iter().map(|x| f32::from(u8::from(*x > 0))));
+        if classes == 1 {
+            v.extend(m.iter().map(|x| f32::from(u8::from(*x > 0))));
+        } else {
+            for k in 0..classes {
+                v.extend(m.iter().map(|x| f32::from(u8::from(usize::from(*x) == k))));
+            }
+        }
     }
-    Ok(Tensor::from_data(TensorData::new(v, [batch.len(), 1, h, w]), device))
+    Ok(Tensor::from_data(TensorData::new(v, [batch.len(), classes, h, w]), device))
 }
 
 /// image | ground truth (green) | prediction (red) over the image.
@@ -427,12 +489,21 @@ mod tests {
     fn heads_restore_pixel_resolution_and_the_loss_prefers_the_truth() {
         let dev = Device::flex();
         let cfg = VitConfig::new([16, 16], 4, 1, 16, 2, 2);
-        let m = SetrPup::new(cfg.init(&dev), &cfg, vec![1, 2], 8, &dev);
+        let m = SetrPup::new(cfg.init(&dev), &cfg, vec![1, 2], 8, 1, &dev);
         let y = m.forward(Tensor::zeros([2, 1, 16, 16], &dev));
         assert_eq!(y.dims(), [2, 1, 16, 16]);
         let t = Tensor::<4>::from_data(TensorData::new((0..256).map(|i| f32::from(u8::from(i % 3 == 0))).collect::<Vec<_>>(), [1, 1, 16, 16]), &dev);
         let good = seg_loss((t.clone() - 0.5) * 20.0, t.clone()).into_scalar::<f32>();
         let bad = seg_loss((t.clone() - 0.5) * -20.0, t).into_scalar::<f32>();
+        assert!(good < 0.01 && bad > 1.0, "{good} {bad}");
+        // multi-class: 3 class heads, CE + Dice prefers the true class map
+        let m3 = SetrPup::new(cfg.init(&dev), &cfg, vec![2], 8, 3, &dev);
+        assert_eq!(m3.forward(Tensor::zeros([2, 1, 16, 16], &dev)).dims(), [2, 3, 16, 16]);
+        let cls: Vec<usize> = (0..256).map(|i| i % 3).collect();
+        let onehot: Vec<f32> = (0..3).flat_map(|k| cls.iter().map(move |&c| f32::from(u8::from(c == k)))).collect();
+        let t = Tensor::<4>::from_data(TensorData::new(onehot, [1, 3, 16, 16]), &dev);
+        let good = seg_loss_multi((t.clone() - 0.5) * 20.0, t.clone()).into_scalar::<f32>();
+        let bad = seg_loss_multi((t.clone() - 0.5) * -20.0, t).into_scalar::<f32>();
         assert!(good < 0.01 && bad > 1.0, "{good} {bad}");
     }
 }

@@ -16,7 +16,7 @@ const SIZE: usize = 16;
 
 /// 50 images in row groups of 8; image i is filled with the value i.
 fn table(dir: &std::path::Path) -> Arc<ImageTable> {
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: SIZE as u32, width: SIZE as u32, channels: 1, has_masks: false, bit_depth: 8, provenance: serde_json::Value::Null };
+    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: SIZE as u32, width: SIZE as u32, channels: 1, has_masks: false, bit_depth: 8, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
     let p = dir.join("images.parquet");
     let mut w = ImageTableWriter::create(&p, meta, 8).expect("create");
     for i in 0..50u8 {
@@ -155,7 +155,7 @@ fn a_crashing_loader_is_an_error_not_a_short_epoch() {
 #[test]
 fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() {
     let d = tempfile::tempdir().expect("tmp");
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, bit_depth: 8, provenance: serde_json::Value::Null };
+    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, bit_depth: 8, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
     let write = |name: &str, dup: bool| {
         let p = d.path().join(name);
         let mut w = ImageTableWriter::create(&p, meta.clone(), 8).expect("create");
@@ -180,7 +180,7 @@ fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() 
 #[test]
 fn sixteen_bit_tables_stream_at_full_depth() {
     let d = tempfile::tempdir().expect("tmp");
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, bit_depth: 16, provenance: serde_json::Value::Null };
+    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, bit_depth: 16, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
     let p = d.path().join("images.parquet");
     let mut w = ImageTableWriter::create(&p, meta, 4).expect("create");
     for i in 0..10u16 {
