@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
@@ -22,7 +21,7 @@ use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageCont
 use crate::decode::Aspect;
 use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, read_list, relative, write_image_table};
 use crate::meta::TextTable;
-use crate::table::{Split, SplitFractions};
+use crate::table::{Split, SplitFractions, carve_validation};
 
 /// The 14 findings, in the conventional order.
 pub const FINDINGS: [&str; 14] = [
@@ -247,10 +246,8 @@ impl Stage for ChestXray14 {
         rows.retain(|r| !crossing.contains(&r.patient));
 
         // Validation carved out of train_val by patient.
-        let mut train: Vec<&str> = rows.iter().filter(|r| r.split == Split::Train).map(|r| r.patient.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
-        train.shuffle(&mut seeded_rng(ctx.seed, &["chestxray14/val".into()]));
-        let n_val = (train.len() as f64 * c.val_fraction).round() as usize;
-        let val: BTreeSet<String> = train[..n_val].iter().map(|s| s.to_string()).collect();
+        let train: Vec<String> = rows.iter().filter(|r| r.split == Split::Train).map(|r| r.patient.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let val = carve_validation(train, c.val_fraction, &mut seeded_rng(ctx.seed, &["chestxray14/val".into()]));
         let items: Vec<Item> = rows
             .into_iter()
             .map(|r| {

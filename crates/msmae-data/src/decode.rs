@@ -212,6 +212,21 @@ fn fit_with(src: &Raw, size: u32, aspect: Aspect, nearest: bool) -> Result<Raw, 
     }
 }
 
+/// Read and decode one mask file of an image whose source is `width × height` (sizes must
+/// agree). `Err` names the file.
+fn load_mask(p: &std::path::Path, width: u32, height: u32) -> Result<image::DynamicImage, (std::path::PathBuf, DecodeError)> {
+    let bytes = std::fs::read(p).map_err(|e| (p.to_path_buf(), DecodeError::Read(e.to_string())))?;
+    if bytes.is_empty() {
+        return Err((p.to_path_buf(), DecodeError::Empty));
+    }
+    let m = image::load_from_memory(&bytes).map_err(|e| (p.to_path_buf(), DecodeError::Decode(e.to_string())))?;
+    if m.dimensions() != (width, height) {
+        let (mw, mh) = m.dimensions();
+        return Err((p.to_path_buf(), DecodeError::Decode(format!("mask is {mw}×{mh} but its image is {width}×{height}"))));
+    }
+    Ok(m)
+}
+
 /// Read one or more mask files of an image whose source is `width × height`, merge them
 /// (a pixel is foreground when it is in any mask, i.e. > 127 in any file), and bring the
 /// result through the image's aspect policy to `size × size` values in {0, 1} (area
@@ -220,15 +235,7 @@ fn fit_with(src: &Raw, size: u32, aspect: Aspect, nearest: bool) -> Result<Raw, 
 pub fn decode_masks(paths: &[std::path::PathBuf], width: u32, height: u32, size: u32, aspect: Aspect) -> Result<Vec<u8>, (std::path::PathBuf, DecodeError)> {
     let mut merged = vec![0u8; width as usize * height as usize];
     for p in paths {
-        let bytes = std::fs::read(p).map_err(|e| (p.clone(), DecodeError::Read(e.to_string())))?;
-        if bytes.is_empty() {
-            return Err((p.clone(), DecodeError::Empty));
-        }
-        let m = image::load_from_memory(&bytes).map_err(|e| (p.clone(), DecodeError::Decode(e.to_string())))?.into_luma8();
-        if m.dimensions() != (width, height) {
-            let (mw, mh) = m.dimensions();
-            return Err((p.clone(), DecodeError::Decode(format!("mask is {mw}×{mh} but its image is {width}×{height}"))));
-        }
+        let m = load_mask(p, width, height)?.into_luma8();
         for (o, v) in merged.iter_mut().zip(m.as_raw()) {
             if *v > 127 {
                 *o = 255;
@@ -248,17 +255,9 @@ pub fn decode_class_mask(paths: &[std::path::PathBuf], width: u32, height: u32, 
     if paths.len() != 1 {
         return Err((first, DecodeError::Decode(format!("multi-class masks take one file per image, got {}", paths.len()))));
     }
-    let bytes = std::fs::read(&first).map_err(|e| (first.clone(), DecodeError::Read(e.to_string())))?;
-    if bytes.is_empty() {
-        return Err((first, DecodeError::Empty));
-    }
-    let m = image::load_from_memory(&bytes).map_err(|e| (first.clone(), DecodeError::Decode(e.to_string())))?;
+    let m = load_mask(&first, width, height)?;
     if m.color() != image::ColorType::L8 {
         return Err((first, DecodeError::Decode(format!("a class mask must be an 8-bit single-channel image of class indices, this one is {:?}", m.color()))));
-    }
-    if m.dimensions() != (width, height) {
-        let (mw, mh) = m.dimensions();
-        return Err((first, DecodeError::Decode(format!("mask is {mw}×{mh} but its image is {width}×{height}"))));
     }
     let raw = m.into_luma8().into_raw();
     if let Some(v) = raw.iter().find(|&&v| usize::from(v) >= classes) {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Reject, WriteOptions, check_options, defaults, output_decl, write_image_table};
+use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, relative, write_image_table};
 use crate::meta::TextTable;
 use crate::table::SplitFractions;
 
@@ -125,23 +125,10 @@ impl Stage for Ham10000 {
         let root = ctx.resolve(&c.root);
         let meta_path = root.join(&c.metadata);
         let rows = read_metadata(&meta_path)?;
-        let skip = c.on_error == OnError::Skip;
-        let mut rejects: Vec<Reject> = Vec::new();
-        // Images on disk, by id.
-        let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
-        for dir in &c.image_dirs {
-            let d = root.join(dir);
-            for e in std::fs::read_dir(&d).map_err(|e| StageError::io(&d, e))? {
-                let p = e.map_err(|e| StageError::io(&d, e))?.path();
-                if !p.extension().is_some_and(|x| x.eq_ignore_ascii_case("jpg")) {
-                    continue;
-                }
-                let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                if let Some(prev) = files.insert(id.clone(), p.clone()) {
-                    return Err(StageError::data(&p, None, format!("image id `{id}` also exists as {}", prev.display())));
-                }
-            }
-        }
+        let mut triage = Triage::new(c.on_error);
+        // Images on disk, by id (the file stem).
+        let dirs: Vec<PathBuf> = c.image_dirs.iter().map(|d| root.join(d)).collect();
+        let files = index_files(&dirs, &["jpg"], |name| name.rsplit_once('.').map_or(name, |(stem, _)| stem).to_string())?;
         // Check rows: known labels, unique ids, images present.
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut good: Vec<&Row> = Vec::new();
@@ -157,19 +144,13 @@ impl Stage for Ham10000 {
             };
             seen.entry(r.image.clone()).or_insert(r.line);
             match problem {
-                Some(p) if skip => rejects.push(Reject { path: format!("{}:{}", c.metadata.display(), r.line), reason: p }),
-                Some(p) => return Err(StageError::data(&meta_path, None, format!("{p} (set `on_error: skip` to leave such rows out)"))),
+                Some(p) => triage.problem(&meta_path, None, format!("{}:{}", c.metadata.display(), r.line), p)?,
                 None => good.push(r),
             }
         }
         for (id, p) in &files {
             if !seen.contains_key(id) {
-                let msg = format!("image `{id}` is not listed in {}", c.metadata.display());
-                if skip {
-                    rejects.push(Reject { path: p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned(), reason: msg });
-                } else {
-                    return Err(StageError::data(p, None, format!("{msg} (set `on_error: skip` to leave it out)")));
-                }
+                triage.problem(p, None, relative(p, &root), format!("image `{id}` is not listed in {}", c.metadata.display()))?;
             }
         }
         // Split by lesion.
@@ -181,12 +162,12 @@ impl Stage for Ham10000 {
             .iter()
             .map(|r| {
                 let path = files[&r.image].clone();
-                let source = path.strip_prefix(&root).unwrap_or(&path).to_string_lossy().into_owned();
+                let source = relative(&path, &root);
                 Item::new(r.image.clone(), path, source, r.lesion.clone(), split_of[r.lesion.as_str()], CLASSES.iter().position(|k| *k == r.dx).map(|i| i as i32))
             })
             .collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
         let opts = WriteOptions { bit_depth: c.bit_depth, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
-        write_image_table(ctx, provenance, &names, &items, opts, rejects)
+        write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
@@ -15,7 +14,7 @@ use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageCont
 use crate::decode::Aspect;
 use crate::ingest::{Item, Reject, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
 pub use crate::ingest::OnError;
-use crate::table::{Split, SplitFractions};
+use crate::table::{Split, SplitFractions, carve_validation};
 
 fn d_ext() -> Vec<String> {
     ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"].iter().map(|s| s.to_string()).collect()
@@ -77,14 +76,6 @@ struct Found {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ImageFolder;
 
-fn split_of_dir(name: &str) -> Option<Split> {
-    match name.to_ascii_lowercase().as_str() {
-        "train" | "training" => Some(Split::Train),
-        "val" | "valid" | "validation" => Some(Split::Val),
-        "test" | "testing" => Some(Split::Test),
-        _ => None,
-    }
-}
 
 fn sorted_dirs(p: &Path) -> Result<Vec<PathBuf>, StageError> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(p)
@@ -99,10 +90,10 @@ fn sorted_dirs(p: &Path) -> Result<Vec<PathBuf>, StageError> {
 fn scan(root: &Path, c: &ImageFolderConfig) -> Result<(Vec<Found>, usize), StageError> {
     let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let top = sorted_dirs(root)?;
-    let split_layout = top.iter().any(|d| split_of_dir(&name(d)).is_some());
+    let split_layout = top.iter().any(|d| Split::from_name(&name(d)).is_some());
     let mut class_dirs: Vec<(Option<Split>, PathBuf)> = Vec::new();
     for d in &top {
-        match (split_layout, split_of_dir(&name(d))) {
+        match (split_layout, Split::from_name(&name(d))) {
             (true, Some(s)) => class_dirs.extend(sorted_dirs(d)?.into_iter().map(|cd| (Some(s), cd))),
             (true, None) => tracing::warn!("{}: ignored (not a split folder beside the split folders)", d.display()),
             (false, _) => class_dirs.push((None, d.clone())),
@@ -203,11 +194,11 @@ fn assign_splits(found: &mut [Found], c: &ImageFolderConfig, seed: u64) -> Resul
     let mut assigned: BTreeMap<String, Split> = BTreeMap::new();
     if folder_layout {
         let has_val = found.iter().any(|f| f.split == Some(Split::Val));
-        let mut train: Vec<String> = patients.iter().filter(|p| by_patient[*p].contains(&Some(Split::Train))).cloned().collect();
-        train.shuffle(&mut rng);
-        let n_val = if has_val { 0 } else { (train.len() as f64 * c.val_fraction).round() as usize };
-        for (i, p) in train.iter().enumerate() {
-            assigned.insert(p.clone(), if i < n_val { Split::Val } else { Split::Train });
+        let train: Vec<String> = patients.iter().filter(|p| by_patient[*p].contains(&Some(Split::Train))).cloned().collect();
+        let val = carve_validation(train.clone(), if has_val { 0.0 } else { c.val_fraction }, &mut rng);
+        for p in train {
+            let s = if val.contains(&p) { Split::Val } else { Split::Train };
+            assigned.insert(p, s);
         }
         for p in &patients {
             if let Some(Some(s)) = by_patient[p].iter().next() {

@@ -91,14 +91,6 @@ pub struct ManifestConfig {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Manifest;
 
-fn parse_split(s: &str) -> Option<Split> {
-    match s.to_ascii_lowercase().as_str() {
-        "train" | "training" => Some(Split::Train),
-        "val" | "valid" | "validation" => Some(Split::Val),
-        "test" | "testing" => Some(Split::Test),
-        _ => None,
-    }
-}
 
 /// One accepted manifest row.
 struct Row {
@@ -256,7 +248,7 @@ impl Stage for Manifest {
                 labels = Some(hot);
             }
             let split = match split_col {
-                Some(col) => match col.get(i).map(|v| (v, parse_split(v))) {
+                Some(col) => match col.get(i).map(|v| (v, Split::from_name(v))) {
                     Some((_, Some(s))) => Some(s),
                     Some((v, None)) => {
                         bad = Some((col.name().to_string(), format!("unknown split `{v}` (expected train, val or test)")));

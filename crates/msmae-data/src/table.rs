@@ -73,6 +73,24 @@ impl Split {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|x| x.as_str() == s)
     }
+    /// A split as datasets name it (folder or manifest value), case-insensitive:
+    /// train/training, val/valid/validation, test/testing.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "train" | "training" => Some(Split::Train),
+            "val" | "valid" | "validation" => Some(Split::Val),
+            "test" | "testing" => Some(Split::Test),
+            _ => None,
+        }
+    }
+}
+
+/// Move `fraction` of `patients` (given in a deterministic order) to validation: a seeded
+/// shuffle, then the first `round(n · fraction)`. Returns those patients.
+pub fn carve_validation<T: Clone + Ord>(mut patients: Vec<T>, fraction: f64, rng: &mut impl rand::Rng) -> std::collections::BTreeSet<T> {
+    rand::seq::SliceRandom::shuffle(patients.as_mut_slice(), rng);
+    let n_val = (patients.len() as f64 * fraction).round() as usize;
+    patients.into_iter().take(n_val).collect()
 }
 
 /// Fractions of patients per split, for sources that do not prescribe a split.
