@@ -144,3 +144,16 @@ stages:
     let o = msmae(d.path(), &["run", "organs.yaml"]);
     assert!(!o.status.success() && text(&o).contains("img3_m.png") && text(&o).contains("mask value 7 is not a class index"), "{}", text(&o));
 }
+
+/// Without its dataset, every shipped dataset pipeline stops before running anything and
+/// names the folder it expected.
+#[test]
+fn dataset_pipelines_refuse_to_start_without_their_data() {
+    for (name, folder) in [("chestxray", "data/chestxray14"), ("messidor2", "data/messidor2"), ("busi", "data/busi"), ("ham10000", "data/ham10000"), ("btmd", "data/btmd")] {
+        let (d, _) = project(name);
+        let o = msmae(d.path(), &["run", &format!("pipelines/{name}.yaml")]);
+        let t = text(&o);
+        assert!(!o.status.success() && t.contains(folder) && t.contains("data/README.md"), "{name}: {t}");
+        assert!(!d.path().join(".msmae/objects").exists() && !d.path().join("pipelines/.msmae/objects").exists(), "{name}: nothing ran");
+    }
+}
