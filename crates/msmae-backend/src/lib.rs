@@ -10,6 +10,8 @@
 //!   with the `tch` feature after `cargo xtask setup`. About 2× flex on a ViT train step
 //!   here, so it is the default whenever it is compiled in.
 
+pub mod fused;
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -1,8 +1,10 @@
 //! Transformer pieces: multi-head self-attention with a fused qkv projection, the GELU
 //! MLP, stochastic depth, and the pre-norm block (METHOD.md §1).
 
-use burn::nn::{Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig, Initializer};
+use burn::module::Param;
+use burn::nn::{Gelu, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
+use msmae_backend::fused;
 use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
 
@@ -33,14 +35,49 @@ impl Attention {
         let h = self.num_heads;
         let hd = d / h;
         let qkv = self.qkv.forward(x).reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, b, h, n, hd]
-        // Scale q ([b, h, n, hd]) rather than the scores ([b, h, n, n]): fewer elements.
-        let q = qkv.clone().narrow(0, 0, 1).reshape([b, h, n, hd]) * (1.0 / (hd as f64).sqrt());
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = qkv.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
         let v = qkv.narrow(0, 2, 1).reshape([b, h, n, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)); // [b, h, n, n]
+        if !keep {
+            // One fused op (libtorch: the flash-attention kernel, forward and backward).
+            let out = fused::attention(q, k, v, scale).swap_dims(1, 2).reshape([b, n, d]);
+            return (self.proj.forward(out), None);
+        }
+        // Scale q ([b, h, n, hd]) rather than the scores ([b, h, n, n]): fewer elements.
+        let scores = (q * scale).matmul(k.swap_dims(2, 3)); // [b, h, n, n]
         let attn = softmax(scores, 3);
         let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([b, n, d]); // [b, n, d]
-        (self.proj.forward(out), keep.then_some(attn))
+        (self.proj.forward(out), Some(attn))
+    }
+}
+
+/// LayerNorm over the last dimension, run as one fused backend op (forward and backward;
+/// burn's `nn::LayerNorm` is a dozen autodiff nodes). Same parameters and names as
+/// `burn::nn::LayerNorm` (`gamma`, `beta`; `weight`/`bias` through the PyTorch adapter),
+/// so checkpoints are unchanged.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub gamma: Param<Tensor<1>>,
+    pub beta: Option<Param<Tensor<1>>>,
+    pub epsilon: f64,
+}
+
+impl LayerNorm {
+    /// γ = 1, β = 0.
+    pub fn new(dim: usize, epsilon: f64, device: &Device) -> Self {
+        Self { gamma: Initializer::Ones.init([dim], device), beta: Some(Initializer::Zeros.init([dim], device)), epsilon }
+    }
+
+    /// # Shapes
+    /// - x: `[..., dim]` → same
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let gamma = self.gamma.val();
+        let beta = match &self.beta {
+            Some(b) => b.val(),
+            None => gamma.zeros_like(),
+        };
+        fused::layer_norm(x, gamma, beta, self.epsilon)
     }
 }
 
@@ -89,9 +126,9 @@ pub struct Block {
 impl Block {
     pub fn new(dim: usize, heads: usize, mlp_ratio: f64, eps: f64, drop_path: f64, device: &Device) -> Self {
         Self {
-            norm1: LayerNormConfig::new(dim).with_epsilon(eps).init(device),
+            norm1: LayerNorm::new(dim, eps, device),
             attn: Attention::new(dim, heads, device),
-            norm2: LayerNormConfig::new(dim).with_epsilon(eps).init(device),
+            norm2: LayerNorm::new(dim, eps, device),
             mlp: Mlp::new(dim, (dim as f64 * mlp_ratio).round() as usize, device),
             drop_path,
         }

@@ -5,12 +5,12 @@
 
 use burn::module::Param;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use crate::config::{MaeConfig, VitConfig};
-use crate::layers::Block;
+use crate::layers::{Block, LayerNorm};
 use crate::patch::{gather_tokens, patchify};
 use crate::pos_embed::sincos_2d;
 use crate::vit::VisionTransformer;
@@ -54,7 +54,7 @@ impl MaeConfig {
             mask_token: Param::from_tensor(Tensor::random([1, 1, dd], Distribution::Normal(0.0, 0.02), device)),
             decoder_pos_embed: Tensor::<3>::from_data(TensorData::new(sincos_2d(dd, gh, gw), [1, 1 + gh * gw, dd]), device),
             decoder_blocks: (0..self.decoder_depth).map(|_| Block::new(dd, self.decoder_num_heads, enc.mlp_ratio, enc.norm_eps, 0.0, device)).collect(),
-            decoder_norm: LayerNormConfig::new(dd).with_epsilon(enc.norm_eps).init(device),
+            decoder_norm: LayerNorm::new(dd, enc.norm_eps, device),
             decoder_pred: lin(dd, enc.patch_dim()),
             patch_size: enc.patch_size,
             norm_pix_loss: self.norm_pix_loss,

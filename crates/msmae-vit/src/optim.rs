@@ -1,11 +1,13 @@
 //! The optimiser of the training stages.
 
 use burn::prelude::*;
+use msmae_backend::fused::{self, AdamWHyper};
 
 /// AdamW (decoupled weight decay, bias-corrected moments: the update of burn's `AdamW` and
-/// PyTorch's) with burn's state type, so optimiser checkpoints are interchangeable, but
-/// written so that each intermediate has one owner: libtorch then updates it in place,
-/// and a step allocates two parameter-sized buffers instead of five.
+/// PyTorch's) with burn's state type, so optimiser checkpoints are interchangeable, run as
+/// one fused backend op per parameter: on libtorch/CPU one pass that reads parameter,
+/// gradient and both moments once and updates them in place (burn's AdamW makes about ten
+/// passes and five parameter-sized temporaries).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LeanAdamW {
     pub beta_1: f64,
@@ -18,23 +20,22 @@ impl burn::optim::Optimizer for LeanAdamW {
     type State<const D: usize> = burn::optim::AdamWState<D>;
 
     fn step<const D: usize>(&self, lr: f64, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
-        let (b1, b2) = (self.beta_1, self.beta_2);
         let (m, v, time) = match state {
-            Some(s) => {
-                let s = s.momentum;
-                let m = s.moment_1.mul_scalar(b1).add(grad.clone().mul_scalar(1.0 - b1));
-                let v = s.moment_2.mul_scalar(b2).add(grad.square().mul_scalar(1.0 - b2));
-                (m, v, s.time + 1)
-            }
-            None => (grad.clone().mul_scalar(1.0 - b1), grad.square().mul_scalar(1.0 - b2), 1),
+            Some(s) => (s.momentum.moment_1, s.momentum.moment_2, s.momentum.time + 1),
+            None => (grad.zeros_like(), grad.zeros_like(), 1),
         };
         let t = time as i32;
-        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        // update = lr · (m / bc1) / (sqrt(v / bc2) + eps)
-        let update = v.clone().div_scalar(bc2).sqrt().add_scalar(self.epsilon).recip().mul(m.clone()).mul_scalar(lr / bc1);
-        let decayed = if self.weight_decay == 0.0 { tensor } else { tensor.mul_scalar(1.0 - lr * self.weight_decay) };
-        let state = burn::optim::AdamWState::new(burn::optim::AdaptiveMomentumState::new(time, m, v));
-        (decayed.sub(update), Some(state))
+        let h = AdamWHyper {
+            lr,
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            weight_decay: self.weight_decay,
+            bias_correction_1: 1.0 - self.beta_1.powi(t),
+            bias_correction_2: 1.0 - self.beta_2.powi(t),
+        };
+        let (param, m, v) = fused::adamw_update(tensor, grad, m, v, h);
+        (param, Some(burn::optim::AdamWState::new(burn::optim::AdaptiveMomentumState::new(time, m, v))))
     }
 
     fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {

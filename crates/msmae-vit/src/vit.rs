@@ -4,12 +4,12 @@
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use crate::config::VitConfig;
-use crate::layers::Block;
+use crate::layers::{Block, LayerNorm};
 use crate::patch::gather_tokens;
 use crate::pos_embed::sincos_2d;
 
@@ -70,8 +70,8 @@ impl VitConfig {
             cls_token: Param::from_tensor(Tensor::random([1, 1, d], Distribution::Normal(0.0, 0.02), device)),
             pos_embed: Tensor::<3>::from_data(TensorData::new(pos, [1, 1 + gh * gw, d]), device),
             blocks: (0..self.depth).map(|i| Block::new(d, self.num_heads, self.mlp_ratio, self.norm_eps, dpr(i), device)).collect(),
-            norm: LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device),
-            fc_norm: self.global_pool.then(|| LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device)),
+            norm: LayerNorm::new(d, self.norm_eps, device),
+            fc_norm: self.global_pool.then(|| LayerNorm::new(d, self.norm_eps, device)),
             head: (self.num_classes > 0).then(|| LinearConfig::new(d, self.num_classes).with_initializer(Initializer::Normal { mean: 0.0, std: 0.01 }).init(device)),
             global_pool: self.global_pool,
             embed_dim: d,

@@ -1,7 +1,10 @@
 """PyTorch eager side of `cargo xtask bench model`: the reference model (reference.py)
 trained for a few steps; prints `RESULT ms_per_step peak_rss_mib` (median step).
 
-usage: bench_model.py CONFIG_JSON finetune:KEEP|pretrain BATCH STEPS
+usage: bench_model.py CONFIG_JSON finetune:KEEP|pretrain BATCH STEPS [sdpa|explicit]
+
+sdpa (default): attention through F.scaled_dot_product_attention, as timm >= 0.9 runs a
+ViT; explicit: softmax(q k^T) v as in the MAE reference code.
 """
 import json
 import resource
@@ -13,11 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from reference import MAE  # noqa: E402
+from reference import MAE, Attention  # noqa: E402
 
 
 def main():
     cfg, kind, batch, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    attn = sys.argv[5] if len(sys.argv) > 5 else "sdpa"
+    assert attn in ("sdpa", "explicit"), f"attention must be sdpa or explicit, not {attn}"
+    Attention.fused = attn == "sdpa"
     torch.manual_seed(0)
     e = cfg["encoder"]
     model = MAE(cfg)

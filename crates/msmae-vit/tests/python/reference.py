@@ -33,6 +33,10 @@ def sincos_2d(dim, gh, gw):
 
 
 class Attention(nn.Module):
+    # True: F.scaled_dot_product_attention (as timm >= 0.9 runs it; returns no weights);
+    # False: the explicit softmax(q k^T) v of the MAE reference code (weights returned).
+    fused = False
+
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -43,6 +47,8 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if Attention.fused:
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)), None
         attn = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d)), attn

@@ -1,0 +1,149 @@
+//! The fused ops against the same maths written with ordinary burn tensor ops (whose
+//! gradients burn's autodiff derives), on every compiled backend: values, gradients,
+//! non-contiguous inputs, in-place safety and determinism.
+
+use burn::tensor::{Device, Distribution, Tensor, activation};
+use msmae_backend::fused::{self, AdamWHyper};
+use msmae_backend::{BackendKind, BackendRequest, DeviceRequest, compiled_backends, select};
+
+fn devices() -> Vec<(BackendKind, Device)> {
+    compiled_backends()
+        .iter()
+        .map(|&k| {
+            let req = match k {
+                BackendKind::Flex => BackendRequest::Flex,
+                BackendKind::Tch => BackendRequest::Tch,
+            };
+            (k, select(req, DeviceRequest::Cpu).expect("compiled backend").device)
+        })
+        .collect()
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec_as::<f32>().expect("f32 data")
+}
+
+fn assert_close<const D: usize>(what: &str, a: Tensor<D>, b: Tensor<D>, tol: f32) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let (a, b) = (values(a), values(b));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst <= tol, "{what}: max |diff| {worst} > {tol}");
+}
+
+fn ln_reference(x: Tensor<3>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<3> {
+    let mean = x.clone().mean_dim(2);
+    let centered = x - mean;
+    let var = centered.clone().square().mean_dim(2);
+    centered / (var + eps).sqrt() * gamma.unsqueeze::<3>() + beta.unsqueeze::<3>()
+}
+
+#[test]
+fn fused_layer_norm_matches_composed_ops_in_value_and_gradient() {
+    for (kind, dev) in devices() {
+        let ad = dev.clone().autodiff();
+        // Non-contiguous input too: the model feeds views.
+        for transposed in [false, true] {
+            let base = Tensor::<3>::random([5, 3, 24], Distribution::Normal(0.5, 2.0), &ad);
+            let x0 = if transposed { base.swap_dims(0, 1) } else { base.reshape([3, 5, 24]) };
+            let x0 = x0.detach();
+            let gamma0 = Tensor::<1>::random([24], Distribution::Normal(1.0, 0.3), &ad);
+            let beta0 = Tensor::<1>::random([24], Distribution::Normal(0.0, 0.3), &ad);
+            let w = Tensor::<3>::random([3, 5, 24], Distribution::Normal(0.0, 1.0), &ad).detach();
+
+            let run = |fused_op: bool| {
+                let (x, gamma, beta) = (x0.clone().require_grad(), gamma0.clone().require_grad(), beta0.clone().require_grad());
+                let out = if fused_op { fused::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-6) } else { ln_reference(x.clone(), gamma.clone(), beta.clone(), 1e-6) };
+                let grads = (out.clone() * w.clone()).sum().backward();
+                (out.inner(), x.grad(&grads).expect("dx"), gamma.grad(&grads).expect("dgamma"), beta.grad(&grads).expect("dbeta"))
+            };
+            let (o1, dx1, dg1, db1) = run(true);
+            let (o2, dx2, dg2, db2) = run(false);
+            let what = format!("{kind} transposed={transposed}");
+            assert_close(&format!("{what} out"), o1, o2, 1e-5);
+            assert_close(&format!("{what} dx"), dx1, dx2, 1e-4);
+            assert_close(&format!("{what} dgamma"), dg1, dg2, 1e-4);
+            assert_close(&format!("{what} dbeta"), db1, db2, 1e-4);
+        }
+        // Without autodiff (evaluation): the forward kernel alone.
+        let x = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let (g, b) = (Tensor::<1>::ones([16], &dev), Tensor::<1>::zeros([16], &dev));
+        assert_close(&format!("{kind} inference"), fused::layer_norm(x.clone(), g.clone(), b.clone(), 1e-6), ln_reference(x, g, b, 1e-6), 1e-5);
+    }
+}
+
+#[test]
+fn fused_attention_matches_softmax_attention_in_value_and_gradient() {
+    for (kind, dev) in devices() {
+        let ad = dev.clone().autodiff();
+        let (b, h, n, hd) = (2, 3, 7, 8);
+        // q, k, v as the model makes them: views into one permuted qkv tensor.
+        let qkv0 = Tensor::<3>::random([b, n, 3 * h * hd], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let w = Tensor::<4>::random([b, h, n, hd], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let run = |fused_op: bool| {
+            let qkv = qkv0.clone().require_grad();
+            let p = qkv.clone().reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
+            let q = p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
+            let k = p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
+            let v = p.narrow(0, 2, 1).reshape([b, h, n, hd]);
+            let out = if fused_op { fused::attention(q, k, v, scale) } else { activation::softmax((q * scale).matmul(k.swap_dims(2, 3)), 3).matmul(v) };
+            let grads = (out.clone() * w.clone()).sum().backward();
+            (out.inner(), qkv.grad(&grads).expect("dqkv"))
+        };
+        let (o1, d1) = run(true);
+        let (o2, d2) = run(false);
+        assert_close(&format!("{kind} attention out"), o1, o2, 1e-5);
+        assert_close(&format!("{kind} attention dqkv"), d1, d2, 1e-4);
+    }
+}
+
+fn hyper(t: i32, wd: f64) -> AdamWHyper {
+    AdamWHyper { lr: 1e-2, beta_1: 0.9, beta_2: 0.95, epsilon: 1e-8, weight_decay: wd, bias_correction_1: 1.0 - 0.9f64.powi(t), bias_correction_2: 1.0 - 0.95f64.powi(t) }
+}
+
+#[test]
+fn fused_adamw_follows_the_update_rule_and_leaves_shared_buffers_alone() {
+    for (kind, dev) in devices() {
+        for wd in [0.0, 0.05] {
+            let n = 70_000; // more than one work item of the parallel kernel
+            let p0: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let mut p = Tensor::<1>::from_floats(p0.as_slice(), &dev);
+            let mut m = Tensor::<1>::zeros([n], &dev);
+            let mut v = Tensor::<1>::zeros([n], &dev);
+            let (mut pr, mut mr, mut vr) = (p0.iter().map(|&x| x as f64).collect::<Vec<_>>(), vec![0f64; n], vec![0f64; n]);
+            let keep = p.clone(); // another owner of the first parameter buffer
+            for t in 1..=4 {
+                let g: Vec<f32> = (0..n).map(|i| (((i + 7 * t as usize) * 13 % 29) as f32 - 14.0) / 10.0).collect();
+                let h = hyper(t, wd);
+                (p, m, v) = fused::adamw_update(p, Tensor::<1>::from_floats(g.as_slice(), &dev), m, v, h);
+                for i in 0..n {
+                    let gi = g[i] as f64;
+                    mr[i] = 0.9 * mr[i] + 0.1 * gi;
+                    vr[i] = 0.95 * vr[i] + 0.05 * gi * gi;
+                    pr[i] = pr[i] * (1.0 - h.lr * wd) - h.lr / h.bias_correction_1 * mr[i] / ((vr[i] / h.bias_correction_2).sqrt() + 1e-8);
+                }
+            }
+            let worst = values(p).iter().zip(&pr).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+            assert!(worst < 1e-5, "{kind} wd {wd}: max |param − f64 reference| {worst}");
+            let worst_m = values(m).iter().zip(&mr).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+            assert!(worst_m < 1e-6, "{kind} wd {wd}: moment 1 off by {worst_m}");
+            assert_eq!(values(keep), p0, "{kind}: a buffer shared with another tensor was updated in place");
+        }
+    }
+}
+
+#[test]
+fn fused_backward_kernels_are_deterministic() {
+    for (kind, dev) in devices() {
+        let ad = dev.clone().autodiff();
+        let x0 = Tensor::<3>::random([8, 50, 64], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let gamma0 = Tensor::<1>::random([64], Distribution::Normal(1.0, 0.3), &ad).detach();
+        let w = Tensor::<3>::random([8, 50, 64], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let run = || {
+            let gamma = gamma0.clone().require_grad();
+            let out = fused::layer_norm(x0.clone(), gamma.clone(), Tensor::zeros([64], &ad), 1e-6);
+            values(gamma.grad(&(out * w.clone()).sum().backward()).expect("dgamma"))
+        };
+        assert_eq!(run(), run(), "{kind}: LayerNorm dgamma differs between two identical runs");
+    }
+}
