@@ -209,6 +209,19 @@ pub fn adamw_update<const D: usize>(param: Tensor<D>, grad: Tensor<D>, m: Tensor
     (Tensor::from_dispatch(p), Tensor::from_dispatch(m), Tensor::from_dispatch(v))
 }
 
+/// How many buffers the AdamW kernel has had to copy on this thread because another tensor
+/// shared them (libtorch/CPU; 0 elsewhere). The optimiser path should never copy.
+pub fn adamw_buffer_copies() -> usize {
+    #[cfg(feature = "tch")]
+    {
+        torch::BUFFER_COPIES.with(|c| c.get())
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        0
+    }
+}
+
 /// The composed kernels, in burn primitives (any backend, any device).
 pub mod generic {
     use super::*;
@@ -322,7 +335,16 @@ mod torch {
     /// A buffer this op may overwrite: the tensor itself when nothing else shares its
     /// storage and it is contiguous, else a fresh copy.
     fn owned_buffer(t: TchTensor) -> TchTensor {
-        if t.can_mut() && t.tensor.is_contiguous() { t } else { TchTensor::new(t.tensor.contiguous().copy()) }
+        if t.can_mut() && t.tensor.is_contiguous() {
+            t
+        } else {
+            BUFFER_COPIES.with(|c| c.set(c.get() + 1));
+            TchTensor::new(t.tensor.contiguous().copy())
+        }
+    }
+
+    thread_local! {
+        pub(super) static BUFFER_COPIES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     /// LayerNorm backward, one pass over each row (`g`, `x`: `[rows, d]`).
@@ -332,7 +354,7 @@ mod torch {
         let dx = tch::Tensor::empty(x.size(), (Kind::Float, TDevice::Cpu));
         // SAFETY: all are contiguous f32 CPU tensors alive until the end of this function;
         // `dx` is fresh and only written here.
-        let (gs, xs, ms, rs, gms, dxs) = unsafe { (slice(&g), slice(&x), slice(&mean), slice(&rstd), slice(&gamma), slice_mut(&dx)) };
+        let (gs, xs, ms, rstds, gms, dxs) = unsafe { (slice(&g), slice(&x), slice(&mean), slice(&rstd), slice(&gamma), slice_mut(&dx)) };
         let partials: Vec<(Vec<f32>, Vec<f32>)> = dxs
             .par_chunks_mut(ROWS_PER_CHUNK * d)
             .enumerate()
@@ -342,20 +364,20 @@ mod torch {
                 for (r, dx_row) in dx_chunk.chunks_mut(d).enumerate() {
                     let row = c * ROWS_PER_CHUNK + r;
                     let (gr, xr) = (&gs[row * d..(row + 1) * d], &xs[row * d..(row + 1) * d]);
-                    let (mu, rs) = (ms[row], rs[row]);
+                    let (mu, rs) = (ms[row], rstds[row]);
                     let (mut sum_gg, mut sum_ggx) = (0f32, 0f32);
-                    for j in 0..d {
-                        let xhat = (xr[j] - mu) * rs;
-                        let gg = gr[j] * gms[j];
+                    // Iterators rather than indices: no bounds checks in the inner loops.
+                    for (((&g, &x), &gm), (dg, db)) in gr.iter().zip(xr).zip(gms).zip(dgamma.iter_mut().zip(dbeta.iter_mut())) {
+                        let xhat = (x - mu) * rs;
+                        let gg = g * gm;
                         sum_gg += gg;
                         sum_ggx += gg * xhat;
-                        dgamma[j] += gr[j] * xhat;
-                        dbeta[j] += gr[j];
+                        *dg += g * xhat;
+                        *db += g;
                     }
                     let (a, b) = (sum_gg / d as f32, sum_ggx / d as f32);
-                    for j in 0..d {
-                        let xhat = (xr[j] - mu) * rs;
-                        dx_row[j] = rs * (gr[j] * gms[j] - a - xhat * b);
+                    for (((dx, &g), &x), &gm) in dx_row.iter_mut().zip(gr).zip(xr).zip(gms) {
+                        *dx = rs * (g * gm - a - (x - mu) * rs * b);
                     }
                 }
                 (dgamma, dbeta)
@@ -383,14 +405,14 @@ mod torch {
         // alive until the end of this function; `grad` is only read.
         let (ps, gs, mst, vst) = unsafe { (slice_mut(&param.tensor), slice(&grad), slice_mut(&m.tensor), slice_mut(&v.tensor)) };
         ps.par_chunks_mut(ELEMS_PER_CHUNK).zip(mst.par_chunks_mut(ELEMS_PER_CHUNK)).zip(vst.par_chunks_mut(ELEMS_PER_CHUNK)).zip(gs.par_chunks(ELEMS_PER_CHUNK)).for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let gi = g[i];
-                let mi = b1 * m[i] + (1.0 - b1) * gi;
-                let vi = b2 * v[i] + (1.0 - b2) * (gi * gi);
-                m[i] = mi;
-                v[i] = vi;
-                let update = (1.0 / ((vi / bc2).sqrt() + eps)) * mi * lr_bc1;
-                p[i] = if h.weight_decay == 0.0 { p[i] } else { p[i] * decay } - update;
+            // Iterators rather than indices: no bounds checks, so the loop vectorises.
+            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                let mi = b1 * *m + (1.0 - b1) * g;
+                let vi = b2 * *v + (1.0 - b2) * (g * g);
+                *m = mi;
+                *v = vi;
+                // decay = 1 without weight decay: exact.
+                *p = *p * decay - (1.0 / ((vi / bc2).sqrt() + eps)) * mi * lr_bc1;
             }
         });
         (param, m, v)

@@ -163,3 +163,31 @@ fn backends_agree_on_vit_and_mae_forwards() {
         out.pred.into_data().assert_approx_eq::<f32>(&reference, Tolerance::absolute(1e-4));
     }
 }
+
+/// The training AdamW (LeanAdamW → the fused update) updates parameters and moments in
+/// place on libtorch: after the first step (which allocates the moments) no buffer is
+/// copied because something else still shares it. The loss also goes down.
+#[test]
+fn lean_adamw_updates_in_place_and_trains() {
+    let mut devices = vec![flex().autodiff()];
+    if compiled_backends().contains(&BackendKind::Tch) {
+        devices.push(select(BackendRequest::Tch, DeviceRequest::Cpu).expect("tch").device.autodiff());
+    }
+    for dev in devices {
+        let (mut m, imgs, vis, msk) = mae_batch(&dev);
+        let mut opt = burn::optim::ModuleOptimizer::from(msmae_vit::optim::LeanAdamW { beta_1: 0.9, beta_2: 0.95, epsilon: 1e-8, weight_decay: 0.05 });
+        let first: f32 = m.forward(imgs.clone(), vis.clone(), msk.clone(), None).loss.into_scalar();
+        let mut copies_after_first = 0;
+        for step in 0..30 {
+            let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), None);
+            let grads = GradientsParams::from_grads(out.loss.backward(), &m);
+            m = opt.step(1e-2, m, grads);
+            if step == 0 {
+                copies_after_first = msmae_backend::fused::adamw_buffer_copies();
+            }
+        }
+        assert_eq!(msmae_backend::fused::adamw_buffer_copies(), copies_after_first, "{dev:?}: AdamW copied shared buffers after the first step");
+        let last: f32 = m.forward(imgs, vis, msk, None).loss.into_scalar();
+        assert!(last < 0.7 * first, "{dev:?}: loss {first} → {last}");
+    }
+}
