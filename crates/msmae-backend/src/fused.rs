@@ -29,7 +29,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, Flex, Shape, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, Shape, Slice, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 
 /// Hyper-parameters of one AdamW update (bias corrections precomputed for the step).
@@ -74,6 +74,24 @@ pub trait FusedKernels: Backend {
         generic::attention_backward::<Self>(grad, q, k, v, aux, scale)
     }
 
+    /// Multi-head self-attention from the fused qkv projection: `qkv` `[batch, tokens,
+    /// 3·dim]` (q, k, v, each `heads × head_dim`, as timm lays them out) → `[batch, tokens,
+    /// dim]` with the heads merged, plus the backward's state. Views in, views out: no
+    /// split/merge copies, and the backward writes the three gradients into one buffer
+    /// (instead of three zero-padded slices summed).
+    fn self_attention_forward(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, k, v) = generic::split_heads::<Self>(qkv, heads);
+        let (out, aux) = Self::attention_forward(q, k, v, scale);
+        (generic::merge_heads::<Self>(out), aux)
+    }
+
+    /// Gradient of [`Self::self_attention_forward`] with respect to `qkv`.
+    fn self_attention_backward(grad: FloatTensor<Self>, qkv: FloatTensor<Self>, out: FloatTensor<Self>, aux: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        let (q, k, v) = generic::split_heads::<Self>(qkv, heads);
+        let (dq, dk, dv) = Self::attention_backward(generic::unmerge_heads::<Self>(grad, heads), q, k, v, generic::unmerge_heads::<Self>(out, heads), aux, scale);
+        generic::stack_heads::<Self>(dq, dk, dv)
+    }
+
     /// One AdamW step: returns the new `(param, moment_1, moment_2)`.
     fn adamw_update(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         generic::adamw_update::<Self>(param, grad, m, v, h)
@@ -85,6 +103,7 @@ pub trait FusedKernels: Backend {
 pub trait FusedOps: Backend {
     fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+    fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
     fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -97,6 +116,9 @@ macro_rules! concrete_fused_ops {
             }
             fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
                 Self::attention_forward(q, k, v, scale).0
+            }
+            fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+                Self::self_attention_forward(qkv, heads, scale).0
             }
             fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
                 Self::adamw_update(param, grad, m, v, h)
@@ -182,6 +204,34 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
+    fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SelfAttentionBackward;
+
+        impl<B: FusedKernels> Backward<B, 1> for SelfAttentionBackward {
+            /// qkv, out, aux, heads, scale
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize, f64);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_qkv] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (qkv, out, aux, heads, scale) = ops.state;
+                if let Some(node) = node_qkv {
+                    grads.register::<B>(node.id, B::self_attention_backward(grad, qkv, out, aux, heads, scale));
+                }
+            }
+        }
+
+        match SelfAttentionBackward.prepare::<C>([qkv.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let qkv = qkv.into_primitive();
+                let (out, aux) = B::self_attention_forward(qkv.clone(), heads, scale);
+                prep.finish((qkv, out.clone(), aux, heads, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::self_attention_forward(qkv.into_primitive(), heads, scale).0),
+        }
+    }
+
     fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         // Optimisers run on the inner (non-autodiff) tensors; on autodiff ones this is the
         // composed, differentiable update.
@@ -200,6 +250,15 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
 /// - q, k, v: `[batch, heads, tokens, head_dim]` → `[batch, heads, tokens, head_dim]`
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), scale))
+}
+
+/// Multi-head self-attention on the output of a fused qkv projection (timm layout: q, k,
+/// v along the last dimension, each `heads × head_dim`).
+///
+/// # Shapes
+/// - qkv: `[batch, tokens, 3·dim]` → `[batch, tokens, dim]`
+pub fn self_attention(qkv: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_self_attention(qkv.into_dispatch(), heads, scale))
 }
 
 /// One AdamW step on a parameter; returns `(param, moment_1, moment_2)`. Buffers that
@@ -237,6 +296,34 @@ pub mod generic {
         let mut dims = vec![1; rank];
         dims[rank - 1] = d;
         B::float_reshape(t, Shape::from(dims))
+    }
+
+    /// `[b, n, 3·h·hd]` → q, k, v `[b, h, n, hd]` (views).
+    pub fn split_heads<B: Backend>(qkv: FloatTensor<B>, heads: usize) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let [b, n, d3] = qkv.shape().dims();
+        let hd = d3 / 3 / heads;
+        let x = B::float_permute(B::float_reshape(qkv, Shape::new([b, n, 3, heads, hd])), &[2, 0, 3, 1, 4]);
+        let part = |i: usize| B::float_reshape(B::float_slice(x.clone(), &[Slice::from(i..i + 1), Slice::from(0..b), Slice::from(0..heads), Slice::from(0..n), Slice::from(0..hd)]), Shape::new([b, heads, n, hd]));
+        (part(0), part(1), part(2))
+    }
+
+    /// `[b, h, n, hd]` → `[b, n, h·hd]`.
+    pub fn merge_heads<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        let [b, h, n, hd] = x.shape().dims();
+        B::float_reshape(B::float_swap_dims(x, 1, 2), Shape::new([b, n, h * hd]))
+    }
+
+    /// `[b, n, h·hd]` → `[b, h, n, hd]` (a view).
+    pub fn unmerge_heads<B: Backend>(x: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
+        let [b, n, d] = x.shape().dims();
+        B::float_swap_dims(B::float_reshape(x, Shape::new([b, n, heads, d / heads])), 1, 2)
+    }
+
+    /// dq, dk, dv `[b, h, n, hd]` → `[b, n, 3·h·hd]`, the layout of `qkv`.
+    pub fn stack_heads<B: Backend>(dq: FloatTensor<B>, dk: FloatTensor<B>, dv: FloatTensor<B>) -> FloatTensor<B> {
+        let [b, h, n, hd] = dq.shape().dims();
+        let all = B::float_cat(vec![dq, dk, dv].into_iter().map(|t| B::float_reshape(t, Shape::new([1, b, h, n, hd]))).collect(), 0); // [3, b, h, n, hd]
+        B::float_reshape(B::float_permute(all, &[1, 3, 0, 2, 4]), Shape::new([b, n, 3 * h * hd]))
     }
 
     pub fn layer_norm_forward<B: Backend>(x: FloatTensor<B>, gamma: FloatTensor<B>, beta: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {

@@ -147,3 +147,40 @@ fn fused_backward_kernels_are_deterministic() {
         assert_eq!(run(), run(), "{kind}: LayerNorm dgamma differs between two identical runs");
     }
 }
+
+#[test]
+fn fused_self_attention_matches_split_attend_merge_in_value_and_gradient() {
+    for (kind, dev) in devices() {
+        let ad = dev.clone().autodiff();
+        let (b, h, n, hd) = (2, 3, 7, 8);
+        let d = h * hd;
+        let qkv0 = Tensor::<3>::random([b, n, 3 * d], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let w = Tensor::<3>::random([b, n, d], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let run = |fused_op: bool| {
+            let qkv = qkv0.clone().require_grad();
+            let out = if fused_op {
+                fused::self_attention(qkv.clone(), h, scale)
+            } else {
+                let p = qkv.clone().reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
+                let q = p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
+                let k = p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
+                let v = p.narrow(0, 2, 1).reshape([b, h, n, hd]);
+                activation::softmax((q * scale).matmul(k.swap_dims(2, 3)), 3).matmul(v).swap_dims(1, 2).reshape([b, n, d])
+            };
+            let grads = (out.clone() * w.clone()).sum().backward();
+            (out.inner(), qkv.grad(&grads).expect("dqkv"))
+        };
+        let (o1, d1) = run(true);
+        let (o2, d2) = run(false);
+        assert_close(&format!("{kind} self-attention out"), o1, o2, 1e-5);
+        assert_close(&format!("{kind} self-attention dqkv"), d1, d2, 1e-4);
+        // evaluation (no autodiff)
+        let x = Tensor::<3>::random([b, n, 3 * d], Distribution::Normal(0.0, 1.0), &dev);
+        let o1 = fused::self_attention(x.clone(), h, scale);
+        let p = x.reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]), p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]), p.narrow(0, 2, 1).reshape([b, h, n, hd]));
+        let o2 = activation::softmax((q * scale).matmul(k.swap_dims(2, 3)), 3).matmul(v).swap_dims(1, 2).reshape([b, n, d]);
+        assert_close(&format!("{kind} self-attention inference"), o1, o2, 1e-5);
+    }
+}

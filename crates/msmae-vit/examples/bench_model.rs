@@ -92,6 +92,7 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
     let (vis, msk) = plans(l, case.batch, case.kind);
     let (vis, msk) = (index_tensor(&vis, &dev), index_tensor(&msk, &dev));
     let mut times = Vec::new();
+    let mut split: Vec<[f64; 3]> = Vec::new();
     match case.kind {
         Kind::Finetune(keep) => {
             let mut m = c.encoder.init(&dev);
@@ -101,11 +102,14 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
                 let t = Instant::now();
                 let logits = if keep >= 1.0 { m.forward(imgs.clone()) } else { m.forward_visible(imgs.clone(), vis.clone()) };
                 let loss = ce.forward(logits, y.clone());
+                let t_fwd = t.elapsed().as_secs_f64();
                 let g = GradientsParams::from_grads(loss.backward(), &m);
+                let t_bwd = t.elapsed().as_secs_f64();
                 m = opt.step(1e-4, m, g);
                 let _: f32 = loss.into_scalar(); // synchronise
                 if s >= 2 {
                     times.push(t.elapsed().as_secs_f64());
+                    split.push([t_fwd, t_bwd - t_fwd, t.elapsed().as_secs_f64() - t_bwd]);
                 }
             }
         }
@@ -115,17 +119,27 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
             for s in 0..steps + 2 {
                 let t = Instant::now();
                 let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((y.clone(), 0.1)));
+                let t_fwd = t.elapsed().as_secs_f64();
                 let g = GradientsParams::from_grads(out.loss.backward(), &m);
+                let t_bwd = t.elapsed().as_secs_f64();
                 m = opt.step(1e-4, m, g);
                 let _: f32 = out.loss.into_scalar();
                 if s >= 2 {
                     times.push(t.elapsed().as_secs_f64());
+                    split.push([t_fwd, t_bwd - t_fwd, t.elapsed().as_secs_f64() - t_bwd]);
                 }
             }
         }
     }
     times.sort_by(f64::total_cmp);
     println!("RESULT {} {}", times[times.len() / 2] * 1e3, peak_rss_mib());
+    // forward / backward / optimiser medians (libtorch runs eagerly, so the split is real)
+    let med = |i: usize| {
+        let mut v: Vec<f64> = split.iter().map(|s| s[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 1e3
+    };
+    println!("SPLIT {:.1} {:.1} {:.1}", med(0), med(1), med(2));
 }
 
 fn parse_result(out: &[u8]) -> Option<(f64, f64)> {

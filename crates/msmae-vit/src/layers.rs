@@ -34,16 +34,17 @@ impl Attention {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         let hd = d / h;
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, b, h, n, hd]
         let scale = 1.0 / (hd as f64).sqrt();
+        let qkv = self.qkv.forward(x); // [b, n, 3d]: q, k, v, each h × hd
+        if !keep {
+            // One fused op: head split, attention (libtorch: the flash-attention kernel)
+            // and head merge, forward and backward.
+            return (self.proj.forward(fused::self_attention(qkv, h, scale)), None);
+        }
+        let qkv = qkv.reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, b, h, n, hd]
         let q = qkv.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
         let v = qkv.narrow(0, 2, 1).reshape([b, h, n, hd]);
-        if !keep {
-            // One fused op (libtorch: the flash-attention kernel, forward and backward).
-            let out = fused::attention(q, k, v, scale).swap_dims(1, 2).reshape([b, n, d]);
-            return (self.proj.forward(out), None);
-        }
         // Scale q ([b, h, n, hd]) rather than the scores ([b, h, n, n]): fewer elements.
         let scores = (q * scale).matmul(k.swap_dims(2, 3)); // [b, h, n, n]
         let attn = softmax(scores, 3);

@@ -20,12 +20,22 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
+    /// The conv with stride = kernel = p, computed as what it is: a linear map of each
+    /// patch (pixels in `(channel, row, column)` order, the conv weight's own layout).
+    /// Same numbers and parameters as `proj.forward`, but the weight gradient is one GEMM
+    /// (burn derives a conv's weight gradient as a dilated convolution): forward + backward
+    /// at ViT-B/16, batch 4, 6.8 vs 9.4 ms on libtorch and 13.8 vs 21.2 ms on flex (2 cores).
+    ///
     /// # Shapes
     /// - imgs: `[batch, channels, height, width]` → `[batch, patches, dim]`
     pub fn forward(&self, imgs: Tensor<4>) -> Tensor<3> {
-        let x = self.proj.forward(imgs); // [b, d, gh, gw]
-        let [b, d, gh, gw] = x.dims();
-        x.reshape([b, d, gh * gw]).swap_dims(1, 2)
+        let [b, c, h, w] = imgs.dims();
+        let [p, q] = self.proj.kernel_size;
+        let [gh, gw] = [h / p, w / q];
+        let [d, _, _, _] = self.proj.weight.dims();
+        let patches = imgs.narrow(2, 0, gh * p).narrow(3, 0, gw * q).reshape([b, c, gh, p, gw, q]).permute([0, 2, 4, 1, 3, 5]).reshape([b, gh * gw, c * p * q]);
+        let weight = self.proj.weight.val().reshape([d, c * p * q]).transpose(); // [c·p·q, d]
+        burn::tensor::module::linear(patches, weight, self.proj.bias.as_ref().map(|b| b.val()))
     }
 }
 
