@@ -147,14 +147,10 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let grad = grads.consume::<B>(&ops.node);
                 let (x, mean, rstd, gamma) = ops.state;
                 let (dx, dgamma, dbeta) = B::layer_norm_backward(grad, x, mean, rstd, gamma);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_gamma {
-                    grads.register::<B>(node.id, dgamma);
-                }
-                if let Some(node) = node_beta {
-                    grads.register::<B>(node.id, dbeta);
+                for (node, g) in [node_x, node_gamma, node_beta].into_iter().zip([dx, dgamma, dbeta]) {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
                 }
             }
         }
@@ -182,14 +178,10 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let grad = grads.consume::<B>(&ops.node);
                 let (q, k, v, out, aux, scale) = ops.state;
                 let (dq, dk, dv) = B::attention_backward(grad, q, k, v, out, aux, scale);
-                if let Some(node) = node_q {
-                    grads.register::<B>(node.id, dq);
-                }
-                if let Some(node) = node_k {
-                    grads.register::<B>(node.id, dk);
-                }
-                if let Some(node) = node_v {
-                    grads.register::<B>(node.id, dv);
+                for (node, g) in [node_q, node_k, node_v].into_iter().zip([dq, dk, dv]) {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
                 }
             }
         }

@@ -30,6 +30,19 @@ fn assert_close<const D: usize>(what: &str, a: Tensor<D>, b: Tensor<D>, tol: f32
     assert!(worst <= tol, "{what}: max |diff| {worst} > {tol}");
 }
 
+/// q, k, v `[b, h, n, hd]` as the model's explicit path makes them: views into one
+/// permuted `[b, n, 3·h·hd]` qkv tensor.
+fn split_qkv(qkv: Tensor<3>, h: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    let [b, n, d3] = qkv.dims();
+    let hd = d3 / 3 / h;
+    let p = qkv.reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
+    (p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]), p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]), p.narrow(0, 2, 1).reshape([b, h, n, hd]))
+}
+
+fn softmax_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
+    activation::softmax((q * scale).matmul(k.swap_dims(2, 3)), 3).matmul(v)
+}
+
 fn ln_reference(x: Tensor<3>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<3> {
     let mean = x.clone().mean_dim(2);
     let centered = x - mean;
@@ -82,11 +95,8 @@ fn fused_attention_matches_softmax_attention_in_value_and_gradient() {
         let scale = 1.0 / (hd as f64).sqrt();
         let run = |fused_op: bool| {
             let qkv = qkv0.clone().require_grad();
-            let p = qkv.clone().reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
-            let q = p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
-            let k = p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
-            let v = p.narrow(0, 2, 1).reshape([b, h, n, hd]);
-            let out = if fused_op { fused::attention(q, k, v, scale) } else { activation::softmax((q * scale).matmul(k.swap_dims(2, 3)), 3).matmul(v) };
+            let (q, k, v) = split_qkv(qkv.clone(), h);
+            let out = if fused_op { fused::attention(q, k, v, scale) } else { softmax_attention(q, k, v, scale) };
             let grads = (out.clone() * w.clone()).sum().backward();
             (out.inner(), qkv.grad(&grads).expect("dqkv"))
         };
@@ -162,11 +172,8 @@ fn fused_self_attention_matches_split_attend_merge_in_value_and_gradient() {
             let out = if fused_op {
                 fused::self_attention(qkv.clone(), h, scale)
             } else {
-                let p = qkv.clone().reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
-                let q = p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
-                let k = p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
-                let v = p.narrow(0, 2, 1).reshape([b, h, n, hd]);
-                activation::softmax((q * scale).matmul(k.swap_dims(2, 3)), 3).matmul(v).swap_dims(1, 2).reshape([b, n, d])
+                let (q, k, v) = split_qkv(qkv.clone(), h);
+                softmax_attention(q, k, v, scale).swap_dims(1, 2).reshape([b, n, d])
             };
             let grads = (out.clone() * w.clone()).sum().backward();
             (out.inner(), qkv.grad(&grads).expect("dqkv"))
@@ -178,9 +185,8 @@ fn fused_self_attention_matches_split_attend_merge_in_value_and_gradient() {
         // evaluation (no autodiff)
         let x = Tensor::<3>::random([b, n, 3 * d], Distribution::Normal(0.0, 1.0), &dev);
         let o1 = fused::self_attention(x.clone(), h, scale);
-        let p = x.reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]), p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]), p.narrow(0, 2, 1).reshape([b, h, n, hd]));
-        let o2 = activation::softmax((q * scale).matmul(k.swap_dims(2, 3)), 3).matmul(v).swap_dims(1, 2).reshape([b, n, d]);
+        let (q, k, v) = split_qkv(x, h);
+        let o2 = softmax_attention(q, k, v, scale).swap_dims(1, 2).reshape([b, n, d]);
         assert_close(&format!("{kind} self-attention inference"), o1, o2, 1e-5);
     }
 }

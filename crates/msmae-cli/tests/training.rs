@@ -143,17 +143,21 @@ fn the_msmae_study_runs_end_to_end_with_real_outputs_and_is_bit_identical() {
 
 const LONG: &str = "name: resume\nseed: 9\nstages:\n  data: { uses: ingest/synthetic, with: { images: 256, size: 32, previews: 1 } }\n  pretrain: { uses: mae/pretrain, needs: [data], with: { model: { patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }, epochs: 80, batch_size: 16, warmup_epochs: 2, checkpoint_every: 1 } }\n";
 
-#[test]
-fn killed_pretraining_resumes_to_the_uninterrupted_result() {
+const LONG_SEG: &str = "name: resume\nseed: 9\nstages:\n  data: { uses: ingest/synthetic, with: { images: 256, size: 32, previews: 1 } }\n  seg: { uses: segment/setr-pup, needs: [data], with: { model: { patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2 }, epochs: 60, batch_size: 16, head_channels: 8, figure_images: 1, checkpoint_every: 1 } }\n";
+
+/// Run `yaml` (a pipeline `resume` whose last stage trains for `epochs` with a checkpoint
+/// every epoch) once whole; then again, SIGKILLed once a few epochs are checkpointed, and
+/// re-run: the resumed run must say so and commit exactly the uninterrupted run's artifacts.
+fn killed_training_resumes_to_the_uninterrupted_result(yaml: &str, epochs: u64) {
     let backend = "flex";
     let whole = tempfile::tempdir().expect("tmp");
-    fs::write(whole.path().join("resume.yaml"), LONG).expect("write");
+    fs::write(whole.path().join("resume.yaml"), yaml).expect("write");
     let o = msmae(whole.path(), backend, &["run", "resume.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
     let want = digests(&whole.path().join("resume.lock"));
 
     let cut = tempfile::tempdir().expect("tmp");
-    fs::write(cut.path().join("resume.yaml"), LONG).expect("write");
+    fs::write(cut.path().join("resume.yaml"), yaml).expect("write");
     let o = msmae(cut.path(), backend, &["run", "resume.yaml", "--until", "data"]);
     assert!(o.status.success(), "{}", text(&o));
     let mut child = Command::new(env!("CARGO_BIN_EXE_msmae"))
@@ -177,12 +181,12 @@ fn killed_pretraining_resumes_to_the_uninterrupted_result() {
                 break n;
             }
         }
-        assert!(child.try_wait().expect("wait").is_none(), "pre-training finished before it could be killed; make it longer");
+        assert!(child.try_wait().expect("wait").is_none(), "training finished before it could be killed; make it longer");
         assert!(t.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
         std::thread::sleep(Duration::from_millis(10));
     };
     let _ = child.wait();
-    assert!(epochs_done < 80);
+    assert!(epochs_done < epochs);
     // gc keeps an interrupted run's checkpoints unless pruning
     let o = msmae(cut.path(), backend, &["gc", "resume.yaml", "--dry-run"]);
     assert!(text(&o).contains(", 0 checkpoint dirs"), "{}", text(&o));
@@ -193,6 +197,16 @@ fn killed_pretraining_resumes_to_the_uninterrupted_result() {
     assert!(text(&o).contains("resuming after epoch"), "{}", text(&o));
     assert_eq!(digests(&cut.path().join("resume.lock")), want, "resumed run differs from the uninterrupted one");
     assert!(fs::read_dir(&resume).map(|d| d.count()).unwrap_or(0) == 0, "checkpoints are removed once the artifact is committed");
+}
+
+#[test]
+fn killed_pretraining_resumes_to_the_uninterrupted_result() {
+    killed_training_resumes_to_the_uninterrupted_result(LONG, 80);
+}
+
+#[test]
+fn killed_segmentation_training_resumes_to_the_uninterrupted_result() {
+    killed_training_resumes_to_the_uninterrupted_result(LONG_SEG, 60);
 }
 
 #[test]

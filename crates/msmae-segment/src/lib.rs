@@ -165,6 +165,9 @@ fn d_scale() -> [f64; 2] {
 fn d_figures() -> usize {
     8
 }
+fn d_ckpt() -> usize {
+    5
+}
 
 /// `with:` of `segment/setr-pup`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +200,9 @@ pub struct SegmentConfig {
     /// Test images in `predictions.png`.
     #[serde(default = "d_figures")]
     pub figure_images: usize,
+    /// Epochs between checkpoints a killed run resumes from (and always the last).
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: usize,
 }
 
 /// `segment/setr-pup`.
@@ -286,17 +292,29 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     let multi = classes >= 2;
     let mut model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, if multi { classes } else { 1 }, &rt.train);
     let _ = model.clone().into_record();
-    let mut optim = AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
+    let new_optim = || AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
+    let mut optim = new_optim();
     let sched = Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 };
     let train_rows = table.rows_of(Split::Train);
     if train_rows.len() < c.batch_size {
         return Err(StageError::data(&table.path, None, format!("{} training images, fewer than one batch of {}", train_rows.len(), c.batch_size)));
     }
     let (h, w) = (size[0], size[1]);
-    let mut history = Vec::new();
-    let bar = ctx.progress.bar(Some(c.epochs as u64), &format!("{}: epochs", ctx.name));
+    let mut history: Vec<serde_json::Value> = Vec::new();
+    // A killed run continues from its last checkpoint: batches, crops and the backend RNG
+    // are keyed by (seed, epoch), so the result is the uninterrupted run's, bit for bit.
+    let resume = train::Resume::of(ctx);
+    let mut start = 0;
+    if let Some(st) = resume.load_state::<serde_json::Value>() {
+        let (m, o, _, _) = resume.restore(&st, model, |_| new_optim(), None)?;
+        (model, optim) = (m, o);
+        tracing::info!("`{}`: resuming after epoch {} of {}", ctx.name, st.epochs_done, c.epochs);
+        start = st.epochs_done.min(c.epochs);
+        history = st.history;
+    }
+    let bar = ctx.progress.bar(Some((c.epochs - start) as u64), &format!("{}: epochs", ctx.name));
     let mut total_seconds = 0.0;
-    for epoch in 0..c.epochs {
+    for epoch in start..c.epochs {
         ctx.cancel.check()?;
         let mut spec = LoaderSpec::train(c.batch_size, (c.crop_scale[0], c.crop_scale[1]));
         if !c.augment {
@@ -329,8 +347,14 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         history.push(serde_json::json!({ "epoch": epoch, "train_loss": logged(loss_sum / seen.max(1) as f64) }));
         tracing::info!("`{}` epoch {}/{}: loss {:.4} ({secs:.1} s)", ctx.name, epoch + 1, c.epochs, loss_sum / seen.max(1) as f64);
         bar.inc(1);
+        let done = epoch + 1;
+        if done % c.checkpoint_every.max(1) == 0 || done == c.epochs {
+            let st = train::ResumeState { epochs_done: done, history: history.clone(), best: None, has_maps: false };
+            resume.save::<SetrPup, _>(&st, &model, &optim, None, None)?;
+        }
     }
-    tracing::info!("`{}`: {} epochs, {:.2} s per epoch of training steps", ctx.name, c.epochs, total_seconds / c.epochs as f64);
+    let ran = (c.epochs - start).max(1);
+    tracing::info!("`{}`: {} epochs, {:.2} s per epoch of training steps", ctx.name, c.epochs, total_seconds / ran as f64);
     // Evaluation on the test split: Dice and IoU per image at 0.5.
     let model = model.valid();
     let test_rows = table.rows_of(Split::Test);

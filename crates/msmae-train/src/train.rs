@@ -164,25 +164,38 @@ pub struct EpochLog {
 // ---------------------------------------------------------------------------------------
 // Checkpoints to resume from.
 
-/// `state.json` in the resume directory: the commit point of a checkpoint.
+/// `state.json` in the resume directory: the commit point of a checkpoint. `H` is one
+/// epoch of the stage's history (logged values rounded with [`logged`], so that a resumed
+/// run writes the same history bit for bit).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct ResumeState {
-    epochs_done: usize,
-    history: Vec<EpochLog>,
-    best: Option<(f64, usize)>,
-    has_maps: bool,
+pub struct ResumeState<H = EpochLog> {
+    pub epochs_done: usize,
+    pub history: Vec<H>,
+    pub best: Option<(f64, usize)>,
+    pub has_maps: bool,
 }
 
-struct Resume {
+/// The checkpoints a training stage resumes from after a kill: model, optimiser, best model
+/// and masking maps per checkpoint, committed by an atomically replaced `state.json`, in
+/// the store's resume directory for the stage's cache key (none: checkpoints are off).
+#[derive(Debug)]
+pub struct Resume {
     dir: Option<PathBuf>,
 }
 
 impl Resume {
+    /// The resume directory of the running stage.
+    pub fn of(ctx: &StageContext<'_>) -> Self {
+        Resume { dir: ctx.resume_dir().map(Path::to_path_buf) }
+    }
+
     fn file(&self, name: &str, epoch: usize) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.join(format!("{name}-e{epoch}.bpk")))
     }
 
-    fn load_state(&self) -> Option<ResumeState> {
+    /// The last committed checkpoint, if any (an unreadable one is ignored with a warning:
+    /// the stage starts over).
+    pub fn load_state<H: serde::de::DeserializeOwned>(&self) -> Option<ResumeState<H>> {
         let p = self.dir.as_ref()?.join("state.json");
         let bytes = std::fs::read(&p).ok()?;
         match serde_json::from_slice(&bytes) {
@@ -194,20 +207,21 @@ impl Resume {
         }
     }
 
-    /// Restore what a checkpoint holds: the model and optimiser (AdamW with `beta2`,
-    /// `weight_decay`), the best model if recorded, and the maps in use.
+    /// Restore what a checkpoint holds: the model, the optimiser (`optim` builds it for the
+    /// loaded model, then its state is loaded), the best model if recorded, and the maps in
+    /// use (`maps`: the table and patch grid they index).
     #[allow(clippy::type_complexity)]
-    fn restore<M: Module>(&self, st: &ResumeState, model: M, beta2: f64, weight_decay: f64, table: &ImageTable, grid: [usize; 2]) -> Result<(M, ModuleOptimizer, Option<M>, Option<Arc<HashMap<usize, Vec<f32>>>>), StageError> {
+    pub fn restore<M: Module, H>(&self, st: &ResumeState<H>, model: M, optim: impl FnOnce(&M) -> ModuleOptimizer, maps: Option<(&ImageTable, [usize; 2])>) -> Result<(M, ModuleOptimizer, Option<M>, Option<Arc<HashMap<usize, Vec<f32>>>>), StageError> {
         let load = |name: &str| self.file(name, st.epochs_done).unwrap_or_default();
         let bad = |p: PathBuf, e: String| StageError::data(&p, None, format!("cannot resume from the checkpoint after epoch {} ({e}); `--force` starts over", st.epochs_done));
         let model = model.try_load_file(load("model")).map_err(|e| bad(load("model"), e.to_string()))?;
-        let optim = adamw(&model, beta2, weight_decay).load(load("optim")).map_err(|e| bad(load("optim"), e.to_string()))?;
+        let optim = optim(&model).load(load("optim")).map_err(|e| bad(load("optim"), e.to_string()))?;
         let best = match st.best {
             Some(_) => Some(model.clone().try_load_file(load("best")).map_err(|e| bad(load("best"), e.to_string()))?),
             None => None,
         };
-        let maps = match (&self.dir, st.has_maps) {
-            (Some(d), true) => Some(Arc::new(read_maps(&d.join(format!("maps-e{}.parquet", st.epochs_done)), table, grid)?)),
+        let maps = match (&self.dir, st.has_maps, maps) {
+            (Some(d), true, Some((table, grid))) => Some(Arc::new(read_maps(&d.join(format!("maps-e{}.parquet", st.epochs_done)), table, grid)?)),
             _ => None,
         };
         Ok((model, optim, best, maps))
@@ -215,7 +229,7 @@ impl Resume {
 
     /// Save model, optimiser, best model and maps for `epochs_done`, then (atomically) the
     /// state that points at them, then drop older files.
-    fn save<M: Module>(&self, st: &ResumeState, model: &M, optim: &ModuleOptimizer, best: Option<&M>, maps: Option<(&HashMap<usize, Vec<f32>>, &ImageTable, [usize; 2])>) -> Result<(), StageError> {
+    pub fn save<M: Module, H: Serialize>(&self, st: &ResumeState<H>, model: &M, optim: &ModuleOptimizer, best: Option<&M>, maps: Option<(&HashMap<usize, Vec<f32>>, &ImageTable, [usize; 2])>) -> Result<(), StageError> {
         let Some(dir) = &self.dir else { return Ok(()) };
         let e = st.epochs_done;
         let err = |p: &Path, m: String| StageError::other(format!("writing checkpoint {}: {m}", p.display()));
@@ -382,7 +396,7 @@ pub fn train_classifier(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageT
         return Err(StageError::data(&table.path, None, format!("{} labelled training images, fewer than one batch of {}", train_rows.len(), opts.batch_size)));
     }
     let grid = [table.height() / model.patch_embed.proj.stride[0], table.width() / model.patch_embed.proj.stride[1]];
-    let resume = Resume { dir: ctx.resume_dir().map(Path::to_path_buf) };
+    let resume = Resume::of(ctx);
     let mut optim = adamw(&model, 0.999, opts.weight_decay);
     let mut history = Vec::new();
     let mut best: Option<(f64, usize)> = None;
@@ -390,7 +404,7 @@ pub fn train_classifier(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageT
     let mut maps: Option<Arc<HashMap<usize, Vec<f32>>>> = None;
     let mut start = 0;
     if let Some(st) = resume.load_state() {
-        let (m, o, b, mp) = resume.restore(&st, model, 0.999, opts.weight_decay, table, grid)?;
+        let (m, o, b, mp) = resume.restore(&st, model, |m| adamw(m, 0.999, opts.weight_decay), Some((table.as_ref(), grid)))?;
         (model, optim, best_model) = (m, o, b);
         maps = mp.or(maps);
         tracing::info!("`{}`: resuming after epoch {} of {}", ctx.name, st.epochs_done, opts.epochs);
@@ -541,13 +555,13 @@ pub fn pretrain(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, n
     let p = model.patch_size;
     let grid = [table.height() / p, table.width() / p];
     let l = grid[0] * grid[1];
-    let resume = Resume { dir: ctx.resume_dir().map(Path::to_path_buf) };
+    let resume = Resume::of(ctx);
     let mut optim = adamw(&model, 0.95, opts.weight_decay);
     let mut history = Vec::new();
     let mut maps: Option<Arc<HashMap<usize, Vec<f32>>>> = opts.guided.as_ref().map(|(_, m)| Arc::new(m.clone()));
     let mut start = 0;
     if let Some(st) = resume.load_state() {
-        let (m, o, _, mp) = resume.restore(&st, model, 0.95, opts.weight_decay, table, grid)?;
+        let (m, o, _, mp) = resume.restore(&st, model, |m| adamw(m, 0.95, opts.weight_decay), Some((table.as_ref(), grid)))?;
         (model, optim) = (m, o);
         maps = mp.or(maps);
         tracing::info!("`{}`: resuming after epoch {} of {}", ctx.name, st.epochs_done, opts.epochs);
@@ -625,7 +639,7 @@ pub fn pretrain(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, n
         let done = epoch + 1;
         if done % opts.checkpoint_every.max(1) == 0 || done == opts.epochs {
             let st = ResumeState { epochs_done: done, history: history.clone(), best: None, has_maps: maps.is_some() };
-            resume.save::<MaskedAutoencoder>(&st, &model, &optim, None, maps.as_deref().map(|m| (m, table.as_ref(), grid)))?;
+            resume.save::<MaskedAutoencoder, _>(&st, &model, &optim, None, maps.as_deref().map(|m| (m, table.as_ref(), grid)))?;
         }
     }
     Ok(PretrainResult { model, history, maps: maps.map(|m| (*m).clone()) })
