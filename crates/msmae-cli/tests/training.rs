@@ -222,3 +222,24 @@ fn bad_training_configs_are_refused_before_anything_runs() {
     assert!(t.contains("stages.seg.with.blocks"), "{t}");
     assert!(!d.path().join(".msmae/objects").exists() || fs::read_dir(d.path().join(".msmae/objects")).map(|r| r.count()).unwrap_or(0) == 0, "nothing ran");
 }
+
+/// How often a training stage checkpoints is not part of what it produces: changing it
+/// re-uses the cached artifact; changing the epochs does not.
+#[test]
+fn checkpoint_frequency_is_not_part_of_the_cache_key() {
+    let d = tempfile::tempdir().expect("tmp");
+    let yaml = |extra: &str| {
+        format!("name: ck\nseed: 4\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 64, size: 32, previews: 1 }} }}\n  ft: {{ uses: finetune/full, needs: [data], with: {{ model: {{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2 }}, batch_size: 16, warmup_epochs: 0{extra} }} }}\n  seg: {{ uses: segment/setr-pup, needs: [data], with: {{ model: {{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2 }}, batch_size: 16, head_channels: 8, figure_images: 1{extra} }} }}\n")
+    };
+    let run = |y: String| {
+        fs::write(d.path().join("ck.yaml"), y).expect("write");
+        let o = msmae(d.path(), "flex", &["run", "ck.yaml"]);
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    assert!(run(yaml(", epochs: 1")).contains("ck: 3 ran, 0 cached"));
+    let again = run(yaml(", epochs: 1, checkpoint_every: 1"));
+    assert!(again.contains("ck: 0 ran, 3 cached"), "a new checkpoint frequency re-ran a stage: {again}");
+    let longer = run(yaml(", epochs: 2, checkpoint_every: 1"));
+    assert!(longer.contains("ck: 2 ran, 1 cached"), "more epochs must re-run both training stages: {longer}");
+}

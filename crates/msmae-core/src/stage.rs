@@ -51,6 +51,10 @@ pub trait Stage: Send + Sync + 'static {
     /// Whether outputs depend on the numeric backend/device (training, inference): then the
     /// backend and device kind are part of the cache key.
     const USES_BACKEND: bool = false;
+    /// Top-level `with:` fields that change how a run proceeds but not what it produces
+    /// (how often a training stage checkpoints): left out of the cache key, so changing
+    /// them re-uses the cached artifact.
+    const RUN_ONLY: &'static [&'static str] = &[];
 
     /// Digest of the code behind this stage: `msmae_core::code_fingerprint!()`.
     fn code_fingerprint(&self) -> &'static str;
@@ -85,8 +89,11 @@ pub trait DynStage: Send + Sync {
 
 /// A stage kind bound to a valid config.
 pub trait PreparedStage: Send + Sync {
-    /// The full config, defaults filled in, as JSON (hashed canonically by the runner).
+    /// The full config, defaults filled in, as JSON.
     fn config_json(&self) -> serde_json::Value;
+    /// The config as the cache key sees it (hashed canonically by the runner): the full
+    /// config less the stage's [`Stage::RUN_ONLY`] fields.
+    fn key_json(&self) -> serde_json::Value;
     fn inputs(&self) -> Vec<InputSlot>;
     fn output(&self) -> OutputDecl;
     fn external_inputs(&self, base: &Path) -> Vec<PathBuf>;
@@ -104,6 +111,15 @@ impl<S: Stage> PreparedStage for Prepared<S> {
         // Serialising a plain serde struct to a JSON value cannot fail (no non-string map
         // keys in configs); fall back to null rather than panic.
         serde_json::to_value(&self.config).unwrap_or(serde_json::Value::Null)
+    }
+    fn key_json(&self) -> serde_json::Value {
+        let mut v = self.config_json();
+        if let serde_json::Value::Object(m) = &mut v {
+            for f in S::RUN_ONLY {
+                m.remove(*f);
+            }
+        }
+        v
     }
     fn inputs(&self) -> Vec<InputSlot> {
         self.stage.inputs(&self.config)

@@ -18,6 +18,7 @@ pub struct Node {
     pub name: String,
     pub kind: Arc<dyn DynStage>,
     pub prepared: Arc<dyn PreparedStage>,
+    /// The config as the cache key sees it ([`PreparedStage::key_json`]).
     pub config: serde_json::Value,
     pub seed: u64,
     pub output: OutputDecl,
@@ -250,7 +251,7 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
             let b: BTreeMap<String, Vec<usize>> = bindings[i].iter().map(|(k, v)| (k.clone(), v.iter().map(|&j| pos[j]).collect())).collect();
             Node {
                 name: s.name.clone(),
-                config: p.config_json(),
+                config: p.key_json(),
                 seed: s.seed,
                 output: p.output(),
                 slots: p.inputs(),

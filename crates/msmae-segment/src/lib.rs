@@ -219,6 +219,7 @@ impl Stage for SetrPupStage {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "SETR-PUP segmentation on a pre-trained (or random) ViT encoder; Dice/IoU on the test split";
     const USES_BACKEND: bool = true;
+    const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()

@@ -358,6 +358,7 @@ macro_rules! classifier_stage {
             const VERSION: u32 = 1;
             const SUMMARY: &'static str = $summary;
             const USES_BACKEND: bool = true;
+            const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
 
             fn code_fingerprint(&self) -> &'static str {
                 msmae_core::code_fingerprint!()
@@ -638,6 +639,7 @@ impl Stage for MaePretrain {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "MAE pre-training; with `masks`: MSMAE attention-guided masking/throwing, CLS supervision, map refresh";
     const USES_BACKEND: bool = true;
+    const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()

@@ -191,7 +191,8 @@ fn main() {
         if !selected {
             continue;
         }
-        let large = case.batch > 4;
+        // ViT-B at batch 16: flex only on request (minutes per step).
+        let large = idx >= 3 && case.batch > 4;
         let steps = steps_arg.unwrap_or(if idx < 3 { 5 } else if large { 2 } else { 3 }).to_string();
         let kind = match case.kind {
             Kind::Finetune(k) => format!("finetune:{k}"),
