@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use crate::config::{MaeConfig, VitConfig};
-use crate::layers::{Block, LayerNorm};
+use crate::layers::{Block, LayerNorm, linear};
 use crate::patch::{gather_tokens, patchify};
 use crate::pos_embed::sincos_2d;
 use crate::vit::VisionTransformer;
@@ -81,7 +81,7 @@ impl MaskedAutoencoder {
     /// - latent: `[batch, 1 + n_visible, dim]`, visible: `[batch, n_visible]`,
     ///   masked: `[batch, n_masked]` → `[batch, n_masked, p·p·C]`
     pub fn forward_decoder(&self, latent: Tensor<3>, visible: Tensor<2, Int>, masked: Tensor<2, Int>) -> Tensor<3> {
-        let x = self.decoder_embed.forward(latent);
+        let x = linear(&self.decoder_embed, latent);
         let [b, t, dd] = x.dims();
         let [_, nm] = masked.dims();
         let [_, lp, _] = self.decoder_pos_embed.dims();
@@ -94,7 +94,7 @@ impl MaskedAutoencoder {
         for blk in &self.decoder_blocks {
             h = blk.forward(h, false).0;
         }
-        let h = self.decoder_pred.forward(self.decoder_norm.forward(h)); // [b, 1 + nv + nm, pd]
+        let h = linear(&self.decoder_pred, self.decoder_norm.forward(h)); // [b, 1 + nv + nm, pd]
         let [_, n, _] = h.dims();
         h.narrow(1, n - nm, nm)
     }

@@ -33,9 +33,9 @@ impl PatchEmbed {
         let [p, q] = self.proj.kernel_size;
         let [gh, gw] = [h / p, w / q];
         let [d, _, _, _] = self.proj.weight.dims();
-        let patches = imgs.narrow(2, 0, gh * p).narrow(3, 0, gw * q).reshape([b, c, gh, p, gw, q]).permute([0, 2, 4, 1, 3, 5]).reshape([b, gh * gw, c * p * q]);
+        let patches = imgs.narrow(2, 0, gh * p).narrow(3, 0, gw * q).reshape([b, c, gh, p, gw, q]).permute([0, 2, 4, 1, 3, 5]).reshape([b * gh * gw, c * p * q]);
         let weight = self.proj.weight.val().reshape([d, c * p * q]).transpose(); // [c·p·q, d]
-        burn::tensor::module::linear(patches, weight, self.proj.bias.as_ref().map(|b| b.val()))
+        burn::tensor::module::linear(patches, weight, self.proj.bias.as_ref().map(|b| b.val())).reshape([b, gh * gw, d])
     }
 }
 
