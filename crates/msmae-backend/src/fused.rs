@@ -1,5 +1,6 @@
-//! Fused ops for the ViT's hot paths: LayerNorm, attention and the AdamW update, each one
-//! backend op with a hand-written backward instead of a graph of small autodiff nodes.
+//! Fused ops for the ViT's hot paths: LayerNorm, attention, linear layers and the AdamW
+//! update, each one backend op with a hand-written backward instead of a graph of small
+//! autodiff nodes.
 //!
 //! Why: burn 0.22's autodiff decomposes LayerNorm (mean, centre, variance, rsqrt, scale,
 //! shift) and softmax attention into a dozen elementwise nodes each, forward and backward;
@@ -92,6 +93,12 @@ pub trait FusedKernels: Backend {
         generic::stack_heads::<Self>(dq, dk, dv)
     }
 
+    /// `x · w + b` for `x` `[rows, d_in]`, `w` `[d_in, d_out]` (burn's layout), `b` `[d_out]`.
+    fn linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        let d_out = w.shape()[1];
+        Self::float_add(Self::float_matmul(x, w), Self::float_reshape(b, Shape::new([1, d_out])))
+    }
+
     /// One AdamW step: returns the new `(param, moment_1, moment_2)`.
     fn adamw_update(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         generic::adamw_update::<Self>(param, grad, m, v, h)
@@ -104,6 +111,7 @@ pub trait FusedOps: Backend {
     fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
     fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -119,6 +127,9 @@ macro_rules! concrete_fused_ops {
             }
             fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
                 Self::self_attention_forward(qkv, heads, scale).0
+            }
+            fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+                Self::linear_forward(x, w, b)
             }
             fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
                 Self::adamw_update(param, grad, m, v, h)
@@ -224,6 +235,41 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearBackward;
+
+        impl<B: FusedKernels> Backward<B, 3> for LinearBackward {
+            /// x, w
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_x, node_w, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, w) = ops.state;
+                let d_out = w.shape()[1];
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, B::float_reshape(B::float_sum_dim(grad.clone(), 0), Shape::new([d_out])));
+                }
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, B::float_matmul(B::float_transpose(x), grad.clone()));
+                }
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::float_matmul(grad, B::float_transpose(w)));
+                }
+            }
+        }
+
+        match LinearBackward.prepare::<C>([x.node(), w.node(), b.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (x, w, b) = (x.into_primitive(), w.into_primitive(), b.into_primitive());
+                let out = B::linear_forward(x.clone(), w.clone(), b);
+                prep.finish((x, w), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::linear_forward(x.into_primitive(), w.into_primitive(), b.into_primitive())),
+        }
+    }
+
     fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         // Optimisers run on the inner (non-autodiff) tensors; on autodiff ones this is the
         // composed, differentiable update.
@@ -251,6 +297,15 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor
 /// - qkv: `[batch, tokens, 3·dim]` → `[batch, tokens, dim]`
 pub fn self_attention(qkv: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_self_attention(qkv.into_dispatch(), heads, scale))
+}
+
+/// `x · w + b` as one op (libtorch: `addmm`, the bias in the GEMM's accumulator; burn's
+/// `linear` is a matmul node and a broadcast add node).
+///
+/// # Shapes
+/// - x: `[rows, d_in]`, w: `[d_in, d_out]`, b: `[d_out]` → `[rows, d_out]`
+pub fn linear(x: Tensor<2>, w: Tensor<2>, b: Tensor<1>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(x.into_dispatch(), w.into_dispatch(), b.into_dispatch()))
 }
 
 /// One AdamW step on a parameter; returns `(param, moment_1, moment_2)`. Buffers that
@@ -529,6 +584,10 @@ mod torch {
             } else {
                 generic::attention_backward::<Self>(grad, q, k, v, aux, scale)
             }
+        }
+
+        fn linear_forward(x: TchTensor, w: TchTensor, b: TchTensor) -> TchTensor {
+            TchTensor::new(b.tensor.addmm(&x.tensor, &w.tensor))
         }
 
         fn adamw_update(param: TchTensor, grad: TchTensor, m: TchTensor, v: TchTensor, h: AdamWHyper) -> (TchTensor, TchTensor, TchTensor) {

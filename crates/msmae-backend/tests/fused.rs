@@ -190,3 +190,30 @@ fn fused_self_attention_matches_split_attend_merge_in_value_and_gradient() {
         assert_close(&format!("{kind} self-attention inference"), o1, o2, 1e-5);
     }
 }
+
+#[test]
+fn fused_linear_matches_matmul_plus_bias_in_value_and_gradient() {
+    for (kind, dev) in devices() {
+        let ad = dev.clone().autodiff();
+        let x0 = Tensor::<2>::random([37, 24], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let w0 = Tensor::<2>::random([24, 40], Distribution::Normal(0.0, 0.2), &ad).detach();
+        let b0 = Tensor::<1>::random([40], Distribution::Normal(0.0, 0.2), &ad).detach();
+        let g = Tensor::<2>::random([37, 40], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let run = |fused_op: bool| {
+            let (x, w, b) = (x0.clone().require_grad(), w0.clone().require_grad(), b0.clone().require_grad());
+            let out = if fused_op { fused::linear(x.clone(), w.clone(), b.clone()) } else { x.clone().matmul(w.clone()) + b.clone().unsqueeze::<2>() };
+            let grads = (out.clone() * g.clone()).sum().backward();
+            (out.inner(), x.grad(&grads).expect("dx"), w.grad(&grads).expect("dw"), b.grad(&grads).expect("db"))
+        };
+        let (o1, dx1, dw1, db1) = run(true);
+        let (o2, dx2, dw2, db2) = run(false);
+        assert_close(&format!("{kind} linear out"), o1, o2, 1e-5);
+        assert_close(&format!("{kind} linear dx"), dx1, dx2, 1e-4);
+        assert_close(&format!("{kind} linear dw"), dw1, dw2, 1e-4);
+        assert_close(&format!("{kind} linear db"), db1, db2, 1e-4);
+        // a transposed (non-contiguous) input, as the model's views can be
+        let xt = Tensor::<2>::random([24, 37], Distribution::Normal(0.0, 1.0), &dev).transpose();
+        let (w, b) = (w0.clone().inner(), b0.clone().inner());
+        assert_close(&format!("{kind} linear transposed input"), fused::linear(xt.clone(), w.clone(), b.clone()), xt.matmul(w) + b.unsqueeze::<2>(), 1e-5);
+    }
+}

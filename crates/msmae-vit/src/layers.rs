@@ -21,13 +21,18 @@ fn new_linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
 /// # Shapes
 /// - x: `[..., d_in]` → `[..., d_out]`
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-    if D <= 2 {
+    if D < 2 {
         return layer.forward(x);
     }
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows: usize = dims[..D - 1].iter().product();
-    let y = layer.forward(x.reshape([rows, d_in]));
+    let x = x.reshape([rows, d_in]);
+    let y = match &layer.bias {
+        // one op: libtorch runs it as `addmm` (bias in the GEMM)
+        Some(b) => fused::linear(x, layer.weight.val(), b.val()),
+        None => layer.forward(x),
+    };
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)
