@@ -183,7 +183,9 @@ fn make_device(kind: BackendKind, device: DeviceRequest) -> Device {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, Tensor, Tolerance, activation};
+    use burn::tensor::Tensor;
+    #[cfg(feature = "tch")]
+    use burn::tensor::{Distribution, Tolerance, activation};
 
     #[test]
     fn parses_requests_and_rejects_nonsense() {
