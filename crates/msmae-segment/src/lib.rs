@@ -292,7 +292,7 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     let classes = table.meta.mask_classes.len();
     let multi = classes >= 2;
     let mut model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, if multi { classes } else { 1 }, &rt.train);
-    let _ = model.clone().into_record();
+    train::materialise(&model);
     let new_optim = || AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
     let mut optim = new_optim();
     let sched = Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 };
@@ -349,7 +349,7 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         tracing::info!("`{}` epoch {}/{}: loss {:.4} ({secs:.1} s)", ctx.name, epoch + 1, c.epochs, loss_sum / seen.max(1) as f64);
         bar.inc(1);
         let done = epoch + 1;
-        if done % c.checkpoint_every.max(1) == 0 || done == c.epochs {
+        if train::Resume::due(done, c.checkpoint_every, c.epochs) {
             let st = train::ResumeState { epochs_done: done, history: history.clone(), best: None, has_maps: false };
             resume.save::<SetrPup, _>(&st, &model, &optim, None, None)?;
         }

@@ -294,7 +294,7 @@ fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConfig, 
             (m, norm, cfg)
         }
     };
-    let _ = model.clone().into_record(); // materialise the lazy initialisers now, in module order
+    train::materialise(&model);
     let layer_decay = c.layer_decay.unwrap_or(if pretrained.is_some() { 0.75 } else { 1.0 });
     let opts = ClassifierOpts {
         epochs: c.epochs,
@@ -726,7 +726,7 @@ impl Stage for MaePretrain {
             }
             None => None,
         };
-        let _ = model.clone().into_record();
+        train::materialise(&model);
         let opts = PretrainOpts {
             epochs: c.epochs,
             batch_size: c.batch_size,

@@ -164,6 +164,13 @@ pub struct EpochLog {
 // ---------------------------------------------------------------------------------------
 // Checkpoints to resume from.
 
+/// Materialise a freshly built model's lazy parameter initialisers now, in module order,
+/// right after the backend was seeded for initialisation (rather than at the first forward,
+/// after an epoch's re-seeding).
+pub fn materialise<M: Module>(model: &M) {
+    let _ = model.clone().into_record();
+}
+
 /// `state.json` in the resume directory: the commit point of a checkpoint. `H` is one
 /// epoch of the stage's history (logged values rounded with [`logged`], so that a resumed
 /// run writes the same history bit for bit).
@@ -191,6 +198,12 @@ impl Resume {
 
     fn file(&self, name: &str, epoch: usize) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.join(format!("{name}-e{epoch}.bpk")))
+    }
+
+    /// Whether to checkpoint after `done` of `epochs` epochs: every `every` epochs (0 acts
+    /// as 1) and after the last.
+    pub fn due(done: usize, every: usize, epochs: usize) -> bool {
+        done % every.max(1) == 0 || done == epochs
     }
 
     /// The last committed checkpoint, if any (an unreadable one is ignored with a warning:
@@ -500,7 +513,7 @@ pub fn train_classifier(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageT
             _ => false,
         };
         let done = epoch + 1;
-        if done % opts.checkpoint_every.max(1) == 0 || done == opts.epochs || stop {
+        if Resume::due(done, opts.checkpoint_every, opts.epochs) || stop {
             let st = ResumeState { epochs_done: if stop { opts.epochs } else { done }, history: history.clone(), best, has_maps: maps.is_some() };
             resume.save(&st, &model, &optim, best_model.as_ref(), maps.as_deref().map(|m| (m, table.as_ref(), grid)))?;
         }
@@ -637,7 +650,7 @@ pub fn pretrain(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, n
         tracing::info!("`{}` epoch {}/{}: loss {:.4} (reconstruction {:.4}), {:?} ({seconds:.1} s)", ctx.name, epoch + 1, opts.epochs, loss_sum / n, rec_sum / n, policy);
         bar.inc(1);
         let done = epoch + 1;
-        if done % opts.checkpoint_every.max(1) == 0 || done == opts.epochs {
+        if Resume::due(done, opts.checkpoint_every, opts.epochs) {
             let st = ResumeState { epochs_done: done, history: history.clone(), best: None, has_maps: maps.is_some() };
             resume.save::<MaskedAutoencoder, _>(&st, &model, &optim, None, maps.as_deref().map(|m| (m, table.as_ref(), grid)))?;
         }

@@ -99,7 +99,8 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
     let y = Tensor::<1, Int>::from_data(TensorData::new((0..case.batch as i64).map(|i| i % 4).collect::<Vec<_>>(), [case.batch]), &dev);
     let (vis, msk) = plans(l, case.batch, case.kind);
     let (vis, msk) = (index_tensor(&vis, &dev), index_tensor(&msk, &dev));
-    let mut times = Vec::new();
+    // per timed step: forward, backward, optimiser seconds (libtorch runs eagerly and the
+    // loss is read back at the end of the step, so the parts add up to the step)
     let mut split: Vec<[f64; 3]> = Vec::new();
     match case.kind {
         Kind::Finetune(keep) => {
@@ -116,7 +117,6 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
                 m = opt.step(1e-4, m, g);
                 let _: f32 = loss.into_scalar(); // synchronise
                 if s >= 2 {
-                    times.push(t.elapsed().as_secs_f64());
                     split.push([t_fwd, t_bwd - t_fwd, t.elapsed().as_secs_f64() - t_bwd]);
                 }
             }
@@ -133,21 +133,18 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
                 m = opt.step(1e-4, m, g);
                 let _: f32 = out.loss.into_scalar();
                 if s >= 2 {
-                    times.push(t.elapsed().as_secs_f64());
                     split.push([t_fwd, t_bwd - t_fwd, t.elapsed().as_secs_f64() - t_bwd]);
                 }
             }
         }
     }
-    times.sort_by(f64::total_cmp);
-    println!("RESULT {} {}", times[times.len() / 2] * 1e3, peak_rss_mib());
-    // forward / backward / optimiser medians (libtorch runs eagerly, so the split is real)
-    let med = |i: usize| {
-        let mut v: Vec<f64> = split.iter().map(|s| s[i]).collect();
+    let med = |f: &dyn Fn(&[f64; 3]) -> f64| {
+        let mut v: Vec<f64> = split.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2] * 1e3
     };
-    println!("SPLIT {:.1} {:.1} {:.1}", med(0), med(1), med(2));
+    println!("RESULT {} {}", med(&|s| s.iter().sum()), peak_rss_mib());
+    println!("SPLIT {:.1} {:.1} {:.1}", med(&|s| s[0]), med(&|s| s[1]), med(&|s| s[2]));
 }
 
 fn parse_result(out: &[u8]) -> Option<(f64, f64)> {

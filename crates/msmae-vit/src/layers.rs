@@ -13,6 +13,15 @@ fn new_linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out).with_initializer(Initializer::XavierUniform { gain: 1.0 }).init(device)
 }
 
+/// `x · w (+ b)` for `x` `[rows, d_in]`, `w` `[d_in, d_out]`: with a bias one fused op
+/// (libtorch: `addmm`, the bias in the GEMM).
+pub fn affine(x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<2> {
+    match b {
+        Some(b) => fused::linear(x, w, b),
+        None => x.matmul(w),
+    }
+}
+
 /// `layer.forward(x)` with every leading dimension folded into the rows of one GEMM.
 /// burn's `linear` keeps a broadcast batched matmul for some shapes (ViT-B/16 at batch 16:
 /// sixteen GEMMs of 197 rows instead of one of 3152), which made the libtorch train step
@@ -27,12 +36,7 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows: usize = dims[..D - 1].iter().product();
-    let x = x.reshape([rows, d_in]);
-    let y = match &layer.bias {
-        // one op: libtorch runs it as `addmm` (bias in the GEMM)
-        Some(b) => fused::linear(x, layer.weight.val(), b.val()),
-        None => layer.forward(x),
-    };
+    let y = affine(x.reshape([rows, d_in]), layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use crate::config::VitConfig;
-use crate::layers::{Block, LayerNorm};
+use crate::layers::{Block, LayerNorm, affine};
 use crate::patch::gather_tokens;
 use crate::pos_embed::sincos_2d;
 
@@ -35,7 +35,7 @@ impl PatchEmbed {
         let [d, _, _, _] = self.proj.weight.dims();
         let patches = imgs.narrow(2, 0, gh * p).narrow(3, 0, gw * q).reshape([b, c, gh, p, gw, q]).permute([0, 2, 4, 1, 3, 5]).reshape([b * gh * gw, c * p * q]);
         let weight = self.proj.weight.val().reshape([d, c * p * q]).transpose(); // [c·p·q, d]
-        burn::tensor::module::linear(patches, weight, self.proj.bias.as_ref().map(|b| b.val())).reshape([b, gh * gw, d])
+        affine(patches, weight, self.proj.bias.as_ref().map(|b| b.val())).reshape([b, gh * gw, d])
     }
 }
 
