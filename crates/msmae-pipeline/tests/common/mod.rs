@@ -11,11 +11,14 @@ use msmae_pipeline::{Plan, RunOptions, RunReport, Store};
 use serde::{Deserialize, Serialize};
 
 /// Append a line to a marker file (how tests count executions; the path is part of the
-/// config, so it is declared like everything else).
+/// config, so it is declared like everything else). The line goes out in one `write` on
+/// an `O_APPEND` file, so stages marking at the same time (parallel stages, two runner
+/// processes) never interleave: `writeln!` on a `File` may issue the text and the newline
+/// as two writes, which once produced a line "ad" and an empty one in CI.
 fn mark(marker: &Option<String>, what: &str) {
     if let Some(m) = marker {
         let mut f = fs::OpenOptions::new().create(true).append(true).open(m).expect("marker");
-        writeln!(f, "{what}").expect("marker write");
+        f.write_all(format!("{what}\n").as_bytes()).expect("marker write");
     }
 }
 
