@@ -145,6 +145,34 @@ stages:
     assert!(!o.status.success() && text(&o).contains("img3_m.png") && text(&o).contains("mask value 7 is not a class index"), "{}", text(&o));
 }
 
+/// A manifest of absolute paths outside its folder: editing a listed image re-runs the
+/// ingestion, files beside the manifest that it does not list do not.
+#[test]
+fn a_manifest_stage_re_runs_when_a_listed_image_elsewhere_changes() {
+    let d = tempfile::tempdir().expect("tmp");
+    let far = tempfile::tempdir().expect("tmp");
+    let mut csv = String::from("path,label\n");
+    for i in 0..6u32 {
+        let p = far.path().join(format!("scan{i}.png"));
+        image::GrayImage::from_fn(16, 16, |x, _| image::Luma([(x * 10 + i) as u8])).save(&p).expect("image");
+        csv.push_str(&format!("{},{}\n", p.display(), ["a", "b"][(i % 2) as usize]));
+    }
+    fs::create_dir_all(d.path().join("data")).expect("mkdir");
+    fs::write(d.path().join("data/manifest.csv"), csv).expect("csv");
+    fs::write(d.path().join("p.yaml"), "name: p\nstages:\n  data: { uses: ingest/manifest, with: { manifest: data/manifest.csv, label_column: label, size: 16, channels: 1 } }\n").expect("pipeline");
+    let run = |want: &str| {
+        let o = msmae(d.path(), &["run", "p.yaml"]);
+        assert!(o.status.success() && text(&o).contains(want), "want `{want}`: {}", text(&o));
+    };
+    run("1 ran, 0 cached");
+    run("0 ran, 1 cached");
+    fs::write(d.path().join("data/notes.txt"), "not listed").expect("w");
+    image::GrayImage::from_pixel(16, 16, image::Luma([1])).save(far.path().join("unlisted.png")).expect("image");
+    run("0 ran, 1 cached");
+    image::GrayImage::from_pixel(16, 16, image::Luma([200])).save(far.path().join("scan3.png")).expect("image");
+    run("1 ran, 0 cached");
+}
+
 /// Without its dataset, every shipped dataset pipeline stops before running anything and
 /// names the folder it expected.
 #[test]

@@ -17,7 +17,7 @@ pub use context::{CancelToken, ExecEnv, StageContext};
 pub use error::{ConfigError, StageError};
 pub use progress::{NoProgress, ProgressBar, Progress};
 pub use rng::{derive_seed, seeded_rng, SeedPath};
-pub use stage::{DynStage, PreparedStage, Registry, Resources, Stage};
+pub use stage::{DynStage, ListedFiles, PreparedStage, Registry, Resources, Stage};
 
 /// The build-time fingerprint of the crate that expands this macro (see
 /// `msmae-fingerprint`), or its name and version when its build script does not emit one.

@@ -37,6 +37,19 @@ impl Resources {
     }
 }
 
+/// Files a stage reads that are named inside one of its external inputs rather than found
+/// under one: a manifest's image and mask paths. The runner digests exactly these files
+/// (size and content, in the listed order; a missing file as missing, since the stage
+/// decides what a missing file means), so a changed image re-runs the stage wherever it
+/// lives, and nothing else in its folder is hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedFiles {
+    /// The file that names them (for people: `msmae status`, key diffs).
+    pub list: PathBuf,
+    /// Every listed file, resolved; duplicates allowed (the runner drops them).
+    pub files: Vec<PathBuf>,
+}
+
 /// A stage kind, written against its typed config. Registered as a [`DynStage`] through
 /// the blanket implementation.
 pub trait Stage: Send + Sync + 'static {
@@ -70,6 +83,13 @@ pub trait Stage: Send + Sync + 'static {
     fn external_inputs(&self, _config: &Self::Config) -> Vec<PathBuf> {
         Vec::new()
     }
+    /// Files named inside an external input ([`ListedFiles`]), read when the pipeline is
+    /// planned, after every [`Stage::external_inputs`] path was found to exist. `base` is
+    /// the pipeline file's folder, to resolve the stage's relative paths against. An error
+    /// (the list cannot be read) stops the plan and names the file.
+    fn listed_inputs(&self, _config: &Self::Config, _base: &Path) -> Result<Option<ListedFiles>, StageError> {
+        Ok(None)
+    }
     fn resources(&self, _config: &Self::Config) -> Resources {
         Resources::Light
     }
@@ -97,6 +117,7 @@ pub trait PreparedStage: Send + Sync {
     fn inputs(&self) -> Vec<InputSlot>;
     fn output(&self) -> OutputDecl;
     fn external_inputs(&self, base: &Path) -> Vec<PathBuf>;
+    fn listed_inputs(&self, base: &Path) -> Result<Option<ListedFiles>, StageError>;
     fn resources(&self) -> Resources;
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<(), StageError>;
 }
@@ -129,6 +150,9 @@ impl<S: Stage> PreparedStage for Prepared<S> {
     }
     fn external_inputs(&self, base: &Path) -> Vec<PathBuf> {
         self.stage.external_inputs(&self.config).into_iter().map(|p| if p.is_absolute() { p } else { base.join(p) }).collect()
+    }
+    fn listed_inputs(&self, base: &Path) -> Result<Option<ListedFiles>, StageError> {
+        self.stage.listed_inputs(&self.config, base)
     }
     fn resources(&self) -> Resources {
         self.stage.resources(&self.config)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
+use msmae_core::{ConfigError, InputSlot, ListedFiles, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
 use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
@@ -24,6 +24,24 @@ fn d_path() -> String {
 }
 fn d_sep() -> String {
     "|".into()
+}
+
+/// What a missing column error says the manifest should have.
+const EXPECTED: &str = "the columns named in the stage's `with:`";
+
+/// The manifest and the base of its relative paths (`root`, else the manifest's folder).
+fn locate(c: &ManifestConfig, resolve: impl Fn(&Path) -> PathBuf) -> (PathBuf, PathBuf) {
+    let manifest = resolve(&c.manifest);
+    let root = match &c.root {
+        Some(r) => resolve(r),
+        None => manifest.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    (manifest, root)
+}
+
+/// The mask paths of one manifest cell (several joined by `separator`).
+fn mask_paths<'a>(cell: Option<&'a str>, separator: &'a str, root: &'a Path) -> impl Iterator<Item = PathBuf> + 'a {
+    cell.unwrap_or("").split(separator).map(str::trim).filter(|s| !s.is_empty()).map(|m| root.join(m))
 }
 
 /// `with:` of `ingest/manifest`.
@@ -152,17 +170,27 @@ impl Stage for Manifest {
         output_decl()
     }
 
-    /// The manifest and the folder its relative paths start from (`root`, else the
-    /// manifest's folder), so that a changed image or mask re-runs the stage. Files outside
-    /// that folder (absolute paths elsewhere) are read but not tracked by the cache.
+    /// The manifest itself; the images and masks it lists are [`Stage::listed_inputs`].
     fn external_inputs(&self, c: &ManifestConfig) -> Vec<PathBuf> {
-        let mut v = vec![c.manifest.clone()];
-        match (&c.root, c.manifest.parent()) {
-            (Some(r), _) => v.push(r.clone()),
-            (None, Some(dir)) if !dir.as_os_str().is_empty() => v.push(dir.to_path_buf()),
-            _ => {}
+        vec![c.manifest.clone()]
+    }
+
+    /// Every image and mask path in the manifest, wherever it lives (under `root` or
+    /// absolute elsewhere): the cache tracks exactly the files the stage reads, so a
+    /// changed image re-runs it, and unrelated files beside the images are not hashed.
+    fn listed_inputs(&self, c: &ManifestConfig, base: &Path) -> Result<Option<ListedFiles>, StageError> {
+        let (manifest, root) = locate(c, |p| if p.is_absolute() { p.to_path_buf() } else { base.join(p) });
+        let t = TextTable::read(&manifest)?;
+        let path_col = t.column(&c.path_column, EXPECTED)?;
+        let mask_col = c.mask_column.as_deref().map(|n| t.column(n, EXPECTED)).transpose()?;
+        let mut files = Vec::with_capacity(t.len());
+        for i in 0..t.len() {
+            files.extend(path_col.get(i).map(|p| root.join(p)));
+            if let Some(col) = &mask_col {
+                files.extend(mask_paths(col.get(i), &c.separator, &root));
+            }
         }
-        v
+        Ok(Some(ListedFiles { list: manifest, files }))
     }
 
     fn resources(&self, _: &ManifestConfig) -> Resources {
@@ -170,18 +198,13 @@ impl Stage for Manifest {
     }
 
     fn run(&self, c: &ManifestConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let manifest = ctx.resolve(&c.manifest);
-        let root = match &c.root {
-            Some(r) => ctx.resolve(r),
-            None => manifest.parent().map(Path::to_path_buf).unwrap_or_default(),
-        };
+        let (manifest, root) = locate(c, |p| ctx.resolve(p));
         let t = TextTable::read(&manifest)?;
-        let expected = "the columns named in the stage's `with:`";
-        let path_col = t.column(&c.path_column, expected)?;
-        let opt = |name: &Option<String>| name.as_deref().map(|n| t.column(n, expected)).transpose();
+        let path_col = t.column(&c.path_column, EXPECTED)?;
+        let opt = |name: &Option<String>| name.as_deref().map(|n| t.column(n, EXPECTED)).transpose();
         let (id_col, label_col, labels_col, patient_col, split_col, mask_col) =
             (opt(&c.id_column)?, opt(&c.label_column)?, opt(&c.labels_column)?, opt(&c.patient_column)?, opt(&c.split_column)?, opt(&c.mask_column)?);
-        let hot_cols = c.label_columns.as_ref().map(|v| v.iter().map(|n| t.column(n, expected)).collect::<Result<Vec<_>, _>>()).transpose()?;
+        let hot_cols = c.label_columns.as_ref().map(|v| v.iter().map(|n| t.column(n, EXPECTED)).collect::<Result<Vec<_>, _>>()).transpose()?;
 
         // Class names: given, or the sorted distinct values.
         let names: Vec<String> = match (&c.classes, &hot_cols, label_col, labels_col) {
@@ -262,7 +285,7 @@ impl Stage for Manifest {
                 None => None,
             };
             let masks: Vec<PathBuf> = match mask_col {
-                Some(col) => col.get(i).unwrap_or("").split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(|m| root.join(m)).collect(),
+                Some(col) => mask_paths(col.get(i), &c.separator, &root).collect(),
                 None => Vec::new(),
             };
             if mask_col.is_some() && masks.is_empty() {

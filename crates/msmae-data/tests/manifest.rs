@@ -133,3 +133,31 @@ fn bad_rows_are_named_or_rejected() {
     assert_eq!(rejects.as_array().map(Vec::len), Some(2), "{rejects}");
     assert!(rejects.to_string().contains("manifest.csv:line 15"), "{rejects}");
 }
+
+/// The cache tracks the manifest and exactly the files it lists: relative to the root or
+/// absolute elsewhere, images and masks; nothing else in their folders.
+#[test]
+fn the_cache_tracks_exactly_the_listed_images_and_masks() {
+    let d = tempfile::tempdir().expect("tmp");
+    let far = tempfile::tempdir().expect("tmp");
+    let x = far.path().join("x.png");
+    png(&x, 7);
+    let m = csv_dataset(d.path(), &format!("{},benign,P9,train,img/0_m.png|img/1_m.png\n", x.display()));
+    let cfg = |extra: serde_json::Value| -> ManifestConfig {
+        let mut c = serde_json::json!({ "manifest": "manifest.csv", "label_column": "diagnosis", "mask_column": "mask", "size": 10 });
+        c.as_object_mut().expect("obj").extend(extra.as_object().expect("obj").clone());
+        serde_json::from_value(c).expect("config")
+    };
+    assert_eq!(Manifest.external_inputs(&cfg(serde_json::json!({}))), [Path::new("manifest.csv")], "the manifest, not its folder");
+    let l = Manifest.listed_inputs(&cfg(serde_json::json!({})), d.path()).expect("reads").expect("lists");
+    assert_eq!(l.list, m, "the manifest is resolved against the pipeline's folder");
+    assert_eq!(l.files.len(), 12 * 2 + 3, "12 images and masks, then one image with two masks");
+    assert_eq!(&l.files[..2], [d.path().join("img/0.png"), d.path().join("img/0_m.png")]);
+    assert_eq!(&l.files[24..], [x.clone(), d.path().join("img/0_m.png"), d.path().join("img/1_m.png")], "absolute paths stay as written");
+    // `root` moves the base of relative paths; without a mask column masks are not read.
+    let l = Manifest.listed_inputs(&cfg(serde_json::json!({ "root": "elsewhere", "mask_column": null })), d.path()).expect("reads").expect("lists");
+    assert_eq!((l.files.len(), &l.files[0], &l.files[12]), (13, &d.path().join("elsewhere/img/0.png"), &x));
+    // A column the config names but the manifest lacks stops the plan with the header named.
+    let e = Manifest.listed_inputs(&cfg(serde_json::json!({ "path_column": "file" })), d.path()).err().expect("fails").to_string();
+    assert!(e.contains("manifest.csv (header, column `file`): missing column `file`"), "{e}");
+}

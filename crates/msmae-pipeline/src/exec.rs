@@ -185,6 +185,11 @@ pub fn key_parts(plan: &Plan, node: &Node, digests: &BTreeMap<usize, String>, st
             let shown = p.strip_prefix(&plan.spec.base_dir).unwrap_or(p).to_string_lossy().into_owned();
             Ok(ExternalRef { path: shown, digest: d.hex, files: d.files, bytes: d.bytes })
         })
+        .chain(node.listed.iter().map(|l| {
+            let d = store.memo().listed(&l.files)?;
+            let list = l.list.strip_prefix(&plan.spec.base_dir).unwrap_or(&l.list).display();
+            Ok(ExternalRef { path: format!("files listed in {list}"), digest: d.hex, files: d.files, bytes: d.bytes })
+        }))
         .collect::<Result<Vec<_>>>()?;
     Ok(KeyParts {
         kind: node.kind.kind().to_string(),

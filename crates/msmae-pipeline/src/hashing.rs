@@ -166,6 +166,46 @@ impl HashMemo {
     }
 }
 
+impl HashMemo {
+    /// Digest of a list of files named somewhere else (a manifest's images): sizes and
+    /// contents in the listed order, each file once (first occurrence). Paths are not
+    /// hashed, so moving a checkout keeps the digest; the list's own file is an external
+    /// input of its own. A missing file is hashed as missing (the stage decides what that
+    /// means), so it appearing later changes the digest.
+    pub fn listed(&self, files: &[PathBuf]) -> Result<Digest> {
+        let mut seen = std::collections::HashSet::new();
+        let files: Vec<&PathBuf> = files.iter().filter(|p| seen.insert(p.as_path())).collect();
+        let hashed: Vec<Option<([u8; 32], u64, u64)>> = files
+            .par_iter()
+            .map(|p| match fs::metadata(p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                // Not a file (a folder, say): the stage will refuse it; hash it as missing.
+                Ok(md) if !md.is_file() => Ok(None),
+                _ => self.file(p).map(Some),
+            })
+            .collect::<Result<_>>()?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"listed\0");
+        let (mut n, mut bytes, mut read) = (0, 0, 0);
+        for h in &hashed {
+            match h {
+                Some((h, size, r)) => {
+                    hasher.update(b"f");
+                    hasher.update(&size.to_le_bytes());
+                    hasher.update(h);
+                    n += 1;
+                    bytes += size;
+                    read += r;
+                }
+                None => {
+                    hasher.update(b"-");
+                }
+            }
+        }
+        Ok(Digest { hex: hasher.finalize().to_hex().to_string(), files: n, bytes, hashed_bytes: read })
+    }
+}
+
 /// Hash a file's content (multi-threaded for large files).
 pub fn hash_file(path: &Path, size: u64) -> Result<[u8; 32]> {
     let err = |source| Error::Hash { path: path.to_path_buf(), cause: source };

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use msmae_core::{Arity, DynStage, InputSlot, OutputDecl, PreparedStage, Registry, Resources};
+use msmae_core::{Arity, DynStage, InputSlot, ListedFiles, OutputDecl, PreparedStage, Registry, Resources};
 
 use crate::error::{SpecError, SpecErrors};
 use crate::spec::{Needs, PipelineSpec};
@@ -28,6 +28,8 @@ pub struct Node {
     /// Upstream nodes (deduplicated, sorted).
     pub deps: Vec<usize>,
     pub external: Vec<PathBuf>,
+    /// Files named inside an external input (a manifest's images), digested one by one.
+    pub listed: Option<ListedFiles>,
     pub resources: Resources,
     pub description: Option<String>,
 }
@@ -210,16 +212,26 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
             }
         }
     }
-    // 3. external inputs (dataset folders) must exist before anything runs
+    // 3. external inputs (dataset folders) must exist before anything runs; then the
+    //    files they list (a manifest's images) are read from them
+    let mut listed: Vec<Option<ListedFiles>> = vec![None; spec.stages.len()];
     for (i, s) in spec.stages.iter().enumerate() {
         if let Some((_, p)) = &prepared[i] {
+            let mut all_there = true;
             for path in p.external_inputs(&spec.base_dir) {
                 if !path.exists() {
+                    all_there = false;
                     errs.push(spec.error(&format!("{}.with", s.src), format!(
                         "stage `{}` reads `{}`, which does not exist; data/README.md says where each dataset comes from and how to lay it out",
                         s.name,
                         path.display()
                     )));
+                }
+            }
+            if all_there {
+                match p.listed_inputs(&spec.base_dir) {
+                    Ok(l) => listed[i] = l,
+                    Err(e) => errs.push(spec.error(&format!("{}.with", s.src), format!("stage `{}`: {e}", s.name))),
                 }
             }
         }
@@ -258,6 +270,7 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
                 deps: deps[i].iter().map(|&j| pos[j]).collect::<BTreeSet<_>>().into_iter().collect(),
                 bindings: b,
                 external: p.external_inputs(&spec.base_dir),
+                listed: listed[i].take(),
                 resources: p.resources(),
                 description: s.description.clone(),
                 kind,

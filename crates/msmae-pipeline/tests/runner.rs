@@ -158,6 +158,55 @@ fn external_inputs_are_hashed_into_the_key() {
 }
 
 #[test]
+fn listed_files_are_hashed_one_by_one_wherever_they_live() {
+    let f = Fixture::new("");
+    let elsewhere = tempfile::tempdir().expect("tmp");
+    let far = elsewhere.path().join("far.png");
+    fs::write(&far, "far").expect("w");
+    fs::create_dir_all(f.path("data")).expect("mkdir");
+    fs::write(f.path("data/near.png"), "near").expect("w");
+    fs::write(f.path("data/list.txt"), format!("near.png\n{}\nnear.png\n", far.display())).expect("w");
+    let m = f.marker();
+    f.write(&format!("stages:\n  read: {{ uses: test/listed, with: {{ list: data/list.txt, marker: {m} }} }}\n"));
+    let out = |r: &msmae_pipeline::RunReport| {
+        let d = r.stage("read").expect("read").artifact.clone().expect("digest");
+        fs::read_to_string(f.store().object_dir(&d).join("out.txt")).expect("out")
+    };
+    let r = f.run();
+    assert_eq!(out(&r), "near+far+near");
+    assert_eq!(f.run().count("cached"), 1);
+    // An unrelated file beside the listed ones is not an input.
+    fs::write(f.path("data/unrelated.png"), "x").expect("w");
+    fs::write(elsewhere.path().join("other.png"), "x").expect("w");
+    assert_eq!(f.run().count("cached"), 1, "files not in the list do not count");
+    // A listed file outside the pipeline's folder is tracked.
+    fs::write(&far, "FAR").expect("w");
+    let r = f.run();
+    assert_eq!((outcome(&r, "read").label(), out(&r).as_str()), ("ran", "near+FAR+near"));
+    let lock = msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock");
+    let ext = &lock.stage("read").expect("read").parts.external;
+    assert_eq!(ext.iter().map(|e| (e.path.as_str(), e.files)).collect::<Vec<_>>(), [("data/list.txt", 1), ("files listed in data/list.txt", 2)], "duplicates count once");
+    // Two listed files swapping contents is a change, though sizes and the list are not.
+    fs::write(&far, "near").expect("w");
+    fs::write(f.path("data/near.png"), "FAR").expect("w");
+    assert_eq!(out(&f.run()), "FAR+near+FAR");
+    // A listed file that goes missing re-runs the stage (which decides what that means),
+    // and so does its coming back.
+    fs::remove_file(&far).expect("rm");
+    let plan = f.plan(&[]);
+    let lock = msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock");
+    let why = msmae_pipeline::inspect::why(&plan, &f.store(), &lock, &msmae_core::ExecEnv::cpu_flex(), "read").expect("why");
+    assert!(why.contains("external `files listed in data/list.txt` changed: 2 files/7 bytes → 1 files/3 bytes"), "{why}");
+    assert_eq!(out(&f.run()), "FAR+missing+FAR");
+    fs::write(&far, "near").expect("w");
+    assert_eq!(out(&f.run()), "FAR+near+FAR");
+    // A list that cannot be read stops the plan, naming the stage and the file.
+    fs::write(f.path("data/list.txt"), [0xff, 0xfe, b'\n']).expect("w");
+    let e = msmae_pipeline::load_plan(&f.pipeline(), &[], &registry()).err().expect("plan fails").to_string();
+    assert!(e.contains("stage `read`") && e.contains("list.txt"), "{e}");
+}
+
+#[test]
 fn outputs_are_checked_against_the_declaration() {
     let cases = [
         ("undeclared", "wrote undeclared files [\"secret.bin\"]"),

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use msmae_core::{ConfigError, InputSlot, OutputDecl, Registry, Resources, Stage, StageContext, StageError};
+use msmae_core::{ConfigError, InputSlot, ListedFiles, OutputDecl, Registry, Resources, Stage, StageContext, StageError};
 use msmae_pipeline::{Plan, RunOptions, RunReport, Store};
 use serde::{Deserialize, Serialize};
 
@@ -200,6 +200,52 @@ impl Stage for Ext {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ListCfg {
+    /// A file naming one file per line, relative to its own folder or absolute.
+    pub list: PathBuf,
+    #[serde(default)]
+    pub marker: Option<String>,
+}
+
+fn listed_paths(list: &Path) -> Result<Vec<PathBuf>, StageError> {
+    let text = fs::read_to_string(list).map_err(|e| StageError::io(list, e))?;
+    let dir = list.parent().unwrap_or(Path::new(""));
+    Ok(text.lines().filter(|l| !l.is_empty()).map(|l| dir.join(l)).collect())
+}
+
+/// Concatenates the files a list names (like a manifest stage reads its images).
+pub struct Listed;
+impl Stage for Listed {
+    type Config = ListCfg;
+    const KIND: &'static str = "test/listed";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "concatenates listed files";
+    fn code_fingerprint(&self) -> &'static str {
+        "test-listed"
+    }
+    fn inputs(&self, _: &ListCfg) -> Vec<InputSlot> {
+        vec![]
+    }
+    fn output(&self, _: &ListCfg) -> OutputDecl {
+        OutputDecl::new("text", &["out.txt"])
+    }
+    fn external_inputs(&self, c: &ListCfg) -> Vec<PathBuf> {
+        vec![c.list.clone()]
+    }
+    fn listed_inputs(&self, c: &ListCfg, base: &Path) -> Result<Option<ListedFiles>, StageError> {
+        let list = base.join(&c.list);
+        Ok(Some(ListedFiles { files: listed_paths(&list)?, list }))
+    }
+    fn run(&self, c: &ListCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        mark(&c.marker, &ctx.name);
+        let parts: Vec<String> = listed_paths(&ctx.resolve(&c.list))?.iter().map(|p| fs::read_to_string(p).unwrap_or_else(|_| "missing".into())).collect();
+        let p = ctx.output_path("out.txt")?;
+        fs::write(&p, parts.join("+")).map_err(|e| StageError::io(&p, e))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MisCfg {
     /// `undeclared` | `missing` | `symlink` | `panic` | `escape`
     pub how: String,
@@ -315,7 +361,7 @@ impl Stage for Model {
 
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(Source).register(Concat).register(Pair).register(Ext).register(Misbehave).register(Slow).register(Model);
+    r.register(Source).register(Concat).register(Pair).register(Ext).register(Listed).register(Misbehave).register(Slow).register(Model);
     r
 }
 
