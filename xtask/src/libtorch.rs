@@ -912,6 +912,9 @@ mod tests {
     #[test]
     fn inspect_distinguishes_states() {
         let root = std::env::temp_dir().join(format!("msmae-libtorch-test-{}", std::process::id()));
+        // A killed earlier run with the same pid (another container on a shared /tmp) may
+        // have left it behind.
+        let _ = fs::remove_dir_all(&root);
         let _cleanup = RemoveOnDrop(Some(root.clone()));
         assert_eq!(inspect(&root), DirState::Missing);
         fs::create_dir_all(&root).expect("mkdir");

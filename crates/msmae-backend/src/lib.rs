@@ -101,6 +101,17 @@ impl fmt::Display for BackendKind {
 }
 
 /// Backends compiled into this binary.
+/// Seed the backend's random generator and draw under one process-wide lock. burn's
+/// generators (flex's, libtorch's) are global to the process, so two threads that seed
+/// and then draw (parallel tests, say) would otherwise interleave and each get numbers
+/// neither seed determines. Every seeded draw should go through here.
+pub fn seeded<T>(device: &Device, seed: u64, draw: impl FnOnce() -> T) -> T {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    device.seed(seed);
+    draw()
+}
+
 pub fn compiled_backends() -> &'static [BackendKind] {
     if cfg!(feature = "tch") { &[BackendKind::Tch, BackendKind::Flex] } else { &[BackendKind::Flex] }
 }
@@ -231,9 +242,7 @@ mod tests {
     fn flex_and_libtorch_agree_forward_and_backward() {
         let f = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").device;
         let t = select(BackendRequest::Tch, DeviceRequest::Cpu).expect("tch").device;
-        f.seed(3);
-        let x = Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &f);
-        let w = Tensor::<2>::random([16, 16], Distribution::Normal(0.0, 0.25), &f);
+        let (x, w) = seeded(&f, 3, || (Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &f), Tensor::<2>::random([16, 16], Distribution::Normal(0.0, 0.25), &f)));
         let run = |dev: &Device| {
             let dev = dev.clone().autodiff();
             let x = Tensor::<3>::from_data(x.to_data(), &dev);

@@ -130,8 +130,7 @@ impl HashMemo {
             }
         }
         let h = hash_file(path, stamp.size)?;
-        let racy = md.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).is_none_or(|age| age < RACY_WINDOW);
-        if !racy {
+        if !racy(md.modified().ok(), SystemTime::now()) {
             self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_path_buf(), (stamp, h));
             *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = true;
         }
@@ -204,6 +203,12 @@ impl HashMemo {
         }
         Ok(Digest { hex: hasher.finalize().to_hex().to_string(), files: n, bytes, hashed_bytes: read })
     }
+}
+
+/// Whether a file modified at `mtime` is too fresh at `now` to memoise (unknown and future
+/// times included).
+fn racy(mtime: Option<SystemTime>, now: SystemTime) -> bool {
+    mtime.and_then(|m| now.duration_since(m).ok()).is_none_or(|age| age < RACY_WINDOW)
 }
 
 /// Hash a file's content (multi-threaded for large files).
@@ -283,8 +288,15 @@ mod tests {
 
     #[test]
     fn freshly_written_files_are_not_memoised() {
+        let now = SystemTime::now();
+        let ago = |s: f64| Some(now - Duration::from_secs_f64(s));
+        assert!(racy(ago(0.0), now) && racy(ago(1.9), now) && racy(None, now) && racy(Some(now + Duration::from_secs(5)), now));
+        assert!(!racy(ago(2.0), now) && !racy(ago(3600.0), now));
+        // Through the memo, without depending on how long hashing takes: a file dated in
+        // the future is never old enough.
         let d = tempfile::tempdir().expect("tmp");
         fs::write(d.path().join("f"), b"new").expect("w");
+        fs::File::options().write(true).open(d.path().join("f")).expect("open").set_modified(now + Duration::from_secs(3600)).expect("touch");
         let memo = HashMemo::in_memory();
         memo.file(&d.path().join("f")).expect("hash");
         assert!(memo.is_empty());

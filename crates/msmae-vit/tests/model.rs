@@ -4,7 +4,7 @@
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::{Distribution, Tolerance};
-use msmae_backend::{BackendKind, BackendRequest, DeviceRequest, compiled_backends, select};
+use msmae_backend::{BackendKind, BackendRequest, DeviceRequest, compiled_backends, seeded, select};
 use msmae_vit::attention_map::cls_attention_map;
 use msmae_vit::patch::{gather_tokens, index_tensor, patchify, unpatchify};
 use msmae_vit::{MaeConfig, VitConfig};
@@ -48,11 +48,9 @@ fn small(classes: usize) -> VitConfig {
 #[test]
 fn forward_shapes_and_visible_forward_with_every_patch_equals_the_full_forward() {
     let dev = flex();
-    dev.seed(1);
     let c = small(5);
     assert_eq!(c.grid(), [4, 6]);
-    let m = c.init(&dev);
-    let imgs = Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev);
+    let (m, imgs) = seeded(&dev, 1, || (c.init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
     let full = m.forward(imgs.clone());
     assert_eq!(full.dims(), [2, 5]);
     let all: Vec<usize> = (0..24).collect();
@@ -68,9 +66,7 @@ fn forward_shapes_and_visible_forward_with_every_patch_equals_the_full_forward()
 #[test]
 fn attention_rows_are_distributions_and_the_map_is_min_max_normalised() {
     let dev = flex();
-    dev.seed(2);
-    let m = small(0).init(&dev);
-    let imgs = Tensor::<4>::random([3, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev);
+    let (m, imgs) = seeded(&dev, 2, || (small(0).init(&dev), Tensor::<4>::random([3, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
     let (tokens, attn) = m.forward_with_attention(imgs);
     assert_eq!(tokens.dims(), [3, 25, 32]);
     assert_eq!(attn.dims(), [3, 4, 25, 25]);
@@ -96,10 +92,8 @@ fn attention_rows_are_distributions_and_the_map_is_min_max_normalised() {
 }
 
 fn mae_batch(dev: &Device) -> (msmae_vit::MaskedAutoencoder, Tensor<4>, Tensor<2, Int>, Tensor<2, Int>) {
-    dev.seed(3);
     let cfg = MaeConfig::new(VitConfig::new([16, 16], 4, 1, 32, 2, 4).with_num_classes(3), 16, 1, 2);
-    let m = cfg.init(dev);
-    let imgs = Tensor::<4>::random([2, 1, 16, 16], Distribution::Normal(0.0, 1.0), dev);
+    let (m, imgs) = seeded(dev, 3, || (cfg.init(dev), Tensor::<4>::random([2, 1, 16, 16], Distribution::Normal(0.0, 1.0), dev)));
     let mut rng = msmae_mask::sample_rng(1, "mask", 0, 0);
     let plans: Vec<_> = (0..2).map(|_| msmae_mask::msmae_select(&[1.0; 16], 0.45, 0.30, &mut rng)).collect();
     let vis = index_tensor(&plans.iter().map(|p| p.visible.clone()).collect::<Vec<_>>(), dev);

@@ -12,7 +12,7 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use burn::tensor::Distribution;
-use msmae_backend::{BackendRequest, DeviceRequest, select};
+use msmae_backend::{BackendRequest, DeviceRequest, seeded, select};
 use msmae_vit::attention_map::cls_attention_map;
 use msmae_vit::patch::{index_tensor, patchify};
 use msmae_vit::{MaeConfig, MaskedAutoencoder, VitConfig};
@@ -48,10 +48,8 @@ fn import(m: &mut MaskedAutoencoder, path: &Path) {
 fn case(norm_pix: bool) {
     let dir = tempfile::tempdir().expect("tmp");
     let dev = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").device.autodiff();
-    dev.seed(if norm_pix { 11 } else { 7 });
     let cfg = MaeConfig::new(VitConfig::new([16, 24], 4, 3, 32, 2, 4).with_num_classes(3), 16, 2, 2).with_norm_pix_loss(norm_pix);
-    let m = cfg.init(&dev);
-    let imgs = Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev);
+    let (m, imgs) = seeded(&dev, if norm_pix { 11 } else { 7 }, || (cfg.init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
     // attention-like weights; 24 patches → 10 masked, 8 thrown, 6 visible
     let plans: Vec<_> = (0..2u64)
         .map(|i| {
@@ -104,8 +102,7 @@ fn case(norm_pix: bool) {
     assert!(report["grad_scale"].as_f64().unwrap_or(0.0) > 1e-3, "gradients are not trivially zero: {report}");
 
     // Weight interop: PyTorch-named checkpoint → fresh model → export: bit-exact.
-    dev.seed(999);
-    let mut fresh = cfg.init(&dev);
+    let mut fresh = seeded(&dev, 999, || cfg.init(&dev));
     import(&mut fresh, &dir.path().join("w0.safetensors"));
     export(&fresh, &dir.path().join("w0_roundtrip.safetensors"));
     let o = Command::new(python())

@@ -79,7 +79,7 @@ impl Stage for Source {
         if let Some(w) = &c.wait_for {
             let t0 = Instant::now();
             while !Path::new(w).exists() {
-                if t0.elapsed() > Duration::from_secs(20) {
+                if t0.elapsed() > Duration::from_secs(120) {
                     return Err(StageError::other(format!("timed out waiting for {w}")));
                 }
                 std::thread::sleep(Duration::from_millis(10));
