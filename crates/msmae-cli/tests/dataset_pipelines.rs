@@ -71,6 +71,12 @@ fn chestxray_pipeline_trains_multi_label_and_reports_mean_auc() {
     assert!(epochs.iter().all(|e| e["val_auc"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)) && e.get("val_accuracy").is_none()), "{h}");
     let report = json(&artifact(d.path(), "chestxray", "data").join("split_report.json"));
     assert!(report["splits"]["test"]["images"].as_u64().unwrap_or(0) > 0, "{report}");
+    // the PyTorch exports (their numbers are checked against timm in msmae-train's tests)
+    let c = json(&artifact(d.path(), "chestxray", "export-classifier").join("config.json"));
+    assert_eq!((c["library"].as_str(), c["model_args"]["num_classes"].as_u64(), c["model_args"]["global_pool"].as_str(), c["multi_label"].as_bool()), (Some("timm"), Some(14), Some("avg"), Some(true)), "{c}");
+    let c = json(&artifact(d.path(), "chestxray", "export-pretrain").join("config.json"));
+    assert_eq!(c["library"], "mae", "{c}");
+    assert!(artifact(d.path(), "chestxray", "export-pretrain").join("model.safetensors").is_file());
 }
 
 #[test]
