@@ -243,3 +243,37 @@ fn checkpoint_frequency_is_not_part_of_the_cache_key() {
     let longer = run(yaml(", epochs: 2, checkpoint_every: 1"));
     assert!(longer.contains("ck: 2 ran, 1 cached"), "more epochs must re-run both training stages: {longer}");
 }
+
+/// A pre-trained MAE leaves through `export/pytorch` and comes back through
+/// `import/pytorch` in another pipeline (as MAE's released weights would): the imported
+/// checkpoint holds the very same weights, and fine-tuning starts from it.
+#[test]
+fn an_exported_mae_imports_into_another_pipeline_and_fine_tunes() {
+    let d = tempfile::tempdir().expect("tmp");
+    let data = "  data: { uses: ingest/synthetic, with: { images: 64, size: 32, previews: 1 } }\n";
+    let first = format!("name: first\nseed: 2\nstages:\n{data}  pre: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, epochs: 1, batch_size: 16, warmup_epochs: 0, figure_images: 1 }} }}\n  out: {{ uses: export/pytorch, needs: [pre] }}\n");
+    fs::write(d.path().join("first.yaml"), first).expect("write");
+    let o = msmae(d.path(), "flex", &["run", "first.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (store, lock) = (d.path().join(".msmae"), d.path().join("first.lock"));
+    let pre = artifact_dir(&store, &lock, "pre");
+    let meta = json(&pre.join("model.json"));
+    fs::create_dir_all(d.path().join("weights")).expect("mkdir");
+    fs::copy(artifact_dir(&store, &lock, "out").join("model.safetensors"), d.path().join("weights/mae.safetensors")).expect("copy");
+    let second = format!(
+        "name: second\nseed: 2\nstages:\n{data}  mae: {{ uses: import/pytorch, with: {{ weights: weights/mae.safetensors, checkpoint: mae, image_size: 32, channels: 1, mean: {}, std: {}, model: {MODEL} }} }}\n  ft: {{ uses: finetune/full, needs: [mae, data], with: {{ epochs: 1, batch_size: 16, warmup_epochs: 0 }} }}\n",
+        meta["normalizer"]["mean"], meta["normalizer"]["std"]
+    );
+    fs::write(d.path().join("second.yaml"), second).expect("write");
+    let o = msmae(d.path(), "flex", &["run", "second.yaml"]);
+    assert!(o.status.success() && text(&o).contains("second: 2 ran, 1 cached"), "{}", text(&o));
+    let lock2 = d.path().join("second.lock");
+    assert_eq!(fs::read(artifact_dir(&store, &lock2, "mae").join("model.safetensors")).expect("imported"), fs::read(pre.join("model.safetensors")).expect("pre-trained"), "export → import is bit-exact");
+    let h = json(&artifact_dir(&store, &lock2, "ft").join("history.json"));
+    assert_eq!(h["epochs"].as_array().map(Vec::len), Some(1), "{h}");
+    // A mismatched architecture stops the import naming the file and the tensors.
+    let wrong = fs::read_to_string(d.path().join("second.yaml")).expect("read").replace("depth: 2, num_heads: 2, decoder_dim", "depth: 3, num_heads: 2, decoder_dim");
+    fs::write(d.path().join("second.yaml"), wrong).expect("write");
+    let o = msmae(d.path(), "flex", &["run", "second.yaml"]);
+    assert!(!o.status.success() && text(&o).contains("mae.safetensors") && text(&o).contains("blocks.2."), "{}", text(&o));
+}

@@ -10,17 +10,17 @@
 //! - `finetune/msmae` / `finetune/full`: fine-tuning on 25 % attention-selected tokens, or
 //!   on all tokens (baseline), with layer-wise lr decay, drop-path, label smoothing, early
 //!   stopping, and val/test predictions for `eval/*`;
-//! - `export/pytorch`: a checkpoint as timm/MAE-named PyTorch safetensors ([`export`]).
+//! - `export/pytorch`, `import/pytorch`: checkpoints to and from timm/MAE-named PyTorch safetensors ([`pytorch`]).
 //!
 //! Batches stream from the Parquet image table ([`data`]); long stages checkpoint into the
 //! runner's resume directory and continue bit-identically after a kill ([`train`]).
 
 pub mod data;
-pub mod export;
+pub mod pytorch;
 pub mod figures;
 pub mod model;
 pub mod stages;
 pub mod train;
 
-pub use export::ExportPytorch;
+pub use pytorch::{ExportPytorch, ImportPytorch};
 pub use stages::{AttentionExtract, FinetuneFull, FinetuneMsmae, MaePretrain, TrainSupervised, register};

@@ -816,5 +816,5 @@ fn reconstructions(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>
 
 /// Every stage kind of this crate.
 pub fn register(r: &mut msmae_core::Registry) {
-    r.register(TrainSupervised).register(AttentionExtract).register(MaePretrain).register(FinetuneFull).register(FinetuneMsmae).register(crate::export::ExportPytorch);
+    r.register(TrainSupervised).register(AttentionExtract).register(MaePretrain).register(FinetuneFull).register(FinetuneMsmae).register(crate::pytorch::ExportPytorch).register(crate::pytorch::ImportPytorch);
 }
