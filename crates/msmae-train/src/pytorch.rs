@@ -214,8 +214,10 @@ pub struct ImportConfig {
     /// or classifier, as `finetune/*` writes).
     pub checkpoint: CheckpointKind,
     /// Architecture (preset and overrides, as in the training stages); every tensor's
-    /// shape is checked against it. The head's size and the pooling (`fc_norm` present)
-    /// are read from the file.
+    /// shape is checked against it. The head's size and the pooling are read from the
+    /// file: `fc_norm.*` present → mean of the patch tokens + `fc_norm` (timm's
+    /// `global_pool="avg"`, MAE's fine-tuning), absent → the normed CLS token. (timm's
+    /// `global_pool="avg", fc_norm=False` has no msmae counterpart and reads as the latter.)
     #[serde(default)]
     pub model: ModelSpec,
     /// Input size the weights are for: one number or `[height, width]`.
