@@ -259,21 +259,24 @@ fn an_exported_mae_imports_into_another_pipeline_and_fine_tunes() {
     let pre = artifact_dir(&store, &lock, "pre");
     let meta = json(&pre.join("model.json"));
     fs::create_dir_all(d.path().join("weights")).expect("mkdir");
-    fs::copy(artifact_dir(&store, &lock, "out").join("model.safetensors"), d.path().join("weights/mae.safetensors")).expect("copy");
+    for f in ["model.safetensors", "config.json"] {
+        fs::copy(artifact_dir(&store, &lock, "out").join(f), d.path().join("weights").join(f)).expect("copy");
+    }
+    // No mean/std given: the export's config.json beside the weights supplies them.
     let second = format!(
-        "name: second\nseed: 2\nstages:\n{data}  mae: {{ uses: import/pytorch, with: {{ weights: weights/mae.safetensors, checkpoint: mae, image_size: 32, channels: 1, mean: {}, std: {}, model: {MODEL} }} }}\n  ft: {{ uses: finetune/full, needs: [mae, data], with: {{ epochs: 1, batch_size: 16, warmup_epochs: 0 }} }}\n",
-        meta["normalizer"]["mean"], meta["normalizer"]["std"]
+        "name: second\nseed: 2\nstages:\n{data}  mae: {{ uses: import/pytorch, with: {{ weights: weights/model.safetensors, checkpoint: mae, image_size: 32, channels: 1, model: {MODEL} }} }}\n  ft: {{ uses: finetune/full, needs: [mae, data], with: {{ epochs: 1, batch_size: 16, warmup_epochs: 0 }} }}\n"
     );
     fs::write(d.path().join("second.yaml"), second).expect("write");
     let o = msmae(d.path(), "flex", &["run", "second.yaml"]);
     assert!(o.status.success() && text(&o).contains("second: 2 ran, 1 cached"), "{}", text(&o));
     let lock2 = d.path().join("second.lock");
     assert_eq!(fs::read(artifact_dir(&store, &lock2, "mae").join("model.safetensors")).expect("imported"), fs::read(pre.join("model.safetensors")).expect("pre-trained"), "export → import is bit-exact");
+    assert_eq!(json(&artifact_dir(&store, &lock2, "mae").join("model.json"))["normalizer"], meta["normalizer"], "the export's normalisation came back");
     let h = json(&artifact_dir(&store, &lock2, "ft").join("history.json"));
     assert_eq!(h["epochs"].as_array().map(Vec::len), Some(1), "{h}");
     // A mismatched architecture stops the import naming the file and the tensors.
     let wrong = fs::read_to_string(d.path().join("second.yaml")).expect("read").replace("depth: 2, num_heads: 2, decoder_dim", "depth: 3, num_heads: 2, decoder_dim");
     fs::write(d.path().join("second.yaml"), wrong).expect("write");
     let o = msmae(d.path(), "flex", &["run", "second.yaml"]);
-    assert!(!o.status.success() && text(&o).contains("mae.safetensors") && text(&o).contains("blocks.2."), "{}", text(&o));
+    assert!(!o.status.success() && text(&o).contains("model.safetensors") && text(&o).contains("blocks.2."), "{}", text(&o));
 }

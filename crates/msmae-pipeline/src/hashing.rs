@@ -176,12 +176,10 @@ impl HashMemo {
         let files: Vec<&PathBuf> = files.iter().filter(|p| seen.insert(p.as_path())).collect();
         let hashed: Vec<Option<([u8; 32], u64, u64)>> = files
             .par_iter()
-            .map(|p| match fs::metadata(p) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                // Not a file (a folder, say): the stage will refuse it; hash it as missing.
-                Ok(md) if !md.is_file() => Ok(None),
-                _ => self.file(p).map(Some),
-            })
+            // Whatever `Path::is_file` says is not a file (absent, a folder, a path through
+            // a file, unreadable) is hashed as missing: the stage sees the same and applies
+            // its error policy to that row.
+            .map(|p| if p.is_file() { self.file(p).map(Some) } else { Ok(None) })
             .collect::<Result<_>>()?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"listed\0");
@@ -300,6 +298,20 @@ mod tests {
         let memo = HashMemo::in_memory();
         memo.file(&d.path().join("f")).expect("hash");
         assert!(memo.is_empty());
+    }
+
+    #[test]
+    fn listed_paths_that_are_not_files_hash_as_missing() {
+        let d = tempfile::tempdir().expect("tmp");
+        fs::write(d.path().join("f"), b"x").expect("w");
+        let memo = HashMemo::in_memory();
+        // through a file, a folder, absent: no error, each counted as missing
+        let odd = [d.path().join("f/x.png"), d.path().to_path_buf(), d.path().join("absent.png")];
+        let g = memo.listed(&odd).expect("no error");
+        assert_eq!((g.files, g.bytes), (0, 0));
+        let with_file = memo.listed(&[odd[0].clone(), d.path().join("f")]).expect("hash");
+        assert_eq!(with_file.files, 1);
+        assert_ne!(memo.listed(&odd[..1]).expect("hash").hex, memo.listed(&odd[..2]).expect("hash").hex, "each missing entry counts");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
-use msmae_core::{ConfigError, InputSlot, OutputDecl, Stage, StageContext, StageError};
+use msmae_core::{ConfigError, InputSlot, ListedFiles, OutputDecl, Stage, StageContext, StageError};
 use msmae_vit::VitConfig;
 
 use crate::data::Normalizer;
@@ -132,6 +132,12 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
         }
         tensors.insert(name, (view.shape().to_vec(), view.data().to_vec()));
     }
+    // timm and MAE size the MLP as int(dim · mlp_ratio); msmae rounds.
+    let hidden = meta.vit.embed_dim as f64 * meta.vit.mlp_ratio;
+    if hidden.round() != hidden.floor() {
+        return Err(format!("mlp_ratio {} gives an MLP of {} here but int({hidden}) = {} in timm/MAE: the weights would not load there", meta.vit.mlp_ratio, hidden.round(), hidden.floor()));
+    }
+    let mut notes: Vec<&str> = vec!["LayerNorm eps is 1e-6 (timm's ViT default; for models_mae.py pass norm_layer=partial(nn.LayerNorm, eps=1e-6))"];
     let (vit, config) = match loaded {
         Loaded::Vit(m) => {
             // timm: with fc_norm the final `norm` is an Identity (no parameters).
@@ -145,6 +151,9 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
         }
         Loaded::Mae(m) => {
             let mae = meta.mae.as_ref().ok_or("an MAE checkpoint without its `mae` config")?;
+            if meta.vit.image_size[0] != meta.vit.image_size[1] {
+                notes.push("MAE's models_mae.py assumes a square patch grid; this model's is not, so rebuild it from `encoder_timm_args` (timm takes [height, width])");
+            }
             let (s, v) = table(&m.encoder.pos_embed)?;
             tensors.extend([f32_view("pos_embed", s, v)]);
             let (s, v) = table(&m.decoder_pos_embed)?;
@@ -178,6 +187,7 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
         "normalisation": "pixels / 255, then (x - mean) / std per channel",
         "mean": meta.normalizer.mean, "std": meta.normalizer.std,
     }));
+    o.insert("notes".into(), serde_json::json!(notes));
     o.insert("trained_by".into(), meta.trained_by.clone().into());
     o.insert("source_artifact".into(), source.into());
     Ok((out, config))
@@ -225,7 +235,8 @@ pub struct ImportConfig {
     #[serde(default = "d_channels")]
     pub channels: usize,
     /// Pixel normalisation the weights were trained with (`(x/255 − mean) / std` per
-    /// channel); default ImageNet's for 3 channels.
+    /// channel); default: that of the `config.json` an export wrote beside the weights,
+    /// else ImageNet's (3 channels; other channel counts must give it).
     #[serde(default)]
     pub mean: Option<Vec<f32>>,
     #[serde(default)]
@@ -270,7 +281,6 @@ impl Stage for ImportPytorch {
         for (field, v) in [("mean", &c.mean), ("std", &c.std)] {
             match v {
                 Some(v) if v.len() != c.channels => return cfg_err(field, format!("needs one value per channel ({}), found {}", c.channels, v.len())),
-                None if c.channels != 3 => return cfg_err(field, format!("needed for {} channels (ImageNet's default is for 3)", c.channels)),
                 _ => {}
             }
         }
@@ -297,11 +307,22 @@ impl Stage for ImportPytorch {
     fn external_inputs(&self, c: &ImportConfig) -> Vec<PathBuf> {
         vec![c.weights.clone()]
     }
+    /// The `config.json` an export writes beside its weights (tracked whether or not it
+    /// is there): its normalisation and label names are the defaults.
+    fn listed_inputs(&self, c: &ImportConfig, base: &std::path::Path) -> Result<Option<ListedFiles>, StageError> {
+        let weights = base.join(&c.weights);
+        Ok(Some(ListedFiles { files: vec![weights.with_file_name(CONFIG_FILE)], list: weights }))
+    }
     fn run(&self, c: &ImportConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         let path = ctx.resolve(&c.weights);
         let bytes = std::fs::read(&path).map_err(|e| StageError::io(&path, e))?;
+        let beside = path.with_file_name(CONFIG_FILE);
+        let exported: Option<serde_json::Value> = match std::fs::read(&beside) {
+            Ok(b) => Some(serde_json::from_slice(&b).map_err(|e| StageError::data(&beside, None, format!("not JSON: {e}")))?),
+            Err(_) => None,
+        };
         let bad = |m: String| StageError::data(&path, None, m);
-        let (loaded, meta) = import(&bytes, c).map_err(bad)?;
+        let (loaded, meta) = import(&bytes, c, exported.as_ref()).map_err(bad)?;
         let out = ctx.out_dir().to_path_buf();
         match &loaded {
             Loaded::Vit(m) => model::save(&out, m, &meta)?,
@@ -323,7 +344,9 @@ impl ImportConfig {
 
 /// Compare a position table in the file with the one msmae computes.
 fn check_table(st: &safetensors::SafeTensors<'_>, name: &str, dim: usize, grid: [usize; 2]) -> Result<(), String> {
-    let Ok(t) = st.tensor(name) else { return Ok(()) };
+    let Ok(t) = st.tensor(name) else {
+        return Err(format!("no `{name}`: without the position table the weights were trained with, msmae cannot tell they used its fixed sin-cos one"));
+    };
     let want = msmae_vit::pos_embed::sincos_2d(dim, grid[0], grid[1]);
     let shape = [1, 1 + grid[0] * grid[1], dim];
     if t.shape() != shape || t.dtype() != safetensors::Dtype::F32 {
@@ -339,9 +362,16 @@ fn check_table(st: &safetensors::SafeTensors<'_>, name: &str, dim: usize, grid: 
     Ok(())
 }
 
-/// Build the model `c` declares and fill it from the safetensors `bytes`.
-pub fn import(bytes: &[u8], c: &ImportConfig) -> Result<(Loaded, CheckpointMeta), String> {
+/// Build the model `c` declares and fill it from the safetensors `bytes`. `exported` is
+/// the `config.json` an `export/pytorch` wrote beside them, if any: its normalisation,
+/// label names and multi-label flag are the defaults of the fields `c` leaves out.
+pub fn import(bytes: &[u8], c: &ImportConfig, exported: Option<&serde_json::Value>) -> Result<(Loaded, CheckpointMeta), String> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    // burn loads a float tensor at the width the file stores: anything but f32 would make
+    // a mixed-precision checkpoint.
+    if let Some((name, t)) = st.tensors().into_iter().find(|(_, t)| t.dtype() != safetensors::Dtype::F32) {
+        return Err(format!("tensor `{name}` is {:?}; msmae's checkpoints are f32 (convert with `{{k: v.float() for k, v in state.items()}}` before saving)", t.dtype()));
+    }
     let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     let has = |n: &str| names.iter().any(|k| k == n);
     let has_decoder = names.iter().any(|k| k.starts_with("decoder_"));
@@ -355,9 +385,11 @@ pub fn import(bytes: &[u8], c: &ImportConfig) -> Result<(Loaded, CheckpointMeta)
         Ok(t) => return Err(format!("`head.weight` has shape {:?}, expected [classes, dim]", t.shape())),
         Err(_) => 0,
     };
-    let label_names = match &c.label_names {
+    let from_export = |key: &str| exported.and_then(|e| e.get(key)).cloned().and_then(|v| serde_json::from_value::<Vec<String>>(v).ok());
+    let from_input = |key: &str| exported.and_then(|e| e.get("input")).and_then(|i| i.get(key)).cloned().and_then(|v| serde_json::from_value::<Vec<f32>>(v).ok());
+    let label_names = match c.label_names.clone().or_else(|| from_export("label_names")) {
         Some(v) if v.len() != num_classes => return Err(format!("label_names lists {} names, the head has {num_classes} outputs", v.len())),
-        Some(v) => v.clone(),
+        Some(v) => v,
         None => (0..num_classes).map(|i| format!("class{i}")).collect(),
     };
     let hw = c.image_size.hw();
@@ -367,7 +399,7 @@ pub fn import(bytes: &[u8], c: &ImportConfig) -> Result<(Loaded, CheckpointMeta)
     let grid = vit.grid();
     check_table(&st, "pos_embed", vit.embed_dim, grid)?;
     let device = cpu().map_err(|e| e.to_string())?;
-    let mut store = SafetensorsStore::from_bytes(Some(bytes.to_vec())).with_from_adapter(PyTorchToBurnAdapter).allow_partial(true);
+    let mut store = SafetensorsStore::from_bytes(Some(bytes.to_vec())).with_from_adapter(PyTorchToBurnAdapter).allow_partial(true).validate(false);
     let (loaded, mae, result) = match c.checkpoint {
         CheckpointKind::Vit => {
             let mut m = vit.init(&device);
@@ -399,7 +431,12 @@ pub fn import(bytes: &[u8], c: &ImportConfig) -> Result<(Loaded, CheckpointMeta)
     if !unused.is_empty() {
         return Err(format!("tensors the declared architecture has no place for: {unused:?}"));
     }
-    let normalizer = Normalizer { mean: c.mean.clone().unwrap_or_else(|| IMAGENET_MEAN.to_vec()), std: c.std.clone().unwrap_or_else(|| IMAGENET_STD.to_vec()) };
-    let meta = CheckpointMeta { format: 1, kind: c.checkpoint, vit, mae, normalizer, label_names, multi_label: c.multi_label, trained_by: ImportPytorch::KIND.into() };
+    let mean = c.mean.clone().or_else(|| from_input("mean")).unwrap_or_else(|| IMAGENET_MEAN.to_vec());
+    let std = c.std.clone().or_else(|| from_input("std")).unwrap_or_else(|| IMAGENET_STD.to_vec());
+    if mean.len() != c.channels || std.len() != c.channels || std.iter().any(|s| !(*s > 0.0)) {
+        return Err(format!("normalisation for {} channels with positive std expected, found mean {mean:?} std {std:?}", c.channels));
+    }
+    let multi_label = c.multi_label || exported.and_then(|e| e.get("multi_label")).and_then(serde_json::Value::as_bool).unwrap_or(false);
+    let meta = CheckpointMeta { format: 1, kind: c.checkpoint, vit, mae, normalizer: Normalizer { mean, std }, label_names, multi_label, trained_by: ImportPytorch::KIND.into() };
     Ok((loaded, meta))
 }
