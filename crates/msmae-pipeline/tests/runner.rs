@@ -200,6 +200,14 @@ fn listed_files_are_hashed_one_by_one_wherever_they_live() {
     assert_eq!(out(&f.run()), "FAR+missing+FAR");
     fs::write(&far, "near").expect("w");
     assert_eq!(out(&f.run()), "FAR+near+FAR");
+    // A list edited between planning and running: the key is of the list as run, so the
+    // next run finds it cached.
+    let plan = f.plan(&[]);
+    fs::write(f.path("data/extra.png"), "extra").expect("w");
+    fs::write(f.path("data/list.txt"), format!("near.png\n{}\nextra.png\n", far.display())).expect("w");
+    let r = msmae_pipeline::run(&plan, &f.store(), &RunOptions::default(), &msmae_core::NoProgress).expect("run");
+    assert_eq!((outcome(&r, "read").label(), out(&r).as_str()), ("ran", "FAR+near+extra"));
+    assert_eq!(outcome(&f.run(), "read").label(), "cached", "keyed on the list it ran with");
     // A list that cannot be read stops the plan, naming the stage and the file.
     fs::write(f.path("data/list.txt"), [0xff, 0xfe, b'\n']).expect("w");
     let e = msmae_pipeline::load_plan(&f.pipeline(), &[], &registry()).err().expect("plan fails").to_string();
