@@ -177,6 +177,9 @@ pub fn key_parts(plan: &Plan, node: &Node, digests: &BTreeMap<usize, String>, st
             (slot.clone(), refs)
         })
         .collect();
+    // The files a list names are read now, with the list file's digest below: a list
+    // edited since the plan was made is keyed as it will run.
+    let listed = node.prepared.listed_inputs(&plan.spec.base_dir).map_err(|e| Error::Output { stage: node.name.clone(), message: format!("reading the files it lists: {e}") })?;
     let external = node
         .external
         .iter()
@@ -185,11 +188,7 @@ pub fn key_parts(plan: &Plan, node: &Node, digests: &BTreeMap<usize, String>, st
             let shown = p.strip_prefix(&plan.spec.base_dir).unwrap_or(p).to_string_lossy().into_owned();
             Ok(ExternalRef { path: shown, digest: d.hex, files: d.files, bytes: d.bytes })
         })
-        .chain(node.listed.iter().map(|planned| {
-            // Read the list again: the list file's digest above is taken now, and the list
-            // may have been edited since the plan was made (a long run before this stage).
-            let fresh = node.prepared.listed_inputs(&plan.spec.base_dir).map_err(|e| Error::Output { stage: node.name.clone(), message: format!("reading the files it lists: {e}") })?;
-            let l = fresh.as_ref().unwrap_or(planned);
+        .chain(listed.iter().map(|l| {
             let d = store.memo().listed(&l.files)?;
             let list = l.list.strip_prefix(&plan.spec.base_dir).unwrap_or(&l.list).display();
             Ok(ExternalRef { path: format!("files listed in {list}"), digest: d.hex, files: d.files, bytes: d.bytes })

@@ -163,9 +163,7 @@ impl HashMemo {
         }
         Ok(Digest { hex: hasher.finalize().to_hex().to_string(), files: files.len() as u64, bytes, hashed_bytes: read })
     }
-}
 
-impl HashMemo {
     /// Digest of a list of files named somewhere else (a manifest's images): sizes and
     /// contents in the listed order, each file once (first occurrence). Paths are not
     /// hashed, so moving a checkout keeps the digest; the list's own file is an external

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use msmae_core::{Arity, DynStage, InputSlot, ListedFiles, OutputDecl, PreparedStage, Registry, Resources};
+use msmae_core::{Arity, DynStage, InputSlot, OutputDecl, PreparedStage, Registry, Resources};
 
 use crate::error::{SpecError, SpecErrors};
 use crate::spec::{Needs, PipelineSpec};
@@ -28,8 +28,6 @@ pub struct Node {
     /// Upstream nodes (deduplicated, sorted).
     pub deps: Vec<usize>,
     pub external: Vec<PathBuf>,
-    /// Files named inside an external input (a manifest's images), digested one by one.
-    pub listed: Option<ListedFiles>,
     pub resources: Resources,
     pub description: Option<String>,
 }
@@ -213,8 +211,8 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
         }
     }
     // 3. external inputs (dataset folders) must exist before anything runs; then the
-    //    files they list (a manifest's images) are read from them
-    let mut listed: Vec<Option<ListedFiles>> = vec![None; spec.stages.len()];
+    //    files they list (a manifest's images) must be readable from them (the key reads
+    //    the list again when it is computed: exec::key_parts)
     for (i, s) in spec.stages.iter().enumerate() {
         if let Some((_, p)) = &prepared[i] {
             let mut all_there = true;
@@ -229,9 +227,8 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
                 }
             }
             if all_there {
-                match p.listed_inputs(&spec.base_dir) {
-                    Ok(l) => listed[i] = l,
-                    Err(e) => errs.push(spec.error(&format!("{}.with", s.src), format!("stage `{}`: {e}", s.name))),
+                if let Err(e) = p.listed_inputs(&spec.base_dir) {
+                    errs.push(spec.error(&format!("{}.with", s.src), format!("stage `{}`: {e}", s.name)));
                 }
             }
         }
@@ -270,7 +267,6 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
                 deps: deps[i].iter().map(|&j| pos[j]).collect::<BTreeSet<_>>().into_iter().collect(),
                 bindings: b,
                 external: p.external_inputs(&spec.base_dir),
-                listed: listed[i].take(),
                 resources: p.resources(),
                 description: s.description.clone(),
                 kind,

@@ -32,6 +32,7 @@ use msmae_vit::VitConfig;
 
 use crate::data::Normalizer;
 use crate::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec};
+use crate::stages::err;
 
 /// MAE nests its encoder's keys at the top level; msmae under `encoder.`.
 const MAE_ENCODER_KEYS: &str = r"^(patch_embed\.|cls_token|blocks\.|norm\.|head\.)";
@@ -55,9 +56,6 @@ impl Stage for ExportPytorch {
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
-    }
-    fn validate(&self, _: &ExportConfig) -> Result<(), ConfigError> {
-        Ok(())
     }
     fn inputs(&self, _: &ExportConfig) -> Vec<InputSlot> {
         vec![InputSlot::one("model", "vit-checkpoint", "the model to export").or_kind("mae-checkpoint")]
@@ -102,14 +100,11 @@ fn timm_args(v: &VitConfig) -> serde_json::Value {
     })
 }
 
-fn f32_view(name: &str, shape: Vec<usize>, values: Vec<f32>) -> (String, (Vec<usize>, Vec<u8>)) {
-    (name.to_string(), (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
-}
-
-fn table(t: &Tensor<3>) -> Result<(Vec<usize>, Vec<f32>), String> {
-    let shape = t.dims().to_vec();
-    let v = t.to_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| format!("position table: {e:?}"))?;
-    Ok((shape, v))
+/// Add a fixed position table under its PyTorch name (msmae does not store it).
+fn add_table(tensors: &mut BTreeMap<String, (Vec<usize>, Vec<u8>)>, name: &str, t: &Tensor<3>) -> Result<(), String> {
+    let v = t.to_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| format!("position table `{name}`: {e:?}"))?;
+    tensors.insert(name.to_string(), (t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+    Ok(())
 }
 
 /// The safetensors bytes and `config.json` of a loaded checkpoint. `source` is the
@@ -138,26 +133,23 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
         return Err(format!("mlp_ratio {} gives an MLP of {} here but int({hidden}) = {} in timm/MAE: the weights would not load there", meta.vit.mlp_ratio, hidden.round(), hidden.floor()));
     }
     let mut notes: Vec<&str> = vec!["LayerNorm eps is 1e-6 (timm's ViT default; for models_mae.py pass norm_layer=partial(nn.LayerNorm, eps=1e-6))"];
-    let (vit, config) = match loaded {
+    let config = match loaded {
         Loaded::Vit(m) => {
             // timm: with fc_norm the final `norm` is an Identity (no parameters).
             if m.global_pool {
                 tensors.remove("norm.weight");
                 tensors.remove("norm.bias");
             }
-            let (s, v) = table(&m.pos_embed)?;
-            tensors.extend([f32_view("pos_embed", s, v)]);
-            (&meta.vit, serde_json::json!({ "library": "timm", "class": "timm.models.vision_transformer.VisionTransformer", "model_args": timm_args(&meta.vit) }))
+            add_table(&mut tensors, "pos_embed", &m.pos_embed)?;
+            serde_json::json!({ "library": "timm", "class": "timm.models.vision_transformer.VisionTransformer", "model_args": timm_args(&meta.vit) })
         }
         Loaded::Mae(m) => {
             let mae = meta.mae.as_ref().ok_or("an MAE checkpoint without its `mae` config")?;
             if meta.vit.image_size[0] != meta.vit.image_size[1] {
                 notes.push("MAE's models_mae.py assumes a square patch grid; this model's is not, so rebuild it from `encoder_timm_args` (timm takes [height, width])");
             }
-            let (s, v) = table(&m.encoder.pos_embed)?;
-            tensors.extend([f32_view("pos_embed", s, v)]);
-            let (s, v) = table(&m.decoder_pos_embed)?;
-            tensors.extend([f32_view("decoder_pos_embed", s, v)]);
+            add_table(&mut tensors, "pos_embed", &m.encoder.pos_embed)?;
+            add_table(&mut tensors, "decoder_pos_embed", &m.decoder_pos_embed)?;
             let e = &meta.vit;
             let args = serde_json::json!({
                 "img_size": e.image_size, "patch_size": e.patch_size, "in_chans": e.in_chans,
@@ -168,7 +160,7 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
             // The encoder alone, as timm builds it for MAE fine-tuning (strict=False: the
             // decoder keys are extra, `fc_norm`/`head` new).
             let enc = VitConfig { global_pool: false, num_classes: e.num_classes, ..e.clone() };
-            (&meta.vit, serde_json::json!({ "library": "mae", "class": "models_mae.MaskedAutoencoderViT", "model_args": args, "encoder_timm_args": timm_args(&enc) }))
+            serde_json::json!({ "library": "mae", "class": "models_mae.MaskedAutoencoderViT", "model_args": args, "encoder_timm_args": timm_args(&enc) })
         }
     };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
@@ -183,7 +175,7 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
     o.insert("label_names".into(), serde_json::json!(meta.label_names));
     o.insert("multi_label".into(), meta.multi_label.into());
     o.insert("input".into(), serde_json::json!({
-        "image_size": vit.image_size, "channels": vit.in_chans,
+        "image_size": meta.vit.image_size, "channels": meta.vit.in_chans,
         "normalisation": "pixels / 255, then (x - mean) / std per channel",
         "mean": meta.normalizer.mean, "std": meta.normalizer.std,
     }));
@@ -254,10 +246,6 @@ pub struct ImportConfig {
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-fn cfg_err(field: &str, msg: impl Into<String>) -> Result<(), ConfigError> {
-    Err(ConfigError { path: field.into(), message: msg.into() })
-}
-
 #[derive(Debug)]
 pub struct ImportPytorch;
 
@@ -271,24 +259,23 @@ impl Stage for ImportPytorch {
         msmae_core::code_fingerprint!()
     }
     fn validate(&self, c: &ImportConfig) -> Result<(), ConfigError> {
-        let [h, w] = c.image_size.hw();
-        if let Err(e) = c.model.check([h, w], c.channels.max(1)) {
-            return cfg_err("model", e);
-        }
         if c.channels == 0 {
-            return cfg_err("channels", "must be at least 1");
+            return err("channels", "must be at least 1");
+        }
+        if let Err(e) = c.model.check(c.image_size.hw(), c.channels) {
+            return err("model", e);
         }
         for (field, v) in [("mean", &c.mean), ("std", &c.std)] {
             match v {
-                Some(v) if v.len() != c.channels => return cfg_err(field, format!("needs one value per channel ({}), found {}", c.channels, v.len())),
+                Some(v) if v.len() != c.channels => return err(field, format!("needs one value per channel ({}), found {}", c.channels, v.len())),
                 _ => {}
             }
         }
         if c.std.as_ref().is_some_and(|s| s.iter().any(|x| !(*x > 0.0))) {
-            return cfg_err("std", "must be positive");
+            return err("std", "must be positive");
         }
         if c.weights.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-            return cfg_err(
+            return err(
                 "weights",
                 "must be a .safetensors file; convert a .pth with: python -c \"import sys, torch, safetensors.torch as s; d = torch.load(sys.argv[1], map_location='cpu'); s.save_file({k: v.contiguous() for k, v in d.get('model', d).items()}, sys.argv[2])\" in.pth out.safetensors",
             );
@@ -321,24 +308,14 @@ impl Stage for ImportPytorch {
             Ok(b) => Some(serde_json::from_slice(&b).map_err(|e| StageError::data(&beside, None, format!("not JSON: {e}")))?),
             Err(_) => None,
         };
-        let bad = |m: String| StageError::data(&path, None, m);
-        let (loaded, meta) = import(&bytes, c, exported.as_ref()).map_err(bad)?;
+        let (loaded, meta) = import(bytes, c, exported.as_ref()).map_err(|m| StageError::data(&path, None, m))?;
         let out = ctx.out_dir().to_path_buf();
         match &loaded {
             Loaded::Vit(m) => model::save(&out, m, &meta)?,
             Loaded::Mae(m) => model::save(&out, m, &meta)?,
         }
-        tracing::info!("`{}`: {} ({} classes) from {}", ctx.name, c.checkpoint_name(), meta.vit.num_classes, path.display());
+        tracing::info!("`{}`: {:?} checkpoint ({} classes) from {}", ctx.name, c.checkpoint, meta.vit.num_classes, path.display());
         Ok(())
-    }
-}
-
-impl ImportConfig {
-    fn checkpoint_name(&self) -> &'static str {
-        match self.checkpoint {
-            CheckpointKind::Vit => "ViT",
-            CheckpointKind::Mae => "MAE",
-        }
     }
 }
 
@@ -365,8 +342,8 @@ fn check_table(st: &safetensors::SafeTensors<'_>, name: &str, dim: usize, grid: 
 /// Build the model `c` declares and fill it from the safetensors `bytes`. `exported` is
 /// the `config.json` an `export/pytorch` wrote beside them, if any: its normalisation,
 /// label names and multi-label flag are the defaults of the fields `c` leaves out.
-pub fn import(bytes: &[u8], c: &ImportConfig, exported: Option<&serde_json::Value>) -> Result<(Loaded, CheckpointMeta), String> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Value>) -> Result<(Loaded, CheckpointMeta), String> {
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
     // burn loads a float tensor at the width the file stores: anything but f32 would make
     // a mixed-precision checkpoint.
     if let Some((name, t)) = st.tensors().into_iter().find(|(_, t)| t.dtype() != safetensors::Dtype::F32) {
@@ -398,23 +375,28 @@ pub fn import(bytes: &[u8], c: &ImportConfig, exported: Option<&serde_json::Valu
     vit.global_pool = c.checkpoint == CheckpointKind::Vit && has("fc_norm.weight");
     let grid = vit.grid();
     check_table(&st, "pos_embed", vit.embed_dim, grid)?;
+    let mae = (c.checkpoint == CheckpointKind::Mae).then(|| {
+        let mut cfg = c.model.mae(hw, c.channels);
+        cfg.encoder = vit.clone();
+        cfg.norm_pix_loss = c.norm_pix_loss;
+        cfg
+    });
+    if let Some(cfg) = &mae {
+        check_table(&st, "decoder_pos_embed", cfg.decoder_embed_dim, grid)?;
+    }
+    // The file's bytes move into burn's store (a ViT-B file is ~350 MB: no copy).
     let device = cpu().map_err(|e| e.to_string())?;
-    let mut store = SafetensorsStore::from_bytes(Some(bytes.to_vec())).with_from_adapter(PyTorchToBurnAdapter).allow_partial(true).validate(false);
-    let (loaded, mae, result) = match c.checkpoint {
-        CheckpointKind::Vit => {
+    let mut store = SafetensorsStore::from_bytes(Some(bytes)).with_from_adapter(PyTorchToBurnAdapter).allow_partial(true).validate(false);
+    let (loaded, result) = match &mae {
+        None => {
             let mut m = vit.init(&device);
             let r = m.load_from(&mut store).map_err(|e| e.to_string())?;
-            (Loaded::Vit(m), None, r)
+            (Loaded::Vit(m), r)
         }
-        CheckpointKind::Mae => {
-            let mut cfg = c.model.mae(hw, c.channels);
-            cfg.encoder = vit.clone();
-            cfg.norm_pix_loss = c.norm_pix_loss;
-            check_table(&st, "decoder_pos_embed", cfg.decoder_embed_dim, grid)?;
+        Some(cfg) => {
             let mut m = cfg.init(&device);
-            store = store.with_key_remapping(MAE_ENCODER_KEYS, "encoder.$1");
-            let r = m.load_from(&mut store).map_err(|e| e.to_string())?;
-            (Loaded::Mae(m), Some(cfg), r)
+            let r = m.load_from(&mut store.with_key_remapping(MAE_ENCODER_KEYS, "encoder.$1")).map_err(|e| e.to_string())?;
+            (Loaded::Mae(m), r)
         }
     };
     if !result.errors.is_empty() {

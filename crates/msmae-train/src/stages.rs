@@ -21,7 +21,7 @@ use crate::train::{self, ClassifierOpts, EpochLog, PretrainOpts, Runtime};
 
 const TABLE: &str = "images.parquet";
 
-fn err(path: &str, message: impl Into<String>) -> Result<(), ConfigError> {
+pub(crate) fn err(path: &str, message: impl Into<String>) -> Result<(), ConfigError> {
     Err(ConfigError { path: path.into(), message: message.into() })
 }
 

@@ -109,7 +109,7 @@ fn vit_exports_load_strictly_into_timm_and_give_the_same_logits() {
         // Back in: the same model (a global-pool classifier's unused `norm` aside, which
         // timm does not have).
         let c = import_cfg(CheckpointKind::Vit);
-        let (back, m) = import(&std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &c, None).expect("import the export");
+        let (back, m) = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &c, None).expect("import the export");
         assert_eq!((m.vit.global_pool, m.vit.num_classes), (global_pool, 3));
         let Loaded::Vit(back) = back else { panic!("a ViT") };
         back.forward(x.clone()).into_data().assert_eq(&vit.forward(x.clone()).into_data(), true);
@@ -140,12 +140,12 @@ fn mae_exports_give_timm_the_encoder_and_keep_the_decoder() {
     assert_eq!((config["model_args"]["decoder_embed_dim"].as_u64(), config["model_args"]["decoder_depth"].as_u64()), (Some(16), Some(1)));
     // Back in, bit-exact (the CLS head included).
     let c = ImportConfig { norm_pix_loss: false, ..import_cfg(CheckpointKind::Mae) };
-    let (back, m) = import(&std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &c, None).expect("import the export");
+    let (back, m) = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &c, None).expect("import the export");
     assert_eq!((m.mae.as_ref().map(|m| m.decoder_embed_dim), m.vit.num_classes), (Some(16), 3));
     let Loaded::Mae(back) = back else { panic!("an MAE") };
     assert_eq!(weights_of(&back), weights_of(&mae), "the round trip is bit-exact");
     // The wrong kind is named.
-    let e = import(&std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &import_cfg(CheckpointKind::Vit), None).err().expect("refused");
+    let e = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &import_cfg(CheckpointKind::Vit), None).err().expect("refused");
     assert!(e.contains("import it with `checkpoint: mae`"), "{e}");
 }
 
@@ -174,7 +174,7 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     assert!(o.status.success(), "timm_make.py: {}", String::from_utf8_lossy(&o.stderr));
     let read = |n: &str| std::fs::read(tmp.path().join(n)).expect("read");
     let c = ImportConfig { label_names: Some(["a", "b", "c", "d", "e"].map(String::from).to_vec()), ..import_cfg(CheckpointKind::Vit) };
-    let (loaded, meta) = import(&read("sincos.safetensors"), &c, None).expect("import timm's classifier");
+    let (loaded, meta) = import(read("sincos.safetensors"), &c, None).expect("import timm's classifier");
     assert_eq!((meta.vit.global_pool, meta.vit.num_classes, meta.label_names[4].as_str()), (true, 5, "e"));
     assert_eq!(meta.normalizer.mean, [0.485, 0.456, 0.406], "ImageNet's by default");
     let io = read("io.safetensors");
@@ -192,25 +192,25 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(f64::from(d) <= TOLERANCE && got.len() == want.len(), "timm's logits differ by {d:e}");
 
-    let e = import(&read("learned.safetensors"), &c, None).err().expect("refused");
+    let e = import(read("learned.safetensors"), &c, None).err().expect("refused");
     assert!(e.contains("`pos_embed` is not the fixed 2-D sin-cos table") && e.contains("learned position embeddings are not supported"), "{e}");
     // A wrong architecture is named, with the tensors that do not fit.
     let deeper = ImportConfig { model: ModelSpec { depth: Some(3), ..c.model.clone() }, ..c.clone() };
-    let e = import(&read("sincos.safetensors"), &deeper, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &deeper, None).err().expect("refused");
     assert!(e.contains("tensors missing for the declared architecture") && e.contains("blocks.2."), "{e}");
     let wider = ImportConfig { model: ModelSpec { embed_dim: Some(64), ..c.model.clone() }, ..c.clone() };
-    let e = import(&read("sincos.safetensors"), &wider, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &wider, None).err().expect("refused");
     assert!(e.contains("`pos_embed` is F32 [1, 25, 32]; the model needs f32 [1, 25, 64]"), "{e}");
-    let e = import(&read("sincos.safetensors"), &ImportConfig { label_names: Some(vec!["x".into()]), ..c.clone() }, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &ImportConfig { label_names: Some(vec!["x".into()]), ..c.clone() }, None).err().expect("refused");
     assert!(e.contains("label_names lists 1 names, the head has 5 outputs"), "{e}");
-    let e = import(b"not safetensors", &c, None).err().expect("refused");
+    let e = import(b"not safetensors".to_vec(), &c, None).err().expect("refused");
     assert!(e.contains("not a safetensors file"), "{e}");
     // Tensors the architecture has no place for, and shapes burn's loader refuses.
     let shallower = ImportConfig { model: ModelSpec { depth: Some(1), ..c.model.clone() }, ..c.clone() };
-    let e = import(&read("sincos.safetensors"), &shallower, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &shallower, None).err().expect("refused");
     assert!(e.contains("tensors the declared architecture has no place for") && e.contains("blocks.1."), "{e}");
     let narrow_mlp = ImportConfig { model: ModelSpec { mlp_ratio: Some(2.0), ..c.model.clone() }, ..c.clone() };
-    let e = import(&read("sincos.safetensors"), &narrow_mlp, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &narrow_mlp, None).err().expect("refused");
     assert!(e.contains("tensors do not fit the declared architecture") && e.contains("fc1"), "{e}");
     // A half-precision tensor, and a state dict without its position table.
     let sincos = read("sincos.safetensors");
@@ -224,19 +224,19 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
         safetensors::serialize(views, None).expect("serialize")
     };
     let half = rebuilt(&|n, t| Some(if n == "blocks.0.mlp.fc1.weight" { (safetensors::Dtype::F16, t.data()[..t.data().len() / 2].to_vec()) } else { (t.dtype(), t.data().to_vec()) }));
-    let e = import(&half, &c, None).err().expect("refused");
+    let e = import(half, &c, None).err().expect("refused");
     assert!(e.contains("tensor `blocks.0.mlp.fc1.weight` is F16") && e.contains("v.float()"), "{e}");
     let no_pos = rebuilt(&|n, t| (n != "pos_embed").then(|| (t.dtype(), t.data().to_vec())));
-    let e = import(&no_pos, &c, None).err().expect("refused");
+    let e = import(no_pos, &c, None).err().expect("refused");
     assert!(e.contains("no `pos_embed`"), "{e}");
     // An export's config.json supplies the defaults the config leaves out.
     let exported = serde_json::json!({ "label_names": ["p", "q", "r", "s", "t"], "multi_label": true, "input": { "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6] } });
-    let (_, m) = import(&sincos, &import_cfg(CheckpointKind::Vit), Some(&exported)).expect("import");
+    let (_, m) = import(sincos.clone(), &import_cfg(CheckpointKind::Vit), Some(&exported)).expect("import");
     assert_eq!((m.label_names[0].as_str(), m.multi_label, m.normalizer.mean.clone(), m.normalizer.std[2]), ("p", true, vec![0.1, 0.2, 0.3], 0.6));
-    let (_, m) = import(&sincos, &c, Some(&exported)).expect("import");
+    let (_, m) = import(sincos.clone(), &c, Some(&exported)).expect("import");
     assert_eq!(m.label_names[0], "a", "the config wins over the file");
     let two_means = serde_json::json!({ "input": { "mean": [0.1, 0.2], "std": [0.4, 0.5] } });
-    let e = import(&sincos, &import_cfg(CheckpointKind::Vit), Some(&two_means)).err().expect("refused");
+    let e = import(sincos.clone(), &import_cfg(CheckpointKind::Vit), Some(&two_means)).err().expect("refused");
     assert!(e.contains("normalisation for 3 channels with positive std expected, found mean [0.1, 0.2]"), "{e}");
 }
 
