@@ -12,7 +12,7 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use burn::tensor::Distribution;
-use msmae_backend::{BackendRequest, DeviceRequest, seeded, select};
+use msmae_backend::{BackendKind, BackendRequest, DeviceRequest, compiled_backends, seeded, select};
 use msmae_vit::attention_map::cls_attention_map;
 use msmae_vit::patch::{index_tensor, patchify};
 use msmae_vit::{MaeConfig, MaskedAutoencoder, VitConfig};
@@ -45,9 +45,9 @@ fn import(m: &mut MaskedAutoencoder, path: &Path) {
     assert!(r.missing.is_empty() && r.unused.is_empty() && r.errors.is_empty(), "import: {r:?}");
 }
 
-fn case(norm_pix: bool) {
+fn case(norm_pix: bool, backend: BackendRequest) {
     let dir = tempfile::tempdir().expect("tmp");
-    let dev = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").device.autodiff();
+    let dev = select(backend, DeviceRequest::Cpu).expect("backend").device.autodiff();
     let cfg = MaeConfig::new(VitConfig::new([16, 24], 4, 3, 32, 2, 4).with_num_classes(3), 16, 2, 2).with_norm_pix_loss(norm_pix);
     let (m, imgs) = seeded(&dev, if norm_pix { 11 } else { 7 }, || (cfg.init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
     // attention-like weights; 24 patches → 10 masked, 8 thrown, 6 visible
@@ -96,9 +96,9 @@ fn case(norm_pix: bool) {
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("report")).expect("report json");
     for q in ["pos_embed", "patchify", "latent", "pred", "logits", "loss", "reconstruction_loss", "attention_map", "gradients"] {
         let d = report[q].as_f64().unwrap_or_else(|| panic!("report lacks {q}: {report}"));
-        assert!(d <= TOLERANCE, "norm_pix={norm_pix}: {q} differs from PyTorch by {d:e} (> {TOLERANCE:e}); report: {report}");
+        assert!(d <= TOLERANCE, "{backend:?}, norm_pix={norm_pix}: {q} differs from PyTorch by {d:e} (> {TOLERANCE:e}); report: {report}");
     }
-    eprintln!("norm_pix={norm_pix}: max abs differences vs PyTorch: {report}");
+    eprintln!("{backend:?}, norm_pix={norm_pix}: max abs differences vs PyTorch: {report}");
     assert!(report["grad_scale"].as_f64().unwrap_or(0.0) > 1e-3, "gradients are not trivially zero: {report}");
 
     // Weight interop: PyTorch-named checkpoint → fresh model → export: bit-exact.
@@ -116,10 +116,22 @@ fn case(norm_pix: bool) {
 
 #[test]
 fn mae_matches_pytorch_without_norm_pix() {
-    case(false);
+    case(false, BackendRequest::Flex);
 }
 
 #[test]
 fn mae_matches_pytorch_with_norm_pix() {
-    case(true);
+    case(true, BackendRequest::Flex);
+}
+
+/// The same checks on libtorch, whose fused LayerNorm, flash attention and linear ops
+/// take other code paths than flex's composed ones.
+#[test]
+fn mae_matches_pytorch_on_libtorch() {
+    if !compiled_backends().contains(&BackendKind::Tch) {
+        eprintln!("built without libtorch: nothing to compare");
+        return;
+    }
+    case(false, BackendRequest::Tch);
+    case(true, BackendRequest::Tch);
 }
