@@ -63,7 +63,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// What CI runs: set-up, then the README test command.
+    /// The hygiene gate: `cargo fmt --check`, clippy with `-D warnings` on the build's
+    /// feature set, and a libtorch-free `cargo check` (burn-flex only) so that build keeps
+    /// compiling.
+    #[command(after_help = "Example:\n  cargo xtask lint")]
+    Lint,
+    /// What CI runs: the hygiene gate (`lint`), then the README test command.
     Ci,
 }
 
@@ -185,7 +190,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             exec(&tc, &bin.join("msmae"), &args)
         }
         Cmd::Test { args } => test(cli.no_tch, &args),
-        Cmd::Ci => test(cli.no_tch, &[]),
+        Cmd::Lint => lint(cli.no_tch),
+        Cmd::Ci => {
+            let code = lint(cli.no_tch)?;
+            if code != ExitCode::SUCCESS {
+                return Ok(code);
+            }
+            test(cli.no_tch, &[])
+        }
         Cmd::Bench { which, args } => {
             let exe = match which.as_str() {
                 "runner" => "bench_runner",
@@ -219,4 +231,32 @@ fn test(no_tch: bool, args: &[String]) -> Result<ExitCode> {
         c.arg("--").args(filters);
     }
     status(c)
+}
+
+/// fmt, clippy on the build's feature set (shares the build's target dir and profile, so no
+/// second dependency build of the checked crates' build scripts), and a flex-only check.
+fn lint(no_tch: bool) -> Result<ExitCode> {
+    let mut fmt = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    fmt.current_dir(repo_root()).args(["fmt", "--all", "--check"]);
+    eprintln!("xtask: cargo fmt --all --check");
+    let code = status(fmt)?;
+    if code != ExitCode::SUCCESS {
+        eprintln!("xtask: formatting differs: run `cargo fmt --all`");
+        return Ok(code);
+    }
+    let tc = Toolchain::new(no_tch)?;
+    let mut clippy = tc.cargo(&["clippy", "--workspace", "--all-targets"]);
+    clippy.args(["--", "-D", "warnings"]);
+    eprintln!("xtask: cargo clippy --workspace --all-targets -- -D warnings");
+    let code = status(clippy)?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    if no_tch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The build without libtorch: a different feature set, so it is only checked.
+    let flex = Toolchain::new(true)?;
+    eprintln!("xtask: cargo check --workspace --all-targets (without libtorch)");
+    status(flex.cargo(&["check", "--workspace", "--all-targets"]))
 }

@@ -18,21 +18,17 @@ use msmae_core::{CancelToken, Registry};
 use msmae_pipeline::inspect::{self, DagFormat, State};
 use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
 
-/// The stage kinds this binary ships.
+/// The stage kinds this binary ships: one `register` per stage crate.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(msmae_data::Synthetic)
-        .register(msmae_data::ImageFolder)
-        .register(msmae_data::Ham10000)
-        .register(msmae_data::ChestXray14)
-        .register(msmae_data::Messidor2)
-        .register(msmae_data::Manifest)
-        .register(msmae_mask::MsmaeMask)
-        .register(msmae_mask::AttmaskMask)
-        .register(msmae_mask::RandomMask);
-    r.register(msmae_eval::EvalClassify).register(msmae_eval::EvalCompare);
-    msmae_train::register(&mut r);
+    msmae_data::register(&mut r);
+    msmae_attention::register(&mut r);
+    msmae_mask::register(&mut r);
+    msmae_pretrain::register(&mut r);
+    msmae_finetune::register(&mut r);
+    msmae_eval::register(&mut r);
     msmae_segment::register(&mut r);
+    msmae_interop::register(&mut r);
     r
 }
 
@@ -158,7 +154,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let spec = e.downcast_ref::<msmae_pipeline::Error>().is_some_and(|e| matches!(e, msmae_pipeline::Error::Spec(_)));
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", msmae_core::error::chain(e.as_ref()));
             if spec { ExitCode::from(2) } else { ExitCode::from(1) }
         }
     }
@@ -209,16 +205,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
             let compute = compute(&common)?;
-            let cancel = CancelToken::new();
-            let c2 = cancel.clone();
-            let _ = ctrlc::set_handler(move || {
-                if c2.is_cancelled() {
-                    eprintln!("interrupted twice: exiting now (committed artifacts are intact)");
-                    std::process::exit(130);
-                }
-                eprintln!("interrupt: finishing nothing new; press Ctrl-C again to exit at once");
-                c2.cancel();
-            });
+            let cancel = cancel_on_ctrl_c();
             let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
             tools.insert("msmae".into(), env!("CARGO_PKG_VERSION").into());
             let opts = RunOptions {
@@ -244,17 +231,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
             let lock = LockFile::read(&lock_path(&common), &plan.spec.name)?;
-            let rows = inspect::status(&plan, &store, &lock, &compute(&common)?.env);
-            let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
-            for r in &rows {
-                let detail = match &r.state {
-                    State::Stale { reasons } | State::Restorable { reasons } => reasons.join("; "),
-                    State::Waiting { upstream } => format!("after `{upstream}`"),
-                    State::Error { message } => message.clone(),
-                    _ => String::new(),
-                };
-                println!("{:w$}  {:28} {:10}  {detail}", r.name, r.kind, r.state.label());
-            }
+            print_status(&inspect::status(&plan, &store, &lock, &compute(&common)?.env));
             Ok(ExitCode::SUCCESS)
         }
         Command::Why { common, stage } => {
@@ -305,6 +282,35 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A cancellation token that the first Ctrl-C sets (stages stop at their next check, nothing
+/// partial is committed); a second Ctrl-C exits at once.
+fn cancel_on_ctrl_c() -> CancelToken {
+    let cancel = CancelToken::new();
+    let c2 = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if c2.is_cancelled() {
+            eprintln!("interrupted twice: exiting now (committed artifacts are intact)");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: finishing nothing new; press Ctrl-C again to exit at once");
+        c2.cancel();
+    });
+    cancel
+}
+
+fn print_status(rows: &[inspect::StatusRow]) {
+    let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    for r in rows {
+        let detail = match &r.state {
+            State::Stale { reasons } | State::Restorable { reasons } => reasons.join("; "),
+            State::Waiting { upstream } => format!("after `{upstream}`"),
+            State::Error { message } => message.clone(),
+            _ => String::new(),
+        };
+        println!("{:w$}  {:28} {:10}  {detail}", r.name, r.kind, r.state.label());
     }
 }
 

@@ -1,4 +1,8 @@
 //! Errors a stage reports to the runner.
+//!
+//! Variants name the operation that failed and carry what a user needs to act (the file,
+//! row, field, epoch); underlying errors are chained through `source()` (`#[source]`), and
+//! [`chain`] renders the whole chain on one line for logs and the lock file.
 
 use std::path::PathBuf;
 
@@ -18,14 +22,37 @@ pub enum StageError {
     Cancelled,
     #[error("missing input slot `{slot}`")]
     MissingInput { slot: String },
-    #[error("{path}: {cause}")]
+    #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
-                cause: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
     /// Bad user data: names the file (and row/field where known).
     #[error("{path}{}: {message}", location.as_ref().map(|l| format!(" ({l})")).unwrap_or_default())]
     Data { path: PathBuf, location: Option<String>, message: String },
+    /// A `with:` field is invalid for the data the stage was given (found only at run time,
+    /// e.g. a model that does not divide the images).
+    #[error("with: {0}")]
+    Config(ConfigError),
+    /// The requested backend or device cannot be used.
+    #[error("backend `{backend}`, device `{device}`")]
+    Device {
+        backend: String,
+        device: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The training loss became NaN or infinite: nothing is committed, the last checkpoint
+    /// is kept.
+    #[error("training diverged at epoch {epoch}, step {step}: loss {loss} (lower the learning rate)")]
+    Diverged { epoch: usize, step: usize, loss: f64 },
+    /// A checkpoint to resume from exists but cannot be read.
+    #[error("cannot resume from the checkpoint after epoch {epoch}, {path} ({message}); `--force` starts over")]
+    Resume { path: PathBuf, epoch: usize, message: String },
+    /// A checkpoint could not be written.
+    #[error("writing checkpoint {path}: {message}")]
+    WriteCheckpoint { path: PathBuf, message: String },
     #[error("{0}")]
     Other(String),
     #[error(transparent)]
@@ -34,12 +61,48 @@ pub enum StageError {
 
 impl StageError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), cause: source }
+        Self::Io { path: path.into(), source }
     }
     pub fn data(path: impl Into<PathBuf>, location: Option<String>, message: impl Into<String>) -> Self {
         Self::Data { path: path.into(), location, message: message.into() }
     }
+    /// A `with:` field found invalid at run time.
+    pub fn config(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Config(ConfigError { path: path.into(), message: message.into() })
+    }
     pub fn other(message: impl Into<String>) -> Self {
         Self::Other(message.into())
+    }
+}
+
+/// An error and its causes on one line: `outer: inner: innermost`.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        // `#[error(transparent)]` wrappers repeat their source's text.
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_chain_through_source() {
+        let e = StageError::io("/data/x.png", std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"));
+        assert!(std::error::Error::source(&e).is_some(), "io errors must chain their cause");
+        assert_eq!(chain(&e), "/data/x.png: no such file");
+        let c = StageError::config("model.patch_size", "7 does not divide 64");
+        assert_eq!(chain(&c), "with: model.patch_size: 7 does not divide 64");
+        let d = StageError::Diverged { epoch: 3, step: 7, loss: f64::NAN };
+        assert_eq!(chain(&d), "training diverged at epoch 3, step 7: loss NaN (lower the learning rate)");
     }
 }

@@ -119,7 +119,7 @@ pub fn write_attention(path: &Path, meta: &AttentionMeta, rows: &[AttentionRow])
         check_row(path, meta, &r.id, &r.weights, &mut seen)?;
     }
     let schema = Arc::new(attention_schema(meta).map_err(|e| format_err(path, format!("footer metadata: {e}")))?);
-    let file = File::create(path).map_err(|cause| TableError::Io { path: path.into(), cause })?;
+    let file = File::create(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
         .set_max_row_group_row_count(Some(ROW_GROUP))
@@ -149,7 +149,7 @@ pub fn write_attention(path: &Path, meta: &AttentionMeta, rows: &[AttentionRow])
 /// every row (length, finite, non-negative, unique id, known split). Accepts `list` and
 /// `large_list` weights columns (as written by other tools).
 pub fn read_attention(path: &Path) -> Result<(AttentionMeta, Vec<AttentionRow>), TableError> {
-    let f = File::open(path).map_err(|cause| TableError::Io { path: path.into(), cause })?;
+    let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| format_err(path, format!("not a readable Parquet file: {e}")))?;
     let text = builder
         .schema()

@@ -31,3 +31,8 @@ pub use imagefolder::ImageFolder;
 pub use predictions::{PREDICTIONS_SCHEMA_VERSION, PredictionMeta, PredictionRow, read_predictions, write_predictions};
 pub use synthetic::Synthetic;
 pub use table::{ImageRow, ImageTableWriter, Split, TableMeta};
+
+/// Every ingestion stage kind of this crate.
+pub fn register(r: &mut msmae_core::Registry) {
+    r.register(Synthetic).register(ImageFolder).register(Ham10000).register(ChestXray14).register(Messidor2).register(Manifest);
+}

@@ -164,7 +164,7 @@ pub fn write_predictions(path: &Path, meta: &PredictionMeta, rows: &[PredictionR
     }
     cols.push(Arc::new(b.finish()));
     let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| fmt(&e))?;
-    let file = File::create(path).map_err(|cause| TableError::Io { path: path.into(), cause })?;
+    let file = File::create(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
         .set_created_by(format!("msmae {}", env!("CARGO_PKG_VERSION")))
@@ -178,7 +178,7 @@ pub fn write_predictions(path: &Path, meta: &PredictionMeta, rows: &[PredictionR
 /// Read and check a predictions table: its metadata and every row, in file order.
 pub fn read_predictions(path: &Path) -> Result<(PredictionMeta, Vec<PredictionRow>), TableError> {
     let fmt = |m: String| format_err(path, m);
-    let f = File::open(path).map_err(|cause| TableError::Io { path: path.into(), cause })?;
+    let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| fmt(e.to_string()))?;
     let text = builder
         .schema()

@@ -34,10 +34,11 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("{path}: {cause}")]
+    #[error("{path}: {source}")]
     Io {
         path: PathBuf,
-                cause: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
@@ -46,7 +47,7 @@ pub enum TableError {
 impl From<TableError> for msmae_core::StageError {
     fn from(e: TableError) -> Self {
         match e {
-            TableError::Io { path, cause } => msmae_core::StageError::Io { path, cause },
+            TableError::Io { path, source } => msmae_core::StageError::Io { path, source },
             TableError::Format { path, message } => msmae_core::StageError::data(path, None, message),
         }
     }
@@ -237,7 +238,7 @@ impl std::fmt::Debug for ImageTableWriter {
 impl ImageTableWriter {
     /// Create `path`; `row_group` rows are buffered before each write.
     pub fn create(path: &Path, meta: TableMeta, row_group: usize) -> Result<Self, TableError> {
-        let file = File::create(path).map_err(|source| TableError::Io { path: path.into(), cause: source })?;
+        let file = File::create(path).map_err(|source| TableError::Io { path: path.into(), source })?;
         let schema = Arc::new(schema(&meta));
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
@@ -333,7 +334,7 @@ fn to_batch(schema: &Arc<Schema>, meta: &TableMeta, rows: &[ImageRow]) -> Result
 
 /// Read the table-wide metadata of an image table.
 pub fn read_meta(path: &Path) -> Result<TableMeta, TableError> {
-    let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), cause: source })?;
+    let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| TableError::Format { path: path.into(), message: e.to_string() })?;
     let text = b.schema().metadata().get(META_KEY).cloned().ok_or_else(|| TableError::Format { path: path.into(), message: format!("not an msmae image table (no `{META_KEY}` footer metadata)") })?;
     let meta: TableMeta = serde_json::from_str(&text).map_err(|e| TableError::Format { path: path.into(), message: format!("footer metadata: {e}") })?;
@@ -346,7 +347,7 @@ pub fn read_meta(path: &Path) -> Result<TableMeta, TableError> {
 /// Read every row (tests, small tables; training streams row groups instead).
 pub fn read_rows(path: &Path) -> Result<Vec<ImageRow>, TableError> {
     let fmt = |m: String| TableError::Format { path: path.into(), message: m };
-    let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), cause: source })?;
+    let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(f).and_then(|b| b.build()).map_err(|e| fmt(e.to_string()))?;
     let mut out = Vec::new();
     for batch in reader {

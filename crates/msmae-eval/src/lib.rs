@@ -12,3 +12,8 @@ pub mod plot;
 pub use classify::{ClassifyConfig, EvalClassify, Metrics};
 pub use compare::{CompareConfig, Comparison, EvalCompare};
 pub use plot::{PlotError, Series, heatmap_chart, line_chart};
+
+/// Every evaluation stage kind of this crate.
+pub fn register(r: &mut msmae_core::Registry) {
+    r.register(EvalClassify).register(EvalCompare);
+}

@@ -31,14 +31,18 @@ pub enum PlotError {
     #[error("{path}: drawing the chart failed: {message}")]
     Draw { path: PathBuf, message: String },
     /// The PNG could not be written.
-    #[error("{path}: {cause}")]
-    Io { path: PathBuf, cause: std::io::Error },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<PlotError> for msmae_core::StageError {
     fn from(e: PlotError) -> Self {
         match e {
-            PlotError::Io { path, cause } => msmae_core::StageError::io(path, cause),
+            PlotError::Io { path, source } => msmae_core::StageError::io(path, source),
             other => msmae_core::StageError::other(other.to_string()),
         }
     }
@@ -88,7 +92,7 @@ fn draw_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> PlotError + '_ {
 fn save_png(path: &Path, buf: Vec<u8>, (w, h): (u32, u32)) -> Result<(), PlotError> {
     let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| PlotError::Draw { path: path.into(), message: "bitmap size mismatch".into() })?;
     img.save_with_format(path, image::ImageFormat::Png).map_err(|e| match e {
-        image::ImageError::IoError(cause) => PlotError::Io { path: path.into(), cause },
+        image::ImageError::IoError(source) => PlotError::Io { path: path.into(), source },
         other => PlotError::Draw { path: path.into(), message: other.to_string() },
     })
 }

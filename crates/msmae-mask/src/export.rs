@@ -116,7 +116,7 @@ pub fn write_masks(path: &Path, meta: &MasksMeta, records: &[MaskRecord]) -> Res
         Arc::new(states.finish()),
     ];
     let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| format_err(path, e.to_string()))?;
-    let file = File::create(path).map_err(|cause| TableError::Io { path: path.into(), cause })?;
+    let file = File::create(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let props = WriterProperties::builder().set_created_by(format!("msmae {}", env!("CARGO_PKG_VERSION"))).build();
     let perr = |e: parquet::errors::ParquetError| format_err(path, e.to_string());
     let mut w = ArrowWriter::try_new(file, schema, Some(props)).map_err(perr)?;
@@ -127,7 +127,7 @@ pub fn write_masks(path: &Path, meta: &MasksMeta, records: &[MaskRecord]) -> Res
 
 /// Read `masks.parquet` back (audits, tests).
 pub fn read_masks(path: &Path) -> Result<(MasksMeta, Vec<MaskRecord>), TableError> {
-    let f = File::open(path).map_err(|cause| TableError::Io { path: path.into(), cause })?;
+    let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| format_err(path, format!("not a readable Parquet file: {e}")))?;
     let text = b.schema().metadata().get(MASKS_META_KEY).cloned().ok_or_else(|| format_err(path, format!("not an msmae masks table (no `{MASKS_META_KEY}` footer metadata)")))?;
     let meta: MasksMeta = serde_json::from_str(&text).map_err(|e| format_err(path, format!("footer metadata `{MASKS_META_KEY}`: {e}")))?;

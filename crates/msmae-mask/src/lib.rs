@@ -331,3 +331,8 @@ mod tests {
         }
     }
 }
+
+/// Every mask stage kind of this crate.
+pub fn register(r: &mut msmae_core::Registry) {
+    r.register(MsmaeMask).register(AttmaskMask).register(RandomMask);
+}

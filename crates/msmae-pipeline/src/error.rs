@@ -52,16 +52,18 @@ impl std::error::Error for SpecErrors {}
 pub enum Error {
     #[error(transparent)]
     Spec(#[from] SpecErrors),
-    #[error("read {path}: {cause}")]
+    #[error("read {path}: {source}")]
     Read {
         path: PathBuf,
-                cause: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
-    #[error("{op} {path}: {cause}")]
+    #[error("{op} {path}: {source}")]
     Store {
         op: &'static str,
         path: PathBuf,
-                cause: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
     #[error("corrupt store entry {path}: {message}")]
     Corrupt { path: PathBuf, message: String },
@@ -69,10 +71,11 @@ pub enum Error {
     UnknownStage { name: String, known: String },
     #[error("stage `{stage}` needs `{upstream}`, which is not selected and has no cached output: run it first (e.g. `--until {upstream}`)")]
     NotCached { stage: String, upstream: String },
-    #[error("hash {path}: {cause}")]
+    #[error("hash {path}: {source}")]
     Hash {
         path: PathBuf,
-                cause: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
     #[error("stage `{stage}` output: {message}")]
     Output { stage: String, message: String },
@@ -86,7 +89,7 @@ pub enum Error {
 
 impl Error {
     pub fn store(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Store { op, path: path.into(), cause: source }
+        Error::Store { op, path: path.into(), source }
     }
 }
 

@@ -19,6 +19,8 @@ use std::time::Instant;
 
 use msmae_core::{CancelToken, ExecEnv, InputArtifact, Progress, StageContext};
 
+use msmae_core::error::chain;
+
 use crate::error::{Error, Result};
 use crate::key::{EnvKey, ExternalRef, InputRef, KeyParts};
 use crate::lockfile::{self, LockFile};
@@ -243,12 +245,8 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
                     continue;
                 }
                 let node = &plan.nodes[i];
-                if let Some(&bad) = node.deps.iter().find(|&&d| matches!(outcome[d], Some(Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled | Outcome::WouldRun { .. }))) {
-                    outcome[i] = Some(match &outcome[bad] {
-                        Some(Outcome::WouldRun { .. }) => Outcome::WouldRun { reasons: vec![format!("after `{}`", plan.nodes[bad].name)] },
-                        Some(Outcome::Cancelled) => Outcome::Cancelled,
-                        _ => Outcome::Blocked { upstream: plan.nodes[bad].name.clone() },
-                    });
+                if let Some(o) = inherited_outcome(plan, i, &outcome) {
+                    outcome[i] = Some(o);
                     continue;
                 }
                 if !node.deps.iter().all(|d| digests.contains_key(d)) {
@@ -278,17 +276,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
                     previous: lock.stage(&node.name).map(|s| (s.parts.clone(), s.output.digest.clone())),
                 };
                 scope.spawn(move || {
-                    let name = job.plan.nodes[job.i].name.clone();
-                    let span = tracing::info_span!("stage", name = %name);
-                    let _g = span.enter();
-                    let msg = match std::panic::catch_unwind(AssertUnwindSafe(|| job.execute())) {
-                        Ok(m) => m,
-                        Err(p) => {
-                            let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into());
-                            Msg::Done { i: job.i, outcome: Outcome::Failed { error: format!("panicked: {what}") }, entry: None, key: None }
-                        }
-                    };
-                    let _ = tx.send(msg);
+                    let _ = tx.send(job.execute_caught());
                 });
             }
             if running.is_empty() {
@@ -333,6 +321,17 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
     Ok(RunReport { pipeline: plan.spec.name.clone(), stages, seconds: t0.elapsed().as_secs_f64(), lock_file: lock_path })
 }
 
+/// The outcome node `i` takes from a dependency that failed, was blocked or cancelled, or
+/// (in a dry run) would run; `None` while its dependencies are fine.
+fn inherited_outcome(plan: &Plan, i: usize, outcome: &[Option<Outcome>]) -> Option<Outcome> {
+    let bad = *plan.nodes[i].deps.iter().find(|&&d| matches!(outcome[d], Some(Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled | Outcome::WouldRun { .. })))?;
+    Some(match &outcome[bad] {
+        Some(Outcome::WouldRun { .. }) => Outcome::WouldRun { reasons: vec![format!("after `{}`", plan.nodes[bad].name)] },
+        Some(Outcome::Cancelled) => Outcome::Cancelled,
+        _ => Outcome::Blocked { upstream: plan.nodes[bad].name.clone() },
+    })
+}
+
 struct Job<'a> {
     plan: &'a Plan,
     store: &'a Store,
@@ -347,17 +346,30 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// [`Self::execute`] in the stage's tracing span, a panic becoming the stage's failure.
+    fn execute_caught(&self) -> Msg {
+        let span = tracing::info_span!("stage", name = %self.plan.nodes[self.i].name);
+        let _g = span.enter();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.execute())) {
+            Ok(m) => m,
+            Err(p) => {
+                let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into());
+                Msg::Done { i: self.i, outcome: Outcome::Failed { error: format!("panicked: {what}") }, entry: None, key: None }
+            }
+        }
+    }
+
     fn execute(&self) -> Msg {
         let fail = |error: String, key: Option<String>| Msg::Done { i: self.i, outcome: Outcome::Failed { error }, entry: None, key };
         let node = &self.plan.nodes[self.i];
         let parts = match key_parts(self.plan, node, &self.digests, self.store, &self.opts.env) {
             Ok(p) => p,
-            Err(e) => return fail(e.to_string(), None),
+            Err(e) => return fail(chain(&e), None),
         };
         let key = parts.key();
         let cached = match self.store.lookup(&key) {
             Ok(c) => c,
-            Err(e) => return fail(e.to_string(), Some(key)),
+            Err(e) => return fail(chain(&e), Some(key)),
         };
         let done = |outcome, entry: IndexEntry| Msg::Done { i: self.i, outcome, entry: Some(Box::new(entry)), key: Some(key.clone()) };
         if let Some(entry) = &cached {
@@ -380,7 +392,7 @@ impl Job<'_> {
         }
         let _lock = match self.store.lock_key(&key, &format!("stage `{}` of {}", node.name, self.plan.spec.name), self.opts.wait) {
             Ok(l) => l,
-            Err(e) => return fail(e.to_string(), Some(key)),
+            Err(e) => return fail(chain(&e), Some(key)),
         };
         if !self.forced {
             // Another runner may have produced it while we waited for the lock.
@@ -394,7 +406,7 @@ impl Job<'_> {
                 done(Outcome::Ran { seconds, unchanged }, entry)
             }
             Err(Error::Cancelled { .. }) => Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key) },
-            Err(e) => fail(e.to_string(), Some(key)),
+            Err(e) => fail(chain(&e), Some(key)),
         }
     }
 
@@ -434,7 +446,7 @@ impl Job<'_> {
             if matches!(e, msmae_core::StageError::Cancelled) || self.opts.cancel.is_cancelled() {
                 return Err(Error::Cancelled { stage: node.name.clone() });
             }
-            return Err(Error::Output { stage: node.name.clone(), message: e.to_string() });
+            return Err(Error::Output { stage: node.name.clone(), message: chain(&e) });
         }
         let manifest = self.store.commit(staging, &node.name, &node.output)?;
         self.store.drop_resume_dir(key);

@@ -122,7 +122,7 @@ impl HashMemo {
 
     /// Digest of one file; `Ok((hash, bytes_read))`.
     pub fn file(&self, path: &Path) -> Result<([u8; 32], u64, u64)> {
-        let md = fs::metadata(path).map_err(|source| Error::Hash { path: path.to_path_buf(), cause: source })?;
+        let md = fs::metadata(path).map_err(|source| Error::Hash { path: path.to_path_buf(), source })?;
         let stamp = Stamp::of(&md);
         if let Some((s, h)) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
             if *s == stamp {
@@ -140,7 +140,7 @@ impl HashMemo {
     /// Digest of a file or a directory tree (relative paths, sizes and contents; symlinks
     /// followed; empty directories ignored).
     pub fn tree(&self, root: &Path) -> Result<Digest> {
-        let md = fs::metadata(root).map_err(|source| Error::Hash { path: root.to_path_buf(), cause: source })?;
+        let md = fs::metadata(root).map_err(|source| Error::Hash { path: root.to_path_buf(), source })?;
         if md.is_file() {
             let (h, bytes, read) = self.file(root)?;
             let mut hasher = blake3::Hasher::new();
@@ -209,7 +209,7 @@ fn racy(mtime: Option<SystemTime>, now: SystemTime) -> bool {
 
 /// Hash a file's content (multi-threaded for large files).
 pub fn hash_file(path: &Path, size: u64) -> Result<[u8; 32]> {
-    let err = |source| Error::Hash { path: path.to_path_buf(), cause: source };
+    let err = |source| Error::Hash { path: path.to_path_buf(), source };
     let mut hasher = blake3::Hasher::new();
     if size >= LARGE_FILE {
         hasher.update_mmap_rayon(path).map_err(err)?;
@@ -225,13 +225,13 @@ pub fn list_files(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let rd = fs::read_dir(&dir).map_err(|source| Error::Hash { path: dir.clone(), cause: source })?;
+        let rd = fs::read_dir(&dir).map_err(|source| Error::Hash { path: dir.clone(), source })?;
         for entry in rd {
-            let entry = entry.map_err(|source| Error::Hash { path: dir.clone(), cause: source })?;
+            let entry = entry.map_err(|source| Error::Hash { path: dir.clone(), source })?;
             let p = entry.path();
             // The directory entry's type is free (no stat); only links need following.
-            let ft = entry.file_type().map_err(|source| Error::Hash { path: p.clone(), cause: source })?;
-            let ft = if ft.is_symlink() { fs::metadata(&p).map_err(|source| Error::Hash { path: p.clone(), cause: source })?.file_type() } else { ft };
+            let ft = entry.file_type().map_err(|source| Error::Hash { path: p.clone(), source })?;
+            let ft = if ft.is_symlink() { fs::metadata(&p).map_err(|source| Error::Hash { path: p.clone(), source })?.file_type() } else { ft };
             if ft.is_dir() {
                 stack.push(p);
             } else if ft.is_file() {

@@ -65,7 +65,7 @@ impl LockFile {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::new(pipeline)),
-            Err(source) => return Err(Error::Read { path: path.into(), cause: source }),
+            Err(source) => return Err(Error::Read { path: path.into(), source }),
         };
         let lock: LockFile = serde_yaml::from_str(&text).map_err(|e| Error::LockFile {
             path: path.into(),

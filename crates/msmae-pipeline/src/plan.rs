@@ -10,7 +10,7 @@ use std::sync::Arc;
 use msmae_core::{Arity, DynStage, InputSlot, OutputDecl, PreparedStage, Registry, Resources};
 
 use crate::error::{SpecError, SpecErrors};
-use crate::spec::{Needs, PipelineSpec};
+use crate::spec::{Need, Needs, PipelineSpec, StageSpec};
 
 /// One stage of the validated DAG.
 #[derive(Clone)]
@@ -91,12 +91,38 @@ impl Plan {
     }
 }
 
-/// Validate `spec` against the registered stage kinds.
+/// A stage kind and its prepared config, per stage of the spec (`None`: an error was
+/// reported for it).
+type Prepared = Vec<Option<(Arc<dyn DynStage>, Arc<dyn PreparedStage>)>>;
+
+/// Validate `spec` against the registered stage kinds. Every error is collected (kinds and
+/// configs, needs, inputs, external data, cycles), so the user sees them all at once.
 pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors> {
     let mut errs: Vec<SpecError> = Vec::new();
-    let names: BTreeMap<&str, usize> = spec.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
-    // 1. kinds and configs
-    let mut prepared: Vec<Option<(Arc<dyn DynStage>, Arc<dyn PreparedStage>)>> = Vec::new();
+    let prepared = prepare_kinds(&spec, registry, &mut errs);
+    let bindings = bind_needs(&spec, &prepared, &mut errs);
+    check_external_inputs(&spec, &prepared, &mut errs);
+    let deps: Vec<Vec<usize>> = bindings.iter().map(|b| b.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect()).collect();
+    let order = match topo_order(&deps) {
+        Ok(o) => o,
+        Err(cycle) => {
+            let path: Vec<&str> = cycle.iter().map(|&i| spec.stages[i].name.as_str()).collect();
+            let first = &spec.stages[cycle[0]];
+            errs.push(spec.error(&format!("{}.needs", first.src), format!("dependency cycle: {}", path.join(" → "))));
+            Vec::new()
+        }
+    };
+    if !errs.is_empty() {
+        errs.dedup();
+        return Err(SpecErrors(errs));
+    }
+    let nodes = build_nodes(&spec, &prepared, &bindings, &deps, &order);
+    Ok(Plan { spec, nodes })
+}
+
+/// 1. Each stage's kind, and its `with:` block checked against the kind's typed config.
+fn prepare_kinds(spec: &PipelineSpec, registry: &Registry, errs: &mut Vec<SpecError>) -> Prepared {
+    let mut prepared: Prepared = Vec::new();
     for s in &spec.stages {
         let Some(kind) = registry.get(&s.uses) else {
             let hint = match registry.suggest(&s.uses).as_slice() {
@@ -116,149 +142,161 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
             }
         }
     }
-    // 2. needs → slots
+    prepared
+}
+
+/// The index of stage `stage` named in `needs` of `s` (at `src`), or an error.
+fn resolve(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, stage: &str, src: &str, errs: &mut Vec<SpecError>) -> Option<usize> {
+    if stage == s.name {
+        errs.push(spec.error(src, format!("stage `{}` cannot need itself", s.name)));
+        return None;
+    }
+    match names.get(stage) {
+        Some(&j) => Some(j),
+        None => {
+            let near: Vec<&str> = names.keys().copied().filter(|n| msmae_core::stage::edit_distance(n, stage) <= 1.max(stage.len() / 3)).collect();
+            let hint = near.first().map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default();
+            errs.push(spec.error(src, format!("`{stage}` is not a stage of this pipeline{hint}")));
+            None
+        }
+    }
+}
+
+/// 2. `needs` → input slots, per stage: by slot name (a map) or by artifact kind (a list),
+/// then each slot's arity.
+fn bind_needs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Vec<SpecError>) -> Vec<BTreeMap<String, Vec<usize>>> {
+    let names: BTreeMap<&str, usize> = spec.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     let mut bindings: Vec<BTreeMap<String, Vec<usize>>> = vec![BTreeMap::new(); spec.stages.len()];
     for (i, s) in spec.stages.iter().enumerate() {
-        let resolved = |stage: &str, src: &str, errs: &mut Vec<SpecError>| -> Option<usize> {
-            if stage == s.name {
-                errs.push(spec.error(src, format!("stage `{}` cannot need itself", s.name)));
-                return None;
-            }
-            match names.get(stage) {
-                Some(&j) => Some(j),
-                None => {
-                    let near: Vec<&str> = names.keys().copied().filter(|n| msmae_core::stage::edit_distance(n, stage) <= 1.max(stage.len() / 3)).collect();
-                    let hint = near.first().map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default();
-                    errs.push(spec.error(src, format!("`{stage}` is not a stage of this pipeline{hint}")));
-                    None
-                }
-            }
-        };
         let Some((_, p)) = &prepared[i] else {
             // Still check that the names exist.
             for n in s.needs.all() {
-                resolved(&n.stage, &n.src, &mut errs);
+                resolve(spec, &names, s, &n.stage, &n.src, errs);
             }
             continue;
         };
         let slots = p.inputs();
         let errors_before = errs.len();
-        let needs_key = format!("{}.needs", s.src);
-        let slot_list = || slots.iter().map(|sl| format!("{} ({})", sl.name, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"))).collect::<Vec<_>>().join(", ");
+        let b = &mut bindings[i];
         match &s.needs {
-            Needs::Slots(m) => {
-                for (slot, ns) in m {
-                    let Some(sl) = slots.iter().find(|x| &x.name == slot) else {
-                        errs.push(spec.error(&format!("{needs_key}.{slot}"), format!("kind `{}` has no input slot `{slot}`; its slots: {}", s.uses, slot_list())));
-                        continue;
-                    };
-                    for n in ns {
-                        let Some(j) = resolved(&n.stage, &n.src, &mut errs) else { continue };
-                        if let Some((_, up)) = &prepared[j] {
-                            let k = up.output().kind;
-                            if !sl.accepts(&k) {
-                                errs.push(spec.error(&n.src, format!("`{}` produces `{k}`, but slot `{slot}` takes {}", n.stage, sl.kinds.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or "))));
-                                continue;
-                            }
-                        }
-                        bindings[i].entry(slot.clone()).or_default().push(j);
-                    }
+            Needs::Slots(m) => bind_named(spec, &names, s, m, &slots, prepared, b, errs),
+            Needs::List(ns) => bind_listed(spec, &names, s, ns, &slots, prepared, b, errs),
+        }
+        if errs.len() == errors_before {
+            // (arity complaints would only repeat the needs errors above)
+            check_arity(spec, s, &slots, b, errs);
+        }
+    }
+    bindings
+}
+
+fn slot_list(slots: &[InputSlot]) -> String {
+    slots.iter().map(|sl| format!("{} ({})", sl.name, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"))).collect::<Vec<_>>().join(", ")
+}
+
+/// `needs: { slot: stage | [stages] }`.
+#[allow(clippy::too_many_arguments)]
+fn bind_named(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, m: &BTreeMap<String, Vec<Need>>, slots: &[InputSlot], prepared: &Prepared, b: &mut BTreeMap<String, Vec<usize>>, errs: &mut Vec<SpecError>) {
+    for (slot, ns) in m {
+        let Some(sl) = slots.iter().find(|x| &x.name == slot) else {
+            errs.push(spec.error(&format!("{}.needs.{slot}", s.src), format!("kind `{}` has no input slot `{slot}`; its slots: {}", s.uses, slot_list(slots))));
+            continue;
+        };
+        for n in ns {
+            let Some(j) = resolve(spec, names, s, &n.stage, &n.src, errs) else { continue };
+            if let Some((_, up)) = &prepared[j] {
+                let k = up.output().kind;
+                if !sl.accepts(&k) {
+                    errs.push(spec.error(&n.src, format!("`{}` produces `{k}`, but slot `{slot}` takes {}", n.stage, sl.kinds.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or "))));
+                    continue;
                 }
             }
-            Needs::List(ns) => {
-                for n in ns {
-                    let Some(j) = resolved(&n.stage, &n.src, &mut errs) else { continue };
-                    let Some((_, up)) = &prepared[j] else { continue };
-                    let k = up.output().kind;
-                    let fits: Vec<&InputSlot> = slots.iter().filter(|sl| sl.accepts(&k)).collect();
-                    match fits.as_slice() {
-                        [] => errs.push(spec.error(&n.src, format!("`{}` produces `{k}`, which no input of kind `{}` takes; its slots: {}", n.stage, s.uses, if slots.is_empty() { "none".into() } else { slot_list() }))),
-                        [one] => bindings[i].entry(one.name.clone()).or_default().push(j),
-                        many => {
-                            // Fill single slots in declaration order; ambiguous only if more
-                            // artifacts of the kind are listed than there are slots for it.
-                            let free = many.iter().find(|sl| sl.arity == Arity::Many || !bindings[i].contains_key(&sl.name));
-                            match free {
-                                Some(sl) => bindings[i].entry(sl.name.clone()).or_default().push(j),
-                                None => errs.push(spec.error(&n.src, format!("`{}` ({k}) fits several slots ({}); name them: `needs: {{ slot: stage }}`", n.stage, many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")))),
-                            }
-                        }
-                    }
+            b.entry(slot.clone()).or_default().push(j);
+        }
+    }
+}
+
+/// `needs: [stages]`: each artifact goes to the slot that takes its kind.
+#[allow(clippy::too_many_arguments)]
+fn bind_listed(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, ns: &[Need], slots: &[InputSlot], prepared: &Prepared, b: &mut BTreeMap<String, Vec<usize>>, errs: &mut Vec<SpecError>) {
+    for n in ns {
+        let Some(j) = resolve(spec, names, s, &n.stage, &n.src, errs) else { continue };
+        let Some((_, up)) = &prepared[j] else { continue };
+        let k = up.output().kind;
+        let fits: Vec<&InputSlot> = slots.iter().filter(|sl| sl.accepts(&k)).collect();
+        match fits.as_slice() {
+            [] => errs.push(spec.error(&n.src, format!("`{}` produces `{k}`, which no input of kind `{}` takes; its slots: {}", n.stage, s.uses, if slots.is_empty() { "none".into() } else { slot_list(slots) }))),
+            [one] => b.entry(one.name.clone()).or_default().push(j),
+            many => {
+                // Fill single slots in declaration order; ambiguous only if more
+                // artifacts of the kind are listed than there are slots for it.
+                let free = many.iter().find(|sl| sl.arity == Arity::Many || !b.contains_key(&sl.name));
+                match free {
+                    Some(sl) => b.entry(sl.name.clone()).or_default().push(j),
+                    None => errs.push(spec.error(&n.src, format!("`{}` ({k}) fits several slots ({}); name them: `needs: {{ slot: stage }}`", n.stage, many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")))),
                 }
             }
         }
-        if errs.len() > errors_before {
-            continue; // arity complaints would only repeat the needs errors above
-        }
-        for sl in &slots {
-            let got = bindings[i].get(&sl.name).map(Vec::len).unwrap_or(0);
-            let bad = match sl.arity {
-                Arity::One => got != 1,
-                Arity::Optional => got > 1,
-                Arity::Many => got == 0,
-            };
-            if bad {
-                let want = match sl.arity {
-                    Arity::One => "exactly one",
-                    Arity::Optional => "at most one",
-                    Arity::Many => "at least one",
-                };
-                errs.push(spec.error(if s.needs.all().is_empty() { &s.src } else { &needs_key }, format!(
-                    "input `{}` of kind `{}` takes {want} `{}` artifact ({}), got {got}",
-                    sl.name, s.uses, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"), sl.doc
+    }
+}
+
+/// Every slot got as many artifacts as its arity allows.
+fn check_arity(spec: &PipelineSpec, s: &StageSpec, slots: &[InputSlot], b: &BTreeMap<String, Vec<usize>>, errs: &mut Vec<SpecError>) {
+    let needs_key = format!("{}.needs", s.src);
+    for sl in slots {
+        let got = b.get(&sl.name).map(Vec::len).unwrap_or(0);
+        let want = match sl.arity {
+            Arity::One if got != 1 => "exactly one",
+            Arity::Optional if got > 1 => "at most one",
+            Arity::Many if got == 0 => "at least one",
+            _ => continue,
+        };
+        errs.push(spec.error(if s.needs.all().is_empty() { &s.src } else { &needs_key }, format!(
+            "input `{}` of kind `{}` takes {want} `{}` artifact ({}), got {got}",
+            sl.name, s.uses, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"), sl.doc
+        )));
+    }
+}
+
+/// 3. External inputs (dataset folders) must exist before anything runs; then the files
+/// they list (a manifest's images) must be readable from them (the key reads the list
+/// again when it is computed: exec::key_parts).
+fn check_external_inputs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Vec<SpecError>) {
+    for (i, s) in spec.stages.iter().enumerate() {
+        let Some((_, p)) = &prepared[i] else { continue };
+        let mut all_there = true;
+        for path in p.external_inputs(&spec.base_dir) {
+            if !path.exists() {
+                all_there = false;
+                errs.push(spec.error(&format!("{}.with", s.src), format!(
+                    "stage `{}` reads `{}`, which does not exist; data/README.md says where each dataset comes from and how to lay it out",
+                    s.name,
+                    path.display()
                 )));
             }
         }
-    }
-    // 3. external inputs (dataset folders) must exist before anything runs; then the
-    //    files they list (a manifest's images) must be readable from them (the key reads
-    //    the list again when it is computed: exec::key_parts)
-    for (i, s) in spec.stages.iter().enumerate() {
-        if let Some((_, p)) = &prepared[i] {
-            let mut all_there = true;
-            for path in p.external_inputs(&spec.base_dir) {
-                if !path.exists() {
-                    all_there = false;
-                    errs.push(spec.error(&format!("{}.with", s.src), format!(
-                        "stage `{}` reads `{}`, which does not exist; data/README.md says where each dataset comes from and how to lay it out",
-                        s.name,
-                        path.display()
-                    )));
-                }
-            }
-            if all_there {
-                if let Err(e) = p.listed_inputs(&spec.base_dir) {
-                    errs.push(spec.error(&format!("{}.with", s.src), format!("stage `{}`: {e}", s.name)));
-                }
+        if all_there {
+            if let Err(e) = p.listed_inputs(&spec.base_dir) {
+                errs.push(spec.error(&format!("{}.with", s.src), format!("stage `{}`: {e}", s.name)));
             }
         }
     }
-    // 4. cycles
-    let deps: Vec<Vec<usize>> = bindings.iter().map(|b| b.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect()).collect();
-    let order = match topo_order(&deps) {
-        Ok(o) => o,
-        Err(cycle) => {
-            let path: Vec<&str> = cycle.iter().map(|&i| spec.stages[i].name.as_str()).collect();
-            let first = &spec.stages[cycle[0]];
-            errs.push(spec.error(&format!("{}.needs", first.src), format!("dependency cycle: {}", path.join(" → "))));
-            Vec::new()
-        }
-    };
-    if !errs.is_empty() {
-        errs.dedup();
-        return Err(SpecErrors(errs));
-    }
+}
+
+/// The plan's nodes in execution order (`order`), indices renumbered to positions in it.
+fn build_nodes(spec: &PipelineSpec, prepared: &Prepared, bindings: &[BTreeMap<String, Vec<usize>>], deps: &[Vec<usize>], order: &[usize]) -> Vec<Node> {
     let mut pos = vec![0; order.len()];
     for (p, &i) in order.iter().enumerate() {
         pos[i] = p;
     }
-    let nodes = order
+    order
         .iter()
-        .map(|&i| {
+        .filter_map(|&i| {
             let s = &spec.stages[i];
-            let Some((kind, p)) = prepared[i].clone() else { unreachable!("errors returned above") };
+            // Every stage was prepared: `plan` returns its errors before building nodes.
+            let (kind, p) = prepared[i].clone()?;
             let b: BTreeMap<String, Vec<usize>> = bindings[i].iter().map(|(k, v)| (k.clone(), v.iter().map(|&j| pos[j]).collect())).collect();
-            Node {
+            Some(Node {
                 name: s.name.clone(),
                 config: p.key_json(),
                 seed: s.seed,
@@ -271,10 +309,9 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
                 description: s.description.clone(),
                 kind,
                 prepared: p,
-            }
+            })
         })
-        .collect();
-    Ok(Plan { spec, nodes })
+        .collect()
 }
 
 /// Kahn's algorithm, taking the lowest-numbered ready node first (stable file order).

@@ -120,7 +120,7 @@ impl std::str::FromStr for Override {
 
 /// Read and parse a pipeline file.
 pub fn load(file: &Path, overrides: &[Override]) -> Result<PipelineSpec, crate::Error> {
-    let src = std::fs::read_to_string(file).map_err(|source| crate::Error::Read { path: file.to_path_buf(), cause: source })?;
+    let src = std::fs::read_to_string(file).map_err(|source| crate::Error::Read { path: file.to_path_buf(), source })?;
     Ok(parse(file, &src, overrides)?)
 }
 
@@ -144,16 +144,7 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
         errs.at("", "a pipeline file must be a map with `stages:` (and optionally name, seed, params)");
         return Err(SpecErrors(errs.list));
     };
-    for o in overrides {
-        let value: Yaml = match serde_yaml::from_str(&o.value) {
-            Ok(v) => v,
-            Err(e) => {
-                errs.at(&o.path, format!("--set {}={}: not a YAML value: {e}", o.path, o.value));
-                continue;
-            }
-        };
-        set_path(top, &o.path, value);
-    }
+    apply_overrides(top, overrides, &mut errs);
     for key in top.keys() {
         match key.as_str() {
             Some(k) if TOP_KEYS.contains(&k) => {}
@@ -189,12 +180,37 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
             Json::Null
         }
     };
+    let mut stages = parse_stages(top.get("stages"), &Vars { params: &params, seed, name: &name, round: None, prev: None }, &mut errs);
+    resolve_last_rounds(&mut stages);
+    if !errs.list.is_empty() {
+        return Err(SpecErrors(errs.list));
+    }
+    let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
+    Ok(PipelineSpec { file: file.to_path_buf(), base_dir, name, description, seed, params, stages, index })
+}
+
+/// `--set path=value` overrides, each value parsed as YAML.
+fn apply_overrides(top: &mut serde_yaml::Mapping, overrides: &[Override], errs: &mut Errors<'_>) {
+    for o in overrides {
+        let value: Yaml = match serde_yaml::from_str(&o.value) {
+            Ok(v) => v,
+            Err(e) => {
+                errs.at(&o.path, format!("--set {}={}: not a YAML value: {e}", o.path, o.value));
+                continue;
+            }
+        };
+        set_path(top, &o.path, value);
+    }
+}
+
+/// The `stages:` map: plain stages and `repeat:` groups expanded into rounds.
+fn parse_stages(node: Option<&Yaml>, vars: &Vars<'_>, errs: &mut Errors<'_>) -> Vec<StageSpec> {
     let mut stages = Vec::new();
-    match top.get("stages") {
+    match node {
         None => errs.at("", "missing `stages:` map"),
         Some(Yaml::Mapping(m)) if m.is_empty() => errs.at("stages", "no stages defined"),
         Some(Yaml::Mapping(m)) => {
-            let vars = Vars { params: &params, seed, name: &name, round: None, prev: None };
             for (k, v) in m {
                 let Some(sname) = k.as_str() else {
                     errs.at("stages", format!("stage names must be strings, found {}", show(k)));
@@ -206,15 +222,19 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
                     continue;
                 }
                 if v.as_mapping().is_some_and(|m| m.contains_key("repeat")) {
-                    expand_group(sname, v, &path, &vars, &mut errs, &mut stages);
-                } else if let Some(s) = parse_stage(sname, v, &path, &vars, None, &mut errs) {
+                    expand_group(sname, v, &path, vars, errs, &mut stages);
+                } else if let Some(s) = parse_stage(sname, v, &path, vars, None, errs) {
                     stages.push(s);
                 }
             }
         }
         Some(v) => errs.at("stages", format!("must be a map of stage name → stage, found {}", show(v))),
     }
-    // `group.last.x` means the group's final round.
+    stages
+}
+
+/// `group.last.x` in `needs` means the group's final round.
+fn resolve_last_rounds(stages: &mut [StageSpec]) {
     let last: BTreeMap<String, u64> = stages
         .iter()
         .filter_map(|s| {
@@ -227,7 +247,7 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
             *e = (*e).max(r);
             m
         });
-    for s in &mut stages {
+    for s in stages {
         let fix = |n: &mut Need| {
             let parts: Vec<&str> = n.stage.splitn(3, '.').collect();
             if parts.len() == 3 && parts[1] == "last" {
@@ -241,12 +261,6 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
             Needs::Slots(m) => m.values_mut().flatten().for_each(fix),
         }
     }
-    if !errs.list.is_empty() {
-        return Err(SpecErrors(errs.list));
-    }
-    let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
-    Ok(PipelineSpec { file: file.to_path_buf(), base_dir, name, description, seed, params, stages, index })
 }
 
 struct Errors<'a> {

@@ -11,14 +11,13 @@
 pub mod metrics;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::interpolate::{Interpolate2d, Interpolate2dConfig, InterpolateMode};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::optim::decay::WeightDecayConfig;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::AdamConfig;
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, relu, sigmoid, softmax};
 use image::{Rgb, RgbImage};
@@ -26,10 +25,11 @@ use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError};
 use msmae_data::table::Split;
-use msmae_train::data::{self, ImageTable, LoaderSpec};
+use msmae_train::data::{self, ImageTable, LoaderSpec, Normalizer};
+use msmae_train::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, logged};
 use msmae_train::model::{self as ckpt, ModelSpec, Schedule};
-use msmae_train::stages::write_json;
-use msmae_train::train::{self, logged};
+use msmae_train::runtime::{self, Runtime, images, to_vec};
+use msmae_train::support::{config_error, defaults, write_json};
 use msmae_vit::{VisionTransformer, VitConfig};
 
 /// One SETR-PUP head: `n` × (conv3×3 → BN → ReLU → bilinear ×2), then a 1×1 conv.
@@ -156,17 +156,8 @@ fn d_wd() -> f64 {
 fn d_channels() -> usize {
     256
 }
-fn d_true() -> bool {
-    true
-}
 fn d_scale() -> [f64; 2] {
     [0.5, 1.0]
-}
-fn d_figures() -> usize {
-    8
-}
-fn d_ckpt() -> usize {
-    5
 }
 
 /// `with:` of `segment/setr-pup`.
@@ -193,25 +184,21 @@ pub struct SegmentConfig {
     #[serde(default)]
     pub blocks: Option<Vec<usize>>,
     /// The same crop and flip on image and mask.
-    #[serde(default = "d_true")]
+    #[serde(default = "defaults::augment")]
     pub augment: bool,
     #[serde(default = "d_scale")]
     pub crop_scale: [f64; 2],
     /// Test images in `predictions.png`.
-    #[serde(default = "d_figures")]
+    #[serde(default = "defaults::figure_images")]
     pub figure_images: usize,
     /// Epochs between checkpoints a killed run resumes from (and always the last).
-    #[serde(default = "d_ckpt")]
+    #[serde(default = "defaults::checkpoint_every")]
     pub checkpoint_every: usize,
 }
 
 /// `segment/setr-pup`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SetrPupStage;
-
-fn cerr(path: &str, m: impl Into<String>) -> Result<(), ConfigError> {
-    Err(ConfigError { path: path.into(), message: m.into() })
-}
 
 impl Stage for SetrPupStage {
     type Config = SegmentConfig;
@@ -226,17 +213,17 @@ impl Stage for SetrPupStage {
     }
     fn validate(&self, c: &SegmentConfig) -> Result<(), ConfigError> {
         if c.epochs == 0 || c.batch_size == 0 || c.head_channels == 0 {
-            return cerr("epochs", "epochs, batch_size and head_channels must be at least 1");
+            return config_error("epochs", "epochs, batch_size and head_channels must be at least 1");
         }
         if !(c.lr > 0.0) || c.min_lr < 0.0 || c.min_lr > c.lr {
-            return cerr("lr", "lr must be positive and min_lr within [0, lr]");
+            return config_error("lr", "lr must be positive and min_lr within [0, lr]");
         }
         if !(c.crop_scale[0] > 0.0 && c.crop_scale[0] <= c.crop_scale[1] && c.crop_scale[1] <= 1.0) {
-            return cerr("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
+            return config_error("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
         }
         if let Some(b) = &c.blocks {
             if b.is_empty() || b.contains(&0) {
-                return cerr("blocks", "1-based block numbers, at least one");
+                return config_error("blocks", "1-based block numbers, at least one");
             }
         }
         Ok(())
@@ -259,13 +246,13 @@ impl Stage for SetrPupStage {
 }
 
 fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-    let rt = train::runtime(ctx)?;
+    let rt = runtime::runtime(ctx)?;
     let table = Arc::new(ImageTable::open(&ctx.input("data")?.path("images.parquet"))?);
     if !table.meta.has_masks {
         return Err(StageError::data(&table.path, None, "this image table has no lesion masks (segmentation needs image/mask pairs)"));
     }
     let size = [table.height(), table.width()];
-    train::seed_backend(&rt, ctx.seed, "init", 0);
+    runtime::seed_backend(&rt, ctx.seed, "init", 0);
     let pretrained = ctx.inputs("pretrained").first().cloned();
     let (encoder, norm, vit_cfg) = match &pretrained {
         Some(p) => {
@@ -276,134 +263,35 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
             (loaded.into_encoder(), meta.normalizer, meta.vit)
         }
         None => {
-            c.model.check(size, table.channels()).map_err(|m| StageError::other(format!("model: {m}")))?;
+            c.model.check(size, table.channels()).map_err(|m| StageError::config("model", m))?;
             let cfg = c.model.vit(size, table.channels());
             (cfg.init(&rt.train), table.channel_stats(&table.rows_of(Split::Train))?, cfg)
         }
     };
     let blocks = c.blocks.clone().unwrap_or_else(|| spread_blocks(vit_cfg.depth));
     if let Some(b) = blocks.iter().find(|b| **b > vit_cfg.depth) {
-        return Err(StageError::other(format!("blocks: block {b} does not exist in a {}-block encoder", vit_cfg.depth)));
+        return Err(StageError::config("blocks", format!("block {b} does not exist in a {}-block encoder", vit_cfg.depth)));
     }
     if !vit_cfg.patch_size.is_power_of_two() {
-        return Err(StageError::other(format!("SETR-PUP upsamples by 2 per stage: patch size {} must be a power of two", vit_cfg.patch_size)));
+        return Err(StageError::config("model.patch_size", format!("SETR-PUP upsamples by 2 per stage: patch size {} must be a power of two", vit_cfg.patch_size)));
     }
     // Multi-class masks (class indices, `mask_classes` in the table) or one binary lesion mask.
     let classes = table.meta.mask_classes.len();
     let multi = classes >= 2;
-    let mut model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, if multi { classes } else { 1 }, &rt.train);
-    train::materialise(&model);
+    let model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, if multi { classes } else { 1 }, &rt.train);
+    runtime::materialise(&model);
     let new_optim = || AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
-    let mut optim = new_optim();
-    let sched = Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 };
-    let train_rows = table.rows_of(Split::Train);
-    if train_rows.len() < c.batch_size {
-        return Err(StageError::data(&table.path, None, format!("{} training images, fewer than one batch of {}", train_rows.len(), c.batch_size)));
-    }
-    let (h, w) = (size[0], size[1]);
-    let mut history: Vec<serde_json::Value> = Vec::new();
+    let mut step = SegStep { rt: rt.clone(), table: table.clone(), batch_size: c.batch_size, augment: c.augment.then_some((c.crop_scale[0], c.crop_scale[1])), classes: if multi { classes } else { 1 } };
+    let data = TrainData { table: table.clone(), rows: table.rows_of(Split::Train), norm: norm.clone() };
+    let opts = FitOptions { epochs: c.epochs, batch_size: c.batch_size, schedule: Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 }, checkpoint_every: c.checkpoint_every, patience: None };
     // A killed run continues from its last checkpoint: batches, crops and the backend RNG
     // are keyed by (seed, epoch), so the result is the uninterrupted run's, bit for bit.
-    let resume = train::Resume::of(ctx);
-    let mut start = 0;
-    if let Some(st) = resume.load_state::<serde_json::Value>() {
-        let (m, o, _, _) = resume.restore(&st, model, |_| new_optim(), None)?;
-        (model, optim) = (m, o);
-        tracing::info!("`{}`: resuming after epoch {} of {}", ctx.name, st.epochs_done, c.epochs);
-        start = st.epochs_done.min(c.epochs);
-        history = st.history;
-    }
-    let bar = ctx.progress.bar(Some((c.epochs - start) as u64), &format!("{}: epochs", ctx.name));
-    let mut total_seconds = 0.0;
-    for epoch in start..c.epochs {
-        ctx.cancel.check()?;
-        let mut spec = LoaderSpec::train(c.batch_size, (c.crop_scale[0], c.crop_scale[1]));
-        if !c.augment {
-            spec.augment = None;
-        }
-        spec.lesion_masks = true;
-        train::seed_backend(&rt, ctx.seed, "epoch", epoch as u64);
-        let stream = data::stream(table.clone(), &train_rows, spec, norm.clone(), ctx.seed, epoch as u64);
-        let nb = stream.num_batches.max(1);
-        let t = Instant::now();
-        let (mut loss_sum, mut seen) = (0f64, 0usize);
-        for (i, batch) in stream.enumerate() {
-            ctx.cancel.check()?;
-            let mut batch = batch?;
-            let n = batch.len();
-            let target = masks_tensor(&batch, &table, if multi { classes } else { 1 }, &rt.train)?;
-            let x = train::images(&mut batch, &table, &rt.train);
-            let loss = if multi { seg_loss_multi(model.forward(x), target) } else { seg_loss(model.forward(x), target) };
-            let lv = f64::from(loss.clone().into_scalar::<f32>());
-            if !lv.is_finite() {
-                return Err(StageError::other(format!("segmentation training diverged at epoch {epoch}, step {i}: loss {lv}")));
-            }
-            loss_sum += lv * n as f64;
-            seen += n;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(sched.at(epoch as f64 + i as f64 / nb as f64), model, grads);
-        }
-        let secs = t.elapsed().as_secs_f64();
-        total_seconds += secs;
-        history.push(serde_json::json!({ "epoch": epoch, "train_loss": logged(loss_sum / seen.max(1) as f64) }));
-        tracing::info!("`{}` epoch {}/{}: loss {:.4} ({secs:.1} s)", ctx.name, epoch + 1, c.epochs, loss_sum / seen.max(1) as f64);
-        bar.inc(1);
-        let done = epoch + 1;
-        if train::Resume::due(done, c.checkpoint_every, c.epochs) {
-            let st = train::ResumeState { epochs_done: done, history: history.clone(), best: None, has_maps: false };
-            resume.save::<SetrPup, _>(&st, &model, &optim, None, None)?;
-        }
-    }
-    let ran = (c.epochs - start).max(1);
-    tracing::info!("`{}`: {} epochs, {:.2} s per epoch of training steps", ctx.name, c.epochs, total_seconds / ran as f64);
-    // Evaluation on the test split: Dice and IoU per image at 0.5.
-    let model = model.valid();
-    let test_rows = table.rows_of(Split::Test);
-    let mut spec = LoaderSpec::eval(32);
-    spec.lesion_masks = true;
-    let mut per_image = Vec::new();
-    let mut figure = Vec::new();
-    for batch in data::stream(table.clone(), &test_rows, spec, norm.clone(), ctx.seed, 0) {
-        ctx.cancel.check()?;
-        let mut batch = batch?;
-        let host = batch.images.clone();
-        let x = train::images(&mut batch, &table, &rt.device);
-        let logits = model.forward(x);
-        let probs = train::to_vec(if multi { softmax(logits, 1) } else { sigmoid(logits) })?;
-        for (i, &r) in batch.rows.iter().enumerate() {
-            let gt = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[r].id)), "no lesion mask"))?;
-            let class = table.rows[r].label.and_then(|l| table.meta.label_names.get(l as usize)).cloned();
-            let (pred, record) = if multi {
-                // argmax over the class maps; Dice/IoU per foreground class present in the truth
-                let at = |k: usize, px: usize| probs[((i * classes + k) * h * w) + px];
-                let pred: Vec<u8> = (0..h * w).map(|px| (0..classes).max_by(|&a, &b| at(a, px).total_cmp(&at(b, px))).unwrap_or(0) as u8).collect();
-                let mut per = serde_json::Map::new();
-                let (mut ds, mut is) = (Vec::new(), Vec::new());
-                for k in 1..classes {
-                    let (g, p): (Vec<u8>, Vec<u8>) = gt.iter().zip(&pred).map(|(&g, &p)| (u8::from(usize::from(g) == k), u8::from(usize::from(p) == k))).unzip();
-                    if g.contains(&1) {
-                        let (d, iu) = metrics::dice_iou(&p, &g);
-                        ds.push(d);
-                        is.push(iu);
-                        per.insert(table.meta.mask_classes[k].clone(), serde_json::json!({ "dice": logged(d), "iou": logged(iu) }));
-                    }
-                }
-                let mean = |v: &[f64]| if v.is_empty() { 1.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
-                let rec = serde_json::json!({ "id": table.rows[r].id, "class": class, "dice": logged(mean(&ds)), "iou": logged(mean(&is)), "lesion_pixels": gt.iter().filter(|v| **v > 0).count(), "mask_classes": per });
-                (pred, rec)
-            } else {
-                let pred: Vec<u8> = probs[i * h * w..(i + 1) * h * w].iter().map(|p| u8::from(*p >= 0.5)).collect();
-                let (dice, iou) = metrics::dice_iou(&pred, gt);
-                (pred, serde_json::json!({ "id": table.rows[r].id, "class": class, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": gt.iter().filter(|v| **v > 0).count() }))
-            };
-            per_image.push(record);
-            if figure.len() < c.figure_images && gt.iter().any(|v| *v > 0) {
-                let c_ = table.channels();
-                let img = msmae_train::figures::denormalize(&host[i * c_ * h * w..(i + 1) * c_ * h * w], c_, h, w, &norm);
-                figure.push(prediction_row(&img, gt, &pred));
-            }
-        }
-    }
+    let res = fit::fit(ctx, &rt, &data, &mut step, model, |_| new_optim(), &opts)?;
+    let history = res.history;
+    let train_seconds: f64 = history.iter().map(|h| h.seconds).sum();
+    tracing::info!("`{}`: {} epochs, {:.2} s per epoch of training steps", ctx.name, c.epochs, train_seconds / history.len().max(1) as f64);
+    let (per_image, figure) = evaluate(ctx, &res.model, &table, &norm, &rt, classes, c.figure_images)?;
+    let model = res.model.valid();
     let summary = metrics::summarize(&per_image);
     // Multi-class: per mask class, over the test images whose truth contains it.
     let per_mask_class: serde_json::Map<String, serde_json::Value> = table
@@ -448,10 +336,102 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
             "per_image": per_image,
         }),
     )?;
-    write_json(ctx, "history.json", &serde_json::json!({ "epochs": history }))?;
-    let pts: Vec<(f64, f64)> = history.iter().filter_map(|e| Some((e["epoch"].as_f64()? + 1.0, e["train_loss"].as_f64()?))).collect();
+    let epochs: Vec<serde_json::Value> = history.iter().map(|h| serde_json::json!({ "epoch": h.epoch, "train_loss": h.train_loss })).collect();
+    write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs }))?;
+    let pts: Vec<(f64, f64)> = history.iter().map(|h| ((h.epoch + 1) as f64, h.train_loss)).collect();
     msmae_eval::plot::line_chart(&ctx.output_path("loss.png")?, &format!("{}: loss per epoch", ctx.name), "epoch", "0.5 BCE + Dice", &[msmae_eval::plot::Series::new("train loss", pts)])?;
     msmae_train::figures::save_sheet(&ctx.output_path("predictions.png")?, &figure, 3)
+}
+
+/// One segmentation training step: 0.5·BCE + Dice on the binary lesion mask, or CE + Dice
+/// on one-hot class masks, of the SETR-PUP heads' logits.
+#[derive(Debug)]
+struct SegStep {
+    rt: Runtime,
+    table: Arc<ImageTable>,
+    batch_size: usize,
+    augment: Option<(f64, f64)>,
+    /// 1: one binary lesion mask; ≥ 2: class-index masks.
+    classes: usize,
+}
+
+impl TrainStep for SegStep {
+    type Model = SetrPup;
+
+    fn epoch_plan(&mut self, _epoch: usize, _model: &SetrPup, _ctx: &StageContext<'_>) -> Result<EpochPlan, StageError> {
+        let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
+        spec.augment = self.augment;
+        spec.lesion_masks = true;
+        let l = self.table.height() * self.table.width();
+        Ok(EpochPlan { spec, masking: "none".into(), tokens: l, refreshed_maps: false })
+    }
+
+    fn step(&mut self, model: &SetrPup, batch: &mut data::Batch) -> Result<StepLoss, StageError> {
+        let target = masks_tensor(batch, &self.table, self.classes, &self.rt.train)?;
+        let x = images(batch, &self.table, &self.rt.train);
+        let loss = if self.classes >= 2 { seg_loss_multi(model.forward(x), target) } else { seg_loss(model.forward(x), target) };
+        Ok(StepLoss { loss, reconstruction: None })
+    }
+}
+
+/// Dice and IoU per test image at threshold 0.5 (argmax over class maps for class-index
+/// masks), and the rows of the prediction figure.
+fn evaluate(ctx: &StageContext<'_>, model: &SetrPup, table: &Arc<ImageTable>, norm: &Normalizer, rt: &Runtime, classes: usize, figure_images: usize) -> Result<(Vec<serde_json::Value>, Vec<RgbImage>), StageError> {
+    let model = model.valid();
+    let (h, w, ch) = (table.height(), table.width(), table.channels());
+    let mut spec = LoaderSpec::eval(32);
+    spec.lesion_masks = true;
+    let mut per_image = Vec::new();
+    let mut figure = Vec::new();
+    for batch in data::stream(table.clone(), &table.rows_of(Split::Test), spec, norm.clone(), ctx.seed, 0) {
+        ctx.cancel.check()?;
+        let mut batch = batch?;
+        let host = batch.images.clone();
+        let x = images(&mut batch, table, &rt.device);
+        let logits = model.forward(x);
+        let probs = to_vec(if classes >= 2 { softmax(logits, 1) } else { sigmoid(logits) })?;
+        let per = classes.max(1) * h * w;
+        for (i, &r) in batch.rows.iter().enumerate() {
+            let gt = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[r].id)), "no lesion mask"))?;
+            let (pred, record) = image_record(table, r, gt, &probs[i * per..(i + 1) * per], classes);
+            per_image.push(record);
+            if figure.len() < figure_images && gt.iter().any(|v| *v > 0) {
+                let img = msmae_train::figures::denormalize(&host[i * ch * h * w..(i + 1) * ch * h * w], ch, h, w, norm);
+                figure.push(prediction_row(&img, gt, &pred));
+            }
+        }
+    }
+    Ok((per_image, figure))
+}
+
+/// The predicted mask of table row `r` from its class probabilities `probs` (`[classes, H·W]`,
+/// one map when binary) and its metrics record: Dice/IoU (per foreground class present in
+/// the truth for class-index masks, their mean overall).
+fn image_record(table: &ImageTable, r: usize, gt: &[u8], probs: &[f32], classes: usize) -> (Vec<u8>, serde_json::Value) {
+    let hw = gt.len();
+    let class = table.rows[r].label.and_then(|l| table.meta.label_names.get(l as usize)).cloned();
+    let id = &table.rows[r].id;
+    let lesion_pixels = gt.iter().filter(|v| **v > 0).count();
+    if classes < 2 {
+        let pred: Vec<u8> = probs.iter().map(|p| u8::from(*p >= 0.5)).collect();
+        let (dice, iou) = metrics::dice_iou(&pred, gt);
+        return (pred, serde_json::json!({ "id": id, "class": class, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": lesion_pixels }));
+    }
+    let at = |k: usize, px: usize| probs[k * hw + px];
+    let pred: Vec<u8> = (0..hw).map(|px| (0..classes).max_by(|&a, &b| at(a, px).total_cmp(&at(b, px))).unwrap_or(0) as u8).collect();
+    let mut per = serde_json::Map::new();
+    let (mut ds, mut is) = (Vec::new(), Vec::new());
+    for k in 1..classes {
+        let (g, p): (Vec<u8>, Vec<u8>) = gt.iter().zip(&pred).map(|(&g, &p)| (u8::from(usize::from(g) == k), u8::from(usize::from(p) == k))).unzip();
+        if g.contains(&1) {
+            let (d, iu) = metrics::dice_iou(&p, &g);
+            ds.push(d);
+            is.push(iu);
+            per.insert(table.meta.mask_classes[k].clone(), serde_json::json!({ "dice": logged(d), "iou": logged(iu) }));
+        }
+    }
+    let mean = |v: &[f64]| if v.is_empty() { 1.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    (pred, serde_json::json!({ "id": id, "class": class, "dice": logged(mean(&ds)), "iou": logged(mean(&is)), "lesion_pixels": lesion_pixels, "mask_classes": per }))
 }
 
 /// A metric for JSON: rounded like every logged number, `null` when undefined (NaN).

@@ -1,26 +1,25 @@
-//! Training stages of msmae (METHOD.md §2–§5) on burn 0.22:
+//! The training library of msmae (METHOD.md §2–§5) on burn 0.22; no stage lives here.
 //!
-//! - `attention/train-supervised`: the label-supervised ViT whose CLS attention guides
-//!   masking;
-//! - `attention/extract`: CLS-attention maps of every image from any ViT/MAE checkpoint,
-//!   with overlays and, where lesion masks exist, how much of each lesion the top
-//!   attention covers;
-//! - `mae/pretrain`: MAE pre-training, with MSMAE masking/throwing, CLS supervision and
-//!   in-loop map refresh when given `mask/*` weights;
-//! - `finetune/msmae` / `finetune/full`: fine-tuning on 25 % attention-selected tokens, or
-//!   on all tokens (baseline), with layer-wise lr decay, drop-path, label smoothing, early
-//!   stopping, and val/test predictions for `eval/*`;
-//! - `export/pytorch`, `import/pytorch`: checkpoints to and from timm/MAE-named PyTorch safetensors ([`pytorch`]).
+//! - [`fit`]: the one training loop (resume, seeding, schedule, divergence check, optimiser
+//!   step, best model, early stopping, history, checkpoints), driven by a [`fit::TrainStep`];
+//! - [`classifier`]: the classifier step and the shared body of the classifier stages
+//!   (`attention/train-supervised`, `finetune/full`, `finetune/msmae`);
+//! - [`data`]: batches streamed from the Parquet image table (augmentation, mask plans);
+//! - [`model`]: model specs, checkpoints, AdamW, the learning-rate schedule, layer decay;
+//! - [`maps`]: attention maps of a split from the model being trained (MSMAE's refresh);
+//! - [`resume`]: checkpoints a killed run continues from bit-identically;
+//! - [`runtime`]: the backend/device a stage computes on;
+//! - [`support`], [`figures`]: what the stages write (JSON, history, charts, figures).
 //!
-//! Batches stream from the Parquet image table ([`data`]); long stages checkpoint into the
-//! runner's resume directory and continue bit-identically after a kill ([`train`]).
+//! The stage kinds live in `msmae-attention`, `msmae-pretrain`, `msmae-finetune`,
+//! `msmae-segment` and `msmae-interop`.
 
+pub mod classifier;
 pub mod data;
-pub mod pytorch;
 pub mod figures;
+pub mod fit;
+pub mod maps;
 pub mod model;
-pub mod stages;
-pub mod train;
-
-pub use pytorch::{ExportPytorch, ImportPytorch};
-pub use stages::{AttentionExtract, FinetuneFull, FinetuneMsmae, MaePretrain, TrainSupervised, register};
+pub mod resume;
+pub mod runtime;
+pub mod support;

@@ -270,16 +270,6 @@ impl LayerDecay {
     }
 }
 
-/// Numerically stable mean binary cross-entropy on logits (multi-label).
-///
-/// # Shapes
-/// - logits, targets: `[batch, classes]` → `[1]`
-pub fn bce_with_logits(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
-    let relu = logits.clone().clamp_min(0.0);
-    let softplus = (logits.clone().abs().neg().exp() + 1.0).log();
-    (relu - logits * targets + softplus).mean()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,7 +126,7 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize) {
             let mut opt = optimizer(0.95);
             for s in 0..steps + 2 {
                 let t = Instant::now();
-                let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((y.clone(), 0.1)));
+                let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((msmae_vit::ClassTargets::Classes(y.clone()), 0.1)));
                 let t_fwd = t.elapsed().as_secs_f64();
                 let g = GradientsParams::from_grads(out.loss.backward(), &m);
                 let t_bwd = t.elapsed().as_secs_f64();

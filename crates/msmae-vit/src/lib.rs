@@ -10,6 +10,7 @@ pub mod attention_map;
 pub mod config;
 pub mod flops;
 pub mod layers;
+pub mod loss;
 pub mod mae;
 pub mod optim;
 pub mod patch;
@@ -17,5 +18,6 @@ pub mod pos_embed;
 pub mod vit;
 
 pub use config::{MaeConfig, VitConfig};
+pub use loss::ClassTargets;
 pub use mae::MaskedAutoencoder;
 pub use vit::VisionTransformer;

@@ -4,13 +4,13 @@
 //! patches, plus `cls_weight` × cross-entropy of a linear head on the final-norm CLS token.
 
 use burn::module::Param;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use crate::config::{MaeConfig, VitConfig};
 use crate::layers::{Block, LayerNorm, linear};
+use crate::loss::{ClassTargets, classification_loss};
 use crate::patch::{gather_tokens, patchify};
 use crate::pos_embed::sincos_2d;
 use crate::vit::VisionTransformer;
@@ -116,11 +116,13 @@ impl MaskedAutoencoder {
         (diff.clone() * diff).mean()
     }
 
-    /// The whole pre-training forward for one batch.
+    /// The whole pre-training forward for one batch: the loss MSMAE pre-training trains on.
     ///
-    /// `labels` (class indices) add `cls_weight` × cross-entropy of the CLS head on plain
-    /// logits (the reference code applies softmax twice; METHOD.md §4).
-    pub fn forward(&self, imgs: Tensor<4>, visible: Tensor<2, Int>, masked: Tensor<2, Int>, labels: Option<(Tensor<1, Int>, f64)>) -> MaeOutput {
+    /// `cls` (the batch's targets and `cls_weight`) adds `cls_weight` × the CLS head's
+    /// classification loss on plain logits — cross-entropy on class indices, binary
+    /// cross-entropy on multi-hot targets (the reference code applies softmax twice;
+    /// METHOD.md §4).
+    pub fn forward(&self, imgs: Tensor<4>, visible: Tensor<2, Int>, masked: Tensor<2, Int>, cls: Option<(ClassTargets, f64)>) -> MaeOutput {
         let latent = self.forward_encoder(imgs.clone(), visible.clone());
         let pred = self.forward_decoder(latent.clone(), visible, masked.clone());
         let rec = self.forward_loss(imgs, pred.clone(), masked);
@@ -128,11 +130,8 @@ impl MaskedAutoencoder {
             let [b, _, d] = latent.dims();
             h.forward(latent.narrow(1, 0, 1).reshape([b, d]))
         });
-        let loss = match (&logits, labels) {
-            (Some(lg), Some((y, w))) if w > 0.0 => {
-                let ce = CrossEntropyLossConfig::new().init(&lg.device()).forward(lg.clone(), y);
-                rec.clone() + ce * w
-            }
+        let loss = match (&logits, cls) {
+            (Some(lg), Some((targets, w))) if w > 0.0 => rec.clone() + classification_loss(lg.clone(), targets, 0.0) * w,
             _ => rec.clone(),
         };
         MaeOutput { loss, reconstruction_loss: rec, pred, logits }

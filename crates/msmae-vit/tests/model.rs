@@ -118,7 +118,7 @@ fn mae_forward_shapes_and_loss() {
     let want = d.iter().map(|x| x * x).sum::<f32>() / d.len() as f32;
     assert!((loss - want).abs() < 1e-5 * want.max(1.0), "{loss} vs {want}");
     let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 2], [2]), &dev);
-    let out = m.forward(imgs, vis, msk, Some((y, 0.1)));
+    let out = m.forward(imgs, vis, msk, Some((msmae_vit::ClassTargets::Classes(y), 0.1)));
     assert_eq!(out.logits.as_ref().map(|l| l.dims()), Some([2, 3]));
     let (total, rec): (f32, f32) = (out.loss.into_scalar(), out.reconstruction_loss.into_scalar());
     assert!(total > rec, "the CLS cross-entropy adds to the loss");

@@ -67,7 +67,7 @@ fn case(norm_pix: bool, backend: BackendRequest) {
 
     export(&m, &dir.path().join("w0.safetensors"));
     let latent = m.forward_encoder(imgs.clone(), vis.clone());
-    let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((y, cls_weight)));
+    let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((msmae_vit::ClassTargets::Classes(y), cls_weight)));
     let (_, attn) = m.encoder.forward_with_attention(imgs.clone());
     let rust = serde_json::json!({
         "pos_embed": flat(m.encoder.pos_embed.clone()),

@@ -1,11 +1,10 @@
 //! Every class of pipeline-file error is reported before any stage runs, with the file,
 //! line, column and offending key.
 
-mod common;
 
 use std::path::Path;
 
-use common::registry;
+use msmae_tests::fixture::registry;
 
 fn errors(src: &str) -> String {
     let spec = match msmae_pipeline::parse(Path::new("pipelines/x.yaml"), src, &[]) {

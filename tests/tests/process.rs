@@ -2,14 +2,13 @@
 //! one store at once. The test binary re-executes itself as the child (filtered to the
 //! same test, with `MSMAE_TEST_CHILD` naming the fixture directory).
 
-mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use msmae_tests::fixture::*;
 
 const CHILD: &str = "MSMAE_TEST_CHILD";
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn msmae(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_msmae")).current_dir(dir).args(args).env_remove("MSMAE_STORE").output().expect("run msmae")
+    Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").output().expect("run msmae")
 }
 
 fn text(o: &Output) -> String {
@@ -20,7 +20,7 @@ fn text(o: &Output) -> String {
 fn project(name: &str) -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().expect("tmp");
     fs::create_dir_all(d.path().join("pipelines")).expect("mkdir");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines").join(format!("{name}.yaml"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines").join(format!("{name}.yaml"));
     fs::copy(&src, d.path().join("pipelines").join(format!("{name}.yaml"))).expect("copy pipeline");
     let data = d.path().join("data");
     (d, data)

@@ -30,9 +30,9 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, ListedFiles, OutputDecl, Stage, StageContext, StageError};
 use msmae_vit::VitConfig;
 
-use crate::data::Normalizer;
-use crate::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec};
-use crate::stages::err;
+use msmae_train::data::Normalizer;
+use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec};
+use msmae_train::support::config_error as err;
 
 /// MAE nests its encoder's keys at the top level; msmae under `encoder.`.
 const MAE_ENCODER_KEYS: &str = r"^(patch_embed\.|cls_token|blocks\.|norm\.|head\.)";
@@ -421,4 +421,9 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
     let multi_label = c.multi_label || exported.and_then(|e| e.get("multi_label")).and_then(serde_json::Value::as_bool).unwrap_or(false);
     let meta = CheckpointMeta { format: 1, kind: c.checkpoint, vit, mae, normalizer: Normalizer { mean, std }, label_names, multi_label, trained_by: ImportPytorch::KIND.into() };
     Ok((loaded, meta))
+}
+
+/// Every stage kind of this crate.
+pub fn register(r: &mut msmae_core::Registry) {
+    r.register(ExportPytorch).register(ImportPytorch);
 }

@@ -1,11 +1,10 @@
 //! Runner semantics with test-only stage plugins: caching, invalidation, early cut-off,
 //! selection flags, external inputs, output checks, failures, status/why, verify, gc.
 
-mod common;
 
 use std::fs;
 
-use common::*;
+use msmae_tests::fixture::*;
 use msmae_pipeline::{Outcome, RunOptions};
 
 fn chain(f: &Fixture) -> String {

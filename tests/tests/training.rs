@@ -39,7 +39,7 @@ stages:
 }
 
 fn msmae(dir: &Path, backend: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_msmae"))
+    Command::new(msmae_tests::msmae_bin())
         .current_dir(dir)
         .args(args)
         .env_remove("MSMAE_STORE")
@@ -160,7 +160,7 @@ fn killed_training_resumes_to_the_uninterrupted_result(yaml: &str, epochs: u64) 
     fs::write(cut.path().join("resume.yaml"), yaml).expect("write");
     let o = msmae(cut.path(), backend, &["run", "resume.yaml", "--until", "data"]);
     assert!(o.status.success(), "{}", text(&o));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_msmae"))
+    let mut child = Command::new(msmae_tests::msmae_bin())
         .current_dir(cut.path())
         .args(["run", "resume.yaml"])
         .env_remove("MSMAE_STORE")

@@ -18,7 +18,7 @@ use burn::tensor::Distribution;
 use msmae_backend::{BackendRequest, DeviceRequest, seeded, select};
 use msmae_core::{ExecEnv, InputArtifact, NoProgress, Stage, StageContext};
 use msmae_train::data::Normalizer;
-use msmae_train::pytorch::{CONFIG_FILE, ExportConfig, ExportPytorch, ImageSize, ImportConfig, ImportPytorch, WEIGHTS_FILE, import};
+use msmae_interop::{CONFIG_FILE, ExportConfig, ExportPytorch, ImageSize, ImportConfig, ImportPytorch, WEIGHTS_FILE, import};
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec};
 use msmae_vit::{MaeConfig, VitConfig};
 

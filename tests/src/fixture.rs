@@ -1,5 +1,4 @@
 //! Test-only stage plugins exercising every runner semantic, and helpers.
-#![allow(dead_code)]
 
 use std::fs;
 use std::io::Write;
@@ -48,6 +47,7 @@ pub struct SourceCfg {
 }
 
 /// Writes `value` to out.txt.
+#[derive(Debug)]
 pub struct Source;
 impl Stage for Source {
     type Config = SourceCfg;
@@ -104,6 +104,7 @@ pub struct ConcatCfg {
 }
 
 /// Concatenates its `parts` inputs and a suffix.
+#[derive(Debug)]
 pub struct Concat;
 impl Stage for Concat {
     type Config = ConcatCfg;
@@ -136,6 +137,7 @@ impl Stage for Concat {
 pub struct PairCfg {}
 
 /// Two single slots of the same kind: binding by kind is ambiguous without names.
+#[derive(Debug)]
 pub struct Pair;
 impl Stage for Pair {
     type Config = PairCfg;
@@ -168,6 +170,7 @@ pub struct ExtCfg {
 }
 
 /// Reads an external folder (like a dataset) and lists it.
+#[derive(Debug)]
 pub struct Ext;
 impl Stage for Ext {
     type Config = ExtCfg;
@@ -214,6 +217,7 @@ fn listed_paths(list: &Path) -> Result<Vec<PathBuf>, StageError> {
 }
 
 /// Concatenates the files a list names (like a manifest stage reads its images).
+#[derive(Debug)]
 pub struct Listed;
 impl Stage for Listed {
     type Config = ListCfg;
@@ -252,6 +256,7 @@ pub struct MisCfg {
 }
 
 /// Misbehaves in the chosen way.
+#[derive(Debug)]
 pub struct Misbehave;
 impl Stage for Misbehave {
     type Config = MisCfg;
@@ -296,6 +301,7 @@ pub struct SlowCfg {
 }
 
 /// A long stage that is killed in the middle.
+#[derive(Debug)]
 pub struct Slow;
 impl Stage for Slow {
     type Config = SlowCfg;
@@ -336,6 +342,7 @@ pub struct ModelCfg {
 }
 
 /// A stage whose numbers depend on the backend.
+#[derive(Debug)]
 pub struct Model;
 impl Stage for Model {
     type Config = ModelCfg;
@@ -366,6 +373,7 @@ pub fn registry() -> Registry {
 }
 
 /// A pipeline file plus store in a temp dir.
+#[derive(Debug)]
 pub struct Fixture {
     root: PathBuf,
     _tmp: Option<tempfile::TempDir>,

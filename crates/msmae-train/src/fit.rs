@@ -1,0 +1,309 @@
+//! The one training loop of msmae. Classifier training (supervised attention model, MSMAE
+//! and full-token fine-tuning), MAE pre-training and segmentation all run through [`fit`];
+//! what differs between them is a [`TrainStep`]: what an epoch streams (masks, lesion
+//! masks), the forward pass and its loss, and what validation measures.
+//!
+//! `fit` owns everything around the step: resuming from the last checkpoint, per-epoch
+//! seeding of the backend's RNG (drop-path), the learning-rate schedule evaluated per step,
+//! cancellation, the divergence check, the optimiser step, best-model selection and early
+//! stopping, the history, progress, and checkpoints.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use msmae_core::{StageContext, StageError};
+
+use crate::data::{self, Batch, ImageTable, LoaderSpec, Normalizer};
+use crate::maps::MapState;
+use crate::model::Schedule;
+use crate::resume::{Restored, Resume, ResumeState};
+use crate::runtime::{Runtime, seed_backend};
+
+/// A logged value, rounded to 13 significant digits so that it survives a JSON round trip
+/// (a resumed run reloads the history of the epochs before the checkpoint) bit for bit.
+pub fn logged(x: f64) -> f64 {
+    if x.is_finite() { format!("{x:.12e}").parse().unwrap_or(x) } else { x }
+}
+
+/// One epoch in `history.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconstruction_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    /// Macro (single-label) or mean per-label (multi-label) AUC on the val split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_auc: Option<f64>,
+    /// Patch tokens (plus CLS) each training sample fed to the encoder.
+    pub tokens: usize,
+    pub masking: String,
+    pub refreshed_maps: bool,
+    /// Wall time of the training steps of this epoch (not evaluation), seconds. Excluded
+    /// from reproducibility comparisons (timing is not content).
+    pub seconds: f64,
+}
+
+/// What one epoch streams, decided by the step at its start.
+#[derive(Debug, Clone)]
+pub struct EpochPlan {
+    pub spec: LoaderSpec,
+    /// How tokens are selected this epoch (`history.json`'s `masking`).
+    pub masking: String,
+    /// Tokens (patches plus CLS) each sample feeds the encoder.
+    pub tokens: usize,
+    /// Whether the attention maps were recomputed for this epoch.
+    pub refreshed_maps: bool,
+}
+
+/// The losses of one training step.
+#[derive(Debug)]
+pub struct StepLoss {
+    /// What is differentiated.
+    pub loss: Tensor<1>,
+    /// The MAE reconstruction term, logged beside the total.
+    pub reconstruction: Option<Tensor<1>>,
+}
+
+/// What validation measured after an epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Validation {
+    pub loss: Option<f64>,
+    pub accuracy: Option<f64>,
+    pub auc: Option<f64>,
+    /// Higher is better: picks the best model and drives early stopping (`None`: no
+    /// selection, the last model is the result).
+    pub score: Option<f64>,
+}
+
+/// One kind of training, plugged into [`fit`].
+pub trait TrainStep {
+    type Model: Module;
+
+    /// Called once before the first epoch that runs (after a resume, with the restored
+    /// model): set up what depends on the model's parameters.
+    fn start(&mut self, _model: &Self::Model) {}
+
+    /// What epoch `epoch` streams; may refresh attention maps from `model` first.
+    fn epoch_plan(&mut self, epoch: usize, model: &Self::Model, ctx: &StageContext<'_>) -> Result<EpochPlan, StageError>;
+
+    /// Forward pass and loss of one batch (on the training device).
+    fn step(&mut self, model: &Self::Model, batch: &mut Batch) -> Result<StepLoss, StageError>;
+
+    /// The per-parameter learning rates at base rate `lr` (layer-wise decay).
+    fn learning_rates(&self, lr: f64) -> ModuleLearningRate {
+        lr.into()
+    }
+
+    /// Validation after an epoch (default: none).
+    fn validate(&mut self, _model: &Self::Model, _ctx: &StageContext<'_>) -> Result<Validation, StageError> {
+        Ok(Validation::default())
+    }
+
+    /// The attention maps this step masks with, checkpointed with the model.
+    fn maps(&mut self) -> Option<&mut MapState> {
+        None
+    }
+}
+
+/// The images a run trains on.
+#[derive(Debug, Clone)]
+pub struct TrainData {
+    pub table: Arc<ImageTable>,
+    /// Table rows of the training split (those usable by this kind of training).
+    pub rows: Vec<usize>,
+    pub norm: Normalizer,
+}
+
+/// How long and how a run trains.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub schedule: Schedule,
+    pub checkpoint_every: usize,
+    /// Stop when the validation score has not improved for this many epochs.
+    pub patience: Option<usize>,
+}
+
+/// What [`fit`] returns.
+#[derive(Debug)]
+pub struct Fitted<M> {
+    /// The model with the best validation score (the last one without a score).
+    pub model: M,
+    pub history: Vec<EpochLog>,
+    pub best_epoch: Option<usize>,
+}
+
+/// The mutable state of a run: what a checkpoint saves and a resume restores.
+struct RunState<M> {
+    model: M,
+    optim: ModuleOptimizer,
+    history: Vec<EpochLog>,
+    best: Option<(f64, usize)>,
+    best_model: Option<M>,
+    start: usize,
+}
+
+/// Train `model` on `data` with `step` for `opts.epochs` epochs, continuing from the last
+/// checkpoint of a killed run. `optimizer` builds the optimiser for a model.
+pub fn fit<S: TrainStep>(ctx: &StageContext<'_>, rt: &Runtime, data: &TrainData, step: &mut S, model: S::Model, optimizer: impl Fn(&S::Model) -> ModuleOptimizer, opts: &FitOptions) -> Result<Fitted<S::Model>, StageError> {
+    if data.rows.len() < opts.batch_size {
+        return Err(StageError::data(&data.table.path, None, format!("{} training images, fewer than one batch of {}", data.rows.len(), opts.batch_size)));
+    }
+    let resume = Resume::of(ctx);
+    let mut run = restore(ctx, &resume, step, model, &optimizer, opts)?;
+    step.start(&run.model);
+    let bar = ctx.progress.bar(Some((opts.epochs - run.start) as u64), &format!("{}: epochs", ctx.name));
+    for epoch in run.start..opts.epochs {
+        ctx.cancel.check()?;
+        let plan = step.epoch_plan(epoch, &run.model, ctx)?;
+        seed_backend(rt, ctx.seed, "epoch", epoch as u64);
+        let t = Instant::now();
+        let (model, sums) = train_epoch(ctx, data, step, run.model, &mut run.optim, plan.spec.clone(), epoch, opts)?;
+        run.model = model;
+        let seconds = t.elapsed().as_secs_f64();
+        let val = step.validate(&run.model, ctx)?;
+        if let Some(s) = val.score.map(logged) {
+            if run.best.is_none_or(|(b, _)| s > b) {
+                run.best = Some((s, epoch));
+                run.best_model = Some(run.model.clone());
+            }
+        }
+        let log = sums.log(epoch, &plan, &val, seconds);
+        tracing::info!("`{}` epoch {}/{}: {}", ctx.name, epoch + 1, opts.epochs, describe(&log));
+        run.history.push(log);
+        bar.inc(1);
+        let stop = match (opts.patience, run.best) {
+            (Some(p), Some((_, be))) => epoch >= be + p,
+            _ => false,
+        };
+        let done = epoch + 1;
+        if Resume::due(done, opts.checkpoint_every, opts.epochs) || stop {
+            checkpoint(&resume, step, &run, if stop { opts.epochs } else { done })?;
+        }
+        if stop {
+            tracing::info!("`{}`: early stop after epoch {done} (best epoch {})", ctx.name, run.best.map(|b| b.1 + 1).unwrap_or(0));
+            break;
+        }
+    }
+    let best_epoch = run.best.map(|b| b.1);
+    Ok(Fitted { model: run.best_model.unwrap_or(run.model), history: run.history, best_epoch })
+}
+
+/// A fresh run, or the state of the last checkpoint.
+fn restore<S: TrainStep>(ctx: &StageContext<'_>, resume: &Resume, step: &mut S, model: S::Model, optimizer: &impl Fn(&S::Model) -> ModuleOptimizer, opts: &FitOptions) -> Result<RunState<S::Model>, StageError> {
+    let Some(st) = resume.load_state() else {
+        let optim = optimizer(&model);
+        return Ok(RunState { model, optim, history: Vec::new(), best: None, best_model: None, start: 0 });
+    };
+    let layout = step.maps().map(|m| (m.table.clone(), m.grid));
+    let Restored { model, optim, best, maps } = resume.restore(&st, model, optimizer, layout.as_ref().map(|(t, g)| (t.as_ref(), *g)))?;
+    if let (Some(ms), Some(m)) = (step.maps(), maps) {
+        ms.current = Some(m);
+    }
+    tracing::info!("`{}`: resuming after epoch {} of {}", ctx.name, st.epochs_done, opts.epochs);
+    Ok(RunState { model, optim, history: st.history, best: st.best, best_model: best, start: st.epochs_done.min(opts.epochs) })
+}
+
+fn checkpoint<S: TrainStep>(resume: &Resume, step: &mut S, run: &RunState<S::Model>, epochs_done: usize) -> Result<(), StageError> {
+    let maps = step.maps().and_then(|m| m.current.clone().map(|c| (c, m.table.clone(), m.grid)));
+    let st = ResumeState { epochs_done, history: run.history.clone(), best: run.best, has_maps: maps.is_some() };
+    resume.save(&st, &run.model, &run.optim, run.best_model.as_ref(), maps.as_ref().map(|(m, t, g)| (m.as_ref(), t.as_ref(), *g)))
+}
+
+/// Loss sums over an epoch's samples.
+#[derive(Debug, Default)]
+struct EpochSums {
+    loss: f64,
+    reconstruction: Option<f64>,
+    seen: usize,
+    lr: f64,
+}
+
+impl EpochSums {
+    fn log(&self, epoch: usize, plan: &EpochPlan, val: &Validation, seconds: f64) -> EpochLog {
+        let n = self.seen.max(1) as f64;
+        EpochLog {
+            epoch,
+            lr: logged(self.lr),
+            train_loss: logged(self.loss / n),
+            reconstruction_loss: self.reconstruction.map(|r| logged(r / n)),
+            val_loss: val.loss.map(logged),
+            val_accuracy: val.accuracy.map(logged),
+            val_auc: val.auc.map(logged),
+            tokens: plan.tokens,
+            masking: plan.masking.clone(),
+            refreshed_maps: plan.refreshed_maps,
+            seconds,
+        }
+    }
+}
+
+/// The training steps of one epoch. The model moves through the optimiser (no second
+/// reference to its parameters, so the fused AdamW updates them in place).
+#[allow(clippy::too_many_arguments)]
+fn train_epoch<S: TrainStep>(ctx: &StageContext<'_>, data: &TrainData, step: &mut S, mut model: S::Model, optim: &mut ModuleOptimizer, spec: LoaderSpec, epoch: usize, opts: &FitOptions) -> Result<(S::Model, EpochSums), StageError> {
+    let stream = data::stream(data.table.clone(), &data.rows, spec, data.norm.clone(), ctx.seed, epoch as u64);
+    let nb = stream.num_batches.max(1);
+    let mut sums = EpochSums::default();
+    for (i, batch) in stream.enumerate() {
+        ctx.cancel.check()?;
+        let mut batch = batch?;
+        let n = batch.len();
+        sums.lr = opts.schedule.at(epoch as f64 + i as f64 / nb as f64);
+        let out = step.step(&model, &mut batch)?;
+        let lv = f64::from(out.loss.clone().into_scalar::<f32>());
+        if !lv.is_finite() {
+            return Err(StageError::Diverged { epoch, step: i, loss: lv });
+        }
+        sums.loss += lv * n as f64;
+        if let Some(r) = out.reconstruction {
+            *sums.reconstruction.get_or_insert(0.0) += f64::from(r.into_scalar::<f32>()) * n as f64;
+        }
+        sums.seen += n;
+        let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        model = optim.step(step.learning_rates(sums.lr), model, grads);
+    }
+    Ok((model, sums))
+}
+
+/// One log line for an epoch.
+fn describe(h: &EpochLog) -> String {
+    let mut s = format!("loss {:.4}", h.train_loss);
+    if let Some(r) = h.reconstruction_loss {
+        s += &format!(" (reconstruction {r:.4})");
+    }
+    if let Some(v) = h.val_loss {
+        s += &format!(", val loss {v:.4}");
+    }
+    if let Some(v) = h.val_accuracy {
+        s += &format!(", val acc {v:.3}");
+    }
+    format!("{s}, {} ({:.1} s)", h.masking, h.seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_values_survive_json_bit_for_bit() {
+        for x in [0.1234567890123456f64, 1e-9 / 3.0, 2.0 / 3.0, f64::NAN] {
+            let v = logged(x);
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&v).unwrap_or_default()).unwrap_or(f64::NAN);
+            assert!(back.to_bits() == v.to_bits() || (x.is_nan() && v.is_nan()), "{x} → {v} → {back}");
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Attention maps inside training: CLS-attention maps (METHOD.md §2) of a whole split from
+//! the model being trained (MSMAE's map refresh), and maps as Parquet attention tables.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::prelude::*;
+
+use msmae_core::{StageContext, StageError};
+use msmae_data::attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRow, read_attention, write_attention};
+use msmae_vit::VisionTransformer;
+use msmae_vit::attention_map::cls_attention_map;
+
+use crate::data::{self, Batch, ImageTable, LoaderSpec, Normalizer};
+use crate::runtime::{Runtime, to_vec};
+
+/// Weight maps (grid row-major) by table row.
+pub type Maps = HashMap<usize, Vec<f32>>;
+
+/// The maps a training step masks with, and what they index: checkpointed with the model
+/// so that a resumed run masks exactly as the uninterrupted one did.
+#[derive(Debug, Clone)]
+pub struct MapState {
+    pub table: Arc<ImageTable>,
+    pub grid: [usize; 2],
+    /// The maps in use (`None` before the first extraction).
+    pub current: Option<Arc<Maps>>,
+}
+
+/// CLS-attention maps (METHOD.md §2) of `rows`, by row: the model in eval mode, the
+/// stored image without augmentation.
+pub fn attention_maps(vit: &VisionTransformer, table: &Arc<ImageTable>, rows: &[usize], norm: &Normalizer, batch_size: usize, rt: &Runtime, ctx: &StageContext<'_>) -> Result<Maps, StageError> {
+    attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), rt, ctx, |_, _, _| Ok(()))
+}
+
+/// [`attention_maps`] with a look at every image as its map is computed: `visit(batch,
+/// index in batch, map)` sees the batch's pixels (and lesion masks if `spec` asks for
+/// them), so callers that need both read the table once.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_pass(
+    vit: &VisionTransformer,
+    table: &Arc<ImageTable>,
+    rows: &[usize],
+    norm: &Normalizer,
+    spec: LoaderSpec,
+    rt: &Runtime,
+    ctx: &StageContext<'_>,
+    mut visit: impl FnMut(&Batch, usize, &[f32]) -> Result<(), StageError>,
+) -> Result<Maps, StageError> {
+    let model = vit.valid();
+    let mut out = HashMap::with_capacity(rows.len());
+    for batch in data::stream(table.clone(), rows, spec, norm.clone(), ctx.seed, 0) {
+        ctx.cancel.check()?;
+        let batch = batch?;
+        let n = batch.len();
+        let x = Tensor::from_data(TensorData::new(batch.images.clone(), [n, table.channels(), table.height(), table.width()]), &rt.device);
+        let (_, attn) = model.forward_with_attention(x);
+        let maps = cls_attention_map(attn);
+        let [_, l] = maps.dims();
+        let flat = to_vec(maps)?;
+        for (i, r) in batch.rows.iter().enumerate() {
+            let map = &flat[i * l..(i + 1) * l];
+            visit(&batch, i, map)?;
+            out.insert(*r, map.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// Write maps as an attention table (rows in table order).
+pub fn write_maps(path: &Path, table: &ImageTable, maps: &Maps, grid: [usize; 2], provenance: serde_json::Value) -> Result<u64, StageError> {
+    let mut keys: Vec<usize> = maps.keys().copied().collect();
+    keys.sort_unstable();
+    let rows: Vec<AttentionRow> = keys.iter().map(|r| AttentionRow { id: table.rows[*r].id.clone(), split: table.rows[*r].split, weights: maps[r].clone() }).collect();
+    let meta = AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid: [grid[0] as u32, grid[1] as u32], provenance };
+    write_attention(path, &meta, &rows).map_err(StageError::from)
+}
+
+/// Read an attention table and key it by the rows of `table` (matched by image id).
+pub fn read_maps(path: &Path, table: &ImageTable, grid: [usize; 2]) -> Result<Maps, StageError> {
+    let (meta, rows) = read_attention(path).map_err(|e| StageError::data(path, None, e.to_string()))?;
+    if [meta.grid[0] as usize, meta.grid[1] as usize] != grid {
+        return Err(StageError::data(path, None, format!("attention maps on a {:?} grid, but the model's patch grid is {grid:?} (same image size and patch size needed)", meta.grid)));
+    }
+    let by_id: HashMap<&str, usize> = table.rows.iter().enumerate().map(|(i, r)| (r.id.as_str(), i)).collect();
+    let mut out = HashMap::with_capacity(rows.len());
+    for r in rows {
+        match by_id.get(r.id.as_str()) {
+            Some(&i) => {
+                out.insert(i, r.weights);
+            }
+            None => return Err(StageError::data(path, Some(format!("row `{}`", r.id)), format!("image not in the image table {}", table.path.display()))),
+        }
+    }
+    Ok(out)
+}
+

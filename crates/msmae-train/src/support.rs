@@ -1,0 +1,152 @@
+//! What the training stages share around the loop: opening the image table, checking a
+//! checkpoint fits it, the schedule checks and defaults of their configs, and writing
+//! JSON, `history.json` and the loss chart into the artifact.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use msmae_core::{ConfigError, StageContext, StageError};
+
+use crate::data::ImageTable;
+use crate::fit::EpochLog;
+use crate::model::CheckpointMeta;
+
+/// The image table file of an `image-table` artifact.
+pub const TABLE: &str = "images.parquet";
+
+/// A config error at `path` (a `with:` field).
+pub fn config_error(path: &str, message: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError { path: path.into(), message: message.into() })
+}
+
+/// The image table bound to input slot `slot`.
+pub fn open_table(ctx: &StageContext<'_>, slot: &str) -> Result<Arc<ImageTable>, StageError> {
+    Ok(Arc::new(ImageTable::open(&ctx.input(slot)?.path(TABLE))?))
+}
+
+/// Write `v` as pretty JSON to the declared output file `rel`.
+pub fn write_json(ctx: &StageContext<'_>, rel: &str, v: &impl Serialize) -> Result<(), StageError> {
+    let p = ctx.output_path(rel)?;
+    let bytes = serde_json::to_vec_pretty(v).map_err(|e| StageError::other(format!("encoding {}: {e}", p.display())))?;
+    std::fs::write(&p, bytes).map_err(|e| StageError::io(&p, e))
+}
+
+/// `history.json` without wall times (timing is not content: two identical runs must
+/// produce identical artifacts); the times are in the log and the lock file's run time.
+pub fn write_history(ctx: &StageContext<'_>, history: &[EpochLog], extra: serde_json::Value) -> Result<(), StageError> {
+    let epochs: Vec<serde_json::Value> = history
+        .iter()
+        .map(|h| {
+            let mut v = serde_json::to_value(h).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("seconds");
+            }
+            v
+        })
+        .collect();
+    write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs, "summary": extra }))?;
+    loss_chart(ctx, history)
+}
+
+/// `loss.png`: training loss (and reconstruction / validation loss where logged) per epoch.
+fn loss_chart(ctx: &StageContext<'_>, history: &[EpochLog]) -> Result<(), StageError> {
+    use msmae_eval::plot::{Series, line_chart};
+    let x = |h: &EpochLog| (h.epoch + 1) as f64;
+    let mut series = vec![Series::new("train loss", history.iter().map(|h| (x(h), h.train_loss)).collect())];
+    let rec: Vec<(f64, f64)> = history.iter().filter_map(|h| h.reconstruction_loss.map(|v| (x(h), v))).collect();
+    if !rec.is_empty() && history.iter().any(|h| h.reconstruction_loss != Some(h.train_loss)) {
+        series.push(Series::new("reconstruction", rec));
+    }
+    let val: Vec<(f64, f64)> = history.iter().filter_map(|h| h.val_loss.map(|v| (x(h), v))).collect();
+    if !val.is_empty() {
+        series.push(Series::new("validation loss", val));
+    }
+    let acc: Vec<(f64, f64)> = history.iter().filter_map(|h| h.val_accuracy.map(|v| (x(h), v))).collect();
+    line_chart(&ctx.output_path("loss.png")?, &format!("{}: loss per epoch", ctx.name), "epoch", "loss", &series)?;
+    if !acc.is_empty() {
+        line_chart(&ctx.output_path("accuracy.png")?, &format!("{}: validation accuracy", ctx.name), "epoch", "accuracy", &[Series::new("validation accuracy", acc)])?;
+    }
+    Ok(())
+}
+
+pub fn check_image_compat(meta: &CheckpointMeta, table: &ImageTable, what: &Path) -> Result<(), StageError> {
+    let n = &meta.normalizer;
+    if n.mean.len() != meta.vit.in_chans || n.std.len() != meta.vit.in_chans || n.std.iter().any(|s| !(*s > 0.0)) {
+        return Err(StageError::data(what, None, format!("normalizer for {} channels with positive std expected, found mean {:?} std {:?}", meta.vit.in_chans, n.mean, n.std)));
+    }
+    let want = [table.height(), table.width()];
+    if meta.vit.image_size != want || meta.vit.in_chans != table.channels() {
+        return Err(StageError::data(
+            what,
+            None,
+            format!(
+                "model expects {}×{} images with {} channels, the image table {} holds {}×{}×{}",
+                meta.vit.image_size[0],
+                meta.vit.image_size[1],
+                meta.vit.in_chans,
+                table.path.display(),
+                want[0],
+                want[1],
+                table.channels()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Defaults of the training stages' configs (serde `default = "…"`).
+pub mod defaults {
+    pub fn batch_size() -> usize {
+        64
+    }
+    /// Base learning rate (METHOD.md §4–§5: 1e-3).
+    pub fn blr() -> f64 {
+        1e-3
+    }
+    pub fn warmup_epochs() -> f64 {
+        5.0
+    }
+    pub fn weight_decay() -> f64 {
+        0.05
+    }
+    pub fn augment() -> bool {
+        true
+    }
+    /// RandomResizedCrop scale range.
+    pub fn crop_scale() -> [f64; 2] {
+        [0.2, 1.0]
+    }
+    pub fn checkpoint_every() -> usize {
+        5
+    }
+    /// Images in a figure.
+    pub fn figure_images() -> usize {
+        8
+    }
+}
+
+/// Checks every training stage shares: epochs, batch, learning rates, warm-up, crop.
+pub fn validate_schedule(epochs: usize, batch_size: usize, blr: f64, min_lr: f64, warmup_epochs: f64, crop_scale: [f64; 2]) -> Result<(), ConfigError> {
+    if epochs == 0 {
+        return config_error("epochs", "must be at least 1");
+    }
+    if batch_size == 0 {
+        return config_error("batch_size", "must be at least 1");
+    }
+    if !(blr > 0.0 && blr.is_finite()) {
+        return config_error("blr", "must be positive");
+    }
+    if min_lr < 0.0 || min_lr > blr * batch_size as f64 / 256.0 {
+        return config_error("min_lr", "must be between 0 and the peak lr (blr · batch_size / 256)");
+    }
+    if warmup_epochs < 0.0 || warmup_epochs > epochs as f64 {
+        return config_error("warmup_epochs", "must be between 0 and epochs");
+    }
+    if !(crop_scale[0] > 0.0 && crop_scale[0] <= crop_scale[1] && crop_scale[1] <= 1.0) {
+        return config_error("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
+    }
+    Ok(())
+}
+
