@@ -224,7 +224,8 @@ fn test(no_tch: bool, args: &[String]) -> Result<ExitCode> {
     let python = pyenv::ensure().context("setting up the Python reference environment for the tests")?;
     // Always the whole workspace with one feature set: selecting packages would change
     // feature unification and rebuild burn. Filter tests by name instead.
-    let mut c = tc.cargo(&["test", "--workspace"]);
+    // Every test binary runs even after one fails, so one run reports every failure.
+    let mut c = tc.cargo(&["test", "--workspace", "--no-fail-fast"]);
     c.env("MSMAE_PYTHON", &python);
     let filters: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     if !filters.is_empty() {

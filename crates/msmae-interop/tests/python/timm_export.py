@@ -1,5 +1,5 @@
 """Loads an `export/pytorch` artifact the way a PyTorch user would and reports how far its
-outputs are from msmae's on the same input (crates/msmae-train/tests/export.rs).
+outputs are from msmae's on the same input (crates/msmae-interop/tests/pytorch.rs).
 
 usage: timm_export.py EXPORT_DIR IO.safetensors
 IO.safetensors holds `x` (the input images) and msmae's outputs: `logits` for a ViT

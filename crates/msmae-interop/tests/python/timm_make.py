@@ -1,5 +1,5 @@
 """Makes PyTorch weights the way a PyTorch user has them, for `import/pytorch`
-(crates/msmae-train/tests/pytorch.rs): a timm VisionTransformer classifier with random
+(crates/msmae-interop/tests/pytorch.rs): a timm VisionTransformer classifier with random
 weights, once with MAE's fixed sin-cos position table (importable) and once with timm's
 own learned one (refused), plus its logits on fixed images.
 
