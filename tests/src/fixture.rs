@@ -192,7 +192,8 @@ impl Stage for Ext {
     fn run(&self, c: &ExtCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         mark(&c.marker, &ctx.name);
         let root = ctx.resolve(&c.root);
-        let mut names: Vec<String> = fs::read_dir(&root).map_err(|e| StageError::io(&root, e))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> =
+            fs::read_dir(&root).map_err(|e| StageError::io(&root, e))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         let p = ctx.output_path("listing.txt")?;
         fs::write(&p, names.join("\n")).map_err(|e| StageError::io(&p, e))?;

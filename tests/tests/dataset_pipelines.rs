@@ -27,14 +27,33 @@ fn project(name: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 const TINY: &[&str] = &[
-    "--set", "params.preset=tiny", "--set", "params.size=32", "--set", "params.batch=8",
-    "--set", "params.pretrain_epochs=2", "--set", "params.pretrain_warmup=1", "--set", "params.finetune_epochs=2", "--set", "params.finetune_warmup=1",
+    "--set",
+    "params.preset=tiny",
+    "--set",
+    "params.size=32",
+    "--set",
+    "params.batch=8",
+    "--set",
+    "params.pretrain_epochs=2",
+    "--set",
+    "params.pretrain_warmup=1",
+    "--set",
+    "params.finetune_epochs=2",
+    "--set",
+    "params.finetune_warmup=1",
 ];
 
 /// `stage → committed artifact directory`, from the lock file.
 fn artifact(dir: &Path, name: &str, stage: &str) -> PathBuf {
     let lock: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(dir.join(format!("pipelines/{name}.lock"))).expect("lock")).expect("yaml");
-    let d = lock["stages"].as_sequence().expect("stages").iter().find(|s| s["name"].as_str() == Some(stage)).and_then(|s| s["output"]["digest"].as_str()).expect("stage in lock").to_string();
+    let d = lock["stages"]
+        .as_sequence()
+        .expect("stages")
+        .iter()
+        .find(|s| s["name"].as_str() == Some(stage))
+        .and_then(|s| s["output"]["digest"].as_str())
+        .expect("stage in lock")
+        .to_string();
     let store = [dir.join(".msmae"), dir.join("pipelines/.msmae")].into_iter().find(|p| p.is_dir()).expect("store");
     store.join("objects").join(&d[..2]).join(&d).join("data")
 }
@@ -73,7 +92,11 @@ fn chestxray_pipeline_trains_multi_label_and_reports_mean_auc() {
     assert!(report["splits"]["test"]["images"].as_u64().unwrap_or(0) > 0, "{report}");
     // the PyTorch exports (their numbers are checked against timm in msmae-train's tests)
     let c = json(&artifact(d.path(), "chestxray", "export-classifier").join("config.json"));
-    assert_eq!((c["library"].as_str(), c["model_args"]["num_classes"].as_u64(), c["model_args"]["global_pool"].as_str(), c["multi_label"].as_bool()), (Some("timm"), Some(14), Some("avg"), Some(true)), "{c}");
+    assert_eq!(
+        (c["library"].as_str(), c["model_args"]["num_classes"].as_u64(), c["model_args"]["global_pool"].as_str(), c["multi_label"].as_bool()),
+        (Some("timm"), Some(14), Some("avg"), Some(true)),
+        "{c}"
+    );
     let c = json(&artifact(d.path(), "chestxray", "export-pretrain").join("config.json"));
     assert_eq!(c["library"], "mae", "{c}");
     assert!(artifact(d.path(), "chestxray", "export-pretrain").join("model.safetensors").is_file());
@@ -122,8 +145,18 @@ fn multi_class_masks_from_a_manifest_segment_per_class() {
     let mut csv = String::from("path,mask,patient\n");
     for i in 0..40u32 {
         let (cx, cy) = (8 + i % 12, 10 + (i * 7) % 10);
-        let class = |x: u32, y: u32| if x.abs_diff(cx) < 3 && y.abs_diff(cy) < 3 { 2u8 } else if x.abs_diff(cx) < 7 && y.abs_diff(cy) < 7 { 1 } else { 0 };
-        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([[30, 120, 230][usize::from(class(x, y))] + (i % 5) as u8])).save(data.join(format!("img{i}.png"))).expect("image");
+        let class = |x: u32, y: u32| {
+            if x.abs_diff(cx) < 3 && y.abs_diff(cy) < 3 {
+                2u8
+            } else if x.abs_diff(cx) < 7 && y.abs_diff(cy) < 7 {
+                1
+            } else {
+                0
+            }
+        };
+        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([[30, 120, 230][usize::from(class(x, y))] + (i % 5) as u8]))
+            .save(data.join(format!("img{i}.png")))
+            .expect("image");
         image::GrayImage::from_fn(32, 32, |x, y| image::Luma([class(x, y)])).save(data.join(format!("img{i}_m.png"))).expect("mask");
         csv.push_str(&format!("img{i}.png,img{i}_m.png,P{i}\n"));
     }
@@ -138,7 +171,14 @@ stages:
     let o = msmae(d.path(), &["run", "organs.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
     let lock: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(d.path().join("organs.lock")).expect("lock")).expect("yaml");
-    let digest = lock["stages"].as_sequence().expect("stages").iter().find(|s| s["name"].as_str() == Some("seg")).and_then(|s| s["output"]["digest"].as_str()).expect("seg").to_string();
+    let digest = lock["stages"]
+        .as_sequence()
+        .expect("stages")
+        .iter()
+        .find(|s| s["name"].as_str() == Some("seg"))
+        .and_then(|s| s["output"]["digest"].as_str())
+        .expect("seg")
+        .to_string();
     let m = json(&d.path().join(".msmae/objects").join(&digest[..2]).join(&digest).join("data/metrics.json"));
     for class in ["organ", "lesion"] {
         let c = &m["per_mask_class"][class];
@@ -165,7 +205,11 @@ fn a_manifest_stage_re_runs_when_a_listed_image_elsewhere_changes() {
     }
     fs::create_dir_all(d.path().join("data")).expect("mkdir");
     fs::write(d.path().join("data/manifest.csv"), csv).expect("csv");
-    fs::write(d.path().join("p.yaml"), "name: p\nstages:\n  data: { uses: ingest/manifest, with: { manifest: data/manifest.csv, label_column: label, size: 16, channels: 1 } }\n").expect("pipeline");
+    fs::write(
+        d.path().join("p.yaml"),
+        "name: p\nstages:\n  data: { uses: ingest/manifest, with: { manifest: data/manifest.csv, label_column: label, size: 16, channels: 1 } }\n",
+    )
+    .expect("pipeline");
     let run = |want: &str| {
         let o = msmae(d.path(), &["run", "p.yaml"]);
         assert!(o.status.success() && text(&o).contains(want), "want `{want}`: {}", text(&o));
@@ -183,7 +227,9 @@ fn a_manifest_stage_re_runs_when_a_listed_image_elsewhere_changes() {
 /// names the folder it expected.
 #[test]
 fn dataset_pipelines_refuse_to_start_without_their_data() {
-    for (name, folder) in [("chestxray", "data/chestxray14"), ("messidor2", "data/messidor2"), ("busi", "data/busi"), ("ham10000", "data/ham10000"), ("btmd", "data/btmd")] {
+    for (name, folder) in
+        [("chestxray", "data/chestxray14"), ("messidor2", "data/messidor2"), ("busi", "data/busi"), ("ham10000", "data/ham10000"), ("btmd", "data/btmd")]
+    {
         let (d, _) = project(name);
         let o = msmae(d.path(), &["run", &format!("pipelines/{name}.yaml")]);
         let t = text(&o);

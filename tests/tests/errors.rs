@@ -1,7 +1,6 @@
 //! Every class of pipeline-file error is reported before any stage runs, with the file,
 //! line, column and offending key.
 
-
 use std::path::Path;
 
 use msmae_tests::fixture::registry;
@@ -24,7 +23,11 @@ fn assert_error(src: &str, location: &str, message: &str) {
 
 #[test]
 fn unknown_kind_suggests_the_nearest() {
-    assert_error("stages:\n  a: { uses: test/sourse }\n", "pipelines/x.yaml:2:", "stages.a.uses: unknown stage kind `test/sourse` (did you mean `test/source`?)");
+    assert_error(
+        "stages:\n  a: { uses: test/sourse }\n",
+        "pipelines/x.yaml:2:",
+        "stages.a.uses: unknown stage kind `test/sourse` (did you mean `test/source`?)",
+    );
 }
 
 #[test]
@@ -40,8 +43,16 @@ fn config_type_errors_point_at_the_key_inside_with() {
 
 #[test]
 fn needs_must_name_stages_and_fit_slots() {
-    assert_error("stages:\n  a: { uses: test/source, with: { value: x } }\n  b:\n    uses: test/concat\n    needs: [aa]\n", "pipelines/x.yaml:5:", "stages.b.needs.0: `aa` is not a stage of this pipeline (did you mean `a`?)");
-    assert_error("stages:\n  a: { uses: test/source, with: { value: x } }\n  b: { uses: test/concat, needs: [b] }\n", "pipelines/x.yaml:3:", "cannot need itself");
+    assert_error(
+        "stages:\n  a: { uses: test/source, with: { value: x } }\n  b:\n    uses: test/concat\n    needs: [aa]\n",
+        "pipelines/x.yaml:5:",
+        "stages.b.needs.0: `aa` is not a stage of this pipeline (did you mean `a`?)",
+    );
+    assert_error(
+        "stages:\n  a: { uses: test/source, with: { value: x } }\n  b: { uses: test/concat, needs: [b] }\n",
+        "pipelines/x.yaml:3:",
+        "cannot need itself",
+    );
     // kind mismatch: a table where blobs are expected
     assert_error(
         "stages:\n  t: { uses: test/ingest, with: { root: . } }\n  b:\n    uses: test/concat\n    needs: [t]\n",
@@ -53,14 +64,23 @@ fn needs_must_name_stages_and_fit_slots() {
         "pipelines/x.yaml:5:",
         "slot `parts` takes `blob`",
     );
-    assert_error("stages:\n  b:\n    uses: test/concat\n    needs: { partz: [] }\n", "pipelines/x.yaml:4:", "kind `test/concat` has no input slot `partz`; its slots: parts (blob)");
+    assert_error(
+        "stages:\n  b:\n    uses: test/concat\n    needs: { partz: [] }\n",
+        "pipelines/x.yaml:4:",
+        "kind `test/concat` has no input slot `partz`; its slots: parts (blob)",
+    );
     // arity: concat needs at least one part
-    assert_error("stages:\n  b: { uses: test/concat }\n", "pipelines/x.yaml:2:", "input `parts` of kind `test/concat` takes at least one `blob` artifact (blobs to join), got 0");
+    assert_error(
+        "stages:\n  b: { uses: test/concat }\n",
+        "pipelines/x.yaml:2:",
+        "input `parts` of kind `test/concat` takes at least one `blob` artifact (blobs to join), got 0",
+    );
 }
 
 #[test]
 fn same_kind_slots_fill_in_order_and_overflow_is_ambiguous() {
-    let ok = "stages:\n  a: { uses: test/source, with: { value: a } }\n  b: { uses: test/source, with: { value: b } }\n  p: { uses: test/pair, needs: [a, b] }\n";
+    let ok =
+        "stages:\n  a: { uses: test/source, with: { value: a } }\n  b: { uses: test/source, with: { value: b } }\n  p: { uses: test/pair, needs: [a, b] }\n";
     let plan = msmae_pipeline::plan(msmae_pipeline::parse(Path::new("x.yaml"), ok, &[]).expect("parse"), &registry()).expect("plan");
     let p = &plan.nodes[plan.index_of("p").expect("p")];
     assert_eq!(p.bindings.keys().collect::<Vec<_>>(), ["left", "right"]);

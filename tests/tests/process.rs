@@ -2,7 +2,6 @@
 //! one store at once. The test binary re-executes itself as the child (filtered to the
 //! same test, with `MSMAE_TEST_CHILD` naming the fixture directory).
 
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,7 +61,14 @@ fn pipeline(f: &Fixture) -> String {
 
 fn snapshot_objects(f: &Fixture) -> Vec<(PathBuf, Vec<u8>)> {
     let root = f.path(".msmae/objects");
-    let mut out: Vec<(PathBuf, Vec<u8>)> = msmae_pipeline::hashing::list_files(&root).expect("list").into_iter().map(|(_, p)| { let b = fs::read(&p).expect("read"); (p, b) }).collect();
+    let mut out: Vec<(PathBuf, Vec<u8>)> = msmae_pipeline::hashing::list_files(&root)
+        .expect("list")
+        .into_iter()
+        .map(|(_, p)| {
+            let b = fs::read(&p).expect("read");
+            (p, b)
+        })
+        .collect();
     out.sort();
     out
 }

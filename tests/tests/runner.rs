@@ -1,11 +1,10 @@
 //! Runner semantics with test-only stage plugins: caching, invalidation, early cut-off,
 //! selection flags, external inputs, output checks, failures, status/why, verify, gc.
 
-
 use std::fs;
 
-use msmae_tests::fixture::*;
 use msmae_pipeline::{Outcome, RunOptions};
+use msmae_tests::fixture::*;
 
 fn chain(f: &Fixture) -> String {
     let m = f.marker();
@@ -61,7 +60,16 @@ fn identical_output_stops_the_cascade() {
     f.run();
     f.clear_marks();
     let r = f.run_with(&["params.note=n2"], RunOptions::default());
-    assert_eq!(outcome(&r, "a"), &Outcome::Ran { seconds: match outcome(&r, "a") { Outcome::Ran { seconds, .. } => *seconds, _ => -1.0 }, unchanged: true });
+    assert_eq!(
+        outcome(&r, "a"),
+        &Outcome::Ran {
+            seconds: match outcome(&r, "a") {
+                Outcome::Ran { seconds, .. } => *seconds,
+                _ => -1.0,
+            },
+            unchanged: true
+        }
+    );
     assert_eq!(outcome(&r, "b").label(), "cached");
     assert_eq!(outcome(&r, "c").label(), "cached");
     assert_eq!(f.marks(), ["a"]);
@@ -94,7 +102,8 @@ fn stage_from_until_force_select_what_runs() {
     assert_eq!(f.marks().len(), 4);
     // unknown stage name
     let plan = f.plan(&[]);
-    let e = msmae_pipeline::run(&plan, &f.store(), &RunOptions { stage: Some("zz".into()), ..Default::default() }, &msmae_core::NoProgress).err().expect("unknown");
+    let e =
+        msmae_pipeline::run(&plan, &f.store(), &RunOptions { stage: Some("zz".into()), ..Default::default() }, &msmae_core::NoProgress).err().expect("unknown");
     assert!(e.to_string().contains("unknown stage `zz`; stages: a, b, c, d"), "{e}");
 }
 
@@ -134,7 +143,12 @@ fn external_inputs_are_hashed_into_the_key() {
     fs::write(f.path("dataset/images/1.png"), "one").expect("w");
     fs::write(f.path("dataset/labels.csv"), "1,a").expect("w");
     let m = f.marker();
-    f.write(&format!("stages:\n  ingest: {{ uses: test/ingest, with: {{ root: dataset, marker: {m} }} }}\n  use: {{ uses: test/concat, needs: {{ parts: [] }} }}\n").replace("  use: { uses: test/concat, needs: { parts: [] } }\n", ""));
+    f.write(
+        &format!(
+            "stages:\n  ingest: {{ uses: test/ingest, with: {{ root: dataset, marker: {m} }} }}\n  use: {{ uses: test/concat, needs: {{ parts: [] }} }}\n"
+        )
+        .replace("  use: { uses: test/concat, needs: { parts: [] } }\n", ""),
+    );
     assert_eq!(f.run().count("ran"), 1);
     assert_eq!(f.run().count("cached"), 1);
     fs::write(f.path("dataset/images/2.png"), "two").expect("w");
@@ -184,7 +198,11 @@ fn listed_files_are_hashed_one_by_one_wherever_they_live() {
     assert_eq!((outcome(&r, "read").label(), out(&r).as_str()), ("ran", "near+FAR+near"));
     let lock = msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock");
     let ext = &lock.stage("read").expect("read").parts.external;
-    assert_eq!(ext.iter().map(|e| (e.path.as_str(), e.files)).collect::<Vec<_>>(), [("data/list.txt", 1), ("files listed in data/list.txt", 2)], "duplicates count once");
+    assert_eq!(
+        ext.iter().map(|e| (e.path.as_str(), e.files)).collect::<Vec<_>>(),
+        [("data/list.txt", 1), ("files listed in data/list.txt", 2)],
+        "duplicates count once"
+    );
     // Two listed files swapping contents is a change, though sizes and the list are not.
     fs::write(&far, "near").expect("w");
     fs::write(f.path("data/near.png"), "FAR").expect("w");
@@ -223,7 +241,9 @@ fn outputs_are_checked_against_the_declaration() {
         ("escape", "writes `../escape.txt`, which its output declaration"),
     ];
     for (how, msg) in cases {
-        let f = Fixture::new(&format!("stages:\n  bad: {{ uses: test/misbehave, with: {{ how: {how} }} }}\n  after: {{ uses: test/concat, needs: [bad] }}\n  other: {{ uses: test/source, with: {{ value: ok }} }}\n"));
+        let f = Fixture::new(&format!(
+            "stages:\n  bad: {{ uses: test/misbehave, with: {{ how: {how} }} }}\n  after: {{ uses: test/concat, needs: [bad] }}\n  other: {{ uses: test/source, with: {{ value: ok }} }}\n"
+        ));
         let r = f.run();
         assert!(!r.ok());
         match outcome(&r, "bad") {
@@ -244,7 +264,9 @@ fn outputs_are_checked_against_the_declaration() {
 fn backend_is_part_of_the_key_only_for_stages_that_use_it() {
     let f = Fixture::new("");
     let m = f.marker();
-    f.write(&format!("stages:\n  data: {{ uses: test/source, with: {{ value: v, marker: {m} }} }}\n  train: {{ uses: test/model, needs: [data], with: {{ marker: {m} }} }}\n"));
+    f.write(&format!(
+        "stages:\n  data: {{ uses: test/source, with: {{ value: v, marker: {m} }} }}\n  train: {{ uses: test/model, needs: [data], with: {{ marker: {m} }} }}\n"
+    ));
     f.run();
     f.clear_marks();
     let env = msmae_core::ExecEnv { backend: "tch".into(), device: "cpu".into(), device_kind: "cpu".into(), precision: "f32".into() };
@@ -365,7 +387,9 @@ fn cancelled_runs_start_nothing() {
 
 #[test]
 fn rounds_chain_through_previous_round() {
-    let f = Fixture::new("stages:\n  seed: { uses: test/source, with: { value: s } }\n  r:\n    repeat: 3\n    init: { acc: seed }\n    stages:\n      acc: { uses: test/concat, needs: ['${prev.acc}'], with: { suffix: '+${round}' } }\n  final: { uses: test/concat, needs: [r.last.acc] }\n");
+    let f = Fixture::new(
+        "stages:\n  seed: { uses: test/source, with: { value: s } }\n  r:\n    repeat: 3\n    init: { acc: seed }\n    stages:\n      acc: { uses: test/concat, needs: ['${prev.acc}'], with: { suffix: '+${round}' } }\n  final: { uses: test/concat, needs: [r.last.acc] }\n",
+    );
     let r = f.run();
     assert!(r.ok());
     let d = r.stage("final").expect("final").artifact.clone().expect("digest");

@@ -39,13 +39,7 @@ stages:
 }
 
 fn msmae(dir: &Path, backend: &str, args: &[&str]) -> Output {
-    Command::new(msmae_tests::msmae_bin())
-        .current_dir(dir)
-        .args(args)
-        .env_remove("MSMAE_STORE")
-        .env("MSMAE_BACKEND", backend)
-        .output()
-        .expect("run msmae")
+    Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").env("MSMAE_BACKEND", backend).output().expect("run msmae")
 }
 
 fn text(o: &Output) -> String {
@@ -229,7 +223,9 @@ fn bad_training_configs_are_refused_before_anything_runs() {
 fn checkpoint_frequency_is_not_part_of_the_cache_key() {
     let d = tempfile::tempdir().expect("tmp");
     let yaml = |extra: &str| {
-        format!("name: ck\nseed: 4\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 64, size: 32, previews: 1 }} }}\n  ft: {{ uses: finetune/full, needs: [data], with: {{ model: {{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2 }}, batch_size: 16, warmup_epochs: 0{extra} }} }}\n  seg: {{ uses: segment/setr-pup, needs: [data], with: {{ model: {{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2 }}, batch_size: 16, head_channels: 8, figure_images: 1{extra} }} }}\n")
+        format!(
+            "name: ck\nseed: 4\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 64, size: 32, previews: 1 }} }}\n  ft: {{ uses: finetune/full, needs: [data], with: {{ model: {{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2 }}, batch_size: 16, warmup_epochs: 0{extra} }} }}\n  seg: {{ uses: segment/setr-pup, needs: [data], with: {{ model: {{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2 }}, batch_size: 16, head_channels: 8, figure_images: 1{extra} }} }}\n"
+        )
     };
     let run = |y: String| {
         fs::write(d.path().join("ck.yaml"), y).expect("write");
@@ -251,7 +247,9 @@ fn checkpoint_frequency_is_not_part_of_the_cache_key() {
 fn an_exported_mae_imports_into_another_pipeline_and_fine_tunes() {
     let d = tempfile::tempdir().expect("tmp");
     let data = "  data: { uses: ingest/synthetic, with: { images: 64, size: 32, previews: 1 } }\n";
-    let first = format!("name: first\nseed: 2\nstages:\n{data}  pre: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, epochs: 1, batch_size: 16, warmup_epochs: 0, figure_images: 1 }} }}\n  out: {{ uses: export/pytorch, needs: [pre] }}\n");
+    let first = format!(
+        "name: first\nseed: 2\nstages:\n{data}  pre: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, epochs: 1, batch_size: 16, warmup_epochs: 0, figure_images: 1 }} }}\n  out: {{ uses: export/pytorch, needs: [pre] }}\n"
+    );
     fs::write(d.path().join("first.yaml"), first).expect("write");
     let o = msmae(d.path(), "flex", &["run", "first.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -270,12 +268,17 @@ fn an_exported_mae_imports_into_another_pipeline_and_fine_tunes() {
     let o = msmae(d.path(), "flex", &["run", "second.yaml"]);
     assert!(o.status.success() && text(&o).contains("second: 2 ran, 1 cached"), "{}", text(&o));
     let lock2 = d.path().join("second.lock");
-    assert_eq!(fs::read(artifact_dir(&store, &lock2, "mae").join("model.safetensors")).expect("imported"), fs::read(pre.join("model.safetensors")).expect("pre-trained"), "export → import is bit-exact");
+    assert_eq!(
+        fs::read(artifact_dir(&store, &lock2, "mae").join("model.safetensors")).expect("imported"),
+        fs::read(pre.join("model.safetensors")).expect("pre-trained"),
+        "export → import is bit-exact"
+    );
     assert_eq!(json(&artifact_dir(&store, &lock2, "mae").join("model.json"))["normalizer"], meta["normalizer"], "the export's normalisation came back");
     let h = json(&artifact_dir(&store, &lock2, "ft").join("history.json"));
     assert_eq!(h["epochs"].as_array().map(Vec::len), Some(1), "{h}");
     // A mismatched architecture stops the import naming the file and the tensors.
-    let wrong = fs::read_to_string(d.path().join("second.yaml")).expect("read").replace("depth: 2, num_heads: 2, decoder_dim", "depth: 3, num_heads: 2, decoder_dim");
+    let wrong =
+        fs::read_to_string(d.path().join("second.yaml")).expect("read").replace("depth: 2, num_heads: 2, decoder_dim", "depth: 3, num_heads: 2, decoder_dim");
     fs::write(d.path().join("second.yaml"), wrong).expect("write");
     let o = msmae(d.path(), "flex", &["run", "second.yaml"]);
     assert!(!o.status.success() && text(&o).contains("model.safetensors") && text(&o).contains("blocks.2."), "{}", text(&o));

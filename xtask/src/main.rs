@@ -56,7 +56,9 @@ enum Cmd {
     /// (train steps of ViT/MAE on every backend beside PyTorch eager), `study` (the quickstart
     /// study under several seeds: lesion coverage, accuracy of none/MAE/MSMAE, epoch times),
     /// `ingest` (images/s and peak RSS of ingestion against Pillow + pyarrow; memory at 10k/50k).
-    #[command(after_help = "Examples:\n  cargo xtask bench ingest -- --images 5000\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench fused\n  cargo xtask bench study -- --seeds 1,2,3")]
+    #[command(
+        after_help = "Examples:\n  cargo xtask bench ingest -- --images 5000\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench fused\n  cargo xtask bench study -- --seeds 1,2,3"
+    )]
     Bench {
         /// Which benchmark.
         which: String,

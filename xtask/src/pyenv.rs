@@ -36,7 +36,8 @@ pub fn ensure() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(cache_root()).with_context(|| format!("create {}", cache_root().display()))?;
     let lock_path = dir.with_extension("lock");
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
+    let lock =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
     lock.lock().with_context(|| format!("lock {}", lock_path.display()))?;
     // Someone else may have finished it while this job waited.
     if ready() {

@@ -132,7 +132,8 @@ impl Stage for AttentionExtract {
             }
             Ok(())
         })?;
-        let provenance = serde_json::json!({ "stage": Self::KIND, "name": ctx.name, "model": input.digest, "model_stage": input.stage, "trained_by": meta.trained_by });
+        let provenance =
+            serde_json::json!({ "stage": Self::KIND, "name": ctx.name, "model": input.digest, "model_stage": input.stage, "trained_by": meta.trained_by });
         write_maps(&ctx.output_path("attention.parquet")?, &table, &maps, grid, provenance)?;
         let n = coverage.images;
         let mean = |x: f64| if n > 0 { serde_json::json!(x / n as f64) } else { serde_json::Value::Null };
@@ -149,7 +150,13 @@ impl Stage for AttentionExtract {
             "note": "lesion_coverage: mean fraction of lesion pixels inside the top-attention patches (a uniform map gives top_fraction); lesion_hit_rate: fraction of lesions whose most-covered patch is a top-attention patch",
         });
         if n > 0 {
-            tracing::info!("`{}`: top {:.0} % attention patches cover {:.1} % of lesion pixels ({n} images with lesions; uniform attention would cover {:.0} %)", ctx.name, c.top_fraction * 100.0, 100.0 * coverage.sum / n as f64, c.top_fraction * 100.0);
+            tracing::info!(
+                "`{}`: top {:.0} % attention patches cover {:.1} % of lesion pixels ({n} images with lesions; uniform attention would cover {:.0} %)",
+                ctx.name,
+                c.top_fraction * 100.0,
+                100.0 * coverage.sum / n as f64,
+                c.top_fraction * 100.0
+            );
         }
         write_json(ctx, "summary.json", &summary)
     }

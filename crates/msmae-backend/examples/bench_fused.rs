@@ -96,11 +96,8 @@ fn main() {
         let req = if kind == BackendKind::Tch { BackendRequest::Tch } else { BackendRequest::Flex };
         let dev = select(req, DeviceRequest::Cpu).expect("compiled backend").device;
         type Bench = fn(&Device, usize, bool) -> f64;
-        let ops: [(&str, Bench); 3] = [
-            ("LayerNorm [4, 197, 768]", layer_norm),
-            ("attention [4, 12, 197, 64]", attention),
-            ("AdamW update, 21.5 M params (no backward)", adamw),
-        ];
+        let ops: [(&str, Bench); 3] =
+            [("LayerNorm [4, 197, 768]", layer_norm), ("attention [4, 12, 197, 64]", attention), ("AdamW update, 21.5 M params (no backward)", adamw)];
         for (name, f) in ops {
             let (a, b) = (f(&dev, reps, true), f(&dev, reps, false));
             println!("| {name} | {kind} | {a:.2} | {b:.2} | {:.2}× |", b / a);

@@ -52,12 +52,23 @@ pub struct AdamWHyper {
 pub trait FusedKernels: Backend {
     /// LayerNorm over the last dimension; returns `(out, mean, rstd)` with `mean` and
     /// `rstd = 1/sqrt(var + eps)` shaped `[..., 1]`.
-    fn layer_norm_forward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    fn layer_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         generic::layer_norm_forward::<Self>(x, gamma, beta, eps)
     }
 
     /// Gradients `(dx, dgamma, dbeta)` of [`Self::layer_norm_forward`].
-    fn layer_norm_backward(grad: FloatTensor<Self>, x: FloatTensor<Self>, mean: FloatTensor<Self>, rstd: FloatTensor<Self>, gamma: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    fn layer_norm_backward(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         generic::layer_norm_backward::<Self>(grad, x, mean, rstd, gamma)
     }
 
@@ -70,7 +81,15 @@ pub trait FusedKernels: Backend {
 
     /// Gradients `(dq, dk, dv)` of [`Self::attention_forward`].
     #[allow(clippy::too_many_arguments)]
-    fn attention_backward(grad: FloatTensor<Self>, q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, out: FloatTensor<Self>, aux: FloatTensor<Self>, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    fn attention_backward(
+        grad: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        aux: FloatTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let _ = out;
         generic::attention_backward::<Self>(grad, q, k, v, aux, scale)
     }
@@ -87,9 +106,17 @@ pub trait FusedKernels: Backend {
     }
 
     /// Gradient of [`Self::self_attention_forward`] with respect to `qkv`.
-    fn self_attention_backward(grad: FloatTensor<Self>, qkv: FloatTensor<Self>, out: FloatTensor<Self>, aux: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+    fn self_attention_backward(
+        grad: FloatTensor<Self>,
+        qkv: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        aux: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> FloatTensor<Self> {
         let (q, k, v) = generic::split_heads::<Self>(qkv, heads);
-        let (dq, dk, dv) = Self::attention_backward(generic::unmerge_heads::<Self>(grad, heads), q, k, v, generic::unmerge_heads::<Self>(out, heads), aux, scale);
+        let (dq, dk, dv) =
+            Self::attention_backward(generic::unmerge_heads::<Self>(grad, heads), q, k, v, generic::unmerge_heads::<Self>(out, heads), aux, scale);
         generic::stack_heads::<Self>(dq, dk, dv)
     }
 
@@ -100,7 +127,13 @@ pub trait FusedKernels: Backend {
     }
 
     /// One AdamW step: returns the new `(param, moment_1, moment_2)`.
-    fn adamw_update(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    fn adamw_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        h: AdamWHyper,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         generic::adamw_update::<Self>(param, grad, m, v, h)
     }
 }
@@ -112,7 +145,13 @@ pub trait FusedOps: Backend {
     fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
     fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
     fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
-    fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        h: AdamWHyper,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// Inference/concrete backends: the forward kernel, statistics dropped.
@@ -131,7 +170,13 @@ macro_rules! concrete_fused_ops {
             fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
                 Self::linear_forward(x, w, b)
             }
-            fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            fn fused_adamw(
+                param: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                m: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                h: AdamWHyper,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
                 Self::adamw_update(param, grad, m, v, h)
             }
         }
@@ -270,7 +315,13 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
-    fn fused_adamw(param: FloatTensor<Self>, grad: FloatTensor<Self>, m: FloatTensor<Self>, v: FloatTensor<Self>, h: AdamWHyper) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        h: AdamWHyper,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         // Optimisers run on the inner (non-autodiff) tensors; on autodiff ones this is the
         // composed, differentiable update.
         generic::adamw_update::<Self>(param, grad, m, v, h)
@@ -350,7 +401,12 @@ pub mod generic {
         let [b, n, d3] = qkv.shape().dims();
         let hd = d3 / 3 / heads;
         let x = B::float_permute(B::float_reshape(qkv, Shape::new([b, n, 3, heads, hd])), &[2, 0, 3, 1, 4]);
-        let part = |i: usize| B::float_reshape(B::float_slice(x.clone(), &[Slice::from(i..i + 1), Slice::from(0..b), Slice::from(0..heads), Slice::from(0..n), Slice::from(0..hd)]), Shape::new([b, heads, n, hd]));
+        let part = |i: usize| {
+            B::float_reshape(
+                B::float_slice(x.clone(), &[Slice::from(i..i + 1), Slice::from(0..b), Slice::from(0..heads), Slice::from(0..n), Slice::from(0..hd)]),
+                Shape::new([b, heads, n, hd]),
+            )
+        };
         (part(0), part(1), part(2))
     }
 
@@ -373,7 +429,12 @@ pub mod generic {
         B::float_reshape(B::float_permute(all, &[1, 3, 0, 2, 4]), Shape::new([b, n, 3 * h * hd]))
     }
 
-    pub fn layer_norm_forward<B: Backend>(x: FloatTensor<B>, gamma: FloatTensor<B>, beta: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    pub fn layer_norm_forward<B: Backend>(
+        x: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+        beta: FloatTensor<B>,
+        eps: f64,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
         let (last, d) = last_dim::<B>(&x);
         let rank = last + 1;
         let mean = B::float_mean_dim(x.clone(), last);
@@ -385,7 +446,13 @@ pub mod generic {
         (out, mean, rstd)
     }
 
-    pub fn layer_norm_backward<B: Backend>(grad: FloatTensor<B>, x: FloatTensor<B>, mean: FloatTensor<B>, rstd: FloatTensor<B>, gamma: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    pub fn layer_norm_backward<B: Backend>(
+        grad: FloatTensor<B>,
+        x: FloatTensor<B>,
+        mean: FloatTensor<B>,
+        rstd: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
         let (last, d) = last_dim::<B>(&x);
         let rank = last + 1;
         let rows = x.shape().num_elements() / d;
@@ -408,7 +475,14 @@ pub mod generic {
         (B::float_matmul(probs.clone(), v), probs)
     }
 
-    pub fn attention_backward<B: Backend>(grad: FloatTensor<B>, q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, probs: FloatTensor<B>, scale: f64) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    pub fn attention_backward<B: Backend>(
+        grad: FloatTensor<B>,
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        probs: FloatTensor<B>,
+        scale: f64,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
         let dv = B::float_matmul(B::float_transpose(probs.clone()), grad.clone());
         let dp = B::float_matmul(grad, B::float_transpose(v));
         // softmax backward: ds = p · (dp − Σ_j p·dp)
@@ -419,7 +493,13 @@ pub mod generic {
         (dq, dk, dv)
     }
 
-    pub fn adamw_update<B: Backend>(param: FloatTensor<B>, grad: FloatTensor<B>, m: FloatTensor<B>, v: FloatTensor<B>, h: AdamWHyper) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    pub fn adamw_update<B: Backend>(
+        param: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        m: FloatTensor<B>,
+        v: FloatTensor<B>,
+        h: AdamWHyper,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
         let m = B::float_add(B::float_mul_scalar(m, h.beta_1.into()), B::float_mul_scalar(grad.clone(), (1.0 - h.beta_1).into()));
         let v = B::float_add(B::float_mul_scalar(v, h.beta_2.into()), B::float_mul_scalar(B::float_mul(grad.clone(), grad), (1.0 - h.beta_2).into()));
         // update = lr · (m / bc1) / (sqrt(v / bc2) + eps)
@@ -482,7 +562,13 @@ mod torch {
     }
 
     /// LayerNorm backward, one pass over each row (`g`, `x`: `[rows, d]`).
-    fn layer_norm_backward_cpu(g: &tch::Tensor, x: &tch::Tensor, mean: &tch::Tensor, rstd: &tch::Tensor, gamma: &tch::Tensor) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+    fn layer_norm_backward_cpu(
+        g: &tch::Tensor,
+        x: &tch::Tensor,
+        mean: &tch::Tensor,
+        rstd: &tch::Tensor,
+        gamma: &tch::Tensor,
+    ) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
         let (g, x, mean, rstd, gamma) = (g.contiguous(), x.contiguous(), mean.contiguous(), rstd.contiguous(), gamma.contiguous());
         let d = gamma.numel();
         let dx = tch::Tensor::empty(x.size(), (Kind::Float, TDevice::Cpu));
@@ -538,17 +624,21 @@ mod torch {
         // SAFETY: contiguous f32 CPU buffers of one length, owned by this op (owned_buffer),
         // alive until the end of this function; `grad` is only read.
         let (ps, gs, mst, vst) = unsafe { (slice_mut(&param.tensor), slice(&grad), slice_mut(&m.tensor), slice_mut(&v.tensor)) };
-        ps.par_chunks_mut(ELEMS_PER_CHUNK).zip(mst.par_chunks_mut(ELEMS_PER_CHUNK)).zip(vst.par_chunks_mut(ELEMS_PER_CHUNK)).zip(gs.par_chunks(ELEMS_PER_CHUNK)).for_each(|(((p, m), v), g)| {
-            // Iterators rather than indices: no bounds checks, so the loop vectorises.
-            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                let mi = b1 * *m + (1.0 - b1) * g;
-                let vi = b2 * *v + (1.0 - b2) * (g * g);
-                *m = mi;
-                *v = vi;
-                // decay = 1 without weight decay: exact.
-                *p = *p * decay - (1.0 / ((vi / bc2).sqrt() + eps)) * mi * lr_bc1;
-            }
-        });
+        ps.par_chunks_mut(ELEMS_PER_CHUNK)
+            .zip(mst.par_chunks_mut(ELEMS_PER_CHUNK))
+            .zip(vst.par_chunks_mut(ELEMS_PER_CHUNK))
+            .zip(gs.par_chunks(ELEMS_PER_CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                // Iterators rather than indices: no bounds checks, so the loop vectorises.
+                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    let mi = b1 * *m + (1.0 - b1) * g;
+                    let vi = b2 * *v + (1.0 - b2) * (g * g);
+                    *m = mi;
+                    *v = vi;
+                    // decay = 1 without weight decay: exact.
+                    *p = *p * decay - (1.0 / ((vi / bc2).sqrt() + eps)) * mi * lr_bc1;
+                }
+            });
         (param, m, v)
     }
 
@@ -570,16 +660,36 @@ mod torch {
 
         fn attention_forward(q: TchTensor, k: TchTensor, v: TchTensor, scale: f64) -> (TchTensor, TchTensor) {
             if [&q, &k, &v].iter().all(|t| cpu_f32(&t.tensor)) {
-                let (out, lse) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(&q.tensor, &k.tensor, &v.tensor, 0.0, false, None::<tch::Tensor>, scale);
+                let (out, lse) =
+                    tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(&q.tensor, &k.tensor, &v.tensor, 0.0, false, None::<tch::Tensor>, scale);
                 (TchTensor::new(out), TchTensor::new(lse))
             } else {
                 generic::attention_forward::<Self>(q, k, v, scale)
             }
         }
 
-        fn attention_backward(grad: TchTensor, q: TchTensor, k: TchTensor, v: TchTensor, out: TchTensor, aux: TchTensor, scale: f64) -> (TchTensor, TchTensor, TchTensor) {
+        fn attention_backward(
+            grad: TchTensor,
+            q: TchTensor,
+            k: TchTensor,
+            v: TchTensor,
+            out: TchTensor,
+            aux: TchTensor,
+            scale: f64,
+        ) -> (TchTensor, TchTensor, TchTensor) {
             if [&q, &k, &v].iter().all(|t| cpu_f32(&t.tensor)) {
-                let (dq, dk, dv) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(&grad.tensor, &q.tensor, &k.tensor, &v.tensor, &out.tensor, &aux.tensor, 0.0, false, None::<tch::Tensor>, scale);
+                let (dq, dk, dv) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                    &grad.tensor,
+                    &q.tensor,
+                    &k.tensor,
+                    &v.tensor,
+                    &out.tensor,
+                    &aux.tensor,
+                    0.0,
+                    false,
+                    None::<tch::Tensor>,
+                    scale,
+                );
                 (TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv))
             } else {
                 generic::attention_backward::<Self>(grad, q, k, v, aux, scale)

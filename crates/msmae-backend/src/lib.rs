@@ -29,7 +29,9 @@ pub enum BackendError {
     UnknownDevice(String),
     #[error("unknown backend `{0}`: use auto, flex or tch")]
     UnknownBackend(String),
-    #[error("this msmae was built without libtorch, which `{0}` needs: build it with `cargo xtask setup` (CPU) or `cargo xtask setup --cuda`, then `cargo xtask run …`")]
+    #[error(
+        "this msmae was built without libtorch, which `{0}` needs: build it with `cargo xtask setup` (CPU) or `cargo xtask setup --cuda`, then `cargo xtask run …`"
+    )]
     NoTorch(String),
     #[error("`{0}`: libtorch reports no CUDA device (a CPU-only libtorch, no GPU, or no driver); use --device cpu")]
     NoCuda(String),
@@ -54,11 +56,7 @@ impl FromStr for DeviceRequest {
             "cpu" => Ok(Self::Cpu),
             "auto" => Ok(Self::Auto),
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
-            _ => t
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| BackendError::UnknownDevice(s.to_string())),
+            _ => t.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(|| BackendError::UnknownDevice(s.to_string())),
         }
     }
 }
@@ -164,7 +162,11 @@ pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute,
         (BackendKind::Flex, DeviceRequest::Cuda(n)) => return Err(BackendError::FlexCpuOnly(format!("--device cuda:{n}"))),
         (BackendKind::Flex, _) => DeviceRequest::Cpu,
         (BackendKind::Tch, DeviceRequest::Auto) => {
-            if cuda_device_count() > 0 { DeviceRequest::Cuda(0) } else { DeviceRequest::Cpu }
+            if cuda_device_count() > 0 {
+                DeviceRequest::Cuda(0)
+            } else {
+                DeviceRequest::Cpu
+            }
         }
         (BackendKind::Tch, DeviceRequest::Cuda(n)) if n >= cuda_device_count() => return Err(BackendError::NoCuda(format!("cuda:{n}"))),
         (_, d) => d,
@@ -242,7 +244,9 @@ mod tests {
     fn flex_and_libtorch_agree_forward_and_backward() {
         let f = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").device;
         let t = select(BackendRequest::Tch, DeviceRequest::Cpu).expect("tch").device;
-        let (x, w) = seeded(&f, 3, || (Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &f), Tensor::<2>::random([16, 16], Distribution::Normal(0.0, 0.25), &f)));
+        let (x, w) = seeded(&f, 3, || {
+            (Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &f), Tensor::<2>::random([16, 16], Distribution::Normal(0.0, 0.25), &f))
+        });
         let run = |dev: &Device| {
             let dev = dev.clone().autodiff();
             let x = Tensor::<3>::from_data(x.to_data(), &dev);

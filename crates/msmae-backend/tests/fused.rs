@@ -65,7 +65,11 @@ fn fused_layer_norm_matches_composed_ops_in_value_and_gradient() {
 
             let run = |fused_op: bool| {
                 let (x, gamma, beta) = (x0.clone().require_grad(), gamma0.clone().require_grad(), beta0.clone().require_grad());
-                let out = if fused_op { fused::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-6) } else { ln_reference(x.clone(), gamma.clone(), beta.clone(), 1e-6) };
+                let out = if fused_op {
+                    fused::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-6)
+                } else {
+                    ln_reference(x.clone(), gamma.clone(), beta.clone(), 1e-6)
+                };
                 let grads = (out.clone() * w.clone()).sum().backward();
                 (out.inner(), x.grad(&grads).expect("dx"), gamma.grad(&grads).expect("dgamma"), beta.grad(&grads).expect("dbeta"))
             };
@@ -108,7 +112,15 @@ fn fused_attention_matches_softmax_attention_in_value_and_gradient() {
 }
 
 fn hyper(t: i32, wd: f64) -> AdamWHyper {
-    AdamWHyper { lr: 1e-2, beta_1: 0.9, beta_2: 0.95, epsilon: 1e-8, weight_decay: wd, bias_correction_1: 1.0 - 0.9f64.powi(t), bias_correction_2: 1.0 - 0.95f64.powi(t) }
+    AdamWHyper {
+        lr: 1e-2,
+        beta_1: 0.9,
+        beta_2: 0.95,
+        epsilon: 1e-8,
+        weight_decay: wd,
+        bias_correction_1: 1.0 - 0.9f64.powi(t),
+        bias_correction_2: 1.0 - 0.95f64.powi(t),
+    }
 }
 
 #[test]

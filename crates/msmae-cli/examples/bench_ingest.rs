@@ -54,7 +54,8 @@ fn field(seed: u64) -> Vec<f32> {
     const N: usize = 1024;
     const G: usize = 128;
     let mut rng = Rng(seed * 7919 + 1);
-    let blobs: Vec<(f32, f32, f32, f32)> = (0..24).map(|_| (rng.unit() * G as f32, rng.unit() * G as f32, 5.0 + rng.unit() * 20.0, (rng.unit() - 0.5) * 120.0)).collect();
+    let blobs: Vec<(f32, f32, f32, f32)> =
+        (0..24).map(|_| (rng.unit() * G as f32, rng.unit() * G as f32, 5.0 + rng.unit() * 20.0, (rng.unit() - 0.5) * 120.0)).collect();
     let mut grid = vec![0f32; G * G];
     for (i, g) in grid.iter_mut().enumerate() {
         let (y, x) = ((i / G) as f32, (i % G) as f32);
@@ -69,7 +70,10 @@ fn field(seed: u64) -> Vec<f32> {
             let gx = (x as f32 + 0.5) / 8.0 - 0.5;
             let (x0, fx) = (gx.floor().clamp(0.0, (G - 1) as f32) as usize, gx - gx.floor());
             let x1 = (x0 + 1).min(G - 1);
-            let b = grid[y0 * G + x0] * (1.0 - fx) * (1.0 - fy) + grid[y0 * G + x1] * fx * (1.0 - fy) + grid[y1 * G + x0] * (1.0 - fx) * fy + grid[y1 * G + x1] * fx * fy;
+            let b = grid[y0 * G + x0] * (1.0 - fx) * (1.0 - fy)
+                + grid[y0 * G + x1] * fx * (1.0 - fy)
+                + grid[y1 * G + x0] * (1.0 - fx) * fy
+                + grid[y1 * G + x1] * fx * fy;
             let noise = (rng.unit() + rng.unit() + rng.unit() - 1.5) * 6.0;
             out[y * N + x] = 60.0 + 80.0 * y as f32 / N as f32 + 30.0 * x as f32 / N as f32 + b + noise;
         }
@@ -129,14 +133,30 @@ fn manifests(dir: &Path, name: &str, files: &[PathBuf], rows: usize) -> (PathBuf
 
 /// `--worker MANIFEST OUT SIZE CHANNELS THREADS`: one msmae ingest, one JSON line.
 fn worker(args: &[String]) {
-    let (manifest, out, size, channels, threads) = (PathBuf::from(&args[0]), PathBuf::from(&args[1]), &args[2], &args[3], args[4].parse::<usize>().expect("threads"));
+    let (manifest, out, size, channels, threads) =
+        (PathBuf::from(&args[0]), PathBuf::from(&args[1]), &args[2], &args[3], args[4].parse::<usize>().expect("threads"));
     let c: ManifestConfig = serde_json::from_value(serde_json::json!({ "manifest": manifest, "id_column": "id", "size": size.parse::<u32>().expect("size"), "channels": channels.parse::<u32>().expect("channels"), "previews": 0, "split": { "train": 1.0, "val": 0.0, "test": 0.0 } })).expect("config");
     std::fs::create_dir_all(&out).expect("mkdir");
     let t = Instant::now();
-    let mut ctx = StageContext::new("bench".into(), 1, ExecEnv::cpu_flex(), threads, Default::default(), &NoProgress, out.clone(), out.clone(), Manifest.output(&c), BTreeMap::new());
+    let mut ctx = StageContext::new(
+        "bench".into(),
+        1,
+        ExecEnv::cpu_flex(),
+        threads,
+        Default::default(),
+        &NoProgress,
+        out.clone(),
+        out.clone(),
+        Manifest.output(&c),
+        BTreeMap::new(),
+    );
     Manifest.run(&c, &mut ctx).expect("ingest");
     let s = t.elapsed().as_secs_f64();
-    let rows = std::fs::read_to_string(out.join("split_report.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).and_then(|v| v["total_images"].as_u64()).unwrap_or(0);
+    let rows = std::fs::read_to_string(out.join("split_report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["total_images"].as_u64())
+        .unwrap_or(0);
     println!("{}", serde_json::json!({ "images": rows, "seconds": s, "images_per_s": rows as f64 / s, "peak_rss_mib": peak_rss_mib() }));
 }
 
@@ -155,7 +175,8 @@ fn main() {
     let n: usize = arg("--images", "5000").parse().expect("--images");
     let size = arg("--size", "224");
     let threads = arg("--threads", &std::thread::available_parallelism().map_or(2, |n| n.get()).to_string());
-    let cache = std::env::var("MSMAE_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/msmae"));
+    let cache =
+        std::env::var("MSMAE_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/msmae"));
     let dir = PathBuf::from(arg("--dir", &cache.join("bench-ingest").display().to_string()));
     let scales: Vec<usize> = arg("--scale", "10000,50000").split(',').filter(|s| !s.is_empty()).map(|s| s.parse().expect("--scale")).collect();
     let (pngs, jpgs) = generate(&dir, n);
@@ -175,10 +196,26 @@ fn main() {
             let _ = std::fs::read(f);
         }
         let ours = run_json(Command::new(&me).arg("--worker").arg(&csv).arg(work.path().join(format!("ours-{channels}"))).args([&size, channels, &threads]));
-        let py = python.as_ref().map(|p| run_json(Command::new(p).arg(&script).arg(&txt).arg(work.path().join(format!("py-{channels}.parquet"))).args(["--size", &size, "--channels", channels, "--row-group", "256"])));
+        let py = python.as_ref().map(|p| {
+            run_json(Command::new(p).arg(&script).arg(&txt).arg(work.path().join(format!("py-{channels}.parquet"))).args([
+                "--size",
+                &size,
+                "--channels",
+                channels,
+                "--row-group",
+                "256",
+            ]))
+        });
         let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         match py {
-            Some(py) => println!("| {name} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} |", f(&py, "images_per_s"), f(&ours, "images_per_s"), f(&ours, "images_per_s") / f(&py, "images_per_s"), f(&py, "peak_rss_mib"), f(&ours, "peak_rss_mib")),
+            Some(py) => println!(
+                "| {name} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} |",
+                f(&py, "images_per_s"),
+                f(&ours, "images_per_s"),
+                f(&ours, "images_per_s") / f(&py, "images_per_s"),
+                f(&py, "peak_rss_mib"),
+                f(&ours, "peak_rss_mib")
+            ),
             None => println!("| {name} | – | {:.0} | – | – | {:.0} |", f(&ours, "images_per_s"), f(&ours, "peak_rss_mib")),
         }
     }
@@ -190,7 +227,12 @@ fn main() {
             let (csv, _) = manifests(work.path(), &format!("scale-{rows}"), &pngs, rows);
             let out = work.path().join(format!("scale-{rows}"));
             let v = run_json(Command::new(&me).arg("--worker").arg(&csv).arg(&out).args([&size, "1", &threads]));
-            println!("| {rows} | {:.1} | {:.0} | {:.0} |", v["seconds"].as_f64().unwrap_or(f64::NAN), v["images_per_s"].as_f64().unwrap_or(f64::NAN), v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN));
+            println!(
+                "| {rows} | {:.1} | {:.0} | {:.0} |",
+                v["seconds"].as_f64().unwrap_or(f64::NAN),
+                v["images_per_s"].as_f64().unwrap_or(f64::NAN),
+                v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+            );
             let _ = std::fs::remove_dir_all(&out);
         }
     }

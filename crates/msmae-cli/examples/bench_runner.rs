@@ -125,7 +125,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. The runner: first run, then no-op re-runs (median of `repeat`).
     let pipeline = root.join("bench.yaml");
-    fs::write(&pipeline, format!("stages:\n  index: {{ uses: bench/index, with: {{ root: {} }} }}\n  big: {{ uses: bench/index, with: {{ root: {} }} }}\n", data.display(), big.display()))?;
+    fs::write(
+        &pipeline,
+        format!(
+            "stages:\n  index: {{ uses: bench/index, with: {{ root: {} }} }}\n  big: {{ uses: bench/index, with: {{ root: {} }} }}\n",
+            data.display(),
+            big.display()
+        ),
+    )?;
     let mut reg = Registry::new();
     reg.register(IndexStage);
     let store_dir = root.join(".msmae");

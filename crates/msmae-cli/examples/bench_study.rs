@@ -31,7 +31,11 @@ fn main() {
     }
     let tmp = std::env::temp_dir().join(format!("msmae-bench-study-{}", std::process::id()));
     let store = store.unwrap_or(tmp);
-    let exe = std::env::current_exe().ok().and_then(|p| p.parent().and_then(Path::parent).map(|d| d.join("msmae"))).filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from("msmae"));
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().and_then(Path::parent).map(|d| d.join("msmae")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("msmae"));
     let lock = store.join("bench.lock");
     let mut rows: Vec<Row> = Vec::new();
     for &seed in &seeds {
@@ -73,7 +77,13 @@ impl Row {
     fn read(seed: u64, store: &Path, lock: &Path) -> Row {
         let l: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(lock).expect("lock file")).expect("lock yaml");
         let stages = l.get("stages").and_then(|s| s.as_sequence()).cloned().unwrap_or_default();
-        let stage = |name: &str| stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name)).cloned().unwrap_or_else(|| panic!("stage `{name}` not in the lock file"));
+        let stage = |name: &str| {
+            stages
+                .iter()
+                .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+                .cloned()
+                .unwrap_or_else(|| panic!("stage `{name}` not in the lock file"))
+        };
         let dir = |name: &str| {
             let d = stage(name).get("output").and_then(|o| o.get("digest")).and_then(|d| d.as_str()).map(str::to_string).expect("digest");
             store.join("objects").join(&d[..2]).join(&d).join("data")
@@ -97,7 +107,11 @@ impl Row {
             scores: [score("eval-scratch"), score("eval-mae"), score("eval-msmae-full"), score("eval-msmae")],
             epoch_seconds: [per_epoch("ft-mae"), per_epoch("ft-msmae")],
             dice: ["seg-msmae", "seg-scratch"].map(|n| {
-                if stages.iter().any(|s| s.get("name").and_then(|x| x.as_str()) == Some(n)) { json(&dir(n).join("metrics.json"))["dice"].as_f64().unwrap_or(f64::NAN) } else { f64::NAN }
+                if stages.iter().any(|s| s.get("name").and_then(|x| x.as_str()) == Some(n)) {
+                    json(&dir(n).join("metrics.json"))["dice"].as_f64().unwrap_or(f64::NAN)
+                } else {
+                    f64::NAN
+                }
             }),
         }
     }
@@ -124,11 +138,19 @@ fn print_table(rows: &[Row]) {
     println!("\nover {} seeds (mean ± sd)", rows.len());
     println!("| method | accuracy | macro-F1 | macro AUC |");
     println!("|---|---|---|---|");
-    for (i, name) in ["no pre-training (finetune/full)", "MAE (random 0.75) + finetune/full", "MSMAE pre-training + finetune/full", "MSMAE (pre-training + finetune/msmae)"].iter().enumerate() {
+    for (i, name) in
+        ["no pre-training (finetune/full)", "MAE (random 0.75) + finetune/full", "MSMAE pre-training + finetune/full", "MSMAE (pre-training + finetune/msmae)"]
+            .iter()
+            .enumerate()
+    {
         println!("| {name} | {} | {} | {} |", col(&|r| r.scores[i].0), col(&|r| r.scores[i].1), col(&|r| r.scores[i].2));
     }
     println!("\nlesion coverage of the top-25 % attention patches: {} (uniform attention: 0.250)", col(&|r| r.coverage));
-    println!("fine-tuning wall time per epoch (stage time / epochs, incl. validation): full {} s, MSMAE {} s", col(&|r| r.epoch_seconds[0]), col(&|r| r.epoch_seconds[1]));
+    println!(
+        "fine-tuning wall time per epoch (stage time / epochs, incl. validation): full {} s, MSMAE {} s",
+        col(&|r| r.epoch_seconds[0]),
+        col(&|r| r.epoch_seconds[1])
+    );
     if rows.iter().all(|r| r.dice[0].is_finite()) {
         println!("segmentation Dice (test images with lesions): MSMAE-pre-trained encoder {}, random encoder {}", col(&|r| r.dice[0]), col(&|r| r.dice[1]));
     }

@@ -77,7 +77,9 @@ pub enum Format {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a pipeline: cached stages are served from the store, the rest execute.
-    #[command(after_help = "Examples:\n  msmae run pipelines/quickstart.yaml\n  msmae run pipelines/quickstart.yaml --stage masks        # re-run one stage\n  msmae run pipelines/quickstart.yaml --set params.size=32 --dry-run")]
+    #[command(
+        after_help = "Examples:\n  msmae run pipelines/quickstart.yaml\n  msmae run pipelines/quickstart.yaml --stage masks        # re-run one stage\n  msmae run pipelines/quickstart.yaml --set params.size=32 --dry-run"
+    )]
     Run {
         #[command(flatten)]
         common: Common,
@@ -221,7 +223,14 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 cancel,
                 lock_file: Some(lock_path(&common)),
             };
-            tracing::info!("pipeline `{}`: {} stages, backend {} on {}, store {}", plan.spec.name, plan.nodes.len(), compute.env.backend, compute.env.device, store.root().display());
+            tracing::info!(
+                "pipeline `{}`: {} stages, backend {} on {}, store {}",
+                plan.spec.name,
+                plan.nodes.len(),
+                compute.env.backend,
+                compute.env.device,
+                store.root().display()
+            );
             let bars = progress::bars();
             let report = msmae_pipeline::run(&plan, &store, &opts, bars.as_ref())?;
             print_report(&report);

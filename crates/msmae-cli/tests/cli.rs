@@ -8,13 +8,7 @@ use std::process::{Command, Output};
 const PIPELINE: &str = "name: tiny\nseed: 5\nparams: { n: 24 }\nstages:\n  xray: { uses: ingest/synthetic, with: { images: '${params.n}', size: 32, modality: xray, previews: 4 } }\n  fundus: { uses: ingest/synthetic, with: { images: 12, size: 32, modality: fundus } }\n";
 
 fn msmae(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_msmae"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("MSMAE_STORE")
-        .env("MSMAE_BACKEND", "flex")
-        .output()
-        .expect("run msmae")
+    Command::new(env!("CARGO_BIN_EXE_msmae")).current_dir(dir).args(args).env_remove("MSMAE_STORE").env("MSMAE_BACKEND", "flex").output().expect("run msmae")
 }
 
 fn text(o: &Output) -> String {

@@ -130,10 +130,7 @@ impl<'a> StageContext<'a> {
 
     /// The single artifact bound to slot `name`.
     pub fn input(&self, slot: &str) -> Result<&InputArtifact, StageError> {
-        self.inputs
-            .get(slot)
-            .and_then(|v| v.first())
-            .ok_or_else(|| StageError::MissingInput { slot: slot.to_string() })
+        self.inputs.get(slot).and_then(|v| v.first()).ok_or_else(|| StageError::MissingInput { slot: slot.to_string() })
     }
 
     /// All artifacts bound to slot `name` (empty for an unbound optional slot).

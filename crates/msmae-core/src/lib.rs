@@ -12,11 +12,11 @@ pub mod progress;
 pub mod rng;
 pub mod stage;
 
-pub use artifact::{ArtifactKind, Arity, InputArtifact, InputSlot, OutputDecl};
+pub use artifact::{Arity, ArtifactKind, InputArtifact, InputSlot, OutputDecl};
 pub use context::{CancelToken, ExecEnv, StageContext};
 pub use error::{ConfigError, StageError};
-pub use progress::{NoProgress, ProgressBar, Progress};
-pub use rng::{derive_seed, seeded_rng, SeedPath};
+pub use progress::{NoProgress, Progress, ProgressBar};
+pub use rng::{SeedPath, derive_seed, seeded_rng};
 pub use stage::{DynStage, ListedFiles, PreparedStage, Registry, Resources, Stage};
 
 /// The build-time fingerprint of the crate that expands this macro (see

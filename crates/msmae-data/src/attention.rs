@@ -71,7 +71,13 @@ fn format_err(path: &Path, message: impl Into<String>) -> TableError {
 
 fn check_meta(path: &Path, meta: &AttentionMeta) -> Result<(), TableError> {
     if meta.schema_version != ATTENTION_SCHEMA_VERSION {
-        return Err(format_err(path, format!("attention table schema version {} is not supported (expected {ATTENTION_SCHEMA_VERSION}): re-run attention extraction", meta.schema_version)));
+        return Err(format_err(
+            path,
+            format!(
+                "attention table schema version {} is not supported (expected {ATTENTION_SCHEMA_VERSION}): re-run attention extraction",
+                meta.schema_version
+            ),
+        ));
     }
     if meta.grid[0] == 0 || meta.grid[1] == 0 {
         return Err(format_err(path, format!("attention grid {}×{} is empty: it must be at least 1×1", meta.grid[0], meta.grid[1])));
@@ -128,7 +134,8 @@ pub fn write_attention(path: &Path, meta: &AttentionMeta, rows: &[AttentionRow])
     let parquet_err = |e: parquet::errors::ParquetError| format_err(path, e.to_string());
     let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
     for chunk in rows.chunks(ROW_GROUP) {
-        let mut w = ListBuilder::new(Float32Builder::with_capacity(chunk.len() * meta.patches())).with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+        let mut w =
+            ListBuilder::new(Float32Builder::with_capacity(chunk.len() * meta.patches())).with_field(Arc::new(Field::new("item", DataType::Float32, false)));
         for r in chunk {
             w.values().append_slice(&r.weights);
             w.append(true);
@@ -268,7 +275,11 @@ mod tests {
         }
         let batch = RecordBatch::try_new(
             schema.clone(),
-            vec![Arc::new(StringArray::from_iter_values(ids.iter().copied())), Arc::new(StringArray::from_iter_values(ids.iter().map(|_| "train"))), Arc::new(w.finish())],
+            vec![
+                Arc::new(StringArray::from_iter_values(ids.iter().copied())),
+                Arc::new(StringArray::from_iter_values(ids.iter().map(|_| "train"))),
+                Arc::new(w.finish()),
+            ],
         )
         .expect("batch");
         let mut pw = ArrowWriter::try_new(File::create(path).expect("create"), schema, None).expect("writer");

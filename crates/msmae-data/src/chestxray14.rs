@@ -42,7 +42,8 @@ pub const FINDINGS: [&str; 14] = [
 ];
 
 /// The header the published CSV has (for error messages).
-const HEADER: &str = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]";
+const HEADER: &str =
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]";
 
 fn d_train_val() -> PathBuf {
     PathBuf::from("train_val_list.txt")
@@ -99,7 +100,11 @@ fn image_dirs(root: &Path) -> Result<Vec<PathBuf>, StageError> {
     let mut parts: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(|e| StageError::io(root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().strip_prefix("images_").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().strip_prefix("images_").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())))
+        })
         .collect();
     parts.sort();
     for p in parts {
@@ -182,7 +187,11 @@ impl Stage for ChestXray14 {
             for (line, name) in read_list(&p)? {
                 match official.get(&name) {
                     Some((s, _)) if *s != split => {
-                        return Err(StageError::data(&p, Some(format!("line {line}")), format!("`{name}` is also in {}: the official split files must be disjoint", c.train_val_list.display())));
+                        return Err(StageError::data(
+                            &p,
+                            Some(format!("line {line}")),
+                            format!("`{name}` is also in {}: the official split files must be disjoint", c.train_val_list.display()),
+                        ));
                     }
                     Some(_) => tracing::warn!("{}:{line}: `{name}` is listed twice", p.display()),
                     None => {
@@ -207,7 +216,12 @@ impl Stage for ChestXray14 {
             let (id, pid, f) = (index.require(i)?, patient.require(i)?, findings.require(i)?);
             let what = format!("{csv_name}:{}", i + 2);
             if let Some(first) = seen.insert(id.to_string(), i + 2) {
-                triage.problem(&csv_path, Some(format!("{}, column `Image Index`", t.row_name(i))), what, format!("`{id}` is listed twice (first on line {first})"))?;
+                triage.problem(
+                    &csv_path,
+                    Some(format!("{}, column `Image Index`", t.row_name(i))),
+                    what,
+                    format!("`{id}` is listed twice (first on line {first})"),
+                )?;
                 continue;
             }
             let labels = match parse_findings(f) {
@@ -222,7 +236,12 @@ impl Stage for ChestXray14 {
                 continue;
             }
             let Some(&(split, _)) = official.get(id) else {
-                triage.problem(&csv_path, Some(t.row_name(i)), what, format!("image `{id}` is in neither {} nor {}", c.train_val_list.display(), c.test_list.display()))?;
+                triage.problem(
+                    &csv_path,
+                    Some(t.row_name(i)),
+                    what,
+                    format!("image `{id}` is in neither {} nor {}", c.train_val_list.display(), c.test_list.display()),
+                )?;
                 continue;
             };
             rows.push(Row { id: id.to_string(), patient: pid.to_string(), labels, split });
@@ -241,7 +260,12 @@ impl Stage for ChestXray14 {
         let crossing: BTreeSet<String> = sides.iter().filter(|(_, s)| s.len() > 1).map(|(p, _)| p.to_string()).collect();
         for p in &crossing {
             let ids: Vec<&str> = rows.iter().filter(|r| &r.patient == p).map(|r| r.id.as_str()).collect();
-            triage.problem(&root.join(&c.test_list), None, format!("patient {p}"), format!("patient `{p}` has images in both {} and {} ({})", c.train_val_list.display(), c.test_list.display(), ids.join(", ")))?;
+            triage.problem(
+                &root.join(&c.test_list),
+                None,
+                format!("patient {p}"),
+                format!("patient `{p}` has images in both {} and {} ({})", c.train_val_list.display(), c.test_list.display(), ids.join(", ")),
+            )?;
         }
         rows.retain(|r| !crossing.contains(&r.patient));
 
@@ -258,7 +282,8 @@ impl Stage for ChestXray14 {
             .collect();
         let names: Vec<String> = FINDINGS.iter().map(|s| s.to_string()).collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c, "metadata": csv_name });
-        let opts = WriteOptions { bit_depth: c.bit_depth, multi_label: true, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts =
+            WriteOptions { bit_depth: c.bit_depth, multi_label: true, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

@@ -57,7 +57,8 @@ pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let widen = |d: Decoded| if bit_depth == 16 { Decoded { pixels: d.pixels.iter().flat_map(|&v| (u16::from(v) * 257).to_le_bytes()).collect(), ..d } } else { d };
+    let widen =
+        |d: Decoded| if bit_depth == 16 { Decoded { pixels: d.pixels.iter().flat_map(|&v| (u16::from(v) * 257).to_le_bytes()).collect(), ..d } } else { d };
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_complete(bytes) {
         // zune-jpeg (the general decoder) fills a cut-off scan with grey instead of failing
         return Err(DecodeError::Decode("truncated JPEG: the scan has no end-of-image marker (FFD9)".into()));
@@ -143,7 +144,10 @@ fn jpeg_reduced(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> Optio
         let grey = info.pixel_format == jpeg_decoder::PixelFormat::L8;
         let (pt, bytes) = match (channels, grey) {
             (1, true) => (PixelType::U8, px),
-            (1, false) => (PixelType::U8, px.chunks_exact(3).map(|p| ((2126 * u32::from(p[0]) + 7152 * u32::from(p[1]) + 722 * u32::from(p[2]) + 5000) / 10000) as u8).collect()),
+            (1, false) => (
+                PixelType::U8,
+                px.chunks_exact(3).map(|p| ((2126 * u32::from(p[0]) + 7152 * u32::from(p[1]) + 722 * u32::from(p[2]) + 5000) / 10000) as u8).collect(),
+            ),
             (_, true) => (PixelType::U8x3, px.iter().flat_map(|&v| [v, v, v]).collect()),
             (_, false) => (PixelType::U8x3, px),
         };
@@ -197,7 +201,11 @@ fn fit_with(src: &Raw, size: u32, aspect: Aspect, nearest: bool) -> Result<Raw, 
             resize(src, size, size, Some(((w - s) / 2, (h - s) / 2, s, s)), nearest)
         }
         Aspect::Pad => {
-            let (sw, sh) = if w >= h { (size, ((f64::from(h) * f64::from(size) / f64::from(w)).round() as u32).max(1)) } else { (((f64::from(w) * f64::from(size) / f64::from(h)).round() as u32).max(1), size) };
+            let (sw, sh) = if w >= h {
+                (size, ((f64::from(h) * f64::from(size) / f64::from(w)).round() as u32).max(1))
+            } else {
+                (((f64::from(w) * f64::from(size) / f64::from(h)).round() as u32).max(1), size)
+            };
             let scaled = resize(src, sw, sh, None, nearest)?;
             let px = src.pt.size();
             let mut bytes = vec![0u8; (size * size) as usize * px];
@@ -250,7 +258,14 @@ pub fn decode_masks(paths: &[std::path::PathBuf], width: u32, height: u32, size:
 /// A multi-class mask: one single-channel file of class indices (0 = background, below
 /// `classes`) for an image whose source is `width × height`, brought through the image's
 /// aspect policy to `size × size` by nearest neighbour. `Err` names the file.
-pub fn decode_class_mask(paths: &[std::path::PathBuf], width: u32, height: u32, size: u32, aspect: Aspect, classes: usize) -> Result<Vec<u8>, (std::path::PathBuf, DecodeError)> {
+pub fn decode_class_mask(
+    paths: &[std::path::PathBuf],
+    width: u32,
+    height: u32,
+    size: u32,
+    aspect: Aspect,
+    classes: usize,
+) -> Result<Vec<u8>, (std::path::PathBuf, DecodeError)> {
     let first = paths.first().cloned().unwrap_or_default();
     if paths.len() != 1 {
         return Err((first, DecodeError::Decode(format!("multi-class masks take one file per image, got {}", paths.len()))));
@@ -288,7 +303,15 @@ mod tests {
     #[test]
     fn aspect_policies_keep_or_drop_the_borders() {
         // 40×20: left half red, right half blue, with a green 5-px border column at x < 5
-        let bytes = png(40, 20, |x, _| if x < 5 { [0, 255, 0] } else if x < 20 { [255, 0, 0] } else { [0, 0, 255] });
+        let bytes = png(40, 20, |x, _| {
+            if x < 5 {
+                [0, 255, 0]
+            } else if x < 20 {
+                [255, 0, 0]
+            } else {
+                [0, 0, 255]
+            }
+        });
         let crop = decode_resize(&bytes, 10, 3, Aspect::Crop).expect("crop");
         assert_eq!((crop.source_width, crop.source_height), (40, 20));
         assert_eq!(crop.pixels.len(), 300);

@@ -90,7 +90,12 @@ pub fn decode(bytes: &[u8]) -> Result<DicomImage, String> {
     let uid = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']).to_string();
     match TransferSyntaxRegistry.get(&uid) {
         Some(ts) if ts.can_decode_all() => {}
-        Some(ts) => return Err(format!("unsupported DICOM transfer syntax {} ({uid}): decode it to uncompressed first (e.g. `gdcmconv --raw` or `dcmdjpeg`)", ts.name())),
+        Some(ts) => {
+            return Err(format!(
+                "unsupported DICOM transfer syntax {} ({uid}): decode it to uncompressed first (e.g. `gdcmconv --raw` or `dcmdjpeg`)",
+                ts.name()
+            ));
+        }
         None => return Err(format!("unknown DICOM transfer syntax {uid}")),
     }
     for (tag, what) in [(tags::MODALITY_LUT_SEQUENCE, "Modality LUT Sequence"), (tags::VOILUT_SEQUENCE, "VOI LUT Sequence")] {
@@ -111,9 +116,19 @@ pub fn decode(bytes: &[u8]) -> Result<DicomImage, String> {
     match (pi.as_str(), spp) {
         ("MONOCHROME1" | "MONOCHROME2", 1) => {}
         ("RGB", 3) => {
-            let raw: Vec<f64> = px.to_vec_frame_with_options(0, &ConvertOptions::new().with_modality_lut(ModalityLutOption::None)).map_err(|e| format!("cannot read the pixel values: {e}"))?;
+            let raw: Vec<f64> = px
+                .to_vec_frame_with_options(0, &ConvertOptions::new().with_modality_lut(ModalityLutOption::None))
+                .map_err(|e| format!("cannot read the pixel values: {e}"))?;
             let max = ((1u64 << bits_stored.min(32)) - 1) as f64;
-            return Ok(DicomImage { width: w, height: h, channels: 3, values: raw.iter().map(|v| (v / max) as f32).collect(), voi: Voi::Colour, inverted: false, bits_stored });
+            return Ok(DicomImage {
+                width: w,
+                height: h,
+                channels: 3,
+                values: raw.iter().map(|v| (v / max) as f32).collect(),
+                voi: Voi::Colour,
+                inverted: false,
+                bits_stored,
+            });
         }
         (other, n) => return Err(format!("photometric interpretation {other} with {n} samples per pixel is not supported (MONOCHROME1, MONOCHROME2 or RGB)")),
     }

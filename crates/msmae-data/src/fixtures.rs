@@ -36,7 +36,12 @@ pub fn chestxray14(root: &Path, v2020: bool, flat: bool) -> Vec<String> {
             } else {
                 // a bright blob whose place depends on the first finding: something to learn
                 let (cx, cy) = (8 + 6 * ((p + k) % 5), 20);
-                save_grey(&path, &image::GrayImage::from_fn(40, 40, |x, y| image::Luma([if x.abs_diff(cx) < 5 && y.abs_diff(cy) < 5 { 220 } else { ((x + y + p) % 64) as u8 + 40 }])));
+                save_grey(
+                    &path,
+                    &image::GrayImage::from_fn(40, 40, |x, y| {
+                        image::Luma([if x.abs_diff(cx) < 5 && y.abs_diff(cy) < 5 { 220 } else { ((x + y + p) % 64) as u8 + 40 }])
+                    }),
+                );
             }
             csv.push_str(&format!("{name},{f},{k},{},{},M,PA,2500,2048,0.143,0.143{}\n", p + 1, 40 + p, if v2020 { "," } else { "" }));
             if p < 8 { &mut test } else { &mut train_val }.push_str(&format!("{name}\n"));
@@ -66,9 +71,15 @@ pub fn messidor2(root: &Path, exams: u32) {
             .collect();
         for (k, (file, listed)) in names.iter().enumerate() {
             let grade = (e + k as u32) % 5;
-            image::RgbImage::from_fn(60, 40, |x, y| if x.abs_diff(10 + grade * 9) < 4 && y.abs_diff(20) < 4 { image::Rgb([250, 240, 60]) } else { image::Rgb([(x * 4) as u8, (y * 6) as u8, (e * 10 % 256) as u8]) })
-                .save(img.join(file))
-                .expect("img");
+            image::RgbImage::from_fn(60, 40, |x, y| {
+                if x.abs_diff(10 + grade * 9) < 4 && y.abs_diff(20) < 4 {
+                    image::Rgb([250, 240, 60])
+                } else {
+                    image::Rgb([(x * 4) as u8, (y * 6) as u8, (e * 10 % 256) as u8])
+                }
+            })
+            .save(img.join(file))
+            .expect("img");
             if e == 3 && k == 1 {
                 grades.push_str(&format!("{listed},,,0\n"));
             } else {
@@ -106,7 +117,9 @@ pub fn busi(root: &Path, per_class: [u32; 3]) {
                 mask.save(root.join(format!("{class}/{stem}_mask.png"))).expect("mask");
             }
             if lesion && i == 1 {
-                image::GrayImage::from_fn(40, 32, |x, y| image::Luma([if second(x, y) { 255 } else { 0 }])).save(root.join(format!("{class}/{stem}_mask_1.png"))).expect("mask 1");
+                image::GrayImage::from_fn(40, 32, |x, y| image::Luma([if second(x, y) { 255 } else { 0 }]))
+                    .save(root.join(format!("{class}/{stem}_mask_1.png")))
+                    .expect("mask 1");
             }
         }
     }

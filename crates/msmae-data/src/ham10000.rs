@@ -163,7 +163,14 @@ impl Stage for Ham10000 {
             .map(|r| {
                 let path = files[&r.image].clone();
                 let source = relative(&path, &root);
-                Item::new(r.image.clone(), path, source, r.lesion.clone(), split_of[r.lesion.as_str()], CLASSES.iter().position(|k| *k == r.dx).map(|i| i as i32))
+                Item::new(
+                    r.image.clone(),
+                    path,
+                    source,
+                    r.lesion.clone(),
+                    split_of[r.lesion.as_str()],
+                    CLASSES.iter().position(|k| *k == r.dx).map(|i| i as i32),
+                )
             })
             .collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, Reject, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
 pub use crate::ingest::OnError;
+use crate::ingest::{Item, Reject, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
 use crate::table::{Split, SplitFractions, carve_validation};
 
 fn d_ext() -> Vec<String> {
@@ -75,7 +75,6 @@ struct Found {
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ImageFolder;
-
 
 fn sorted_dirs(p: &Path) -> Result<Vec<PathBuf>, StageError> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(p)
@@ -277,7 +276,11 @@ impl Stage for ImageFolder {
             })
             .collect::<Result<Vec<_>, StageError>>()?;
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions { bit_depth: c.bit_depth, masks: c.mask_suffix.is_some(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts = WriteOptions {
+            bit_depth: c.bit_depth,
+            masks: c.mask_suffix.is_some(),
+            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+        };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

@@ -201,7 +201,13 @@ pub fn write_image_table(
                             rejects.push(Reject { path: it.source.clone(), reason });
                             continue;
                         }
-                        Err((path, e)) => return Err(StageError::data(&path, None, format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"))),
+                        Err((path, e)) => {
+                            return Err(StageError::data(
+                                &path,
+                                None,
+                                format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"),
+                            ));
+                        }
                     };
                     tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
                     if (previews.len() as u32) < o.previews {
@@ -284,7 +290,9 @@ impl Triage {
                 self.rejects.push(Reject { path: what, reason });
                 Ok(())
             }
-            OnError::Fail => Err(StageError::data(file, location, format!("{message} (set `on_error: skip` to leave such entries out and list them in rejects.json)"))),
+            OnError::Fail => {
+                Err(StageError::data(file, location, format!("{message} (set `on_error: skip` to leave such entries out and list them in rejects.json)")))
+            }
         }
     }
 }

@@ -109,7 +109,6 @@ pub struct ManifestConfig {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Manifest;
 
-
 /// One accepted manifest row.
 struct Row {
     id: String,
@@ -211,9 +210,12 @@ impl Stage for Manifest {
             (Some(v), ..) => v.clone(),
             (None, Some(cols), ..) => cols.iter().map(|c| c.name().to_string()).collect(),
             (None, None, Some(col), _) => (0..t.len()).filter_map(|i| col.get(i)).map(str::to_string).collect::<BTreeSet<_>>().into_iter().collect(),
-            (None, None, None, Some(col)) => {
-                (0..t.len()).filter_map(|i| col.get(i)).flat_map(|v| v.split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string)).collect::<BTreeSet<_>>().into_iter().collect()
-            }
+            (None, None, None, Some(col)) => (0..t.len())
+                .filter_map(|i| col.get(i))
+                .flat_map(|v| v.split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
             _ => Vec::new(),
         };
         let class_index = |col: &crate::meta::Column<'_>, v: &str| -> Result<usize, String> {
@@ -313,7 +315,11 @@ impl Stage for Manifest {
                 let s = r.split.unwrap_or(Split::Train);
                 if let Some(prev) = split_of.insert(r.patient.clone(), s) {
                     if prev != s {
-                        return Err(StageError::data(&manifest, Some(format!("column `{}`", c.split_column.clone().unwrap_or_default())), format!("patient `{}` is in both {} and {}: splits must be by patient", r.patient, prev.as_str(), s.as_str())));
+                        return Err(StageError::data(
+                            &manifest,
+                            Some(format!("column `{}`", c.split_column.clone().unwrap_or_default())),
+                            format!("patient `{}` is in both {} and {}: splits must be by patient", r.patient, prev.as_str(), s.as_str()),
+                        ));
                     }
                 }
             }
@@ -331,7 +337,13 @@ impl Stage for Manifest {
             })
             .collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions { bit_depth: c.bit_depth, multi_label: multi, masks: c.mask_column.is_some(), mask_classes: c.mask_classes.clone().unwrap_or_default(), ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts = WriteOptions {
+            bit_depth: c.bit_depth,
+            multi_label: multi,
+            masks: c.mask_column.is_some(),
+            mask_classes: c.mask_classes.clone().unwrap_or_default(),
+            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+        };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

@@ -125,7 +125,11 @@ impl Stage for Messidor2 {
         if let Some(pairs) = &c.pairs {
             let path = root.join(pairs);
             if !path.is_file() {
-                return Err(StageError::data(&path, None, "exam list not found: it keeps both eyes of an exam in one split (set `pairs: null` to split by image instead)"));
+                return Err(StageError::data(
+                    &path,
+                    None,
+                    "exam list not found: it keeps both eyes of an exam in one split (set `pairs: null` to split by image instead)",
+                ));
             }
             let t = TextTable::read_csv(&path, b';')?;
             let (left, right) = (t.column("left", "left;right")?, t.column("right", "left;right")?);
@@ -141,7 +145,8 @@ impl Stage for Messidor2 {
         }
 
         let t = TextTable::read_csv(&root.join(&c.grades), b',')?;
-        let (id_col, grade_col, gradable_col) = (t.column("image_id", HEADER)?, t.column("adjudicated_dr_grade", HEADER)?, t.column("adjudicated_gradable", HEADER)?);
+        let (id_col, grade_col, gradable_col) =
+            (t.column("image_id", HEADER)?, t.column("adjudicated_dr_grade", HEADER)?, t.column("adjudicated_gradable", HEADER)?);
         let grades_name = relative(&root.join(&c.grades), &root);
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut ungradable: Vec<Reject> = Vec::new();
@@ -151,7 +156,12 @@ impl Stage for Messidor2 {
             let key = id.to_ascii_lowercase();
             let what = format!("{grades_name}:{}", i + 2);
             if let Some(first) = seen.insert(key.clone(), i + 2) {
-                triage.problem(t.path(), Some(format!("{}, column `image_id`", t.row_name(i))), what, format!("`{id}` is listed twice (first on line {first})"))?;
+                triage.problem(
+                    t.path(),
+                    Some(format!("{}, column `image_id`", t.row_name(i))),
+                    what,
+                    format!("`{id}` is listed twice (first on line {first})"),
+                )?;
                 continue;
             }
             let Some(path) = files.get(&key) else {
@@ -164,7 +174,12 @@ impl Stage for Messidor2 {
             }
             match grade_col.get(i).and_then(parse_grade) {
                 Some(g) => rows.push((id.to_string(), path.clone(), g)),
-                None => triage.problem(t.path(), Some(format!("{}, column `adjudicated_dr_grade`", t.row_name(i))), what, format!("grade `{}` is not 0–4", grade_col.get(i).unwrap_or("")))?,
+                None => triage.problem(
+                    t.path(),
+                    Some(format!("{}, column `adjudicated_dr_grade`", t.row_name(i))),
+                    what,
+                    format!("grade `{}` is not 0–4", grade_col.get(i).unwrap_or("")),
+                )?,
             }
         }
         for (key, p) in &files {

@@ -58,7 +58,8 @@ impl TextTable {
         for batch in builder.build().map_err(|e| fmt(e.to_string()))? {
             let batch = batch.map_err(|e| fmt(e.to_string()))?;
             for (i, a) in batch.columns().iter().enumerate() {
-                let text = arrow::compute::cast(a, &DataType::Utf8).map_err(|e| StageError::data(path, Some(format!("column `{}`", names[i])), format!("cannot read as text: {e}")))?;
+                let text = arrow::compute::cast(a, &DataType::Utf8)
+                    .map_err(|e| StageError::data(path, Some(format!("column `{}`", names[i])), format!("cannot read as text: {e}")))?;
                 let s = text.as_any().downcast_ref::<StringArray>().ok_or_else(|| fmt(format!("column `{}`: not text after cast", names[i])))?;
                 cols[i].extend((0..s.len()).map(|r| s.is_valid(r).then(|| s.value(r).to_string())));
             }
@@ -96,7 +97,11 @@ impl TextTable {
     /// The column `name`; the error lists the columns the file has and what was expected.
     pub fn column(&self, name: &str, expected: &str) -> Result<Column<'_>, StageError> {
         let idx = self.names.iter().position(|n| n == name).ok_or_else(|| {
-            StageError::data(&self.path, Some(format!("header, column `{name}`")), format!("missing column `{name}`; the file has columns {:?} (expected {expected})", self.names))
+            StageError::data(
+                &self.path,
+                Some(format!("header, column `{name}`")),
+                format!("missing column `{name}`; the file has columns {:?} (expected {expected})", self.names),
+            )
         })?;
         Ok(Column { table: self, name: &self.names[idx], idx })
     }

@@ -72,7 +72,10 @@ fn check_meta(path: &Path, meta: &PredictionMeta) -> Result<(), TableError> {
     if meta.schema_version != PREDICTIONS_SCHEMA_VERSION {
         return Err(format_err(
             path,
-            format!("predictions schema version {} is not supported (expected {PREDICTIONS_SCHEMA_VERSION}): re-run the stage that wrote it", meta.schema_version),
+            format!(
+                "predictions schema version {} is not supported (expected {PREDICTIONS_SCHEMA_VERSION}): re-run the stage that wrote it",
+                meta.schema_version
+            ),
         ));
     }
     if meta.label_names.is_empty() {

@@ -242,7 +242,14 @@ impl Stage for Synthetic {
         tracing::info!("{}: split report\n{}", ctx.name, report.table(&names));
         if !previews.is_empty() {
             let pp = ctx.output_path("previews/sheet.png")?;
-            crate::preview::sheet(&previews.iter().map(|p| (p.pixels.as_slice(), Some(p.mask.as_slice()))).collect::<Vec<_>>(), c.size, c.size, c.modality.channels()).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
+            crate::preview::sheet(
+                &previews.iter().map(|p| (p.pixels.as_slice(), Some(p.mask.as_slice()))).collect::<Vec<_>>(),
+                c.size,
+                c.size,
+                c.modality.channels(),
+            )
+            .save(&pp)
+            .map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
         }
         Ok(())
     }
@@ -310,7 +317,8 @@ pub fn generate(c: &SyntheticConfig, seed: u64, index: u32) -> Sample {
     };
     // lesion profile (amplitude 1 at its strongest)
     if label > 0 {
-        let lobes: Vec<(f32, f32, f32)> = (0..4).map(|_| (r.random_range(-0.6..0.6) * radius, r.random_range(-0.6..0.6) * radius, r.random_range(0.6..1.0))).collect();
+        let lobes: Vec<(f32, f32, f32)> =
+            (0..4).map(|_| (r.random_range(-0.6..0.6) * radius, r.random_range(-0.6..0.6) * radius, r.random_range(0.6..1.0))).collect();
         let dots: Vec<(f32, f32)> = (0..6).map(|_| (r.random_range(-1.2..1.2) * radius, r.random_range(-1.2..1.2) * radius)).collect();
         for y in 0..n {
             for x in 0..n {
@@ -319,10 +327,16 @@ pub fn generate(c: &SyntheticConfig, seed: u64, index: u32) -> Sample {
                 let g = |s: f32, d: f32| (-d * d / (2.0 * s * s)).exp();
                 let v = match (c.modality, label) {
                     (Modality::Xray, 1) => g(radius * 0.6, d),
-                    (Modality::Xray, 2) => lobes.iter().map(|(ox, oy, w)| w * g(radius * 0.7, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max),
+                    (Modality::Xray, 2) => {
+                        lobes.iter().map(|(ox, oy, w)| w * g(radius * 0.7, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max)
+                    }
                     (Modality::Xray, _) => g(radius * 0.25, d - radius) - 0.6 * g(radius * 0.45, d),
-                    (Modality::Fundus, 1) => dots.iter().map(|(ox, oy)| g(0.6f32.max(sz / 110.0), ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max),
-                    (Modality::Fundus, 2) => lobes.iter().map(|(ox, oy, w)| w * g(radius * 0.35, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max),
+                    (Modality::Fundus, 1) => {
+                        dots.iter().map(|(ox, oy)| g(0.6f32.max(sz / 110.0), ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max)
+                    }
+                    (Modality::Fundus, 2) => {
+                        lobes.iter().map(|(ox, oy, w)| w * g(radius * 0.35, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max)
+                    }
                     (Modality::Fundus, _) => g(radius * 0.7, d) * (1.0 + 0.2 * (5.0 * dy.atan2(dx)).sin()),
                 };
                 lesion_field[y * n + x] = v;

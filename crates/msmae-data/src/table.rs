@@ -300,12 +300,8 @@ impl ImageTableWriter {
 fn to_batch(schema: &Arc<Schema>, meta: &TableMeta, rows: &[ImageRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
     let s = |f: fn(&ImageRow) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f))) as ArrayRef;
     let i = |f: fn(&ImageRow) -> i32| Arc::new(Int32Array::from_iter_values(rows.iter().map(f))) as ArrayRef;
-    let mut cols: Vec<ArrayRef> = vec![
-        s(|r| &r.id),
-        s(|r| &r.patient_id),
-        s(|r| r.split.as_str()),
-        Arc::new(Int32Array::from_iter(rows.iter().map(|r| r.label))),
-    ];
+    let mut cols: Vec<ArrayRef> =
+        vec![s(|r| &r.id), s(|r| &r.patient_id), s(|r| r.split.as_str()), Arc::new(Int32Array::from_iter(rows.iter().map(|r| r.label)))];
     if meta.multi_label {
         let mut b = ListBuilder::new(UInt8Builder::new());
         for r in rows {
@@ -336,10 +332,18 @@ fn to_batch(schema: &Arc<Schema>, meta: &TableMeta, rows: &[ImageRow]) -> Result
 pub fn read_meta(path: &Path) -> Result<TableMeta, TableError> {
     let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| TableError::Format { path: path.into(), message: e.to_string() })?;
-    let text = b.schema().metadata().get(META_KEY).cloned().ok_or_else(|| TableError::Format { path: path.into(), message: format!("not an msmae image table (no `{META_KEY}` footer metadata)") })?;
+    let text = b
+        .schema()
+        .metadata()
+        .get(META_KEY)
+        .cloned()
+        .ok_or_else(|| TableError::Format { path: path.into(), message: format!("not an msmae image table (no `{META_KEY}` footer metadata)") })?;
     let meta: TableMeta = serde_json::from_str(&text).map_err(|e| TableError::Format { path: path.into(), message: format!("footer metadata: {e}") })?;
     if meta.schema_version != SCHEMA_VERSION {
-        return Err(TableError::Format { path: path.into(), message: format!("image table schema version {} is not supported (expected {SCHEMA_VERSION}): re-run ingestion", meta.schema_version) });
+        return Err(TableError::Format {
+            path: path.into(),
+            message: format!("image table schema version {} is not supported (expected {SCHEMA_VERSION}): re-run ingestion", meta.schema_version),
+        });
     }
     Ok(meta)
 }
@@ -353,9 +357,15 @@ pub fn read_rows(path: &Path) -> Result<Vec<ImageRow>, TableError> {
     for batch in reader {
         let batch = batch.map_err(|e| fmt(e.to_string()))?;
         let col = |name: &str| batch.column_by_name(name).ok_or_else(|| fmt(format!("missing column `{name}`")));
-        let strs = |name: &str| -> Result<StringArray, TableError> { col(name)?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not utf8"))) };
-        let ints = |name: &str| -> Result<Int32Array, TableError> { col(name)?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not int32"))) };
-        let bins = |name: &str| -> Result<BinaryArray, TableError> { col(name)?.as_any().downcast_ref::<BinaryArray>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not binary"))) };
+        let strs = |name: &str| -> Result<StringArray, TableError> {
+            col(name)?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not utf8")))
+        };
+        let ints = |name: &str| -> Result<Int32Array, TableError> {
+            col(name)?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not int32")))
+        };
+        let bins = |name: &str| -> Result<BinaryArray, TableError> {
+            col(name)?.as_any().downcast_ref::<BinaryArray>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not binary")))
+        };
         let (id, pid, split, sp, sh) = (strs("id")?, strs("patient_id")?, strs("split")?, strs("source_path")?, strs("source_sha256")?);
         let (label, w, h, c) = (ints("label")?, ints("width")?, ints("height")?, ints("channels")?);
         let (px, mask) = (bins("pixels")?, bins("mask")?);

@@ -21,7 +21,18 @@ fn run(root: &Path, out: &Path, extra: serde_json::Value) -> Result<(), StageErr
     let c: ChestXray14Config = serde_json::from_value(v).expect("config");
     ChestXray14.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
     std::fs::create_dir_all(out).expect("mkdir");
-    let mut ctx = StageContext::new("cxr".into(), 5, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out.to_path_buf(), out.to_path_buf(), ChestXray14.output(&c), BTreeMap::new());
+    let mut ctx = StageContext::new(
+        "cxr".into(),
+        5,
+        ExecEnv::cpu_flex(),
+        2,
+        Default::default(),
+        &NoProgress,
+        out.to_path_buf(),
+        out.to_path_buf(),
+        ChestXray14.output(&c),
+        BTreeMap::new(),
+    );
     ChestXray14.run(&c, &mut ctx)
 }
 

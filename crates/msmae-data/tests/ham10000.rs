@@ -16,7 +16,11 @@ fn jpg(p: &Path, v: u8) {
 /// 24 lesions × 2 images, alternating folders; `extra` lines appended to the CSV.
 fn release(root: &Path, with_dataset_column: bool, extra: &str) {
     let dx = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"];
-    let mut csv = String::from(if with_dataset_column { "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n" } else { "lesion_id,image_id,dx,dx_type,age,sex,localization\n" });
+    let mut csv = String::from(if with_dataset_column {
+        "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n"
+    } else {
+        "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+    });
     for l in 0..24 {
         for k in 0..2 {
             let id = format!("ISIC_{:07}", l * 2 + k);
@@ -29,10 +33,22 @@ fn release(root: &Path, with_dataset_column: bool, extra: &str) {
 }
 
 fn run(root: &Path, out: &Path, skip: bool) -> Result<(), StageError> {
-    let c: Ham10000Config = serde_json::from_value(serde_json::json!({ "root": root, "size": 16, "previews": 2, "on_error": if skip { "skip" } else { "fail" } })).expect("config");
+    let c: Ham10000Config =
+        serde_json::from_value(serde_json::json!({ "root": root, "size": 16, "previews": 2, "on_error": if skip { "skip" } else { "fail" } })).expect("config");
     Ham10000.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
     std::fs::create_dir_all(out).expect("mkdir");
-    let mut ctx = StageContext::new("ham".into(), 1, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out.to_path_buf(), out.to_path_buf(), Ham10000.output(&c), BTreeMap::new());
+    let mut ctx = StageContext::new(
+        "ham".into(),
+        1,
+        ExecEnv::cpu_flex(),
+        2,
+        Default::default(),
+        &NoProgress,
+        out.to_path_buf(),
+        out.to_path_buf(),
+        Ham10000.output(&c),
+        BTreeMap::new(),
+    );
     Ham10000.run(&c, &mut ctx)
 }
 

@@ -172,7 +172,10 @@ fn segmentation_pairs_merge_masks_and_every_image_needs_one() {
     std::fs::remove_file(root.join("benign/benign (2)_mask.png")).expect("rm");
     std::fs::copy(root.join("benign/benign (3)_mask.png"), root.join("malignant/malignant (9)_mask.png")).expect("cp");
     let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("x")).err().expect("fails").to_string();
-    assert!(e.contains("benign (2).png") && e.contains("image without a mask") || e.contains("malignant (9)_mask.png") && e.contains("mask without an image"), "{e}");
+    assert!(
+        e.contains("benign (2).png") && e.contains("image without a mask") || e.contains("malignant (9)_mask.png") && e.contains("mask without an image"),
+        "{e}"
+    );
     let out2 = d.path().join("out2");
     std::fs::create_dir_all(&out2).expect("mkdir");
     run(&config(&root, serde_json::json!({ "mask_suffix": "_mask", "on_error": "skip" })), &out2).expect("skips");

@@ -91,7 +91,10 @@ fn pyarrow_reads_the_table_unchanged() {
         sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect::<String>()
     };
     assert_eq!(v["pixel_sha256"], serde_json::json!(rows.iter().map(|r| sha(&r.pixels)).collect::<Vec<_>>()));
-    assert_eq!(v["mask_sums"], serde_json::json!(rows.iter().map(|r| r.mask.as_ref().map(|m| m.iter().map(|&x| u64::from(x)).sum::<u64>())).collect::<Vec<_>>()));
+    assert_eq!(
+        v["mask_sums"],
+        serde_json::json!(rows.iter().map(|r| r.mask.as_ref().map(|m| m.iter().map(|&x| u64::from(x)).sum::<u64>())).collect::<Vec<_>>())
+    );
 }
 
 #[test]
@@ -109,9 +112,33 @@ fn no_patient_crosses_splits_in_a_generated_table() {
 #[test]
 fn writer_rejects_rows_that_do_not_fit_the_table() {
     let d = tempfile::tempdir().expect("tmp");
-    let meta = TableMeta { schema_version: 1, label_names: vec!["a".into()], multi_label: false, height: 2, width: 2, channels: 1, has_masks: false, bit_depth: 8, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
+    let meta = TableMeta {
+        schema_version: 1,
+        label_names: vec!["a".into()],
+        multi_label: false,
+        height: 2,
+        width: 2,
+        channels: 1,
+        has_masks: false,
+        bit_depth: 8,
+        mask_classes: Vec::new(),
+        provenance: serde_json::Value::Null,
+    };
     let mut w = ImageTableWriter::create(&d.path().join("t.parquet"), meta, 4).expect("create");
-    let row = ImageRow { id: "r1".into(), patient_id: "p".into(), split: table::Split::Train, label: Some(0), labels: None, width: 2, height: 2, channels: 1, pixels: vec![0; 3], mask: None, source_path: "s".into(), source_sha256: "h".into() };
+    let row = ImageRow {
+        id: "r1".into(),
+        patient_id: "p".into(),
+        split: table::Split::Train,
+        label: Some(0),
+        labels: None,
+        width: 2,
+        height: 2,
+        channels: 1,
+        pixels: vec![0; 3],
+        mask: None,
+        source_path: "s".into(),
+        source_sha256: "h".into(),
+    };
     let e = w.push(row.clone()).err().expect("short pixels");
     assert!(e.to_string().contains("row `r1`: pixels hold 3 bytes, expected 2×2×1"), "{e}");
     let e = w.push(ImageRow { pixels: vec![0; 4], label: Some(3), ..row }).err().expect("label");
@@ -130,7 +157,18 @@ fn pyarrow_reads_a_multi_label_ingested_table() {
     let c: ChestXray14Config = serde_json::from_value(serde_json::json!({ "root": d.path(), "size": 8, "previews": 0 })).expect("config");
     let out = d.path().join("out");
     std::fs::create_dir_all(&out).expect("mkdir");
-    let mut ctx = StageContext::new("cxr".into(), 1, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out.clone(), out.clone(), ChestXray14.output(&c), BTreeMap::new());
+    let mut ctx = StageContext::new(
+        "cxr".into(),
+        1,
+        ExecEnv::cpu_flex(),
+        2,
+        Default::default(),
+        &NoProgress,
+        out.clone(),
+        out.clone(),
+        ChestXray14.output(&c),
+        BTreeMap::new(),
+    );
     ChestXray14.run(&c, &mut ctx).expect("ingest");
     let path = out.join("images.parquet");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/read_table.py");

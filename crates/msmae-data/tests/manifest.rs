@@ -19,7 +19,18 @@ fn run(extra: serde_json::Value, out: &Path) -> Result<(), StageError> {
     let c: ManifestConfig = serde_json::from_value(extra).expect("config");
     Manifest.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
     std::fs::create_dir_all(out).expect("mkdir");
-    let mut ctx = StageContext::new("man".into(), 4, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out.to_path_buf(), out.to_path_buf(), Manifest.output(&c), BTreeMap::new());
+    let mut ctx = StageContext::new(
+        "man".into(),
+        4,
+        ExecEnv::cpu_flex(),
+        2,
+        Default::default(),
+        &NoProgress,
+        out.to_path_buf(),
+        out.to_path_buf(),
+        Manifest.output(&c),
+        BTreeMap::new(),
+    );
     Manifest.run(&c, &mut ctx)
 }
 
@@ -28,7 +39,9 @@ fn csv_dataset(root: &Path, extra_rows: &str) -> std::path::PathBuf {
     let mut csv = String::from("path,diagnosis,patient,split,mask\n");
     for i in 0..12u32 {
         png(&root.join(format!("img/{i}.png")), (i * 20) as u8);
-        image::GrayImage::from_fn(20, 20, |x, y| image::Luma([if x < 10 && y < 10 { 255 } else { 0 }])).save(root.join(format!("img/{i}_m.png"))).expect("mask");
+        image::GrayImage::from_fn(20, 20, |x, y| image::Luma([if x < 10 && y < 10 { 255 } else { 0 }]))
+            .save(root.join(format!("img/{i}_m.png")))
+            .expect("mask");
         let split = ["train", "train", "validation", "test", "train", "Testing"][(i / 2) as usize];
         csv.push_str(&format!("img/{i}.png,{},P{},{split},img/{i}_m.png\n", ["benign", "malignant", "normal"][(i % 3) as usize], i / 2));
     }
@@ -116,7 +129,10 @@ fn bad_rows_are_named_or_rejected() {
     let e = fail("", serde_json::json!({ "classes": ["benign", "malignant"] }));
     assert!(e.contains("line 4, column `diagnosis`): unknown label `normal` in column `diagnosis` (classes: benign, malignant)"), "{e}");
     let e = fail("", serde_json::json!({ "patient_column": "subject" }));
-    assert!(e.contains("(header, column `subject`): missing column `subject`; the file has columns [\"path\", \"diagnosis\", \"patient\", \"split\", \"mask\"]"), "{e}");
+    assert!(
+        e.contains("(header, column `subject`): missing column `subject`; the file has columns [\"path\", \"diagnosis\", \"patient\", \"split\", \"mask\"]"),
+        "{e}"
+    );
     let e = fail("img/0_m.png,benign,P0,test,\n", serde_json::json!({}));
     assert!(e.contains("patient `P0` is in both train and test"), "{e}");
     let e = fail("img/0_m.png,benign,P7,holdout,\n", serde_json::json!({}));
@@ -127,7 +143,8 @@ fn bad_rows_are_named_or_rejected() {
     let d = tempfile::tempdir().expect("tmp");
     let m = csv_dataset(d.path(), "img/99.png,benign,P9,train,\nimg/0_m.png,tumour,P8,train,\n");
     let out = d.path().join("out");
-    run(serde_json::json!({ "manifest": m, "label_column": "diagnosis", "classes": ["benign", "malignant", "normal"], "size": 10, "on_error": "skip" }), &out).expect("skips");
+    run(serde_json::json!({ "manifest": m, "label_column": "diagnosis", "classes": ["benign", "malignant", "normal"], "size": 10, "on_error": "skip" }), &out)
+        .expect("skips");
     assert_eq!(table::read_rows(&out.join("images.parquet")).expect("rows").len(), 12);
     let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("rejects.json")).expect("rejects")).expect("json");
     assert_eq!(rejects.as_array().map(Vec::len), Some(2), "{rejects}");

@@ -15,7 +15,9 @@ use msmae_data::table;
 fn python() -> PathBuf {
     match std::env::var_os("MSMAE_PYTHON") {
         Some(p) => PathBuf::from(p),
-        None => panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (pydicom, pydicom-data, Pillow, scikit-image)"),
+        None => panic!(
+            "MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (pydicom, pydicom-data, Pillow, scikit-image)"
+        ),
     }
 }
 
@@ -91,10 +93,24 @@ fn a_real_dicom_radiograph_ingests_through_a_manifest() {
     let rg1 = index["cases"].as_array().expect("cases").iter().find(|c| c["name"] == "RG1_UNCR").expect("RG1").clone();
     let src = rg1["source_path"].as_str().expect("path");
     std::fs::write(d.path().join("m.csv"), format!("path,finding\n{src},normal\n")).expect("csv");
-    let c: ManifestConfig = serde_json::from_value(serde_json::json!({ "manifest": d.path().join("m.csv"), "label_column": "finding", "size": 64, "channels": 1, "aspect": "pad", "previews": 1 })).expect("config");
+    let c: ManifestConfig = serde_json::from_value(
+        serde_json::json!({ "manifest": d.path().join("m.csv"), "label_column": "finding", "size": 64, "channels": 1, "aspect": "pad", "previews": 1 }),
+    )
+    .expect("config");
     let out = d.path().join("out");
     std::fs::create_dir_all(&out).expect("mkdir");
-    let mut ctx = StageContext::new("dcm".into(), 1, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out.clone(), out.clone(), Manifest.output(&c), BTreeMap::new());
+    let mut ctx = StageContext::new(
+        "dcm".into(),
+        1,
+        ExecEnv::cpu_flex(),
+        2,
+        Default::default(),
+        &NoProgress,
+        out.clone(),
+        out.clone(),
+        Manifest.output(&c),
+        BTreeMap::new(),
+    );
     Manifest.run(&c, &mut ctx).expect("ingest");
     let rows = table::read_rows(&out.join("images.parquet")).expect("rows");
     assert_eq!((rows[0].width, rows[0].height), (1841, 1955));
@@ -128,7 +144,18 @@ fn a_real_dicom_radiograph_ingests_through_a_manifest() {
     let c16: ManifestConfig = serde_json::from_value(serde_json::json!({ "manifest": d.path().join("m.csv"), "label_column": "finding", "size": 64, "channels": 1, "aspect": "pad", "previews": 1, "bit_depth": 16 })).expect("config");
     let out16 = d.path().join("out16");
     std::fs::create_dir_all(&out16).expect("mkdir");
-    let mut ctx = StageContext::new("dcm16".into(), 1, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out16.clone(), out16.clone(), Manifest.output(&c16), BTreeMap::new());
+    let mut ctx = StageContext::new(
+        "dcm16".into(),
+        1,
+        ExecEnv::cpu_flex(),
+        2,
+        Default::default(),
+        &NoProgress,
+        out16.clone(),
+        out16.clone(),
+        Manifest.output(&c16),
+        BTreeMap::new(),
+    );
     Manifest.run(&c16, &mut ctx).expect("ingest 16-bit");
     assert_eq!(table::read_meta(&out16.join("images.parquet")).expect("meta").bit_depth, 16);
     let rows16 = table::read_rows(&out16.join("images.parquet")).expect("rows");

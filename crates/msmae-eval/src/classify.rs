@@ -215,8 +215,10 @@ impl Stage for EvalClassify {
         let (meta, rows) = read_predictions(&path)?;
         let selected: Vec<&PredictionRow> = rows.iter().filter(|r| r.split == c.split).collect();
         if selected.is_empty() {
-            let present: Vec<String> =
-                Split::ALL.iter().filter_map(|s| Some(rows.iter().filter(|r| r.split == *s).count()).filter(|n| *n > 0).map(|n| format!("{} ({n})", s.as_str()))).collect();
+            let present: Vec<String> = Split::ALL
+                .iter()
+                .filter_map(|s| Some(rows.iter().filter(|r| r.split == *s).count()).filter(|n| *n > 0).map(|n| format!("{} ({n})", s.as_str())))
+                .collect();
             return Err(StageError::data(
                 &path,
                 Some(format!("split `{}`", c.split.as_str())),

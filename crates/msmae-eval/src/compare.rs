@@ -64,7 +64,13 @@ pub fn compare(inputs: &[(String, Metrics)]) -> Comparison {
     if let Some((first_stage, first)) = inputs.first() {
         for (stage, m) in &inputs[1..] {
             if m.split != first.split || m.n != first.n {
-                warnings.push(format!("`{stage}` evaluates {} `{}` images, `{first_stage}` {} `{}` images", m.n, m.split.as_str(), first.n, first.split.as_str()));
+                warnings.push(format!(
+                    "`{stage}` evaluates {} `{}` images, `{first_stage}` {} `{}` images",
+                    m.n,
+                    m.split.as_str(),
+                    first.n,
+                    first.split.as_str()
+                ));
             }
             if m.label_names != first.label_names || m.multi_label != first.multi_label {
                 warnings.push(format!("`{stage}` and `{first_stage}` have different label sets"));
@@ -127,7 +133,8 @@ impl Stage for EvalCompare {
         for a in inputs {
             let p = a.path(METRICS_FILE);
             let text = std::fs::read(&p).map_err(|e| StageError::io(&p, e))?;
-            let m: Metrics = serde_json::from_slice(&text).map_err(|e| StageError::data(&p, Some(format!("line {}, column {}", e.line(), e.column())), e.to_string()))?;
+            let m: Metrics =
+                serde_json::from_slice(&text).map_err(|e| StageError::data(&p, Some(format!("line {}, column {}", e.line(), e.column())), e.to_string()))?;
             loaded.push((a.stage.clone(), m));
         }
         let c = compare(&loaded);

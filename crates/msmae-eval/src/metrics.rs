@@ -98,10 +98,7 @@ pub fn per_class(confusion: &[Vec<u64>]) -> Vec<ClassStats> {
 pub fn macro_f1(y_true: &[usize], y_pred: &[usize], n_classes: usize) -> f64 {
     let m = confusion_matrix(y_true, y_pred, n_classes);
     let stats = per_class(&m);
-    let present: Vec<f64> = (0..n_classes)
-        .filter(|&k| m[k].iter().sum::<u64>() > 0 || m.iter().any(|row| row[k] > 0))
-        .map(|k| stats[k].f1)
-        .collect();
+    let present: Vec<f64> = (0..n_classes).filter(|&k| m[k].iter().sum::<u64>() > 0 || m.iter().any(|row| row[k] > 0)).map(|k| stats[k].f1).collect();
     if present.is_empty() { 0.0 } else { present.iter().sum::<f64>() / present.len() as f64 }
 }
 

@@ -173,7 +173,15 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
 /// Write a PNG heatmap of counts (a confusion matrix): `cells[row][col]`, each cell shaded by
 /// its count relative to its row's total and labelled with the count. Rows are labelled by
 /// `row_names` down the left, columns by `col_names` along the bottom.
-pub fn heatmap_chart(path: &Path, title: &str, x_label: &str, y_label: &str, row_names: &[String], col_names: &[String], cells: &[Vec<u64>]) -> Result<(), PlotError> {
+pub fn heatmap_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    row_names: &[String],
+    col_names: &[String],
+    cells: &[Vec<u64>],
+) -> Result<(), PlotError> {
     let data = |m: String| PlotError::Data { path: path.into(), message: m };
     let (nr, nc) = (row_names.len(), col_names.len());
     if nr == 0 || nc == 0 {
@@ -231,10 +239,9 @@ pub fn heatmap_chart(path: &Path, title: &str, x_label: &str, y_label: &str, row
                     .draw_series(std::iter::once(Rectangle::new([(c as f64, y), (c as f64 + 1.0, y + 1.0)], RGBColor(200, 200, 200).stroke_width(1))))
                     .map_err(|x| e(&x))?;
                 let ink = if f > 0.5 { WHITE } else { BLACK };
-                let style = TextStyle::from((FAMILY, 18).into_font()).color(&ink).pos(plotters::style::text_anchor::Pos::new(
-                    plotters::style::text_anchor::HPos::Center,
-                    plotters::style::text_anchor::VPos::Center,
-                ));
+                let style = TextStyle::from((FAMILY, 18).into_font())
+                    .color(&ink)
+                    .pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Center));
                 chart.draw_series(std::iter::once(Text::new(v.to_string(), (c as f64 + 0.5, y + 0.5), style))).map_err(|x| e(&x))?;
             }
         }

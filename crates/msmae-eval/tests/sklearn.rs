@@ -60,7 +60,17 @@ fn single_cases() -> Vec<SingleCase> {
     let p = probs_for(&y, 4, 6, &mut rng);
     cases.push(("balanced 4-class with ties".to_string(), y, p));
     // Imbalanced: 85 % class 0, a handful of 1 and 2.
-    let y: Vec<usize> = (0..100).map(|i| if i % 20 == 3 { 1 } else if i % 20 == 11 || i == 50 { 2 } else { 0 }).collect();
+    let y: Vec<usize> = (0..100)
+        .map(|i| {
+            if i % 20 == 3 {
+                1
+            } else if i % 20 == 11 || i == 50 {
+                2
+            } else {
+                0
+            }
+        })
+        .collect();
     let p = probs_for(&y, 3, 5, &mut rng);
     cases.push(("imbalanced 3-class".to_string(), y, p));
     // Class 2 of 4 never occurs in the truth (but is predicted sometimes).
@@ -159,7 +169,10 @@ fn metrics_match_scikit_learn() {
             let theirs = r["roc_curves"][k].as_array().expect("curve");
             assert_eq!(ours.len(), theirs.len(), "{name}: ROC curve of class {k} has {} points, scikit-learn {}", ours.len(), theirs.len());
             for (i, ((fx, fy), t)) in ours.iter().zip(theirs).enumerate() {
-                assert!((fx - t[0].as_f64().unwrap_or(f64::NAN)).abs() < 1e-12 && (fy - t[1].as_f64().unwrap_or(f64::NAN)).abs() < 1e-12, "{name}: ROC point {i} of class {k}: ours ({fx}, {fy}), scikit-learn {t}");
+                assert!(
+                    (fx - t[0].as_f64().unwrap_or(f64::NAN)).abs() < 1e-12 && (fy - t[1].as_f64().unwrap_or(f64::NAN)).abs() < 1e-12,
+                    "{name}: ROC point {i} of class {k}: ours ({fx}, {fy}), scikit-learn {t}"
+                );
             }
         }
     }
@@ -195,9 +208,20 @@ fn pyarrow_reads_the_predictions_table() {
     use msmae_data::predictions::{PREDICTIONS_SCHEMA_VERSION, PredictionMeta, PredictionRow, write_predictions};
     let d = tempfile::tempdir().expect("tmp");
     let p = d.path().join("predictions.parquet");
-    let meta = PredictionMeta { schema_version: PREDICTIONS_SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: true, provenance: json!({"k": 1}) };
+    let meta = PredictionMeta {
+        schema_version: PREDICTIONS_SCHEMA_VERSION,
+        label_names: vec!["a".into(), "b".into()],
+        multi_label: true,
+        provenance: json!({"k": 1}),
+    };
     let rows: Vec<PredictionRow> = (0..3)
-        .map(|i| PredictionRow { id: format!("r{i}"), split: msmae_data::table::Split::Test, label: None, labels: Some(vec![1, (i % 2) as u8]), scores: vec![0.25, 0.5 + i as f32 / 10.0] })
+        .map(|i| PredictionRow {
+            id: format!("r{i}"),
+            split: msmae_data::table::Split::Test,
+            label: None,
+            labels: Some(vec![1, (i % 2) as u8]),
+            scores: vec![0.25, 0.5 + i as f32 / 10.0],
+        })
         .collect();
     write_predictions(&p, &meta, &rows).expect("write");
     let code = "import sys, json, pyarrow.parquet as pq\nt = pq.read_table(sys.argv[1])\nprint(json.dumps({'types': {f.name: str(f.type) for f in t.schema}, 'nullable': {f.name: f.nullable for f in t.schema}, 'meta': json.loads(t.schema.metadata[b'msmae.predictions']), 'rows': t.to_pylist()}))";

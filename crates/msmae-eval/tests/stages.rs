@@ -47,7 +47,18 @@ fn run_classify(root: &Path, input: &InputArtifact, c: &ClassifyConfig, name: &s
     let out = root.join(format!("out-{name}"));
     std::fs::create_dir_all(&out).expect("mkdir");
     let inputs = BTreeMap::from([("predictions".to_string(), vec![input.clone()])]);
-    let mut ctx = StageContext::new(name.into(), 1, ExecEnv::cpu_flex(), 1, Default::default(), &NoProgress, out.clone(), root.to_path_buf(), EvalClassify.output(c), inputs);
+    let mut ctx = StageContext::new(
+        name.into(),
+        1,
+        ExecEnv::cpu_flex(),
+        1,
+        Default::default(),
+        &NoProgress,
+        out.clone(),
+        root.to_path_buf(),
+        EvalClassify.output(c),
+        inputs,
+    );
     EvalClassify.run(c, &mut ctx)?;
     Ok(out)
 }
@@ -118,14 +129,16 @@ fn classify_names_the_file_and_split_when_the_split_is_empty() {
 fn classify_multi_label_reports_per_label_and_mean_auc() {
     let d = tempfile::tempdir().expect("tmp");
     let input = artifact(d.path(), "ft-cxr", "predictions");
-    let r = |id: &str, labels: [u8; 3], scores: [f32; 3]| PredictionRow { id: id.into(), split: Split::Test, label: None, labels: Some(labels.to_vec()), scores: scores.to_vec() };
+    let r = |id: &str, labels: [u8; 3], scores: [f32; 3]| PredictionRow {
+        id: id.into(),
+        split: Split::Test,
+        label: None,
+        labels: Some(labels.to_vec()),
+        scores: scores.to_vec(),
+    };
     // Label `effusion` is never positive: no AUC, left out of the mean.
-    let rows = vec![
-        r("1", [1, 0, 0], [0.9, 0.2, 0.1]),
-        r("2", [0, 1, 0], [0.3, 0.8, 0.2]),
-        r("3", [1, 1, 0], [0.6, 0.4, 0.7]),
-        r("4", [0, 0, 0], [0.5, 0.5, 0.3]),
-    ];
+    let rows =
+        vec![r("1", [1, 0, 0], [0.9, 0.2, 0.1]), r("2", [0, 1, 0], [0.3, 0.8, 0.2]), r("3", [1, 1, 0], [0.6, 0.4, 0.7]), r("4", [0, 0, 0], [0.5, 0.5, 0.3])];
     write_predictions(&input.path("predictions.parquet"), &meta(&["nodule", "mass", "effusion"], true), &rows).expect("write");
     let out = run_classify(d.path(), &input, &ClassifyConfig::default(), "eval-cxr").expect("run");
     let (m, v) = read_metrics(&out);
@@ -162,7 +175,18 @@ fn compare_tables_every_input_by_stage_name() {
     let out = d.path().join("out-report");
     std::fs::create_dir_all(&out).expect("mkdir");
     let c = CompareConfig::default();
-    let mut ctx = StageContext::new("report".into(), 1, ExecEnv::cpu_flex(), 1, Default::default(), &NoProgress, out.clone(), d.path().into(), EvalCompare.output(&c), BTreeMap::from([("metrics".to_string(), metrics)]));
+    let mut ctx = StageContext::new(
+        "report".into(),
+        1,
+        ExecEnv::cpu_flex(),
+        1,
+        Default::default(),
+        &NoProgress,
+        out.clone(),
+        d.path().into(),
+        EvalCompare.output(&c),
+        BTreeMap::from([("metrics".to_string(), metrics)]),
+    );
     EvalCompare.run(&c, &mut ctx).expect("compare");
     let cmp: Comparison = serde_json::from_slice(&std::fs::read(out.join("comparison.json")).expect("json")).expect("parse");
     assert_eq!(cmp.rows.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["eval-ft-msmae", "eval-ft-mae"]);
@@ -178,7 +202,18 @@ fn compare_tables_every_input_by_stage_name() {
     let empty = d.path().join("in-empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
     let bad = vec![InputArtifact { stage: "x".into(), kind: ArtifactKind::new("metrics"), dir: empty, digest: "d".into() }];
-    let mut ctx = StageContext::new("report".into(), 1, ExecEnv::cpu_flex(), 1, Default::default(), &NoProgress, out.clone(), d.path().into(), EvalCompare.output(&c), BTreeMap::from([("metrics".to_string(), bad)]));
+    let mut ctx = StageContext::new(
+        "report".into(),
+        1,
+        ExecEnv::cpu_flex(),
+        1,
+        Default::default(),
+        &NoProgress,
+        out.clone(),
+        d.path().into(),
+        EvalCompare.output(&c),
+        BTreeMap::from([("metrics".to_string(), bad)]),
+    );
     let e = EvalCompare.run(&c, &mut ctx).expect_err("missing").to_string();
     assert!(e.contains("in-empty/metrics.json"), "{e}");
 }

@@ -18,10 +18,8 @@ use std::path::{Path, PathBuf};
 /// Build scripts report failure by panicking; this panics when the manifest dir is unset or
 /// a source file cannot be read, with the path in the message.
 pub fn emit() {
-    let dir = std::env::var("CARGO_MANIFEST_DIR")
-        .unwrap_or_else(|_| panic!("CARGO_MANIFEST_DIR is not set: call emit() from build.rs"));
-    let (digest, files) = fingerprint(Path::new(&dir))
-        .unwrap_or_else(|e| panic!("msmae-fingerprint: cannot hash sources under {dir}: {e}"));
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| panic!("CARGO_MANIFEST_DIR is not set: call emit() from build.rs"));
+    let (digest, files) = fingerprint(Path::new(&dir)).unwrap_or_else(|e| panic!("msmae-fingerprint: cannot hash sources under {dir}: {e}"));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
@@ -112,7 +110,10 @@ mod tests {
     #[test]
     fn follows_msmae_dependencies_and_changes_with_their_sources() {
         let t = tempfile_dir();
-        write(&t.join("msmae-a/Cargo.toml"), "[package]\nname='msmae-a'\n[dependencies]\nmsmae-b = { workspace = true }\nserde = '1'\n[dev-dependencies]\nmsmae-c.workspace = true\n");
+        write(
+            &t.join("msmae-a/Cargo.toml"),
+            "[package]\nname='msmae-a'\n[dependencies]\nmsmae-b = { workspace = true }\nserde = '1'\n[dev-dependencies]\nmsmae-c.workspace = true\n",
+        );
         write(&t.join("msmae-a/src/lib.rs"), "a");
         write(&t.join("msmae-b/Cargo.toml"), "[package]\nname='msmae-b'\n");
         write(&t.join("msmae-b/src/lib.rs"), "b");

@@ -130,7 +130,12 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
     // timm and MAE size the MLP as int(dim · mlp_ratio); msmae rounds.
     let hidden = meta.vit.embed_dim as f64 * meta.vit.mlp_ratio;
     if hidden.round() != hidden.floor() {
-        return Err(format!("mlp_ratio {} gives an MLP of {} here but int({hidden}) = {} in timm/MAE: the weights would not load there", meta.vit.mlp_ratio, hidden.round(), hidden.floor()));
+        return Err(format!(
+            "mlp_ratio {} gives an MLP of {} here but int({hidden}) = {} in timm/MAE: the weights would not load there",
+            meta.vit.mlp_ratio,
+            hidden.round(),
+            hidden.floor()
+        ));
     }
     let mut notes: Vec<&str> = vec!["LayerNorm eps is 1e-6 (timm's ViT default; for models_mae.py pass norm_layer=partial(nn.LayerNorm, eps=1e-6))"];
     let config = match loaded {
@@ -146,7 +151,9 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
         Loaded::Mae(m) => {
             let mae = meta.mae.as_ref().ok_or("an MAE checkpoint without its `mae` config")?;
             if meta.vit.image_size[0] != meta.vit.image_size[1] {
-                notes.push("MAE's models_mae.py assumes a square patch grid; this model's is not, so rebuild it from `encoder_timm_args` (timm takes [height, width])");
+                notes.push(
+                    "MAE's models_mae.py assumes a square patch grid; this model's is not, so rebuild it from `encoder_timm_args` (timm takes [height, width])",
+                );
             }
             add_table(&mut tensors, "pos_embed", &m.encoder.pos_embed)?;
             add_table(&mut tensors, "decoder_pos_embed", &m.decoder_pos_embed)?;
@@ -165,7 +172,9 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
     };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, (shape, data))| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).map(|v| (k.clone(), v)).map_err(|e| format!("tensor `{k}`: {e}")))
+        .map(|(k, (shape, data))| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).map(|v| (k.clone(), v)).map_err(|e| format!("tensor `{k}`: {e}"))
+        })
         .collect::<Result<_, _>>()?;
     let info = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
     let out = safetensors::serialize(views, info).map_err(|e| format!("writing the weights: {e}"))?;
@@ -174,11 +183,14 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
     o.insert("tensors".into(), tensors.len().into());
     o.insert("label_names".into(), serde_json::json!(meta.label_names));
     o.insert("multi_label".into(), meta.multi_label.into());
-    o.insert("input".into(), serde_json::json!({
-        "image_size": meta.vit.image_size, "channels": meta.vit.in_chans,
-        "normalisation": "pixels / 255, then (x - mean) / std per channel",
-        "mean": meta.normalizer.mean, "std": meta.normalizer.std,
-    }));
+    o.insert(
+        "input".into(),
+        serde_json::json!({
+            "image_size": meta.vit.image_size, "channels": meta.vit.in_chans,
+            "normalisation": "pixels / 255, then (x - mean) / std per channel",
+            "mean": meta.normalizer.mean, "std": meta.normalizer.std,
+        }),
+    );
     o.insert("notes".into(), serde_json::json!(notes));
     o.insert("trained_by".into(), meta.trained_by.clone().into());
     o.insert("source_artifact".into(), source.into());
@@ -347,7 +359,10 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
     // burn loads a float tensor at the width the file stores: anything but f32 would make
     // a mixed-precision checkpoint.
     if let Some((name, t)) = st.tensors().into_iter().find(|(_, t)| t.dtype() != safetensors::Dtype::F32) {
-        return Err(format!("tensor `{name}` is {:?}; msmae's checkpoints are f32 (convert with `{{k: v.float() for k, v in state.items()}}` before saving)", t.dtype()));
+        return Err(format!(
+            "tensor `{name}` is {:?}; msmae's checkpoints are f32 (convert with `{{k: v.float() for k, v in state.items()}}` before saving)",
+            t.dtype()
+        ));
     }
     let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     let has = |n: &str| names.iter().any(|k| k == n);
@@ -363,7 +378,8 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
         Err(_) => 0,
     };
     let from_export = |key: &str| exported.and_then(|e| e.get(key)).cloned().and_then(|v| serde_json::from_value::<Vec<String>>(v).ok());
-    let from_input = |key: &str| exported.and_then(|e| e.get("input")).and_then(|i| i.get(key)).cloned().and_then(|v| serde_json::from_value::<Vec<f32>>(v).ok());
+    let from_input =
+        |key: &str| exported.and_then(|e| e.get("input")).and_then(|i| i.get(key)).cloned().and_then(|v| serde_json::from_value::<Vec<f32>>(v).ok());
     let label_names = match c.label_names.clone().or_else(|| from_export("label_names")) {
         Some(v) if v.len() != num_classes => return Err(format!("label_names lists {} names, the head has {num_classes} outputs", v.len())),
         Some(v) => v,
@@ -419,7 +435,16 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
         return Err(format!("normalisation for {} channels with positive std expected, found mean {mean:?} std {std:?}", c.channels));
     }
     let multi_label = c.multi_label || exported.and_then(|e| e.get("multi_label")).and_then(serde_json::Value::as_bool).unwrap_or(false);
-    let meta = CheckpointMeta { format: 1, kind: c.checkpoint, vit, mae, normalizer: Normalizer { mean, std }, label_names, multi_label, trained_by: ImportPytorch::KIND.into() };
+    let meta = CheckpointMeta {
+        format: 1,
+        kind: c.checkpoint,
+        vit,
+        mae,
+        normalizer: Normalizer { mean, std },
+        label_names,
+        multi_label,
+        trained_by: ImportPytorch::KIND.into(),
+    };
     Ok((loaded, meta))
 }
 

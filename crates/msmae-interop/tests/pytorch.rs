@@ -17,8 +17,8 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use msmae_backend::{BackendRequest, DeviceRequest, seeded, select};
 use msmae_core::{ExecEnv, InputArtifact, NoProgress, Stage, StageContext};
-use msmae_train::data::Normalizer;
 use msmae_interop::{CONFIG_FILE, ExportConfig, ExportPytorch, ImageSize, ImportConfig, ImportPytorch, WEIGHTS_FILE, import};
+use msmae_train::data::Normalizer;
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec};
 use msmae_vit::{MaeConfig, VitConfig};
 
@@ -60,7 +60,18 @@ fn meta(kind: CheckpointKind, vit: &VitConfig, mae: Option<MaeConfig>) -> Checkp
 fn export(ckpt: &Path, out: &Path) -> PathBuf {
     std::fs::create_dir_all(out).expect("mkdir");
     let input = InputArtifact { stage: "model".into(), kind: msmae_core::ArtifactKind::new("vit-checkpoint"), dir: ckpt.to_path_buf(), digest: "0".repeat(64) };
-    let mut ctx = StageContext::new("export".into(), 0, ExecEnv::cpu_flex(), 2, Default::default(), &NoProgress, out.to_path_buf(), out.to_path_buf(), ExportPytorch.output(&ExportConfig {}), BTreeMap::from([("model".to_string(), vec![input])]));
+    let mut ctx = StageContext::new(
+        "export".into(),
+        0,
+        ExecEnv::cpu_flex(),
+        2,
+        Default::default(),
+        &NoProgress,
+        out.to_path_buf(),
+        out.to_path_buf(),
+        ExportPytorch.output(&ExportConfig {}),
+        BTreeMap::from([("model".to_string(), vec![input])]),
+    );
     ExportPytorch.run(&ExportConfig {}, &mut ctx).expect("export");
     out.to_path_buf()
 }
@@ -135,7 +146,12 @@ fn mae_exports_give_timm_the_encoder_and_keep_the_decoder() {
     assert!(d <= TOLERANCE, "timm's encoder features differ by {d:e}: {r}");
     assert_eq!(r["missing"], serde_json::json!([]), "{r}");
     let unexpected: Vec<&str> = r["unexpected"].as_array().expect("list").iter().filter_map(|v| v.as_str()).collect();
-    assert!(unexpected.iter().all(|k| k.starts_with("decoder_") || *k == "mask_token") && unexpected.contains(&"decoder_pos_embed") && unexpected.contains(&"mask_token"), "{r}");
+    assert!(
+        unexpected.iter().all(|k| k.starts_with("decoder_") || *k == "mask_token")
+            && unexpected.contains(&"decoder_pos_embed")
+            && unexpected.contains(&"mask_token"),
+        "{r}"
+    );
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(CONFIG_FILE)).expect("config")).expect("json");
     assert_eq!((config["model_args"]["decoder_embed_dim"].as_u64(), config["model_args"]["decoder_depth"].as_u64()), (Some(16), Some(1)));
     // Back in, bit-exact (the CLS head included).
@@ -216,21 +232,29 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     let sincos = read("sincos.safetensors");
     let st = safetensors::SafeTensors::deserialize(&sincos).expect("parse");
     let rebuilt = |edit: &dyn Fn(&str, safetensors::tensor::TensorView<'_>) -> Option<(safetensors::Dtype, Vec<u8>)>| -> Vec<u8> {
-        let kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st.tensors().into_iter().filter_map(|(n, t)| {
-            let shape = t.shape().to_vec();
-            edit(&n, t).map(|(d, b)| (n, d, shape, b))
-        }).collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept.iter().map(|(n, d, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), b).expect("view"))).collect();
+        let kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .filter_map(|(n, t)| {
+                let shape = t.shape().to_vec();
+                edit(&n, t).map(|(d, b)| (n, d, shape, b))
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+            kept.iter().map(|(n, d, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), b).expect("view"))).collect();
         safetensors::serialize(views, None).expect("serialize")
     };
-    let half = rebuilt(&|n, t| Some(if n == "blocks.0.mlp.fc1.weight" { (safetensors::Dtype::F16, t.data()[..t.data().len() / 2].to_vec()) } else { (t.dtype(), t.data().to_vec()) }));
+    let half = rebuilt(&|n, t| {
+        Some(if n == "blocks.0.mlp.fc1.weight" { (safetensors::Dtype::F16, t.data()[..t.data().len() / 2].to_vec()) } else { (t.dtype(), t.data().to_vec()) })
+    });
     let e = import(half, &c, None).err().expect("refused");
     assert!(e.contains("tensor `blocks.0.mlp.fc1.weight` is F16") && e.contains("v.float()"), "{e}");
     let no_pos = rebuilt(&|n, t| (n != "pos_embed").then(|| (t.dtype(), t.data().to_vec())));
     let e = import(no_pos, &c, None).err().expect("refused");
     assert!(e.contains("no `pos_embed`"), "{e}");
     // An export's config.json supplies the defaults the config leaves out.
-    let exported = serde_json::json!({ "label_names": ["p", "q", "r", "s", "t"], "multi_label": true, "input": { "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6] } });
+    let exported =
+        serde_json::json!({ "label_names": ["p", "q", "r", "s", "t"], "multi_label": true, "input": { "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6] } });
     let (_, m) = import(sincos.clone(), &import_cfg(CheckpointKind::Vit), Some(&exported)).expect("import");
     assert_eq!((m.label_names[0].as_str(), m.multi_label, m.normalizer.mean.clone(), m.normalizer.std[2]), ("p", true, vec![0.1, 0.2, 0.3], 0.6));
     let (_, m) = import(sincos.clone(), &c, Some(&exported)).expect("import");
@@ -253,7 +277,8 @@ fn import_configs_are_checked_before_anything_runs() {
     assert!(bad(serde_json::json!({ "channels": 1, "mean": [0.5, 0.5] })).contains("needs one value per channel (1), found 2"));
     assert!(bad(serde_json::json!({ "channels": 1, "mean": [0.5], "std": [0.0] })).contains("must be positive"));
     assert!(bad(serde_json::json!({ "image_size": 30 })).contains("multiple of the patch size"));
-    let c: ImportConfig = serde_json::from_value(serde_json::json!({ "weights": "w.safetensors", "checkpoint": "mae", "image_size": [32, 48] })).expect("parses");
+    let c: ImportConfig =
+        serde_json::from_value(serde_json::json!({ "weights": "w.safetensors", "checkpoint": "mae", "image_size": [32, 48] })).expect("parses");
     assert_eq!((c.image_size.hw(), ImportPytorch.output(&c).kind.as_str()), ([32, 48], "mae-checkpoint"));
     assert!(matches!(c.image_size, ImageSize::Rect(_)));
 }

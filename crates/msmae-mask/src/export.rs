@@ -129,7 +129,12 @@ pub fn write_masks(path: &Path, meta: &MasksMeta, records: &[MaskRecord]) -> Res
 pub fn read_masks(path: &Path) -> Result<(MasksMeta, Vec<MaskRecord>), TableError> {
     let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| format_err(path, format!("not a readable Parquet file: {e}")))?;
-    let text = b.schema().metadata().get(MASKS_META_KEY).cloned().ok_or_else(|| format_err(path, format!("not an msmae masks table (no `{MASKS_META_KEY}` footer metadata)")))?;
+    let text = b
+        .schema()
+        .metadata()
+        .get(MASKS_META_KEY)
+        .cloned()
+        .ok_or_else(|| format_err(path, format!("not an msmae masks table (no `{MASKS_META_KEY}` footer metadata)")))?;
     let meta: MasksMeta = serde_json::from_str(&text).map_err(|e| format_err(path, format!("footer metadata `{MASKS_META_KEY}`: {e}")))?;
     if meta.schema_version != MASKS_SCHEMA_VERSION {
         return Err(format_err(path, format!("masks table schema version {} is not supported (expected {MASKS_SCHEMA_VERSION})", meta.schema_version)));
@@ -229,7 +234,10 @@ mod tests {
             rng_key: MASKS_RNG_KEY.into(),
             provenance: serde_json::json!({}),
         };
-        let recs = vec![MaskRecord { id: "a".into(), row_index: 4, epoch: 0, states: vec![1, 2, 0, 1] }, MaskRecord { id: "a".into(), row_index: 4, epoch: 1, states: vec![0, 1, 1, 2] }];
+        let recs = vec![
+            MaskRecord { id: "a".into(), row_index: 4, epoch: 0, states: vec![1, 2, 0, 1] },
+            MaskRecord { id: "a".into(), row_index: 4, epoch: 1, states: vec![0, 1, 1, 2] },
+        ];
         write_masks(&p, &meta, &recs).expect("write");
         assert_eq!(read_masks(&p).expect("read"), (meta.clone(), recs.clone()));
         let bad = [MaskRecord { states: vec![1, 3, 0, 0], ..recs[0].clone() }];

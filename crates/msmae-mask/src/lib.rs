@@ -72,7 +72,10 @@ impl MaskPlan {
 /// How many patches are masked and thrown, exactly as METHOD.md §3.2 states:
 /// `floor(L·mask)` masked, `floor(L·(mask+throw)) − floor(L·mask)` thrown.
 pub fn counts(len: usize, mask_ratio: f64, throw_ratio: f64) -> (usize, usize) {
-    assert!((0.0..=1.0).contains(&mask_ratio) && throw_ratio >= 0.0 && mask_ratio + throw_ratio <= 1.0 + 1e-12, "ratios out of range: mask {mask_ratio}, throw {throw_ratio}");
+    assert!(
+        (0.0..=1.0).contains(&mask_ratio) && throw_ratio >= 0.0 && mask_ratio + throw_ratio <= 1.0 + 1e-12,
+        "ratios out of range: mask {mask_ratio}, throw {throw_ratio}"
+    );
     // A tiny epsilon keeps exact products (196 × 0.75 = 147) from flooring to 146.
     let m = ((len as f64) * mask_ratio + 1e-9).floor() as usize;
     let mt = (((len as f64) * (mask_ratio + throw_ratio) + 1e-9).floor() as usize).min(len);

@@ -196,7 +196,14 @@ fn write_json(ctx: &StageContext<'_>, rel: &str, value: &impl Serialize) -> Resu
 }
 
 /// Shared body of `mask/msmae` and `mask/attmask`.
-fn run_weighted(kind: &str, version: u32, policy: &MaskPolicy, export: Option<&ExportConfig>, config: serde_json::Value, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+fn run_weighted(
+    kind: &str,
+    version: u32,
+    policy: &MaskPolicy,
+    export: Option<&ExportConfig>,
+    config: serde_json::Value,
+    ctx: &mut StageContext<'_>,
+) -> Result<(), StageError> {
     let input = ctx.input("attention")?.clone();
     let src = input.path(ATTENTION_FILE);
     let (meta, rows) = read_attention(&src)?;
@@ -250,7 +257,13 @@ fn run_weighted(kind: &str, version: u32, policy: &MaskPolicy, export: Option<&E
 }
 
 /// Draw, write and summarise the exported plans; returns the `export` part of `summary.json`.
-fn export_plans(policy: &MaskPolicy, e: &ExportConfig, meta: &AttentionMeta, rows: &[AttentionRow], ctx: &mut StageContext<'_>) -> Result<serde_json::Value, StageError> {
+fn export_plans(
+    policy: &MaskPolicy,
+    e: &ExportConfig,
+    meta: &AttentionMeta,
+    rows: &[AttentionRow],
+    ctx: &mut StageContext<'_>,
+) -> Result<serde_json::Value, StageError> {
     let l = meta.patches();
     let chosen: Vec<(usize, &AttentionRow)> = rows.iter().enumerate().filter(|(_, r)| r.split == e.split).take(e.images as usize).collect();
     if chosen.is_empty() {
@@ -288,7 +301,8 @@ fn export_plans(policy: &MaskPolicy, e: &ExportConfig, meta: &AttentionMeta, row
     write_masks(&mp, &masks_meta, &records)?;
     let per_image = e.epochs.len();
     let state_refs: Vec<&[u8]> = records.iter().map(|r| r.states.as_slice()).collect();
-    let lines: Vec<FigureLine<'_>> = chosen.iter().zip(state_refs.chunks(per_image)).map(|(&(_, r), states)| FigureLine { weights: &r.weights, states }).collect();
+    let lines: Vec<FigureLine<'_>> =
+        chosen.iter().zip(state_refs.chunks(per_image)).map(|(&(_, r), states)| FigureLine { weights: &r.weights, states }).collect();
     let fp = ctx.output_path("masks.png")?;
     figure(meta.grid, &lines).save(&fp).map_err(|err| StageError::other(format!("{}: {err}", fp.display())))?;
     let mean = |i: usize| if n[i] > 0 { serde_json::json!(wsum[i] / n[i] as f64) } else { serde_json::Value::Null };

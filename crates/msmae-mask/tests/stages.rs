@@ -31,9 +31,8 @@ fn peaked(i: usize) -> Vec<f32> {
 fn attention_dir(root: &Path) -> PathBuf {
     let dir = root.join("attn");
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let rows: Vec<AttentionRow> = (0..30)
-        .map(|i| AttentionRow { id: format!("img{i:03}"), split: Split::ALL[i % 3], weights: if i == 5 { vec![0.0; L] } else { peaked(i) } })
-        .collect();
+    let rows: Vec<AttentionRow> =
+        (0..30).map(|i| AttentionRow { id: format!("img{i:03}"), split: Split::ALL[i % 3], weights: if i == 5 { vec![0.0; L] } else { peaked(i) } }).collect();
     let meta = AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid: GRID, provenance: serde_json::json!({"model": "test"}) };
     write_attention(&dir.join("attention.parquet"), &meta, &rows).expect("write attention");
     dir
@@ -49,7 +48,18 @@ fn run_stage<S: Stage>(stage: &S, c: &S::Config, out: &Path, attn: Option<&Path>
             vec![InputArtifact { stage: "attn".into(), kind: ArtifactKind::new("attention-maps"), dir: a.to_path_buf(), digest: "d1g35t".into() }],
         );
     }
-    let mut ctx = StageContext::new("masks".into(), seed, ExecEnv::cpu_flex(), 1, Default::default(), &NoProgress, out.to_path_buf(), out.to_path_buf(), stage.output(c), inputs);
+    let mut ctx = StageContext::new(
+        "masks".into(),
+        seed,
+        ExecEnv::cpu_flex(),
+        1,
+        Default::default(),
+        &NoProgress,
+        out.to_path_buf(),
+        out.to_path_buf(),
+        stage.output(c),
+        inputs,
+    );
     stage.run(c, &mut ctx)?;
     // Every declared file without a wildcard exists, and nothing undeclared was written.
     for f in stage.output(c).required() {

@@ -71,14 +71,23 @@ pub enum Outcome {
     /// Served from the store.
     Cached,
     /// Executed; `unchanged` when the output equals what the lock file had (early cut-off).
-    Ran { seconds: f64, unchanged: bool },
+    Ran {
+        seconds: f64,
+        unchanged: bool,
+    },
     /// Dry run: would execute, with the reasons.
-    WouldRun { reasons: Vec<String> },
+    WouldRun {
+        reasons: Vec<String>,
+    },
     /// Not part of the selection.
     Skipped,
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
     /// An upstream stage failed or was cancelled.
-    Blocked { upstream: String },
+    Blocked {
+        upstream: String,
+    },
     Cancelled,
 }
 
@@ -135,7 +144,8 @@ struct Selection {
 }
 
 fn node_index(plan: &Plan, name: &str) -> Result<usize> {
-    plan.index_of(name).ok_or_else(|| Error::UnknownStage { name: name.into(), known: plan.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ") })
+    plan.index_of(name)
+        .ok_or_else(|| Error::UnknownStage { name: name.into(), known: plan.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ") })
 }
 
 fn select(plan: &Plan, o: &RunOptions) -> Result<Selection> {
@@ -172,16 +182,16 @@ pub fn key_parts(plan: &Plan, node: &Node, digests: &BTreeMap<usize, String>, st
         .bindings
         .iter()
         .map(|(slot, ups)| {
-            let refs = ups
-                .iter()
-                .map(|&j| InputRef { stage: plan.nodes[j].name.clone(), digest: digests.get(&j).cloned().unwrap_or_default() })
-                .collect();
+            let refs = ups.iter().map(|&j| InputRef { stage: plan.nodes[j].name.clone(), digest: digests.get(&j).cloned().unwrap_or_default() }).collect();
             (slot.clone(), refs)
         })
         .collect();
     // The files a list names are read now, with the list file's digest below: a list
     // edited since the plan was made is keyed as it will run.
-    let listed = node.prepared.listed_inputs(&plan.spec.base_dir).map_err(|e| Error::Output { stage: node.name.clone(), message: format!("reading the files it lists: {e}") })?;
+    let listed = node
+        .prepared
+        .listed_inputs(&plan.spec.base_dir)
+        .map_err(|e| Error::Output { stage: node.name.clone(), message: format!("reading the files it lists: {e}") })?;
     let external = node
         .external
         .iter()
@@ -324,7 +334,10 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
 /// The outcome node `i` takes from a dependency that failed, was blocked or cancelled, or
 /// (in a dry run) would run; `None` while its dependencies are fine.
 fn inherited_outcome(plan: &Plan, i: usize, outcome: &[Option<Outcome>]) -> Option<Outcome> {
-    let bad = *plan.nodes[i].deps.iter().find(|&&d| matches!(outcome[d], Some(Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled | Outcome::WouldRun { .. })))?;
+    let bad = *plan.nodes[i]
+        .deps
+        .iter()
+        .find(|&&d| matches!(outcome[d], Some(Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled | Outcome::WouldRun { .. })))?;
     Some(match &outcome[bad] {
         Some(Outcome::WouldRun { .. }) => Outcome::WouldRun { reasons: vec![format!("after `{}`", plan.nodes[bad].name)] },
         Some(Outcome::Cancelled) => Outcome::Cancelled,

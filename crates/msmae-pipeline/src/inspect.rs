@@ -22,14 +22,22 @@ pub enum State {
     UpToDate,
     /// Cached, but the lock file records another result (e.g. a config was changed back):
     /// the next run restores it from the cache without executing.
-    Restorable { reasons: Vec<String> },
+    Restorable {
+        reasons: Vec<String>,
+    },
     /// Must execute; `reasons` compare with the lock file.
-    Stale { reasons: Vec<String> },
+    Stale {
+        reasons: Vec<String>,
+    },
     /// Never run with this pipeline.
     New,
     /// Its inputs are not computed yet.
-    Waiting { upstream: String },
-    Error { message: String },
+    Waiting {
+        upstream: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 impl State {
@@ -83,7 +91,9 @@ pub fn status(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv) -> Vec
                 }
             }
             Ok(None) => match locked {
-                Some(l) if l.key == key => State::Stale { reasons: vec!["recorded in the lock file but missing from the store (gc'd or another machine)".into()] },
+                Some(l) if l.key == key => {
+                    State::Stale { reasons: vec!["recorded in the lock file but missing from the store (gc'd or another machine)".into()] }
+                }
                 Some(l) => State::Stale { reasons: parts.diff(&l.parts) },
                 None => State::New,
             },
@@ -163,11 +173,7 @@ pub fn dag(plan: &Plan, format: DagFormat) -> String {
         DagFormat::Text => {
             let w = plan.nodes.iter().map(|n| n.name.len()).max().unwrap_or(0);
             for n in &plan.nodes {
-                let needs: Vec<String> = n
-                    .bindings
-                    .iter()
-                    .flat_map(|(slot, ups)| ups.iter().map(move |&j| format!("{slot}={}", plan.nodes[j].name)))
-                    .collect();
+                let needs: Vec<String> = n.bindings.iter().flat_map(|(slot, ups)| ups.iter().map(move |&j| format!("{slot}={}", plan.nodes[j].name))).collect();
                 let needs = if needs.is_empty() { String::new() } else { format!("  ← {}", needs.join(", ")) };
                 let _ = writeln!(out, "{:w$}  {} → {}{needs}", n.name, n.kind.kind(), n.output.kind);
             }

@@ -89,7 +89,9 @@ impl KeyParts {
             let da: Vec<&str> = a.map(|v| v.iter().map(|i| i.digest.as_str()).collect()).unwrap_or_default();
             let db: Vec<&str> = b.map(|v| v.iter().map(|i| i.digest.as_str()).collect()).unwrap_or_default();
             if da != db {
-                let names = |v: Option<&Vec<InputRef>>| v.map(|v| v.iter().map(|i| format!("{}@{}", i.stage, short(&i.digest))).collect::<Vec<_>>().join(", ")).unwrap_or_else(|| "nothing".into());
+                let names = |v: Option<&Vec<InputRef>>| {
+                    v.map(|v| v.iter().map(|i| format!("{}@{}", i.stage, short(&i.digest))).collect::<Vec<_>>().join(", ")).unwrap_or_else(|| "nothing".into())
+                };
                 out.push(format!("input `{slot}` changed: {} → {}", names(a), names(b)));
             }
         }

@@ -196,7 +196,16 @@ fn slot_list(slots: &[InputSlot]) -> String {
 
 /// `needs: { slot: stage | [stages] }`.
 #[allow(clippy::too_many_arguments)]
-fn bind_named(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, m: &BTreeMap<String, Vec<Need>>, slots: &[InputSlot], prepared: &Prepared, b: &mut BTreeMap<String, Vec<usize>>, errs: &mut Vec<SpecError>) {
+fn bind_named(
+    spec: &PipelineSpec,
+    names: &BTreeMap<&str, usize>,
+    s: &StageSpec,
+    m: &BTreeMap<String, Vec<Need>>,
+    slots: &[InputSlot],
+    prepared: &Prepared,
+    b: &mut BTreeMap<String, Vec<usize>>,
+    errs: &mut Vec<SpecError>,
+) {
     for (slot, ns) in m {
         let Some(sl) = slots.iter().find(|x| &x.name == slot) else {
             errs.push(spec.error(&format!("{}.needs.{slot}", s.src), format!("kind `{}` has no input slot `{slot}`; its slots: {}", s.uses, slot_list(slots))));
@@ -207,7 +216,14 @@ fn bind_named(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec,
             if let Some((_, up)) = &prepared[j] {
                 let k = up.output().kind;
                 if !sl.accepts(&k) {
-                    errs.push(spec.error(&n.src, format!("`{}` produces `{k}`, but slot `{slot}` takes {}", n.stage, sl.kinds.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or "))));
+                    errs.push(spec.error(
+                        &n.src,
+                        format!(
+                            "`{}` produces `{k}`, but slot `{slot}` takes {}",
+                            n.stage,
+                            sl.kinds.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or ")
+                        ),
+                    ));
                     continue;
                 }
             }
@@ -218,14 +234,31 @@ fn bind_named(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec,
 
 /// `needs: [stages]`: each artifact goes to the slot that takes its kind.
 #[allow(clippy::too_many_arguments)]
-fn bind_listed(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, ns: &[Need], slots: &[InputSlot], prepared: &Prepared, b: &mut BTreeMap<String, Vec<usize>>, errs: &mut Vec<SpecError>) {
+fn bind_listed(
+    spec: &PipelineSpec,
+    names: &BTreeMap<&str, usize>,
+    s: &StageSpec,
+    ns: &[Need],
+    slots: &[InputSlot],
+    prepared: &Prepared,
+    b: &mut BTreeMap<String, Vec<usize>>,
+    errs: &mut Vec<SpecError>,
+) {
     for n in ns {
         let Some(j) = resolve(spec, names, s, &n.stage, &n.src, errs) else { continue };
         let Some((_, up)) = &prepared[j] else { continue };
         let k = up.output().kind;
         let fits: Vec<&InputSlot> = slots.iter().filter(|sl| sl.accepts(&k)).collect();
         match fits.as_slice() {
-            [] => errs.push(spec.error(&n.src, format!("`{}` produces `{k}`, which no input of kind `{}` takes; its slots: {}", n.stage, s.uses, if slots.is_empty() { "none".into() } else { slot_list(slots) }))),
+            [] => errs.push(spec.error(
+                &n.src,
+                format!(
+                    "`{}` produces `{k}`, which no input of kind `{}` takes; its slots: {}",
+                    n.stage,
+                    s.uses,
+                    if slots.is_empty() { "none".into() } else { slot_list(slots) }
+                ),
+            )),
             [one] => b.entry(one.name.clone()).or_default().push(j),
             many => {
                 // Fill single slots in declaration order; ambiguous only if more
@@ -233,7 +266,14 @@ fn bind_listed(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec
                 let free = many.iter().find(|sl| sl.arity == Arity::Many || !b.contains_key(&sl.name));
                 match free {
                     Some(sl) => b.entry(sl.name.clone()).or_default().push(j),
-                    None => errs.push(spec.error(&n.src, format!("`{}` ({k}) fits several slots ({}); name them: `needs: {{ slot: stage }}`", n.stage, many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")))),
+                    None => errs.push(spec.error(
+                        &n.src,
+                        format!(
+                            "`{}` ({k}) fits several slots ({}); name them: `needs: {{ slot: stage }}`",
+                            n.stage,
+                            many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    )),
                 }
             }
         }
@@ -251,10 +291,16 @@ fn check_arity(spec: &PipelineSpec, s: &StageSpec, slots: &[InputSlot], b: &BTre
             Arity::Many if got == 0 => "at least one",
             _ => continue,
         };
-        errs.push(spec.error(if s.needs.all().is_empty() { &s.src } else { &needs_key }, format!(
-            "input `{}` of kind `{}` takes {want} `{}` artifact ({}), got {got}",
-            sl.name, s.uses, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"), sl.doc
-        )));
+        errs.push(spec.error(
+            if s.needs.all().is_empty() { &s.src } else { &needs_key },
+            format!(
+                "input `{}` of kind `{}` takes {want} `{}` artifact ({}), got {got}",
+                sl.name,
+                s.uses,
+                sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"),
+                sl.doc
+            ),
+        ));
     }
 }
 
@@ -268,11 +314,14 @@ fn check_external_inputs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Ve
         for path in p.external_inputs(&spec.base_dir) {
             if !path.exists() {
                 all_there = false;
-                errs.push(spec.error(&format!("{}.with", s.src), format!(
-                    "stage `{}` reads `{}`, which does not exist; data/README.md says where each dataset comes from and how to lay it out",
-                    s.name,
-                    path.display()
-                )));
+                errs.push(spec.error(
+                    &format!("{}.with", s.src),
+                    format!(
+                        "stage `{}` reads `{}`, which does not exist; data/README.md says where each dataset comes from and how to lay it out",
+                        s.name,
+                        path.display()
+                    ),
+                ));
             }
         }
         if all_there {

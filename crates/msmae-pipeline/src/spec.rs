@@ -349,9 +349,11 @@ impl Vars<'_> {
         }
         if let Some(x) = expr.strip_prefix("prev.") {
             let prev = self.prev.ok_or_else(|| format!("`${{{expr}}}` is only defined inside a `repeat:` group"))?;
-            return prev.get(x).cloned().map(Json::from).ok_or_else(|| {
-                format!("`${{{expr}}}`: round 1 has no previous `{x}`; name it in the group's `init:` map")
-            });
+            return prev
+                .get(x)
+                .cloned()
+                .map(Json::from)
+                .ok_or_else(|| format!("`${{{expr}}}`: round 1 has no previous `{x}`; name it in the group's `init:` map"));
         }
         Err(format!("`${{{expr}}}`: unknown reference; use params.NAME, seed, name, round or prev.STAGE"))
     }
@@ -408,14 +410,7 @@ fn check_keys(v: &serde_yaml::Mapping, path: &str, allowed: &[&str], errs: &mut 
 
 /// Parse one stage definition. `group` carries (group name, round, member names) inside a
 /// `repeat:` group, where bare member names refer to the same round.
-fn parse_stage(
-    name: &str,
-    v: &Yaml,
-    path: &str,
-    vars: &Vars<'_>,
-    group: Option<(&str, u64, &[String])>,
-    errs: &mut Errors<'_>,
-) -> Option<StageSpec> {
+fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<(&str, u64, &[String])>, errs: &mut Errors<'_>) -> Option<StageSpec> {
     let Some(m) = v.as_mapping() else {
         errs.at(path, format!("a stage must be a map with `uses:`, found {}", show(v)));
         return None;
@@ -457,9 +452,7 @@ fn parse_stage(
     };
     let list = |raw: &Yaml, at: &str, errs: &mut Errors<'_>| -> Vec<Need> {
         match raw {
-            Yaml::Sequence(items) => {
-                items.iter().enumerate().filter_map(|(i, x)| resolve_need(x, format!("{at}.{i}"), errs)).collect()
-            }
+            Yaml::Sequence(items) => items.iter().enumerate().filter_map(|(i, x)| resolve_need(x, format!("{at}.{i}"), errs)).collect(),
             other => resolve_need(other, at.to_string(), errs).into_iter().collect(),
         }
     };
@@ -538,8 +531,7 @@ fn expand_group(gname: &str, v: &Yaml, path: &str, vars: &Vars<'_>, errs: &mut E
         }
     }
     for r in 1..=repeat {
-        let prev: BTreeMap<String, String> =
-            if r == 1 { init.clone() } else { names.iter().map(|n| (n.clone(), format!("{gname}.{}.{n}", r - 1))).collect() };
+        let prev: BTreeMap<String, String> = if r == 1 { init.clone() } else { names.iter().map(|n| (n.clone(), format!("{gname}.{}.{n}", r - 1))).collect() };
         let rv = Vars { params: vars.params, seed: vars.seed, name: vars.name, round: Some(r), prev: Some(&prev) };
         for (k, sv) in members {
             let Some(member) = k.as_str() else { continue };

@@ -85,10 +85,8 @@ pub struct Host {
 
 impl Host {
     pub fn current() -> Self {
-        let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
-            .or_else(|_| fs::read_to_string("/etc/hostname"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+        let hostname =
+            fs::read_to_string("/proc/sys/kernel/hostname").or_else(|_| fs::read_to_string("/etc/hostname")).map(|s| s.trim().to_string()).unwrap_or_default();
         Host {
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
@@ -271,10 +269,7 @@ impl Store {
         let files = hashing::list_files(&data)?;
         let undeclared: Vec<&str> = files.iter().map(|(r, _)| r.as_str()).filter(|r| !decl.declares(r)).collect();
         if !undeclared.is_empty() {
-            return Err(Error::Output {
-                stage: stage.into(),
-                message: format!("wrote undeclared files {undeclared:?} (declared: {:?})", decl.files),
-            });
+            return Err(Error::Output { stage: stage.into(), message: format!("wrote undeclared files {undeclared:?} (declared: {:?})", decl.files) });
         }
         let missing: Vec<&str> = decl.required().filter(|r| !files.iter().any(|(f, _)| f == r)).collect();
         if !missing.is_empty() {
@@ -298,7 +293,10 @@ impl Store {
         if self.has_object(&digest) {
             return Ok(manifest); // identical artifact already stored; staging is dropped
         }
-        write_atomic(&staging.root.join("manifest.json"), &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Corrupt { path: staging.root.clone(), message: e.to_string() })?)?;
+        write_atomic(
+            &staging.root.join("manifest.json"),
+            &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Corrupt { path: staging.root.clone(), message: e.to_string() })?,
+        )?;
         let target = self.object_root(&digest);
         let parent = target.parent().unwrap_or(&self.root).to_path_buf();
         fs::create_dir_all(&parent).map_err(|e| Error::store("create", &parent, e))?;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputArtifact, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError};
 use msmae_data::table::Split;
 use msmae_mask::MaskPolicy;
+use msmae_train::classifier::class_targets;
 use msmae_train::data::{self, Batch, ImageTable, LoaderSpec, MaskSpec, Normalizer};
 use msmae_train::figures;
 use msmae_train::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep};
@@ -21,7 +22,6 @@ use msmae_train::maps::{MapState, Maps, attention_maps, read_maps, write_maps};
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec, Schedule, adamw};
 use msmae_train::runtime::{self, Runtime, images, to_vec};
 use msmae_train::support::{check_image_compat, config_error, defaults, open_table, validate_schedule, write_history};
-use msmae_train::classifier::class_targets;
 use msmae_vit::patch::{gather_tokens, index_tensor, patchify};
 use msmae_vit::{MaeConfig, MaskedAutoencoder};
 
@@ -86,7 +86,6 @@ pub struct PretrainConfig {
     pub figure_images: usize,
 }
 
-
 /// Attention-guided masking after the warm-up, from `maps` (refreshed in the loop).
 #[derive(Debug, Clone)]
 pub struct Guided {
@@ -134,7 +133,8 @@ impl TrainStep for PretrainStep {
             if epoch >= g.warmup_mask_epochs {
                 let since = epoch - g.warmup_mask_epochs;
                 if g.refresh_every > 0 && since > 0 && since % g.refresh_every == 0 {
-                    g.maps.current = Some(Arc::new(attention_maps(&model.encoder, &self.table, &self.rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?));
+                    g.maps.current =
+                        Some(Arc::new(attention_maps(&model.encoder, &self.table, &self.rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?));
                     refreshed = true;
                 }
             }
@@ -217,19 +217,56 @@ impl Stage for MaePretrain {
         };
         runtime::materialise(&model);
         let rows = if c.cls_weight > 0.0 { table.labelled_rows_of(Split::Train) } else { table.rows_of(Split::Train) };
-        let guided = guided.map(|(policy, maps)| Guided { policy, warmup_mask_epochs: c.warmup_mask_epochs, refresh_every: c.refresh_every, maps: MapState { table: table.clone(), grid, current: Some(Arc::new(maps)) } });
+        let guided = guided.map(|(policy, maps)| Guided {
+            policy,
+            warmup_mask_epochs: c.warmup_mask_epochs,
+            refresh_every: c.refresh_every,
+            maps: MapState { table: table.clone(), grid, current: Some(Arc::new(maps)) },
+        });
         let augment = c.augment.then_some((c.crop_scale[0], c.crop_scale[1]));
         let random = MaskPolicy::Random { mask_ratio: random_ratio };
-        let mut step = PretrainStep { rt: rt.clone(), table: table.clone(), norm: norm.clone(), rows: rows.clone(), batch_size: c.batch_size, augment, cls_weight: c.cls_weight, random, guided, grid };
+        let mut step = PretrainStep {
+            rt: rt.clone(),
+            table: table.clone(),
+            norm: norm.clone(),
+            rows: rows.clone(),
+            batch_size: c.batch_size,
+            augment,
+            cls_weight: c.cls_weight,
+            random,
+            guided,
+            grid,
+        };
         let lr = c.blr * c.batch_size as f64 / 256.0;
-        let opts = FitOptions { epochs: c.epochs, batch_size: c.batch_size, schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: c.warmup_epochs, epochs: c.epochs as f64 }, checkpoint_every: c.checkpoint_every, patience: None };
+        let opts = FitOptions {
+            epochs: c.epochs,
+            batch_size: c.batch_size,
+            schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: c.warmup_epochs, epochs: c.epochs as f64 },
+            checkpoint_every: c.checkpoint_every,
+            patience: None,
+        };
         let data = TrainData { table: table.clone(), rows, norm: norm.clone() };
         let res = fit::fit(ctx, &rt, &data, &mut step, model, |m| adamw(m, 0.95, c.weight_decay), &opts)?;
-        let meta = CheckpointMeta { format: 1, kind: CheckpointKind::Mae, vit: arch.encoder.clone(), mae: Some(arch.clone()), normalizer: norm.clone(), label_names: table.meta.label_names.clone(), multi_label: table.meta.multi_label, trained_by: Self::KIND.into() };
+        let meta = CheckpointMeta {
+            format: 1,
+            kind: CheckpointKind::Mae,
+            vit: arch.encoder.clone(),
+            mae: Some(arch.clone()),
+            normalizer: norm.clone(),
+            label_names: table.meta.label_names.clone(),
+            multi_label: table.meta.multi_label,
+            trained_by: Self::KIND.into(),
+        };
         model::save(ctx.out_dir(), &res.model, &meta)?;
         let maps = step.guided.as_ref().and_then(|g| g.maps.current.clone());
         if let Some(m) = maps.as_deref().filter(|m| c.refresh_every > 0 && !m.is_empty()) {
-            write_maps(&ctx.output_path("attention.parquet")?, &table, m, grid, serde_json::json!({ "stage": Self::KIND, "name": ctx.name, "what": "maps in use at the end of pre-training" }))?;
+            write_maps(
+                &ctx.output_path("attention.parquet")?,
+                &table,
+                m,
+                grid,
+                serde_json::json!({ "stage": Self::KIND, "name": ctx.name, "what": "maps in use at the end of pre-training" }),
+            )?;
         }
         // The figure shows the masking of the last epoch that ran.
         let final_policy = step.policy(res.history.last().map_or(0, |h| h.epoch));
@@ -263,10 +300,24 @@ fn from_init(i: &InputArtifact, table: &ImageTable, c: &PretrainConfig, rt: &Run
     };
     let k = table.num_classes();
     if c.cls_weight > 0.0 && (meta.label_names != table.meta.label_names || meta.multi_label != table.meta.multi_label) {
-        return Err(StageError::data(&what, None, format!("cls_weight {} needs the checkpoint's CLS head to mean the table's labels; it was trained on {:?}, the table has {:?}", c.cls_weight, meta.label_names, table.meta.label_names)));
+        return Err(StageError::data(
+            &what,
+            None,
+            format!(
+                "cls_weight {} needs the checkpoint's CLS head to mean the table's labels; it was trained on {:?}, the table has {:?}",
+                c.cls_weight, meta.label_names, table.meta.label_names
+            ),
+        ));
     }
     if c.cls_weight > 0.0 && a.encoder.num_classes != k {
-        return Err(StageError::data(&what, None, format!("cls_weight {} needs a CLS head over the table's {k} classes; this checkpoint has {} (pre-train its first round with cls_weight > 0)", c.cls_weight, a.encoder.num_classes)));
+        return Err(StageError::data(
+            &what,
+            None,
+            format!(
+                "cls_weight {} needs a CLS head over the table's {k} classes; this checkpoint has {} (pre-train its first round with cls_weight > 0)",
+                c.cls_weight, a.encoder.num_classes
+            ),
+        ));
     }
     a.norm_pix_loss = c.norm_pix_loss;
     m.norm_pix_loss = c.norm_pix_loss;
@@ -286,13 +337,23 @@ fn guidance(m: &InputArtifact, table: &ImageTable, grid: [usize; 2], c: &Pretrai
         return Ok((ratio, None));
     }
     if c.warmup_mask_epochs >= c.epochs {
-        return Err(StageError::config("warmup_mask_epochs", format!("{} ≥ epochs ({}): the attention-guided masks from `{}` would never be used", c.warmup_mask_epochs, c.epochs, m.stage)));
+        return Err(StageError::config(
+            "warmup_mask_epochs",
+            format!("{} ≥ epochs ({}): the attention-guided masks from `{}` would never be used", c.warmup_mask_epochs, c.epochs, m.stage),
+        ));
     }
     Ok((c.mask_ratio, Some((policy, read_maps(&m.path("weights.parquet"), table, grid)?))))
 }
 
 /// `reconstructions.png`: validation images (test if none) under the final policy.
-fn reconstructions(ctx: &StageContext<'_>, step: &PretrainStep, mae: &MaskedAutoencoder, policy: &MaskPolicy, maps: Option<&Maps>, images_in_figure: usize) -> Result<(), StageError> {
+fn reconstructions(
+    ctx: &StageContext<'_>,
+    step: &PretrainStep,
+    mae: &MaskedAutoencoder,
+    policy: &MaskPolicy,
+    maps: Option<&Maps>,
+    images_in_figure: usize,
+) -> Result<(), StageError> {
     let (table, norm, rt) = (&step.table, &step.norm, &step.rt);
     let mut rows = table.rows_of(Split::Val);
     if rows.is_empty() {

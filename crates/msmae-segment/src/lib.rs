@@ -16,8 +16,8 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::interpolate::{Interpolate2d, Interpolate2dConfig, InterpolateMode};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
-use burn::optim::decay::WeightDecayConfig;
 use burn::optim::AdamConfig;
+use burn::optim::decay::WeightDecayConfig;
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, relu, sigmoid, softmax};
 use image::{Rgb, RgbImage};
@@ -43,7 +43,9 @@ pub struct PupHead {
 
 impl PupHead {
     pub fn new(dim: usize, channels: usize, ups: usize, classes: usize, device: &Device) -> Self {
-        let conv = |i: usize| Conv2dConfig::new([if i == 0 { dim } else { channels }, channels], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device);
+        let conv = |i: usize| {
+            Conv2dConfig::new([if i == 0 { dim } else { channels }, channels], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device)
+        };
         Self {
             convs: (0..ups).map(conv).collect(),
             norms: (0..ups).map(|_| BatchNormConfig::new(channels).init(device)).collect(),
@@ -258,7 +260,11 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         Some(p) => {
             let (loaded, meta) = ckpt::load(&p.dir, &rt.train)?;
             if meta.vit.image_size != size || meta.vit.in_chans != table.channels() {
-                return Err(StageError::data(p.dir.join(ckpt::META_FILE), None, format!("model expects {:?}×{} images, the table holds {:?}×{}", meta.vit.image_size, meta.vit.in_chans, size, table.channels())));
+                return Err(StageError::data(
+                    p.dir.join(ckpt::META_FILE),
+                    None,
+                    format!("model expects {:?}×{} images, the table holds {:?}×{}", meta.vit.image_size, meta.vit.in_chans, size, table.channels()),
+                ));
             }
             (loaded.into_encoder(), meta.normalizer, meta.vit)
         }
@@ -273,7 +279,10 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         return Err(StageError::config("blocks", format!("block {b} does not exist in a {}-block encoder", vit_cfg.depth)));
     }
     if !vit_cfg.patch_size.is_power_of_two() {
-        return Err(StageError::config("model.patch_size", format!("SETR-PUP upsamples by 2 per stage: patch size {} must be a power of two", vit_cfg.patch_size)));
+        return Err(StageError::config(
+            "model.patch_size",
+            format!("SETR-PUP upsamples by 2 per stage: patch size {} must be a power of two", vit_cfg.patch_size),
+        ));
     }
     // Multi-class masks (class indices, `mask_classes` in the table) or one binary lesion mask.
     let classes = table.meta.mask_classes.len();
@@ -281,9 +290,21 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     let model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, if multi { classes } else { 1 }, &rt.train);
     runtime::materialise(&model);
     let new_optim = || AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
-    let mut step = SegStep { rt: rt.clone(), table: table.clone(), batch_size: c.batch_size, augment: c.augment.then_some((c.crop_scale[0], c.crop_scale[1])), classes: if multi { classes } else { 1 } };
+    let mut step = SegStep {
+        rt: rt.clone(),
+        table: table.clone(),
+        batch_size: c.batch_size,
+        augment: c.augment.then_some((c.crop_scale[0], c.crop_scale[1])),
+        classes: if multi { classes } else { 1 },
+    };
     let data = TrainData { table: table.clone(), rows: table.rows_of(Split::Train), norm: norm.clone() };
-    let opts = FitOptions { epochs: c.epochs, batch_size: c.batch_size, schedule: Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 }, checkpoint_every: c.checkpoint_every, patience: None };
+    let opts = FitOptions {
+        epochs: c.epochs,
+        batch_size: c.batch_size,
+        schedule: Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 },
+        checkpoint_every: c.checkpoint_every,
+        patience: None,
+    };
     // A killed run continues from its last checkpoint: batches, crops and the backend RNG
     // are keyed by (seed, epoch), so the result is the uninterrupted run's, bit for bit.
     let res = fit::fit(ctx, &rt, &data, &mut step, model, |_| new_optim(), &opts)?;
@@ -300,7 +321,8 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         .iter()
         .skip(1)
         .map(|name| {
-            let v: Vec<(f64, f64)> = per_image.iter().filter_map(|r| Some((r["mask_classes"][name]["dice"].as_f64()?, r["mask_classes"][name]["iou"].as_f64()?))).collect();
+            let v: Vec<(f64, f64)> =
+                per_image.iter().filter_map(|r| Some((r["mask_classes"][name]["dice"].as_f64()?, r["mask_classes"][name]["iou"].as_f64()?))).collect();
             let mean = |f: fn(&(f64, f64)) -> f64| if v.is_empty() { None } else { Some(logged(v.iter().map(f).sum::<f64>() / v.len() as f64)) };
             (name.clone(), serde_json::json!({ "dice": mean(|x| x.0), "iou": mean(|x| x.1), "images": v.len() }))
         })
@@ -313,8 +335,24 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
             (k, v)
         })
         .collect();
-    tracing::info!("`{}`: test Dice {:.4}, IoU {:.4} over {} images with lesions ({} images in all)", ctx.name, summary.dice_lesion, summary.iou_lesion, summary.n_lesion, summary.n);
-    let meta = ckpt::CheckpointMeta { format: 1, kind: ckpt::CheckpointKind::Vit, vit: vit_cfg.clone(), mae: None, normalizer: norm.clone(), label_names: if multi { table.meta.mask_classes.clone() } else { vec!["lesion".into()] }, multi_label: false, trained_by: SetrPupStage::KIND.into() };
+    tracing::info!(
+        "`{}`: test Dice {:.4}, IoU {:.4} over {} images with lesions ({} images in all)",
+        ctx.name,
+        summary.dice_lesion,
+        summary.iou_lesion,
+        summary.n_lesion,
+        summary.n
+    );
+    let meta = ckpt::CheckpointMeta {
+        format: 1,
+        kind: ckpt::CheckpointKind::Vit,
+        vit: vit_cfg.clone(),
+        mae: None,
+        normalizer: norm.clone(),
+        label_names: if multi { table.meta.mask_classes.clone() } else { vec!["lesion".into()] },
+        multi_label: false,
+        trained_by: SetrPupStage::KIND.into(),
+    };
     ckpt::save(ctx.out_dir(), &model, &meta)?;
     write_json(
         ctx,
@@ -339,7 +377,13 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     let epochs: Vec<serde_json::Value> = history.iter().map(|h| serde_json::json!({ "epoch": h.epoch, "train_loss": h.train_loss })).collect();
     write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs }))?;
     let pts: Vec<(f64, f64)> = history.iter().map(|h| ((h.epoch + 1) as f64, h.train_loss)).collect();
-    msmae_eval::plot::line_chart(&ctx.output_path("loss.png")?, &format!("{}: loss per epoch", ctx.name), "epoch", "0.5 BCE + Dice", &[msmae_eval::plot::Series::new("train loss", pts)])?;
+    msmae_eval::plot::line_chart(
+        &ctx.output_path("loss.png")?,
+        &format!("{}: loss per epoch", ctx.name),
+        "epoch",
+        "0.5 BCE + Dice",
+        &[msmae_eval::plot::Series::new("train loss", pts)],
+    )?;
     msmae_train::figures::save_sheet(&ctx.output_path("predictions.png")?, &figure, 3)
 }
 
@@ -376,7 +420,15 @@ impl TrainStep for SegStep {
 
 /// Dice and IoU per test image at threshold 0.5 (argmax over class maps for class-index
 /// masks), and the rows of the prediction figure.
-fn evaluate(ctx: &StageContext<'_>, model: &SetrPup, table: &Arc<ImageTable>, norm: &Normalizer, rt: &Runtime, classes: usize, figure_images: usize) -> Result<(Vec<serde_json::Value>, Vec<RgbImage>), StageError> {
+fn evaluate(
+    ctx: &StageContext<'_>,
+    model: &SetrPup,
+    table: &Arc<ImageTable>,
+    norm: &Normalizer,
+    rt: &Runtime,
+    classes: usize,
+    figure_images: usize,
+) -> Result<(Vec<serde_json::Value>, Vec<RgbImage>), StageError> {
     let model = model.valid();
     let (h, w, ch) = (table.height(), table.width(), table.channels());
     let mut spec = LoaderSpec::eval(32);
@@ -392,7 +444,11 @@ fn evaluate(ctx: &StageContext<'_>, model: &SetrPup, table: &Arc<ImageTable>, no
         let probs = to_vec(if classes >= 2 { softmax(logits, 1) } else { sigmoid(logits) })?;
         let per = classes.max(1) * h * w;
         for (i, &r) in batch.rows.iter().enumerate() {
-            let gt = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[r].id)), "no lesion mask"))?;
+            let gt = batch
+                .lesions
+                .get(i)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[r].id)), "no lesion mask"))?;
             let (pred, record) = image_record(table, r, gt, &probs[i * per..(i + 1) * per], classes);
             per_image.push(record);
             if figure.len() < figure_images && gt.iter().any(|v| *v > 0) {
@@ -431,7 +487,10 @@ fn image_record(table: &ImageTable, r: usize, gt: &[u8], probs: &[f32], classes:
         }
     }
     let mean = |v: &[f64]| if v.is_empty() { 1.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
-    (pred, serde_json::json!({ "id": id, "class": class, "dice": logged(mean(&ds)), "iou": logged(mean(&is)), "lesion_pixels": lesion_pixels, "mask_classes": per }))
+    (
+        pred,
+        serde_json::json!({ "id": id, "class": class, "dice": logged(mean(&ds)), "iou": logged(mean(&is)), "lesion_pixels": lesion_pixels, "mask_classes": per }),
+    )
 }
 
 /// A metric for JSON: rounded like every logged number, `null` when undefined (NaN).
@@ -444,7 +503,11 @@ fn masks_tensor(batch: &data::Batch, table: &ImageTable, classes: usize, device:
     let (h, w) = (table.height(), table.width());
     let mut v = Vec::with_capacity(batch.len() * classes * h * w);
     for (i, r) in batch.rows.iter().enumerate() {
-        let m = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[*r].id)), "no lesion mask"))?;
+        let m = batch
+            .lesions
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[*r].id)), "no lesion mask"))?;
         if classes == 1 {
             v.extend(m.iter().map(|x| f32::from(u8::from(*x > 0))));
         } else {
@@ -466,7 +529,9 @@ fn prediction_row(img: &RgbImage, gt: &[u8], pred: &[u8]) -> RgbImage {
             let p = img.get_pixel(x, y).0;
             let i = (y * w + x) as usize;
             row.put_pixel(x, y, Rgb(p));
-            let tint = |on: bool, c: [u8; 3]| if on { Rgb([(p[0] / 2).saturating_add(c[0] / 2), (p[1] / 2).saturating_add(c[1] / 2), (p[2] / 2).saturating_add(c[2] / 2)]) } else { Rgb(p) };
+            let tint = |on: bool, c: [u8; 3]| {
+                if on { Rgb([(p[0] / 2).saturating_add(c[0] / 2), (p[1] / 2).saturating_add(c[1] / 2), (p[2] / 2).saturating_add(c[2] / 2)]) } else { Rgb(p) }
+            };
             row.put_pixel(w + gap + x, y, tint(gt[i] > 0, [0, 255, 0]));
             row.put_pixel(2 * (w + gap) + x, y, tint(pred[i] > 0, [255, 0, 0]));
         }

@@ -43,7 +43,14 @@ pub fn summarize(per_image: &[serde_json::Value]) -> Summary {
     let lesion: Vec<&serde_json::Value> = per_image.iter().filter(|v| v["lesion_pixels"].as_u64().unwrap_or(0) > 0).collect();
     let mean = |xs: &[&serde_json::Value], k: &str| if xs.is_empty() { f64::NAN } else { xs.iter().map(|v| f(v, k)).sum::<f64>() / xs.len() as f64 };
     let all: Vec<&serde_json::Value> = per_image.iter().collect();
-    Summary { dice_lesion: mean(&lesion, "dice"), iou_lesion: mean(&lesion, "iou"), n_lesion: lesion.len(), dice_all: mean(&all, "dice"), iou_all: mean(&all, "iou"), n: all.len() }
+    Summary {
+        dice_lesion: mean(&lesion, "dice"),
+        iou_lesion: mean(&lesion, "iou"),
+        n_lesion: lesion.len(),
+        dice_all: mean(&all, "dice"),
+        iou_all: mean(&all, "iou"),
+        n: all.len(),
+    }
 }
 
 /// [`summarize`] per value of the string field `key` (e.g. the image's class), in

@@ -7,7 +7,8 @@ use msmae_segment::metrics::dice_iou;
 
 #[test]
 fn dice_and_iou_match_numpy() {
-    let python = std::env::var_os("MSMAE_PYTHON").unwrap_or_else(|| panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (numpy)"));
+    let python = std::env::var_os("MSMAE_PYTHON")
+        .unwrap_or_else(|| panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (numpy)"));
     // fixed cases: overlaps, disjoint, empty/empty, empty prediction, full masks, and
     // pseudo-random 32×32 masks
     let mut cases: Vec<(Vec<u8>, Vec<u8>)> = vec![

@@ -169,7 +169,12 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
         Some(p) => from_pretrained(p, &table, c, &rt)?,
         None => {
             c.model.check([table.height(), table.width()], table.channels()).map_err(|m| StageError::config("model", m))?;
-            let cfg = c.model.vit([table.height(), table.width()], table.channels()).with_num_classes(k).with_drop_path(c.drop_path).with_global_pool(kind != ClassifierKind::Supervised);
+            let cfg = c
+                .model
+                .vit([table.height(), table.width()], table.channels())
+                .with_num_classes(k)
+                .with_drop_path(c.drop_path)
+                .with_global_pool(kind != ClassifierKind::Supervised);
             let norm = table.channel_stats(&table.rows_of(Split::Train))?;
             let m = cfg.init(&rt.train);
             (m, norm, cfg)
@@ -178,23 +183,54 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
     runtime::materialise(&model);
     let layer_decay = c.layer_decay.unwrap_or(if pretrained.is_some() { 0.75 } else { 1.0 });
     let lr = c.blr * c.batch_size as f64 / 256.0;
-    let selection = (kind == ClassifierKind::Msmae).then(|| TokenSelection { policy: msmae_policy(c), refresh_every: c.refresh_every.unwrap_or(20), maps: MapState { table: table.clone(), grid: arch.grid(), current: None } });
+    let selection = (kind == ClassifierKind::Msmae).then(|| TokenSelection {
+        policy: msmae_policy(c),
+        refresh_every: c.refresh_every.unwrap_or(20),
+        maps: MapState { table: table.clone(), grid: arch.grid(), current: None },
+    });
     let mut step = ClassifierStep::new(rt.clone(), table.clone(), norm.clone(), c, layer_decay, selection);
     let data = TrainData { table: table.clone(), rows: table.labelled_rows_of(Split::Train), norm: norm.clone() };
-    let opts = FitOptions { epochs: c.epochs, batch_size: c.batch_size, schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: c.warmup_epochs, epochs: c.epochs as f64 }, checkpoint_every: c.checkpoint_every, patience: c.patience };
+    let opts = FitOptions {
+        epochs: c.epochs,
+        batch_size: c.batch_size,
+        schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: c.warmup_epochs, epochs: c.epochs as f64 },
+        checkpoint_every: c.checkpoint_every,
+        patience: c.patience,
+    };
     let res = fit::fit(ctx, &rt, &data, &mut step, model, |m| adamw(m, 0.999, c.weight_decay), &opts)?;
-    let meta = CheckpointMeta { format: 1, kind: CheckpointKind::Vit, vit: arch, mae: None, normalizer: norm.clone(), label_names: table.meta.label_names.clone(), multi_label: table.meta.multi_label, trained_by: stage_kind.to_string() };
+    let meta = CheckpointMeta {
+        format: 1,
+        kind: CheckpointKind::Vit,
+        vit: arch,
+        mae: None,
+        normalizer: norm.clone(),
+        label_names: table.meta.label_names.clone(),
+        multi_label: table.meta.multi_label,
+        trained_by: stage_kind.to_string(),
+    };
     model::save(ctx.out_dir(), &res.model, &meta)?;
     let provenance = serde_json::json!({ "stage": stage_kind, "name": ctx.name, "seed": ctx.seed, "pretrained": pretrained.as_ref().map(|p| &p.digest), "best_epoch": res.best_epoch });
     write_preds(ctx, &rt, &table, &res.model, &norm, c.batch_size.max(64), provenance)?;
     let train_seconds: f64 = res.history.iter().map(|h| h.seconds).sum();
-    tracing::info!("`{}`: {} epochs, {:.1} s of training steps ({:.2} s/epoch), {} tokens per sample", ctx.name, res.history.len(), train_seconds, train_seconds / res.history.len().max(1) as f64, res.history.last().map(|h| h.tokens).unwrap_or(0));
+    tracing::info!(
+        "`{}`: {} epochs, {:.1} s of training steps ({:.2} s/epoch), {} tokens per sample",
+        ctx.name,
+        res.history.len(),
+        train_seconds,
+        train_seconds / res.history.len().max(1) as f64,
+        res.history.last().map(|h| h.tokens).unwrap_or(0)
+    );
     write_history(ctx, &res.history, serde_json::json!({ "best_epoch": res.best_epoch, "layer_decay": layer_decay, "lr": lr }))
 }
 
 /// A classifier initialised from a pre-trained encoder (MAE or ViT checkpoint): patch
 /// embedding, CLS token and blocks are taken over; `fc_norm` and the head are new.
-fn from_pretrained(p: &InputArtifact, table: &ImageTable, c: &ClassifierConfig, rt: &Runtime) -> Result<(VisionTransformer, Normalizer, VitConfig), StageError> {
+fn from_pretrained(
+    p: &InputArtifact,
+    table: &ImageTable,
+    c: &ClassifierConfig,
+    rt: &Runtime,
+) -> Result<(VisionTransformer, Normalizer, VitConfig), StageError> {
     let (loaded, meta) = model::load(&p.dir, &rt.train)?;
     check_image_compat(&meta, table, &p.dir.join(model::META_FILE))?;
     let enc = loaded.into_encoder();
@@ -217,7 +253,15 @@ fn from_pretrained(p: &InputArtifact, table: &ImageTable, c: &ClassifierConfig, 
 }
 
 /// Scores of the val and test images with `vit`, as a predictions table.
-fn write_preds(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, vit: &VisionTransformer, norm: &Normalizer, batch: usize, provenance: serde_json::Value) -> Result<(), StageError> {
+fn write_preds(
+    ctx: &StageContext<'_>,
+    rt: &Runtime,
+    table: &Arc<ImageTable>,
+    vit: &VisionTransformer,
+    norm: &Normalizer,
+    batch: usize,
+    provenance: serde_json::Value,
+) -> Result<(), StageError> {
     let mut rows = table.rows_of(Split::Val);
     rows.extend(table.rows_of(Split::Test));
     let (scores, _) = predict(vit, table, &rows, norm, batch, rt, ctx)?;
@@ -229,7 +273,12 @@ fn write_preds(ctx: &StageContext<'_>, rt: &Runtime, table: &Arc<ImageTable>, vi
             PredictionRow { id: row.id.clone(), split: row.split, label: row.label, labels: row.labels.clone(), scores: s }
         })
         .collect();
-    let meta = PredictionMeta { schema_version: PREDICTIONS_SCHEMA_VERSION, label_names: table.meta.label_names.clone(), multi_label: table.meta.multi_label, provenance };
+    let meta = PredictionMeta {
+        schema_version: PREDICTIONS_SCHEMA_VERSION,
+        label_names: table.meta.label_names.clone(),
+        multi_label: table.meta.multi_label,
+        provenance,
+    };
     write_predictions(&ctx.output_path("predictions.parquet")?, &meta, &out).map_err(StageError::from)?;
     Ok(())
 }
@@ -351,7 +400,15 @@ pub fn class_targets(batch: &Batch, table: &ImageTable, device: &Device) -> Clas
 }
 
 /// Scores (softmax or sigmoid) and mean loss of `rows`, all tokens, eval mode.
-pub fn predict(vit: &VisionTransformer, table: &Arc<ImageTable>, rows: &[usize], norm: &Normalizer, batch_size: usize, rt: &Runtime, ctx: &StageContext<'_>) -> Result<(Vec<Vec<f32>>, f64), StageError> {
+pub fn predict(
+    vit: &VisionTransformer,
+    table: &Arc<ImageTable>,
+    rows: &[usize],
+    norm: &Normalizer,
+    batch_size: usize,
+    rt: &Runtime,
+    ctx: &StageContext<'_>,
+) -> Result<(Vec<Vec<f32>>, f64), StageError> {
     let model = vit.valid();
     let mut scores = Vec::with_capacity(rows.len());
     let (mut loss_sum, mut n) = (0f64, 0usize);

@@ -94,19 +94,28 @@ impl ImageTable {
             };
             for r in 0..batch.num_rows() {
                 let id = ids.value(r).to_string();
-                let split = Split::parse(splits.value(r)).ok_or_else(|| StageError::data(path, Some(format!("row `{id}`")), format!("unknown split `{}`", splits.value(r))))?;
+                let split = Split::parse(splits.value(r))
+                    .ok_or_else(|| StageError::data(path, Some(format!("row `{id}`")), format!("unknown split `{}`", splits.value(r))))?;
                 let multi_hot = multi.as_ref().map(|l| {
                     let v = l.value(r);
                     v.as_any().downcast_ref::<UInt8Array>().map(|a| a.values().to_vec()).unwrap_or_default()
                 });
                 if let Some(m) = &multi_hot {
                     if m.len() != meta.label_names.len() {
-                        return Err(StageError::data(path, Some(format!("row `{id}`, column `labels`")), format!("{} entries for {} labels", m.len(), meta.label_names.len())));
+                        return Err(StageError::data(
+                            path,
+                            Some(format!("row `{id}`, column `labels`")),
+                            format!("{} entries for {} labels", m.len(), meta.label_names.len()),
+                        ));
                     }
                 }
                 let label = labels.is_valid(r).then(|| labels.value(r));
                 if let Some(l) = label.filter(|l| *l < 0 || *l as usize >= meta.label_names.len()) {
-                    return Err(StageError::data(path, Some(format!("row `{id}`, column `label`")), format!("label {l} is outside 0..{}", meta.label_names.len())));
+                    return Err(StageError::data(
+                        path,
+                        Some(format!("row `{id}`, column `label`")),
+                        format!("label {l} is outside 0..{}", meta.label_names.len()),
+                    ));
                 }
                 if multi_hot.as_ref().is_some_and(|m| m.iter().any(|v| *v > 1)) {
                     return Err(StageError::data(path, Some(format!("row `{id}`, column `labels`")), "multi-hot values must be 0 or 1"));
@@ -167,7 +176,10 @@ impl ImageTable {
         let mut out = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| fmt_err(&self.path, e.to_string()))?;
-            let px = batch.column_by_name("pixels").and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned()).ok_or_else(|| fmt_err(&self.path, "column `pixels` is not binary"))?;
+            let px = batch
+                .column_by_name("pixels")
+                .and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned())
+                .ok_or_else(|| fmt_err(&self.path, "column `pixels` is not binary"))?;
             let mk = if masks { batch.column_by_name("mask").and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned()) } else { None };
             for r in 0..batch.num_rows() {
                 let row = self.group_starts[g] + out.len();
@@ -179,7 +191,11 @@ impl ImageTable {
                 let m = mk.as_ref().and_then(|m| m.is_valid(r).then(|| m.value(r).to_vec()));
                 if let Some(m) = m.as_ref().filter(|m| m.len() != self.height() * self.width()) {
                     let id = self.rows.get(row).map(|x| x.id.as_str()).unwrap_or("?");
-                    return Err(StageError::data(&self.path, Some(format!("row `{id}`, column `mask`")), format!("{} bytes, expected {}×{}", m.len(), self.height(), self.width())));
+                    return Err(StageError::data(
+                        &self.path,
+                        Some(format!("row `{id}`, column `mask`")),
+                        format!("{} bytes, expected {}×{}", m.len(), self.height(), self.width()),
+                    ));
                 }
                 out.push((p.to_vec(), m));
             }
@@ -241,7 +257,18 @@ pub fn render(pixels: &[u8], h: usize, w: usize, c: usize, aug: &Augmentation, o
 /// [`render`] for a table of `bit_depth` 8 or 16 (little-endian u16 samples): 16-bit
 /// pixels reach the normalisation at full depth.
 #[allow(clippy::too_many_arguments)]
-pub fn render_depth(pixels: &[u8], bit_depth: u32, h: usize, w: usize, c: usize, aug: &Augmentation, out_h: usize, out_w: usize, norm: &Normalizer, out: &mut [f32]) {
+pub fn render_depth(
+    pixels: &[u8],
+    bit_depth: u32,
+    h: usize,
+    w: usize,
+    c: usize,
+    aug: &Augmentation,
+    out_h: usize,
+    out_w: usize,
+    norm: &Normalizer,
+    out: &mut [f32],
+) {
     if bit_depth == 16 {
         render_samples(|i| f32::from(u16::from_le_bytes([pixels[2 * i], pixels[2 * i + 1]])), 65535.0, h, w, c, aug, out_h, out_w, norm, out);
     } else {
@@ -250,7 +277,18 @@ pub fn render_depth(pixels: &[u8], bit_depth: u32, h: usize, w: usize, c: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn render_samples(sample: impl Fn(usize) -> f32, max: f32, h: usize, w: usize, c: usize, aug: &Augmentation, out_h: usize, out_w: usize, norm: &Normalizer, out: &mut [f32]) {
+fn render_samples(
+    sample: impl Fn(usize) -> f32,
+    max: f32,
+    h: usize,
+    w: usize,
+    c: usize,
+    aug: &Augmentation,
+    out_h: usize,
+    out_w: usize,
+    norm: &Normalizer,
+    out: &mut [f32],
+) {
     let (sy, sx) = (aug.crop.height / out_h as f64, aug.crop.width / out_w as f64);
     let scale: Vec<f32> = norm.std.iter().map(|s| 1.0 / (max * s)).collect();
     let shift: Vec<f32> = norm.mean.iter().zip(&norm.std).map(|(m, s)| m / s).collect();
@@ -286,7 +324,8 @@ pub fn render_mask(mask: &[u8], h: usize, w: usize, aug: &Augmentation, out_h: u
         let fy = (aug.crop.top + (y as f64 + 0.5) * sy).floor().clamp(aug.crop.top, aug.crop.top + aug.crop.height - 1.0).clamp(0.0, (h - 1) as f64) as usize;
         for x in 0..out_w {
             let xs = if aug.flip { out_w - 1 - x } else { x };
-            let fx = (aug.crop.left + (xs as f64 + 0.5) * sx).floor().clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0).clamp(0.0, (w - 1) as f64) as usize;
+            let fx =
+                (aug.crop.left + (xs as f64 + 0.5) * sx).floor().clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0).clamp(0.0, (w - 1) as f64) as usize;
             out[y * out_w + x] = mask[fy * w + fx];
         }
     }
@@ -386,7 +425,11 @@ impl Iterator for BatchStream {
                 // that pass for the end of the epoch.
                 self.failed = true;
                 let why = match self.handle.take().map(JoinHandle::join) {
-                    Some(Err(p)) => p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into()),
+                    Some(Err(p)) => p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into()),
                     Some(Ok(())) => "it stopped without an error".into(),
                     None => "the loader thread could not be started".into(),
                 };
@@ -450,16 +493,21 @@ pub fn stream(table: Arc<ImageTable>, rows: &[usize], spec: LoaderSpec, norm: No
     }
     let num_batches = batches.len();
     let (tx, rx) = sync_channel(spec.prefetch.max(1));
-    let handle = std::thread::Builder::new()
-        .name("msmae-loader".into())
-        .spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx))
-        .ok();
+    let handle = std::thread::Builder::new().name("msmae-loader".into()).spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx)).ok();
     BatchStream { rx: Some(rx), handle, num_batches, received: 0, failed: false }
 }
 
 type GroupData = Arc<Vec<(Vec<u8>, Option<Vec<u8>>)>>;
 
-fn produce(table: &ImageTable, batches: Vec<Vec<usize>>, spec: &LoaderSpec, norm: &Normalizer, seed: u64, epoch: u64, tx: SyncSender<Result<Batch, StageError>>) {
+fn produce(
+    table: &ImageTable,
+    batches: Vec<Vec<usize>>,
+    spec: &LoaderSpec,
+    norm: &Normalizer,
+    seed: u64,
+    epoch: u64,
+    tx: SyncSender<Result<Batch, StageError>>,
+) {
     // Remaining uses of each group, so a group is dropped right after its last row.
     let mut uses: HashMap<usize, usize> = HashMap::new();
     for b in &batches {
@@ -501,7 +549,14 @@ fn produce(table: &ImageTable, batches: Vec<Vec<usize>>, spec: &LoaderSpec, norm
     }
 }
 
-fn prepare(table: &ImageTable, samples: Vec<(usize, GroupData, usize)>, spec: &LoaderSpec, norm: &Normalizer, seed: u64, epoch: u64) -> Result<Batch, StageError> {
+fn prepare(
+    table: &ImageTable,
+    samples: Vec<(usize, GroupData, usize)>,
+    spec: &LoaderSpec,
+    norm: &Normalizer,
+    seed: u64,
+    epoch: u64,
+) -> Result<Batch, StageError> {
     let (h, w, c) = (table.height(), table.width(), table.channels());
     let per = c * h * w;
     let k = table.num_classes();
@@ -521,7 +576,11 @@ fn prepare(table: &ImageTable, samples: Vec<(usize, GroupData, usize)>, spec: &L
                     let mut rng = sample_rng(seed, "mask", epoch, *row as u64);
                     if m.policy.needs_weights() {
                         let map = m.weights.as_ref().and_then(|ws| ws.get(row)).ok_or_else(|| {
-                            StageError::data(&table.path, Some(format!("row `{}`", table.rows[*row].id)), "no attention weights for this image (the mask weights come from another table?)")
+                            StageError::data(
+                                &table.path,
+                                Some(format!("row `{}`", table.rows[*row].id)),
+                                "no attention weights for this image (the mask weights come from another table?)",
+                            )
                         })?;
                         let moved = augment::transform_weights(map, gh, gw, h, w, &aug, gh, gw);
                         Some(m.policy.select(Some(&moved), gh * gw, &mut rng))

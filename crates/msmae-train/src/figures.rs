@@ -55,10 +55,11 @@ pub fn overlay(img: &RgbImage, map: &[f32], grid: [usize; 2], lesion: Option<&[u
             }
             let edge = lesion.is_some_and(|m| {
                 let at = |xx: u32, yy: u32| m[(yy * w + xx) as usize] > 0;
-                at(sx, sy) && [(0i64, 1i64), (1, 0), (0, -1), (-1, 0)].iter().any(|(dx, dy)| {
-                    let (nx, ny) = (i64::from(sx) + dx, i64::from(sy) + dy);
-                    nx < 0 || ny < 0 || nx >= i64::from(w) || ny >= i64::from(h) || !at(nx as u32, ny as u32)
-                })
+                at(sx, sy)
+                    && [(0i64, 1i64), (1, 0), (0, -1), (-1, 0)].iter().any(|(dx, dy)| {
+                        let (nx, ny) = (i64::from(sx) + dx, i64::from(sy) + dy);
+                        nx < 0 || ny < 0 || nx >= i64::from(w) || ny >= i64::from(h) || !at(nx as u32, ny as u32)
+                    })
             });
             out.put_pixel(w * scale + scale + x, y, Rgb(if edge { [255, 255, 255] } else { q }));
         }

@@ -158,7 +158,15 @@ struct RunState<M> {
 
 /// Train `model` on `data` with `step` for `opts.epochs` epochs, continuing from the last
 /// checkpoint of a killed run. `optimizer` builds the optimiser for a model.
-pub fn fit<S: TrainStep>(ctx: &StageContext<'_>, rt: &Runtime, data: &TrainData, step: &mut S, model: S::Model, optimizer: impl Fn(&S::Model) -> ModuleOptimizer, opts: &FitOptions) -> Result<Fitted<S::Model>, StageError> {
+pub fn fit<S: TrainStep>(
+    ctx: &StageContext<'_>,
+    rt: &Runtime,
+    data: &TrainData,
+    step: &mut S,
+    model: S::Model,
+    optimizer: impl Fn(&S::Model) -> ModuleOptimizer,
+    opts: &FitOptions,
+) -> Result<Fitted<S::Model>, StageError> {
     if data.rows.len() < opts.batch_size {
         return Err(StageError::data(&data.table.path, None, format!("{} training images, fewer than one batch of {}", data.rows.len(), opts.batch_size)));
     }
@@ -203,7 +211,14 @@ pub fn fit<S: TrainStep>(ctx: &StageContext<'_>, rt: &Runtime, data: &TrainData,
 }
 
 /// A fresh run, or the state of the last checkpoint.
-fn restore<S: TrainStep>(ctx: &StageContext<'_>, resume: &Resume, step: &mut S, model: S::Model, optimizer: &impl Fn(&S::Model) -> ModuleOptimizer, opts: &FitOptions) -> Result<RunState<S::Model>, StageError> {
+fn restore<S: TrainStep>(
+    ctx: &StageContext<'_>,
+    resume: &Resume,
+    step: &mut S,
+    model: S::Model,
+    optimizer: &impl Fn(&S::Model) -> ModuleOptimizer,
+    opts: &FitOptions,
+) -> Result<RunState<S::Model>, StageError> {
     let Some(st) = resume.load_state() else {
         let optim = optimizer(&model);
         return Ok(RunState { model, optim, history: Vec::new(), best: None, best_model: None, start: 0 });
@@ -254,7 +269,16 @@ impl EpochSums {
 /// The training steps of one epoch. The model moves through the optimiser (no second
 /// reference to its parameters, so the fused AdamW updates them in place).
 #[allow(clippy::too_many_arguments)]
-fn train_epoch<S: TrainStep>(ctx: &StageContext<'_>, data: &TrainData, step: &mut S, mut model: S::Model, optim: &mut ModuleOptimizer, spec: LoaderSpec, epoch: usize, opts: &FitOptions) -> Result<(S::Model, EpochSums), StageError> {
+fn train_epoch<S: TrainStep>(
+    ctx: &StageContext<'_>,
+    data: &TrainData,
+    step: &mut S,
+    mut model: S::Model,
+    optim: &mut ModuleOptimizer,
+    spec: LoaderSpec,
+    epoch: usize,
+    opts: &FitOptions,
+) -> Result<(S::Model, EpochSums), StageError> {
     let stream = data::stream(data.table.clone(), &data.rows, spec, data.norm.clone(), ctx.seed, epoch as u64);
     let nb = stream.num_batches.max(1);
     let mut sums = EpochSums::default();

@@ -30,7 +30,15 @@ pub struct MapState {
 
 /// CLS-attention maps (METHOD.md §2) of `rows`, by row: the model in eval mode, the
 /// stored image without augmentation.
-pub fn attention_maps(vit: &VisionTransformer, table: &Arc<ImageTable>, rows: &[usize], norm: &Normalizer, batch_size: usize, rt: &Runtime, ctx: &StageContext<'_>) -> Result<Maps, StageError> {
+pub fn attention_maps(
+    vit: &VisionTransformer,
+    table: &Arc<ImageTable>,
+    rows: &[usize],
+    norm: &Normalizer,
+    batch_size: usize,
+    rt: &Runtime,
+    ctx: &StageContext<'_>,
+) -> Result<Maps, StageError> {
     attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), rt, ctx, |_, _, _| Ok(()))
 }
 
@@ -72,7 +80,8 @@ pub fn attention_pass(
 pub fn write_maps(path: &Path, table: &ImageTable, maps: &Maps, grid: [usize; 2], provenance: serde_json::Value) -> Result<u64, StageError> {
     let mut keys: Vec<usize> = maps.keys().copied().collect();
     keys.sort_unstable();
-    let rows: Vec<AttentionRow> = keys.iter().map(|r| AttentionRow { id: table.rows[*r].id.clone(), split: table.rows[*r].split, weights: maps[r].clone() }).collect();
+    let rows: Vec<AttentionRow> =
+        keys.iter().map(|r| AttentionRow { id: table.rows[*r].id.clone(), split: table.rows[*r].split, weights: maps[r].clone() }).collect();
     let meta = AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid: [grid[0] as u32, grid[1] as u32], provenance };
     write_attention(path, &meta, &rows).map_err(StageError::from)
 }
@@ -81,7 +90,11 @@ pub fn write_maps(path: &Path, table: &ImageTable, maps: &Maps, grid: [usize; 2]
 pub fn read_maps(path: &Path, table: &ImageTable, grid: [usize; 2]) -> Result<Maps, StageError> {
     let (meta, rows) = read_attention(path).map_err(|e| StageError::data(path, None, e.to_string()))?;
     if [meta.grid[0] as usize, meta.grid[1] as usize] != grid {
-        return Err(StageError::data(path, None, format!("attention maps on a {:?} grid, but the model's patch grid is {grid:?} (same image size and patch size needed)", meta.grid)));
+        return Err(StageError::data(
+            path,
+            None,
+            format!("attention maps on a {:?} grid, but the model's patch grid is {grid:?} (same image size and patch size needed)", meta.grid),
+        ));
     }
     let by_id: HashMap<&str, usize> = table.rows.iter().enumerate().map(|(i, r)| (r.id.as_str(), i)).collect();
     let mut out = HashMap::with_capacity(rows.len());
@@ -95,4 +108,3 @@ pub fn read_maps(path: &Path, table: &ImageTable, grid: [usize; 2]) -> Result<Ma
     }
     Ok(out)
 }
-

@@ -52,7 +52,14 @@ impl ModelSpec {
             Preset::Small => (16, 384, 12, 6),
             Preset::Base => (16, 768, 12, 12),
         };
-        let mut c = VitConfig::new(image_size, self.patch_size.unwrap_or(p), in_chans, self.embed_dim.unwrap_or(d), self.depth.unwrap_or(l), self.num_heads.unwrap_or(h));
+        let mut c = VitConfig::new(
+            image_size,
+            self.patch_size.unwrap_or(p),
+            in_chans,
+            self.embed_dim.unwrap_or(d),
+            self.depth.unwrap_or(l),
+            self.num_heads.unwrap_or(h),
+        );
         if let Some(r) = self.mlp_ratio {
             c.mlp_ratio = r;
         }
@@ -202,7 +209,6 @@ pub fn adamw<M: Module>(model: &M, beta2: f64, weight_decay: f64) -> ModuleOptim
     let opt = msmae_vit::optim::LeanAdamW { beta_1: 0.9, beta_2: beta2, epsilon: 1e-8, weight_decay };
     ModuleOptimizer::from(opt).with_group(ParamGroup::from_ids(no_decay_ids(model)), msmae_vit::optim::LeanAdamW { weight_decay: 0.0, ..opt }, None)
 }
-
 
 /// Linear warm-up then half-cosine to `min_lr`, evaluated per step with fractional epochs
 /// (MAE's `adjust_learning_rate`).

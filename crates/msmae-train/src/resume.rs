@@ -42,7 +42,11 @@ pub struct Restored<M> {
 impl<M: std::fmt::Debug> std::fmt::Debug for Restored<M> {
     // burn's `ModuleOptimizer` has no `Debug`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Restored").field("model", &self.model).field("best", &self.best).field("maps", &self.maps.as_ref().map(|m| m.len())).finish_non_exhaustive()
+        f.debug_struct("Restored")
+            .field("model", &self.model)
+            .field("best", &self.best)
+            .field("maps", &self.maps.as_ref().map(|m| m.len()))
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,7 +91,13 @@ impl Resume {
     /// Restore what a checkpoint holds: the model, the optimiser (`optim` builds it for the
     /// loaded model, then its state is loaded), the best model if recorded, and the maps in
     /// use (`maps`: the table and patch grid they index).
-    pub fn restore<M: Module>(&self, st: &ResumeState, model: M, optim: impl FnOnce(&M) -> ModuleOptimizer, maps: Option<(&ImageTable, [usize; 2])>) -> Result<Restored<M>, StageError> {
+    pub fn restore<M: Module>(
+        &self,
+        st: &ResumeState,
+        model: M,
+        optim: impl FnOnce(&M) -> ModuleOptimizer,
+        maps: Option<(&ImageTable, [usize; 2])>,
+    ) -> Result<Restored<M>, StageError> {
         let epoch = st.epochs_done;
         let load = |name: &str| self.file(name, epoch).unwrap_or_default();
         let bad = |path: PathBuf, e: &dyn std::fmt::Display| StageError::Resume { path, epoch, message: e.to_string() };
@@ -106,7 +116,14 @@ impl Resume {
 
     /// Save model, optimiser, best model and maps for `epochs_done`, then (atomically) the
     /// state that points at them, then drop older files.
-    pub fn save<M: Module>(&self, st: &ResumeState, model: &M, optim: &ModuleOptimizer, best: Option<&M>, maps: Option<(&Maps, &ImageTable, [usize; 2])>) -> Result<(), StageError> {
+    pub fn save<M: Module>(
+        &self,
+        st: &ResumeState,
+        model: &M,
+        optim: &ModuleOptimizer,
+        best: Option<&M>,
+        maps: Option<(&Maps, &ImageTable, [usize; 2])>,
+    ) -> Result<(), StageError> {
         let Some(dir) = &self.dir else { return Ok(()) };
         let e = st.epochs_done;
         let err = |p: &Path, m: String| StageError::WriteCheckpoint { path: p.to_path_buf(), message: m };
@@ -122,7 +139,11 @@ impl Resume {
             write_maps(&dir.join(format!("maps-e{e}.parquet")), table, m, grid, serde_json::Value::Null)?;
         }
         // Durable before the state points at them (power loss, not just a kill).
-        for p in [Some(mp.clone()), Some(op.clone()), best.map(|_| self.file("best", e).unwrap_or_default()), maps.map(|_| dir.join(format!("maps-e{e}.parquet")))].into_iter().flatten() {
+        for p in
+            [Some(mp.clone()), Some(op.clone()), best.map(|_| self.file("best", e).unwrap_or_default()), maps.map(|_| dir.join(format!("maps-e{e}.parquet")))]
+                .into_iter()
+                .flatten()
+        {
             std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(|x| StageError::io(&p, x))?;
         }
         let tmp = dir.join("state.json.tmp");
@@ -144,4 +165,3 @@ impl Resume {
         Ok(())
     }
 }
-

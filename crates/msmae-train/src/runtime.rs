@@ -19,7 +19,8 @@ pub struct Runtime {
 
 /// Resolve the stage's backend/device (from the runner's `--backend`/`--device`).
 pub fn runtime(ctx: &StageContext<'_>) -> Result<Runtime, StageError> {
-    let device_error = |e: msmae_backend::BackendError| StageError::Device { backend: ctx.env.backend.clone(), device: ctx.env.device.clone(), source: Box::new(e) };
+    let device_error =
+        |e: msmae_backend::BackendError| StageError::Device { backend: ctx.env.backend.clone(), device: ctx.env.device.clone(), source: Box::new(e) };
     let b = ctx.env.backend.parse().map_err(device_error)?;
     let d = ctx.env.device.parse().map_err(device_error)?;
     let c = msmae_backend::select(b, d).map_err(device_error)?;

@@ -66,7 +66,13 @@ fn loss_chart(ctx: &StageContext<'_>, history: &[EpochLog]) -> Result<(), StageE
     let acc: Vec<(f64, f64)> = history.iter().filter_map(|h| h.val_accuracy.map(|v| (x(h), v))).collect();
     line_chart(&ctx.output_path("loss.png")?, &format!("{}: loss per epoch", ctx.name), "epoch", "loss", &series)?;
     if !acc.is_empty() {
-        line_chart(&ctx.output_path("accuracy.png")?, &format!("{}: validation accuracy", ctx.name), "epoch", "accuracy", &[Series::new("validation accuracy", acc)])?;
+        line_chart(
+            &ctx.output_path("accuracy.png")?,
+            &format!("{}: validation accuracy", ctx.name),
+            "epoch",
+            "accuracy",
+            &[Series::new("validation accuracy", acc)],
+        )?;
     }
     Ok(())
 }
@@ -74,7 +80,11 @@ fn loss_chart(ctx: &StageContext<'_>, history: &[EpochLog]) -> Result<(), StageE
 pub fn check_image_compat(meta: &CheckpointMeta, table: &ImageTable, what: &Path) -> Result<(), StageError> {
     let n = &meta.normalizer;
     if n.mean.len() != meta.vit.in_chans || n.std.len() != meta.vit.in_chans || n.std.iter().any(|s| !(*s > 0.0)) {
-        return Err(StageError::data(what, None, format!("normalizer for {} channels with positive std expected, found mean {:?} std {:?}", meta.vit.in_chans, n.mean, n.std)));
+        return Err(StageError::data(
+            what,
+            None,
+            format!("normalizer for {} channels with positive std expected, found mean {:?} std {:?}", meta.vit.in_chans, n.mean, n.std),
+        ));
     }
     let want = [table.height(), table.width()];
     if meta.vit.image_size != want || meta.vit.in_chans != table.channels() {
@@ -149,4 +159,3 @@ pub fn validate_schedule(epochs: usize, batch_size: usize, blr: f64, min_lr: f64
     }
     Ok(())
 }
-

@@ -24,13 +24,38 @@ const SIZE: usize = 8;
 
 /// 64 images: label 1 images are bright, label 0 dark (learnable by a linear model).
 fn table(dir: &Path) -> Arc<ImageTable> {
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["dark".into(), "bright".into()], multi_label: false, height: SIZE as u32, width: SIZE as u32, channels: 1, has_masks: false, bit_depth: 8, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
+    let meta = TableMeta {
+        schema_version: SCHEMA_VERSION,
+        label_names: vec!["dark".into(), "bright".into()],
+        multi_label: false,
+        height: SIZE as u32,
+        width: SIZE as u32,
+        channels: 1,
+        has_masks: false,
+        bit_depth: 8,
+        mask_classes: Vec::new(),
+        provenance: serde_json::Value::Null,
+    };
     let p = dir.join("images.parquet");
     let mut w = ImageTableWriter::create(&p, meta, 16).expect("create");
     for i in 0..64u8 {
         let label = i32::from(i % 2);
         let v = if label == 1 { 150 + i } else { 20 + i };
-        w.push(ImageRow { id: format!("img{i:02}"), patient_id: format!("p{i}"), split: if i < 48 { Split::Train } else { Split::Val }, label: Some(label), labels: None, width: SIZE as i32, height: SIZE as i32, channels: 1, pixels: vec![v; SIZE * SIZE], mask: None, source_path: String::new(), source_sha256: String::new() }).expect("push");
+        w.push(ImageRow {
+            id: format!("img{i:02}"),
+            patient_id: format!("p{i}"),
+            split: if i < 48 { Split::Train } else { Split::Val },
+            label: Some(label),
+            labels: None,
+            width: SIZE as i32,
+            height: SIZE as i32,
+            channels: 1,
+            pixels: vec![v; SIZE * SIZE],
+            mask: None,
+            source_path: String::new(),
+            source_sha256: String::new(),
+        })
+        .expect("push");
     }
     w.finish().expect("finish");
     Arc::new(ImageTable::open(&p).expect("open"))
@@ -116,10 +141,18 @@ impl Run {
         let resume = self.dir.path().join("resume");
         std::fs::create_dir_all(&out).expect("out");
         std::fs::create_dir_all(&resume).expect("resume");
-        let ctx = StageContext::new("toy".into(), 5, ExecEnv::cpu_flex(), 2, cancel, &NoProgress, out.clone(), out, OutputDecl::new("toy", &["*"]), BTreeMap::new()).with_resume_dir(resume);
+        let ctx =
+            StageContext::new("toy".into(), 5, ExecEnv::cpu_flex(), 2, cancel, &NoProgress, out.clone(), out, OutputDecl::new("toy", &["*"]), BTreeMap::new())
+                .with_resume_dir(resume);
         let model = msmae_backend::seeded(&self.rt.train, 3, || Toy { fc: LinearConfig::new(SIZE * SIZE, 2).init(&self.rt.train) });
         let data = TrainData { table: self.table.clone(), rows: self.table.rows_of(Split::Train), norm: Normalizer { mean: vec![0.5], std: vec![0.25] } };
-        let opts = FitOptions { epochs, batch_size: 8, schedule: Schedule { lr: 0.05, min_lr: 0.0, warmup_epochs: 0.0, epochs: epochs as f64 }, checkpoint_every: 1, patience };
+        let opts = FitOptions {
+            epochs,
+            batch_size: 8,
+            schedule: Schedule { lr: 0.05, min_lr: 0.0, warmup_epochs: 0.0, epochs: epochs as f64 },
+            checkpoint_every: 1,
+            patience,
+        };
         fit(&ctx, &self.rt, &data, step, model, |m| adamw(m, 0.999, 0.0), &opts)
     }
 }

@@ -16,7 +16,18 @@ const SIZE: usize = 16;
 
 /// 50 images in row groups of 8; image i is filled with the value i.
 fn table(dir: &std::path::Path) -> Arc<ImageTable> {
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: SIZE as u32, width: SIZE as u32, channels: 1, has_masks: false, bit_depth: 8, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
+    let meta = TableMeta {
+        schema_version: SCHEMA_VERSION,
+        label_names: vec!["a".into(), "b".into()],
+        multi_label: false,
+        height: SIZE as u32,
+        width: SIZE as u32,
+        channels: 1,
+        has_masks: false,
+        bit_depth: 8,
+        mask_classes: Vec::new(),
+        provenance: serde_json::Value::Null,
+    };
     let p = dir.join("images.parquet");
     let mut w = ImageTableWriter::create(&p, meta, 8).expect("create");
     for i in 0..50u8 {
@@ -155,13 +166,38 @@ fn a_crashing_loader_is_an_error_not_a_short_epoch() {
 #[test]
 fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() {
     let d = tempfile::tempdir().expect("tmp");
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into(), "b".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, bit_depth: 8, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
+    let meta = TableMeta {
+        schema_version: SCHEMA_VERSION,
+        label_names: vec!["a".into(), "b".into()],
+        multi_label: false,
+        height: 4,
+        width: 4,
+        channels: 1,
+        has_masks: false,
+        bit_depth: 8,
+        mask_classes: Vec::new(),
+        provenance: serde_json::Value::Null,
+    };
     let write = |name: &str, dup: bool| {
         let p = d.path().join(name);
         let mut w = ImageTableWriter::create(&p, meta.clone(), 8).expect("create");
         for i in 0..64u8 {
             let id = if dup && i == 63 { "img00".to_string() } else { format!("img{i:02}") };
-            w.push(ImageRow { id, patient_id: format!("p{i}"), split: Split::Train, label: Some(i32::from(i >= 32)), labels: None, width: 4, height: 4, channels: 1, pixels: vec![i; 16], mask: None, source_path: String::new(), source_sha256: String::new() }).expect("push");
+            w.push(ImageRow {
+                id,
+                patient_id: format!("p{i}"),
+                split: Split::Train,
+                label: Some(i32::from(i >= 32)),
+                labels: None,
+                width: 4,
+                height: 4,
+                channels: 1,
+                pixels: vec![i; 16],
+                mask: None,
+                source_path: String::new(),
+                source_sha256: String::new(),
+            })
+            .expect("push");
         }
         w.finish().expect("finish");
         p
@@ -169,7 +205,10 @@ fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() 
     // rows sorted by class, as an ImageFolder ingestion writes them
     let t = Arc::new(ImageTable::open(&write("sorted.parquet", false)).expect("open"));
     let rows = t.rows_of(Split::Train);
-    let mixed = data::stream(t.clone(), &rows, LoaderSpec::train(16, (0.5, 1.0)), unit(), 4, 0).map(|b| b.expect("batch")).filter(|b| b.labels.iter().any(|l| *l == 0) && b.labels.iter().any(|l| *l == 1)).count();
+    let mixed = data::stream(t.clone(), &rows, LoaderSpec::train(16, (0.5, 1.0)), unit(), 4, 0)
+        .map(|b| b.expect("batch"))
+        .filter(|b| b.labels.iter().any(|l| *l == 0) && b.labels.iter().any(|l| *l == 1))
+        .count();
     assert_eq!(mixed, 4, "every batch holds both classes");
     let e = ImageTable::open(&write("dup.parquet", true)).expect_err("duplicate id");
     assert!(e.to_string().contains("img00") && e.to_string().contains("duplicate"), "{e}");
@@ -180,16 +219,53 @@ fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() 
 #[test]
 fn sixteen_bit_tables_stream_at_full_depth() {
     let d = tempfile::tempdir().expect("tmp");
-    let meta = TableMeta { schema_version: SCHEMA_VERSION, label_names: vec!["a".into()], multi_label: false, height: 4, width: 4, channels: 1, has_masks: false, bit_depth: 16, mask_classes: Vec::new(), provenance: serde_json::Value::Null };
+    let meta = TableMeta {
+        schema_version: SCHEMA_VERSION,
+        label_names: vec!["a".into()],
+        multi_label: false,
+        height: 4,
+        width: 4,
+        channels: 1,
+        has_masks: false,
+        bit_depth: 16,
+        mask_classes: Vec::new(),
+        provenance: serde_json::Value::Null,
+    };
     let p = d.path().join("images.parquet");
     let mut w = ImageTableWriter::create(&p, meta, 4).expect("create");
     for i in 0..10u16 {
         // 1000·i + 1: not a multiple of 257, so an 8-bit table could not hold it
         let v = 1000 * i + 1;
-        let row = ImageRow { id: format!("i{i}"), patient_id: format!("p{i}"), split: Split::Train, label: Some(0), labels: None, width: 4, height: 4, channels: 1, pixels: [v; 16].iter().flat_map(|x| x.to_le_bytes()).collect(), mask: None, source_path: String::new(), source_sha256: String::new() };
+        let row = ImageRow {
+            id: format!("i{i}"),
+            patient_id: format!("p{i}"),
+            split: Split::Train,
+            label: Some(0),
+            labels: None,
+            width: 4,
+            height: 4,
+            channels: 1,
+            pixels: [v; 16].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            mask: None,
+            source_path: String::new(),
+            source_sha256: String::new(),
+        };
         w.push(row).expect("push");
     }
-    let short = ImageRow { id: "bad".into(), patient_id: "p".into(), split: Split::Train, label: Some(0), labels: None, width: 4, height: 4, channels: 1, pixels: vec![0; 16], mask: None, source_path: String::new(), source_sha256: String::new() };
+    let short = ImageRow {
+        id: "bad".into(),
+        patient_id: "p".into(),
+        split: Split::Train,
+        label: Some(0),
+        labels: None,
+        width: 4,
+        height: 4,
+        channels: 1,
+        pixels: vec![0; 16],
+        mask: None,
+        source_path: String::new(),
+        source_sha256: String::new(),
+    };
     assert!(w.push(short).is_err(), "8-bit bytes in a 16-bit table are refused");
     w.finish().expect("finish");
     let t = Arc::new(ImageTable::open(&p).expect("open"));

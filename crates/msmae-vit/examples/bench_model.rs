@@ -161,7 +161,13 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--one") {
         let idx: usize = args[i + 1].parse().expect("case index");
         let backend: BackendRequest = args[i + 2].parse().expect("backend");
-        let steps = steps_arg.unwrap_or(if idx < 3 { 5 } else if all[idx].batch > 4 { 2 } else { 3 });
+        let steps = steps_arg.unwrap_or(if idx < 3 {
+            5
+        } else if all[idx].batch > 4 {
+            2
+        } else {
+            3
+        });
         run_one(&all[idx], backend, steps);
         return;
     }
@@ -169,7 +175,8 @@ fn main() {
     let explicit = args.iter().any(|a| a == "--explicit");
     let flex_large = args.iter().any(|a| a == "--flex-large");
     let rounds = args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)).and_then(|s| s.parse::<usize>().ok()).unwrap_or(1).max(1);
-    let only: Option<Vec<usize>> = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    let only: Option<Vec<usize>> =
+        args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect());
     let python = std::env::var_os("MSMAE_PYTHON");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/bench_model.py");
     let exe = std::env::current_exe().expect("exe");
@@ -190,7 +197,15 @@ fn main() {
         }
         // ViT-B at batch 16: flex only on request (minutes per step).
         let large = idx >= 3 && case.batch > 4;
-        let steps = steps_arg.unwrap_or(if idx < 3 { 5 } else if large { 2 } else { 3 }).to_string();
+        let steps = steps_arg
+            .unwrap_or(if idx < 3 {
+                5
+            } else if large {
+                2
+            } else {
+                3
+            })
+            .to_string();
         let kind = match case.kind {
             Kind::Finetune(k) => format!("finetune:{k}"),
             Kind::Pretrain => "pretrain".into(),
@@ -277,5 +292,8 @@ fn main() {
         100.0 * (1.0 - k.linear() / f.linear()),
         100.0 * (1.0 - k.total() / f.total())
     );
-    println!("threads: burn-flex uses rayon, libtorch and PyTorch OpenMP; machine has {} cpus", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "threads: burn-flex uses rayon, libtorch and PyTorch OpenMP; machine has {} cpus",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
 }

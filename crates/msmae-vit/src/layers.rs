@@ -4,9 +4,9 @@
 use burn::module::Param;
 use burn::nn::{Gelu, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use msmae_backend::fused;
 use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
+use msmae_backend::fused;
 
 fn new_linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
     // MAE initialises every Linear with xavier_uniform and zero bias.

@@ -33,7 +33,8 @@ impl PatchEmbed {
         let [p, q] = self.proj.kernel_size;
         let [gh, gw] = [h / p, w / q];
         let [d, _, _, _] = self.proj.weight.dims();
-        let patches = imgs.narrow(2, 0, gh * p).narrow(3, 0, gw * q).reshape([b, c, gh, p, gw, q]).permute([0, 2, 4, 1, 3, 5]).reshape([b * gh * gw, c * p * q]);
+        let patches =
+            imgs.narrow(2, 0, gh * p).narrow(3, 0, gw * q).reshape([b, c, gh, p, gw, q]).permute([0, 2, 4, 1, 3, 5]).reshape([b * gh * gw, c * p * q]);
         let weight = self.proj.weight.val().reshape([d, c * p * q]).transpose(); // [c·p·q, d]
         affine(patches, weight, self.proj.bias.as_ref().map(|b| b.val())).reshape([b, gh * gw, d])
     }
@@ -82,7 +83,8 @@ impl VitConfig {
             blocks: (0..self.depth).map(|i| Block::new(d, self.num_heads, self.mlp_ratio, self.norm_eps, dpr(i), device)).collect(),
             norm: LayerNorm::new(d, self.norm_eps, device),
             fc_norm: self.global_pool.then(|| LayerNorm::new(d, self.norm_eps, device)),
-            head: (self.num_classes > 0).then(|| LinearConfig::new(d, self.num_classes).with_initializer(Initializer::Normal { mean: 0.0, std: 0.01 }).init(device)),
+            head: (self.num_classes > 0)
+                .then(|| LinearConfig::new(d, self.num_classes).with_initializer(Initializer::Normal { mean: 0.0, std: 0.01 }).init(device)),
             global_pool: self.global_pool,
             embed_dim: d,
         }
