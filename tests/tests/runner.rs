@@ -103,7 +103,7 @@ fn stage_from_until_force_select_what_runs() {
     // unknown stage name
     let plan = f.plan(&[]);
     let e =
-        msmae_pipeline::run(&plan, &f.store(), &RunOptions { stage: Some("zz".into()), ..Default::default() }, &msmae_core::NoProgress).err().expect("unknown");
+        msmae_pipeline::run(&plan, &f.store(), &RunOptions { stage: Some("zz".into()), ..Default::default() }, &msmae_core::NoProgress).expect_err("unknown");
     assert!(e.to_string().contains("unknown stage `zz`; stages: a, b, c, d"), "{e}");
 }
 
@@ -227,7 +227,7 @@ fn listed_files_are_hashed_one_by_one_wherever_they_live() {
     assert_eq!(outcome(&f.run(), "read").label(), "cached", "keyed on the list it ran with");
     // A list that cannot be read stops the plan, naming the stage and the file.
     fs::write(f.path("data/list.txt"), [0xff, 0xfe, b'\n']).expect("w");
-    let e = msmae_pipeline::load_plan(&f.pipeline(), &[], &registry()).err().expect("plan fails").to_string();
+    let e = msmae_pipeline::load_plan(&f.pipeline(), &[], &registry()).expect_err("plan fails").to_string();
     assert!(e.contains("stage `read`") && e.contains("list.txt"), "{e}");
 }
 

@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(lesion_coverage(&on_lesion, [2, 2], &lesion, 8, 8, 2), (1.0, true));
         let elsewhere = [0.1, 0.9, 0.8, 0.2];
         assert_eq!(lesion_coverage(&elsewhere, [2, 2], &lesion, 8, 8, 2), (0.0, false));
-        assert_eq!(lesion_coverage(&elsewhere, [2, 2], &vec![0; 64], 8, 8, 2), (0.0, false), "no lesion: nothing covered");
+        assert_eq!(lesion_coverage(&elsewhere, [2, 2], &[0; 64], 8, 8, 2), (0.0, false), "no lesion: nothing covered");
     }
 
     #[test]

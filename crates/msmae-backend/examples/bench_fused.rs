@@ -82,7 +82,7 @@ fn adamw(dev: &Device, reps: usize, fused_op: bool) -> f64 {
             let update = (v.clone() / h.bias_correction_2).sqrt().add_scalar(h.epsilon).recip() * m.clone() * (h.lr / h.bias_correction_1);
             (p * (1.0 - h.lr * h.weight_decay) - update, m, v)
         };
-        let _: f32 = p.clone().slice([0..1]).into_scalar();
+        let _: f32 = p.clone().slice(0..1).into_scalar();
         state = Some((p, m, v));
     })
 }

@@ -298,7 +298,7 @@ mod tests {
         let v = parse_findings("Cardiomegaly|Effusion").expect("ok");
         assert_eq!((v[1], v[2], v.iter().map(|&x| u32::from(x)).sum::<u32>()), (1, 1, 2));
         assert_eq!(parse_findings("Hernia").expect("ok")[13], 1);
-        assert!(parse_findings("Cardiomegaly|Pneumonitis").unwrap_err().contains("unknown finding `Pneumonitis`"));
-        assert!(parse_findings("No Finding|Mass").unwrap_err().contains("`No Finding` together with findings"));
+        assert!(parse_findings("Cardiomegaly|Pneumonitis").expect_err("unknown finding").contains("unknown finding `Pneumonitis`"));
+        assert!(parse_findings("No Finding|Mass").expect_err("contradiction").contains("`No Finding` together with findings"));
     }
 }

@@ -65,10 +65,8 @@ pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect
     }
     // A JPEG the reduced decoder cannot read (arithmetic coding, damage it does not
     // tolerate) goes to the general decoder, which names the problem if it fails too.
-    if jpeg_dct_reduction {
-        if let Some(Ok(d)) = jpeg_reduced(bytes, size, channels, aspect) {
-            return Ok(widen(d));
-        }
+    if jpeg_dct_reduction && let Some(Ok(d)) = jpeg_reduced(bytes, size, channels, aspect) {
+        return Ok(widen(d));
     }
     let img = if crate::dicom::is_dicom(bytes) {
         crate::dicom::decode(bytes).map_err(DecodeError::Decode)?.to_image()

@@ -203,6 +203,6 @@ mod tests {
         assert!(!is_dicom(&b));
         b[128..132].copy_from_slice(b"DICM");
         assert!(is_dicom(&b));
-        assert!(decode(&b).unwrap_err().contains("not a readable DICOM file"));
+        assert!(decode(&b).expect_err("not DICOM").contains("not a readable DICOM file"));
     }
 }

@@ -139,9 +139,12 @@ pub fn check_options(size: u32, channels: u32, split: &crate::table::SplitFracti
     Ok(())
 }
 
+/// A decoded image, its merged mask (when the source has masks) and its file's SHA-256.
+type DecodedItem = (Decoded, Option<Vec<u8>>, String);
+
 /// Decode one item: the image (resized), its merged mask when the source has masks, and
 /// the SHA-256 of the image file. `Err` names the file at fault (image or mask).
-fn decode_item(it: &Item, o: &WriteOptions) -> Result<(Decoded, Option<Vec<u8>>, String), (PathBuf, DecodeError)> {
+fn decode_item(it: &Item, o: &WriteOptions) -> Result<DecodedItem, (PathBuf, DecodeError)> {
     let (img, bytes) = decode_file(&it.path, o.size, o.channels, o.aspect, o.bit_depth).map_err(|e| (it.path.clone(), e))?;
     let sha = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     drop(bytes);

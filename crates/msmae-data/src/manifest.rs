@@ -313,14 +313,14 @@ impl Stage for Manifest {
         if split_col.is_some() {
             for r in &rows {
                 let s = r.split.unwrap_or(Split::Train);
-                if let Some(prev) = split_of.insert(r.patient.clone(), s) {
-                    if prev != s {
-                        return Err(StageError::data(
-                            &manifest,
-                            Some(format!("column `{}`", c.split_column.clone().unwrap_or_default())),
-                            format!("patient `{}` is in both {} and {}: splits must be by patient", r.patient, prev.as_str(), s.as_str()),
-                        ));
-                    }
+                if let Some(prev) = split_of.insert(r.patient.clone(), s)
+                    && prev != s
+                {
+                    return Err(StageError::data(
+                        &manifest,
+                        Some(format!("column `{}`", c.split_column.clone().unwrap_or_default())),
+                        format!("patient `{}` is in both {} and {}: splits must be by patient", r.patient, prev.as_str(), s.as_str()),
+                    ));
                 }
             }
         } else {

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::table::Split;
 
+/// Images, distinct patients, and images per label name, of one split.
+type PerSplit = (u64, BTreeSet<String>, BTreeMap<String, u64>);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitCounts {
     pub images: u64,
@@ -29,7 +32,7 @@ pub struct SplitReport {
 pub struct SplitTally {
     label_names: Vec<String>,
     patients: BTreeMap<String, Split>,
-    per_split: BTreeMap<Split, (u64, BTreeSet<String>, BTreeMap<String, u64>)>,
+    per_split: BTreeMap<Split, PerSplit>,
     pub rejected: u64,
 }
 
@@ -107,7 +110,7 @@ mod tests {
         t.add("p1", Split::Train, Some(0), None).expect("ok");
         t.add("p1", Split::Train, Some(1), None).expect("same split ok");
         t.add("p2", Split::Test, Some(1), None).expect("ok");
-        let e = t.add("p1", Split::Test, Some(0), None).err().expect("crosses");
+        let e = t.add("p1", Split::Test, Some(0), None).expect_err("crosses");
         assert_eq!(e, "patient `p1` is in both train and test");
         let r = t.report();
         assert_eq!((r.total_images, r.total_patients), (3, 2));

@@ -260,15 +260,15 @@ impl ImageTableWriter {
         if row.pixels.len() != h * w * c * b {
             return Err(bad(format!("pixels hold {} bytes, expected {h}×{w}×{c}×{b}", row.pixels.len())));
         }
-        if let Some(m) = &row.mask {
-            if m.len() != h * w {
-                return Err(bad(format!("mask holds {} bytes, expected {h}×{w}", m.len())));
-            }
+        if let Some(m) = &row.mask
+            && m.len() != h * w
+        {
+            return Err(bad(format!("mask holds {} bytes, expected {h}×{w}", m.len())));
         }
-        if let Some(l) = row.label {
-            if l < 0 || l as usize >= self.meta.label_names.len() {
-                return Err(bad(format!("label {l} is outside 0..{}", self.meta.label_names.len())));
-            }
+        if let Some(l) = row.label
+            && (l < 0 || l as usize >= self.meta.label_names.len())
+        {
+            return Err(bad(format!("label {l} is outside 0..{}", self.meta.label_names.len())));
         }
         self.pending.push(row);
         if self.pending.len() >= self.row_group {

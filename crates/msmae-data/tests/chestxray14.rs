@@ -78,7 +78,7 @@ fn failure(tweak: impl Fn(&Path)) -> String {
     let d = tempfile::tempdir().expect("tmp");
     release(d.path(), false, false);
     tweak(d.path());
-    run(d.path(), &d.path().join("out"), serde_json::json!({})).err().expect("must fail").to_string()
+    run(d.path(), &d.path().join("out"), serde_json::json!({})).expect_err("must fail").to_string()
 }
 
 fn append(p: &Path, text: &str) {

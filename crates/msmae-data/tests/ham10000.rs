@@ -80,7 +80,7 @@ fn failure(extra: &str, tweak: impl Fn(&Path)) -> String {
     let d = tempfile::tempdir().expect("tmp");
     release(d.path(), false, extra);
     tweak(d.path());
-    run(d.path(), &d.path().join("out"), false).err().expect("must fail").to_string()
+    run(d.path(), &d.path().join("out"), false).expect_err("must fail").to_string()
 }
 
 #[test]

@@ -110,7 +110,7 @@ fn corrupt_and_empty_files_fail_by_name_or_are_rejected() {
     std::fs::write(root.join("a/broken.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").expect("w");
     let out = d.path().join("out");
     std::fs::create_dir_all(&out).expect("mkdir");
-    let e = run(&config(&root, serde_json::json!({})), &out).err().expect("fails");
+    let e = run(&config(&root, serde_json::json!({})), &out).expect_err("fails");
     let msg = e.to_string();
     assert!(msg.contains("a/broken.jpg") || msg.contains("a/empty.png"), "{msg}");
     assert!(msg.contains("on_error: skip"), "{msg}");
@@ -130,7 +130,7 @@ fn corrupt_and_empty_files_fail_by_name_or_are_rejected() {
 fn an_empty_root_says_what_layout_it_expects() {
     let d = tempfile::tempdir().expect("tmp");
     std::fs::create_dir_all(d.path().join("ds")).expect("mkdir");
-    let e = run(&config(&d.path().join("ds"), serde_json::json!({})), d.path()).err().expect("fails");
+    let e = run(&config(&d.path().join("ds"), serde_json::json!({})), d.path()).expect_err("fails");
     assert!(e.to_string().contains("no class folders: expected ROOT/<class>/<image> or ROOT/<split>/<class>/<image>"), "{e}");
 }
 
@@ -171,7 +171,7 @@ fn segmentation_pairs_merge_masks_and_every_image_needs_one() {
     // an image without a mask, and a mask without an image: named, or rejected with skip
     std::fs::remove_file(root.join("benign/benign (2)_mask.png")).expect("rm");
     std::fs::copy(root.join("benign/benign (3)_mask.png"), root.join("malignant/malignant (9)_mask.png")).expect("cp");
-    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("x")).err().expect("fails").to_string();
+    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("x")).expect_err("fails").to_string();
     assert!(
         e.contains("benign (2).png") && e.contains("image without a mask") || e.contains("malignant (9)_mask.png") && e.contains("mask without an image"),
         "{e}"
@@ -186,6 +186,6 @@ fn segmentation_pairs_merge_masks_and_every_image_needs_one() {
     // a mask of another size than its image is named
     image::GrayImage::new(10, 10).save(root.join("benign/benign (2)_mask.png")).expect("small mask");
     std::fs::remove_file(root.join("malignant/malignant (9)_mask.png")).expect("rm");
-    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("y")).err().expect("fails").to_string();
+    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("y")).expect_err("fails").to_string();
     assert!(e.contains("benign (2)_mask.png") && e.contains("mask is 10×10 but its image is 40×32"), "{e}");
 }

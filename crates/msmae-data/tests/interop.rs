@@ -139,9 +139,9 @@ fn writer_rejects_rows_that_do_not_fit_the_table() {
         source_path: "s".into(),
         source_sha256: "h".into(),
     };
-    let e = w.push(row.clone()).err().expect("short pixels");
+    let e = w.push(row.clone()).expect_err("short pixels");
     assert!(e.to_string().contains("row `r1`: pixels hold 3 bytes, expected 2×2×1"), "{e}");
-    let e = w.push(ImageRow { pixels: vec![0; 4], label: Some(3), ..row }).err().expect("label");
+    let e = w.push(ImageRow { pixels: vec![0; 4], label: Some(3), ..row }).expect_err("label");
     assert!(e.to_string().contains("label 3 is outside 0..1"), "{e}");
     assert!(table::read_meta(&d.path().join("missing.parquet")).is_err());
 }

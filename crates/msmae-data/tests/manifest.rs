@@ -120,7 +120,7 @@ fn bad_rows_are_named_or_rejected() {
         let m = csv_dataset(d.path(), extra);
         let mut c = serde_json::json!({ "manifest": m, "label_column": "diagnosis", "patient_column": "patient", "split_column": "split", "size": 10 });
         c.as_object_mut().expect("obj").extend(cfg.as_object().expect("obj").clone());
-        run(c, &d.path().join("out")).err().expect("must fail").to_string()
+        run(c, &d.path().join("out")).expect_err("must fail").to_string()
     };
     let e = fail("img/0.png,benign,P9,train,\n", serde_json::json!({}));
     assert!(e.contains("manifest.csv (line 14, column `path`): id `img/0.png` is listed twice (first on line 2)"), "{e}");
@@ -175,6 +175,6 @@ fn the_cache_tracks_exactly_the_listed_images_and_masks() {
     let l = Manifest.listed_inputs(&cfg(serde_json::json!({ "root": "elsewhere", "mask_column": null })), d.path()).expect("reads").expect("lists");
     assert_eq!((l.files.len(), &l.files[0], &l.files[12]), (13, &d.path().join("elsewhere/img/0.png"), &x));
     // A column the config names but the manifest lacks stops the plan with the header named.
-    let e = Manifest.listed_inputs(&cfg(serde_json::json!({ "path_column": "file" })), d.path()).err().expect("fails").to_string();
+    let e = Manifest.listed_inputs(&cfg(serde_json::json!({ "path_column": "file" })), d.path()).expect_err("fails").to_string();
     assert!(e.contains("manifest.csv (header, column `file`): missing column `file`"), "{e}");
 }

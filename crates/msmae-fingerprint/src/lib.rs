@@ -74,12 +74,13 @@ fn collect_crates(dir: &Path, seen: &mut BTreeSet<PathBuf>) -> std::io::Result<(
             continue;
         }
         let name = t.split(['=', ' ', '.']).next().unwrap_or("");
-        if name.starts_with("msmae-") && name != "msmae-fingerprint" {
-            if let Some(parent) = dir.parent() {
-                let sib = parent.join(name);
-                if sib.join("Cargo.toml").is_file() {
-                    collect_crates(&sib, seen)?;
-                }
+        if name.starts_with("msmae-")
+            && name != "msmae-fingerprint"
+            && let Some(parent) = dir.parent()
+        {
+            let sib = parent.join(name);
+            if sib.join("Cargo.toml").is_file() {
+                collect_crates(&sib, seen)?;
             }
         }
     }

@@ -67,7 +67,7 @@ impl Stage for ExportPytorch {
         let input = ctx.input("model")?.clone();
         let (loaded, meta) = model::load(&input.dir, &cpu()?)?;
         let weights = ctx.output_path(WEIGHTS_FILE)?;
-        let (bytes, config) = export(&loaded, &meta, &input.digest).map_err(|e| StageError::data(&input.dir.join(model::MODEL_FILE), None, e))?;
+        let (bytes, config) = export(&loaded, &meta, &input.digest).map_err(|e| StageError::data(input.dir.join(model::MODEL_FILE), None, e))?;
         std::fs::write(&weights, bytes).map_err(|e| StageError::io(&weights, e))?;
         let cfg = ctx.output_path(CONFIG_FILE)?;
         let text = serde_json::to_vec_pretty(&config).map_err(|e| StageError::other(e.to_string()))?;
@@ -283,7 +283,7 @@ impl Stage for ImportPytorch {
                 _ => {}
             }
         }
-        if c.std.as_ref().is_some_and(|s| s.iter().any(|x| !(*x > 0.0))) {
+        if c.std.as_ref().is_some_and(|s| s.iter().any(|x| x.is_nan() || *x <= 0.0)) {
             return err("std", "must be positive");
         }
         if c.weights.extension().and_then(|e| e.to_str()) != Some("safetensors") {
@@ -431,7 +431,7 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
     }
     let mean = c.mean.clone().or_else(|| from_input("mean")).unwrap_or_else(|| IMAGENET_MEAN.to_vec());
     let std = c.std.clone().or_else(|| from_input("std")).unwrap_or_else(|| IMAGENET_STD.to_vec());
-    if mean.len() != c.channels || std.len() != c.channels || std.iter().any(|s| !(*s > 0.0)) {
+    if mean.len() != c.channels || std.len() != c.channels || std.iter().any(|s| s.is_nan() || *s <= 0.0) {
         return Err(format!("normalisation for {} channels with positive std expected, found mean {mean:?} std {std:?}", c.channels));
     }
     let multi_label = c.multi_label || exported.and_then(|e| e.get("multi_label")).and_then(serde_json::Value::as_bool).unwrap_or(false);

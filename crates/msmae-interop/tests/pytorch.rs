@@ -161,7 +161,7 @@ fn mae_exports_give_timm_the_encoder_and_keep_the_decoder() {
     let Loaded::Mae(back) = back else { panic!("an MAE") };
     assert_eq!(weights_of(&back), weights_of(&mae), "the round trip is bit-exact");
     // The wrong kind is named.
-    let e = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &import_cfg(CheckpointKind::Vit), None).err().expect("refused");
+    let e = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &import_cfg(CheckpointKind::Vit), None).expect_err("refused");
     assert!(e.contains("import it with `checkpoint: mae`"), "{e}");
 }
 
@@ -208,30 +208,32 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(f64::from(d) <= TOLERANCE && got.len() == want.len(), "timm's logits differ by {d:e}");
 
-    let e = import(read("learned.safetensors"), &c, None).err().expect("refused");
+    let e = import(read("learned.safetensors"), &c, None).expect_err("refused");
     assert!(e.contains("`pos_embed` is not the fixed 2-D sin-cos table") && e.contains("learned position embeddings are not supported"), "{e}");
     // A wrong architecture is named, with the tensors that do not fit.
     let deeper = ImportConfig { model: ModelSpec { depth: Some(3), ..c.model.clone() }, ..c.clone() };
-    let e = import(read("sincos.safetensors"), &deeper, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &deeper, None).expect_err("refused");
     assert!(e.contains("tensors missing for the declared architecture") && e.contains("blocks.2."), "{e}");
     let wider = ImportConfig { model: ModelSpec { embed_dim: Some(64), ..c.model.clone() }, ..c.clone() };
-    let e = import(read("sincos.safetensors"), &wider, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &wider, None).expect_err("refused");
     assert!(e.contains("`pos_embed` is F32 [1, 25, 32]; the model needs f32 [1, 25, 64]"), "{e}");
-    let e = import(read("sincos.safetensors"), &ImportConfig { label_names: Some(vec!["x".into()]), ..c.clone() }, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &ImportConfig { label_names: Some(vec!["x".into()]), ..c.clone() }, None).expect_err("refused");
     assert!(e.contains("label_names lists 1 names, the head has 5 outputs"), "{e}");
-    let e = import(b"not safetensors".to_vec(), &c, None).err().expect("refused");
+    let e = import(b"not safetensors".to_vec(), &c, None).expect_err("refused");
     assert!(e.contains("not a safetensors file"), "{e}");
     // Tensors the architecture has no place for, and shapes burn's loader refuses.
     let shallower = ImportConfig { model: ModelSpec { depth: Some(1), ..c.model.clone() }, ..c.clone() };
-    let e = import(read("sincos.safetensors"), &shallower, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &shallower, None).expect_err("refused");
     assert!(e.contains("tensors the declared architecture has no place for") && e.contains("blocks.1."), "{e}");
     let narrow_mlp = ImportConfig { model: ModelSpec { mlp_ratio: Some(2.0), ..c.model.clone() }, ..c.clone() };
-    let e = import(read("sincos.safetensors"), &narrow_mlp, None).err().expect("refused");
+    let e = import(read("sincos.safetensors"), &narrow_mlp, None).expect_err("refused");
     assert!(e.contains("tensors do not fit the declared architecture") && e.contains("fc1"), "{e}");
     // A half-precision tensor, and a state dict without its position table.
     let sincos = read("sincos.safetensors");
     let st = safetensors::SafeTensors::deserialize(&sincos).expect("parse");
-    let rebuilt = |edit: &dyn Fn(&str, safetensors::tensor::TensorView<'_>) -> Option<(safetensors::Dtype, Vec<u8>)>| -> Vec<u8> {
+    // Keep, change (dtype, bytes) or drop (`None`) each tensor.
+    type Edit<'a> = dyn Fn(&str, safetensors::tensor::TensorView<'_>) -> Option<(safetensors::Dtype, Vec<u8>)> + 'a;
+    let rebuilt = |edit: &Edit<'_>| -> Vec<u8> {
         let kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
             .tensors()
             .into_iter()
@@ -247,10 +249,10 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     let half = rebuilt(&|n, t| {
         Some(if n == "blocks.0.mlp.fc1.weight" { (safetensors::Dtype::F16, t.data()[..t.data().len() / 2].to_vec()) } else { (t.dtype(), t.data().to_vec()) })
     });
-    let e = import(half, &c, None).err().expect("refused");
+    let e = import(half, &c, None).expect_err("refused");
     assert!(e.contains("tensor `blocks.0.mlp.fc1.weight` is F16") && e.contains("v.float()"), "{e}");
     let no_pos = rebuilt(&|n, t| (n != "pos_embed").then(|| (t.dtype(), t.data().to_vec())));
-    let e = import(no_pos, &c, None).err().expect("refused");
+    let e = import(no_pos, &c, None).expect_err("refused");
     assert!(e.contains("no `pos_embed`"), "{e}");
     // An export's config.json supplies the defaults the config leaves out.
     let exported =
@@ -260,7 +262,7 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     let (_, m) = import(sincos.clone(), &c, Some(&exported)).expect("import");
     assert_eq!(m.label_names[0], "a", "the config wins over the file");
     let two_means = serde_json::json!({ "input": { "mean": [0.1, 0.2], "std": [0.4, 0.5] } });
-    let e = import(sincos.clone(), &import_cfg(CheckpointKind::Vit), Some(&two_means)).err().expect("refused");
+    let e = import(sincos.clone(), &import_cfg(CheckpointKind::Vit), Some(&two_means)).expect_err("refused");
     assert!(e.contains("normalisation for 3 channels with positive std expected, found mean [0.1, 0.2]"), "{e}");
 }
 

@@ -172,7 +172,7 @@ mod tests {
             let c = random_resized_crop(&mut sample_rng(1, "augment", 0, s), 64, 48, (0.2, 1.0), (0.75, 4.0 / 3.0));
             assert!(c.top >= 0.0 && c.left >= 0.0 && c.top + c.height <= 64.0 && c.left + c.width <= 48.0, "{c:?}");
             let frac = c.height * c.width / (64.0 * 48.0);
-            assert!(frac >= 0.18 && frac <= 1.0, "{c:?}: area fraction {frac}");
+            assert!((0.18..=1.0).contains(&frac), "{c:?}: area fraction {frac}");
             assert_eq!(c.height.fract(), 0.0);
         }
         let a = sample(&mut sample_rng(9, "augment", 3, 7), 64, 64, (0.2, 1.0));

@@ -226,6 +226,11 @@ pub fn sample_rng(seed: u64, purpose: &str, epoch: u64, sample_id: u64) -> ChaCh
     msmae_core::seeded_rng(seed, &[purpose.into(), epoch.into(), sample_id.into()])
 }
 
+/// Every mask stage kind of this crate.
+pub fn register(r: &mut msmae_core::Registry) {
+    r.register(MsmaeMask).register(AttmaskMask).register(RandomMask);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,9 +338,4 @@ mod tests {
             prop_assert_eq!(msmae_select(&weights, mask, throw, &mut rng(seed)), msmae_select(&weights, mask, throw, &mut rng(seed)));
         }
     }
-}
-
-/// Every mask stage kind of this crate.
-pub fn register(r: &mut msmae_core::Registry) {
-    r.register(MsmaeMask).register(AttmaskMask).register(RandomMask);
 }

@@ -239,9 +239,9 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
     let mut keys: Vec<Option<String>> = vec![None; n];
     let mut digests: BTreeMap<usize, String> = BTreeMap::new();
     let mut running: BTreeMap<usize, usize> = BTreeMap::new(); // node → slots
-    for i in 0..n {
+    for (i, o) in outcome.iter_mut().enumerate() {
         if !sel.needed.contains(&i) {
-            outcome[i] = Some(Outcome::Skipped);
+            *o = Some(Outcome::Skipped);
         }
     }
     let budget = opts.jobs.max(1);
@@ -302,11 +302,11 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
             }
             if let Some(e) = entry {
                 digests.insert(i, e.artifact.clone());
-                if !opts.dry_run {
-                    if let Err(err) = lockfile::update(store, &lock_path, &plan.spec.name, &order, &[(name.clone(), *e)]) {
-                        result = Err(err);
-                        opts.cancel.cancel();
-                    }
+                if !opts.dry_run
+                    && let Err(err) = lockfile::update(store, &lock_path, &plan.spec.name, &order, &[(name.clone(), *e)])
+                {
+                    result = Err(err);
+                    opts.cancel.cancel();
                 }
             }
             outcome[i] = Some(o);
@@ -385,10 +385,10 @@ impl Job<'_> {
             Err(e) => return fail(chain(&e), Some(key)),
         };
         let done = |outcome, entry: IndexEntry| Msg::Done { i: self.i, outcome, entry: Some(Box::new(entry)), key: Some(key.clone()) };
-        if let Some(entry) = &cached {
-            if !self.forced {
-                return done(Outcome::Cached, entry.clone());
-            }
+        if let Some(entry) = &cached
+            && !self.forced
+        {
+            return done(Outcome::Cached, entry.clone());
         }
         if !self.selected && !self.forced {
             let upstream = node.name.clone();

@@ -124,10 +124,10 @@ impl HashMemo {
     pub fn file(&self, path: &Path) -> Result<([u8; 32], u64, u64)> {
         let md = fs::metadata(path).map_err(|source| Error::Hash { path: path.to_path_buf(), source })?;
         let stamp = Stamp::of(&md);
-        if let Some((s, h)) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
-            if *s == stamp {
-                return Ok((*h, stamp.size, 0));
-            }
+        if let Some((s, h)) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(path)
+            && *s == stamp
+        {
+            return Ok((*h, stamp.size, 0));
         }
         let h = hash_file(path, stamp.size)?;
         if !racy(md.modified().ok(), SystemTime::now()) {
@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn missing_path_names_it() {
         let memo = HashMemo::in_memory();
-        let e = memo.tree(Path::new("/nonexistent/dataset")).err().expect("fails");
+        let e = memo.tree(Path::new("/nonexistent/dataset")).expect_err("fails");
         assert!(e.to_string().contains("/nonexistent/dataset"), "{e}");
     }
 }

@@ -52,14 +52,14 @@ impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
             Event::Scalar(value, ..) => {
-                if let Some(Frame::Map { path, key, expecting_key }) = self.stack.last_mut() {
-                    if *expecting_key {
-                        *expecting_key = false;
-                        let p = join(path, &value);
-                        self.map.entry(p).or_insert((mark.line(), mark.col() + 1));
-                        *key = Some(value);
-                        return;
-                    }
+                if let Some(Frame::Map { path, key, expecting_key }) = self.stack.last_mut()
+                    && *expecting_key
+                {
+                    *expecting_key = false;
+                    let p = join(path, &value);
+                    self.map.entry(p).or_insert((mark.line(), mark.col() + 1));
+                    *key = Some(value);
+                    return;
                 }
                 self.value_path(mark);
             }

@@ -120,7 +120,7 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
     Ok(Plan { spec, nodes })
 }
 
-/// 1. Each stage's kind, and its `with:` block checked against the kind's typed config.
+/// Step 1: each stage's kind, and its `with:` block checked against the kind's typed config.
 fn prepare_kinds(spec: &PipelineSpec, registry: &Registry, errs: &mut Vec<SpecError>) -> Prepared {
     let mut prepared: Prepared = Vec::new();
     for s in &spec.stages {
@@ -162,7 +162,7 @@ fn resolve(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, st
     }
 }
 
-/// 2. `needs` → input slots, per stage: by slot name (a map) or by artifact kind (a list),
+/// Step 2: `needs` → input slots, per stage: by slot name (a map) or by artifact kind (a list),
 /// then each slot's arity.
 fn bind_needs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Vec<SpecError>) -> Vec<BTreeMap<String, Vec<usize>>> {
     let names: BTreeMap<&str, usize> = spec.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
@@ -304,7 +304,7 @@ fn check_arity(spec: &PipelineSpec, s: &StageSpec, slots: &[InputSlot], b: &BTre
     }
 }
 
-/// 3. External inputs (dataset folders) must exist before anything runs; then the files
+/// Step 3: external inputs (dataset folders) must exist before anything runs; then the files
 /// they list (a manifest's images) must be readable from them (the key reads the list
 /// again when it is computed: exec::key_parts).
 fn check_external_inputs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Vec<SpecError>) {
@@ -324,10 +324,8 @@ fn check_external_inputs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Ve
                 ));
             }
         }
-        if all_there {
-            if let Err(e) = p.listed_inputs(&spec.base_dir) {
-                errs.push(spec.error(&format!("{}.with", s.src), format!("stage `{}`: {e}", s.name)));
-            }
+        if all_there && let Err(e) = p.listed_inputs(&spec.base_dir) {
+            errs.push(spec.error(&format!("{}.with", s.src), format!("stage `{}`: {e}", s.name)));
         }
     }
 }
@@ -413,7 +411,7 @@ mod tests {
     fn topo_keeps_file_order_and_finds_cycles() {
         assert_eq!(topo_order(&[vec![], vec![0], vec![0]]), Ok(vec![0, 1, 2]));
         assert_eq!(topo_order(&[vec![1], vec![], vec![0]]), Ok(vec![1, 0, 2]));
-        let cycle = topo_order(&[vec![], vec![2], vec![1]]).err().expect("cycle");
+        let cycle = topo_order(&[vec![], vec![2], vec![1]]).expect_err("cycle");
         assert_eq!(cycle.first(), cycle.last());
         assert_eq!(cycle.len(), 3);
     }

@@ -250,10 +250,11 @@ fn resolve_last_rounds(stages: &mut [StageSpec]) {
     for s in stages {
         let fix = |n: &mut Need| {
             let parts: Vec<&str> = n.stage.splitn(3, '.').collect();
-            if parts.len() == 3 && parts[1] == "last" {
-                if let Some(r) = last.get(parts[0]) {
-                    n.stage = format!("{}.{r}.{}", parts[0], parts[2]);
-                }
+            if parts.len() == 3
+                && parts[1] == "last"
+                && let Some(r) = last.get(parts[0])
+            {
+                n.stage = format!("{}.{r}.{}", parts[0], parts[2]);
             }
         };
         match &mut s.needs {
@@ -369,10 +370,11 @@ impl Vars<'_> {
     }
 
     fn apply_str(&self, s: &str) -> Result<Json, String> {
-        if let Some(inner) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
-            if !inner.contains("${") && !inner.contains('}') {
-                return self.lookup(inner);
-            }
+        if let Some(inner) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}'))
+            && !inner.contains("${")
+            && !inner.contains('}')
+        {
+            return self.lookup(inner);
         }
         let mut out = String::new();
         let mut rest = s;
@@ -626,7 +628,7 @@ mod tests {
 
     #[test]
     fn group_template_errors_are_reported_once() {
-        let e = p("stages:\n  g:\n    repeat: 3\n    stages:\n      x: { uses: k, wiht: {} }\n").err().expect("fails");
+        let e = p("stages:\n  g:\n    repeat: 3\n    stages:\n      x: { uses: k, wiht: {} }\n").expect_err("fails");
         assert_eq!(e.0.len(), 1, "{e}");
     }
 }

@@ -216,10 +216,10 @@ impl Store {
         let mut out = Vec::new();
         for e in fs::read_dir(&dir).map_err(|e| Error::store("list", &dir, e))? {
             let p = e.map_err(|e| Error::store("list", &dir, e))?.path();
-            if p.extension().is_some_and(|x| x == "json") {
-                if let Ok(entry) = fs::read_to_string(&p).map_err(|_| ()).and_then(|t| serde_json::from_str::<IndexEntry>(&t).map_err(|_| ())) {
-                    out.push(entry);
-                }
+            if p.extension().is_some_and(|x| x == "json")
+                && let Ok(entry) = fs::read_to_string(&p).map_err(|_| ()).and_then(|t| serde_json::from_str::<IndexEntry>(&t).map_err(|_| ()))
+            {
+                out.push(entry);
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -336,10 +336,10 @@ impl Store {
     /// only costs disk, and `gc` removes it).
     pub fn drop_resume_dir(&self, key: &str) {
         let dir = self.root.join("resume").join(key);
-        if let Err(e) = remove_tree(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("could not remove checkpoints {}: {e}", dir.display());
-            }
+        if let Err(e) = remove_tree(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("could not remove checkpoints {}: {e}", dir.display());
         }
     }
 

@@ -129,14 +129,13 @@ impl TrainStep for PretrainStep {
 
     fn epoch_plan(&mut self, epoch: usize, model: &MaskedAutoencoder, ctx: &StageContext<'_>) -> Result<EpochPlan, StageError> {
         let mut refreshed = false;
-        if let Some(g) = &mut self.guided {
-            if epoch >= g.warmup_mask_epochs {
-                let since = epoch - g.warmup_mask_epochs;
-                if g.refresh_every > 0 && since > 0 && since % g.refresh_every == 0 {
-                    g.maps.current =
-                        Some(Arc::new(attention_maps(&model.encoder, &self.table, &self.rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?));
-                    refreshed = true;
-                }
+        if let Some(g) = &mut self.guided
+            && epoch >= g.warmup_mask_epochs
+        {
+            let since = epoch - g.warmup_mask_epochs;
+            if g.refresh_every > 0 && since > 0 && since.is_multiple_of(g.refresh_every) {
+                g.maps.current = Some(Arc::new(attention_maps(&model.encoder, &self.table, &self.rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?));
+                refreshed = true;
             }
         }
         let policy = self.policy(epoch);

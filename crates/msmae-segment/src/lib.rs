@@ -217,16 +217,16 @@ impl Stage for SetrPupStage {
         if c.epochs == 0 || c.batch_size == 0 || c.head_channels == 0 {
             return config_error("epochs", "epochs, batch_size and head_channels must be at least 1");
         }
-        if !(c.lr > 0.0) || c.min_lr < 0.0 || c.min_lr > c.lr {
+        if c.lr.is_nan() || c.lr <= 0.0 || c.min_lr < 0.0 || c.min_lr > c.lr {
             return config_error("lr", "lr must be positive and min_lr within [0, lr]");
         }
         if !(c.crop_scale[0] > 0.0 && c.crop_scale[0] <= c.crop_scale[1] && c.crop_scale[1] <= 1.0) {
             return config_error("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
         }
-        if let Some(b) = &c.blocks {
-            if b.is_empty() || b.contains(&0) {
-                return config_error("blocks", "1-based block numbers, at least one");
-            }
+        if let Some(b) = &c.blocks
+            && (b.is_empty() || b.contains(&0))
+        {
+            return config_error("blocks", "1-based block numbers, at least one");
         }
         Ok(())
     }

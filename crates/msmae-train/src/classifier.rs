@@ -129,10 +129,10 @@ pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result
     if !(0.0..1.0).contains(&c.drop_path) {
         return config_error("drop_path", "must be in [0, 1)");
     }
-    if let Some(d) = c.layer_decay {
-        if !(d > 0.0 && d <= 1.0) {
-            return config_error("layer_decay", "must be in (0, 1]");
-        }
+    if let Some(d) = c.layer_decay
+        && !(d > 0.0 && d <= 1.0)
+    {
+        return config_error("layer_decay", "must be in (0, 1]");
     }
     if kind != ClassifierKind::Msmae {
         for (name, set) in [("mask_ratio", c.mask_ratio.is_some()), ("throw_ratio", c.throw_ratio.is_some()), ("refresh_every", c.refresh_every.is_some())] {
@@ -338,7 +338,7 @@ impl TrainStep for ClassifierStep {
             return Ok(EpochPlan { spec, masking: "none".into(), tokens: l + 1, refreshed_maps: false });
         };
         let mut refreshed = false;
-        if sel.maps.current.is_none() || (sel.refresh_every > 0 && epoch % sel.refresh_every == 0) {
+        if sel.maps.current.is_none() || (sel.refresh_every > 0 && epoch.is_multiple_of(sel.refresh_every)) {
             let rows = self.table.labelled_rows_of(Split::Train);
             sel.maps.current = Some(Arc::new(attention_maps(model, &self.table, &rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?));
             refreshed = true;

@@ -100,14 +100,14 @@ impl ImageTable {
                     let v = l.value(r);
                     v.as_any().downcast_ref::<UInt8Array>().map(|a| a.values().to_vec()).unwrap_or_default()
                 });
-                if let Some(m) = &multi_hot {
-                    if m.len() != meta.label_names.len() {
-                        return Err(StageError::data(
-                            path,
-                            Some(format!("row `{id}`, column `labels`")),
-                            format!("{} entries for {} labels", m.len(), meta.label_names.len()),
-                        ));
-                    }
+                if let Some(m) = &multi_hot
+                    && m.len() != meta.label_names.len()
+                {
+                    return Err(StageError::data(
+                        path,
+                        Some(format!("row `{id}`, column `labels`")),
+                        format!("{} entries for {} labels", m.len(), meta.label_names.len()),
+                    ));
                 }
                 let label = labels.is_valid(r).then(|| labels.value(r));
                 if let Some(l) = label.filter(|l| *l < 0 || *l as usize >= meta.label_names.len()) {
@@ -167,7 +167,7 @@ impl ImageTable {
     }
 
     /// Pixels (and lesion masks, when asked and present) of every row of group `g`.
-    pub fn read_group(&self, g: usize, masks: bool) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StageError> {
+    pub fn read_group(&self, g: usize, masks: bool) -> Result<Vec<GroupRow>, StageError> {
         let builder = open_builder(&self.path)?;
         let cols: &[&str] = if masks { &["pixels", "mask"] } else { &["pixels"] };
         let mask = projection(&builder, &self.path, cols)?;
@@ -331,6 +331,12 @@ pub fn render_mask(mask: &[u8], h: usize, w: usize, aug: &Augmentation, out_h: u
     }
     out
 }
+
+/// One row of a row group: pixels, and the lesion mask when asked for and present.
+pub type GroupRow = (Vec<u8>, Option<Vec<u8>>);
+
+/// One prepared sample: the rendered image, its mask plan, its rendered lesion mask.
+type PreparedSample = (Vec<f32>, Option<MaskPlan>, Option<Vec<u8>>);
 
 /// How each sample's mask plan is drawn.
 #[derive(Debug, Clone)]
@@ -497,7 +503,7 @@ pub fn stream(table: Arc<ImageTable>, rows: &[usize], spec: LoaderSpec, norm: No
     BatchStream { rx: Some(rx), handle, num_batches, received: 0, failed: false }
 }
 
-type GroupData = Arc<Vec<(Vec<u8>, Option<Vec<u8>>)>>;
+type GroupData = Arc<Vec<GroupRow>>;
 
 fn produce(
     table: &ImageTable,
@@ -560,7 +566,7 @@ fn prepare(
     let (h, w, c) = (table.height(), table.width(), table.channels());
     let per = c * h * w;
     let k = table.num_classes();
-    let prepared: Vec<(Vec<f32>, Option<MaskPlan>, Option<Vec<u8>>)> = samples
+    let prepared: Vec<PreparedSample> = samples
         .par_iter()
         .map(|(row, data, off)| {
             let px = &data[*off].0;
@@ -657,7 +663,7 @@ mod tests {
         let flip = Augmentation { crop: CropBox::full(h, w), flip: true };
         let mut f = vec![0f32; h * w * c];
         render(&px, h, w, c, &flip, h, w, &norm, &mut f);
-        assert_eq!(f[1 * w + 0], out[1 * w + (w - 1)]);
+        assert_eq!(f[w], out[w + (w - 1)]);
     }
 
     #[test]

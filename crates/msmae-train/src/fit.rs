@@ -183,11 +183,11 @@ pub fn fit<S: TrainStep>(
         run.model = model;
         let seconds = t.elapsed().as_secs_f64();
         let val = step.validate(&run.model, ctx)?;
-        if let Some(s) = val.score.map(logged) {
-            if run.best.is_none_or(|(b, _)| s > b) {
-                run.best = Some((s, epoch));
-                run.best_model = Some(run.model.clone());
-            }
+        if let Some(s) = val.score.map(logged)
+            && run.best.is_none_or(|(b, _)| s > b)
+        {
+            run.best = Some((s, epoch));
+            run.best_model = Some(run.model.clone());
         }
         let log = sums.log(epoch, &plan, &val, seconds);
         tracing::info!("`{}` epoch {}/{}: {}", ctx.name, epoch + 1, opts.epochs, describe(&log));

@@ -71,7 +71,7 @@ impl Resume {
     /// Whether to checkpoint after `done` of `epochs` epochs: every `every` epochs (0 acts
     /// as 1) and after the last.
     pub fn due(done: usize, every: usize, epochs: usize) -> bool {
-        done % every.max(1) == 0 || done == epochs
+        done.is_multiple_of(every.max(1)) || done == epochs
     }
 
     /// The last committed checkpoint, if any (an unreadable one is ignored with a warning:

@@ -79,7 +79,7 @@ fn loss_chart(ctx: &StageContext<'_>, history: &[EpochLog]) -> Result<(), StageE
 
 pub fn check_image_compat(meta: &CheckpointMeta, table: &ImageTable, what: &Path) -> Result<(), StageError> {
     let n = &meta.normalizer;
-    if n.mean.len() != meta.vit.in_chans || n.std.len() != meta.vit.in_chans || n.std.iter().any(|s| !(*s > 0.0)) {
+    if n.mean.len() != meta.vit.in_chans || n.std.len() != meta.vit.in_chans || n.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
         return Err(StageError::data(
             what,
             None,

@@ -85,10 +85,10 @@ impl TrainStep for ToyStep {
     type Model = Toy;
 
     fn epoch_plan(&mut self, epoch: usize, _model: &Toy, _ctx: &StageContext<'_>) -> Result<EpochPlan, StageError> {
-        if let Some((e, token)) = &self.cancel_at {
-            if *e == epoch {
-                token.cancel();
-            }
+        if let Some((e, token)) = &self.cancel_at
+            && *e == epoch
+        {
+            token.cancel();
         }
         self.epoch = epoch;
         self.batch_in_epoch = 0;

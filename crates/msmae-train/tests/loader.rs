@@ -207,7 +207,7 @@ fn class_sorted_tables_still_give_mixed_batches_and_duplicate_ids_are_refused() 
     let rows = t.rows_of(Split::Train);
     let mixed = data::stream(t.clone(), &rows, LoaderSpec::train(16, (0.5, 1.0)), unit(), 4, 0)
         .map(|b| b.expect("batch"))
-        .filter(|b| b.labels.iter().any(|l| *l == 0) && b.labels.iter().any(|l| *l == 1))
+        .filter(|b| b.labels.contains(&0) && b.labels.contains(&1))
         .count();
     assert_eq!(mixed, 4, "every batch holds both classes");
     let e = ImageTable::open(&write("dup.parquet", true)).expect_err("duplicate id");

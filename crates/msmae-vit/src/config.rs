@@ -52,10 +52,10 @@ impl VitConfig {
         if p == 0 || self.image_size.iter().any(|s| *s == 0 || s % p != 0) {
             return Err(format!("image size {:?} must be a positive multiple of the patch size {p}", self.image_size));
         }
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(format!("embed_dim {} must be divisible by num_heads {}", self.embed_dim, self.num_heads));
         }
-        if self.embed_dim % 4 != 0 {
+        if !self.embed_dim.is_multiple_of(4) {
             return Err(format!("embed_dim {} must be divisible by 4 (2-D sin-cos positions)", self.embed_dim));
         }
         if self.depth == 0 || self.in_chans == 0 {

@@ -7,7 +7,7 @@
 /// `[sin(pos·ω), cos(pos·ω)]` with `ω_k = 1 / 10000^(k / (dim/4))`. As in MAE, the first
 /// half uses the column index (its `np.meshgrid(grid_w, grid_h)` puts `w` in `grid[0]`).
 pub fn sincos_2d(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
-    assert!(dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4, got {dim}");
+    assert!(dim.is_multiple_of(4), "sin-cos position embedding needs dim divisible by 4, got {dim}");
     let quarter = dim / 4;
     let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
     let mut out = vec![0f32; (1 + gh * gw) * dim];
