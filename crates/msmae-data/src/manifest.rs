@@ -16,7 +16,7 @@ use msmae_core::{ConfigError, InputSlot, ListedFiles, OutputDecl, Resources, Sta
 
 use crate::decode::Aspect;
 use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
-use crate::meta::TextTable;
+use crate::meta::{Column, TextTable};
 use crate::table::{Split, SplitFractions};
 
 fn d_path() -> String {
@@ -110,6 +110,55 @@ pub struct ManifestConfig {
 pub struct Manifest;
 
 /// One accepted manifest row.
+/// The label columns of a manifest, whichever form it uses: one class name per row,
+/// joined names (multi-label), or one 0/1 column per class.
+struct LabelColumns<'a> {
+    label: Option<Column<'a>>,
+    labels: Option<Column<'a>>,
+    hot: Option<&'a [Column<'a>]>,
+    /// Class names, in class-index order.
+    names: &'a [String],
+    separator: &'a str,
+}
+
+impl LabelColumns<'_> {
+    fn class_index(&self, col: &Column<'_>, v: &str) -> Result<usize, String> {
+        self.names.iter().position(|n| n == v).ok_or_else(|| format!("unknown label `{v}` in column `{}` (classes: {})", col.name(), self.names.join(", ")))
+    }
+
+    /// Row `i`'s class index or multi-hot labels, and the last problem found (column, message).
+    #[allow(clippy::type_complexity)]
+    fn of_row(&self, i: usize) -> (Option<i32>, Option<Vec<u8>>, Option<(String, String)>) {
+        let mut bad = None;
+        if let Some(col) = self.label {
+            return match col.get(i).map(|v| self.class_index(&col, v)) {
+                Some(Ok(k)) => (Some(k as i32), None, None),
+                Some(Err(m)) => (None, None, Some((col.name().to_string(), m))),
+                None => (None, None, Some((col.name().to_string(), "empty label".into()))),
+            };
+        }
+        if let Some(col) = self.labels {
+            let mut hot = vec![0u8; self.names.len()];
+            for v in col.get(i).unwrap_or("").split(self.separator).map(str::trim).filter(|s| !s.is_empty()) {
+                match self.class_index(&col, v) {
+                    Ok(k) => hot[k] = 1,
+                    Err(m) => bad = Some((col.name().to_string(), m)),
+                }
+            }
+            return (None, Some(hot), bad);
+        }
+        let Some(cols) = self.hot else { return (None, None, None) };
+        let mut hot = Vec::with_capacity(cols.len());
+        for col in cols {
+            match col.get(i).and_then(|v| v.parse::<f64>().ok()) {
+                Some(v) if v == 0.0 || v == 1.0 => hot.push(v as u8),
+                _ => bad = Some((col.name().to_string(), format!("`{}` is not 0 or 1", col.get(i).unwrap_or("")))),
+            }
+        }
+        (None, Some(hot), bad)
+    }
+}
+
 struct Row {
     id: String,
     path: PathBuf,
@@ -218,10 +267,7 @@ impl Stage for Manifest {
                 .collect(),
             _ => Vec::new(),
         };
-        let class_index = |col: &crate::meta::Column<'_>, v: &str| -> Result<usize, String> {
-            names.iter().position(|n| n == v).ok_or_else(|| format!("unknown label `{v}` in column `{}` (classes: {})", col.name(), names.join(", ")))
-        };
-
+        let label_cols = LabelColumns { label: label_col, labels: labels_col, hot: hot_cols.as_deref(), names: &names, separator: &c.separator };
         let manifest_name = manifest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut triage = Triage::new(c.on_error);
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -244,34 +290,8 @@ impl Stage for Manifest {
                 triage.problem(&manifest, loc(&c.path_column), what, format!("image `{}` is listed but does not exist", path.display()))?;
                 continue;
             }
-            let mut label = None;
-            let mut labels = None;
-            let mut bad: Option<(String, String)> = None;
-            if let Some(col) = label_col {
-                match col.get(i).map(|v| class_index(&col, v)) {
-                    Some(Ok(k)) => label = Some(k as i32),
-                    Some(Err(m)) => bad = Some((col.name().to_string(), m)),
-                    None => bad = Some((col.name().to_string(), "empty label".into())),
-                }
-            } else if let Some(col) = labels_col {
-                let mut hot = vec![0u8; names.len()];
-                for v in col.get(i).unwrap_or("").split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()) {
-                    match class_index(&col, v) {
-                        Ok(k) => hot[k] = 1,
-                        Err(m) => bad = Some((col.name().to_string(), m)),
-                    }
-                }
-                labels = Some(hot);
-            } else if let Some(cols) = &hot_cols {
-                let mut hot = Vec::with_capacity(cols.len());
-                for col in cols {
-                    match col.get(i).and_then(|v| v.parse::<f64>().ok()) {
-                        Some(v) if v == 0.0 || v == 1.0 => hot.push(v as u8),
-                        _ => bad = Some((col.name().to_string(), format!("`{}` is not 0 or 1", col.get(i).unwrap_or("")))),
-                    }
-                }
-                labels = Some(hot);
-            }
+            // The last problem found on the row is the one reported.
+            let (label, labels, mut bad) = label_cols.of_row(i);
             let split = match split_col {
                 Some(col) => match col.get(i).map(|v| (v, Split::from_name(v))) {
                     Some((_, Some(s))) => Some(s),

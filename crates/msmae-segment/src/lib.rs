@@ -313,6 +313,35 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     tracing::info!("`{}`: {} epochs, {:.2} s per epoch of training steps", ctx.name, c.epochs, train_seconds / history.len().max(1) as f64);
     let (per_image, figure) = evaluate(ctx, &res.model, &table, &norm, &rt, classes, c.figure_images)?;
     let model = res.model.valid();
+    let meta = ckpt::CheckpointMeta {
+        format: 1,
+        kind: ckpt::CheckpointKind::Vit,
+        vit: vit_cfg.clone(),
+        mae: None,
+        normalizer: norm.clone(),
+        label_names: if multi { table.meta.mask_classes.clone() } else { vec!["lesion".into()] },
+        multi_label: false,
+        trained_by: SetrPupStage::KIND.into(),
+    };
+    ckpt::save(ctx.out_dir(), &model, &meta)?;
+    let provenance = serde_json::json!({ "pretrained": pretrained.as_ref().map(|p| &p.digest), "blocks": blocks });
+    write_json(ctx, "metrics.json", &metrics_json(ctx, &table, per_image, provenance))?;
+    let epochs: Vec<serde_json::Value> = history.iter().map(|h| serde_json::json!({ "epoch": h.epoch, "train_loss": h.train_loss })).collect();
+    write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs }))?;
+    let pts: Vec<(f64, f64)> = history.iter().map(|h| ((h.epoch + 1) as f64, h.train_loss)).collect();
+    msmae_eval::plot::line_chart(
+        &ctx.output_path("loss.png")?,
+        &format!("{}: loss per epoch", ctx.name),
+        "epoch",
+        "0.5 BCE + Dice",
+        &[msmae_eval::plot::Series::new("train loss", pts)],
+    )?;
+    msmae_train::figures::save_sheet(&ctx.output_path("predictions.png")?, &figure, 3)
+}
+
+/// `metrics.json`: Dice/IoU over the test split, per image class, per mask class, and per
+/// image. `provenance` holds `pretrained` and `blocks`.
+fn metrics_json(ctx: &StageContext<'_>, table: &ImageTable, per_image: Vec<serde_json::Value>, provenance: serde_json::Value) -> serde_json::Value {
     let summary = metrics::summarize(&per_image);
     // Multi-class: per mask class, over the test images whose truth contains it.
     let per_mask_class: serde_json::Map<String, serde_json::Value> = table
@@ -343,48 +372,22 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         summary.n_lesion,
         summary.n
     );
-    let meta = ckpt::CheckpointMeta {
-        format: 1,
-        kind: ckpt::CheckpointKind::Vit,
-        vit: vit_cfg.clone(),
-        mae: None,
-        normalizer: norm.clone(),
-        label_names: if multi { table.meta.mask_classes.clone() } else { vec!["lesion".into()] },
-        multi_label: false,
-        trained_by: SetrPupStage::KIND.into(),
-    };
-    ckpt::save(ctx.out_dir(), &model, &meta)?;
-    write_json(
-        ctx,
-        "metrics.json",
-        &serde_json::json!({
-            "split": "test",
-            "threshold": 0.5,
-            "pretrained": pretrained.as_ref().map(|p| &p.digest),
-            "blocks": blocks,
-            "dice": logged(summary.dice_lesion),
-            "iou": logged(summary.iou_lesion),
-            "images_with_lesion": summary.n_lesion,
-            "dice_all_images": logged(summary.dice_all),
-            "iou_all_images": logged(summary.iou_all),
-            "images": summary.n,
-            "per_class": per_class,
-            "per_mask_class": per_mask_class,
-            "note": "dice/iou: mean over test images with a lesion; *_all_images: over every test image, an empty prediction of an empty mask scoring 1",
-            "per_image": per_image,
-        }),
-    )?;
-    let epochs: Vec<serde_json::Value> = history.iter().map(|h| serde_json::json!({ "epoch": h.epoch, "train_loss": h.train_loss })).collect();
-    write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs }))?;
-    let pts: Vec<(f64, f64)> = history.iter().map(|h| ((h.epoch + 1) as f64, h.train_loss)).collect();
-    msmae_eval::plot::line_chart(
-        &ctx.output_path("loss.png")?,
-        &format!("{}: loss per epoch", ctx.name),
-        "epoch",
-        "0.5 BCE + Dice",
-        &[msmae_eval::plot::Series::new("train loss", pts)],
-    )?;
-    msmae_train::figures::save_sheet(&ctx.output_path("predictions.png")?, &figure, 3)
+    serde_json::json!({
+        "split": "test",
+        "threshold": 0.5,
+        "pretrained": provenance["pretrained"],
+        "blocks": provenance["blocks"],
+        "dice": logged(summary.dice_lesion),
+        "iou": logged(summary.iou_lesion),
+        "images_with_lesion": summary.n_lesion,
+        "dice_all_images": logged(summary.dice_all),
+        "iou_all_images": logged(summary.iou_all),
+        "images": summary.n,
+        "per_class": per_class,
+        "per_mask_class": per_mask_class,
+        "note": "dice/iou: mean over test images with a lesion; *_all_images: over every test image, an empty prediction of an empty mask scoring 1",
+        "per_image": per_image,
+    })
 }
 
 /// One segmentation training step: 0.5·BCE + Dice on the binary lesion mask, or CE + Dice
