@@ -117,6 +117,10 @@ fn weights(m: &Toy) -> Vec<f32> {
     m.fc.weight.val().into_data().try_into_vec::<f32>().expect("f32")
 }
 
+/// `fit` re-seeds the process-wide generator every epoch (drop-path draws from it), so two
+/// tests fitting at once would draw each other's numbers while initialising: one at a time.
+static FITTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Run {
     dir: tempfile::TempDir,
     table: Arc<ImageTable>,
@@ -144,7 +148,13 @@ impl Run {
         let ctx =
             StageContext::new("toy".into(), 5, ExecEnv::cpu_flex(), 2, cancel, &NoProgress, out.clone(), out, OutputDecl::new("toy", &["*"]), BTreeMap::new())
                 .with_resume_dir(resume);
-        let model = msmae_backend::seeded(&self.rt.train, 3, || Toy { fc: LinearConfig::new(SIZE * SIZE, 2).init(&self.rt.train) });
+        let _one_at_a_time = FITTING.lock().unwrap_or_else(|e| e.into_inner());
+        // Parameters are initialised lazily: materialise them right after seeding.
+        let model = msmae_backend::seeded(&self.rt.train, 3, || {
+            let m = Toy { fc: LinearConfig::new(SIZE * SIZE, 2).init(&self.rt.train) };
+            msmae_train::runtime::materialise(&m);
+            m
+        });
         let data = TrainData { table: self.table.clone(), rows: self.table.rows_of(Split::Train), norm: Normalizer { mean: vec![0.5], std: vec![0.25] } };
         let opts = FitOptions {
             epochs,
