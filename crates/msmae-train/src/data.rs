@@ -600,6 +600,9 @@ fn prepare(
             let lesion = if spec.lesion_masks { data[*off].1.as_ref().map(|m| render_mask(m, h, w, &aug, h, w)) } else { None };
             Ok((img, plan, lesion))
         })
+        .collect::<Vec<Result<_, StageError>>>()
+        .into_iter()
+        // The first failing row in batch order, whichever thread found it first.
         .collect::<Result<_, StageError>>()?;
     let n = samples.len();
     let mut images = Vec::with_capacity(n * per);
