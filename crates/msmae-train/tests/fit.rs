@@ -3,6 +3,8 @@
 //! uninterrupted run's parameters bit for bit, and stops on a non-finite loss naming the
 //! epoch and step while keeping the last checkpoint.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use burn::prelude::*;
 
 use msmae_backend::{BackendRequest, DeviceRequest, select};
 use msmae_core::{CancelToken, ExecEnv, NoProgress, OutputDecl, StageContext, StageError};
-use msmae_data::table::{ImageRow, ImageTableWriter, SCHEMA_VERSION, Split, TableMeta};
+use msmae_data::table::Split;
 use msmae_train::data::{Batch, ImageTable, LoaderSpec, Normalizer};
 use msmae_train::fit::{EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Validation, fit};
 use msmae_train::model::{Schedule, adamw};
@@ -24,41 +26,10 @@ const SIZE: usize = 8;
 
 /// 64 images: label 1 images are bright, label 0 dark (learnable by a linear model).
 fn table(dir: &Path) -> Arc<ImageTable> {
-    let meta = TableMeta {
-        schema_version: SCHEMA_VERSION,
-        label_names: vec!["dark".into(), "bright".into()],
-        multi_label: false,
-        height: SIZE as u32,
-        width: SIZE as u32,
-        channels: 1,
-        has_masks: false,
-        bit_depth: 8,
-        mask_classes: Vec::new(),
-        provenance: serde_json::Value::Null,
-    };
-    let p = dir.join("images.parquet");
-    let mut w = ImageTableWriter::create(&p, meta, 16).expect("create");
-    for i in 0..64u8 {
+    common::flat_table(dir, SIZE, 64, 16, ["dark", "bright"], |i| {
         let label = i32::from(i % 2);
-        let v = if label == 1 { 150 + i } else { 20 + i };
-        w.push(ImageRow {
-            id: format!("img{i:02}"),
-            patient_id: format!("p{i}"),
-            split: if i < 48 { Split::Train } else { Split::Val },
-            label: Some(label),
-            labels: None,
-            width: SIZE as i32,
-            height: SIZE as i32,
-            channels: 1,
-            pixels: vec![v; SIZE * SIZE],
-            mask: None,
-            source_path: String::new(),
-            source_sha256: String::new(),
-        })
-        .expect("push");
-    }
-    w.finish().expect("finish");
-    Arc::new(ImageTable::open(&p).expect("open"))
+        (if i < 48 { Split::Train } else { Split::Val }, label, if label == 1 { 150 + i } else { 20 + i })
+    })
 }
 
 #[derive(Module, Debug)]

@@ -2,6 +2,8 @@
 //! function of (seed, epoch) whatever the prefetch depth, masks of the policy's sizes that
 //! follow the weights; and the optimiser groups (no decay on 1-D params, layer decay).
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -16,39 +18,7 @@ const SIZE: usize = 16;
 
 /// 50 images in row groups of 8; image i is filled with the value i.
 fn table(dir: &std::path::Path) -> Arc<ImageTable> {
-    let meta = TableMeta {
-        schema_version: SCHEMA_VERSION,
-        label_names: vec!["a".into(), "b".into()],
-        multi_label: false,
-        height: SIZE as u32,
-        width: SIZE as u32,
-        channels: 1,
-        has_masks: false,
-        bit_depth: 8,
-        mask_classes: Vec::new(),
-        provenance: serde_json::Value::Null,
-    };
-    let p = dir.join("images.parquet");
-    let mut w = ImageTableWriter::create(&p, meta, 8).expect("create");
-    for i in 0..50u8 {
-        w.push(ImageRow {
-            id: format!("img{i:02}"),
-            patient_id: format!("p{i}"),
-            split: if i < 40 { Split::Train } else { Split::Test },
-            label: Some(i32::from(i % 2)),
-            labels: None,
-            width: SIZE as i32,
-            height: SIZE as i32,
-            channels: 1,
-            pixels: vec![i; SIZE * SIZE],
-            mask: None,
-            source_path: String::new(),
-            source_sha256: String::new(),
-        })
-        .expect("push");
-    }
-    w.finish().expect("finish");
-    Arc::new(ImageTable::open(&p).expect("open"))
+    common::flat_table(dir, SIZE, 50, 8, ["a", "b"], |i| (if i < 40 { Split::Train } else { Split::Test }, i32::from(i % 2), i))
 }
 
 fn unit() -> Normalizer {
