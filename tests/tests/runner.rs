@@ -274,7 +274,14 @@ fn backend_is_part_of_the_key_only_for_stages_that_use_it() {
     assert_eq!(outcome(&r, "data").label(), "cached");
     assert_eq!(outcome(&r, "train").label(), "ran");
     // cuda:0 vs cuda:1 is the same device kind: not a cache miss
-    let r = f.run_with(&[], RunOptions { env: msmae_core::ExecEnv { device: "cuda:1".into(), ..env }, ..Default::default() });
+    let r = f.run_with(&[], RunOptions { env: msmae_core::ExecEnv { device: "cuda:1".into(), ..env.clone() }, ..Default::default() });
+    assert_eq!(outcome(&r, "train").label(), "cached");
+    // bf16 changes the numbers: its own key; back to f32 is a hit again
+    let bf16 = msmae_core::ExecEnv { precision: "bf16".into(), ..env.clone() };
+    let r = f.run_with(&[], RunOptions { env: bf16, ..Default::default() });
+    assert_eq!(outcome(&r, "data").label(), "cached");
+    assert!(outcome(&r, "train").label().starts_with("ran"), "{}", outcome(&r, "train").label());
+    let r = f.run_with(&[], RunOptions { env, ..Default::default() });
     assert_eq!(outcome(&r, "train").label(), "cached");
 }
 

@@ -51,8 +51,11 @@
 //!
 //! # CUDA ([`ensure_cuda`])
 //!
-//! A full CUDA PyTorch in a virtualenv (`pip install torch==2.9.0`, several GB),
-//! used through `LIBTORCH_USE_PYTORCH=1`. Not part of the default setup.
+//! A full CUDA PyTorch in a virtualenv (`pip install torch==2.9.0`: the CUDA 12.8 build
+//! and the nvidia-* wheels it names, ~7 GB), used through `LIBTORCH_USE_PYTORCH=1`.
+//! `cargo xtask setup --cuda` installs it; `cargo xtask run/test/bench --cuda` builds
+//! against it in its own target dir (see `toolchain.rs`, which also adds the link
+//! arguments that keep `libtorch_cuda.so` loaded). Not part of the default setup.
 
 // Some of the API (the CUDA path, the stamp helpers) is optional for callers.
 #![allow(dead_code)]
@@ -122,7 +125,7 @@ const ALL_WHEELS: [&Wheel; 4] = [&TORCH_WHEEL, &CUDART_WHEEL, &CUPTI_WHEEL, &PAT
 
 /// The wheels' tags are fixed (so that their hashes are), whatever the local
 /// Python is: the libraries inside do not depend on the Python version.
-const PIP_TARGET_ARGS: &[&str] = &[
+pub const PIP_TARGET_ARGS: &[&str] = &[
     "--only-binary=:all:",
     "--implementation",
     "cp",

@@ -2,18 +2,17 @@
 //! it sets libtorch up and shells out to cargo with ONE feature set and ONE profile for
 //! every command, so the ML stack is compiled once and shared by run, test and bench.
 
+mod gpu;
 mod libtorch;
 mod pyenv;
+mod toolchain;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-
-/// Features every cargo invocation uses when libtorch is available. Keep identical across
-/// commands: a different feature set rebuilds burn.
-const TCH_FEATURES: &str = "msmae-backend/tch";
+use toolchain::{Flavour, Toolchain};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "msmae project tasks")]
@@ -23,16 +22,27 @@ struct Cli {
     /// Build without libtorch (burn-flex only): no set-up, about half the training speed.
     #[arg(long, global = true)]
     no_tch: bool,
+    /// Build and link the CUDA libtorch of `cargo xtask setup --cuda` (own target dir,
+    /// `<target>-cuda`, so CPU builds are not disturbed).
+    #[arg(long, global = true)]
+    cuda: bool,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install libtorch 2.9.0 for burn-tch (idempotent; CPU from PyPI wheels, ~490 MB).
-    #[command(after_help = "Examples:\n  cargo xtask setup\n  cargo xtask setup --cuda   # pip install torch==2.9.0 into a venv (~6.7 GB)")]
-    Setup {
-        #[arg(long)]
-        cuda: bool,
-    },
+    /// Install libtorch 2.9.0 for burn-tch (idempotent): the slim CPU build from PyPI wheels
+    /// (~490 MB), or with --cuda the CUDA build (torch==2.9.0 and its nvidia wheels, in a
+    /// venv, ~7 GB) that `cargo xtask run/test/bench --cuda` links.
+    #[command(after_help = "Examples:\n  cargo xtask setup\n  cargo xtask setup --cuda\n  cargo xtask run --cuda pipelines/quickstart.yaml --device cuda")]
+    Setup,
+    /// Build `msmae`, `bench_model` and `bench_loader` against the GPU machine's PyTorch
+    /// (2.11.0+cu130, headers from PyPI), strip and pack them into gpu-bundle/ (< 40 MiB) for
+    /// scripts/gpu-check.sh.
+    #[command(
+        name = "gpu-bundle",
+        after_help = "Example:\n  cargo xtask gpu-bundle\n  # then, on the GPU machine, from the repository root:\n  bash scripts/gpu-check.sh"
+    )]
+    GpuBundle,
     /// Build the `msmae` binary (release) and run a pipeline with it.
     #[command(after_help = "Example:\n  cargo xtask run pipelines/quickstart.yaml\n  cargo xtask run pipelines/quickstart.yaml --stage data --force")]
     Run {
@@ -99,40 +109,6 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// A cargo command with the shared target dir, profile-independent env, and libtorch.
-struct Toolchain {
-    env: Vec<(String, String)>,
-    features: Option<&'static str>,
-}
-
-impl Toolchain {
-    fn new(no_tch: bool) -> Result<Self> {
-        if no_tch {
-            return Ok(Toolchain { env: vec![], features: None });
-        }
-        let dir = libtorch::ensure_cpu().context("setting up libtorch (or pass --no-tch to build with burn-flex only)")?;
-        Ok(Toolchain { env: libtorch::cargo_env(&dir), features: Some(TCH_FEATURES) })
-    }
-
-    fn cargo(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        c.current_dir(repo_root());
-        c.args(args);
-        c.arg("--release");
-        if let Some(f) = self.features {
-            c.args(["--features", f]);
-        }
-        c.env("CARGO_TARGET_DIR", target_dir());
-        for v in libtorch::CONFLICTING_ENV_VARS {
-            c.env_remove(v);
-        }
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        c
-    }
-}
-
 fn status(mut c: Command) -> Result<ExitCode> {
     let s = c.status().with_context(|| format!("running {c:?}"))?;
     Ok(match s.code() {
@@ -143,62 +119,63 @@ fn status(mut c: Command) -> Result<ExitCode> {
 }
 
 /// Build everything (all targets: the same artifacts `cargo xtask test` uses, so a run after
-/// a test, or a test after a run, compiles nothing new) and return the target dir.
+/// a test, or a test after a run, compiles nothing new) and return the release dir.
 fn build_all(tc: &Toolchain) -> Result<PathBuf> {
-    let mut c = tc.cargo(&["build", "--workspace", "--all-targets"]);
+    let mut c = tc.cargo(&repo_root(), &["build", "--workspace", "--all-targets"]);
     c.arg("--quiet");
     let code = status(c)?;
     if code != ExitCode::SUCCESS {
         bail!("the build failed");
     }
-    Ok(target_dir().join("release"))
+    Ok(tc.target_dir.join("release"))
 }
 
 /// Run a built executable with libtorch on the library path.
 fn exec(tc: &Toolchain, exe: &Path, args: &[String]) -> Result<ExitCode> {
     let mut c = Command::new(exe);
     c.args(args);
-    for (k, v) in &tc.env {
+    for (k, v) in tc.run_env() {
         c.env(k, v);
     }
     status(c)
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let flavour = Flavour::from_flags(cli.no_tch, cli.cuda)?;
     match cli.cmd {
-        Cmd::Setup { cuda } => {
-            if cuda {
-                let env = libtorch::ensure_cuda()?;
-                eprintln!("CUDA libtorch ready; build with:");
-                for (k, v) in env {
-                    eprintln!("  export {k}={v}");
-                }
-            } else {
-                let dir = libtorch::ensure_cpu()?;
-                eprintln!("libtorch {} ready at {}", libtorch::TORCH_VERSION, dir.display());
+        Cmd::Setup => {
+            let tc = Toolchain::new(flavour, &target_dir())?;
+            eprintln!("libtorch ready for {flavour:?} builds (target dir {})", tc.target_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::GpuBundle => {
+            if cli.no_tch || cli.cuda {
+                bail!("gpu-bundle builds its own flavour (PyTorch {}); drop --no-tch/--cuda", gpu::GPU_TORCH_VERSION);
             }
+            let tc = Toolchain::new(Flavour::Bundle, &target_dir())?;
+            gpu::bundle(&tc, &repo_root())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run { args } => {
-            let tc = Toolchain::new(cli.no_tch)?;
+            let tc = Toolchain::new(flavour, &target_dir())?;
             let bin = build_all(&tc)?;
             let mut full = vec!["run".to_string()];
             full.extend(args);
             exec(&tc, &bin.join("msmae"), &full)
         }
         Cmd::Msmae { args } => {
-            let tc = Toolchain::new(cli.no_tch)?;
+            let tc = Toolchain::new(flavour, &target_dir())?;
             let bin = build_all(&tc)?;
             exec(&tc, &bin.join("msmae"), &args)
         }
-        Cmd::Test { args } => test(cli.no_tch, &args),
-        Cmd::Lint => lint(cli.no_tch),
+        Cmd::Test { args } => test(flavour, &args),
+        Cmd::Lint => lint(flavour),
         Cmd::Ci => {
-            let code = lint(cli.no_tch)?;
+            let code = lint(flavour)?;
             if code != ExitCode::SUCCESS {
                 return Ok(code);
             }
-            test(cli.no_tch, &[])
+            test(flavour, &[])
         }
         Cmd::Bench { which, args } => {
             let exe = match which.as_str() {
@@ -207,27 +184,27 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 "study" => "bench_study",
                 "ingest" => "bench_ingest",
                 "fused" => "bench_fused",
-                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, ingest"),
+                "loader" => "bench_loader",
+                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, ingest, loader"),
             };
-            let tc = Toolchain::new(cli.no_tch)?;
+            let mut tc = Toolchain::new(flavour, &target_dir())?;
             let bin = build_all(&tc)?;
             let args: Vec<String> = args.into_iter().skip_while(|a| a == "--").collect();
-            // The model benchmark runs PyTorch eager beside burn on the same model.
+            // The model and loader benchmarks run PyTorch beside burn on the same work.
             let python = pyenv::ensure().context("setting up the Python reference environment")?;
-            let mut tc = tc;
             tc.env.push(("MSMAE_PYTHON".into(), python.to_string_lossy().into_owned()));
             exec(&tc, &bin.join("examples").join(exe), &args)
         }
     }
 }
 
-fn test(no_tch: bool, args: &[String]) -> Result<ExitCode> {
-    let tc = Toolchain::new(no_tch)?;
+fn test(flavour: Flavour, args: &[String]) -> Result<ExitCode> {
+    let tc = Toolchain::new(flavour, &target_dir())?;
     let python = pyenv::ensure().context("setting up the Python reference environment for the tests")?;
     // Always the whole workspace with one feature set: selecting packages would change
     // feature unification and rebuild burn. Filter tests by name instead.
     // Every test binary runs even after one fails, so one run reports every failure.
-    let mut c = tc.cargo(&["test", "--workspace", "--no-fail-fast"]);
+    let mut c = tc.cargo(&repo_root(), &["test", "--workspace", "--no-fail-fast"]);
     c.env("MSMAE_PYTHON", &python);
     let filters: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     if !filters.is_empty() {
@@ -238,7 +215,7 @@ fn test(no_tch: bool, args: &[String]) -> Result<ExitCode> {
 
 /// fmt, clippy on the build's feature set (shares the build's target dir and profile, so no
 /// second dependency build of the checked crates' build scripts), and a flex-only check.
-fn lint(no_tch: bool) -> Result<ExitCode> {
+fn lint(flavour: Flavour) -> Result<ExitCode> {
     let mut fmt = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     fmt.current_dir(repo_root()).args(["fmt", "--all", "--check"]);
     eprintln!("xtask: cargo fmt --all --check");
@@ -247,19 +224,19 @@ fn lint(no_tch: bool) -> Result<ExitCode> {
         eprintln!("xtask: formatting differs: run `cargo fmt --all`");
         return Ok(code);
     }
-    let tc = Toolchain::new(no_tch)?;
-    let mut clippy = tc.cargo(&["clippy", "--workspace", "--all-targets"]);
+    let tc = Toolchain::new(flavour, &target_dir())?;
+    let mut clippy = tc.cargo(&repo_root(), &["clippy", "--workspace", "--all-targets"]);
     clippy.args(["--", "-D", "warnings"]);
     eprintln!("xtask: cargo clippy --workspace --all-targets -- -D warnings");
     let code = status(clippy)?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
-    if no_tch {
+    if flavour == Flavour::Flex {
         return Ok(ExitCode::SUCCESS);
     }
     // The build without libtorch: a different feature set, so it is only checked.
-    let flex = Toolchain::new(true)?;
+    let flex = Toolchain::new(Flavour::Flex, &target_dir())?;
     eprintln!("xtask: cargo check --workspace --all-targets (without libtorch)");
-    status(flex.cargo(&["check", "--workspace", "--all-targets"]))
+    status(flex.cargo(&repo_root(), &["check", "--workspace", "--all-targets"]))
 }

@@ -12,8 +12,14 @@
 //!   that is what flex runs). libtorch on the CPU overrides them with `native_layer_norm`,
 //!   the flash-attention CPU kernel (forward and backward), and two Rust loops written
 //!   here: the LayerNorm backward (tch 0.22 binds no `native_layer_norm_backward`) and a
-//!   one-pass AdamW update (tch binds no `_fused_adamw_`). On CUDA, libtorch takes the
-//!   composed path (correct, not fused).
+//!   one-pass AdamW update (tch binds no `_fused_adamw_`). On CUDA, LayerNorm's forward is
+//!   `native_layer_norm` too; attention is composed by default, or libtorch's
+//!   memory-efficient kernel (forward and backward) with `MSMAE_CUDA_ATTENTION=efficient`;
+//!   the LayerNorm backward and AdamW are composed.
+//!
+//! Under `--precision bf16` the public functions cast the matmul operands to bfloat16 and
+//! the results back (see [`crate::precision`]); the kernels see bfloat16 tensors and take
+//! the composed path (or the CUDA kernel, which takes bfloat16).
 //! - [`FusedOps`]: the `#[backend_extension]` trait dispatched on the tensor's device,
 //!   whose autodiff implementation records one node per op.
 //! - [`layer_norm`], [`attention`], [`adamw_update`]: the `Tensor` API models call.
@@ -31,7 +37,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, Shape, Slice, TensorMetadata, backend_extension};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, FloatDType, Tensor};
+
+use crate::precision::{lower, raise};
 
 /// Hyper-parameters of one AdamW update (bias corrections precomputed for the step).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -333,12 +341,13 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(x.into_dispatch(), gamma.into_dispatch(), beta.into_dispatch(), eps))
 }
 
-/// `softmax(q kᵀ · scale) v`.
+/// `softmax(q kᵀ · scale) v`, in the thread's [`precision`](crate::precision).
 ///
 /// # Shapes
 /// - q, k, v: `[batch, heads, tokens, head_dim]` → `[batch, heads, tokens, head_dim]`
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), scale))
+    let (q, k, v) = (lower(q), lower(k), lower(v));
+    raise(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), scale)))
 }
 
 /// Multi-head self-attention on the output of a fused qkv projection (timm layout: q, k,
@@ -347,7 +356,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor
 /// # Shapes
 /// - qkv: `[batch, tokens, 3·dim]` → `[batch, tokens, dim]`
 pub fn self_attention(qkv: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_self_attention(qkv.into_dispatch(), heads, scale))
+    raise(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_self_attention(lower(qkv).into_dispatch(), heads, scale)))
 }
 
 /// `x · w + b` as one op (libtorch: `addmm`, the bias in the GEMM's accumulator; burn's
@@ -356,7 +365,13 @@ pub fn self_attention(qkv: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
 /// # Shapes
 /// - x: `[rows, d_in]`, w: `[d_in, d_out]`, b: `[d_out]` → `[rows, d_out]`
 pub fn linear(x: Tensor<2>, w: Tensor<2>, b: Tensor<1>) -> Tensor<2> {
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(x.into_dispatch(), w.into_dispatch(), b.into_dispatch()))
+    let (x, w, b) = (lower(x), lower(w), lower(b));
+    raise(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(x.into_dispatch(), w.into_dispatch(), b.into_dispatch())))
+}
+
+/// `a · b` (batched over leading dimensions) in the thread's [`precision`](crate::precision).
+pub fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    raise(lower(a).matmul(lower(b)))
 }
 
 /// One AdamW step on a parameter; returns `(param, moment_1, moment_2)`. Buffers that
@@ -471,7 +486,13 @@ pub mod generic {
     /// Returns `(out, probabilities)`.
     pub fn attention_forward<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, scale: f64) -> (FloatTensor<B>, FloatTensor<B>) {
         let scores = B::float_matmul(B::float_mul_scalar(q, scale.into()), B::float_transpose(k));
-        let probs = B::softmax(scores, 3);
+        // Softmax in float32 whatever the matmuls' precision (as autocast does).
+        let dtype = scores.dtype();
+        let probs = if dtype == DType::F32 {
+            B::softmax(scores, 3)
+        } else {
+            B::float_cast(B::softmax(B::float_cast(scores, FloatDType::F32), 3), FloatDType::from(dtype))
+        };
         (B::float_matmul(probs.clone(), v), probs)
     }
 
@@ -642,6 +663,89 @@ mod torch {
         (param, m, v)
     }
 
+    /// libtorch's memory-efficient attention kernels on CUDA (what PyTorch's
+    /// `scaled_dot_product_attention` picks for float32, and for bf16 where flash attention
+    /// is not bound in tch). Chosen by `MSMAE_CUDA_ATTENTION`: `efficient`, or `composed`
+    /// (the default until a device check has compared both on a GPU: the composed kernel's
+    /// matmul + softmax + matmul is exact and runs everywhere).
+    pub(super) mod cuda {
+        use std::sync::OnceLock;
+
+        use tch::Kind;
+
+        /// Whether `MSMAE_CUDA_ATTENTION=efficient` asks for the libtorch kernel.
+        pub fn enabled() -> bool {
+            static ON: OnceLock<bool> = OnceLock::new();
+            *ON.get_or_init(|| std::env::var("MSMAE_CUDA_ATTENTION").is_ok_and(|v| v.trim().eq_ignore_ascii_case("efficient")))
+        }
+
+        /// The kernel takes `[batch, heads, tokens, head_dim]` CUDA tensors of one float
+        /// kind, the last dimension contiguous and a multiple of 8 (PyTorch's own condition
+        /// for it, the strictest over float32/bf16).
+        pub fn use_efficient(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor) -> bool {
+            let kind = q.kind();
+            enabled()
+                && matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half)
+                && [q, k, v].iter().all(|t| t.device().is_cuda() && t.kind() == kind && t.dim() == 4 && t.stride()[3] == 1)
+                && q.size()[3] % 8 == 0
+        }
+
+        /// `aux` is the kernel's log-sum-exp (`[batch, heads, padded tokens]`), not the
+        /// composed kernel's probabilities (`[batch, heads, tokens, tokens]`).
+        pub fn is_logsumexp(q: &tch::Tensor, aux: &tch::Tensor) -> bool {
+            q.device().is_cuda() && aux.dim() == 3
+        }
+
+        /// Returns `(out, logsumexp)`.
+        pub fn efficient_forward(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, scale: f64) -> (tch::Tensor, tch::Tensor) {
+            let (out, lse, _seed, _offset) =
+                tch::Tensor::internal_scaled_dot_product_efficient_attention(q, k, v, None::<tch::Tensor>, true, 0.0, false, scale);
+            (out, lse)
+        }
+
+        /// `(dq, dk, dv)`, as PyTorch's `_scaled_dot_product_efficient_attention_backward`
+        /// computes them: the low-level kernel takes `[batch, tokens, heads, head_dim]`.
+        /// Without dropout the kernel reads no random state, so the seed and offset are
+        /// empty.
+        pub fn efficient_backward(
+            grad: &tch::Tensor,
+            q: &tch::Tensor,
+            k: &tch::Tensor,
+            v: &tch::Tensor,
+            out: &tch::Tensor,
+            lse: &tch::Tensor,
+            scale: f64,
+        ) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+            let t = |x: &tch::Tensor| x.transpose(1, 2);
+            let (max_q, max_k) = (q.size()[2], k.size()[2]);
+            let none = tch::Tensor::empty([0], (Kind::Int64, q.device()));
+            let grad = if grad.stride()[3] == 1 { grad.shallow_clone() } else { grad.contiguous() };
+            let (dq, dk, dv, _dbias) = tch::Tensor::internal_efficient_attention_backward(
+                &t(&grad),
+                &t(q),
+                &t(k),
+                &t(v),
+                None::<tch::Tensor>,
+                &t(out),
+                None::<tch::Tensor>,
+                None::<tch::Tensor>,
+                max_q,
+                max_k,
+                lse,
+                0.0,
+                &none,
+                &none,
+                0,
+                false,
+                scale,
+                None::<i64>,
+                None::<i64>,
+                false,
+            );
+            (t(&dq), t(&dk), t(&dv))
+        }
+    }
+
     impl FusedKernels for LibTorch {
         fn layer_norm_forward(x: TchTensor, gamma: TchTensor, beta: TchTensor, eps: f64) -> (TchTensor, TchTensor, TchTensor) {
             let d = *x.tensor.size().last().expect("LayerNorm input has at least one dimension");
@@ -662,6 +766,9 @@ mod torch {
             if [&q, &k, &v].iter().all(|t| cpu_f32(&t.tensor)) {
                 let (out, lse) =
                     tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(&q.tensor, &k.tensor, &v.tensor, 0.0, false, None::<tch::Tensor>, scale);
+                (TchTensor::new(out), TchTensor::new(lse))
+            } else if cuda::use_efficient(&q.tensor, &k.tensor, &v.tensor) {
+                let (out, lse) = cuda::efficient_forward(&q.tensor, &k.tensor, &v.tensor, scale);
                 (TchTensor::new(out), TchTensor::new(lse))
             } else {
                 generic::attention_forward::<Self>(q, k, v, scale)
@@ -690,6 +797,9 @@ mod torch {
                     None::<tch::Tensor>,
                     scale,
                 );
+                (TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv))
+            } else if cuda::is_logsumexp(&q.tensor, &aux.tensor) {
+                let (dq, dk, dv) = cuda::efficient_backward(&grad.tensor, &q.tensor, &k.tensor, &v.tensor, &out.tensor, &aux.tensor, scale);
                 (TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv))
             } else {
                 generic::attention_backward::<Self>(grad, q, k, v, aux, scale)

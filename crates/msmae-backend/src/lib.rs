@@ -11,6 +11,9 @@
 //!   here, so it is the default whenever it is compiled in.
 
 pub mod fused;
+pub mod precision;
+
+pub use precision::Precision;
 
 use std::fmt;
 use std::str::FromStr;
@@ -37,6 +40,8 @@ pub enum BackendError {
     NoCuda(String),
     #[error("the flex backend runs on the CPU only; `{0}` needs --backend tch")]
     FlexCpuOnly(String),
+    #[error("unknown precision `{0}`: use f32 or bf16")]
+    UnknownPrecision(String),
 }
 
 /// A requested device.
@@ -135,6 +140,13 @@ pub struct Compute {
 }
 
 impl Compute {
+    /// The same device computing matmuls and attention in `precision` (recorded in the
+    /// cache key with the backend and device kind).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.env.precision = precision.to_string();
+        self
+    }
+
     /// Versions of the numeric tools, recorded with every artifact.
     pub fn tools(&self) -> Vec<(String, String)> {
         let mut v = vec![("burn".to_string(), BURN_VERSION.to_string())];

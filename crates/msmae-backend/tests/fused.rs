@@ -229,3 +229,55 @@ fn fused_linear_matches_matmul_plus_bias_in_value_and_gradient() {
         assert_close(&format!("{kind} linear transposed input"), fused::linear(xt.clone(), w.clone(), b.clone()), xt.matmul(w) + b.unsqueeze::<2>(), 1e-5);
     }
 }
+
+/// `--precision bf16`: the matmul ops compute in bfloat16 and hand back float32, values
+/// within bfloat16 rounding of float32 (but not equal to them), gradients float32.
+#[test]
+fn bf16_precision_rounds_matmuls_and_attention_and_keeps_float32_around_them() {
+    use burn::tensor::DType;
+    use msmae_backend::precision::{self, Precision};
+    for (kind, dev) in devices() {
+        let ad = dev.clone().autodiff();
+        let x0 = Tensor::<2>::random([37, 64], Distribution::Normal(0.0, 1.0), &ad).detach();
+        let w0 = Tensor::<2>::random([64, 48], Distribution::Normal(0.0, 0.2), &ad).detach();
+        let b0 = Tensor::<1>::random([48], Distribution::Normal(0.0, 0.2), &ad).detach();
+        let run = |p: Precision| {
+            precision::with(p, || {
+                let (x, w, b) = (x0.clone().require_grad(), w0.clone().require_grad(), b0.clone().require_grad());
+                let y = fused::linear(x.clone(), w.clone(), b.clone()); // [37, 48] = 2 × 3 heads × 8
+                let attn = fused::self_attention(y.clone().reshape([1, 37, 48]), 2, 0.35);
+                let out = fused::matmul(attn.reshape([37, 16]), w.clone().narrow(0, 0, 16));
+                let grads = (out.clone() * out.clone()).mean().backward();
+                (y.inner(), out.inner(), w.grad(&grads).expect("dw"), x.grad(&grads).expect("dx"))
+            })
+        };
+        let (y32, o32, dw32, dx32) = run(Precision::F32);
+        let (y16, o16, dw16, dx16) = run(Precision::Bf16);
+        assert_eq!(precision::current(), Precision::F32, "with() restores the thread's precision");
+        for (what, t) in [("linear", &y16), ("output", &o16), ("dw", &dw16), ("dx", &dx16)] {
+            assert_eq!(t.dtype(), DType::F32, "{kind} {what}: float32 outside the matmuls");
+        }
+        let rel = |a: &Tensor<2>, b: &Tensor<2>| {
+            let (a, b) = (values(a.clone()), values(b.clone()));
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+        };
+        for (what, lo, hi, tol) in [("linear", &y16, &y32, 0.02), ("output", &o16, &o32, 0.03), ("dw", &dw16, &dw32, 0.05), ("dx", &dx16, &dx32, 0.05)] {
+            let r = rel(lo, hi);
+            assert!(r > 0.0, "{kind} {what}: bf16 gave exactly the float32 numbers; nothing was rounded");
+            assert!(r < tol, "{kind} {what}: bf16 off float32 by {r} of the largest value (> {tol})");
+        }
+    }
+}
+
+#[test]
+fn precision_names_parse_and_nonsense_is_refused() {
+    use msmae_backend::Precision;
+    assert_eq!("bf16".parse(), Ok(Precision::Bf16));
+    assert_eq!("F32".parse(), Ok(Precision::F32));
+    assert_eq!(Precision::Bf16.to_string(), "bf16");
+    let e = "fp8".parse::<Precision>().expect_err("fp8");
+    assert!(e.to_string().contains("use f32 or bf16"), "{e}");
+    let c = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").with_precision(Precision::Bf16);
+    assert_eq!(c.env.precision, "bf16");
+}

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use msmae_backend::{BackendRequest, DeviceRequest};
+use msmae_backend::{BackendRequest, DeviceRequest, Precision};
 use msmae_core::{CancelToken, Registry};
 use msmae_pipeline::inspect::{self, DagFormat, State};
 use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
@@ -59,9 +59,14 @@ pub struct Common {
     /// Override a parameter: `--set params.size=32` (repeatable; also `seed=N`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<Override>,
-    /// Compute device: cpu, cuda, cuda:N or auto.
-    #[arg(long, env = "MSMAE_DEVICE", default_value = "cpu")]
+    /// Compute device: auto (the first CUDA device libtorch sees, else the CPU), cpu, cuda
+    /// or cuda:N.
+    #[arg(long, env = "MSMAE_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Precision of matmuls and attention: f32, or bf16 (bfloat16 matmuls and attention;
+    /// float32 weights, optimiser, normalisation, softmax, losses and reductions).
+    #[arg(long, env = "MSMAE_PRECISION", default_value = "f32")]
+    pub precision: String,
     /// Numeric backend: auto (libtorch when built in, else flex), flex or tch.
     #[arg(long, env = "MSMAE_BACKEND", default_value = "auto")]
     pub backend: String,
@@ -188,7 +193,8 @@ fn store_for(common: &Common) -> Result<Store> {
 fn compute(common: &Common) -> Result<msmae_backend::Compute> {
     let device: DeviceRequest = common.device.parse()?;
     let backend: BackendRequest = common.backend.parse()?;
-    Ok(msmae_backend::select(backend, device)?)
+    let precision: Precision = common.precision.parse()?;
+    Ok(msmae_backend::select(backend, device)?.with_precision(precision))
 }
 
 fn lock_path(common: &Common) -> PathBuf {
@@ -224,11 +230,12 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 lock_file: Some(lock_path(&common)),
             };
             tracing::info!(
-                "pipeline `{}`: {} stages, backend {} on {}, store {}",
+                "pipeline `{}`: {} stages, backend {} on {} ({}), store {}",
                 plan.spec.name,
                 plan.nodes.len(),
                 compute.env.backend,
                 compute.env.device,
+                compute.env.precision,
                 store.root().display()
             );
             let bars = progress::bars();

@@ -112,6 +112,27 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     assert!(text(&o).contains("stages.a.with.size: must be between 16 and 1024 pixels"), "{}", text(&o));
 }
 
+/// No GPU here (CI, this machine): asking for one is a one-line error before anything
+/// runs, never a panic; `auto` falls back to the CPU; a bad precision is named.
+#[test]
+fn cuda_without_a_gpu_is_a_one_line_error_and_auto_falls_back_to_the_cpu() {
+    let (d, _) = setup();
+    let o = msmae(d.path(), &["run", "tiny.yaml", "--backend", "auto", "--device", "cuda"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("libtorch reports no CUDA device") || err.contains("built without libtorch"), "{err}");
+    let objects = fs::read_dir(d.path().join(".msmae/objects")).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(objects, 0, "nothing ran");
+    let o = msmae(d.path(), &["run", "tiny.yaml", "--precision", "fp8"]);
+    assert!(text(&o).contains("unknown precision `fp8`: use f32 or bf16"), "{}", text(&o));
+    let o = msmae(d.path(), &["run", "tiny.yaml", "--backend", "auto", "--device", "auto"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("on cpu (f32)"), "auto resolves to the CPU here: {}", text(&o));
+}
+
 #[test]
 fn stages_and_help_list_kinds_and_examples() {
     let d = tempfile::tempdir().expect("tmp");

@@ -4,6 +4,7 @@
 use burn::module::Module;
 use burn::prelude::*;
 
+use msmae_backend::Precision;
 use msmae_core::{SeedPath, StageContext, StageError, derive_seed};
 
 use crate::data::{Batch, ImageTable};
@@ -17,13 +18,16 @@ pub struct Runtime {
     pub train: Device,
 }
 
-/// Resolve the stage's backend/device (from the runner's `--backend`/`--device`).
+/// Resolve the stage's backend/device (from the runner's `--backend`/`--device`), and set
+/// this thread's compute precision (`--precision`) for the stage's model code.
 pub fn runtime(ctx: &StageContext<'_>) -> Result<Runtime, StageError> {
     let device_error =
         |e: msmae_backend::BackendError| StageError::Device { backend: ctx.env.backend.clone(), device: ctx.env.device.clone(), source: Box::new(e) };
     let b = ctx.env.backend.parse().map_err(device_error)?;
     let d = ctx.env.device.parse().map_err(device_error)?;
+    let p: Precision = ctx.env.precision.parse().map_err(device_error)?;
     let c = msmae_backend::select(b, d).map_err(device_error)?;
+    msmae_backend::precision::set(p);
     Ok(Runtime { train: c.device.clone().autodiff(), device: c.device })
 }
 

@@ -14,11 +14,11 @@ fn new_linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
 }
 
 /// `x · w (+ b)` for `x` `[rows, d_in]`, `w` `[d_in, d_out]`: with a bias one fused op
-/// (libtorch: `addmm`, the bias in the GEMM).
+/// (libtorch: `addmm`, the bias in the GEMM). In the thread's compute precision.
 pub fn affine(x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<2> {
     match b {
         Some(b) => fused::linear(x, w, b),
-        None => x.matmul(w),
+        None => fused::matmul(x, w),
     }
 }
 
@@ -75,9 +75,9 @@ impl Attention {
         let k = qkv.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
         let v = qkv.narrow(0, 2, 1).reshape([b, h, n, hd]);
         // Scale q ([b, h, n, hd]) rather than the scores ([b, h, n, n]): fewer elements.
-        let scores = (q * scale).matmul(k.swap_dims(2, 3)); // [b, h, n, n]
+        let scores = fused::matmul(q * scale, k.swap_dims(2, 3)); // [b, h, n, n], float32
         let attn = softmax(scores, 3);
-        let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([b, n, d]); // [b, n, d]
+        let out = fused::matmul(attn.clone(), v).swap_dims(1, 2).reshape([b, n, d]); // [b, n, d]
         (linear(&self.proj, out), Some(attn))
     }
 }

@@ -143,18 +143,20 @@ class MAE(nn.Module):
         full = self.mask_token.expand(b, L, dd).clone()
         full = full.scatter(1, visible[:, :, None].expand(-1, -1, dd), x[:, 1:, :])
         full = full + self.decoder_pos_embed[:, 1:, :]
-        keep = torch.zeros(b, L, dtype=torch.bool)
+        keep = torch.zeros(b, L, dtype=torch.bool, device=x.device)
         keep.scatter_(1, visible, True)
         keep.scatter_(1, masked, True)
-        order = torch.stack([torch.nonzero(keep[i]).flatten() for i in range(b)])  # positional order
+        # the kept positions of each row in positional order (no per-sample loop: one sort)
+        pos = torch.arange(L, device=x.device).expand(b, L)
+        order = torch.where(keep, pos, pos + L).sort(dim=1).values[:, : visible.shape[1] + masked.shape[1]]
         seq = torch.gather(full, 1, order[:, :, None].expand(-1, -1, dd))
         h = torch.cat([x[:, :1, :] + self.decoder_pos_embed[:, :1, :], seq], dim=1)
         for blk in self.decoder_blocks:
             h, _ = blk(h)
         h = self.decoder_pred(self.decoder_norm(h))[:, 1:, :]
         # predictions of the masked patches, in the order `masked` lists them
-        rank = torch.full((b, L), -1, dtype=torch.long)
-        rank.scatter_(1, order, torch.arange(order.shape[1]).expand(b, -1).contiguous())
+        rank = torch.full((b, L), -1, dtype=torch.long, device=x.device)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand(b, -1).contiguous())
         return torch.gather(h, 1, torch.gather(rank, 1, masked)[:, :, None].expand(-1, -1, h.shape[2]))
 
     def forward_loss(self, imgs, pred, masked):

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 13), run on the lent GPU machine from the repository root:
+#
+#   bash scripts/gpu-check.sh            # device tool: carry gpu-bundle
+#
+# That machine has no Rust: `cargo xtask gpu-bundle` (run here, on CPU) leaves msmae,
+# bench_model and bench_loader, built against its PyTorch (2.11.0+cu130), in
+# gpu-bundle/msmae-gpu.tar.xz. This script loads that machine's own torch/lib, then prints
+# one line per figure, each step bounded by a timeout (at most 8 min in all, 4-5 expected):
+#   1. parity on CUDA against libtorch CPU, same weights: forward, attention map, losses,
+#      one step's gradients; f32 and bf16; composed and efficient attention kernels;
+#   2. ViT-B/16 train steps (fine-tune all tokens, 25 % tokens, MAE pre-train) at batch 64
+#      and 128 against PyTorch eager (SDPA) on the same GPU: ms/step, images/s, GPU MiB;
+#   3. the quickstart pipeline with --device cuda: wall time and the comparison table;
+#   4. training-loader throughput on this machine's cores beside torchvision.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+BUNDLE_DIR=gpu-bundle
+BUNDLE=$BUNDLE_DIR/msmae-gpu.tar.xz
+started=$(date +%s)
+section() { echo; echo "== $* (t+$(( $(date +%s) - started )) s)"; }
+# Run with a time limit; a failure or a timeout is reported and the check goes on.
+step() {
+    local limit=$1; shift
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "gpu-check: TIMEOUT after ${limit}s: $*"; elif [ "$rc" -ne 0 ]; then echo "gpu-check: FAILED (exit $rc): $*"; fi
+    return 0
+}
+
+[ -f "$BUNDLE" ] || { echo "gpu-check: $BUNDLE is missing: run \`cargo xtask gpu-bundle\` on the build machine and carry $BUNDLE_DIR"; exit 2; }
+PY=${MSMAE_PYTHON:-$(command -v python3 || command -v python)}
+TORCH_LIB=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || { echo "gpu-check: no PyTorch under $PY"; exit 2; }
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export MSMAE_PYTHON="$PY" MSMAE_REPO="$REPO"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/msmae-gpu.XXXXXX")
+if command -v xz >/dev/null; then
+    tar -C "$WORK" -xJf "$BUNDLE"
+else
+    "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BUNDLE" "$WORK"
+fi
+BIN=$WORK/bin
+
+section "machine"
+cat "$BUNDLE_DIR/MANIFEST" 2>/dev/null
+nvidia-smi -L 2>/dev/null || echo "gpu-check: nvidia-smi not found"
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())'
+echo "cpus $(nproc)"
+step 20 "$BIN/msmae" stages >/dev/null && echo "msmae starts"
+
+section "1. parity on CUDA (against libtorch CPU, same weights and inputs)"
+for precision in f32 bf16; do
+    for attention in composed efficient; do
+        echo "-- precision $precision, attention $attention"
+        MSMAE_CUDA_ATTENTION=$attention step 25 "$BIN/bench_model" --parity --device cuda --precision "$precision"
+    done
+done
+
+section "2. ViT-B/16 train steps against PyTorch eager (SDPA), same GPU, model and precision"
+for batch in 64 128; do
+    step 90 "$BIN/bench_model" --device cuda --precision bf16 --only 3,4,5 --batch "$batch" --steps 8
+done
+step 40 "$BIN/bench_model" --device cuda --precision f32 --only 3 --batch 64 --steps 8
+
+section "3. quickstart pipeline on CUDA"
+q0=$(date +%s)
+step 100 "$BIN/msmae" run pipelines/quickstart.yaml --device cuda --store "$WORK/store" --lock "$WORK/quickstart.lock"
+echo "quickstart wall time: $(( $(date +%s) - q0 )) s"
+
+section "4. training loader (Parquet → crop/flip → normalise → mask plan) beside torchvision"
+step 40 "$BIN/bench_loader" --images 2048 --threads "1,$(nproc)"
+
+section "done"
+rm -rf "$WORK"

@@ -1,0 +1,45 @@
+//! The benchmark programs work (how fast is for the benchmarks themselves to say):
+//! `bench_model --parity` on the CPU in both precisions, and `bench_loader` on a tiny table
+//! with both loaders, msmae's and torchvision's.
+
+use std::process::Command;
+
+use msmae_tests::example_bin;
+
+fn run(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn bench_model_parity_passes_on_the_cpu_in_f32_and_bf16() {
+    for precision in ["f32", "bf16"] {
+        let out = run(Command::new(example_bin("bench_model")).args(["--parity", "--device", "cpu", "--precision", precision]));
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with(&format!("parity {precision} "))).collect();
+        assert_eq!(lines.len(), 5, "forward, map, loss and two gradients:\n{out}");
+        assert!(lines.iter().all(|l| l.ends_with(": ok")), "{out}");
+        assert!(out.contains("gradient of block 1 qkv weight"), "{out}");
+    }
+}
+
+#[test]
+fn bench_loader_measures_msmae_and_torchvision_on_the_same_table() {
+    let mut cmd = Command::new(example_bin("bench_loader"));
+    cmd.args(["--images", "80", "--size", "32", "--channels", "1", "--batch", "16", "--threads", "1"]);
+    let python = std::env::var_os("MSMAE_PYTHON");
+    match &python {
+        Some(py) => cmd.env("MSMAE_PYTHON", py),
+        None => cmd.arg("--no-torch"),
+    };
+    let out = run(&mut cmd);
+    let row = out.lines().find(|l| l.starts_with("| 1 |")).unwrap_or_else(|| panic!("no row for 1 thread:\n{out}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+    let rate = |i: usize| cells.get(i).and_then(|c| c.parse::<f64>().ok());
+    assert!(rate(1).is_some_and(|r| r > 0.0), "msmae images/s: {row}");
+    if python.is_some() {
+        assert!(rate(3).is_some_and(|r| r > 0.0), "torchvision images/s: {row}\n{out}");
+        assert!(cells.get(5).is_some_and(|c| c.ends_with('×')), "{row}");
+    }
+}

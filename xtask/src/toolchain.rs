@@ -1,0 +1,206 @@
+//! Which libtorch a build links, and everything that follows from it: the cargo features,
+//! the environment torch-sys reads, extra link arguments, and the target dir.
+//!
+//! Each flavour has its own target dir, so switching between them never rebuilds another's
+//! artifacts (a different `LIBTORCH` reruns torch-sys' build script, and with it every crate
+//! above it: tch, burn, all of msmae).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::{gpu, libtorch};
+
+/// Features every cargo invocation uses when libtorch is linked. Keep identical across
+/// commands: a different feature set rebuilds burn.
+pub const TCH_FEATURES: &str = "msmae-backend/tch";
+
+/// What a build links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    /// burn-flex only (`--no-tch`).
+    Flex,
+    /// The slim CPU libtorch 2.9.0 (the default).
+    Cpu,
+    /// The CUDA libtorch 2.9.0 of `cargo xtask setup --cuda` (`--cuda`).
+    Cuda,
+    /// Headers and libraries of the GPU machine's PyTorch (`cargo xtask gpu-bundle`): the
+    /// binaries load that machine's own `torch/lib` at run time.
+    Bundle,
+}
+
+impl Flavour {
+    /// From the global flags.
+    pub fn from_flags(no_tch: bool, cuda: bool) -> Result<Self> {
+        match (no_tch, cuda) {
+            (true, true) => bail!("--no-tch and --cuda contradict each other: --cuda links the CUDA libtorch"),
+            (true, false) => Ok(Flavour::Flex),
+            (false, true) => Ok(Flavour::Cuda),
+            (false, false) => Ok(Flavour::Cpu),
+        }
+    }
+
+    /// The target dir of this flavour given the shared one: CPU and flex builds share it
+    /// (cargo keeps both feature sets apart in one dir), CUDA and the bundle get siblings.
+    pub fn target_dir(self, shared: &Path) -> PathBuf {
+        let sibling = |suffix: &str| {
+            let mut name = shared.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "target".into());
+            name.push(suffix);
+            shared.with_file_name(name)
+        };
+        match self {
+            Flavour::Flex | Flavour::Cpu => shared.to_path_buf(),
+            Flavour::Cuda => sibling("-cuda"),
+            Flavour::Bundle => sibling("-gpu-bundle"),
+        }
+    }
+
+    /// Link arguments (as RUSTFLAGS) beyond what torch-sys emits.
+    ///
+    /// - CUDA flavours: `--no-as-needed -ltorch_cuda`. Nothing in tch references a symbol
+    ///   of `libtorch_cuda.so` (its kernels register themselves when it is loaded), so with
+    ///   rustc's default `--as-needed` the linker drops it and libtorch reports no GPU.
+    /// - The bundle: also `--allow-shlib-undefined`, because the CUDA runtime libraries
+    ///   that `libtorch_cuda.so` needs are on the GPU machine, not here.
+    pub fn rustflags(self) -> Option<&'static str> {
+        match self {
+            Flavour::Flex | Flavour::Cpu => None,
+            Flavour::Cuda => Some("-C link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed"),
+            Flavour::Bundle => Some("-C link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed -C link-arg=-Wl,--allow-shlib-undefined"),
+        }
+    }
+
+    pub fn features(self) -> Option<&'static str> {
+        (self != Flavour::Flex).then_some(TCH_FEATURES)
+    }
+}
+
+/// A cargo command line for one flavour: target dir, features, libtorch environment.
+pub struct Toolchain {
+    pub flavour: Flavour,
+    /// Set for cargo and for the binaries it builds.
+    pub env: Vec<(String, String)>,
+    /// Removed from cargo's environment (they would make torch-sys look elsewhere).
+    pub unset: Vec<&'static str>,
+    pub target_dir: PathBuf,
+}
+
+impl Toolchain {
+    /// Installs what the flavour needs (idempotent) and describes the build.
+    pub fn new(flavour: Flavour, shared_target: &Path) -> Result<Self> {
+        let mut unset: Vec<&'static str> = libtorch::CONFLICTING_ENV_VARS.to_vec();
+        let env = match flavour {
+            Flavour::Flex => vec![],
+            Flavour::Cpu => libtorch::cargo_env(&libtorch::ensure_cpu()?),
+            Flavour::Cuda => {
+                unset.push("LIBTORCH");
+                libtorch::ensure_cuda()?
+            }
+            Flavour::Bundle => gpu::cargo_env(&gpu::ensure_link_libtorch()?),
+        };
+        Ok(Self::with_env(flavour, env, unset, shared_target))
+    }
+
+    /// The description without installing anything (tests, and callers that did).
+    pub fn with_env(flavour: Flavour, mut env: Vec<(String, String)>, unset: Vec<&'static str>, shared_target: &Path) -> Self {
+        let unset = unset.into_iter().filter(|u| !env.iter().any(|(k, _)| k == u)).collect();
+        if let Some(flags) = flavour.rustflags() {
+            env.push(("RUSTFLAGS".into(), flags.into()));
+        }
+        Toolchain { flavour, env, unset, target_dir: flavour.target_dir(shared_target) }
+    }
+
+    /// `cargo ARGS --release [--features …]` in the repository root.
+    pub fn cargo(&self, root: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        c.current_dir(root);
+        c.args(args);
+        c.arg("--release");
+        if let Some(f) = self.flavour.features() {
+            c.args(["--features", f]);
+        }
+        c.env("CARGO_TARGET_DIR", &self.target_dir);
+        for v in &self.unset {
+            c.env_remove(v);
+        }
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// The environment a built binary runs with (libtorch on the library path), without the
+    /// build-only RUSTFLAGS.
+    pub fn run_env(&self) -> impl Iterator<Item = &(String, String)> {
+        self.env.iter().filter(|(k, _)| k != "RUSTFLAGS")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(c: &Command) -> Vec<(String, Option<String>)> {
+        c.get_envs().map(|(k, v)| (k.to_string_lossy().into_owned(), v.map(|v| v.to_string_lossy().into_owned()))).collect()
+    }
+
+    #[test]
+    fn flags_pick_one_flavour() {
+        assert_eq!(Flavour::from_flags(false, false).unwrap(), Flavour::Cpu);
+        assert_eq!(Flavour::from_flags(true, false).unwrap(), Flavour::Flex);
+        assert_eq!(Flavour::from_flags(false, true).unwrap(), Flavour::Cuda);
+        let e = Flavour::from_flags(true, true).unwrap_err().to_string();
+        assert!(e.contains("--no-tch") && e.contains("--cuda"), "{e}");
+    }
+
+    #[test]
+    fn cuda_and_bundle_builds_never_share_the_cpu_target_dir() {
+        let shared = Path::new("/cache/msmae/target");
+        assert_eq!(Flavour::Cpu.target_dir(shared), shared);
+        assert_eq!(Flavour::Flex.target_dir(shared), shared);
+        assert_eq!(Flavour::Cuda.target_dir(shared), Path::new("/cache/msmae/target-cuda"));
+        assert_eq!(Flavour::Bundle.target_dir(shared), Path::new("/cache/msmae/target-gpu-bundle"));
+        assert_eq!(Flavour::Cuda.target_dir(Path::new("build")), Path::new("build-cuda"));
+    }
+
+    #[test]
+    fn cuda_links_keep_libtorch_cuda_and_only_the_bundle_allows_missing_cuda_libraries() {
+        assert_eq!(Flavour::Cpu.rustflags(), None);
+        for f in [Flavour::Cuda, Flavour::Bundle] {
+            let flags = f.rustflags().expect("CUDA flavours add link args");
+            assert!(flags.contains("--no-as-needed,-ltorch_cuda,--as-needed"), "{f:?}: {flags}");
+        }
+        assert!(!Flavour::Cuda.rustflags().unwrap().contains("allow-shlib-undefined"));
+        assert!(Flavour::Bundle.rustflags().unwrap().contains("--allow-shlib-undefined"));
+        assert_eq!(Flavour::Flex.features(), None);
+        assert_eq!(Flavour::Bundle.features(), Some(TCH_FEATURES));
+    }
+
+    #[test]
+    fn cargo_commands_carry_the_flavours_environment() {
+        let shared = Path::new("/t/target");
+        // CUDA: torch-sys asks the venv's Python; LIBTORCH must not point it elsewhere.
+        let cuda = Toolchain::with_env(
+            Flavour::Cuda,
+            vec![("LIBTORCH_USE_PYTORCH".into(), "1".into())],
+            vec!["LIBTORCH", "LIBTORCH_USE_PYTORCH", "LIBTORCH_LIB"],
+            shared,
+        );
+        let c = cuda.cargo(Path::new("/repo"), &["build"]);
+        let env = env_of(&c);
+        assert!(env.contains(&("LIBTORCH_USE_PYTORCH".into(), Some("1".into()))), "{env:?}");
+        assert!(env.contains(&("LIBTORCH".into(), None)), "LIBTORCH removed: {env:?}");
+        assert!(env.contains(&("LIBTORCH_LIB".into(), None)), "{env:?}");
+        assert!(env.contains(&("CARGO_TARGET_DIR".into(), Some("/t/target-cuda".into()))), "{env:?}");
+        assert!(env.iter().any(|(k, v)| k == "RUSTFLAGS" && v.as_deref().is_some_and(|v| v.contains("-ltorch_cuda"))), "{env:?}");
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args, ["build", "--release", "--features", TCH_FEATURES]);
+        assert!(cuda.run_env().all(|(k, _)| k != "RUSTFLAGS"), "RUSTFLAGS is for the build only");
+        // CPU: no link flags; the shared target dir.
+        let cpu = Toolchain::with_env(Flavour::Cpu, vec![("LIBTORCH".into(), "/lt".into())], libtorch::CONFLICTING_ENV_VARS.to_vec(), shared);
+        let env = env_of(&cpu.cargo(Path::new("/repo"), &["test"]));
+        assert!(env.contains(&("CARGO_TARGET_DIR".into(), Some("/t/target".into()))), "{env:?}");
+        assert!(!env.iter().any(|(k, _)| k == "RUSTFLAGS"), "{env:?}");
+    }
+}
