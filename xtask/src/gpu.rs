@@ -149,7 +149,7 @@ pub fn bundle(tc: &Toolchain, root: &Path) -> Result<PathBuf> {
     let stage = out.join("stage");
     let _ = fs::remove_dir_all(&stage);
     fs::create_dir_all(stage.join("bin")).with_context(|| format!("creating {}", stage.display()))?;
-    let release = tc.target_dir.join("release");
+    let release = tc.release_dir();
     for (flag, name) in BUNDLE_BINARIES {
         let built = if *flag == "--bin" { release.join(name) } else { release.join("examples").join(name) };
         let libs = needed(&built)?;

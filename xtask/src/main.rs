@@ -127,7 +127,7 @@ fn build_all(tc: &Toolchain) -> Result<PathBuf> {
     if code != ExitCode::SUCCESS {
         bail!("the build failed");
     }
-    Ok(tc.target_dir.join("release"))
+    Ok(tc.release_dir())
 }
 
 /// Run a built executable with libtorch on the library path.

@@ -63,6 +63,9 @@ impl Flavour {
     ///   rustc's default `--as-needed` the linker drops it and libtorch reports no GPU.
     /// - The bundle: also `--allow-shlib-undefined`, because the CUDA runtime libraries
     ///   that `libtorch_cuda.so` needs are on the GPU machine, not here.
+    ///
+    /// Such builds pass `--target <host>`: without it cargo applies RUSTFLAGS to build
+    /// scripts and proc macros too, which cannot link libtorch (and must not).
     pub fn rustflags(self) -> Option<&'static str> {
         match self {
             Flavour::Flex | Flavour::Cpu => None,
@@ -79,6 +82,8 @@ impl Flavour {
 /// A cargo command line for one flavour: target dir, features, libtorch environment.
 pub struct Toolchain {
     pub flavour: Flavour,
+    /// `--target` triple (the host's), for flavours with link flags.
+    pub triple: Option<String>,
     /// Set for cargo and for the binaries it builds.
     pub env: Vec<(String, String)>,
     /// Removed from cargo's environment (they would make torch-sys look elsewhere).
@@ -99,16 +104,25 @@ impl Toolchain {
             }
             Flavour::Bundle => gpu::cargo_env(&gpu::ensure_link_libtorch()?),
         };
-        Ok(Self::with_env(flavour, env, unset, shared_target))
+        let triple = if flavour.rustflags().is_some() { Some(host_triple()?) } else { None };
+        Ok(Self::with_env(flavour, env, unset, shared_target, triple))
     }
 
     /// The description without installing anything (tests, and callers that did).
-    pub fn with_env(flavour: Flavour, mut env: Vec<(String, String)>, unset: Vec<&'static str>, shared_target: &Path) -> Self {
+    pub fn with_env(flavour: Flavour, mut env: Vec<(String, String)>, unset: Vec<&'static str>, shared_target: &Path, triple: Option<String>) -> Self {
         let unset = unset.into_iter().filter(|u| !env.iter().any(|(k, _)| k == u)).collect();
         if let Some(flags) = flavour.rustflags() {
             env.push(("RUSTFLAGS".into(), flags.into()));
         }
-        Toolchain { flavour, env, unset, target_dir: flavour.target_dir(shared_target) }
+        Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target) }
+    }
+
+    /// Where the release artifacts land (`<target dir>[/<triple>]/release`).
+    pub fn release_dir(&self) -> PathBuf {
+        match &self.triple {
+            Some(t) => self.target_dir.join(t).join("release"),
+            None => self.target_dir.join("release"),
+        }
     }
 
     /// `cargo ARGS --release [--features …]` in the repository root.
@@ -119,6 +133,9 @@ impl Toolchain {
         c.arg("--release");
         if let Some(f) = self.flavour.features() {
             c.args(["--features", f]);
+        }
+        if let Some(t) = &self.triple {
+            c.args(["--target", t]);
         }
         c.env("CARGO_TARGET_DIR", &self.target_dir);
         for v in &self.unset {
@@ -134,6 +151,16 @@ impl Toolchain {
     /// build-only RUSTFLAGS.
     pub fn run_env(&self) -> impl Iterator<Item = &(String, String)> {
         self.env.iter().filter(|(k, _)| k != "RUSTFLAGS")
+    }
+}
+
+/// The host's target triple, from `rustc -vV`.
+fn host_triple() -> Result<String> {
+    let out = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into())).arg("-vV").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().find_map(|l| l.strip_prefix("host: ")) {
+        Some(t) => Ok(t.trim().to_string()),
+        None => bail!("`rustc -vV` names no host triple: {text}"),
     }
 }
 
@@ -186,6 +213,7 @@ mod tests {
             vec![("LIBTORCH_USE_PYTORCH".into(), "1".into())],
             vec!["LIBTORCH", "LIBTORCH_USE_PYTORCH", "LIBTORCH_LIB"],
             shared,
+            Some("x86_64-unknown-linux-gnu".into()),
         );
         let c = cuda.cargo(Path::new("/repo"), &["build"]);
         let env = env_of(&c);
@@ -195,10 +223,13 @@ mod tests {
         assert!(env.contains(&("CARGO_TARGET_DIR".into(), Some("/t/target-cuda".into()))), "{env:?}");
         assert!(env.iter().any(|(k, v)| k == "RUSTFLAGS" && v.as_deref().is_some_and(|v| v.contains("-ltorch_cuda"))), "{env:?}");
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(args, ["build", "--release", "--features", TCH_FEATURES]);
+        // --target: the link flags must not reach build scripts and proc macros
+        assert_eq!(args, ["build", "--release", "--features", TCH_FEATURES, "--target", "x86_64-unknown-linux-gnu"]);
+        assert_eq!(cuda.release_dir(), Path::new("/t/target-cuda/x86_64-unknown-linux-gnu/release"));
         assert!(cuda.run_env().all(|(k, _)| k != "RUSTFLAGS"), "RUSTFLAGS is for the build only");
         // CPU: no link flags; the shared target dir.
-        let cpu = Toolchain::with_env(Flavour::Cpu, vec![("LIBTORCH".into(), "/lt".into())], libtorch::CONFLICTING_ENV_VARS.to_vec(), shared);
+        let cpu = Toolchain::with_env(Flavour::Cpu, vec![("LIBTORCH".into(), "/lt".into())], libtorch::CONFLICTING_ENV_VARS.to_vec(), shared, None);
+        assert_eq!(cpu.release_dir(), Path::new("/t/target/release"));
         let env = env_of(&cpu.cargo(Path::new("/repo"), &["test"]));
         assert!(env.contains(&("CARGO_TARGET_DIR".into(), Some("/t/target".into()))), "{env:?}");
         assert!(!env.iter().any(|(k, _)| k == "RUSTFLAGS"), "{env:?}");

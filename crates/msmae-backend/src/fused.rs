@@ -704,9 +704,11 @@ mod torch {
         }
 
         /// `(dq, dk, dv)`, as PyTorch's `_scaled_dot_product_efficient_attention_backward`
-        /// computes them: the low-level kernel takes `[batch, tokens, heads, head_dim]`.
-        /// Without dropout the kernel reads no random state, so the seed and offset are
-        /// empty.
+        /// computes them: the low-level kernel takes `[batch, tokens, heads, head_dim]`
+        /// (q, k, v: last dimension contiguous; grad is made contiguous inside). Without
+        /// dropout the kernel reads no random state, so the seed and offset are empty.
+        /// Checked against PyTorch's `attention_backward.cu` by reading it; not yet run on
+        /// a GPU (scripts/gpu-check.sh compares it with the CPU).
         pub fn efficient_backward(
             grad: &tch::Tensor,
             q: &tch::Tensor,
@@ -719,14 +721,17 @@ mod torch {
             let t = |x: &tch::Tensor| x.transpose(1, 2);
             let (max_q, max_k) = (q.size()[2], k.size()[2]);
             let none = tch::Tensor::empty([0], (Kind::Int64, q.device()));
-            let grad = if grad.stride()[3] == 1 { grad.shallow_clone() } else { grad.contiguous() };
+            // The kernel casts grad's and out's pointers to q's element type unchecked, and
+            // (bf16) takes out's row stride to be heads × head_dim: make both hold.
+            let grad = grad.to_kind(q.kind());
+            let out = t(out).contiguous().to_kind(q.kind());
             let (dq, dk, dv, _dbias) = tch::Tensor::internal_efficient_attention_backward(
                 &t(&grad),
                 &t(q),
                 &t(k),
                 &t(v),
                 None::<tch::Tensor>,
-                &t(out),
+                &out,
                 None::<tch::Tensor>,
                 None::<tch::Tensor>,
                 max_q,
