@@ -35,7 +35,11 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 
 /// A table of `n` smooth random images (a few soft blobs over noise: content that zstd does
 /// not shrink to nothing, like radiographs).
+///
+/// Also writes the pixels raw (`<table>.raw`, n × H × W × C bytes) for a torchvision side
+/// without pyarrow (the GPU machine's Python has PyTorch and timm, perhaps not pyarrow).
 fn make_table(path: &Path, n: usize, size: usize, channels: usize) {
+    let mut raw = std::io::BufWriter::new(std::fs::File::create(path.with_extension("raw")).expect("create the raw sidecar"));
     let meta = TableMeta {
         schema_version: SCHEMA_VERSION,
         label_names: vec!["a".into(), "b".into()],
@@ -63,6 +67,7 @@ fn make_table(path: &Path, n: usize, size: usize, channels: usize) {
                 pixels.extend(std::iter::repeat_n(v, channels));
             }
         }
+        std::io::Write::write_all(&mut raw, &pixels).expect("write the raw sidecar");
         w.push(ImageRow {
             id: format!("img{i:06}"),
             patient_id: format!("p{i}"),
@@ -80,6 +85,7 @@ fn make_table(path: &Path, n: usize, size: usize, channels: usize) {
         .expect("push");
     }
     w.finish().expect("finish the table");
+    std::io::Write::flush(&mut raw).expect("write the raw sidecar");
 }
 
 /// The per-image weight map (what attention extraction gives the loader).
@@ -152,6 +158,7 @@ fn main() {
     let exe = std::env::current_exe().expect("exe");
     println!("| threads | msmae images/s | per thread | torchvision images/s | per worker | msmae / torchvision |");
     println!("|---|---|---|---|---|---|");
+    let mut raw_fallback = false;
     for &t in &threads {
         let o = Command::new(&exe)
             .args(["--one", &table.to_string_lossy(), "--batch", &batch.to_string()])
@@ -166,11 +173,13 @@ fn main() {
             let o = Command::new(py)
                 .arg(&script)
                 .args([&table.to_string_lossy().into_owned(), &t.to_string(), &batch.to_string(), &GRID.to_string()])
+                .args([n, size, channels].map(|v| v.to_string()))
                 .output()
                 .ok()?;
             if !o.status.success() {
                 eprintln!("torchvision loader failed at {t} workers: {}", String::from_utf8_lossy(&o.stderr));
             }
+            raw_fallback |= String::from_utf8_lossy(&o.stdout).lines().any(|l| l == "SOURCE raw");
             parse_result(&o.stdout)
         });
         let cell = |v: Option<f64>, d: f64| v.map(|v| format!("{:.0}", v / d)).unwrap_or_else(|| "-".into());
@@ -179,6 +188,9 @@ fn main() {
             _ => "-".into(),
         };
         println!("| {t} | {} | {} | {} | {} | {ratio} |", cell(ours, 1.0), cell(ours, t as f64), cell(theirs, 1.0), cell(theirs, t as f64));
+    }
+    if raw_fallback {
+        println!("(no pyarrow in that Python: torchvision read the raw pixels, not the Parquet table: less work than msmae's read)");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -131,7 +131,13 @@ fn gpu_used_mib(n: usize) -> Option<f64> {
 
 /// Run one case on one backend in this process; prints `RESULT ms_per_step peak_mib`.
 fn run_one(case: &Case, backend: BackendRequest, steps: usize, target: Target) {
-    let dev = select(backend, target.device).unwrap_or_else(|e| panic!("{e}")).device.autodiff();
+    let dev = match select(backend, target.device) {
+        Ok(c) => c.device.autodiff(),
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
     precision::set(target.precision);
     dev.seed(0);
     let c = &case.cfg;
@@ -256,6 +262,10 @@ fn main() {
     };
     let exe = std::env::current_exe().expect("exe");
     let cuda = target.cuda();
+    if let Err(e) = select(BackendRequest::Auto, target.device) {
+        eprintln!("bench_model: {e}");
+        std::process::exit(2);
+    }
     // On CUDA: GPU memory above what was in use before (other processes, none expected).
     let baseline = cuda.and_then(gpu_used_mib).unwrap_or(0.0);
     let mut burns: Vec<(String, BackendRequest, Option<&'static str>)> = Vec::new();

@@ -1,7 +1,10 @@
 """torchvision side of `cargo xtask bench loader`: a DataLoader doing the msmae training
 loader's work over the same Parquet image table; prints `RESULT images_per_s`.
 
-usage: bench_loader.py TABLE WORKERS BATCH GRID
+usage: bench_loader.py TABLE WORKERS BATCH GRID [IMAGES SIDE CHANNELS]
+
+IMAGES SIDE CHANNELS describe TABLE.raw (the same pixels, raw), read only where pyarrow
+is missing (the GPU machine's Python may not have it).
 
 Per image: its row group read with pyarrow (each worker caches the groups it has read),
 the raw pixels viewed as a uint8 CHW tensor, torchvision.transforms.v2 RandomResizedCrop
@@ -16,22 +19,35 @@ import sys
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 
+try:
+    import pyarrow.parquet as pq
+except ImportError:  # the GPU machine's Python may lack it: read TABLE.raw instead
+    pq = None
+
+
 class Table(Dataset):
     def __init__(self, path, grid):
         self.path = path
-        f = pq.ParquetFile(path)
-        meta = json.loads(f.schema_arrow.metadata[b"msmae.image_table"])
-        self.h, self.w, self.c = meta["height"], meta["width"], meta["channels"]
-        self.starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
-        self.n = int(self.starts[-1])
-        self.labels = f.read(columns=["label"]).column("label").to_pylist()
         self.grid = grid
+        self.raw = None
+        if pq is None:
+            # TABLE.raw: IMAGES x SIDE x SIDE x CHANNELS bytes (argv 5-7)
+            self.raw = np.memmap(path[: -len(".parquet")] + ".raw", dtype=np.uint8, mode="r")
+            self.n, self.h, self.c = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+            self.w = self.h
+            self.labels = [i % 2 for i in range(self.n)]
+        else:
+            f = pq.ParquetFile(path)
+            meta = json.loads(f.schema_arrow.metadata[b"msmae.image_table"])
+            self.h, self.w, self.c = meta["height"], meta["width"], meta["channels"]
+            self.starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+            self.n = int(self.starts[-1])
+            self.labels = f.read(columns=["label"]).column("label").to_pylist()
         self.file = None
         self.cache = {}
         self.transform = v2.Compose([
@@ -54,8 +70,12 @@ class Table(Dataset):
         return self.cache[g]
 
     def __getitem__(self, i):
-        g = int(np.searchsorted(self.starts, i, side="right") - 1)
-        px = self.group(g)[i - int(self.starts[g])]
+        if self.raw is not None:
+            per = self.h * self.w * self.c
+            px = self.raw[i * per:(i + 1) * per].tobytes()
+        else:
+            g = int(np.searchsorted(self.starts, i, side="right") - 1)
+            px = self.group(g)[i - int(self.starts[g])]
         img = torch.frombuffer(bytearray(px), dtype=torch.uint8).view(self.h, self.w, self.c).permute(2, 0, 1)
         img = self.transform(img)
         weights = torch.rand(self.grid * self.grid)
@@ -73,6 +93,7 @@ def main():
             first = time.perf_counter()
         else:
             images += imgs.shape[0]
+    print("SOURCE raw" if pq is None else "SOURCE pyarrow")
     print(f"RESULT {images / (time.perf_counter() - first)}")
 
 
