@@ -292,24 +292,31 @@ fn render_samples(
     let (sy, sx) = (aug.crop.height / out_h as f64, aug.crop.width / out_w as f64);
     let scale: Vec<f32> = norm.std.iter().map(|s| 1.0 / (max * s)).collect();
     let shift: Vec<f32> = norm.mean.iter().zip(&norm.std).map(|(m, s)| m / s).collect();
+    // The horizontal taps of every output column, once per image instead of once per row.
+    let cols: Vec<(usize, usize, f32)> = (0..out_w)
+        .map(|x| {
+            let xs = if aug.flip { out_w - 1 - x } else { x };
+            let fx = (aug.crop.left + (xs as f64 + 0.5) * sx - 0.5).clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0).clamp(0.0, (w - 1) as f64);
+            let x0 = fx.floor() as usize;
+            ((x0 * c), ((x0 + 1).min(w - 1) * c), (fx - x0 as f64) as f32)
+        })
+        .collect();
     for y in 0..out_h {
         // Sample inside the crop (crop, then resize — as torchvision's resized_crop).
         let fy = (aug.crop.top + (y as f64 + 0.5) * sy - 0.5).clamp(aug.crop.top, aug.crop.top + aug.crop.height - 1.0).clamp(0.0, (h - 1) as f64);
         let y0 = fy.floor() as usize;
-        let y1 = (y0 + 1).min(h - 1);
+        let (r0, r1) = (y0 * w * c, (y0 + 1).min(h - 1) * w * c);
         let ty = (fy - y0 as f64) as f32;
-        for x in 0..out_w {
-            let xs = if aug.flip { out_w - 1 - x } else { x };
-            let fx = (aug.crop.left + (xs as f64 + 0.5) * sx - 0.5).clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0).clamp(0.0, (w - 1) as f64);
-            let x0 = fx.floor() as usize;
-            let x1 = (x0 + 1).min(w - 1);
-            let tx = (fx - x0 as f64) as f32;
-            for ch in 0..c {
-                let p = |yy: usize, xx: usize| sample((yy * w + xx) * c + ch);
-                let top = p(y0, x0) * (1.0 - tx) + p(y0, x1) * tx;
-                let bot = p(y1, x0) * (1.0 - tx) + p(y1, x1) * tx;
+        for ch in 0..c {
+            let row = &mut out[(ch * out_h + y) * out_w..(ch * out_h + y + 1) * out_w];
+            let (a, b) = (scale[ch], shift[ch]);
+            // Output planes are written row by row, contiguously; the arithmetic (and so
+            // every value) is that of the per-pixel form: horizontal, then vertical.
+            for (o, &(x0, x1, tx)) in row.iter_mut().zip(&cols) {
+                let top = sample(r0 + x0 + ch) * (1.0 - tx) + sample(r0 + x1 + ch) * tx;
+                let bot = sample(r1 + x0 + ch) * (1.0 - tx) + sample(r1 + x1 + ch) * tx;
                 let v = top * (1.0 - ty) + bot * ty;
-                out[(ch * out_h + y) * out_w + x] = v * scale[ch] - shift[ch];
+                *o = v * a - b;
             }
         }
     }
@@ -335,8 +342,9 @@ pub fn render_mask(mask: &[u8], h: usize, w: usize, aug: &Augmentation, out_h: u
 /// One row of a row group: pixels, and the lesion mask when asked for and present.
 pub type GroupRow = (Vec<u8>, Option<Vec<u8>>);
 
-/// One prepared sample: the rendered image, its mask plan, its rendered lesion mask.
-type PreparedSample = (Vec<f32>, Option<MaskPlan>, Option<Vec<u8>>);
+/// What preparing a sample gives besides its image (rendered in place into the batch):
+/// its mask plan and its rendered lesion mask.
+type PreparedSample = (Option<MaskPlan>, Option<Vec<u8>>);
 
 /// How each sample's mask plan is drawn.
 #[derive(Debug, Clone)]
@@ -566,16 +574,18 @@ fn prepare(
     let (h, w, c) = (table.height(), table.width(), table.channels());
     let per = c * h * w;
     let k = table.num_classes();
-    let prepared: Vec<PreparedSample> = samples
-        .par_iter()
-        .map(|(row, data, off)| {
+    // Each image is rendered straight into its slot of the batch (no per-image buffer).
+    let mut images = vec![0f32; samples.len() * per];
+    let prepared: Vec<PreparedSample> = images
+        .par_chunks_mut(per.max(1))
+        .zip(samples.par_iter())
+        .map(|(img, (row, data, off))| {
             let px = &data[*off].0;
             let aug = match spec.augment {
                 Some(scale) => augment::sample(&mut sample_rng(seed, "augment", epoch, *row as u64), h, w, scale),
                 None => Augmentation::identity(h, w),
             };
-            let mut img = vec![0f32; per];
-            render_depth(px, table.meta.bit_depth, h, w, c, &aug, h, w, norm, &mut img);
+            render_depth(px, table.meta.bit_depth, h, w, c, &aug, h, w, norm, img);
             let plan = match &spec.masks {
                 Some(m) => {
                     let [gh, gw] = m.grid;
@@ -598,18 +608,15 @@ fn prepare(
             };
             // Lesion masks go through the same crop and flip as the image.
             let lesion = if spec.lesion_masks { data[*off].1.as_ref().map(|m| render_mask(m, h, w, &aug, h, w)) } else { None };
-            Ok((img, plan, lesion))
+            Ok((plan, lesion))
         })
         .collect::<Vec<Result<_, StageError>>>()
         .into_iter()
         // The first failing row in batch order, whichever thread found it first.
         .collect::<Result<_, StageError>>()?;
-    let n = samples.len();
-    let mut images = Vec::with_capacity(n * per);
     let mut plans = Vec::new();
     let mut lesions = Vec::new();
-    for (img, plan, lesion) in prepared {
-        images.extend_from_slice(&img);
+    for (plan, lesion) in prepared {
         plans.extend(plan);
         if spec.lesion_masks {
             lesions.push(lesion);
