@@ -12,6 +12,9 @@ use anyhow::{Result, bail};
 
 use crate::{gpu, libtorch};
 
+/// How link flags reach cargo (unit-separator-delimited, so paths may hold spaces).
+const ENCODED_RUSTFLAGS: &str = "CARGO_ENCODED_RUSTFLAGS";
+
 /// Features every cargo invocation uses when libtorch is linked. Keep identical across
 /// commands: a different feature set rebuilds burn.
 pub const TCH_FEATURES: &str = "msmae-backend/tch";
@@ -56,21 +59,27 @@ impl Flavour {
         }
     }
 
-    /// Link arguments (as RUSTFLAGS) beyond what torch-sys emits.
+    /// Link arguments (rustc flags) beyond what torch-sys emits, for the libtorch in
+    /// `torch_lib`.
     ///
-    /// - CUDA flavours: `--no-as-needed -ltorch_cuda`. Nothing in tch references a symbol
-    ///   of `libtorch_cuda.so` (its kernels register themselves when it is loaded), so with
-    ///   rustc's default `--as-needed` the linker drops it and libtorch reports no GPU.
+    /// - CUDA flavours: `-L torch_lib` and `--no-as-needed -ltorch_cuda`. Nothing in tch
+    ///   references a symbol of `libtorch_cuda.so` (its kernels register themselves when it
+    ///   is loaded), so with rustc's default `--as-needed` the linker drops it and libtorch
+    ///   reports no GPU. The `-L` is for the link of every test and binary, also those that
+    ///   do not depend on torch-sys (whose search path they do not get).
     /// - The bundle: also `--allow-shlib-undefined`, because the CUDA runtime libraries
     ///   that `libtorch_cuda.so` needs are on the GPU machine, not here.
     ///
-    /// Such builds pass `--target <host>`: without it cargo applies RUSTFLAGS to build
-    /// scripts and proc macros too, which cannot link libtorch (and must not).
-    pub fn rustflags(self) -> Option<&'static str> {
+    /// They go to cargo as `CARGO_ENCODED_RUSTFLAGS` (paths may hold spaces), and such
+    /// builds pass `--target <host>`: without it cargo applies them to build scripts and
+    /// proc macros too, which cannot link libtorch (and must not).
+    pub fn link_args(self, torch_lib: &Path) -> Vec<String> {
+        let keep_cuda =
+            ["-C".to_string(), format!("link-arg=-L{}", torch_lib.display()), "-C".into(), "link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed".into()];
         match self {
-            Flavour::Flex | Flavour::Cpu => None,
-            Flavour::Cuda => Some("-C link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed"),
-            Flavour::Bundle => Some("-C link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed -C link-arg=-Wl,--allow-shlib-undefined"),
+            Flavour::Flex | Flavour::Cpu => vec![],
+            Flavour::Cuda => keep_cuda.to_vec(),
+            Flavour::Bundle => keep_cuda.into_iter().chain(["-C".into(), "link-arg=-Wl,--allow-shlib-undefined".into()]).collect(),
         }
     }
 
@@ -104,15 +113,32 @@ impl Toolchain {
             }
             Flavour::Bundle => gpu::cargo_env(&gpu::ensure_link_libtorch()?),
         };
-        let triple = if flavour.rustflags().is_some() { Some(host_triple()?) } else { None };
-        Ok(Self::with_env(flavour, env, unset, shared_target, triple))
+        // The libtorch libraries: first on the run-time library path (CPU, CUDA), or
+        // $LIBTORCH/lib (the bundle, which does not run here).
+        let torch_lib = match flavour {
+            Flavour::Bundle => env.iter().find(|(k, _)| k == "LIBTORCH").map(|(_, v)| Path::new(v).join("lib")),
+            _ => env.iter().find(|(k, _)| k == "LD_LIBRARY_PATH").and_then(|(_, v)| v.split(':').next()).map(PathBuf::from),
+        };
+        let link = match torch_lib {
+            Some(lib) => flavour.link_args(&lib),
+            None => vec![],
+        };
+        let triple = if link.is_empty() { None } else { Some(host_triple()?) };
+        Ok(Self::with_env(flavour, env, unset, shared_target, link, triple))
     }
 
     /// The description without installing anything (tests, and callers that did).
-    pub fn with_env(flavour: Flavour, mut env: Vec<(String, String)>, unset: Vec<&'static str>, shared_target: &Path, triple: Option<String>) -> Self {
+    pub fn with_env(
+        flavour: Flavour,
+        mut env: Vec<(String, String)>,
+        unset: Vec<&'static str>,
+        shared_target: &Path,
+        link: Vec<String>,
+        triple: Option<String>,
+    ) -> Self {
         let unset = unset.into_iter().filter(|u| !env.iter().any(|(k, _)| k == u)).collect();
-        if let Some(flags) = flavour.rustflags() {
-            env.push(("RUSTFLAGS".into(), flags.into()));
+        if !link.is_empty() {
+            env.push((ENCODED_RUSTFLAGS.into(), link.join("\x1f")));
         }
         Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target) }
     }
@@ -148,9 +174,9 @@ impl Toolchain {
     }
 
     /// The environment a built binary runs with (libtorch on the library path), without the
-    /// build-only RUSTFLAGS.
+    /// build-only link flags.
     pub fn run_env(&self) -> impl Iterator<Item = &(String, String)> {
-        self.env.iter().filter(|(k, _)| k != "RUSTFLAGS")
+        self.env.iter().filter(|(k, _)| k != ENCODED_RUSTFLAGS)
     }
 }
 
@@ -193,13 +219,16 @@ mod tests {
 
     #[test]
     fn cuda_links_keep_libtorch_cuda_and_only_the_bundle_allows_missing_cuda_libraries() {
-        assert_eq!(Flavour::Cpu.rustflags(), None);
+        let lib = Path::new("/venv with space/torch/lib");
+        assert!(Flavour::Cpu.link_args(lib).is_empty());
         for f in [Flavour::Cuda, Flavour::Bundle] {
-            let flags = f.rustflags().expect("CUDA flavours add link args");
-            assert!(flags.contains("--no-as-needed,-ltorch_cuda,--as-needed"), "{f:?}: {flags}");
+            let args = f.link_args(lib);
+            assert!(args.contains(&"link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed".to_string()), "{f:?}: {args:?}");
+            assert!(args.contains(&"link-arg=-L/venv with space/torch/lib".to_string()), "one argument, space and all: {args:?}");
+            assert!(args.chunks(2).all(|p| p[0] == "-C"), "{args:?}");
         }
-        assert!(!Flavour::Cuda.rustflags().is_some_and(|f| f.contains("allow-shlib-undefined")));
-        assert!(Flavour::Bundle.rustflags().is_some_and(|f| f.contains("--allow-shlib-undefined")));
+        assert!(!Flavour::Cuda.link_args(lib).iter().any(|a| a.contains("allow-shlib-undefined")));
+        assert!(Flavour::Bundle.link_args(lib).iter().any(|a| a.contains("--allow-shlib-undefined")));
         assert_eq!(Flavour::Flex.features(), None);
         assert_eq!(Flavour::Bundle.features(), Some(TCH_FEATURES));
     }
@@ -213,6 +242,7 @@ mod tests {
             vec![("LIBTORCH_USE_PYTORCH".into(), "1".into())],
             vec!["LIBTORCH", "LIBTORCH_USE_PYTORCH", "LIBTORCH_LIB"],
             shared,
+            Flavour::Cuda.link_args(Path::new("/v/torch/lib")),
             Some("x86_64-unknown-linux-gnu".into()),
         );
         let c = cuda.cargo(Path::new("/repo"), &["build"]);
@@ -221,17 +251,18 @@ mod tests {
         assert!(env.contains(&("LIBTORCH".into(), None)), "LIBTORCH removed: {env:?}");
         assert!(env.contains(&("LIBTORCH_LIB".into(), None)), "{env:?}");
         assert!(env.contains(&("CARGO_TARGET_DIR".into(), Some("/t/target-cuda".into()))), "{env:?}");
-        assert!(env.iter().any(|(k, v)| k == "RUSTFLAGS" && v.as_deref().is_some_and(|v| v.contains("-ltorch_cuda"))), "{env:?}");
+        let flags = env.iter().find(|(k, _)| k == ENCODED_RUSTFLAGS).and_then(|(_, v)| v.clone()).unwrap_or_default();
+        assert_eq!(flags.split('\x1f').collect::<Vec<_>>(), Flavour::Cuda.link_args(Path::new("/v/torch/lib")), "{env:?}");
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         // --target: the link flags must not reach build scripts and proc macros
         assert_eq!(args, ["build", "--release", "--features", TCH_FEATURES, "--target", "x86_64-unknown-linux-gnu"]);
         assert_eq!(cuda.release_dir(), Path::new("/t/target-cuda/x86_64-unknown-linux-gnu/release"));
-        assert!(cuda.run_env().all(|(k, _)| k != "RUSTFLAGS"), "RUSTFLAGS is for the build only");
+        assert!(cuda.run_env().all(|(k, _)| k != ENCODED_RUSTFLAGS), "link flags are for the build only");
         // CPU: no link flags; the shared target dir.
-        let cpu = Toolchain::with_env(Flavour::Cpu, vec![("LIBTORCH".into(), "/lt".into())], libtorch::CONFLICTING_ENV_VARS.to_vec(), shared, None);
+        let cpu = Toolchain::with_env(Flavour::Cpu, vec![("LIBTORCH".into(), "/lt".into())], libtorch::CONFLICTING_ENV_VARS.to_vec(), shared, vec![], None);
         assert_eq!(cpu.release_dir(), Path::new("/t/target/release"));
         let env = env_of(&cpu.cargo(Path::new("/repo"), &["test"]));
         assert!(env.contains(&("CARGO_TARGET_DIR".into(), Some("/t/target".into()))), "{env:?}");
-        assert!(!env.iter().any(|(k, _)| k == "RUSTFLAGS"), "{env:?}");
+        assert!(!env.iter().any(|(k, _)| k == ENCODED_RUSTFLAGS), "{env:?}");
     }
 }
