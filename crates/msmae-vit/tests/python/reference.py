@@ -141,7 +141,8 @@ class MAE(nn.Module):
         b, _, dd = x.shape
         L = self.gh * self.gw
         full = self.mask_token.expand(b, L, dd).clone()
-        full = full.scatter(1, visible[:, :, None].expand(-1, -1, dd), x[:, 1:, :])
+        # (under autocast x is bfloat16 and the mask token float32: scatter needs one dtype)
+        full = full.scatter(1, visible[:, :, None].expand(-1, -1, dd), x[:, 1:, :].to(full.dtype))
         full = full + self.decoder_pos_embed[:, 1:, :]
         keep = torch.zeros(b, L, dtype=torch.bool, device=x.device)
         keep.scatter_(1, visible, True)
