@@ -685,9 +685,9 @@ fn install_cpu(dir: &Path) -> Result<()> {
 /// for cargo: `LIBTORCH_USE_PYTORCH=1` (torch-sys then asks that Python for
 /// include/lib paths and ABI), `VIRTUAL_ENV` and `PATH` so torch-sys' `python`
 /// is the venv's, and `LD_LIBRARY_PATH` with the venv's `torch/lib` first. The
-/// caller should remove `LIBTORCH` from the environment. Idempotent via a stamp
-/// file in the venv.
-pub fn ensure_cuda() -> Result<Vec<(String, String)>> {
+/// caller should remove `LIBTORCH` from the environment. Also returns that `torch/lib`
+/// (the link needs it). Idempotent via a stamp file in the venv.
+pub fn ensure_cuda() -> Result<(Vec<(String, String)>, PathBuf)> {
     if !cfg!(target_os = "linux") {
         bail!("ensure_cuda supports linux only");
     }
@@ -722,12 +722,13 @@ pub fn ensure_cuda() -> Result<Vec<(String, String)>> {
     let torch_lib = lines.next().unwrap_or_default();
     ensure!(version.split('+').next() == Some(TORCH_VERSION), "the venv has torch {version}, need {TORCH_VERSION}; delete {} and rerun", venv.display());
     ensure!(!torch_lib.is_empty(), "could not locate torch/lib in {}", venv.display());
-    Ok(vec![
+    let env = vec![
         ("LIBTORCH_USE_PYTORCH".to_owned(), "1".to_owned()),
         ("VIRTUAL_ENV".to_owned(), venv.to_string_lossy().into_owned()),
         ("PATH".to_owned(), prepend_path(&venv_bin, std::env::var_os("PATH"))),
         ("LD_LIBRARY_PATH".to_owned(), prepend_path(Path::new(torch_lib), std::env::var_os("LD_LIBRARY_PATH"))),
-    ])
+    ];
+    Ok((env, PathBuf::from(torch_lib)))
 }
 
 #[cfg(test)]

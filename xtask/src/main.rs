@@ -145,7 +145,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Setup => {
             let tc = Toolchain::new(flavour, &target_dir())?;
-            eprintln!("libtorch ready for {flavour:?} builds (target dir {})", tc.target_dir.display());
+            match flavour {
+                Flavour::Flex => eprintln!("--no-tch builds need no set-up (burn-flex only)"),
+                _ => eprintln!("libtorch ready for {flavour:?} builds (target dir {})", tc.target_dir.display()),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::GpuBundle => {

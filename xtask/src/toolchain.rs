@@ -104,25 +104,21 @@ impl Toolchain {
     /// Installs what the flavour needs (idempotent) and describes the build.
     pub fn new(flavour: Flavour, shared_target: &Path) -> Result<Self> {
         let mut unset: Vec<&'static str> = libtorch::CONFLICTING_ENV_VARS.to_vec();
-        let env = match flavour {
-            Flavour::Flex => vec![],
-            Flavour::Cpu => libtorch::cargo_env(&libtorch::ensure_cpu()?),
+        // The environment, and the libtorch libraries the CUDA flavours link explicitly.
+        let (env, torch_lib) = match flavour {
+            Flavour::Flex => (vec![], None),
+            Flavour::Cpu => (libtorch::cargo_env(&libtorch::ensure_cpu()?), None),
             Flavour::Cuda => {
                 unset.push("LIBTORCH");
-                libtorch::ensure_cuda()?
+                let (env, lib) = libtorch::ensure_cuda()?;
+                (env, Some(lib))
             }
-            Flavour::Bundle => gpu::cargo_env(&gpu::ensure_link_libtorch()?),
+            Flavour::Bundle => {
+                let dir = gpu::ensure_link_libtorch()?;
+                (gpu::cargo_env(&dir), Some(dir.join("lib")))
+            }
         };
-        // The libtorch libraries: first on the run-time library path (CPU, CUDA), or
-        // $LIBTORCH/lib (the bundle, which does not run here).
-        let torch_lib = match flavour {
-            Flavour::Bundle => env.iter().find(|(k, _)| k == "LIBTORCH").map(|(_, v)| Path::new(v).join("lib")),
-            _ => env.iter().find(|(k, _)| k == "LD_LIBRARY_PATH").and_then(|(_, v)| v.split(':').next()).map(PathBuf::from),
-        };
-        let link = match torch_lib {
-            Some(lib) => flavour.link_args(&lib),
-            None => vec![],
-        };
+        let link = torch_lib.map(|lib| flavour.link_args(&lib)).unwrap_or_default();
         let triple = if link.is_empty() { None } else { Some(host_triple()?) };
         Ok(Self::with_env(flavour, env, unset, shared_target, link, triple))
     }

@@ -66,6 +66,17 @@ impl FromStr for DeviceRequest {
     }
 }
 
+/// `cpu`, `cuda:N` or `auto`: what [`FromStr`] reads back.
+impl fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceRequest::Cpu => f.write_str("cpu"),
+            DeviceRequest::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceRequest::Auto => f.write_str("auto"),
+        }
+    }
+}
+
 /// A requested backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendRequest {
@@ -166,12 +177,12 @@ pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute,
         BackendRequest::Tch => BackendKind::Tch,
         BackendRequest::Auto if has_tch => BackendKind::Tch,
         BackendRequest::Auto => match device {
-            DeviceRequest::Cuda(n) => return Err(BackendError::NoTorch(format!("--device cuda:{n}"))),
+            DeviceRequest::Cuda(_) => return Err(BackendError::NoTorch(format!("--device {device}"))),
             _ => BackendKind::Flex,
         },
     };
     let device = match (kind, device) {
-        (BackendKind::Flex, DeviceRequest::Cuda(n)) => return Err(BackendError::FlexCpuOnly(format!("--device cuda:{n}"))),
+        (BackendKind::Flex, DeviceRequest::Cuda(_)) => return Err(BackendError::FlexCpuOnly(format!("--device {device}"))),
         (BackendKind::Flex, _) => DeviceRequest::Cpu,
         (BackendKind::Tch, DeviceRequest::Auto) => {
             if cuda_device_count() > 0 {
@@ -180,11 +191,11 @@ pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute,
                 DeviceRequest::Cpu
             }
         }
-        (BackendKind::Tch, DeviceRequest::Cuda(n)) if n >= cuda_device_count() => return Err(BackendError::NoCuda(format!("cuda:{n}"))),
+        (BackendKind::Tch, DeviceRequest::Cuda(n)) if n >= cuda_device_count() => return Err(BackendError::NoCuda(device.to_string())),
         (_, d) => d,
     };
     let (name, dkind) = match device {
-        DeviceRequest::Cuda(n) => (format!("cuda:{n}"), "cuda"),
+        DeviceRequest::Cuda(_) => (device.to_string(), "cuda"),
         _ => ("cpu".to_string(), "cpu"),
     };
     Ok(Compute {
@@ -218,6 +229,9 @@ mod tests {
         assert_eq!("CUDA:1".parse(), Ok(DeviceRequest::Cuda(1)));
         assert_eq!("cuda".parse(), Ok(DeviceRequest::Cuda(0)));
         assert_eq!("auto".parse(), Ok(DeviceRequest::Auto));
+        for d in [DeviceRequest::Cpu, DeviceRequest::Cuda(3), DeviceRequest::Auto] {
+            assert_eq!(d.to_string().parse(), Ok(d), "Display reads back");
+        }
         assert_eq!("tpu".parse::<DeviceRequest>(), Err(BackendError::UnknownDevice("tpu".into())));
         assert_eq!("cuda:x".parse::<DeviceRequest>(), Err(BackendError::UnknownDevice("cuda:x".into())));
         assert_eq!("libtorch".parse(), Ok(BackendRequest::Tch));

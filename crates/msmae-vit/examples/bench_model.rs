@@ -113,11 +113,7 @@ impl Target {
         }
     }
     fn args(&self) -> [String; 4] {
-        let d = match self.device {
-            DeviceRequest::Cuda(n) => format!("cuda:{n}"),
-            _ => "cpu".into(),
-        };
-        ["--device".into(), d, "--precision".into(), self.precision.to_string()]
+        ["--device".into(), self.device.to_string(), "--precision".into(), self.precision.to_string()]
     }
 }
 
@@ -230,10 +226,16 @@ enum Impl {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let target = Target {
-        device: flag(&args, "--device").map(|d| d.parse().unwrap_or_else(|e| panic!("{e}"))).unwrap_or(DeviceRequest::Cpu),
-        precision: flag(&args, "--precision").map(|p| p.parse().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_default(),
+    let requested: DeviceRequest = flag(&args, "--device").map(|d| d.parse().unwrap_or_else(|e| panic!("{e}"))).unwrap_or(DeviceRequest::Cpu);
+    // `auto` resolved once, here: children and the PyTorch side get `cpu` or `cuda:N`.
+    let device = match select(BackendRequest::Auto, requested) {
+        Ok(c) => c.env.device.parse().unwrap_or(DeviceRequest::Cpu),
+        Err(e) => {
+            eprintln!("bench_model: {e}");
+            std::process::exit(2);
+        }
     };
+    let target = Target { device, precision: flag(&args, "--precision").map(|p| p.parse().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_default() };
     if args.iter().any(|a| a == "--parity") {
         std::process::exit(if parity(target) { 0 } else { 1 });
     }
@@ -262,10 +264,6 @@ fn main() {
     };
     let exe = std::env::current_exe().expect("exe");
     let cuda = target.cuda();
-    if let Err(e) = select(BackendRequest::Auto, target.device) {
-        eprintln!("bench_model: {e}");
-        std::process::exit(2);
-    }
     // On CUDA: GPU memory above what was in use before (other processes, none expected).
     let baseline = cuda.and_then(gpu_used_mib).unwrap_or(0.0);
     let mut burns: Vec<(String, BackendRequest, Option<&'static str>)> = Vec::new();
