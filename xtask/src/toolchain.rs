@@ -19,6 +19,37 @@ const ENCODED_RUSTFLAGS: &str = "CARGO_ENCODED_RUSTFLAGS";
 /// commands: a different feature set rebuilds burn.
 pub const TCH_FEATURES: &str = "msmae-backend/tch";
 
+/// Features of a build with MPI (multi-process data parallelism): the binary's collectives
+/// and the tests that launch `mpirun`.
+pub const MPI_FEATURES: &str = "msmae-cli/mpi,msmae-tests/mpi";
+
+/// Whether this machine can build MPI in: `MSMAE_MPI=0|1` decides, else an `mpicc` on the
+/// PATH and a libclang for rsmpi's bindings. The answer is the same for every command on a
+/// machine, so every command uses one feature set.
+pub fn mpi_available() -> bool {
+    match std::env::var("MSMAE_MPI").ok().as_deref() {
+        Some("0") => return false,
+        Some("1") => return true,
+        _ => {}
+    }
+    let mpicc = Command::new("mpicc").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !mpicc {
+        return false;
+    }
+    let libclang = std::env::var_os("LIBCLANG_PATH").is_some()
+        || ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"].iter().any(|d| has_libclang(Path::new(d)))
+        || std::fs::read_dir("/usr/lib")
+            .is_ok_and(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("llvm-") && has_libclang(&e.path().join("lib"))));
+    if !libclang {
+        eprintln!("xtask: mpicc found but no libclang (rsmpi generates its bindings with it): building without MPI; `apt-get install libclang-dev` to add it");
+    }
+    libclang
+}
+
+fn has_libclang(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libclang")))
+}
+
 /// What a build links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavour {
@@ -98,6 +129,8 @@ pub struct Toolchain {
     /// Removed from cargo's environment (they would make torch-sys look elsewhere).
     pub unset: Vec<&'static str>,
     pub target_dir: PathBuf,
+    /// Build MPI in ([`MPI_FEATURES`]).
+    pub mpi: bool,
 }
 
 impl Toolchain {
@@ -120,7 +153,10 @@ impl Toolchain {
         };
         let link = torch_lib.map(|lib| flavour.link_args(&lib)).unwrap_or_default();
         let triple = if link.is_empty() { None } else { Some(host_triple()?) };
-        Ok(Self::with_env(flavour, env, unset, shared_target, link, triple))
+        let mut tc = Self::with_env(flavour, env, unset, shared_target, link, triple);
+        // The GPU bundle stays self-contained: the GPU machine need not have an MPI.
+        tc.mpi = flavour != Flavour::Bundle && mpi_available();
+        Ok(tc)
     }
 
     /// The description without installing anything (tests, and callers that did).
@@ -136,7 +172,7 @@ impl Toolchain {
         if !link.is_empty() {
             env.push((ENCODED_RUSTFLAGS.into(), link.join("\x1f")));
         }
-        Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target) }
+        Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target), mpi: false }
     }
 
     /// Where the release artifacts land (`<target dir>[/<triple>]/release`).
@@ -153,8 +189,9 @@ impl Toolchain {
         c.current_dir(root);
         c.args(args);
         c.arg("--release");
-        if let Some(f) = self.flavour.features() {
-            c.args(["--features", f]);
+        let features: Vec<&str> = self.flavour.features().into_iter().chain(self.mpi.then_some(MPI_FEATURES)).collect();
+        if !features.is_empty() {
+            c.args(["--features", &features.join(",")]);
         }
         if let Some(t) = &self.triple {
             c.args(["--target", t]);

@@ -42,6 +42,10 @@ pub enum BackendError {
     FlexCpuOnly(String),
     #[error("unknown precision `{0}`: use f32 or bf16")]
     UnknownPrecision(String),
+    #[error("`{0}`: data-parallel replicas must all be CPU or all CUDA devices")]
+    MixedDevices(String),
+    #[error("`{0}`: `auto` stands alone (it means every CUDA device, else the CPU)")]
+    AutoInList(String),
 }
 
 /// A requested device.
@@ -74,6 +78,37 @@ impl fmt::Display for DeviceRequest {
             DeviceRequest::Cuda(n) => write!(f, "cuda:{n}"),
             DeviceRequest::Auto => f.write_str("auto"),
         }
+    }
+}
+
+/// `--device`: one device, or the comma-separated devices a training stage replicates its
+/// model on (`cuda:0,cuda:1`; `cpu,cpu` runs two replicas on the CPU, the same code path,
+/// for tests), or `auto`: every CUDA device libtorch sees, else the CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceList(pub Vec<DeviceRequest>);
+
+impl FromStr for DeviceList {
+    type Err = BackendError;
+    fn from_str(s: &str) -> Result<Self, BackendError> {
+        let v = s.split(',').map(str::parse).collect::<Result<Vec<DeviceRequest>, _>>()?;
+        if v.len() > 1 && v.contains(&DeviceRequest::Auto) {
+            return Err(BackendError::AutoInList(s.to_string()));
+        }
+        Ok(Self(v))
+    }
+}
+
+/// What [`FromStr`] reads back.
+impl fmt::Display for DeviceList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&v.join(","))
+    }
+}
+
+impl From<DeviceRequest> for DeviceList {
+    fn from(d: DeviceRequest) -> Self {
+        Self(vec![d])
     }
 }
 
@@ -146,7 +181,12 @@ pub fn cuda_device_count() -> usize {
 #[derive(Debug, Clone)]
 pub struct Compute {
     pub backend: BackendKind,
+    /// The main device: the one a single-device stage uses, and where a data-parallel
+    /// stage averages gradients and steps the optimiser.
     pub device: Device,
+    /// Every device a training stage replicates its model on (`device` first); one entry
+    /// without data parallelism.
+    pub replicas: Vec<Device>,
     pub env: ExecEnv,
 }
 
@@ -198,11 +238,36 @@ pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute,
         DeviceRequest::Cuda(_) => (device.to_string(), "cuda"),
         _ => ("cpu".to_string(), "cpu"),
     };
+    let device = make_device(kind, device);
     Ok(Compute {
         backend: kind,
-        device: make_device(kind, device),
+        replicas: vec![device.clone()],
+        device,
         env: ExecEnv { backend: kind.to_string(), device: name, device_kind: dkind.into(), precision: "f32".into() },
     })
+}
+
+/// Resolve a device list: the first device is the main one; `auto` alone is every CUDA
+/// device when libtorch sees any (else the CPU, one replica). All replicas share the
+/// backend and the device kind (what enters the cache key); `env.device` lists them.
+pub fn select_all(backend: BackendRequest, devices: &DeviceList) -> Result<Compute, BackendError> {
+    let requests: Vec<DeviceRequest> = match devices.0.as_slice() {
+        [DeviceRequest::Auto] if cfg!(feature = "tch") && backend != BackendRequest::Flex && cuda_device_count() > 0 => {
+            (0..cuda_device_count()).map(DeviceRequest::Cuda).collect()
+        }
+        [] => vec![DeviceRequest::Auto],
+        v => v.to_vec(),
+    };
+    let mut all = requests.iter().map(|&d| select(backend, d)).collect::<Result<Vec<Compute>, _>>()?;
+    if all.iter().any(|c| c.env.device_kind != all[0].env.device_kind) {
+        return Err(BackendError::MixedDevices(devices.to_string()));
+    }
+    let names: Vec<String> = all.iter().map(|c| c.env.device.clone()).collect();
+    let replicas: Vec<Device> = all.iter().map(|c| c.device.clone()).collect();
+    let mut first = all.swap_remove(0);
+    first.env.device = names.join(",");
+    first.replicas = replicas;
+    Ok(first)
 }
 
 #[allow(deprecated)] // burn 0.22 marks the libtorch constructors deprecated; they are its only API.
@@ -246,6 +311,21 @@ mod tests {
         let auto = select(BackendRequest::Auto, DeviceRequest::Cpu).expect("auto cpu");
         assert_eq!(auto.backend, if cfg!(feature = "tch") { BackendKind::Tch } else { BackendKind::Flex });
         assert_eq!(auto.env.device_kind, "cpu");
+    }
+
+    #[test]
+    fn device_lists_parse_resolve_and_refuse_mixtures() {
+        let l: DeviceList = "cuda:0, cuda:1".parse().expect("list");
+        assert_eq!(l, DeviceList(vec![DeviceRequest::Cuda(0), DeviceRequest::Cuda(1)]));
+        assert_eq!(l.to_string().parse(), Ok(l), "Display reads back");
+        assert_eq!("auto,cpu".parse::<DeviceList>(), Err(BackendError::AutoInList("auto,cpu".into())));
+        assert_eq!("cpu,tpu".parse::<DeviceList>(), Err(BackendError::UnknownDevice("tpu".into())));
+        let two = select_all(BackendRequest::Flex, &"cpu,cpu".parse().expect("cpu,cpu")).expect("two CPU replicas");
+        assert_eq!(two.replicas.len(), 2);
+        assert_eq!((two.env.device.as_str(), two.env.device_kind.as_str()), ("cpu,cpu", "cpu"));
+        let one = select_all(BackendRequest::Flex, &"auto".parse().expect("auto")).expect("auto");
+        assert_eq!((one.replicas.len(), one.env.device.as_str()), (1, "cpu"));
+        assert!(matches!(select_all(BackendRequest::Flex, &"cpu,cuda:0".parse().expect("mixed")), Err(BackendError::FlexCpuOnly(_))));
     }
 
     #[test]

@@ -238,9 +238,15 @@ fn bf16_precision_rounds_matmuls_and_attention_and_keeps_float32_around_them() {
     use msmae_backend::precision::{self, Precision};
     for (kind, dev) in devices() {
         let ad = dev.clone().autodiff();
-        let x0 = Tensor::<2>::random([37, 64], Distribution::Normal(0.0, 1.0), &ad).detach();
-        let w0 = Tensor::<2>::random([64, 48], Distribution::Normal(0.0, 0.2), &ad).detach();
-        let b0 = Tensor::<1>::random([48], Distribution::Normal(0.0, 0.2), &ad).detach();
+        // Seeded: the rounding error depends on the draw, and a test that passes on most draws
+        // is a flaky test.
+        let (x0, w0, b0) = msmae_backend::seeded(&ad, 7, || {
+            (
+                Tensor::<2>::random([37, 64], Distribution::Normal(0.0, 1.0), &ad).detach(),
+                Tensor::<2>::random([64, 48], Distribution::Normal(0.0, 0.2), &ad).detach(),
+                Tensor::<1>::random([48], Distribution::Normal(0.0, 0.2), &ad).detach(),
+            )
+        });
         let run = |p: Precision| {
             precision::with(p, || {
                 let (x, w, b) = (x0.clone().require_grad(), w0.clone().require_grad(), b0.clone().require_grad());
@@ -257,15 +263,21 @@ fn bf16_precision_rounds_matmuls_and_attention_and_keeps_float32_around_them() {
         for (what, t) in [("linear", &y16), ("output", &o16), ("dw", &dw16), ("dx", &dx16)] {
             assert_eq!(t.dtype(), DType::F32, "{kind} {what}: float32 outside the matmuls");
         }
+        // ‖bf16 − f32‖ / ‖f32‖: bfloat16 keeps 8 significant bits (relative rounding 2⁻⁹ ≈ 0.002
+        // per value); a chain of a few matmuls, a softmax and their backward stays within a
+        // few percent. (The largest single difference over the largest value, tested here
+        // before, is dominated by cancellation in dx and failed on one draw in CI at 0.052.)
         let rel = |a: &Tensor<2>, b: &Tensor<2>| {
             let (a, b) = (values(a.clone()), values(b.clone()));
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+            let diff: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+            let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+            (diff / norm).sqrt()
         };
-        for (what, lo, hi, tol) in [("linear", &y16, &y32, 0.02), ("output", &o16, &o32, 0.03), ("dw", &dw16, &dw32, 0.05), ("dx", &dx16, &dx32, 0.05)] {
+        for (what, lo, hi, tol) in [("linear", &y16, &y32, 0.01), ("output", &o16, &o32, 0.02), ("dw", &dw16, &dw32, 0.03), ("dx", &dx16, &dx32, 0.03)] {
             let r = rel(lo, hi);
+            eprintln!("{kind} {what}: relative error {r:.5}");
             assert!(r > 0.0, "{kind} {what}: bf16 gave exactly the float32 numbers; nothing was rounded");
-            assert!(r < tol, "{kind} {what}: bf16 off float32 by {r} of the largest value (> {tol})");
+            assert!(r < tol, "{kind} {what}: bf16 off float32 by {r} in relative norm (> {tol})");
         }
     }
 }

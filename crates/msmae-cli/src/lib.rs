@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use msmae_backend::{BackendRequest, DeviceRequest, Precision};
+use msmae_backend::{BackendRequest, DeviceList, Precision};
 use msmae_core::{CancelToken, Registry};
 use msmae_pipeline::inspect::{self, DagFormat, State};
 use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
@@ -59,9 +59,10 @@ pub struct Common {
     /// Override a parameter: `--set params.size=32` (repeatable; also `seed=N`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<Override>,
-    /// Compute device: auto (the first CUDA device libtorch sees, else the CPU), cpu, cuda
-    /// or cuda:N.
-    #[arg(long, env = "MSMAE_DEVICE", default_value = "auto")]
+    /// Compute device(s): auto (every CUDA device libtorch sees, else the CPU), cpu, cuda,
+    /// cuda:N, or a comma-separated list (`cuda:0,cuda:1`) that training stages run
+    /// data-parallel on: each device takes an equal share of every global batch.
+    #[arg(long, visible_alias = "devices", env = "MSMAE_DEVICE", default_value = "auto")]
     pub device: String,
     /// Precision of matmuls and attention: f32, or bf16 (bfloat16 matmuls and attention;
     /// float32 weights, optimiser, normalisation, softmax, losses and reductions).
@@ -156,13 +157,30 @@ pub enum Command {
 /// Parse arguments, run, and map errors to exit codes.
 pub fn main_with(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose, cli.quiet);
+    // A multi-process launch (mpirun, srun) is joined before anything else; MPI is
+    // finalised when `_group` drops, after the command.
+    let _group = match msmae_dist::init() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let group = msmae_dist::group();
+    // Ranks other than 0 log warnings and errors only (rank 0 speaks for the run).
+    init_tracing(cli.verbose, cli.quiet || (group.rank() != 0 && cli.verbose == 0));
     match execute(cli, &registry) {
         Ok(code) => code,
         Err(e) => {
             let spec = e.downcast_ref::<msmae_pipeline::Error>().is_some_and(|e| matches!(e, msmae_pipeline::Error::Spec(_)));
-            eprintln!("error: {}", msmae_core::error::chain(e.as_ref()));
-            if spec { ExitCode::from(2) } else { ExitCode::from(1) }
+            let code = if spec { 2 } else { 1 };
+            if group.is_solo() {
+                eprintln!("error: {}", msmae_core::error::chain(e.as_ref()));
+                return ExitCode::from(code);
+            }
+            // The other ranks may be waiting on this one: end them all.
+            eprintln!("error: rank {} of {}: {}", group.rank(), group.size(), msmae_core::error::chain(e.as_ref()));
+            group.abort(i32::from(code))
         }
     }
 }
@@ -191,10 +209,10 @@ fn store_for(common: &Common) -> Result<Store> {
 }
 
 fn compute(common: &Common) -> Result<msmae_backend::Compute> {
-    let device: DeviceRequest = common.device.parse()?;
+    let devices: DeviceList = common.device.parse()?;
     let backend: BackendRequest = common.backend.parse()?;
     let precision: Precision = common.precision.parse()?;
-    Ok(msmae_backend::select(backend, device)?.with_precision(precision))
+    Ok(msmae_backend::select_all(backend, &devices)?.with_precision(precision))
 }
 
 fn lock_path(common: &Common) -> PathBuf {
@@ -228,9 +246,12 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 tools,
                 cancel,
                 lock_file: Some(lock_path(&common)),
+                group: msmae_dist::group(),
             };
+            let g = msmae_dist::group();
+            let ranks = if g.is_solo() { String::new() } else { format!(" × {} processes ({})", g.size(), g.name()) };
             tracing::info!(
-                "pipeline `{}`: {} stages, backend {} on {} ({}), store {}",
+                "pipeline `{}`: {} stages, backend {} on {}{ranks} ({}), store {}",
                 plan.spec.name,
                 plan.nodes.len(),
                 compute.env.backend,
@@ -240,7 +261,9 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             );
             let bars = progress::bars();
             let report = msmae_pipeline::run(&plan, &store, &opts, bars.as_ref())?;
-            print_report(&report);
+            if opts.group.rank() == 0 {
+                print_report(&report);
+            }
             Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Status { common } => {

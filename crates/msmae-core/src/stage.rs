@@ -68,6 +68,10 @@ pub trait Stage: Send + Sync + 'static {
     /// (how often a training stage checkpoints): left out of the cache key, so changing
     /// them re-uses the cached artifact.
     const RUN_ONLY: &'static [&'static str] = &[];
+    /// Whether the stage trains data-parallel (through msmae-train's one loop): under a
+    /// multi-process launch (`mpirun`, `srun`) every rank runs it on its share of each
+    /// global batch and rank 0 commits the artifact; every other stage runs on rank 0 alone.
+    const DATA_PARALLEL: bool = false;
 
     /// Digest of the code behind this stage: `msmae_core::code_fingerprint!()`.
     fn code_fingerprint(&self) -> &'static str;
@@ -102,6 +106,7 @@ pub trait DynStage: Send + Sync {
     fn version(&self) -> u32;
     fn summary(&self) -> &'static str;
     fn uses_backend(&self) -> bool;
+    fn data_parallel(&self) -> bool;
     fn code_fingerprint(&self) -> &'static str;
     /// Parse and validate a `with:` block (`null` for none).
     fn prepare(&self, with: &serde_json::Value) -> Result<Arc<dyn PreparedStage>, ConfigError>;
@@ -176,6 +181,9 @@ impl<S: Stage> DynStage for Erased<S> {
     }
     fn uses_backend(&self) -> bool {
         S::USES_BACKEND
+    }
+    fn data_parallel(&self) -> bool {
+        S::DATA_PARALLEL
     }
     fn code_fingerprint(&self) -> &'static str {
         self.0.code_fingerprint()

@@ -10,14 +10,26 @@
 //!
 //! Early cut-off falls out of content addressing: a re-executed stage whose output is
 //! byte-identical has the same digest, so downstream keys do not change.
+//!
+//! Under a multi-process launch (`mpirun -np N msmae run …`, `srun`; [`msmae_dist`]) every
+//! rank walks the same DAG one stage at a time. Rank 0 leads: it decides each stage (cached,
+//! run, failed), runs the stages that are not data-parallel alone, commits every artifact
+//! and writes the lock file, and tells the other ranks each outcome, which they adopt. A
+//! data-parallel stage (a training stage) runs on every rank at once: rank 0 announces it,
+//! the others run it into a private staging directory that is discarded, reading rank 0's
+//! checkpoints to resume. The store must be on a filesystem every rank sees. A rank whose
+//! part of a data-parallel stage fails ends the whole job (the others may be waiting in a
+//! collective), naming itself; a re-run resumes from rank 0's last checkpoint.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use msmae_core::{CancelToken, ExecEnv, InputArtifact, Progress, StageContext};
+use msmae_dist::Collective;
+use serde::{Deserialize, Serialize};
 
 use msmae_core::error::chain;
 
@@ -45,6 +57,8 @@ pub struct RunOptions {
     pub cancel: CancelToken,
     /// Lock file; default `NAME.lock` beside the pipeline file.
     pub lock_file: Option<PathBuf>,
+    /// The processes of a multi-process launch ([`msmae_dist::Solo`]: this one alone).
+    pub group: Arc<dyn Collective>,
 }
 
 impl Default for RunOptions {
@@ -61,12 +75,13 @@ impl Default for RunOptions {
             tools: BTreeMap::new(),
             cancel: CancelToken::new(),
             lock_file: None,
+            group: Arc::new(msmae_dist::Solo),
         }
     }
 }
 
 /// What happened to one stage.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {
     /// Served from the store.
     Cached,
@@ -229,7 +244,8 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
     let lock_path = opts.lock_file.clone().unwrap_or_else(|| lockfile::default_path(&plan.spec.file));
     let lock = LockFile::read(&lock_path, &plan.spec.name)?;
     let order: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
-    if !opts.dry_run {
+    let leader = opts.group.rank() == 0;
+    if !opts.dry_run && leader {
         for p in store.clean_stale_tmp()? {
             tracing::info!("removed staging directory of an interrupted run: {}", p.display());
         }
@@ -244,7 +260,8 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
             *o = Some(Outcome::Skipped);
         }
     }
-    let budget = opts.jobs.max(1);
+    // The ranks of a multi-process run walk the DAG in lockstep: one stage at a time.
+    let budget = if opts.group.is_solo() { opts.jobs.max(1) } else { 1 };
     let (tx, rx) = mpsc::channel::<Msg>();
     let mut result: Result<()> = Ok(());
     std::thread::scope(|scope| {
@@ -303,6 +320,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
             if let Some(e) = entry {
                 digests.insert(i, e.artifact.clone());
                 if !opts.dry_run
+                    && leader
                     && let Err(err) = lockfile::update(store, &lock_path, &plan.spec.name, &order, &[(name.clone(), *e)])
                 {
                     result = Err(err);
@@ -313,7 +331,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
         }
     });
     result?;
-    if let Err(e) = store.memo().save() {
+    if leader && let Err(e) = store.memo().save() {
         tracing::warn!("could not save the hash memo: {e}");
     }
     let stages = plan
@@ -360,16 +378,82 @@ struct Job<'a> {
 
 impl Job<'_> {
     /// [`Self::execute`] in the stage's tracing span, a panic becoming the stage's failure.
+    /// In a multi-process run, rank 0 then tells the others the outcome, and they wait for it.
     fn execute_caught(&self) -> Msg {
         let span = tracing::info_span!("stage", name = %self.plan.nodes[self.i].name);
         let _g = span.enter();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.execute())) {
+        let g = &*self.opts.group;
+        if g.rank() != 0 {
+            return self.follow();
+        }
+        let msg = match std::panic::catch_unwind(AssertUnwindSafe(|| self.execute())) {
             Ok(m) => m,
-            Err(p) => {
-                let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into());
-                Msg::Done { i: self.i, outcome: Outcome::Failed { error: format!("panicked: {what}") }, entry: None, key: None }
+            Err(p) => Msg::Done { i: self.i, outcome: Outcome::Failed { error: format!("panicked: {}", panic_text(&p)) }, entry: None, key: None },
+        };
+        if !g.is_solo() {
+            let Msg::Done { outcome, entry, key, .. } = &msg;
+            tell(g, &Word::Done { outcome: outcome.clone(), entry: entry.as_deref().cloned(), key: key.clone() });
+        }
+        msg
+    }
+
+    /// A rank other than 0: adopt rank 0's outcome of this stage, after running its part of
+    /// the stage when rank 0 announces a data-parallel run.
+    fn follow(&self) -> Msg {
+        let g = &*self.opts.group;
+        loop {
+            match hear(g) {
+                Word::Start { resume } => self.join(&resume),
+                Word::Done { outcome, entry, key } => return Msg::Done { i: self.i, outcome, entry: entry.map(Box::new), key },
             }
         }
+    }
+
+    /// This rank's part of a data-parallel stage, into a private staging directory that is
+    /// discarded (rank 0 commits the artifact), resuming from rank 0's checkpoints.
+    fn join(&self, resume: &std::path::Path) {
+        let g = &*self.opts.group;
+        let node = &self.plan.nodes[self.i];
+        let key = resume.file_name().map(|k| k.to_string_lossy().into_owned()).unwrap_or_default();
+        let out = self.store.root().join("tmp").join(format!("{key}.rank{}", g.rank()));
+        let res = std::fs::create_dir_all(out.join("data")).map_err(|e| format!("creating {}: {e}", out.display())).and_then(|()| {
+            let mut ctx = self.context(node, out.join("data")).with_resume_dir(resume.to_path_buf());
+            std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx)))
+                .map_err(|p| format!("panicked: {}", panic_text(&p)))?
+                .map_err(|e| chain(&e))
+        });
+        let _ = crate::store::remove_tree(&out);
+        if let Err(e) = res {
+            abort_job(g, &node.name, &e);
+        }
+    }
+
+    /// The context a stage runs in, writing into `out`.
+    fn context(&self, node: &Node, out: PathBuf) -> StageContext<'_> {
+        let mut inputs: BTreeMap<String, Vec<InputArtifact>> = BTreeMap::new();
+        for (slot, ups) in &node.bindings {
+            for &j in ups {
+                let digest = self.digests.get(&j).cloned().unwrap_or_default();
+                inputs.entry(slot.clone()).or_default().push(InputArtifact {
+                    stage: self.plan.nodes[j].name.clone(),
+                    kind: self.plan.nodes[j].output.kind.clone(),
+                    dir: self.store.object_dir(&digest),
+                    digest,
+                });
+            }
+        }
+        StageContext::new(
+            node.name.clone(),
+            node.seed,
+            self.opts.env.clone(),
+            self.threads,
+            self.opts.cancel.clone(),
+            self.progress,
+            out,
+            self.plan.spec.base_dir.clone(),
+            node.output.clone(),
+            inputs,
+        )
     }
 
     fn execute(&self) -> Msg {
@@ -425,35 +509,23 @@ impl Job<'_> {
 
     fn produce(&self, node: &Node, parts: KeyParts, key: &str) -> Result<(IndexEntry, f64)> {
         let staging = self.store.begin(key)?;
-        let mut inputs: BTreeMap<String, Vec<InputArtifact>> = BTreeMap::new();
-        for (slot, ups) in &node.bindings {
-            for &j in ups {
-                let digest = self.digests.get(&j).cloned().unwrap_or_default();
-                inputs.entry(slot.clone()).or_default().push(InputArtifact {
-                    stage: self.plan.nodes[j].name.clone(),
-                    kind: self.plan.nodes[j].output.kind.clone(),
-                    dir: self.store.object_dir(&digest),
-                    digest,
-                });
-            }
-        }
-        let mut ctx = StageContext::new(
-            node.name.clone(),
-            node.seed,
-            self.opts.env.clone(),
-            self.threads,
-            self.opts.cancel.clone(),
-            self.progress,
-            staging.data_dir(),
-            self.plan.spec.base_dir.clone(),
-            node.output.clone(),
-            inputs,
-        )
-        .with_resume_dir(self.store.resume_dir(key, self.opts.force)?);
+        let resume = self.store.resume_dir(key, self.opts.force)?;
+        let mut ctx = self.context(node, staging.data_dir()).with_resume_dir(resume.clone());
         let started = now_rfc3339();
         let t = Instant::now();
         tracing::info!("running `{}` ({})", node.name, node.kind.kind());
-        let res = node.prepared.run(&mut ctx);
+        let g = &*self.opts.group;
+        let res = if g.is_solo() || !node.kind.data_parallel() {
+            node.prepared.run(&mut ctx)
+        } else {
+            // Every rank runs it; a failure here while others wait in a collective ends the job.
+            tell(g, &Word::Start { resume });
+            match std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx))) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => abort_job(g, &node.name, &chain(&e)),
+                Err(p) => abort_job(g, &node.name, &format!("panicked: {}", panic_text(&p))),
+            }
+        };
         let seconds = t.elapsed().as_secs_f64();
         if let Err(e) = res {
             if matches!(e, msmae_core::StageError::Cancelled) || self.opts.cancel.is_cancelled() {
@@ -476,4 +548,40 @@ impl Job<'_> {
         self.store.record(&entry)?;
         Ok((entry, seconds))
     }
+}
+
+/// Rank 0's word to the other ranks of a multi-process run, for the stage at hand.
+#[derive(Debug, Serialize, Deserialize)]
+enum Word {
+    /// A data-parallel stage starts: run your part (checkpoints in `resume`).
+    Start { resume: PathBuf },
+    /// The stage's outcome, to adopt.
+    Done { outcome: Outcome, entry: Option<IndexEntry>, key: Option<String> },
+}
+
+fn tell(g: &dyn Collective, w: &Word) {
+    let mut bytes = serde_json::to_vec(w).unwrap_or_default();
+    g.broadcast_bytes(&mut bytes, 0);
+}
+
+fn hear(g: &dyn Collective) -> Word {
+    let mut bytes = Vec::new();
+    g.broadcast_bytes(&mut bytes, 0);
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| abort_job(g, "-", &format!("could not read rank 0's message ({e}): are all ranks the same msmae build?")))
+}
+
+/// End every rank of a multi-process run after this rank failed in `stage`.
+fn abort_job(g: &dyn Collective, stage: &str, error: &str) -> ! {
+    let msg = format!(
+        "msmae: rank {} of {}: stage `{stage}` failed: {error}\nmsmae: ending every rank of the job; a re-run resumes from the last checkpoint",
+        g.rank(),
+        g.size()
+    );
+    tracing::error!("{msg}");
+    eprintln!("{msg}");
+    g.abort(1)
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
 }

@@ -153,6 +153,9 @@ pub fn why(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, stage: &s
         }
         if let Some(e) = &p.env {
             let _ = writeln!(out, "  environment {} / {} / {}", e.backend, e.device_kind, e.precision);
+            // Which devices, and how many data-parallel replicas, change numbers only by float
+            // reduction order (tested to 1e-5): run-only, like `checkpoint_every`.
+            let _ = writeln!(out, "  devices {} (run-only, not in the key: replicas agree up to float reduction order)", env.device);
         }
     }
     Ok(out)

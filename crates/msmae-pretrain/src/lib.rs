@@ -147,12 +147,12 @@ impl TrainStep for PretrainStep {
         Ok(EpochPlan { spec, masking: format!("{policy:?}"), tokens: policy.visible_count(l) + 1, refreshed_maps: refreshed })
     }
 
-    fn step(&mut self, model: &MaskedAutoencoder, batch: &mut Batch) -> Result<StepLoss, StageError> {
-        let x = images(batch, &self.table, &self.rt.train);
+    fn step(&mut self, model: &MaskedAutoencoder, batch: &mut Batch, device: &Device) -> Result<StepLoss, StageError> {
+        let x = images(batch, &self.table, device);
         let vis: Vec<Vec<usize>> = batch.plans.iter().map(|p| p.visible.clone()).collect();
         let msk: Vec<Vec<usize>> = batch.plans.iter().map(|p| p.masked.clone()).collect();
-        let cls = (self.cls_weight > 0.0).then(|| (class_targets(batch, &self.table, &self.rt.train), self.cls_weight));
-        let out = model.forward(x, index_tensor(&vis, &self.rt.train), index_tensor(&msk, &self.rt.train), cls);
+        let cls = (self.cls_weight > 0.0).then(|| (class_targets(batch, &self.table, device), self.cls_weight));
+        let out = model.forward(x, index_tensor(&vis, device), index_tensor(&msk, device), cls);
         Ok(StepLoss { loss: out.loss, reconstruction: Some(out.reconstruction_loss) })
     }
 
@@ -171,6 +171,7 @@ impl Stage for MaePretrain {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "MAE pre-training; with `masks`: MSMAE attention-guided masking/throwing, CLS supervision, map refresh";
     const USES_BACKEND: bool = true;
+    const DATA_PARALLEL: bool = true;
     const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
 
     fn code_fingerprint(&self) -> &'static str {

@@ -208,6 +208,7 @@ impl Stage for SetrPupStage {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "SETR-PUP segmentation on a pre-trained (or random) ViT encoder; Dice/IoU on the test split";
     const USES_BACKEND: bool = true;
+    const DATA_PARALLEL: bool = true;
     const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
 
     fn code_fingerprint(&self) -> &'static str {
@@ -413,9 +414,9 @@ impl TrainStep for SegStep {
         Ok(EpochPlan { spec, masking: "none".into(), tokens: l, refreshed_maps: false })
     }
 
-    fn step(&mut self, model: &SetrPup, batch: &mut data::Batch) -> Result<StepLoss, StageError> {
-        let target = masks_tensor(batch, &self.table, self.classes, &self.rt.train)?;
-        let x = images(batch, &self.table, &self.rt.train);
+    fn step(&mut self, model: &SetrPup, batch: &mut data::Batch, device: &Device) -> Result<StepLoss, StageError> {
+        let target = masks_tensor(batch, &self.table, self.classes, device)?;
+        let x = images(batch, &self.table, device);
         let loss = if self.classes >= 2 { seg_loss_multi(model.forward(x), target) } else { seg_loss(model.forward(x), target) };
         Ok(StepLoss { loss, reconstruction: None })
     }

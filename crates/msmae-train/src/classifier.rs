@@ -347,16 +347,16 @@ impl TrainStep for ClassifierStep {
         Ok(EpochPlan { spec, masking: format!("{:?}", sel.policy), tokens: sel.policy.visible_count(l) + 1, refreshed_maps: refreshed })
     }
 
-    fn step(&mut self, model: &VisionTransformer, batch: &mut Batch) -> Result<StepLoss, StageError> {
-        let x = images(batch, &self.table, &self.rt.train);
+    fn step(&mut self, model: &VisionTransformer, batch: &mut Batch, device: &Device) -> Result<StepLoss, StageError> {
+        let x = images(batch, &self.table, device);
         let logits = match &self.selection {
             Some(_) => {
                 let vis: Vec<Vec<usize>> = batch.plans.iter().map(|p| p.visible.clone()).collect();
-                model.forward_visible(x, index_tensor(&vis, &self.rt.train))
+                model.forward_visible(x, index_tensor(&vis, device))
             }
             None => model.forward(x),
         };
-        let loss = classification_loss(logits, class_targets(batch, &self.table, &self.rt.train), self.label_smoothing);
+        let loss = classification_loss(logits, class_targets(batch, &self.table, device), self.label_smoothing);
         Ok(StepLoss { loss, reconstruction: None })
     }
 
@@ -491,6 +491,7 @@ macro_rules! classifier_stage {
             const VERSION: u32 = 1;
             const SUMMARY: &'static str = $summary;
             const USES_BACKEND: bool = true;
+            const DATA_PARALLEL: bool = true;
             const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
 
             fn code_fingerprint(&self) -> &'static str {

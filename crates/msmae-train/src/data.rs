@@ -373,17 +373,31 @@ pub struct LoaderSpec {
     pub shuffle_groups: usize,
     /// Batches prepared ahead of the consumer.
     pub prefetch: usize,
+    /// `(rank, ranks)`: stream only part `rank` of every batch (multi-process data
+    /// parallelism); batches are formed from the whole epoch first, so each rank's part is
+    /// the same whatever the rank count, and per-sample draws are keyed by row.
+    pub shard: (usize, usize),
 }
 
 impl LoaderSpec {
     /// In table order, no augmentation, no masks (evaluation, attention maps).
     pub fn eval(batch_size: usize) -> Self {
-        Self { batch_size, shuffle: false, augment: None, drop_last: false, masks: None, lesion_masks: false, shuffle_groups: 1, prefetch: 2 }
+        Self { batch_size, shuffle: false, augment: None, drop_last: false, masks: None, lesion_masks: false, shuffle_groups: 1, prefetch: 2, shard: (0, 1) }
     }
 
     /// Shuffled, augmented, full batches only (training).
     pub fn train(batch_size: usize, scale: (f64, f64)) -> Self {
-        Self { batch_size, shuffle: true, augment: Some(scale), drop_last: true, masks: None, lesion_masks: false, shuffle_groups: 0, prefetch: 2 }
+        Self {
+            batch_size,
+            shuffle: true,
+            augment: Some(scale),
+            drop_last: true,
+            masks: None,
+            lesion_masks: false,
+            shuffle_groups: 0,
+            prefetch: 2,
+            shard: (0, 1),
+        }
     }
 }
 
@@ -402,11 +416,42 @@ pub struct Batch {
     pub plans: Vec<MaskPlan>,
     /// Lesion masks (H×W, 0/1) when asked; `None` where the row has none.
     pub lesions: Vec<Option<Vec<u8>>>,
+    /// Samples of the global batch this one is a part of (its own length unless the
+    /// loader streams one rank's part).
+    pub global: usize,
 }
 
 impl Batch {
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// The batch cut into `parts` consecutive shards of equal size (the first ones one
+    /// sample larger when `parts` does not divide it; an empty shard where there are fewer
+    /// samples than parts): what each data-parallel replica computes on.
+    pub fn split(self, parts: usize) -> Vec<Batch> {
+        let n = self.len();
+        let parts = parts.max(1);
+        let per = |v: usize| if n == 0 { 0 } else { v / n };
+        let (img, tgt) = (per(self.images.len()), per(self.targets.len()));
+        let (mut images, mut targets) = (self.images.into_iter(), self.targets.into_iter());
+        let (mut plans, mut lesions) = (self.plans.into_iter(), self.lesions.into_iter());
+        let (mut rows, mut labels) = (self.rows.into_iter(), self.labels.into_iter());
+        let global = self.global;
+        (0..parts)
+            .map(|i| {
+                let m = msmae_dist::share(n, parts, i).len();
+                Batch {
+                    global,
+                    rows: rows.by_ref().take(m).collect(),
+                    images: images.by_ref().take(m * img).collect(),
+                    labels: labels.by_ref().take(m).collect(),
+                    targets: targets.by_ref().take(m * tgt).collect(),
+                    plans: plans.by_ref().take(m).collect(),
+                    lesions: lesions.by_ref().take(m).collect(),
+                }
+            })
+            .collect()
     }
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
@@ -505,6 +550,8 @@ pub fn stream(table: Arc<ImageTable>, rows: &[usize], spec: LoaderSpec, norm: No
     if spec.drop_last && batches.last().is_some_and(|b| b.len() < bs) && batches.len() > 1 {
         batches.pop();
     }
+    let (rank, ranks) = spec.shard;
+    let batches: Vec<(Vec<usize>, usize)> = batches.into_iter().map(|b| (b[msmae_dist::share(b.len(), ranks, rank)].to_vec(), b.len())).collect();
     let num_batches = batches.len();
     let (tx, rx) = sync_channel(spec.prefetch.max(1));
     let handle = std::thread::Builder::new().name("msmae-loader".into()).spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx)).ok();
@@ -515,7 +562,7 @@ type GroupData = Arc<Vec<GroupRow>>;
 
 fn produce(
     table: &ImageTable,
-    batches: Vec<Vec<usize>>,
+    batches: Vec<(Vec<usize>, usize)>,
     spec: &LoaderSpec,
     norm: &Normalizer,
     seed: u64,
@@ -524,13 +571,13 @@ fn produce(
 ) {
     // Remaining uses of each group, so a group is dropped right after its last row.
     let mut uses: HashMap<usize, usize> = HashMap::new();
-    for b in &batches {
+    for (b, _) in &batches {
         for &r in b {
             *uses.entry(table.group_of(r)).or_default() += 1;
         }
     }
     let mut cache: HashMap<usize, GroupData> = HashMap::new();
-    for rows in batches {
+    for (rows, global) in batches {
         let mut samples = Vec::with_capacity(rows.len());
         for &r in &rows {
             let g = table.group_of(r);
@@ -556,7 +603,7 @@ fn produce(
                 }
             }
         }
-        let batch = prepare(table, samples, spec, norm, seed, epoch);
+        let batch = prepare(table, samples, spec, norm, seed, epoch).map(|b| Batch { global, ..b });
         if tx.send(batch).is_err() {
             return; // consumer gone
         }
@@ -629,7 +676,8 @@ fn prepare(
     } else {
         Vec::new()
     };
-    Ok(Batch { rows, images, labels, targets, plans, lesions })
+    let global = rows.len();
+    Ok(Batch { rows, images, labels, targets, plans, lesions, global })
 }
 
 #[cfg(test)]

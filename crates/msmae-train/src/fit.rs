@@ -13,11 +13,11 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use msmae_core::{StageContext, StageError};
+use msmae_core::{SeedPath, StageContext, StageError, derive_seed};
 
 use crate::data::{self, Batch, ImageTable, LoaderSpec, Normalizer};
 use crate::maps::MapState;
@@ -53,6 +53,9 @@ pub struct EpochLog {
     /// Wall time of the training steps of this epoch (not evaluation), seconds. Excluded
     /// from reproducibility comparisons (timing is not content).
     pub seconds: f64,
+    /// Of which in collectives across processes (multi-process runs); not content either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_seconds: Option<f64>,
 }
 
 /// What one epoch streams, decided by the step at its start.
@@ -98,8 +101,12 @@ pub trait TrainStep {
     /// What epoch `epoch` streams; may refresh attention maps from `model` first.
     fn epoch_plan(&mut self, epoch: usize, model: &Self::Model, ctx: &StageContext<'_>) -> Result<EpochPlan, StageError>;
 
-    /// Forward pass and loss of one batch (on the training device).
-    fn step(&mut self, model: &Self::Model, batch: &mut Batch) -> Result<StepLoss, StageError>;
+    /// Forward pass and loss of one batch on `device` (an autodiff device: the training
+    /// device, or a data-parallel replica's, where `model` lives). The loss must be a mean
+    /// over the batch's samples with equal weight per sample: [`fit`] splits global batches
+    /// across replicas and weights each shard's gradient by its share of the samples, which
+    /// is then exactly the gradient of the global batch's loss.
+    fn step(&mut self, model: &Self::Model, batch: &mut Batch, device: &Device) -> Result<StepLoss, StageError>;
 
     /// The per-parameter learning rates at base rate `lr` (layer-wise decay).
     fn learning_rates(&self, lr: f64) -> ModuleLearningRate {
@@ -170,8 +177,13 @@ pub fn fit<S: TrainStep>(
     if data.rows.len() < opts.batch_size {
         return Err(StageError::data(&data.table.path, None, format!("{} training images, fewer than one batch of {}", data.rows.len(), opts.batch_size)));
     }
+    let comm = msmae_dist::group();
+    check_shards(opts.batch_size, rt.replicas.len() * comm.size())?;
     let resume = Resume::of(ctx);
     let mut run = restore(ctx, &resume, step, model, &optimizer, opts)?;
+    if !comm.is_solo() {
+        run = join_ranks(ctx, &*comm, run)?;
+    }
     step.start(&run.model);
     let bar = ctx.progress.bar(Some((opts.epochs - run.start) as u64), &format!("{}: epochs", ctx.name));
     for epoch in run.start..opts.epochs {
@@ -179,7 +191,7 @@ pub fn fit<S: TrainStep>(
         let plan = step.epoch_plan(epoch, &run.model, ctx)?;
         seed_backend(rt, ctx.seed, "epoch", epoch as u64);
         let t = Instant::now();
-        let (model, sums) = train_epoch(ctx, data, step, run.model, &mut run.optim, plan.spec.clone(), epoch, opts)?;
+        let (model, sums) = train_epoch(ctx, rt, &*comm, data, step, run.model, &mut run.optim, plan.spec.clone(), epoch, opts)?;
         run.model = model;
         let seconds = t.elapsed().as_secs_f64();
         let val = step.validate(&run.model, ctx)?;
@@ -191,6 +203,9 @@ pub fn fit<S: TrainStep>(
         }
         let log = sums.log(epoch, &plan, &val, seconds);
         tracing::info!("`{}` epoch {}/{}: {}", ctx.name, epoch + 1, opts.epochs, describe(&log));
+        if comm.rank() == 0 {
+            record_timing(ctx, &log, &sums, rt.replicas.len() * comm.size());
+        }
         run.history.push(log);
         bar.inc(1);
         let stop = match (opts.patience, run.best) {
@@ -198,7 +213,8 @@ pub fn fit<S: TrainStep>(
             _ => false,
         };
         let done = epoch + 1;
-        if Resume::due(done, opts.checkpoint_every, opts.epochs) || stop {
+        // Rank 0 alone writes checkpoints (the ranks hold the same state).
+        if (Resume::due(done, opts.checkpoint_every, opts.epochs) || stop) && comm.rank() == 0 {
             checkpoint(&resume, step, &run, if stop { opts.epochs } else { done })?;
         }
         if stop {
@@ -232,6 +248,46 @@ fn restore<S: TrainStep>(
     Ok(RunState { model, optim, history: st.history, best: st.best, best_model: best, start: st.epochs_done.min(opts.epochs) })
 }
 
+/// The ranks of a multi-process run start from the same place: rank 0's epoch (a rank
+/// that resumed elsewhere cannot continue its optimiser state: the store must be shared) and
+/// rank 0's parameters.
+fn join_ranks<M: Module>(ctx: &StageContext<'_>, comm: &dyn msmae_dist::Collective, mut run: RunState<M>) -> Result<RunState<M>, StageError> {
+    let mut start = (run.start as u64).to_le_bytes().to_vec();
+    comm.broadcast_bytes(&mut start, 0);
+    let leader = u64::from_le_bytes(start.try_into().unwrap_or_default()) as usize;
+    if leader != run.start {
+        return Err(StageError::other(format!(
+            "`{}`: rank {} of {} would start at epoch {} but rank 0 at epoch {leader}: every rank must see rank 0's checkpoints (put the store on a filesystem all nodes share)",
+            ctx.name,
+            comm.rank(),
+            comm.size(),
+            run.start
+        )));
+    }
+    run.model = crate::dist::broadcast_parameters(comm, run.model).map_err(|e| StageError::other(format!("broadcasting the parameters from rank 0: {e}")))?;
+    tracing::debug!("`{}`: rank {} of {} joined at epoch {}", ctx.name, comm.rank(), comm.size(), run.start);
+    Ok(run)
+}
+
+/// With `MSMAE_TIMINGS=FILE`, one JSON line per epoch (stage, images, seconds, time in
+/// collectives) appended to FILE: what `cargo xtask bench dp` reads. Timing is not content,
+/// so it stays out of the artifact.
+fn record_timing(ctx: &StageContext<'_>, log: &EpochLog, sums: &EpochSums, devices: usize) {
+    let Some(path) = std::env::var_os("MSMAE_TIMINGS") else { return };
+    let line = serde_json::json!({
+        "stage": ctx.name, "epoch": log.epoch, "images": sums.seen, "steps": sums.steps, "devices": devices,
+        "seconds": log.seconds, "comm_seconds": log.comm_seconds.unwrap_or(0.0),
+    });
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        writeln!(f, "{line}")
+    };
+    if let Err(e) = write() {
+        tracing::warn!("MSMAE_TIMINGS {}: {e}", std::path::Path::new(&path).display());
+    }
+}
+
 fn checkpoint<S: TrainStep>(resume: &Resume, step: &mut S, run: &RunState<S::Model>, epochs_done: usize) -> Result<(), StageError> {
     let maps = step.maps().and_then(|m| m.current.clone().map(|c| (c, m.table.clone(), m.grid)));
     let st = ResumeState { epochs_done, history: run.history.clone(), best: run.best, has_maps: maps.is_some() };
@@ -243,8 +299,11 @@ fn checkpoint<S: TrainStep>(resume: &Resume, step: &mut S, run: &RunState<S::Mod
 struct EpochSums {
     loss: f64,
     reconstruction: Option<f64>,
+    /// Samples of the global batches (over every rank).
     seen: usize,
+    steps: usize,
     lr: f64,
+    comm: Option<f64>,
 }
 
 impl EpochSums {
@@ -262,8 +321,96 @@ impl EpochSums {
             masking: plan.masking.clone(),
             refreshed_maps: plan.refreshed_maps,
             seconds,
+            comm_seconds: self.comm,
         }
     }
+}
+
+/// `batch_size` is the global batch: every data-parallel replica takes an equal share of it,
+/// and a batch that does not split is refused rather than silently changed.
+pub fn check_shards(batch_size: usize, replicas: usize) -> Result<(), StageError> {
+    if replicas > 1 && !batch_size.is_multiple_of(replicas) {
+        return Err(StageError::config(
+            "batch_size",
+            format!(
+                "the global batch of {batch_size} does not split evenly over {replicas} devices; use a multiple of {replicas} (the batch is never changed silently)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The per-sample keys of stochastic depth for `rows` in `epoch` ([`msmae_vit::stochastic`]).
+fn sample_keys(seed: u64, epoch: usize, rows: &[usize]) -> Vec<u64> {
+    rows.iter().map(|&r| derive_seed(seed, &[SeedPath::from("drop-path"), SeedPath::from(epoch as u64), SeedPath::from(r as u64)])).collect()
+}
+
+/// Forward, loss and backward of one global batch over the replicas; the gradients of the
+/// global batch's loss on the main device, and the loss values (sample-weighted means).
+fn gradients<S: TrainStep>(
+    rt: &Runtime,
+    comm: &dyn msmae_dist::Collective,
+    step: &mut S,
+    model: &S::Model,
+    batch: Batch,
+    seed: u64,
+    epoch: usize,
+) -> Result<(GradientsParams, f64, Option<f64>, Option<f64>), StageError> {
+    if comm.is_solo() {
+        let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch)?;
+        return Ok((g, lv, rv, None));
+    }
+    // Every rank's gradients are weighted by its share of the global batch: their sum over
+    // the ranks is the global batch's gradient.
+    let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch)?;
+    let mut extra = [lv as f32, rv.unwrap_or(0.0) as f32, f32::from(u8::from(rv.is_some()))];
+    let (g, spent) =
+        crate::dist::sum_gradients(comm, model, g, &mut extra, &rt.train).map_err(|e| StageError::other(format!("summing gradients over the ranks: {e}")))?;
+    let rv = (extra[2] > 0.0).then_some(f64::from(extra[1]));
+    Ok((g, f64::from(extra[0]), rv, Some(spent.as_secs_f64())))
+}
+
+/// This process's part: its shard of the global batch over its replicas, each shard's loss
+/// weighted by the shard's share of the global batch.
+fn local_gradients<S: TrainStep>(
+    rt: &Runtime,
+    step: &mut S,
+    model: &S::Model,
+    batch: Batch,
+    seed: u64,
+    epoch: usize,
+) -> Result<(GradientsParams, f64, Option<f64>), StageError> {
+    let n = batch.global.max(batch.len());
+    if rt.replicas.len() <= 1 && n == batch.len() {
+        let mut batch = batch;
+        let keys = sample_keys(seed, epoch, &batch.rows);
+        let out = msmae_vit::stochastic::with_sample_keys(keys, || step.step(model, &mut batch, &rt.train))?;
+        let lv = f64::from(out.loss.clone().into_scalar::<f32>());
+        let rv = out.reconstruction.map(|r| f64::from(r.into_scalar::<f32>()));
+        return Ok((GradientsParams::from_grads(out.loss.backward(), model), lv, rv));
+    }
+    // Data parallel: each replica computes its shard's mean loss; scaled by the shard's share
+    // of the samples before backward, the shards' gradients sum to the global batch's.
+    let mut acc = GradientsAccumulator::<S::Model>::new();
+    let (mut lv, mut rv) = (0.0, None);
+    for (shard, device) in batch.split(rt.replicas.len()).into_iter().zip(&rt.replicas) {
+        // (a shard can be empty only when a batch has fewer samples than devices)
+        if shard.is_empty() {
+            continue;
+        }
+        let mut shard = shard;
+        let w = shard.len() as f64 / n as f64;
+        let replica = if device == &rt.train { model.clone() } else { model.clone().fork(device) };
+        let keys = sample_keys(seed, epoch, &shard.rows);
+        let out = msmae_vit::stochastic::with_sample_keys(keys, || step.step(&replica, &mut shard, device))?;
+        lv += w * f64::from(out.loss.clone().into_scalar::<f32>());
+        if let Some(r) = out.reconstruction {
+            *rv.get_or_insert(0.0) += w * f64::from(r.into_scalar::<f32>());
+        }
+        let grads = GradientsParams::from_grads((out.loss * w).backward(), &replica);
+        acc.accumulate(model, if device == &rt.train { grads } else { grads.to_device(&rt.train, &replica) });
+    }
+    Ok((acc.grads(), lv, rv))
 }
 
 /// The training steps of one epoch. The model moves through the optimiser (no second
@@ -271,6 +418,8 @@ impl EpochSums {
 #[allow(clippy::too_many_arguments)]
 fn train_epoch<S: TrainStep>(
     ctx: &StageContext<'_>,
+    rt: &Runtime,
+    comm: &dyn msmae_dist::Collective,
     data: &TrainData,
     step: &mut S,
     mut model: S::Model,
@@ -279,25 +428,29 @@ fn train_epoch<S: TrainStep>(
     epoch: usize,
     opts: &FitOptions,
 ) -> Result<(S::Model, EpochSums), StageError> {
+    let mut spec = spec;
+    spec.shard = (comm.rank(), comm.size());
     let stream = data::stream(data.table.clone(), &data.rows, spec, data.norm.clone(), ctx.seed, epoch as u64);
     let nb = stream.num_batches.max(1);
     let mut sums = EpochSums::default();
     for (i, batch) in stream.enumerate() {
         ctx.cancel.check()?;
-        let mut batch = batch?;
-        let n = batch.len();
+        let batch = batch?;
+        let n = batch.global.max(batch.len());
         sums.lr = opts.schedule.at(epoch as f64 + i as f64 / nb as f64);
-        let out = step.step(&model, &mut batch)?;
-        let lv = f64::from(out.loss.clone().into_scalar::<f32>());
+        let (grads, lv, rv, spent) = gradients(rt, comm, step, &model, batch, ctx.seed, epoch)?;
+        if let Some(t) = spent {
+            *sums.comm.get_or_insert(0.0) += t;
+        }
+        sums.steps += 1;
         if !lv.is_finite() {
             return Err(StageError::Diverged { epoch, step: i, loss: lv });
         }
         sums.loss += lv * n as f64;
-        if let Some(r) = out.reconstruction {
-            *sums.reconstruction.get_or_insert(0.0) += f64::from(r.into_scalar::<f32>()) * n as f64;
+        if let Some(r) = rv {
+            *sums.reconstruction.get_or_insert(0.0) += r * n as f64;
         }
         sums.seen += n;
-        let grads = GradientsParams::from_grads(out.loss.backward(), &model);
         model = optim.step(step.learning_rates(sums.lr), model, grads);
     }
     Ok((model, sums))
@@ -315,7 +468,10 @@ fn describe(h: &EpochLog) -> String {
     if let Some(v) = h.val_accuracy {
         s += &format!(", val acc {v:.3}");
     }
-    format!("{s}, {} ({:.1} s)", h.masking, h.seconds)
+    match h.comm_seconds {
+        Some(c) => format!("{s}, {} ({:.1} s, {c:.2} s in collectives)", h.masking, h.seconds),
+        None => format!("{s}, {} ({:.1} s)", h.masking, h.seconds),
+    }
 }
 
 #[cfg(test)]

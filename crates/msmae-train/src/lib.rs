@@ -6,6 +6,8 @@
 //!   (`attention/train-supervised`, `finetune/full`, `finetune/msmae`);
 //! - [`data`]: batches streamed from the Parquet image table (augmentation, mask plans);
 //! - [`model`]: model specs, checkpoints, AdamW, the learning-rate schedule, layer decay;
+//! - [`dist`]: gradients summed and parameters broadcast across the processes of a
+//!   multi-process data-parallel run;
 //! - [`maps`]: attention maps of a split from the model being trained (MSMAE's refresh);
 //! - [`resume`]: checkpoints a killed run continues from bit-identically;
 //! - [`runtime`]: the backend/device a stage computes on;
@@ -16,6 +18,7 @@
 
 pub mod classifier;
 pub mod data;
+pub mod dist;
 pub mod figures;
 pub mod fit;
 pub mod maps;

@@ -56,23 +56,40 @@ pub fn attention_pass(
     ctx: &StageContext<'_>,
     mut visit: impl FnMut(&Batch, usize, &[f32]) -> Result<(), StageError>,
 ) -> Result<Maps, StageError> {
+    // Split across the data-parallel devices: consecutive batches go to the replicas in
+    // turn, and a round is read back only after every replica has its batch queued, so
+    // asynchronous devices (CUDA) compute their batches at the same time.
     let model = vit.valid();
+    let replicas: Vec<(Device, VisionTransformer)> =
+        rt.inference.iter().map(|d| (d.clone(), if d == &rt.device { model.clone() } else { model.clone().fork(d) })).collect();
+    let replicas = if replicas.is_empty() { vec![(rt.device.clone(), model)] } else { replicas };
     let mut out = HashMap::with_capacity(rows.len());
-    for batch in data::stream(table.clone(), rows, spec, norm.clone(), ctx.seed, 0) {
+    let mut round: Vec<(Batch, Tensor<2>)> = Vec::with_capacity(replicas.len());
+    let mut read_back = |round: &mut Vec<(Batch, Tensor<2>)>| -> Result<(), StageError> {
+        for (batch, maps) in round.drain(..) {
+            let [_, l] = maps.dims();
+            let flat = to_vec(maps)?;
+            for (i, r) in batch.rows.iter().enumerate() {
+                let map = &flat[i * l..(i + 1) * l];
+                visit(&batch, i, map)?;
+                out.insert(*r, map.to_vec());
+            }
+        }
+        Ok(())
+    };
+    for (k, batch) in data::stream(table.clone(), rows, spec, norm.clone(), ctx.seed, 0).enumerate() {
         ctx.cancel.check()?;
         let batch = batch?;
         let n = batch.len();
-        let x = Tensor::from_data(TensorData::new(batch.images.clone(), [n, table.channels(), table.height(), table.width()]), &rt.device);
-        let (_, attn) = model.forward_with_attention(x);
-        let maps = cls_attention_map(attn);
-        let [_, l] = maps.dims();
-        let flat = to_vec(maps)?;
-        for (i, r) in batch.rows.iter().enumerate() {
-            let map = &flat[i * l..(i + 1) * l];
-            visit(&batch, i, map)?;
-            out.insert(*r, map.to_vec());
+        let (device, replica) = &replicas[k % replicas.len()];
+        let x = Tensor::from_data(TensorData::new(batch.images.clone(), [n, table.channels(), table.height(), table.width()]), device);
+        let (_, attn) = replica.forward_with_attention(x);
+        round.push((batch, cls_attention_map(attn)));
+        if round.len() == replicas.len() {
+            read_back(&mut round)?;
         }
     }
+    read_back(&mut round)?;
     Ok(out)
 }
 

@@ -14,8 +14,21 @@ use crate::data::{Batch, ImageTable};
 pub struct Runtime {
     /// Plain device (inference).
     pub device: Device,
-    /// Autodiff device (training).
+    /// Autodiff device (training): the main replica, where gradients are averaged and
+    /// the optimiser steps.
     pub train: Device,
+    /// Autodiff devices of every data-parallel replica, `train` first (one without data
+    /// parallelism): each takes an equal share of every global batch.
+    pub replicas: Vec<Device>,
+    /// Plain devices of the replicas (inference split across them).
+    pub inference: Vec<Device>,
+}
+
+impl Runtime {
+    /// One device, no data parallelism.
+    pub fn single(device: Device) -> Self {
+        Self { train: device.clone().autodiff(), replicas: vec![device.clone().autodiff()], inference: vec![device.clone()], device }
+    }
 }
 
 /// Resolve the stage's backend/device (from the runner's `--backend`/`--device`), and set
@@ -24,11 +37,12 @@ pub fn runtime(ctx: &StageContext<'_>) -> Result<Runtime, StageError> {
     let device_error =
         |e: msmae_backend::BackendError| StageError::Device { backend: ctx.env.backend.clone(), device: ctx.env.device.clone(), source: Box::new(e) };
     let b = ctx.env.backend.parse().map_err(device_error)?;
-    let d = ctx.env.device.parse().map_err(device_error)?;
+    let d: msmae_backend::DeviceList = ctx.env.device.parse().map_err(device_error)?;
     let p: Precision = ctx.env.precision.parse().map_err(device_error)?;
-    let c = msmae_backend::select(b, d).map_err(device_error)?;
+    let c = msmae_backend::select_all(b, &d).map_err(device_error)?;
     msmae_backend::precision::set(p);
-    Ok(Runtime { train: c.device.clone().autodiff(), device: c.device })
+    let replicas = c.replicas.iter().map(|d| d.clone().autodiff()).collect();
+    Ok(Runtime { train: c.device.clone().autodiff(), device: c.device, replicas, inference: c.replicas })
 }
 
 /// Seed the backend's RNG for `purpose` (parameter init, an epoch's drop-path).

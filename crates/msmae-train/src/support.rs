@@ -42,6 +42,7 @@ pub fn write_history(ctx: &StageContext<'_>, history: &[EpochLog], extra: serde_
             let mut v = serde_json::to_value(h).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
                 o.remove("seconds");
+                o.remove("comm_seconds");
             }
             v
         })

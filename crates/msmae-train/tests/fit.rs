@@ -66,10 +66,10 @@ impl TrainStep for ToyStep {
         Ok(EpochPlan { spec: LoaderSpec::train(8, (0.5, 1.0)), masking: "none".into(), tokens: 1, refreshed_maps: false })
     }
 
-    fn step(&mut self, model: &Toy, batch: &mut Batch) -> Result<StepLoss, StageError> {
+    fn step(&mut self, model: &Toy, batch: &mut Batch, device: &Device) -> Result<StepLoss, StageError> {
         let n = batch.len();
-        let x = images(batch, &self.table, &self.rt.train).reshape([n, SIZE * SIZE]);
-        let y = Tensor::<1, Int>::from_data(TensorData::new(batch.labels.clone(), [n]), &self.rt.train);
+        let x = images(batch, &self.table, device).reshape([n, SIZE * SIZE]);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(batch.labels.clone(), [n]), device);
         let mut loss = classification_loss(model.fc.forward(x), ClassTargets::Classes(y), 0.0);
         if self.poison == Some((self.epoch, self.batch_in_epoch)) {
             loss = loss * f32::NAN;
@@ -103,7 +103,7 @@ impl Run {
         let dir = tempfile::tempdir().expect("tmp");
         let table = table(dir.path());
         let device = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").device;
-        Run { dir, table, rt: Runtime { train: device.clone().autodiff(), device } }
+        Run { dir, table, rt: Runtime::single(device) }
     }
 
     fn step(&self, scores: Vec<f64>) -> ToyStep {

@@ -132,14 +132,18 @@ impl Mlp {
 }
 
 /// Stochastic depth: drops a residual branch per sample while training (on an autodiff
-/// device); the identity in evaluation.
+/// device); the identity in evaluation. Draws come from the samples' keys when the training
+/// loop set them ([`crate::stochastic`]), else from the device RNG.
 pub fn drop_path(x: Tensor<3>, prob: f64) -> Tensor<3> {
     if prob <= 0.0 || !x.device().is_autodiff() {
         return x;
     }
     let [b, _, _] = x.dims();
     let keep = 1.0 - prob;
-    let mask = Tensor::<3>::random([b, 1, 1], Distribution::Bernoulli(keep), &x.device());
+    let mask = match crate::stochastic::keep_mask(b, keep) {
+        Some(m) => Tensor::<3>::from_data(TensorData::new(m, [b, 1, 1]), &x.device()),
+        None => Tensor::<3>::random([b, 1, 1], Distribution::Bernoulli(keep), &x.device()),
+    };
     x * mask * (1.0 / keep)
 }
 

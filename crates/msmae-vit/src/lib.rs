@@ -15,6 +15,7 @@ pub mod mae;
 pub mod optim;
 pub mod patch;
 pub mod pos_embed;
+pub mod stochastic;
 pub mod vit;
 
 pub use config::{MaeConfig, VitConfig};

@@ -1,0 +1,243 @@
+//! Data-parallel training through the real binary. `--device cpu,cpu` replicates the model
+//! on two devices (two CPU replicas: the code path of `cuda:0,cuda:1`), each taking half of
+//! every global batch; the result must be what one device computes on the same global batch.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const MODEL: &str = "{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
+
+/// A classifier (the supervised attention model, with stochastic depth) and an MAE (with the
+/// MSMAE CLS term), one epoch each at global batch `params.bs`.
+fn pipeline() -> String {
+    format!(
+        r#"name: dp
+seed: 5
+params: {{ bs: 8 }}
+stages:
+  data: {{ uses: ingest/synthetic, with: {{ images: 96, size: 32, previews: 1 }} }}
+  supervised: {{ uses: attention/train-supervised, needs: [data], with: {{ model: {MODEL}, epochs: 1, batch_size: "${{params.bs}}", warmup_epochs: 0, drop_path: 0.2 }} }}
+  mae: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, epochs: 1, batch_size: "${{params.bs}}", warmup_epochs: 0, cls_weight: 0.1, figure_images: 1 }} }}
+"#
+    )
+}
+
+fn msmae(dir: &Path, args: &[&str]) -> Output {
+    Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").env_remove("MSMAE_DEVICE").output().expect("run msmae")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{}", text(&o));
+    text(&o)
+}
+
+/// The committed directory of `stage`'s artifact (from the lock file).
+fn artifact(dir: &Path, stage: &str) -> PathBuf {
+    let lock: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(dir.join("dp.lock")).expect("lock file")).expect("lock yaml");
+    let stages = lock.get("stages").and_then(|s| s.as_sequence()).expect("stages in lock");
+    let d = stages
+        .iter()
+        .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(stage))
+        .and_then(|s| s.get("output")?.get("digest")?.as_str())
+        .unwrap_or_else(|| panic!("`{stage}` in the lock file"))
+        .to_string();
+    dir.join(".msmae").join("objects").join(&d[..2]).join(&d).join("data")
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).expect("json")
+}
+
+/// Every float32 tensor of a safetensors file.
+fn weights(p: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
+        .map(|(name, t)| (name, t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+        .collect()
+}
+
+/// The largest absolute difference between two models' parameters (same names, shapes).
+fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "the same tensors");
+    a.iter().map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max)).fold(0f32, f32::max)
+}
+
+/// An even global batch that gives exactly three optimiser steps in one epoch of `train`
+/// images (full batches only).
+fn three_step_batch(train: usize) -> usize {
+    (2..).step_by(2).find(|b| train / b == 3).unwrap_or_else(|| panic!("no even batch gives 3 steps over {train} images"))
+}
+
+#[test]
+fn two_replicas_give_the_one_device_parameters_after_three_adamw_steps() {
+    let one = tempfile::tempdir().expect("tmp");
+    let two = tempfile::tempdir().expect("tmp");
+    for d in [&one, &two] {
+        fs::write(d.path().join("dp.yaml"), pipeline()).expect("write");
+    }
+    ok(msmae(one.path(), &["run", "dp.yaml", "--until", "data"]));
+    let train = json(&artifact(one.path(), "data").join("split_report.json"))["splits"]["train"]["images"].as_u64().expect("train images") as usize;
+    let bs = three_step_batch(train);
+    let set = format!("params.bs={bs}");
+    ok(msmae(one.path(), &["run", "dp.yaml", "--device", "cpu", "--set", &set]));
+    let log = ok(msmae(two.path(), &["run", "dp.yaml", "--device", "cpu,cpu", "--set", &set]));
+    assert!(log.contains("cpu,cpu"), "the run names its replicas: {log}");
+    for stage in ["supervised", "mae"] {
+        let (a, b) = (artifact(one.path(), stage), artifact(two.path(), stage));
+        let init_moved = weights(&a.join("model.safetensors"));
+        let d = max_diff(&init_moved, &weights(&b.join("model.safetensors")));
+        eprintln!("{stage}: 1 vs 2 replicas, largest parameter difference {d:e}");
+        assert!(d < 1e-5, "{stage}: parameters differ by {d} between 1 and 2 replicas (global batch {bs})");
+        let (ha, hb) = (json(&a.join("history.json")), json(&b.join("history.json")));
+        let loss = |h: &serde_json::Value| h["epochs"][0]["train_loss"].as_f64().expect("train_loss");
+        assert!((loss(&ha) - loss(&hb)).abs() < 1e-5, "{stage}: training loss {} vs {}", loss(&ha), loss(&hb));
+    }
+}
+
+#[test]
+fn the_replica_count_is_run_only_and_a_batch_that_does_not_split_is_refused() {
+    let d = tempfile::tempdir().expect("tmp");
+    fs::write(d.path().join("dp.yaml"), pipeline()).expect("write");
+    let first = ok(msmae(d.path(), &["run", "dp.yaml", "--device", "cpu"]));
+    assert!(first.contains("dp: 3 ran, 0 cached"), "{first}");
+    // Results agree up to float reduction order (the test above), so the replica count is
+    // not part of the key: the same artifacts serve a run on two devices.
+    let again = ok(msmae(d.path(), &["run", "dp.yaml", "--device", "cpu,cpu"]));
+    assert!(again.contains("dp: 0 ran, 3 cached"), "{again}");
+    let why = ok(msmae(d.path(), &["why", "dp.yaml", "supervised", "--device", "cpu,cpu"]));
+    assert!(why.contains("devices cpu,cpu") && why.contains("not in the key"), "{why}");
+    // a global batch of 9 over 2 devices: refused, naming the field, before any training
+    let odd = msmae(d.path(), &["run", "dp.yaml", "--device", "cpu,cpu", "--set", "params.bs=9", "--stage", "supervised"]);
+    assert!(!odd.status.success(), "{}", text(&odd));
+    assert!(text(&odd).contains("batch_size") && text(&odd).contains("does not split evenly over 2 devices"), "{}", text(&odd));
+    let mixed = msmae(d.path(), &["run", "dp.yaml", "--device", "auto,cpu"]);
+    assert!(!mixed.status.success() && text(&mixed).contains("`auto` stands alone"), "{}", text(&mixed));
+}
+
+/// `mpirun -np N msmae ARGS` in `dir`, as CI runs it: as root (the two variables Open MPI
+/// asks for), more processes than cores allowed, no process binding (libtorch threads), and
+/// no single-copy shared memory (containers forbid the cross-process reads it uses).
+fn mpirun(dir: &Path, n: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.current_dir(dir)
+        .args(["-np", &n.to_string(), "--oversubscribe", "--bind-to", "none"])
+        .arg(msmae_tests::msmae_bin())
+        .args(args)
+        .env_remove("MSMAE_STORE")
+        .env_remove("MSMAE_DEVICE")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    c
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "mpi"),
+    ignore = "this build has no MPI: install Open MPI and libclang-dev (Debian: openmpi-bin libopenmpi-dev libclang-dev), then `cargo xtask test`"
+)]
+fn two_mpi_processes_give_the_one_process_parameters() {
+    let one = tempfile::tempdir().expect("tmp");
+    let two = tempfile::tempdir().expect("tmp");
+    for d in [&one, &two] {
+        fs::write(d.path().join("dp.yaml"), pipeline()).expect("write");
+    }
+    ok(msmae(one.path(), &["run", "dp.yaml", "--until", "data"]));
+    let train = json(&artifact(one.path(), "data").join("split_report.json"))["splits"]["train"]["images"].as_u64().expect("train images") as usize;
+    let set = format!("params.bs={}", three_step_batch(train));
+    ok(msmae(one.path(), &["run", "dp.yaml", "--device", "cpu", "--set", &set]));
+    let log = ok(mpirun(two.path(), 2, &["run", "dp.yaml", "--device", "cpu", "--set", &set]).output().expect("mpirun"));
+    assert!(log.contains("× 2 processes (mpi)"), "the run says it is one of two processes: {log}");
+    assert_eq!(log.matches("dp: 3 ran, 0 cached, 0 failed").count(), 1, "rank 0 alone reports: {log}");
+    for stage in ["supervised", "mae"] {
+        let (a, b) = (artifact(one.path(), stage), artifact(two.path(), stage));
+        let d = max_diff(&weights(&a.join("model.safetensors")), &weights(&b.join("model.safetensors")));
+        eprintln!("{stage}: 1 vs 2 processes, largest parameter difference {d:e}");
+        assert!(d < 1e-5, "{stage}: parameters differ by {d} between 1 and 2 processes");
+        let loss = |p: &Path| json(&p.join("history.json"))["epochs"][0]["train_loss"].as_f64().expect("train_loss");
+        assert!((loss(&a) - loss(&b)).abs() < 1e-5, "{stage}: training loss {} vs {}", loss(&a), loss(&b));
+    }
+    // Two ranks × two replicas each: four shares of every global batch.
+    let four = tempfile::tempdir().expect("tmp");
+    fs::write(four.path().join("dp.yaml"), pipeline()).expect("write");
+    let set4 = format!("params.bs={}", (4..).step_by(4).find(|b| train / b == 3).expect("a batch of 4k with three steps"));
+    ok(msmae(four.path(), &["run", "dp.yaml", "--device", "cpu", "--set", &set4, "--until", "supervised"]));
+    let single = weights(&artifact(four.path(), "supervised").join("model.safetensors"));
+    fs::remove_dir_all(four.path().join(".msmae")).expect("fresh store");
+    ok(mpirun(four.path(), 2, &["run", "dp.yaml", "--device", "cpu,cpu", "--set", &set4, "--until", "supervised"]).output().expect("mpirun"));
+    let d = max_diff(&single, &weights(&artifact(four.path(), "supervised").join("model.safetensors")));
+    eprintln!("supervised: 1 device vs 2 processes × 2 replicas, largest parameter difference {d:e}");
+    assert!(d < 1e-5, "2 processes × 2 replicas differ from one device by {d}");
+}
+
+/// A rank killed in the middle of data-parallel training ends the job with a message naming
+/// it; the re-run resumes from rank 0's last checkpoint and commits what an uninterrupted
+/// run commits.
+#[test]
+#[cfg_attr(
+    not(feature = "mpi"),
+    ignore = "this build has no MPI: install Open MPI and libclang-dev (Debian: openmpi-bin libopenmpi-dev libclang-dev), then `cargo xtask test`"
+)]
+fn a_killed_rank_ends_the_job_by_name_and_the_rerun_resumes() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let yaml = format!(
+        "name: dp\nseed: 6\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 128, size: 32, previews: 1 }} }}\n  mae: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, epochs: 30, batch_size: 16, warmup_epochs: 1, figure_images: 1, checkpoint_every: 1 }} }}\n"
+    );
+    let whole = tempfile::tempdir().expect("tmp");
+    let cut = tempfile::tempdir().expect("tmp");
+    for d in [&whole, &cut] {
+        fs::write(d.path().join("dp.yaml"), &yaml).expect("write");
+    }
+    ok(mpirun(whole.path(), 2, &["run", "dp.yaml", "--device", "cpu"]).output().expect("mpirun"));
+    let want = weights(&artifact(whole.path(), "mae").join("model.safetensors"));
+
+    ok(msmae(cut.path(), &["run", "dp.yaml", "--until", "data"]));
+    let mut job = mpirun(cut.path(), 2, &["run", "dp.yaml", "--device", "cpu"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("mpirun");
+    let resume = cut.path().join(".msmae/resume");
+    let t = Instant::now();
+    loop {
+        let state = fs::read_dir(&resume).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path().join("state.json"));
+        let done =
+            state.and_then(|p| fs::read(p).ok()).and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["epochs_done"].as_u64());
+        if done.is_some_and(|n| n >= 2) {
+            break;
+        }
+        assert!(job.try_wait().expect("wait").is_none(), "training finished before a rank could be killed; make it longer");
+        assert!(t.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rank1 = rank_pid(1).expect("the process of rank 1");
+    assert!(Command::new("kill").args(["-KILL", &rank1.to_string()]).status().expect("kill").success());
+    let out = job.wait_with_output().expect("mpirun ends");
+    let said = text(&out);
+    assert!(!out.status.success(), "the job must fail when a rank dies: {said}");
+    eprintln!("the job said: {}", said.lines().filter(|l| l.contains("rank")).collect::<Vec<_>>().join(" / "));
+    assert!(said.contains("rank 1"), "the message names the rank that died: {said}");
+    let again = ok(mpirun(cut.path(), 2, &["run", "dp.yaml", "--device", "cpu"]).output().expect("mpirun"));
+    assert!(again.contains("resuming after epoch"), "{again}");
+    let d = max_diff(&want, &weights(&artifact(cut.path(), "mae").join("model.safetensors")));
+    eprintln!("mae: resumed after a killed rank vs uninterrupted, largest parameter difference {d:e}");
+    assert!(d < 1e-5, "the resumed run differs from the uninterrupted one by {d}");
+}
+
+/// The PID of the `msmae` process that Open MPI started as rank `rank` (from /proc).
+fn rank_pid(rank: usize) -> Option<u32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let exe = fs::read_link(e.path().join("exe")).ok()?;
+        let env = fs::read(e.path().join("environ")).ok()?;
+        let ours = exe.file_name()? == "msmae" && env.split(|b| *b == 0).any(|v| v == want.as_bytes());
+        ours.then_some(pid)
+    })
+}
