@@ -30,3 +30,37 @@ fn built(rel: &str) -> PathBuf {
     assert!(bin.is_file(), "{} not found: run the suite with `cargo xtask test` (it builds the msmae binary and the examples with the tests)", bin.display());
     bin
 }
+
+/// The model of the tiny study: two blocks of width 32 on 8-pixel patches of 32×32 images.
+pub const TINY_MODEL: &str = "{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
+
+/// A tiny MSMAE study that exercises every stage kind of the method's DAG (ingest, the
+/// supervised attention model, maps, masks, MSMAE and MAE pre-training, both fine-tunings,
+/// evaluation, comparison, segmentation, a `repeat:` group of map refreshes) in seconds.
+pub fn tiny_study() -> String {
+    format!(
+        r#"name: tinystudy
+seed: 3
+stages:
+  data: {{ uses: ingest/synthetic, with: {{ images: 160, size: 32, modality: xray, previews: 2, contrast: 0.6, lesion_radius: [0.1, 0.15] }} }}
+  supervised: {{ uses: attention/train-supervised, needs: [data], with: {{ model: {TINY_MODEL}, epochs: 2, batch_size: 16, warmup_epochs: 1 }} }}
+  attn: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 3 }} }}
+  masks: {{ uses: mask/msmae, needs: [attn] }}
+  pretrain: {{ uses: mae/pretrain, needs: [data, masks], with: {{ model: {TINY_MODEL}, epochs: 3, batch_size: 16, warmup_epochs: 1, warmup_mask_epochs: 1, refresh_every: 1, figure_images: 3 }} }}
+  mae: {{ uses: mae/pretrain, needs: [data], with: {{ model: {TINY_MODEL}, epochs: 2, batch_size: 16, warmup_epochs: 1, cls_weight: 0.0, norm_pix_loss: true }} }}
+  ft-msmae: {{ uses: finetune/msmae, needs: [pretrain, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1, refresh_every: 1 }} }}
+  ft-mae: {{ uses: finetune/full, needs: [mae, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1, patience: 1 }} }}
+  eval-msmae: {{ uses: eval/classify, needs: [ft-msmae] }}
+  eval-mae: {{ uses: eval/classify, needs: [ft-mae] }}
+  report: {{ uses: eval/compare, needs: [eval-msmae, eval-mae] }}
+  seg: {{ uses: segment/setr-pup, needs: [pretrain, data], with: {{ epochs: 1, batch_size: 16, head_channels: 8, figure_images: 2 }} }}
+  rounds:
+    repeat: 2
+    init: {{ pretrain: pretrain }}
+    stages:
+      attn: {{ uses: attention/extract, needs: ["${{prev.pretrain}}", data], with: {{ overlays: 1 }} }}
+      masks: {{ uses: mask/msmae, needs: [attn] }}
+      pretrain: {{ uses: mae/pretrain, needs: {{ data: data, masks: masks, init: "${{prev.pretrain}}" }}, with: {{ epochs: 1, batch_size: 16, warmup_epochs: 0, warmup_mask_epochs: 0, figure_images: 1 }} }}
+"#
+    )
+}

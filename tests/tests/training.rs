@@ -8,35 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const MODEL: &str = "{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
-
-fn study() -> String {
-    format!(
-        r#"name: tinystudy
-seed: 3
-stages:
-  data: {{ uses: ingest/synthetic, with: {{ images: 160, size: 32, modality: xray, previews: 2, contrast: 0.6, lesion_radius: [0.1, 0.15] }} }}
-  supervised: {{ uses: attention/train-supervised, needs: [data], with: {{ model: {MODEL}, epochs: 2, batch_size: 16, warmup_epochs: 1 }} }}
-  attn: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 3 }} }}
-  masks: {{ uses: mask/msmae, needs: [attn] }}
-  pretrain: {{ uses: mae/pretrain, needs: [data, masks], with: {{ model: {MODEL}, epochs: 3, batch_size: 16, warmup_epochs: 1, warmup_mask_epochs: 1, refresh_every: 1, figure_images: 3 }} }}
-  mae: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, epochs: 2, batch_size: 16, warmup_epochs: 1, cls_weight: 0.0, norm_pix_loss: true }} }}
-  ft-msmae: {{ uses: finetune/msmae, needs: [pretrain, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1, refresh_every: 1 }} }}
-  ft-mae: {{ uses: finetune/full, needs: [mae, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1, patience: 1 }} }}
-  eval-msmae: {{ uses: eval/classify, needs: [ft-msmae] }}
-  eval-mae: {{ uses: eval/classify, needs: [ft-mae] }}
-  report: {{ uses: eval/compare, needs: [eval-msmae, eval-mae] }}
-  seg: {{ uses: segment/setr-pup, needs: [pretrain, data], with: {{ epochs: 1, batch_size: 16, head_channels: 8, figure_images: 2 }} }}
-  rounds:
-    repeat: 2
-    init: {{ pretrain: pretrain }}
-    stages:
-      attn: {{ uses: attention/extract, needs: ["${{prev.pretrain}}", data], with: {{ overlays: 1 }} }}
-      masks: {{ uses: mask/msmae, needs: [attn] }}
-      pretrain: {{ uses: mae/pretrain, needs: {{ data: data, masks: masks, init: "${{prev.pretrain}}" }}, with: {{ epochs: 1, batch_size: 16, warmup_epochs: 0, warmup_mask_epochs: 0, figure_images: 1 }} }}
-"#
-    )
-}
+use msmae_tests::{TINY_MODEL as MODEL, tiny_study as study};
 
 fn msmae(dir: &Path, backend: &str, args: &[&str]) -> Output {
     Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").env("MSMAE_BACKEND", backend).output().expect("run msmae")

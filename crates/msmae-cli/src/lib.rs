@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use msmae_backend::{BackendRequest, DeviceList, Precision};
+use msmae_backend::{BackendRequest, DeviceList, DeviceRequest, Precision};
 use msmae_core::{CancelToken, Registry};
 use msmae_pipeline::inspect::{self, DagFormat, State};
 use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
@@ -209,7 +209,13 @@ fn store_for(common: &Common) -> Result<Store> {
 }
 
 fn compute(common: &Common) -> Result<msmae_backend::Compute> {
-    let devices: DeviceList = common.device.parse()?;
+    let mut devices: DeviceList = common.device.parse()?;
+    // One process per GPU: under a multi-process launch, `auto` is the GPU of this
+    // process's local rank rather than every GPU of the node.
+    let gpus = msmae_backend::cuda_device_count();
+    if devices.0 == [DeviceRequest::Auto] && !msmae_dist::group().is_solo() && gpus > 0 {
+        devices = DeviceList(vec![DeviceRequest::Cuda(msmae_dist::local_rank() % gpus)]);
+    }
     let backend: BackendRequest = common.backend.parse()?;
     let precision: Precision = common.precision.parse()?;
     Ok(msmae_backend::select_all(backend, &devices)?.with_precision(precision))

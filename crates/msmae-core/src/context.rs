@@ -63,6 +63,7 @@ pub struct StageContext<'a> {
     output: OutputDecl,
     inputs: BTreeMap<String, Vec<InputArtifact>>,
     resume_dir: Option<PathBuf>,
+    group: std::sync::Arc<dyn msmae_dist::Collective>,
 }
 
 impl std::fmt::Debug for StageContext<'_> {
@@ -90,7 +91,20 @@ impl<'a> StageContext<'a> {
         output: OutputDecl,
         inputs: BTreeMap<String, Vec<InputArtifact>>,
     ) -> Self {
-        Self { name, seed, env, threads, cancel, progress, out_dir, base_dir, output, inputs, resume_dir: None }
+        Self { name, seed, env, threads, cancel, progress, out_dir, base_dir, output, inputs, resume_dir: None, group: std::sync::Arc::new(msmae_dist::Solo) }
+    }
+
+    /// The processes this stage runs on together: the runner sets the launch's group for a
+    /// data-parallel stage of a multi-process run; every other stage runs alone (Solo), so
+    /// it can never wait in a collective the other ranks do not enter.
+    pub fn with_group(mut self, group: std::sync::Arc<dyn msmae_dist::Collective>) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// See [`Self::with_group`].
+    pub fn group(&self) -> &dyn msmae_dist::Collective {
+        &*self.group
     }
 
     /// Give the stage a directory that survives a killed run (the runner keys it by the

@@ -71,6 +71,8 @@ pub trait Stage: Send + Sync + 'static {
     /// Whether the stage trains data-parallel (through msmae-train's one loop): under a
     /// multi-process launch (`mpirun`, `srun`) every rank runs it on its share of each
     /// global batch and rank 0 commits the artifact; every other stage runs on rank 0 alone.
+    /// Such a stage's `batch_size` field is the global batch: the runner refuses, before
+    /// anything runs, one that does not split evenly over the devices of every process.
     const DATA_PARALLEL: bool = false;
 
     /// Digest of the code behind this stage: `msmae_core::code_fingerprint!()`.

@@ -131,6 +131,13 @@ impl Collective for Solo {
 }
 
 static GROUP: OnceLock<Arc<dyn Collective>> = OnceLock::new();
+static LOCAL_RANK: OnceLock<usize> = OnceLock::new();
+
+/// This process's rank among those of its node (0 alone): the GPU a process takes when it
+/// is told `--device auto` in a multi-process launch.
+pub fn local_rank() -> usize {
+    LOCAL_RANK.get().copied().unwrap_or(0)
+}
 
 /// The process group set by [`init`] ([`Solo`] before, and in programs that never call it).
 pub fn group() -> Arc<dyn Collective> {
@@ -179,6 +186,7 @@ fn init_from(world: Option<WorldEnv>) -> Result<Guard, DistError> {
             return Err(DistError::Mismatch { launcher: w.launcher, rank: w.rank, size: w.size, mpi_rank: g.rank(), mpi_size: g.size() });
         }
         tracing::debug!("rank {} of {} ({}), local rank {}", w.rank, w.size, w.launcher, w.local_rank);
+        let _ = LOCAL_RANK.set(w.local_rank);
         let _ = GROUP.set(Arc::new(g));
         Ok(Guard { mpi: true })
     }

@@ -241,6 +241,7 @@ enum Msg {
 pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progress) -> Result<RunReport> {
     let t0 = Instant::now();
     let sel = select(plan, opts)?;
+    check_global_batches(plan, &sel, opts)?;
     let lock_path = opts.lock_file.clone().unwrap_or_else(|| lockfile::default_path(&plan.spec.file));
     let lock = LockFile::read(&lock_path, &plan.spec.name)?;
     let order: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
@@ -349,6 +350,35 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
     Ok(RunReport { pipeline: plan.spec.name.clone(), stages, seconds: t0.elapsed().as_secs_f64(), lock_file: lock_path })
 }
 
+/// Every data-parallel stage about to run splits its global batch (`batch_size`) evenly over
+/// the devices of every process: refused before anything runs rather than silently changed.
+fn check_global_batches(plan: &Plan, sel: &Selection, opts: &RunOptions) -> Result<()> {
+    let shares = opts.env.device.split(',').count() * opts.group.size();
+    if shares <= 1 {
+        return Ok(());
+    }
+    let errors: Vec<crate::error::SpecError> = sel
+        .needed
+        .iter()
+        .map(|&i| &plan.nodes[i])
+        .filter(|n| n.kind.data_parallel())
+        .filter_map(|n| Some((n, n.prepared.config_json().get("batch_size")?.as_u64()? as usize)))
+        .filter(|(_, b)| !b.is_multiple_of(shares))
+        .map(|(n, b)| crate::error::SpecError {
+            file: plan.spec.file.clone(),
+            line: 0,
+            column: 0,
+            key: format!("stages.{}.with.batch_size", n.name),
+            message: format!(
+                "the global batch of {b} does not split evenly over {shares} devices ({} per process × {} processes); use a multiple of {shares} (the batch is never changed silently)",
+                shares / opts.group.size(),
+                opts.group.size()
+            ),
+        })
+        .collect();
+    if errors.is_empty() { Ok(()) } else { Err(Error::Spec(crate::error::SpecErrors(errors))) }
+}
+
 /// The outcome node `i` takes from a dependency that failed, was blocked or cancelled, or
 /// (in a dry run) would run; `None` while its dependencies are fine.
 fn inherited_outcome(plan: &Plan, i: usize, outcome: &[Option<Outcome>]) -> Option<Outcome> {
@@ -417,7 +447,7 @@ impl Job<'_> {
         let key = resume.file_name().map(|k| k.to_string_lossy().into_owned()).unwrap_or_default();
         let out = self.store.root().join("tmp").join(format!("{key}.rank{}", g.rank()));
         let res = std::fs::create_dir_all(out.join("data")).map_err(|e| format!("creating {}: {e}", out.display())).and_then(|()| {
-            let mut ctx = self.context(node, out.join("data")).with_resume_dir(resume.to_path_buf());
+            let mut ctx = self.context(node, out.join("data")).with_resume_dir(resume.to_path_buf()).with_group(self.opts.group.clone());
             std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx)))
                 .map_err(|p| format!("panicked: {}", panic_text(&p)))?
                 .map_err(|e| chain(&e))
@@ -520,6 +550,7 @@ impl Job<'_> {
         } else {
             // Every rank runs it; a failure here while others wait in a collective ends the job.
             tell(g, &Word::Start { resume });
+            ctx = ctx.with_group(self.opts.group.clone());
             match std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx))) {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => abort_job(g, &node.name, &chain(&e)),

@@ -177,12 +177,12 @@ pub fn fit<S: TrainStep>(
     if data.rows.len() < opts.batch_size {
         return Err(StageError::data(&data.table.path, None, format!("{} training images, fewer than one batch of {}", data.rows.len(), opts.batch_size)));
     }
-    let comm = msmae_dist::group();
+    let comm = ctx.group();
     check_shards(opts.batch_size, rt.replicas.len() * comm.size())?;
     let resume = Resume::of(ctx);
     let mut run = restore(ctx, &resume, step, model, &optimizer, opts)?;
     if !comm.is_solo() {
-        run = join_ranks(ctx, &*comm, run)?;
+        run = join_ranks(ctx, comm, run)?;
     }
     step.start(&run.model);
     let bar = ctx.progress.bar(Some((opts.epochs - run.start) as u64), &format!("{}: epochs", ctx.name));
@@ -191,7 +191,7 @@ pub fn fit<S: TrainStep>(
         let plan = step.epoch_plan(epoch, &run.model, ctx)?;
         seed_backend(rt, ctx.seed, "epoch", epoch as u64);
         let t = Instant::now();
-        let (model, sums) = train_epoch(ctx, rt, &*comm, data, step, run.model, &mut run.optim, plan.spec.clone(), epoch, opts)?;
+        let (model, sums) = train_epoch(ctx, rt, comm, data, step, run.model, &mut run.optim, plan.spec.clone(), epoch, opts)?;
         run.model = model;
         let seconds = t.elapsed().as_secs_f64();
         let val = step.validate(&run.model, ctx)?;

@@ -29,7 +29,9 @@ pub struct MapState {
 }
 
 /// CLS-attention maps (METHOD.md §2) of `rows`, by row: the model in eval mode, the
-/// stored image without augmentation.
+/// stored image without augmentation. In a data-parallel stage of a multi-process run
+/// (`ctx.group()`), each rank computes its share of the rows and the maps are gathered on
+/// every rank (an all-reduce of zero-padded maps, exact since x + 0 = x).
 pub fn attention_maps(
     vit: &VisionTransformer,
     table: &Arc<ImageTable>,
@@ -39,7 +41,25 @@ pub fn attention_maps(
     rt: &Runtime,
     ctx: &StageContext<'_>,
 ) -> Result<Maps, StageError> {
-    attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), rt, ctx, |_, _, _| Ok(()))
+    let g = ctx.group();
+    if g.is_solo() {
+        return attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), rt, ctx, |_, _, _| Ok(()));
+    }
+    let mine = msmae_dist::share(rows.len(), g.size(), g.rank());
+    let local = attention_pass(vit, table, &rows[mine.clone()], norm, LoaderSpec::eval(batch_size), rt, ctx, |_, _, _| Ok(()))?;
+    let l = vit.pos_embed.dims()[1] - 1; // patches (the position table also holds the CLS slot)
+    let mut flat = vec![0f32; rows.len() * l];
+    for (k, r) in rows.iter().enumerate().skip(mine.start).take(mine.len()) {
+        let m = local.get(r).ok_or_else(|| StageError::other(format!("no attention map for table row {r}")))?;
+        if m.len() != l {
+            return Err(StageError::other(format!("an attention map of {} patches where the grid has {l}", m.len())));
+        }
+        flat[k * l..(k + 1) * l].copy_from_slice(m);
+    }
+    for chunk in flat.chunks_mut(crate::dist::BUCKET) {
+        g.all_reduce_sum(chunk);
+    }
+    Ok(rows.iter().enumerate().map(|(k, r)| (*r, flat[k * l..(k + 1) * l].to_vec())).collect())
 }
 
 /// [`attention_maps`] with a look at every image as its map is computed: `visit(batch,
