@@ -422,7 +422,7 @@ impl Job<'_> {
         };
         if !g.is_solo() {
             let Msg::Done { outcome, entry, key, .. } = &msg;
-            tell(g, &Word::Done { outcome: outcome.clone(), entry: entry.as_deref().cloned(), key: key.clone() });
+            tell(g, &Word::Done { outcome: outcome.clone(), entry: entry.clone(), key: key.clone() });
         }
         msg
     }
@@ -434,7 +434,7 @@ impl Job<'_> {
         loop {
             match hear(g) {
                 Word::Start { resume } => self.join(&resume),
-                Word::Done { outcome, entry, key } => return Msg::Done { i: self.i, outcome, entry: entry.map(Box::new), key },
+                Word::Done { outcome, entry, key } => return Msg::Done { i: self.i, outcome, entry, key },
             }
         }
     }
@@ -587,7 +587,7 @@ enum Word {
     /// A data-parallel stage starts: run your part (checkpoints in `resume`).
     Start { resume: PathBuf },
     /// The stage's outcome, to adopt.
-    Done { outcome: Outcome, entry: Option<IndexEntry>, key: Option<String> },
+    Done { outcome: Outcome, entry: Option<Box<IndexEntry>>, key: Option<String> },
 }
 
 fn tell(g: &dyn Collective, w: &Word) {

@@ -292,7 +292,6 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     runtime::materialise(&model);
     let new_optim = || AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
     let mut step = SegStep {
-        rt: rt.clone(),
         table: table.clone(),
         batch_size: c.batch_size,
         augment: c.augment.then_some((c.crop_scale[0], c.crop_scale[1])),
@@ -395,7 +394,6 @@ fn metrics_json(ctx: &StageContext<'_>, table: &ImageTable, per_image: Vec<serde
 /// on one-hot class masks, of the SETR-PUP heads' logits.
 #[derive(Debug)]
 struct SegStep {
-    rt: Runtime,
     table: Arc<ImageTable>,
     batch_size: usize,
     augment: Option<(f64, f64)>,

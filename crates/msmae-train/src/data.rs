@@ -432,7 +432,7 @@ impl Batch {
     pub fn split(self, parts: usize) -> Vec<Batch> {
         let n = self.len();
         let parts = parts.max(1);
-        let per = |v: usize| if n == 0 { 0 } else { v / n };
+        let per = |v: usize| v.checked_div(n).unwrap_or(0);
         let (img, tgt) = (per(self.images.len()), per(self.targets.len()));
         let (mut images, mut targets) = (self.images.into_iter(), self.targets.into_iter());
         let (mut plans, mut lesions) = (self.plans.into_iter(), self.lesions.into_iter());

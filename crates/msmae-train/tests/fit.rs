@@ -39,7 +39,6 @@ struct Toy {
 
 /// A step with scripted validation scores and an optional poisoned step.
 struct ToyStep {
-    rt: Runtime,
     table: Arc<ImageTable>,
     scores: Vec<f64>,
     /// Return a NaN loss at this (epoch, step).
@@ -107,7 +106,7 @@ impl Run {
     }
 
     fn step(&self, scores: Vec<f64>) -> ToyStep {
-        ToyStep { rt: self.rt.clone(), table: self.table.clone(), scores, poison: None, cancel_at: None, epoch: 0, batch_in_epoch: 0, snapshots: Vec::new() }
+        ToyStep { table: self.table.clone(), scores, poison: None, cancel_at: None, epoch: 0, batch_in_epoch: 0, snapshots: Vec::new() }
     }
 
     /// Train from a seeded initialisation with checkpoints in `resume/` every epoch.
