@@ -23,6 +23,22 @@ pub const TCH_FEATURES: &str = "msmae-backend/tch";
 /// and the tests that launch `mpirun`.
 pub const MPI_FEATURES: &str = "msmae-cli/mpi,msmae-tests/mpi";
 
+/// The Slurm tests start a one-node cluster from the system's Slurm and munge, as root.
+pub const SLURM_FEATURES: &str = "msmae-tests/slurm";
+
+/// Whether the Slurm tests can run here: root, and `slurmctld`, `slurmd`, `sbatch` and
+/// `munged` installed (`MSMAE_SLURM_TESTS=0|1` decides instead).
+pub fn slurm_testable() -> bool {
+    match std::env::var("MSMAE_SLURM_TESTS").ok().as_deref() {
+        Some("0") => return false,
+        Some("1") => return true,
+        _ => {}
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let found = |p: &str| ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].iter().any(|d| Path::new(d).join(p).is_file());
+    root && ["slurmctld", "slurmd", "sbatch", "munged"].iter().all(|p| found(p))
+}
+
 /// Whether this machine can build MPI in: `MSMAE_MPI=0|1` decides, else an `mpicc` on the
 /// PATH and a libclang for rsmpi's bindings. The answer is the same for every command on a
 /// machine, so every command uses one feature set.
@@ -131,6 +147,8 @@ pub struct Toolchain {
     pub target_dir: PathBuf,
     /// Build MPI in ([`MPI_FEATURES`]).
     pub mpi: bool,
+    /// Run the Slurm tests ([`SLURM_FEATURES`]).
+    pub slurm: bool,
 }
 
 impl Toolchain {
@@ -156,6 +174,7 @@ impl Toolchain {
         let mut tc = Self::with_env(flavour, env, unset, shared_target, link, triple);
         // The GPU bundle stays self-contained: the GPU machine need not have an MPI.
         tc.mpi = flavour != Flavour::Bundle && mpi_available();
+        tc.slurm = flavour != Flavour::Bundle && slurm_testable();
         Ok(tc)
     }
 
@@ -172,7 +191,7 @@ impl Toolchain {
         if !link.is_empty() {
             env.push((ENCODED_RUSTFLAGS.into(), link.join("\x1f")));
         }
-        Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target), mpi: false }
+        Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target), mpi: false, slurm: false }
     }
 
     /// Where the release artifacts land (`<target dir>[/<triple>]/release`).
@@ -189,7 +208,8 @@ impl Toolchain {
         c.current_dir(root);
         c.args(args);
         c.arg("--release");
-        let features: Vec<&str> = self.flavour.features().into_iter().chain(self.mpi.then_some(MPI_FEATURES)).collect();
+        let features: Vec<&str> =
+            self.flavour.features().into_iter().chain(self.mpi.then_some(MPI_FEATURES)).chain(self.slurm.then_some(SLURM_FEATURES)).collect();
         if !features.is_empty() {
             c.args(["--features", &features.join(",")]);
         }

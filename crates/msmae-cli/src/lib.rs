@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use msmae_backend::{BackendRequest, DeviceList, DeviceRequest, Precision};
-use msmae_core::{CancelToken, Registry};
+use msmae_core::{CancelToken, ExecEnv, Registry};
 use msmae_pipeline::inspect::{self, DagFormat, State};
 use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
 
@@ -73,6 +73,12 @@ pub struct Common {
     pub backend: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorArg {
+    Local,
+    Slurm,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Format {
     Text,
@@ -110,6 +116,32 @@ pub enum Command {
         /// Fail instead of waiting when another runner is computing a stage.
         #[arg(long)]
         no_wait: bool,
+        /// Where stages run: `local` (threads of this process) or `slurm` (one job per
+        /// stage, this process driving from the login node; the store must be shared).
+        #[arg(long, value_enum, default_value = "local")]
+        executor: ExecutorArg,
+        /// Slurm profile (YAML: partition, account, qos, gpu_flag, mpi, extra, light,
+        /// training); none of it enters the cache key.
+        #[arg(long, env = "MSMAE_SLURM_PROFILE")]
+        profile: Option<PathBuf>,
+        /// Resubmissions of a Slurm job ended by its time limit, a node failure or preemption
+        /// (the stage resumes from its checkpoint).
+        #[arg(long, default_value_t = 1)]
+        retries: usize,
+    },
+    /// What a Slurm job runs: one stage of a pipeline into the shared store (hidden).
+    #[command(hide = true)]
+    RunStage {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        stage: String,
+        /// The key the driver submitted the stage under.
+        #[arg(long)]
+        key: String,
+        /// Where to write the outcome (JSON, atomically) for the driver.
+        #[arg(long)]
+        outcome: PathBuf,
     },
     /// Which stages are up to date, which would run and why.
     #[command(after_help = "Example:\n  msmae status pipelines/quickstart.yaml")]
@@ -221,6 +253,100 @@ fn compute(common: &Common) -> Result<msmae_backend::Compute> {
     Ok(msmae_backend::select_all(backend, &devices)?.with_precision(precision))
 }
 
+/// The environment Slurm jobs compute in, as asked (`--device cpu|cuda…`; `auto` is CUDA
+/// when the profile gives training stages GPUs): not checked against this machine, which
+/// is the login node.
+fn cluster_compute(common: &Common) -> Result<msmae_backend::Compute> {
+    let devices: DeviceList = common.device.parse()?;
+    let precision: Precision = common.precision.parse()?;
+    let backend: BackendRequest = common.backend.parse()?;
+    // The CPU form of the request resolves the backend and checks flags here.
+    let mut c = msmae_backend::select(backend, DeviceRequest::Cpu)?.with_precision(precision);
+    let cuda = devices.0.iter().any(|d| matches!(d, DeviceRequest::Cuda(_)));
+    let auto = devices.0 == [DeviceRequest::Auto];
+    if cuda || auto {
+        c.env.device = if auto { "auto".into() } else { devices.to_string() };
+        c.env.device_kind = "cuda".into();
+    }
+    Ok(c)
+}
+
+fn slurm_options(common: &Common, store: &Store, env: &ExecEnv, profile: Option<&Path>, retries: usize) -> Result<msmae_pipeline::slurm::SlurmOptions> {
+    let profile = match profile {
+        Some(p) => msmae_pipeline::slurm::Profile::load(p)?,
+        None => Default::default(),
+    };
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut args: Vec<String> = vec![abs(&common.pipeline).to_string_lossy().into_owned(), "--store".into(), abs(store.root()).to_string_lossy().into_owned()];
+    for s in &common.set {
+        args.extend(["--set".into(), format!("{}={}", s.path, s.value)]);
+    }
+    let device = if env.device_kind == "cuda" && env.device == "auto" { "cuda".to_string() } else { env.device.clone() };
+    args.extend(["--device".into(), device, "--backend".into(), env.backend.clone(), "--precision".into(), env.precision.clone()]);
+    let secs = |var: &str, default: f64| std::env::var(var).ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(default);
+    Ok(msmae_pipeline::slurm::SlurmOptions {
+        profile,
+        exe: std::env::current_exe().context("locating the msmae binary for the jobs")?,
+        args,
+        run_id: format!("{}-{}", msmae_pipeline::store::now_rfc3339().replace([':', '+'], ""), std::process::id()),
+        poll: std::time::Duration::from_secs_f64(secs("MSMAE_SLURM_POLL", 2.0)),
+        grace: std::time::Duration::from_secs_f64(secs("MSMAE_SLURM_GRACE", 30.0)),
+        retries,
+    })
+}
+
+/// `run-stage`: one stage in a Slurm job. Writes the outcome file in every case but a kill.
+fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outcome: &Path) -> Result<ExitCode> {
+    let host = msmae_pipeline::store::Host::current().hostname;
+    let t = std::time::Instant::now();
+    let result = (|| -> Result<msmae_pipeline::RunReport> {
+        let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+        let store = store_for(common)?;
+        // The device this job was keyed for, resolved here: a node without it fails.
+        let compute = compute(common)?;
+        let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
+        tools.insert("msmae".into(), env!("CARGO_PKG_VERSION").into());
+        let opts = RunOptions {
+            stage: Some(stage.to_string()),
+            expect_key: Some(key.to_string()),
+            update_lock: false,
+            env: compute.env.clone(),
+            tools,
+            cancel: cancel_on_ctrl_c(),
+            lock_file: Some(lock_path(common)),
+            group: msmae_dist::group(),
+            ..RunOptions::default()
+        };
+        Ok(msmae_pipeline::run(&plan, &store, &opts, &msmae_core::NoProgress)?)
+    })();
+    let out = match &result {
+        Ok(r) => match r.stage(stage).map(|s| &s.outcome) {
+            Some(Outcome::Ran { .. }) => ("ran", None),
+            Some(Outcome::Cached) => ("cached", None),
+            Some(Outcome::Cancelled) => ("cancelled", None),
+            Some(Outcome::Failed { error }) => ("failed", Some(error.clone())),
+            Some(o) => ("failed", Some(format!("stage ended {}", o.label()))),
+            None => ("failed", Some(format!("no stage `{stage}` in the report"))),
+        },
+        Err(e) => ("failed", Some(msmae_core::error::chain(e.as_ref()))),
+    };
+    if let Some(e) = &out.1 {
+        eprintln!("error: stage `{stage}`: {e}");
+    }
+    let record = msmae_pipeline::slurm::JobOutcome {
+        stage: stage.to_string(),
+        key: Some(key.to_string()),
+        outcome: out.0.to_string(),
+        error: out.1.clone(),
+        seconds: t.elapsed().as_secs_f64(),
+        host,
+    };
+    if msmae_dist::group().rank() == 0 {
+        record.write(outcome)?;
+    }
+    Ok(if out.0 == "ran" || out.0 == "cached" { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn lock_path(common: &Common) -> PathBuf {
     common.lock.clone().unwrap_or_else(|| lockfile::default_path(&common.pipeline))
 }
@@ -233,10 +359,18 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait } => {
+        Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait, executor, profile, retries } => {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
-            let compute = compute(&common)?;
+            // Under Slurm the jobs compute, on their nodes: the key's environment is the one
+            // asked for, resolved there (a job that cannot get it fails), not this machine's.
+            let compute = if executor == ExecutorArg::Slurm { cluster_compute(&common)? } else { compute(&common)? };
+            let executor = match executor {
+                ExecutorArg::Local => msmae_pipeline::Executor::Local,
+                ExecutorArg::Slurm => {
+                    msmae_pipeline::Executor::Slurm(std::sync::Arc::new(slurm_options(&common, &store, &compute.env, profile.as_deref(), retries)?))
+                }
+            };
             let cancel = cancel_on_ctrl_c();
             let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
             tools.insert("msmae".into(), env!("CARGO_PKG_VERSION").into());
@@ -253,6 +387,9 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 cancel,
                 lock_file: Some(lock_path(&common)),
                 group: msmae_dist::group(),
+                executor,
+                expect_key: None,
+                update_lock: true,
             };
             let g = msmae_dist::group();
             let ranks = if g.is_solo() { String::new() } else { format!(" × {} processes ({})", g.size(), g.name()) };
@@ -272,6 +409,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::RunStage { common, stage, key, outcome } => run_stage(registry, &common, &stage, &key, &outcome),
         Command::Status { common } => {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;

@@ -79,6 +79,8 @@ pub enum Error {
     },
     #[error("stage `{stage}` output: {message}")]
     Output { stage: String, message: String },
+    #[error("slurm: {0}")]
+    Slurm(String),
     #[error("stage `{stage}` was cancelled")]
     Cancelled { stage: String },
     #[error("lock file {path}: {message}")]

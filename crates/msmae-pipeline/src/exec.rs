@@ -59,6 +59,25 @@ pub struct RunOptions {
     pub lock_file: Option<PathBuf>,
     /// The processes of a multi-process launch ([`msmae_dist::Solo`]: this one alone).
     pub group: Arc<dyn Collective>,
+    /// Where stages execute: threads of this process, or Slurm jobs.
+    pub executor: Executor,
+    /// `run-stage` (what a Slurm job runs): the key the `--stage` was submitted for. The
+    /// stage is refused if its key differs now (code, config, inputs or environment changed
+    /// since), and served from the cache if another runner produced it meanwhile.
+    pub expect_key: Option<String>,
+    /// Whether this run records its stages in the lock file (a Slurm job does not: its
+    /// driver is the lock file's one writer).
+    pub update_lock: bool,
+}
+
+/// Where the stages that must run execute.
+#[derive(Debug, Clone, Default)]
+pub enum Executor {
+    /// Threads of this process, within the `jobs` slot budget.
+    #[default]
+    Local,
+    /// One Slurm job per stage ([`crate::slurm`]).
+    Slurm(Arc<crate::slurm::SlurmOptions>),
 }
 
 impl Default for RunOptions {
@@ -76,6 +95,9 @@ impl Default for RunOptions {
             cancel: CancelToken::new(),
             lock_file: None,
             group: Arc::new(msmae_dist::Solo),
+            executor: Executor::Local,
+            expect_key: None,
+            update_lock: true,
         }
     }
 }
@@ -170,7 +192,10 @@ fn select(plan: &Plan, o: &RunOptions) -> Result<Selection> {
     if let Some(s) = &o.stage {
         let i = node_index(plan, s)?;
         selected = BTreeSet::from([i]);
-        forced.insert(i);
+        // A submitted job (`expect_key`) serves what another runner produced meanwhile.
+        if o.expect_key.is_none() {
+            forced.insert(i);
+        }
     }
     if let Some(s) = &o.from {
         let i = node_index(plan, s)?;
@@ -261,8 +286,16 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
             *o = Some(Outcome::Skipped);
         }
     }
-    // The ranks of a multi-process run walk the DAG in lockstep: one stage at a time.
-    let budget = if opts.group.is_solo() { opts.jobs.max(1) } else { 1 };
+    // The ranks of a multi-process run walk the DAG in lockstep: one stage at a time. Under
+    // Slurm every ready stage is submitted at once (the scheduler shares the cluster out).
+    let slurm = matches!(opts.executor, Executor::Slurm(_));
+    let budget = if slurm {
+        n.max(1)
+    } else if opts.group.is_solo() {
+        opts.jobs.max(1)
+    } else {
+        1
+    };
     let (tx, rx) = mpsc::channel::<Msg>();
     let mut result: Result<()> = Ok(());
     std::thread::scope(|scope| {
@@ -284,7 +317,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
                     outcome[i] = Some(Outcome::Cancelled);
                     continue;
                 }
-                let slots = node.resources.slots(budget);
+                let slots = if slurm { 1 } else { node.resources.slots(budget) };
                 let used: usize = running.values().sum();
                 if used > 0 && used + slots > budget {
                     continue;
@@ -322,6 +355,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
                 digests.insert(i, e.artifact.clone());
                 if !opts.dry_run
                     && leader
+                    && opts.update_lock
                     && let Err(err) = lockfile::update(store, &lock_path, &plan.spec.name, &order, &[(name.clone(), *e)])
                 {
                     result = Err(err);
@@ -427,6 +461,86 @@ impl Job<'_> {
         msg
     }
 
+    /// Run the stage as a Slurm job: submit, wait, adopt what the job committed; resubmit
+    /// after a time limit, node failure or preemption while `--retries` allows.
+    fn on_slurm(&self, s: &crate::slurm::SlurmOptions, node: &Node, key: &str) -> Msg {
+        use crate::slurm::{JobEnd, Submission};
+        let fail = |error: String| Msg::Done { i: self.i, outcome: Outcome::Failed { error }, entry: None, key: Some(key.to_string()) };
+        let dir = self.store.root().join("slurm").join(&s.run_id);
+        let outcome = dir.join(format!("{}.outcome.json", node.name));
+        let log = dir.join(format!("{}-%j.log", node.name));
+        let defaults = if node.kind.uses_backend() { &s.profile.training } else { &s.profile.light };
+        let script = crate::slurm::script(s, &self.plan.spec.name, &node.name, key, node.kind.data_parallel(), &node.cluster.or(defaults), &log, &outcome);
+        for attempt in 0..=s.retries {
+            let _ = std::fs::remove_file(&outcome);
+            let job = match crate::slurm::submit(&dir, &node.name, &script) {
+                Ok(j) => j,
+                Err(e) => return fail(chain(&e)),
+            };
+            let sub = Submission { job, log: log.clone(), outcome: outcome.clone() };
+            let log_file = crate::slurm::log_path(&sub);
+            tracing::info!("`{}`: Slurm job {} (log {})", node.name, sub.job, log_file.display());
+            let end = match crate::slurm::wait(s, &sub, &|| self.opts.cancel.is_cancelled()) {
+                Ok(e) => e,
+                Err(e) => {
+                    crate::slurm::cancel(&sub.job);
+                    return fail(chain(&e));
+                }
+            };
+            match end {
+                JobEnd::Outcome(o) if o.outcome == "ran" || o.outcome == "cached" => {
+                    return match self.store.lookup(key) {
+                        Ok(Some(entry)) => {
+                            let unchanged = self.previous.as_ref().is_some_and(|(_, d)| d == &entry.artifact);
+                            let outcome = if o.outcome == "ran" { Outcome::Ran { seconds: o.seconds, unchanged } } else { Outcome::Cached };
+                            Msg::Done { i: self.i, outcome, entry: Some(Box::new(entry)), key: Some(key.to_string()) }
+                        }
+                        Ok(None) => fail(format!(
+                            "Slurm job {} says `{}` {} but the store has no artifact for its key (is the store on a filesystem the nodes share?); log {}",
+                            sub.job,
+                            node.name,
+                            o.outcome,
+                            log_file.display()
+                        )),
+                        Err(e) => fail(chain(&e)),
+                    };
+                }
+                JobEnd::Outcome(o) if o.outcome == "cancelled" => {
+                    return Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key.to_string()) };
+                }
+                JobEnd::Outcome(o) => {
+                    return fail(format!(
+                        "Slurm job {} on {} failed: {}; log {}",
+                        sub.job,
+                        o.host,
+                        o.error.unwrap_or_else(|| o.outcome.clone()),
+                        log_file.display()
+                    ));
+                }
+                JobEnd::Cancelled => return Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key.to_string()) },
+                JobEnd::Lost => return fail(format!("Slurm job {} left the queue without an outcome; log {}", sub.job, log_file.display())),
+                JobEnd::Retryable(why) if attempt < s.retries => {
+                    tracing::warn!(
+                        "`{}`: Slurm job {} ended by {why}; resubmitting from its checkpoint ({} of {} retries)",
+                        node.name,
+                        sub.job,
+                        attempt + 1,
+                        s.retries
+                    );
+                }
+                JobEnd::Retryable(why) => {
+                    return fail(format!(
+                        "Slurm job {} ended by {why} (a timeout: raise `resources: time`), after {} retries; log {}",
+                        sub.job,
+                        s.retries,
+                        log_file.display()
+                    ));
+                }
+            }
+        }
+        fail("no Slurm attempt ran".into())
+    }
+
     /// A rank other than 0: adopt rank 0's outcome of this stage, after running its part of
     /// the stage when rank 0 announces a data-parallel run.
     fn follow(&self) -> Msg {
@@ -494,6 +608,18 @@ impl Job<'_> {
             Err(e) => return fail(chain(&e), None),
         };
         let key = parts.key();
+        if let Some(want) = &self.opts.expect_key
+            && self.selected
+            && want != &key
+        {
+            let env = show_env(parts.env.as_ref());
+            return fail(
+                format!(
+                    "its key here is {key}, not {want} as submitted (computing on {env}): the code, config, inputs or environment changed since; re-run the driver"
+                ),
+                Some(key),
+            );
+        }
         let cached = match self.store.lookup(&key) {
             Ok(c) => c,
             Err(e) => return fail(chain(&e), Some(key)),
@@ -516,6 +642,9 @@ impl Job<'_> {
                 (None, _) => vec!["never run".to_string()],
             };
             return Msg::Done { i: self.i, outcome: Outcome::WouldRun { reasons }, entry: None, key: Some(key) };
+        }
+        if let Executor::Slurm(s) = &self.opts.executor {
+            return self.on_slurm(s, node, &key);
         }
         let _lock = match self.store.lock_key(&key, &format!("stage `{}` of {}", node.name, self.plan.spec.name), self.opts.wait) {
             Ok(l) => l,
@@ -615,4 +744,8 @@ fn abort_job(g: &dyn Collective, stage: &str, error: &str) -> ! {
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
+}
+
+fn show_env(e: Option<&EnvKey>) -> String {
+    e.map(|e| format!("{}/{}/{}", e.backend, e.device_kind, e.precision)).unwrap_or_else(|| "-".into())
 }

@@ -11,11 +11,12 @@ pub mod key;
 pub mod locate;
 pub mod lockfile;
 pub mod plan;
+pub mod slurm;
 pub mod spec;
 pub mod store;
 
 pub use error::{Error, Result, SpecError, SpecErrors};
-pub use exec::{Outcome, RunOptions, RunReport, StageReport, run};
+pub use exec::{Executor, Outcome, RunOptions, RunReport, StageReport, run};
 pub use lockfile::LockFile;
 pub use plan::{Plan, plan};
 pub use spec::{Override, PipelineSpec, load, parse};

@@ -30,6 +30,8 @@ pub struct Node {
     pub external: Vec<PathBuf>,
     pub resources: Resources,
     pub description: Option<String>,
+    /// What a Slurm job of this stage asks for (the pipeline's `resources:`).
+    pub cluster: crate::slurm::StageResources,
 }
 
 impl std::fmt::Debug for Node {
@@ -354,6 +356,7 @@ fn build_nodes(spec: &PipelineSpec, prepared: &Prepared, bindings: &[BTreeMap<St
                 external: p.external_inputs(&spec.base_dir),
                 resources: p.resources(),
                 description: s.description.clone(),
+                cluster: s.resources.clone(),
                 kind,
                 prepared: p,
             })

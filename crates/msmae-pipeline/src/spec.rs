@@ -29,7 +29,7 @@ use crate::error::{SpecError, SpecErrors};
 use crate::locate::LocationIndex;
 
 const TOP_KEYS: &[&str] = &["name", "description", "seed", "params", "stages"];
-const STAGE_KEYS: &[&str] = &["uses", "needs", "with", "seed", "description"];
+const STAGE_KEYS: &[&str] = &["uses", "needs", "with", "seed", "description", "resources"];
 const GROUP_KEYS: &[&str] = &["repeat", "init", "stages", "description"];
 
 /// A parsed, expanded pipeline.
@@ -56,6 +56,8 @@ pub struct StageSpec {
     pub with: Json,
     pub seed: u64,
     pub description: Option<String>,
+    /// What the stage's Slurm job asks for (`resources:`); never part of the cache key.
+    pub resources: crate::slurm::StageResources,
     /// Dotted YAML path of the definition, for error locations.
     pub src: String,
 }
@@ -501,7 +503,21 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
         }),
     };
     let description = m.get("description").and_then(|d| d.as_str()).map(str::to_string);
-    (errs.list.len() == before).then(|| StageSpec { name: name.to_string(), uses, needs, with, seed, description, src: path.to_string() })
+    let resources = match m.get("resources") {
+        None | Some(Yaml::Null) => Default::default(),
+        Some(r @ Yaml::Mapping(_)) => match to_json(r).and_then(|j| vars.apply(&j)).and_then(|j| serde_json::from_value(j).map_err(|e| e.to_string())) {
+            Ok(r) => r,
+            Err(e) => {
+                errs.at(&format!("{path}.resources"), format!("{e} (expected cpus, mem, gpus, time, nodes)"));
+                Default::default()
+            }
+        },
+        Some(other) => {
+            errs.at(&format!("{path}.resources"), format!("must be a map (cpus, mem, gpus, time, nodes), found {}", show(other)));
+            Default::default()
+        }
+    };
+    (errs.list.len() == before).then(|| StageSpec { name: name.to_string(), uses, needs, with, seed, description, resources, src: path.to_string() })
 }
 
 fn expand_group(gname: &str, v: &Yaml, path: &str, vars: &Vars<'_>, errs: &mut Errors<'_>, out: &mut Vec<StageSpec>) {

@@ -255,7 +255,10 @@ impl Store {
     /// A fresh staging directory for `key`.
     pub fn begin(&self, key: &str) -> Result<Staging> {
         let n = NONCE.fetch_add(1, Ordering::Relaxed);
-        let root = self.root.join("tmp").join(format!("{key}.{}.{n}", std::process::id()));
+        // Key first (what cleaning reads), then host and pid: on a store shared by the nodes
+        // of a cluster, pids repeat across hosts.
+        let host: String = Host::current().hostname.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+        let root = self.root.join("tmp").join(format!("{key}.{host}.{}.{n}", std::process::id()));
         let _ = remove_tree(&root);
         let data = root.join("data");
         fs::create_dir_all(&data).map_err(|e| Error::store("create", &data, e))?;

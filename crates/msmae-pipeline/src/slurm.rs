@@ -1,0 +1,291 @@
+//! The Slurm executor: the driver plans, looks up the cache and keeps the lock file; each
+//! stage that must run becomes one Slurm job (`sbatch`) that executes `msmae run-stage`
+//! against the shared store, which re-plans, checks the key it was submitted for, takes the
+//! key's lock, runs and commits the stage, and writes its outcome where the driver polls.
+//!
+//! Resources come from the stage (a training stage asks for GPUs by default), the
+//! pipeline's per-stage `resources:` block and a profile file (`--profile`,
+//! `MSMAE_SLURM_PROFILE`): partition, account, QoS, extra `sbatch` flags, GPU flag style.
+//! None of them enters the cache key. Waiting is `squeue` polling (no accounting needed);
+//! a job that leaves the queue without an outcome fails after a grace period naming its log;
+//! a time limit, node failure or preemption is retried up to `--retries` (the stage resumes
+//! from its checkpoint); cancelling scancels every job and waits for the queue to let go.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Per-stage resources (`resources:` in the pipeline; defaults from the profile).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageResources {
+    /// CPUs per task.
+    pub cpus: Option<usize>,
+    /// Memory per node, in `sbatch --mem` syntax (`16G`).
+    pub mem: Option<String>,
+    /// GPUs per node.
+    pub gpus: Option<usize>,
+    /// Time limit in `sbatch --time` syntax (`12:00:00`, `2-00:00:00`).
+    pub time: Option<String>,
+    /// Nodes (data-parallel stages: one task per GPU on each).
+    pub nodes: Option<usize>,
+}
+
+impl StageResources {
+    /// `self`, with what it leaves unset taken from `defaults`.
+    pub fn or(&self, defaults: &StageResources) -> StageResources {
+        StageResources {
+            cpus: self.cpus.or(defaults.cpus),
+            mem: self.mem.clone().or_else(|| defaults.mem.clone()),
+            gpus: self.gpus.or(defaults.gpus),
+            time: self.time.clone().or_else(|| defaults.time.clone()),
+            nodes: self.nodes.or(defaults.nodes),
+        }
+    }
+}
+
+/// How GPUs are requested.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GpuFlag {
+    /// `--gpus-per-node=N`
+    #[default]
+    GpusPerNode,
+    /// `--gres=gpu:N` (older clusters)
+    Gres,
+}
+
+/// A cluster profile (YAML): where jobs go and what a stage gets unless it says otherwise.
+///
+/// ```yaml
+/// partition: gpu
+/// account: radiology
+/// qos: normal
+/// gpu_flag: gpus-per-node      # or gres
+/// mpi: pmix                    # srun --mpi for multi-task (data-parallel) jobs
+/// extra: ["--constraint=a100"]
+/// light: { cpus: 4, mem: 16G, time: "02:00:00" }
+/// training: { cpus: 8, mem: 64G, gpus: 1, time: "2-00:00:00" }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    #[serde(default)]
+    pub gpu_flag: GpuFlag,
+    /// `srun --mpi=…` for jobs of several tasks (default `pmix`).
+    pub mpi: Option<String>,
+    /// More `sbatch` flags, verbatim.
+    #[serde(default)]
+    pub extra: Vec<String>,
+    /// Defaults of stages that do not train.
+    #[serde(default)]
+    pub light: StageResources,
+    /// Defaults of training (data-parallel) stages.
+    #[serde(default)]
+    pub training: StageResources,
+}
+
+impl Profile {
+    pub fn load(path: &Path) -> Result<Profile> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read { path: path.to_path_buf(), source: e })?;
+        serde_yaml::from_str(&text).map_err(|e| Error::Slurm(format!("profile {}: {e}", path.display())))
+    }
+}
+
+/// What the driver needs to submit jobs.
+#[derive(Debug, Clone)]
+pub struct SlurmOptions {
+    pub profile: Profile,
+    /// The `msmae` binary the jobs run (the driver's own).
+    pub exe: PathBuf,
+    /// Arguments every `run-stage` gets after the subcommand: the pipeline file, `--store`,
+    /// `--set`s, `--device`, `--precision`, `--backend`.
+    pub args: Vec<String>,
+    /// Names this driver's jobs and its folder under `<store>/slurm/`.
+    pub run_id: String,
+    pub poll: Duration,
+    /// How long a job that left the queue may take to show its outcome (shared file systems
+    /// show files late).
+    pub grace: Duration,
+    /// Resubmissions after a time limit, node failure or preemption.
+    pub retries: usize,
+}
+
+/// What `run-stage` writes for the driver (atomically).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobOutcome {
+    pub stage: String,
+    pub key: Option<String>,
+    /// `ran`, `cached`, `failed` or `cancelled`.
+    pub outcome: String,
+    pub error: Option<String>,
+    pub seconds: f64,
+    pub host: String,
+}
+
+impl JobOutcome {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Slurm(e.to_string()))?;
+        crate::store::write_atomic(path, &bytes)
+    }
+}
+
+/// One stage's job, as the driver sees it.
+#[derive(Debug)]
+pub struct Submission {
+    pub job: String,
+    pub log: PathBuf,
+    pub outcome: PathBuf,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum JobEnd {
+    Outcome(JobOutcome),
+    /// Ended by the scheduler in a way a resubmission may fix (time limit, node failure,
+    /// preemption), with the reason.
+    Retryable(String),
+    Lost,
+    Cancelled,
+}
+
+/// The `sbatch` script of one stage.
+pub fn script(o: &SlurmOptions, pipeline: &str, stage: &str, key: &str, data_parallel: bool, r: &StageResources, log: &Path, outcome: &Path) -> String {
+    let mut s = String::from("#!/bin/sh\n");
+    let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
+    opt("job-name", &format!("msmae-{pipeline}-{stage}"));
+    opt("output", &log.to_string_lossy());
+    if let Some(c) = r.cpus {
+        opt("cpus-per-task", &c.to_string());
+    }
+    if let Some(m) = &r.mem {
+        opt("mem", m);
+    }
+    if let Some(t) = &r.time {
+        opt("time", t);
+    }
+    let gpus = r.gpus.unwrap_or(0);
+    let nodes = r.nodes.unwrap_or(1).max(1);
+    // Data-parallel training: one task per GPU (the processes of one MPI job, started by
+    // srun); never --ntasks-per-gpu, whose binding differs across Slurm versions.
+    let tasks_per_node = if data_parallel && gpus > 0 { gpus } else { 1 };
+    if nodes > 1 || tasks_per_node > 1 {
+        opt("nodes", &nodes.to_string());
+        opt("ntasks-per-node", &tasks_per_node.to_string());
+    }
+    if gpus > 0 {
+        match o.profile.gpu_flag {
+            GpuFlag::GpusPerNode => opt("gpus-per-node", &gpus.to_string()),
+            GpuFlag::Gres => opt("gres", &format!("gpu:{gpus}")),
+        }
+    }
+    for (k, v) in [("partition", &o.profile.partition), ("account", &o.profile.account), ("qos", &o.profile.qos)] {
+        if let Some(v) = v {
+            opt(k, v);
+        }
+    }
+    for e in &o.profile.extra {
+        s.push_str(&format!("#SBATCH {e}\n"));
+    }
+    let mut cmd = vec![quote(&o.exe.to_string_lossy()), "run-stage".into()];
+    cmd.extend(o.args.iter().map(|a| quote(a)));
+    cmd.extend(["--stage".into(), quote(stage), "--key".into(), quote(key), "--outcome".into(), quote(&outcome.to_string_lossy())]);
+    let launch = if nodes * tasks_per_node > 1 { format!("srun --mpi={} ", o.profile.mpi.as_deref().unwrap_or("pmix")) } else { "exec ".into() };
+    s.push_str(&format!("{launch}{}\n", cmd.join(" ")));
+    s
+}
+
+/// Single-quote for `sh`.
+fn quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Submit `script` (written to `dir/<stage>.sbatch`): the job id.
+pub fn submit(dir: &Path, stage: &str, script: &str) -> Result<String> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::store("create", dir, e))?;
+    let file = dir.join(format!("{stage}.sbatch"));
+    std::fs::write(&file, script).map_err(|e| Error::store("write", &file, e))?;
+    let out = Command::new("sbatch")
+        .arg("--parsable")
+        .arg(&file)
+        .output()
+        .map_err(|e| Error::Slurm(format!("running sbatch: {e} (is Slurm's client installed and SLURM_CONF set?)")))?;
+    if !out.status.success() {
+        return Err(Error::Slurm(format!("sbatch {}: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let id = text.trim().split(';').next().unwrap_or("").to_string();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+        return Err(Error::Slurm(format!("sbatch printed `{}`, not a job id", text.trim())));
+    }
+    Ok(id)
+}
+
+/// Whether the job is still in the queue (`squeue -h -j ID`; a purged id is not).
+fn queued(job: &str) -> Result<bool> {
+    let out = Command::new("squeue").args(["-h", "-j", job, "-o", "%T"]).output().map_err(|e| Error::Slurm(format!("running squeue: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("Invalid job id") {
+            return Ok(false);
+        }
+        return Err(Error::Slurm(format!("squeue -j {job}: {}", err.trim())));
+    }
+    let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok(!state.is_empty()
+        && !matches!(state.as_str(), "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "PREEMPTED" | "OUT_OF_MEMORY" | "BOOT_FAIL" | "DEADLINE"))
+}
+
+/// `scancel` the job and wait (up to a minute) until the queue no longer runs it.
+pub fn cancel(job: &str) {
+    let _ = Command::new("scancel").arg(job).status();
+    let t = Instant::now();
+    while queued(job).unwrap_or(false) && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Wait for the job to leave the queue and say how it ended.
+pub fn wait(o: &SlurmOptions, s: &Submission, cancelled: &dyn Fn() -> bool) -> Result<JobEnd> {
+    while queued(&s.job)? {
+        if cancelled() {
+            cancel(&s.job);
+            return Ok(JobEnd::Cancelled);
+        }
+        std::thread::sleep(o.poll);
+    }
+    let t = Instant::now();
+    loop {
+        if let Ok(bytes) = std::fs::read(&s.outcome) {
+            let out: JobOutcome = serde_json::from_slice(&bytes).map_err(|e| Error::Slurm(format!("{}: {e}", s.outcome.display())))?;
+            return Ok(JobEnd::Outcome(out));
+        }
+        // Slurm writes why it ended a job into its log.
+        let log = std::fs::read_to_string(log_path(s)).unwrap_or_default();
+        for (marker, why) in [("DUE TO TIME LIMIT", "time limit"), ("DUE TO NODE FAIL", "node failure"), ("DUE TO PREEMPTION", "preempted")] {
+            if log.contains(marker) {
+                return Ok(JobEnd::Retryable(why.into()));
+            }
+        }
+        if t.elapsed() >= o.grace {
+            return Ok(JobEnd::Lost);
+        }
+        std::thread::sleep(o.poll.min(Duration::from_millis(500)));
+    }
+}
+
+/// The log of a submitted job (`%j` expanded).
+pub fn log_path(s: &Submission) -> PathBuf {
+    PathBuf::from(s.log.to_string_lossy().replace("%j", &s.job))
+}
