@@ -470,7 +470,16 @@ impl Job<'_> {
         let outcome = dir.join(format!("{}.outcome.json", node.name));
         let log = dir.join(format!("{}-%j.log", node.name));
         let defaults = if node.kind.uses_backend() { &s.profile.training } else { &s.profile.light };
-        let script = crate::slurm::script(s, &self.plan.spec.name, &node.name, key, node.kind.data_parallel(), &node.cluster.or(defaults), &log, &outcome);
+        let spec = crate::slurm::JobSpec {
+            pipeline: &self.plan.spec.name,
+            stage: &node.name,
+            key,
+            data_parallel: node.kind.data_parallel(),
+            resources: node.cluster.or(defaults),
+            log: &log,
+            outcome: &outcome,
+        };
+        let script = crate::slurm::script(s, &spec);
         for attempt in 0..=s.retries {
             let _ = std::fs::remove_file(&outcome);
             let job = match crate::slurm::submit(&dir, &node.name, &script) {

@@ -156,8 +156,23 @@ pub enum JobEnd {
     Cancelled,
 }
 
+/// One stage's job: what it runs and what it asks for.
+#[derive(Debug, Clone)]
+pub struct JobSpec<'a> {
+    pub pipeline: &'a str,
+    pub stage: &'a str,
+    pub key: &'a str,
+    /// A training stage: one task per GPU.
+    pub data_parallel: bool,
+    pub resources: StageResources,
+    /// `%j` stands for the job id.
+    pub log: &'a Path,
+    pub outcome: &'a Path,
+}
+
 /// The `sbatch` script of one stage.
-pub fn script(o: &SlurmOptions, pipeline: &str, stage: &str, key: &str, data_parallel: bool, r: &StageResources, log: &Path, outcome: &Path) -> String {
+pub fn script(o: &SlurmOptions, j: &JobSpec<'_>) -> String {
+    let (pipeline, stage, key, data_parallel, r, log, outcome) = (j.pipeline, j.stage, j.key, j.data_parallel, &j.resources, j.log, j.outcome);
     let mut s = String::from("#!/bin/sh\n");
     let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
     opt("job-name", &format!("msmae-{pipeline}-{stage}"));
@@ -288,4 +303,91 @@ pub fn wait(o: &SlurmOptions, s: &Submission, cancelled: &dyn Fn() -> bool) -> R
 /// The log of a submitted job (`%j` expanded).
 pub fn log_path(s: &Submission) -> PathBuf {
     PathBuf::from(s.log.to_string_lossy().replace("%j", &s.job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(profile: Profile) -> SlurmOptions {
+        SlurmOptions {
+            profile,
+            exe: PathBuf::from("/opt/msmae bin/msmae"),
+            args: vec!["/p/study.yaml".into(), "--set".into(), "params.note=it's".into()],
+            run_id: "r1".into(),
+            poll: Duration::from_secs(1),
+            grace: Duration::from_secs(1),
+            retries: 1,
+        }
+    }
+
+    fn job(data_parallel: bool, resources: StageResources) -> String {
+        let o = opts(Profile { partition: Some("gpu".into()), account: Some("rad".into()), extra: vec!["--constraint=a100".into()], ..Default::default() });
+        let spec = JobSpec {
+            pipeline: "study",
+            stage: "pretrain",
+            key: "abc",
+            data_parallel,
+            resources,
+            log: Path::new("/s/slurm/r1/pretrain-%j.log"),
+            outcome: Path::new("/s/o.json"),
+        };
+        script(&o, &spec)
+    }
+
+    #[test]
+    fn training_jobs_get_one_task_per_gpu_and_the_profile() {
+        let s = job(true, StageResources { cpus: Some(8), mem: Some("64G".into()), gpus: Some(4), time: Some("12:00:00".into()), nodes: Some(2) });
+        for line in [
+            "#SBATCH --job-name=msmae-study-pretrain",
+            "#SBATCH --cpus-per-task=8",
+            "#SBATCH --mem=64G",
+            "#SBATCH --time=12:00:00",
+            "#SBATCH --nodes=2",
+            "#SBATCH --ntasks-per-node=4",
+            "#SBATCH --gpus-per-node=4",
+            "#SBATCH --partition=gpu",
+            "#SBATCH --account=rad",
+            "#SBATCH --constraint=a100",
+            "#SBATCH --output=/s/slurm/r1/pretrain-%j.log",
+        ] {
+            assert!(s.contains(line), "{line} missing:\n{s}");
+        }
+        assert!(!s.contains("ntasks-per-gpu"), "{s}");
+        assert!(
+            s.contains(
+                "srun --mpi=pmix '/opt/msmae bin/msmae' run-stage /p/study.yaml --set 'params.note=it'\\''s' --stage pretrain --key abc --outcome /s/o.json"
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn light_jobs_are_one_task_and_gres_is_a_profile_choice() {
+        let s = job(false, StageResources { gpus: Some(1), ..Default::default() });
+        assert!(!s.contains("--nodes") && !s.contains("ntasks") && s.contains("\nexec '/opt/msmae bin/msmae' run-stage"), "{s}");
+        let mut o = opts(Profile { gpu_flag: GpuFlag::Gres, ..Default::default() });
+        o.args.clear();
+        let spec = JobSpec {
+            pipeline: "p",
+            stage: "s",
+            key: "k",
+            data_parallel: true,
+            resources: StageResources { gpus: Some(2), ..Default::default() },
+            log: Path::new("l"),
+            outcome: Path::new("o"),
+        };
+        let s = script(&o, &spec);
+        assert!(s.contains("#SBATCH --gres=gpu:2") && s.contains("--ntasks-per-node=2") && !s.contains("gpus-per-node"), "{s}");
+    }
+
+    #[test]
+    fn stage_resources_fill_in_from_defaults_and_profiles_parse() {
+        let r = StageResources { gpus: Some(2), ..Default::default() }.or(&StageResources { cpus: Some(4), gpus: Some(1), ..Default::default() });
+        assert_eq!((r.cpus, r.gpus), (Some(4), Some(2)));
+        let p: Profile = serde_yaml::from_str("partition: gpu\ngpu_flag: gres\ntraining: { gpus: 1, time: '1-00:00:00' }\n").expect("profile");
+        assert_eq!((p.gpu_flag, p.training.gpus), (GpuFlag::Gres, Some(1)));
+        let e = serde_yaml::from_str::<Profile>("partitoin: gpu\n").expect_err("typo");
+        assert!(e.to_string().contains("partitoin"), "{e}");
+    }
 }

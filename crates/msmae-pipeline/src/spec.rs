@@ -632,6 +632,7 @@ mod tests {
             ("stages:\n  a.b: { uses: k }\n", "p.yaml:2:", "use letters, digits"),
             ("stages:\n  g:\n    repeat: 2\n    stages:\n      x: { uses: k, needs: ['${prev.x}'] }\n", "p.yaml:5:", "round 1 has no previous `x`"),
             ("stages: []\n", "p.yaml:1:", "stages: must be a map"),
+            ("stages:\n  a: { uses: k, resources: { gpu: 1 } }\n", "p.yaml:2:", "stages.a.resources: unknown field `gpu`"),
             ("", "p.yaml", "the file is empty"),
         ];
         for (src, loc, msg) in cases {
