@@ -189,6 +189,17 @@ fn the_tiny_study_gives_the_local_digests(cluster: &Cluster) {
     // A second driver run: everything cached, no job submitted.
     let again = ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm"]).output().expect("run"));
     assert!(again.contains("0 ran, 18 cached") && !again.contains("Slurm job"), "{again}");
+    // --stage re-executes one stage as a job even though it is cached; same output
+    let one =
+        ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--stage", "masks"]).output().expect("run"));
+    assert!(one.contains("ran (output unchanged)") && one.contains("1 ran, 3 cached") && one.contains("Slurm job"), "{one}");
+    // --from re-executes a stage and what its output changes (nothing: early cut-off)
+    let from =
+        ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--from", "eval-mae"]).output().expect("run"));
+    assert!(from.contains("ran (output unchanged)"), "{from}");
+    assert_eq!(digests(&slurm.path().join("tinystudy.lock")), digests(&local.path().join("tinystudy.lock")));
+    let verify = ok(cluster.msmae(slurm.path()).args(["verify", "tinystudy.yaml"]).output().expect("verify"));
+    assert!(verify.contains("18"), "{verify}");
     // status and why read the same store and lock file
     let status = ok(cluster.msmae(slurm.path()).args(["status", "tinystudy.yaml", "--device", "cpu"]).output().expect("status"));
     assert!(!status.contains("stale") && !status.contains("new"), "{status}");

@@ -142,6 +142,9 @@ pub enum Command {
         /// Where to write the outcome (JSON, atomically) for the driver.
         #[arg(long)]
         outcome: PathBuf,
+        /// Re-execute even if cached (the driver's `--stage`, `--from`, `--force`).
+        #[arg(long)]
+        force: bool,
     },
     /// Which stages are up to date, which would run and why.
     #[command(after_help = "Example:\n  msmae status pipelines/quickstart.yaml")]
@@ -256,14 +259,14 @@ fn compute(common: &Common) -> Result<msmae_backend::Compute> {
 /// The environment Slurm jobs compute in, as asked (`--device cpu|cuda…`; `auto` is CUDA
 /// when the profile gives training stages GPUs): not checked against this machine, which
 /// is the login node.
-fn cluster_compute(common: &Common) -> Result<msmae_backend::Compute> {
+fn cluster_compute(common: &Common, profile: &msmae_pipeline::slurm::Profile) -> Result<msmae_backend::Compute> {
     let devices: DeviceList = common.device.parse()?;
     let precision: Precision = common.precision.parse()?;
     let backend: BackendRequest = common.backend.parse()?;
     // The CPU form of the request resolves the backend and checks flags here.
     let mut c = msmae_backend::select(backend, DeviceRequest::Cpu)?.with_precision(precision);
     let cuda = devices.0.iter().any(|d| matches!(d, DeviceRequest::Cuda(_)));
-    let auto = devices.0 == [DeviceRequest::Auto];
+    let auto = devices.0 == [DeviceRequest::Auto] && profile.training.gpus.unwrap_or(0) > 0;
     if cuda || auto {
         c.env.device = if auto { "auto".into() } else { devices.to_string() };
         c.env.device_kind = "cuda".into();
@@ -271,11 +274,13 @@ fn cluster_compute(common: &Common) -> Result<msmae_backend::Compute> {
     Ok(c)
 }
 
-fn slurm_options(common: &Common, store: &Store, env: &ExecEnv, profile: Option<&Path>, retries: usize) -> Result<msmae_pipeline::slurm::SlurmOptions> {
-    let profile = match profile {
-        Some(p) => msmae_pipeline::slurm::Profile::load(p)?,
-        None => Default::default(),
-    };
+fn slurm_options(
+    common: &Common,
+    store: &Store,
+    env: &ExecEnv,
+    profile: msmae_pipeline::slurm::Profile,
+    retries: usize,
+) -> Result<msmae_pipeline::slurm::SlurmOptions> {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let mut args: Vec<String> = vec![abs(&common.pipeline).to_string_lossy().into_owned(), "--store".into(), abs(store.root()).to_string_lossy().into_owned()];
     for s in &common.set {
@@ -296,7 +301,7 @@ fn slurm_options(common: &Common, store: &Store, env: &ExecEnv, profile: Option<
 }
 
 /// `run-stage`: one stage in a Slurm job. Writes the outcome file in every case but a kill.
-fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outcome: &Path) -> Result<ExitCode> {
+fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outcome: &Path, force: bool) -> Result<ExitCode> {
     let host = msmae_pipeline::store::Host::current().hostname;
     let t = std::time::Instant::now();
     let result = (|| -> Result<msmae_pipeline::RunReport> {
@@ -309,6 +314,7 @@ fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outco
         let opts = RunOptions {
             stage: Some(stage.to_string()),
             expect_key: Some(key.to_string()),
+            force,
             update_lock: false,
             env: compute.env.clone(),
             tools,
@@ -364,12 +370,14 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let store = store_for(&common)?;
             // Under Slurm the jobs compute, on their nodes: the key's environment is the one
             // asked for, resolved there (a job that cannot get it fails), not this machine's.
-            let compute = if executor == ExecutorArg::Slurm { cluster_compute(&common)? } else { compute(&common)? };
+            let profile = match (&profile, executor) {
+                (Some(p), ExecutorArg::Slurm) => msmae_pipeline::slurm::Profile::load(p)?,
+                _ => Default::default(),
+            };
+            let compute = if executor == ExecutorArg::Slurm { cluster_compute(&common, &profile)? } else { compute(&common)? };
             let executor = match executor {
                 ExecutorArg::Local => msmae_pipeline::Executor::Local,
-                ExecutorArg::Slurm => {
-                    msmae_pipeline::Executor::Slurm(std::sync::Arc::new(slurm_options(&common, &store, &compute.env, profile.as_deref(), retries)?))
-                }
+                ExecutorArg::Slurm => msmae_pipeline::Executor::Slurm(std::sync::Arc::new(slurm_options(&common, &store, &compute.env, profile, retries)?)),
             };
             let cancel = cancel_on_ctrl_c();
             let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
@@ -409,7 +417,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::RunStage { common, stage, key, outcome } => run_stage(registry, &common, &stage, &key, &outcome),
+        Command::RunStage { common, stage, key, outcome, force } => run_stage(registry, &common, &stage, &key, &outcome, force),
         Command::Status { common } => {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;

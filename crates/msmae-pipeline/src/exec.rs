@@ -470,7 +470,7 @@ impl Job<'_> {
         let outcome = dir.join(format!("{}.outcome.json", node.name));
         let log = dir.join(format!("{}-%j.log", node.name));
         let defaults = if node.kind.uses_backend() { &s.profile.training } else { &s.profile.light };
-        let spec = crate::slurm::JobSpec {
+        let mut spec = crate::slurm::JobSpec {
             pipeline: &self.plan.spec.name,
             stage: &node.name,
             key,
@@ -478,9 +478,11 @@ impl Job<'_> {
             resources: node.cluster.or(defaults),
             log: &log,
             outcome: &outcome,
+            force: self.forced,
         };
-        let script = crate::slurm::script(s, &spec);
         for attempt in 0..=s.retries {
+            let script = crate::slurm::script(s, &spec);
+            spec.force = false; // a resubmission resumes from the checkpoint
             let _ = std::fs::remove_file(&outcome);
             let job = match crate::slurm::submit(&dir, &node.name, &script) {
                 Ok(j) => j,

@@ -168,6 +168,9 @@ pub struct JobSpec<'a> {
     /// `%j` stands for the job id.
     pub log: &'a Path,
     pub outcome: &'a Path,
+    /// Re-execute even if cached (`--stage`, `--from`, `--force` on the driver); not on a
+    /// resubmission, which resumes from the checkpoint instead.
+    pub force: bool,
 }
 
 /// The `sbatch` script of one stage.
@@ -212,6 +215,9 @@ pub fn script(o: &SlurmOptions, j: &JobSpec<'_>) -> String {
     let mut cmd = vec![quote(&o.exe.to_string_lossy()), "run-stage".into()];
     cmd.extend(o.args.iter().map(|a| quote(a)));
     cmd.extend(["--stage".into(), quote(stage), "--key".into(), quote(key), "--outcome".into(), quote(&outcome.to_string_lossy())]);
+    if j.force {
+        cmd.push("--force".into());
+    }
     let launch = if nodes * tasks_per_node > 1 { format!("srun --mpi={} ", o.profile.mpi.as_deref().unwrap_or("pmix")) } else { "exec ".into() };
     s.push_str(&format!("{launch}{}\n", cmd.join(" ")));
     s
@@ -331,6 +337,7 @@ mod tests {
             resources,
             log: Path::new("/s/slurm/r1/pretrain-%j.log"),
             outcome: Path::new("/s/o.json"),
+            force: false,
         };
         script(&o, &spec)
     }
@@ -376,8 +383,10 @@ mod tests {
             resources: StageResources { gpus: Some(2), ..Default::default() },
             log: Path::new("l"),
             outcome: Path::new("o"),
+            force: true,
         };
         let s = script(&o, &spec);
+        assert!(s.trim_end().ends_with("--force"), "{s}");
         assert!(s.contains("#SBATCH --gres=gpu:2") && s.contains("--ntasks-per-node=2") && !s.contains("gpus-per-node"), "{s}");
     }
 
