@@ -168,6 +168,7 @@ fn stages_run_as_slurm_jobs() {
     a_failing_stage_names_its_job_and_log(&cluster);
     two_drivers_on_one_store_compute_each_stage_once(&cluster);
     interrupting_the_driver_cancels_its_jobs(&cluster);
+    a_job_over_its_time_limit_is_retried_from_its_checkpoint(&cluster);
     assert_eq!(cluster.queue(), "", "the queue is empty at the end");
 }
 
@@ -282,4 +283,34 @@ fn interrupting_the_driver_cancels_its_jobs(cluster: &Cluster) {
     let tmp = d.path().join(".msmae/tmp");
     let left: Vec<_> = fs::read_dir(&tmp).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "the cancelled job removed its staging: {left:?}");
+}
+
+/// A training job ended by its time limit (Slurm's minimum, a minute) is resubmitted and
+/// resumes from its checkpoint; when the retries run out, the run fails naming the time
+/// limit and the log. (Long enough never to finish within two minutes.)
+fn a_job_over_its_time_limit_is_retried_from_its_checkpoint(cluster: &Cluster) {
+    let t = Instant::now();
+    let d = tempfile::tempdir().expect("tmp");
+    let yaml = format!(
+        "name: slow\nseed: 2\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 256, size: 32, previews: 1 }} }}\n  pre:\n    uses: mae/pretrain\n    needs: [data]\n    with: {{ model: {}, epochs: 5000, batch_size: 16, warmup_epochs: 1, figure_images: 1, checkpoint_every: 1 }}\n    resources: {{ time: \"00:01:00\" }}\n",
+        msmae_tests::TINY_MODEL
+    );
+    fs::write(d.path().join("slow.yaml"), yaml).expect("write");
+    let o = cluster.msmae(d.path()).args(["run", "slow.yaml", "--device", "cpu", "--executor", "slurm", "--retries", "1"]).output().expect("run");
+    let said = text(&o);
+    assert!(!o.status.success(), "{said}");
+    assert!(said.contains("ended by time limit; resubmitting from its checkpoint (1 of 1 retries)"), "{said}");
+    assert!(said.contains("ended by time limit (a timeout: raise `resources: time`), after 1 retries; log "), "{said}");
+    // The second job continued from the first one's checkpoint.
+    let logs: Vec<String> = fs::read_dir(d.path().join(".msmae/slurm"))
+        .expect("slurm dir")
+        .flatten()
+        .flat_map(|run| fs::read_dir(run.path()).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pre-") && e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert_eq!(logs.len(), 2, "two attempts, two logs");
+    assert!(logs.iter().any(|l| l.contains("resuming after epoch")), "the resubmitted job resumed: {logs:?}");
+    assert!(logs.iter().all(|l| l.contains("DUE TO TIME LIMIT")), "{logs:?}");
+    eprintln!("time-limit scenario: {:.0} s", t.elapsed().as_secs_f64());
 }

@@ -145,6 +145,9 @@ pub enum Command {
         /// Re-execute even if cached (the driver's `--stage`, `--from`, `--force`).
         #[arg(long)]
         force: bool,
+        /// Prove to the driver that the store's file locks reach across nodes (marker prefix).
+        #[arg(long)]
+        lock_check: Option<PathBuf>,
     },
     /// Which stages are up to date, which would run and why.
     #[command(after_help = "Example:\n  msmae status pipelines/quickstart.yaml")]
@@ -297,11 +300,12 @@ fn slurm_options(
         poll: std::time::Duration::from_secs_f64(secs("MSMAE_SLURM_POLL", 2.0)),
         grace: std::time::Duration::from_secs_f64(secs("MSMAE_SLURM_GRACE", 30.0)),
         retries,
+        locks_checked: Default::default(),
     })
 }
 
 /// `run-stage`: one stage in a Slurm job. Writes the outcome file in every case but a kill.
-fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outcome: &Path, force: bool) -> Result<ExitCode> {
+fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outcome: &Path, force: bool, lock_check: Option<PathBuf>) -> Result<ExitCode> {
     let host = msmae_pipeline::store::Host::current().hostname;
     let t = std::time::Instant::now();
     let result = (|| -> Result<msmae_pipeline::RunReport> {
@@ -316,6 +320,7 @@ fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outco
             expect_key: Some(key.to_string()),
             force,
             update_lock: false,
+            lock_check,
             env: compute.env.clone(),
             tools,
             cancel: cancel_on_ctrl_c(),
@@ -398,6 +403,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 executor,
                 expect_key: None,
                 update_lock: true,
+                lock_check: None,
             };
             let g = msmae_dist::group();
             let ranks = if g.is_solo() { String::new() } else { format!(" × {} processes ({})", g.size(), g.name()) };
@@ -417,7 +423,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::RunStage { common, stage, key, outcome, force } => run_stage(registry, &common, &stage, &key, &outcome, force),
+        Command::RunStage { common, stage, key, outcome, force, lock_check } => run_stage(registry, &common, &stage, &key, &outcome, force, lock_check),
         Command::Status { common } => {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;

@@ -68,6 +68,10 @@ pub struct RunOptions {
     /// Whether this run records its stages in the lock file (a Slurm job does not: its
     /// driver is the lock file's one writer).
     pub update_lock: bool,
+    /// `run-stage --lock-check PREFIX`: once the stage's key lock is taken, say so in
+    /// `PREFIX.held` and wait for the driver's verdict in `PREFIX.ack` (`ok`: it sees the
+    /// lock held from its host) before producing anything.
+    pub lock_check: Option<PathBuf>,
 }
 
 /// Where the stages that must run execute.
@@ -98,6 +102,7 @@ impl Default for RunOptions {
             executor: Executor::Local,
             expect_key: None,
             update_lock: true,
+            lock_check: None,
         }
     }
 }
@@ -479,7 +484,11 @@ impl Job<'_> {
             log: &log,
             outcome: &outcome,
             force: self.forced,
+            lock_check: None,
         };
+        // The run's first job proves that file locks on the store reach across nodes.
+        let check = (!s.locks_checked.swap(true, std::sync::atomic::Ordering::SeqCst)).then(|| dir.join(format!("{}.lockcheck", node.name)));
+        spec.lock_check = check.as_deref();
         for attempt in 0..=s.retries {
             let script = crate::slurm::script(s, &spec);
             spec.force = false; // a resubmission resumes from the checkpoint
@@ -491,7 +500,8 @@ impl Job<'_> {
             let sub = Submission { job, log: log.clone(), outcome: outcome.clone() };
             let log_file = crate::slurm::log_path(&sub);
             tracing::info!("`{}`: Slurm job {} (log {})", node.name, sub.job, log_file.display());
-            let end = match crate::slurm::wait(s, &sub, &|| self.opts.cancel.is_cancelled()) {
+            let verdict = |_: &std::path::Path| self.store.key_lock_held(key).unwrap_or(false);
+            let end = match crate::slurm::wait(s, &sub, spec.lock_check, &verdict, &|| self.opts.cancel.is_cancelled()) {
                 Ok(e) => e,
                 Err(e) => {
                     crate::slurm::cancel(&sub.job);
@@ -661,6 +671,11 @@ impl Job<'_> {
             Ok(l) => l,
             Err(e) => return fail(chain(&e), Some(key)),
         };
+        if let Some(check) = &self.opts.lock_check
+            && let Err(e) = crate::slurm::await_lock_verdict(check, &self.opts.cancel)
+        {
+            return fail(chain(&e), Some(key));
+        }
         if !self.forced {
             // Another runner may have produced it while we waited for the lock.
             if let Ok(Some(entry)) = self.store.lookup(&key) {

@@ -100,7 +100,7 @@ impl Profile {
 }
 
 /// What the driver needs to submit jobs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SlurmOptions {
     pub profile: Profile,
     /// The `msmae` binary the jobs run (the driver's own).
@@ -116,6 +116,8 @@ pub struct SlurmOptions {
     pub grace: Duration,
     /// Resubmissions after a time limit, node failure or preemption.
     pub retries: usize,
+    /// Set once the run's first job has been given the lock check.
+    pub locks_checked: std::sync::atomic::AtomicBool,
 }
 
 /// What `run-stage` writes for the driver (atomically).
@@ -171,6 +173,8 @@ pub struct JobSpec<'a> {
     /// Re-execute even if cached (`--stage`, `--from`, `--force` on the driver); not on a
     /// resubmission, which resumes from the checkpoint instead.
     pub force: bool,
+    /// Marker prefix of the shared-filesystem lock check (the run's first job).
+    pub lock_check: Option<&'a Path>,
 }
 
 /// The `sbatch` script of one stage.
@@ -217,6 +221,9 @@ pub fn script(o: &SlurmOptions, j: &JobSpec<'_>) -> String {
     cmd.extend(["--stage".into(), quote(stage), "--key".into(), quote(key), "--outcome".into(), quote(&outcome.to_string_lossy())]);
     if j.force {
         cmd.push("--force".into());
+    }
+    if let Some(c) = j.lock_check {
+        cmd.extend(["--lock-check".into(), quote(&c.to_string_lossy())]);
     }
     let launch = if nodes * tasks_per_node > 1 { format!("srun --mpi={} ", o.profile.mpi.as_deref().unwrap_or("pmix")) } else { "exec ".into() };
     s.push_str(&format!("{launch}{}\n", cmd.join(" ")));
@@ -277,27 +284,78 @@ pub fn cancel(job: &str) {
     }
 }
 
-/// Wait for the job to leave the queue and say how it ended.
-pub fn wait(o: &SlurmOptions, s: &Submission, cancelled: &dyn Fn() -> bool) -> Result<JobEnd> {
+/// The job side of the lock check: the key lock is held; tell the driver and wait for its
+/// verdict (`ok`, or why not), up to ten minutes.
+pub fn await_lock_verdict(prefix: &Path, cancel: &msmae_core::CancelToken) -> Result<()> {
+    let held = marker(prefix, "held");
+    let ack = marker(prefix, "ack");
+    write_atomic_str(&held, &crate::store::Host::current().hostname)?;
+    let t = Instant::now();
+    loop {
+        if let Ok(v) = std::fs::read_to_string(&ack) {
+            return if v.trim() == "ok" { Ok(()) } else { Err(Error::Slurm(v.trim().to_string())) };
+        }
+        if cancel.is_cancelled() {
+            return Err(Error::Slurm("cancelled while the driver checked the store's locks".into()));
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            return Err(Error::Slurm(format!("no word from the driver on the lock check in ten minutes ({})", ack.display())));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn marker(prefix: &Path, what: &str) -> PathBuf {
+    PathBuf::from(format!("{}.{what}", prefix.display()))
+}
+
+fn write_atomic_str(p: &Path, s: &str) -> Result<()> {
+    crate::store::write_atomic(p, s.as_bytes())
+}
+
+/// Wait for the job to leave the queue and say how it ended. With a lock check, answer the
+/// job once it holds its key lock: `held_here(held marker)` says whether this host sees it
+/// held; if not, the job is told to stop and the run fails with what to fix.
+pub fn wait(o: &SlurmOptions, s: &Submission, lock_check: Option<&Path>, held_here: &dyn Fn(&Path) -> bool, cancelled: &dyn Fn() -> bool) -> Result<JobEnd> {
+    let mut checked = lock_check.is_none();
     while queued(&s.job)? {
         if cancelled() {
             cancel(&s.job);
             return Ok(JobEnd::Cancelled);
         }
+        if let (false, Some(prefix)) = (checked, lock_check) {
+            let held = marker(prefix, "held");
+            if let Ok(host) = std::fs::read_to_string(&held) {
+                checked = true;
+                if held_here(&held) {
+                    write_atomic_str(&marker(prefix, "ack"), "ok")?;
+                } else {
+                    let why = format!(
+                        "file locks on the store are not shared across nodes: Slurm job {} on {} holds a stage's lock, but {} could take it too. Two runners could then compute and commit the same stage at once: put the store on a filesystem whose locks reach every node (NFS without `local_lock`, Lustre mounted with `flock`)",
+                        s.job,
+                        host.trim(),
+                        crate::store::Host::current().hostname
+                    );
+                    write_atomic_str(&marker(prefix, "ack"), &why)?;
+                    return Err(Error::Slurm(why));
+                }
+            }
+        }
         std::thread::sleep(o.poll);
     }
     let t = Instant::now();
     loop {
-        if let Ok(bytes) = std::fs::read(&s.outcome) {
-            let out: JobOutcome = serde_json::from_slice(&bytes).map_err(|e| Error::Slurm(format!("{}: {e}", s.outcome.display())))?;
-            return Ok(JobEnd::Outcome(out));
-        }
-        // Slurm writes why it ended a job into its log.
+        // Slurm writes why it ended a job into its log; the stage itself, stopped by the
+        // SIGTERM that comes first, says only "cancelled".
         let log = std::fs::read_to_string(log_path(s)).unwrap_or_default();
         for (marker, why) in [("DUE TO TIME LIMIT", "time limit"), ("DUE TO NODE FAIL", "node failure"), ("DUE TO PREEMPTION", "preempted")] {
             if log.contains(marker) {
                 return Ok(JobEnd::Retryable(why.into()));
             }
+        }
+        if let Ok(bytes) = std::fs::read(&s.outcome) {
+            let out: JobOutcome = serde_json::from_slice(&bytes).map_err(|e| Error::Slurm(format!("{}: {e}", s.outcome.display())))?;
+            return Ok(JobEnd::Outcome(out));
         }
         if t.elapsed() >= o.grace {
             return Ok(JobEnd::Lost);
@@ -324,6 +382,7 @@ mod tests {
             poll: Duration::from_secs(1),
             grace: Duration::from_secs(1),
             retries: 1,
+            locks_checked: Default::default(),
         }
     }
 
@@ -338,6 +397,7 @@ mod tests {
             log: Path::new("/s/slurm/r1/pretrain-%j.log"),
             outcome: Path::new("/s/o.json"),
             force: false,
+            lock_check: None,
         };
         script(&o, &spec)
     }
@@ -384,9 +444,10 @@ mod tests {
             log: Path::new("l"),
             outcome: Path::new("o"),
             force: true,
+            lock_check: Some(Path::new("/s/x")),
         };
         let s = script(&o, &spec);
-        assert!(s.trim_end().ends_with("--force"), "{s}");
+        assert!(s.trim_end().ends_with("--force --lock-check /s/x"), "{s}");
         assert!(s.contains("#SBATCH --gres=gpu:2") && s.contains("--ntasks-per-node=2") && !s.contains("gpus-per-node"), "{s}");
     }
 

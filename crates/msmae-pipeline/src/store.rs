@@ -252,6 +252,21 @@ impl Store {
         Ok(KeyLock { _file: f })
     }
 
+    /// Whether another process holds `key`'s lock right now, as this host sees it (the
+    /// Slurm driver's check that locks on a shared store reach across nodes).
+    pub fn key_lock_held(&self, key: &str) -> Result<bool> {
+        let p = self.root.join("locks").join(format!("{key}.lock"));
+        let f = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).map_err(|e| Error::store("open lock", &p, e))?;
+        match f.try_lock() {
+            Ok(()) => {
+                let _ = f.unlock();
+                Ok(false)
+            }
+            Err(fs::TryLockError::WouldBlock) => Ok(true),
+            Err(fs::TryLockError::Error(e)) => Err(Error::store("lock", &p, e)),
+        }
+    }
+
     /// A fresh staging directory for `key`.
     pub fn begin(&self, key: &str) -> Result<Staging> {
         let n = NONCE.fetch_add(1, Ordering::Relaxed);
