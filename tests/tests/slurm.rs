@@ -201,6 +201,13 @@ fn the_tiny_study_gives_the_local_digests(cluster: &Cluster) {
     assert_eq!(digests(&slurm.path().join("tinystudy.lock")), digests(&local.path().join("tinystudy.lock")));
     let verify = ok(cluster.msmae(slurm.path()).args(["verify", "tinystudy.yaml"]).output().expect("verify"));
     assert!(verify.contains("18"), "{verify}");
+    // --until stops where asked; everything up to it is cached
+    let until =
+        ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--until", "pretrain"]).output().expect("run"));
+    assert!(until.contains("0 ran, 5 cached"), "{until}");
+    // why: the job's environment and the run-only devices beside the key
+    let why = ok(cluster.msmae(slurm.path()).args(["why", "tinystudy.yaml", "pretrain", "--device", "cpu"]).output().expect("why"));
+    assert!(why.contains("up to date") || why.contains("nothing changed"), "{why}");
     // status and why read the same store and lock file
     let status = ok(cluster.msmae(slurm.path()).args(["status", "tinystudy.yaml", "--device", "cpu"]).output().expect("status"));
     assert!(!status.contains("stale") && !status.contains("new"), "{status}");

@@ -259,6 +259,16 @@ fn compute(common: &Common) -> Result<msmae_backend::Compute> {
     Ok(msmae_backend::select_all(backend, &devices)?.with_precision(precision))
 }
 
+/// The environment the keys of `status` and `why` assume: this machine's resolution of
+/// `--device`, or, where this machine does not have the device (a login node asked about
+/// `--device cuda`), the environment as asked, as the Slurm driver keys it.
+fn keyed_env(common: &Common) -> Result<ExecEnv> {
+    match compute(common) {
+        Ok(c) => Ok(c.env),
+        Err(local) => cluster_compute(common, &Default::default()).map(|c| c.env).map_err(|_| local),
+    }
+}
+
 /// The environment Slurm jobs compute in, as asked (`--device cpu|cuda…`; `auto` is CUDA
 /// when the profile gives training stages GPUs): not checked against this machine, which
 /// is the login node.
@@ -428,14 +438,14 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
             let lock = LockFile::read(&lock_path(&common), &plan.spec.name)?;
-            print_status(&inspect::status(&plan, &store, &lock, &compute(&common)?.env));
+            print_status(&inspect::status(&plan, &store, &lock, &keyed_env(&common)?));
             Ok(ExitCode::SUCCESS)
         }
         Command::Why { common, stage } => {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
             let lock = LockFile::read(&lock_path(&common), &plan.spec.name)?;
-            print!("{}", inspect::why(&plan, &store, &lock, &compute(&common)?.env, &stage)?);
+            print!("{}", inspect::why(&plan, &store, &lock, &keyed_env(&common)?, &stage)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Dag { common, format } => {
