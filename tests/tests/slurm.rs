@@ -166,6 +166,7 @@ fn stages_run_as_slurm_jobs() {
     let cluster = Cluster::start();
     the_tiny_study_gives_the_local_digests(&cluster);
     a_failing_stage_names_its_job_and_log(&cluster);
+    a_job_without_the_device_it_was_keyed_for_fails(&cluster);
     two_drivers_on_one_store_compute_each_stage_once(&cluster);
     interrupting_the_driver_cancels_its_jobs(&cluster);
     a_job_over_its_time_limit_is_retried_from_its_checkpoint(&cluster);
@@ -320,4 +321,23 @@ fn a_job_over_its_time_limit_is_retried_from_its_checkpoint(cluster: &Cluster) {
     assert!(logs.iter().any(|l| l.contains("resuming after epoch")), "the resubmitted job resumed: {logs:?}");
     assert!(logs.iter().all(|l| l.contains("DUE TO TIME LIMIT")), "{logs:?}");
     eprintln!("time-limit scenario: {:.0} s", t.elapsed().as_secs_f64());
+}
+
+/// `--device cuda` keys the training stage for CUDA (the GPU nodes'), wherever the driver
+/// runs; on this GPU-less node the job fails rather than train on the CPU under a CUDA key.
+/// The ingestion job, whose key has no device, runs.
+fn a_job_without_the_device_it_was_keyed_for_fails(cluster: &Cluster) {
+    let d = tempfile::tempdir().expect("tmp");
+    let yaml = format!(
+        "name: gpu\nseed: 2\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 64, size: 32, previews: 1 }} }}\n  ft: {{ uses: finetune/full, needs: [data], with: {{ model: {}, epochs: 1, batch_size: 16, warmup_epochs: 0 }} }}\n",
+        msmae_tests::TINY_MODEL
+    );
+    fs::write(d.path().join("gpu.yaml"), yaml).expect("write");
+    let o = cluster.msmae(d.path()).args(["run", "gpu.yaml", "--device", "cuda", "--executor", "slurm"]).output().expect("run");
+    let said = text(&o);
+    assert!(!o.status.success(), "{said}");
+    assert!(said.contains("gpu: 1 ran, 0 cached, 1 failed"), "the ingestion job ran, the training job failed: {said}");
+    assert!(said.contains("cannot compute on the device it was keyed for") && said.contains("CUDA"), "{said}");
+    let lock = fs::read_to_string(d.path().join("gpu.lock")).unwrap_or_default();
+    assert!(lock.contains("name: data") && !lock.contains("name: ft"), "{lock}");
 }

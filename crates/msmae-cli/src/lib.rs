@@ -321,8 +321,16 @@ fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outco
     let result = (|| -> Result<msmae_pipeline::RunReport> {
         let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
         let store = store_for(common)?;
-        // The device this job was keyed for, resolved here: a node without it fails.
-        let compute = compute(common)?;
+        // The device this job was keyed for, resolved here: a node without it fails, where
+        // the stage computes with a model (for the others the device is not in the key).
+        let uses_backend = plan.nodes.iter().find(|n| n.name == stage).is_none_or(|n| n.kind.uses_backend());
+        let compute = match compute(common) {
+            Ok(c) => c,
+            Err(e) if !uses_backend => cluster_compute(common, &Default::default()).map_err(|_| e)?,
+            Err(e) => {
+                return Err(e.context(format!("this job on {} cannot compute on the device it was keyed for", msmae_pipeline::store::Host::current().hostname)));
+            }
+        };
         let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
         tools.insert("msmae".into(), env!("CARGO_PKG_VERSION").into());
         let opts = RunOptions {
