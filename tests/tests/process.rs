@@ -151,3 +151,46 @@ fn two_runners_on_one_store_compute_each_stage_once() {
     let (_, bad) = msmae_pipeline::inspect::verify(&store, &lock).expect("verify");
     assert!(bad.is_empty(), "{bad:?}");
 }
+
+/// gc and a running pipeline exclude each other: gc with `no_wait` refuses while a run holds
+/// the store, gc that waits starts after it, and nothing the run made is deleted.
+#[test]
+fn gc_waits_for_a_running_pipeline_and_removes_nothing_it_made() {
+    if child_main() {
+        return;
+    }
+    let f = Fixture::new("");
+    f.write(&pipeline(&f));
+    fs::write(f.path("release"), "").expect("release");
+    assert!(f.run().ok());
+    fs::remove_file(f.path("release")).expect("rm");
+    fs::remove_file(f.path("started")).expect("rm");
+    let name = "gc_waits_for_a_running_pipeline_and_removes_nothing_it_made";
+    let child = spawn(name, &f.path(""), "params.v=two");
+    wait_for(&f.path("started"), "the runner to enter the slow stage");
+    let store = f.store();
+    let lock = f.path("p.lock");
+    let busy = msmae_pipeline::inspect::gc(&store, true, false, &[lock.as_path()], false).expect_err("the store is in use");
+    assert!(busy.to_string().contains("a running pipeline"), "{busy}");
+    let gc = std::thread::spawn({
+        let (root, lock) = (store.root().to_path_buf(), lock.clone());
+        move || {
+            let t = Instant::now();
+            let store = msmae_pipeline::Store::open(&root).expect("store");
+            let r = msmae_pipeline::inspect::gc(&store, true, false, &[lock.as_path()], true).expect("gc after the run");
+            (t.elapsed(), r)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!gc.is_finished(), "gc ran while the pipeline was running");
+    fs::write(f.path("release"), "").expect("release");
+    let (ok, line) = child_outcomes(child);
+    assert!(ok, "{line}");
+    let (waited, r) = gc.join().expect("gc thread");
+    assert!(waited >= Duration::from_millis(500), "gc did not wait ({waited:?})");
+    assert_eq!(r.index_entries, 2, "only the superseded v=one keys of slow and c go: {r:?}");
+    assert!(r.objects >= 1, "{r:?}");
+    let lock = msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock parses");
+    let (checked, bad) = msmae_pipeline::inspect::verify(&store, &lock).expect("verify");
+    assert_eq!((checked, bad.len()), (4, 0), "everything the run recorded survives: {bad:?}");
+}

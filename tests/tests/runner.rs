@@ -340,16 +340,47 @@ fn gc_keeps_cached_alternatives_unless_pruning() {
     f.run();
     let store = f.store();
     assert_eq!(store.objects().expect("objects").len(), 7, "3 old-chain artifacts + 4 current");
-    let r = msmae_pipeline::inspect::gc(&store, false, false, &[]).expect("gc");
+    let r = msmae_pipeline::inspect::gc(&store, false, false, &[], true).expect("gc");
     assert_eq!((r.objects, r.kept_objects), (0, 7));
-    let r = msmae_pipeline::inspect::gc(&store, true, true, &[]).expect("gc dry");
+    let r = msmae_pipeline::inspect::gc(&store, true, true, &[], true).expect("gc dry");
     assert_eq!((r.objects, r.index_entries), (3, 3));
     assert_eq!(store.objects().expect("objects").len(), 7, "dry run removes nothing");
-    let r = msmae_pipeline::inspect::gc(&store, true, false, &[]).expect("gc");
+    let r = msmae_pipeline::inspect::gc(&store, true, false, &[], true).expect("gc");
     assert_eq!(r.objects, 3);
     assert!(r.bytes > 0);
     assert_eq!(f.run().count("cached"), 4, "what the lock file records survives");
     assert_eq!(f.run_with(&["params.v=old"], RunOptions::default()).count("ran"), 3, "pruned alternatives recompute");
+}
+
+/// A lock file gc cannot read (git merge-conflict markers, truncation) may reference any
+/// artifact: gc stops, naming it, and removes nothing; a run refuses it rather than
+/// writing a fresh one over the audit trail.
+#[test]
+fn an_unreadable_lock_file_stops_gc_and_is_never_overwritten() {
+    let f = Fixture::new("");
+    f.write(&chain(&f));
+    f.run_with(&["params.v=old"], RunOptions::default());
+    f.run();
+    let store = f.store();
+    let before = store.objects().expect("objects").len();
+    let good = f.lock_text();
+    let conflicted = format!("<<<<<<< HEAD\n{good}=======\n{}>>>>>>> feature\n", good.replace("stages:", "stages:\n# theirs"));
+    let truncated = good[..good.len() / 2].to_string();
+    for (what, text) in [("conflict markers", conflicted), ("truncated", truncated)] {
+        fs::write(f.path("p.lock"), &text).expect("write");
+        let e = msmae_pipeline::inspect::gc(&store, true, false, &[], true).expect_err(what).to_string();
+        assert!(e.contains("p.lock") && e.contains("Nothing was removed"), "{what}: {e}");
+        assert_eq!(store.objects().expect("objects").len(), before, "{what}: gc removed objects");
+        let r = f.plan(&[]);
+        let err = msmae_pipeline::run(&r, &store, &RunOptions { lock_file: Some(f.path("p.lock")), ..RunOptions::default() }, &msmae_core::NoProgress)
+            .expect_err(what)
+            .to_string();
+        assert!(err.contains("p.lock"), "{what}: {err}");
+        assert_eq!(f.lock_text(), text, "{what}: the unreadable lock file was rewritten");
+    }
+    fs::write(f.path("p.lock"), &good).expect("restore");
+    let r = msmae_pipeline::inspect::gc(&store, true, false, &[], true).expect("gc");
+    assert_eq!(r.objects, 3, "with the lock readable again, gc prunes as before");
 }
 
 #[test]

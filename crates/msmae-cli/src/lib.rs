@@ -186,6 +186,9 @@ pub enum Command {
         prune: bool,
         #[arg(long)]
         dry_run: bool,
+        /// Fail instead of waiting while a pipeline runs on this store.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// List the stage kinds this binary provides.
     #[command(after_help = "Example:\n  msmae stages")]
@@ -480,11 +483,11 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             println!("verified {checked} of {} artifacts in {}: {} mismatches", lock.stages.len(), lp.display(), bad.len());
             Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Gc { common, prune, dry_run } => {
+        Command::Gc { common, prune, dry_run, no_wait } => {
             let store = store_for(&common)?;
             let lp = lock_path(&common);
             let extra: Vec<&Path> = if lp.exists() { vec![lp.as_path()] } else { vec![] };
-            let r = inspect::gc(&store, prune, dry_run, &extra)?;
+            let r = inspect::gc(&store, prune, dry_run, &extra, !no_wait)?;
             println!(
                 "{}{} objects ({} bytes), {} index entries, {} staging dirs, {} checkpoint dirs; kept {} objects",
                 if dry_run { "would remove " } else { "removed " },

@@ -276,6 +276,8 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
     let lock = LockFile::read(&lock_path, &plan.spec.name)?;
     let order: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
     let leader = opts.group.rank() == 0;
+    // gc waits until this run ends (and this run until a gc ends): shared among runners.
+    let _run_lock = if opts.dry_run { None } else { Some(store.run_lock(false, opts.wait, "msmae run")?) };
     if !opts.dry_run && leader {
         for p in store.clean_stale_tmp()? {
             tracing::info!("removed staging directory of an interrupted run: {}", p.display());

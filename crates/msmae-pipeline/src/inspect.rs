@@ -268,21 +268,25 @@ pub struct GcReport {
 /// cache index entry refers to it (alternative configs stay cached); with `prune`, only
 /// artifacts recorded in the lock files written with this store (and `extra_roots`) are
 /// kept, and index entries for anything else are dropped.
-pub fn gc(store: &Store, prune: bool, dry_run: bool, extra_roots: &[&Path]) -> Result<GcReport> {
-    let _exclusive = store.lock_key("store-gc", "gc", true)?;
+pub fn gc(store: &Store, prune: bool, dry_run: bool, extra_roots: &[&Path], wait: bool) -> Result<GcReport> {
+    let _exclusive = store.run_lock(true, wait, "msmae gc")?;
+    // Every root must be read before anything is deleted: an unreadable lock file (merge
+    // conflict markers, truncation) may reference anything, so it stops gc.
+    let mut roots: BTreeSet<String> = BTreeSet::new();
+    let mut lock_files = store.roots()?;
+    lock_files.extend(extra_roots.iter().map(|p| p.to_path_buf()));
+    for lf in lock_files {
+        let l = LockFile::read(&lf, "").map_err(|e| crate::Error::LockFile {
+            path: lf.clone(),
+            message: format!("gc reads every lock file written with this store, and this one is unreadable ({e}); fix or restore it (it may reference artifacts), then run gc again. Nothing was removed"),
+        })?;
+        roots.extend(l.stages.iter().map(|s| s.output.digest.clone()));
+    }
     let mut report = GcReport::default();
     if !dry_run {
         report.tmp_dirs = store.clean_stale_tmp()?.len();
     }
     report.resume_dirs = store.clean_resume(prune, dry_run)?.len();
-    let mut roots: BTreeSet<String> = BTreeSet::new();
-    let mut lock_files = store.roots()?;
-    lock_files.extend(extra_roots.iter().map(|p| p.to_path_buf()));
-    for lf in lock_files {
-        if let Ok(l) = LockFile::read(&lf, "") {
-            roots.extend(l.stages.iter().map(|s| s.output.digest.clone()));
-        }
-    }
     let mut keep = roots.clone();
     for e in store.index_entries()? {
         if prune && !roots.contains(&e.artifact) {

@@ -90,6 +90,18 @@ impl LockFile {
     }
 }
 
+/// `path` with its directory resolved (the file itself may not exist yet).
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (dir.canonicalize(), path.file_name()) {
+        (Ok(d), Some(f)) => d.join(f),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Default lock file path: `NAME.lock` beside the pipeline file.
 pub fn default_path(pipeline_file: &Path) -> PathBuf {
     pipeline_file.with_extension("lock")
@@ -99,16 +111,11 @@ pub fn default_path(pipeline_file: &Path) -> PathBuf {
 /// `order`, in that order, and write it if it changed. Serialised against other runners by
 /// a lock in the store.
 pub fn update(store: &Store, path: &Path, pipeline: &str, order: &[String], entries: &[(String, IndexEntry)]) -> Result<bool> {
-    let guard_id = blake3::hash(path.to_string_lossy().as_bytes()).to_hex()[..16].to_string();
+    // One guard per file, however it is spelled (`p.lock`, `./p.lock`, a symlinked dir).
+    let guard_id = blake3::hash(canonical(path).to_string_lossy().as_bytes()).to_hex()[..16].to_string();
     let _guard = store.lock_key(&format!("lockfile-{guard_id}"), "updating the lock file", true)?;
-    let mut lock = match LockFile::read(path, pipeline) {
-        Ok(l) => l,
-        Err(Error::LockFile { .. }) => {
-            tracing::warn!("{} is unreadable; writing a fresh one", path.display());
-            LockFile::new(pipeline)
-        }
-        Err(e) => return Err(e),
-    };
+    // An unreadable lock file is never replaced: it is the audit trail (and gc's roots).
+    let mut lock = LockFile::read(path, pipeline)?;
     let before = lock.clone();
     for (name, e) in entries {
         let s = StageLock::from_entry(name, e);

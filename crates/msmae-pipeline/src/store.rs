@@ -252,6 +252,42 @@ impl Store {
         Ok(KeyLock { _file: f })
     }
 
+    /// Held by every runner for its whole run, shared; `gc` takes it exclusively, so gc and
+    /// running pipelines exclude each other (a runner never sees its inputs collected, gc
+    /// never sees a half-written run). `wait: false` fails at once with who holds it.
+    pub fn run_lock(&self, exclusive: bool, wait: bool, holder: &str) -> Result<KeyLock> {
+        let p = self.root.join("locks").join("store-gc.lock");
+        let mut f = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).map_err(|e| Error::store("open lock", &p, e))?;
+        let attempt = if exclusive { f.try_lock() } else { f.try_lock_shared() };
+        match attempt {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut who = String::new();
+                let _ = f.read_to_string(&mut who);
+                let who = if exclusive {
+                    "a running pipeline".to_string()
+                } else if who.trim().is_empty() {
+                    "msmae gc".to_string()
+                } else {
+                    who.trim().to_string()
+                };
+                if !wait {
+                    return Err(Error::Busy { path: p, holder: who });
+                }
+                tracing::info!("waiting for {who} (store lock {})", p.display());
+                let r = if exclusive { f.lock() } else { f.lock_shared() };
+                r.map_err(|e| Error::store("lock", &p, e))?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::store("lock", &p, e)),
+        }
+        if exclusive {
+            let _ = f.set_len(0);
+            let _ = write!(f, "pid {} on {} ({holder}, since {})", std::process::id(), Host::current().hostname, now_rfc3339());
+            let _ = f.flush();
+        }
+        Ok(KeyLock { _file: f })
+    }
+
     /// Whether another process holds `key`'s lock right now, as this host sees it (the
     /// Slurm driver's check that locks on a shared store reach across nodes).
     pub fn key_lock_held(&self, key: &str) -> Result<bool> {
