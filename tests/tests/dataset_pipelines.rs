@@ -207,7 +207,7 @@ fn a_manifest_stage_re_runs_when_a_listed_image_elsewhere_changes() {
     fs::write(d.path().join("data/manifest.csv"), csv).expect("csv");
     fs::write(
         d.path().join("p.yaml"),
-        "name: p\nstages:\n  data: { uses: ingest/manifest, with: { manifest: data/manifest.csv, label_column: label, size: 16, channels: 1 } }\n",
+        "name: p\nstages:\n  data: { uses: ingest/manifest, with: { manifest: data/manifest.csv, label_column: label, size: 16, channels: 1, allow_outside_root: true } }\n",
     )
     .expect("pipeline");
     let run = |want: &str| {

@@ -1,7 +1,8 @@
 //! `ingest/manifest`: any dataset described by a CSV or Parquet manifest — one row per
 //! image with a path column, label(s) in one of three forms, and optional patient, split,
-//! id and mask columns. Image paths are relative to `root` (default: the manifest's
-//! folder) unless absolute; images may be PNG, JPEG, TIFF, BMP or DICOM.
+//! id and mask columns. Image and mask paths are relative to `root` (default: the manifest's
+//! folder); absolute paths and `..` out of the root are refused unless
+//! `allow_outside_root: true`. Images may be PNG, JPEG, TIFF, BMP or DICOM.
 //!
 //! Labels: `label_column` (one class name per row), `labels_column` (names joined by
 //! `separator`, multi-label) or `label_columns` (one 0/1 column per label, multi-label).
@@ -104,6 +105,41 @@ pub struct ManifestConfig {
     /// training loader's normalisation (twice the storage).
     #[serde(default = "defaults::bit_depth")]
     pub bit_depth: u32,
+    /// Accept image and mask paths outside `root` (absolute, or with `..` leading out of
+    /// it). Off by default: a manifest from elsewhere must not make the stage read files
+    /// anywhere on the machine.
+    #[serde(default)]
+    pub allow_outside_root: bool,
+}
+
+/// Whether `written` (a path from the manifest) leads outside `root`: absolute but not
+/// under it, or more `..` than folders before them (judged on the text: a symlink inside
+/// the root is the root owner's choice).
+pub fn leaves_root(written: &str, root: &Path) -> bool {
+    use std::path::Component;
+    let w = Path::new(written);
+    if w.is_absolute() {
+        let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+        return match w.strip_prefix(&root) {
+            Ok(rest) => leaves_root(&rest.to_string_lossy(), &root),
+            Err(_) => true,
+        };
+    }
+    let mut depth: i64 = 0;
+    for c in w.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => return true,
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+        }
+    }
+    false
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -284,6 +320,25 @@ impl Stage for Manifest {
                 let col = c.id_column.as_deref().unwrap_or(&c.path_column);
                 triage.problem(&manifest, loc(col), what, format!("id `{id}` is listed twice (first on {})", t.row_name(first)))?;
                 continue;
+            }
+            let outside = |w: &str, col: &str| -> Result<(), StageError> {
+                if !c.allow_outside_root && leaves_root(w, &root) {
+                    return Err(StageError::data(
+                        &manifest,
+                        loc(col),
+                        format!(
+                            "`{w}` leads outside the root {}; set `allow_outside_root: true` if the manifest is trusted to name files anywhere",
+                            root.display()
+                        ),
+                    ));
+                }
+                Ok(())
+            };
+            outside(written, &c.path_column)?;
+            if let (Some(col), Some(mc)) = (mask_col, &c.mask_column) {
+                for m in col.get(i).unwrap_or("").split(c.separator.as_str()).map(str::trim).filter(|m| !m.is_empty()) {
+                    outside(m, mc)?;
+                }
             }
             let path = root.join(written);
             if !path.is_file() {

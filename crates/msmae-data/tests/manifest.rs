@@ -151,6 +151,43 @@ fn bad_rows_are_named_or_rejected() {
     assert!(rejects.to_string().contains("manifest.csv:line 15"), "{rejects}");
 }
 
+/// A manifest may not make the stage read files anywhere: absolute paths and `..` out of
+/// the root are refused by row and column unless `allow_outside_root: true`.
+#[test]
+fn paths_outside_the_root_are_refused_unless_allowed() {
+    use msmae_data::manifest::leaves_root;
+    let r = Path::new("/data/study");
+    for (p, out) in [
+        ("img/1.png", false),
+        ("a/../img/1.png", false),
+        ("./x.png", false),
+        ("/data/study/img/1.png", false),
+        ("../x.png", true),
+        ("img/../../x.png", true),
+        ("/etc/passwd", true),
+        ("/data/study/../other/x.png", true),
+        ("/data/studyx/1.png", true),
+    ] {
+        assert_eq!(leaves_root(p, r), out, "{p}");
+    }
+    let d = tempfile::tempdir().expect("tmp");
+    let far = tempfile::tempdir().expect("tmp");
+    let x = far.path().join("x.png");
+    png(&x, 7);
+    for (row, col) in [(format!("{},benign,P9,train,img/0_m.png\n", x.display()), "path"), ("img/1_m.png,benign,P9,train,../../etc/m.png\n".to_string(), "mask")]
+    {
+        let m = csv_dataset(d.path(), &row);
+        let cfg = serde_json::json!({ "manifest": m, "label_column": "diagnosis", "id_column": null, "mask_column": "mask", "size": 10, "on_error": "skip" });
+        let e = run(cfg, &d.path().join("out")).expect_err("refused").to_string();
+        assert!(e.contains(&format!("line 14, column `{col}`")) && e.contains("leads outside the root") && e.contains("allow_outside_root"), "{e}");
+    }
+    let m = csv_dataset(d.path(), &format!("{},benign,P9,train,img/0_m.png\n", x.display()));
+    let out = d.path().join("allowed");
+    run(serde_json::json!({ "manifest": m, "label_column": "diagnosis", "mask_column": "mask", "size": 10, "allow_outside_root": true }), &out)
+        .expect("allowed");
+    assert_eq!(table::read_rows(&out.join("images.parquet")).expect("rows").len(), 13);
+}
+
 /// The cache tracks the manifest and exactly the files it lists: relative to the root or
 /// absolute elsewhere, images and masks; nothing else in their folders.
 #[test]

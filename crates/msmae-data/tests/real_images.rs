@@ -94,7 +94,7 @@ fn a_real_dicom_radiograph_ingests_through_a_manifest() {
     let src = rg1["source_path"].as_str().expect("path");
     std::fs::write(d.path().join("m.csv"), format!("path,finding\n{src},normal\n")).expect("csv");
     let c: ManifestConfig = serde_json::from_value(
-        serde_json::json!({ "manifest": d.path().join("m.csv"), "label_column": "finding", "size": 64, "channels": 1, "aspect": "pad", "previews": 1 }),
+        serde_json::json!({ "manifest": d.path().join("m.csv"), "label_column": "finding", "size": 64, "channels": 1, "aspect": "pad", "previews": 1, "allow_outside_root": true }),
     )
     .expect("config");
     let out = d.path().join("out");
@@ -141,7 +141,7 @@ fn a_real_dicom_radiograph_ingests_through_a_manifest() {
     eprintln!("RG1 at 64 px: worst difference to the box-averaged pydicom decoding {worst:.2} levels");
     assert!(worst <= 12.0, "worst difference to the box-averaged pydicom decoding: {worst} levels");
     // the same with `bit_depth: 16`: two bytes per sample, and the 8-bit table is its rounding
-    let c16: ManifestConfig = serde_json::from_value(serde_json::json!({ "manifest": d.path().join("m.csv"), "label_column": "finding", "size": 64, "channels": 1, "aspect": "pad", "previews": 1, "bit_depth": 16 })).expect("config");
+    let c16: ManifestConfig = serde_json::from_value(serde_json::json!({ "manifest": d.path().join("m.csv"), "label_column": "finding", "size": 64, "channels": 1, "aspect": "pad", "previews": 1, "bit_depth": 16, "allow_outside_root": true })).expect("config");
     let out16 = d.path().join("out16");
     std::fs::create_dir_all(&out16).expect("mkdir");
     let mut ctx = StageContext::new(
