@@ -43,6 +43,54 @@ pub enum DecodeError {
     Decode(String),
 }
 
+/// Samples (width × height × channels) an image may declare before it is decoded: 2³⁰ by
+/// default (a 32768 × 32768 RGB image), far above any radiograph, fundus or dermoscopy
+/// image; `MSMAE_MAX_IMAGE_SAMPLES` sets another. A file declaring more is refused from its
+/// header, before any pixel buffer is allocated.
+pub fn max_samples() -> u64 {
+    std::env::var("MSMAE_MAX_IMAGE_SAMPLES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(1 << 30)
+}
+
+/// `Err` when a `w × h × c` image is over [`max_samples`].
+pub fn check_samples(w: u64, h: u64, c: u64) -> Result<(), DecodeError> {
+    let n = w.saturating_mul(h).saturating_mul(c.max(1));
+    let max = max_samples();
+    if n > max {
+        return Err(DecodeError::Decode(format!(
+            "the header declares {w}×{h}×{c} = {n} samples, over the limit of {max} (MSMAE_MAX_IMAGE_SAMPLES raises it for a trusted file)"
+        )));
+    }
+    Ok(())
+}
+
+/// Decode a PNG/JPEG/TIFF/BMP with its size checked from the header first and the
+/// decoder's own allocation limit set to what that size needs.
+fn decode_limited(bytes: &[u8]) -> Result<image::DynamicImage, DecodeError> {
+    use image::ImageDecoder;
+    let bad = |e: image::ImageError| DecodeError::Decode(e.to_string());
+    let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Decode(e.to_string()));
+    let decoder = reader()?.into_decoder().map_err(bad)?;
+    let (w, h) = decoder.dimensions();
+    let color = decoder.color_type();
+    check_samples(u64::from(w), u64::from(h), u64::from(color.channel_count()))?;
+    drop(decoder);
+    let mut limits = image::Limits::default();
+    // the decoded buffer, plus room for the decoder's own scratch
+    limits.max_alloc = Some(u64::from(w) * u64::from(h) * u64::from(color.bytes_per_pixel()) * 2 + (64 << 20));
+    let mut r = reader()?;
+    r.limits(limits);
+    r.decode().map_err(bad)
+}
+
+/// Run a decoder so that a panic inside it becomes this file's error (`on_error: skip`
+/// then skips the file) instead of taking the stage down.
+pub fn guarded<T>(f: impl FnOnce() -> Result<T, DecodeError>) -> Result<T, DecodeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into());
+        Err(DecodeError::Decode(format!("the decoder failed on this file ({what})")))
+    })
+}
+
 /// Decode `bytes` and bring them to `size × size × channels` (channels 1: luma, 3: RGB;
 /// alpha is dropped; grey sources are replicated to 3 channels when asked). 16-bit sources
 /// (DICOM, 16-bit PNG/TIFF) are resized in 16 bits and quantised to 8 bits last.
@@ -54,6 +102,10 @@ pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> 
 /// [`decode_resize`] into `bit_depth` 8 or 16 bits per sample (16: little-endian u16
 /// pairs; 8-bit sources are scaled by 257), with the DCT-domain JPEG reduction on or off.
 pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect, bit_depth: u32, jpeg_dct_reduction: bool) -> Result<Decoded, DecodeError> {
+    guarded(|| decode_resize_unguarded(bytes, size, channels, aspect, bit_depth, jpeg_dct_reduction))
+}
+
+fn decode_resize_unguarded(bytes: &[u8], size: u32, channels: u32, aspect: Aspect, bit_depth: u32, jpeg_dct_reduction: bool) -> Result<Decoded, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -68,11 +120,7 @@ pub fn decode_resize_with(bytes: &[u8], size: u32, channels: u32, aspect: Aspect
     if jpeg_dct_reduction && let Some(Ok(d)) = jpeg_reduced(bytes, size, channels, aspect) {
         return Ok(widen(d));
     }
-    let img = if crate::dicom::is_dicom(bytes) {
-        crate::dicom::decode(bytes).map_err(DecodeError::Decode)?.to_image()
-    } else {
-        image::load_from_memory(bytes).map_err(|e| DecodeError::Decode(e.to_string()))?
-    };
+    let img = if crate::dicom::is_dicom(bytes) { crate::dicom::decode(bytes).map_err(DecodeError::Decode)?.to_image() } else { decode_limited(bytes)? };
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
         return Err(DecodeError::Decode(format!("image has size {w}×{h}")));
@@ -130,6 +178,9 @@ fn jpeg_reduced(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> Optio
     let (w, h) = (u32::from(info.width), u32::from(info.height));
     if w == 0 || h == 0 || !matches!(info.pixel_format, jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::RGB24) {
         return None;
+    }
+    if let Err(e) = check_samples(u64::from(w), u64::from(h), 3) {
+        return Some(Err(e));
     }
     let k = reduction(w, h, size, aspect);
     if k == 1 {
@@ -225,7 +276,7 @@ fn load_mask(p: &std::path::Path, width: u32, height: u32) -> Result<image::Dyna
     if bytes.is_empty() {
         return Err((p.to_path_buf(), DecodeError::Empty));
     }
-    let m = image::load_from_memory(&bytes).map_err(|e| (p.to_path_buf(), DecodeError::Decode(e.to_string())))?;
+    let m = guarded(|| decode_limited(&bytes)).map_err(|e| (p.to_path_buf(), e))?;
     if m.dimensions() != (width, height) {
         let (mw, mh) = m.dimensions();
         return Err((p.to_path_buf(), DecodeError::Decode(format!("mask is {mw}×{mh} but its image is {width}×{height}"))));
@@ -371,6 +422,53 @@ mod tests {
         assert_eq!(reduction(1024, 1024, 224, Aspect::Crop), 4);
         assert_eq!(reduction(600, 450, 224, Aspect::Crop), 2);
         assert_eq!(reduction(300, 300, 224, Aspect::Crop), 1);
+    }
+
+    /// A PNG whose header declares `w × h` RGB and whose data is one empty IDAT: what an
+    /// attacker sends to make a decoder allocate w·h·3 bytes.
+    fn png_header(w: u32, h: u32) -> Vec<u8> {
+        fn crc(data: &[u8]) -> u32 {
+            let mut c = 0xFFFF_FFFFu32;
+            for &b in data {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                }
+            }
+            !c
+        }
+        let chunk = |kind: &[u8], body: &[u8]| {
+            let mut v = (body.len() as u32).to_be_bytes().to_vec();
+            let mut typed = kind.to_vec();
+            typed.extend_from_slice(body);
+            v.extend_from_slice(&typed);
+            v.extend_from_slice(&crc(&typed).to_be_bytes());
+            v
+        };
+        let mut ihdr = w.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        out.extend(chunk(b"IHDR", &ihdr));
+        out.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+        out.extend(chunk(b"IEND", &[]));
+        out
+    }
+
+    #[test]
+    fn absurd_headers_are_refused_before_decoding() {
+        let e = decode_resize(&png_header(100_000, 100_000), 32, 3, Aspect::Crop).expect_err("100k × 100k");
+        assert!(e.to_string().contains("100000×100000×3 = 30000000000 samples, over the limit of 1073741824"), "{e}");
+        // A small image with the same broken data is an ordinary decode error, not a limit.
+        let e = decode_resize(&png_header(4, 4), 32, 3, Aspect::Crop).expect_err("no pixel data");
+        assert!(!e.to_string().contains("limit"), "{e}");
+        assert!(check_samples(32768, 32768, 1).is_ok() && check_samples(32768, 32769, 1).is_err());
+    }
+
+    #[test]
+    fn a_panicking_decoder_is_this_files_error() {
+        let e = guarded::<()>(|| panic!("boom in a decoder")).expect_err("caught");
+        assert_eq!(e, DecodeError::Decode("the decoder failed on this file (boom in a decoder)".into()));
     }
 
     #[test]

@@ -103,6 +103,11 @@ pub fn decode(bytes: &[u8]) -> Result<DicomImage, String> {
             return Err(format!("the file has a {what} (a lookup table); only Rescale Slope/Intercept and Window Center/Width are supported"));
         }
     }
+    // The declared size, checked before any pixel buffer is allocated.
+    let num = |t| obj.element_opt(t).ok().flatten().and_then(|e| e.to_int::<u64>().ok());
+    let (rows, cols) = (num(tags::ROWS).unwrap_or(0), num(tags::COLUMNS).unwrap_or(0));
+    let samples = num(tags::SAMPLES_PER_PIXEL).unwrap_or(1) * num(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    crate::decode::check_samples(cols, rows, samples).map_err(|e| e.to_string())?;
     let px = obj.decode_pixel_data().map_err(|e| format!("cannot decode the pixel data: {e}"))?;
     let (w, h, frames, spp) = (px.columns(), px.rows(), px.number_of_frames(), px.samples_per_pixel());
     if frames != 1 {
@@ -184,6 +189,45 @@ impl DicomImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A DICOM file declaring `rows × cols` 16-bit monochrome with 8 bytes of pixel data.
+    fn dicom_declaring(rows: u16, cols: u16) -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let us = |t, v: u16| DataElement::new(t, VR::US, PrimitiveValue::from(v));
+        let obj = dicom_object::InMemDicomObject::from_element_iter([
+            us(tags::ROWS, rows),
+            us(tags::COLUMNS, cols),
+            us(tags::SAMPLES_PER_PIXEL, 1),
+            us(tags::BITS_ALLOCATED, 16),
+            us(tags::BITS_STORED, 12),
+            us(tags::HIGH_BIT, 11),
+            us(tags::PIXEL_REPRESENTATION, 0),
+            DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("MONOCHROME2")),
+            DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(vec![0u8; 8])),
+        ]);
+        let meta = dicom_object::FileMetaTableBuilder::new()
+            .transfer_syntax("1.2.840.10008.1.2.1")
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.1")
+            .media_storage_sop_instance_uid("1.2.826.0.1.3680043.2.1125.1");
+        let file = obj.with_meta(meta).expect("meta");
+        let mut out = Vec::new();
+        file.write_all(&mut out).expect("write");
+        out
+    }
+
+    #[test]
+    fn absurd_rows_and_columns_are_refused_before_the_pixel_data() {
+        let bytes = dicom_declaring(65535, 65535);
+        assert!(is_dicom(&bytes));
+        let e = decode(&bytes).expect_err("65535 × 65535");
+        assert!(e.contains("65535×65535×1 = 4294836225 samples, over the limit"), "{e}");
+        // Through the general entry point too (a panic in a decoder would also be caught there).
+        let e = crate::decode::decode_resize(&bytes, 32, 1, crate::decode::Aspect::Crop).expect_err("refused");
+        assert!(e.to_string().contains("over the limit"), "{e}");
+        // The same header at a sane size only finds the pixel data too short.
+        let e = decode(&dicom_declaring(64, 64)).expect_err("8 bytes of pixels");
+        assert!(!e.contains("limit"), "{e}");
+    }
 
     #[test]
     fn window_functions_follow_the_standard() {

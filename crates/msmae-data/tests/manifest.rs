@@ -174,7 +174,8 @@ fn paths_outside_the_root_are_refused_unless_allowed() {
     let far = tempfile::tempdir().expect("tmp");
     let x = far.path().join("x.png");
     png(&x, 7);
-    for (row, col) in [(format!("{},benign,P9,train,img/0_m.png\n", x.display()), "path"), ("img/1_m.png,benign,P9,train,../../etc/m.png\n".to_string(), "mask")]
+    for (row, col) in
+        [(format!("{},benign,P9,train,img/0_m.png\n", x.display()), "path"), ("img/1_m.png,benign,P9,train,../../etc/m.png\n".to_string(), "mask")]
     {
         let m = csv_dataset(d.path(), &row);
         let cfg = serde_json::json!({ "manifest": m, "label_column": "diagnosis", "id_column": null, "mask_column": "mask", "size": 10, "on_error": "skip" });
