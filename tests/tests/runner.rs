@@ -383,6 +383,36 @@ fn an_unreadable_lock_file_stops_gc_and_is_never_overwritten() {
     assert_eq!(r.objects, 3, "with the lock readable again, gc prunes as before");
 }
 
+/// A cache hit checks the object against its manifest (files and sizes): a damaged one is
+/// reported and recomputed, never fed downstream, and the recomputed artifact replaces it.
+/// Digests read from a lock file must be digests before a path is built from them.
+#[test]
+fn damaged_objects_are_recomputed_and_foreign_digests_refused() {
+    let f = Fixture::new("");
+    f.write(&chain(&f));
+    f.run();
+    let store = f.store();
+    let lock = msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock");
+    let b = lock.stage("b").expect("b").output.digest.clone();
+    let file = store.object_dir(&b).join("out.txt");
+    let mut perms = fs::metadata(&file).expect("meta").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(&file, perms).expect("chmod");
+    fs::write(&file, "truncated").expect("damage");
+    let r = f.run();
+    assert_eq!(r.stage("b").map(|s| s.outcome.label()), Some("ran (output unchanged)"), "the damaged artifact is recomputed");
+    assert_eq!(r.count("cached"), 3, "the others are served");
+    assert!(store.object_intact(&b).is_ok(), "the recomputed artifact replaced the damaged one");
+    let (_, bad) = msmae_pipeline::inspect::verify(&store, &msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock")).expect("verify");
+    assert!(bad.is_empty(), "{bad:?}");
+    // a lock file whose digest would lead out of the store
+    let text = f.lock_text().replace(&b, "../../../../etc");
+    fs::write(f.path("p.lock"), text).expect("write");
+    let e = msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect_err("refused").to_string();
+    assert!(e.contains("stage `b`") && e.contains("is not an artifact digest"), "{e}");
+}
+
 #[test]
 fn independent_stages_run_in_parallel_within_the_budget() {
     let f = Fixture::new("");

@@ -243,7 +243,7 @@ pub fn verify(store: &Store, lock: &LockFile) -> Result<(usize, Vec<Mismatch>)> 
             }
             _ => {}
         }
-        match store.lookup(&s.key)? {
+        match store.index_entry(&s.key)? {
             Some(e) if e.artifact != s.output.digest => push(format!("cache index maps key to {}, lock records {}", e.artifact, s.output.digest)),
             None => push("cache index has no entry for the recorded key".into()),
             _ => {}

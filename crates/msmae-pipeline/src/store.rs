@@ -166,6 +166,24 @@ impl Store {
         &self.memo
     }
 
+    /// Whether the object is there and matches its manifest in files and sizes: what a
+    /// cache hit checks before serving it (a full re-hash is `msmae verify`).
+    pub fn object_intact(&self, digest: &str) -> std::result::Result<(), String> {
+        let m = self.manifest(digest).map_err(|e| e.to_string())?;
+        if m.digest != digest {
+            return Err(format!("its manifest names digest {}", m.digest));
+        }
+        let data = self.object_dir(digest);
+        for f in &m.files {
+            match fs::metadata(data.join(&f.path)) {
+                Ok(md) if md.len() == f.size => {}
+                Ok(md) => return Err(format!("`{}` has {} bytes, the manifest records {}", f.path, md.len(), f.size)),
+                Err(e) => return Err(format!("`{}`: {e}", f.path)),
+            }
+        }
+        Ok(())
+    }
+
     fn object_root(&self, digest: &str) -> PathBuf {
         self.root.join("objects").join(&digest[..2.min(digest.len())]).join(digest)
     }
@@ -193,6 +211,22 @@ impl Store {
 
     /// The cached result for `key`, if its index entry and object are both present.
     pub fn lookup(&self, key: &str) -> Result<Option<IndexEntry>> {
+        let Some(entry) = self.index_entry(key)? else { return Ok(None) };
+        if !self.has_object(&entry.artifact) {
+            return Ok(None);
+        }
+        // A damaged object is never fed downstream: it is reported and recomputed (the
+        // recomputed artifact replaces it at commit).
+        if let Err(why) = self.object_intact(&entry.artifact) {
+            tracing::warn!("artifact {} of stage `{}` is damaged ({why}); recomputing it", entry.artifact, entry.stage);
+            return Ok(None);
+        }
+        Ok(Some(entry))
+    }
+
+    /// The index entry of `key` as recorded (its object not checked); `None` when there is
+    /// none or it is unreadable or names no digest.
+    pub fn index_entry(&self, key: &str) -> Result<Option<IndexEntry>> {
         let p = self.index_path(key);
         let text = match fs::read_to_string(&p) {
             Ok(t) => t,
@@ -207,7 +241,11 @@ impl Store {
                 return Ok(None);
             }
         };
-        Ok(self.has_object(&entry.artifact).then_some(entry))
+        if let Err(e) = check_digest(&entry.artifact) {
+            tracing::warn!("ignoring cache index entry {}: {e}", p.display());
+            return Ok(None);
+        }
+        Ok(Some(entry))
     }
 
     /// All index entries (for gc and inspection).
@@ -218,6 +256,7 @@ impl Store {
             let p = e.map_err(|e| Error::store("list", &dir, e))?.path();
             if p.extension().is_some_and(|x| x == "json")
                 && let Ok(entry) = fs::read_to_string(&p).map_err(|_| ()).and_then(|t| serde_json::from_str::<IndexEntry>(&t).map_err(|_| ()))
+                && check_digest(&entry.artifact).is_ok()
             {
                 out.push(entry);
             }
@@ -344,7 +383,7 @@ impl Store {
         sync_dirs(&data)?;
         let digest = Manifest::compute_digest(&decl.kind.0, &entries);
         let manifest = Manifest { digest: digest.clone(), kind: decl.kind.0.clone(), bytes: entries.iter().map(|f| f.size).sum(), files: entries };
-        if self.has_object(&digest) {
+        if self.has_object(&digest) && self.object_intact(&digest).is_ok() {
             return Ok(manifest); // identical artifact already stored; staging is dropped
         }
         write_atomic(
@@ -355,8 +394,8 @@ impl Store {
         let parent = target.parent().unwrap_or(&self.root).to_path_buf();
         fs::create_dir_all(&parent).map_err(|e| Error::store("create", &parent, e))?;
         if target.exists() {
-            // A leftover without manifest (cannot happen with this protocol, but a manual
-            // copy could leave one): replace it.
+            // A leftover without manifest (a manual copy could leave one) or a damaged
+            // object being recomputed: replace it.
             remove_tree(&target).map_err(|e| Error::store("remove", &target, e))?;
         }
         match fs::rename(&staging.root, &target) {
@@ -583,6 +622,16 @@ fn sync_dirs(dir: &Path) -> Result<()> {
         }
     }
     sync_dir(dir)
+}
+
+/// Digests (of artifacts) are 64 lowercase hex characters; anything else read from a lock
+/// or index file is refused before a path is built from it (`../..` would leave the store).
+pub fn check_digest(d: &str) -> std::result::Result<(), String> {
+    if d.len() == 64 && d.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(format!("`{d}` is not an artifact digest (64 hex characters)"))
+    }
 }
 
 /// Remove a directory tree, making read-only files writable first.
