@@ -413,6 +413,34 @@ fn damaged_objects_are_recomputed_and_foreign_digests_refused() {
     assert!(e.contains("stage `b`") && e.contains("is not an artifact digest"), "{e}");
 }
 
+/// Damage that keeps a file's size passes the cache hit's cheap check; `--verify-inputs`
+/// re-hashes what a running stage reads and refuses the damaged input by name.
+#[test]
+fn verify_inputs_rehashes_what_a_running_stage_reads() {
+    let f = Fixture::new("");
+    f.write(&chain(&f));
+    f.run();
+    let store = f.store();
+    let lock = msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock");
+    let file = store.object_dir(&lock.stage("b").expect("b").output.digest).join("out.txt");
+    let text = fs::read_to_string(&file).expect("read");
+    let mut perms = fs::metadata(&file).expect("meta").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(&file, perms).expect("chmod");
+    fs::write(&file, text.to_uppercase()).expect("same size, other bytes");
+    let opts = |verify_inputs| RunOptions { stage: Some("c".into()), verify_inputs, lock_file: Some(f.path("p.lock")), ..RunOptions::default() };
+    let r = msmae_pipeline::run(&f.plan(&[]), &store, &opts(true), &msmae_core::NoProgress).expect("run");
+    match &r.stage("c").expect("c").outcome {
+        msmae_pipeline::Outcome::Failed { error } => {
+            assert!(error.contains("input `b`") && error.contains("is damaged") && error.contains("--stage b"), "{error}")
+        }
+        other => panic!("c must fail on its damaged input, got {other:?}"),
+    }
+    let r = msmae_pipeline::run(&f.plan(&[]), &store, &opts(false), &msmae_core::NoProgress).expect("run");
+    assert_eq!(r.stage("c").map(|s| s.outcome.label()), Some("ran"), "without the flag only sizes are checked");
+}
+
 #[test]
 fn independent_stages_run_in_parallel_within_the_budget() {
     let f = Fixture::new("");

@@ -124,6 +124,10 @@ pub enum Command {
         /// training); none of it enters the cache key.
         #[arg(long, env = "MSMAE_SLURM_PROFILE")]
         profile: Option<PathBuf>,
+        /// Re-hash the inputs of every stage that runs before running it (a cache hit checks
+        /// files and sizes only).
+        #[arg(long)]
+        verify_inputs: bool,
         /// Resubmissions of a Slurm job ended by its time limit, a node failure or preemption
         /// (the stage resumes from its checkpoint).
         #[arg(long, default_value_t = 1)]
@@ -391,7 +395,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait, executor, profile, retries } => {
+        Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait, executor, profile, retries, verify_inputs } => {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
             // Under Slurm the jobs compute, on their nodes: the key's environment is the one
@@ -425,6 +429,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 expect_key: None,
                 update_lock: true,
                 lock_check: None,
+                verify_inputs,
             };
             let g = msmae_dist::group();
             let ranks = if g.is_solo() { String::new() } else { format!(" × {} processes ({})", g.size(), g.name()) };

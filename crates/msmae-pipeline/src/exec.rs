@@ -68,6 +68,9 @@ pub struct RunOptions {
     /// Whether this run records its stages in the lock file (a Slurm job does not: its
     /// driver is the lock file's one writer).
     pub update_lock: bool,
+    /// Re-hash the input artifacts of every stage that runs before running it (a cache hit
+    /// checks files and sizes only); a damaged input fails the stage, naming it.
+    pub verify_inputs: bool,
     /// `run-stage --lock-check PREFIX`: once the stage's key lock is taken, say so in
     /// `PREFIX.held` and wait for the driver's verdict in `PREFIX.ack` (`ok`: it sees the
     /// lock held from its host) before producing anything.
@@ -103,6 +106,7 @@ impl Default for RunOptions {
             expect_key: None,
             update_lock: true,
             lock_check: None,
+            verify_inputs: false,
         }
     }
 }
@@ -665,6 +669,22 @@ impl Job<'_> {
                 (None, _) => vec!["never run".to_string()],
             };
             return Msg::Done { i: self.i, outcome: Outcome::WouldRun { reasons }, entry: None, key: Some(key) };
+        }
+        if self.opts.verify_inputs {
+            for &j in &node.deps {
+                let Some(d) = self.digests.get(&j) else { continue };
+                match self.store.verify_object(d) {
+                    Ok(problems) if problems.is_empty() => {}
+                    Ok(problems) => {
+                        let up = &self.plan.nodes[j].name;
+                        return fail(
+                            format!("input `{up}` (artifact {}) is damaged: {}; re-run it with `--stage {up}`", &d[..12], problems.join("; ")),
+                            Some(key),
+                        );
+                    }
+                    Err(e) => return fail(chain(&e), Some(key)),
+                }
+            }
         }
         if let Executor::Slurm(s) = &self.opts.executor {
             return self.on_slurm(s, node, &key);
