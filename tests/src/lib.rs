@@ -3,7 +3,7 @@
 
 pub mod fixture;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The `msmae` binary of this build: beside the test executable's `deps/` folder in the
 /// shared target dir (built by `cargo xtask test`, which builds the whole workspace).
@@ -21,6 +21,25 @@ pub fn msmae_bin() -> PathBuf {
 /// As [`msmae_bin`].
 pub fn example_bin(name: &str) -> PathBuf {
     built(&format!("examples/{name}"))
+}
+
+/// `stage → artifact digest` of a lock file, in its order (read by the runner's own reader).
+///
+/// # Panics
+/// When the lock file is missing or unreadable.
+pub fn lock_digests(lock: &Path) -> Vec<(String, String)> {
+    assert!(lock.is_file(), "{} does not exist", lock.display());
+    let l = msmae_pipeline::LockFile::read(lock, "").unwrap_or_else(|e| panic!("{}: {e}", lock.display()));
+    l.stages.iter().map(|s| (s.name.clone(), s.output.digest.clone())).collect()
+}
+
+/// The committed directory of `stage`'s artifact in `store`, as `lock` records it.
+///
+/// # Panics
+/// As [`lock_digests`], and when the lock file does not record `stage`.
+pub fn artifact_dir(store: &Path, lock: &Path, stage: &str) -> PathBuf {
+    let d = lock_digests(lock).into_iter().find(|(s, _)| s == stage).map(|(_, d)| d).unwrap_or_else(|| panic!("`{stage}` in {}", lock.display()));
+    store.join("objects").join(&d[..2]).join(&d).join("data")
 }
 
 fn built(rel: &str) -> PathBuf {

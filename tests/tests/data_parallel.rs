@@ -37,17 +37,9 @@ fn ok(o: Output) -> String {
     text(&o)
 }
 
-/// The committed directory of `stage`'s artifact (from the lock file).
+/// The committed directory of `stage`'s artifact (from the lock file `dp.lock`).
 fn artifact(dir: &Path, stage: &str) -> PathBuf {
-    let lock: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(dir.join("dp.lock")).expect("lock file")).expect("lock yaml");
-    let stages = lock.get("stages").and_then(|s| s.as_sequence()).expect("stages in lock");
-    let d = stages
-        .iter()
-        .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(stage))
-        .and_then(|s| s.get("output")?.get("digest")?.as_str())
-        .unwrap_or_else(|| panic!("`{stage}` in the lock file"))
-        .to_string();
-    dir.join(".msmae").join("objects").join(&d[..2]).join(&d).join("data")
+    msmae_tests::artifact_dir(&dir.join(".msmae"), &dir.join("dp.lock"), stage)
 }
 
 fn json(p: &Path) -> serde_json::Value {
@@ -264,15 +256,7 @@ fn the_tiny_study_on_two_processes_matches_one_process() {
     for log in [&a, &b] {
         assert!(log.contains("tinystudy: 18 ran, 0 cached, 0 failed"), "{log}");
     }
-    let lock = |d: &Path| -> BTreeMap<String, String> {
-        let v: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(d.join("tinystudy.lock")).expect("lock")).expect("yaml");
-        v["stages"]
-            .as_sequence()
-            .expect("stages")
-            .iter()
-            .map(|s| (s["name"].as_str().unwrap_or_default().to_string(), s["output"]["digest"].as_str().unwrap_or_default().to_string()))
-            .collect()
-    };
+    let lock = |d: &Path| -> BTreeMap<String, String> { msmae_tests::lock_digests(&d.join("tinystudy.lock")).into_iter().collect() };
     let (la, lb) = (lock(one.path()), lock(two.path()));
     assert_eq!(la["data"], lb["data"], "ingestion is the same bytes on any process count");
     let metrics =

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use msmae_tests::lock_digests as digests;
+
 /// A one-node Slurm cluster for the life of the value.
 struct Cluster {
     dir: tempfile::TempDir,
@@ -144,17 +146,6 @@ fn text(o: &Output) -> String {
 fn ok(o: Output) -> String {
     assert!(o.status.success(), "{}", text(&o));
     text(&o)
-}
-
-/// `stage → artifact digest` from a lock file.
-fn digests(lock: &Path) -> Vec<(String, String)> {
-    let v: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(lock).expect("lock file")).expect("lock yaml");
-    v["stages"]
-        .as_sequence()
-        .expect("stages")
-        .iter()
-        .map(|s| (s["name"].as_str().unwrap_or_default().to_string(), s["output"]["digest"].as_str().unwrap_or_default().to_string()))
-        .collect()
 }
 
 #[test]

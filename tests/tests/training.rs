@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use msmae_tests::{TINY_MODEL as MODEL, tiny_study as study};
+use msmae_tests::{TINY_MODEL as MODEL, artifact_dir, lock_digests as digests, tiny_study as study};
 
 fn msmae(dir: &Path, backend: &str, args: &[&str]) -> Output {
     Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").env("MSMAE_BACKEND", backend).output().expect("run msmae")
@@ -16,26 +16,6 @@ fn msmae(dir: &Path, backend: &str, args: &[&str]) -> Output {
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-/// `stage → artifact digest` from a lock file.
-fn digests(lock: &Path) -> Vec<(String, String)> {
-    let v: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(lock).expect("lock file")).expect("lock yaml");
-    let stages = v.get("stages").and_then(|s| s.as_sequence()).expect("stages in lock");
-    stages
-        .iter()
-        .map(|s| {
-            let name = s.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
-            let d = s.get("output").and_then(|o| o.get("digest")).and_then(|d| d.as_str()).unwrap_or_default().to_string();
-            (name, d)
-        })
-        .collect()
-}
-
-/// The committed directory of `stage`'s artifact.
-fn artifact_dir(store: &Path, lock: &Path, stage: &str) -> std::path::PathBuf {
-    let d = digests(lock).into_iter().find(|(s, _)| s == stage).map(|(_, d)| d).expect("stage in lock");
-    store.join("objects").join(&d[..2]).join(&d).join("data")
 }
 
 fn json(p: &Path) -> serde_json::Value {

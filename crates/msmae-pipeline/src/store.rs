@@ -268,70 +268,24 @@ impl Store {
     /// Lock `key` for computing it. If another process holds it: with `wait`, log who and
     /// block until it is released; without, return [`Error::Busy`].
     pub fn lock_key(&self, key: &str, holder: &str, wait: bool) -> Result<KeyLock> {
-        let p = self.root.join("locks").join(format!("{key}.lock"));
-        let mut f = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).map_err(|e| Error::store("open lock", &p, e))?;
-        match f.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let mut who = String::new();
-                let _ = f.read_to_string(&mut who);
-                let who = if who.trim().is_empty() { "another msmae process".to_string() } else { who.trim().to_string() };
-                if !wait {
-                    return Err(Error::Busy { path: p, holder: who });
-                }
-                tracing::info!("waiting for {who} (lock {})", p.display());
-                f.lock().map_err(|e| Error::store("lock", &p, e))?;
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::store("lock", &p, e)),
-        }
-        // Record who holds it, for the next waiter's message.
-        let _ = f.set_len(0);
-        let _ = write!(f, "pid {} on {} ({holder}, since {})", std::process::id(), Host::current().hostname, now_rfc3339());
-        let _ = f.flush();
-        Ok(KeyLock { _file: f })
+        self.acquire(&self.key_lock_path(key), true, wait, holder, Blocker::Recorded { otherwise: "another msmae process" })
     }
 
     /// Held by every runner for its whole run, shared; `gc` takes it exclusively, so gc and
     /// running pipelines exclude each other (a runner never sees its inputs collected, gc
     /// never sees a half-written run). `wait: false` fails at once with who holds it.
     pub fn run_lock(&self, exclusive: bool, wait: bool, holder: &str) -> Result<KeyLock> {
-        let p = self.root.join("locks").join("store-gc.lock");
-        let mut f = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).map_err(|e| Error::store("open lock", &p, e))?;
-        let attempt = if exclusive { f.try_lock() } else { f.try_lock_shared() };
-        match attempt {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let mut who = String::new();
-                let _ = f.read_to_string(&mut who);
-                let who = if exclusive {
-                    "a running pipeline".to_string()
-                } else if who.trim().is_empty() {
-                    "msmae gc".to_string()
-                } else {
-                    who.trim().to_string()
-                };
-                if !wait {
-                    return Err(Error::Busy { path: p, holder: who });
-                }
-                tracing::info!("waiting for {who} (store lock {})", p.display());
-                let r = if exclusive { f.lock() } else { f.lock_shared() };
-                r.map_err(|e| Error::store("lock", &p, e))?;
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::store("lock", &p, e)),
-        }
-        if exclusive {
-            let _ = f.set_len(0);
-            let _ = write!(f, "pid {} on {} ({holder}, since {})", std::process::id(), Host::current().hostname, now_rfc3339());
-            let _ = f.flush();
-        }
-        Ok(KeyLock { _file: f })
+        // Shared holders do not record themselves (there may be many): an exclusive waiter
+        // is told it waits for running pipelines.
+        let blocker = if exclusive { Blocker::Named("a running pipeline") } else { Blocker::Recorded { otherwise: "msmae gc" } };
+        self.acquire(&self.key_lock_path("store-gc"), exclusive, wait, holder, blocker)
     }
 
     /// Whether another process holds `key`'s lock right now, as this host sees it (the
     /// Slurm driver's check that locks on a shared store reach across nodes).
     pub fn key_lock_held(&self, key: &str) -> Result<bool> {
-        let p = self.root.join("locks").join(format!("{key}.lock"));
-        let f = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).map_err(|e| Error::store("open lock", &p, e))?;
+        let p = self.key_lock_path(key);
+        let f = open_lock(&p)?;
         match f.try_lock() {
             Ok(()) => {
                 let _ = f.unlock();
@@ -340,6 +294,42 @@ impl Store {
             Err(fs::TryLockError::WouldBlock) => Ok(true),
             Err(fs::TryLockError::Error(e)) => Err(Error::store("lock", &p, e)),
         }
+    }
+
+    fn key_lock_path(&self, key: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lock"))
+    }
+
+    /// Take the lock file `p`, exclusive or shared. If another process holds it: with
+    /// `wait`, log who (`blocker`) and block; without, [`Error::Busy`] naming them. An
+    /// exclusive holder records itself for the next waiter's message.
+    fn acquire(&self, p: &Path, exclusive: bool, wait: bool, holder: &str, blocker: Blocker) -> Result<KeyLock> {
+        let mut f = open_lock(p)?;
+        match if exclusive { f.try_lock() } else { f.try_lock_shared() } {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let who = match blocker {
+                    Blocker::Named(n) => n.to_string(),
+                    Blocker::Recorded { otherwise } => {
+                        let mut who = String::new();
+                        let _ = f.read_to_string(&mut who);
+                        if who.trim().is_empty() { otherwise.to_string() } else { who.trim().to_string() }
+                    }
+                };
+                if !wait {
+                    return Err(Error::Busy { path: p.to_path_buf(), holder: who });
+                }
+                tracing::info!("waiting for {who} (lock {})", p.display());
+                if exclusive { f.lock() } else { f.lock_shared() }.map_err(|e| Error::store("lock", p, e))?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::store("lock", p, e)),
+        }
+        if exclusive {
+            let _ = f.set_len(0);
+            let _ = write!(f, "pid {} on {} ({holder}, since {})", std::process::id(), Host::current().hostname, now_rfc3339());
+            let _ = f.flush();
+        }
+        Ok(KeyLock { _file: f })
     }
 
     /// A fresh staging directory for `key`.
@@ -622,6 +612,19 @@ fn sync_dirs(dir: &Path) -> Result<()> {
         }
     }
     sync_dir(dir)
+}
+
+/// Who a waiter for a lock is told it waits for.
+#[derive(Clone, Copy)]
+enum Blocker {
+    /// The holder the lock file records (`otherwise` when it records none).
+    Recorded { otherwise: &'static str },
+    /// Always this (shared holders record nothing).
+    Named(&'static str),
+}
+
+fn open_lock(p: &Path) -> Result<fs::File> {
+    fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p).map_err(|e| Error::store("open lock", p, e))
 }
 
 /// Digests (of artifacts) are 64 lowercase hex characters; anything else read from a lock

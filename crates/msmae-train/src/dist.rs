@@ -78,7 +78,7 @@ fn gather<'a, M: Module>(model: &M, grads: Option<&'a mut GradientsParams>) -> R
 }
 
 /// In-place sum over the ranks, in [`BUCKET`]-sized calls.
-fn all_reduce(comm: &dyn Collective, buf: &mut [f32]) {
+pub fn all_reduce(comm: &dyn Collective, buf: &mut [f32]) {
     for chunk in buf.chunks_mut(BUCKET) {
         comm.all_reduce_sum(chunk);
     }

@@ -356,13 +356,12 @@ fn gradients<S: TrainStep>(
     seed: u64,
     epoch: usize,
 ) -> Result<(GradientsParams, f64, Option<f64>, Option<f64>), StageError> {
+    let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch)?;
     if comm.is_solo() {
-        let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch)?;
         return Ok((g, lv, rv, None));
     }
     // Every rank's gradients are weighted by its share of the global batch: their sum over
     // the ranks is the global batch's gradient.
-    let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch)?;
     let mut extra = [lv as f32, rv.unwrap_or(0.0) as f32, f32::from(u8::from(rv.is_some()))];
     let (g, spent) =
         crate::dist::sum_gradients(comm, model, g, &mut extra, &rt.train).map_err(|e| StageError::other(format!("summing gradients over the ranks: {e}")))?;

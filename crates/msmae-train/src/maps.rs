@@ -56,9 +56,7 @@ pub fn attention_maps(
         }
         flat[k * l..(k + 1) * l].copy_from_slice(m);
     }
-    for chunk in flat.chunks_mut(crate::dist::BUCKET) {
-        g.all_reduce_sum(chunk);
-    }
+    crate::dist::all_reduce(g, &mut flat);
     Ok(rows.iter().enumerate().map(|(k, r)| (*r, flat[k * l..(k + 1) * l].to_vec())).collect())
 }
 
