@@ -5,6 +5,7 @@
 mod gpu;
 mod libtorch;
 mod pyenv;
+mod speak;
 mod toolchain;
 
 use std::path::{Path, PathBuf};
@@ -122,9 +123,10 @@ fn status(mut c: Command) -> Result<ExitCode> {
 /// Build everything (all targets: the same artifacts `cargo xtask test` uses, so a run after
 /// a test, or a test after a run, compiles nothing new) and return the release dir.
 fn build_all(tc: &Toolchain) -> Result<PathBuf> {
-    let mut c = tc.cargo(&repo_root(), &["build", "--workspace", "--all-targets"]);
-    c.arg("--quiet");
-    let code = status(c)?;
+    // Quiet when there is nothing to build; otherwise a line on what follows, then cargo's
+    // progress.
+    let c = tc.cargo(&repo_root(), &["build", "--workspace", "--all-targets"]);
+    let code = speak::build(c, &tc.release_dir().join("msmae"))?;
     if code != ExitCode::SUCCESS {
         bail!("the build failed");
     }

@@ -86,6 +86,10 @@ impl Stage for AttentionExtract {
     }
     fn output(&self, _: &ExtractConfig) -> OutputDecl {
         OutputDecl::new("attention-maps", &["attention.parquet", "summary.json", "overlays/*.png"])
+            .metric("lesion_coverage", "summary.json", "/lesion_coverage")
+            .metric("lesion_hit_rate", "summary.json", "/lesion_hit_rate")
+            .metric("top_fraction", "summary.json", "/top_fraction")
+            .figure("attention overlays (image, attention map, lesion outline)", "overlays/*.png")
     }
     fn resources(&self, _: &ExtractConfig) -> Resources {
         Resources::Exclusive

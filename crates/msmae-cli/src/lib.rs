@@ -4,6 +4,7 @@
 //! pipeline file or the command line is invalid.
 
 mod progress;
+pub mod report;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -16,7 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use msmae_backend::{BackendRequest, DeviceList, DeviceRequest, Precision};
 use msmae_core::{CancelToken, ExecEnv, Registry};
 use msmae_pipeline::inspect::{self, DagFormat, State};
-use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile};
+use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile, results};
 
 /// The stage kinds this binary ships: one `register` per stage crate.
 pub fn registry() -> Registry {
@@ -86,6 +87,14 @@ pub enum Format {
     Mermaid,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ShowFormat {
+    Text,
+    Json,
+    Csv,
+    Md,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a pipeline: cached stages are served from the store, the rest execute.
@@ -132,6 +141,11 @@ pub enum Command {
         /// (the stage resumes from its checkpoint).
         #[arg(long, default_value_t = 1)]
         retries: usize,
+        /// Write TensorBoard scalars (loss, lr, validation metrics per epoch; per step too
+        /// with MSMAE_TENSORBOARD_STEPS=1) of every training stage that runs into
+        /// DIR/<pipeline>/<stage>/ (outside the store: never part of a cache key).
+        #[arg(long, env = "MSMAE_TENSORBOARD", value_name = "DIR")]
+        tensorboard: Option<PathBuf>,
     },
     /// What a Slurm job runs: one stage of a pipeline into the shared store (hidden).
     #[command(hide = true)]
@@ -152,6 +166,9 @@ pub enum Command {
         /// Prove to the driver that the store's file locks reach across nodes (marker prefix).
         #[arg(long)]
         lock_check: Option<PathBuf>,
+        /// The driver's `--tensorboard`.
+        #[arg(long, env = "MSMAE_TENSORBOARD", value_name = "DIR")]
+        tensorboard: Option<PathBuf>,
     },
     /// Which stages are up to date, which would run and why.
     #[command(after_help = "Example:\n  msmae status pipelines/quickstart.yaml")]
@@ -193,6 +210,40 @@ pub enum Command {
         /// Fail instead of waiting while a pipeline runs on this store.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Show the results the lock file records (metrics, the comparison table, Dice/IoU,
+    /// lesion coverage) without running anything; stale or missing stages are marked.
+    #[command(
+        after_help = "Examples:\n  msmae show pipelines/quickstart.yaml\n  msmae show pipelines/quickstart.yaml report seg-msmae --format md\n  msmae show pipelines/quickstart.yaml --against HEAD~1          # the lock file as committed there\n  msmae show pipelines/quickstart.yaml --against old/quickstart.lock --format csv"
+    )]
+    Show {
+        #[command(flatten)]
+        common: Common,
+        /// Only these stages (default: every stage that declares results).
+        stages: Vec<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ShowFormat,
+        /// Compare with another lock file, or with this pipeline's lock file at a git
+        /// revision (`HEAD~1`, a tag, a commit): side by side, with deltas.
+        #[arg(long, value_name = "LOCK|REV")]
+        against: Option<String>,
+    },
+    /// Print the directory of a stage's recorded artifact (for scripts).
+    #[command(after_help = "Example:\n  ls \"$(msmae path pipelines/quickstart.yaml attn)\"/overlays")]
+    Path {
+        #[command(flatten)]
+        common: Common,
+        stage: String,
+    },
+    /// Write one self-contained HTML page of the results (DAG, stages, comparison, figures,
+    /// provenance): no network needed to view it.
+    #[command(after_help = "Example:\n  msmae report pipelines/quickstart.yaml -o quickstart.html")]
+    Report {
+        #[command(flatten)]
+        common: Common,
+        /// Output file (default: NAME.report.html beside the pipeline file).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// List the stage kinds this binary provides.
     #[command(after_help = "Example:\n  msmae stages")]
@@ -300,6 +351,7 @@ fn slurm_options(
     env: &ExecEnv,
     profile: msmae_pipeline::slurm::Profile,
     retries: usize,
+    tensorboard: Option<&Path>,
 ) -> Result<msmae_pipeline::slurm::SlurmOptions> {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let mut args: Vec<String> = vec![abs(&common.pipeline).to_string_lossy().into_owned(), "--store".into(), abs(store.root()).to_string_lossy().into_owned()];
@@ -308,6 +360,9 @@ fn slurm_options(
     }
     let device = if env.device_kind == "cuda" && env.device == "auto" { "cuda".to_string() } else { env.device.clone() };
     args.extend(["--device".into(), device, "--backend".into(), env.backend.clone(), "--precision".into(), env.precision.clone()]);
+    if let Some(tb) = tensorboard {
+        args.extend(["--tensorboard".into(), abs(tb).to_string_lossy().into_owned()]);
+    }
     let secs = |var: &str, default: f64| std::env::var(var).ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(default);
     Ok(msmae_pipeline::slurm::SlurmOptions {
         profile,
@@ -322,7 +377,19 @@ fn slurm_options(
 }
 
 /// `run-stage`: one stage in a Slurm job. Writes the outcome file in every case but a kill.
-fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outcome: &Path, force: bool, lock_check: Option<PathBuf>) -> Result<ExitCode> {
+/// What the driver asked a Slurm job (`run-stage`) for.
+struct StageJob {
+    stage: String,
+    key: String,
+    outcome: PathBuf,
+    force: bool,
+    lock_check: Option<PathBuf>,
+    tensorboard: Option<PathBuf>,
+}
+
+fn run_stage(registry: &Registry, common: &Common, job: StageJob) -> Result<ExitCode> {
+    let StageJob { stage, key, outcome, force, lock_check, tensorboard } = job;
+    let (stage, key, outcome) = (stage.as_str(), key.as_str(), outcome.as_path());
     let host = msmae_pipeline::store::Host::current().hostname;
     let t = std::time::Instant::now();
     let result = (|| -> Result<msmae_pipeline::RunReport> {
@@ -351,6 +418,7 @@ fn run_stage(registry: &Registry, common: &Common, stage: &str, key: &str, outco
             cancel: cancel_on_ctrl_c(),
             lock_file: Some(lock_path(common)),
             group: msmae_dist::group(),
+            run_log: tensorboard,
             ..RunOptions::default()
         };
         Ok(msmae_pipeline::run(&plan, &store, &opts, &msmae_core::NoProgress)?)
@@ -395,7 +463,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait, executor, profile, retries, verify_inputs } => {
+        Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait, executor, profile, retries, verify_inputs, tensorboard } => {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
             // Under Slurm the jobs compute, on their nodes: the key's environment is the one
@@ -407,7 +475,14 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let compute = if executor == ExecutorArg::Slurm { cluster_compute(&common, &profile)? } else { compute(&common)? };
             let executor = match executor {
                 ExecutorArg::Local => msmae_pipeline::Executor::Local,
-                ExecutorArg::Slurm => msmae_pipeline::Executor::Slurm(std::sync::Arc::new(slurm_options(&common, &store, &compute.env, profile, retries)?)),
+                ExecutorArg::Slurm => msmae_pipeline::Executor::Slurm(std::sync::Arc::new(slurm_options(
+                    &common,
+                    &store,
+                    &compute.env,
+                    profile,
+                    retries,
+                    tensorboard.as_deref(),
+                )?)),
             };
             let cancel = cancel_on_ctrl_c();
             let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
@@ -430,6 +505,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 update_lock: true,
                 lock_check: None,
                 verify_inputs,
+                run_log: tensorboard.map(|d| std::path::absolute(&d).unwrap_or(d)),
             };
             let g = msmae_dist::group();
             let ranks = if g.is_solo() { String::new() } else { format!(" × {} processes ({})", g.size(), g.name()) };
@@ -449,7 +525,9 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::RunStage { common, stage, key, outcome, force, lock_check } => run_stage(registry, &common, &stage, &key, &outcome, force, lock_check),
+        Command::RunStage { common, stage, key, outcome, force, lock_check, tensorboard } => {
+            run_stage(registry, &common, StageJob { stage, key, outcome, force, lock_check, tensorboard })
+        }
         Command::Status { common } => {
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
@@ -487,6 +565,83 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             println!("verified {checked} of {} artifacts in {}: {} mismatches", lock.stages.len(), lp.display(), bad.len());
             Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Show { common, stages, format, against } => {
+            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+            let store = store_for(&common)?;
+            let lp = lock_path(&common);
+            let lock = LockFile::read(&lp, &plan.spec.name)?;
+            let env = keyed_env(&common)?;
+            let rows = results::collect(&plan, &store, &lock, &env, &stages)?;
+            let format = match format {
+                ShowFormat::Text => results::ShowFormat::Text,
+                ShowFormat::Json => results::ShowFormat::Json,
+                ShowFormat::Csv => results::ShowFormat::Csv,
+                ShowFormat::Md => results::ShowFormat::Md,
+            };
+            if lock.stages.is_empty() && against.is_none() {
+                eprintln!("note: {} records no results yet: run the pipeline first", lp.display());
+            }
+            let out = match against {
+                None => results::render(&rows, None, format),
+                Some(spec) => {
+                    let (label, other) = results::against_lock(&spec, &lp)?;
+                    let theirs: Vec<results::StageResults> =
+                        plan.nodes.iter().map(|n| results::read(&store, &other, &n.name, n.kind.kind(), &n.output)).collect();
+                    let d = results::deltas(&rows, &theirs);
+                    results::render(&rows, Some((&label, &d)), format)
+                }
+            };
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Path { common, stage } => {
+            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+            let store = store_for(&common)?;
+            let lp = lock_path(&common);
+            let lock = LockFile::read(&lp, &plan.spec.name)?;
+            let rows = results::collect(&plan, &store, &lock, &keyed_env(&common)?, std::slice::from_ref(&stage))?;
+            let r = rows.first().context("no such stage")?;
+            match (&r.artifact, &r.path) {
+                (None, _) => anyhow::bail!("stage `{stage}` has no artifact in {}: run the pipeline first", lp.display()),
+                (Some(d), None) => {
+                    anyhow::bail!("stage `{stage}`: artifact {} recorded in {} is not in the store {}", &d[..12], lp.display(), store.root().display())
+                }
+                (Some(_), Some(p)) => {
+                    if !r.is_current() {
+                        eprintln!(
+                            "note: `{stage}` is {} ({}): this is the artifact the lock file records, not what the pipeline would produce now",
+                            r.state, r.detail
+                        );
+                    }
+                    println!("{}", p.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { common, output } => {
+            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+            let store = store_for(&common)?;
+            let lp = lock_path(&common);
+            let lock = LockFile::read(&lp, &plan.spec.name)?;
+            let env = keyed_env(&common)?;
+            let status = inspect::status(&plan, &store, &lock, &env);
+            let all: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
+            let rows = results::collect(&plan, &store, &lock, &env, &all)?;
+            let page = report::html(&report::Inputs {
+                plan: &plan,
+                store: &store,
+                lock: &lock,
+                lock_label: lp.display().to_string(),
+                status: &status,
+                results: &rows,
+                generated: msmae_pipeline::store::now_rfc3339(),
+                version: env!("CARGO_PKG_VERSION"),
+            });
+            let out = output.unwrap_or_else(|| common.pipeline.with_extension("report.html"));
+            msmae_pipeline::store::write_atomic(&out, page.as_bytes())?;
+            println!("{} ({} KiB): open it in a browser", out.display(), page.len() / 1024);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Gc { common, prune, dry_run, no_wait } => {
             let store = store_for(&common)?;

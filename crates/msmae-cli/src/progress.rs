@@ -38,7 +38,7 @@ impl Progress for Bars {
     fn bar(&self, len: Option<u64>, message: &str) -> Box<dyn CoreBar> {
         let pb = match len {
             Some(n) => ProgressBar::new(n).with_style(
-                ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} {msg} (ETA {eta})")
                     .map(|s| s.progress_chars("=> "))
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             ),

@@ -71,15 +71,64 @@ impl InputSlot {
 ///
 /// Patterns are relative paths; `*` matches within one path component (`overlays/*.png`).
 /// Patterns without `*` name files that must exist after a successful run.
+///
+/// It may also name the artifact's headline numbers ([`Self::metric`]) and tables
+/// ([`Self::table`]) inside its JSON files: what `msmae show` and `msmae report` display,
+/// read from the store without running anything.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutputDecl {
     pub kind: ArtifactKind,
     pub files: Vec<String>,
+    pub metrics: Vec<ResultDecl>,
+    pub tables: Vec<ResultDecl>,
+    pub figures: Vec<FigureDecl>,
+}
+
+/// A figure of an artifact for the report: the PNG files matching `pattern` (a declared
+/// file pattern, `overlays/*.png`), under `caption`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FigureDecl {
+    pub caption: String,
+    pub pattern: String,
+}
+
+/// Where one result of an artifact lives: the JSON value at `pointer` in `file`. The
+/// pointer is RFC 6901 (`/a/0/b`), where an array index may also count from the end
+/// (`/epochs/-1/train_loss`: the last epoch's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultDecl {
+    pub name: String,
+    pub file: String,
+    pub pointer: String,
 }
 
 impl OutputDecl {
     pub fn new(kind: &str, files: &[&str]) -> Self {
-        Self { kind: ArtifactKind::new(kind), files: files.iter().map(|s| s.to_string()).collect() }
+        Self {
+            kind: ArtifactKind::new(kind),
+            files: files.iter().map(|s| s.to_string()).collect(),
+            metrics: Vec::new(),
+            tables: Vec::new(),
+            figures: Vec::new(),
+        }
+    }
+
+    /// Declare a headline number: the value at `pointer` in the JSON file `file`.
+    pub fn metric(mut self, name: &str, file: &str, pointer: &str) -> Self {
+        self.metrics.push(ResultDecl { name: name.into(), file: file.into(), pointer: pointer.into() });
+        self
+    }
+
+    /// Declare a figure: the PNG files matching `pattern`, shown under `caption`.
+    pub fn figure(mut self, caption: &str, pattern: &str) -> Self {
+        self.figures.push(FigureDecl { caption: caption.into(), pattern: pattern.into() });
+        self
+    }
+
+    /// Declare a table: an array of flat objects (one per row) at `pointer` in `file`.
+    pub fn table(mut self, name: &str, file: &str, pointer: &str) -> Self {
+        self.tables.push(ResultDecl { name: name.into(), file: file.into(), pointer: pointer.into() });
+        self
     }
 
     /// Whether `rel` (a `/`-separated relative path) is declared.
@@ -91,6 +140,28 @@ impl OutputDecl {
     pub fn required(&self) -> impl Iterator<Item = &str> {
         self.files.iter().filter(|p| !p.contains('*')).map(String::as_str)
     }
+}
+
+/// The value at `pointer` (RFC 6901; an array index may be negative, counting from the
+/// end) in `v`.
+pub fn json_at<'a>(v: &'a serde_json::Value, pointer: &str) -> Option<&'a serde_json::Value> {
+    if pointer.is_empty() {
+        return Some(v);
+    }
+    let mut cur = v;
+    for raw in pointer.strip_prefix('/')?.split('/') {
+        let part = raw.replace("~1", "/").replace("~0", "~");
+        cur = match cur {
+            serde_json::Value::Object(m) => m.get(&part)?,
+            serde_json::Value::Array(a) => {
+                let i: i64 = part.parse().ok()?;
+                let i = if i < 0 { a.len() as i64 + i } else { i };
+                a.get(usize::try_from(i).ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(cur)
 }
 
 /// `*` matches any run of characters except `/`; everything else matches literally.
@@ -129,6 +200,18 @@ impl InputArtifact {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_pointers_count_array_indices_from_either_end() {
+        let v = serde_json::json!({ "epochs": [{ "loss": 2.0 }, { "loss": 1.0 }], "a/b": { "~x": 3 } });
+        assert_eq!(json_at(&v, "/epochs/-1/loss"), Some(&serde_json::json!(1.0)));
+        assert_eq!(json_at(&v, "/epochs/0/loss"), Some(&serde_json::json!(2.0)));
+        assert_eq!(json_at(&v, "/epochs/-3/loss"), None);
+        assert_eq!(json_at(&v, "/epochs/2"), None);
+        assert_eq!(json_at(&v, "/a~1b/~0x"), Some(&serde_json::json!(3)));
+        assert_eq!(json_at(&v, "missing-slash"), None);
+        assert_eq!(json_at(&v, ""), Some(&v));
+    }
 
     #[test]
     fn glob_matches_within_one_component() {

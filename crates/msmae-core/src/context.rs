@@ -63,6 +63,7 @@ pub struct StageContext<'a> {
     output: OutputDecl,
     inputs: BTreeMap<String, Vec<InputArtifact>>,
     resume_dir: Option<PathBuf>,
+    run_log: Option<PathBuf>,
     group: std::sync::Arc<dyn msmae_dist::Collective>,
 }
 
@@ -91,7 +92,21 @@ impl<'a> StageContext<'a> {
         output: OutputDecl,
         inputs: BTreeMap<String, Vec<InputArtifact>>,
     ) -> Self {
-        Self { name, seed, env, threads, cancel, progress, out_dir, base_dir, output, inputs, resume_dir: None, group: std::sync::Arc::new(msmae_dist::Solo) }
+        Self {
+            name,
+            seed,
+            env,
+            threads,
+            cancel,
+            progress,
+            out_dir,
+            base_dir,
+            output,
+            inputs,
+            resume_dir: None,
+            run_log: None,
+            group: std::sync::Arc::new(msmae_dist::Solo),
+        }
     }
 
     /// The processes this stage runs on together: the runner sets the launch's group for a
@@ -120,6 +135,18 @@ impl<'a> StageContext<'a> {
     /// checks. `None` when the caller provides no such directory (then: no resume).
     pub fn resume_dir(&self) -> Option<&Path> {
         self.resume_dir.as_deref()
+    }
+
+    /// Give the stage a run-log directory (TensorBoard event files): outside the artifact,
+    /// so what is written there never changes a cache digest.
+    pub fn with_run_log(mut self, dir: PathBuf) -> Self {
+        self.run_log = Some(dir);
+        self
+    }
+
+    /// See [`Self::with_run_log`]; `None` when the run keeps no such logs.
+    pub fn run_log(&self) -> Option<&Path> {
+        self.run_log.as_deref()
     }
 
     /// The (temporary) output directory; the runner commits it only if `run` succeeds.

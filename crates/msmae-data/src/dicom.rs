@@ -86,6 +86,7 @@ pub fn window(x: f64, center: f64, width: f64, f: VoiFunction) -> f64 {
 
 /// Decode a DICOM file's bytes. `Err` says what is unsupported or broken.
 pub fn decode(bytes: &[u8]) -> Result<DicomImage, String> {
+    check_declared_lengths(bytes)?;
     let obj = OpenFileOptions::new().read_preamble(ReadPreamble::Auto).from_reader(bytes).map_err(|e| format!("not a readable DICOM file: {e}"))?;
     let uid = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']).to_string();
     match TransferSyntaxRegistry.get(&uid) {
@@ -186,6 +187,199 @@ impl DicomImage {
     }
 }
 
+/// The "undefined length" of sequences, items and encapsulated pixel data.
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+/// Nesting deeper than this is refused (real files nest a few levels).
+const MAX_DEPTH: usize = 64;
+
+/// Check, before dicom-rs parses anything, that no element, item or fragment declares more
+/// bytes than the file has left. dicom-rs allocates and zero-fills a value's declared
+/// length before reading it, so a damaged 4 KiB file declaring a 4 GiB element costs 4 GiB
+/// and seconds (found by the decoder fuzz test); with several ingestion threads that is an
+/// out-of-memory kill. The walk follows the meta group (explicit VR little endian), then
+/// the data set in its transfer syntax's encoding, into sequences (by VR, or by the
+/// standard dictionary under implicit VR), their items, and encapsulated pixel fragments.
+/// A deflated data set is inflated by dicom-rs as a stream and is not walked here.
+pub fn check_declared_lengths(bytes: &[u8]) -> Result<(), String> {
+    let start = if is_dicom(bytes) {
+        132
+    } else if bytes.starts_with(b"DICM") {
+        4
+    } else {
+        0
+    };
+    let meta = Walker { b: bytes, explicit: true, big: false };
+    let mut pos = start;
+    let mut ts = String::new();
+    while pos + 8 <= bytes.len() && meta.u16(pos) == 0x0002 {
+        let h = meta.header(pos)?;
+        let end = meta.value_end(&h)?;
+        if (h.group, h.element) == (0x0002, 0x0010) {
+            ts = String::from_utf8_lossy(&bytes[h.value..end]).trim_end_matches(['\0', ' ']).to_string();
+        }
+        pos = end;
+    }
+    let w = match ts.as_str() {
+        "1.2.840.10008.1.2" => Walker { b: bytes, explicit: false, big: false },
+        "1.2.840.10008.1.2.2" => Walker { b: bytes, explicit: true, big: true },
+        "1.2.840.10008.1.2.1.99" => return Ok(()),
+        _ => Walker { b: bytes, explicit: true, big: false },
+    };
+    w.dataset(pos, bytes.len(), false, 0).map(|_| ())
+}
+
+/// An element header as read.
+struct Header {
+    at: usize,
+    group: u16,
+    element: u16,
+    vr: [u8; 2],
+    len: u32,
+    /// Where the value starts.
+    value: usize,
+}
+
+struct Walker<'a> {
+    b: &'a [u8],
+    explicit: bool,
+    big: bool,
+}
+
+impl Walker<'_> {
+    fn u16(&self, at: usize) -> u16 {
+        let x = [self.b[at], self.b[at + 1]];
+        if self.big { u16::from_be_bytes(x) } else { u16::from_le_bytes(x) }
+    }
+    fn u32(&self, at: usize) -> u32 {
+        let x = [self.b[at], self.b[at + 1], self.b[at + 2], self.b[at + 3]];
+        if self.big { u32::from_be_bytes(x) } else { u32::from_le_bytes(x) }
+    }
+
+    /// The header at `at` (at least 8 bytes must remain; dicom-rs reports truncation).
+    fn header(&self, at: usize) -> Result<Header, String> {
+        let (group, element) = (self.u16(at), self.u16(at + 2));
+        // Items and delimiters have no VR in any encoding.
+        if group == 0xFFFE || !self.explicit {
+            return Ok(Header { at, group, element, vr: *b"  ", len: self.u32(at + 4), value: at + 8 });
+        }
+        let vr = [self.b[at + 4], self.b[at + 5]];
+        // PS3.5 7.1.2: these VRs have a 16-bit length; every other one, an unknown VR
+        // included (read as UN, as dicom-rs does), has 2 reserved bytes and 32 bits.
+        let short = matches!(
+            &vr,
+            b"AE"
+                | b"AS"
+                | b"AT"
+                | b"CS"
+                | b"DA"
+                | b"DS"
+                | b"DT"
+                | b"FL"
+                | b"FD"
+                | b"IS"
+                | b"LO"
+                | b"LT"
+                | b"PN"
+                | b"SH"
+                | b"SL"
+                | b"SS"
+                | b"ST"
+                | b"TM"
+                | b"UI"
+                | b"UL"
+                | b"US"
+        );
+        if !short {
+            if at + 12 > self.b.len() {
+                return Err(format!("truncated element header at byte {at}"));
+            }
+            Ok(Header { at, group, element, vr, len: self.u32(at + 8), value: at + 12 })
+        } else {
+            Ok(Header { at, group, element, vr, len: u32::from(self.u16(at + 6)), value: at + 8 })
+        }
+    }
+
+    /// The end of a defined-length value, checked against the bytes left.
+    fn value_end(&self, h: &Header) -> Result<usize, String> {
+        let left = self.b.len().saturating_sub(h.value);
+        if h.len as usize > left {
+            return Err(format!(
+                "not a readable DICOM file: element ({:04X},{:04X}) at byte {} declares {} bytes, but the file has {left} left",
+                h.group, h.element, h.at, h.len
+            ));
+        }
+        Ok(h.value + h.len as usize)
+    }
+
+    fn is_sequence(&self, h: &Header) -> bool {
+        use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+        if self.explicit {
+            return &h.vr == b"SQ";
+        }
+        dicom_dictionary_std::StandardDataDictionary
+            .by_tag(dicom_core::Tag(h.group, h.element))
+            .is_some_and(|e| matches!(e.vr(), VirtualVr::Exact(dicom_core::VR::SQ)))
+    }
+
+    /// Elements from `pos` to `end`; inside an undefined-length item (`in_item`), up to
+    /// and including its delimiter. Returns where it stopped.
+    fn dataset(&self, mut pos: usize, end: usize, in_item: bool, depth: usize) -> Result<usize, String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("not a readable DICOM file: sequences nested deeper than {MAX_DEPTH} levels"));
+        }
+        while pos + 8 <= end {
+            let h = self.header(pos)?;
+            if h.group == 0xFFFE {
+                // An item delimiter ends the item; anything else here is for dicom-rs to
+                // report.
+                return Ok(if in_item && h.element == 0xE00D { h.value } else { end });
+            }
+            pos = if h.len == UNDEFINED {
+                if (h.group, h.element) == (0x7FE0, 0x0010) { self.fragments(h.value, end)? } else { self.sequence(h.value, end, true, depth + 1)? }
+            } else {
+                let value_end = self.value_end(&h)?;
+                if self.is_sequence(&h) {
+                    self.sequence(h.value, value_end, false, depth + 1)?;
+                }
+                value_end
+            };
+        }
+        Ok(pos)
+    }
+
+    /// Items of a sequence from `pos`: up to `end` (defined length) or its delimiter.
+    fn sequence(&self, mut pos: usize, end: usize, undefined: bool, depth: usize) -> Result<usize, String> {
+        while pos + 8 <= end {
+            let h = self.header(pos)?;
+            match (h.group, h.element) {
+                (0xFFFE, 0xE0DD) if undefined => return Ok(h.value),
+                (0xFFFE, 0xE000) if h.len == UNDEFINED => pos = self.dataset(h.value, end, true, depth)?,
+                (0xFFFE, 0xE000) => {
+                    let item_end = self.value_end(&h)?;
+                    self.dataset(h.value, item_end, false, depth)?;
+                    pos = item_end;
+                }
+                // Not an item: dicom-rs says what is wrong.
+                _ => return Ok(end),
+            }
+        }
+        Ok(pos)
+    }
+
+    /// Encapsulated pixel data: the offset table and fragments, up to the delimiter.
+    fn fragments(&self, mut pos: usize, end: usize) -> Result<usize, String> {
+        while pos + 8 <= end {
+            let h = self.header(pos)?;
+            match (h.group, h.element) {
+                (0xFFFE, 0xE0DD) => return Ok(h.value),
+                (0xFFFE, 0xE000) if h.len != UNDEFINED => pos = self.value_end(&h)?,
+                _ => return Ok(end),
+            }
+        }
+        Ok(pos)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +421,32 @@ mod tests {
         // The same header at a sane size only finds the pixel data too short.
         let e = decode(&dicom_declaring(64, 64)).expect_err("8 bytes of pixels");
         assert!(!e.contains("limit"), "{e}");
+    }
+
+    #[test]
+    fn declared_lengths_beyond_the_file_are_refused_before_dicom_rs_allocates() {
+        let good = dicom_declaring(2, 2);
+        check_declared_lengths(&good).expect("a sound file passes");
+        // The pixel data's length field: the last element, OW, 4-byte length 8 bytes from
+        // the end of its 12-byte header.
+        let mut bad = good.clone();
+        let at = bad.len() - 8 - 4;
+        bad[at..at + 4].copy_from_slice(&0x7FFF_FFF0u32.to_le_bytes());
+        let e = decode(&bad).expect_err("2 GiB declared in a small file");
+        assert!(e.contains("(7FE0,0010)") && e.contains("declares 2147483632 bytes"), "{e}");
+        // A defined-length sequence whose item declares too much, nested one level.
+        let seq = |item_len: u32| {
+            let mut v = good[..good.len() - 20].to_vec();
+            v.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0]);
+            v.extend_from_slice(&16u32.to_le_bytes());
+            v.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+            v.extend_from_slice(&item_len.to_le_bytes());
+            v.extend_from_slice(&[0x08, 0x00, 0x50, 0x11, b'U', b'I', 0, 0]);
+            v
+        };
+        check_declared_lengths(&seq(8)).expect("a sound sequence passes");
+        let e = check_declared_lengths(&seq(0x1000_0000)).expect_err("an item declaring 256 MiB");
+        assert!(e.contains("(FFFE,E000)"), "{e}");
     }
 
     #[test]

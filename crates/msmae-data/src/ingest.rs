@@ -115,7 +115,7 @@ impl WriteOptions {
 
 /// The artifact every file-based source produces.
 pub fn output_decl() -> OutputDecl {
-    OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
+    OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"]).figure("sample images", "previews/*.png")
 }
 
 /// Checks of the options every file-based source shares.

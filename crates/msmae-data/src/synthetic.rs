@@ -177,7 +177,7 @@ impl Stage for Synthetic {
     }
 
     fn output(&self, _: &SyntheticConfig) -> OutputDecl {
-        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "previews/*.png"])
+        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "previews/*.png"]).figure("sample images", "previews/*.png")
     }
 
     fn resources(&self, _: &SyntheticConfig) -> Resources {

@@ -207,6 +207,13 @@ impl Stage for EvalClassify {
 
     fn output(&self, _: &ClassifyConfig) -> OutputDecl {
         OutputDecl::new("metrics", &[METRICS_FILE, "report.md", "roc.png", "confusion.png"])
+            .metric("n", METRICS_FILE, "/n")
+            .metric("accuracy", METRICS_FILE, "/accuracy")
+            .metric("macro_f1", METRICS_FILE, "/macro_f1")
+            .metric("macro_auc", METRICS_FILE, "/macro_auc")
+            .metric("mean_auc", METRICS_FILE, "/mean_auc")
+            .figure("ROC curves", "roc.png")
+            .figure("confusion matrix", "confusion.png")
     }
 
     fn run(&self, c: &ClassifyConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {

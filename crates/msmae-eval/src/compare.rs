@@ -121,7 +121,7 @@ impl Stage for EvalCompare {
     }
 
     fn output(&self, _: &CompareConfig) -> OutputDecl {
-        OutputDecl::new("report", &["comparison.md", "comparison.json"])
+        OutputDecl::new("report", &["comparison.md", "comparison.json"]).table("comparison", "comparison.json", "/rows")
     }
 
     fn run(&self, _: &CompareConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {

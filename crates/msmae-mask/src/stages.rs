@@ -166,7 +166,7 @@ fn weighted_output(export: Option<&ExportConfig>) -> OutputDecl {
     if export.is_some() {
         files.extend(["masks.parquet", "masks.png"]);
     }
-    OutputDecl::new(MASK_WEIGHTS_KIND, &files)
+    OutputDecl::new(MASK_WEIGHTS_KIND, &files).figure("masks (visible, masked, thrown patches over the map)", "masks.png")
 }
 
 /// Each row divided by its sum (accumulated in f64); an all-zero row becomes uniform.

@@ -85,6 +85,14 @@ pub enum Error {
     Cancelled { stage: String },
     #[error("lock file {path}: {message}")]
     LockFile { path: PathBuf, message: String },
+    #[error(
+        "artifact store {path} is read-only and {what}: a fully cached run, status, why, dag and verify work on it; computing stages, updating its lock files and gc need it writable"
+    )]
+    ReadOnly { path: PathBuf, what: String },
+    #[error(
+        "the artifact store {store} is full: stage `{stage}` had written {written} when the filesystem ran out ({free} free now), so it needs more than that; nothing was committed: free space (or move the store with --store) and re-run. ({cause})"
+    )]
+    OutOfSpace { stage: String, store: PathBuf, written: String, free: String, cause: String },
     #[error("artifact store {path} is held by {holder} (use --wait to wait for it)")]
     Busy { path: PathBuf, holder: String },
 }

@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::key::{EnvKey, ExternalRef, InputRef, KeyParts};
 use crate::lockfile::{self, LockFile};
 use crate::plan::{Node, Plan};
-use crate::store::{Host, IndexEntry, RunInfo, Store, now_rfc3339};
+use crate::store::{self, Host, IndexEntry, RunInfo, Store, now_rfc3339};
 
 /// How to run a pipeline.
 #[derive(Debug, Clone)]
@@ -75,6 +75,10 @@ pub struct RunOptions {
     /// `PREFIX.held` and wait for the driver's verdict in `PREFIX.ack` (`ok`: it sees the
     /// lock held from its host) before producing anything.
     pub lock_check: Option<PathBuf>,
+    /// TensorBoard log root (`--tensorboard`): each training stage writes scalar event
+    /// files into `<run_log>/<pipeline>/<stage>/`, outside the store (never part of a
+    /// digest).
+    pub run_log: Option<PathBuf>,
 }
 
 /// Where the stages that must run execute.
@@ -107,6 +111,7 @@ impl Default for RunOptions {
             update_lock: true,
             lock_check: None,
             verify_inputs: false,
+            run_log: None,
         }
     }
 }
@@ -377,7 +382,10 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
         }
     });
     result?;
-    if leader && let Err(e) = store.memo().save() {
+    if leader
+        && let Err(e) = store.memo().save()
+        && !store::is_read_only(&e)
+    {
         tracing::warn!("could not save the hash memo: {e}");
     }
     let stages = plan
@@ -613,7 +621,7 @@ impl Job<'_> {
                 });
             }
         }
-        StageContext::new(
+        let ctx = StageContext::new(
             node.name.clone(),
             node.seed,
             self.opts.env.clone(),
@@ -624,7 +632,11 @@ impl Job<'_> {
             self.plan.spec.base_dir.clone(),
             node.output.clone(),
             inputs,
-        )
+        );
+        match &self.opts.run_log {
+            Some(root) => ctx.with_run_log(root.join(&self.plan.spec.name).join(&node.name)),
+            None => ctx,
+        }
     }
 
     fn execute(&self) -> Msg {
@@ -723,7 +735,10 @@ impl Job<'_> {
         tracing::info!("running `{}` ({})", node.name, node.kind.kind());
         let g = &*self.opts.group;
         let res = if g.is_solo() || !node.kind.data_parallel() {
-            node.prepared.run(&mut ctx)
+            // A panic is caught here, while the staging directory still exists to be measured
+            // (a full disk makes some writers panic) and then removed.
+            std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx)))
+                .unwrap_or_else(|p| Err(msmae_core::StageError::other(format!("panicked: {}", panic_text(&p)))))
         } else {
             // Every rank runs it; a failure here while others wait in a collective ends the job.
             tell(g, &Word::Start { resume });
@@ -739,9 +754,18 @@ impl Job<'_> {
             if matches!(e, msmae_core::StageError::Cancelled) || self.opts.cancel.is_cancelled() {
                 return Err(Error::Cancelled { stage: node.name.clone() });
             }
-            return Err(Error::Output { stage: node.name.clone(), message: chain(&e) });
+            let message = chain(&e);
+            if store::is_out_of_space(&message) {
+                return Err(self.out_of_space(node, staging.bytes(), message));
+            }
+            return Err(Error::Output { stage: node.name.clone(), message });
         }
-        let manifest = self.store.commit(staging, &node.name, &node.output)?;
+        let written = staging.bytes();
+        let full = |e: Error| {
+            let message = chain(&e);
+            if store::is_out_of_space(&message) { self.out_of_space(node, written, message) } else { e }
+        };
+        let manifest = self.store.commit(staging, &node.name, &node.output).map_err(full)?;
         self.store.drop_resume_dir(key);
         let entry = IndexEntry {
             key: key.to_string(),
@@ -753,8 +777,21 @@ impl Job<'_> {
             parts,
             run: RunInfo { started, seconds: (seconds * 1000.0).round() / 1000.0, host: Host::current(), tools: self.opts.tools.clone() },
         };
-        self.store.record(&entry)?;
+        self.store.record(&entry).map_err(full)?;
         Ok((entry, seconds))
+    }
+
+    /// The error of a stage that ran out of disk: which store, how much it had written, how
+    /// much is free (its staging directory is removed when the error returns).
+    fn out_of_space(&self, node: &Node, written: u64, cause: String) -> Error {
+        let root = self.store.root();
+        Error::OutOfSpace {
+            stage: node.name.clone(),
+            store: root.to_path_buf(),
+            written: store::human_bytes(written),
+            free: store::free_bytes(root).map_or_else(|| "unknown".into(), store::human_bytes),
+            cause,
+        }
     }
 }
 

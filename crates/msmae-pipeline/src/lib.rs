@@ -11,6 +11,7 @@ pub mod key;
 pub mod locate;
 pub mod lockfile;
 pub mod plan;
+pub mod results;
 pub mod slurm;
 pub mod spec;
 pub mod store;

@@ -121,6 +121,10 @@ impl Staging {
     pub fn data_dir(&self) -> PathBuf {
         self.root.join("data")
     }
+    /// Bytes written into it so far.
+    pub fn bytes(&self) -> u64 {
+        tree_bytes(&self.root)
+    }
 }
 
 impl Drop for Staging {
@@ -132,9 +136,11 @@ impl Drop for Staging {
 }
 
 /// Held while a key is computed; released on drop (and by the OS if the process dies).
+/// Holds no file for a shared lock on a read-only store that has no lock file yet (no
+/// process can write to that store, so there is nothing to exclude).
 #[derive(Debug)]
 pub struct KeyLock {
-    _file: fs::File,
+    _file: Option<fs::File>,
 }
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
@@ -304,7 +310,20 @@ impl Store {
     /// `wait`, log who (`blocker`) and block; without, [`Error::Busy`] naming them. An
     /// exclusive holder records itself for the next waiter's message.
     fn acquire(&self, p: &Path, exclusive: bool, wait: bool, holder: &str, blocker: Blocker) -> Result<KeyLock> {
-        let mut f = open_lock(p)?;
+        let mut f = match open_lock(p) {
+            Ok(f) => f,
+            // A read-only store (a mount shared read-only, an archived run): readers (a
+            // fully cached run, status, why, verify) take the shared lock through a read-only
+            // handle, or none where the file was never made.
+            Err(Error::Store { source, .. }) if !exclusive && is_read_only(&source) => match fs::File::open(p) {
+                Ok(f) => f,
+                Err(_) => return Ok(KeyLock { _file: None }),
+            },
+            Err(Error::Store { source, .. }) if is_read_only(&source) => {
+                return Err(Error::ReadOnly { path: self.root.clone(), what: format!("{holder} needs to write to it") });
+            }
+            Err(e) => return Err(e),
+        };
         match if exclusive { f.try_lock() } else { f.try_lock_shared() } {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -329,7 +348,7 @@ impl Store {
             let _ = write!(f, "pid {} on {} ({holder}, since {})", std::process::id(), Host::current().hostname, now_rfc3339());
             let _ = f.flush();
         }
-        Ok(KeyLock { _file: f })
+        Ok(KeyLock { _file: Some(f) })
     }
 
     /// A fresh staging directory for `key`.
@@ -371,6 +390,9 @@ impl Store {
             })
             .collect::<Result<_>>()?;
         sync_dirs(&data)?;
+        // The artifact's directories become read-only like its files: nothing is added to
+        // or removed from a stored artifact (remove_tree lifts this for gc).
+        seal_dirs(&data)?;
         let digest = Manifest::compute_digest(&decl.kind.0, &entries);
         let manifest = Manifest { digest: digest.clone(), kind: decl.kind.0.clone(), bytes: entries.iter().map(|f| f.size).sum(), files: entries };
         if self.has_object(&digest) && self.object_intact(&digest).is_ok() {
@@ -637,20 +659,75 @@ pub fn check_digest(d: &str) -> std::result::Result<(), String> {
     }
 }
 
-/// Remove a directory tree, making read-only files writable first.
+/// Make `dir` and every directory below it read-only (0555), deepest first.
+fn seal_dirs(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(|e| Error::store("list", dir, e))? {
+        let p = e.map_err(|e| Error::store("list", dir, e))?.path();
+        if p.is_dir() && !p.is_symlink() {
+            seal_dirs(&p)?;
+        }
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o555)).map_err(|e| Error::store("chmod", dir, e))
+}
+
+/// Make `dir` and every directory below it writable again (0755), top first.
+fn unseal_dirs(dir: &Path) {
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                unseal_dirs(&p);
+            }
+        }
+    }
+}
+
+/// Remove a directory tree, including a stored artifact's read-only directories.
 pub fn remove_tree(p: &Path) -> std::io::Result<()> {
     match fs::remove_dir_all(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(_) => {
-            // Read-only files under a writable directory can be unlinked on Unix, so this is
-            // only reached for exotic permission setups; retry after making all writable.
-            for (_, f) in hashing::list_files(p).unwrap_or_default() {
-                let _ = fs::set_permissions(&f, fs::Permissions::from_mode(0o644));
-            }
+            // Entries of a read-only directory cannot be unlinked (by anyone but root):
+            // make the directories writable and retry.
+            unseal_dirs(p);
             fs::remove_dir_all(p)
         }
     }
+}
+
+/// Whether an I/O error says the store cannot be written (a read-only mount, or no write
+/// permission on it).
+pub fn is_read_only(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied)
+}
+
+/// Whether an error (its text: stages wrap I/O errors in their own) says the disk is full.
+pub fn is_out_of_space(text: &str) -> bool {
+    text.contains("No space left on device") || text.contains("os error 28") || text.contains("storage full") || text.contains("StorageFull")
+}
+
+/// Bytes available to this user on the filesystem holding `p`, if it can be asked.
+pub fn free_bytes(p: &Path) -> Option<u64> {
+    rustix::fs::statvfs(p).ok().map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Total size of the plain files under `p` (0 when it is gone).
+pub fn tree_bytes(p: &Path) -> u64 {
+    hashing::list_files(p).unwrap_or_default().iter().filter_map(|(_, f)| fs::metadata(f).ok()).map(|m| m.len()).sum()
+}
+
+/// Human-readable byte count (binary units).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 /// Current time as RFC 3339 (UTC, seconds).

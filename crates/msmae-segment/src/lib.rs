@@ -239,6 +239,12 @@ impl Stage for SetrPupStage {
     }
     fn output(&self, _: &SegmentConfig) -> OutputDecl {
         OutputDecl::new("segmentation", &["model.safetensors", "model.json", "metrics.json", "history.json", "predictions.png", "*.png"])
+            .metric("dice", "metrics.json", "/dice")
+            .metric("iou", "metrics.json", "/iou")
+            .metric("dice_all_images", "metrics.json", "/dice_all_images")
+            .metric("train_loss", "history.json", "/epochs/-1/train_loss")
+            .figure("test predictions (image, truth, prediction)", "predictions.png")
+            .figure("loss per epoch", "loss.png")
     }
     fn resources(&self, _: &SegmentConfig) -> Resources {
         Resources::Exclusive

@@ -185,13 +185,14 @@ pub fn fit<S: TrainStep>(
         run = join_ranks(ctx, comm, run)?;
     }
     step.start(&run.model);
+    let mut watch = Watch::open(ctx, comm.rank() == 0);
     let bar = ctx.progress.bar(Some((opts.epochs - run.start) as u64), &format!("{}: epochs", ctx.name));
     for epoch in run.start..opts.epochs {
         ctx.cancel.check()?;
         let plan = step.epoch_plan(epoch, &run.model, ctx)?;
         seed_backend(rt, ctx.seed, "epoch", epoch as u64);
         let t = Instant::now();
-        let (model, sums) = train_epoch(ctx, rt, comm, data, step, run.model, &mut run.optim, plan.spec.clone(), epoch, opts)?;
+        let (model, sums) = train_epoch(ctx, rt, comm, data, step, run.model, &mut run.optim, plan.spec.clone(), epoch, opts, &mut watch)?;
         run.model = model;
         let seconds = t.elapsed().as_secs_f64();
         let val = step.validate(&run.model, ctx)?;
@@ -206,6 +207,7 @@ pub fn fit<S: TrainStep>(
         if comm.rank() == 0 {
             record_timing(ctx, &log, &sums, rt.replicas.len() * comm.size());
         }
+        watch.epoch(&log);
         run.history.push(log);
         bar.inc(1);
         let stop = match (opts.patience, run.best) {
@@ -426,11 +428,13 @@ fn train_epoch<S: TrainStep>(
     spec: LoaderSpec,
     epoch: usize,
     opts: &FitOptions,
+    watch: &mut Watch,
 ) -> Result<(S::Model, EpochSums), StageError> {
     let mut spec = spec;
     spec.shard = (comm.rank(), comm.size());
     let stream = data::stream(data.table.clone(), &data.rows, spec, data.norm.clone(), ctx.seed, epoch as u64);
     let nb = stream.num_batches.max(1);
+    let bar = ctx.progress.bar(Some(nb as u64), &format!("{}: epoch {}/{}", ctx.name, epoch + 1, opts.epochs));
     let mut sums = EpochSums::default();
     for (i, batch) in stream.enumerate() {
         ctx.cancel.check()?;
@@ -451,8 +455,61 @@ fn train_epoch<S: TrainStep>(
         }
         sums.seen += n;
         model = optim.step(step.learning_rates(sums.lr), model, grads);
+        bar.inc(1);
+        bar.set_message(&format!("loss {lv:.4}"));
+        watch.step((epoch * nb + i) as i64, lv, sums.lr);
     }
     Ok((model, sums))
+}
+
+/// Where training reports as it goes, beside the history: TensorBoard event files in the
+/// run-log directory (rank 0 only), per epoch, and per step when MSMAE_TENSORBOARD_STEPS
+/// is set. A run-log that cannot be written is a warning, never a failed stage: logs are
+/// not results.
+#[derive(Debug, Default)]
+struct Watch {
+    events: Option<crate::tensorboard::EventWriter>,
+    steps: bool,
+}
+
+impl Watch {
+    fn open(ctx: &StageContext<'_>, leader: bool) -> Self {
+        let Some(dir) = ctx.run_log().filter(|_| leader) else { return Self::default() };
+        let steps = std::env::var("MSMAE_TENSORBOARD_STEPS").is_ok_and(|v| !v.is_empty() && v != "0");
+        match crate::tensorboard::EventWriter::create(dir) {
+            Ok(w) => {
+                tracing::info!("`{}`: TensorBoard scalars in {}", ctx.name, dir.display());
+                Self { events: Some(w), steps }
+            }
+            Err(e) => {
+                tracing::warn!("`{}`: cannot write TensorBoard events into {}: {e}", ctx.name, dir.display());
+                Self::default()
+            }
+        }
+    }
+
+    fn write(&mut self, step: i64, values: &[(&str, f64)]) {
+        if let Some(w) = &mut self.events
+            && let Err(e) = w.scalars(step, values)
+        {
+            tracing::warn!("TensorBoard events {}: {e}; no more are written this run", w.path().display());
+            self.events = None;
+        }
+    }
+
+    fn step(&mut self, global_step: i64, loss: f64, lr: f64) {
+        if self.steps {
+            self.write(global_step, &[("step/loss", loss), ("step/lr", lr)]);
+        }
+    }
+
+    /// An epoch's scalars at step `epoch + 1` (epochs counted from 1, as in the log lines).
+    fn epoch(&mut self, h: &EpochLog) {
+        let mut v: Vec<(&str, f64)> = vec![("loss/train", h.train_loss), ("lr", h.lr), ("time/epoch_seconds", h.seconds)];
+        let optional = [("loss/reconstruction", h.reconstruction_loss), ("loss/val", h.val_loss), ("val/accuracy", h.val_accuracy), ("val/auc", h.val_auc)];
+        v.extend(optional.into_iter().filter_map(|(k, x)| x.map(|x| (k, x))));
+        self.write(h.epoch as i64 + 1, &v);
+    }
 }
 
 /// One log line for an epoch.

@@ -11,7 +11,8 @@
 //! - [`maps`]: attention maps of a split from the model being trained (MSMAE's refresh);
 //! - [`resume`]: checkpoints a killed run continues from bit-identically;
 //! - [`runtime`]: the backend/device a stage computes on;
-//! - [`support`], [`figures`]: what the stages write (JSON, history, charts, figures).
+//! - [`support`], [`figures`]: what the stages write (JSON, history, charts, figures);
+//! - [`tensorboard`]: scalar event files in the run-log directory, outside the artifact.
 //!
 //! The stage kinds live in `msmae-attention`, `msmae-pretrain`, `msmae-finetune`,
 //! `msmae-segment` and `msmae-interop`.
@@ -26,3 +27,4 @@ pub mod model;
 pub mod resume;
 pub mod runtime;
 pub mod support;
+pub mod tensorboard;
