@@ -115,7 +115,7 @@ fn a_full_store_fails_the_stage_naming_the_store_and_the_next_run_completes() {
     let said = text(&full);
     assert_eq!(full.status.code(), Some(1), "{said}");
     assert!(said.contains("the artifact store") && said.contains("is full") && said.contains(&*mnt.0.to_string_lossy()), "{said}");
-    assert!(said.contains("had written") && said.contains("free now"), "names what it wrote and what is free: {said}");
+    assert!(said.contains(" wrote ") && said.contains("KiB available there"), "names what it wrote and what was free: {said}");
     assert!(entries(&mnt.0.join("tmp")).is_empty(), "no staging left: {:?}", entries(&mnt.0.join("tmp")));
     assert!(entries(&mnt.0.join("objects")).is_empty(), "no partial object: {:?}", entries(&mnt.0.join("objects")));
     assert!(!fs::read_to_string(d.path().join("d.lock")).unwrap_or_default().contains("name: data"));

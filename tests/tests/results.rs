@@ -88,31 +88,31 @@ fn show_and_path_read_results_from_the_lock_file_without_running() {
     git(&["add", "tinystudy.lock"]);
     git(&["-c", "user.email=t@example.org", "-c", "user.name=t", "commit", "-q", "-m", "results"]);
 
-    // A changed pipeline: ft-mae and what follows it are stale, and shown as such.
+    // A changed pipeline: ft-msmae and what follows it are stale, and shown as such.
     let changed = msmae_tests::tiny_study().replace(
-        "ft-mae: { uses: finetune/full, needs: [mae, data], with: { epochs: 2,",
-        "ft-mae: { uses: finetune/full, needs: [mae, data], with: { epochs: 3,",
+        "ft-msmae: { uses: finetune/msmae, needs: [pretrain, data], with: { epochs: 2,",
+        "ft-msmae: { uses: finetune/msmae, needs: [pretrain, data], with: { epochs: 3,",
     );
     assert_ne!(changed, msmae_tests::tiny_study());
     fs::write(d.path().join("tinystudy.yaml"), &changed).expect("write");
     let t = ok(msmae(d.path()).args(["show", "tinystudy.yaml"]));
     let line = |name: &str| t.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_default().to_string();
-    assert!(line("ft-mae").contains("STALE (recorded results shown)"), "{t}");
-    assert!(line("eval-mae").contains("WAITING"), "{t}");
-    assert!(line("eval-msmae").contains("up to date"), "{t}");
-    assert!(t.contains("not current") && t.contains("ft-mae: "), "{t}");
-    let note = msmae(d.path()).args(["path", "tinystudy.yaml", "ft-mae"]).output().expect("path");
-    assert!(note.status.success() && text(&note).contains("note: `ft-mae` is stale"), "{}", text(&note));
+    assert!(line("ft-msmae").contains("STALE (recorded results shown)"), "{t}");
+    assert!(line("eval-msmae").contains("WAITING"), "{t}");
+    assert!(line("eval-mae").contains("up to date"), "{t}");
+    assert!(t.contains("not current") && t.contains("ft-msmae: "), "{t}");
+    let note = msmae(d.path()).args(["path", "tinystudy.yaml", "ft-msmae"]).output().expect("path");
+    assert!(note.status.success() && text(&note).contains("note: `ft-msmae` is stale"), "{}", text(&note));
 
     // Re-run, then compare with the kept lock file and with the committed one.
     ok(msmae(d.path()).args(["run", "tinystudy.yaml"]));
     for against in ["before.lock", "HEAD"] {
         let t = ok(msmae(d.path()).args(["show", "tinystudy.yaml", "--against", against]));
         assert!(t.lines().next().is_some_and(|h| h.contains("stage") && h.contains("current") && h.contains("delta")), "{t}");
-        let epochs = t.lines().find(|l| l.starts_with("ft-mae ") && l.contains(" epochs ")).unwrap_or_default();
-        assert!(epochs.contains("+1.0000"), "ft-mae trained one epoch more than before ({against}):\n{t}");
-        let same = t.lines().find(|l| l.starts_with("ft-msmae ") && l.contains("train_loss")).unwrap_or_default();
-        assert!(same.contains("+0.0000"), "ft-msmae did not change ({against}):\n{t}");
+        let epochs = t.lines().find(|l| l.starts_with("ft-msmae ") && l.contains(" epochs ")).unwrap_or_default();
+        assert!(epochs.contains(" 2 ") && epochs.contains(" 3 ") && epochs.contains("+1.0000"), "ft-msmae trained one epoch more ({against}):\n{t}");
+        let same = t.lines().find(|l| l.starts_with("ft-mae ") && l.contains("train_loss")).unwrap_or_default();
+        assert!(same.contains("+0.0000"), "ft-mae did not change ({against}):\n{t}");
     }
     let c = ok(msmae(d.path()).args(["show", "tinystudy.yaml", "--against", "HEAD", "--format", "csv"]));
     assert!(c.starts_with("stage,metric,HEAD:tinystudy.lock,current,delta\n"), "{c}");

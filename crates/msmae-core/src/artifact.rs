@@ -94,7 +94,8 @@ pub struct FigureDecl {
 
 /// Where one result of an artifact lives: the JSON value at `pointer` in `file`. The
 /// pointer is RFC 6901 (`/a/0/b`), where an array index may also count from the end
-/// (`/epochs/-1/train_loss`: the last epoch's).
+/// (`/epochs/-1/train_loss`: the last epoch's) and a last segment `#` is the length of
+/// the array or object it follows (`/epochs/#`: how many epochs ran).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResultDecl {
     pub name: String,
@@ -142,9 +143,20 @@ impl OutputDecl {
     }
 }
 
-/// The value at `pointer` (RFC 6901; an array index may be negative, counting from the
-/// end) in `v`.
-pub fn json_at<'a>(v: &'a serde_json::Value, pointer: &str) -> Option<&'a serde_json::Value> {
+/// The value at `pointer` in `v`: RFC 6901, where an array index may be negative (counting
+/// from the end) and a last segment `#` is the length of what it follows.
+pub fn json_at(v: &serde_json::Value, pointer: &str) -> Option<serde_json::Value> {
+    if let Some(parent) = pointer.strip_suffix("/#") {
+        return match json_ref(v, parent)? {
+            serde_json::Value::Array(a) => Some(a.len().into()),
+            serde_json::Value::Object(o) => Some(o.len().into()),
+            _ => None,
+        };
+    }
+    json_ref(v, pointer).cloned()
+}
+
+fn json_ref<'a>(v: &'a serde_json::Value, pointer: &str) -> Option<&'a serde_json::Value> {
     if pointer.is_empty() {
         return Some(v);
     }
@@ -204,13 +216,16 @@ mod tests {
     #[test]
     fn json_pointers_count_array_indices_from_either_end() {
         let v = serde_json::json!({ "epochs": [{ "loss": 2.0 }, { "loss": 1.0 }], "a/b": { "~x": 3 } });
-        assert_eq!(json_at(&v, "/epochs/-1/loss"), Some(&serde_json::json!(1.0)));
-        assert_eq!(json_at(&v, "/epochs/0/loss"), Some(&serde_json::json!(2.0)));
+        assert_eq!(json_at(&v, "/epochs/-1/loss"), Some(serde_json::json!(1.0)));
+        assert_eq!(json_at(&v, "/epochs/0/loss"), Some(serde_json::json!(2.0)));
         assert_eq!(json_at(&v, "/epochs/-3/loss"), None);
         assert_eq!(json_at(&v, "/epochs/2"), None);
-        assert_eq!(json_at(&v, "/a~1b/~0x"), Some(&serde_json::json!(3)));
+        assert_eq!(json_at(&v, "/epochs/#"), Some(serde_json::json!(2)));
+        assert_eq!(json_at(&v, "/a~1b/#"), Some(serde_json::json!(1)));
+        assert_eq!(json_at(&v, "/epochs/0/loss/#"), None);
+        assert_eq!(json_at(&v, "/a~1b/~0x"), Some(serde_json::json!(3)));
         assert_eq!(json_at(&v, "missing-slash"), None);
-        assert_eq!(json_at(&v, ""), Some(&v));
+        assert_eq!(json_at(&v, ""), Some(v.clone()));
     }
 
     #[test]

@@ -90,9 +90,9 @@ pub enum Error {
     )]
     ReadOnly { path: PathBuf, what: String },
     #[error(
-        "the artifact store {store} is full: stage `{stage}` had written {written} when the filesystem ran out ({free} free now), so it needs more than that; nothing was committed: free space (or move the store with --store) and re-run. ({cause})"
+        "the artifact store {store} is full: stage `{stage}` wrote {written} before the filesystem ran out, so it needs more than the {available} available there; nothing was committed (its staging is removed): free space or move the store (--store), then re-run ({cause})"
     )]
-    OutOfSpace { stage: String, store: PathBuf, written: String, free: String, cause: String },
+    OutOfSpace { stage: String, store: PathBuf, written: String, available: String, cause: String },
     #[error("artifact store {path} is held by {holder} (use --wait to wait for it)")]
     Busy { path: PathBuf, holder: String },
 }

@@ -789,7 +789,8 @@ impl Job<'_> {
             stage: node.name.clone(),
             store: root.to_path_buf(),
             written: store::human_bytes(written),
-            free: store::free_bytes(root).map_or_else(|| "unknown".into(), store::human_bytes),
+            // What was free when the stage started: what it wrote plus what is left.
+            available: store::free_bytes(root).map_or_else(|| "space".into(), |f| store::human_bytes(f + written)),
             cause,
         }
     }

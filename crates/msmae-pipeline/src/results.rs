@@ -120,14 +120,14 @@ pub fn read(store: &Store, lock: &LockFile, name: &str, kind: &str, decl: &msmae
     problems.extend(files.values().filter_map(|v| v.as_ref().err().cloned()));
     for d in &decl.metrics {
         if let Some(Ok(v)) = files.get(d.file.as_str())
-            && let Some(x) = json_at(v, &d.pointer).and_then(serde_json::Value::as_f64)
+            && let Some(x) = json_at(v, &d.pointer).as_ref().and_then(serde_json::Value::as_f64)
         {
             r.metrics.push((d.name.clone(), x));
         }
     }
     for d in &decl.tables {
         if let Some(Ok(v)) = files.get(d.file.as_str())
-            && let Some(rows) = json_at(v, &d.pointer).and_then(serde_json::Value::as_array)
+            && let Some(rows) = json_at(v, &d.pointer).as_ref().and_then(serde_json::Value::as_array)
         {
             r.tables.push(table(&d.name, rows));
         }

@@ -196,7 +196,7 @@ impl Stage for MaePretrain {
     }
     fn output(&self, _: &PretrainConfig) -> OutputDecl {
         OutputDecl::new("mae-checkpoint", &["model.safetensors", "model.json", "history.json", "reconstructions.png", "attention*.parquet", "*.png"])
-            .metric("epochs", "history.json", "/epochs/-1/epoch")
+            .metric("epochs", "history.json", "/epochs/#")
             .metric("train_loss", "history.json", "/epochs/-1/train_loss")
             .metric("reconstruction_loss", "history.json", "/epochs/-1/reconstruction_loss")
             .figure("reconstructions (original, masked input, reconstruction)", "reconstructions.png")

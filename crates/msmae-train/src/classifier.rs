@@ -152,11 +152,10 @@ fn msmae_policy(c: &ClassifierConfig) -> MaskPolicy {
 
 pub fn classifier_output() -> OutputDecl {
     OutputDecl::new("vit-checkpoint", &["model.safetensors", "model.json", "history.json", "predictions.parquet", "*.png"])
-        .metric("epochs", "history.json", "/epochs/-1/epoch")
+        .metric("epochs", "history.json", "/epochs/#")
         .metric("train_loss", "history.json", "/epochs/-1/train_loss")
         .metric("val_accuracy", "history.json", "/epochs/-1/val_accuracy")
         .metric("val_auc", "history.json", "/epochs/-1/val_auc")
-        .metric("best_epoch", "history.json", "/summary/best_epoch")
         .figure("loss per epoch", "loss.png")
         .figure("accuracy per epoch", "accuracy.png")
 }
