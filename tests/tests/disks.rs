@@ -84,7 +84,14 @@ fn a_read_only_store_serves_cached_runs_and_inspection_and_refuses_to_compute() 
     let said = text(&cached);
     assert!(cached.status.success(), "a fully cached run works on a read-only store: {said}");
     assert!(said.contains("0 ran, 2 cached"), "{said}");
-    for args in [vec!["status", "d.yaml"], vec!["why", "d.yaml", "train"], vec!["dag", "d.yaml"], vec!["verify", "d.yaml"]] {
+    for args in [
+        vec!["status", "d.yaml"],
+        vec!["why", "d.yaml", "train"],
+        vec!["dag", "d.yaml"],
+        vec!["verify", "d.yaml"],
+        vec!["show", "d.yaml"],
+        vec!["report", "d.yaml"],
+    ] {
         let o = msmae(d.path(), &mnt.0).args(&args).output().expect("inspect");
         assert!(o.status.success(), "`msmae {}` on a read-only store: {}", args.join(" "), text(&o));
     }

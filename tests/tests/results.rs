@@ -181,6 +181,7 @@ fn the_report_page_loads_in_a_headless_browser_without_errors_or_broken_images()
     // `MSMAE_WRITE_DOCS=1 cargo xtask test -- headless_browser` refreshes the README's picture.
     if std::env::var_os("MSMAE_WRITE_DOCS").is_some() {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/report-screenshot.png");
+        fs::create_dir_all(docs.parent().expect("docs/")).expect("mkdir docs/");
         fs::copy(&shot, &docs).expect("copy the screenshot into docs/");
     }
 }

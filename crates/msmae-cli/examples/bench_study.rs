@@ -2,9 +2,11 @@
 //! seeds — data, models and masks all change with the seed — and a table of what the issue
 //! asks to see: lesion coverage of the top-25 % supervised-attention patches, test accuracy
 //! / macro-F1 / macro-AUC of no pre-training vs MAE vs MSMAE (mean ± sd over seeds), and
-//! fine-tuning wall time per epoch, full-token vs MSMAE (25 % of the tokens).
+//! fine-tuning wall time per epoch, full-token vs MSMAE (25 % of the tokens); and for every
+//! pair of methods the paired difference over the seeds with its 95 % Student-t interval
+//! (`msmae_eval::stats`: the seeds are the pairs).
 //!
-//! Flags: `--seeds a,b,c` (default 1,2,3), `--pipeline PATH` (default
+//! Flags: `--seeds a,b,c` (default 1,2,3,4,5), `--pipeline PATH` (default
 //! pipelines/quickstart.yaml), `--store DIR` (default a temp dir, kept between seeds),
 //! `--set params.k=v` (repeatable, passed through).
 
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    let mut seeds: Vec<u64> = vec![1, 2, 3];
+    let mut seeds: Vec<u64> = vec![1, 2, 3, 4, 5];
     let mut pipeline = PathBuf::from("pipelines/quickstart.yaml");
     let mut store: Option<PathBuf> = None;
     let mut sets: Vec<String> = Vec::new();
@@ -62,6 +64,8 @@ struct Row {
     hit: f64,
     /// (accuracy, macro-F1, macro-AUC) of scratch, mae, msmae pre-training + full fine-tuning, msmae
     scores: [(f64, f64, f64); 4],
+    /// the same, of the last epoch's model (where validation picked another, else equal)
+    last: [(f64, f64, f64); 4],
     /// seconds per fine-tuning epoch (stage wall time / epochs): full, msmae
     epoch_seconds: [f64; 2],
     /// segmentation Dice (test images with lesions): MSMAE-pre-trained, random encoder;
@@ -94,6 +98,11 @@ impl Row {
             let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
             (f("accuracy"), f("macro_f1"), f("macro_auc"))
         };
+        let last = |name: &str| {
+            let m = json(&dir(name).join("metrics.json"));
+            let f = |k: &str| m["last_epoch"][k].as_f64().unwrap_or(f64::NAN);
+            (f("accuracy"), f("macro_f1"), f("auc"))
+        };
         let per_epoch = |name: &str| {
             let s = stage(name);
             let secs = s.get("run").and_then(|r| r.get("seconds")).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
@@ -105,6 +114,7 @@ impl Row {
             coverage: attn["lesion_coverage"].as_f64().unwrap_or(f64::NAN),
             hit: attn["lesion_hit_rate"].as_f64().unwrap_or(f64::NAN),
             scores: [score("eval-scratch"), score("eval-mae"), score("eval-msmae-full"), score("eval-msmae")],
+            last: [last("eval-scratch"), last("eval-mae"), last("eval-msmae-full"), last("eval-msmae")],
             epoch_seconds: [per_epoch("ft-mae"), per_epoch("ft-msmae")],
             dice: ["seg-msmae", "seg-scratch"].map(|n| {
                 if stages.iter().any(|s| s.get("name").and_then(|x| x.as_str()) == Some(n)) {
@@ -118,10 +128,38 @@ impl Row {
 }
 
 fn mean_sd(v: &[f64]) -> String {
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    let (m, sd) = msmae_eval::stats::mean_sd(v);
     format!("{m:.3} ± {sd:.3}")
+}
+
+const METHODS: [&str; 4] = ["none", "MAE", "MSMAE-pt + full ft", "MSMAE"];
+
+/// Every pair of methods: the paired difference over the seeds, 95 % interval, of the
+/// best-validation models' test figures, or (`last`) the last epoch's models'.
+fn print_paired(rows: &[Row], last: bool) {
+    let which = if last { "last-epoch models" } else { "best-validation models" };
+    println!("\npaired test differences over {} seeds, {which} (mean [95 % t interval]; * = interval excludes 0)", rows.len());
+    println!("| A − B | accuracy | macro-F1 | macro AUC |");
+    println!("|---|---|---|---|");
+    for i in 0..METHODS.len() {
+        for j in 0..METHODS.len() {
+            if i >= j {
+                continue;
+            }
+            let cell = |f: &dyn Fn(&(f64, f64, f64)) -> f64| {
+                let pick = |r: &Row, k: usize| if last { r.last[k] } else { r.scores[k] };
+                let a: Vec<f64> = rows.iter().map(|r| f(&pick(r, j))).collect();
+                let b: Vec<f64> = rows.iter().map(|r| f(&pick(r, i))).collect();
+                let p = msmae_eval::stats::paired(&a, &b);
+                format!("{:+.3} [{:+.3}, {:+.3}]{}", p.mean, p.lo, p.hi, if p.excludes_zero() { " *" } else { "" })
+            };
+            println!("| {} − {} | {} | {} | {} |", METHODS[j], METHODS[i], cell(&|s| s.0), cell(&|s| s.1), cell(&|s| s.2));
+        }
+    }
+    if !last && rows.iter().all(|r| r.dice[0].is_finite()) {
+        let p = msmae_eval::stats::paired(&rows.iter().map(|r| r.dice[0]).collect::<Vec<_>>(), &rows.iter().map(|r| r.dice[1]).collect::<Vec<_>>());
+        println!("segmentation Dice, MSMAE-pre-trained − random encoder: {:+.3} [{:+.3}, {:+.3}]", p.mean, p.lo, p.hi);
+    }
 }
 
 fn print_table(rows: &[Row]) {
@@ -154,4 +192,12 @@ fn print_table(rows: &[Row]) {
     if rows.iter().all(|r| r.dice[0].is_finite()) {
         println!("segmentation Dice (test images with lesions): MSMAE-pre-trained encoder {}, random encoder {}", col(&|r| r.dice[0]), col(&|r| r.dice[1]));
     }
+    println!("\ntest accuracy of the last epoch's model (mean ± sd; the best-validation model's above)");
+    println!("| method | accuracy | macro-F1 | macro AUC |");
+    println!("|---|---|---|---|");
+    for (i, name) in METHODS.iter().enumerate() {
+        println!("| {name} | {} | {} | {} |", col(&|r| r.last[i].0), col(&|r| r.last[i].1), col(&|r| r.last[i].2));
+    }
+    print_paired(rows, false);
+    print_paired(rows, true);
 }

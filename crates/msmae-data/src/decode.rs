@@ -424,36 +424,7 @@ mod tests {
         assert_eq!(reduction(300, 300, 224, Aspect::Crop), 1);
     }
 
-    /// A PNG whose header declares `w × h` RGB and whose data is one empty IDAT: what an
-    /// attacker sends to make a decoder allocate w·h·3 bytes.
-    fn png_header(w: u32, h: u32) -> Vec<u8> {
-        fn crc(data: &[u8]) -> u32 {
-            let mut c = 0xFFFF_FFFFu32;
-            for &b in data {
-                c ^= u32::from(b);
-                for _ in 0..8 {
-                    c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-                }
-            }
-            !c
-        }
-        let chunk = |kind: &[u8], body: &[u8]| {
-            let mut v = (body.len() as u32).to_be_bytes().to_vec();
-            let mut typed = kind.to_vec();
-            typed.extend_from_slice(body);
-            v.extend_from_slice(&typed);
-            v.extend_from_slice(&crc(&typed).to_be_bytes());
-            v
-        };
-        let mut ihdr = w.to_be_bytes().to_vec();
-        ihdr.extend_from_slice(&h.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        out.extend(chunk(b"IHDR", &ihdr));
-        out.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
-        out.extend(chunk(b"IEND", &[]));
-        out
-    }
+    use crate::fixtures::png_declaring as png_header;
 
     #[test]
     fn absurd_headers_are_refused_before_decoding() {

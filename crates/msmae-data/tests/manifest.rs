@@ -216,3 +216,19 @@ fn the_cache_tracks_exactly_the_listed_images_and_masks() {
     let e = Manifest.listed_inputs(&cfg(serde_json::json!({ "path_column": "file" })), d.path()).expect_err("fails").to_string();
     assert!(e.contains("manifest.csv (header, column `file`): missing column `file`"), "{e}");
 }
+
+#[test]
+fn a_crafted_huge_image_is_one_reject_under_on_error_skip() {
+    let d = tempfile::tempdir().expect("tmp");
+    // 100 000 × 100 000 RGB declared in a 70-byte file, among 12 ordinary images.
+    let m = csv_dataset(d.path(), "img/bomb.png,benign,P9,train,\n");
+    std::fs::write(d.path().join("img/bomb.png"), msmae_data::fixtures::png_declaring(100_000, 100_000)).expect("write");
+    let cfg = |on_error: &str| serde_json::json!({ "manifest": m, "label_column": "diagnosis", "size": 10, "on_error": on_error });
+    let e = run(cfg("fail"), &d.path().join("fail")).expect_err("refused");
+    assert!(e.to_string().contains("bomb.png") && e.to_string().contains("over the limit"), "{e}");
+    let out = d.path().join("skip");
+    run(cfg("skip"), &out).expect("the other images are ingested");
+    assert_eq!(table::read_rows(&out.join("images.parquet")).expect("rows").len(), 12);
+    let rejects = std::fs::read_to_string(out.join("rejects.json")).expect("rejects");
+    assert!(rejects.contains("bomb.png") && rejects.contains("over the limit"), "{rejects}");
+}

@@ -18,6 +18,9 @@ use crate::plot::{Series, heatmap_chart, line_chart};
 
 /// Name of the predictions file inside a `predictions` artifact.
 pub const PREDICTIONS_FILE: &str = "predictions.parquet";
+/// The last epoch's predictions, beside those of the best-validation model, when a
+/// training stage's validation picked an earlier epoch (absent: the two are one model).
+pub const LAST_PREDICTIONS_FILE: &str = "predictions_last.parquet";
 /// Name of the metrics file inside a `metrics` artifact.
 pub const METRICS_FILE: &str = "metrics.json";
 /// Threshold on per-label scores for multi-label precision/recall/F1 (positive: `>=`).
@@ -91,6 +94,22 @@ pub struct Metrics {
     /// Single-label: `confusion_matrix[true][predicted]`. Multi-label: per label
     /// `[tn, fp, fn, tp]`.
     pub confusion_matrix: Vec<Vec<u64>>,
+    /// The headline figures of the last epoch's model, beside those above (the model
+    /// validation picked): the selection rule matters where validation accuracy swings
+    /// between epochs. Equal to the above (`same_model`) where validation picked the last
+    /// epoch or nothing was selected; absent in files written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_epoch: Option<Headline>,
+}
+
+/// Accuracy, macro-F1 and AUC of one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Headline {
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub auc: Option<f64>,
+    /// Whether it is the model of the headline figures.
+    pub same_model: bool,
 }
 
 impl Metrics {
@@ -120,6 +139,7 @@ pub fn compute(meta: &PredictionMeta, rows: &[&PredictionRow], split: Split, sou
         threshold,
         per_class,
         confusion_matrix,
+        last_epoch: None,
     };
     if meta.multi_label {
         let y: Vec<Vec<u8>> = rows.iter().map(|r| r.labels.clone().unwrap_or_default()).collect();
@@ -212,6 +232,8 @@ impl Stage for EvalClassify {
             .metric("macro_f1", METRICS_FILE, "/macro_f1")
             .metric("macro_auc", METRICS_FILE, "/macro_auc")
             .metric("mean_auc", METRICS_FILE, "/mean_auc")
+            .metric("last_epoch_accuracy", METRICS_FILE, "/last_epoch/accuracy")
+            .metric("last_epoch_auc", METRICS_FILE, "/last_epoch/auc")
             .figure("ROC curves", "roc.png")
             .figure("confusion matrix", "confusion.png")
     }
@@ -237,7 +259,16 @@ impl Stage for EvalClassify {
             ));
         }
         ctx.cancel.check()?;
-        let m = compute(&meta, &selected, c.split, &input.stage, &input.digest);
+        let mut m = compute(&meta, &selected, c.split, &input.stage, &input.digest);
+        let last_path = input.path(LAST_PREDICTIONS_FILE);
+        m.last_epoch = Some(if last_path.is_file() {
+            let (lmeta, lrows) = read_predictions(&last_path)?;
+            let lsel: Vec<&PredictionRow> = lrows.iter().filter(|r| r.split == c.split).collect();
+            let l = compute(&lmeta, &lsel, c.split, &input.stage, &input.digest);
+            Headline { accuracy: l.accuracy, macro_f1: l.macro_f1, auc: l.auc(), same_model: false }
+        } else {
+            Headline { accuracy: m.accuracy, macro_f1: m.macro_f1, auc: m.auc(), same_model: true }
+        });
         let mp = ctx.output_path(METRICS_FILE)?;
         let json = serde_json::to_vec_pretty(&m).map_err(|e| StageError::other(format!("{}: {e}", mp.display())))?;
         std::fs::write(&mp, json).map_err(|e| StageError::io(&mp, e))?;

@@ -151,7 +151,7 @@ fn msmae_policy(c: &ClassifierConfig) -> MaskPolicy {
 }
 
 pub fn classifier_output() -> OutputDecl {
-    OutputDecl::new("vit-checkpoint", &["model.safetensors", "model.json", "history.json", "predictions.parquet", "*.png"])
+    OutputDecl::new("vit-checkpoint", &["model.safetensors", "model.json", "history.json", "predictions.parquet", "predictions_last*.parquet", "*.png"])
         .metric("epochs", "history.json", "/epochs/#")
         .metric("train_loss", "history.json", "/epochs/-1/train_loss")
         .metric("val_accuracy", "history.json", "/epochs/-1/val_accuracy")
@@ -216,7 +216,12 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
     };
     model::save(ctx.out_dir(), &res.model, &meta)?;
     let provenance = serde_json::json!({ "stage": stage_kind, "name": ctx.name, "seed": ctx.seed, "pretrained": pretrained.as_ref().map(|p| &p.digest), "best_epoch": res.best_epoch });
-    write_preds(ctx, &rt, &table, &res.model, &norm, c.batch_size.max(64), provenance)?;
+    write_preds(ctx, &rt, &table, &res.model, &norm, c.batch_size.max(64), provenance.clone(), "predictions.parquet")?;
+    // The last epoch's model too, where validation picked an earlier one: test figures
+    // under both selection rules (eval/classify reports both).
+    if let Some(last) = &res.last {
+        write_preds(ctx, &rt, &table, last, &norm, c.batch_size.max(64), provenance, "predictions_last.parquet")?;
+    }
     let train_seconds: f64 = res.history.iter().map(|h| h.seconds).sum();
     tracing::info!(
         "`{}`: {} epochs, {:.1} s of training steps ({:.2} s/epoch), {} tokens per sample",
@@ -258,7 +263,8 @@ fn from_pretrained(
     Ok((vit, meta.normalizer, cfg))
 }
 
-/// Scores of the val and test images with `vit`, as a predictions table.
+/// Scores of the val and test images with `vit`, as a predictions table in `file`.
+#[allow(clippy::too_many_arguments)]
 fn write_preds(
     ctx: &StageContext<'_>,
     rt: &Runtime,
@@ -267,6 +273,7 @@ fn write_preds(
     norm: &Normalizer,
     batch: usize,
     provenance: serde_json::Value,
+    file: &str,
 ) -> Result<(), StageError> {
     let mut rows = table.rows_of(Split::Val);
     rows.extend(table.rows_of(Split::Test));
@@ -285,7 +292,7 @@ fn write_preds(
         multi_label: table.meta.multi_label,
         provenance,
     };
-    write_predictions(&ctx.output_path("predictions.parquet")?, &meta, &out).map_err(StageError::from)?;
+    write_predictions(&ctx.output_path(file)?, &meta, &out).map_err(StageError::from)?;
     Ok(())
 }
 

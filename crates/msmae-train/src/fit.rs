@@ -149,6 +149,8 @@ pub struct FitOptions {
 pub struct Fitted<M> {
     /// The model with the best validation score (the last one without a score).
     pub model: M,
+    /// The last epoch's model, where validation picked an earlier one as `model`.
+    pub last: Option<M>,
     pub history: Vec<EpochLog>,
     pub best_epoch: Option<usize>,
 }
@@ -225,7 +227,12 @@ pub fn fit<S: TrainStep>(
         }
     }
     let best_epoch = run.best.map(|b| b.1);
-    Ok(Fitted { model: run.best_model.unwrap_or(run.model), history: run.history, best_epoch })
+    let last_epoch = run.history.len().checked_sub(1);
+    Ok(match run.best_model {
+        Some(best) if best_epoch != last_epoch => Fitted { model: best, last: Some(run.model), history: run.history, best_epoch },
+        Some(best) => Fitted { model: best, last: None, history: run.history, best_epoch },
+        None => Fitted { model: run.model, last: None, history: run.history, best_epoch },
+    })
 }
 
 /// A fresh run, or the state of the last checkpoint.
