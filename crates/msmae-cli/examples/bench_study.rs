@@ -141,20 +141,16 @@ fn print_paired(rows: &[Row], last: bool) {
     println!("\npaired test differences over {} seeds, {which} (mean [95 % t interval]; * = interval excludes 0)", rows.len());
     println!("| A − B | accuracy | macro-F1 | macro AUC |");
     println!("|---|---|---|---|");
-    for i in 0..METHODS.len() {
-        for j in 0..METHODS.len() {
-            if i >= j {
-                continue;
-            }
-            let cell = |f: &dyn Fn(&(f64, f64, f64)) -> f64| {
-                let pick = |r: &Row, k: usize| if last { r.last[k] } else { r.scores[k] };
-                let a: Vec<f64> = rows.iter().map(|r| f(&pick(r, j))).collect();
-                let b: Vec<f64> = rows.iter().map(|r| f(&pick(r, i))).collect();
-                let p = msmae_eval::stats::paired(&a, &b);
-                format!("{:+.3} [{:+.3}, {:+.3}]{}", p.mean, p.lo, p.hi, if p.excludes_zero() { " *" } else { "" })
-            };
-            println!("| {} − {} | {} | {} | {} |", METHODS[j], METHODS[i], cell(&|s| s.0), cell(&|s| s.1), cell(&|s| s.2));
-        }
+    let pairs = (0..METHODS.len()).flat_map(|i| (i + 1..METHODS.len()).map(move |j| (i, j)));
+    for (i, j) in pairs {
+        let cell = |f: &dyn Fn(&(f64, f64, f64)) -> f64| {
+            let pick = |r: &Row, k: usize| if last { r.last[k] } else { r.scores[k] };
+            let a: Vec<f64> = rows.iter().map(|r| f(&pick(r, j))).collect();
+            let b: Vec<f64> = rows.iter().map(|r| f(&pick(r, i))).collect();
+            let p = msmae_eval::stats::paired(&a, &b);
+            format!("{:+.3} [{:+.3}, {:+.3}]{}", p.mean, p.lo, p.hi, if p.excludes_zero() { " *" } else { "" })
+        };
+        println!("| {} − {} | {} | {} | {} |", METHODS[j], METHODS[i], cell(&|s| s.0), cell(&|s| s.1), cell(&|s| s.2));
     }
     if !last && rows.iter().all(|r| r.dice[0].is_finite()) {
         let p = msmae_eval::stats::paired(&rows.iter().map(|r| r.dice[0]).collect::<Vec<_>>(), &rows.iter().map(|r| r.dice[1]).collect::<Vec<_>>());

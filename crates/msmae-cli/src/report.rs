@@ -56,9 +56,9 @@ pub fn html(x: &Inputs<'_>) -> String {
     if let Some(d) = &spec.description {
         let _ = write!(o, "<p class=\"desc\">{}</p>", esc(d));
     }
-    let _ = write!(
+    let _ = writeln!(
         o,
-        "<p class=\"meta\">pipeline <code>{}</code> · lock file <code>{}</code> · store <code>{}</code> · seed {} · generated {} by msmae {}</p></header>\n",
+        "<p class=\"meta\">pipeline <code>{}</code> · lock file <code>{}</code> · store <code>{}</code> · seed {} · generated {} by msmae {}</p></header>",
         esc(&spec.file.display().to_string()),
         esc(&x.lock_label),
         esc(&x.store.root().display().to_string()),
@@ -169,15 +169,27 @@ fn dag(o: &mut String, x: &Inputs<'_>) {
         // Nodes are in topological order: every dep has a smaller index.
         depth[i] = nodes[i].deps.iter().map(|&d| depth[d] + 1).max().unwrap_or(0);
     }
+    // Rows within a column: ordered by the mean row of each node's inputs (one barycentre
+    // pass, column by column), which keeps most edges short and uncrossed.
     let mut rows_in: BTreeMap<usize, usize> = BTreeMap::new();
     let mut pos = vec![(0usize, 0usize); nodes.len()];
-    for i in 0..nodes.len() {
-        let r = rows_in.entry(depth[i]).or_insert(0);
-        pos[i] = (depth[i], *r);
-        *r += 1;
+    let cols = depth.iter().max().map_or(1, |m| m + 1);
+    for d in 0..cols {
+        let mut here: Vec<(f64, usize)> = (0..nodes.len())
+            .filter(|&i| depth[i] == d)
+            .map(|i| {
+                let deps = &nodes[i].deps;
+                let bary = if deps.is_empty() { i as f64 } else { deps.iter().map(|&j| pos[j].1 as f64).sum::<f64>() / deps.len() as f64 };
+                (bary, i)
+            })
+            .collect();
+        here.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for (r, &(_, i)) in here.iter().enumerate() {
+            pos[i] = (d, r);
+        }
+        rows_in.insert(d, here.len());
     }
     let (bw, bh, gx, gy) = (150.0, 30.0, 40.0, 14.0);
-    let cols = depth.iter().max().map_or(1, |m| m + 1);
     let rows = rows_in.values().max().copied().unwrap_or(1);
     let (w, h) = (cols as f64 * (bw + gx) + 10.0, rows as f64 * (bh + gy) + 10.0);
     let xy = |i: usize| (5.0 + pos[i].0 as f64 * (bw + gx), 5.0 + pos[i].1 as f64 * (bh + gy));
@@ -185,7 +197,7 @@ fn dag(o: &mut String, x: &Inputs<'_>) {
     o.push_str("<section id=\"dag\"><h2>Pipeline</h2>\n");
     let _ = writeln!(
         o,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {w:.0} {h:.0}\" role=\"img\" aria-label=\"stage graph\">"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {w:.0} {h:.0}\" style=\"max-width:100%;height:auto\" role=\"img\" aria-label=\"stage graph\">"
     );
     for (i, n) in nodes.iter().enumerate() {
         for &d in &n.deps {

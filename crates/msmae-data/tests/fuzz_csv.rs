@@ -121,7 +121,7 @@ fn the_csv_reader_never_panics_and_returns_rectangular_tables() {
                         for r in 0..t.len() {
                             let _ = col.get(r);
                         }
-                        if t.len() > 0 {
+                        if !t.is_empty() {
                             let e = col.error(t.len() - 1, "bad value").to_string();
                             prop_assert!(e.contains("labels.csv") && e.contains("line "), "{}", e);
                         }
