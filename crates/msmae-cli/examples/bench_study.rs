@@ -52,7 +52,10 @@ fn main() {
             eprintln!("[bench study] seed {seed} failed");
             std::process::exit(1);
         }
-        rows.push(Row::read(seed, &store, &lock));
+        let row = Row::read(seed, &store, &lock);
+        // Each seed as it finishes (a long study that is stopped keeps what it measured).
+        eprintln!("[bench study] seed {seed} done: {row:?}");
+        rows.push(row);
     }
     print_table(&rows);
 }

@@ -90,7 +90,7 @@ h3{margin:22px 0 6px;font-size:17px}.desc{margin:2px 0;font-size:15px}.meta{colo
 nav a{margin-right:14px;font-size:14px;color:#2c6e9b}table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 th,td{border:1px solid #d5d9de;padding:4px 8px;text-align:left;vertical-align:top}th{background:#eef3f7}
 td.num{text-align:right;font-variant-numeric:tabular-nums}code{font-size:12px;background:#f4f5f7;padding:1px 3px;border-radius:3px;word-break:break-all}
-.state-up{color:#1a7f37;font-weight:600}.state-stale{color:#b35900;font-weight:600}.state-other{color:#6e7781;font-weight:600}
+.state-up,.state-stale,.state-other{white-space:nowrap}.state-up{color:#1a7f37;font-weight:600}.state-stale{color:#b35900;font-weight:600}.state-other{color:#6e7781;font-weight:600}
 figure{display:inline-block;margin:6px 12px 10px 0;vertical-align:top}figure img{max-width:560px;border:1px solid #d5d9de;image-rendering:pixelated}
 figcaption{font-size:12px;color:#555;max-width:560px}.note{color:#b35900;font-size:13px}details{margin:2px 0}
 </style>
