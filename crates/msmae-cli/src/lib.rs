@@ -451,6 +451,22 @@ fn run_stage(registry: &Registry, common: &Common, job: StageJob) -> Result<Exit
     Ok(if out.0 == "ran" || out.0 == "cached" { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// What the inspecting commands read: the plan, the store, the lock file and its path.
+struct Recorded {
+    plan: msmae_pipeline::Plan,
+    store: Store,
+    lock_path: PathBuf,
+    lock: LockFile,
+}
+
+fn recorded(common: &Common, registry: &Registry) -> Result<Recorded> {
+    let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
+    let store = store_for(common)?;
+    let lock_path = lock_path(common);
+    let lock = LockFile::read(&lock_path, &plan.spec.name)?;
+    Ok(Recorded { plan, store, lock_path, lock })
+}
+
 fn lock_path(common: &Common) -> PathBuf {
     common.lock.clone().unwrap_or_else(|| lockfile::default_path(&common.pipeline))
 }
@@ -529,16 +545,12 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             run_stage(registry, &common, StageJob { stage, key, outcome, force, lock_check, tensorboard })
         }
         Command::Status { common } => {
-            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
-            let store = store_for(&common)?;
-            let lock = LockFile::read(&lock_path(&common), &plan.spec.name)?;
+            let Recorded { plan, store, lock, .. } = recorded(&common, registry)?;
             print_status(&inspect::status(&plan, &store, &lock, &keyed_env(&common)?));
             Ok(ExitCode::SUCCESS)
         }
         Command::Why { common, stage } => {
-            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
-            let store = store_for(&common)?;
-            let lock = LockFile::read(&lock_path(&common), &plan.spec.name)?;
+            let Recorded { plan, store, lock, .. } = recorded(&common, registry)?;
             print!("{}", inspect::why(&plan, &store, &lock, &keyed_env(&common)?, &stage)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -567,10 +579,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Show { common, stages, format, against } => {
-            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
-            let store = store_for(&common)?;
-            let lp = lock_path(&common);
-            let lock = LockFile::read(&lp, &plan.spec.name)?;
+            let Recorded { plan, store, lock_path: lp, lock } = recorded(&common, registry)?;
             let env = keyed_env(&common)?;
             let rows = results::collect(&plan, &store, &lock, &env, &stages)?;
             let format = match format {
@@ -596,10 +605,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Path { common, stage } => {
-            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
-            let store = store_for(&common)?;
-            let lp = lock_path(&common);
-            let lock = LockFile::read(&lp, &plan.spec.name)?;
+            let Recorded { plan, store, lock_path: lp, lock } = recorded(&common, registry)?;
             let rows = results::collect(&plan, &store, &lock, &keyed_env(&common)?, std::slice::from_ref(&stage))?;
             let r = rows.first().context("no such stage")?;
             match (&r.artifact, &r.path) {
@@ -620,10 +626,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { common, output } => {
-            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
-            let store = store_for(&common)?;
-            let lp = lock_path(&common);
-            let lock = LockFile::read(&lp, &plan.spec.name)?;
+            let Recorded { plan, store, lock_path: lp, lock } = recorded(&common, registry)?;
             let env = keyed_env(&common)?;
             let status = inspect::status(&plan, &store, &lock, &env);
             let all: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
