@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use msmae_backend::{BackendRequest, DeviceList, DeviceRequest, Precision};
 use msmae_core::{CancelToken, ExecEnv, Registry};
-use msmae_pipeline::inspect::{self, DagFormat, State};
+use msmae_pipeline::inspect::{self, DagFormat};
 use msmae_pipeline::{LockFile, Outcome, Override, RunOptions, Store, lockfile, results};
 
 /// The stage kinds this binary ships: one `register` per stage crate.
@@ -685,12 +685,7 @@ fn cancel_on_ctrl_c() -> CancelToken {
 fn print_status(rows: &[inspect::StatusRow]) {
     let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
     for r in rows {
-        let detail = match &r.state {
-            State::Stale { reasons } | State::Restorable { reasons } => reasons.join("; "),
-            State::Waiting { upstream } => format!("after `{upstream}`"),
-            State::Error { message } => message.clone(),
-            _ => String::new(),
-        };
+        let detail = r.state.detail();
         println!("{:w$}  {:28} {:10}  {detail}", r.name, r.kind, r.state.label());
     }
 }

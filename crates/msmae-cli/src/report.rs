@@ -238,10 +238,7 @@ fn stages(o: &mut String, x: &Inputs<'_>) {
     o.push_str("<section id=\"stages\"><h2>Stages</h2>\n<table><tr><th>stage</th><th>kind</th><th>state</th><th>seconds</th><th>started</th><th>host</th><th>artifact</th><th>parameters</th></tr>\n");
     for (n, s) in x.plan.nodes.iter().zip(x.status) {
         let l = x.lock.stage(&n.name);
-        let detail = match &s.state {
-            msmae_pipeline::inspect::State::Stale { reasons } | msmae_pipeline::inspect::State::Restorable { reasons } => reasons.join("; "),
-            _ => String::new(),
-        };
+        let detail = s.state.detail();
         let params = serde_json::to_string(&n.config).unwrap_or_default();
         let _ = writeln!(
             o,

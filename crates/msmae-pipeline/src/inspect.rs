@@ -41,6 +41,16 @@ pub enum State {
 }
 
 impl State {
+    /// Why a stage is in this state (empty when it is up to date or new).
+    pub fn detail(&self) -> String {
+        match self {
+            State::Stale { reasons } | State::Restorable { reasons } => reasons.join("; "),
+            State::Waiting { upstream } => format!("after `{upstream}`"),
+            State::Error { message } => message.clone(),
+            _ => String::new(),
+        }
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             State::UpToDate => "up to date",

@@ -75,12 +75,7 @@ pub fn collect(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, only:
             continue;
         }
         let state = states.get(name).cloned().unwrap_or(State::New);
-        let detail = match &state {
-            State::Stale { reasons } | State::Restorable { reasons } => reasons.join("; "),
-            State::Waiting { upstream } => format!("after `{upstream}`"),
-            State::Error { message } => message.clone(),
-            _ => String::new(),
-        };
+        let detail = state.detail();
         let mut r = read(store, lock, &node.name, node.kind.kind(), &node.output);
         r.state = state.label().to_string();
         r.detail = detail;
