@@ -66,10 +66,11 @@ enum Cmd {
     /// Benchmarks that print a table: `runner` (no-op re-run, hashing throughput), `model`
     /// (train steps of ViT/MAE on every backend beside PyTorch eager), `study` (the quickstart
     /// study under several seeds: lesion coverage, accuracy of none/MAE/MSMAE, epoch times),
-    /// `ingest` (images/s and peak RSS of ingestion against Pillow + pyarrow; memory at 10k/50k),
+    /// `attention` (lesion coverage by supervised setting × map method), `ablation` (visible
+    /// tokens and pre-training masks, focal vs diffuse evidence), `ingest` (images/s and peak RSS of ingestion against Pillow + pyarrow; memory at 10k/50k),
     /// `dp` (data-parallel images/s for 1 and N processes under mpirun, collective time per step).
     #[command(
-        after_help = "Examples:\n  cargo xtask bench ingest -- --images 5000\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench fused\n  cargo xtask bench study -- --seeds 1,2,3\n  cargo xtask bench dp -- --processes 2"
+        after_help = "Examples:\n  cargo xtask bench ingest -- --images 5000\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench fused\n  cargo xtask bench study -- --seeds 1,2,3\n  cargo xtask bench attention\n  cargo xtask bench ablation -- --seeds 1,2,3\n  cargo xtask bench dp -- --processes 2"
     )]
     Bench {
         /// Which benchmark.
@@ -188,11 +189,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 "runner" => "bench_runner",
                 "model" => "bench_model",
                 "study" => "bench_study",
+                "attention" => "bench_attention",
+                "ablation" => "bench_ablation",
                 "ingest" => "bench_ingest",
                 "fused" => "bench_fused",
                 "loader" => "bench_loader",
                 "dp" => "bench_dp",
-                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, ingest, loader, dp"),
+                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, attention, ablation, ingest, loader, dp"),
             };
             let mut tc = Toolchain::new(flavour, &target_dir())?;
             let bin = build_all(&tc)?;

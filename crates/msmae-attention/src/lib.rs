@@ -17,6 +17,7 @@ use msmae_train::maps::{attention_pass, write_maps};
 use msmae_train::model;
 use msmae_train::runtime;
 use msmae_train::support::{check_image_compat, config_error, defaults, open_table, write_json};
+use msmae_vit::attention_map::MapMethod;
 
 msmae_train::classifier_stage!(TrainSupervised, "attention/train-supervised", ClassifierKind::Supervised, "label-supervised ViT (CLS head) whose attention guides MSMAE masking", pretrained: false);
 
@@ -49,6 +50,11 @@ pub struct ExtractConfig {
     /// Fraction of patches counted as "top attention" in the lesion-coverage summary.
     #[serde(default = "d_top")]
     pub top_fraction: f64,
+    /// How the map is read: `cls` (the paper's last-block CLS attention), `rollout`
+    /// (attention rollout across the blocks) or `gradient` (gradient-weighted attention
+    /// relevance to the predicted class; needs a classifier checkpoint).
+    #[serde(default)]
+    pub method: MapMethod,
 }
 
 fn d_top() -> f64 {
@@ -101,6 +107,12 @@ impl Stage for AttentionExtract {
         let (loaded, meta) = model::load(&input.dir, &rt.device)?;
         check_image_compat(&meta, &table, &input.dir.join(model::META_FILE))?;
         let vit = loaded.into_encoder();
+        if c.method == MapMethod::Gradient && vit.head.is_none() {
+            return Err(StageError::config(
+                "method",
+                format!("`gradient` weighs attention by the gradient of the predicted class, but `{}` has no classification head (an MAE encoder?); use `cls` or `rollout`, or a classifier checkpoint", input.stage),
+            ));
+        }
         let p = meta.vit.patch_size;
         let grid = [table.height() / p, table.width() / p];
         let rows: Vec<usize> = match c.split {
@@ -120,7 +132,7 @@ impl Stage for AttentionExtract {
         let (h, w, ch) = (table.height(), table.width(), table.channels());
         let top = ((grid[0] * grid[1]) as f64 * c.top_fraction).round().max(1.0) as usize;
         let mut coverage = Coverage::default();
-        let maps = attention_pass(&vit, &table, &rows, &meta.normalizer, spec, &rt, ctx, |batch, i, map| {
+        let maps = attention_pass(&vit, &table, &rows, &meta.normalizer, spec, c.method, &rt, ctx, |batch, i, map| {
             let r = batch.rows[i];
             let lesion = batch.lesions.get(i).and_then(Option::as_ref);
             if let Some(m) = lesion.filter(|m| m.iter().any(|&v| v > 0)) {
@@ -142,6 +154,7 @@ impl Stage for AttentionExtract {
         let n = coverage.images;
         let mean = |x: f64| if n > 0 { serde_json::json!(x / n as f64) } else { serde_json::Value::Null };
         let summary = serde_json::json!({
+            "method": c.method.as_str(),
             "images": maps.len(),
             "grid": grid,
             "model": input.digest,
@@ -155,8 +168,9 @@ impl Stage for AttentionExtract {
         });
         if n > 0 {
             tracing::info!(
-                "`{}`: top {:.0} % attention patches cover {:.1} % of lesion pixels ({n} images with lesions; uniform attention would cover {:.0} %)",
+                "`{}` ({}): top {:.0} % attention patches cover {:.1} % of lesion pixels ({n} images with lesions; uniform attention would cover {:.0} %)",
                 ctx.name,
+                c.method.as_str(),
                 c.top_fraction * 100.0,
                 100.0 * coverage.sum / n as f64,
                 c.top_fraction * 100.0

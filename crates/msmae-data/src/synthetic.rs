@@ -30,6 +30,19 @@ pub enum Modality {
     Fundus,
 }
 
+/// Where the class evidence lives (a benchmark condition with known ground truth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Evidence {
+    /// A small lesion (nodule, mass, cavity): a few patches carry the class.
+    #[default]
+    Focal,
+    /// X-ray only: a change spread over a large part of one lung (haze as in oedema,
+    /// lucency as in emphysema, a reticular pattern as in fibrosis); the mask marks the
+    /// affected region. `contrast` scales its amplitude, `lesion_radius` is not used.
+    Diffuse,
+}
+
 impl Modality {
     pub fn label_names(self) -> Vec<String> {
         let n: &[&str] = match self {
@@ -109,6 +122,19 @@ pub struct SyntheticConfig {
     /// Rows per Parquet row group.
     #[serde(default = "d_row_group")]
     pub row_group: u32,
+    /// `focal` (a small lesion carries the class) or `diffuse` (a region of one lung; X-ray).
+    #[serde(default)]
+    pub evidence: Evidence,
+}
+
+impl SyntheticConfig {
+    /// Class names, index = label.
+    pub fn label_names(&self) -> Vec<String> {
+        match self.evidence {
+            Evidence::Focal => self.modality.label_names(),
+            Evidence::Diffuse => ["normal", "haze", "lucency", "reticular"].iter().map(|s| s.to_string()).collect(),
+        }
+    }
 }
 
 impl Default for SyntheticConfig {
@@ -169,6 +195,9 @@ impl Stage for Synthetic {
         if c.row_group == 0 {
             return err("row_group", "must be at least 1");
         }
+        if c.evidence == Evidence::Diffuse && c.modality != Modality::Xray {
+            return err("evidence", "`diffuse` is drawn on X-ray images only (modality: xray)");
+        }
         Ok(())
     }
 
@@ -185,7 +214,7 @@ impl Stage for Synthetic {
     }
 
     fn run(&self, c: &SyntheticConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let names = c.modality.label_names();
+        let names = c.label_names();
         let meta = TableMeta {
             schema_version: crate::table::SCHEMA_VERSION,
             label_names: names.clone(),
@@ -315,8 +344,32 @@ pub fn generate(c: &SyntheticConfig, seed: u64, index: u32) -> Sample {
             (sz * (0.5 + rr * t.cos()), sz * (0.5 + rr * t.sin()))
         }
     };
+    // diffuse change: a smooth region of one lung, with the class's pattern
+    let diffuse = c.evidence == Evidence::Diffuse && label > 0;
+    let mut envelope = Vec::new();
+    if diffuse {
+        let side = if r.random_bool(0.5) { -1.0 } else { 1.0 };
+        let (rx, ry) = (sz * a.lung_rx * r.random_range(0.8..1.1), sz * a.lung_ry * r.random_range(0.55..0.8));
+        let (cx, cy) = (sz * (0.5 + side * a.lung_dx) + jx, sz * (0.5 + r.random_range(-0.3..0.3) * a.lung_ry) + jy);
+        let period = (sz / 14.0).max(3.0);
+        let (p1, p2) = (r.random_range(0.0..2.0 * PI), r.random_range(0.0..2.0 * PI));
+        envelope = vec![0f32; n * n];
+        for y in 0..n {
+            for x in 0..n {
+                let (dx, dy) = ((x as f32 + 0.5 - cx) / rx, (y as f32 + 0.5 - cy) / ry);
+                let e = 1.0 / (1.0 + ((dx * dx + dy * dy - 1.0) * 6.0).exp());
+                let pattern = match label {
+                    1 => 1.0,
+                    2 => -1.0,
+                    _ => (2.0 * PI * x as f32 / period + p1).sin() * (2.0 * PI * y as f32 / period + p2).sin() * 1.5,
+                };
+                envelope[y * n + x] = e;
+                lesion_field[y * n + x] = e * pattern;
+            }
+        }
+    }
     // lesion profile (amplitude 1 at its strongest)
-    if label > 0 {
+    if label > 0 && !diffuse {
         let lobes: Vec<(f32, f32, f32)> =
             (0..4).map(|_| (r.random_range(-0.6..0.6) * radius, r.random_range(-0.6..0.6) * radius, r.random_range(0.6..1.0))).collect();
         let dots: Vec<(f32, f32)> = (0..6).map(|_| (r.random_range(-1.2..1.2) * radius, r.random_range(-1.2..1.2) * radius)).collect();
@@ -395,9 +448,13 @@ pub fn generate(c: &SyntheticConfig, seed: u64, index: u32) -> Sample {
     }
     let noise = rand_distr_normal(&mut r, n * n * ch, noise_sigma);
     let pixels: Vec<u8> = img.iter().zip(noise).map(|(v, e)| ((v + e).clamp(0.0, 1.0) * 255.0).round() as u8).collect();
-    let peak = lesion_field.iter().copied().fold(0.0, f32::max);
-    let mask: Vec<u8> = lesion_field.iter().map(|&v| u8::from(label > 0 && v.abs() > 0.35 * peak.max(1e-6))).collect();
-    Sample { label, pixels, mask, lesion: (label > 0).then_some((center.0, center.1, radius)) }
+    let mask: Vec<u8> = if diffuse {
+        envelope.iter().map(|&e| u8::from(e > 0.5)).collect()
+    } else {
+        let peak = lesion_field.iter().copied().fold(0.0, f32::max);
+        lesion_field.iter().map(|&v| u8::from(label > 0 && v.abs() > 0.35 * peak.max(1e-6))).collect()
+    };
+    Sample { label, pixels, mask, lesion: (label > 0 && !diffuse).then_some((center.0, center.1, radius)) }
 }
 
 /// Box–Muller normal noise.
@@ -457,6 +514,42 @@ mod tests {
             }
             assert!(normals > 5 && lesions > 30, "{modality:?}: {normals} normal, {lesions} with lesions");
         }
+    }
+
+    #[test]
+    fn diffuse_evidence_covers_a_lung_region_with_the_class_pattern() {
+        let c = SyntheticConfig { evidence: Evidence::Diffuse, contrast: 0.15, size: 64, ..cfg() };
+        let plain = SyntheticConfig { contrast: 0.0, ..c.clone() };
+        assert_eq!(c.label_names()[1], "haze");
+        let mut seen = [0usize; 4];
+        for i in 0..60 {
+            let s = generate(&c, 3, i);
+            let area = s.mask.iter().filter(|&&m| m > 0).count();
+            seen[s.label as usize] += 1;
+            if s.label == 0 {
+                assert_eq!(area, 0);
+                continue;
+            }
+            // a large region (a twentieth of the image or more), unlike a focal lesion
+            assert!(area > 64 * 64 / 20, "image {i}: region of {area} pixels");
+            assert!(s.lesion.is_none());
+            // the change lives inside the region: haze brightens it, lucency darkens it
+            let base = generate(&plain, 3, i);
+            let (mut inside, mut outside) = (0f64, 0f64);
+            for (k, m) in s.mask.iter().enumerate() {
+                let d = f64::from(s.pixels[k]) - f64::from(base.pixels[k]);
+                if *m > 0 { inside += d / area as f64 } else { outside += d.abs() / (64.0 * 64.0 - area as f64) }
+            }
+            match s.label {
+                1 => assert!(inside > 15.0, "image {i}: haze mean change {inside}"),
+                2 => assert!(inside < -15.0, "image {i}: lucency mean change {inside}"),
+                _ => {}
+            }
+            assert!(outside < 6.0, "image {i}: change outside the region {outside}");
+        }
+        assert!(seen.iter().all(|&n| n > 3), "every class drawn: {seen:?}");
+        let fundus = SyntheticConfig { modality: Modality::Fundus, ..c };
+        assert!(Synthetic.validate(&fundus).is_err());
     }
 
     #[test]

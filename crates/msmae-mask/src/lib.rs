@@ -162,6 +162,11 @@ pub enum MaskPolicy {
     Msmae { mask_ratio: f64, throw_ratio: f64 },
     /// AttMask: deterministic top-k of the weights, optional random hints.
     Attmask { mask_ratio: f64, hints: f64 },
+    /// MSMAE's counts with the order reversed (an ablation of fine-tuning's token
+    /// selection): multinomial sampling over the complemented weights `max(w) − w + ε`, so
+    /// the low-weight patches are masked and thrown and the highest-attention ones stay
+    /// visible.
+    Highest { mask_ratio: f64, throw_ratio: f64 },
 }
 
 impl MaskPolicy {
@@ -174,7 +179,7 @@ impl MaskPolicy {
     pub fn visible_count(&self, len: usize) -> usize {
         match *self {
             MaskPolicy::Random { mask_ratio } | MaskPolicy::Attmask { mask_ratio, .. } => len - counts(len, mask_ratio, 0.0).0,
-            MaskPolicy::Msmae { mask_ratio, throw_ratio } => {
+            MaskPolicy::Msmae { mask_ratio, throw_ratio } | MaskPolicy::Highest { mask_ratio, throw_ratio } => {
                 let (m, t) = counts(len, mask_ratio, throw_ratio);
                 len - m - t
             }
@@ -186,7 +191,7 @@ impl MaskPolicy {
         let unit = |name: &str, v: f64| if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(format!("{name} must be within [0, 1], got {v}")) };
         match *self {
             MaskPolicy::Random { mask_ratio } => unit("mask_ratio", mask_ratio),
-            MaskPolicy::Msmae { mask_ratio, throw_ratio } => {
+            MaskPolicy::Msmae { mask_ratio, throw_ratio } | MaskPolicy::Highest { mask_ratio, throw_ratio } => {
                 unit("mask_ratio", mask_ratio)?;
                 unit("throw_ratio", throw_ratio)?;
                 if mask_ratio + throw_ratio >= 1.0 {
@@ -216,8 +221,19 @@ impl MaskPolicy {
             MaskPolicy::Random { mask_ratio } => random_select(len, mask_ratio, rng),
             MaskPolicy::Msmae { mask_ratio, throw_ratio } => msmae_select(w(), mask_ratio, throw_ratio, rng),
             MaskPolicy::Attmask { mask_ratio, hints } => attmask_select(w(), mask_ratio, hints, rng),
+            MaskPolicy::Highest { mask_ratio, throw_ratio } => msmae_select(&complement(w()), mask_ratio, throw_ratio, rng),
         }
     }
+}
+
+/// `max(w) − w + ε` with ε a thousandth of the range (at least 1e-6): the weights' order
+/// reversed, every patch still drawable.
+pub fn complement(w: &[f32]) -> Vec<f32> {
+    let finite = || w.iter().copied().filter(|v| v.is_finite());
+    let max = finite().fold(f32::MIN, f32::max);
+    let min = finite().fold(f32::MAX, f32::min);
+    let eps = ((max - min) * 1e-3).max(1e-6);
+    w.iter().map(|&v| if v.is_finite() { max - v + eps } else { eps }).collect()
 }
 
 /// The RNG for one sample's draws in one epoch (METHOD.md §3.5): independent of batch
@@ -297,6 +313,24 @@ mod tests {
             }
         }
         assert!((f64::from(first1) / 20000.0 - 0.75).abs() < 0.02, "{first1}");
+    }
+
+    #[test]
+    fn highest_keeps_the_high_weight_patches_visible() {
+        // 16 patches, weights rising with the index: MSMAE's order keeps the low end
+        // visible, the reversed order the high end; same counts either way.
+        let w: Vec<f32> = (0..16).map(|i| (i as f32 + 1.0) / 16.0).collect();
+        let (mut low, mut high) = (0.0, 0.0);
+        for s in 0..200 {
+            let a = MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 }.select(Some(&w), 16, &mut rng(s));
+            let b = MaskPolicy::Highest { mask_ratio: 0.45, throw_ratio: 0.30 }.select(Some(&w), 16, &mut rng(s));
+            assert_eq!((a.visible.len(), b.visible.len()), (4, 4));
+            low += a.visible.iter().map(|&i| i as f64).sum::<f64>() / 4.0;
+            high += b.visible.iter().map(|&i| i as f64).sum::<f64>() / 4.0;
+        }
+        let (low, high) = (low / 200.0, high / 200.0);
+        assert!(low < 5.0 && high > 10.0, "mean visible index: MSMAE {low:.2}, highest {high:.2}");
+        assert_eq!(complement(&[0.0, 0.5, 1.0])[2], 1e-3);
     }
 
     #[test]

@@ -235,7 +235,7 @@ fn run_weighted(
     write_json(ctx, "policy.json", policy)?;
 
     let (masked, thrown) = match *policy {
-        MaskPolicy::Msmae { mask_ratio, throw_ratio } => counts(l, mask_ratio, throw_ratio),
+        MaskPolicy::Msmae { mask_ratio, throw_ratio } | MaskPolicy::Highest { mask_ratio, throw_ratio } => counts(l, mask_ratio, throw_ratio),
         MaskPolicy::Attmask { mask_ratio, .. } | MaskPolicy::Random { mask_ratio } => counts(l, mask_ratio, 0.0),
     };
     let mut summary = serde_json::json!({

@@ -232,6 +232,15 @@ fn cell(v: &serde_json::Value) -> String {
         serde_json::Value::Null => "-".into(),
         serde_json::Value::Number(n) => n.as_f64().map(num).unwrap_or_else(|| n.to_string()),
         serde_json::Value::String(s) => s.clone(),
+        // a summary over seeds ({mean, sd}) or a difference with its interval ({mean, lo, hi})
+        serde_json::Value::Object(o) if o.get("mean").is_some_and(serde_json::Value::is_number) => {
+            let f = |k: &str| o.get(k).and_then(serde_json::Value::as_f64);
+            match (f("mean"), f("sd"), f("lo"), f("hi")) {
+                (Some(m), Some(sd), _, _) if o.len() == 2 => format!("{} ± {}", num(m), num(sd)),
+                (Some(m), _, Some(lo), Some(hi)) if o.len() == 3 => format!("{} [{}, {}]", num(m), num(lo), num(hi)),
+                _ => v.to_string(),
+            }
+        }
         other => other.to_string(),
     }
 }

@@ -495,8 +495,19 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
             Json::Null
         }
     };
+    // A stage's seed may be an expression (`"${round}"`: a `repeat:` group of seeds).
     let seed = match m.get("seed") {
         None => vars.seed,
+        Some(Yaml::String(x)) => match vars.apply_str(x) {
+            Ok(j) => j.as_u64().or_else(|| j.as_str().and_then(|t| t.trim().parse().ok())).unwrap_or_else(|| {
+                errs.at(&format!("{path}.seed"), format!("`{x}` must give a non-negative integer, gives {j}"));
+                0
+            }),
+            Err(e) => {
+                errs.at(&format!("{path}.seed"), e);
+                0
+            }
+        },
         Some(s) => s.as_u64().unwrap_or_else(|| {
             errs.at(&format!("{path}.seed"), format!("must be a non-negative integer, found {}", show(s)));
             0
@@ -583,6 +594,21 @@ mod tests {
 
     fn p(src: &str) -> Result<PipelineSpec, SpecErrors> {
         parse(Path::new("p.yaml"), src, &[])
+    }
+
+    #[test]
+    fn a_stage_seed_can_come_from_the_round_of_a_repeat_group() {
+        let src = "seed: 9\nparams: { base: 100 }\nstages:\n  seeds:\n    repeat: 3\n    stages:\n      fit: { uses: k, seed: '${round}' }\n      ev: { uses: e, needs: [fit] }\n  fixed: { uses: k, seed: '${params.base}' }\n";
+        let s = p(src).expect("parses");
+        let seeds: Vec<(String, u64)> = s.stages.iter().map(|x| (x.name.clone(), x.seed)).collect();
+        assert_eq!(seeds[0], ("seeds.1.fit".to_string(), 1));
+        assert_eq!(seeds[2], ("seeds.2.fit".to_string(), 2));
+        assert_eq!(seeds[3].1, 9, "a stage without `seed:` takes the pipeline's");
+        assert_eq!(seeds[6], ("fixed".to_string(), 100));
+        let e = p("stages:\n  a: { uses: k, seed: 'x${params.nope}' }\n").expect_err("unknown reference");
+        assert!(e.to_string().contains("a.seed"), "{e}");
+        let e = p("params: { n: -1 }\nstages:\n  a: { uses: k, seed: '${params.n}' }\n").expect_err("negative");
+        assert!(e.to_string().contains("non-negative integer"), "{e}");
     }
 
     #[test]

@@ -108,6 +108,21 @@ pub struct ClassifierConfig {
     /// epochs, from epoch 0 (default 20; 0 = only at the start).
     #[serde(default)]
     pub refresh_every: Option<usize>,
+    /// `finetune/msmae` only: where the visible tokens come from — `lowest` (the paper:
+    /// the high-attention patches are masked and thrown, the tail stays), `uniform` (the
+    /// same number at random) or `highest` (the reversed order). An ablation switch.
+    #[serde(default)]
+    pub visible: Option<VisibleFrom>,
+}
+
+/// Where `finetune/msmae`'s visible tokens come from (see [`ClassifierConfig::visible`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VisibleFrom {
+    #[default]
+    Lowest,
+    Uniform,
+    Highest,
 }
 
 /// Which of the three classifier stages runs.
@@ -135,7 +150,9 @@ pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result
         return config_error("layer_decay", "must be in (0, 1]");
     }
     if kind != ClassifierKind::Msmae {
-        for (name, set) in [("mask_ratio", c.mask_ratio.is_some()), ("throw_ratio", c.throw_ratio.is_some()), ("refresh_every", c.refresh_every.is_some())] {
+        for (name, set) in
+            [("mask_ratio", c.mask_ratio.is_some()), ("throw_ratio", c.throw_ratio.is_some()), ("refresh_every", c.refresh_every.is_some()), ("visible", c.visible.is_some())]
+        {
             if set {
                 return config_error(name, "only `finetune/msmae` masks tokens; use that kind");
             }
@@ -147,7 +164,12 @@ pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result
 }
 
 fn msmae_policy(c: &ClassifierConfig) -> MaskPolicy {
-    MaskPolicy::Msmae { mask_ratio: c.mask_ratio.unwrap_or(0.45), throw_ratio: c.throw_ratio.unwrap_or(0.30) }
+    let (mask_ratio, throw_ratio) = (c.mask_ratio.unwrap_or(0.45), c.throw_ratio.unwrap_or(0.30));
+    match c.visible.unwrap_or_default() {
+        VisibleFrom::Lowest => MaskPolicy::Msmae { mask_ratio, throw_ratio },
+        VisibleFrom::Uniform => MaskPolicy::Random { mask_ratio: mask_ratio + throw_ratio },
+        VisibleFrom::Highest => MaskPolicy::Highest { mask_ratio, throw_ratio },
+    }
 }
 
 pub fn classifier_output() -> OutputDecl {

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use msmae_core::{StageContext, StageError};
 use msmae_data::attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRow, read_attention, write_attention};
 use msmae_vit::VisionTransformer;
-use msmae_vit::attention_map::cls_attention_map;
+use msmae_vit::attention_map::{MapMethod, patch_maps};
 
 use crate::data::{self, Batch, ImageTable, LoaderSpec, Normalizer};
 use crate::runtime::{Runtime, to_vec};
@@ -43,10 +43,10 @@ pub fn attention_maps(
 ) -> Result<Maps, StageError> {
     let g = ctx.group();
     if g.is_solo() {
-        return attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), rt, ctx, |_, _, _| Ok(()));
+        return attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), MapMethod::Cls, rt, ctx, |_, _, _| Ok(()));
     }
     let mine = msmae_dist::share(rows.len(), g.size(), g.rank());
-    let local = attention_pass(vit, table, &rows[mine.clone()], norm, LoaderSpec::eval(batch_size), rt, ctx, |_, _, _| Ok(()))?;
+    let local = attention_pass(vit, table, &rows[mine.clone()], norm, LoaderSpec::eval(batch_size), MapMethod::Cls, rt, ctx, |_, _, _| Ok(()))?;
     let l = vit.pos_embed.dims()[1] - 1; // patches (the position table also holds the CLS slot)
     let mut flat = vec![0f32; rows.len() * l];
     for (k, r) in rows.iter().enumerate().skip(mine.start).take(mine.len()) {
@@ -60,9 +60,10 @@ pub fn attention_maps(
     Ok(rows.iter().enumerate().map(|(k, r)| (*r, flat[k * l..(k + 1) * l].to_vec())).collect())
 }
 
-/// [`attention_maps`] with a look at every image as its map is computed: `visit(batch,
-/// index in batch, map)` sees the batch's pixels (and lesion masks if `spec` asks for
-/// them), so callers that need both read the table once.
+/// Patch-weight maps of `rows` by `method` (the MSMAE loops use [`MapMethod::Cls`], the
+/// paper's), with a look at every image as its map is computed: `visit(batch, index in
+/// batch, map)` sees the batch's pixels (and lesion masks if `spec` asks for them), so
+/// callers that need both read the table once.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_pass(
     vit: &VisionTransformer,
@@ -70,17 +71,28 @@ pub fn attention_pass(
     rows: &[usize],
     norm: &Normalizer,
     spec: LoaderSpec,
+    method: MapMethod,
     rt: &Runtime,
     ctx: &StageContext<'_>,
     mut visit: impl FnMut(&Batch, usize, &[f32]) -> Result<(), StageError>,
 ) -> Result<Maps, StageError> {
     // Split across the data-parallel devices: consecutive batches go to the replicas in
     // turn, and a round is read back only after every replica has its batch queued, so
-    // asynchronous devices (CUDA) compute their batches at the same time.
-    let model = vit.valid();
-    let replicas: Vec<(Device, VisionTransformer)> =
-        rt.inference.iter().map(|d| (d.clone(), if d == &rt.device { model.clone() } else { model.clone().fork(d) })).collect();
-    let replicas = if replicas.is_empty() { vec![(rt.device.clone(), model)] } else { replicas };
+    // asynchronous devices (CUDA) compute their batches at the same time. Gradient maps
+    // need a backward: the replicas are then on the autodiff devices, stochastic depth off.
+    let replicas: Vec<(Device, VisionTransformer)> = if method == MapMethod::Gradient {
+        let mut model = vit.clone();
+        for b in &mut model.blocks {
+            b.drop_path = 0.0;
+        }
+        let devices = if rt.replicas.is_empty() { vec![rt.train.clone()] } else { rt.replicas.clone() };
+        devices.into_iter().map(|d| (d.clone(), model.clone().fork(&d))).collect()
+    } else {
+        let model = vit.valid();
+        let r: Vec<(Device, VisionTransformer)> =
+            rt.inference.iter().map(|d| (d.clone(), if d == &rt.device { model.clone() } else { model.clone().fork(d) })).collect();
+        if r.is_empty() { vec![(rt.device.clone(), model)] } else { r }
+    };
     let mut out = HashMap::with_capacity(rows.len());
     let mut round: Vec<(Batch, Tensor<2>)> = Vec::with_capacity(replicas.len());
     let mut read_back = |round: &mut Vec<(Batch, Tensor<2>)>| -> Result<(), StageError> {
@@ -101,8 +113,8 @@ pub fn attention_pass(
         let n = batch.len();
         let (device, replica) = &replicas[k % replicas.len()];
         let x = Tensor::from_data(TensorData::new(batch.images.clone(), [n, table.channels(), table.height(), table.width()]), device);
-        let (_, attn) = replica.forward_with_attention(x);
-        round.push((batch, cls_attention_map(attn)));
+        let maps = patch_maps(replica, x, method).map_err(|e| StageError::other(format!("{} maps: {e}", method.as_str())))?;
+        round.push((batch, maps));
         if round.len() == replicas.len() {
             read_back(&mut round)?;
         }

@@ -1,7 +1,10 @@
 //! The supervised attention map (METHOD.md §2): the last block's softmaxed attention, CLS
-//! row over the patches, min-max normalised per head, averaged over heads.
+//! row over the patches, min-max normalised per head, averaged over heads; and two
+//! alternatives that read all blocks, attention rollout and gradient-weighted attention.
 
 use burn::prelude::*;
+
+use crate::VisionTransformer;
 
 /// # Shapes
 /// - attn: `[batch, heads, 1 + L, 1 + L]` → `[batch, L]`, each row in [0, 1]
@@ -14,4 +17,120 @@ pub fn cls_attention_map(attn: Tensor<4>) -> Tensor<2> {
     // A head with a flat row carries no preference: it contributes zeros, not NaNs.
     let norm = (cls - min.clone()) / (max - min).clamp_min(1e-12);
     norm.mean_dim(1).reshape([b, l])
+}
+
+/// How a patch-weight map is read from a ViT (`attention/extract`'s `method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapMethod {
+    /// The paper's map (METHOD.md §2): the last block's CLS attention ([`cls_attention_map`]).
+    #[default]
+    Cls,
+    /// Attention rollout across all blocks (Abnar & Zuidema 2020, [`rollout_map`]).
+    Rollout,
+    /// Gradient-weighted attention relevance to the predicted class across all blocks
+    /// (Chefer, Gur & Wolf 2021, [`gradient_map`]); needs a classifier.
+    Gradient,
+}
+
+impl MapMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MapMethod::Cls => "cls",
+            MapMethod::Rollout => "rollout",
+            MapMethod::Gradient => "gradient",
+        }
+    }
+}
+
+/// Each row min-max normalised to [0, 1] (a flat row becomes zeros).
+fn min_max(x: Tensor<2>) -> Tensor<2> {
+    let min = x.clone().min_dim(1);
+    let max = x.clone().max_dim(1);
+    (x - min.clone()) / (max - min).clamp_min(1e-12)
+}
+
+/// The CLS row over the patches of `[batch, 1 + L, 1 + L]` relevance matrices, min-max
+/// normalised per image.
+fn cls_row(r: Tensor<3>) -> Tensor<2> {
+    let [b, t, _] = r.dims();
+    min_max(r.narrow(1, 0, 1).narrow(2, 1, t - 1).reshape([b, t - 1]))
+}
+
+/// Attention rollout (Abnar & Zuidema 2020): per block the head-averaged attention with
+/// the residual added, `Â = (A + I) / 2` (rows still sum to 1), multiplied through the
+/// blocks, `R = Â_n ⋯ Â_1`; the map is R's CLS row over the patches, min-max normalised.
+/// With one block it orders the patches as the head-averaged CLS attention does.
+///
+/// # Shapes
+/// - attns: one `[batch, heads, 1 + L, 1 + L]` per block, in block order → `[batch, L]`
+///
+/// # Panics
+/// With no blocks.
+pub fn rollout_map(attns: Vec<Tensor<4>>) -> Tensor<2> {
+    let [b, _, t, _] = attns.first().map(Tensor::dims).unwrap_or_else(|| panic!("attention rollout needs at least one block"));
+    let eye = Tensor::<2>::eye(t, &attns[0].device()).reshape([1, t, t]);
+    let mut r: Option<Tensor<3>> = None;
+    for a in attns {
+        let a = (a.mean_dim(1).reshape([b, t, t]) + eye.clone()) * 0.5;
+        r = Some(match r {
+            None => a,
+            Some(r) => a.matmul(r),
+        });
+    }
+    cls_row(r.unwrap_or_else(|| unreachable!("at least one block")))
+}
+
+/// Gradient-weighted attention relevance (Chefer, Gur & Wolf 2021, "Generic
+/// attention-model explainability"): per block `Ā = mean_heads (∇A ⊙ A)⁺`, the attention
+/// weighted by the gradient of the predicted class's logit with respect to it, positive
+/// part; relevance accumulated through the blocks as `R ← R + Ā·R` from `R = I`; the map is
+/// R's CLS row over the patches, min-max normalised. Class-specific where plain attention
+/// is not: patches the prediction depends on, not patches every image attends to.
+///
+/// `vit` and `imgs` must be on an autodiff device, and `vit` must have a classification
+/// head; stochastic depth should be off (`drop_path = 0` in every block).
+///
+/// # Shapes
+/// - imgs: `[batch, channels, height, width]` → `[batch, L]`
+pub fn gradient_map(vit: &VisionTransformer, imgs: Tensor<4>) -> Result<Tensor<2>, String> {
+    if vit.head.is_none() {
+        return Err("gradient-weighted attention needs a classifier (a checkpoint with a head): the relevance is to the predicted class".into());
+    }
+    let device = imgs.device();
+    if !device.is_autodiff() {
+        return Err("gradient-weighted attention needs an autodiff device".into());
+    }
+    let [b, _, _, _] = imgs.dims();
+    let t = vit.pos_embed.dims()[1];
+    let heads = vit.blocks.first().map(|blk| blk.attn.num_heads).ok_or("a ViT without blocks has no attention")?;
+    let probes: Vec<Tensor<4>> = vit.blocks.iter().map(|_| Tensor::<4>::zeros([b, heads, t, t], &device).require_grad()).collect();
+    let (x, attns) = vit.forward_attentions(imgs, Some(probes.clone()));
+    let logits = vit.head_forward(vit.pool(x));
+    let [_, k] = logits.dims();
+    let pred: Vec<i64> = logits.clone().inner().argmax(1).try_into_vec_as::<i64>().map_err(|e| format!("reading the predictions back: {e:?}"))?;
+    let mut onehot = vec![0f32; b * k];
+    for (i, p) in pred.iter().enumerate() {
+        onehot[i * k + *p as usize] = 1.0;
+    }
+    let score = (logits * Tensor::<2>::from_data(TensorData::new(onehot, [b, k]), &device)).sum();
+    let grads = score.backward();
+    let inner = device.inner();
+    let mut r = Tensor::<2>::eye(t, &inner).reshape([1, t, t]).expand([b, t, t]);
+    for (a, p) in attns.into_iter().zip(&probes) {
+        let g = p.grad(&grads).unwrap_or_else(|| Tensor::zeros([b, heads, t, t], &inner));
+        let cam = (g * a.inner()).clamp_min(0.0).mean_dim(1).reshape([b, t, t]);
+        r = r.clone() + cam.matmul(r);
+    }
+    Ok(cls_row(r))
+}
+
+/// The `[batch, L]` patch-weight maps of `imgs` by `method`. `Cls` and `Rollout` run on
+/// any device; `Gradient` as [`gradient_map`] requires.
+pub fn patch_maps(vit: &VisionTransformer, imgs: Tensor<4>, method: MapMethod) -> Result<Tensor<2>, String> {
+    match method {
+        MapMethod::Cls => Ok(cls_attention_map(vit.forward_with_attention(imgs).1)),
+        MapMethod::Rollout => Ok(rollout_map(vit.forward_attentions(imgs, None).1)),
+        MapMethod::Gradient => gradient_map(vit, imgs),
+    }
 }

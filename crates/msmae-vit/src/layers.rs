@@ -60,16 +60,31 @@ impl Attention {
     /// # Shapes
     /// - x: `[batch, tokens, dim]` → `[batch, tokens, dim]`, weights `[batch, heads, tokens, tokens]`
     pub fn forward(&self, x: Tensor<3>, keep: bool) -> (Tensor<3>, Option<Tensor<4>>) {
+        let h = self.num_heads;
+        let scale = 1.0 / ((x.dims()[2] / h) as f64).sqrt();
+        if !keep {
+            let qkv = linear(&self.qkv, x); // [b, n, 3d]: q, k, v, each h × hd
+            // One fused op: head split, attention (libtorch: the flash-attention kernel)
+            // and head merge, forward and backward.
+            return (linear(&self.proj, fused::self_attention(qkv, h, scale)), None);
+        }
+        let (y, attn) = self.forward_probed(x, None);
+        (y, Some(attn))
+    }
+
+    /// Self-attention that returns its softmaxed weights, with `probe` (same shape as the
+    /// weights) added to them before they weigh the values. A zero probe that requires
+    /// grad changes nothing in the forward, and its gradient is the gradient of whatever
+    /// the output feeds with respect to this block's attention (gradient-weighted maps).
+    ///
+    /// # Shapes
+    /// - x: `[batch, tokens, dim]`, probe `[batch, heads, tokens, tokens]` → `[batch, tokens, dim]`, weights `[batch, heads, tokens, tokens]`
+    pub fn forward_probed(&self, x: Tensor<3>, probe: Option<Tensor<4>>) -> (Tensor<3>, Tensor<4>) {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         let hd = d / h;
         let scale = 1.0 / (hd as f64).sqrt();
         let qkv = linear(&self.qkv, x); // [b, n, 3d]: q, k, v, each h × hd
-        if !keep {
-            // One fused op: head split, attention (libtorch: the flash-attention kernel)
-            // and head merge, forward and backward.
-            return (linear(&self.proj, fused::self_attention(qkv, h, scale)), None);
-        }
         let qkv = qkv.reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, b, h, n, hd]
         let q = qkv.clone().narrow(0, 0, 1).reshape([b, h, n, hd]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([b, h, n, hd]);
@@ -77,8 +92,12 @@ impl Attention {
         // Scale q ([b, h, n, hd]) rather than the scores ([b, h, n, n]): fewer elements.
         let scores = fused::matmul(q * scale, k.swap_dims(2, 3)); // [b, h, n, n], float32
         let attn = softmax(scores, 3);
-        let out = fused::matmul(attn.clone(), v).swap_dims(1, 2).reshape([b, n, d]); // [b, n, d]
-        (linear(&self.proj, out), Some(attn))
+        let weights = match probe {
+            Some(p) => attn.clone() + p,
+            None => attn.clone(),
+        };
+        let out = fused::matmul(weights, v).swap_dims(1, 2).reshape([b, n, d]); // [b, n, d]
+        (linear(&self.proj, out), attn)
     }
 }
 
@@ -172,8 +191,20 @@ impl Block {
     /// - x: `[batch, tokens, dim]` → same, and the attention weights if `keep`
     pub fn forward(&self, x: Tensor<3>, keep: bool) -> (Tensor<3>, Option<Tensor<4>>) {
         let (a, w) = self.attn.forward(self.norm1.forward(x.clone()), keep);
+        (self.rest(x, a), w)
+    }
+
+    /// [`Block::forward`] keeping the attention, with a probe added to it
+    /// ([`Attention::forward_probed`]).
+    pub fn forward_probed(&self, x: Tensor<3>, probe: Option<Tensor<4>>) -> (Tensor<3>, Tensor<4>) {
+        let (a, w) = self.attn.forward_probed(self.norm1.forward(x.clone()), probe);
+        (self.rest(x, a), w)
+    }
+
+    /// The residual around attention output `a`, then the MLP branch.
+    fn rest(&self, x: Tensor<3>, a: Tensor<3>) -> Tensor<3> {
         let x = x + drop_path(a, self.drop_path);
         let m = self.mlp.forward(self.norm2.forward(x.clone()));
-        (x + drop_path(m, self.drop_path), w)
+        x + drop_path(m, self.drop_path)
     }
 }

@@ -186,6 +186,27 @@ impl VisionTransformer {
         (self.norm.forward(x), attn)
     }
 
+    /// Every block's softmaxed attention, in block order, and the last block's output
+    /// (what [`Self::pool`] takes).
+    /// With `probes` (one per block, shaped like its attention), each is added to its
+    /// block's attention ([`crate::layers::Attention::forward_probed`]): zero probes that
+    /// require grad on an autodiff device give, after a backward, the gradient of the
+    /// output with respect to each block's attention.
+    ///
+    /// # Shapes
+    /// - imgs → block output `[batch, 1 + L, dim]`, one `[batch, heads, 1 + L, 1 + L]` per block
+    pub fn forward_attentions(&self, imgs: Tensor<4>, probes: Option<Vec<Tensor<4>>>) -> (Tensor<3>, Vec<Tensor<4>>) {
+        let mut x = self.with_cls(self.embed(imgs));
+        let mut probes = probes.map(Vec::into_iter);
+        let mut attns = Vec::with_capacity(self.blocks.len());
+        for blk in &self.blocks {
+            let (y, a) = blk.forward_probed(x, probes.as_mut().and_then(Iterator::next));
+            x = y;
+            attns.push(a);
+        }
+        (x, attns)
+    }
+
     /// Patch-token outputs of the given blocks (1-based, as METHOD.md §6 numbers them).
     ///
     /// # Shapes

@@ -185,3 +185,111 @@ fn lean_adamw_updates_in_place_and_trains() {
         assert!(last < 0.7 * first, "{dev:?}: loss {first} → {last}");
     }
 }
+
+/// `[t, t]` row-major product `a · b`.
+fn matmul_host(a: &[f32], b: &[f32], t: usize) -> Vec<f32> {
+    let mut c = vec![0f32; t * t];
+    for i in 0..t {
+        for k in 0..t {
+            let x = a[i * t + k];
+            for j in 0..t {
+                c[i * t + j] += x * b[k * t + j];
+            }
+        }
+    }
+    c
+}
+
+fn min_max_host(v: &[f32]) -> Vec<f32> {
+    let (lo, hi) = v.iter().fold((f32::MAX, f32::MIN), |(l, u), &x| (l.min(x), u.max(x)));
+    v.iter().map(|x| (x - lo) / (hi - lo)).collect()
+}
+
+#[test]
+fn attention_rollout_multiplies_the_residual_averaged_attention_of_every_block() {
+    let dev = flex();
+    let (m, imgs) = seeded(&dev, 4, || (small(0).init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let (_, attns) = m.forward_attentions(imgs.clone(), None);
+    assert_eq!(attns.len(), 2);
+    // the last entry is the attention forward_with_attention reports
+    let (_, last) = m.forward_with_attention(imgs);
+    attns[1].clone().into_data().assert_approx_eq::<f32>(&last.into_data(), Tolerance::absolute(1e-6));
+    let got = vals(msmae_vit::attention_map::rollout_map(attns.clone()));
+    assert_eq!(got.len(), 2 * 24);
+    let t = 25;
+    let a: Vec<Vec<f32>> = attns.iter().map(|x| x.clone().into_data().try_into_vec::<f32>().expect("f32")).collect();
+    for b in 0..2 {
+        // Â = (mean_h A + I) / 2 per block, R = Â2 · Â1, map = min-max of R[0, 1:]
+        let hat = |blk: usize| -> Vec<f32> {
+            let mut m = vec![0f32; t * t];
+            for h in 0..4 {
+                for (k, v) in m.iter_mut().enumerate() {
+                    *v += a[blk][((b * 4 + h) * t) * t + k] / 4.0;
+                }
+            }
+            for i in 0..t {
+                for j in 0..t {
+                    m[i * t + j] = 0.5 * m[i * t + j] + if i == j { 0.5 } else { 0.0 };
+                }
+            }
+            m
+        };
+        let r = matmul_host(&hat(1), &hat(0), t);
+        let want = min_max_host(&r[1..t]);
+        for (g, w) in got[b * 24..(b + 1) * 24].iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "sample {b}: {g} vs {w}");
+        }
+    }
+}
+
+/// Logit `class` of sample 0 with `probes` added to the blocks' attention.
+fn probed_logit(m: &msmae_vit::VisionTransformer, imgs: Tensor<4>, probes: Vec<Tensor<4>>, class: usize) -> Tensor<1> {
+    let (x, _) = m.forward_attentions(imgs, Some(probes));
+    m.head_forward(m.pool(x)).narrow(0, 0, 1).narrow(1, class, 1).reshape([1])
+}
+
+#[test]
+fn attention_probes_carry_the_gradient_of_the_output_with_respect_to_each_blocks_attention() {
+    let dev = flex();
+    let ad = dev.clone().autodiff();
+    let (m, imgs) = seeded(&dev, 5, || (small(3).init(&dev), Tensor::<4>::random([1, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let shape = [1, 4, 25, 25];
+    let m_ad = m.clone().fork(&ad);
+    let probes: Vec<Tensor<4>> = (0..2).map(|_| Tensor::<4>::zeros(shape, &ad).require_grad()).collect();
+    let y = probed_logit(&m_ad, Tensor::from_data(imgs.to_data(), &ad), probes.clone(), 1);
+    let grads = y.sum().backward();
+    // central differences at a few entries of each block's attention (head, row, column)
+    for (blk, (h, i, j)) in [(0, (1, 0, 3)), (0, (3, 7, 0)), (1, (2, 0, 9)), (1, (0, 5, 5))] {
+        let g = probes[blk].grad(&grads).expect("a gradient for every probe").into_data().try_into_vec::<f32>().expect("f32");
+        let analytic = g[((h * 25) + i) * 25 + j];
+        let eps = 1e-2f32;
+        let at = |s: f32| {
+            let mut onehot = vec![0f32; 4 * 25 * 25];
+            onehot[((h * 25) + i) * 25 + j] = s;
+            let p: Vec<Tensor<4>> =
+                (0..2).map(|b| if b == blk { Tensor::from_data(TensorData::new(onehot.clone(), shape), &dev) } else { Tensor::zeros(shape, &dev) }).collect();
+            vals(probed_logit(&m, imgs.clone(), p, 1).reshape([1, 1]))[0]
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+        assert!((analytic - numeric).abs() <= 2e-3 + 2e-2 * numeric.abs(), "block {blk} ({h}, {i}, {j}): autodiff {analytic}, central difference {numeric}");
+    }
+}
+
+#[test]
+fn gradient_maps_are_per_image_normalised_and_need_a_head_and_autodiff() {
+    let dev = flex();
+    let ad = dev.clone().autodiff();
+    let (m, imgs) = seeded(&dev, 6, || (small(3).init(&dev), Tensor::<4>::random([3, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let m_ad = m.clone().fork(&ad);
+    let batch = vals(msmae_vit::attention_map::gradient_map(&m_ad, Tensor::from_data(imgs.to_data(), &ad)).expect("map"));
+    assert_eq!(batch.len(), 3 * 24);
+    assert!(batch.iter().all(|x| (0.0..=1.0).contains(x)));
+    // each image's map is its own (the class picked per image, no batch coupling)
+    let alone = vals(msmae_vit::attention_map::gradient_map(&m_ad, Tensor::from_data(imgs.clone().narrow(0, 1, 1).to_data(), &ad)).expect("map"));
+    for (a, b) in alone.iter().zip(&batch[24..48]) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    assert!(msmae_vit::attention_map::gradient_map(&m, imgs.clone()).expect_err("plain device").contains("autodiff"));
+    let headless = small(0).init(&ad);
+    assert!(msmae_vit::attention_map::gradient_map(&headless, Tensor::from_data(imgs.to_data(), &ad)).expect_err("no head").contains("classification head"));
+}

@@ -1,0 +1,90 @@
+//! `cargo xtask bench attention`: why supervised attention misses the lesions (issue 17,
+//! item 1). Runs `pipelines/attention.yaml` — the quickstart's supervised ViT under one
+//! change at a time, each read by `attention/extract` with the paper's last-block CLS
+//! attention, attention rollout and gradient-weighted attention — and prints setting ×
+//! method → lesion coverage of the top-25 % patches (uniform attention: 0.25), the hit
+//! rate, the supervised model's best validation accuracy and the wall times.
+//!
+//! Flags as `bench study`: `--seeds a,b` (default 17), `--pipeline`, `--store`, `--set`.
+
+#[path = "bench_common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{Args, json, mean_sd};
+
+const METHODS: [&str; 3] = ["cls", "rollout", "gradient"];
+
+#[derive(Default)]
+struct Setting {
+    order: usize,
+    description: String,
+    val_accuracy: Vec<f64>,
+    train_seconds: Vec<f64>,
+    /// per method: coverage, hit rate, extraction seconds
+    by_method: BTreeMap<String, (Vec<f64>, Vec<f64>, Vec<f64>)>,
+}
+
+fn main() {
+    let args = Args::parse("attention", &[17], "pipelines/attention.yaml");
+    let descriptions = descriptions(&args.pipeline);
+    let mut settings: BTreeMap<String, Setting> = BTreeMap::new();
+    for &seed in &args.seeds {
+        let lock = args.run("attention", seed);
+        for (k, extract) in lock.of_kind("attention/extract").iter().enumerate() {
+            let model = lock.input(extract, "model");
+            let summary = json(&lock.dir(extract).join("summary.json"));
+            let method = summary["method"].as_str().unwrap_or("cls").to_string();
+            let s = settings.entry(model.clone()).or_insert_with(|| Setting { order: k, ..Setting::default() });
+            let e = s.by_method.entry(method).or_default();
+            e.0.push(summary["lesion_coverage"].as_f64().unwrap_or(f64::NAN));
+            e.1.push(summary["lesion_hit_rate"].as_f64().unwrap_or(f64::NAN));
+            e.2.push(lock.seconds(extract));
+        }
+        for (model, s) in settings.iter_mut() {
+            let h = json(&lock.dir(model).join("history.json"));
+            let best = h["summary"]["best_epoch"].as_u64().map(|b| b as usize);
+            let epochs = h["epochs"].as_array().cloned().unwrap_or_default();
+            let pick = best.and_then(|b| epochs.iter().find(|e| e["epoch"].as_u64() == Some(b as u64)).cloned()).or_else(|| epochs.last().cloned());
+            s.val_accuracy.push(pick.and_then(|e| e["val_accuracy"].as_f64()).unwrap_or(f64::NAN));
+            s.train_seconds.push(lock.seconds(model));
+            s.description = descriptions.get(model).cloned().unwrap_or_default();
+        }
+    }
+    let mut rows: Vec<(&String, &Setting)> = settings.iter().collect();
+    rows.sort_by_key(|(_, s)| s.order);
+    println!("\nlesion coverage: mean fraction of lesion pixels inside the top-25 % patches (uniform attention 0.250); {} seed(s): {:?}", args.seeds.len(), args.seeds);
+    println!("| setting (supervised stage) | best val acc | train s | coverage cls | coverage rollout | coverage gradient | hit rate cls / rollout / gradient | extract s cls / rollout / gradient |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, s) in rows {
+        let cell = |m: &str, f: &dyn Fn(&(Vec<f64>, Vec<f64>, Vec<f64>)) -> String| s.by_method.get(m).map(f).unwrap_or_else(|| "—".into());
+        let hits: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.2}", msmae_eval::stats::mean_sd(&e.1).0))).collect();
+        let secs: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.1}", msmae_eval::stats::mean_sd(&e.2).0))).collect();
+        println!(
+            "| `{name}`: {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            s.description,
+            mean_sd(&s.val_accuracy),
+            msmae_eval::stats::mean_sd(&s.train_seconds).0,
+            cell("cls", &|e| mean_sd(&e.0)),
+            cell("rollout", &|e| mean_sd(&e.0)),
+            cell("gradient", &|e| mean_sd(&e.0)),
+            hits.join(" / "),
+            secs.join(" / "),
+        );
+    }
+}
+
+/// Stage descriptions from the pipeline file (the lock file does not keep them).
+fn descriptions(pipeline: &std::path::Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(pipeline).unwrap_or_default();
+    let y: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or(serde_yaml::Value::Null);
+    y.get("stages")
+        .and_then(|s| s.as_mapping())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.get("description").and_then(|d| d.as_str()).unwrap_or("").to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
