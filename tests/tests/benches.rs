@@ -43,3 +43,34 @@ fn bench_loader_measures_msmae_and_torchvision_on_the_same_table() {
         assert!(cells.get(5).is_some_and(|c| c.ends_with('×')), "{row}");
     }
 }
+
+/// `bench attention` on a tiny pipeline of its shape: one row per supervised model, one
+/// coverage column per map method, figures from the artifacts (coverage in [0, 1]).
+#[test]
+fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
+    let d = tempfile::tempdir().expect("tmp");
+    let model = msmae_tests::TINY_MODEL;
+    let sup = "epochs: 2, batch_size: 16, warmup_epochs: 1";
+    let mut yaml = format!(
+        "name: cov\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 96, size: 32, modality: xray, previews: 1, contrast: 0.6, lesion_radius: [0.1, 0.15] }} }}\n  sup-a:\n    uses: attention/train-supervised\n    description: \"setting A\"\n    needs: [data]\n    with: {{ model: {model}, {sup} }}\n  sup-b:\n    uses: attention/train-supervised\n    description: \"setting B, no augmentation\"\n    needs: [data]\n    with: {{ model: {model}, {sup}, augment: false }}\n"
+    );
+    for s in ["a", "b"] {
+        for m in ["cls", "rollout", "gradient"] {
+            yaml.push_str(&format!("  attn-{s}-{m}: {{ uses: attention/extract, needs: [sup-{s}, data], with: {{ method: {m}, overlays: 1 }} }}\n"));
+        }
+    }
+    let pipeline = d.path().join("cov.yaml");
+    std::fs::write(&pipeline, yaml).expect("write");
+    let out = run(Command::new(example_bin("bench_attention")).arg("--pipeline").arg(&pipeline).arg("--store").arg(d.path().join("store")).args(["--seeds", "3,4"]));
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-")).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows[0].starts_with("| `sup-a`: setting A |") && rows[1].contains("setting B"), "{out}");
+    for r in rows {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        // cells: "", setting, val acc, train s, cls, rollout, gradient, hits, secs, ""
+        for c in &cells[4..7] {
+            let mean: f64 = c.split(' ').next().and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("coverage cell `{c}` in {r}"));
+            assert!((0.0..=1.0).contains(&mean) && c.contains('±'), "two seeds give mean ± sd: {r}");
+        }
+    }
+}

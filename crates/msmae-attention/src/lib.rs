@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError};
 use msmae_data::table::Split;
-use msmae_train::classifier::ClassifierKind;
+use msmae_train::classifier::{ClassifierKind, predict};
 use msmae_train::data::LoaderSpec;
 use msmae_train::figures;
 use msmae_train::maps::{attention_pass, write_maps};
@@ -95,6 +95,9 @@ impl Stage for AttentionExtract {
             .metric("lesion_coverage", "summary.json", "/lesion_coverage")
             .metric("lesion_hit_rate", "summary.json", "/lesion_hit_rate")
             .metric("top_fraction", "summary.json", "/top_fraction")
+            .metric("lesion_coverage_correct", "summary.json", "/by_prediction/correct/lesion_coverage")
+            .metric("lesion_coverage_wrong", "summary.json", "/by_prediction/wrong/lesion_coverage")
+            .table("coverage by top fraction", "summary.json", "/coverage_curve")
             .figure("attention overlays (image, attention map, lesion outline)", "overlays/*.png")
     }
     fn resources(&self, _: &ExtractConfig) -> Resources {
@@ -132,12 +135,17 @@ impl Stage for AttentionExtract {
         let (h, w, ch) = (table.height(), table.width(), table.channels());
         let top = ((grid[0] * grid[1]) as f64 * c.top_fraction).round().max(1.0) as usize;
         let mut coverage = Coverage::default();
+        // per image with a lesion: (row, coverage at each CURVE fraction)
+        let mut curve: Vec<(usize, Vec<f64>)> = Vec::new();
+        let patches = grid[0] * grid[1];
         let maps = attention_pass(&vit, &table, &rows, &meta.normalizer, spec, c.method, &rt, ctx, |batch, i, map| {
             let r = batch.rows[i];
             let lesion = batch.lesions.get(i).and_then(Option::as_ref);
             if let Some(m) = lesion.filter(|m| m.iter().any(|&v| v > 0)) {
                 let (cov, hit) = lesion_coverage(map, grid, m, h, w, top);
                 coverage.add(table.rows[r].split.as_str(), cov, hit);
+                let at = |f: f64| lesion_coverage(map, grid, m, h, w, ((patches as f64 * f).round() as usize).max(1)).0;
+                curve.push((r, CURVE.iter().map(|&f| at(f)).collect()));
             }
             if let Some(k) = show.iter().position(|&x| x == r) {
                 let chw = &batch.images[i * ch * h * w..(i + 1) * ch * h * w];
@@ -153,6 +161,41 @@ impl Stage for AttentionExtract {
         write_maps(&ctx.output_path("attention.parquet")?, &table, &maps, grid, provenance)?;
         let n = coverage.images;
         let mean = |x: f64| if n > 0 { serde_json::json!(x / n as f64) } else { serde_json::Value::Null };
+        let curve_json = |of: &[&Vec<f64>]| -> serde_json::Value {
+            CURVE
+                .iter()
+                .enumerate()
+                .map(|(k, f)| serde_json::json!({ "top_fraction": f, "lesion_coverage": of.iter().map(|v| v[k]).sum::<f64>() / of.len().max(1) as f64 }))
+                .collect()
+        };
+        let all: Vec<&Vec<f64>> = curve.iter().map(|(_, v)| v).collect();
+        // Coverage where the model classifies the image right and where it does not: how
+        // much of the miss is the classifier's (a model that has not found the lesion
+        // cannot point at it).
+        let by_prediction = if vit.head.is_some() && !table.meta.multi_label && !curve.is_empty() {
+            let lesion_rows: Vec<usize> = curve.iter().map(|(r, _)| *r).collect();
+            let (scores, _) = predict(&vit, &table, &lesion_rows, &meta.normalizer, c.batch_size, &rt, ctx)?;
+            let right: Vec<bool> = lesion_rows
+                .iter()
+                .zip(&scores)
+                .map(|(r, s)| {
+                    let arg = s.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(k, _)| k as i64).unwrap_or(-1);
+                    table.rows[*r].label.map(i64::from) == Some(arg)
+                })
+                .collect();
+            let part = |want: bool| -> serde_json::Value {
+                let v: Vec<&Vec<f64>> = curve.iter().zip(&right).filter(|(_, ok)| **ok == want).map(|((_, v), _)| v).collect();
+                let k = CURVE.iter().position(|f| (*f - c.top_fraction).abs() < 1e-9);
+                serde_json::json!({
+                    "images": v.len(),
+                    "lesion_coverage": k.map(|k| v.iter().map(|x| x[k]).sum::<f64>() / v.len().max(1) as f64),
+                    "curve": curve_json(&v),
+                })
+            };
+            serde_json::json!({ "correct": part(true), "wrong": part(false) })
+        } else {
+            serde_json::Value::Null
+        };
         let summary = serde_json::json!({
             "method": c.method.as_str(),
             "images": maps.len(),
@@ -164,7 +207,9 @@ impl Stage for AttentionExtract {
             "lesion_coverage": mean(coverage.sum),
             "lesion_hit_rate": mean(coverage.hits as f64),
             "per_split": coverage.per_split(),
-            "note": "lesion_coverage: mean fraction of lesion pixels inside the top-attention patches (a uniform map gives top_fraction); lesion_hit_rate: fraction of lesions whose most-covered patch is a top-attention patch",
+            "coverage_curve": curve_json(&all),
+            "by_prediction": by_prediction,
+            "note": "lesion_coverage: mean fraction of lesion pixels inside the top-attention patches (a uniform map gives top_fraction); lesion_hit_rate: fraction of lesions whose most-covered patch is a top-attention patch; coverage_curve: the coverage at other top fractions; by_prediction: the same over the images with a lesion that the model classifies right / wrong",
         });
         if n > 0 {
             tracing::info!(
@@ -179,6 +224,9 @@ impl Stage for AttentionExtract {
         write_json(ctx, "summary.json", &summary)
     }
 }
+
+/// The top fractions of the coverage curve (`summary.json` → `coverage_curve`).
+pub const CURVE: [f64; 8] = [0.05, 0.10, 0.15, 0.25, 0.35, 0.50, 0.75, 1.0];
 
 /// Lesion coverage summed over the images that have a lesion, overall and per split.
 #[derive(Debug, Default)]

@@ -1,16 +1,17 @@
 //! `cargo xtask bench ablation`: the ablations of `pipelines/ablation.yaml` (issue 17,
 //! item 3) under two benchmark conditions — `focal` (the class lives in a small lesion)
-//! and `diffuse` (a change over a large part of one lung) — and several seeds: test
-//! accuracy and macro AUC per condition × method (mean ± sd over seeds), and the paired
-//! differences that answer the questions (seeds as pairs, 95 % Student-t intervals).
+//! and `diffuse` (a change over a large part of one lung). The pipeline runs its seeds
+//! itself (a `repeat:` group) and its `eval/compare` stage computes, per method, mean ±
+//! sd over the seeds and the paired differences with 95 % Student-t intervals; this
+//! prints those per condition × method, and the pairs that answer the questions.
 //!
-//! Flags as `bench study` (`--seeds`, default 1,2,3; `--pipeline`; `--store`; `--set`),
-//! and `--diffuse-contrast X` (default 0.15).
+//! Flags: `--pipeline`, `--store`, `--set` as `bench study`; `--diffuse-contrast X`
+//! (default 0.08: the supervised ViT then classifies about as well as on the focal images).
 
 #[path = "bench_common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use common::{Args, mean_sd};
 
@@ -36,16 +37,8 @@ const PAIRS: [(&str, &str); 7] = [
     ("eval-pt-random", "eval-scratch"),
 ];
 
-#[derive(Default)]
-struct Condition {
-    coverage: Vec<f64>,
-    supervised_val: Vec<f64>,
-    /// eval stage → per seed [(acc, f1, auc) best-val, last-epoch]
-    scores: BTreeMap<String, Vec<[(f64, f64, f64); 2]>>,
-}
-
 fn main() {
-    let mut contrast = "0.15".to_string();
+    let mut contrast = "0.08".to_string();
     let mut rest: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -55,51 +48,71 @@ fn main() {
             rest.push(a);
         }
     }
-    let args = Args::parse_from("ablation", &[1, 2, 3], "pipelines/ablation.yaml", rest);
+    // The seeds are the rounds of the pipeline's `seeds` group: the pipeline's own `seed`
+    // plays no part, so one run per condition.
+    let args = Args::parse_from("ablation", &[0], "pipelines/ablation.yaml", rest);
     let diffuse = ["params.evidence=diffuse".to_string(), format!("params.contrast={contrast}")];
     let conditions: [(&str, Vec<&str>); 2] = [("focal", vec![]), ("diffuse", diffuse.iter().map(String::as_str).collect())];
-    let mut results: BTreeMap<&str, Condition> = BTreeMap::new();
-    for &seed in &args.seeds {
-        for (name, sets) in &conditions {
-            let lock = args.run_with(&format!("ablation/{name}"), seed, sets);
-            let c = results.entry(name).or_default();
-            let attn = common::json(&lock.dir("attn").join("summary.json"));
-            c.coverage.push(attn["lesion_coverage"].as_f64().unwrap_or(f64::NAN));
-            let h = common::json(&lock.dir("supervised").join("history.json"));
-            c.supervised_val.push(h["epochs"].as_array().and_then(|e| e.last()).and_then(|e| e["val_accuracy"].as_f64()).unwrap_or(f64::NAN));
-            for (m, _) in METHODS {
-                c.scores.entry(m.to_string()).or_default().push(lock.scores(m));
-            }
-            eprintln!("[bench ablation/{name}] seed {seed} done: {}", METHODS.iter().map(|(m, _)| format!("{m} {:.3}", lock.scores(m)[0].0)).collect::<Vec<_>>().join(", "));
-        }
-    }
-    println!("\n{} seed(s): {:?}; diffuse contrast {contrast}", args.seeds.len(), args.seeds);
-    for (name, _) in &conditions {
-        let c = &results[name];
-        println!(
-            "\ncondition `{name}`: supervised ViT val accuracy (last epoch) {}, lesion coverage of its top-25 % `{}` map {}",
-            mean_sd(&c.supervised_val),
-            "params.map",
-            mean_sd(&c.coverage)
+    let mut out = String::new();
+    for (name, sets) in &conditions {
+        let lock = args.run_with(&format!("ablation/{name}"), args.seeds[0], sets);
+        let c = common::json(&lock.dir("report").join("comparison.json"));
+        let rounds: Vec<String> = lock.stages.iter().filter_map(|s| s.get("name").and_then(|n| n.as_str())).filter(|n| n.ends_with(".attn")).map(str::to_string).collect();
+        let coverage: Vec<f64> = rounds.iter().map(|a| common::json(&lock.dir(a).join("summary.json"))["lesion_coverage"].as_f64().unwrap_or(f64::NAN)).collect();
+        let sup_val: Vec<f64> = rounds
+            .iter()
+            .map(|a| {
+                let h = common::json(&lock.dir(&a.replace(".attn", ".supervised")).join("history.json"));
+                h["epochs"].as_array().and_then(|e| e.last()).and_then(|e| e["val_accuracy"].as_f64()).unwrap_or(f64::NAN)
+            })
+            .collect();
+        let ms = |v: &serde_json::Value| match (v["mean"].as_f64(), v["sd"].as_f64()) {
+            (Some(m), Some(sd)) => format!("{m:.3} ± {sd:.3}"),
+            _ => "—".into(),
+        };
+        let iv = |v: &serde_json::Value| match (v["mean"].as_f64(), v["lo"].as_f64(), v["hi"].as_f64()) {
+            (Some(m), Some(lo), Some(hi)) => format!("{m:+.3} [{lo:+.3}, {hi:+.3}]{}", if lo > 0.0 || hi < 0.0 { " *" } else { "" }),
+            _ => "—".into(),
+        };
+        let _ = writeln!(
+            out,
+            "\ncondition `{name}` ({} seeds): supervised ViT val accuracy (last epoch) {}, lesion coverage of the top-25 % patches of its map {}",
+            rounds.len(),
+            mean_sd(&sup_val),
+            mean_sd(&coverage)
         );
-        println!("| method | accuracy | macro AUC | last-epoch accuracy | last-epoch AUC |");
-        println!("|---|---|---|---|---|");
-        for (m, label) in METHODS {
-            let v = &c.scores[m];
-            let col = |f: &dyn Fn(&[(f64, f64, f64); 2]) -> f64| mean_sd(&v.iter().map(f).collect::<Vec<_>>());
-            println!("| {label} (`{m}`) | {} | {} | {} | {} |", col(&|s| s[0].0), col(&|s| s[0].2), col(&|s| s[1].0), col(&|s| s[1].2));
+        let _ = writeln!(out, "| method | accuracy | macro AUC | last-epoch accuracy | last-epoch AUC |");
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        let methods = c["methods"].as_array().cloned().unwrap_or_default();
+        for (stage, label) in METHODS {
+            let key = format!("seeds.*.{stage}");
+            let Some(m) = methods.iter().find(|m| m["method"] == key.as_str()) else { continue };
+            let _ = writeln!(out, "| {label} (`{stage}`) | {} | {} | {} | {} |", ms(&m["accuracy"]), ms(&m["auc"]), ms(&m["last_accuracy"]), ms(&m["last_auc"]));
         }
-        println!("\npaired differences, condition `{name}` (mean [95 % t interval]; * = excludes 0)");
-        println!("| A − B | accuracy | macro AUC |");
-        println!("|---|---|---|");
+        let _ = writeln!(out, "\npaired differences, condition `{name}` (mean [95 % t interval] over the seeds; * = excludes 0)");
+        let _ = writeln!(out, "| A − B | accuracy | macro AUC | last-epoch accuracy |");
+        let _ = writeln!(out, "|---|---|---|---|");
+        let paired = c["paired"].as_array().cloned().unwrap_or_default();
         for (a, b) in PAIRS {
-            let cell = |f: &dyn Fn(&[(f64, f64, f64); 2]) -> f64| {
-                let x: Vec<f64> = c.scores[a].iter().map(f).collect();
-                let y: Vec<f64> = c.scores[b].iter().map(f).collect();
-                let p = msmae_eval::stats::paired(&x, &y);
-                format!("{:+.3} [{:+.3}, {:+.3}]{}", p.mean, p.lo, p.hi, if p.excludes_zero() { " *" } else { "" })
+            let (ka, kb) = (format!("seeds.*.{a}"), format!("seeds.*.{b}"));
+            // eval/compare lists each pair once, later method first: flip where needed
+            let (p, sign) = match paired.iter().find(|p| p["a"] == ka.as_str() && p["b"] == kb.as_str()) {
+                Some(p) => (p.clone(), 1.0),
+                None => match paired.iter().find(|p| p["a"] == kb.as_str() && p["b"] == ka.as_str()) {
+                    Some(p) => (p.clone(), -1.0),
+                    None => continue,
+                },
             };
-            println!("| `{a}` − `{b}` | {} | {} |", cell(&|s| s[0].0), cell(&|s| s[0].2));
+            let flip = |v: &serde_json::Value| -> serde_json::Value {
+                if sign > 0.0 {
+                    return v.clone();
+                }
+                let f = |k: &str| v[k].as_f64().map(|x| -x);
+                serde_json::json!({ "mean": f("mean"), "lo": f("hi"), "hi": f("lo") })
+            };
+            let _ = writeln!(out, "| `{a}` − `{b}` | {} | {} | {} |", iv(&flip(&p["accuracy"])), iv(&flip(&p["auc"])), iv(&flip(&p["last_accuracy"])));
         }
+        eprintln!("[bench ablation/{name}] done");
     }
+    println!("{out}");
 }

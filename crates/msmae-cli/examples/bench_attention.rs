@@ -24,6 +24,8 @@ struct Setting {
     train_seconds: Vec<f64>,
     /// per method: coverage, hit rate, extraction seconds
     by_method: BTreeMap<String, (Vec<f64>, Vec<f64>, Vec<f64>)>,
+    /// per method: coverage on the images the model classifies right, wrong; the curve
+    by_prediction: BTreeMap<String, (Vec<f64>, Vec<f64>, Vec<Vec<(f64, f64)>>)>,
 }
 
 fn main() {
@@ -41,6 +43,15 @@ fn main() {
             e.0.push(summary["lesion_coverage"].as_f64().unwrap_or(f64::NAN));
             e.1.push(summary["lesion_hit_rate"].as_f64().unwrap_or(f64::NAN));
             e.2.push(lock.seconds(extract));
+            let p = s.by_prediction.entry(summary["method"].as_str().unwrap_or("cls").to_string()).or_default();
+            p.0.push(summary["by_prediction"]["correct"]["lesion_coverage"].as_f64().unwrap_or(f64::NAN));
+            p.1.push(summary["by_prediction"]["wrong"]["lesion_coverage"].as_f64().unwrap_or(f64::NAN));
+            p.2.push(
+                summary["coverage_curve"]
+                    .as_array()
+                    .map(|a| a.iter().map(|x| (x["top_fraction"].as_f64().unwrap_or(f64::NAN), x["lesion_coverage"].as_f64().unwrap_or(f64::NAN))).collect())
+                    .unwrap_or_default(),
+            );
         }
         for (model, s) in settings.iter_mut() {
             let h = json(&lock.dir(model).join("history.json"));
@@ -57,7 +68,7 @@ fn main() {
     println!("\nlesion coverage: mean fraction of lesion pixels inside the top-25 % patches (uniform attention 0.250); {} seed(s): {:?}", args.seeds.len(), args.seeds);
     println!("| setting (supervised stage) | best val acc | train s | coverage cls | coverage rollout | coverage gradient | hit rate cls / rollout / gradient | extract s cls / rollout / gradient |");
     println!("|---|---|---|---|---|---|---|---|");
-    for (name, s) in rows {
+    for (name, s) in &rows {
         let cell = |m: &str, f: &dyn Fn(&(Vec<f64>, Vec<f64>, Vec<f64>)) -> String| s.by_method.get(m).map(f).unwrap_or_else(|| "—".into());
         let hits: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.2}", msmae_eval::stats::mean_sd(&e.1).0))).collect();
         let secs: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.1}", msmae_eval::stats::mean_sd(&e.2).0))).collect();
@@ -72,6 +83,28 @@ fn main() {
             hits.join(" / "),
             secs.join(" / "),
         );
+    }
+    print_detail(&rows);
+}
+
+/// The second table: coverage where the supervised model is right / wrong, and the
+/// coverage curve over the top fraction (mean over seeds).
+fn print_detail(rows: &[(&String, &Setting)]) {
+    println!("\ncoverage (top 25 %) on the images with a lesion that the supervised ViT classifies right | wrong, and the coverage curve over the top fraction");
+    let fractions: Vec<f64> = rows
+        .iter()
+        .find_map(|(_, s)| s.by_prediction.values().find_map(|p| p.2.first()).map(|c| c.iter().map(|x| x.0).collect()))
+        .unwrap_or_default();
+    let head: Vec<String> = fractions.iter().map(|f| format!("top {:.0} %", f * 100.0)).collect();
+    println!("| setting | method | right | wrong | {} |", head.join(" | "));
+    println!("|---|---|---|---|{}", "---|".repeat(head.len()));
+    for (name, s) in rows {
+        for m in METHODS {
+            let Some(p) = s.by_prediction.get(m) else { continue };
+            let avg = |k: usize| msmae_eval::stats::mean_sd(&p.2.iter().filter_map(|c| c.get(k).map(|x| x.1)).collect::<Vec<_>>()).0;
+            let curve: Vec<String> = (0..fractions.len()).map(|k| format!("{:.3}", avg(k))).collect();
+            println!("| `{name}` | {m} | {} | {} | {} |", mean_sd(&p.0), mean_sd(&p.1), curve.join(" | "));
+        }
     }
 }
 

@@ -10,49 +10,17 @@
 //! pipelines/quickstart.yaml), `--store DIR` (default a temp dir, kept between seeds),
 //! `--set params.k=v` (repeatable, passed through).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+#[path = "bench_common/mod.rs"]
+mod common;
+
+use common::{Args, Lock, mean_sd};
 
 fn main() {
-    let mut seeds: Vec<u64> = vec![1, 2, 3, 4, 5];
-    let mut pipeline = PathBuf::from("pipelines/quickstart.yaml");
-    let mut store: Option<PathBuf> = None;
-    let mut sets: Vec<String> = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--seeds" => seeds = args.next().unwrap_or_default().split(',').filter_map(|s| s.trim().parse().ok()).collect(),
-            "--pipeline" => pipeline = args.next().map(PathBuf::from).unwrap_or(pipeline),
-            "--store" => store = args.next().map(PathBuf::from),
-            "--set" => sets.extend(args.next()),
-            other => {
-                eprintln!("unknown flag `{other}` (use --seeds, --pipeline, --store, --set)");
-                std::process::exit(2);
-            }
-        }
-    }
-    let tmp = std::env::temp_dir().join(format!("msmae-bench-study-{}", std::process::id()));
-    let store = store.unwrap_or(tmp);
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().and_then(Path::parent).map(|d| d.join("msmae")))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("msmae"));
-    let lock = store.join("bench.lock");
+    let args = Args::parse("study", &[1, 2, 3, 4, 5], "pipelines/quickstart.yaml");
     let mut rows: Vec<Row> = Vec::new();
-    for &seed in &seeds {
-        eprintln!("[bench study] seed {seed}: running {} …", pipeline.display());
-        let mut c = Command::new(&exe);
-        c.args(["run"]).arg(&pipeline).arg("--store").arg(&store).arg("--lock").arg(&lock).args(["--set", &format!("seed={seed}"), "-q"]);
-        for s in &sets {
-            c.args(["--set", s]);
-        }
-        let status = c.status().expect("run msmae");
-        if !status.success() {
-            eprintln!("[bench study] seed {seed} failed");
-            std::process::exit(1);
-        }
-        let row = Row::read(seed, &store, &lock);
+    for &seed in &args.seeds {
+        let lock = args.run("study", seed);
+        let row = Row::read(seed, &lock);
         // Each seed as it finishes (a long study that is stopped keeps what it measured).
         eprintln!("[bench study] seed {seed} done: {row:?}");
         rows.push(row);
@@ -76,63 +44,25 @@ struct Row {
     dice: [f64; 2],
 }
 
-fn json(p: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 impl Row {
-    fn read(seed: u64, store: &Path, lock: &Path) -> Row {
-        let l: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(lock).expect("lock file")).expect("lock yaml");
-        let stages = l.get("stages").and_then(|s| s.as_sequence()).cloned().unwrap_or_default();
-        let stage = |name: &str| {
-            stages
-                .iter()
-                .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
-                .cloned()
-                .unwrap_or_else(|| panic!("stage `{name}` not in the lock file"))
-        };
-        let dir = |name: &str| {
-            let d = stage(name).get("output").and_then(|o| o.get("digest")).and_then(|d| d.as_str()).map(str::to_string).expect("digest");
-            store.join("objects").join(&d[..2]).join(&d).join("data")
-        };
-        let attn = json(&dir("attn").join("summary.json"));
-        let score = |name: &str| {
-            let m = json(&dir(name).join("metrics.json"));
-            let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
-            (f("accuracy"), f("macro_f1"), f("macro_auc"))
-        };
-        let last = |name: &str| {
-            let m = json(&dir(name).join("metrics.json"));
-            let f = |k: &str| m["last_epoch"][k].as_f64().unwrap_or(f64::NAN);
-            (f("accuracy"), f("macro_f1"), f("auc"))
-        };
+    fn read(seed: u64, lock: &Lock) -> Row {
+        let attn = common::json(&lock.dir("attn").join("summary.json"));
+        let evals = ["eval-scratch", "eval-mae", "eval-msmae-full", "eval-msmae"].map(|e| lock.scores(e));
         let per_epoch = |name: &str| {
-            let s = stage(name);
-            let secs = s.get("run").and_then(|r| r.get("seconds")).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-            let epochs = json(&dir(name).join("history.json"))["epochs"].as_array().map(Vec::len).unwrap_or(1);
-            secs / epochs as f64
+            let epochs = common::json(&lock.dir(name).join("history.json"))["epochs"].as_array().map(Vec::len).unwrap_or(1);
+            lock.seconds(name) / epochs as f64
         };
         Row {
             seed,
             coverage: attn["lesion_coverage"].as_f64().unwrap_or(f64::NAN),
             hit: attn["lesion_hit_rate"].as_f64().unwrap_or(f64::NAN),
-            scores: [score("eval-scratch"), score("eval-mae"), score("eval-msmae-full"), score("eval-msmae")],
-            last: [last("eval-scratch"), last("eval-mae"), last("eval-msmae-full"), last("eval-msmae")],
+            scores: evals.map(|e| e[0]),
+            last: evals.map(|e| e[1]),
             epoch_seconds: [per_epoch("ft-mae"), per_epoch("ft-msmae")],
-            dice: ["seg-msmae", "seg-scratch"].map(|n| {
-                if stages.iter().any(|s| s.get("name").and_then(|x| x.as_str()) == Some(n)) {
-                    json(&dir(n).join("metrics.json"))["dice"].as_f64().unwrap_or(f64::NAN)
-                } else {
-                    f64::NAN
-                }
-            }),
+            dice: ["seg-msmae", "seg-scratch"]
+                .map(|n| if lock.has(n) { common::json(&lock.dir(n).join("metrics.json"))["dice"].as_f64().unwrap_or(f64::NAN) } else { f64::NAN }),
         }
     }
-}
-
-fn mean_sd(v: &[f64]) -> String {
-    let (m, sd) = msmae_eval::stats::mean_sd(v);
-    format!("{m:.3} ± {sd:.3}")
 }
 
 const METHODS: [&str; 4] = ["none", "MAE", "MSMAE-pt + full ft", "MSMAE"];

@@ -16,6 +16,8 @@
 //!       pretrain: { uses: mae/pretrain, needs: [data, attn], with: { round: "${round}" } }
 //!   ft: { uses: finetune/msmae, needs: [refresh.last.pretrain, data] }
 //! ```
+//! `GROUP.last.STAGE` names the final round's stage, `GROUP.*.STAGE` every round's; a
+//! stage's `seed:` may be `"${round}"`, so a group can stand for several seeds.
 //! A `${...}` that is the whole string keeps the referenced value's type (a number stays a
 //! number); inside a longer string it is formatted into it. `$${` writes a literal `${`.
 
@@ -30,7 +32,7 @@ use crate::locate::LocationIndex;
 
 const TOP_KEYS: &[&str] = &["name", "description", "seed", "params", "stages"];
 const STAGE_KEYS: &[&str] = &["uses", "needs", "with", "seed", "description", "resources"];
-const GROUP_KEYS: &[&str] = &["repeat", "init", "stages", "description"];
+const GROUP_KEYS: &[&str] = &["repeat", "init", "stages", "description", "seed"];
 
 /// A parsed, expanded pipeline.
 #[derive(Debug, Clone)]
@@ -235,7 +237,8 @@ fn parse_stages(node: Option<&Yaml>, vars: &Vars<'_>, errs: &mut Errors<'_>) -> 
     stages
 }
 
-/// `group.last.x` in `needs` means the group's final round.
+/// `group.last.x` in `needs` means the group's final round; `group.*.x` every round of
+/// it, in order (e.g. the evals of a `repeat:` group of seeds into one `eval/compare`).
 fn resolve_last_rounds(stages: &mut [StageSpec]) {
     let last: BTreeMap<String, u64> = stages
         .iter()
@@ -249,19 +252,18 @@ fn resolve_last_rounds(stages: &mut [StageSpec]) {
             *e = (*e).max(r);
             m
         });
+    let fix = |n: Need| -> Vec<Need> {
+        let parts: Vec<&str> = n.stage.splitn(3, '.').collect();
+        match (parts.as_slice(), parts.get(0).and_then(|g| last.get(*g))) {
+            ([g, "last", x], Some(r)) => vec![Need { stage: format!("{g}.{r}.{x}"), ..n.clone() }],
+            ([g, "*", x], Some(r)) => (1..=*r).map(|k| Need { stage: format!("{g}.{k}.{x}"), ..n.clone() }).collect(),
+            _ => vec![n],
+        }
+    };
     for s in stages {
-        let fix = |n: &mut Need| {
-            let parts: Vec<&str> = n.stage.splitn(3, '.').collect();
-            if parts.len() == 3
-                && parts[1] == "last"
-                && let Some(r) = last.get(parts[0])
-            {
-                n.stage = format!("{}.{r}.{}", parts[0], parts[2]);
-            }
-        };
         match &mut s.needs {
-            Needs::List(v) => v.iter_mut().for_each(fix),
-            Needs::Slots(m) => m.values_mut().flatten().for_each(fix),
+            Needs::List(v) => *v = std::mem::take(v).into_iter().flat_map(fix).collect(),
+            Needs::Slots(m) => m.values_mut().for_each(|v| *v = std::mem::take(v).into_iter().flat_map(fix).collect()),
         }
     }
 }
@@ -495,23 +497,9 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
             Json::Null
         }
     };
-    // A stage's seed may be an expression (`"${round}"`: a `repeat:` group of seeds).
     let seed = match m.get("seed") {
         None => vars.seed,
-        Some(Yaml::String(x)) => match vars.apply_str(x) {
-            Ok(j) => j.as_u64().or_else(|| j.as_str().and_then(|t| t.trim().parse().ok())).unwrap_or_else(|| {
-                errs.at(&format!("{path}.seed"), format!("`{x}` must give a non-negative integer, gives {j}"));
-                0
-            }),
-            Err(e) => {
-                errs.at(&format!("{path}.seed"), e);
-                0
-            }
-        },
-        Some(s) => s.as_u64().unwrap_or_else(|| {
-            errs.at(&format!("{path}.seed"), format!("must be a non-negative integer, found {}", show(s)));
-            0
-        }),
+        Some(s) => seed_of(s, &format!("{path}.seed"), vars, errs),
     };
     let description = m.get("description").and_then(|d| d.as_str()).map(str::to_string);
     let resources = match m.get("resources") {
@@ -529,6 +517,27 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
         }
     };
     (errs.list.len() == before).then(|| StageSpec { name: name.to_string(), uses, needs, with, seed, description, resources, src: path.to_string() })
+}
+
+/// A `seed:` value: an integer, or an expression giving one (`"${round}"`: a `repeat:`
+/// group of seeds).
+fn seed_of(v: &Yaml, path: &str, vars: &Vars<'_>, errs: &mut Errors<'_>) -> u64 {
+    match v {
+        Yaml::String(x) => match vars.apply_str(x) {
+            Ok(j) => j.as_u64().or_else(|| j.as_str().and_then(|t| t.trim().parse().ok())).unwrap_or_else(|| {
+                errs.at(path, format!("`{x}` must give a non-negative integer, gives {j}"));
+                0
+            }),
+            Err(e) => {
+                errs.at(path, e);
+                0
+            }
+        },
+        other => other.as_u64().unwrap_or_else(|| {
+            errs.at(path, format!("must be a non-negative integer, found {}", show(other)));
+            0
+        }),
+    }
 }
 
 fn expand_group(gname: &str, v: &Yaml, path: &str, vars: &Vars<'_>, errs: &mut Errors<'_>, out: &mut Vec<StageSpec>) {
@@ -561,7 +570,11 @@ fn expand_group(gname: &str, v: &Yaml, path: &str, vars: &Vars<'_>, errs: &mut E
     }
     for r in 1..=repeat {
         let prev: BTreeMap<String, String> = if r == 1 { init.clone() } else { names.iter().map(|n| (n.clone(), format!("{gname}.{}.{n}", r - 1))).collect() };
-        let rv = Vars { params: vars.params, seed: vars.seed, name: vars.name, round: Some(r), prev: Some(&prev) };
+        let mut rv = Vars { params: vars.params, seed: vars.seed, name: vars.name, round: Some(r), prev: Some(&prev) };
+        // The group's `seed:` (evaluated per round) is its members' default seed.
+        if let Some(sv) = m.get("seed") {
+            rv.seed = seed_of(sv, &format!("{path}.seed"), &rv, errs);
+        }
         for (k, sv) in members {
             let Some(member) = k.as_str() else { continue };
             let mpath = format!("{path}.stages.{member}");
@@ -605,6 +618,17 @@ mod tests {
         assert_eq!(seeds[2], ("seeds.2.fit".to_string(), 2));
         assert_eq!(seeds[3].1, 9, "a stage without `seed:` takes the pipeline's");
         assert_eq!(seeds[6], ("fixed".to_string(), 100));
+        let src = "stages:\n  seeds:\n    repeat: 3\n    stages:\n      ev: { uses: e, seed: '${round}' }\n  cmp: { uses: c, needs: [seeds.*.ev] }\n  by: { uses: c, needs: { metrics: [seeds.*.ev, seeds.last.ev] } }\n";
+        let s = p(src).expect("parses");
+        let names = |n: &Needs| match n {
+            Needs::List(v) => v.iter().map(|x| x.stage.clone()).collect::<Vec<_>>(),
+            Needs::Slots(m) => m.values().flatten().map(|x| x.stage.clone()).collect(),
+        };
+        assert_eq!(names(&s.stages[3].needs), ["seeds.1.ev", "seeds.2.ev", "seeds.3.ev"]);
+        // a group's seed is its members' default, per round
+        let g = p("seed: 4\nstages:\n  g:\n    repeat: 2\n    seed: '${round}'\n    stages:\n      a: { uses: k }\n      b: { uses: k, seed: 7 }\n").expect("parses");
+        assert_eq!(g.stages.iter().map(|x| x.seed).collect::<Vec<_>>(), [1, 7, 2, 7]);
+        assert_eq!(names(&s.stages[4].needs), ["seeds.1.ev", "seeds.2.ev", "seeds.3.ev", "seeds.3.ev"]);
         let e = p("stages:\n  a: { uses: k, seed: 'x${params.nope}' }\n").expect_err("unknown reference");
         assert!(e.to_string().contains("a.seed"), "{e}");
         let e = p("params: { n: -1 }\nstages:\n  a: { uses: k, seed: '${params.n}' }\n").expect_err("negative");

@@ -22,6 +22,7 @@ use msmae_train::maps::{MapState, Maps, attention_maps, read_maps, write_maps};
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec, Schedule, adamw};
 use msmae_train::runtime::{self, Runtime, images, to_vec};
 use msmae_train::support::{check_image_compat, config_error, defaults, open_table, validate_schedule, write_history};
+use msmae_vit::attention_map::MapMethod;
 use msmae_vit::patch::{gather_tokens, index_tensor, patchify};
 use msmae_vit::{MaeConfig, MaskedAutoencoder};
 
@@ -134,7 +135,7 @@ impl TrainStep for PretrainStep {
         {
             let since = epoch - g.warmup_mask_epochs;
             if g.refresh_every > 0 && since > 0 && since.is_multiple_of(g.refresh_every) {
-                g.maps.current = Some(Arc::new(attention_maps(&model.encoder, &self.table, &self.rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?));
+                g.maps.current = Some(Arc::new(attention_maps(&model.encoder, &self.table, &self.rows, &self.norm, self.batch_size.max(64), MapMethod::Cls, &self.rt, ctx)?));
                 refreshed = true;
             }
         }
@@ -373,7 +374,7 @@ fn reconstructions(
     let weights: Maps = if needs {
         match maps.filter(|m| rows.iter().all(|r| m.contains_key(r))) {
             Some(m) => rows.iter().map(|r| (*r, m[r].clone())).collect(),
-            None => attention_maps(&mae.encoder, table, &rows, norm, rows.len(), rt, ctx)?,
+            None => attention_maps(&mae.encoder, table, &rows, norm, rows.len(), MapMethod::Cls, rt, ctx)?,
         }
     } else {
         HashMap::new()

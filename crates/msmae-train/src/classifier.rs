@@ -15,6 +15,7 @@ use msmae_core::{ConfigError, InputArtifact, OutputDecl, StageContext, StageErro
 use msmae_data::predictions::{PREDICTIONS_SCHEMA_VERSION, PredictionMeta, PredictionRow, write_predictions};
 use msmae_data::table::Split;
 use msmae_mask::MaskPolicy;
+use msmae_vit::attention_map::MapMethod;
 use msmae_vit::loss::{ClassTargets, classification_loss};
 use msmae_vit::patch::index_tensor;
 use msmae_vit::{VisionTransformer, VitConfig};
@@ -113,6 +114,11 @@ pub struct ClassifierConfig {
     /// same number at random) or `highest` (the reversed order). An ablation switch.
     #[serde(default)]
     pub visible: Option<VisibleFrom>,
+    /// `finetune/msmae` only: how the refreshed maps are read from the model — `cls` (the
+    /// paper's last-block CLS attention, default), `rollout` or `gradient` (as
+    /// `attention/extract`'s `method`).
+    #[serde(default)]
+    pub map_method: Option<MapMethod>,
 }
 
 /// Where `finetune/msmae`'s visible tokens come from (see [`ClassifierConfig::visible`]).
@@ -151,7 +157,7 @@ pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result
     }
     if kind != ClassifierKind::Msmae {
         for (name, set) in
-            [("mask_ratio", c.mask_ratio.is_some()), ("throw_ratio", c.throw_ratio.is_some()), ("refresh_every", c.refresh_every.is_some()), ("visible", c.visible.is_some())]
+            [("mask_ratio", c.mask_ratio.is_some()), ("throw_ratio", c.throw_ratio.is_some()), ("refresh_every", c.refresh_every.is_some()), ("visible", c.visible.is_some()), ("map_method", c.map_method.is_some())]
         {
             if set {
                 return config_error(name, "only `finetune/msmae` masks tokens; use that kind");
@@ -214,6 +220,7 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
     let selection = (kind == ClassifierKind::Msmae).then(|| TokenSelection {
         policy: msmae_policy(c),
         refresh_every: c.refresh_every.unwrap_or(20),
+        method: c.map_method.unwrap_or_default(),
         maps: MapState { table: table.clone(), grid: arch.grid(), current: None },
     });
     let mut step = ClassifierStep::new(rt.clone(), table.clone(), norm.clone(), c, layer_decay, selection);
@@ -324,6 +331,8 @@ fn write_preds(
 pub struct TokenSelection {
     pub policy: MaskPolicy,
     pub refresh_every: usize,
+    /// How the maps are read from the model.
+    pub method: MapMethod,
     pub maps: MapState,
 }
 
@@ -375,7 +384,7 @@ impl TrainStep for ClassifierStep {
         let mut refreshed = false;
         if sel.maps.current.is_none() || (sel.refresh_every > 0 && epoch.is_multiple_of(sel.refresh_every)) {
             let rows = self.table.labelled_rows_of(Split::Train);
-            sel.maps.current = Some(Arc::new(attention_maps(model, &self.table, &rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?));
+            sel.maps.current = Some(Arc::new(attention_maps(model, &self.table, &rows, &self.norm, self.batch_size.max(64), sel.method, &self.rt, ctx)?));
             refreshed = true;
         }
         spec.masks = Some(MaskSpec { policy: sel.policy.clone(), weights: sel.maps.current.clone(), grid });

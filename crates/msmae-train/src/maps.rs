@@ -28,25 +28,28 @@ pub struct MapState {
     pub current: Option<Arc<Maps>>,
 }
 
-/// CLS-attention maps (METHOD.md §2) of `rows`, by row: the model in eval mode, the
-/// stored image without augmentation. In a data-parallel stage of a multi-process run
+/// Patch-weight maps of `rows` by `method` (the paper's: [`MapMethod::Cls`], the
+/// CLS-attention map of METHOD.md §2), by row: the model in eval mode, the stored image
+/// without augmentation. In a data-parallel stage of a multi-process run
 /// (`ctx.group()`), each rank computes its share of the rows and the maps are gathered on
 /// every rank (an all-reduce of zero-padded maps, exact since x + 0 = x).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_maps(
     vit: &VisionTransformer,
     table: &Arc<ImageTable>,
     rows: &[usize],
     norm: &Normalizer,
     batch_size: usize,
+    method: MapMethod,
     rt: &Runtime,
     ctx: &StageContext<'_>,
 ) -> Result<Maps, StageError> {
     let g = ctx.group();
     if g.is_solo() {
-        return attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), MapMethod::Cls, rt, ctx, |_, _, _| Ok(()));
+        return attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), method, rt, ctx, |_, _, _| Ok(()));
     }
     let mine = msmae_dist::share(rows.len(), g.size(), g.rank());
-    let local = attention_pass(vit, table, &rows[mine.clone()], norm, LoaderSpec::eval(batch_size), MapMethod::Cls, rt, ctx, |_, _, _| Ok(()))?;
+    let local = attention_pass(vit, table, &rows[mine.clone()], norm, LoaderSpec::eval(batch_size), method, rt, ctx, |_, _, _| Ok(()))?;
     let l = vit.pos_embed.dims()[1] - 1; // patches (the position table also holds the CLS slot)
     let mut flat = vec![0f32; rows.len() * l];
     for (k, r) in rows.iter().enumerate().skip(mine.start).take(mine.len()) {
