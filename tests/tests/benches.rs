@@ -61,7 +61,8 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
     }
     let pipeline = d.path().join("cov.yaml");
     std::fs::write(&pipeline, yaml).expect("write");
-    let out = run(Command::new(example_bin("bench_attention")).arg("--pipeline").arg(&pipeline).arg("--store").arg(d.path().join("store")).args(["--seeds", "3,4"]));
+    let out =
+        run(Command::new(example_bin("bench_attention")).arg("--pipeline").arg(&pipeline).arg("--store").arg(d.path().join("store")).args(["--seeds", "3,4"]));
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-")).collect();
     assert_eq!(rows.len(), 2, "{out}");
     assert!(rows[0].starts_with("| `sup-a`: setting A |") && rows[1].contains("setting B"), "{out}");

@@ -113,7 +113,10 @@ impl Stage for AttentionExtract {
         if c.method == MapMethod::Gradient && vit.head.is_none() {
             return Err(StageError::config(
                 "method",
-                format!("`gradient` weighs attention by the gradient of the predicted class, but `{}` has no classification head (an MAE encoder?); use `cls` or `rollout`, or a classifier checkpoint", input.stage),
+                format!(
+                    "`gradient` weighs attention by the gradient of the predicted class, but `{}` has no classification head (an MAE encoder?); use `cls` or `rollout`, or a classifier checkpoint",
+                    input.stage
+                ),
             ));
         }
         let p = meta.vit.patch_size;

@@ -57,8 +57,10 @@ fn main() {
     for (name, sets) in &conditions {
         let lock = args.run_with(&format!("ablation/{name}"), args.seeds[0], sets);
         let c = common::json(&lock.dir("report").join("comparison.json"));
-        let rounds: Vec<String> = lock.stages.iter().filter_map(|s| s.get("name").and_then(|n| n.as_str())).filter(|n| n.ends_with(".attn")).map(str::to_string).collect();
-        let coverage: Vec<f64> = rounds.iter().map(|a| common::json(&lock.dir(a).join("summary.json"))["lesion_coverage"].as_f64().unwrap_or(f64::NAN)).collect();
+        let rounds: Vec<String> =
+            lock.stages.iter().filter_map(|s| s.get("name").and_then(|n| n.as_str())).filter(|n| n.ends_with(".attn")).map(str::to_string).collect();
+        let coverage: Vec<f64> =
+            rounds.iter().map(|a| common::json(&lock.dir(a).join("summary.json"))["lesion_coverage"].as_f64().unwrap_or(f64::NAN)).collect();
         let sup_val: Vec<f64> = rounds
             .iter()
             .map(|a| {
@@ -87,7 +89,8 @@ fn main() {
         for (stage, label) in METHODS {
             let key = format!("seeds.*.{stage}");
             let Some(m) = methods.iter().find(|m| m["method"] == key.as_str()) else { continue };
-            let _ = writeln!(out, "| {label} (`{stage}`) | {} | {} | {} | {} |", ms(&m["accuracy"]), ms(&m["auc"]), ms(&m["last_accuracy"]), ms(&m["last_auc"]));
+            let _ =
+                writeln!(out, "| {label} (`{stage}`) | {} | {} | {} | {} |", ms(&m["accuracy"]), ms(&m["auc"]), ms(&m["last_accuracy"]), ms(&m["last_auc"]));
         }
         let _ = writeln!(out, "\npaired differences, condition `{name}` (mean [95 % t interval] over the seeds; * = excludes 0)");
         let _ = writeln!(out, "| A − B | accuracy | macro AUC | last-epoch accuracy |");

@@ -22,10 +22,24 @@ struct Setting {
     description: String,
     val_accuracy: Vec<f64>,
     train_seconds: Vec<f64>,
-    /// per method: coverage, hit rate, extraction seconds
-    by_method: BTreeMap<String, (Vec<f64>, Vec<f64>, Vec<f64>)>,
-    /// per method: coverage on the images the model classifies right, wrong; the curve
-    by_prediction: BTreeMap<String, (Vec<f64>, Vec<f64>, Vec<Vec<(f64, f64)>>)>,
+    by_method: BTreeMap<String, PerMethod>,
+}
+
+/// One map method's figures over the seeds.
+#[derive(Default)]
+struct PerMethod {
+    coverage: Vec<f64>,
+    hit: Vec<f64>,
+    seconds: Vec<f64>,
+    /// coverage on the images with a lesion the model classifies right / wrong
+    right: Vec<f64>,
+    wrong: Vec<f64>,
+    /// (top fraction, coverage) per seed
+    curves: Vec<Vec<(f64, f64)>>,
+}
+
+fn avg(v: &[f64]) -> f64 {
+    msmae_eval::stats::mean_sd(v).0
 }
 
 fn main() {
@@ -37,27 +51,22 @@ fn main() {
         for (k, extract) in lock.of_kind("attention/extract").iter().enumerate() {
             let model = lock.input(extract, "model");
             let summary = json(&lock.dir(extract).join("summary.json"));
-            let method = summary["method"].as_str().unwrap_or("cls").to_string();
+            let f = |p: &str| summary.pointer(p).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
             let s = settings.entry(model.clone()).or_insert_with(|| Setting { order: k, ..Setting::default() });
-            let e = s.by_method.entry(method).or_default();
-            e.0.push(summary["lesion_coverage"].as_f64().unwrap_or(f64::NAN));
-            e.1.push(summary["lesion_hit_rate"].as_f64().unwrap_or(f64::NAN));
-            e.2.push(lock.seconds(extract));
-            let p = s.by_prediction.entry(summary["method"].as_str().unwrap_or("cls").to_string()).or_default();
-            p.0.push(summary["by_prediction"]["correct"]["lesion_coverage"].as_f64().unwrap_or(f64::NAN));
-            p.1.push(summary["by_prediction"]["wrong"]["lesion_coverage"].as_f64().unwrap_or(f64::NAN));
-            p.2.push(
-                summary["coverage_curve"]
-                    .as_array()
-                    .map(|a| a.iter().map(|x| (x["top_fraction"].as_f64().unwrap_or(f64::NAN), x["lesion_coverage"].as_f64().unwrap_or(f64::NAN))).collect())
-                    .unwrap_or_default(),
-            );
+            let e = s.by_method.entry(summary["method"].as_str().unwrap_or("cls").to_string()).or_default();
+            e.coverage.push(f("/lesion_coverage"));
+            e.hit.push(f("/lesion_hit_rate"));
+            e.seconds.push(lock.seconds(extract));
+            e.right.push(f("/by_prediction/correct/lesion_coverage"));
+            e.wrong.push(f("/by_prediction/wrong/lesion_coverage"));
+            let curve = summary["coverage_curve"].as_array().cloned().unwrap_or_default();
+            e.curves.push(curve.iter().map(|x| (x["top_fraction"].as_f64().unwrap_or(f64::NAN), x["lesion_coverage"].as_f64().unwrap_or(f64::NAN))).collect());
         }
         for (model, s) in settings.iter_mut() {
             let h = json(&lock.dir(model).join("history.json"));
-            let best = h["summary"]["best_epoch"].as_u64().map(|b| b as usize);
+            let best = h["summary"]["best_epoch"].as_u64();
             let epochs = h["epochs"].as_array().cloned().unwrap_or_default();
-            let pick = best.and_then(|b| epochs.iter().find(|e| e["epoch"].as_u64() == Some(b as u64)).cloned()).or_else(|| epochs.last().cloned());
+            let pick = best.and_then(|b| epochs.iter().find(|e| e["epoch"].as_u64() == Some(b)).cloned()).or_else(|| epochs.last().cloned());
             s.val_accuracy.push(pick.and_then(|e| e["val_accuracy"].as_f64()).unwrap_or(f64::NAN));
             s.train_seconds.push(lock.seconds(model));
             s.description = descriptions.get(model).cloned().unwrap_or_default();
@@ -65,21 +74,26 @@ fn main() {
     }
     let mut rows: Vec<(&String, &Setting)> = settings.iter().collect();
     rows.sort_by_key(|(_, s)| s.order);
-    println!("\nlesion coverage: mean fraction of lesion pixels inside the top-25 % patches (uniform attention 0.250); {} seed(s): {:?}", args.seeds.len(), args.seeds);
-    println!("| setting (supervised stage) | best val acc | train s | coverage cls | coverage rollout | coverage gradient | hit rate cls / rollout / gradient | extract s cls / rollout / gradient |");
+    println!(
+        "\nlesion coverage: mean fraction of lesion pixels inside the top-25 % patches (uniform attention 0.250); {} seed(s): {:?}",
+        args.seeds.len(),
+        args.seeds
+    );
+    println!(
+        "| setting (supervised stage) | best val acc | train s | coverage cls | coverage rollout | coverage gradient | hit rate cls / rollout / gradient | extract s cls / rollout / gradient |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for (name, s) in &rows {
-        let cell = |m: &str, f: &dyn Fn(&(Vec<f64>, Vec<f64>, Vec<f64>)) -> String| s.by_method.get(m).map(f).unwrap_or_else(|| "—".into());
-        let hits: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.2}", msmae_eval::stats::mean_sd(&e.1).0))).collect();
-        let secs: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.1}", msmae_eval::stats::mean_sd(&e.2).0))).collect();
+        let cell = |m: &str, f: &dyn Fn(&PerMethod) -> String| s.by_method.get(m).map(f).unwrap_or_else(|| "—".into());
+        let hits: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.2}", avg(&e.hit)))).collect();
+        let secs: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.1}", avg(&e.seconds)))).collect();
+        let cov: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| mean_sd(&e.coverage))).collect();
         println!(
-            "| `{name}`: {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            "| `{name}`: {} | {} | {:.0} | {} | {} | {} |",
             s.description,
             mean_sd(&s.val_accuracy),
-            msmae_eval::stats::mean_sd(&s.train_seconds).0,
-            cell("cls", &|e| mean_sd(&e.0)),
-            cell("rollout", &|e| mean_sd(&e.0)),
-            cell("gradient", &|e| mean_sd(&e.0)),
+            avg(&s.train_seconds),
+            cov.join(" | "),
             hits.join(" / "),
             secs.join(" / "),
         );
@@ -90,20 +104,20 @@ fn main() {
 /// The second table: coverage where the supervised model is right / wrong, and the
 /// coverage curve over the top fraction (mean over seeds).
 fn print_detail(rows: &[(&String, &Setting)]) {
-    println!("\ncoverage (top 25 %) on the images with a lesion that the supervised ViT classifies right | wrong, and the coverage curve over the top fraction");
-    let fractions: Vec<f64> = rows
-        .iter()
-        .find_map(|(_, s)| s.by_prediction.values().find_map(|p| p.2.first()).map(|c| c.iter().map(|x| x.0).collect()))
-        .unwrap_or_default();
+    println!(
+        "\ncoverage (top 25 %) on the images with a lesion that the supervised ViT classifies right | wrong, and the coverage curve over the top fraction"
+    );
+    let fractions: Vec<f64> =
+        rows.iter().find_map(|(_, s)| s.by_method.values().find_map(|p| p.curves.first()).map(|c| c.iter().map(|x| x.0).collect())).unwrap_or_default();
     let head: Vec<String> = fractions.iter().map(|f| format!("top {:.0} %", f * 100.0)).collect();
     println!("| setting | method | right | wrong | {} |", head.join(" | "));
     println!("|---|---|---|---|{}", "---|".repeat(head.len()));
     for (name, s) in rows {
         for m in METHODS {
-            let Some(p) = s.by_prediction.get(m) else { continue };
-            let avg = |k: usize| msmae_eval::stats::mean_sd(&p.2.iter().filter_map(|c| c.get(k).map(|x| x.1)).collect::<Vec<_>>()).0;
-            let curve: Vec<String> = (0..fractions.len()).map(|k| format!("{:.3}", avg(k))).collect();
-            println!("| `{name}` | {m} | {} | {} | {} |", mean_sd(&p.0), mean_sd(&p.1), curve.join(" | "));
+            let Some(p) = s.by_method.get(m) else { continue };
+            let curve: Vec<String> =
+                (0..fractions.len()).map(|k| format!("{:.3}", avg(&p.curves.iter().filter_map(|c| c.get(k).map(|x| x.1)).collect::<Vec<_>>()))).collect();
+            println!("| `{name}` | {m} | {} | {} | {} |", mean_sd(&p.right), mean_sd(&p.wrong), curve.join(" | "));
         }
     }
 }
@@ -115,9 +129,7 @@ fn descriptions(pipeline: &std::path::Path) -> BTreeMap<String, String> {
     y.get("stages")
         .and_then(|s| s.as_mapping())
         .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.get("description").and_then(|d| d.as_str()).unwrap_or("").to_string())))
-                .collect()
+            m.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.get("description").and_then(|d| d.as_str()).unwrap_or("").to_string()))).collect()
         })
         .unwrap_or_default()
 }

@@ -254,7 +254,7 @@ fn resolve_last_rounds(stages: &mut [StageSpec]) {
         });
     let fix = |n: Need| -> Vec<Need> {
         let parts: Vec<&str> = n.stage.splitn(3, '.').collect();
-        match (parts.as_slice(), parts.get(0).and_then(|g| last.get(*g))) {
+        match (parts.as_slice(), parts.first().and_then(|g| last.get(*g))) {
             ([g, "last", x], Some(r)) => vec![Need { stage: format!("{g}.{r}.{x}"), ..n.clone() }],
             ([g, "*", x], Some(r)) => (1..=*r).map(|k| Need { stage: format!("{g}.{k}.{x}"), ..n.clone() }).collect(),
             _ => vec![n],
@@ -626,7 +626,8 @@ mod tests {
         };
         assert_eq!(names(&s.stages[3].needs), ["seeds.1.ev", "seeds.2.ev", "seeds.3.ev"]);
         // a group's seed is its members' default, per round
-        let g = p("seed: 4\nstages:\n  g:\n    repeat: 2\n    seed: '${round}'\n    stages:\n      a: { uses: k }\n      b: { uses: k, seed: 7 }\n").expect("parses");
+        let g = p("seed: 4\nstages:\n  g:\n    repeat: 2\n    seed: '${round}'\n    stages:\n      a: { uses: k }\n      b: { uses: k, seed: 7 }\n")
+            .expect("parses");
         assert_eq!(g.stages.iter().map(|x| x.seed).collect::<Vec<_>>(), [1, 7, 2, 7]);
         assert_eq!(names(&s.stages[4].needs), ["seeds.1.ev", "seeds.2.ev", "seeds.3.ev", "seeds.3.ev"]);
         let e = p("stages:\n  a: { uses: k, seed: 'x${params.nope}' }\n").expect_err("unknown reference");

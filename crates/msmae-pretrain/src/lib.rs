@@ -135,7 +135,16 @@ impl TrainStep for PretrainStep {
         {
             let since = epoch - g.warmup_mask_epochs;
             if g.refresh_every > 0 && since > 0 && since.is_multiple_of(g.refresh_every) {
-                g.maps.current = Some(Arc::new(attention_maps(&model.encoder, &self.table, &self.rows, &self.norm, self.batch_size.max(64), MapMethod::Cls, &self.rt, ctx)?));
+                g.maps.current = Some(Arc::new(attention_maps(
+                    &model.encoder,
+                    &self.table,
+                    &self.rows,
+                    &self.norm,
+                    self.batch_size.max(64),
+                    MapMethod::Cls,
+                    &self.rt,
+                    ctx,
+                )?));
                 refreshed = true;
             }
         }

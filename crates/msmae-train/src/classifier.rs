@@ -156,9 +156,13 @@ pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result
         return config_error("layer_decay", "must be in (0, 1]");
     }
     if kind != ClassifierKind::Msmae {
-        for (name, set) in
-            [("mask_ratio", c.mask_ratio.is_some()), ("throw_ratio", c.throw_ratio.is_some()), ("refresh_every", c.refresh_every.is_some()), ("visible", c.visible.is_some()), ("map_method", c.map_method.is_some())]
-        {
+        for (name, set) in [
+            ("mask_ratio", c.mask_ratio.is_some()),
+            ("throw_ratio", c.throw_ratio.is_some()),
+            ("refresh_every", c.refresh_every.is_some()),
+            ("visible", c.visible.is_some()),
+            ("map_method", c.map_method.is_some()),
+        ] {
             if set {
                 return config_error(name, "only `finetune/msmae` masks tokens; use that kind");
             }

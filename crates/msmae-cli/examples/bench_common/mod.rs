@@ -59,7 +59,11 @@ impl Args {
 
     /// [`Args::run`] with more `--set` overrides (a benchmark condition).
     pub fn run_with(&self, tag: &str, seed: u64, extra: &[&str]) -> Lock {
-        eprintln!("[bench {tag}] seed {seed}: running {} {} …", self.pipeline.display(), extra.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" "));
+        eprintln!(
+            "[bench {tag}] seed {seed}: running {} {} …",
+            self.pipeline.display(),
+            extra.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ")
+        );
         let lock = self.lock();
         let mut c = Command::new(msmae_exe());
         c.args(["run"]).arg(&self.pipeline).arg("--store").arg(&self.store).arg("--lock").arg(&lock).args(["--set", &format!("seed={seed}"), "-q"]);
@@ -121,7 +125,13 @@ impl Lock {
     /// The stage bound to `slot` of stage `name`.
     pub fn input(&self, name: &str, slot: &str) -> String {
         let s = self.stage(name);
-        s.get("inputs").and_then(|i| i.get(slot)).and_then(|v| v.get(0)).and_then(|v| v.get("stage")).and_then(|v| v.as_str()).map(str::to_string).unwrap_or_default()
+        s.get("inputs")
+            .and_then(|i| i.get(slot))
+            .and_then(|v| v.get(0))
+            .and_then(|v| v.get("stage"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .unwrap_or_default()
     }
 
     /// The artifact directory of stage `name`.
