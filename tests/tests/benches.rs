@@ -63,7 +63,7 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
     std::fs::write(&pipeline, yaml).expect("write");
     let out =
         run(Command::new(example_bin("bench_attention")).arg("--pipeline").arg(&pipeline).arg("--store").arg(d.path().join("store")).args(["--seeds", "3,4"]));
-    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-")).collect();
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-") && l.contains("`: ")).collect();
     assert_eq!(rows.len(), 2, "{out}");
     assert!(rows[0].starts_with("| `sup-a`: setting A |") && rows[1].contains("setting B"), "{out}");
     for r in rows {
@@ -74,4 +74,10 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
             assert!((0.0..=1.0).contains(&mean) && c.contains('±'), "two seeds give mean ± sd: {r}");
         }
     }
+    // the detail table: one row per setting × method, right/wrong coverage and the curve
+    // up to the top 100 %, where every lesion pixel is covered
+    let detail: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-") && !l.contains("`: ")).collect();
+    assert_eq!(detail.len(), 6, "{out}");
+    assert!(out.contains("top 5 %") && out.contains("top 100 %"), "{out}");
+    assert!(detail.iter().all(|l| l.trim_end().ends_with("| 1.000 |")), "{out}");
 }

@@ -291,5 +291,5 @@ fn gradient_maps_are_per_image_normalised_and_need_a_head_and_autodiff() {
     }
     assert!(msmae_vit::attention_map::gradient_map(&m, imgs.clone()).expect_err("plain device").contains("autodiff"));
     let headless = small(0).init(&ad);
-    assert!(msmae_vit::attention_map::gradient_map(&headless, Tensor::from_data(imgs.to_data(), &ad)).expect_err("no head").contains("classification head"));
+    assert!(msmae_vit::attention_map::gradient_map(&headless, Tensor::from_data(imgs.to_data(), &ad)).expect_err("no head").contains("needs a classifier"));
 }
