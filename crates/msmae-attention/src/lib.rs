@@ -138,8 +138,8 @@ impl Stage for AttentionExtract {
         let (h, w, ch) = (table.height(), table.width(), table.channels());
         let top = ((grid[0] * grid[1]) as f64 * c.top_fraction).round().max(1.0) as usize;
         let mut coverage = Coverage::default();
-        // per image with a lesion: (row, coverage at each CURVE fraction)
-        let mut curve: Vec<(usize, Vec<f64>)> = Vec::new();
+        // per image with a lesion: (row, coverage at `top`, coverage at each CURVE fraction)
+        let mut curve: Vec<(usize, f64, Vec<f64>)> = Vec::new();
         let patches = grid[0] * grid[1];
         let maps = attention_pass(&vit, &table, &rows, &meta.normalizer, spec, c.method, &rt, ctx, |batch, i, map| {
             let r = batch.rows[i];
@@ -148,7 +148,7 @@ impl Stage for AttentionExtract {
                 let (cov, hit) = lesion_coverage(map, grid, m, h, w, top);
                 coverage.add(table.rows[r].split.as_str(), cov, hit);
                 let at = |f: f64| lesion_coverage(map, grid, m, h, w, ((patches as f64 * f).round() as usize).max(1)).0;
-                curve.push((r, CURVE.iter().map(|&f| at(f)).collect()));
+                curve.push((r, cov, CURVE.iter().map(|&f| at(f)).collect()));
             }
             if let Some(k) = show.iter().position(|&x| x == r) {
                 let chw = &batch.images[i * ch * h * w..(i + 1) * ch * h * w];
@@ -171,12 +171,12 @@ impl Stage for AttentionExtract {
                 .map(|(k, f)| serde_json::json!({ "top_fraction": f, "lesion_coverage": of.iter().map(|v| v[k]).sum::<f64>() / of.len().max(1) as f64 }))
                 .collect()
         };
-        let all: Vec<&Vec<f64>> = curve.iter().map(|(_, v)| v).collect();
+        let all: Vec<&Vec<f64>> = curve.iter().map(|(_, _, v)| v).collect();
         // Coverage where the model classifies the image right and where it does not: how
         // much of the miss is the classifier's (a model that has not found the lesion
         // cannot point at it).
         let by_prediction = if vit.head.is_some() && !table.meta.multi_label && !curve.is_empty() {
-            let lesion_rows: Vec<usize> = curve.iter().map(|(r, _)| *r).collect();
+            let lesion_rows: Vec<usize> = curve.iter().map(|(r, _, _)| *r).collect();
             let (scores, _) = predict(&vit, &table, &lesion_rows, &meta.normalizer, c.batch_size, &rt, ctx)?;
             let right: Vec<bool> = lesion_rows
                 .iter()
@@ -187,11 +187,11 @@ impl Stage for AttentionExtract {
                 })
                 .collect();
             let part = |want: bool| -> serde_json::Value {
-                let v: Vec<&Vec<f64>> = curve.iter().zip(&right).filter(|(_, ok)| **ok == want).map(|((_, v), _)| v).collect();
-                let k = CURVE.iter().position(|f| (*f - c.top_fraction).abs() < 1e-9);
+                let part: Vec<&(usize, f64, Vec<f64>)> = curve.iter().zip(&right).filter(|(_, ok)| **ok == want).map(|(x, _)| x).collect();
+                let v: Vec<&Vec<f64>> = part.iter().map(|(_, _, v)| v).collect();
                 serde_json::json!({
-                    "images": v.len(),
-                    "lesion_coverage": k.map(|k| v.iter().map(|x| x[k]).sum::<f64>() / v.len().max(1) as f64),
+                    "images": part.len(),
+                    "lesion_coverage": part.iter().map(|(_, cov, _)| cov).sum::<f64>() / part.len().max(1) as f64,
                     "curve": curve_json(&v),
                 })
             };
