@@ -117,6 +117,36 @@ fn the_replica_count_is_run_only_and_a_batch_that_does_not_split_is_refused() {
     assert!(!mixed.status.success() && text(&mixed).contains("`auto` stands alone"), "{}", text(&mixed));
 }
 
+/// The gradient transport (`MSMAE_COLLECTIVE`): a value that is not one is refused before
+/// anything runs; `nccl` where there is no CUDA memory to sum in fails the training stage
+/// with what to do, and leaves nothing committed; `mpi` on one process trains as usual.
+#[test]
+fn the_gradient_transport_is_checked_and_nccl_needs_cuda_memory() {
+    let dir = tempfile::tempdir().expect("tmp");
+    fs::write(dir.path().join("dp.yaml"), pipeline()).expect("write");
+    let with = |value: &str, args: &[&str]| {
+        let mut c = Command::new(msmae_tests::msmae_bin());
+        c.current_dir(dir.path()).args(args).env_remove("MSMAE_STORE").env_remove("MSMAE_DEVICE").env("MSMAE_COLLECTIVE", value);
+        c.output().expect("run msmae")
+    };
+    let bad = with("gloo", &["run", "dp.yaml"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(text(&bad).contains("MSMAE_COLLECTIVE=`gloo` is not one of auto, mpi, nccl"), "{}", text(&bad));
+    assert!(!dir.path().join(".msmae").exists(), "nothing ran");
+
+    let nccl = with("nccl", &["run", "dp.yaml", "--device", "cpu", "--until", "supervised"]);
+    let said = text(&nccl);
+    assert!(!nccl.status.success(), "{said}");
+    assert!(said.contains("MSMAE_COLLECTIVE=nccl sums gradients in CUDA memory, but this stage trains on the CPU"), "{said}");
+    assert!(said.contains("--device cuda"), "says what to do: {said}");
+    let lock = dir.path().join("dp.lock");
+    let locked: Vec<String> = if lock.is_file() { msmae_tests::lock_digests(&lock).into_iter().map(|(s, _)| s).collect() } else { Vec::new() };
+    assert!(!locked.iter().any(|s| s == "supervised"), "the failed stage is not in the lock file: {locked:?}");
+
+    ok(with("mpi", &["run", "dp.yaml", "--device", "cpu", "--until", "supervised"]));
+    assert!(artifact(dir.path(), "supervised").join("model.safetensors").is_file());
+}
+
 /// `mpirun -np N msmae ARGS` in `dir`, as CI runs it: as root (the two variables Open MPI
 /// asks for), more processes than cores allowed, no process binding (libtorch threads), and
 /// no single-copy shared memory (containers forbid the cross-process reads it uses).

@@ -11,6 +11,7 @@
 //!   here, so it is the default whenever it is compiled in.
 
 pub mod fused;
+pub mod memory;
 pub mod precision;
 
 pub use precision::Precision;

@@ -262,6 +262,10 @@ pub fn main_with(registry: Registry) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = msmae_dist::GradientTransport::current() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let group = msmae_dist::group();
     // Ranks other than 0 log warnings and errors only (rank 0 speaks for the run).
     init_tracing(cli.verbose, cli.quiet || (group.rank() != 0 && cli.verbose == 0));

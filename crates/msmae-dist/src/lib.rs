@@ -11,6 +11,9 @@
 //! cluster's PMI. Without a launcher the group is [`Solo`]: rank 0 of 1, every collective
 //! the identity.
 //!
+//! Gradients on CUDA devices are summed with NCCL instead ([`nccl`]), bootstrapped over
+//! this group; [`GradientTransport`] (`MSMAE_COLLECTIVE`) chooses.
+//!
 //! [`init`] sets the process-wide group once, in `main`; [`group`] hands it to the training
 //! loop. MPI's default error handler is fatal, so a failed collective ends the whole job
 //! rather than returning; a rank that fails on its own calls [`Collective::abort`], which
@@ -21,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 
 #[cfg(feature = "mpi")]
 mod mpi_group;
+pub mod nccl;
 
 /// Where this process stands in a multi-process launch, read from the launcher's variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +37,7 @@ pub struct WorldEnv {
     pub launcher: &'static str,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum DistError {
     #[error("{var}=`{value}` is not a process count or rank")]
     BadVar { var: String, value: String },
@@ -49,6 +53,43 @@ pub enum DistError {
     Mismatch { launcher: &'static str, rank: usize, size: usize, mpi_rank: usize, mpi_size: usize },
     #[error("MPI could not be initialised ({0})")]
     Init(String),
+    #[error("{var}=`{value}` is not one of auto, mpi, nccl")]
+    BadTransport { var: &'static str, value: String },
+}
+
+/// What sums the gradients of a multi-process step (`MSMAE_COLLECTIVE`; run-only, like the
+/// device count: the sums agree up to float reduction order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GradientTransport {
+    /// NCCL on the GPU when training on CUDA and every rank can load NCCL; else the process
+    /// group (MPI) on host memory.
+    #[default]
+    Auto,
+    /// Always the process group on host memory (CUDA gradients are copied to the host).
+    Mpi,
+    /// NCCL on the GPU, or an error. Also at world size 1, where the sum is the identity but
+    /// every step still goes through NCCL: the check that a one-GPU machine can run.
+    Nccl,
+}
+
+impl GradientTransport {
+    pub const VAR: &'static str = "MSMAE_COLLECTIVE";
+
+    /// From `MSMAE_COLLECTIVE` as `var` reads it (unset or empty: [`Self::Auto`]).
+    pub fn from_var(var: impl Fn(&str) -> Option<String>) -> Result<Self, DistError> {
+        match var(Self::VAR).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("" | "auto") => Ok(Self::Auto),
+            Some("mpi") => Ok(Self::Mpi),
+            Some("nccl") => Ok(Self::Nccl),
+            Some(_) => Err(DistError::BadTransport { var: Self::VAR, value: var(Self::VAR).unwrap_or_default() }),
+        }
+    }
+
+    /// This process's choice (read once).
+    pub fn current() -> Result<Self, DistError> {
+        static CHOICE: OnceLock<Result<GradientTransport, DistError>> = OnceLock::new();
+        CHOICE.get_or_init(|| Self::from_var(|k| std::env::var(k).ok())).clone()
+    }
 }
 
 impl WorldEnv {
@@ -251,6 +292,16 @@ mod tests {
         solo.all_reduce_sum(&mut v);
         solo.broadcast(&mut v, 0);
         assert_eq!((solo.rank(), solo.size(), v), (0, 1, vec![1.0, 2.0]));
+    }
+
+    #[test]
+    fn the_gradient_transport_is_read_from_its_variable() {
+        let one = |v: &'static str| move |k: &str| (k == GradientTransport::VAR).then(|| v.to_string());
+        assert_eq!(GradientTransport::from_var(|_| None), Ok(GradientTransport::Auto));
+        assert_eq!(GradientTransport::from_var(one("NCCL")), Ok(GradientTransport::Nccl));
+        assert_eq!(GradientTransport::from_var(one(" mpi ")), Ok(GradientTransport::Mpi));
+        let e = GradientTransport::from_var(one("gloo")).expect_err("not a transport");
+        assert_eq!(e.to_string(), "MSMAE_COLLECTIVE=`gloo` is not one of auto, mpi, nccl");
     }
 
     #[test]

@@ -1,15 +1,23 @@
 //! What crosses processes in a multi-process data-parallel run ([`msmae_dist`]): gradients
-//! (and the step's loss sums) summed over the ranks, flattened into a few large buffers so a
-//! step makes few collective calls; and parameters broadcast from rank 0 when a run starts
-//! or resumes.
+//! (and the step's loss sums) summed over the ranks, flattened into one buffer on the
+//! training device so a step makes few collective calls; and parameters broadcast from
+//! rank 0 when a run starts or resumes.
+//!
+//! The flat gradient buffer is summed where it lies: on a GPU by NCCL (one call), in host
+//! memory by the process group (MPI, in [`BUCKET`]-sized calls, in place in libtorch's
+//! buffer), and through a host copy otherwise (burn-flex, or CUDA with
+//! `MSMAE_COLLECTIVE=mpi` or without NCCL). [`msmae_dist::GradientTransport`] decides.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-use msmae_dist::Collective;
+use msmae_backend::memory::{Memory, with_f32_memory};
+use msmae_dist::nccl::{Nccl, NcclError};
+use msmae_dist::{Collective, GradientTransport};
 
 use crate::runtime::to_vec;
 
@@ -24,52 +32,35 @@ struct Slot {
     len: usize,
 }
 
-/// Collects a module's float parameters (or their gradients) in module order.
-struct Gather<'a> {
-    grads: Option<&'a mut GradientsParams>,
+/// Collects a module's float parameter values in module order (host memory).
+struct Gather {
     flat: Vec<f32>,
     slots: Vec<Slot>,
-    present: Vec<f32>,
     failed: Option<String>,
 }
 
-impl ModuleVisitor for Gather<'_> {
+impl ModuleVisitor for Gather {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let shape = param.val().dims().to_vec();
         let len: usize = shape.iter().product();
         let offset = self.flat.len();
-        let value = match self.grads.as_deref_mut() {
-            Some(g) => g.remove::<D>(param.id),
-            None => Some(param.val()),
-        };
-        match value.map(to_vec) {
-            Some(Ok(v)) if v.len() == len => {
-                self.flat.extend_from_slice(&v);
-                self.present.push(1.0);
-            }
-            Some(Ok(v)) => {
+        match to_vec(param.val()) {
+            Ok(v) if v.len() == len => self.flat.extend_from_slice(&v),
+            Ok(v) => {
                 self.failed.get_or_insert_with(|| format!("a tensor of {} values where its parameter has {len}", v.len()));
                 self.flat.resize(offset + len, 0.0);
-                self.present.push(0.0);
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 self.failed.get_or_insert_with(|| e.to_string());
                 self.flat.resize(offset + len, 0.0);
-                self.present.push(0.0);
-            }
-            // No gradient on this rank (a parameter this step did not use): zeros, so every
-            // rank's buffer has the same layout; registered again only if some rank had one.
-            None => {
-                self.flat.resize(offset + len, 0.0);
-                self.present.push(0.0);
             }
         }
         self.slots.push(Slot { id: param.id, shape, offset, len });
     }
 }
 
-fn gather<'a, M: Module>(model: &M, grads: Option<&'a mut GradientsParams>) -> Result<Gather<'a>, String> {
-    let mut g = Gather { grads, flat: Vec::new(), slots: Vec::new(), present: Vec::new(), failed: None };
+fn gather<M: Module>(model: &M) -> Result<Gather, String> {
+    let mut g = Gather { flat: Vec::new(), slots: Vec::new(), failed: None };
     model.visit(&mut g);
     match g.failed.take() {
         Some(e) => Err(e),
@@ -84,21 +75,59 @@ pub fn all_reduce(comm: &dyn Collective, buf: &mut [f32]) {
     }
 }
 
-/// Registers the summed gradients back, on `device`.
-struct Scatter<'a> {
-    grads: GradientsParams,
-    flat: &'a [f32],
-    slots: std::vec::IntoIter<Slot>,
-    present: std::vec::IntoIter<f32>,
+/// Each float parameter's gradient as a flat tensor on the training device (zeros where this
+/// rank has none), in module order.
+struct GatherGrads<'a> {
+    grads: &'a mut GradientsParams,
     device: &'a Device,
+    parts: Vec<Tensor<1>>,
+    slots: Vec<Slot>,
+    present: Vec<f32>,
+    offset: usize,
+    failed: Option<String>,
 }
 
-impl ModuleVisitor for Scatter<'_> {
+impl ModuleVisitor for GatherGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.val().dims().to_vec();
+        let len: usize = shape.iter().product();
+        let part = match self.grads.remove::<D>(param.id) {
+            Some(g) if g.dims().as_slice() == shape.as_slice() => {
+                self.present.push(1.0);
+                g.to_device(self.device).reshape([len])
+            }
+            Some(g) => {
+                self.failed.get_or_insert_with(|| format!("a gradient of shape {:?} for a parameter of shape {shape:?}", g.dims()));
+                self.present.push(0.0);
+                Tensor::zeros([len], self.device)
+            }
+            // No gradient on this rank (a parameter this step did not use): zeros, so every
+            // rank's buffer has the same layout; registered again only if some rank had one.
+            None => {
+                self.present.push(0.0);
+                Tensor::zeros([len], self.device)
+            }
+        };
+        self.parts.push(part);
+        self.slots.push(Slot { id: param.id, shape, offset: self.offset, len });
+        self.offset += len;
+    }
+}
+
+/// Registers the summed gradients back: views into the summed buffer.
+struct ScatterGrads<'a> {
+    grads: GradientsParams,
+    flat: &'a Tensor<1>,
+    slots: std::vec::IntoIter<Slot>,
+    present: std::slice::Iter<'a, f32>,
+}
+
+impl ModuleVisitor for ScatterGrads<'_> {
     fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<D>>) {
-        let (Some(s), Some(p)) = (self.slots.next(), self.present.next()) else { return };
+        let (Some(s), Some(&p)) = (self.slots.next(), self.present.next()) else { return };
         if p > 0.0 {
-            let data = TensorData::new(self.flat[s.offset..s.offset + s.len].to_vec(), s.shape);
-            self.grads.register::<D>(s.id, Tensor::<D>::from_data(data, self.device));
+            let shape: [usize; D] = std::array::from_fn(|i| s.shape[i]);
+            self.grads.register::<D>(s.id, self.flat.clone().slice(s.offset..s.offset + s.len).reshape(shape));
         }
     }
 }
@@ -113,20 +142,103 @@ pub fn sum_gradients<M: Module>(
     extra: &mut [f32],
     device: &Device,
 ) -> Result<(GradientsParams, Duration), String> {
-    let g = gather(model, Some(&mut grads))?;
-    let (mut flat, slots, present) = (g.flat, g.slots, g.present);
-    let grad_len = flat.len();
-    flat.extend_from_slice(&present);
-    flat.extend_from_slice(extra);
-    let t = Instant::now();
-    all_reduce(comm, &mut flat);
-    let spent = t.elapsed();
+    let transport = GradientTransport::current().map_err(|e| e.to_string())?;
+    let mut g = GatherGrads { grads: &mut grads, device, parts: Vec::new(), slots: Vec::new(), present: Vec::new(), offset: 0, failed: None };
+    model.visit(&mut g);
+    if let Some(e) = g.failed.take() {
+        return Err(e);
+    }
+    let (mut parts, slots, present, grad_len) = (g.parts, g.slots, g.present, g.offset);
     let n = present.len();
-    let summed_present = flat[grad_len..grad_len + n].to_vec();
-    extra.copy_from_slice(&flat[grad_len + n..]);
-    let mut s = Scatter { grads: GradientsParams::new(), flat: &flat[..grad_len], slots: slots.into_iter(), present: summed_present.into_iter(), device };
+    let tail: Vec<f32> = present.into_iter().chain(extra.iter().copied()).collect();
+    let tail_len = tail.len();
+    parts.push(Tensor::from_data(TensorData::new(tail, [tail_len]), device));
+    let flat = Tensor::cat(parts, 0);
+    let t = Instant::now();
+    let flat = reduce_flat(comm, transport, flat)?;
+    let spent = t.elapsed();
+    let tail = to_vec(flat.clone().slice(grad_len..grad_len + tail_len)).map_err(|e| e.to_string())?;
+    extra.copy_from_slice(&tail[n..]);
+    let mut s = ScatterGrads { grads: GradientsParams::new(), flat: &flat, slots: slots.into_iter(), present: tail[..n].iter() };
     model.visit(&mut s);
     Ok((s.grads, spent))
+}
+
+/// `flat` summed over the ranks, where it lies (see the module's notes).
+fn reduce_flat(comm: &dyn Collective, transport: GradientTransport, flat: Tensor<1>) -> Result<Tensor<1>, String> {
+    let device = flat.device();
+    let (flat, done) = with_f32_memory(flat, |memory, len| -> Result<bool, String> {
+        match memory {
+            Memory::Host(_) if transport == GradientTransport::Nccl => Err(nccl_needs_cuda("this stage trains on the CPU")),
+            Memory::Host(ptr) => {
+                #[allow(unsafe_code)]
+                // SAFETY: `with_f32_memory` hands out a contiguous host buffer of `len` f32s
+                // that no other tensor shares, alive until the closure returns.
+                let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                all_reduce(comm, buf);
+                Ok(true)
+            }
+            Memory::Cuda { ptr, device } => match nccl(comm, transport, device)? {
+                Some(nccl) => {
+                    #[allow(unsafe_code)]
+                    // SAFETY: as above, in the memory of CUDA device `device`, which is the
+                    // communicator's (one per device).
+                    unsafe { nccl.all_reduce_sum(ptr, len) }.map_err(|e| e.to_string())?;
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+        }
+    });
+    match done {
+        Some(Ok(true)) => return Ok(flat),
+        Some(Err(e)) => return Err(e),
+        Some(Ok(false)) => {}
+        None if transport == GradientTransport::Nccl => return Err(nccl_needs_cuda("this backend gives no device memory (NCCL needs libtorch on CUDA)")),
+        None => {}
+    }
+    let mut host = to_vec(flat).map_err(|e| e.to_string())?;
+    all_reduce(comm, &mut host);
+    let len = host.len();
+    Ok(Tensor::from_data(TensorData::new(host, [len]), &device))
+}
+
+fn nccl_needs_cuda(why: &str) -> String {
+    format!(
+        "{}=nccl sums gradients in CUDA memory, but {why}: train with `--device cuda`, or set {} to auto or mpi",
+        GradientTransport::VAR,
+        GradientTransport::VAR
+    )
+}
+
+/// This process's NCCL communicator for CUDA device `device` (made on first use, by every
+/// rank at the same step), or `None` when gradients go through the host: `mpi`, or `auto`
+/// where some rank cannot load NCCL (all ranks agree, so they all fall back together).
+fn nccl(comm: &dyn Collective, transport: GradientTransport, device: usize) -> Result<Option<Arc<Nccl>>, String> {
+    type Slot = Option<(usize, Option<Arc<Nccl>>)>;
+    static COMM: Mutex<Slot> = Mutex::new(None);
+    if transport == GradientTransport::Mpi {
+        return Ok(None);
+    }
+    let mut slot = COMM.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((d, made)) = slot.as_ref()
+        && *d == device
+    {
+        return Ok(made.clone());
+    }
+    let made = match Nccl::init(comm, device) {
+        Ok(n) => {
+            tracing::info!("gradients summed by NCCL {} over {} rank(s), this one on cuda:{device}", n.version(), n.size());
+            Some(Arc::new(n))
+        }
+        Err(e @ NcclError::Unavailable { .. }) if transport == GradientTransport::Auto => {
+            tracing::warn!("gradients go through host memory (MPI): {e}");
+            None
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    *slot = Some((device, made.clone()));
+    Ok(made)
 }
 
 /// Sets every float parameter to the flat buffer's values.
@@ -150,7 +262,7 @@ impl ModuleMapper for Assign<'_> {
 /// Rank 0's parameters on every rank (at the start of a run and after a resume: the ranks
 /// must step from identical weights).
 pub fn broadcast_parameters<M: Module>(comm: &dyn Collective, model: M) -> Result<M, String> {
-    let g = gather(&model, None)?;
+    let g = gather(&model)?;
     let (mut flat, slots) = (g.flat, g.slots);
     for chunk in flat.chunks_mut(BUCKET) {
         comm.broadcast(chunk, 0);

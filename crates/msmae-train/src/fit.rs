@@ -366,7 +366,10 @@ fn gradients<S: TrainStep>(
     epoch: usize,
 ) -> Result<(GradientsParams, f64, Option<f64>, Option<f64>), StageError> {
     let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch)?;
-    if comm.is_solo() {
+    // One process sums nothing, unless told to go through NCCL anyway (`MSMAE_COLLECTIVE=nccl`:
+    // how a one-GPU machine checks the NCCL path).
+    let forced = msmae_dist::GradientTransport::current() == Ok(msmae_dist::GradientTransport::Nccl);
+    if comm.is_solo() && !forced {
         return Ok((g, lv, rv, None));
     }
     // Every rank's gradients are weighted by its share of the global batch: their sum over

@@ -1,0 +1,437 @@
+//! NCCL all-reduce and broadcast on CUDA memory, for gradients that live on a GPU.
+//!
+//! The communicator is bootstrapped over the process group ([`Collective`], MPI in a
+//! multi-process launch): rank 0 draws NCCL's unique id and broadcasts its bytes, then every
+//! rank joins with `ncclCommInitRank` on its own device. Calls go on CUDA's legacy default
+//! stream, the stream libtorch queues its kernels on, after a context synchronise (so the
+//! gradients are complete whatever stream produced them) and before another (so the sums
+//! are in memory when the call returns).
+//!
+//! NCCL and the CUDA driver are loaded at run time (libloading), not linked: a build runs
+//! on machines without them and says what is missing when NCCL is asked for. The names
+//! tried are `libnccl.so.2` (what NVIDIA's runtime packages and PyTorch's CUDA wheels ship;
+//! a process that loaded libtorch_cuda already has it) and `libnccl.so` (the -dev
+//! package's link), or the path in `MSMAE_NCCL_LIBRARY`. cudarc's NCCL binding was the
+//! first choice, but its loader looks for neither `libnccl.so.2` nor a path (so it misses
+//! PyTorch's NCCL) and panics instead of returning an error; the eight entry points used
+//! here are declared below from `nccl.h` (2.x, stable since 2.0) and `cuda.h`.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
+use std::fmt;
+use std::sync::{Mutex, OnceLock};
+
+use libloading::Library;
+
+use crate::Collective;
+
+/// `NCCL_UNIQUE_ID_BYTES`.
+const UNIQUE_ID_BYTES: usize = 128;
+/// `ncclFloat32` (`ncclDataType_t`).
+const NCCL_FLOAT32: c_int = 7;
+/// `ncclSum` (`ncclRedOp_t`).
+const NCCL_SUM: c_int = 0;
+/// Names tried for NCCL when `MSMAE_NCCL_LIBRARY` is not set.
+pub const NCCL_NAMES: &[&str] = &["libnccl.so.2", "libnccl.so"];
+/// Names tried for the CUDA driver.
+const CUDA_NAMES: &[&str] = &["libcuda.so.1", "libcuda.so"];
+/// The variable naming NCCL's shared library when it is not on the loader's path.
+pub const NCCL_LIBRARY_VAR: &str = "MSMAE_NCCL_LIBRARY";
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UniqueId {
+    internal: [c_char; UNIQUE_ID_BYTES],
+}
+
+type Comm = *mut c_void;
+type Stream = *mut c_void;
+type Context = *mut c_void;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum NcclError {
+    #[error("{what} could not be loaded (tried {}): {why}{hint}", tried.join(", "))]
+    Load { what: &'static str, tried: Vec<String>, why: String, hint: &'static str },
+    #[error("{what} has no `{symbol}` ({source_path}): {why}")]
+    Symbol { what: &'static str, symbol: &'static str, source_path: String, why: String },
+    #[error("CUDA driver call {call} failed on device {device}: {message} (CUresult {code})")]
+    Cuda { call: &'static str, device: usize, code: i32, message: String },
+    #[error("NCCL call {call} failed on rank {rank} (device {device}): {message} (ncclResult_t {code})")]
+    Nccl { call: &'static str, rank: usize, device: usize, code: i32, message: String },
+    #[error("NCCL is not available on rank(s) {}: {first}", ranks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    Unavailable { ranks: Vec<usize>, first: String },
+}
+
+const NCCL_HINT: &str = "; NCCL ships with the NVIDIA driver stack's runtime packages (libnccl2) and with PyTorch's CUDA wheels (nvidia-nccl-cu*); set MSMAE_NCCL_LIBRARY to libnccl.so.2's path if it is not on the loader's path";
+const CUDA_HINT: &str = "; NCCL needs an NVIDIA driver";
+
+type NcclGetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
+type NcclGetUniqueId = unsafe extern "C" fn(*mut UniqueId) -> c_int;
+type NcclCommInitRank = unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int;
+type NcclAllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type NcclBroadcast = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type NcclCommDestroy = unsafe extern "C" fn(Comm) -> c_int;
+type NcclGetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
+
+struct NcclApi {
+    _lib: Library,
+    path: String,
+    get_version: NcclGetVersion,
+    get_unique_id: NcclGetUniqueId,
+    comm_init_rank: NcclCommInitRank,
+    all_reduce: NcclAllReduce,
+    broadcast: NcclBroadcast,
+    comm_destroy: NcclCommDestroy,
+    get_error_string: NcclGetErrorString,
+}
+
+type CuInit = unsafe extern "C" fn(c_uint) -> c_int;
+type CuDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
+type CuPrimaryCtxRetain = unsafe extern "C" fn(*mut Context, c_int) -> c_int;
+type CuCtxSetCurrent = unsafe extern "C" fn(Context) -> c_int;
+type CuCtxSynchronize = unsafe extern "C" fn() -> c_int;
+type CuGetErrorString = unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int;
+
+struct CudaApi {
+    _lib: Library,
+    init: CuInit,
+    device_get: CuDeviceGet,
+    primary_ctx_retain: CuPrimaryCtxRetain,
+    ctx_set_current: CuCtxSetCurrent,
+    ctx_synchronize: CuCtxSynchronize,
+    get_error_string: CuGetErrorString,
+}
+
+/// The first of `names` the dynamic loader opens, and its path (or name).
+fn open(what: &'static str, names: &[String], hint: &'static str) -> Result<(Library, String), NcclError> {
+    let mut why = String::from("no name to try");
+    for name in names {
+        // SAFETY: loading runs the library's initialisers; NCCL's and libcuda's only set up
+        // their own state.
+        match unsafe { Library::new(name) } {
+            Ok(lib) => return Ok((lib, name.clone())),
+            Err(e) => why = e.to_string(),
+        }
+    }
+    Err(NcclError::Load { what, tried: names.to_vec(), why, hint })
+}
+
+/// A function pointer out of `lib`. The pointer stays valid while `lib` is loaded: the API
+/// structs keep their library for as long as they (and the pointers) live.
+fn symbol<T: Copy>(lib: &Library, what: &'static str, path: &str, name: &'static str) -> Result<T, NcclError> {
+    // SAFETY: `T` is the C signature of `name` as declared in nccl.h / cuda.h (the type
+    // aliases above); the library outlives the copy (see the API structs).
+    unsafe { lib.get::<T>(name).map(|s| *s) }.map_err(|e| NcclError::Symbol { what, symbol: name, source_path: path.to_string(), why: e.to_string() })
+}
+
+/// The names to try for NCCL: `MSMAE_NCCL_LIBRARY`'s path alone when it is set.
+pub fn nccl_candidates(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    match var(NCCL_LIBRARY_VAR).filter(|v| !v.trim().is_empty()) {
+        Some(path) => vec![path],
+        None => NCCL_NAMES.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+impl NcclApi {
+    fn load(names: &[String]) -> Result<Self, NcclError> {
+        let (lib, path) = open("NCCL", names, NCCL_HINT)?;
+        Ok(Self {
+            get_version: symbol(&lib, "NCCL", &path, "ncclGetVersion")?,
+            get_unique_id: symbol(&lib, "NCCL", &path, "ncclGetUniqueId")?,
+            comm_init_rank: symbol(&lib, "NCCL", &path, "ncclCommInitRank")?,
+            all_reduce: symbol(&lib, "NCCL", &path, "ncclAllReduce")?,
+            broadcast: symbol(&lib, "NCCL", &path, "ncclBroadcast")?,
+            comm_destroy: symbol(&lib, "NCCL", &path, "ncclCommDestroy")?,
+            get_error_string: symbol(&lib, "NCCL", &path, "ncclGetErrorString")?,
+            path,
+            _lib: lib,
+        })
+    }
+
+    fn message(&self, code: c_int) -> String {
+        // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any code.
+        let p = unsafe { (self.get_error_string)(code) };
+        if p.is_null() { "unknown error".into() } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() }
+    }
+
+    /// `major.minor.patch` (NCCL encodes 2.x versions as `major*10000 + minor*100 + patch`
+    /// since 2.9, `major*1000 + minor*100 + patch` before).
+    fn version(&self) -> Result<String, c_int> {
+        let mut v: c_int = 0;
+        // SAFETY: `v` is a valid out pointer.
+        let rc = unsafe { (self.get_version)(&mut v) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        Ok(decode_version(v))
+    }
+}
+
+/// NCCL's integer version as `major.minor.patch`.
+pub fn decode_version(v: i32) -> String {
+    if v >= 10000 { format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100) } else { format!("{}.{}.{}", v / 1000, (v % 1000) / 100, v % 100) }
+}
+
+impl CudaApi {
+    fn load() -> Result<Self, NcclError> {
+        let names: Vec<String> = CUDA_NAMES.iter().map(|s| s.to_string()).collect();
+        const WHAT: &str = "the CUDA driver";
+        let (lib, path) = open(WHAT, &names, CUDA_HINT)?;
+        Ok(Self {
+            init: symbol(&lib, WHAT, &path, "cuInit")?,
+            device_get: symbol(&lib, WHAT, &path, "cuDeviceGet")?,
+            primary_ctx_retain: symbol(&lib, WHAT, &path, "cuDevicePrimaryCtxRetain")?,
+            ctx_set_current: symbol(&lib, WHAT, &path, "cuCtxSetCurrent")?,
+            ctx_synchronize: symbol(&lib, WHAT, &path, "cuCtxSynchronize")?,
+            get_error_string: symbol(&lib, WHAT, &path, "cuGetErrorString")?,
+            _lib: lib,
+        })
+    }
+
+    fn check(&self, call: &'static str, device: usize, rc: c_int) -> Result<(), NcclError> {
+        if rc == 0 {
+            return Ok(());
+        }
+        let mut p: *const c_char = std::ptr::null();
+        // SAFETY: `p` is a valid out pointer; the string is static in the driver.
+        let message = if unsafe { (self.get_error_string)(rc, &mut p) } == 0 && !p.is_null() {
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        } else {
+            "unknown error".into()
+        };
+        Err(NcclError::Cuda { call, device, code: rc, message })
+    }
+}
+
+/// Both libraries, loaded once per process (the first failure is kept and returned again).
+fn apis() -> Result<&'static (NcclApi, CudaApi), NcclError> {
+    static APIS: OnceLock<Result<(NcclApi, CudaApi), NcclError>> = OnceLock::new();
+    APIS.get_or_init(|| {
+        let nccl = NcclApi::load(&nccl_candidates(|k| std::env::var(k).ok()))?;
+        Ok((nccl, CudaApi::load()?))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// The version of the NCCL this process would use, and where it was loaded from: a check
+/// that needs no GPU (`ncclGetVersion` touches no device).
+pub fn library_version(names: &[String]) -> Result<(String, String), NcclError> {
+    let api = NcclApi::load(names)?;
+    let v = api.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: 0, device: 0, code, message: api.message(code) })?;
+    Ok((v, api.path.clone()))
+}
+
+/// One NCCL communicator over every rank of a process group, each rank on one CUDA device.
+pub struct Nccl {
+    comm: Comm,
+    ctx: Context,
+    rank: usize,
+    size: usize,
+    device: usize,
+    version: String,
+    api: &'static (NcclApi, CudaApi),
+    /// NCCL communicators are not thread-safe: one call at a time.
+    lock: Mutex<()>,
+}
+
+// SAFETY: the communicator and context handles are plain pointers owned by NCCL and the
+// driver, valid from any thread; every use goes through `lock` (one call at a time) and sets
+// the context current on the calling thread first.
+unsafe impl Send for Nccl {}
+unsafe impl Sync for Nccl {}
+
+impl fmt::Debug for Nccl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Nccl {{ rank: {}, size: {}, device: cuda:{}, version: {} }}", self.rank, self.size, self.device, self.version)
+    }
+}
+
+impl Nccl {
+    /// Joins every rank of `group` into one communicator, this rank on CUDA device `device`.
+    /// Collective: every rank calls it at the same point. Ranks first agree that each could
+    /// load NCCL and the driver, so one rank without them fails every rank with its name
+    /// instead of leaving the others waiting.
+    pub fn init(group: &dyn Collective, device: usize) -> Result<Self, NcclError> {
+        let mine = apis();
+        let mut ok = vec![0.0f32; group.size()];
+        if let Some(slot) = ok.get_mut(group.rank()) {
+            *slot = if mine.is_ok() { 1.0 } else { 0.0 };
+        }
+        group.all_reduce_sum(&mut ok);
+        let missing: Vec<usize> = ok.iter().enumerate().filter(|(_, v)| **v < 0.5).map(|(r, _)| r).collect();
+        let api = match mine {
+            Ok(api) if missing.is_empty() => api,
+            Ok(_) => return Err(NcclError::Unavailable { ranks: missing, first: "see that rank's log".into() }),
+            Err(e) => return Err(NcclError::Unavailable { ranks: missing, first: e.to_string() }),
+        };
+        let (nccl, cuda) = (&api.0, &api.1);
+        let ctx = current_context(cuda, device)?;
+        let version =
+            nccl.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: group.rank(), device, code, message: nccl.message(code) })?;
+        let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
+        let nccl_err = |call, code| NcclError::Nccl { call, rank: group.rank(), device, code, message: nccl.message(code) };
+        let mut bytes = vec![0u8; UNIQUE_ID_BYTES];
+        let mut drawn = 1.0f32;
+        if group.rank() == 0 {
+            // SAFETY: `id` is a valid out pointer of the declared size.
+            let rc = unsafe { (nccl.get_unique_id)(&mut id) };
+            if rc == 0 {
+                for (b, c) in bytes.iter_mut().zip(id.internal) {
+                    *b = c as u8;
+                }
+            } else {
+                drawn = 0.0;
+            }
+        }
+        // rank 0 says whether it drew an id before the others wait for one
+        let mut flag = [drawn];
+        group.broadcast(&mut flag, 0);
+        if flag[0] < 0.5 {
+            return Err(NcclError::Nccl {
+                call: "ncclGetUniqueId",
+                rank: 0,
+                device,
+                code: -1,
+                message: "rank 0 could not draw NCCL's unique id (see its log)".into(),
+            });
+        }
+        group.broadcast_bytes(&mut bytes, 0);
+        if bytes.len() != UNIQUE_ID_BYTES {
+            return Err(NcclError::Nccl {
+                call: "ncclGetUniqueId",
+                rank: group.rank(),
+                device,
+                code: -1,
+                message: format!("{} bytes of unique id from rank 0", bytes.len()),
+            });
+        }
+        for (c, b) in id.internal.iter_mut().zip(&bytes) {
+            *c = *b as c_char;
+        }
+        let mut comm: Comm = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out pointer; the id came from rank 0's ncclGetUniqueId;
+        // this thread's current context is `device`'s primary context, which NCCL binds.
+        let rc = unsafe { (nccl.comm_init_rank)(&mut comm, group.size() as c_int, id, group.rank() as c_int) };
+        if rc != 0 {
+            return Err(nccl_err("ncclCommInitRank", rc));
+        }
+        tracing::debug!("NCCL {version} ({}) rank {} of {} on cuda:{device}", nccl.path, group.rank(), group.size());
+        Ok(Self { comm, ctx, rank: group.rank(), size: group.size(), device, version, api, lock: Mutex::new(()) })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    pub fn device(&self) -> usize {
+        self.device
+    }
+    /// NCCL's version (`2.27.7`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn call(&self, what: &'static str, f: impl FnOnce(&NcclApi) -> c_int) -> Result<(), NcclError> {
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (nccl, cuda) = (&self.api.0, &self.api.1);
+        // SAFETY: `ctx` is the device's retained primary context.
+        cuda.check("cuCtxSetCurrent", self.device, unsafe { (cuda.ctx_set_current)(self.ctx) })?;
+        // the inputs are complete, whichever stream wrote them
+        cuda.check("cuCtxSynchronize", self.device, unsafe { (cuda.ctx_synchronize)() })?;
+        let rc = f(nccl);
+        if rc != 0 {
+            return Err(NcclError::Nccl { call: what, rank: self.rank, device: self.device, code: rc, message: nccl.message(rc) });
+        }
+        // the results are in memory when this returns
+        cuda.check("cuCtxSynchronize", self.device, unsafe { (cuda.ctx_synchronize)() })
+    }
+
+    /// Element-wise sum over the ranks, in place.
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` `f32`s in the memory of CUDA device [`Self::device`], valid
+    /// for reads and writes, and nothing else may use them until this returns.
+    pub unsafe fn all_reduce_sum(&self, ptr: *mut f32, len: usize) -> Result<(), NcclError> {
+        let null: Stream = std::ptr::null_mut();
+        // SAFETY: as the caller promises; the legacy default stream (null) is ordered after
+        // the synchronise in `call`.
+        self.call("ncclAllReduce", |n| unsafe { (n.all_reduce)(ptr as *const c_void, ptr as *mut c_void, len, NCCL_FLOAT32, NCCL_SUM, self.comm, null) })
+    }
+
+    /// `root`'s values on every rank, in place.
+    ///
+    /// # Safety
+    /// As [`Self::all_reduce_sum`].
+    pub unsafe fn broadcast(&self, ptr: *mut f32, len: usize, root: usize) -> Result<(), NcclError> {
+        let null: Stream = std::ptr::null_mut();
+        // SAFETY: as the caller promises.
+        self.call("ncclBroadcast", |n| unsafe { (n.broadcast)(ptr as *const c_void, ptr as *mut c_void, len, NCCL_FLOAT32, root as c_int, self.comm, null) })
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        // SAFETY: `comm` came from ncclCommInitRank and is destroyed once.
+        let _ = unsafe { (self.api.0.comm_destroy)(self.comm) };
+    }
+}
+
+/// Makes `device`'s primary context (the one libtorch's runtime uses) current on this thread.
+fn current_context(cuda: &CudaApi, device: usize) -> Result<Context, NcclError> {
+    let mut dev: c_int = 0;
+    let mut ctx: Context = std::ptr::null_mut();
+    // SAFETY: out pointers are valid; cuInit may be called more than once.
+    unsafe {
+        cuda.check("cuInit", device, (cuda.init)(0))?;
+        cuda.check("cuDeviceGet", device, (cuda.device_get)(&mut dev, device as c_int))?;
+        cuda.check("cuDevicePrimaryCtxRetain", device, (cuda.primary_ctx_retain)(&mut ctx, dev))?;
+        cuda.check("cuCtxSetCurrent", device, (cuda.ctx_set_current)(ctx))?;
+    }
+    Ok(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Solo;
+
+    #[test]
+    fn versions_decode_in_both_of_nccls_encodings() {
+        assert_eq!(decode_version(22707), "2.27.7");
+        assert_eq!(decode_version(2708), "2.7.8");
+    }
+
+    #[test]
+    fn the_library_variable_replaces_the_default_names() {
+        assert_eq!(nccl_candidates(|_| None), vec!["libnccl.so.2".to_string(), "libnccl.so".to_string()]);
+        let set = |k: &str| (k == NCCL_LIBRARY_VAR).then(|| "/opt/nccl/lib/libnccl.so.2".to_string());
+        assert_eq!(nccl_candidates(set), vec!["/opt/nccl/lib/libnccl.so.2".to_string()]);
+    }
+
+    #[test]
+    fn a_missing_library_is_an_error_naming_what_was_tried() {
+        let e = library_version(&["/nonexistent/libnccl.so.2".to_string()]).expect_err("no such file");
+        let text = e.to_string();
+        assert!(text.contains("NCCL could not be loaded (tried /nonexistent/libnccl.so.2)"), "{text}");
+        assert!(text.contains("MSMAE_NCCL_LIBRARY"), "{text}");
+        // a library that is not NCCL: named with the missing entry point
+        let libc = ["libc.so.6".to_string()];
+        let e = library_version(&libc).expect_err("libc is not NCCL");
+        assert!(matches!(&e, NcclError::Symbol { symbol: "ncclGetVersion", .. }), "{e}");
+    }
+
+    #[test]
+    fn without_nccl_or_a_driver_init_fails_naming_the_rank_instead_of_waiting() {
+        // This machine has neither a GPU driver nor (unless MSMAE_NCCL_LIBRARY points at one)
+        // NCCL: joining must fail, on rank 0 of a solo group, with the loader's reason.
+        if apis().is_ok() {
+            return; // a GPU machine: exercised by scripts/gpu-check.sh instead
+        }
+        let e = Nccl::init(&Solo, 0).expect_err("no NCCL here");
+        assert!(matches!(&e, NcclError::Unavailable { ranks, .. } if ranks == &[0]), "{e}");
+        assert!(e.to_string().contains("could not be loaded"), "{e}");
+    }
+}
