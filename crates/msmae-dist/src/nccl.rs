@@ -154,6 +154,17 @@ impl NcclApi {
         if p.is_null() { "unknown error".into() } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() }
     }
 
+    /// A fresh unique id (the bootstrap address rank 0 listens on), as bytes; needs no GPU.
+    fn unique_id(&self) -> Result<Vec<u8>, c_int> {
+        let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
+        // SAFETY: `id` is a valid out pointer of the declared size.
+        let rc = unsafe { (self.get_unique_id)(&mut id) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        Ok(id.internal.iter().map(|&c| c as u8).collect())
+    }
+
     /// `major.minor.patch` (NCCL encodes 2.x versions as `major*10000 + minor*100 + patch`
     /// since 2.9, `major*1000 + minor*100 + patch` before).
     fn version(&self) -> Result<String, c_int> {
@@ -269,19 +280,16 @@ impl Nccl {
         let ctx = current_context(cuda, device)?;
         let version =
             nccl.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: group.rank(), device, code, message: nccl.message(code) })?;
-        let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
         let nccl_err = |call, code| NcclError::Nccl { call, rank: group.rank(), device, code, message: nccl.message(code) };
         let mut bytes = vec![0u8; UNIQUE_ID_BYTES];
         let mut drawn = 1.0f32;
         if group.rank() == 0 {
-            // SAFETY: `id` is a valid out pointer of the declared size.
-            let rc = unsafe { (nccl.get_unique_id)(&mut id) };
-            if rc == 0 {
-                for (b, c) in bytes.iter_mut().zip(id.internal) {
-                    *b = c as u8;
+            match nccl.unique_id() {
+                Ok(b) => bytes = b,
+                Err(code) => {
+                    tracing::error!("{}", nccl_err("ncclGetUniqueId", code));
+                    drawn = 0.0;
                 }
-            } else {
-                drawn = 0.0;
             }
         }
         // rank 0 says whether it drew an id before the others wait for one
@@ -306,6 +314,7 @@ impl Nccl {
                 message: format!("{} bytes of unique id from rank 0", bytes.len()),
             });
         }
+        let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
         for (c, b) in id.internal.iter_mut().zip(&bytes) {
             *c = *b as c_char;
         }
@@ -421,6 +430,31 @@ mod tests {
         let libc = ["libc.so.6".to_string()];
         let e = library_version(&libc).expect_err("libc is not NCCL");
         assert!(matches!(&e, NcclError::Symbol { symbol: "ncclGetVersion", .. }), "{e}");
+    }
+
+    /// The NCCL of PyTorch's CUDA wheel (in the test venv, `MSMAE_PYTHON`): every entry point
+    /// resolves, the version is the one torch reports, and rank 0's unique id is drawn (no GPU
+    /// is needed for either); the error strings come from NCCL itself.
+    #[test]
+    fn pytorchs_nccl_loads_with_every_entry_point_and_draws_a_unique_id() {
+        let py = std::env::var_os("MSMAE_PYTHON")
+            .unwrap_or_else(|| panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test` (its venv has PyTorch's NCCL)"));
+        let script = "import os, torch, nvidia.nccl as n\nprint(os.path.join(list(n.__path__)[0], 'lib', 'libnccl.so.2'))\nprint('.'.join(map(str, torch.cuda.nccl.version())))";
+        let out = std::process::Command::new(py).args(["-c", script]).output().expect("run the reference Python");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let (path, torch_version) = (lines.next().unwrap_or_default().to_string(), lines.next().unwrap_or_default().to_string());
+        let (version, from) = library_version(std::slice::from_ref(&path)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((version.as_str(), from.as_str()), (torch_version.as_str(), path.as_str()));
+        let api = NcclApi::load(&[path]).unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (api.unique_id(), api.unique_id());
+        let (Ok(a), Ok(b)) = (a, b) else { panic!("ncclGetUniqueId failed") };
+        assert_eq!(a.len(), UNIQUE_ID_BYTES);
+        assert!(a.iter().any(|&x| x != 0) && a != b, "two draws give two non-zero ids");
+        assert_eq!(api.message(0), "no error");
+        assert!(api.message(4).contains("invalid argument"), "{}", api.message(4));
+        eprintln!("NCCL {version} from {from}: 7 entry points, unique ids drawn");
     }
 
     #[test]
