@@ -203,6 +203,30 @@ fn two_mpi_processes_give_the_one_process_parameters() {
     assert!(d < 1e-5, "2 processes × 2 replicas differ from one device by {d}");
 }
 
+/// Ranks whose gradients lie in different kinds of memory (here one on libtorch, one on
+/// burn-flex; on a cluster, one rank that found no GPU) would make different collective
+/// calls and hang: they agree before the first sum and fail together, saying why.
+#[test]
+#[cfg_attr(
+    not(feature = "mpi"),
+    ignore = "this build has no MPI: install Open MPI and libclang-dev (Debian: openmpi-bin libopenmpi-dev libclang-dev), then `cargo xtask test`"
+)]
+fn ranks_on_different_kinds_of_device_fail_together_by_name() {
+    let dir = tempfile::tempdir().expect("tmp");
+    fs::write(dir.path().join("dp.yaml"), pipeline()).expect("write");
+    let bin = msmae_tests::msmae_bin();
+    let mut c = mpirun(dir.path(), 1, &["run", "dp.yaml", "--backend", "tch", "--until", "supervised"]);
+    // Open MPI's MPMD form: `-np 1 A : -np 1 B`
+    c.args([":", "-np", "1"]).arg(&bin).args(["run", "dp.yaml", "--backend", "flex", "--until", "supervised"]);
+    let out = c.output().expect("mpirun");
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    let why = "the ranks train on different kinds of device (gradients in host memory on 1, CUDA memory on 0, backend memory on 1 of 2 ranks)";
+    for rank in ["rank 0 of 2", "rank 1 of 2"] {
+        assert!(said.contains(&format!("{rank}: stage `supervised` failed: summing gradients over the ranks: {why}")), "{rank}: {said}");
+    }
+}
+
 /// A rank killed in the middle of data-parallel training ends the job with a message naming
 /// it; the re-run resumes from rank 0's last checkpoint and commits what an uninterrupted
 /// run commits.

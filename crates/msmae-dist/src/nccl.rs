@@ -14,7 +14,7 @@
 //! package's link), or the path in `MSMAE_NCCL_LIBRARY`. cudarc's NCCL binding was the
 //! first choice, but its loader looks for neither `libnccl.so.2` nor a path (so it misses
 //! PyTorch's NCCL) and panics instead of returning an error; the eight entry points used
-//! here are declared below from `nccl.h` (2.x, stable since 2.0) and `cuda.h`.
+//! here are declared below from `nccl.h` (2.x; all present since 2.2) and `cuda.h`.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
@@ -264,22 +264,27 @@ impl Nccl {
     /// load NCCL and the driver, so one rank without them fails every rank with its name
     /// instead of leaving the others waiting.
     pub fn init(group: &dyn Collective, device: usize) -> Result<Self, NcclError> {
-        let mine = apis();
+        // Everything a rank can fail at on its own comes before the vote: loading, the
+        // device's context, the version. After it, only rank 0's id draw (announced to all)
+        // and ncclCommInitRank (a rank that fails there fails its stage, which aborts the job).
+        let mine = apis().and_then(|api| {
+            let ctx = current_context(&api.1, device)?;
+            let version =
+                api.0.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: group.rank(), device, code, message: api.0.message(code) })?;
+            Ok((api, ctx, version))
+        });
         let mut ok = vec![0.0f32; group.size()];
         if let Some(slot) = ok.get_mut(group.rank()) {
             *slot = if mine.is_ok() { 1.0 } else { 0.0 };
         }
         group.all_reduce_sum(&mut ok);
         let missing: Vec<usize> = ok.iter().enumerate().filter(|(_, v)| **v < 0.5).map(|(r, _)| r).collect();
-        let api = match mine {
-            Ok(api) if missing.is_empty() => api,
+        let (api, ctx, version) = match mine {
+            Ok(m) if missing.is_empty() => m,
             Ok(_) => return Err(NcclError::Unavailable { ranks: missing, first: "see that rank's log".into() }),
             Err(e) => return Err(NcclError::Unavailable { ranks: missing, first: e.to_string() }),
         };
-        let (nccl, cuda) = (&api.0, &api.1);
-        let ctx = current_context(cuda, device)?;
-        let version =
-            nccl.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: group.rank(), device, code, message: nccl.message(code) })?;
+        let nccl = &api.0;
         let nccl_err = |call, code| NcclError::Nccl { call, rank: group.rank(), device, code, message: nccl.message(code) };
         let mut bytes = vec![0u8; UNIQUE_ID_BYTES];
         let mut drawn = 1.0f32;

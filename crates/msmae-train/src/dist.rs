@@ -168,6 +168,7 @@ pub fn sum_gradients<M: Module>(
 fn reduce_flat(comm: &dyn Collective, transport: GradientTransport, flat: Tensor<1>) -> Result<Tensor<1>, String> {
     let device = flat.device();
     let (flat, done) = with_f32_memory(flat, |memory, len| -> Result<bool, String> {
+        agree(comm, if matches!(memory, Memory::Host(_)) { Lies::Host } else { Lies::Cuda })?;
         match memory {
             Memory::Host(_) if transport == GradientTransport::Nccl => Err(nccl_needs_cuda("this stage trains on the CPU")),
             Memory::Host(ptr) => {
@@ -190,6 +191,9 @@ fn reduce_flat(comm: &dyn Collective, transport: GradientTransport, flat: Tensor
             },
         }
     });
+    if done.is_none() {
+        agree(comm, Lies::Opaque)?;
+    }
     match done {
         Some(Ok(true)) => return Ok(flat),
         Some(Err(e)) => return Err(e),
@@ -201,6 +205,40 @@ fn reduce_flat(comm: &dyn Collective, transport: GradientTransport, flat: Tensor
     all_reduce(comm, &mut host);
     let len = host.len();
     Ok(Tensor::from_data(TensorData::new(host, [len]), &device))
+}
+
+/// Where a rank's gradient buffer lies: every rank must take the same path through
+/// [`reduce_flat`], or their collectives would not match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lies {
+    Host = 0,
+    Cuda = 1,
+    /// A backend without raw memory (burn-flex).
+    Opaque = 2,
+}
+
+/// Checks once per process (at the first sum, which every rank reaches at the same step)
+/// that all ranks' buffers lie in the same kind of memory.
+fn agree(comm: &dyn Collective, lies: Lies) -> Result<(), String> {
+    static AGREED: Mutex<Option<Lies>> = Mutex::new(None);
+    let mut agreed = AGREED.lock().unwrap_or_else(|e| e.into_inner());
+    if *agreed == Some(lies) {
+        return Ok(());
+    }
+    let mut counts = [0.0f32; 3];
+    counts[lies as usize] = 1.0;
+    comm.all_reduce_sum(&mut counts);
+    if counts[lies as usize].round() as usize != comm.size() {
+        return Err(format!(
+            "the ranks train on different kinds of device (gradients in host memory on {}, CUDA memory on {}, backend memory on {} of {} ranks): give every rank the same --device and --backend",
+            counts[0],
+            counts[1],
+            counts[2],
+            comm.size()
+        ));
+    }
+    *agreed = Some(lies);
+    Ok(())
 }
 
 fn nccl_needs_cuda(why: &str) -> String {
