@@ -104,6 +104,17 @@ mod tests {
                     }
                 }
                 assert_eq!(out_autodiff, device.is_autodiff(), "the tensor comes back on its device kind");
+                // A buffer nothing else holds (what `cat` makes of the gradients) is not
+                // copied: the second call sees the memory the first one wrote.
+                let parts = vec![Tensor::<1>::zeros([1000], &device), Tensor::<1>::ones([24], &device)];
+                let ptr = |m: Memory, _| match m {
+                    Memory::Host(p) | Memory::Cuda { ptr: p, .. } => p as usize,
+                };
+                let (flat, first) = with_f32_memory(Tensor::cat(parts, 0), ptr);
+                let (_, second) = with_f32_memory(flat, ptr);
+                if compute.backend == crate::BackendKind::Tch {
+                    assert!(first.is_some() && first == second, "{first:?} then {second:?} on {device:?}");
+                }
             }
         }
     }
