@@ -74,7 +74,10 @@ type NcclCommDestroy = unsafe extern "C" fn(Comm) -> c_int;
 type NcclGetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 
 struct NcclApi {
-    _lib: Library,
+    /// Never unloaded: `ncclGetUniqueId` starts a bootstrap thread inside the library that
+    /// outlives the call (it waits for the ranks to connect), so unloading would pull its
+    /// code from under it.
+    _lib: std::mem::ManuallyDrop<Library>,
     path: String,
     get_version: NcclGetVersion,
     get_unique_id: NcclGetUniqueId,
@@ -144,7 +147,7 @@ impl NcclApi {
             comm_destroy: symbol(&lib, "NCCL", &path, "ncclCommDestroy")?,
             get_error_string: symbol(&lib, "NCCL", &path, "ncclGetErrorString")?,
             path,
-            _lib: lib,
+            _lib: std::mem::ManuallyDrop::new(lib),
         })
     }
 
