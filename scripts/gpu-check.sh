@@ -50,6 +50,7 @@ nvidia-smi -L 2>/dev/null || echo "gpu-check: nvidia-smi not found"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())'
 echo "cpus $(nproc)"
 step 20 "$BIN/msmae" stages >/dev/null && echo "msmae starts"
+step 30 "$BIN/msmae" env
 
 section "1. parity on CUDA (against libtorch CPU, same weights and inputs)"
 for precision in f32 bf16; do

@@ -147,6 +147,47 @@ fn the_gradient_transport_is_checked_and_nccl_needs_cuda_memory() {
     assert!(artifact(dir.path(), "supervised").join("model.safetensors").is_file());
 }
 
+/// `msmae env` says what a node offers: no NCCL and no driver here, PyTorch's NCCL when
+/// `MSMAE_NCCL_LIBRARY` points at it (the version torch reports), what `MSMAE_COLLECTIVE`
+/// would do, and each rank of a launch.
+#[test]
+fn msmae_env_reports_nccl_the_driver_and_the_gradient_transport() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let env = |vars: &[(&str, &str)]| {
+        let mut c = Command::new(msmae_tests::msmae_bin());
+        c.current_dir(dir.path()).arg("env").env_remove("MSMAE_NCCL_LIBRARY").env_remove("MSMAE_COLLECTIVE");
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        ok(c.output().expect("msmae env"))
+    };
+    let plain = env(&[]);
+    for want in [
+        "process       rank 0 of 1 (solo), local rank 0",
+        "NCCL          not available: NCCL could not be loaded (tried libnccl.so.2, libnccl.so)",
+        "CUDA driver   not available",
+        "CUDA devices  none",
+        "gradients     MSMAE_COLLECTIVE=auto: MPI on host memory (NCCL needs a GPU, its driver and libnccl)",
+    ] {
+        assert!(plain.contains(want), "`{want}` in:\n{plain}");
+    }
+    let py = std::env::var_os("MSMAE_PYTHON").unwrap_or_else(|| panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`"));
+    let script = "import os, torch, nvidia.nccl as n\nprint(os.path.join(list(n.__path__)[0], 'lib', 'libnccl.so.2'))\nprint('.'.join(map(str, torch.cuda.nccl.version())))";
+    let out = Command::new(py).args(["-c", script]).output().expect("python");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = said.lines();
+    let (lib, version) = (lines.next().unwrap_or_default(), lines.next().unwrap_or_default());
+    let found = env(&[("MSMAE_NCCL_LIBRARY", lib), ("MSMAE_COLLECTIVE", "nccl")]);
+    assert!(found.contains(&format!("NCCL          {version} ({lib})")), "{found}");
+    assert!(found.contains("MSMAE_COLLECTIVE=nccl: NCCL required but not usable here"), "no driver, no GPU: {found}");
+    if cfg!(feature = "mpi") {
+        let both = ok(mpirun(dir.path(), 2, &["env"]).output().expect("mpirun"));
+        for rank in ["rank 0 of 2 (mpi)", "rank 1 of 2 (mpi)"] {
+            assert!(both.contains(rank), "{rank}: {both}");
+        }
+    }
+}
+
 /// `mpirun -np N msmae ARGS` in `dir`, as CI runs it: as root (the two variables Open MPI
 /// asks for), more processes than cores allowed, no process binding (libtorch threads), and
 /// no single-copy shared memory (containers forbid the cross-process reads it uses).

@@ -245,6 +245,11 @@ pub enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// What this machine and build offer for training: backends, CUDA devices, MPI, the
+    /// process group, NCCL and the CUDA driver, and how gradients would be summed. For
+    /// checking a node before a long job.
+    #[command(after_help = "Examples:\n  msmae env\n  mpirun -np 2 msmae env\n  MSMAE_NCCL_LIBRARY=/opt/nccl/lib/libnccl.so.2 msmae env")]
+    Env,
     /// List the stage kinds this binary provides.
     #[command(after_help = "Example:\n  msmae stages")]
     Stages,
@@ -475,8 +480,55 @@ fn lock_path(common: &Common) -> PathBuf {
     common.lock.clone().unwrap_or_else(|| lockfile::default_path(&common.pipeline))
 }
 
+/// `msmae env`: one line per fact, each saying where it came from.
+fn environment_report() -> String {
+    use msmae_dist::GradientTransport;
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:14}{v}\n"));
+    line("msmae", format!("{} (burn {})", env!("CARGO_PKG_VERSION"), msmae_backend::BURN_VERSION));
+    let backends: Vec<String> = msmae_backend::compiled_backends()
+        .iter()
+        .map(|b| match b {
+            msmae_backend::BackendKind::Tch => format!("tch (libtorch {})", msmae_backend::LIBTORCH_VERSION),
+            other => other.to_string(),
+        })
+        .collect();
+    line("backends", backends.join(", "));
+    let gpus = msmae_backend::cuda_device_count();
+    line("CUDA devices", if gpus == 0 { "none (libtorch sees no GPU)".into() } else { format!("{gpus} (cuda:0 … cuda:{})", gpus - 1) });
+    line("MPI", if msmae_dist::HAS_MPI { "compiled in".into() } else { "not compiled in (a multi-process launch is refused)".into() });
+    let g = msmae_dist::group();
+    line("process", format!("rank {} of {} ({}), local rank {}", g.rank(), g.size(), g.name(), msmae_dist::local_rank()));
+    let nccl = msmae_dist::nccl::library_version(&msmae_dist::nccl::nccl_candidates(|k| std::env::var(k).ok()));
+    match &nccl {
+        Ok((v, path)) => line("NCCL", format!("{v} ({path})")),
+        Err(e) => line("NCCL", format!("not available: {e}")),
+    }
+    let driver = msmae_dist::nccl::driver_status();
+    match &driver {
+        Ok(path) => line("CUDA driver", format!("initialised ({path})")),
+        Err(e) => line("CUDA driver", format!("not available: {e}")),
+    }
+    let transport = GradientTransport::current().unwrap_or_default();
+    let usable = nccl.is_ok() && driver.is_ok() && gpus > 0;
+    let how = match transport {
+        GradientTransport::Mpi => "MPI on host memory (CUDA gradients copied to the host)".to_string(),
+        GradientTransport::Nccl if usable => "NCCL on CUDA memory, also at world size 1".to_string(),
+        GradientTransport::Nccl => "NCCL required but not usable here: training would fail at its first step".to_string(),
+        GradientTransport::Auto if usable => "NCCL on CUDA devices (if every rank has it), MPI on host memory for CPU training".to_string(),
+        GradientTransport::Auto => "MPI on host memory (NCCL needs a GPU, its driver and libnccl)".to_string(),
+    };
+    let name = format!("{transport:?}").to_lowercase();
+    line("gradients", format!("{}={name}: {how}", GradientTransport::VAR));
+    out
+}
+
 fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
     match cli.command {
+        Command::Env => {
+            print!("{}", environment_report());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stages => {
             for s in registry.iter() {
                 println!("{:28} v{}  {}", s.kind(), s.version(), s.summary());

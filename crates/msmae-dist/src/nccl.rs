@@ -113,10 +113,19 @@ fn open(what: &'static str, names: &[String], hint: &'static str) -> Result<(Lib
         // their own state.
         match unsafe { Library::new(name) } {
             Ok(lib) => return Ok((lib, name.clone())),
-            Err(e) => why = e.to_string(),
+            Err(e) => why = with_source(&e),
         }
     }
     Err(NcclError::Load { what, tried: names.to_vec(), why, hint })
+}
+
+/// libloading's message and the loader's own (`dlopen failed: libnccl.so.2: cannot open
+/// shared object file: No such file or directory`).
+fn with_source(e: &libloading::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(s) => format!("{e}: {s}"),
+        None => e.to_string(),
+    }
 }
 
 /// A function pointer out of `lib`. The pointer stays valid while `lib` is loaded: the API
@@ -124,7 +133,7 @@ fn open(what: &'static str, names: &[String], hint: &'static str) -> Result<(Lib
 fn symbol<T: Copy>(lib: &Library, what: &'static str, path: &str, name: &'static str) -> Result<T, NcclError> {
     // SAFETY: `T` is the C signature of `name` as declared in nccl.h / cuda.h (the type
     // aliases above); the library outlives the copy (see the API structs).
-    unsafe { lib.get::<T>(name).map(|s| *s) }.map_err(|e| NcclError::Symbol { what, symbol: name, source_path: path.to_string(), why: e.to_string() })
+    unsafe { lib.get::<T>(name).map(|s| *s) }.map_err(|e| NcclError::Symbol { what, symbol: name, source_path: path.to_string(), why: with_source(&e) })
 }
 
 /// The names to try for NCCL: `MSMAE_NCCL_LIBRARY`'s path alone when it is set.
@@ -234,6 +243,30 @@ pub fn library_version(names: &[String]) -> Result<(String, String), NcclError> 
     let api = NcclApi::load(names)?;
     let v = api.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: 0, device: 0, code, message: api.message(code) })?;
     Ok((v, api.path.clone()))
+}
+
+/// Whether the CUDA driver loads and initialises (`cuInit`), and from where: what NCCL
+/// needs besides itself.
+pub fn driver_status() -> Result<String, NcclError> {
+    let names: Vec<String> = CUDA_NAMES.iter().map(|s| s.to_string()).collect();
+    let (lib, path) = open("the CUDA driver", &names, CUDA_HINT)?;
+    let init: CuInit = symbol(&lib, "the CUDA driver", &path, "cuInit")?;
+    let get_error_string: CuGetErrorString = symbol(&lib, "the CUDA driver", &path, "cuGetErrorString")?;
+    // SAFETY: cuInit takes flags 0 and may be called more than once.
+    let rc = unsafe { init(0) };
+    if rc != 0 {
+        let mut p: *const c_char = std::ptr::null();
+        // SAFETY: `p` is a valid out pointer; the string is static in the driver.
+        let message = if unsafe { get_error_string(rc, &mut p) } == 0 && !p.is_null() {
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        } else {
+            "unknown error".into()
+        };
+        return Err(NcclError::Cuda { call: "cuInit", device: 0, code: rc, message });
+    }
+    // the driver stays loaded (it is the process's CUDA driver from now on)
+    std::mem::forget(lib);
+    Ok(path)
 }
 
 /// One NCCL communicator over every rank of a process group, each rank on one CUDA device.
