@@ -129,6 +129,10 @@ fn the_gradient_transport_is_checked_and_nccl_needs_cuda_memory() {
         c.current_dir(dir.path()).args(args).env_remove("MSMAE_STORE").env_remove("MSMAE_DEVICE").env("MSMAE_COLLECTIVE", value);
         c.output().expect("run msmae")
     };
+    let timeout =
+        Command::new(msmae_tests::msmae_bin()).current_dir(dir.path()).args(["run", "dp.yaml"]).env("MSMAE_NCCL_TIMEOUT", "soon").output().expect("msmae");
+    assert_eq!(timeout.status.code(), Some(2), "{}", text(&timeout));
+    assert!(text(&timeout).contains("MSMAE_NCCL_TIMEOUT=`soon` is not a positive number of seconds"), "{}", text(&timeout));
     let bad = with("gloo", &["run", "dp.yaml"]);
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
     assert!(text(&bad).contains("MSMAE_COLLECTIVE=`gloo` is not one of auto, mpi, nccl"), "{}", text(&bad));
@@ -166,6 +170,7 @@ fn msmae_env_reports_nccl_the_driver_and_the_gradient_transport() {
         "process       rank 0 of 1 (solo), local rank 0",
         "NCCL          not available: NCCL could not be loaded (tried libnccl.so.2, libnccl.so)",
         "CUDA driver   not available",
+        "NCCL timeout  1800 s per call (MSMAE_NCCL_TIMEOUT)",
         "CUDA devices  none",
         "gradients     MSMAE_COLLECTIVE=auto: MPI on host memory (NCCL needs a GPU, its driver and libnccl)",
     ] {

@@ -271,6 +271,10 @@ pub fn main_with(registry: Registry) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = msmae_dist::nccl::timeout_from(|k| std::env::var(k).ok()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let group = msmae_dist::group();
     // Ranks other than 0 log warnings and errors only (rank 0 speaks for the run).
     init_tracing(cli.verbose, cli.quiet || (group.rank() != 0 && cli.verbose == 0));
@@ -503,6 +507,9 @@ fn environment_report() -> String {
     match &nccl {
         Ok((v, path)) => line("NCCL", format!("{v} ({path})")),
         Err(e) => line("NCCL", format!("not available: {e}")),
+    }
+    if let Ok(t) = msmae_dist::nccl::timeout_from(|k| std::env::var(k).ok()) {
+        line("NCCL timeout", format!("{} s per call ({})", t.as_secs_f64(), msmae_dist::nccl::NCCL_TIMEOUT_VAR));
     }
     let driver = msmae_dist::nccl::driver_status();
     match &driver {

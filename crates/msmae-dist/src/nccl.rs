@@ -13,13 +13,20 @@
 //! a process that loaded libtorch_cuda already has it) and `libnccl.so` (the -dev
 //! package's link), or the path in `MSMAE_NCCL_LIBRARY`. cudarc's NCCL binding was the
 //! first choice, but its loader looks for neither `libnccl.so.2` nor a path (so it misses
-//! PyTorch's NCCL) and panics instead of returning an error; the eight entry points used
-//! here are declared below from `nccl.h` (2.x; all present since 2.2) and `cuda.h`.
+//! PyTorch's NCCL) and panics instead of returning an error; the entry points used here
+//! (nine of NCCL's, all present since 2.4, and seven of the driver's) are declared below
+//! from `nccl.h` and `cuda.h`.
+//!
+//! Each call is watched as PyTorch's NCCL watchdog does: NCCL's asynchronous error is
+//! polled while the call runs, and a call still running after `MSMAE_NCCL_TIMEOUT` seconds
+//! (default 1800) aborts the communicator and fails this rank's stage, which ends the job.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use libloading::Library;
 
@@ -37,6 +44,15 @@ pub const NCCL_NAMES: &[&str] = &["libnccl.so.2", "libnccl.so"];
 const CUDA_NAMES: &[&str] = &["libcuda.so.1", "libcuda.so"];
 /// The variable naming NCCL's shared library when it is not on the loader's path.
 pub const NCCL_LIBRARY_VAR: &str = "MSMAE_NCCL_LIBRARY";
+/// The variable bounding how long one NCCL call may take (seconds).
+pub const NCCL_TIMEOUT_VAR: &str = "MSMAE_NCCL_TIMEOUT";
+/// Default bound on one NCCL call: generous, since a call also waits for the slowest rank
+/// (rank 0 writing a checkpoint, a slow validation pass).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+/// `CUDA_ERROR_NOT_READY`: work still queued on the stream.
+const CUDA_NOT_READY: c_int = 600;
+/// `ncclInProgress`: a non-blocking operation still running (not an error).
+const NCCL_IN_PROGRESS: c_int = 7;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -58,6 +74,13 @@ pub enum NcclError {
     Cuda { call: &'static str, device: usize, code: i32, message: String },
     #[error("NCCL call {call} failed on rank {rank} (device {device}): {message} (ncclResult_t {code})")]
     Nccl { call: &'static str, rank: usize, device: usize, code: i32, message: String },
+    #[error(
+        "NCCL call {call} did not finish within {seconds} s on rank {rank} (device {device}): another rank hung or the network failed; the communicator was aborted ({var} sets the limit)",
+        var = NCCL_TIMEOUT_VAR
+    )]
+    Timeout { call: &'static str, rank: usize, device: usize, seconds: u64 },
+    #[error("{NCCL_TIMEOUT_VAR}=`{0}` is not a positive number of seconds")]
+    BadTimeout(String),
     #[error("NCCL is not available on rank(s) {}: {first}", ranks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     Unavailable { ranks: Vec<usize>, first: String },
 }
@@ -72,6 +95,8 @@ type NcclAllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_i
 type NcclBroadcast = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
 type NcclCommDestroy = unsafe extern "C" fn(Comm) -> c_int;
 type NcclGetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
+type NcclCommGetAsyncError = unsafe extern "C" fn(Comm, *mut c_int) -> c_int;
+type NcclCommAbort = unsafe extern "C" fn(Comm) -> c_int;
 
 struct NcclApi {
     /// Never unloaded: `ncclGetUniqueId` starts a bootstrap thread inside the library that
@@ -86,6 +111,8 @@ struct NcclApi {
     broadcast: NcclBroadcast,
     comm_destroy: NcclCommDestroy,
     get_error_string: NcclGetErrorString,
+    comm_get_async_error: NcclCommGetAsyncError,
+    comm_abort: NcclCommAbort,
 }
 
 type CuInit = unsafe extern "C" fn(c_uint) -> c_int;
@@ -93,6 +120,7 @@ type CuDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
 type CuPrimaryCtxRetain = unsafe extern "C" fn(*mut Context, c_int) -> c_int;
 type CuCtxSetCurrent = unsafe extern "C" fn(Context) -> c_int;
 type CuCtxSynchronize = unsafe extern "C" fn() -> c_int;
+type CuStreamQuery = unsafe extern "C" fn(Stream) -> c_int;
 type CuGetErrorString = unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int;
 
 struct CudaApi {
@@ -102,6 +130,7 @@ struct CudaApi {
     primary_ctx_retain: CuPrimaryCtxRetain,
     ctx_set_current: CuCtxSetCurrent,
     ctx_synchronize: CuCtxSynchronize,
+    stream_query: CuStreamQuery,
     get_error_string: CuGetErrorString,
 }
 
@@ -155,6 +184,8 @@ impl NcclApi {
             broadcast: symbol(&lib, "NCCL", &path, "ncclBroadcast")?,
             comm_destroy: symbol(&lib, "NCCL", &path, "ncclCommDestroy")?,
             get_error_string: symbol(&lib, "NCCL", &path, "ncclGetErrorString")?,
+            comm_get_async_error: symbol(&lib, "NCCL", &path, "ncclCommGetAsyncError")?,
+            comm_abort: symbol(&lib, "NCCL", &path, "ncclCommAbort")?,
             path,
             _lib: std::mem::ManuallyDrop::new(lib),
         })
@@ -206,6 +237,7 @@ impl CudaApi {
             primary_ctx_retain: symbol(&lib, WHAT, &path, "cuDevicePrimaryCtxRetain")?,
             ctx_set_current: symbol(&lib, WHAT, &path, "cuCtxSetCurrent")?,
             ctx_synchronize: symbol(&lib, WHAT, &path, "cuCtxSynchronize")?,
+            stream_query: symbol(&lib, WHAT, &path, "cuStreamQuery")?,
             get_error_string: symbol(&lib, WHAT, &path, "cuGetErrorString")?,
             _lib: lib,
         })
@@ -280,6 +312,10 @@ pub struct Nccl {
     api: &'static (NcclApi, CudaApi),
     /// NCCL communicators are not thread-safe: one call at a time.
     lock: Mutex<()>,
+    /// The longest one call may take before the communicator is aborted.
+    timeout: Duration,
+    /// Set once the communicator was aborted (it must then not be destroyed, nor used).
+    aborted: AtomicBool,
 }
 
 // SAFETY: the communicator and context handles are plain pointers owned by NCCL and the
@@ -300,6 +336,7 @@ impl Nccl {
     /// load NCCL and the driver, so one rank without them fails every rank with its name
     /// instead of leaving the others waiting.
     pub fn init(group: &dyn Collective, device: usize) -> Result<Self, NcclError> {
+        let timeout = timeout_from(|k| std::env::var(k).ok())?;
         // Everything a rank can fail at on its own comes before the vote: loading, the
         // device's context, the version. After it, only rank 0's id draw (announced to all)
         // and ncclCommInitRank (a rank that fails there fails its stage, which aborts the job).
@@ -367,7 +404,7 @@ impl Nccl {
             return Err(nccl_err("ncclCommInitRank", rc));
         }
         tracing::debug!("NCCL {version} ({}) rank {} of {} on cuda:{device}", nccl.path, group.rank(), group.size());
-        Ok(Self { comm, ctx, rank: group.rank(), size: group.size(), device, version, api, lock: Mutex::new(()) })
+        Ok(Self { comm, ctx, rank: group.rank(), size: group.size(), device, version, api, lock: Mutex::new(()), timeout, aborted: AtomicBool::new(false) })
     }
 
     pub fn rank(&self) -> usize {
@@ -387,16 +424,64 @@ impl Nccl {
     fn call(&self, what: &'static str, f: impl FnOnce(&NcclApi) -> c_int) -> Result<(), NcclError> {
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let (nccl, cuda) = (&self.api.0, &self.api.1);
+        let failed = |code| NcclError::Nccl { call: what, rank: self.rank, device: self.device, code, message: nccl.message(code) };
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(NcclError::Nccl {
+                call: what,
+                rank: self.rank,
+                device: self.device,
+                code: -1,
+                message: "the communicator was aborted by an earlier failure".into(),
+            });
+        }
         // SAFETY: `ctx` is the device's retained primary context.
         cuda.check("cuCtxSetCurrent", self.device, unsafe { (cuda.ctx_set_current)(self.ctx) })?;
         // the inputs are complete, whichever stream wrote them
         cuda.check("cuCtxSynchronize", self.device, unsafe { (cuda.ctx_synchronize)() })?;
         let rc = f(nccl);
         if rc != 0 {
-            return Err(NcclError::Nccl { call: what, rank: self.rank, device: self.device, code: rc, message: nccl.message(rc) });
+            return Err(failed(rc));
         }
-        // the results are in memory when this returns
-        cuda.check("cuCtxSynchronize", self.device, unsafe { (cuda.ctx_synchronize)() })
+        // Wait for the call on the stream while watching NCCL's asynchronous errors and the
+        // clock (what PyTorch's NCCL watchdog does): a peer that hangs without exiting would
+        // otherwise hold this rank forever. Spin briefly (a step's all-reduce takes
+        // milliseconds), then poll every 100 µs.
+        let started = Instant::now();
+        let null: Stream = std::ptr::null_mut();
+        for polls in 0u64.. {
+            // SAFETY: the legacy default stream of the current context.
+            match unsafe { (cuda.stream_query)(null) } {
+                0 => return Ok(()),
+                CUDA_NOT_READY => {}
+                other => return cuda.check("cuStreamQuery", self.device, other),
+            }
+            let mut async_rc: c_int = 0;
+            // SAFETY: a live communicator and a valid out pointer.
+            let rc = unsafe { (nccl.comm_get_async_error)(self.comm, &mut async_rc) };
+            if rc == 0 && async_rc != 0 && async_rc != NCCL_IN_PROGRESS {
+                self.abort();
+                return Err(failed(async_rc));
+            }
+            if started.elapsed() > self.timeout {
+                self.abort();
+                return Err(NcclError::Timeout { call: what, rank: self.rank, device: self.device, seconds: self.timeout.as_secs() });
+            }
+            if polls < 10_000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every outstanding operation of the communicator (after an asynchronous error or a
+    /// timeout); it is unusable afterwards.
+    fn abort(&self) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: a communicator from ncclCommInitRank, aborted once (then never destroyed).
+            let _ = unsafe { (self.api.0.comm_abort)(self.comm) };
+        }
     }
 
     /// Element-wise sum over the ranks, in place.
@@ -424,8 +509,22 @@ impl Nccl {
 
 impl Drop for Nccl {
     fn drop(&mut self) {
-        // SAFETY: `comm` came from ncclCommInitRank and is destroyed once.
-        let _ = unsafe { (self.api.0.comm_destroy)(self.comm) };
+        if !self.aborted.load(Ordering::SeqCst) {
+            // SAFETY: `comm` came from ncclCommInitRank and is destroyed once (an aborted one
+            // was freed by ncclCommAbort).
+            let _ = unsafe { (self.api.0.comm_destroy)(self.comm) };
+        }
+    }
+}
+
+/// The bound on one NCCL call, from `MSMAE_NCCL_TIMEOUT` (seconds) as `var` reads it.
+pub fn timeout_from(var: impl Fn(&str) -> Option<String>) -> Result<Duration, NcclError> {
+    match var(NCCL_TIMEOUT_VAR).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
+        None => Ok(DEFAULT_TIMEOUT),
+        Some(v) => match v.parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+            _ => Err(NcclError::BadTimeout(v)),
+        },
     }
 }
 
@@ -452,6 +551,18 @@ mod tests {
     fn versions_decode_in_both_of_nccls_encodings() {
         assert_eq!(decode_version(22707), "2.27.7");
         assert_eq!(decode_version(2708), "2.7.8");
+    }
+
+    #[test]
+    fn the_call_timeout_comes_from_its_variable() {
+        let one = |v: &'static str| move |k: &str| (k == NCCL_TIMEOUT_VAR).then(|| v.to_string());
+        assert_eq!(timeout_from(|_| None), Ok(DEFAULT_TIMEOUT));
+        assert_eq!(timeout_from(one("90")), Ok(Duration::from_secs(90)));
+        assert_eq!(timeout_from(one(" 0.5 ")), Ok(Duration::from_millis(500)));
+        for bad in ["0", "-3", "ten", "inf"] {
+            let e = timeout_from(one(bad)).expect_err(bad);
+            assert_eq!(e.to_string(), format!("MSMAE_NCCL_TIMEOUT=`{bad}` is not a positive number of seconds"));
+        }
     }
 
     #[test]
@@ -495,7 +606,7 @@ mod tests {
         assert!(a.iter().any(|&x| x != 0) && a != b, "two draws give two non-zero ids");
         assert_eq!(api.message(0), "no error");
         assert!(api.message(4).contains("invalid argument"), "{}", api.message(4));
-        eprintln!("NCCL {version} from {from}: 7 entry points, unique ids drawn");
+        eprintln!("NCCL {version} from {from}: every entry point resolves, unique ids drawn");
     }
 
     #[test]
