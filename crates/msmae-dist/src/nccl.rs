@@ -78,7 +78,7 @@ pub enum NcclError {
         "NCCL call {call} did not finish within {seconds} s on rank {rank} (device {device}): another rank hung or the network failed; the communicator was aborted ({var} sets the limit)",
         var = NCCL_TIMEOUT_VAR
     )]
-    Timeout { call: &'static str, rank: usize, device: usize, seconds: u64 },
+    Timeout { call: &'static str, rank: usize, device: usize, seconds: String },
     #[error("{NCCL_TIMEOUT_VAR}=`{0}` is not a positive number of seconds")]
     BadTimeout(String),
     #[error("NCCL is not available on rank(s) {}: {first}", ranks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
@@ -336,15 +336,15 @@ impl Nccl {
     /// load NCCL and the driver, so one rank without them fails every rank with its name
     /// instead of leaving the others waiting.
     pub fn init(group: &dyn Collective, device: usize) -> Result<Self, NcclError> {
-        let timeout = timeout_from(|k| std::env::var(k).ok())?;
         // Everything a rank can fail at on its own comes before the vote: loading, the
         // device's context, the version. After it, only rank 0's id draw (announced to all)
         // and ncclCommInitRank (a rank that fails there fails its stage, which aborts the job).
         let mine = apis().and_then(|api| {
+            let timeout = timeout_from(|k| std::env::var(k).ok())?;
             let ctx = current_context(&api.1, device)?;
             let version =
                 api.0.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: group.rank(), device, code, message: api.0.message(code) })?;
-            Ok((api, ctx, version))
+            Ok((api, ctx, version, timeout))
         });
         let mut ok = vec![0.0f32; group.size()];
         if let Some(slot) = ok.get_mut(group.rank()) {
@@ -352,7 +352,7 @@ impl Nccl {
         }
         group.all_reduce_sum(&mut ok);
         let missing: Vec<usize> = ok.iter().enumerate().filter(|(_, v)| **v < 0.5).map(|(r, _)| r).collect();
-        let (api, ctx, version) = match mine {
+        let (api, ctx, version, timeout) = match mine {
             Ok(m) if missing.is_empty() => m,
             Ok(_) => return Err(NcclError::Unavailable { ranks: missing, first: "see that rank's log".into() }),
             Err(e) => return Err(NcclError::Unavailable { ranks: missing, first: e.to_string() }),
@@ -450,11 +450,13 @@ impl Nccl {
         let null: Stream = std::ptr::null_mut();
         for polls in 0u64.. {
             // SAFETY: the legacy default stream of the current context.
-            match unsafe { (cuda.stream_query)(null) } {
-                0 => return Ok(()),
-                CUDA_NOT_READY => {}
+            let done = match unsafe { (cuda.stream_query)(null) } {
+                0 => true,
+                CUDA_NOT_READY => false,
                 other => return cuda.check("cuStreamQuery", self.device, other),
-            }
+            };
+            // Checked once more after the stream drained: a kernel NCCL stopped early
+            // finishes too, with its error set and the buffer not summed.
             let mut async_rc: c_int = 0;
             // SAFETY: a live communicator and a valid out pointer.
             let rc = unsafe { (nccl.comm_get_async_error)(self.comm, &mut async_rc) };
@@ -462,9 +464,12 @@ impl Nccl {
                 self.abort();
                 return Err(failed(async_rc));
             }
+            if done {
+                return Ok(());
+            }
             if started.elapsed() > self.timeout {
                 self.abort();
-                return Err(NcclError::Timeout { call: what, rank: self.rank, device: self.device, seconds: self.timeout.as_secs() });
+                return Err(NcclError::Timeout { call: what, rank: self.rank, device: self.device, seconds: self.timeout.as_secs_f64().to_string() });
             }
             if polls < 10_000 {
                 std::hint::spin_loop();
@@ -522,7 +527,7 @@ pub fn timeout_from(var: impl Fn(&str) -> Option<String>) -> Result<Duration, Nc
     match var(NCCL_TIMEOUT_VAR).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
         None => Ok(DEFAULT_TIMEOUT),
         Some(v) => match v.parse::<f64>() {
-            Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+            Ok(s) if s > 0.0 => Duration::try_from_secs_f64(s).map_err(|_| NcclError::BadTimeout(v)),
             _ => Err(NcclError::BadTimeout(v)),
         },
     }
@@ -559,7 +564,7 @@ mod tests {
         assert_eq!(timeout_from(|_| None), Ok(DEFAULT_TIMEOUT));
         assert_eq!(timeout_from(one("90")), Ok(Duration::from_secs(90)));
         assert_eq!(timeout_from(one(" 0.5 ")), Ok(Duration::from_millis(500)));
-        for bad in ["0", "-3", "ten", "inf"] {
+        for bad in ["0", "-3", "ten", "inf", "NaN", "1e30"] {
             let e = timeout_from(one(bad)).expect_err(bad);
             assert_eq!(e.to_string(), format!("MSMAE_NCCL_TIMEOUT=`{bad}` is not a positive number of seconds"));
         }
