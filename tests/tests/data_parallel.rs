@@ -149,6 +149,9 @@ fn the_gradient_transport_is_checked_and_nccl_needs_cuda_memory() {
 
     ok(with("mpi", &["run", "dp.yaml", "--device", "cpu", "--until", "supervised"]));
     assert!(artifact(dir.path(), "supervised").join("model.safetensors").is_file());
+    // run-only: the transport is shown beside the key, and another one serves the cache
+    let why = ok(with("nccl", &["why", "dp.yaml", "supervised", "--device", "cpu"]));
+    assert!(why.contains("up to date") && why.contains("gradients across processes: MSMAE_COLLECTIVE=nccl (run-only, likewise)"), "{why}");
 }
 
 /// `msmae env` says what a node offers: no NCCL and no driver here, PyTorch's NCCL when

@@ -525,8 +525,7 @@ fn environment_report() -> String {
         GradientTransport::Auto if usable => "NCCL on CUDA devices (if every rank has it), MPI on host memory for CPU training".to_string(),
         GradientTransport::Auto => "MPI on host memory (NCCL needs a GPU, its driver and libnccl)".to_string(),
     };
-    let name = format!("{transport:?}").to_lowercase();
-    line("gradients", format!("{}={name}: {how}", GradientTransport::VAR));
+    line("gradients", format!("{}={transport}: {how}", GradientTransport::VAR));
     out
 }
 

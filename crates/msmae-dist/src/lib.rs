@@ -72,6 +72,16 @@ pub enum GradientTransport {
     Nccl,
 }
 
+impl fmt::Display for GradientTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Mpi => "mpi",
+            Self::Nccl => "nccl",
+        })
+    }
+}
+
 impl GradientTransport {
     pub const VAR: &'static str = "MSMAE_COLLECTIVE";
 

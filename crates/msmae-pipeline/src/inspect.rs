@@ -166,6 +166,8 @@ pub fn why(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, stage: &s
             // Which devices, and how many data-parallel replicas, change numbers only by float
             // reduction order (tested to 1e-5): run-only, like `checkpoint_every`.
             let _ = writeln!(out, "  devices {} (run-only, not in the key: replicas agree up to float reduction order)", env.device);
+            let transport = msmae_dist::GradientTransport::current().map(|t| t.to_string()).unwrap_or_else(|e| e.to_string());
+            let _ = writeln!(out, "  gradients across processes: {}={transport} (run-only, likewise)", msmae_dist::GradientTransport::VAR);
         }
     }
     Ok(out)
