@@ -125,6 +125,7 @@ type CuGetErrorString = unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int
 
 struct CudaApi {
     _lib: Library,
+    path: String,
     init: CuInit,
     device_get: CuDeviceGet,
     primary_ctx_retain: CuPrimaryCtxRetain,
@@ -239,6 +240,7 @@ impl CudaApi {
             ctx_synchronize: symbol(&lib, WHAT, &path, "cuCtxSynchronize")?,
             stream_query: symbol(&lib, WHAT, &path, "cuStreamQuery")?,
             get_error_string: symbol(&lib, WHAT, &path, "cuGetErrorString")?,
+            path,
             _lib: lib,
         })
     }
@@ -280,24 +282,12 @@ pub fn library_version(names: &[String]) -> Result<(String, String), NcclError> 
 /// Whether the CUDA driver loads and initialises (`cuInit`), and from where: what NCCL
 /// needs besides itself.
 pub fn driver_status() -> Result<String, NcclError> {
-    let names: Vec<String> = CUDA_NAMES.iter().map(|s| s.to_string()).collect();
-    let (lib, path) = open("the CUDA driver", &names, CUDA_HINT)?;
-    let init: CuInit = symbol(&lib, "the CUDA driver", &path, "cuInit")?;
-    let get_error_string: CuGetErrorString = symbol(&lib, "the CUDA driver", &path, "cuGetErrorString")?;
+    let api = CudaApi::load()?;
     // SAFETY: cuInit takes flags 0 and may be called more than once.
-    let rc = unsafe { init(0) };
-    if rc != 0 {
-        let mut p: *const c_char = std::ptr::null();
-        // SAFETY: `p` is a valid out pointer; the string is static in the driver.
-        let message = if unsafe { get_error_string(rc, &mut p) } == 0 && !p.is_null() {
-            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-        } else {
-            "unknown error".into()
-        };
-        return Err(NcclError::Cuda { call: "cuInit", device: 0, code: rc, message });
-    }
-    // the driver stays loaded (it is the process's CUDA driver from now on)
-    std::mem::forget(lib);
+    api.check("cuInit", 0, unsafe { (api.init)(0) })?;
+    let path = api.path.clone();
+    // the initialised driver stays loaded (it is the process's CUDA driver from now on)
+    std::mem::forget(api);
     Ok(path)
 }
 

@@ -191,15 +191,16 @@ fn reduce_flat(comm: &dyn Collective, transport: GradientTransport, flat: Tensor
             },
         }
     });
-    if done.is_none() {
-        agree(comm, Lies::Opaque)?;
-    }
     match done {
         Some(Ok(true)) => return Ok(flat),
         Some(Err(e)) => return Err(e),
         Some(Ok(false)) => {}
-        None if transport == GradientTransport::Nccl => return Err(nccl_needs_cuda("this backend gives no device memory (NCCL needs libtorch on CUDA)")),
-        None => {}
+        None => {
+            agree(comm, Lies::Opaque)?;
+            if transport == GradientTransport::Nccl {
+                return Err(nccl_needs_cuda("this backend gives no device memory (NCCL needs libtorch on CUDA)"));
+            }
+        }
     }
     let mut host = to_vec(flat).map_err(|e| e.to_string())?;
     all_reduce(comm, &mut host);
