@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 13), run on the lent GPU machine from the repository root:
+# The prepared GPU check, run on a GPU machine from the repository root:
 #
-#   bash scripts/gpu-check.sh            # device tool: carry gpu-bundle
+#   bash scripts/gpu-check.sh            # needs gpu-bundle/ in the repository root
 #
 # That machine has no Rust: `cargo xtask gpu-bundle` (run here, on CPU) leaves msmae,
 # bench_model and bench_loader, built against its PyTorch (2.11.0+cu130), in
@@ -74,11 +74,11 @@ echo "quickstart wall time: $(( $(date +%s) - q0 )) s"
 section "4. training loader (Parquet → crop/flip → normalise → mask plan) beside torchvision"
 step 40 "$BIN/bench_loader" --images 2048 --threads "1,$(nproc)"
 
-section "5. NCCL gradient all-reduce at world size 1 (issue 14: the CUDA path through the same code)"
+section "5. NCCL gradient all-reduce at world size 1 (the CUDA path through the same code)"
 # A one-GPU machine runs one rank. MSMAE_COLLECTIVE=nccl sends every step's flat gradient
 # buffer through ncclAllReduce anyway (a sum over one rank: the identity), so the trained
 # parameters must equal the run without it bit for bit. Across several GPUs it stays
-# unverified here.
+# unverified by this check.
 mkdir -p "$WORK/nccl"
 cat > "$WORK/nccl/dp.yaml" <<'YAML'
 name: dp

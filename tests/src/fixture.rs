@@ -367,9 +367,42 @@ impl Stage for Model {
     }
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureCfg {
+    /// A file whose number becomes the score: read at run time but not part of the key, as
+    /// a thread-dependent float reduction would be (what `msmae audit` must catch).
+    pub reading: String,
+}
+
+/// Writes `metrics.json` with a `score` metric read from a file outside the key.
+#[derive(Debug)]
+pub struct Measure;
+impl Stage for Measure {
+    type Config = MeasureCfg;
+    const KIND: &'static str = "test/measure";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "a result the key does not determine";
+    const USES_BACKEND: bool = true;
+    fn code_fingerprint(&self) -> &'static str {
+        "test-measure"
+    }
+    fn inputs(&self, _: &MeasureCfg) -> Vec<InputSlot> {
+        vec![InputSlot::one("data", "blob", "what is measured")]
+    }
+    fn output(&self, _: &MeasureCfg) -> OutputDecl {
+        OutputDecl::new("metrics", &["metrics.json"]).metric("score", "metrics.json", "/score")
+    }
+    fn run(&self, c: &MeasureCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+        let score: f64 = fs::read_to_string(&c.reading).map_err(|e| StageError::io(&c.reading, e))?.trim().parse().map_err(|_| StageError::other("not a number"))?;
+        let p = ctx.output_path("metrics.json")?;
+        fs::write(&p, serde_json::json!({ "score": score }).to_string()).map_err(|e| StageError::io(&p, e))
+    }
+}
+
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(Source).register(Concat).register(Pair).register(Ext).register(Listed).register(Misbehave).register(Slow).register(Model);
+    r.register(Source).register(Concat).register(Pair).register(Ext).register(Listed).register(Misbehave).register(Slow).register(Model).register(Measure);
     r
 }
 

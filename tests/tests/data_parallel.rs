@@ -216,7 +216,7 @@ fn mpirun(dir: &Path, n: usize, args: &[&str]) -> Command {
 #[test]
 #[cfg_attr(
     not(feature = "mpi"),
-    ignore = "this build has no MPI: install Open MPI and libclang-dev (Debian: openmpi-bin libopenmpi-dev libclang-dev), then `cargo xtask test`"
+    ignore = "this build has no MPI: `cargo xtask setup --system` installs Open MPI and libclang (as root), then `cargo xtask test`"
 )]
 fn two_mpi_processes_give_the_one_process_parameters() {
     let one = tempfile::tempdir().expect("tmp");
@@ -258,7 +258,7 @@ fn two_mpi_processes_give_the_one_process_parameters() {
 #[test]
 #[cfg_attr(
     not(feature = "mpi"),
-    ignore = "this build has no MPI: install Open MPI and libclang-dev (Debian: openmpi-bin libopenmpi-dev libclang-dev), then `cargo xtask test`"
+    ignore = "this build has no MPI: `cargo xtask setup --system` installs Open MPI and libclang (as root), then `cargo xtask test`"
 )]
 fn ranks_on_different_kinds_of_device_fail_together_by_name() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -282,7 +282,7 @@ fn ranks_on_different_kinds_of_device_fail_together_by_name() {
 #[test]
 #[cfg_attr(
     not(feature = "mpi"),
-    ignore = "this build has no MPI: install Open MPI and libclang-dev (Debian: openmpi-bin libopenmpi-dev libclang-dev), then `cargo xtask test`"
+    ignore = "this build has no MPI: `cargo xtask setup --system` installs Open MPI and libclang (as root), then `cargo xtask test`"
 )]
 fn a_killed_rank_ends_the_job_by_name_and_the_rerun_resumes() {
     use std::process::Stdio;
@@ -346,7 +346,7 @@ fn rank_pid(rank: usize) -> Option<u32> {
 #[test]
 #[cfg_attr(
     not(feature = "mpi"),
-    ignore = "this build has no MPI: install Open MPI and libclang-dev (Debian: openmpi-bin libopenmpi-dev libclang-dev), then `cargo xtask test`"
+    ignore = "this build has no MPI: `cargo xtask setup --system` installs Open MPI and libclang (as root), then `cargo xtask test`"
 )]
 fn the_tiny_study_on_two_processes_matches_one_process() {
     let one = tempfile::tempdir().expect("tmp");

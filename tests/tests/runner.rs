@@ -269,7 +269,7 @@ fn backend_is_part_of_the_key_only_for_stages_that_use_it() {
     ));
     f.run();
     f.clear_marks();
-    let env = msmae_core::ExecEnv { backend: "tch".into(), device: "cpu".into(), device_kind: "cpu".into(), precision: "f32".into() };
+    let env = msmae_core::ExecEnv { backend: "tch".into(), device: "cpu".into(), device_kind: "cpu".into(), precision: "f32".into(), library: "libtorch 2.9.0".into() };
     let r = f.run_with(&[], RunOptions { env: env.clone(), ..Default::default() });
     assert_eq!(outcome(&r, "data").label(), "cached");
     assert_eq!(outcome(&r, "train").label(), "ran");
@@ -281,8 +281,17 @@ fn backend_is_part_of_the_key_only_for_stages_that_use_it() {
     let r = f.run_with(&[], RunOptions { env: bf16, ..Default::default() });
     assert_eq!(outcome(&r, "data").label(), "cached");
     assert!(outcome(&r, "train").label().starts_with("ran"), "{}", outcome(&r, "train").label());
-    let r = f.run_with(&[], RunOptions { env, ..Default::default() });
+    let r = f.run_with(&[], RunOptions { env: env.clone(), ..Default::default() });
     assert_eq!(outcome(&r, "train").label(), "cached");
+    // Another libtorch: the stage that computes with it is stale and `why` names the
+    // versions; the data stage is not.
+    let newer = msmae_core::ExecEnv { library: "libtorch 2.11.0".into(), ..env };
+    let lock = msmae_pipeline::LockFile::read(&f.path("p.lock"), "").expect("lock");
+    let why = msmae_pipeline::inspect::why(&f.plan(&[]), &f.store(), &lock, &newer, "train").expect("why");
+    assert!(why.contains("numeric library libtorch 2.9.0 → libtorch 2.11.0"), "{why}");
+    let r = f.run_with(&[], RunOptions { env: newer, ..Default::default() });
+    assert_eq!(outcome(&r, "data").label(), "cached");
+    assert!(outcome(&r, "train").label().starts_with("ran"));
 }
 
 #[test]

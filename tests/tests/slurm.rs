@@ -151,7 +151,7 @@ fn ok(o: Output) -> String {
 #[test]
 #[cfg_attr(
     not(feature = "slurm"),
-    ignore = "needs Slurm and munge (Debian: slurmctld slurmd slurm-client munge) and root to start them; `.ci/run` installs them"
+    ignore = "needs Slurm and munge and root to start them: `cargo xtask setup --system` installs them (as root)"
 )]
 fn stages_run_as_slurm_jobs() {
     let cluster = Cluster::start();

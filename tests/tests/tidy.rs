@@ -117,3 +117,145 @@ fn documents_and_comments_refer_only_to_files_that_exist() {
     }
     assert!(broken.is_empty(), "references to files that do not exist:\n  {}", broken.join("\n  "));
 }
+
+/// The `msmae-*` crates each crate's `[dependencies]` names.
+fn msmae_dependencies(manifest: &str) -> Vec<String> {
+    let mut in_deps = false;
+    let mut out = Vec::new();
+    for line in manifest.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_deps = t == "[dependencies]";
+            continue;
+        }
+        let name = t.split(['=', ' ', '.']).next().unwrap_or("");
+        if in_deps && name.starts_with("msmae-") {
+            out.push(name.to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The dependency rules of ARCHITECTURE.md's table (`| crate | may depend on |`): every
+/// crate has a row, and depends on no `msmae-*` crate its row does not allow. The runner
+/// never sees burn, a library never depends on a stage crate, and the code fingerprint of a
+/// stage covers only what it computes with, because of these rules.
+#[test]
+fn every_crate_depends_only_on_what_the_architecture_allows() {
+    let doc = fs::read_to_string(root().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md at the repository root");
+    let mut allowed: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut in_table = false;
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.trim().trim_matches('|').split('|').map(str::trim).collect();
+        if cells.len() == 2 && cells[0] == "crate" && cells[1] == "may depend on" {
+            in_table = true;
+            continue;
+        }
+        if in_table && !line.trim_start().starts_with('|') {
+            in_table = false;
+        }
+        if in_table && cells.len() == 2 && cells[0].trim_matches('`').starts_with("msmae-") {
+            let deps = cells[1].split(',').map(|d| d.trim().trim_matches('`').to_string()).filter(|d| d.starts_with("msmae-")).collect();
+            allowed.insert(cells[0].trim_matches('`').to_string(), deps);
+        }
+    }
+    assert!(!allowed.is_empty(), "ARCHITECTURE.md has no `| crate | may depend on |` table");
+    let mut problems = Vec::new();
+    for e in fs::read_dir(root().join("crates")).expect("crates/").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(manifest) = fs::read_to_string(e.path().join("Cargo.toml")) else { continue };
+        let Some(ok) = allowed.get(&name) else {
+            problems.push(format!("{name}: no row in ARCHITECTURE.md's dependency table"));
+            continue;
+        };
+        for d in msmae_dependencies(&manifest) {
+            if !ok.contains(&d) {
+                problems.push(format!("{name} depends on {d}, which ARCHITECTURE.md does not allow"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "crate dependencies break the architecture's rules:\n  {}", problems.join("\n  "));
+}
+
+/// Words that narrate the project's history or cite its tracker: they belong in
+/// CHANGELOG.md, not in what describes the product as it is.
+fn narration(text: &str) -> Vec<String> {
+    let lower = text.to_lowercase();
+    let mut out = Vec::new();
+    for (n, line) in lower.lines().enumerate() {
+        let words: Vec<&str> = line.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+        for w in words.windows(2) {
+            if matches!(w[0], "issue" | "session") && w[1].chars().all(|c| c.is_ascii_digit()) {
+                out.push(format!("line {}: `{} {}`", n + 1, w[0], w[1]));
+            }
+        }
+        for phrase in ["before the rewrite", "after the rewrite", "development round", "loader rewrite", "this session", "last session"] {
+            if line.contains(phrase) {
+                out.push(format!("line {}: `{phrase}`", n + 1));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn docs_pipelines_scripts_and_comments_speak_of_the_product_as_it_is() {
+    let root = root();
+    let mut docs = Vec::new();
+    for d in ["crates", "tests", "xtask", "docs", "pipelines", "scripts", "data"] {
+        files(&root.join(d), &[".md", ".yaml", ".sh"], &mut docs);
+    }
+    docs.extend(["README.md", "ARCHITECTURE.md"].iter().map(|f| root.join(f)));
+    let mut found = Vec::new();
+    for f in &docs {
+        for hit in narration(&fs::read_to_string(f).unwrap_or_default()) {
+            found.push(format!("{}: {hit}", f.strip_prefix(&root).unwrap_or(f).display()));
+        }
+    }
+    for f in rust_files() {
+        let text = fs::read_to_string(&f).unwrap_or_default();
+        let comments: String = text.lines().map(|l| l.trim_start().strip_prefix("//").unwrap_or("")).collect::<Vec<_>>().join("\n");
+        for hit in narration(&comments) {
+            found.push(format!("{}: {hit}", f.strip_prefix(&root).unwrap_or(&f).display()));
+        }
+    }
+    assert!(found.is_empty(), "history narration or tracker numbers (put them in CHANGELOG.md):\n  {}", found.join("\n  "));
+}
+
+#[test]
+fn the_narration_check_finds_what_it_should() {
+    assert_eq!(narration("as of issue 17 and Session 7;\nafter the loader rewrite"), ["line 1: `issue 17`", "line 1: `session 7`", "line 2: `loader rewrite`"]);
+    assert!(narration("repeat: 3 — round 2 uses seed 2; an issue with the data; issues 3").is_empty());
+}
+
+/// Every `docs/method.md §N` (or `§N.M`) a comment, pipeline or document cites is a heading
+/// of docs/method.md.
+#[test]
+fn every_method_section_that_is_cited_exists() {
+    let root = root();
+    let method = fs::read_to_string(root.join("docs/method.md")).expect("docs/method.md");
+    let headings: Vec<String> = method
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(1).filter(|w| w.starts_with('§')).map(str::to_string))
+        .collect();
+    assert!(headings.len() >= 5, "docs/method.md has numbered (§) headings: {headings:?}");
+    let mut sources = rust_files();
+    for d in ["pipelines", "docs", "crates", "scripts"] {
+        files(&root.join(d), &[".md", ".yaml", ".sh"], &mut sources);
+    }
+    sources.extend(["README.md", "ARCHITECTURE.md"].iter().map(|f| root.join(f)));
+    let mut missing = Vec::new();
+    for f in sources {
+        let text = fs::read_to_string(&f).unwrap_or_default();
+        for (i, _) in text.match_indices("method.md §") {
+            let cited: String = text[i + "method.md ".len()..].chars().take_while(|c| *c == '§' || c.is_ascii_digit() || *c == '.').collect();
+            let cited = cited.trim_end_matches('.').to_string();
+            if !headings.contains(&cited) {
+                missing.push(format!("{}: {cited}", f.strip_prefix(&root).unwrap_or(&f).display()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "cited sections of docs/method.md that are not headings there:\n  {}", missing.join("\n  "));
+}

@@ -236,7 +236,7 @@ fn an_exported_mae_imports_into_another_pipeline_and_fine_tunes() {
     assert!(!o.status.success() && text(&o).contains("model.safetensors") && text(&o).contains("blocks.2."), "{}", text(&o));
 }
 
-/// Issue 17's switches end to end on tiny data: the diffuse benchmark condition, the three
+/// The map-method and visible-token switches end to end on tiny data: the diffuse benchmark condition, the three
 /// ways `attention/extract` reads a map, fine-tuning's visible tokens from the lowest,
 /// uniform or highest attention, a `repeat:` group of seeds and `eval/compare` summarising
 /// it (mean ± sd per method, paired differences over the shared seeds).

@@ -34,8 +34,17 @@ enum Cmd {
     /// Install libtorch 2.9.0 for burn-tch (idempotent): the slim CPU build from PyPI wheels
     /// (~490 MB), or with --cuda the CUDA build (torch==2.9.0 and its nvidia wheels, in a
     /// venv, ~7 GB) that `cargo xtask run/test/bench --cuda` links.
-    #[command(after_help = "Examples:\n  cargo xtask setup\n  cargo xtask setup --cuda\n  cargo xtask run --cuda pipelines/quickstart.yaml --device cuda")]
-    Setup,
+    #[command(
+        after_help = "Examples:\n  cargo xtask setup\n  cargo xtask setup --system   # as root: Open MPI, Slurm, Chromium for the whole test suite\n  cargo xtask setup --cuda\n  cargo xtask run --cuda pipelines/quickstart.yaml --device cuda"
+    )]
+    Setup {
+        /// Also install the system packages the whole test suite needs (Debian/Ubuntu,
+        /// apt-get, as root): Open MPI and libclang (multi-process tests), Slurm and munge
+        /// (the Slurm executor's tests), Chromium (the report page in a browser). Without
+        /// them those tests are skipped, each saying why.
+        #[arg(long)]
+        system: bool,
+    },
     /// Build `msmae`, `bench_model` and `bench_loader` against the GPU machine's PyTorch
     /// (2.11.0+cu130, headers from PyPI), strip and pack them into gpu-bundle/ (< 40 MiB) for
     /// scripts/gpu-check.sh.
@@ -147,7 +156,10 @@ fn exec(tc: &Toolchain, exe: &Path, args: &[String]) -> Result<ExitCode> {
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     let flavour = Flavour::from_flags(cli.no_tch, cli.cuda)?;
     match cli.cmd {
-        Cmd::Setup => {
+        Cmd::Setup { system } => {
+            if system {
+                install_system_packages()?;
+            }
             let tc = Toolchain::new(flavour, &target_dir())?;
             match flavour {
                 Flavour::Flex => eprintln!("--no-tch builds need no set-up (burn-flex only)"),
@@ -208,6 +220,46 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// The Debian packages the whole test suite needs: installed with their recommended
+/// packages (Open MPI's launcher needs them), then without.
+pub const SYSTEM_PACKAGES: [&[&str]; 2] =
+    [&["openmpi-bin", "libopenmpi-dev", "libclang-dev"], &["slurmctld", "slurmd", "slurm-client", "munge", "chromium", "fonts-dejavu-core"]];
+
+/// `setup --system`: apt-get the [`SYSTEM_PACKAGES`] as root; otherwise say what to run.
+fn install_system_packages() -> Result<()> {
+    let all: Vec<&str> = SYSTEM_PACKAGES.iter().flat_map(|g| g.iter().copied()).collect();
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root || Command::new("apt-get").arg("--version").output().is_err() {
+        bail!(
+            "installing system packages needs root and apt-get (Debian/Ubuntu); as root run:\n  apt-get update && apt-get install -y {} && apt-get install -y --no-install-recommends {}\n(without them the tests that need them are skipped, each saying why)",
+            SYSTEM_PACKAGES[0].join(" "),
+            SYSTEM_PACKAGES[1].join(" ")
+        );
+    }
+    eprintln!("xtask: apt-get update, then installing {}", all.join(" "));
+    let ok = |mut c: Command| -> Result<()> {
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        let s = c.status().with_context(|| format!("running {c:?}"))?;
+        if !s.success() {
+            bail!("{c:?} failed ({s})");
+        }
+        Ok(())
+    };
+    let mut update = Command::new("apt-get");
+    update.args(["update", "-qq"]);
+    ok(update)?;
+    for (i, group) in SYSTEM_PACKAGES.iter().enumerate() {
+        let mut c = Command::new("apt-get");
+        c.args(["install", "-y", "-qq"]);
+        if i > 0 {
+            c.arg("--no-install-recommends");
+        }
+        c.args(group.iter());
+        ok(c)?;
+    }
+    Ok(())
+}
+
 fn test(flavour: Flavour, args: &[String]) -> Result<ExitCode> {
     let tc = Toolchain::new(flavour, &target_dir())?;
     let python = pyenv::ensure().context("setting up the Python reference environment for the tests")?;
@@ -220,7 +272,15 @@ fn test(flavour: Flavour, args: &[String]) -> Result<ExitCode> {
     if !filters.is_empty() {
         c.arg("--").args(filters);
     }
-    status(c)
+    let missing: Vec<&str> = [(tc.mpi, "Open MPI"), (tc.slurm, "Slurm"), (tc.browser, "Chromium")].iter().filter(|(has, _)| !has).map(|(_, n)| *n).collect();
+    let (code, totals) = speak::test_totals(c)?;
+    let note = if totals.ignored > 0 && !missing.is_empty() {
+        format!(" (not found here: {}; `cargo xtask setup --system` installs them as root, then the skipped tests run)", missing.join(", "))
+    } else {
+        String::new()
+    };
+    println!("xtask: {} passed, {} failed, {} skipped{note}", totals.passed, totals.failed, totals.ignored);
+    Ok(code)
 }
 
 /// fmt, clippy on the build's feature set (shares the build's target dir and profile, so no

@@ -126,3 +126,65 @@ mod tests {
         assert!(!banner(false).contains("first build"));
     }
 }
+
+/// The counts of every `test result:` line of a `cargo test` run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TestTotals {
+    pub passed: usize,
+    pub failed: usize,
+    pub ignored: usize,
+}
+
+impl TestTotals {
+    /// Add one line of cargo test's output (`test result: ok. 3 passed; 0 failed; 1 ignored; …`).
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else { return };
+        for part in rest.split([';', '.']) {
+            let mut w = part.split_whitespace();
+            let (Some(n), Some(what)) = (w.next().and_then(|n| n.parse::<usize>().ok()), w.next()) else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Run `cargo test`, passing its output through as it comes, and total its result lines.
+pub fn test_totals(mut c: Command) -> Result<(ExitCode, TestTotals)> {
+    use std::io::BufRead;
+    c.stdout(Stdio::piped());
+    let mut child = c.spawn().with_context(|| format!("running {c:?}"))?;
+    let mut totals = TestTotals::default();
+    if let Some(out) = child.stdout.take() {
+        let mut stdout = std::io::stdout();
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.context("reading cargo test's output")?;
+            totals.add_line(&line);
+            let _ = writeln!(stdout, "{line}");
+        }
+    }
+    let s = child.wait().context("waiting for cargo test")?;
+    let code = match s.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(n) => ExitCode::from(u8::try_from(n).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    };
+    Ok((code, totals))
+}
+
+#[cfg(test)]
+mod totals_tests {
+    use super::TestTotals;
+
+    #[test]
+    fn totals_add_up_every_result_line() {
+        let mut t = TestTotals::default();
+        t.add_line("test result: ok. 12 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 1.02s");
+        t.add_line("running 3 tests");
+        t.add_line("test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.5s");
+        assert_eq!(t, TestTotals { passed: 13, failed: 1, ignored: 2 });
+    }
+}

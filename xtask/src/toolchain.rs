@@ -17,7 +17,7 @@ const ENCODED_RUSTFLAGS: &str = "CARGO_ENCODED_RUSTFLAGS";
 
 /// Features every cargo invocation uses when libtorch is linked. Keep identical across
 /// commands: a different feature set rebuilds burn.
-pub const TCH_FEATURES: &str = "msmae-backend/tch";
+pub const TCH_FEATURES: &str = "msmae-backend/tch,msmae-vit/tch";
 
 /// Features of a build with MPI (multi-process data parallelism): the binary's collectives
 /// and the tests that launch `mpirun`.
@@ -25,6 +25,20 @@ pub const MPI_FEATURES: &str = "msmae-cli/mpi,msmae-tests/mpi";
 
 /// The Slurm tests start a one-node cluster from the system's Slurm and munge, as root.
 pub const SLURM_FEATURES: &str = "msmae-tests/slurm";
+
+/// The headless-browser test of the report page finds Debian's Chromium.
+pub const BROWSER_FEATURES: &str = "msmae-tests/browser";
+
+/// Whether a Chromium is on the PATH (`MSMAE_BROWSER_TESTS=0|1` decides instead).
+pub fn browser_testable() -> bool {
+    match std::env::var("MSMAE_BROWSER_TESTS").ok().as_deref() {
+        Some("0") => return false,
+        Some("1") => return true,
+        _ => {}
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["chromium", "chromium-browser", "google-chrome"].iter().any(|b| std::env::split_paths(&path).any(|d| d.join(b).is_file()))
+}
 
 /// Whether the Slurm tests can run here: root, and `slurmctld`, `slurmd`, `sbatch` and
 /// `munged` installed (`MSMAE_SLURM_TESTS=0|1` decides instead).
@@ -149,6 +163,8 @@ pub struct Toolchain {
     pub mpi: bool,
     /// Run the Slurm tests ([`SLURM_FEATURES`]).
     pub slurm: bool,
+    /// Run the headless-browser test ([`BROWSER_FEATURES`]).
+    pub browser: bool,
 }
 
 impl Toolchain {
@@ -175,6 +191,7 @@ impl Toolchain {
         // The GPU bundle stays self-contained: the GPU machine need not have an MPI.
         tc.mpi = flavour != Flavour::Bundle && mpi_available();
         tc.slurm = flavour != Flavour::Bundle && slurm_testable();
+        tc.browser = flavour != Flavour::Bundle && browser_testable();
         Ok(tc)
     }
 
@@ -191,7 +208,7 @@ impl Toolchain {
         if !link.is_empty() {
             env.push((ENCODED_RUSTFLAGS.into(), link.join("\x1f")));
         }
-        Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target), mpi: false, slurm: false }
+        Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target), mpi: false, slurm: false, browser: false }
     }
 
     /// Where the release artifacts land (`<target dir>[/<triple>]/release`).
@@ -208,8 +225,14 @@ impl Toolchain {
         c.current_dir(root);
         c.args(args);
         c.arg("--release");
-        let features: Vec<&str> =
-            self.flavour.features().into_iter().chain(self.mpi.then_some(MPI_FEATURES)).chain(self.slurm.then_some(SLURM_FEATURES)).collect();
+        let features: Vec<&str> = self
+            .flavour
+            .features()
+            .into_iter()
+            .chain(self.mpi.then_some(MPI_FEATURES))
+            .chain(self.slurm.then_some(SLURM_FEATURES))
+            .chain(self.browser.then_some(BROWSER_FEATURES))
+            .collect();
         if !features.is_empty() {
             c.args(["--features", &features.join(",")]);
         }

@@ -1,4 +1,4 @@
-//! The attention stages of MSMAE (METHOD.md §2):
+//! The attention stages of MSMAE (docs/method.md §2):
 //!
 //! - `attention/train-supervised`: the label-supervised ViT (CLS-token head) whose CLS
 //!   attention guides masking; trained by the shared classifier loop of `msmae-train`;

@@ -166,6 +166,32 @@ pub fn compiled_backends() -> &'static [BackendKind] {
     if cfg!(feature = "tch") { &[BackendKind::Tch, BackendKind::Flex] } else { &[BackendKind::Flex] }
 }
 
+/// The threads a backend's tensor operations use on the CPU: libtorch's intra-op pool, or
+/// for burn-flex rayon's global pool. Results of CPU training depend on it (the order of
+/// float reductions), so it is recorded with every artifact and `msmae audit --threads`
+/// sets it.
+pub fn compute_threads(kind: BackendKind) -> usize {
+    match kind {
+        #[cfg(feature = "tch")]
+        BackendKind::Tch => usize::try_from(tch::get_num_threads()).unwrap_or(1),
+        _ => rayon::current_num_threads(),
+    }
+}
+
+/// Set the CPU threads of libtorch's intra-op pool (what `compute_threads` reports); the
+/// pure-Rust backend's rayon pool is fixed once started, so for it only before first use
+/// (`false` when it could not be set).
+pub fn set_compute_threads(kind: BackendKind, n: usize) -> bool {
+    match kind {
+        #[cfg(feature = "tch")]
+        BackendKind::Tch => {
+            tch::set_num_threads(i32::try_from(n).unwrap_or(i32::MAX));
+            true
+        }
+        _ => rayon::ThreadPoolBuilder::new().num_threads(n).build_global().is_ok() || rayon::current_num_threads() == n,
+    }
+}
+
 /// Number of CUDA devices libtorch sees (0 without the `tch` feature or a CUDA libtorch).
 pub fn cuda_device_count() -> usize {
     #[cfg(feature = "tch")]
@@ -244,7 +270,13 @@ pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute,
         backend: kind,
         replicas: vec![device.clone()],
         device,
-        env: ExecEnv { backend: kind.to_string(), device: name, device_kind: dkind.into(), precision: "f32".into() },
+        env: ExecEnv {
+            backend: kind.to_string(),
+            device: name,
+            device_kind: dkind.into(),
+            precision: "f32".into(),
+            library: if kind == BackendKind::Tch { format!("libtorch {LIBTORCH_VERSION}") } else { String::new() },
+        },
     })
 }
 

@@ -1,5 +1,5 @@
-//! `cargo xtask bench ablation`: the ablations of `pipelines/ablation.yaml` (issue 17,
-//! item 3) under two benchmark conditions — `focal` (the class lives in a small lesion)
+//! `cargo xtask bench ablation`: the ablations of `pipelines/ablation.yaml` under two
+//! benchmark conditions — `focal` (the class lives in a small lesion)
 //! and `diffuse` (a change over a large part of one lung). The pipeline runs its seeds
 //! itself (a `repeat:` group) and its `eval/compare` stage computes, per method, mean ±
 //! sd over the seeds and the paired differences with 95 % Student-t intervals; this

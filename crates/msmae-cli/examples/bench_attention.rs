@@ -1,5 +1,4 @@
-//! `cargo xtask bench attention`: why supervised attention misses the lesions (issue 17,
-//! item 1). Runs `pipelines/attention.yaml` — the quickstart's supervised ViT under one
+//! `cargo xtask bench attention`: why supervised attention misses the lesions. Runs `pipelines/attention.yaml` — the quickstart's supervised ViT under one
 //! change at a time, each read by `attention/extract` with the paper's last-block CLS
 //! attention, attention rollout and gradient-weighted attention — and prints setting ×
 //! method → lesion coverage of the top-25 % patches (uniform attention: 0.25), the hit

@@ -1,6 +1,6 @@
 //! `cargo xtask bench study`: the quickstart study (synthetic lesion X-rays) under several
-//! seeds — data, models and masks all change with the seed — and a table of what the issue
-//! asks to see: lesion coverage of the top-25 % supervised-attention patches, test accuracy
+//! seeds — data, models and masks all change with the seed — and a table of what the study
+//! is about: lesion coverage of the top-25 % supervised-attention patches, test accuracy
 //! / macro-F1 / macro-AUC of no pre-training vs MAE vs MSMAE (mean ± sd over seeds), and
 //! fine-tuning wall time per epoch, full-token vs MSMAE (25 % of the tokens); and for every
 //! pair of methods the paired difference over the seeds with its 95 % Student-t interval

@@ -95,6 +95,12 @@ pub enum ShowFormat {
     Md,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AuditFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a pipeline: cached stages are served from the store, the rest execute.
@@ -210,6 +216,10 @@ pub enum Command {
         /// Fail instead of waiting while a pipeline runs on this store.
         #[arg(long)]
         no_wait: bool,
+        /// Forget a lock file registered with this store (one that was deleted on purpose),
+        /// so that gc no longer keeps the artifacts it referenced; removes nothing itself.
+        #[arg(long, value_name = "LOCK")]
+        forget: Vec<PathBuf>,
     },
     /// Show the results the lock file records (metrics, the comparison table, Dice/IoU,
     /// lesion coverage) without running anything; stale or missing stages are marked.
@@ -245,6 +255,31 @@ pub enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Recompute stages from what the lock file records (config, seed, input artifacts) in
+    /// a scratch store and report whether each reproduces: bit for bit, or by its metrics
+    /// (recorded vs recomputed, with the delta), beside every difference of environment.
+    /// Touches neither the lock file nor the store. Exit 0 when every stage is bit-identical
+    /// or within tolerance, 1 otherwise.
+    #[command(
+        after_help = "Examples:\n  msmae audit pipelines/quickstart.yaml\n  msmae audit pipelines/quickstart.yaml ft-msmae --threads 1 --tolerance 0.01\n  msmae audit pipelines/quickstart.yaml data masks --format json"
+    )]
+    Audit {
+        #[command(flatten)]
+        common: Common,
+        /// Stages to recompute (default: every stage the lock file records).
+        stages: Vec<String>,
+        /// CPU threads to compute with (default: the count recorded for each stage).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Largest absolute difference of a declared metric still counted as reproduced.
+        #[arg(long, default_value_t = 0.0)]
+        tolerance: f64,
+        #[arg(long, value_enum, default_value = "text")]
+        format: AuditFormat,
+        /// Recompute here and keep the results (default: a temporary directory).
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+    },
     /// What this machine and build offer for training: backends, CUDA devices, MPI, the
     /// process group, NCCL and the CUDA driver, and how gradients would be summed. For
     /// checking a node before a long job.
@@ -254,6 +289,18 @@ pub enum Command {
     #[command(after_help = "Example:\n  msmae stages")]
     Stages,
 }
+
+/// A command line that cannot be carried out as written (exit 2, like a clap error).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// Parse arguments, run, and map errors to exit codes.
 pub fn main_with(registry: Registry) -> ExitCode {
@@ -281,7 +328,8 @@ pub fn main_with(registry: Registry) -> ExitCode {
     match execute(cli, &registry) {
         Ok(code) => code,
         Err(e) => {
-            let spec = e.downcast_ref::<msmae_pipeline::Error>().is_some_and(|e| matches!(e, msmae_pipeline::Error::Spec(_)));
+            let spec = e.downcast_ref::<msmae_pipeline::Error>().is_some_and(|e| matches!(e, msmae_pipeline::Error::Spec(_)))
+                || e.downcast_ref::<UsageError>().is_some();
             let code = if spec { 2 } else { 1 };
             if group.is_solo() {
                 eprintln!("error: {}", msmae_core::error::chain(e.as_ref()));
@@ -432,6 +480,7 @@ fn run_stage(registry: &Registry, common: &Common, job: StageJob) -> Result<Exit
             lock_file: Some(lock_path(common)),
             group: msmae_dist::group(),
             run_log: tensorboard,
+            compute_threads: msmae_backend::compute_threads(compute.backend),
             ..RunOptions::default()
         };
         Ok(msmae_pipeline::run(&plan, &store, &opts, &msmae_core::NoProgress)?)
@@ -477,7 +526,50 @@ fn recorded(common: &Common, registry: &Registry) -> Result<Recorded> {
     let store = store_for(common)?;
     let lock_path = lock_path(common);
     let lock = LockFile::read(&lock_path, &plan.spec.name)?;
+    lock.check_owner(&lock_path, &plan.spec.file, &plan.spec.name)?;
     Ok(Recorded { plan, store, lock_path, lock })
+}
+
+/// The most job slots `--jobs` takes: far more than any machine's cores, small enough that
+/// a typo cannot become a hundred thousand threads.
+pub const MAX_JOBS: usize = 1024;
+
+/// The marker msmae writes into every report page; only such a page is ever overwritten.
+const REPORT_MARKER: &str = "<meta name=\"generator\" content=\"msmae report\">";
+
+/// Refuse to write a report over anything msmae did not write as a report: the pipeline
+/// file, a lock file, anything inside the store, or any existing file that is not an msmae
+/// report page.
+fn check_report_target(out: &Path, common: &Common, store: &Store, lock: &Path) -> Result<()> {
+    let resolve = |p: &Path| -> PathBuf {
+        let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        match (abs.parent().and_then(|d| d.canonicalize().ok()), abs.file_name()) {
+            (Some(d), Some(f)) => d.join(f).canonicalize().unwrap_or_else(|_| d.join(f)),
+            _ => abs,
+        }
+    };
+    let target = resolve(out);
+    let refuse = |what: String| Err(anyhow::anyhow!("refusing to write the report to {}: {what}; choose another file with -o", out.display()));
+    if target == resolve(&common.pipeline) {
+        return refuse("it is the pipeline file".into());
+    }
+    if target == resolve(lock) {
+        return refuse("it is the pipeline's lock file".into());
+    }
+    if target.starts_with(store.root()) {
+        return refuse(format!("it is inside the artifact store {}", store.root().display()));
+    }
+    if let Ok(md) = std::fs::metadata(&target) {
+        if !md.is_file() {
+            return refuse("it exists and is not a plain file".into());
+        }
+        let mut head = vec![0u8; 4096];
+        let n = std::fs::File::open(&target).and_then(|mut f| std::io::Read::read(&mut f, &mut head)).unwrap_or(0);
+        if !String::from_utf8_lossy(&head[..n]).contains(REPORT_MARKER) {
+            return refuse("it exists and is not a report msmae wrote (only those are replaced)".into());
+        }
+    }
+    Ok(())
 }
 
 fn lock_path(common: &Common) -> PathBuf {
@@ -542,6 +634,11 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait, executor, profile, retries, verify_inputs, tensorboard } => {
+            if let Some(j) = jobs
+                && !(1..=MAX_JOBS).contains(&j)
+            {
+                return Err(UsageError(format!("--jobs {j}: give between 1 and {MAX_JOBS} job slots (this machine has {})", RunOptions::default().jobs)).into());
+            }
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
             // Under Slurm the jobs compute, on their nodes: the key's environment is the one
@@ -584,6 +681,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 lock_check: None,
                 verify_inputs,
                 run_log: tensorboard.map(|d| std::path::absolute(&d).unwrap_or(d)),
+                compute_threads: msmae_backend::compute_threads(compute.backend),
             };
             let g = msmae_dist::group();
             let ranks = if g.is_solo() { String::new() } else { format!(" × {} processes ({})", g.size(), g.name()) };
@@ -704,15 +802,34 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 version: env!("CARGO_PKG_VERSION"),
             });
             let out = output.unwrap_or_else(|| common.pipeline.with_extension("report.html"));
+            check_report_target(&out, &common, &store, &lp)?;
             msmae_pipeline::store::write_atomic(&out, page.as_bytes())?;
             println!("{} ({} KiB): open it in a browser", out.display(), page.len() / 1024);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gc { common, prune, dry_run, no_wait } => {
+        Command::Audit { common, stages, threads, tolerance, format, scratch } => audit(registry, &common, stages, threads, tolerance, format, scratch),
+        Command::Gc { common, prune, dry_run, no_wait, forget } => {
             let store = store_for(&common)?;
+            for f in &forget {
+                if dry_run {
+                    println!("would forget {}", f.display());
+                } else if store.forget_root(f)? {
+                    println!("forgot {}: gc no longer keeps what it referenced", f.display());
+                } else {
+                    anyhow::bail!("{} is not a lock file registered with the store {}", f.display(), store.root().display());
+                }
+            }
             let lp = lock_path(&common);
             let extra: Vec<&Path> = if lp.exists() { vec![lp.as_path()] } else { vec![] };
             let r = inspect::gc(&store, prune, dry_run, &extra, !no_wait)?;
+            for (lf, n) in &r.missing_roots {
+                eprintln!(
+                    "note: kept {n} artifacts of {}, a lock file registered with this store that is missing now; if it was deleted on purpose: msmae gc {} --forget {}",
+                    lf.display(),
+                    common.pipeline.display(),
+                    lf.display()
+                );
+            }
             println!(
                 "{}{} objects ({} bytes), {} index entries, {} staging dirs, {} checkpoint dirs; kept {} objects",
                 if dry_run { "would remove " } else { "removed " },
@@ -726,6 +843,50 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `msmae audit`: recompute recorded stages in a scratch store and compare.
+fn audit(
+    registry: &Registry,
+    common: &Common,
+    stages: Vec<String>,
+    threads: Option<usize>,
+    tolerance: f64,
+    format: AuditFormat,
+    scratch: Option<PathBuf>,
+) -> Result<ExitCode> {
+    if threads == Some(0) || threads.is_some_and(|t| t > MAX_JOBS) {
+        return Err(UsageError(format!("--threads: give between 1 and {MAX_JOBS}")).into());
+    }
+    if !(tolerance >= 0.0 && tolerance.is_finite()) {
+        return Err(UsageError(format!("--tolerance {tolerance}: give a finite number ≥ 0")).into());
+    }
+    let Recorded { plan, store, lock_path, lock } = recorded(common, registry)?;
+    if !lock_path.exists() {
+        anyhow::bail!("{}: no lock file, so nothing to reproduce (run the pipeline first)", lock_path.display());
+    }
+    let compute = compute(common)?;
+    let backend = compute.backend;
+    let set_threads = move |n: usize| {
+        msmae_backend::set_compute_threads(backend, n);
+        msmae_backend::compute_threads(backend)
+    };
+    let opts = msmae_pipeline::audit::AuditOptions {
+        stages,
+        threads,
+        tolerance,
+        env: compute.env.clone(),
+        set_threads: &set_threads,
+        scratch,
+        cancel: cancel_on_ctrl_c(),
+    };
+    let bars = progress::bars();
+    let audits = msmae_pipeline::audit::audit(&plan, &store, &lock, &opts, bars.as_ref())?;
+    match format {
+        AuditFormat::Text => print!("{}", msmae_pipeline::audit::render_text(&common.pipeline, &lock_path, &audits, tolerance)),
+        AuditFormat::Json => println!("{}", serde_json::to_string_pretty(&audits)?),
+    }
+    Ok(if audits.iter().all(|a| a.verdict.reproduced()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// A cancellation token that the first Ctrl-C sets (stages stop at their next check, nothing

@@ -45,7 +45,7 @@ pub fn html(x: &Inputs<'_>) -> String {
     let title = format!("msmae report: {}", spec.name);
     let _ = write!(
         o,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n",
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<meta name=\"generator\" content=\"msmae report\">\n",
         esc(&title)
     );
     // First script: collect errors of everything after it (the browser test reads them).

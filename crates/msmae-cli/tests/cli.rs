@@ -153,3 +153,34 @@ fn store_can_be_moved_by_flag() {
     assert!(d.path().join("elsewhere/objects").is_dir());
     assert!(!d.path().join(".msmae").exists());
 }
+
+/// Every stage kind this binary registers carries a real build-time fingerprint (a crate
+/// without a build script would fall back to its name and version, and every edit of it
+/// would go unnoticed by the cache), covering exactly the crates it computes with.
+#[test]
+fn every_registered_stage_kind_carries_a_build_time_fingerprint_of_its_computing_path() {
+    let registry = msmae_cli::registry();
+    let mut kinds = 0;
+    for s in registry.iter() {
+        let code = msmae_pipeline::key::Code::parse(s.code_fingerprint());
+        assert!(code.is_built(), "`{}` has no build-time fingerprint (`{}`): its crate needs a build.rs calling msmae_fingerprint::emit()", s.kind(), s.code_fingerprint());
+        assert!(code.crates.contains_key("msmae-core"), "`{}`: {:?}", s.kind(), code.crates);
+        for runner in ["msmae-pipeline", "msmae-cli", "msmae-fingerprint"] {
+            assert!(!code.crates.contains_key(runner), "`{}` counts the runner crate {runner}: {:?}", s.kind(), code.crates);
+        }
+        for dep in code.deps.keys() {
+            assert!(msmae_fingerprint::is_numeric(dep), "`{}` keys on {dep}, which is not a numeric crate", s.kind());
+        }
+        kinds += 1;
+    }
+    assert!(kinds >= 15, "{kinds} kinds");
+    let code = |kind: &str| msmae_pipeline::key::Code::parse(registry.iter().find(|s| s.kind() == kind).expect(kind).code_fingerprint());
+    // Ingestion computes with image codecs and Parquet, not with burn or the process group.
+    let ingest = code("ingest/synthetic");
+    assert!(!ingest.crates.contains_key("msmae-dist") && !ingest.crates.contains_key("msmae-backend"), "{:?}", ingest.crates);
+    assert!(ingest.deps.contains_key("parquet") && ingest.deps.contains_key("image") && !ingest.deps.contains_key("burn"), "{:?}", ingest.deps);
+    // Training computes with burn (and the mask library), not with the evaluation stages.
+    let pretrain = code("mae/pretrain");
+    assert!(pretrain.deps.contains_key("burn") && pretrain.crates.contains_key("msmae-mask"), "{:?}", pretrain);
+    assert!(!pretrain.crates.contains_key("msmae-eval"), "{:?}", pretrain.crates);
+}

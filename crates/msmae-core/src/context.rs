@@ -40,11 +40,16 @@ pub struct ExecEnv {
     /// `cpu` or `cuda`: the part of the device that changes numbers.
     pub device_kind: String,
     pub precision: String,
+    /// The numeric library behind the backend and its version (`libtorch 2.9.0`), part of
+    /// the cache key of stages that compute with it; empty for the pure-Rust backend (whose
+    /// version is one of the stage's dependencies).
+    #[serde(default)]
+    pub library: String,
 }
 
 impl ExecEnv {
     pub fn cpu_flex() -> Self {
-        Self { backend: "flex".into(), device: "cpu".into(), device_kind: "cpu".into(), precision: "f32".into() }
+        Self { backend: "flex".into(), device: "cpu".into(), device_kind: "cpu".into(), precision: "f32".into(), library: String::new() }
     }
 }
 
@@ -64,7 +69,7 @@ pub struct StageContext<'a> {
     inputs: BTreeMap<String, Vec<InputArtifact>>,
     resume_dir: Option<PathBuf>,
     run_log: Option<PathBuf>,
-    group: std::sync::Arc<dyn msmae_dist::Collective>,
+    group: std::sync::Arc<dyn crate::Collective>,
 }
 
 impl std::fmt::Debug for StageContext<'_> {
@@ -105,20 +110,20 @@ impl<'a> StageContext<'a> {
             inputs,
             resume_dir: None,
             run_log: None,
-            group: std::sync::Arc::new(msmae_dist::Solo),
+            group: std::sync::Arc::new(crate::Solo),
         }
     }
 
     /// The processes this stage runs on together: the runner sets the launch's group for a
     /// data-parallel stage of a multi-process run; every other stage runs alone (Solo), so
     /// it can never wait in a collective the other ranks do not enter.
-    pub fn with_group(mut self, group: std::sync::Arc<dyn msmae_dist::Collective>) -> Self {
+    pub fn with_group(mut self, group: std::sync::Arc<dyn crate::Collective>) -> Self {
         self.group = group;
         self
     }
 
     /// See [`Self::with_group`].
-    pub fn group(&self) -> &dyn msmae_dist::Collective {
+    pub fn group(&self) -> &dyn crate::Collective {
         &*self.group
     }
 

@@ -6,6 +6,7 @@
 //! through [`DynStage`], so it compiles and is tested without burn.
 
 pub mod artifact;
+pub mod collective;
 pub mod context;
 pub mod error;
 pub mod progress;
@@ -13,6 +14,7 @@ pub mod rng;
 pub mod stage;
 
 pub use artifact::{Arity, ArtifactKind, InputArtifact, InputSlot, OutputDecl};
+pub use collective::{Collective, Solo};
 pub use context::{CancelToken, ExecEnv, StageContext};
 pub use error::{ConfigError, StageError};
 pub use progress::{NoProgress, Progress, ProgressBar};

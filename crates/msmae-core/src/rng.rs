@@ -1,7 +1,7 @@
 //! Seeded randomness. Every random draw in msmae (crops, flips, mask sampling, weight
 //! init, shuffles) comes from an RNG derived from the run seed and a path of labels such
 //! as `("masks", epoch, sample_id)`, so results do not depend on thread scheduling or on
-//! how many draws happened elsewhere (METHOD.md §3.5).
+//! how many draws happened elsewhere (docs/method.md §3.5).
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -1,4 +1,4 @@
-//! `ingest/chestxray14`: NIH ChestX-ray14 as published (DATASETS.md).
+//! `ingest/chestxray14`: NIH ChestX-ray14 as published (docs/datasets.md, "NIH ChestX-ray14").
 //!
 //! - `Data_Entry_2017.csv` (or `Data_Entry_2017_v2020.csv`): `Image Index`, `Finding Labels`
 //!   (`|`-separated, or `No Finding`), `Patient ID`. Both published variants read the same:

@@ -51,6 +51,45 @@ pub fn max_samples() -> u64 {
     std::env::var("MSMAE_MAX_IMAGE_SAMPLES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(1 << 30)
 }
 
+/// Bytes an image file may have: 1 GiB by default (a 16-bit 16k × 16k DICOM is 512 MiB),
+/// `MSMAE_MAX_IMAGE_BYTES` sets another.
+pub fn max_file_bytes() -> u64 {
+    std::env::var("MSMAE_MAX_IMAGE_BYTES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(1 << 30)
+}
+
+/// Read an image (or mask) file: refused before any read when it is not a regular file (a
+/// FIFO would block forever, `/dev/zero` never ends) or is larger than [`max_file_bytes`].
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>, DecodeError> {
+    use std::io::Read;
+    let md = std::fs::metadata(path).map_err(|e| DecodeError::Read(e.to_string()))?;
+    let ft = md.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(DecodeError::Read(format!("{what}, not an image file")));
+    }
+    let max = max_file_bytes();
+    if md.len() > max {
+        return Err(DecodeError::Read(format!("{} bytes, over the limit of {max} (MSMAE_MAX_IMAGE_BYTES raises it for a trusted file)", md.len())));
+    }
+    let mut bytes = Vec::with_capacity(md.len() as usize);
+    std::fs::File::open(path).and_then(|f| f.take(max + 1).read_to_end(&mut bytes)).map_err(|e| DecodeError::Read(e.to_string()))?;
+    if bytes.len() as u64 > max {
+        return Err(DecodeError::Read(format!("grew past the limit of {max} bytes while being read")));
+    }
+    Ok(bytes)
+}
+
 /// `Err` when a `w × h × c` image is over [`max_samples`].
 pub fn check_samples(w: u64, h: u64, c: u64) -> Result<(), DecodeError> {
     let n = w.saturating_mul(h).saturating_mul(c.max(1));
@@ -272,7 +311,7 @@ fn fit_with(src: &Raw, size: u32, aspect: Aspect, nearest: bool) -> Result<Raw, 
 /// Read and decode one mask file of an image whose source is `width × height` (sizes must
 /// agree). `Err` names the file.
 fn load_mask(p: &std::path::Path, width: u32, height: u32) -> Result<image::DynamicImage, (std::path::PathBuf, DecodeError)> {
-    let bytes = std::fs::read(p).map_err(|e| (p.to_path_buf(), DecodeError::Read(e.to_string())))?;
+    let bytes = read_image_file(p).map_err(|e| (p.to_path_buf(), e))?;
     if bytes.is_empty() {
         return Err((p.to_path_buf(), DecodeError::Empty));
     }
@@ -333,7 +372,7 @@ pub fn decode_class_mask(
 
 /// Read and decode a file.
 pub fn decode_file(path: &Path, size: u32, channels: u32, aspect: Aspect, bit_depth: u32) -> Result<(Decoded, Vec<u8>), DecodeError> {
-    let bytes = std::fs::read(path).map_err(|e| DecodeError::Read(e.to_string()))?;
+    let bytes = read_image_file(path)?;
     let d = decode_resize_with(&bytes, size, channels, aspect, bit_depth, true)?;
     Ok((d, bytes))
 }

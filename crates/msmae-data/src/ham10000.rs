@@ -1,4 +1,4 @@
-//! `ingest/ham10000`: the HAM10000 dermoscopy release as published (DATASETS.md):
+//! `ingest/ham10000`: the HAM10000 dermoscopy release as published (docs/datasets.md, "HAM10000"):
 //! `HAM10000_metadata.csv` (`lesion_id,image_id,dx,dx_type,age,sex,localization`, some
 //! releases add `dataset`) and the JPEGs in `HAM10000_images_part_1/` and `_part_2/`.
 //! Seven classes from `dx`; several images share a lesion, so splits are by `lesion_id`.

@@ -1,4 +1,4 @@
-//! `ingest/messidor2`: Messidor-2 as published (DATASETS.md).
+//! `ingest/messidor2`: Messidor-2 as published (docs/datasets.md, "Messidor-2").
 //!
 //! - Images (JPG/PNG/TIF, various sizes) in `IMAGES/`.
 //! - Grades in `messidor_data.csv`: `image_id,adjudicated_dr_grade,adjudicated_dme,

@@ -1,6 +1,6 @@
 //! `ingest/synthetic`: a seeded generator of X-ray-like (1 channel) and fundus-like
 //! (3 channel) images with small lesions of known class, position and shape — the ground
-//! truth no public dataset gives offline (DATASETS.md, "Synthetic data"). The class is
+//! truth no public dataset gives offline (docs/datasets.md, "Synthetic data"). The class is
 //! carried by the lesion only (its shape and texture), so a classifier must look at the
 //! lesion, and lesions cover a few patches, so random masking often hides them.
 //!
@@ -58,6 +58,10 @@ impl Modality {
         }
     }
 }
+
+/// The most images `ingest/synthetic` generates (its split assignment holds one entry per
+/// patient in memory).
+pub const MAX_IMAGES: u32 = 10_000_000;
 
 fn d_images() -> u32 {
     600
@@ -171,8 +175,8 @@ impl Stage for Synthetic {
 
     fn validate(&self, c: &SyntheticConfig) -> Result<(), ConfigError> {
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
-        if c.images == 0 {
-            return err("images", "must be at least 1");
+        if !(1..=MAX_IMAGES).contains(&c.images) {
+            return err("images", &format!("must be between 1 and {MAX_IMAGES} (a generated benchmark, not a data set)"));
         }
         if !(16..=1024).contains(&c.size) {
             return err("size", "must be between 16 and 1024 pixels");
@@ -192,8 +196,8 @@ impl Stage for Synthetic {
         if !(0.0..=1.0).contains(&c.contrast) || !(0.0..=0.5).contains(&c.noise) {
             return err("contrast", "contrast must be in [0, 1] and noise in [0, 0.5]");
         }
-        if c.row_group == 0 {
-            return err("row_group", "must be at least 1");
+        if !(1..=65_536).contains(&c.row_group) {
+            return err("row_group", "must be between 1 and 65536 rows");
         }
         if c.evidence == Evidence::Diffuse && c.modality != Modality::Xray {
             return err("evidence", "`diffuse` is drawn on X-ray images only (modality: xray)");

@@ -1,4 +1,4 @@
-//! The fine-tuning stages (METHOD.md §5), both trained by the shared classifier loop of
+//! The fine-tuning stages (docs/method.md §5), both trained by the shared classifier loop of
 //! `msmae-train`:
 //!
 //! - `finetune/msmae`: MSMAE fine-tuning on the 25 % of tokens an attention-guided plan

@@ -1,41 +1,127 @@
-//! Build-time code fingerprint: a stage crate's `build.rs` calls [`emit`], which hashes the
-//! crate's own sources and those of every `msmae-*` crate it depends on (transitively) and
-//! exports the digest as `MSMAE_CODE_FINGERPRINT`. The runner folds it into each stage's
-//! cache key, so editing the code behind a stage re-runs that stage and nothing else.
+//! Build-time code fingerprint: a stage crate's `build.rs` calls [`emit`], which describes
+//! the code a stage computes with and exports it as `MSMAE_CODE_FINGERPRINT`; the runner
+//! folds it into each stage's cache key.
+//!
+//! What counts, and what does not:
+//! - the crate's own sources and those of every `msmae-*` crate in its `[dependencies]`,
+//!   transitively (build- and dev-dependencies do not compute the stage's output), each as
+//!   a normalised token stream: comments, doc comments, whitespace, line breaks and the
+//!   trailing commas and arm braces `rustfmt` adds or removes do not count, so a comment
+//!   edit or a `cargo fmt` with another width keeps every key;
+//! - the resolved versions (from `Cargo.lock`) of the external crates on that path that can
+//!   change a stage's numbers or bytes ([`NUMERIC_CRATES`]: the ML stack, image codecs,
+//!   Parquet/Arrow, RNGs, compression, JSON and chart writers). Runner-only crates (clap,
+//!   indicatif, tracing, thiserror) never enter a key.
+//!
+//! The exported value is `v2;<digest>;<crate>=<digest>,…;<dep>=<version>,…`: the combined
+//! digest (what the key hashes), then per crate and per dependency what `msmae why` needs
+//! to name the part that changed.
 //!
 //! Why not the git tree hash: a build from a tarball or with uncommitted edits must still
 //! produce honest keys, and a commit that touches only the runner must not invalidate
 //! every trained model.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-/// Hash the calling crate (from `CARGO_MANIFEST_DIR`) and its `msmae-*` path dependencies,
-/// print `cargo:rustc-env=MSMAE_CODE_FINGERPRINT=<hex>` and the `rerun-if-changed` lines.
+use proc_macro2::{Delimiter, TokenStream, TokenTree};
+
+/// External crates whose version can change what a stage computes or writes: a name equal
+/// to an entry, or starting with it followed by `-` or `_`.
+pub const NUMERIC_CRATES: &[&str] = &[
+    "burn",
+    "tch",
+    "torch-sys",
+    "cubecl",
+    "image",
+    "png",
+    "zune",
+    "jpeg-decoder",
+    "tiff",
+    "fast_image_resize",
+    "dicom",
+    "parquet",
+    "arrow",
+    "polars",
+    "rand",
+    "safetensors",
+    "half",
+    "flate2",
+    "miniz_oxide",
+    "zstd",
+    "snap",
+    "lz4",
+    "plotters",
+    "ab_glyph",
+    "serde_json",
+    "ryu",
+    "libm",
+    "matrixmultiply",
+    "gemm",
+    "ndarray",
+    "blake3",
+];
+
+/// Whether `name` is one of [`NUMERIC_CRATES`].
+pub fn is_numeric(name: &str) -> bool {
+    NUMERIC_CRATES.iter().any(|p| name == *p || name.strip_prefix(p).is_some_and(|rest| rest.starts_with(['-', '_'])))
+}
+
+/// Describe the calling crate (from `CARGO_MANIFEST_DIR`), print
+/// `cargo:rustc-env=MSMAE_CODE_FINGERPRINT=…` and the `rerun-if-changed` lines.
 ///
 /// # Panics
 /// Build scripts report failure by panicking; this panics when the manifest dir is unset or
 /// a source file cannot be read, with the path in the message.
 pub fn emit() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| panic!("CARGO_MANIFEST_DIR is not set: call emit() from build.rs"));
-    let (digest, files) = fingerprint(Path::new(&dir)).unwrap_or_else(|e| panic!("msmae-fingerprint: cannot hash sources under {dir}: {e}"));
-    for f in &files {
+    let fp = fingerprint(Path::new(&dir)).unwrap_or_else(|e| panic!("msmae-fingerprint: cannot hash sources under {dir}: {e}"));
+    for f in &fp.files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
-    println!("cargo:rustc-env=MSMAE_CODE_FINGERPRINT={digest}");
+    println!("cargo:rustc-env=MSMAE_CODE_FINGERPRINT={}", fp.encode());
 }
 
-/// Digest of a crate directory and its `msmae-*` sibling dependencies, with the files read.
-pub fn fingerprint(crate_dir: &Path) -> std::io::Result<(String, Vec<PathBuf>)> {
+/// What [`fingerprint`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// Over every crate's normalised sources and the numeric dependencies' versions.
+    pub digest: String,
+    /// Per `msmae-*` crate on the path: the digest of its normalised sources.
+    pub crates: BTreeMap<String, String>,
+    /// Numeric external crates on the path → resolved version(s).
+    pub deps: BTreeMap<String, String>,
+    /// Files read (for `rerun-if-changed`).
+    pub files: Vec<PathBuf>,
+}
+
+impl Fingerprint {
+    /// The exported form: `v2;<digest>;<crate>=<digest>,…;<dep>=<version>,…`.
+    pub fn encode(&self) -> String {
+        let join = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        format!("v2;{};{};{}", self.digest, join(&self.crates), join(&self.deps))
+    }
+}
+
+/// Describe a crate directory: its `msmae-*` sibling dependencies (transitively), their
+/// normalised sources, and the numeric external crates they use as `Cargo.lock` resolves
+/// them (the lock file is looked for in the directories above).
+pub fn fingerprint(crate_dir: &Path) -> std::io::Result<Fingerprint> {
     let mut crates = BTreeSet::new();
     collect_crates(crate_dir, &mut crates)?;
-    let mut hasher = blake3::Hasher::new();
     let mut files = Vec::new();
+    let mut per_crate = BTreeMap::new();
+    let mut direct: BTreeSet<String> = BTreeSet::new();
     for c in &crates {
         let name = c.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut h = blake3::Hasher::new_derive_key("msmae code fingerprint v2");
+        let manifest = fs::read_to_string(c.join("Cargo.toml"))?;
+        h.update(normalise_manifest(&manifest).as_bytes());
+        files.push(c.join("Cargo.toml"));
+        direct.extend(external_dependencies(&manifest));
         let mut crate_files = Vec::new();
-        crate_files.push(c.join("Cargo.toml"));
         let src = c.join("src");
         if src.is_dir() {
             walk(&src, &mut crate_files)?;
@@ -44,15 +130,158 @@ pub fn fingerprint(crate_dir: &Path) -> std::io::Result<(String, Vec<PathBuf>)> 
         for f in crate_files {
             let rel = f.strip_prefix(c).unwrap_or(&f).to_string_lossy().replace('\\', "/");
             let bytes = fs::read(&f)?;
-            hasher.update(name.as_bytes());
-            hasher.update(b"/");
-            hasher.update(rel.as_bytes());
-            hasher.update(&(bytes.len() as u64).to_le_bytes());
-            hasher.update(&bytes);
+            let body = if rel.ends_with(".rs") { normalise_rust(&bytes) } else { bytes };
+            h.update(&(rel.len() as u64).to_le_bytes());
+            h.update(rel.as_bytes());
+            h.update(&(body.len() as u64).to_le_bytes());
+            h.update(&body);
             files.push(f);
         }
+        per_crate.insert(name, h.finalize().to_hex()[..16].to_string());
     }
-    Ok((hasher.finalize().to_hex()[..32].to_string(), files))
+    let mut deps = BTreeMap::new();
+    if let Some(lock) = find_up(crate_dir, "Cargo.lock") {
+        let text = fs::read_to_string(&lock)?;
+        deps = numeric_closure(&parse_lock(&text), &per_crate.keys().cloned().collect(), &direct);
+        files.push(lock);
+    }
+    let mut h = blake3::Hasher::new_derive_key("msmae code fingerprint v2");
+    for (k, v) in per_crate.iter().chain(deps.iter()) {
+        h.update(k.as_bytes());
+        h.update(b"=");
+        h.update(v.as_bytes());
+        h.update(b"\n");
+    }
+    Ok(Fingerprint { digest: h.finalize().to_hex()[..32].to_string(), crates: per_crate, deps, files })
+}
+
+/// A Rust source as its token stream without comments, doc comments, layout, trailing
+/// commas or the braces rustfmt puts around a match arm's expression. A file the tokenizer
+/// cannot read counts byte for byte.
+pub fn normalise_rust(bytes: &[u8]) -> Vec<u8> {
+    let Ok(text) = std::str::from_utf8(bytes) else { return bytes.to_vec() };
+    match TokenStream::from_str(text) {
+        Ok(ts) => {
+            let mut out = String::new();
+            write_tokens(ts, &mut out);
+            out.into_bytes()
+        }
+        Err(_) => bytes.to_vec(),
+    }
+}
+
+fn is_doc_attr(g: &proc_macro2::Group) -> bool {
+    g.delimiter() == Delimiter::Bracket && matches!(g.stream().into_iter().next(), Some(TokenTree::Ident(i)) if i == "doc")
+}
+
+fn write_tokens(ts: TokenStream, out: &mut String) {
+    let tokens: Vec<TokenTree> = ts.into_iter().collect();
+    let mut i = 0;
+    while i < tokens.len() {
+        match &tokens[i] {
+            // `#[doc = "…"]` and `#![doc = "…"]`: what `///` and `//!` become.
+            TokenTree::Punct(p) if p.as_char() == '#' => {
+                let bang = matches!(tokens.get(i + 1), Some(TokenTree::Punct(b)) if b.as_char() == '!');
+                let at = if bang { i + 2 } else { i + 1 };
+                if let Some(TokenTree::Group(g)) = tokens.get(at)
+                    && is_doc_attr(g)
+                {
+                    i = at + 1;
+                    continue;
+                }
+                out.push_str("#\u{1}");
+            }
+            // A comma before a closing delimiter (rustfmt adds one where it breaks a list).
+            TokenTree::Punct(p) if p.as_char() == ',' && i + 1 == tokens.len() => {}
+            TokenTree::Punct(p) if p.as_char() == '>' && i > 0 && matches!(&tokens[i - 1], TokenTree::Punct(q) if q.as_char() == '=') => {
+                out.push_str(">\u{1}");
+                // `=> { expr }` is `=> expr,`: rustfmt wraps a long arm in braces.
+                if let Some(TokenTree::Group(g)) = tokens.get(i + 1)
+                    && g.delimiter() == Delimiter::Brace
+                    && !g.stream().is_empty()
+                    && !g.stream().into_iter().any(|t| matches!(t, TokenTree::Punct(ref s) if s.as_char() == ';'))
+                {
+                    write_tokens(g.stream(), out);
+                    i += 2;
+                    if matches!(tokens.get(i), Some(TokenTree::Punct(c)) if c.as_char() == ',') {
+                        i += 1;
+                    }
+                    if i < tokens.len() {
+                        out.push_str(",\u{1}");
+                    }
+                    continue;
+                }
+            }
+            TokenTree::Punct(p) => {
+                out.push(p.as_char());
+                out.push('\u{1}');
+            }
+            TokenTree::Ident(id) => {
+                out.push_str(&id.to_string());
+                out.push('\u{1}');
+            }
+            TokenTree::Literal(l) => {
+                out.push_str(&l.to_string());
+                out.push('\u{1}');
+            }
+            TokenTree::Group(g) => {
+                let (open, close) = match g.delimiter() {
+                    Delimiter::Parenthesis => ('(', ')'),
+                    Delimiter::Bracket => ('[', ']'),
+                    Delimiter::Brace => ('{', '}'),
+                    Delimiter::None => ('\u{2}', '\u{3}'),
+                };
+                out.push(open);
+                write_tokens(g.stream(), out);
+                out.push(close);
+            }
+        }
+        i += 1;
+    }
+}
+
+/// The parts of a `Cargo.toml` that change what is built: `[dependencies]` and
+/// `[features]`, each line without comments or surrounding whitespace.
+fn normalise_manifest(text: &str) -> String {
+    let mut keep = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.split('#').next().unwrap_or("").trim();
+        if t.starts_with('[') {
+            keep = t == "[dependencies]" || t == "[features]";
+        }
+        if keep && !t.is_empty() {
+            out.push_str(&t.split_whitespace().collect::<Vec<_>>().join(" "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Names in `[dependencies]` that are not `msmae-*`.
+fn external_dependencies(manifest: &str) -> Vec<String> {
+    dependency_names(manifest).into_iter().filter(|n| !n.starts_with("msmae-")).collect()
+}
+
+fn dependency_names(manifest: &str) -> Vec<String> {
+    let mut in_deps = false;
+    let mut out = Vec::new();
+    for line in manifest.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            // Build- and dev-dependencies do not change what the stage computes.
+            in_deps = t == "[dependencies]";
+            continue;
+        }
+        if !in_deps || t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let name = t.split(['=', ' ', '.']).next().unwrap_or("");
+        if !name.is_empty() {
+            out.push(name.to_string());
+        }
+    }
+    out
 }
 
 /// The crate itself plus every dependency named `msmae-*` found as a sibling directory.
@@ -62,23 +291,12 @@ fn collect_crates(dir: &Path, seen: &mut BTreeSet<PathBuf>) -> std::io::Result<(
         return Ok(());
     }
     let manifest = fs::read_to_string(dir.join("Cargo.toml"))?;
-    let mut in_deps = false;
-    for line in manifest.lines() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            // Build- and dev-dependencies do not change what the stage computes.
-            in_deps = t == "[dependencies]";
-            continue;
-        }
-        if !in_deps {
-            continue;
-        }
-        let name = t.split(['=', ' ', '.']).next().unwrap_or("");
+    for name in dependency_names(&manifest) {
         if name.starts_with("msmae-")
             && name != "msmae-fingerprint"
             && let Some(parent) = dir.parent()
         {
-            let sib = parent.join(name);
+            let sib = parent.join(&name);
             if sib.join("Cargo.toml").is_file() {
                 collect_crates(&sib, seen)?;
             }
@@ -99,6 +317,94 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+fn find_up(start: &Path, name: &str) -> Option<PathBuf> {
+    let mut d = start.canonicalize().ok()?;
+    loop {
+        if d.join(name).is_file() {
+            return Some(d.join(name));
+        }
+        d = d.parent()?.to_path_buf();
+    }
+}
+
+/// One `[[package]]` of a `Cargo.lock`: name, version and dependency entries (`name` or
+/// `name version` where the name alone is ambiguous).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockedPackage {
+    pub name: String,
+    pub version: String,
+    pub dependencies: Vec<String>,
+}
+
+/// The packages of a `Cargo.lock` (its regular TOML layout, read line by line).
+pub fn parse_lock(text: &str) -> Vec<LockedPackage> {
+    let mut out: Vec<LockedPackage> = Vec::new();
+    let mut in_deps = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t == "[[package]]" {
+            out.push(LockedPackage { name: String::new(), version: String::new(), dependencies: Vec::new() });
+            in_deps = false;
+            continue;
+        }
+        let Some(p) = out.last_mut() else { continue };
+        let unquote = |v: &str| v.trim().trim_end_matches(',').trim().trim_matches('"').to_string();
+        if in_deps {
+            if t.starts_with(']') {
+                in_deps = false;
+            } else if !t.is_empty() {
+                p.dependencies.push(unquote(t));
+            }
+        } else if let Some(v) = t.strip_prefix("name = ") {
+            p.name = unquote(v);
+        } else if let Some(v) = t.strip_prefix("version = ") {
+            p.version = unquote(v);
+        } else if let Some(v) = t.strip_prefix("dependencies = [") {
+            in_deps = !v.contains(']');
+            for d in v.trim_end_matches(']').split(',').filter(|d| !d.trim().is_empty()) {
+                p.dependencies.push(unquote(d));
+            }
+        }
+    }
+    out
+}
+
+/// The numeric crates reachable from `members`' lock entries through their direct external
+/// dependencies named in `direct`, with their versions (several versions joined by `+`).
+fn numeric_closure(lock: &[LockedPackage], members: &BTreeSet<String>, direct: &BTreeSet<String>) -> BTreeMap<String, String> {
+    let find = |entry: &str| -> Option<&LockedPackage> {
+        let mut it = entry.splitn(2, ' ');
+        let name = it.next().unwrap_or("");
+        let version = it.next();
+        lock.iter().find(|p| p.name == name && version.is_none_or(|v| p.version == v))
+    };
+    let mut stack: Vec<&LockedPackage> = Vec::new();
+    for m in members {
+        for p in lock.iter().filter(|p| &p.name == m) {
+            for d in &p.dependencies {
+                let name = d.split(' ').next().unwrap_or("");
+                if direct.contains(name)
+                    && let Some(pkg) = find(d)
+                {
+                    stack.push(pkg);
+                }
+            }
+        }
+    }
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    while let Some(p) = stack.pop() {
+        if !seen.insert((p.name.clone(), p.version.clone())) {
+            continue;
+        }
+        if is_numeric(&p.name) {
+            out.entry(p.name.clone()).or_default().insert(p.version.clone());
+        }
+        stack.extend(p.dependencies.iter().filter_map(|d| find(d)));
+    }
+    out.into_iter().map(|(k, v)| (k, v.into_iter().collect::<Vec<_>>().join("+"))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,30 +414,131 @@ mod tests {
         fs::write(p, s).expect("write");
     }
 
-    #[test]
-    fn follows_msmae_dependencies_and_changes_with_their_sources() {
-        let t = tempfile_dir();
+    const LOCK: &str = r#"
+[[package]]
+name = "msmae-a"
+version = "0.1.0"
+dependencies = [
+ "image",
+ "msmae-b",
+ "rand 0.9.2",
+ "serde",
+ "tracing",
+]
+
+[[package]]
+name = "msmae-b"
+version = "0.1.0"
+
+[[package]]
+name = "image"
+version = "0.25.6"
+dependencies = [
+ "png",
+ "syn",
+]
+
+[[package]]
+name = "png"
+version = "0.17.16"
+
+[[package]]
+name = "rand"
+version = "0.8.5"
+
+[[package]]
+name = "rand"
+version = "0.9.2"
+
+[[package]]
+name = "syn"
+version = "2.0.1"
+
+[[package]]
+name = "tracing"
+version = "0.1.44"
+
+[[package]]
+name = "serde"
+version = "1.0.0"
+"#;
+
+    fn workspace() -> tempfile_dir::Dir {
+        let t = tempfile_dir::Dir::new();
+        write(&t.0.join("Cargo.lock"), LOCK);
         write(
-            &t.join("msmae-a/Cargo.toml"),
-            "[package]\nname='msmae-a'\n[dependencies]\nmsmae-b = { workspace = true }\nserde = '1'\n[dev-dependencies]\nmsmae-c.workspace = true\n",
+            &t.0.join("crates/msmae-a/Cargo.toml"),
+            "[package]\nname='msmae-a'\n[dependencies]\nmsmae-b = { workspace = true }\nimage.workspace = true\nrand = '0.9'\ntracing = '0.1'\n[dev-dependencies]\nmsmae-c.workspace = true\n",
         );
-        write(&t.join("msmae-a/src/lib.rs"), "a");
-        write(&t.join("msmae-b/Cargo.toml"), "[package]\nname='msmae-b'\n");
-        write(&t.join("msmae-b/src/lib.rs"), "b");
-        write(&t.join("msmae-c/Cargo.toml"), "[package]\nname='msmae-c'\n");
-        write(&t.join("msmae-c/src/lib.rs"), "c");
-        let (d1, files) = fingerprint(&t.join("msmae-a")).expect("hash");
-        assert_eq!(files.len(), 4, "{files:?}");
-        write(&t.join("msmae-c/src/lib.rs"), "c2");
-        assert_eq!(fingerprint(&t.join("msmae-a")).expect("hash").0, d1, "dev-dep must not count");
-        write(&t.join("msmae-b/src/lib.rs"), "b2");
-        assert_ne!(fingerprint(&t.join("msmae-a")).expect("hash").0, d1, "dep change must count");
-        fs::remove_dir_all(&t).ok();
+        write(&t.0.join("crates/msmae-a/src/lib.rs"), "//! a\n/// doc\npub fn a() -> u32 { match 1 { 1 => 2, _ => 3 } }\n");
+        write(&t.0.join("crates/msmae-b/Cargo.toml"), "[package]\nname='msmae-b'\n");
+        write(&t.0.join("crates/msmae-b/src/lib.rs"), "pub const B: u32 = 1;");
+        write(&t.0.join("crates/msmae-c/Cargo.toml"), "[package]\nname='msmae-c'\n");
+        write(&t.0.join("crates/msmae-c/src/lib.rs"), "c");
+        t
     }
 
-    fn tempfile_dir() -> PathBuf {
-        let p = std::env::temp_dir().join(format!("msmae-fp-{}-{:?}", std::process::id(), std::thread::current().id()));
-        let _ = fs::remove_dir_all(&p);
-        p
+    #[test]
+    fn follows_msmae_dependencies_and_changes_with_what_they_compute() {
+        let t = workspace();
+        let a = t.0.join("crates/msmae-a");
+        let f1 = fingerprint(&a).expect("hash");
+        assert_eq!(f1.crates.keys().collect::<Vec<_>>(), ["msmae-a", "msmae-b"]);
+        write(&t.0.join("crates/msmae-c/src/lib.rs"), "c2");
+        assert_eq!(fingerprint(&a).expect("hash").digest, f1.digest, "a dev-dependency does not count");
+        write(&t.0.join("crates/msmae-b/src/lib.rs"), "pub const B: u32 = 2;");
+        let f2 = fingerprint(&a).expect("hash");
+        assert_ne!(f2.digest, f1.digest, "a dependency's code counts");
+        assert_eq!(f2.crates["msmae-a"], f1.crates["msmae-a"]);
+        assert_ne!(f2.crates["msmae-b"], f1.crates["msmae-b"], "and is named");
+    }
+
+    #[test]
+    fn comments_docs_layout_and_rustfmt_choices_do_not_count() {
+        let t = workspace();
+        let a = t.0.join("crates/msmae-a");
+        let f1 = fingerprint(&a).expect("hash");
+        let reformatted = "//! a, described at length\n\n/// another doc\n// a comment\npub fn a()\n    -> u32 {\n    match 1 {\n        1 => {\n            2\n        }\n        _ => 3,\n    }\n}\n";
+        write(&a.join("src/lib.rs"), reformatted);
+        assert_eq!(fingerprint(&a).expect("hash").digest, f1.digest);
+        write(&a.join("src/lib.rs"), "pub fn a() -> u32 { match 1 { 1 => 2, _ => 4 } }\n");
+        assert_ne!(fingerprint(&a).expect("hash").digest, f1.digest, "a changed number counts");
+        assert_eq!(normalise_rust(b"f(a, b,)"), normalise_rust(b"f(\n    a,\n    b\n)"), "trailing commas");
+        assert_ne!(normalise_rust(b"f(\"a b\")"), normalise_rust(b"f(\"a  b\")"), "string contents count");
+    }
+
+    #[test]
+    fn numeric_dependencies_come_from_the_lock_file_and_runner_crates_do_not() {
+        let t = workspace();
+        let a = t.0.join("crates/msmae-a");
+        let f1 = fingerprint(&a).expect("hash");
+        let deps: Vec<(&str, &str)> = f1.deps.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(deps, [("image", "0.25.6"), ("png", "0.17.16"), ("rand", "0.9.2")], "tracing, serde and syn are not numeric; rand 0.8 is not used");
+        write(&t.0.join("Cargo.lock"), &LOCK.replace("0.17.16", "0.17.17"));
+        let f2 = fingerprint(&a).expect("hash");
+        assert_ne!(f2.digest, f1.digest);
+        assert_eq!(f2.deps["png"], "0.17.17");
+        write(&t.0.join("Cargo.lock"), &LOCK.replace("0.1.44", "0.1.45"));
+        assert_eq!(fingerprint(&a).expect("hash").digest, f1.digest, "a runner-only crate never enters a key");
+        assert!(f1.encode().starts_with(&format!("v2;{};msmae-a=", f1.digest)));
+    }
+
+    /// A temporary directory removed on drop (no dependency on the tempfile crate here).
+    mod tempfile_dir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!("msmae-fp-{}-{n}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&p);
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
     }
 }

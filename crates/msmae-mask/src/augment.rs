@@ -1,4 +1,4 @@
-//! Augmentation that the weight map must follow (METHOD.md §3.4): RandomResizedCrop
+//! Augmentation that the weight map must follow (docs/method.md §3.4): RandomResizedCrop
 //! (scale 0.2–1, aspect 3/4–4/3, torchvision's sampling rule) and horizontal flip, applied
 //! to the image by the data loader and to the attention map here, so that the weights still
 //! sit on the patches they describe.
@@ -70,7 +70,7 @@ pub fn random_resized_crop(rng: &mut ChaCha8Rng, height: usize, width: usize, sc
     CropBox { top: ((h - ch) / 2.0).floor(), left: ((w - cw) / 2.0).floor(), height: ch, width: cw }
 }
 
-/// Sample the training augmentation of METHOD.md §5: RandomResizedCrop with `scale`
+/// Sample the training augmentation of docs/method.md §5: RandomResizedCrop with `scale`
 /// (0.2–1 in the paper), aspect 3/4–4/3, and a horizontal flip with probability 1/2.
 pub fn sample(rng: &mut ChaCha8Rng, height: usize, width: usize, scale: (f64, f64)) -> Augmentation {
     let crop = random_resized_crop(rng, height, width, scale, (3.0 / 4.0, 4.0 / 3.0));

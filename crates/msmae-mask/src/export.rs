@@ -1,6 +1,6 @@
 //! Exported mask plans, for audits and figures: the masks a training step *would* draw for
 //! a few images, written as a Parquet table (`masks.parquet`) and a picture (`masks.png`).
-//! Training itself draws its masks on the fly from the seeded RNG (METHOD.md §3.5), so
+//! Training itself draws its masks on the fly from the seeded RNG (docs/method.md §3.5), so
 //! these files are never read back by the pipeline.
 //!
 //! `masks.parquet`:

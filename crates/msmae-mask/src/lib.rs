@@ -1,4 +1,4 @@
-//! Which patches a training step encodes, reconstructs or drops (METHOD.md §3).
+//! Which patches a training step encodes, reconstructs or drops (docs/method.md §3).
 //!
 //! Every strategy returns a [`MaskPlan`]: three disjoint index sets over the `L` patches of
 //! one sample — **masked** (not encoded; reconstructed and in the loss), **thrown** (not
@@ -69,7 +69,7 @@ impl MaskPlan {
     }
 }
 
-/// How many patches are masked and thrown, exactly as METHOD.md §3.2 states:
+/// How many patches are masked and thrown, exactly as docs/method.md §3.2 states:
 /// `floor(L·mask)` masked, `floor(L·(mask+throw)) − floor(L·mask)` thrown.
 pub fn counts(len: usize, mask_ratio: f64, throw_ratio: f64) -> (usize, usize) {
     assert!(
@@ -111,7 +111,7 @@ pub fn weighted_order(weights: &[f32], rng: &mut ChaCha8Rng) -> Vec<usize> {
     keyed.into_iter().map(|(_, _, i)| i).collect()
 }
 
-/// MSMAE masking and throwing (METHOD.md §3): order the patches by multinomial sampling
+/// MSMAE masking and throwing (docs/method.md §3): order the patches by multinomial sampling
 /// over `weights`; the first `floor(L·mask_ratio)` are masked, the next ones up to
 /// `floor(L·(mask_ratio+throw_ratio))` thrown, the rest visible.
 pub fn msmae_select(weights: &[f32], mask_ratio: f64, throw_ratio: f64, rng: &mut ChaCha8Rng) -> MaskPlan {
@@ -236,7 +236,7 @@ pub fn complement(w: &[f32]) -> Vec<f32> {
     w.iter().map(|&v| if v.is_finite() { max - v + eps } else { eps }).collect()
 }
 
-/// The RNG for one sample's draws in one epoch (METHOD.md §3.5): independent of batch
+/// The RNG for one sample's draws in one epoch (docs/method.md §3.5): independent of batch
 /// composition, thread scheduling and how many draws other samples made.
 pub fn sample_rng(seed: u64, purpose: &str, epoch: u64, sample_id: u64) -> ChaCha8Rng {
     msmae_core::seeded_rng(seed, &[purpose.into(), epoch.into(), sample_id.into()])

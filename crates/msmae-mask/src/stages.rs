@@ -247,7 +247,7 @@ fn run_weighted(
         "all_zero_maps": zero_rows,
         "source": source,
         "per_plan": { "masked": masked, "thrown": thrown, "visible": l - masked - thrown,
-                      "note": "counts of METHOD.md §3.2 (for mask/attmask before hints are revealed)" },
+                      "note": "counts of docs/method.md §3.2 (for mask/attmask before hints are revealed)" },
         "export": null,
     });
     if let Some(e) = export {
@@ -322,7 +322,7 @@ fn export_plans(
 }
 
 /// `mask/msmae`: MSMAE/AMT masking and throwing by multinomial sampling over the
-/// attention maps (METHOD.md §3).
+/// attention maps (docs/method.md §3).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MsmaeMask;
 

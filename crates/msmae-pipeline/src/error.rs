@@ -93,8 +93,20 @@ pub enum Error {
         "the artifact store {store} is full: stage `{stage}` wrote {written} before the filesystem ran out, so it needs more than the {available} available there; nothing was committed (its staging is removed): free space or move the store (--store), then re-run ({cause})"
     )]
     OutOfSpace { stage: String, store: PathBuf, written: String, available: String, cause: String },
-    #[error("artifact store {path} is held by {holder} (use --wait to wait for it)")]
+    #[error("artifact store {path} is held by {holder} (waiting is the default: drop --no-wait to wait for it)")]
     Busy { path: PathBuf, holder: String },
+    #[error(
+        "{path} is not an msmae artifact store: {found}. msmae makes a store only in a new or empty directory, so that nothing else is ever touched; choose one with --store (or MSMAE_STORE), e.g. --store {}",
+        path.join(".msmae").display()
+    )]
+    NotAStore { path: PathBuf, found: String },
+    #[error("audit: {0}")]
+    Audit(String),
+    #[error(
+        "lock file {lock} belongs to pipeline {owner}, not {pipeline}: two pipelines sharing one lock file would overwrite each other's audit trail; give this one its own with --lock {}",
+        suggested.display()
+    )]
+    LockOwner { lock: PathBuf, owner: String, pipeline: PathBuf, suggested: PathBuf },
 }
 
 impl Error {

@@ -79,6 +79,8 @@ pub struct RunOptions {
     /// files into `<run_log>/<pipeline>/<stage>/`, outside the store (never part of a
     /// digest).
     pub run_log: Option<PathBuf>,
+    /// The CPU threads the backend computes with (recorded with every artifact; 0: unknown).
+    pub compute_threads: usize,
 }
 
 /// Where the stages that must run execute.
@@ -112,6 +114,7 @@ impl Default for RunOptions {
             lock_check: None,
             verify_inputs: false,
             run_log: None,
+            compute_threads: 0,
         }
     }
 }
@@ -260,15 +263,24 @@ pub fn key_parts(plan: &Plan, node: &Node, digests: &BTreeMap<usize, String>, st
             Ok(ExternalRef { path: format!("files listed in {list}"), digest: d.hex, files: d.files, bytes: d.bytes })
         }))
         .collect::<Result<Vec<_>>>()?;
+    let code = crate::key::Code::parse(node.kind.code_fingerprint());
     Ok(KeyParts {
+        scheme: crate::key::KEY_SCHEME,
         kind: node.kind.kind().to_string(),
         version: node.kind.version(),
-        code: node.kind.code_fingerprint().to_string(),
+        code: code.digest,
+        crates: code.crates,
+        deps: code.deps,
         seed: node.seed,
         config: node.config.clone(),
         inputs,
         external,
-        env: node.kind.uses_backend().then(|| EnvKey { backend: env.backend.clone(), device_kind: env.device_kind.clone(), precision: env.precision.clone() }),
+        env: node.kind.uses_backend().then(|| EnvKey {
+            backend: env.backend.clone(),
+            library: env.library.clone(),
+            device_kind: env.device_kind.clone(),
+            precision: env.precision.clone(),
+        }),
     })
 }
 
@@ -283,6 +295,14 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
     check_global_batches(plan, &sel, opts)?;
     let lock_path = opts.lock_file.clone().unwrap_or_else(|| lockfile::default_path(&plan.spec.file));
     let lock = LockFile::read(&lock_path, &plan.spec.name)?;
+    lock.check_owner(&lock_path, &plan.spec.file, &plan.spec.name)?;
+    if opts.group.rank() == 0 && lock.stages.iter().any(|s| s.parts.scheme != crate::key::KEY_SCHEME) {
+        tracing::warn!(
+            "{} was written with an older cache-key scheme: its stages are computed once again under this msmae's keys (code hashed without comments or layout, numeric dependency versions included; see CHANGELOG.md). The old artifacts stay in the store until `msmae gc --prune`",
+            lock_path.display()
+        );
+    }
+    let owner = lockfile::Owner { name: &plan.spec.name, file: &plan.spec.file };
     let order: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
     let leader = opts.group.rank() == 0;
     // gc waits until this run ends (and this run until a gc ends): shared among runners.
@@ -372,7 +392,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
                 if !opts.dry_run
                     && leader
                     && opts.update_lock
-                    && let Err(err) = lockfile::update(store, &lock_path, &plan.spec.name, &order, &[(name.clone(), *e)])
+                    && let Err(err) = lockfile::update(store, &lock_path, &owner, &order, &[(name.clone(), *e)])
                 {
                     result = Err(err);
                     opts.cancel.cancel();
@@ -382,6 +402,9 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
         }
     });
     result?;
+    if leader && !opts.dry_run && opts.update_lock {
+        register_root(store, &lock_path, &plan.spec.name);
+    }
     if leader
         && let Err(e) = store.memo().save()
         && !store::is_read_only(&e)
@@ -401,6 +424,21 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
         })
         .collect();
     Ok(RunReport { pipeline: plan.spec.name.clone(), stages, seconds: t0.elapsed().as_secs_f64(), lock_file: lock_path })
+}
+
+/// Register the lock file as a gc root with the artifacts it references, after every run,
+/// cached or not: a root lost while the file was briefly missing comes back. Best effort on
+/// a read-only store (which gc cannot change either).
+fn register_root(store: &Store, lock_path: &std::path::Path, name: &str) {
+    let Ok(lock) = LockFile::read(lock_path, name) else { return };
+    if !lock_path.exists() {
+        return;
+    }
+    match store.add_root(lock_path, &lock.artifacts()) {
+        Ok(()) => {}
+        Err(Error::Store { source, .. }) if store::is_read_only(&source) => {}
+        Err(e) => tracing::warn!("could not register {} with the store for gc: {e}", lock_path.display()),
+    }
 }
 
 /// Every data-parallel stage about to run splits its global batch (`batch_size`) evenly over
@@ -775,7 +813,13 @@ impl Job<'_> {
             files: manifest.files.len() as u64,
             stage: node.name.clone(),
             parts,
-            run: RunInfo { started, seconds: (seconds * 1000.0).round() / 1000.0, host: Host::current(), tools: self.opts.tools.clone() },
+            run: RunInfo {
+                started,
+                seconds: (seconds * 1000.0).round() / 1000.0,
+                host: Host::current(),
+                tools: self.opts.tools.clone(),
+                threads: (node.kind.uses_backend() && self.opts.compute_threads > 0).then_some(self.opts.compute_threads),
+            },
         };
         self.store.record(&entry).map_err(full)?;
         Ok((entry, seconds))

@@ -152,6 +152,14 @@ pub fn why(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, stage: &s
     if let Some(p) = &row.parts {
         let _ = writeln!(out, "key {}", row.key.as_deref().unwrap_or("-"));
         let _ = writeln!(out, "  kind {} v{}, code {}, seed {}", p.kind, p.version, p.code, p.seed);
+        if !p.crates.is_empty() {
+            let crates: Vec<String> = p.crates.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(out, "  code of {}", crates.join(", "));
+        }
+        if !p.deps.is_empty() {
+            let deps: Vec<String> = p.deps.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(out, "  dependencies {}", deps.join(", "));
+        }
         let _ = writeln!(out, "  config {}", crate::key::canonical_json(&p.config));
         for (slot, ins) in &p.inputs {
             for i in ins {
@@ -162,7 +170,8 @@ pub fn why(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, stage: &s
             let _ = writeln!(out, "  external {} ({} files, {} bytes) @ {}", e.path, e.files, e.bytes, e.digest);
         }
         if let Some(e) = &p.env {
-            let _ = writeln!(out, "  environment {} / {} / {}", e.backend, e.device_kind, e.precision);
+            let lib = if e.library.is_empty() { String::new() } else { format!(" ({})", e.library) };
+            let _ = writeln!(out, "  environment {}{lib} / {} / {}", e.backend, e.device_kind, e.precision);
             // Which devices, and how many data-parallel replicas, change numbers only by float
             // reduction order (tested to 1e-5): run-only, like `checkpoint_every`.
             let _ = writeln!(out, "  devices {} (run-only, not in the key: replicas agree up to float reduction order)", env.device);
@@ -274,6 +283,8 @@ pub struct GcReport {
     pub index_entries: usize,
     pub bytes: u64,
     pub kept_objects: usize,
+    /// Registered lock files that are missing, with how many artifacts each kept.
+    pub missing_roots: Vec<(std::path::PathBuf, usize)>,
 }
 
 /// Remove staging leftovers, stale checkpoints and unreferenced objects. By default an object is kept if any
@@ -284,9 +295,19 @@ pub fn gc(store: &Store, prune: bool, dry_run: bool, extra_roots: &[&Path], wait
     let _exclusive = store.run_lock(true, wait, "msmae gc")?;
     // Every root must be read before anything is deleted: an unreadable lock file (merge
     // conflict markers, truncation) may reference anything, so it stops gc.
+    // A registered lock file that is missing (moved, being restored, on an unmounted disk)
+    // keeps what it referenced when last registered: only `gc --forget` drops it.
     let mut roots: BTreeSet<String> = BTreeSet::new();
-    let mut lock_files = store.roots()?;
-    lock_files.extend(extra_roots.iter().map(|p| p.to_path_buf()));
+    let mut report = GcReport::default();
+    let mut lock_files: Vec<std::path::PathBuf> = extra_roots.iter().map(|p| p.to_path_buf()).collect();
+    for r in store.roots()? {
+        if r.lock_file.is_file() {
+            lock_files.push(r.lock_file);
+        } else {
+            roots.extend(r.artifacts.iter().cloned());
+            report.missing_roots.push((r.lock_file, r.artifacts.len()));
+        }
+    }
     for lf in lock_files {
         let l = LockFile::read(&lf, "").map_err(|e| crate::Error::LockFile {
             path: lf.clone(),
@@ -294,7 +315,6 @@ pub fn gc(store: &Store, prune: bool, dry_run: bool, extra_roots: &[&Path], wait
         })?;
         roots.extend(l.stages.iter().map(|s| s.output.digest.clone()));
     }
-    let mut report = GcReport::default();
     if !dry_run {
         report.tmp_dirs = store.clean_stale_tmp()?.len();
     }

@@ -1,7 +1,9 @@
 //! Cache keys. A stage's key is the BLAKE3 digest of the canonical JSON of its
-//! [`KeyParts`]: kind, version, code fingerprint, full config (defaults filled, key order
-//! irrelevant), seed, the content digests of its inputs, and — for stages whose numbers
-//! depend on it — the backend, device kind and precision. Names of upstream stages and
+//! [`KeyParts`]: kind, version, code fingerprint (the normalised sources of the crates the
+//! stage computes with), the versions of the numeric crates on that path, full config
+//! (defaults filled, key order irrelevant), seed, the content digests of its inputs, and —
+//! for stages whose numbers depend on it — the backend, its library (libtorch's version),
+//! device kind and precision. Names of upstream stages and
 //! paths of external inputs are recorded for people but not hashed: renaming a stage or
 //! moving a checkout does not invalidate the cache.
 
@@ -30,16 +32,60 @@ pub struct ExternalRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvKey {
     pub backend: String,
+    /// The numeric library behind the backend (`libtorch 2.9.0`); empty for pure Rust.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub library: String,
     pub device_kind: String,
     pub precision: String,
+}
+
+/// The version of the key scheme: keys of another scheme never match (their stages
+/// recompute once, and the runner says why).
+pub const KEY_SCHEME: u32 = 2;
+
+/// A stage's code fingerprint as its build script exported it (`msmae-fingerprint`):
+/// `v2;<digest>;<crate>=<digest>,…;<dep>=<version>,…`, or a bare name when the stage's
+/// crate has no build script (test stages).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Code {
+    pub digest: String,
+    pub crates: BTreeMap<String, String>,
+    pub deps: BTreeMap<String, String>,
+}
+
+impl Code {
+    pub fn parse(s: &str) -> Self {
+        let pairs = |t: &str| -> BTreeMap<String, String> {
+            t.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        match s.strip_prefix("v2;").map(|r| r.splitn(3, ';').collect::<Vec<_>>()) {
+            Some(p) if p.len() == 3 => Code { digest: p[0].to_string(), crates: pairs(p[1]), deps: pairs(p[2]) },
+            _ => Code { digest: s.to_string(), ..Code::default() },
+        }
+    }
+
+    /// Whether this is a real build-time fingerprint (not a crate's name and version).
+    pub fn is_built(&self) -> bool {
+        !self.crates.is_empty() && self.digest.len() == 32 && self.digest.bytes().all(|b| b.is_ascii_hexdigit())
+    }
 }
 
 /// Everything a stage's output is a function of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyParts {
+    /// [`KEY_SCHEME`]; absent (0) in records of an older msmae.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub scheme: u32,
     pub kind: String,
     pub version: u32,
     pub code: String,
+    /// Per crate the stage computes with, the digest of its normalised sources (recorded so
+    /// that `msmae why` can name the crate that changed; `code` covers them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub crates: BTreeMap<String, String>,
+    /// Numeric external crates on the stage's path → version (hashed into the key).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deps: BTreeMap<String, String>,
     pub seed: u64,
     pub config: Json,
     pub inputs: BTreeMap<String, Vec<InputRef>>,
@@ -53,6 +99,8 @@ impl KeyParts {
     /// The cache key (64 hex digits).
     pub fn key(&self) -> String {
         let hashed = serde_json::json!({
+            "scheme": self.scheme,
+            "deps": self.deps,
             "kind": self.kind,
             "version": self.version,
             "code": self.code,
@@ -62,7 +110,7 @@ impl KeyParts {
             "external": self.external.iter().map(|e| e.digest.clone()).collect::<Vec<_>>(),
             "env": self.env,
         });
-        let mut h = blake3::Hasher::new_derive_key("msmae stage key v1");
+        let mut h = blake3::Hasher::new_derive_key("msmae stage key v2");
         h.update(canonical_json(&hashed).as_bytes());
         h.finalize().to_hex().to_string()
     }
@@ -76,8 +124,35 @@ impl KeyParts {
         if self.version != old.version {
             out.push(format!("stage version {} → {}", old.version, self.version));
         }
-        if self.code != old.code {
-            out.push(format!("code changed (fingerprint {} → {})", short(&old.code), short(&self.code)));
+        if self.scheme != old.scheme {
+            out.push(format!(
+                "the cache-key scheme changed ({} → {}): recorded by an older msmae, computed once again (see CHANGELOG.md)",
+                old.scheme, self.scheme
+            ));
+        } else if self.code != old.code {
+            let changed: Vec<String> = self
+                .crates
+                .iter()
+                .filter(|(k, v)| old.crates.get(*k) != Some(v))
+                .map(|(k, _)| if old.crates.contains_key(k) { format!("`{k}`") } else { format!("`{k}` (new on its path)") })
+                .chain(old.crates.keys().filter(|k| !self.crates.contains_key(*k)).map(|k| format!("`{k}` (no longer on its path)")))
+                .collect();
+            if changed.is_empty() {
+                out.push(format!("code changed (fingerprint {} → {})", short(&old.code), short(&self.code)));
+            } else {
+                out.push(format!("code of {} changed", changed.join(", ")));
+            }
+        }
+        if self.scheme == old.scheme && self.deps != old.deps {
+            let names: std::collections::BTreeSet<&String> = self.deps.keys().chain(old.deps.keys()).collect();
+            for n in names {
+                match (old.deps.get(n), self.deps.get(n)) {
+                    (Some(a), Some(b)) if a != b => out.push(format!("dependency {n} {a} → {b}")),
+                    (None, Some(b)) => out.push(format!("dependency {n} {b} added")),
+                    (Some(a), None) => out.push(format!("dependency {n} {a} removed")),
+                    _ => {}
+                }
+            }
         }
         if self.seed != old.seed {
             out.push(format!("seed {} → {}", old.seed, self.seed));
@@ -111,7 +186,14 @@ impl KeyParts {
                 }
             }
         }
-        if self.env != old.env {
+        if let (Some(a), Some(b)) = (&old.env, &self.env)
+            && a.library != b.library
+        {
+            let show = |l: &str| if l.is_empty() { "none".to_string() } else { l.to_string() };
+            out.push(format!("numeric library {} → {}", show(&a.library), show(&b.library)));
+        }
+        let without_library = |e: &Option<EnvKey>| e.as_ref().map(|e| EnvKey { library: String::new(), ..e.clone() });
+        if without_library(&self.env) != without_library(&old.env) {
             let show = |e: &Option<EnvKey>| e.as_ref().map(|e| format!("{}/{}/{}", e.backend, e.device_kind, e.precision)).unwrap_or_else(|| "-".into());
             out.push(format!("environment {} → {}", show(&old.env), show(&self.env)));
         }
@@ -120,6 +202,10 @@ impl KeyParts {
         }
         out
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn short(s: &str) -> &str {
@@ -168,9 +254,12 @@ mod tests {
 
     fn parts(config: Json) -> KeyParts {
         KeyParts {
+            scheme: KEY_SCHEME,
             kind: "k/x".into(),
             version: 1,
             code: "abc".into(),
+            crates: BTreeMap::from([("msmae-a".into(), "1".into()), ("msmae-b".into(), "2".into())]),
+            deps: BTreeMap::from([("image".into(), "0.25.5".into())]),
             seed: 1,
             config,
             inputs: BTreeMap::from([("data".into(), vec![InputRef { stage: "data".into(), digest: "d1".into() }])]),
@@ -188,6 +277,32 @@ mod tests {
         b.inputs.get_mut("data").expect("slot")[0].digest = "d2".into();
         assert_ne!(a.key(), b.key());
         assert_eq!(b.diff(&a), ["input `data` changed: data@d1 → renamed@d2"]);
+    }
+
+    #[test]
+    fn why_names_the_crate_the_dependency_the_library_and_the_scheme() {
+        let a = parts(serde_json::json!({}));
+        let mut b = a.clone();
+        b.code = "abd".into();
+        b.crates.insert("msmae-b".into(), "3".into());
+        b.deps.insert("image".into(), "0.25.6".into());
+        assert_ne!(a.key(), b.key());
+        assert_eq!(b.diff(&a), ["code of `msmae-b` changed", "dependency image 0.25.5 → 0.25.6"]);
+        let env = |l: &str| Some(EnvKey { backend: "tch".into(), library: l.into(), device_kind: "cpu".into(), precision: "f32".into() });
+        let (mut c, mut d) = (a.clone(), a.clone());
+        c.env = env("libtorch 2.9.0");
+        d.env = env("libtorch 2.11.0");
+        assert_ne!(c.key(), d.key());
+        assert_eq!(d.diff(&c), ["numeric library libtorch 2.9.0 → libtorch 2.11.0"]);
+        let mut old = a.clone();
+        old.scheme = 0;
+        assert!(a.diff(&old)[0].contains("cache-key scheme changed"), "{:?}", a.diff(&old));
+        // The fingerprint's exported form round-trips; a bare name is not a built one.
+        let code = Code::parse("v2;0123456789abcdef0123456789abcdef;msmae-a=11,msmae-b=22;image=0.25.6,png=0.17.16");
+        assert!(code.is_built());
+        assert_eq!(code.crates.len(), 2);
+        assert_eq!(code.deps["png"], "0.17.16");
+        assert!(!Code::parse("msmae-x@0.1.0").is_built());
     }
 
     #[test]

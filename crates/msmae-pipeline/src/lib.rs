@@ -3,6 +3,7 @@
 //! lock file ([`lockfile`]), and inspected ([`inspect`]). It knows stages only through
 //! [`msmae_core::DynStage`], so it compiles without any ML dependency.
 
+pub mod audit;
 pub mod error;
 pub mod exec;
 pub mod hashing;

@@ -21,6 +21,10 @@ pub const LOCK_VERSION: u32 = 1;
 pub struct LockFile {
     pub msmae_lock: u32,
     pub pipeline: String,
+    /// The pipeline file this lock file belongs to, relative to the lock file's folder (so
+    /// that moving both together keeps it valid). Absent in lock files of older msmae.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_file: Option<String>,
     pub stages: Vec<StageLock>,
 }
 
@@ -57,7 +61,7 @@ impl StageLock {
 
 impl LockFile {
     pub fn new(pipeline: &str) -> Self {
-        LockFile { msmae_lock: LOCK_VERSION, pipeline: pipeline.into(), stages: Vec::new() }
+        LockFile { msmae_lock: LOCK_VERSION, pipeline: pipeline.into(), pipeline_file: None, stages: Vec::new() }
     }
 
     /// Read a lock file; a missing file is an empty lock.
@@ -92,6 +96,40 @@ impl LockFile {
         self.stages.iter().find(|s| s.name == name)
     }
 
+    /// The artifact digests this lock file references.
+    pub fn artifacts(&self) -> Vec<String> {
+        self.stages.iter().map(|s| s.output.digest.clone()).collect()
+    }
+
+    /// Refuse a lock file that belongs to another pipeline file: recorded as another file
+    /// that still exists, or (an older lock file) recorded under another pipeline name.
+    /// A recorded file that no longer exists was renamed: the lock file is taken over.
+    pub fn check_owner(&self, lock_path: &Path, pipeline_file: &Path, pipeline_name: &str) -> Result<()> {
+        if self.stages.is_empty() && self.pipeline_file.is_none() {
+            return Ok(());
+        }
+        let refuse = |owner: String| {
+            Err(Error::LockOwner {
+                lock: lock_path.to_path_buf(),
+                owner,
+                pipeline: pipeline_file.to_path_buf(),
+                suggested: pipeline_file.with_extension(format!("{}.lock", pipeline_file.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default())),
+            })
+        };
+        match &self.pipeline_file {
+            Some(rel) => {
+                let recorded = lock_dir(lock_path).join(rel);
+                let (a, b) = (canonical(&recorded), canonical(pipeline_file));
+                if a != b && recorded.is_file() {
+                    return refuse(recorded.display().to_string());
+                }
+                Ok(())
+            }
+            None if self.pipeline != pipeline_name => refuse(format!("`{}` (its `pipeline:` name)", self.pipeline)),
+            None => Ok(()),
+        }
+    }
+
     pub fn to_yaml(&self) -> String {
         let body = serde_yaml::to_string(self).unwrap_or_default();
         format!("# msmae lock file: written by `msmae run`, do not edit. `msmae verify` checks it.\n{body}")
@@ -110,6 +148,30 @@ fn canonical(path: &Path) -> PathBuf {
     }
 }
 
+fn lock_dir(lock_path: &Path) -> PathBuf {
+    canonical(lock_path).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `pipeline_file` as a lock file at `lock_path` records it: relative to the lock file's
+/// folder where it can be (`../x.yaml` included), else absolute.
+pub fn relative_pipeline(lock_path: &Path, pipeline_file: &Path) -> String {
+    let (dir, file) = (lock_dir(lock_path), canonical(pipeline_file));
+    let d: Vec<_> = dir.components().collect();
+    let f: Vec<_> = file.components().collect();
+    let common = d.iter().zip(&f).take_while(|(a, b)| a == b).count();
+    if common == 0 {
+        return file.to_string_lossy().into_owned();
+    }
+    let mut rel = PathBuf::new();
+    for _ in common..d.len() {
+        rel.push("..");
+    }
+    for c in &f[common..] {
+        rel.push(c);
+    }
+    rel.to_string_lossy().into_owned()
+}
+
 /// Default lock file path: `NAME.lock` beside the pipeline file.
 pub fn default_path(pipeline_file: &Path) -> PathBuf {
     pipeline_file.with_extension("lock")
@@ -118,27 +180,37 @@ pub fn default_path(pipeline_file: &Path) -> PathBuf {
 /// Set `entries` (name → index entry) in the lock file at `path`, keep only stages in
 /// `order`, in that order, and write it if it changed. Serialised against other runners by
 /// a lock in the store.
-pub fn update(store: &Store, path: &Path, pipeline: &str, order: &[String], entries: &[(String, IndexEntry)]) -> Result<bool> {
+pub fn update(store: &Store, path: &Path, pipeline: &Owner<'_>, order: &[String], entries: &[(String, IndexEntry)]) -> Result<bool> {
     // Nothing to change (a cached run): no guard and no write, so that a fully cached run
     // works on a read-only store.
-    if path.exists() && updated(LockFile::read(path, pipeline)?, pipeline, order, entries).1 {
+    if path.exists() && updated(LockFile::read(path, pipeline.name)?, pipeline, path, order, entries).1 {
         return Ok(false);
     }
     // One guard per file, however it is spelled (`p.lock`, `./p.lock`, a symlinked dir).
     let guard_id = blake3::hash(canonical(path).to_string_lossy().as_bytes()).to_hex()[..16].to_string();
     let _guard = store.lock_key(&format!("lockfile-{guard_id}"), "updating the lock file", true)?;
     // An unreadable lock file is never replaced: it is the audit trail (and gc's roots).
-    let (lock, unchanged) = updated(LockFile::read(path, pipeline)?, pipeline, order, entries);
+    let current = LockFile::read(path, pipeline.name)?;
+    current.check_owner(path, pipeline.file, pipeline.name)?;
+    let (lock, unchanged) = updated(current, pipeline, path, order, entries);
     if unchanged && path.exists() {
         return Ok(false);
     }
     store::write_atomic(path, lock.to_yaml().as_bytes())?;
-    store.add_root(path)?;
+    store.add_root(path, &lock.artifacts())?;
     Ok(true)
 }
 
+/// The pipeline a lock file is written for: its name and file.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    pub name: &'a str,
+    pub file: &'a Path,
+}
+
 /// `lock` with `entries` recorded, and whether that changed nothing.
-fn updated(mut lock: LockFile, pipeline: &str, order: &[String], entries: &[(String, IndexEntry)]) -> (LockFile, bool) {
+fn updated(mut lock: LockFile, owner: &Owner<'_>, lock_path: &Path, order: &[String], entries: &[(String, IndexEntry)]) -> (LockFile, bool) {
+    let pipeline = owner.name;
     let before = lock.clone();
     for (name, e) in entries {
         let s = StageLock::from_entry(name, e);
@@ -148,6 +220,7 @@ fn updated(mut lock: LockFile, pipeline: &str, order: &[String], entries: &[(Str
         }
     }
     lock.pipeline = pipeline.to_string();
+    lock.pipeline_file = Some(relative_pipeline(lock_path, owner.file));
     lock.stages.retain(|s| order.contains(&s.name));
     lock.stages.sort_by_key(|s| order.iter().position(|o| o == &s.name));
     let unchanged = lock == before;
@@ -183,10 +256,12 @@ mod tests {
         let store = Store::open(&d.path().join("store")).expect("store");
         let path = d.path().join("p.lock");
         let order = vec!["a".to_string()];
-        assert!(update(&store, &path, "p", &order, &[]).expect("first write"), "a missing lock file is written");
+        let file = d.path().join("p.yaml");
+        let owner = Owner { name: "p", file: &file };
+        assert!(update(&store, &path, &owner, &order, &[]).expect("first write"), "a missing lock file is written");
         let before = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!update(&store, &path, "p", &order, &[]).expect("second"), "nothing changed");
+        assert!(!update(&store, &path, &owner, &order, &[]).expect("second"), "nothing changed");
         assert_eq!(std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime"), before);
     }
 }

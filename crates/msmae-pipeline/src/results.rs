@@ -84,6 +84,20 @@ pub fn collect(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, only:
     Ok(out)
 }
 
+/// The declared metrics of `decl` read from an artifact's directory (absent or unreadable
+/// values left out).
+pub fn metric_values(dir: &std::path::Path, decl: &msmae_core::OutputDecl) -> BTreeMap<String, f64> {
+    let mut files: BTreeMap<&str, Option<serde_json::Value>> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for d in &decl.metrics {
+        let v = files.entry(d.file.as_str()).or_insert_with(|| std::fs::read(dir.join(&d.file)).ok().and_then(|b| serde_json::from_slice(&b).ok()));
+        if let Some(x) = v.as_ref().and_then(|v| json_at(v, &d.pointer)).as_ref().and_then(serde_json::Value::as_f64) {
+            out.insert(d.name.clone(), x);
+        }
+    }
+    out
+}
+
 /// One stage's results from the artifact `lock` records for it (state left empty).
 pub fn read(store: &Store, lock: &LockFile, name: &str, kind: &str, decl: &msmae_core::OutputDecl) -> StageResults {
     let mut r = StageResults {

@@ -124,12 +124,71 @@ impl std::str::FromStr for Override {
 
 /// Read and parse a pipeline file.
 pub fn load(file: &Path, overrides: &[Override]) -> Result<PipelineSpec, crate::Error> {
-    let src = std::fs::read_to_string(file).map_err(|source| crate::Error::Read { path: file.to_path_buf(), source })?;
+    let bytes = std::fs::read(file).map_err(|source| crate::Error::Read { path: file.to_path_buf(), source })?;
+    let src = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        let message = format!("not UTF-8 text (invalid byte at offset {at}): a pipeline file is YAML in UTF-8");
+        SpecErrors(vec![SpecError { file: file.to_path_buf(), line, column: 0, key: String::new(), message }])
+    })?;
     Ok(parse(file, &src, overrides)?)
+}
+
+/// How deeply flow collections (`[…]`, `{…}`) and indented blocks may nest in a pipeline
+/// file: far beyond any real pipeline, and checked before the YAML parser sees the text,
+/// whose time grows with the depth.
+pub const MAX_NESTING: usize = 64;
+
+/// The deepest nesting of `text`: flow brackets outside quotes and comments, and the number
+/// of distinct indentation levels open at once.
+fn nesting_depth(text: &str) -> (usize, usize) {
+    let mut worst = (0usize, 0usize);
+    let mut depth = 0usize;
+    let mut line_no = 1usize;
+    let mut indents: Vec<usize> = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start_matches(' ');
+        if depth == 0 && !trimmed.is_empty() && !trimmed.starts_with('#') {
+            let indent = line.len() - trimmed.len();
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            if indents.len() > worst.0 {
+                worst = (indents.len(), line_no);
+            }
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in line.chars() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None if c == '#' && (prev == ' ' || prev == '\t') => break,
+                None if c == '"' || c == '\'' => quote = Some(c),
+                None if c == '[' || c == '{' => {
+                    depth += 1;
+                    if depth > worst.0 {
+                        worst = (depth, line_no);
+                    }
+                }
+                None if c == ']' || c == '}' => depth = depth.saturating_sub(1),
+                None => {}
+            }
+            prev = c;
+        }
+        line_no += 1;
+    }
+    worst
 }
 
 /// Parse pipeline text (`file` names it in errors and anchors relative paths).
 pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineSpec, SpecErrors> {
+    let (depth, line) = nesting_depth(src);
+    if depth > MAX_NESTING {
+        let message = format!("nested {depth} levels deep (at most {MAX_NESTING}): this is not a pipeline file");
+        return Err(SpecErrors(vec![SpecError { file: file.to_path_buf(), line, column: 0, key: String::new(), message }]));
+    }
     let index = LocationIndex::build(src);
     let mut errs = Errors { file, index: &index, list: Vec::new() };
     let mut doc: Yaml = match serde_yaml::from_str(src) {
@@ -156,12 +215,18 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
             None => errs.at("", format!("keys must be strings, found {key:?}")),
         }
     }
-    let default_name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into());
+    // The name is a path component (TensorBoard logs, Slurm scripts): a file stem is made
+    // one, a written name must be one.
+    let default_name: String = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect())
+        .filter(|s: &String| !s.is_empty())
+        .unwrap_or_else(|| "pipeline".into());
     let name = match top.get("name") {
         None => default_name,
-        Some(Yaml::String(s)) if !s.is_empty() => s.clone(),
-        Some(_) => {
-            errs.at("name", "must be a non-empty string");
+        Some(Yaml::String(s)) if valid_name(s) => s.clone(),
+        Some(v) => {
+            errs.at("name", format!("must be a name of letters, digits, `-` and `_` (it names folders), found {}", show(v)));
             default_name
         }
     };
@@ -197,6 +262,12 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
 /// `--set path=value` overrides, each value parsed as YAML.
 fn apply_overrides(top: &mut serde_yaml::Mapping, overrides: &[Override], errs: &mut Errors<'_>) {
     for o in overrides {
+        if let Some(rest) = o.path.strip_prefix("params.")
+            && let Err(message) = check_param_path(top.get("params"), rest)
+        {
+            errs.at(&o.path, format!("--set {}={}: {message}", o.path, o.value));
+            continue;
+        }
         let value: Yaml = match serde_yaml::from_str(&o.value) {
             Ok(v) => v,
             Err(e) => {
@@ -307,6 +378,31 @@ fn show(v: &Yaml) -> String {
 
 fn to_json(v: &Yaml) -> Result<Json, String> {
     serde_json::to_value(v).map_err(|e| format!("cannot be represented as data: {e}"))
+}
+
+/// A `--set params.…` path must name a parameter the file declares (a misspelt name would
+/// otherwise be accepted and change nothing).
+fn check_param_path(params: Option<&Yaml>, rest: &str) -> Result<(), String> {
+    let mut cur = params;
+    let mut seen = String::from("params");
+    for part in rest.split('.') {
+        let map = match cur {
+            Some(Yaml::Mapping(m)) => m,
+            _ => return Err(format!("`{seen}` is not a map of parameters in this pipeline file")),
+        };
+        let names: Vec<&str> = map.keys().filter_map(|k| k.as_str()).collect();
+        match map.get(part) {
+            Some(v) => cur = Some(v),
+            None => {
+                let near = names.iter().filter(|n| msmae_core::stage::edit_distance(part, n) <= 2).min_by_key(|n| msmae_core::stage::edit_distance(part, n));
+                let hint = near.map(|n| format!(" (did you mean `{seen}.{n}`?)")).unwrap_or_default();
+                let known = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+                return Err(format!("no parameter `{part}` in `{seen}`{hint}; declared: {known}"));
+            }
+        }
+        seen = format!("{seen}.{part}");
+    }
+    Ok(())
 }
 
 fn set_path(top: &mut serde_yaml::Mapping, path: &str, value: Yaml) {

@@ -7,8 +7,15 @@
 //! tmp/<key>.<pid>.<n>/data/           a stage's output while it runs
 //! locks/<key>.lock                    held while a key is being computed
 //! hashmemo.tsv                        memo of external-input file digests
-//! roots/<id>                          lock files written with this store (for gc)
+//! roots/<id>                          lock files written with this store, with the
+//!                                     artifacts each last referenced (for gc)
+//! MSMAE_STORE                         the marker: this directory is an msmae store
 //! ```
+//! A directory becomes a store only when it is new or empty (or already holds a store of an
+//! earlier msmae, recognised by its layout); any other directory is refused, so that a
+//! mistyped `--store` never touches someone's files. Inside a store, msmae removes only
+//! entries it names itself (`tmp/<key>.…`, `resume/<key>`): anything else found there is
+//! reported and left alone.
 //! Commit protocol: the stage writes into `tmp/…/data`; the runner checks it against the
 //! stage's declaration, fsyncs and hashes every file, writes the manifest, renames the whole
 //! staging directory to `objects/…` (atomic; an existing identical object wins), and only
@@ -72,6 +79,10 @@ pub struct RunInfo {
     pub host: Host,
     /// Versions of the tools that produced it (msmae, burn, libtorch, ...).
     pub tools: std::collections::BTreeMap<String, String>,
+    /// The CPU threads the backend's tensor operations used (CPU results depend on it);
+    /// absent in records of an older msmae.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
 }
 
 /// The machine a stage ran on.
@@ -81,6 +92,9 @@ pub struct Host {
     pub arch: String,
     pub cpus: usize,
     pub hostname: String,
+    /// The CPU's model name (its instruction set changes CPU results); empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cpu_model: String,
 }
 
 impl Host {
@@ -92,8 +106,22 @@ impl Host {
             arch: std::env::consts::ARCH.into(),
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             hostname,
+            cpu_model: cpu_model(),
         }
     }
+}
+
+/// The CPU's model name as `/proc/cpuinfo` gives it (empty elsewhere).
+fn cpu_model() -> String {
+    static MODEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 /// Cache index entry: key → artifact.
@@ -145,6 +173,25 @@ pub struct KeyLock {
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
 
+/// The marker file that makes a directory an msmae store.
+pub const MARKER: &str = "MSMAE_STORE";
+/// The store layout version the marker records.
+pub const STORE_FORMAT: u32 = 1;
+/// What a store holds at its top level (anything else makes a directory "not a store").
+const LAYOUT: &[&str] = &["objects", "index", "tmp", "locks", "roots", "resume", "slurm", "hashmemo.tsv", MARKER];
+
+/// A lock file registered with a store: where it is, and the artifacts it referenced when it
+/// was last registered (gc keeps those while the file is missing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Root {
+    pub lock_file: PathBuf,
+    #[serde(default)]
+    pub artifacts: Vec<String>,
+    /// The record's file under `roots/`.
+    #[serde(skip)]
+    pub record: PathBuf,
+}
+
 /// The artifact store.
 #[derive(Debug)]
 pub struct Store {
@@ -153,11 +200,27 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open (creating if needed) a store at `root`.
+    /// Open the store at `root`, creating it when `root` is missing or an empty directory.
+    /// A directory that holds anything but a store is refused ([`Error::NotAStore`]).
     pub fn open(root: &Path) -> Result<Self> {
+        identify(root)?;
         for sub in ["objects", "index", "tmp", "locks", "roots"] {
             let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(|e| Error::store("create", &p, e))?;
+            match fs::create_dir_all(&p) {
+                Ok(()) => {}
+                // A read-only store is opened as it is (readers only).
+                Err(e) if is_read_only(&e) && p.is_dir() => {}
+                Err(e) => return Err(Error::store("create", &p, e)),
+            }
+        }
+        let marker = root.join(MARKER);
+        if !marker.is_file()
+            && let Err(e) = write_atomic(&marker, format!("msmae store format {STORE_FORMAT}\n").as_bytes())
+        {
+            // An older store on a read-only mount: readable as it is.
+            if !matches!(&e, Error::Store { source, .. } if is_read_only(source)) {
+                return Err(e);
+            }
         }
         let root = root.canonicalize().map_err(|e| Error::store("open", root, e))?;
         let memo = HashMemo::load(&root.join("hashmemo.tsv"));
@@ -458,6 +521,10 @@ impl Store {
         for e in rd {
             let p = e.map_err(|e| Error::store("list", &dir, e))?.path();
             let key = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !is_key(&key) || p.is_symlink() || !p.is_dir() {
+                tracing::warn!("left alone in the store's resume/: {} (not a checkpoint directory msmae made)", p.display());
+                continue;
+            }
             let lock = self.root.join("locks").join(format!("{key}.lock"));
             let free = fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock).map(|f| f.try_lock().is_ok()).unwrap_or(false);
             let committed = matches!(self.lookup(&key), Ok(Some(_)));
@@ -471,14 +538,22 @@ impl Store {
         Ok(removed)
     }
 
-    /// Remove staging directories left by killed runs (those whose key lock is free).
+    /// Remove staging directories left by killed runs (those whose key lock is free). Only
+    /// directories named as msmae names its staging (`<key>.…`) are touched; anything else
+    /// in `tmp/` is reported and left alone.
     pub fn clean_stale_tmp(&self) -> Result<Vec<PathBuf>> {
         let dir = self.root.join("tmp");
         let mut removed = Vec::new();
-        for e in fs::read_dir(&dir).map_err(|e| Error::store("list", &dir, e))? {
+        let Ok(rd) = fs::read_dir(&dir) else { return Ok(removed) };
+        for e in rd {
             let p = e.map_err(|e| Error::store("list", &dir, e))?.path();
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let key = name.split('.').next().unwrap_or("");
+            let ours = is_key(key) && name.len() > key.len() && !p.is_symlink() && p.is_dir();
+            if !ours {
+                tracing::warn!("left alone in the store's tmp/: {} (not a staging directory msmae made)", p.display());
+                continue;
+            }
             let lock = self.root.join("locks").join(format!("{key}.lock"));
             let free = fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock).map(|f| f.try_lock().is_ok()).unwrap_or(false);
             if free {
@@ -489,34 +564,52 @@ impl Store {
         Ok(removed)
     }
 
-    /// Register a lock file as a gc root.
-    pub fn add_root(&self, lock_file: &Path) -> Result<()> {
-        let abs = lock_file.canonicalize().unwrap_or_else(|_| lock_file.to_path_buf());
-        let id = blake3::hash(abs.to_string_lossy().as_bytes()).to_hex()[..16].to_string();
-        let p = self.root.join("roots").join(id);
-        if fs::read_to_string(&p).ok().as_deref() != Some(&*abs.to_string_lossy()) {
-            write_atomic(&p, abs.to_string_lossy().as_bytes())?;
+    /// Register a lock file as a gc root, remembering the artifacts it references (gc keeps
+    /// them even while the file is missing). Written only when something changed.
+    pub fn add_root(&self, lock_file: &Path, artifacts: &[String]) -> Result<()> {
+        let abs = absolute_lock_path(lock_file);
+        let p = self.root.join("roots").join(root_id(&abs));
+        let mut artifacts = artifacts.to_vec();
+        artifacts.sort();
+        artifacts.dedup();
+        let root = Root { lock_file: abs, artifacts, record: p.clone() };
+        if read_root(&p).is_some_and(|r| r == root) {
+            return Ok(());
         }
-        Ok(())
+        let bytes = serde_json::to_vec_pretty(&root).map_err(|e| Error::Corrupt { path: p.clone(), message: e.to_string() })?;
+        write_atomic(&p, &bytes)
     }
 
-    /// Lock files registered as roots that still exist.
-    pub fn roots(&self) -> Result<Vec<PathBuf>> {
+    /// Every registered root, whether its lock file exists or not. Nothing is removed here:
+    /// a root is forgotten only by [`Self::forget_root`].
+    pub fn roots(&self) -> Result<Vec<Root>> {
         let dir = self.root.join("roots");
         let mut out = Vec::new();
-        for e in fs::read_dir(&dir).map_err(|e| Error::store("list", &dir, e))? {
+        let Ok(rd) = fs::read_dir(&dir) else { return Ok(out) };
+        for e in rd {
             let p = e.map_err(|e| Error::store("list", &dir, e))?.path();
-            if let Ok(t) = fs::read_to_string(&p) {
-                let lf = PathBuf::from(t.trim());
-                if lf.is_file() {
-                    out.push(lf);
-                } else {
-                    let _ = fs::remove_file(&p);
-                }
+            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                continue; // a write in progress
+            }
+            if let Some(r) = read_root(&p) {
+                out.push(r);
             }
         }
-        out.sort();
+        out.sort_by(|a, b| a.lock_file.cmp(&b.lock_file));
         Ok(out)
+    }
+
+    /// Forget the root of `lock_file` (`msmae gc --forget`); whether there was one.
+    pub fn forget_root(&self, lock_file: &Path) -> Result<bool> {
+        let abs = absolute_lock_path(lock_file);
+        let mut found = false;
+        for r in self.roots()? {
+            if r.lock_file == abs || r.lock_file == lock_file {
+                fs::remove_file(&r.record).map_err(|e| Error::store("remove", &r.record, e))?;
+                found = true;
+            }
+        }
+        Ok(found)
     }
 
     /// Every object digest present.
@@ -583,6 +676,81 @@ impl Store {
         problems.sort();
         Ok(problems)
     }
+}
+
+/// Whether `root` may be used as a store: missing, empty, marked, or an older msmae store
+/// (only its own layout, with `objects/` and `index/`).
+fn identify(root: &Path) -> Result<()> {
+    let md = match fs::symlink_metadata(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::store("open", root, e)),
+        Ok(m) => m,
+    };
+    let dir_md = if md.file_type().is_symlink() { fs::metadata(root).map_err(|e| Error::store("open", root, e))? } else { md };
+    if !dir_md.is_dir() {
+        return Err(Error::NotAStore { path: root.to_path_buf(), found: "it is not a directory".into() });
+    }
+    if root.join(MARKER).is_file() {
+        let text = fs::read_to_string(root.join(MARKER)).unwrap_or_default();
+        let version = text.trim().rsplit(' ').next().and_then(|v| v.parse::<u32>().ok());
+        return match version {
+            Some(v) if v <= STORE_FORMAT => Ok(()),
+            Some(v) => Err(Error::NotAStore { path: root.to_path_buf(), found: format!("it is a store of format {v}, newer than this msmae's {STORE_FORMAT}") }),
+            None => Err(Error::NotAStore { path: root.to_path_buf(), found: format!("its {MARKER} file is unreadable") }),
+        };
+    }
+    let names: Vec<String> = fs::read_dir(root)
+        .map_err(|e| Error::store("list", root, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let older_store = names.iter().all(|n| LAYOUT.contains(&n.as_str())) && root.join("objects").is_dir() && root.join("index").is_dir();
+    if older_store {
+        return Ok(());
+    }
+    let mut shown: Vec<&String> = names.iter().filter(|n| !LAYOUT.contains(&n.as_str())).collect();
+    shown.sort();
+    let more = if shown.len() > 3 { format!(" and {} more", shown.len() - 3) } else { String::new() };
+    let list = shown.iter().take(3).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    Err(Error::NotAStore { path: root.to_path_buf(), found: format!("it holds other files ({list}{more})") })
+}
+
+/// Whether `s` is a cache key (64 lowercase hex digits): what msmae names its entries by.
+pub fn is_key(s: &str) -> bool {
+    check_digest(s).is_ok()
+}
+
+fn absolute_lock_path(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    match (abs.parent().and_then(|d| d.canonicalize().ok()), abs.file_name()) {
+        (Some(d), Some(f)) => d.join(f),
+        _ => abs,
+    }
+}
+
+fn root_id(abs: &Path) -> String {
+    blake3::hash(abs.to_string_lossy().as_bytes()).to_hex()[..16].to_string()
+}
+
+/// A root record: JSON, or the bare path an older msmae wrote.
+fn read_root(p: &Path) -> Option<Root> {
+    let text = fs::read_to_string(p).ok()?;
+    let mut r = match serde_json::from_str::<Root>(&text) {
+        Ok(r) => r,
+        Err(_) if !text.trim().is_empty() && !text.trim_start().starts_with('{') => {
+            Root { lock_file: PathBuf::from(text.trim()), artifacts: Vec::new(), record: PathBuf::new() }
+        }
+        Err(_) => return None,
+    };
+    r.artifacts.retain(|d| check_digest(d).is_ok());
+    r.record = p.to_path_buf();
+    Some(r)
 }
 
 fn check_no_symlinks(dir: &Path, stage: &str) -> Result<()> {

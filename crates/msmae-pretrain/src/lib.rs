@@ -1,4 +1,4 @@
-//! `mae/pretrain`: MAE pre-training (METHOD.md §4). Without `masks` it is MAE with
+//! `mae/pretrain`: MAE pre-training (docs/method.md §4). Without `masks` it is MAE with
 //! random masking; with the weights of a `mask/*` stage it is MSMAE: random masking for a
 //! warm-up, then attention-guided masking and throwing, the `cls_weight` classification
 //! term, and the maps refreshed from the model being trained every `refresh_every` epochs.
@@ -21,7 +21,7 @@ use msmae_train::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainSt
 use msmae_train::maps::{MapState, Maps, attention_maps, read_maps, write_maps};
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec, Schedule, adamw};
 use msmae_train::runtime::{self, Runtime, images, to_vec};
-use msmae_train::support::{check_image_compat, config_error, defaults, open_table, validate_schedule, write_history};
+use msmae_train::support::{check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule, write_history};
 use msmae_vit::attention_map::MapMethod;
 use msmae_vit::patch::{gather_tokens, index_tensor, patchify};
 use msmae_vit::{MaeConfig, MaskedAutoencoder};
@@ -52,7 +52,7 @@ pub struct PretrainConfig {
     pub epochs: usize,
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
-    /// lr = blr · batch_size / 256 (METHOD.md §4: 1e-3).
+    /// lr = blr · batch_size / 256 (docs/method.md §4: 1e-3).
     #[serde(default = "defaults::blr")]
     pub blr: f64,
     #[serde(default = "d_min_lr")]
@@ -82,6 +82,12 @@ pub struct PretrainConfig {
     pub crop_scale: [f64; 2],
     #[serde(default = "defaults::checkpoint_every")]
     pub checkpoint_every: usize,
+    /// Micro-batches each device computes a global batch in, summing their gradients
+    /// before one optimiser step: memory falls with the micro-batch, the result does not
+    /// change (up to float rounding), so it is not part of the cache key. `batch_size`
+    /// stays the effective batch of every step (MAE's `batch_size × accum_iter × GPUs`).
+    #[serde(default = "defaults::accum_steps")]
+    pub accum_steps: usize,
     /// Validation images in `reconstructions.png`.
     #[serde(default = "defaults::figure_images")]
     pub figure_images: usize,
@@ -182,13 +188,14 @@ impl Stage for MaePretrain {
     const SUMMARY: &'static str = "MAE pre-training; with `masks`: MSMAE attention-guided masking/throwing, CLS supervision, map refresh";
     const USES_BACKEND: bool = true;
     const DATA_PARALLEL: bool = true;
-    const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
+    const RUN_ONLY: &'static [&'static str] = &["checkpoint_every", "accum_steps"];
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
     }
     fn validate(&self, c: &PretrainConfig) -> Result<(), ConfigError> {
         validate_schedule(c.epochs, c.batch_size, c.blr, c.min_lr, c.warmup_epochs, c.crop_scale)?;
+        validate_accumulation(c.batch_size, c.accum_steps)?;
         if !(c.mask_ratio > 0.0 && c.mask_ratio < 1.0) {
             return config_error("mask_ratio", "must be in (0, 1): something must be masked and something visible");
         }
@@ -234,7 +241,8 @@ impl Stage for MaePretrain {
         let rows = if c.cls_weight > 0.0 { table.labelled_rows_of(Split::Train) } else { table.rows_of(Split::Train) };
         let guided = guided.map(|(policy, maps)| Guided {
             policy,
-            warmup_mask_epochs: c.warmup_mask_epochs,
+            // At least the last epoch uses the attention-guided masks it was given.
+            warmup_mask_epochs: clip_to_run("warmup_mask_epochs", c.warmup_mask_epochs as f64, c.epochs.saturating_sub(1) as f64) as usize,
             refresh_every: c.refresh_every,
             maps: MapState { table: table.clone(), grid, current: Some(Arc::new(maps)) },
         });
@@ -256,9 +264,10 @@ impl Stage for MaePretrain {
         let opts = FitOptions {
             epochs: c.epochs,
             batch_size: c.batch_size,
-            schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: c.warmup_epochs, epochs: c.epochs as f64 },
+            schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64), epochs: c.epochs as f64 },
             checkpoint_every: c.checkpoint_every,
             patience: None,
+            accum_steps: c.accum_steps,
         };
         let data = TrainData { table: table.clone(), rows, norm: norm.clone() };
         let res = fit::fit(ctx, &rt, &data, &mut step, model, |m| adamw(m, 0.95, c.weight_decay), &opts)?;
@@ -350,12 +359,6 @@ fn guidance(m: &InputArtifact, table: &ImageTable, grid: [usize; 2], c: &Pretrai
     if !policy.needs_weights() {
         let ratio = if let MaskPolicy::Random { mask_ratio } = policy { mask_ratio } else { c.mask_ratio };
         return Ok((ratio, None));
-    }
-    if c.warmup_mask_epochs >= c.epochs {
-        return Err(StageError::config(
-            "warmup_mask_epochs",
-            format!("{} ≥ epochs ({}): the attention-guided masks from `{}` would never be used", c.warmup_mask_epochs, c.epochs, m.stage),
-        ));
     }
     Ok((c.mask_ratio, Some((policy, read_maps(&m.path("weights.parquet"), table, grid)?))))
 }

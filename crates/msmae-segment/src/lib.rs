@@ -1,11 +1,11 @@
-//! Segmentation transfer (METHOD.md §6): the pre-trained ViT encoder, features from four
+//! Segmentation transfer (docs/method.md §6): the pre-trained ViT encoder, features from four
 //! evenly spread blocks (4, 6, 8, 12 of 12), a SETR-PUP head per feature
 //! (conv3×3 → BatchNorm → ReLU → bilinear ×2, repeated until the patch grid is back at
 //! pixel resolution, then a 1×1 conv to the logit), loss 0.5·BCE + Dice, Adam with weight
 //! decay and cosine decay, Dice and IoU at threshold 0.5.
 //!
 //! The stage `segment/setr-pup` trains on the lesion masks of an image table (the synthetic
-//! source's masks; BUSI and generic image/mask pairs once their ingestion lands) and
+//! source's masks, BUSI's, and the image/mask pairs of a manifest) and
 //! evaluates on its test split.
 
 pub mod metrics;
@@ -74,7 +74,7 @@ pub struct SetrPup {
     pub grid: [usize; 2],
 }
 
-/// Four evenly spread blocks of `depth` (METHOD.md §6: 4, 6, 8, 12 of 12), 1-based,
+/// Four evenly spread blocks of `depth` (docs/method.md §6: 4, 6, 8, 12 of 12), 1-based,
 /// distinct.
 pub fn spread_blocks(depth: usize) -> Vec<usize> {
     let mut v: Vec<usize> = [1.0 / 3.0, 0.5, 2.0 / 3.0, 1.0].iter().map(|f| ((depth as f64 * f).round() as usize).clamp(1, depth)).collect();
@@ -196,6 +196,12 @@ pub struct SegmentConfig {
     /// Epochs between checkpoints a killed run resumes from (and always the last).
     #[serde(default = "defaults::checkpoint_every")]
     pub checkpoint_every: usize,
+    /// Micro-batches each device computes a global batch in, summing their gradients
+    /// before one optimiser step: memory falls with the micro-batch, the result does not
+    /// change (up to float rounding), so it is not part of the cache key. `batch_size`
+    /// stays the effective batch of every step (MAE's `batch_size × accum_iter × GPUs`).
+    #[serde(default = "defaults::accum_steps")]
+    pub accum_steps: usize,
 }
 
 /// `segment/setr-pup`.
@@ -209,7 +215,7 @@ impl Stage for SetrPupStage {
     const SUMMARY: &'static str = "SETR-PUP segmentation on a pre-trained (or random) ViT encoder; Dice/IoU on the test split";
     const USES_BACKEND: bool = true;
     const DATA_PARALLEL: bool = true;
-    const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
+    const RUN_ONLY: &'static [&'static str] = &["checkpoint_every", "accum_steps"];
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
@@ -221,6 +227,7 @@ impl Stage for SetrPupStage {
         if c.lr.is_nan() || c.lr <= 0.0 || c.min_lr < 0.0 || c.min_lr > c.lr {
             return config_error("lr", "lr must be positive and min_lr within [0, lr]");
         }
+        msmae_train::support::validate_accumulation(c.batch_size, c.accum_steps)?;
         if !(c.crop_scale[0] > 0.0 && c.crop_scale[0] <= c.crop_scale[1] && c.crop_scale[1] <= 1.0) {
             return config_error("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
         }
@@ -310,6 +317,7 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
         schedule: Schedule { lr: c.lr, min_lr: c.min_lr, warmup_epochs: 0.0, epochs: c.epochs as f64 },
         checkpoint_every: c.checkpoint_every,
         patience: None,
+        accum_steps: c.accum_steps,
     };
     // A killed run continues from its last checkpoint: batches, crops and the backend RNG
     // are keyed by (seed, epoch), so the result is the uninterrupted run's, bit for bit.
@@ -335,12 +343,12 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     let epochs: Vec<serde_json::Value> = history.iter().map(|h| serde_json::json!({ "epoch": h.epoch, "train_loss": h.train_loss })).collect();
     write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs }))?;
     let pts: Vec<(f64, f64)> = history.iter().map(|h| ((h.epoch + 1) as f64, h.train_loss)).collect();
-    msmae_eval::plot::line_chart(
+    msmae_metrics::plot::line_chart(
         &ctx.output_path("loss.png")?,
         &format!("{}: loss per epoch", ctx.name),
         "epoch",
         "0.5 BCE + Dice",
-        &[msmae_eval::plot::Series::new("train loss", pts)],
+        &[msmae_metrics::plot::Series::new("train loss", pts)],
     )?;
     msmae_train::figures::save_sheet(&ctx.output_path("predictions.png")?, &figure, 3)
 }

@@ -1,4 +1,4 @@
-//! Dice (= F1 of the foreground pixels) and IoU of binary masks (METHOD.md §6).
+//! Dice (= F1 of the foreground pixels) and IoU of binary masks (docs/method.md §6).
 
 /// Dice and IoU of a predicted and a ground-truth binary mask (non-zero = foreground).
 /// Both empty: a perfect (1, 1) — nothing to find and nothing found.

@@ -1,5 +1,5 @@
 //! Classifier training, shared by `attention/train-supervised` (the label-supervised ViT
-//! whose attention guides masking, METHOD.md §2), `finetune/full` and `finetune/msmae`
+//! whose attention guides masking, docs/method.md §2), `finetune/full` and `finetune/msmae`
 //! (§5): their config, the [`ClassifierStep`] that plugs into [`crate::fit`], validation
 //! and prediction, and [`run_classifier`], which the stage crates call from their
 //! `Stage::run`.
@@ -25,7 +25,7 @@ use crate::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Va
 use crate::maps::{MapState, attention_maps};
 use crate::model::{self, CheckpointKind, CheckpointMeta, LayerDecay, ModelSpec, Schedule, adamw};
 use crate::runtime::{self, Runtime, images, to_vec};
-use crate::support::{check_image_compat, config_error, defaults, open_table, validate_schedule, write_history};
+use crate::support::{check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule, write_history};
 
 fn d_epochs() -> usize {
     30
@@ -99,6 +99,12 @@ pub struct ClassifierConfig {
     pub select_on: SelectOn,
     #[serde(default = "defaults::checkpoint_every")]
     pub checkpoint_every: usize,
+    /// Micro-batches each device computes a global batch in, summing their gradients
+    /// before one optimiser step: memory falls with the micro-batch, the result does not
+    /// change (up to float rounding), so it is not part of the cache key. `batch_size`
+    /// stays the effective batch of every step (MAE's `batch_size × accum_iter × GPUs`).
+    #[serde(default = "defaults::accum_steps")]
+    pub accum_steps: usize,
     /// `finetune/msmae` only (default 0.45).
     #[serde(default)]
     pub mask_ratio: Option<f64>,
@@ -144,6 +150,7 @@ pub enum ClassifierKind {
 
 pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result<(), ConfigError> {
     validate_schedule(c.epochs, c.batch_size, c.blr, c.min_lr, c.warmup_epochs, c.crop_scale)?;
+    validate_accumulation(c.batch_size, c.accum_steps)?;
     if !(0.0..1.0).contains(&c.label_smoothing) {
         return config_error("label_smoothing", "must be in [0, 1)");
     }
@@ -232,9 +239,10 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
     let opts = FitOptions {
         epochs: c.epochs,
         batch_size: c.batch_size,
-        schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: c.warmup_epochs, epochs: c.epochs as f64 },
+        schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64), epochs: c.epochs as f64 },
         checkpoint_every: c.checkpoint_every,
         patience: c.patience,
+        accum_steps: c.accum_steps,
     };
     let res = fit::fit(ctx, &rt, &data, &mut step, model, |m| adamw(m, 0.999, c.weight_decay), &opts)?;
     let meta = CheckpointMeta {
@@ -503,10 +511,10 @@ fn auc(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
     let k = table.num_classes();
     if table.meta.multi_label {
         let truth: Vec<Vec<u8>> = rows.iter().map(|&r| table.rows[r].labels.clone().unwrap_or_else(|| vec![0; k])).collect();
-        msmae_eval::metrics::multilabel_auc(&truth, &probs, k).mean_auc
+        msmae_metrics::metrics::multilabel_auc(&truth, &probs, k).mean_auc
     } else {
         let truth: Vec<usize> = rows.iter().map(|&r| table.rows[r].label.unwrap_or(0).max(0) as usize).collect();
-        msmae_eval::metrics::ovr_auc(&truth, &probs, k).macro_auc
+        msmae_metrics::metrics::ovr_auc(&truth, &probs, k).macro_auc
     }
 }
 
@@ -540,7 +548,7 @@ macro_rules! classifier_stage {
             const SUMMARY: &'static str = $summary;
             const USES_BACKEND: bool = true;
             const DATA_PARALLEL: bool = true;
-            const RUN_ONLY: &'static [&'static str] = &["checkpoint_every"];
+            const RUN_ONLY: &'static [&'static str] = &["checkpoint_every", "accum_steps"];
 
             fn code_fingerprint(&self) -> &'static str {
                 ::msmae_core::code_fingerprint!()

@@ -1,6 +1,6 @@
 //! Training batches streamed from the Parquet image table: a light in-memory index (ids,
 //! splits, labels) plus the pixels of a few row groups at a time, augmented on the fly
-//! (RandomResizedCrop + flip, METHOD.md §3.4/§5) and masked per sample (§3), prepared on a
+//! (RandomResizedCrop + flip, docs/method.md §3.4/§5) and masked per sample (§3), prepared on a
 //! background thread with rayon while the model steps on the previous batch.
 //!
 //! Every random draw is keyed by (seed, purpose, epoch, row), so an epoch's batches are a

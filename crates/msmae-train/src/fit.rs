@@ -142,6 +142,8 @@ pub struct FitOptions {
     pub checkpoint_every: usize,
     /// Stop when the validation score has not improved for this many epochs.
     pub patience: Option<usize>,
+    /// Micro-batches per device and global batch (gradient accumulation; 1: none).
+    pub accum_steps: usize,
 }
 
 /// What [`fit`] returns.
@@ -181,6 +183,7 @@ pub fn fit<S: TrainStep>(
     }
     let comm = ctx.group();
     check_shards(opts.batch_size, rt.replicas.len() * comm.size())?;
+    check_accumulation(opts.batch_size, rt.replicas.len() * comm.size(), opts.accum_steps)?;
     let resume = Resume::of(ctx);
     let mut run = restore(ctx, &resume, step, model, &optimizer, opts)?;
     if !comm.is_solo() {
@@ -349,6 +352,22 @@ pub fn check_shards(batch_size: usize, replicas: usize) -> Result<(), StageError
     Ok(())
 }
 
+/// Gradient accumulation splits each device's share of the global batch again, into
+/// `accum_steps` equal micro-batches.
+pub fn check_accumulation(batch_size: usize, devices: usize, accum_steps: usize) -> Result<(), StageError> {
+    let parts = devices.max(1) * accum_steps.max(1);
+    if accum_steps > 1 && !batch_size.is_multiple_of(parts) {
+        return Err(StageError::config(
+            "accum_steps",
+            format!(
+                "the global batch of {batch_size} does not split into {accum_steps} micro-batches on each of {} devices; use a batch that is a multiple of {parts}",
+                devices.max(1)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The per-sample keys of stochastic depth for `rows` in `epoch` ([`msmae_vit::stochastic`]).
 fn sample_keys(seed: u64, epoch: usize, rows: &[usize]) -> Vec<u64> {
     rows.iter().map(|&r| derive_seed(seed, &[SeedPath::from("drop-path"), SeedPath::from(epoch as u64), SeedPath::from(r as u64)])).collect()
@@ -364,8 +383,9 @@ fn gradients<S: TrainStep>(
     batch: Batch,
     seed: u64,
     epoch: usize,
+    accum_steps: usize,
 ) -> Result<(GradientsParams, f64, Option<f64>, Option<f64>), StageError> {
-    let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch)?;
+    let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch, accum_steps)?;
     // One process sums nothing, unless told to go through NCCL anyway (`MSMAE_COLLECTIVE=nccl`:
     // how a one-GPU machine checks the NCCL path).
     let forced = msmae_dist::GradientTransport::current() == Ok(msmae_dist::GradientTransport::Nccl);
@@ -381,8 +401,10 @@ fn gradients<S: TrainStep>(
     Ok((g, f64::from(extra[0]), rv, Some(spent.as_secs_f64())))
 }
 
-/// This process's part: its shard of the global batch over its replicas, each shard's loss
-/// weighted by the shard's share of the global batch.
+/// This process's part: its shard of the global batch over its replicas, each replica's
+/// share computed in `accum_steps` micro-batches one after the other, each micro-batch's
+/// loss weighted by its share of the global batch: the summed gradients are the global
+/// batch's, however the batch is split (per-sample randomness is keyed by row).
 fn local_gradients<S: TrainStep>(
     rt: &Runtime,
     step: &mut S,
@@ -390,9 +412,11 @@ fn local_gradients<S: TrainStep>(
     batch: Batch,
     seed: u64,
     epoch: usize,
+    accum_steps: usize,
 ) -> Result<(GradientsParams, f64, Option<f64>), StageError> {
     let n = batch.global.max(batch.len());
-    if rt.replicas.len() <= 1 && n == batch.len() {
+    let accum = accum_steps.max(1);
+    if rt.replicas.len() <= 1 && n == batch.len() && accum == 1 {
         let mut batch = batch;
         let keys = sample_keys(seed, epoch, &batch.rows);
         let out = msmae_vit::stochastic::with_sample_keys(keys, || step.step(model, &mut batch, &rt.train))?;
@@ -400,11 +424,16 @@ fn local_gradients<S: TrainStep>(
         let rv = out.reconstruction.map(|r| f64::from(r.into_scalar::<f32>()));
         return Ok((GradientsParams::from_grads(out.loss.backward(), model), lv, rv));
     }
-    // Data parallel: each replica computes its shard's mean loss; scaled by the shard's share
-    // of the samples before backward, the shards' gradients sum to the global batch's.
+    // Data parallel and accumulated: each micro-batch computes its mean loss; scaled by its
+    // share of the samples before backward, the micro-batches' gradients sum to the global
+    // batch's. Micro-batch k goes to replica k mod replicas: replica r computes its share of
+    // the batch in `accum` steps, and its activations are freed after each backward.
     let mut acc = GradientsAccumulator::<S::Model>::new();
     let (mut lv, mut rv) = (0.0, None);
-    for (shard, device) in batch.split(rt.replicas.len()).into_iter().zip(&rt.replicas) {
+    let devices = rt.replicas.len().max(1);
+    let shards = batch.split(devices * accum);
+    for (k, shard) in shards.into_iter().enumerate() {
+        let device = &rt.replicas[k % devices];
         // (a shard can be empty only when a batch has fewer samples than devices)
         if shard.is_empty() {
             continue;
@@ -451,7 +480,7 @@ fn train_epoch<S: TrainStep>(
         let batch = batch?;
         let n = batch.global.max(batch.len());
         sums.lr = opts.schedule.at(epoch as f64 + i as f64 / nb as f64);
-        let (grads, lv, rv, spent) = gradients(rt, comm, step, &model, batch, ctx.seed, epoch)?;
+        let (grads, lv, rv, spent) = gradients(rt, comm, step, &model, batch, ctx.seed, epoch, opts.accum_steps)?;
         if let Some(t) = spent {
             *sums.comm.get_or_insert(0.0) += t;
         }

@@ -1,4 +1,4 @@
-//! The training library of msmae (METHOD.md §2–§5) on burn 0.22; no stage lives here.
+//! The training library of msmae (docs/method.md §2–§5) on burn 0.22; no stage lives here.
 //!
 //! - [`fit`]: the one training loop (resume, seeding, schedule, divergence check, optimiser
 //!   step, best model, early stopping, history, checkpoints), driven by a [`fit::TrainStep`];

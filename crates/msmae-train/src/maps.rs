@@ -1,4 +1,4 @@
-//! Attention maps inside training: CLS-attention maps (METHOD.md §2) of a whole split from
+//! Attention maps inside training: CLS-attention maps (docs/method.md §2) of a whole split from
 //! the model being trained (MSMAE's map refresh), and maps as Parquet attention tables.
 
 use std::collections::HashMap;
@@ -29,7 +29,7 @@ pub struct MapState {
 }
 
 /// Patch-weight maps of `rows` by `method` (the paper's: [`MapMethod::Cls`], the
-/// CLS-attention map of METHOD.md §2), by row: the model in eval mode, the stored image
+/// CLS-attention map of docs/method.md §2), by row: the model in eval mode, the stored image
 /// without augmentation. In a data-parallel stage of a multi-process run
 /// (`ctx.group()`), each rank computes its share of the rows and the maps are gathered on
 /// every rank (an all-reduce of zero-padded maps, exact since x + 0 = x).

@@ -16,7 +16,7 @@ use msmae_vit::{MaeConfig, MaskedAutoencoder, VisionTransformer, VitConfig};
 
 use crate::data::Normalizer;
 
-/// Model size presets (METHOD.md §1).
+/// Model size presets (docs/method.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {

@@ -53,7 +53,7 @@ pub fn write_history(ctx: &StageContext<'_>, history: &[EpochLog], extra: serde_
 
 /// `loss.png`: training loss (and reconstruction / validation loss where logged) per epoch.
 fn loss_chart(ctx: &StageContext<'_>, history: &[EpochLog]) -> Result<(), StageError> {
-    use msmae_eval::plot::{Series, line_chart};
+    use msmae_metrics::plot::{Series, line_chart};
     let x = |h: &EpochLog| (h.epoch + 1) as f64;
     let mut series = vec![Series::new("train loss", history.iter().map(|h| (x(h), h.train_loss)).collect())];
     let rec: Vec<(f64, f64)> = history.iter().filter_map(|h| h.reconstruction_loss.map(|v| (x(h), v))).collect();
@@ -112,7 +112,7 @@ pub mod defaults {
     pub fn batch_size() -> usize {
         64
     }
-    /// Base learning rate (METHOD.md §4–§5: 1e-3).
+    /// Base learning rate (docs/method.md §4–§5: 1e-3).
     pub fn blr() -> f64 {
         1e-3
     }
@@ -132,9 +132,23 @@ pub mod defaults {
     pub fn checkpoint_every() -> usize {
         5
     }
+    pub fn accum_steps() -> usize {
+        1
+    }
     /// Images in a figure.
     pub fn figure_images() -> usize {
         8
+    }
+}
+
+/// A warm-up longer than the run it belongs to, clipped to `limit` and said so in the log:
+/// defaults stay valid for any `epochs` a user writes (a 1-epoch trial included).
+pub fn clip_to_run(field: &str, value: f64, limit: f64) -> f64 {
+    if value > limit {
+        tracing::warn!("{field}: {value} is longer than this run allows; using {limit}");
+        limit
+    } else {
+        value
     }
 }
 
@@ -152,11 +166,23 @@ pub fn validate_schedule(epochs: usize, batch_size: usize, blr: f64, min_lr: f64
     if min_lr < 0.0 || min_lr > blr * batch_size as f64 / 256.0 {
         return config_error("min_lr", "must be between 0 and the peak lr (blr · batch_size / 256)");
     }
-    if warmup_epochs < 0.0 || warmup_epochs > epochs as f64 {
-        return config_error("warmup_epochs", "must be between 0 and epochs");
+    // Longer than the run is clipped to it when the stage runs ([`clip_to_run`]).
+    if !(warmup_epochs >= 0.0 && warmup_epochs.is_finite()) {
+        return config_error("warmup_epochs", "must be a number of epochs ≥ 0");
     }
     if !(crop_scale[0] > 0.0 && crop_scale[0] <= crop_scale[1] && crop_scale[1] <= 1.0) {
         return config_error("crop_scale", "must be [min, max] with 0 < min ≤ max ≤ 1");
+    }
+    Ok(())
+}
+
+/// `accum_steps` splits every global batch into that many micro-batches (per device).
+pub fn validate_accumulation(batch_size: usize, accum_steps: usize) -> Result<(), ConfigError> {
+    if accum_steps == 0 {
+        return config_error("accum_steps", "must be at least 1");
+    }
+    if !batch_size.is_multiple_of(accum_steps) {
+        return config_error("accum_steps", format!("the batch of {batch_size} does not split into {accum_steps} equal micro-batches; use a divisor of batch_size"));
     }
     Ok(())
 }

@@ -132,6 +132,7 @@ impl Run {
             schedule: Schedule { lr: 0.05, min_lr: 0.0, warmup_epochs: 0.0, epochs: epochs as f64 },
             checkpoint_every: 1,
             patience,
+            accum_steps: 1,
         };
         fit(&ctx, &self.rt, &data, step, model, |m| adamw(m, 0.999, 0.0), &opts)
     }

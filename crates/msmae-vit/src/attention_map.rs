@@ -1,4 +1,4 @@
-//! The supervised attention map (METHOD.md §2): the last block's softmaxed attention, CLS
+//! The supervised attention map (docs/method.md §2): the last block's softmaxed attention, CLS
 //! row over the patches, min-max normalised per head, averaged over heads; and two
 //! alternatives that read all blocks, attention rollout and gradient-weighted attention.
 
@@ -23,7 +23,7 @@ pub fn cls_attention_map(attn: Tensor<4>) -> Tensor<2> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MapMethod {
-    /// The paper's map (METHOD.md §2): the last block's CLS attention ([`cls_attention_map`]).
+    /// The paper's map (docs/method.md §2): the last block's CLS attention ([`cls_attention_map`]).
     #[default]
     Cls,
     /// Attention rollout across all blocks (Abnar & Zuidema 2020, [`rollout_map`]).

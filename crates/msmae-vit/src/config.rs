@@ -1,4 +1,4 @@
-//! Model configurations and presets (METHOD.md §1).
+//! Model configurations and presets (docs/method.md §1).
 
 use burn::config::Config;
 

@@ -1,4 +1,4 @@
-//! Analytic FLOPs of a ViT forward, for any config and token count (METHOD.md §5).
+//! Analytic FLOPs of a ViT forward, for any config and token count (docs/method.md §5).
 //!
 //! Counted as multiply-accumulates (one MAC = one "FLOP", the convention of fvcore and of
 //! the paper's 16.87 G for ViT-B/16). Two totals are given: `linear` (patch embedding,

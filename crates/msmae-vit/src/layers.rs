@@ -1,5 +1,5 @@
 //! Transformer pieces: multi-head self-attention with a fused qkv projection, the GELU
-//! MLP, stochastic depth, and the pre-norm block (METHOD.md §1).
+//! MLP, stochastic depth, and the pre-norm block (docs/method.md §1).
 
 use burn::module::Param;
 use burn::nn::{Gelu, Initializer, Linear, LinearConfig};

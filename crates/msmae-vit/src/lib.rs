@@ -1,4 +1,4 @@
-//! The models of MSMAE (METHOD.md §1, §2, §4, §5) on burn 0.22: a ViT encoder with CLS
+//! The models of MSMAE (docs/method.md §1, §2, §4, §5) on burn 0.22: a ViT encoder with CLS
 //! token and fixed 2-D sin-cos positions, the MAE encoder/decoder with masked and thrown
 //! patches, the supervised CLS-attention map, and an analytic FLOPs counter.
 //!

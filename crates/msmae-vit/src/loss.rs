@@ -1,5 +1,5 @@
 //! Classification losses shared by every model that trains a CLS head: the classifier
-//! stages (METHOD.md §5) and the `cls_weight` term of MSMAE pre-training (§4), so the loss
+//! stages (docs/method.md §5) and the `cls_weight` term of MSMAE pre-training (§4), so the loss
 //! that trains is the one the PyTorch parity test checks.
 
 use burn::nn::loss::CrossEntropyLossConfig;

@@ -1,4 +1,4 @@
-//! The masked autoencoder of MSMAE pre-training (METHOD.md §4): the encoder sees only the
+//! The masked autoencoder of MSMAE pre-training (docs/method.md §4): the encoder sees only the
 //! visible patches; the decoder sees them plus a mask token for every *masked* patch —
 //! thrown patches are neither encoded nor decoded — and the loss is the MSE on the masked
 //! patches, plus `cls_weight` × cross-entropy of a linear head on the final-norm CLS token.
@@ -121,7 +121,7 @@ impl MaskedAutoencoder {
     /// `cls` (the batch's targets and `cls_weight`) adds `cls_weight` × the CLS head's
     /// classification loss on plain logits — cross-entropy on class indices, binary
     /// cross-entropy on multi-hot targets (the reference code applies softmax twice;
-    /// METHOD.md §4).
+    /// docs/method.md §4).
     pub fn forward(&self, imgs: Tensor<4>, visible: Tensor<2, Int>, masked: Tensor<2, Int>, cls: Option<(ClassTargets, f64)>) -> MaeOutput {
         let latent = self.forward_encoder(imgs.clone(), visible.clone());
         let pred = self.forward_decoder(latent.clone(), visible, masked.clone());

@@ -1,5 +1,5 @@
 //! Fixed 2-D sin-cos position embeddings, exactly as MAE's `get_2d_sincos_pos_embed`
-//! (METHOD.md §1), with a zero row for the CLS token. A constant, not a parameter.
+//! (docs/method.md §1), with a zero row for the CLS token. A constant, not a parameter.
 
 /// `[1 + gh·gw, dim]` row-major: row 0 is the CLS token (zeros).
 ///

@@ -1,4 +1,4 @@
-//! The ViT encoder (METHOD.md §1) with the forwards every stage needs: all tokens
+//! The ViT encoder (docs/method.md §1) with the forwards every stage needs: all tokens
 //! (evaluation), visible tokens only (MSMAE fine-tuning, §5), the last block's attention
 //! (§2), and intermediate block outputs (segmentation, §6).
 
@@ -155,7 +155,7 @@ impl VisionTransformer {
         }
     }
 
-    /// Evaluation/inference forward: all tokens (METHOD.md §5).
+    /// Evaluation/inference forward: all tokens (docs/method.md §5).
     ///
     /// # Shapes
     /// - imgs: `[batch, channels, height, width]` → logits `[batch, classes]`
@@ -207,7 +207,7 @@ impl VisionTransformer {
         (x, attns)
     }
 
-    /// Patch-token outputs of the given blocks (1-based, as METHOD.md §6 numbers them).
+    /// Patch-token outputs of the given blocks (1-based, as docs/method.md §6 numbers them).
     ///
     /// # Shapes
     /// - imgs → one `[batch, L, dim]` per requested block, in block order

@@ -1,4 +1,4 @@
-"""Independent PyTorch reference for msmae's ViT/MAE (METHOD.md §1-§4), written for the
+"""Independent PyTorch reference for msmae's ViT/MAE (docs/method.md §1-§4), written for the
 parity tests. It follows the MAE reference code's structure: the decoder scatters the
 visible tokens into a full positional sequence filled with mask tokens, adds the position
 table, then keeps the visible and masked positions in positional order (thrown patches

@@ -117,6 +117,10 @@ fn axis_range(v: impl Iterator<Item = f64>) -> (f64, f64) {
 /// [0, 1] × [0, 1]). Errors when there is no point at all or a point is not finite.
 pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<(), PlotError> {
     let data = |m: String| PlotError::Data { path: path.into(), message: m };
+    if series.len() > MAX_CHART_ITEMS {
+        let note = format!("{} curves are too many to read in one chart (at most {MAX_CHART_ITEMS}): the numbers are in the stage's tables", series.len());
+        return note_chart(path, title, &note);
+    }
     if series.iter().all(|s| s.points.is_empty()) {
         return Err(data(format!("chart `{title}` has no points to draw")));
     }
@@ -170,6 +174,30 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     save_png(path, buf, size)
 }
 
+/// The most series of a line chart, or rows or columns of a heatmap, that are drawn: past
+/// it a chart is unreadable (and its labels alone would be large), so a note is drawn
+/// instead.
+pub const MAX_CHART_ITEMS: usize = 100;
+
+/// Write a PNG ([`CHART_SIZE`]) holding only a title and a note: what stands in for a chart
+/// that is not drawn.
+pub fn note_chart(path: &Path, title: &str, note: &str) -> Result<(), PlotError> {
+    ensure_font(path)?;
+    let size = CHART_SIZE;
+    let mut buf = vec![255u8; (size.0 * size.1 * 3) as usize];
+    let e = draw_err(path);
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let centre = plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Center);
+        let (w, h) = (size.0 as i32, size.1 as i32);
+        root.draw(&Text::new(title.to_string(), (w / 2, 40), TextStyle::from((FAMILY, 26).into_font()).pos(centre))).map_err(|x| e(&x))?;
+        root.draw(&Text::new(note.to_string(), (w / 2, h / 2), TextStyle::from((FAMILY, 18).into_font()).pos(centre))).map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
+    }
+    save_png(path, buf, size)
+}
+
 /// Write a PNG heatmap of counts (a confusion matrix): `cells[row][col]`, each cell shaded by
 /// its count relative to its row's total and labelled with the count. Rows are labelled by
 /// `row_names` down the left, columns by `col_names` along the bottom.
@@ -186,6 +214,10 @@ pub fn heatmap_chart(
     let (nr, nc) = (row_names.len(), col_names.len());
     if nr == 0 || nc == 0 {
         return Err(data(format!("heatmap `{title}` has no rows or columns")));
+    }
+    if nr > MAX_CHART_ITEMS || nc > MAX_CHART_ITEMS {
+        let note = format!("{nr} × {nc} cells are too many to read in one chart (at most {MAX_CHART_ITEMS} a side): the counts are in the stage's tables");
+        return note_chart(path, title, &note);
     }
     if cells.len() != nr || cells.iter().any(|r| r.len() != nc) {
         return Err(data(format!("heatmap `{title}`: cells are not {nr}×{nc}")));

@@ -1,5 +1,5 @@
 //! Classification metrics as pure functions, with scikit-learn's semantics (checked against
-//! scikit-learn 1.9 by `tests/sklearn.rs`):
+//! scikit-learn 1.9 by `crates/msmae-eval/tests/sklearn.rs`):
 //!
 //! - [`accuracy`] — `accuracy_score`.
 //! - [`confusion_matrix`] — `confusion_matrix(labels=range(n))` (rows: true class, columns:
