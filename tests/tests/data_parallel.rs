@@ -376,3 +376,46 @@ fn the_tiny_study_on_two_processes_matches_one_process() {
     eprintln!("seg: test Dice {x:.4} on 1 process, {y:.4} on 2");
     assert!((x - y).abs() <= 0.05, "seg: Dice {x} on 1 process vs {y} on 2");
 }
+
+/// Gradient accumulation (`accum_steps`): each device computes its share of the global batch
+/// in micro-batches and sums their gradients before the optimiser step. After three AdamW
+/// steps at global batch 32, the parameters equal those without accumulation (up to float
+/// rounding), on one device and on two, and the setting is not part of the cache key.
+#[test]
+fn accumulated_micro_batches_give_the_one_batch_parameters_after_three_adamw_steps() {
+    let pipeline = |accum: usize| {
+        format!(
+            r#"name: dp
+seed: 5
+stages:
+  data: {{ uses: ingest/synthetic, with: {{ images: 150, size: 32, previews: 1 }} }}
+  supervised: {{ uses: attention/train-supervised, needs: [data], with: {{ model: {MODEL}, epochs: 1, batch_size: 32, warmup_epochs: 0, drop_path: 0.2, accum_steps: {accum} }} }}
+  mae: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, epochs: 1, batch_size: 32, warmup_epochs: 0, cls_weight: 0.1, figure_images: 1, accum_steps: {accum} }} }}
+"#
+        )
+    };
+    let runs: Vec<(usize, &str, tempfile::TempDir)> = [(1, "cpu"), (4, "cpu"), (4, "cpu,cpu")].into_iter().map(|(a, dev)| (a, dev, tempfile::tempdir().expect("tmp"))).collect();
+    for (accum, device, d) in &runs {
+        fs::write(d.path().join("dp.yaml"), pipeline(*accum)).expect("write");
+        ok(msmae(d.path(), &["run", "dp.yaml", "--device", device]));
+    }
+    let train = json(&artifact(runs[0].2.path(), "data").join("split_report.json"))["splits"]["train"]["images"].as_u64().expect("train images") as usize;
+    assert_eq!(train / 32, 3, "{train} training images: three full batches of 32");
+    for stage in ["supervised", "mae"] {
+        let base = weights(&artifact(runs[0].2.path(), stage).join("model.safetensors"));
+        for (accum, device, d) in &runs[1..] {
+            let diff = max_diff(&base, &weights(&artifact(d.path(), stage).join("model.safetensors")));
+            eprintln!("{stage}: accumulation {accum} on {device} vs none, largest parameter difference {diff:e}");
+            assert!(diff <= 1e-5, "{stage}: accum_steps {accum} on {device} differs by {diff}");
+        }
+    }
+    // Run-only: the one-step artifacts serve a run that asks for accumulation.
+    fs::write(runs[0].2.path().join("dp.yaml"), pipeline(4)).expect("write");
+    let again = ok(msmae(runs[0].2.path(), &["run", "dp.yaml"]));
+    assert!(again.contains("dp: 0 ran, 3 cached"), "{again}");
+    // A batch that does not split into the micro-batches is refused, naming the field.
+    fs::write(runs[0].2.path().join("dp.yaml"), pipeline(5)).expect("write");
+    let bad = msmae(runs[0].2.path(), &["run", "dp.yaml"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(text(&bad).contains("accum_steps") && text(&bad).contains("does not split into 5"), "{}", text(&bad));
+}

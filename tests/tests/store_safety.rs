@@ -191,9 +191,6 @@ fn a_lock_file_belongs_to_one_pipeline_file() {
     fs::write(d.path().join("sub/b.yaml"), source_pipeline("b", "third")).expect("write");
     assert!(run_pipeline(d.path(), "sub/b.yaml", Some(&d.path().join("a.lock"))).is_err());
     assert!(run_pipeline(d.path(), "a.yml", Some(&d.path().join("a.yml.lock"))).expect("run").ok());
-    // Status on the wrong lock file is refused through the binary too.
-    let o = msmae(d.path(), &["status", "a.yml"]);
-    assert!(!o.status.success() && text(&o).contains("belongs to pipeline"), "{}", text(&o));
     // A renamed pipeline file takes its lock file over (the recorded one no longer exists).
     fs::rename(d.path().join("a.yaml"), d.path().join("renamed.yaml")).expect("mv");
     assert!(run_pipeline(d.path(), "renamed.yaml", Some(&d.path().join("a.lock"))).expect("run").ok());
@@ -219,6 +216,12 @@ fn report_never_overwrites_the_pipeline_a_lock_file_the_store_or_a_foreign_file(
     for _ in 0..2 {
         let o = msmae(d.path(), &["report", "p.yaml", "-o", "out.html"]);
         assert!(o.status.success(), "{}", text(&o));
+    }
+    // Another pipeline file that defaults to the same lock file: inspecting it is refused.
+    fs::write(d.path().join("p.yml"), TINY.replace("images: 40", "images: 41")).expect("write");
+    for cmd in ["status", "show", "report"] {
+        let o = msmae(d.path(), &[cmd, "p.yml"]);
+        assert!(!o.status.success() && text(&o).contains("belongs to pipeline") && text(&o).contains("--lock"), "{cmd}: {}", text(&o));
     }
 }
 

@@ -248,7 +248,10 @@ fn every_method_section_that_is_cited_exists() {
     sources.extend(["README.md", "ARCHITECTURE.md"].iter().map(|f| root.join(f)));
     let mut missing = Vec::new();
     for f in sources {
-        let text = fs::read_to_string(&f).unwrap_or_default();
+        let raw = fs::read_to_string(&f).unwrap_or_default();
+        // Everything, string literals included (a stage's summary cites sections too), but
+        // this file, which spells the pattern itself.
+        let text = if f.ends_with("tests/tidy.rs") { String::new() } else { raw };
         for (i, _) in text.match_indices("method.md §") {
             let cited: String = text[i + "method.md ".len()..].chars().take_while(|c| *c == '§' || c.is_ascii_digit() || *c == '.').collect();
             let cited = cited.trim_end_matches('.').to_string();

@@ -55,8 +55,13 @@ fn every_msmae_command_in_the_docs_exists_as_written() {
     for d in &docs {
         let text = std::fs::read_to_string(d).unwrap_or_default();
         for line in shell_lines(&text) {
-            // `cargo xtask run P …` is `msmae run P …`.
-            let line = line.replace("cargo xtask run ", "msmae run ");
+            // `cargo xtask [--cuda|--no-tch] run P …` is `msmae run P …` (those two flags are
+            // cargo xtask's own: which build runs it).
+            let line = if line.starts_with("cargo xtask ") {
+                line.split_whitespace().filter(|w| !matches!(*w, "--cuda" | "--no-tch")).collect::<Vec<_>>().join(" ").replace("cargo xtask run ", "msmae run ")
+            } else {
+                line
+            };
             let Some((sub, flags)) = invocation(&line) else { continue };
             checked += 1;
             let Some(cmd) = cli.find_subcommand(&sub) else {

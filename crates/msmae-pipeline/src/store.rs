@@ -204,6 +204,22 @@ impl Store {
     /// A directory that holds anything but a store is refused ([`Error::NotAStore`]).
     pub fn open(root: &Path) -> Result<Self> {
         identify(root)?;
+        // The marker first: another process opening the same new store (the ranks of an
+        // MPI job) then sees a store, never a directory with msmae's folders but no marker.
+        let marker = root.join(MARKER);
+        if !marker.is_file() {
+            match fs::create_dir_all(root) {
+                Ok(()) => {}
+                Err(e) if is_read_only(&e) && root.is_dir() => {}
+                Err(e) => return Err(Error::store("create", root, e)),
+            }
+            if let Err(e) = write_atomic(&marker, format!("msmae store format {STORE_FORMAT}\n").as_bytes()) {
+                // An older store on a read-only mount: readable as it is.
+                if !matches!(&e, Error::Store { source, .. } if is_read_only(source)) {
+                    return Err(e);
+                }
+            }
+        }
         for sub in ["objects", "index", "tmp", "locks", "roots"] {
             let p = root.join(sub);
             match fs::create_dir_all(&p) {
@@ -211,15 +227,6 @@ impl Store {
                 // A read-only store is opened as it is (readers only).
                 Err(e) if is_read_only(&e) && p.is_dir() => {}
                 Err(e) => return Err(Error::store("create", &p, e)),
-            }
-        }
-        let marker = root.join(MARKER);
-        if !marker.is_file()
-            && let Err(e) = write_atomic(&marker, format!("msmae store format {STORE_FORMAT}\n").as_bytes())
-        {
-            // An older store on a read-only mount: readable as it is.
-            if !matches!(&e, Error::Store { source, .. } if is_read_only(source)) {
-                return Err(e);
             }
         }
         let root = root.canonicalize().map_err(|e| Error::store("open", root, e))?;
@@ -704,14 +711,19 @@ fn identify(root: &Path) -> Result<()> {
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    if names.is_empty() {
+    // Another process writing the marker of this new store right now.
+    let marker_in_progress = |n: &str| n.starts_with(&format!(".{MARKER}.tmp."));
+    if names.iter().all(|n| marker_in_progress(n)) {
         return Ok(());
     }
     let older_store = names.iter().all(|n| LAYOUT.contains(&n.as_str())) && root.join("objects").is_dir() && root.join("index").is_dir();
     if older_store {
         return Ok(());
     }
-    let mut shown: Vec<&String> = names.iter().filter(|n| !LAYOUT.contains(&n.as_str())).collect();
+    let foreign: Vec<&String> = names.iter().filter(|n| !LAYOUT.contains(&n.as_str())).collect();
+    // Folders named like a store's (`tmp/`, `resume/`) without a store's `objects/` and
+    // `index/` are someone else's too: name them.
+    let mut shown: Vec<&String> = if foreign.is_empty() { names.iter().collect() } else { foreign };
     shown.sort();
     let more = if shown.len() > 3 { format!(" and {} more", shown.len() - 3) } else { String::new() };
     let list = shown.iter().take(3).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
