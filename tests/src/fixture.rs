@@ -394,7 +394,8 @@ impl Stage for Measure {
         OutputDecl::new("metrics", &["metrics.json"]).metric("score", "metrics.json", "/score")
     }
     fn run(&self, c: &MeasureCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let score: f64 = fs::read_to_string(&c.reading).map_err(|e| StageError::io(&c.reading, e))?.trim().parse().map_err(|_| StageError::other("not a number"))?;
+        let score: f64 =
+            fs::read_to_string(&c.reading).map_err(|e| StageError::io(&c.reading, e))?.trim().parse().map_err(|_| StageError::other("not a number"))?;
         let p = ctx.output_path("metrics.json")?;
         fs::write(&p, serde_json::json!({ "score": score }).to_string()).map_err(|e| StageError::io(&p, e))
     }

@@ -394,7 +394,8 @@ stages:
 "#
         )
     };
-    let runs: Vec<(usize, &str, tempfile::TempDir)> = [(1, "cpu"), (4, "cpu"), (4, "cpu,cpu")].into_iter().map(|(a, dev)| (a, dev, tempfile::tempdir().expect("tmp"))).collect();
+    let runs: Vec<(usize, &str, tempfile::TempDir)> =
+        [(1, "cpu"), (4, "cpu"), (4, "cpu,cpu")].into_iter().map(|(a, dev)| (a, dev, tempfile::tempdir().expect("tmp"))).collect();
     for (accum, device, d) in &runs {
         fs::write(d.path().join("dp.yaml"), pipeline(*accum)).expect("write");
         ok(msmae(d.path(), &["run", "dp.yaml", "--device", device]));

@@ -269,7 +269,13 @@ fn backend_is_part_of_the_key_only_for_stages_that_use_it() {
     ));
     f.run();
     f.clear_marks();
-    let env = msmae_core::ExecEnv { backend: "tch".into(), device: "cpu".into(), device_kind: "cpu".into(), precision: "f32".into(), library: "libtorch 2.9.0".into() };
+    let env = msmae_core::ExecEnv {
+        backend: "tch".into(),
+        device: "cpu".into(),
+        device_kind: "cpu".into(),
+        precision: "f32".into(),
+        library: "libtorch 2.9.0".into(),
+    };
     let r = f.run_with(&[], RunOptions { env: env.clone(), ..Default::default() });
     assert_eq!(outcome(&r, "data").label(), "cached");
     assert_eq!(outcome(&r, "train").label(), "ran");

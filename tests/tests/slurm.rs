@@ -149,10 +149,7 @@ fn ok(o: Output) -> String {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "slurm"),
-    ignore = "needs Slurm and munge and root to start them: `cargo xtask setup --system` installs them (as root)"
-)]
+#[cfg_attr(not(feature = "slurm"), ignore = "needs Slurm and munge and root to start them: `cargo xtask setup --system` installs them (as root)")]
 fn stages_run_as_slurm_jobs() {
     let cluster = Cluster::start();
     the_tiny_study_gives_the_local_digests(&cluster);

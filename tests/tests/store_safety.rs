@@ -47,7 +47,11 @@ fn an_ordinary_directory_is_refused_as_a_store_and_keeps_its_files() {
     fs::create_dir_all(d.path().join("proj")).expect("mkdir");
     fs::write(d.path().join("proj/p.yaml"), TINY).expect("write");
     let before = files_under(&home);
-    for args in [vec!["run", "proj/p.yaml", "--store", "home"], vec!["gc", "proj/p.yaml", "--store", "home", "--prune"], vec!["status", "proj/p.yaml", "--store", "home"]] {
+    for args in [
+        vec!["run", "proj/p.yaml", "--store", "home"],
+        vec!["gc", "proj/p.yaml", "--store", "home", "--prune"],
+        vec!["status", "proj/p.yaml", "--store", "home"],
+    ] {
         let o = msmae(d.path(), &args);
         assert!(!o.status.success(), "{args:?} must refuse the directory:\n{}", text(&o));
         let t = text(&o);
@@ -127,7 +131,9 @@ fn only_entries_msmae_names_are_removed_from_tmp_and_resume() {
 }
 
 fn source_pipeline(name: &str, value: &str) -> String {
-    format!("name: {name}\nstages:\n  a: {{ uses: test/source, with: {{ value: '{value}' }} }}\n  b: {{ uses: test/concat, needs: [a], with: {{ suffix: '-{name}' }} }}\n")
+    format!(
+        "name: {name}\nstages:\n  a: {{ uses: test/source, with: {{ value: '{value}' }} }}\n  b: {{ uses: test/concat, needs: [a], with: {{ suffix: '-{name}' }} }}\n"
+    )
 }
 
 fn run_pipeline(dir: &Path, file: &str, lock: Option<&Path>) -> msmae_pipeline::Result<msmae_pipeline::RunReport> {
@@ -205,7 +211,8 @@ fn report_never_overwrites_the_pipeline_a_lock_file_the_store_or_a_foreign_file(
     fs::write(d.path().join("notes.html"), "<html>mine</html>").expect("write");
     let object = msmae_tests::artifact_dir(&d.path().join(".msmae"), &d.path().join("p.lock"), "data").join("split_report.json");
     let object_s = object.to_string_lossy().into_owned();
-    let guarded = [("p.yaml", "pipeline file"), ("p.lock", "lock file"), ("notes.html", "not a report msmae wrote"), (object_s.as_str(), "inside the artifact store")];
+    let guarded =
+        [("p.yaml", "pipeline file"), ("p.lock", "lock file"), ("notes.html", "not a report msmae wrote"), (object_s.as_str(), "inside the artifact store")];
     for (target, why) in guarded {
         let before = fs::read(d.path().join(target)).expect("read");
         let o = msmae(d.path(), &["report", "p.yaml", "-o", target]);
@@ -228,7 +235,11 @@ fn report_never_overwrites_the_pipeline_a_lock_file_the_store_or_a_foreign_file(
 #[test]
 fn bounds_on_jobs_nesting_names_params_counts_and_encodings() {
     let d = tempfile::tempdir().expect("tmp");
-    fs::write(d.path().join("p.yaml"), "name: p\nparams: { size: 32 }\nstages:\n  data: { uses: ingest/synthetic, with: { images: 40, size: '${params.size}' } }\n").expect("write");
+    fs::write(
+        d.path().join("p.yaml"),
+        "name: p\nparams: { size: 32 }\nstages:\n  data: { uses: ingest/synthetic, with: { images: 40, size: '${params.size}' } }\n",
+    )
+    .expect("write");
     let code = |o: &Output| o.status.code().unwrap_or(-1);
     let o = msmae(d.path(), &["run", "p.yaml", "--jobs", "100000"]);
     assert_eq!(code(&o), 2, "{}", text(&o));
@@ -264,19 +275,23 @@ fn non_regular_files_in_an_image_folder_are_rejects() {
     for class in ["a", "b"] {
         fs::create_dir_all(root.join(class)).expect("mkdir");
         for i in 0..6 {
-            image::GrayImage::from_fn(24, 24, |x, y| image::Luma([((x * 7 + y * 3 + i) % 255) as u8])).save(root.join(class).join(format!("{i}.png"))).expect("png");
+            image::GrayImage::from_fn(24, 24, |x, y| image::Luma([((x * 7 + y * 3 + i) % 255) as u8]))
+                .save(root.join(class).join(format!("{i}.png")))
+                .expect("png");
         }
     }
     let fifo = root.join("a/x.png");
     let status = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
     assert!(status.success());
     std::os::unix::fs::symlink("/dev/zero", root.join("b/zero.png")).expect("symlink");
-    fs::write(d.path().join("p.yaml"), "name: p\nstages:\n  data: { uses: ingest/imagefolder, with: { root: imgs, size: 16, channels: 1, on_error: skip } }\n").expect("write");
+    fs::write(d.path().join("p.yaml"), "name: p\nstages:\n  data: { uses: ingest/imagefolder, with: { root: imgs, size: 16, channels: 1, on_error: skip } }\n")
+        .expect("write");
     let t = std::time::Instant::now();
     let o = msmae(d.path(), &["run", "p.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(t.elapsed().as_secs() < 120);
-    let rejects = fs::read_to_string(msmae_tests::artifact_dir(&d.path().join(".msmae"), &d.path().join("p.lock"), "data").join("rejects.json")).expect("rejects");
+    let rejects =
+        fs::read_to_string(msmae_tests::artifact_dir(&d.path().join(".msmae"), &d.path().join("p.lock"), "data").join("rejects.json")).expect("rejects");
     assert!(rejects.contains("x.png") && rejects.contains("FIFO"), "{rejects}");
     assert!(rejects.contains("zero.png") && rejects.contains("device"), "{rejects}");
     // Without `skip` the run stops naming the file.
@@ -291,7 +306,10 @@ fn non_regular_files_in_an_image_folder_are_rejects() {
 enum Op {
     /// Run pipeline 0 or 1 with one of three values (three different artifact sets).
     Run(usize, u8),
-    Gc { prune: bool, dry_run: bool },
+    Gc {
+        prune: bool,
+        dry_run: bool,
+    },
     /// Move a pipeline's lock file away (as a branch switch or a restore would).
     Hide(usize),
     Restore(usize),

@@ -235,11 +235,8 @@ fn the_narration_check_finds_what_it_should() {
 fn every_method_section_that_is_cited_exists() {
     let root = root();
     let method = fs::read_to_string(root.join("docs/method.md")).expect("docs/method.md");
-    let headings: Vec<String> = method
-        .lines()
-        .filter(|l| l.starts_with('#'))
-        .filter_map(|l| l.split_whitespace().nth(1).filter(|w| w.starts_with('§')).map(str::to_string))
-        .collect();
+    let headings: Vec<String> =
+        method.lines().filter(|l| l.starts_with('#')).filter_map(|l| l.split_whitespace().nth(1).filter(|w| w.starts_with('§')).map(str::to_string)).collect();
     assert!(headings.len() >= 5, "docs/method.md has numbered (§) headings: {headings:?}");
     let mut sources = rust_files();
     for d in ["pipelines", "docs", "crates", "scripts"] {

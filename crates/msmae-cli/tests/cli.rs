@@ -163,7 +163,12 @@ fn every_registered_stage_kind_carries_a_build_time_fingerprint_of_its_computing
     let mut kinds = 0;
     for s in registry.iter() {
         let code = msmae_pipeline::key::Code::parse(s.code_fingerprint());
-        assert!(code.is_built(), "`{}` has no build-time fingerprint (`{}`): its crate needs a build.rs calling msmae_fingerprint::emit()", s.kind(), s.code_fingerprint());
+        assert!(
+            code.is_built(),
+            "`{}` has no build-time fingerprint (`{}`): its crate needs a build.rs calling msmae_fingerprint::emit()",
+            s.kind(),
+            s.code_fingerprint()
+        );
         assert!(code.crates.contains_key("msmae-core"), "`{}`: {:?}", s.kind(), code.crates);
         for runner in ["msmae-pipeline", "msmae-cli", "msmae-fingerprint"] {
             assert!(!code.crates.contains_key(runner), "`{}` counts the runner crate {runner}: {:?}", s.kind(), code.crates);

@@ -71,7 +71,9 @@ fn every_msmae_command_in_the_docs_exists_as_written() {
             for f in flags {
                 let name = f.trim_start_matches("--");
                 let known = cmd.get_arguments().chain(cli.get_arguments()).any(|a| {
-                    a.get_long() == Some(name) || a.get_all_aliases().is_some_and(|al| al.contains(&name)) || a.get_visible_aliases().is_some_and(|al| al.contains(&name))
+                    a.get_long() == Some(name)
+                        || a.get_all_aliases().is_some_and(|al| al.contains(&name))
+                        || a.get_visible_aliases().is_some_and(|al| al.contains(&name))
                 }) || matches!(name, "help" | "version");
                 if !known {
                     problems.push(format!("{}: `{line}`: `msmae {sub}` has no flag {f}", d.display()));

@@ -197,7 +197,8 @@ pub fn report_markdown(m: &Metrics) -> String {
             let _ = writeln!(s, "| {name} | {} |", c.iter().map(u64::to_string).collect::<Vec<_>>().join(" | "));
         }
     } else if m.label_names.len() > crate::plot::MAX_CHART_ITEMS {
-        let _ = writeln!(s, "\n## Confusion matrix\n\n{} classes: too many for a table here; it is in `{METRICS_FILE}` (`confusion_matrix`).", m.label_names.len());
+        let _ =
+            writeln!(s, "\n## Confusion matrix\n\n{} classes: too many for a table here; it is in `{METRICS_FILE}` (`confusion_matrix`).", m.label_names.len());
     } else {
         let _ = writeln!(s, "\n## Confusion matrix (rows: true class, columns: predicted)\n");
         let _ = writeln!(s, "| true \\ predicted | {} |", m.label_names.join(" | "));

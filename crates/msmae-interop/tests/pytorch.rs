@@ -275,7 +275,8 @@ fn import_configs_are_checked_before_anything_runs() {
         ImportPytorch.validate(&c).err().map(|e| e.to_string()).unwrap_or_default()
     };
     assert_eq!(bad(serde_json::json!({})), "");
-    assert!(bad(serde_json::json!({ "weights": "mae_pretrain_vit_base.pth" })).contains("convert a .pth with"));
+    assert_eq!(bad(serde_json::json!({ "weights": "mae_pretrain_vit_base.pth" })), "", "a torch.save file is read directly");
+    assert!(bad(serde_json::json!({ "weights": "weights.bin" })).contains("must be a .safetensors file or a torch.save checkpoint"));
     assert!(bad(serde_json::json!({ "channels": 1, "mean": [0.5, 0.5] })).contains("needs one value per channel (1), found 2"));
     assert!(bad(serde_json::json!({ "channels": 1, "mean": [0.5], "std": [0.0] })).contains("must be positive"));
     assert!(bad(serde_json::json!({ "image_size": 30 })).contains("multiple of the patch size"));
@@ -283,4 +284,40 @@ fn import_configs_are_checked_before_anything_runs() {
         serde_json::from_value(serde_json::json!({ "weights": "w.safetensors", "checkpoint": "mae", "image_size": [32, 48] })).expect("parses");
     assert_eq!((c.image_size.hw(), ImportPytorch.output(&c).kind.as_str()), ([32, 48], "mae-checkpoint"));
     assert!(matches!(c.image_size, ImageSize::Rect(_)));
+}
+
+/// `torch.save` files read directly: MAE's checkpoint layout (`model`, `optimizer`, `epoch`,
+/// `args`), a bare state dict, f16 and bf16 tensors import to exactly the model their
+/// safetensors conversion (by PyTorch) gives; a pickle that would call `os.system` is
+/// refused naming the global, and nothing runs; legacy and truncated files are clear errors.
+#[test]
+fn torch_save_checkpoints_import_bit_for_bit_and_hostile_pickles_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for script in ["timm_make.py", "torch_save.py"] {
+        let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+        let o = Command::new(python()).arg(path).arg(tmp.path()).output().expect("run python");
+        assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let c = import_cfg(CheckpointKind::Vit);
+    let model_of = |bytes: Vec<u8>| -> Vec<u8> {
+        match import(bytes, &c, None).expect("import") {
+            (Loaded::Vit(m), _) => weights_of(&m),
+            _ => panic!("a ViT"),
+        }
+    };
+    let read = |n: &str| std::fs::read(tmp.path().join(n)).expect("read");
+    let pth = |n: &str| msmae_interop::pth::to_safetensors(&tmp.path().join(n));
+    for (file, reference) in
+        [("release.pth", "sincos.safetensors"), ("bare.pth", "sincos.safetensors"), ("half.pth", "half.safetensors"), ("bf16.pth", "bf16.safetensors")]
+    {
+        let got = model_of(pth(file).unwrap_or_else(|e| panic!("{file}: {e}")));
+        assert!(got == model_of(read(reference)), "{file} imports to other tensors than {reference}");
+    }
+    let e = pth("evil.pth").expect_err("refused");
+    assert!(e.contains("refused") && e.contains("system") && (e.contains("`posix.system`") || e.contains("`os.system`")), "{e}");
+    assert!(!tmp.path().join("pwned").exists(), "nothing in the file ran");
+    let e = pth("legacy.pth").expect_err("refused");
+    assert!(e.contains("not a zip-format torch.save file") && e.contains("re-save"), "{e}");
+    let e = pth("truncated.pth").expect_err("refused");
+    assert!(e.contains("damaged or truncated") || e.contains("truncated"), "{e}");
 }

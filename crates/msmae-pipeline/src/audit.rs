@@ -149,7 +149,15 @@ pub fn audit(plan: &Plan, store: &Store, lock: &LockFile, opts: &AuditOptions<'_
     Ok(out)
 }
 
-fn audit_stage(plan: &Plan, store: &Store, scratch: &Store, node: &crate::plan::Node, rec: &StageLock, opts: &AuditOptions<'_>, progress: &dyn Progress) -> StageAudit {
+fn audit_stage(
+    plan: &Plan,
+    store: &Store,
+    scratch: &Store,
+    node: &crate::plan::Node,
+    rec: &StageLock,
+    opts: &AuditOptions<'_>,
+    progress: &dyn Progress,
+) -> StageAudit {
     let wanted = opts.threads.or(rec.run.threads).unwrap_or(rec.run.host.cpus).max(1);
     let threads = if node.kind.uses_backend() { (opts.set_threads)(wanted) } else { wanted };
     let mut a = StageAudit {

@@ -55,9 +55,8 @@ pub struct Code {
 
 impl Code {
     pub fn parse(s: &str) -> Self {
-        let pairs = |t: &str| -> BTreeMap<String, String> {
-            t.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-        };
+        let pairs =
+            |t: &str| -> BTreeMap<String, String> { t.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect() };
         match s.strip_prefix("v2;").map(|r| r.splitn(3, ';').collect::<Vec<_>>()) {
             Some(p) if p.len() == 3 => Code { digest: p[0].to_string(), crates: pairs(p[1]), deps: pairs(p[2]) },
             _ => Code { digest: s.to_string(), ..Code::default() },

@@ -113,7 +113,8 @@ impl LockFile {
                 lock: lock_path.to_path_buf(),
                 owner,
                 pipeline: pipeline_file.to_path_buf(),
-                suggested: pipeline_file.with_extension(format!("{}.lock", pipeline_file.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default())),
+                suggested: pipeline_file
+                    .with_extension(format!("{}.lock", pipeline_file.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default())),
             })
         };
         match &self.pipeline_file {

@@ -144,9 +144,8 @@ pub const MAX_NESTING: usize = 64;
 fn nesting_depth(text: &str) -> (usize, usize) {
     let mut worst = (0usize, 0usize);
     let mut depth = 0usize;
-    let mut line_no = 1usize;
     let mut indents: Vec<usize> = Vec::new();
-    for line in text.lines() {
+    for (line_no, line) in (1usize..).zip(text.lines()) {
         let trimmed = line.trim_start_matches(' ');
         if depth == 0 && !trimmed.is_empty() && !trimmed.starts_with('#') {
             let indent = line.len() - trimmed.len();
@@ -177,7 +176,6 @@ fn nesting_depth(text: &str) -> (usize, usize) {
             }
             prev = c;
         }
-        line_no += 1;
     }
     worst
 }

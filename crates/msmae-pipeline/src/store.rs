@@ -702,15 +702,14 @@ fn identify(root: &Path) -> Result<()> {
         let version = text.trim().rsplit(' ').next().and_then(|v| v.parse::<u32>().ok());
         return match version {
             Some(v) if v <= STORE_FORMAT => Ok(()),
-            Some(v) => Err(Error::NotAStore { path: root.to_path_buf(), found: format!("it is a store of format {v}, newer than this msmae's {STORE_FORMAT}") }),
+            Some(v) => {
+                Err(Error::NotAStore { path: root.to_path_buf(), found: format!("it is a store of format {v}, newer than this msmae's {STORE_FORMAT}") })
+            }
             None => Err(Error::NotAStore { path: root.to_path_buf(), found: format!("its {MARKER} file is unreadable") }),
         };
     }
-    let names: Vec<String> = fs::read_dir(root)
-        .map_err(|e| Error::store("list", root, e))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let names: Vec<String> =
+        fs::read_dir(root).map_err(|e| Error::store("list", root, e))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     // Another process writing the marker of this new store right now.
     let marker_in_progress = |n: &str| n.starts_with(&format!(".{MARKER}.tmp."));
     if names.iter().all(|n| marker_in_progress(n)) {

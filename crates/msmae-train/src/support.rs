@@ -182,7 +182,10 @@ pub fn validate_accumulation(batch_size: usize, accum_steps: usize) -> Result<()
         return config_error("accum_steps", "must be at least 1");
     }
     if !batch_size.is_multiple_of(accum_steps) {
-        return config_error("accum_steps", format!("the batch of {batch_size} does not split into {accum_steps} equal micro-batches; use a divisor of batch_size"));
+        return config_error(
+            "accum_steps",
+            format!("the batch of {batch_size} does not split into {accum_steps} equal micro-batches; use a divisor of batch_size"),
+        );
     }
     Ok(())
 }
