@@ -373,6 +373,15 @@ fn sample_keys(seed: u64, epoch: usize, rows: &[usize]) -> Vec<u64> {
     rows.iter().map(|&r| derive_seed(seed, &[SeedPath::from("drop-path"), SeedPath::from(epoch as u64), SeedPath::from(r as u64)])).collect()
 }
 
+/// Where a step is (what its per-sample draws are keyed by) and in how many micro-batches
+/// each device computes it.
+#[derive(Debug, Clone, Copy)]
+struct StepAt {
+    seed: u64,
+    epoch: usize,
+    accum_steps: usize,
+}
+
 /// Forward, loss and backward of one global batch over the replicas; the gradients of the
 /// global batch's loss on the main device, and the loss values (sample-weighted means).
 fn gradients<S: TrainStep>(
@@ -381,11 +390,9 @@ fn gradients<S: TrainStep>(
     step: &mut S,
     model: &S::Model,
     batch: Batch,
-    seed: u64,
-    epoch: usize,
-    accum_steps: usize,
+    at: StepAt,
 ) -> Result<(GradientsParams, f64, Option<f64>, Option<f64>), StageError> {
-    let (g, lv, rv) = local_gradients(rt, step, model, batch, seed, epoch, accum_steps)?;
+    let (g, lv, rv) = local_gradients(rt, step, model, batch, at)?;
     // One process sums nothing, unless told to go through NCCL anyway (`MSMAE_COLLECTIVE=nccl`:
     // how a one-GPU machine checks the NCCL path).
     let forced = msmae_dist::GradientTransport::current() == Ok(msmae_dist::GradientTransport::Nccl);
@@ -410,10 +417,9 @@ fn local_gradients<S: TrainStep>(
     step: &mut S,
     model: &S::Model,
     batch: Batch,
-    seed: u64,
-    epoch: usize,
-    accum_steps: usize,
+    at: StepAt,
 ) -> Result<(GradientsParams, f64, Option<f64>), StageError> {
+    let StepAt { seed, epoch, accum_steps } = at;
     let n = batch.global.max(batch.len());
     let accum = accum_steps.max(1);
     if rt.replicas.len() <= 1 && n == batch.len() && accum == 1 {
@@ -480,7 +486,8 @@ fn train_epoch<S: TrainStep>(
         let batch = batch?;
         let n = batch.global.max(batch.len());
         sums.lr = opts.schedule.at(epoch as f64 + i as f64 / nb as f64);
-        let (grads, lv, rv, spent) = gradients(rt, comm, step, &model, batch, ctx.seed, epoch, opts.accum_steps)?;
+        let at = StepAt { seed: ctx.seed, epoch, accum_steps: opts.accum_steps };
+        let (grads, lv, rv, spent) = gradients(rt, comm, step, &model, batch, at)?;
         if let Some(t) = spent {
             *sums.comm.get_or_insert(0.0) += t;
         }
