@@ -236,7 +236,7 @@ impl Stage for Synthetic {
         let splits = patient_splits(c, ctx.seed);
         let mut tally = SplitTally::new(&names);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
-        let bar = ctx.progress.bar(Some(u64::from(c.images)), "synthetic");
+        let bar = ctx.progress.bar(Some(u64::from(c.images)), &ctx.name);
         let mut previews: Vec<Sample> = Vec::new();
         let chunk = c.row_group.max(1);
         for start in (0..c.images).step_by(chunk as usize) {

@@ -468,9 +468,11 @@ pub fn predict(
     let model = vit.valid();
     let mut scores = Vec::with_capacity(rows.len());
     let (mut loss_sum, mut n) = (0f64, 0usize);
+    let bar = ctx.progress.bar(Some(rows.len() as u64), &format!("{}: predicting", ctx.name));
     for batch in data::stream(table.clone(), rows, LoaderSpec::eval(batch_size), norm.clone(), ctx.seed, 0) {
         ctx.cancel.check()?;
         let mut batch = batch?;
+        bar.inc(batch.len() as u64);
         let x = images(&mut batch, table, &rt.device);
         let logits = model.forward(x);
         let [b, k] = logits.dims();

@@ -481,6 +481,7 @@ fn train_epoch<S: TrainStep>(
     let nb = stream.num_batches.max(1);
     let bar = ctx.progress.bar(Some(nb as u64), &format!("{}: epoch {}/{}", ctx.name, epoch + 1, opts.epochs));
     let mut sums = EpochSums::default();
+    let started = Instant::now();
     for (i, batch) in stream.enumerate() {
         ctx.cancel.check()?;
         let batch = batch?;
@@ -501,8 +502,9 @@ fn train_epoch<S: TrainStep>(
         }
         sums.seen += n;
         model = optim.step(step.learning_rates(sums.lr), model, grads);
+        let images_per_second = sums.seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(&format!("loss {lv:.4}, lr {:.3e}, {images_per_second:.1} images/s", sums.lr));
         bar.inc(1);
-        bar.set_message(&format!("loss {lv:.4}"));
         watch.step((epoch * nb + i) as i64, lv, sums.lr);
     }
     Ok((model, sums))

@@ -96,6 +96,7 @@ pub fn attention_pass(
             rt.inference.iter().map(|d| (d.clone(), if d == &rt.device { model.clone() } else { model.clone().fork(d) })).collect();
         if r.is_empty() { vec![(rt.device.clone(), model)] } else { r }
     };
+    let bar = ctx.progress.bar(Some(rows.len() as u64), &format!("{}: attention maps", ctx.name));
     let mut out = HashMap::with_capacity(rows.len());
     let mut round: Vec<(Batch, Tensor<2>)> = Vec::with_capacity(replicas.len());
     let mut read_back = |round: &mut Vec<(Batch, Tensor<2>)>| -> Result<(), StageError> {
@@ -107,6 +108,7 @@ pub fn attention_pass(
                 visit(&batch, i, map)?;
                 out.insert(*r, map.to_vec());
             }
+            bar.inc(batch.rows.len() as u64);
         }
         Ok(())
     };
