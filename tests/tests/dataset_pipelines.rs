@@ -90,6 +90,14 @@ fn chestxray_pipeline_trains_multi_label_and_reports_mean_auc() {
     assert!(epochs.iter().all(|e| e["val_auc"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)) && e.get("val_accuracy").is_none()), "{h}");
     let report = json(&artifact(d.path(), "chestxray", "data").join("split_report.json"));
     assert!(report["splits"]["test"]["images"].as_u64().unwrap_or(0) > 0, "{report}");
+    // A rehearsal on a sample of the patients: every split kept, whole patients, fewer rows.
+    let o = msmae(d.path(), &["run", "pipelines/chestxray.yaml", "--until", "data", "--set", "params.sample=0.3", "--set", "params.size=32"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let small = json(&artifact(d.path(), "chestxray", "data").join("split_report.json"));
+    for split in ["train", "val", "test"] {
+        let (all, some) = (report["splits"][split]["images"].as_u64().unwrap_or(0), small["splits"][split]["images"].as_u64().unwrap_or(0));
+        assert!(some > 0 && some < all, "{split}: {some} of {all} images in the sample: {small}");
+    }
     // the PyTorch exports (their numbers are checked against timm in msmae-train's tests)
     let c = json(&artifact(d.path(), "chestxray", "export-classifier").join("config.json"));
     assert_eq!(

@@ -80,6 +80,11 @@ pub struct ChestXray14Config {
     pub on_error: OnError,
     #[serde(default = "defaults::row_group")]
     pub row_group: u32,
+    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
+    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
+    /// pipeline on a small part of the real data. Absent: every image.
+    #[serde(default)]
+    pub sample: Option<f64>,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
     /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
@@ -145,6 +150,7 @@ impl Stage for ChestXray14 {
     }
 
     fn validate(&self, c: &ChestXray14Config) -> Result<(), ConfigError> {
+        crate::ingest::check_sample(c.sample)?;
         check_options(c.size, c.channels, &SplitFractions::default(), c.row_group, c.bit_depth)?;
         if !(0.0..1.0).contains(&c.val_fraction) {
             return Err(ConfigError { path: "val_fraction".into(), message: "must be in [0, 1)".into() });
@@ -282,8 +288,12 @@ impl Stage for ChestXray14 {
             .collect();
         let names: Vec<String> = FINDINGS.iter().map(|s| s.to_string()).collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c, "metadata": csv_name });
-        let opts =
-            WriteOptions { bit_depth: c.bit_depth, multi_label: true, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts = WriteOptions {
+            bit_depth: c.bit_depth,
+            multi_label: true,
+            sample: c.sample,
+            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+        };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

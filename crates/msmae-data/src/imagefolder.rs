@@ -54,6 +54,11 @@ pub struct ImageFolderConfig {
     pub extensions: Vec<String>,
     #[serde(default = "defaults::row_group")]
     pub row_group: u32,
+    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
+    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
+    /// pipeline on a small part of the real data. Absent: every image.
+    #[serde(default)]
+    pub sample: Option<f64>,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
     /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
@@ -225,6 +230,7 @@ impl Stage for ImageFolder {
     }
 
     fn validate(&self, c: &ImageFolderConfig) -> Result<(), ConfigError> {
+        crate::ingest::check_sample(c.sample)?;
         check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
         if !(0.0..1.0).contains(&c.val_fraction) {
@@ -279,6 +285,7 @@ impl Stage for ImageFolder {
         let opts = WriteOptions {
             bit_depth: c.bit_depth,
             masks: c.mask_suffix.is_some(),
+            sample: c.sample,
             ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
         };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)

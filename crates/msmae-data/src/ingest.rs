@@ -104,12 +104,14 @@ pub struct WriteOptions {
     /// Multi-class masks: the mask files hold class indices (these names, 0 = background),
     /// one file per image, resized nearest-neighbour. Empty: binary lesion masks.
     pub mask_classes: Vec<String>,
+    /// Keep only a seeded sample of this fraction of every split's patients.
+    pub sample: Option<f64>,
 }
 
 impl WriteOptions {
     /// Single-label, no masks.
     pub fn new(size: u32, channels: u32, aspect: Aspect, on_error: OnError, row_group: u32, previews: u32) -> Self {
-        Self { size, channels, aspect, on_error, row_group, previews, multi_label: false, masks: false, bit_depth: 8, mask_classes: Vec::new() }
+        Self { size, channels, aspect, on_error, row_group, previews, multi_label: false, masks: false, bit_depth: 8, mask_classes: Vec::new(), sample: None }
     }
 }
 
@@ -156,6 +158,36 @@ fn decode_item(it: &Item, o: &WriteOptions) -> Result<DecodedItem, (PathBuf, Dec
     Ok((img, mask, sha))
 }
 
+/// `sample:` is a fraction in (0, 1].
+pub fn check_sample(sample: Option<f64>) -> Result<(), ConfigError> {
+    match sample {
+        Some(f) if !(f > 0.0 && f <= 1.0) => {
+            Err(ConfigError { path: "sample".into(), message: format!("{f}: give a fraction of the patients in (0, 1], e.g. 0.05") })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The items of a seeded sample of `fraction` of every split's patients (at least one per
+/// split that has any): whole patients, so the sample stays patient-disjoint, and each keeps
+/// its split. Patients are ranked by a hash of (seed, patient), so a larger fraction keeps
+/// every patient a smaller one kept.
+pub fn sample_patients(items: &[Item], fraction: f64, seed: u64) -> Vec<Item> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut by_split: BTreeMap<Split, BTreeSet<&str>> = BTreeMap::new();
+    for it in items {
+        by_split.entry(it.split).or_default().insert(it.patient.as_str());
+    }
+    let mut keep: BTreeSet<&str> = BTreeSet::new();
+    for patients in by_split.values() {
+        let mut ranked: Vec<(u64, &str)> = patients.iter().map(|p| (msmae_core::derive_seed(seed, &["sample".into(), (*p).into()]), *p)).collect();
+        ranked.sort();
+        let n = ((patients.len() as f64 * fraction).ceil() as usize).clamp(1, patients.len());
+        keep.extend(ranked.into_iter().take(n).map(|(_, p)| p));
+    }
+    items.iter().filter(|it| keep.contains(it.patient.as_str())).cloned().collect()
+}
+
 /// Decode `items` and write `images.parquet`, `split_report.json`, `rejects.json` and
 /// `previews/sheet.png` into the stage's output.
 pub fn write_image_table(
@@ -166,6 +198,15 @@ pub fn write_image_table(
     o: WriteOptions,
     mut rejects: Vec<Reject>,
 ) -> Result<(), StageError> {
+    let sampled;
+    let items = match o.sample {
+        Some(f) if f < 1.0 => {
+            sampled = sample_patients(items, f, ctx.seed);
+            tracing::info!("`{}`: a sample of {:.1} % of every split's patients: {} of {} images", ctx.name, 100.0 * f, sampled.len(), items.len());
+            &sampled[..]
+        }
+        _ => items,
+    };
     let meta = TableMeta {
         schema_version: crate::table::SCHEMA_VERSION,
         label_names: label_names.to_vec(),
@@ -330,4 +371,33 @@ pub fn read_list(path: &std::path::Path) -> Result<Vec<(usize, String)>, StageEr
 /// `path` relative to `root`, with `/` separators (the table's `source_path`).
 pub fn relative(path: &std::path::Path, root: &std::path::Path) -> String {
     path.strip_prefix(root).unwrap_or(path).to_string_lossy().replace('\\', "/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_keeps_whole_patients_in_their_splits_and_grows_monotonically() {
+        let items: Vec<Item> = (0..300)
+            .map(|i| {
+                let split = [Split::Train, Split::Train, Split::Val, Split::Test][i % 4];
+                Item::new(format!("img{i}"), PathBuf::from(format!("{i}.png")), format!("{i}.png"), format!("p{}", i / 4 % 75 + 100 * (i % 4)), split, Some(0))
+            })
+            .collect();
+        let patients = |v: &[Item]| v.iter().map(|it| (it.patient.clone(), it.split)).collect::<std::collections::BTreeSet<_>>();
+        let small = sample_patients(&items, 0.1, 7);
+        let large = sample_patients(&items, 0.5, 7);
+        assert!(patients(&small).is_subset(&patients(&large)), "a larger sample keeps the smaller one's patients");
+        for split in [Split::Train, Split::Val, Split::Test] {
+            let (all, kept) = (items.iter().filter(|i| i.split == split).count(), small.iter().filter(|i| i.split == split).count());
+            assert!(kept > 0 && kept < all, "{split:?}: {kept} of {all}");
+        }
+        // every image of a kept patient is kept
+        for (p, _) in patients(&small) {
+            assert_eq!(items.iter().filter(|i| i.patient == p).count(), small.iter().filter(|i| i.patient == p).count(), "{p}");
+        }
+        assert_ne!(patients(&sample_patients(&items, 0.1, 8)), patients(&small), "the seed picks the sample");
+        assert!(check_sample(Some(0.0)).is_err() && check_sample(Some(1.5)).is_err() && check_sample(Some(0.05)).is_ok());
+    }
 }

@@ -99,6 +99,11 @@ pub struct ManifestConfig {
     pub on_error: OnError,
     #[serde(default = "defaults::row_group")]
     pub row_group: u32,
+    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
+    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
+    /// pipeline on a small part of the real data. Absent: every image.
+    #[serde(default)]
+    pub sample: Option<f64>,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
     /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
@@ -217,6 +222,7 @@ impl Stage for Manifest {
     }
 
     fn validate(&self, c: &ManifestConfig) -> Result<(), ConfigError> {
+        crate::ingest::check_sample(c.sample)?;
         check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
         let forms = [c.label_column.is_some(), c.labels_column.is_some(), c.label_columns.is_some()].iter().filter(|b| **b).count();
@@ -417,6 +423,7 @@ impl Stage for Manifest {
             multi_label: multi,
             masks: c.mask_column.is_some(),
             mask_classes: c.mask_classes.clone().unwrap_or_default(),
+            sample: c.sample,
             ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
         };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)

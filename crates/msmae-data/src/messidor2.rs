@@ -66,6 +66,11 @@ pub struct Messidor2Config {
     pub on_error: OnError,
     #[serde(default = "defaults::row_group")]
     pub row_group: u32,
+    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
+    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
+    /// pipeline on a small part of the real data. Absent: every image.
+    #[serde(default)]
+    pub sample: Option<f64>,
     #[serde(default = "defaults::previews")]
     pub previews: u32,
     /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
@@ -94,6 +99,7 @@ impl Stage for Messidor2 {
     }
 
     fn validate(&self, c: &Messidor2Config) -> Result<(), ConfigError> {
+        crate::ingest::check_sample(c.sample)?;
         check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)
     }
 
@@ -207,7 +213,8 @@ impl Stage for Messidor2 {
         let mut rejects = triage.rejects;
         rejects.extend(ungradable);
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions { bit_depth: c.bit_depth, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let opts =
+            WriteOptions { bit_depth: c.bit_depth, sample: c.sample, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }
