@@ -24,7 +24,7 @@ pub fn registry() -> Registry {
     let mut r = Registry::new();
     msmae_data::register(&mut r);
     msmae_attention::register(&mut r);
-    msmae_mask::register(&mut r);
+    msmae_mask_stages::register(&mut r);
     msmae_pretrain::register(&mut r);
     msmae_finetune::register(&mut r);
     msmae_eval::register(&mut r);

@@ -188,4 +188,7 @@ fn every_registered_stage_kind_carries_a_build_time_fingerprint_of_its_computing
     let pretrain = code("mae/pretrain");
     assert!(pretrain.deps.contains_key("burn") && pretrain.crates.contains_key("msmae-mask"), "{:?}", pretrain);
     assert!(!pretrain.crates.contains_key("msmae-eval"), "{:?}", pretrain.crates);
+    // The mask stages' own code keys the mask stages alone; the masking library keys both.
+    assert!(!pretrain.crates.contains_key("msmae-mask-stages") && code("mask/msmae").crates.contains_key("msmae-mask-stages"), "{:?}", pretrain.crates);
+    assert!(code("mask/msmae").crates.contains_key("msmae-mask"));
 }

@@ -14,15 +14,11 @@
 //! [`augment`] moves a weight map through the same RandomResizedCrop and flip as the image.
 //! Randomness always comes from [`sample_rng`] keyed by (seed, epoch, sample id).
 //!
-//! [`stages`] holds the `mask/msmae`, `mask/attmask` and `mask/random` pipeline stages
-//! (attention maps → [`MaskPolicy`] + per-image sampling weights); [`export`] the audit
-//! table and figure of exported plans.
+//! A library, no stages: the `mask/*` stage kinds that turn attention maps into a
+//! [`MaskPolicy`] and per-image weights live in `msmae-mask-stages`, so that the training
+//! stages, which mask with this code, do not compute with (or key on) theirs.
 
 pub mod augment;
-pub mod export;
-pub mod stages;
-
-pub use stages::{AttmaskMask, MsmaeMask, RandomMask};
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -240,11 +236,6 @@ pub fn complement(w: &[f32]) -> Vec<f32> {
 /// composition, thread scheduling and how many draws other samples made.
 pub fn sample_rng(seed: u64, purpose: &str, epoch: u64, sample_id: u64) -> ChaCha8Rng {
     msmae_core::seeded_rng(seed, &[purpose.into(), epoch.into(), sample_id.into()])
-}
-
-/// Every mask stage kind of this crate.
-pub fn register(r: &mut msmae_core::Registry) {
-    r.register(MsmaeMask).register(AttmaskMask).register(RandomMask);
 }
 
 #[cfg(test)]

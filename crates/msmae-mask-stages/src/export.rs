@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use msmae_data::table::TableError;
 
-use crate::MaskPolicy;
+use msmae_mask::MaskPolicy;
 
 /// Bump when the masks table's columns or their meaning change.
 pub const MASKS_SCHEMA_VERSION: u32 = 1;
@@ -74,7 +74,7 @@ pub struct MaskRecord {
     pub id: String,
     pub row_index: u64,
     pub epoch: u64,
-    /// [`crate::MaskPlan::states`]: 0 visible, 1 masked, 2 thrown.
+    /// [`msmae_mask::MaskPlan::states`]: 0 visible, 1 masked, 2 thrown.
     pub states: Vec<u8>,
 }
 

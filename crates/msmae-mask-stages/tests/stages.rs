@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use msmae_core::{ArtifactKind, DynStage, ExecEnv, InputArtifact, NoProgress, Registry, Stage, StageContext, StageError};
 use msmae_data::attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRow, read_attention, write_attention};
 use msmae_data::table::Split;
-use msmae_mask::export::read_masks;
-use msmae_mask::stages::{AttmaskMaskConfig, MsmaeMaskConfig, RandomMaskConfig};
-use msmae_mask::{AttmaskMask, MaskPolicy, MsmaeMask, RandomMask, counts};
+use msmae_mask::{MaskPolicy, counts};
+use msmae_mask_stages::export::read_masks;
+use msmae_mask_stages::stages::{AttmaskMaskConfig, MsmaeMaskConfig, RandomMaskConfig};
+use msmae_mask_stages::{AttmaskMask, MsmaeMask, RandomMask};
 
 const GRID: [u32; 2] = [6, 8];
 const L: usize = 48;

@@ -27,7 +27,7 @@ use msmae_data::attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRo
 use msmae_data::table::Split;
 
 use crate::export::{FigureLine, MASKS_RNG_KEY, MASKS_SCHEMA_VERSION, MaskRecord, MasksMeta, figure, write_masks};
-use crate::{MaskPolicy, counts, sample_rng};
+use msmae_mask::{MaskPolicy, counts, sample_rng};
 
 /// Artifact kind of the `mask/*` outputs.
 pub const MASK_WEIGHTS_KIND: &str = "mask-weights";
