@@ -47,3 +47,22 @@ fn heatmap_labels_cells_with_counts() {
     let e = line_chart(&p, "nan", "x", "y", &[Series::new("s", vec![(0.0, f64::NAN)])]).expect_err("nan");
     assert!(e.to_string().contains("series `s`"), "{e}");
 }
+
+/// A confusion matrix of 10,000 classes (or a ROC chart of as many curves) is not drawn —
+/// its labels alone would take gigabytes — but replaced by a chart-sized note, at once.
+#[test]
+fn charts_past_a_hundred_classes_become_a_note_without_allocating_them() {
+    let d = tempfile::tempdir().expect("tmp");
+    let n = 10_000;
+    let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    // No cells at all: the chart must decide from the labels, before touching the cells.
+    let t = std::time::Instant::now();
+    let p = d.path().join("confusion.png");
+    heatmap_chart(&p, "Confusion", "predicted", "true", &names, &names, &[]).expect("a note");
+    let img = image::open(&p).expect("decode").to_rgb8();
+    assert_eq!(img.dimensions(), CHART_SIZE);
+    assert!(img.pixels().filter(|px| dark(px)).count() > 100, "the note's text is drawn");
+    let series: Vec<Series> = (0..150).map(|i| Series::new(format!("c{i}"), vec![(0.0, 0.0), (1.0, 1.0)])).collect();
+    line_chart(&d.path().join("roc.png"), "ROC", "fpr", "tpr", &series).expect("a note");
+    assert!(t.elapsed().as_secs() < 30, "{:?}", t.elapsed());
+}

@@ -193,15 +193,18 @@ fn write_tokens(ts: TokenStream, out: &mut String) {
             }
             // A comma before a closing delimiter (rustfmt adds one where it breaks a list).
             TokenTree::Punct(p) if p.as_char() == ',' && i + 1 == tokens.len() => {}
+            // The `;` ending a block's last statement when it diverges (`continue;`,
+            // `return x;`, `break;`): `{ continue }` is the same block.
+            TokenTree::Punct(p) if p.as_char() == ';' && i + 1 == tokens.len() && diverges(&tokens[..i]) => {}
             TokenTree::Punct(p) if p.as_char() == '>' && i > 0 && matches!(&tokens[i - 1], TokenTree::Punct(q) if q.as_char() == '=') => {
                 out.push_str(">\u{1}");
-                // `=> { expr }` is `=> expr,`: rustfmt wraps a long arm in braces.
+                // `=> { expr }` is `=> expr,`, and `=> { return x; }` is `=> return x,`:
+                // rustfmt wraps a long arm in braces.
                 if let Some(TokenTree::Group(g)) = tokens.get(i + 1)
                     && g.delimiter() == Delimiter::Brace
-                    && !g.stream().is_empty()
-                    && !g.stream().into_iter().any(|t| matches!(t, TokenTree::Punct(ref s) if s.as_char() == ';'))
+                    && let Some(body) = arm_body(g.stream())
                 {
-                    write_tokens(g.stream(), out);
+                    write_tokens(body, out);
                     i += 2;
                     if matches!(tokens.get(i), Some(TokenTree::Punct(c)) if c.as_char() == ',') {
                         i += 1;
@@ -224,6 +227,15 @@ fn write_tokens(ts: TokenStream, out: &mut String) {
                 out.push_str(&l.to_string());
                 out.push('\u{1}');
             }
+            // `|x| { expr }` is `|x| expr`: rustfmt braces a closure body it breaks.
+            TokenTree::Group(g)
+                if g.delimiter() == Delimiter::Brace
+                    && i > 0
+                    && matches!(&tokens[i - 1], TokenTree::Punct(p) if p.as_char() == '|')
+                    && let Some(body) = arm_body(g.stream()) =>
+            {
+                write_tokens(body, out);
+            }
             TokenTree::Group(g) => {
                 let (open, close) = match g.delimiter() {
                     Delimiter::Parenthesis => ('(', ')'),
@@ -238,6 +250,28 @@ fn write_tokens(ts: TokenStream, out: &mut String) {
         }
         i += 1;
     }
+}
+
+/// The expression a braced match arm holds, when the braces are only rustfmt's: one
+/// expression without a `;`, or one diverging statement (`return`, `break`, `continue`)
+/// with its `;`. `None` for a real block.
+fn arm_body(stream: TokenStream) -> Option<TokenStream> {
+    let tokens: Vec<TokenTree> = stream.into_iter().collect();
+    let semis: Vec<usize> = tokens.iter().enumerate().filter(|(_, t)| matches!(t, TokenTree::Punct(p) if p.as_char() == ';')).map(|(i, _)| i).collect();
+    match semis.as_slice() {
+        [] if !tokens.is_empty() => Some(tokens.into_iter().collect()),
+        [last] if *last + 1 == tokens.len() && matches!(tokens.first(), Some(TokenTree::Ident(i)) if i == "return" || i == "break" || i == "continue") => {
+            Some(tokens.into_iter().take(*last).collect())
+        }
+        _ => None,
+    }
+}
+
+/// Whether the last statement of `tokens` (after its last top-level `;`) starts with
+/// `return`, `break` or `continue`.
+fn diverges(tokens: &[TokenTree]) -> bool {
+    let start = tokens.iter().rposition(|t| matches!(t, TokenTree::Punct(p) if p.as_char() == ';')).map_or(0, |k| k + 1);
+    matches!(tokens.get(start), Some(TokenTree::Ident(i)) if i == "return" || i == "break" || i == "continue")
 }
 
 /// The parts of a `Cargo.toml` that change what is built: `[dependencies]` and
@@ -504,6 +538,19 @@ version = "1.0.0"
         write(&a.join("src/lib.rs"), "pub fn a() -> u32 { match 1 { 1 => 2, _ => 4 } }\n");
         assert_ne!(fingerprint(&a).expect("hash").digest, f1.digest, "a changed number counts");
         assert_eq!(normalise_rust(b"f(a, b,)"), normalise_rust(b"f(\n    a,\n    b\n)"), "trailing commas");
+        assert_eq!(
+            normalise_rust(b"match x { Ok(_) => return Err(e), Err(e) => 1 }"),
+            normalise_rust(b"match x { Ok(_) => {\n return Err(e);\n }\n Err(e) => 1 }"),
+            "a diverging arm rustfmt braced"
+        );
+        assert_ne!(normalise_rust(b"match x { _ => { f(); g() } }"), normalise_rust(b"match x { _ => f() }"), "a real block counts");
+        assert_eq!(normalise_rust(b"v.map(|x| x + 1)"), normalise_rust(b"v.map(|x| {\n x + 1\n })"), "a closure body rustfmt braced");
+        assert_eq!(
+            normalise_rust(b"let Some(x) = y else { continue };"),
+            normalise_rust(b"let Some(x) = y else {\n continue;\n};"),
+            "a diverging last statement"
+        );
+        assert_ne!(normalise_rust(b"{ f() }"), normalise_rust(b"{ f(); }"), "a value and a statement differ");
         assert_ne!(normalise_rust(b"f(\"a b\")"), normalise_rust(b"f(\"a  b\")"), "string contents count");
     }
 
