@@ -182,12 +182,6 @@ fn the_report_page_loads_in_a_headless_browser_without_errors_or_broken_images()
     assert_eq!((img.width(), img.height()), (1280, 1800));
     let distinct: std::collections::BTreeSet<[u8; 3]> = img.pixels().step_by(97).map(|p| p.0).collect();
     assert!(distinct.len() > 20, "the screenshot shows content ({} distinct colours sampled)", distinct.len());
-    // `MSMAE_WRITE_DOCS=1 cargo xtask test -- headless_browser` refreshes the README's picture.
-    if std::env::var_os("MSMAE_WRITE_DOCS").is_some() {
-        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/report-screenshot.png");
-        fs::create_dir_all(docs.parent().expect("docs/")).expect("mkdir docs/");
-        fs::copy(&shot, &docs).expect("copy the screenshot into docs/");
-    }
 }
 
 #[test]

@@ -283,12 +283,12 @@ fn interrupting_the_driver_cancels_its_jobs(cluster: &Cluster) {
 
 /// A training job ended by its time limit (Slurm's minimum, a minute) is resubmitted and
 /// resumes from its checkpoint; when the retries run out, the run fails naming the time
-/// limit and the log. (Long enough never to finish within two minutes.)
+/// limit and the log. (A million epochs: never finished within the two jobs of a minute.)
 fn a_job_over_its_time_limit_is_retried_from_its_checkpoint(cluster: &Cluster) {
     let t = Instant::now();
     let d = tempfile::tempdir().expect("tmp");
     let yaml = format!(
-        "name: slow\nseed: 2\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 256, size: 32, previews: 1 }} }}\n  pre:\n    uses: mae/pretrain\n    needs: [data]\n    with: {{ model: {}, epochs: 5000, batch_size: 16, warmup_epochs: 1, figure_images: 1, checkpoint_every: 1 }}\n    resources: {{ time: \"00:01:00\" }}\n",
+        "name: slow\nseed: 2\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 256, size: 32, previews: 1 }} }}\n  pre:\n    uses: mae/pretrain\n    needs: [data]\n    with: {{ model: {}, epochs: 1000000, batch_size: 16, warmup_epochs: 1, figure_images: 1, checkpoint_every: 1 }}\n    resources: {{ time: \"00:01:00\" }}\n",
         msmae_tests::TINY_MODEL
     );
     fs::write(d.path().join("slow.yaml"), yaml).expect("write");
