@@ -88,8 +88,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// The hygiene gate: `cargo fmt --check`, clippy with `-D warnings` on the build's
-    /// feature set, and a libtorch-free `cargo check` (burn-flex only) so that build keeps
-    /// compiling.
+    /// feature set, `cargo doc` with `-D warnings`, and a libtorch-free `cargo check`
+    /// (burn-flex only) so that build keeps compiling.
     #[command(after_help = "Example:\n  cargo xtask lint")]
     Lint,
     /// What CI runs: the hygiene gate (`lint`), then the README test command.
@@ -299,6 +299,14 @@ fn lint(flavour: Flavour) -> Result<ExitCode> {
     clippy.args(["--", "-D", "warnings"]);
     eprintln!("xtask: cargo clippy --workspace --all-targets -- -D warnings");
     let code = status(clippy)?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    // The API docs build without a warning (broken intra-doc links included).
+    let mut doc = tc.cargo(&repo_root(), &["doc", "--workspace", "--no-deps"]);
+    doc.env("RUSTDOCFLAGS", "-D warnings");
+    eprintln!("xtask: cargo doc --workspace --no-deps (RUSTDOCFLAGS=-D warnings)");
+    let code = status(doc)?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }

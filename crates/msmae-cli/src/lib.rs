@@ -149,7 +149,7 @@ pub enum Command {
         retries: usize,
         /// Write TensorBoard scalars (loss, lr, validation metrics per epoch; per step too
         /// with MSMAE_TENSORBOARD_STEPS=1) of every training stage that runs into
-        /// DIR/<pipeline>/<stage>/ (outside the store: never part of a cache key).
+        /// DIR/PIPELINE/STAGE/ (outside the store: never part of a cache key).
         #[arg(long, env = "MSMAE_TENSORBOARD", value_name = "DIR")]
         tensorboard: Option<PathBuf>,
     },

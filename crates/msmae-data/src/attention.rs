@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | id | utf8 | image id (as in the image table), unique |
 //! | split | utf8 | `train`, `val`, `test` |
-//! | weights | list<float32> | row-major grid, `grid[0]·grid[1]` finite values ≥ 0 |
+//! | weights | `list<float32>` | row-major grid, `grid[0]·grid[1]` finite values ≥ 0 |
 //!
 //! Footer key-value metadata `msmae.attention` holds [`AttentionMeta`] as JSON (schema
 //! version, grid, provenance). Both [`write_attention`] and [`read_attention`] check every

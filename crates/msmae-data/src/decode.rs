@@ -133,7 +133,7 @@ pub fn guarded<T>(f: impl FnOnce() -> Result<T, DecodeError>) -> Result<T, Decod
 /// Decode `bytes` and bring them to `size × size × channels` (channels 1: luma, 3: RGB;
 /// alpha is dropped; grey sources are replicated to 3 channels when asked). 16-bit sources
 /// (DICOM, 16-bit PNG/TIFF) are resized in 16 bits and quantised to 8 bits last.
-/// JPEGs at least twice the table size are decoded at reduced scale (see [`jpeg_reduced`]).
+/// JPEGs at least twice the table size are decoded at reduced scale (see `jpeg_reduced`).
 pub fn decode_resize(bytes: &[u8], size: u32, channels: u32, aspect: Aspect) -> Result<Decoded, DecodeError> {
     decode_resize_with(bytes, size, channels, aspect, 8, true)
 }

@@ -9,8 +9,8 @@
 //! | id | utf8 | image id (from the image table), unique within the file |
 //! | split | utf8 | `train`, `val`, `test` |
 //! | label | int32, nullable | true class index (required for single-label data) |
-//! | labels | list<uint8>, only for multi-label | true multi-hot, one 0/1 entry per label name |
-//! | scores | list<float32> | probabilities, one per label name: a softmax row for single-label data, per-label sigmoids for multi-label data |
+//! | labels | `list<uint8>`, only for multi-label | true multi-hot, one 0/1 entry per label name |
+//! | scores | `list<float32>` | probabilities, one per label name: a softmax row for single-label data, per-label sigmoids for multi-label data |
 //!
 //! Both [`write_predictions`] and [`read_predictions`] check every row (score count, finite
 //! scores in [0, 1], label range, multi-hot shape, unique ids) and the schema version, and

@@ -8,7 +8,7 @@
 //! | patient_id | utf8 | splits never cross patients (or lesions) |
 //! | split | utf8 | `train`, `val`, `test` |
 //! | label | int32, nullable | class index (single-label data) |
-//! | labels | list<uint8>, only for multi-label | multi-hot, one entry per label name |
+//! | labels | `list<uint8>`, only for multi-label | multi-hot, one entry per label name |
 //! | width, height | int32 | of the source image |
 //! | channels | int32 | of `pixels` |
 //! | pixels | binary | row-major H×W×C at the table's size: uint8, or little-endian uint16 when `bit_depth` is 16 |

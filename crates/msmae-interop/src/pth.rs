@@ -22,7 +22,7 @@ use pytorch_reader::{DType, PytorchReader};
 /// The globals a `torch.save` file of weights may name. Everything here is data: the
 /// reader interprets the tensor-rebuild calls and containers itself and never calls
 /// anything.
-const ALLOWED_GLOBALS: &[(&str, &str)] = &[
+pub const ALLOWED_GLOBALS: &[(&str, &str)] = &[
     ("collections", "OrderedDict"),
     ("torch._utils", "_rebuild_tensor"),
     ("torch._utils", "_rebuild_tensor_v2"),

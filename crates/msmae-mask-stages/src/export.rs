@@ -10,7 +10,7 @@
 //! | id | utf8 | image id |
 //! | row_index | uint64 | 0-based row of the image in the attention table (the RNG key) |
 //! | epoch | uint64 | |
-//! | states | list<uint8> | per patch, row-major: 0 visible, 1 masked, 2 thrown |
+//! | states | `list<uint8>` | per patch, row-major: 0 visible, 1 masked, 2 thrown |
 //!
 //! Footer key `msmae.masks` holds [`MasksMeta`] as JSON.
 //!

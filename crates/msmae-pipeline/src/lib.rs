@@ -1,4 +1,4 @@
-//! The msmae pipeline runner: YAML pipelines ([`spec`]) validated into a DAG ([`plan`]),
+//! The msmae pipeline runner: YAML pipelines ([`spec`]) validated into a DAG ([`mod@plan`]),
 //! executed with a content-addressed cache ([`store`], [`key`], [`exec`]), recorded in a
 //! lock file ([`lockfile`]), and inspected ([`inspect`]). It knows stages only through
 //! [`msmae_core::DynStage`], so it compiles without any ML dependency.
