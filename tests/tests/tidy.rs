@@ -118,25 +118,6 @@ fn documents_and_comments_refer_only_to_files_that_exist() {
     assert!(broken.is_empty(), "references to files that do not exist:\n  {}", broken.join("\n  "));
 }
 
-/// The `msmae-*` crates each crate's `[dependencies]` names.
-fn msmae_dependencies(manifest: &str) -> Vec<String> {
-    let mut in_deps = false;
-    let mut out = Vec::new();
-    for line in manifest.lines() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            in_deps = t == "[dependencies]";
-            continue;
-        }
-        let name = t.split(['=', ' ', '.']).next().unwrap_or("");
-        if in_deps && name.starts_with("msmae-") {
-            out.push(name.to_string());
-        }
-    }
-    out.sort();
-    out
-}
-
 /// The dependency rules of ARCHITECTURE.md's table (`| crate | may depend on |`): every
 /// crate has a row, and depends on no `msmae-*` crate its row does not allow. The runner
 /// never sees burn, a library never depends on a stage crate, and the code fingerprint of a
@@ -169,7 +150,7 @@ fn every_crate_depends_only_on_what_the_architecture_allows() {
             problems.push(format!("{name}: no row in ARCHITECTURE.md's dependency table"));
             continue;
         };
-        for d in msmae_dependencies(&manifest) {
+        for d in msmae_fingerprint::dependency_names(&manifest).into_iter().filter(|d| d.starts_with("msmae-")) {
             if !ok.contains(&d) {
                 problems.push(format!("{name} depends on {d}, which ARCHITECTURE.md does not allow"));
             }

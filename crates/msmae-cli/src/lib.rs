@@ -541,13 +541,7 @@ const REPORT_MARKER: &str = "<meta name=\"generator\" content=\"msmae report\">"
 /// file, a lock file, anything inside the store, or any existing file that is not an msmae
 /// report page.
 fn check_report_target(out: &Path, common: &Common, store: &Store, lock: &Path) -> Result<()> {
-    let resolve = |p: &Path| -> PathBuf {
-        let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        match (abs.parent().and_then(|d| d.canonicalize().ok()), abs.file_name()) {
-            (Some(d), Some(f)) => d.join(f).canonicalize().unwrap_or_else(|_| d.join(f)),
-            _ => abs,
-        }
-    };
+    let resolve = msmae_pipeline::store::resolved_path;
     let target = resolve(out);
     let refuse = |what: String| Err(anyhow::anyhow!("refusing to write the report to {}: {what}; choose another file with -o", out.display()));
     if target == resolve(&common.pipeline) {

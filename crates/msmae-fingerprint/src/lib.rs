@@ -297,7 +297,9 @@ fn external_dependencies(manifest: &str) -> Vec<String> {
     dependency_names(manifest).into_iter().filter(|n| !n.starts_with("msmae-")).collect()
 }
 
-fn dependency_names(manifest: &str) -> Vec<String> {
+/// The crate names a `Cargo.toml`'s `[dependencies]` table lists (build- and
+/// dev-dependencies left out).
+pub fn dependency_names(manifest: &str) -> Vec<String> {
     let mut in_deps = false;
     let mut out = Vec::new();
     for line in manifest.lines() {

@@ -87,15 +87,16 @@ pub fn to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
 
 /// The `data.pkl` of a zip-format `torch.save` file.
 fn zip_pickle(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Seek;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut head = [0u8; 4];
-    let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).map_err(|e| e.to_string())?;
+    let n = file.read(&mut head).and_then(|n| file.rewind().map(|()| n)).map_err(|e| e.to_string())?;
     if n < 4 || &head != b"PK\x03\x04" {
         return Err(
             "not a zip-format torch.save file (PyTorch 1.6 or later); an older (legacy) checkpoint can be re-saved with `torch.save(torch.load(f, map_location='cpu', weights_only=True), f2)`"
                 .into(),
         );
     }
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("a damaged or truncated zip archive: {e}"))?;
     let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
     let name = names.into_iter().find(|n| n.ends_with("/data.pkl") || n == "data.pkl").ok_or("a zip archive without `data.pkl`: not a torch.save file")?;

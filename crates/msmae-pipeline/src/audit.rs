@@ -174,8 +174,7 @@ fn audit_stage(
     };
     let t = Instant::now();
     match recompute(plan, store, scratch, node, rec, opts, threads, progress) {
-        Ok(digest) => {
-            let decl = node.kind.prepare(&rec.parts.config).map(|p| p.output()).unwrap_or_else(|_| node.output.clone());
+        Ok((digest, decl)) => {
             let before = crate::results::metric_values(&store.object_dir(&rec.output.digest), &decl);
             let after = crate::results::metric_values(&scratch.object_dir(&digest), &decl);
             a.metrics = decl
@@ -201,6 +200,8 @@ fn audit_stage(
     a
 }
 
+/// Recompute `node` as `rec` records it; the artifact's digest in `scratch` and the output
+/// declaration of the recorded config (whose metrics the caller compares).
 #[allow(clippy::too_many_arguments)]
 fn recompute(
     plan: &Plan,
@@ -211,7 +212,7 @@ fn recompute(
     opts: &AuditOptions<'_>,
     threads: usize,
     progress: &dyn Progress,
-) -> Result<String> {
+) -> Result<(String, msmae_core::OutputDecl)> {
     let prepared = node
         .kind
         .prepare(&rec.parts.config)
@@ -247,7 +248,7 @@ fn recompute(
     tracing::info!("recomputing `{}` ({}) with {threads} threads", node.name, node.kind.kind());
     prepared.run(&mut ctx).map_err(|e| Error::Output { stage: node.name.clone(), message: msmae_core::error::chain(&e) })?;
     let manifest = scratch.commit(staging, &node.name, &decl)?;
-    Ok(manifest.digest)
+    Ok((manifest.digest, decl))
 }
 
 /// The recorded run's circumstances against this machine's, and what changed since.

@@ -120,7 +120,7 @@ impl LockFile {
         match &self.pipeline_file {
             Some(rel) => {
                 let recorded = lock_dir(lock_path).join(rel);
-                let (a, b) = (canonical(&recorded), canonical(pipeline_file));
+                let (a, b) = (store::resolved_path(&recorded), store::resolved_path(pipeline_file));
                 if a != b && recorded.is_file() {
                     return refuse(recorded.display().to_string());
                 }
@@ -137,26 +137,14 @@ impl LockFile {
     }
 }
 
-/// `path` with its directory resolved (the file itself may not exist yet).
-fn canonical(path: &Path) -> PathBuf {
-    if let Ok(p) = path.canonicalize() {
-        return p;
-    }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    match (dir.canonicalize(), path.file_name()) {
-        (Ok(d), Some(f)) => d.join(f),
-        _ => path.to_path_buf(),
-    }
-}
-
 fn lock_dir(lock_path: &Path) -> PathBuf {
-    canonical(lock_path).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    store::resolved_path(lock_path).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// `pipeline_file` as a lock file at `lock_path` records it: relative to the lock file's
 /// folder where it can be (`../x.yaml` included), else absolute.
 pub fn relative_pipeline(lock_path: &Path, pipeline_file: &Path) -> String {
-    let (dir, file) = (lock_dir(lock_path), canonical(pipeline_file));
+    let (dir, file) = (lock_dir(lock_path), store::resolved_path(pipeline_file));
     let d: Vec<_> = dir.components().collect();
     let f: Vec<_> = file.components().collect();
     let common = d.iter().zip(&f).take_while(|(a, b)| a == b).count();
@@ -188,7 +176,7 @@ pub fn update(store: &Store, path: &Path, pipeline: &Owner<'_>, order: &[String]
         return Ok(false);
     }
     // One guard per file, however it is spelled (`p.lock`, `./p.lock`, a symlinked dir).
-    let guard_id = blake3::hash(canonical(path).to_string_lossy().as_bytes()).to_hex()[..16].to_string();
+    let guard_id = blake3::hash(store::resolved_path(path).to_string_lossy().as_bytes()).to_hex()[..16].to_string();
     let _guard = store.lock_key(&format!("lockfile-{guard_id}"), "updating the lock file", true)?;
     // An unreadable lock file is never replaced: it is the audit trail (and gc's roots).
     let current = LockFile::read(path, pipeline.name)?;
@@ -244,9 +232,9 @@ mod tests {
                 std::fs::write(real.join("p.lock"), "x").expect("write");
             }
             let spellings = [real.join("p.lock"), real.join(".").join("p.lock"), d.path().join("link/p.lock"), real.join("../study/p.lock")];
-            let first = canonical(&spellings[0]);
+            let first = store::resolved_path(&spellings[0]);
             for s in &spellings[1..] {
-                assert_eq!(canonical(s), first, "{} (file exists: {exists})", s.display());
+                assert_eq!(store::resolved_path(s), first, "{} (file exists: {exists})", s.display());
             }
         }
     }

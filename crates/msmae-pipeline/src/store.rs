@@ -204,15 +204,16 @@ impl Store {
     /// A directory that holds anything but a store is refused ([`Error::NotAStore`]).
     pub fn open(root: &Path) -> Result<Self> {
         identify(root)?;
+        // A folder of a read-only store is opened as it is (readers only).
+        let ensure_dir = |p: &Path| match fs::create_dir_all(p) {
+            Err(e) if !(is_read_only(&e) && p.is_dir()) => Err(Error::store("create", p, e)),
+            _ => Ok(()),
+        };
         // The marker first: another process opening the same new store (the ranks of an
         // MPI job) then sees a store, never a directory with msmae's folders but no marker.
         let marker = root.join(MARKER);
         if !marker.is_file() {
-            match fs::create_dir_all(root) {
-                Ok(()) => {}
-                Err(e) if is_read_only(&e) && root.is_dir() => {}
-                Err(e) => return Err(Error::store("create", root, e)),
-            }
+            ensure_dir(root)?;
             if let Err(e) = write_atomic(&marker, format!("msmae store format {STORE_FORMAT}\n").as_bytes()) {
                 // An older store on a read-only mount: readable as it is.
                 if !matches!(&e, Error::Store { source, .. } if is_read_only(source)) {
@@ -221,13 +222,7 @@ impl Store {
             }
         }
         for sub in ["objects", "index", "tmp", "locks", "roots"] {
-            let p = root.join(sub);
-            match fs::create_dir_all(&p) {
-                Ok(()) => {}
-                // A read-only store is opened as it is (readers only).
-                Err(e) if is_read_only(&e) && p.is_dir() => {}
-                Err(e) => return Err(Error::store("create", &p, e)),
-            }
+            ensure_dir(&root.join(sub))?;
         }
         let root = root.canonicalize().map_err(|e| Error::store("open", root, e))?;
         let memo = HashMemo::load(&root.join("hashmemo.tsv"));
@@ -574,7 +569,7 @@ impl Store {
     /// Register a lock file as a gc root, remembering the artifacts it references (gc keeps
     /// them even while the file is missing). Written only when something changed.
     pub fn add_root(&self, lock_file: &Path, artifacts: &[String]) -> Result<()> {
-        let abs = absolute_lock_path(lock_file);
+        let abs = resolved_path(lock_file);
         let p = self.root.join("roots").join(root_id(&abs));
         let mut artifacts = artifacts.to_vec();
         artifacts.sort();
@@ -608,7 +603,7 @@ impl Store {
 
     /// Forget the root of `lock_file` (`msmae gc --forget`); whether there was one.
     pub fn forget_root(&self, lock_file: &Path) -> Result<bool> {
-        let abs = absolute_lock_path(lock_file);
+        let abs = resolved_path(lock_file);
         let mut found = false;
         for r in self.roots()? {
             if r.lock_file == abs || r.lock_file == lock_file {
@@ -734,7 +729,10 @@ pub fn is_key(s: &str) -> bool {
     check_digest(s).is_ok()
 }
 
-fn absolute_lock_path(p: &Path) -> PathBuf {
+/// `p` as one absolute path however it is spelled (`./x`, `../d/x`, a symlinked folder),
+/// also when the file itself does not exist yet: the canonical path, else the canonical
+/// folder joined with the file name, else the absolute path.
+pub fn resolved_path(p: &Path) -> PathBuf {
     if let Ok(c) = p.canonicalize() {
         return c;
     }
