@@ -44,8 +44,9 @@ fn bench_loader_measures_msmae_and_torchvision_on_the_same_table() {
     }
 }
 
-/// `bench attention` on a tiny pipeline of its shape: one row per supervised model, one
-/// coverage column per map method, figures from the artifacts (coverage in [0, 1]).
+/// `bench attention` on a tiny pipeline of its shape: one row per supervised model ×
+/// smoothing, one coverage column per map method, figures from the artifacts (coverage in
+/// [0, 1]).
 #[test]
 fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
     let d = tempfile::tempdir().expect("tmp");
@@ -59,25 +60,40 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
             yaml.push_str(&format!("  attn-{s}-{m}: {{ uses: attention/extract, needs: [sup-{s}, data], with: {{ method: {m}, overlays: 1 }} }}\n"));
         }
     }
+    // smoothed readings of setting A only: a max3 row with rollout alone, a mean3 row with cls alone
+    yaml.push_str("  attn-a-rollout-max3: { uses: attention/extract, needs: [sup-a, data], with: { method: rollout, smooth: { op: max, size: 3 }, overlays: 1 } }\n");
+    yaml.push_str("  attn-a-cls-mean3: { uses: attention/extract, needs: [sup-a, data], with: { method: cls, smooth: { op: mean, size: 3 }, overlays: 1 } }\n");
     let pipeline = d.path().join("cov.yaml");
     std::fs::write(&pipeline, yaml).expect("write");
     let out =
         run(Command::new(example_bin("bench_attention")).arg("--pipeline").arg(&pipeline).arg("--store").arg(d.path().join("store")).args(["--seeds", "3,4"]));
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-") && l.contains("`: ")).collect();
-    assert_eq!(rows.len(), 2, "{out}");
-    assert!(rows[0].starts_with("| `sup-a`: setting A |") && rows[1].contains("setting B"), "{out}");
-    for r in rows {
+    assert_eq!(rows.len(), 4, "setting A raw, max3, mean3; setting B raw: {out}");
+    assert!(rows[0].starts_with("| `sup-a`: setting A | none |") && rows[3].contains("setting B") && rows[3].contains("| none |"), "{out}");
+    assert!(rows[1].contains("| max3 |") && rows[2].contains("| mean3 |"), "{out}");
+    for (k, r) in rows.iter().enumerate() {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();
-        // cells: "", setting, val acc, train s, cls, rollout, gradient, hits, secs, ""
-        for c in &cells[4..7] {
+        // cells: "", setting, smoothing, val acc, train s, cls, rollout, gradient, hits, secs, ""
+        // (a smoothed row has only the readings the pipeline asks for: "—" elsewhere)
+        let present: &[usize] = match k {
+            1 => &[6],
+            2 => &[5],
+            _ => &[5, 6, 7],
+        };
+        for (i, c) in cells.iter().enumerate().take(8).skip(5) {
+            if !present.contains(&i) {
+                assert_eq!(*c, "—", "{r}");
+                continue;
+            }
             let mean: f64 = c.split(' ').next().and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("coverage cell `{c}` in {r}"));
             assert!((0.0..=1.0).contains(&mean) && c.contains('±'), "two seeds give mean ± sd: {r}");
         }
     }
-    // the detail table: one row per setting × method, right/wrong coverage and the curve
+    // the detail table: one row per setting × reading, right/wrong coverage and the curve
     // up to the top 100 %, where every lesion pixel is covered
     let detail: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-") && !l.contains("`: ")).collect();
-    assert_eq!(detail.len(), 6, "{out}");
+    assert_eq!(detail.len(), 8, "{out}");
+    assert!(detail.iter().any(|l| l.contains("| rollout+max3 |")) && detail.iter().any(|l| l.contains("| cls+mean3 |")), "{out}");
     assert!(out.contains("top 5 %") && out.contains("top 100 %"), "{out}");
     assert!(detail.iter().all(|l| l.trim_end().ends_with("| 1.000 |")), "{out}");
 }

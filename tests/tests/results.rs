@@ -229,12 +229,13 @@ print(json.dumps(out))
 
 /// The shipped pipelines that need no data folder plan as they stand (every `with:` block
 /// checked against its stage's typed config, every `needs` bound): the quickstart, the
-/// attention study and the ablations, whose report takes the three seeds of its seven
-/// evals through `seeds.*.…`.
+/// attention study (setting × method × smoothing), the ablations, whose report takes the
+/// three seeds of its seven evals through `seeds.*.…`, and the guided-masking study (five
+/// seeds of five evals).
 #[test]
 fn the_self_contained_shipped_pipelines_plan() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for name in ["quickstart", "attention", "ablation"] {
+    for name in ["quickstart", "attention", "ablation", "guided"] {
         let o = Command::new(msmae_tests::msmae_bin()).arg("dag").arg(root.join("pipelines").join(format!("{name}.yaml"))).output().expect("run msmae");
         let t = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         assert!(o.status.success(), "{name}: {t}");
@@ -243,8 +244,13 @@ fn the_self_contained_shipped_pipelines_plan() {
             assert_eq!(report.matches("metrics=").count(), 21, "{report}");
             assert!(report.contains("metrics=seeds.3.eval-vis-highest"), "{report}");
         }
+        if name == "guided" {
+            let report = t.lines().find(|l| l.starts_with("report ")).unwrap_or_else(|| panic!("no report stage: {t}"));
+            assert_eq!(report.matches("metrics=").count(), 25, "{report}");
+            assert!(report.contains("metrics=seeds.5.eval-msmae-highest"), "{report}");
+        }
         if name == "attention" {
-            assert_eq!(t.lines().filter(|l| l.contains("attention/extract")).count(), 21, "{t}");
+            assert_eq!(t.lines().filter(|l| l.contains("attention/extract")).count(), 63, "{t}");
         }
     }
 }

@@ -253,7 +253,11 @@ stages:
   attn-cls: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 1 }} }}
   attn-rollout: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 1, method: rollout }} }}
   attn-gradient: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 1, method: gradient }} }}
+  attn-smooth: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 1, method: rollout, smooth: {{ op: max, size: 3 }} }} }}
+  masks: {{ uses: mask/msmae, needs: [attn-smooth] }}
   pretrain: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, {ft} }} }}
+  pretrain-smooth: {{ uses: mae/pretrain, needs: [data, masks], with: {{ model: {MODEL}, {ft}, warmup_mask_epochs: 0, refresh_every: 1, map_method: rollout, map_smooth: {{ op: mean, size: 3 }} }} }}
+  ft-smooth: {{ uses: finetune/msmae, needs: [pretrain, data], with: {{ {ft}, refresh_every: 1, map_method: gradient, map_smooth: {{ op: max, size: 3 }} }} }}
   seeds:
     repeat: 2
     stages:
@@ -288,6 +292,35 @@ stages:
         .collect();
     assert!(maps[0] != maps[1] && maps[0] != maps[2] && maps[1] != maps[2], "three methods, three sets of maps");
 
+    // smoothing: the raw rollout maps kept beside the smoothed ones, which are what the
+    // summary scores and the masks rank by; every smoothed map is the 3×3 max of its raw map
+    let dir = artifact_dir(&store, &lock, "attn-smooth");
+    let s = json(&dir.join("summary.json"));
+    assert_eq!((s["method"].as_str(), &s["smooth"]), (Some("rollout"), &serde_json::json!({ "op": "max", "size": 3 })), "{s}");
+    let read = |p: &Path| -> ([usize; 2], Vec<Vec<f32>>) {
+        let (meta, rows) = msmae_data::attention::read_attention(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        ([meta.grid[0] as usize, meta.grid[1] as usize], rows.into_iter().map(|r| r.weights).collect())
+    };
+    let (grid, smoothed) = read(&dir.join("attention.parquet"));
+    let (_, plain) = read(&dir.join("attention_raw.parquet"));
+    let (_, rollout) = read(&artifact_dir(&store, &lock, "attn-rollout").join("attention.parquet"));
+    assert_eq!(plain, rollout, "the raw maps are the plain rollout stage's");
+    assert_eq!((grid, smoothed.len()), ([4, 4], 120));
+    // the 3×3 max, cut at the border, computed here independently
+    let max3 = |m: &[f32]| -> Vec<f32> {
+        let at = |y: i64, x: i64| if (0..4).contains(&y) && (0..4).contains(&x) { m[(y * 4 + x) as usize] } else { f32::NEG_INFINITY };
+        (0..16i64).map(|i| (-1..=1).flat_map(|dy| (-1..=1).map(move |dx| (dy, dx))).map(|(dy, dx)| at(i / 4 + dy, i % 4 + dx)).fold(f32::NEG_INFINITY, f32::max)).collect()
+    };
+    for (a, b) in smoothed.iter().zip(&plain) {
+        assert_eq!(a, &max3(b), "a smoothed map is the 3×3 max of its raw map");
+    }
+    assert!(smoothed != plain, "smoothing changed the maps");
+    // the training loops refresh with the configured reading
+    let h = json(&artifact_dir(&store, &lock, "pretrain-smooth").join("history.json"));
+    assert_eq!(h["epochs"][1]["refreshed_maps"], true, "{h}");
+    let h = json(&artifact_dir(&store, &lock, "ft-smooth").join("history.json"));
+    assert_eq!(h["epochs"][1]["refreshed_maps"], true, "{h}");
+
     // visible tokens: 16 patches at 32 px / 8 px → 4 visible (+ CLS) whatever their source
     for (stage, masking) in [("seeds.1.vis-highest", "Highest"), ("seeds.2.vis-uniform", "Random")] {
         let h = json(&artifact_dir(&store, &lock, stage).join("history.json"));
@@ -311,6 +344,12 @@ stages:
     // and `msmae show` prints the summaries as mean ± sd
     let o = msmae(d.path(), "auto", &["show", "switches.yaml", "report"]);
     assert!(o.status.success() && text(&o).contains(" ± "), "{}", text(&o));
+
+    // a smoothing of even size is refused naming the field
+    let bad = fs::read_to_string(d.path().join("switches.yaml")).expect("read").replace("smooth: { op: max, size: 3 }", "smooth: { op: max, size: 2 }");
+    fs::write(d.path().join("even.yaml"), bad.replace("name: switches", "name: even")).expect("write");
+    let o = msmae(d.path(), "auto", &["run", "even.yaml"]);
+    assert!(!o.status.success() && text(&o).contains("smooth") && text(&o).contains("odd"), "{}", text(&o));
 
     // gradient maps need a classifier: an MAE encoder without MSMAE's CE head (cls_weight
     // 0) is refused naming the field (one with the head has a predicted class: allowed)

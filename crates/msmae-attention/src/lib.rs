@@ -11,13 +11,16 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError};
 use msmae_data::table::Split;
 use msmae_train::classifier::{ClassifierKind, predict};
-use msmae_train::data::LoaderSpec;
+use std::sync::Arc;
+
+use msmae_train::data::{ImageTable, LoaderSpec, Normalizer};
 use msmae_train::figures;
-use msmae_train::maps::{attention_pass, write_maps};
+use msmae_train::maps::{Maps, attention_pass, write_maps};
 use msmae_train::model;
-use msmae_train::runtime;
+use msmae_train::runtime::{self, Runtime};
 use msmae_train::support::{check_image_compat, config_error, defaults, open_table, write_json};
-use msmae_vit::attention_map::MapMethod;
+use msmae_vit::VisionTransformer;
+use msmae_vit::attention_map::{MapMethod, MapReading, Smoothing};
 
 msmae_train::classifier_stage!(TrainSupervised, "attention/train-supervised", ClassifierKind::Supervised, "label-supervised ViT (CLS head) whose attention guides MSMAE masking", pretrained: false);
 
@@ -55,6 +58,11 @@ pub struct ExtractConfig {
     /// relevance to the predicted class; needs a classifier checkpoint).
     #[serde(default)]
     pub method: MapMethod,
+    /// Spatial smoothing on the patch grid before the patches are ranked
+    /// (`{ op: max, size: 3 }`): `attention.parquet`, the coverage figures and the
+    /// overlays use the smoothed map; the raw map is kept in `attention_raw.parquet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smooth: Option<Smoothing>,
 }
 
 fn d_top() -> f64 {
@@ -82,6 +90,9 @@ impl Stage for AttentionExtract {
         if !(c.top_fraction > 0.0 && c.top_fraction <= 1.0) {
             return config_error("top_fraction", "must be in (0, 1]");
         }
+        if let Some(Err(m)) = c.smooth.map(|s| s.check()) {
+            return config_error("smooth", m);
+        }
         Ok(())
     }
     fn inputs(&self, _: &ExtractConfig) -> Vec<InputSlot> {
@@ -90,8 +101,13 @@ impl Stage for AttentionExtract {
             InputSlot::one("data", "image-table", "the images"),
         ]
     }
-    fn output(&self, _: &ExtractConfig) -> OutputDecl {
-        OutputDecl::new("attention-maps", &["attention.parquet", "summary.json", "overlays/*.png"])
+    fn output(&self, c: &ExtractConfig) -> OutputDecl {
+        let files: &[&str] = if c.smooth.is_some() {
+            &["attention.parquet", "attention_raw.parquet", "summary.json", "overlays/*.png"]
+        } else {
+            &["attention.parquet", "summary.json", "overlays/*.png"]
+        };
+        OutputDecl::new("attention-maps", files)
             .metric("lesion_coverage", "summary.json", "/lesion_coverage")
             .metric("lesion_hit_rate", "summary.json", "/lesion_hit_rate")
             .metric("top_fraction", "summary.json", "/top_fraction")
@@ -127,56 +143,26 @@ impl Stage for AttentionExtract {
             SplitSelect::Val => table.rows_of(Split::Val),
             SplitSelect::Test => table.rows_of(Split::Test),
         };
-        // One pass: maps, lesion coverage and overlays from the same batches.
-        let mut show: Vec<usize> = table.rows_of(Split::Test).into_iter().filter(|r| rows.binary_search(r).is_ok()).collect();
-        if show.is_empty() {
-            show = rows.clone();
+        let pass = extract_pass(c, ctx, &vit, &table, &rows, &meta.normalizer, grid, &rt)?;
+        let provenance = serde_json::json!({
+            "stage": Self::KIND, "name": ctx.name, "model": input.digest, "model_stage": input.stage, "trained_by": meta.trained_by,
+        });
+        let reading = MapReading { method: c.method, smooth: c.smooth };
+        if let Some(s) = c.smooth {
+            let mut p = provenance.clone();
+            p["smoothing"] = serde_json::json!({ "applied": false, "note": format!("the raw maps; attention.parquet holds them smoothed ({})", s.label()) });
+            write_maps(&ctx.output_path("attention_raw.parquet")?, &table, &pass.raw, grid, p)?;
         }
-        show.truncate(c.overlays);
-        let mut spec = LoaderSpec::eval(c.batch_size);
-        spec.lesion_masks = true;
-        let (h, w, ch) = (table.height(), table.width(), table.channels());
-        let top = ((grid[0] * grid[1]) as f64 * c.top_fraction).round().max(1.0) as usize;
-        let mut coverage = Coverage::default();
-        // per image with a lesion: (row, coverage at `top`, coverage at each CURVE fraction)
-        let mut curve: Vec<(usize, f64, Vec<f64>)> = Vec::new();
-        let patches = grid[0] * grid[1];
-        let maps = attention_pass(&vit, &table, &rows, &meta.normalizer, spec, c.method, &rt, ctx, |batch, i, map| {
-            let r = batch.rows[i];
-            let lesion = batch.lesions.get(i).and_then(Option::as_ref);
-            if let Some(m) = lesion.filter(|m| m.iter().any(|&v| v > 0)) {
-                let (cov, hit) = lesion_coverage(map, grid, m, h, w, top);
-                coverage.add(table.rows[r].split.as_str(), cov, hit);
-                let at = |f: f64| lesion_coverage(map, grid, m, h, w, ((patches as f64 * f).round() as usize).max(1)).0;
-                curve.push((r, cov, CURVE.iter().map(|&f| at(f)).collect()));
-            }
-            if let Some(k) = show.iter().position(|&x| x == r) {
-                let chw = &batch.images[i * ch * h * w..(i + 1) * ch * h * w];
-                let img = figures::denormalize(chw, ch, h, w, &meta.normalizer);
-                let fig = figures::overlay(&img, map, grid, lesion.map(Vec::as_slice), 4);
-                let path = ctx.output_path(&format!("overlays/{k:03}_{}.png", sanitize(&table.rows[r].id)))?;
-                fig.save(&path).map_err(|e| StageError::other(format!("writing {}: {e}", path.display())))?;
-            }
-            Ok(())
-        })?;
-        let provenance =
-            serde_json::json!({ "stage": Self::KIND, "name": ctx.name, "model": input.digest, "model_stage": input.stage, "trained_by": meta.trained_by });
-        write_maps(&ctx.output_path("attention.parquet")?, &table, &maps, grid, provenance)?;
-        let n = coverage.images;
-        let mean = |x: f64| if n > 0 { serde_json::json!(x / n as f64) } else { serde_json::Value::Null };
-        let curve_json = |of: &[&Vec<f64>]| -> serde_json::Value {
-            CURVE
-                .iter()
-                .enumerate()
-                .map(|(k, f)| serde_json::json!({ "top_fraction": f, "lesion_coverage": of.iter().map(|v| v[k]).sum::<f64>() / of.len().max(1) as f64 }))
-                .collect()
-        };
-        let all: Vec<&Vec<f64>> = curve.iter().map(|(_, _, v)| v).collect();
+        let mut ranked_provenance = provenance;
+        if let Some(s) = c.smooth {
+            ranked_provenance["smoothing"] = serde_json::json!({ "applied": true, "op": s.op.as_str(), "size": s.size });
+        }
+        write_maps(&ctx.output_path("attention.parquet")?, &table, &pass.ranked, grid, ranked_provenance)?;
         // Coverage where the model classifies the image right and where it does not: how
         // much of the miss is the classifier's (a model that has not found the lesion
         // cannot point at it).
-        let by_prediction = if vit.head.is_some() && !table.meta.multi_label && !curve.is_empty() {
-            let lesion_rows: Vec<usize> = curve.iter().map(|(r, _, _)| *r).collect();
+        let by_prediction = if vit.head.is_some() && !table.meta.multi_label && !pass.lesions.is_empty() {
+            let lesion_rows: Vec<usize> = pass.lesions.iter().map(|l| l.row).collect();
             let (scores, _) = predict(&vit, &table, &lesion_rows, &meta.normalizer, c.batch_size, &rt, ctx)?;
             let right: Vec<bool> = lesion_rows
                 .iter()
@@ -186,45 +172,205 @@ impl Stage for AttentionExtract {
                     table.rows[*r].label.map(i64::from) == Some(arg)
                 })
                 .collect();
-            let part = |want: bool| -> serde_json::Value {
-                let part: Vec<&(usize, f64, Vec<f64>)> = curve.iter().zip(&right).filter(|(_, ok)| **ok == want).map(|(x, _)| x).collect();
-                let v: Vec<&Vec<f64>> = part.iter().map(|(_, _, v)| v).collect();
-                serde_json::json!({
-                    "images": part.len(),
-                    "lesion_coverage": part.iter().map(|(_, cov, _)| cov).sum::<f64>() / part.len().max(1) as f64,
-                    "curve": curve_json(&v),
-                })
-            };
-            serde_json::json!({ "correct": part(true), "wrong": part(false) })
+            Some(ByPrediction::split(&pass.lesions, &right))
         } else {
-            serde_json::Value::Null
+            None
         };
-        let summary = serde_json::json!({
-            "method": c.method.as_str(),
-            "images": maps.len(),
-            "grid": grid,
-            "model": input.digest,
-            "top_fraction": c.top_fraction,
-            "top_patches": top,
-            "images_with_lesion": n,
-            "lesion_coverage": mean(coverage.sum),
-            "lesion_hit_rate": mean(coverage.hits as f64),
-            "per_split": coverage.per_split(),
-            "coverage_curve": curve_json(&all),
-            "by_prediction": by_prediction,
-            "note": "lesion_coverage: mean fraction of lesion pixels inside the top-attention patches (a uniform map gives top_fraction); lesion_hit_rate: fraction of lesions whose most-covered patch is a top-attention patch; coverage_curve: the coverage at other top fractions; by_prediction: the same over the images with a lesion that the model classifies right / wrong",
-        });
-        if n > 0 {
+        let top = top_patches(grid, c.top_fraction);
+        let summary = ExtractSummary::new(c, &reading, &pass, grid, &input.digest, top, by_prediction);
+        if let Some(cov) = summary.lesion_coverage {
             tracing::info!(
-                "`{}` ({}): top {:.0} % attention patches cover {:.1} % of lesion pixels ({n} images with lesions; uniform attention would cover {:.0} %)",
+                "`{}` ({}): top {:.0} % attention patches cover {:.1} % of lesion pixels ({} images with lesions; uniform attention would cover {:.0} %)",
                 ctx.name,
-                c.method.as_str(),
+                reading.label(),
                 c.top_fraction * 100.0,
-                100.0 * coverage.sum / n as f64,
+                100.0 * cov,
+                summary.images_with_lesion,
                 c.top_fraction * 100.0
             );
         }
         write_json(ctx, "summary.json", &summary)
+    }
+}
+
+/// The number of patches in the top `fraction` of a grid (at least one).
+fn top_patches(grid: [usize; 2], fraction: f64) -> usize {
+    ((grid[0] * grid[1]) as f64 * fraction).round().max(1.0) as usize
+}
+
+/// One image with a lesion: its table row, its coverage at `top_fraction` and along [`CURVE`].
+#[derive(Debug, Clone)]
+struct LesionImage {
+    row: usize,
+    coverage: f64,
+    curve: Vec<f64>,
+}
+
+/// What one pass over the images gives: the raw and the ranking maps (the same without
+/// smoothing), the coverage summed over the images with a lesion, and each such image.
+#[derive(Debug, Default)]
+struct ExtractPass {
+    raw: Maps,
+    ranked: Maps,
+    coverage: Coverage,
+    lesions: Vec<LesionImage>,
+}
+
+/// One pass: maps, lesion coverage and overlays from the same batches.
+#[allow(clippy::too_many_arguments)]
+fn extract_pass(
+    c: &ExtractConfig,
+    ctx: &StageContext<'_>,
+    vit: &VisionTransformer,
+    table: &Arc<ImageTable>,
+    rows: &[usize],
+    normalizer: &Normalizer,
+    grid: [usize; 2],
+    rt: &Runtime,
+) -> Result<ExtractPass, StageError> {
+    let mut show: Vec<usize> = table.rows_of(Split::Test).into_iter().filter(|r| rows.binary_search(r).is_ok()).collect();
+    if show.is_empty() {
+        show = rows.to_vec();
+    }
+    show.truncate(c.overlays);
+    let mut spec = LoaderSpec::eval(c.batch_size);
+    spec.lesion_masks = true;
+    let (h, w, ch) = (table.height(), table.width(), table.channels());
+    let top = top_patches(grid, c.top_fraction);
+    let reading = MapReading { method: c.method, smooth: c.smooth };
+    let mut out = ExtractPass::default();
+    let raw = attention_pass(vit, table, rows, normalizer, spec, c.method, rt, ctx, |batch, i, map| {
+        let r = batch.rows[i];
+        let ranked = reading.finish(map.to_vec(), grid);
+        let lesion = batch.lesions.get(i).and_then(Option::as_ref);
+        if let Some(m) = lesion.filter(|m| m.iter().any(|&v| v > 0)) {
+            let (coverage, hit) = lesion_coverage(&ranked, grid, m, h, w, top);
+            out.coverage.add(table.rows[r].split.as_str(), coverage, hit);
+            let curve = CURVE.iter().map(|&f| lesion_coverage(&ranked, grid, m, h, w, top_patches(grid, f)).0).collect();
+            out.lesions.push(LesionImage { row: r, coverage, curve });
+        }
+        if let Some(k) = show.iter().position(|&x| x == r) {
+            let chw = &batch.images[i * ch * h * w..(i + 1) * ch * h * w];
+            let img = figures::denormalize(chw, ch, h, w, normalizer);
+            let fig = figures::overlay(&img, &ranked, grid, lesion.map(Vec::as_slice), 4);
+            let path = ctx.output_path(&format!("overlays/{k:03}_{}.png", sanitize(&table.rows[r].id)))?;
+            fig.save(&path).map_err(|e| StageError::io(&path, std::io::Error::other(e)))?;
+        }
+        out.ranked.insert(r, ranked);
+        Ok(())
+    })?;
+    out.raw = raw;
+    Ok(out)
+}
+
+/// `summary.json` of `attention/extract`: every figure the stage's metric pointers name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExtractSummary {
+    /// The map method (`cls`, `rollout`, `gradient`).
+    pub method: String,
+    /// The smoothing applied before ranking (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smooth: Option<Smoothing>,
+    /// Images whose maps were extracted.
+    pub images: usize,
+    pub grid: [usize; 2],
+    /// Digest of the model artifact read.
+    pub model: String,
+    pub top_fraction: f64,
+    pub top_patches: usize,
+    pub images_with_lesion: usize,
+    /// Mean fraction of lesion pixels inside the top-attention patches (none without lesions).
+    pub lesion_coverage: Option<f64>,
+    /// Fraction of lesions whose most-covered patch is a top-attention patch.
+    pub lesion_hit_rate: Option<f64>,
+    pub per_split: std::collections::BTreeMap<String, SplitCoverage>,
+    pub coverage_curve: Vec<CurvePoint>,
+    /// The same over the images with a lesion that the model classifies right / wrong
+    /// (classifier checkpoints of single-label tables only).
+    pub by_prediction: Option<ByPrediction>,
+    pub note: String,
+}
+
+/// Coverage over one split's images with a lesion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitCoverage {
+    pub images: usize,
+    pub lesion_coverage: f64,
+}
+
+/// Mean coverage at one top fraction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub top_fraction: f64,
+    pub lesion_coverage: f64,
+}
+
+/// Coverage over the images a classifier gets right, and over those it gets wrong.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ByPrediction {
+    pub correct: PredictionCoverage,
+    pub wrong: PredictionCoverage,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionCoverage {
+    pub images: usize,
+    pub lesion_coverage: f64,
+    pub curve: Vec<CurvePoint>,
+}
+
+/// The mean curve of `images` (zeros for none).
+fn mean_curve(images: &[&LesionImage]) -> Vec<CurvePoint> {
+    CURVE
+        .iter()
+        .enumerate()
+        .map(|(k, &f)| CurvePoint { top_fraction: f, lesion_coverage: images.iter().map(|l| l.curve[k]).sum::<f64>() / images.len().max(1) as f64 })
+        .collect()
+}
+
+impl ByPrediction {
+    fn split(lesions: &[LesionImage], right: &[bool]) -> Self {
+        let part = |want: bool| {
+            let part: Vec<&LesionImage> = lesions.iter().zip(right).filter(|(_, ok)| **ok == want).map(|(l, _)| l).collect();
+            PredictionCoverage {
+                images: part.len(),
+                lesion_coverage: part.iter().map(|l| l.coverage).sum::<f64>() / part.len().max(1) as f64,
+                curve: mean_curve(&part),
+            }
+        };
+        Self { correct: part(true), wrong: part(false) }
+    }
+}
+
+impl ExtractSummary {
+    fn new(
+        c: &ExtractConfig,
+        reading: &MapReading,
+        pass: &ExtractPass,
+        grid: [usize; 2],
+        model: &str,
+        top: usize,
+        by_prediction: Option<ByPrediction>,
+    ) -> Self {
+        let n = pass.coverage.images;
+        let mean = |x: f64| (n > 0).then(|| x / n as f64);
+        let all: Vec<&LesionImage> = pass.lesions.iter().collect();
+        Self {
+            method: reading.method.as_str().to_string(),
+            smooth: reading.smooth,
+            images: pass.ranked.len(),
+            grid,
+            model: model.to_string(),
+            top_fraction: c.top_fraction,
+            top_patches: top,
+            images_with_lesion: n,
+            lesion_coverage: mean(pass.coverage.sum),
+            lesion_hit_rate: mean(pass.coverage.hits as f64),
+            per_split: pass.coverage.per_split(),
+            coverage_curve: mean_curve(&all),
+            by_prediction,
+            note: "lesion_coverage: mean fraction of lesion pixels inside the top-attention patches (a uniform map gives top_fraction); lesion_hit_rate: fraction of lesions whose most-covered patch is a top-attention patch; coverage_curve: the coverage at other top fractions; by_prediction: the same over the images with a lesion that the model classifies right / wrong; with `smooth`, all of them for the smoothed map".into(),
+        }
     }
 }
 
@@ -250,8 +396,8 @@ impl Coverage {
         e.1 += 1;
     }
 
-    fn per_split(&self) -> serde_json::Map<String, serde_json::Value> {
-        self.by_split.iter().map(|(k, (s, n))| (k.to_string(), serde_json::json!({ "images": n, "lesion_coverage": s / *n as f64 }))).collect()
+    fn per_split(&self) -> std::collections::BTreeMap<String, SplitCoverage> {
+        self.by_split.iter().map(|(k, (s, n))| (k.to_string(), SplitCoverage { images: *n, lesion_coverage: s / *n as f64 })).collect()
     }
 }
 
@@ -315,8 +461,8 @@ mod tests {
         c.add("test", 1.0, false);
         c.add("val", 0.25, true);
         assert_eq!((c.images, c.hits), (3, 2));
-        let s = serde_json::Value::Object(c.per_split());
-        assert_eq!(s["test"]["lesion_coverage"], 0.75);
-        assert_eq!(s["val"]["images"], 1);
+        let s = c.per_split();
+        assert_eq!(s["test"].lesion_coverage, 0.75);
+        assert_eq!(s["val"].images, 1);
     }
 }

@@ -7,6 +7,10 @@
 //!
 //! Flags: `--pipeline`, `--store`, `--set` as `bench study`; `--diffuse-contrast X`
 //! (default 0.08: the supervised ViT then classifies about as well as on the focal images).
+//! Another pipeline of the same shape (a `seeds` group of `eval/classify` stages compared by
+//! a top-level `report`, an `attn` stage per round), e.g. `pipelines/guided.yaml`: its
+//! methods are its eval stages, labelled by their descriptions, and every pair of them is
+//! printed, the later one minus the earlier.
 
 #[path = "bench_common/mod.rs"]
 mod common;
@@ -53,6 +57,7 @@ fn main() {
     let args = Args::parse_from("ablation", &[0], "pipelines/ablation.yaml", rest);
     let diffuse = ["params.evidence=diffuse".to_string(), format!("params.contrast={contrast}")];
     let conditions: [(&str, Vec<&str>); 2] = [("focal", vec![]), ("diffuse", diffuse.iter().map(String::as_str).collect())];
+    let (arms, pairs) = layout(&args.pipeline);
     let mut out = String::new();
     for (name, sets) in &conditions {
         let lock = args.run_with(&format!("ablation/{name}"), args.seeds[0], sets);
@@ -86,7 +91,7 @@ fn main() {
         let _ = writeln!(out, "| method | accuracy | macro AUC | last-epoch accuracy | last-epoch AUC |");
         let _ = writeln!(out, "|---|---|---|---|---|");
         let methods = c["methods"].as_array().cloned().unwrap_or_default();
-        for (stage, label) in METHODS {
+        for (stage, label) in &arms {
             let key = format!("seeds.*.{stage}");
             let Some(m) = methods.iter().find(|m| m["method"] == key.as_str()) else { continue };
             let _ =
@@ -96,7 +101,7 @@ fn main() {
         let _ = writeln!(out, "| A − B | accuracy | macro AUC | last-epoch accuracy |");
         let _ = writeln!(out, "|---|---|---|---|");
         let paired = c["paired"].as_array().cloned().unwrap_or_default();
-        for (a, b) in PAIRS {
+        for (a, b) in &pairs {
             let (ka, kb) = (format!("seeds.*.{a}"), format!("seeds.*.{b}"));
             // eval/compare lists each pair once, later method first: flip where needed
             let (p, sign) = match paired.iter().find(|p| p["a"] == ka.as_str() && p["b"] == kb.as_str()) {
@@ -118,4 +123,30 @@ fn main() {
         eprintln!("[bench ablation/{name}] done");
     }
     println!("{out}");
+}
+
+/// The methods (eval stage, label) and the pairs (A, B → A − B) to print: the fixed ones of
+/// `pipelines/ablation.yaml`, or for another pipeline its eval stages in file order and
+/// every pair of them.
+fn layout(pipeline: &std::path::Path) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    if pipeline.file_stem().is_some_and(|s| s == "ablation") {
+        let m = METHODS.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let p = PAIRS.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        return (m, p);
+    }
+    let text = std::fs::read_to_string(pipeline).unwrap_or_else(|e| panic!("{}: {e}", pipeline.display()));
+    let y: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", pipeline.display()));
+    let round = y["stages"]["seeds"]["stages"].as_mapping().cloned().unwrap_or_default();
+    let methods: Vec<(String, String)> = round
+        .iter()
+        .filter(|(_, v)| v["uses"].as_str() == Some("eval/classify"))
+        .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v["description"].as_str().unwrap_or("").to_string())))
+        .collect();
+    let mut pairs = Vec::new();
+    for (j, (a, _)) in methods.iter().enumerate() {
+        for (b, _) in &methods[..j] {
+            pairs.push((a.clone(), b.clone()));
+        }
+    }
+    (methods, pairs)
 }

@@ -1,8 +1,9 @@
 //! `cargo xtask bench attention`: why supervised attention misses the lesions. Runs `pipelines/attention.yaml` — the quickstart's supervised ViT under one
 //! change at a time, each read by `attention/extract` with the paper's last-block CLS
-//! attention, attention rollout and gradient-weighted attention — and prints setting ×
-//! method → lesion coverage of the top-25 % patches (uniform attention: 0.25), the hit
-//! rate, the supervised model's best validation accuracy and the wall times.
+//! attention, attention rollout and gradient-weighted attention, each raw and smoothed on the
+//! patch grid (3×3 max, 3×3 mean) — and prints setting × smoothing × method → lesion
+//! coverage of the top-25 % patches (uniform attention: 0.25), the hit rate, the supervised
+//! model's best validation accuracy and the wall times.
 //!
 //! Flags as `bench study`: `--seeds a,b` (default 17), `--pipeline`, `--store`, `--set`.
 
@@ -15,12 +16,25 @@ use common::{Args, json, mean_sd};
 
 const METHODS: [&str; 3] = ["cls", "rollout", "gradient"];
 
+/// The smoothings of `pipelines/attention.yaml` ("" = raw), as reading-label suffixes.
+const SMOOTHINGS: [&str; 3] = ["", "+max3", "+mean3"];
+
+/// `method` or `method+op size`, as `summary.json` describes the map it scored.
+fn reading(summary: &serde_json::Value) -> String {
+    let method = summary["method"].as_str().unwrap_or("cls");
+    match (summary["smooth"]["op"].as_str(), summary["smooth"]["size"].as_u64()) {
+        (Some(op), Some(size)) => format!("{method}+{op}{size}"),
+        _ => method.to_string(),
+    }
+}
+
 #[derive(Default)]
 struct Setting {
     order: usize,
     description: String,
     val_accuracy: Vec<f64>,
     train_seconds: Vec<f64>,
+    /// by reading (`rollout`, `rollout+max3`, …)
     by_method: BTreeMap<String, PerMethod>,
 }
 
@@ -52,7 +66,7 @@ fn main() {
             let summary = json(&lock.dir(extract).join("summary.json"));
             let f = |p: &str| summary.pointer(p).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
             let s = settings.entry(model.clone()).or_insert_with(|| Setting { order: k, ..Setting::default() });
-            let e = s.by_method.entry(summary["method"].as_str().unwrap_or("cls").to_string()).or_default();
+            let e = s.by_method.entry(reading(&summary)).or_default();
             e.coverage.push(f("/lesion_coverage"));
             e.hit.push(f("/lesion_hit_rate"));
             e.seconds.push(lock.seconds(extract));
@@ -79,23 +93,29 @@ fn main() {
         args.seeds
     );
     println!(
-        "| setting (supervised stage) | best val acc | train s | coverage cls | coverage rollout | coverage gradient | hit rate cls / rollout / gradient | extract s cls / rollout / gradient |"
+        "| setting (supervised stage) | smoothing | best val acc | train s | coverage cls | coverage rollout | coverage gradient | hit rate cls / rollout / gradient | extract s cls / rollout / gradient |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (name, s) in &rows {
-        let cell = |m: &str, f: &dyn Fn(&PerMethod) -> String| s.by_method.get(m).map(f).unwrap_or_else(|| "—".into());
-        let hits: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.2}", avg(&e.hit)))).collect();
-        let secs: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.1}", avg(&e.seconds)))).collect();
-        let cov: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| mean_sd(&e.coverage))).collect();
-        println!(
-            "| `{name}`: {} | {} | {:.0} | {} | {} | {} |",
-            s.description,
-            mean_sd(&s.val_accuracy),
-            avg(&s.train_seconds),
-            cov.join(" | "),
-            hits.join(" / "),
-            secs.join(" / "),
-        );
+        for smooth in SMOOTHINGS {
+            if !METHODS.iter().any(|m| s.by_method.contains_key(&format!("{m}{smooth}"))) {
+                continue;
+            }
+            let cell = |m: &str, f: &dyn Fn(&PerMethod) -> String| s.by_method.get(&format!("{m}{smooth}")).map(f).unwrap_or_else(|| "—".into());
+            let hits: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.2}", avg(&e.hit)))).collect();
+            let secs: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.1}", avg(&e.seconds)))).collect();
+            let cov: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| mean_sd(&e.coverage))).collect();
+            println!(
+                "| `{name}`: {} | {} | {} | {:.0} | {} | {} | {} |",
+                s.description,
+                if smooth.is_empty() { "none" } else { &smooth[1..] },
+                mean_sd(&s.val_accuracy),
+                avg(&s.train_seconds),
+                cov.join(" | "),
+                hits.join(" / "),
+                secs.join(" / "),
+            );
+        }
     }
     print_detail(&rows);
 }
@@ -109,11 +129,11 @@ fn print_detail(rows: &[(&String, &Setting)]) {
     let fractions: Vec<f64> =
         rows.iter().find_map(|(_, s)| s.by_method.values().find_map(|p| p.curves.first()).map(|c| c.iter().map(|x| x.0).collect())).unwrap_or_default();
     let head: Vec<String> = fractions.iter().map(|f| format!("top {:.0} %", f * 100.0)).collect();
-    println!("| setting | method | right | wrong | {} |", head.join(" | "));
+    println!("| setting | map | right | wrong | {} |", head.join(" | "));
     println!("|---|---|---|---|{}", "---|".repeat(head.len()));
     for (name, s) in rows {
-        for m in METHODS {
-            let Some(p) = s.by_method.get(m) else { continue };
+        for m in SMOOTHINGS.iter().flat_map(|smooth| METHODS.iter().map(move |m| format!("{m}{smooth}"))) {
+            let Some(p) = s.by_method.get(&m) else { continue };
             let curve: Vec<String> =
                 (0..fractions.len()).map(|k| format!("{:.3}", avg(&p.curves.iter().filter_map(|c| c.get(k).map(|x| x.1)).collect::<Vec<_>>()))).collect();
             println!("| `{name}` | {m} | {} | {} | {} |", mean_sd(&p.right), mean_sd(&p.wrong), curve.join(" | "));

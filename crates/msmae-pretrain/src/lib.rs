@@ -22,7 +22,7 @@ use msmae_train::maps::{MapState, Maps, attention_maps, read_maps, write_maps};
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec, Schedule, adamw};
 use msmae_train::runtime::{self, Runtime, images, to_vec};
 use msmae_train::support::{check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule, write_history};
-use msmae_vit::attention_map::MapMethod;
+use msmae_vit::attention_map::{MapMethod, MapReading, Smoothing};
 use msmae_vit::patch::{gather_tokens, index_tensor, patchify};
 use msmae_vit::{MaeConfig, MaskedAutoencoder};
 
@@ -71,6 +71,15 @@ pub struct PretrainConfig {
     /// warm-up (0: keep the input maps).
     #[serde(default)]
     pub refresh_every: usize,
+    /// How the refreshed maps are read from the model being trained: `cls` (the paper's
+    /// last-block CLS attention, default), `rollout` or `gradient` (as `attention/extract`'s
+    /// `method`; `gradient` needs the CLS head that `cls_weight` > 0 trains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_method: Option<MapMethod>,
+    /// Spatial smoothing of the refreshed maps on the patch grid before masking
+    /// (`{ op: max, size: 3 }`; default none, the paper's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_smooth: Option<Smoothing>,
     /// Weight of the CLS-head cross-entropy (the supervision; 0 = plain MAE).
     #[serde(default = "d_cls_weight")]
     pub cls_weight: f64,
@@ -100,6 +109,8 @@ pub struct Guided {
     pub warmup_mask_epochs: usize,
     /// Recompute the maps from the model every this many epochs after the warm-up (0: never).
     pub refresh_every: usize,
+    /// How refreshed maps are read from the model (method, smoothing).
+    pub reading: MapReading,
     pub maps: MapState,
 }
 
@@ -147,7 +158,7 @@ impl TrainStep for PretrainStep {
                     &self.rows,
                     &self.norm,
                     self.batch_size.max(64),
-                    MapMethod::Cls,
+                    g.reading,
                     &self.rt,
                     ctx,
                 )?));
@@ -202,6 +213,15 @@ impl Stage for MaePretrain {
         if c.cls_weight < 0.0 {
             return config_error("cls_weight", "must be ≥ 0");
         }
+        if c.map_method == Some(MapMethod::Gradient) && c.cls_weight == 0.0 {
+            return config_error(
+                "map_method",
+                "`gradient` weighs attention by the gradient of the predicted class, and with `cls_weight: 0` the encoder has no classification head; use `cls` or `rollout`, or a `cls_weight` above 0",
+            );
+        }
+        if let Some(Err(m)) = c.map_smooth.map(|s| s.check()) {
+            return config_error("map_smooth", m);
+        }
         Ok(())
     }
     fn inputs(&self, _: &PretrainConfig) -> Vec<InputSlot> {
@@ -244,6 +264,7 @@ impl Stage for MaePretrain {
             // At least the last epoch uses the attention-guided masks it was given.
             warmup_mask_epochs: clip_to_run("warmup_mask_epochs", c.warmup_mask_epochs as f64, c.epochs.saturating_sub(1) as f64) as usize,
             refresh_every: c.refresh_every,
+            reading: MapReading { method: c.map_method.unwrap_or_default(), smooth: c.map_smooth },
             maps: MapState { table: table.clone(), grid, current: Some(Arc::new(maps)) },
         });
         let augment = c.augment.then_some((c.crop_scale[0], c.crop_scale[1]));
@@ -386,7 +407,7 @@ fn reconstructions(
     let weights: Maps = if needs {
         match maps.filter(|m| rows.iter().all(|r| m.contains_key(r))) {
             Some(m) => rows.iter().map(|r| (*r, m[r].clone())).collect(),
-            None => attention_maps(&mae.encoder, table, &rows, norm, rows.len(), MapMethod::Cls, rt, ctx)?,
+            None => attention_maps(&mae.encoder, table, &rows, norm, rows.len(), step.guided.as_ref().map(|g| g.reading).unwrap_or_default(), rt, ctx)?,
         }
     } else {
         HashMap::new()

@@ -15,7 +15,7 @@ use msmae_core::{ConfigError, InputArtifact, OutputDecl, StageContext, StageErro
 use msmae_data::predictions::{PREDICTIONS_SCHEMA_VERSION, PredictionMeta, PredictionRow, write_predictions};
 use msmae_data::table::Split;
 use msmae_mask::MaskPolicy;
-use msmae_vit::attention_map::MapMethod;
+use msmae_vit::attention_map::{MapMethod, MapReading, Smoothing};
 use msmae_vit::loss::{ClassTargets, classification_loss};
 use msmae_vit::patch::index_tensor;
 use msmae_vit::{VisionTransformer, VitConfig};
@@ -125,6 +125,10 @@ pub struct ClassifierConfig {
     /// `attention/extract`'s `method`).
     #[serde(default)]
     pub map_method: Option<MapMethod>,
+    /// `finetune/msmae` only: spatial smoothing of the refreshed maps on the patch grid
+    /// before the tokens are ranked (`{ op: max, size: 3 }`; default none, the paper's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_smooth: Option<Smoothing>,
 }
 
 /// Where `finetune/msmae`'s visible tokens come from (see [`ClassifierConfig::visible`]).
@@ -169,6 +173,7 @@ pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result
             ("refresh_every", c.refresh_every.is_some()),
             ("visible", c.visible.is_some()),
             ("map_method", c.map_method.is_some()),
+            ("map_smooth", c.map_smooth.is_some()),
         ] {
             if set {
                 return config_error(name, "only `finetune/msmae` masks tokens; use that kind");
@@ -176,6 +181,8 @@ pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result
         }
     } else if let Err(m) = msmae_policy(c).check() {
         return config_error("mask_ratio", m);
+    } else if let Some(Err(m)) = c.map_smooth.map(|s| s.check()) {
+        return config_error("map_smooth", m);
     }
     Ok(())
 }
@@ -231,7 +238,7 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
     let selection = (kind == ClassifierKind::Msmae).then(|| TokenSelection {
         policy: msmae_policy(c),
         refresh_every: c.refresh_every.unwrap_or(20),
-        method: c.map_method.unwrap_or_default(),
+        reading: MapReading { method: c.map_method.unwrap_or_default(), smooth: c.map_smooth },
         maps: MapState { table: table.clone(), grid: arch.grid(), current: None },
     });
     let mut step = ClassifierStep::new(rt.clone(), table.clone(), norm.clone(), c, layer_decay, selection);
@@ -343,8 +350,8 @@ fn write_preds(
 pub struct TokenSelection {
     pub policy: MaskPolicy,
     pub refresh_every: usize,
-    /// How the maps are read from the model.
-    pub method: MapMethod,
+    /// How the maps are read from the model (method, smoothing).
+    pub reading: MapReading,
     pub maps: MapState,
 }
 
@@ -396,7 +403,7 @@ impl TrainStep for ClassifierStep {
         let mut refreshed = false;
         if sel.maps.current.is_none() || (sel.refresh_every > 0 && epoch.is_multiple_of(sel.refresh_every)) {
             let rows = self.table.labelled_rows_of(Split::Train);
-            sel.maps.current = Some(Arc::new(attention_maps(model, &self.table, &rows, &self.norm, self.batch_size.max(64), sel.method, &self.rt, ctx)?));
+            sel.maps.current = Some(Arc::new(attention_maps(model, &self.table, &rows, &self.norm, self.batch_size.max(64), sel.reading, &self.rt, ctx)?));
             refreshed = true;
         }
         spec.masks = Some(MaskSpec { policy: sel.policy.clone(), weights: sel.maps.current.clone(), grid });

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use msmae_core::{StageContext, StageError};
 use msmae_data::attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRow, read_attention, write_attention};
 use msmae_vit::VisionTransformer;
-use msmae_vit::attention_map::{MapMethod, patch_maps};
+use msmae_vit::attention_map::{MapMethod, MapReading, patch_maps};
 
 use crate::data::{self, Batch, ImageTable, LoaderSpec, Normalizer};
 use crate::runtime::{Runtime, to_vec};
@@ -28,13 +28,34 @@ pub struct MapState {
     pub current: Option<Arc<Maps>>,
 }
 
-/// Patch-weight maps of `rows` by `method` (the paper's: [`MapMethod::Cls`], the
-/// CLS-attention map of docs/method.md §2), by row: the model in eval mode, the stored image
-/// without augmentation. In a data-parallel stage of a multi-process run
-/// (`ctx.group()`), each rank computes its share of the rows and the maps are gathered on
-/// every rank (an all-reduce of zero-padded maps, exact since x + 0 = x).
+/// Patch-weight maps of `rows` read as `reading` says (the paper's: [`MapMethod::Cls`], the
+/// CLS-attention map of docs/method.md §2, unsmoothed), by row: the model in eval mode, the
+/// stored image without augmentation, the smoothing (if any) applied last. In a
+/// data-parallel stage of a multi-process run (`ctx.group()`), each rank computes its share
+/// of the rows and the raw maps are gathered on every rank (an all-reduce of zero-padded
+/// maps, exact since x + 0 = x).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_maps(
+    vit: &VisionTransformer,
+    table: &Arc<ImageTable>,
+    rows: &[usize],
+    norm: &Normalizer,
+    batch_size: usize,
+    reading: MapReading,
+    rt: &Runtime,
+    ctx: &StageContext<'_>,
+) -> Result<Maps, StageError> {
+    let raw = raw_maps(vit, table, rows, norm, batch_size, reading.method, rt, ctx)?;
+    if reading.smooth.is_none() {
+        return Ok(raw);
+    }
+    let stride = vit.patch_embed.proj.stride;
+    let grid = [table.height() / stride[0], table.width() / stride[1]];
+    Ok(raw.into_iter().map(|(r, m)| (r, reading.finish(m, grid))).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn raw_maps(
     vit: &VisionTransformer,
     table: &Arc<ImageTable>,
     rows: &[usize],
