@@ -236,6 +236,45 @@ fn an_exported_mae_imports_into_another_pipeline_and_fine_tunes() {
     assert!(!o.status.success() && text(&o).contains("model.safetensors") && text(&o).contains("blocks.2."), "{}", text(&o));
 }
 
+/// `finetune/linear` on a tiny pre-trained MAE: the probe trains (LARS, batch norm + head),
+/// leaves an ordinary ViT classifier that `eval/classify` scores, and its encoder is the
+/// MAE's, untouched (the CLS-attention maps of both are identical); CLS and mean pooling
+/// give different probes.
+#[test]
+fn a_linear_probe_trains_a_head_on_a_frozen_encoder_and_is_evaluated() {
+    let d = tempfile::tempdir().expect("tmp");
+    let probe = "epochs: 3, batch_size: 16, warmup_epochs: 1, blr: 1.0";
+    let yaml = format!(
+        "name: probe\nseed: 3\nstages:\n  data: {{ uses: ingest/synthetic, with: {{ images: 96, size: 32, modality: xray, previews: 1 }} }}\n  pre: {{ uses: mae/pretrain, needs: [data], with: {{ model: {MODEL}, epochs: 1, batch_size: 16, warmup_epochs: 0, figure_images: 1 }} }}\n  lin: {{ uses: finetune/linear, needs: [pre, data], with: {{ {probe} }} }}\n  lin-mean: {{ uses: finetune/linear, needs: [pre, data], with: {{ {probe}, pool: mean }} }}\n  ev: {{ uses: eval/classify, needs: [lin] }}\n  attn-pre: {{ uses: attention/extract, needs: [pre, data], with: {{ overlays: 0 }} }}\n  attn-lin: {{ uses: attention/extract, needs: [lin, data], with: {{ overlays: 0 }} }}\n"
+    );
+    fs::write(d.path().join("probe.yaml"), yaml).expect("write");
+    let o = msmae(d.path(), "auto", &["run", "probe.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (store, lock) = (d.path().join(".msmae"), d.path().join("probe.lock"));
+    let h = json(&artifact_dir(&store, &lock, "lin").join("history.json"));
+    let epochs = h["epochs"].as_array().expect("epochs");
+    assert_eq!(epochs.len(), 3, "{h}");
+    assert!(epochs.iter().all(|e| e["train_loss"].as_f64().is_some_and(f64::is_finite) && e["val_accuracy"].as_f64().is_some()), "{h}");
+    assert_eq!(h["summary"]["pool"], "cls", "{h}");
+    let meta = json(&artifact_dir(&store, &lock, "lin").join("model.json"));
+    assert_eq!((meta["kind"].as_str(), meta["trained_by"].as_str()), (Some("vit"), Some("finetune/linear")), "{meta}");
+    let m = json(&artifact_dir(&store, &lock, "ev").join("metrics.json"));
+    let acc = m["accuracy"].as_f64().unwrap_or_else(|| panic!("accuracy: {m}"));
+    assert!((0.0..=1.0).contains(&acc), "{m}");
+    // the frozen encoder: the classifier's blocks read the same CLS attention as the MAE's
+    let maps = |stage: &str| {
+        let (_, rows) = msmae_data::attention::read_attention(&artifact_dir(&store, &lock, stage).join("attention.parquet")).expect("maps");
+        rows.into_iter().map(|r| r.weights).collect::<Vec<_>>()
+    };
+    assert_eq!(maps("attn-pre"), maps("attn-lin"), "the probe left the encoder as it was");
+    let preds = |stage: &str| fs::read(artifact_dir(&store, &lock, stage).join("predictions.parquet")).expect("predictions");
+    assert_ne!(preds("lin"), preds("lin-mean"), "CLS and mean pooling are different probes");
+    // a bad config is refused naming the field
+    fs::write(d.path().join("bad.yaml"), fs::read_to_string(d.path().join("probe.yaml")).expect("read").replace("name: probe", "name: bad").replace("pool: mean", "pool: max")).expect("write");
+    let o = msmae(d.path(), "auto", &["run", "bad.yaml"]);
+    assert!(!o.status.success() && text(&o).contains("pool"), "{}", text(&o));
+}
+
 /// The map-method and visible-token switches end to end on tiny data: the diffuse benchmark condition, the three
 /// ways `attention/extract` reads a map, fine-tuning's visible tokens from the lowest,
 /// uniform or highest attention, a `repeat:` group of seeds and `eval/compare` summarising

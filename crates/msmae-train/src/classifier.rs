@@ -313,7 +313,7 @@ fn from_pretrained(
 
 /// Scores of the val and test images with `vit`, as a predictions table in `file`.
 #[allow(clippy::too_many_arguments)]
-fn write_preds(
+pub(crate) fn write_preds(
     ctx: &StageContext<'_>,
     rt: &Runtime,
     table: &Arc<ImageTable>,
@@ -499,7 +499,7 @@ pub fn predict(
     Ok((scores, if n > 0 { loss_sum / n as f64 } else { f64::NAN }))
 }
 
-fn accuracy(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
+pub(crate) fn accuracy(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
     if table.meta.multi_label || rows.is_empty() {
         return None;
     }
@@ -515,7 +515,7 @@ fn accuracy(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f
 }
 
 /// Macro one-vs-rest AUC (single-label) or mean per-label AUC (multi-label) of `scores`.
-fn auc(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
+pub(crate) fn auc(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
     let probs: Vec<Vec<f64>> = scores.iter().map(|s| s.iter().map(|&v| f64::from(v)).collect()).collect();
     let k = table.num_classes();
     if table.meta.multi_label {

@@ -22,6 +22,7 @@ pub mod data;
 pub mod dist;
 pub mod figures;
 pub mod fit;
+pub mod linprobe;
 pub mod maps;
 pub mod model;
 pub mod resume;
