@@ -97,3 +97,27 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
     assert!(out.contains("top 5 %") && out.contains("top 100 %"), "{out}");
     assert!(detail.iter().all(|l| l.trim_end().ends_with("| 1.000 |")), "{out}");
 }
+
+/// `bench scale` on two tiny releases: every stage of each size runs in its own process,
+/// and the table gives each a time and a peak RSS (a process of msmae takes more than
+/// 10 MiB), with the growth columns filled.
+#[test]
+fn bench_scale_times_and_measures_every_stage_at_every_size() {
+    let d = tempfile::tempdir().expect("tmp");
+    let out = run(Command::new(example_bin("bench_scale")).args(["--rows", "60,120", "--pool", "2", "--size", "32", "--batch", "8"]).arg("--dir").arg(d.path()));
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| stage") && !l.starts_with("|---")).collect();
+    assert_eq!(rows.len(), 5, "ingest, epoch, extraction, masks, evaluation:\n{out}");
+    for r in &rows {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        // "", stage, s, MiB, s, MiB, s/1k, MiB/10k, ""
+        let num = |i: usize| cells[i].parse::<f64>().unwrap_or_else(|_| panic!("cell {i} of {r}"));
+        for (s, mib) in [(2, 3), (4, 5)] {
+            assert!(num(s) > 0.0 && num(mib) > 10.0, "{r}");
+        }
+        assert!(num(6).is_finite() && num(7).is_finite(), "{r}");
+    }
+    // the generated release has NIH's layout, and the second size has twice the rows
+    let csv = std::fs::read_to_string(d.path().join("release-120/Data_Entry_2017_v2020.csv")).expect("csv");
+    assert_eq!(csv.lines().count(), 121, "header + 120 rows");
+    assert!(d.path().join("release-120/images_001/images").is_dir());
+}

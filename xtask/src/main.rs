@@ -77,9 +77,10 @@ enum Cmd {
     /// study under several seeds: lesion coverage, accuracy of none/MAE/MSMAE, epoch times),
     /// `attention` (lesion coverage by supervised setting × map method), `ablation` (visible
     /// tokens and pre-training masks, focal vs diffuse evidence), `ingest` (images/s and peak RSS of ingestion against Pillow + pyarrow; memory at 10k/50k),
-    /// `dp` (data-parallel images/s for 1 and N processes under mpirun, collective time per step).
+    /// `dp` (data-parallel images/s for 1 and N processes under mpirun, collective time per step),
+    /// `scale` (each stage's time and peak RSS on generated ChestX-ray14 releases of 10k/50k/112k rows).
     #[command(
-        after_help = "Examples:\n  cargo xtask bench ingest -- --images 5000\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench fused\n  cargo xtask bench study -- --seeds 1,2,3\n  cargo xtask bench attention\n  cargo xtask bench ablation -- --seeds 1,2,3\n  cargo xtask bench dp -- --processes 2"
+        after_help = "Examples:\n  cargo xtask bench ingest -- --images 5000\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench fused\n  cargo xtask bench study -- --seeds 1,2,3\n  cargo xtask bench attention\n  cargo xtask bench ablation -- --seeds 1,2,3\n  cargo xtask bench dp -- --processes 2\n  cargo xtask bench scale -- --rows 10000,50000,112120"
     )]
     Bench {
         /// Which benchmark.
@@ -207,7 +208,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 "fused" => "bench_fused",
                 "loader" => "bench_loader",
                 "dp" => "bench_dp",
-                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, attention, ablation, ingest, loader, dp"),
+                "scale" => "bench_scale",
+                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, attention, ablation, ingest, loader, dp, scale"),
             };
             let mut tc = Toolchain::new(flavour, &target_dir())?;
             let bin = build_all(&tc)?;

@@ -23,6 +23,11 @@ use msmae_core::{ExecEnv, NoProgress, Stage, StageContext};
 use msmae_data::manifest::{Manifest, ManifestConfig};
 use rayon::prelude::*;
 
+#[path = "bench_common/mod.rs"]
+mod common;
+
+use common::field;
+
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
@@ -31,54 +36,6 @@ fn arg(name: &str, default: &str) -> String {
 fn peak_rss_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()).map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
-/// X-ray-like 1024² field: gradient + 24 soft blobs (computed on a 128² grid and
-/// upsampled bilinearly) + noise (σ ≈ 3), so PNG compression is realistic.
-fn field(seed: u64) -> Vec<f32> {
-    const N: usize = 1024;
-    const G: usize = 128;
-    let mut rng = Rng(seed * 7919 + 1);
-    let blobs: Vec<(f32, f32, f32, f32)> =
-        (0..24).map(|_| (rng.unit() * G as f32, rng.unit() * G as f32, 5.0 + rng.unit() * 20.0, (rng.unit() - 0.5) * 120.0)).collect();
-    let mut grid = vec![0f32; G * G];
-    for (i, g) in grid.iter_mut().enumerate() {
-        let (y, x) = ((i / G) as f32, (i % G) as f32);
-        *g = blobs.iter().map(|(bx, by, s, a)| a * (-((x - bx).powi(2) + (y - by).powi(2)) / (2.0 * s * s)).exp()).sum();
-    }
-    let mut out = vec![0f32; N * N];
-    for y in 0..N {
-        let gy = (y as f32 + 0.5) / 8.0 - 0.5;
-        let (y0, fy) = (gy.floor().clamp(0.0, (G - 1) as f32) as usize, gy - gy.floor());
-        let y1 = (y0 + 1).min(G - 1);
-        for x in 0..N {
-            let gx = (x as f32 + 0.5) / 8.0 - 0.5;
-            let (x0, fx) = (gx.floor().clamp(0.0, (G - 1) as f32) as usize, gx - gx.floor());
-            let x1 = (x0 + 1).min(G - 1);
-            let b = grid[y0 * G + x0] * (1.0 - fx) * (1.0 - fy)
-                + grid[y0 * G + x1] * fx * (1.0 - fy)
-                + grid[y1 * G + x0] * (1.0 - fx) * fy
-                + grid[y1 * G + x1] * fx * fy;
-            let noise = (rng.unit() + rng.unit() + rng.unit() - 1.5) * 6.0;
-            out[y * N + x] = 60.0 + 80.0 * y as f32 / N as f32 + 30.0 * x as f32 / N as f32 + b + noise;
-        }
-    }
-    out
 }
 
 fn generate(dir: &Path, n: usize) -> (Vec<PathBuf>, Vec<PathBuf>) {

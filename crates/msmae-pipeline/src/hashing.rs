@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 /// Files modified this recently before hashing are not memoised.
 pub const RACY_WINDOW: Duration = Duration::from_secs(2);
 
-/// Files at least this large are hashed with blake3's multi-threaded mmap path.
+/// Files at least this large are hashed multi-threaded, a chunk of this size at a time.
 const LARGE_FILE: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,17 +207,43 @@ fn racy(mtime: Option<SystemTime>, now: SystemTime) -> bool {
     mtime.and_then(|m| now.duration_since(m).ok()).is_none_or(|age| age < RACY_WINDOW)
 }
 
-/// Hash a file's content (multi-threaded for large files).
+/// Hash a file's content (multi-threaded for large files). Large files are read in chunks
+/// of [`LARGE_FILE`] bytes, not mapped: a mapped file's pages count in the process's
+/// resident memory as they are read, so hashing a 2 GB image table would raise the peak RSS
+/// of the stage that wrote it by 2 GB. (BLAKE3's digest does not depend on how the input
+/// is split between updates.)
 pub fn hash_file(path: &Path, size: u64) -> Result<[u8; 32]> {
     let err = |source| Error::Hash { path: path.to_path_buf(), source };
     let mut hasher = blake3::Hasher::new();
+    let mut f = fs::File::open(path).map_err(err)?;
     if size >= LARGE_FILE {
-        hasher.update_mmap_rayon(path).map_err(err)?;
+        let mut buf = vec![0u8; LARGE_FILE as usize];
+        loop {
+            let n = fill(&mut f, &mut buf).map_err(err)?;
+            hasher.update_rayon(&buf[..n]);
+            if n < buf.len() {
+                break;
+            }
+        }
     } else {
-        let f = fs::File::open(path).map_err(err)?;
         hasher.update_reader(f).map_err(err)?;
     }
     Ok(*hasher.finalize().as_bytes())
+}
+
+/// Read until `buf` is full or the file ends; the bytes read.
+fn fill(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Every regular file under `root` as (`/`-separated relative path, full path), sorted.
@@ -252,6 +278,20 @@ mod tests {
         // Make the file look old enough to be memoised.
         let f = fs::File::options().write(true).open(p).expect("open");
         f.set_modified(SystemTime::now() - Duration::from_secs(60)).expect("set mtime");
+    }
+
+    /// The chunked path of large files gives BLAKE3 of the whole content, at and around the
+    /// chunk boundaries (a file of exactly one or two chunks, one byte more).
+    #[test]
+    fn large_files_hash_in_chunks_to_the_digest_of_their_content() {
+        let d = tempfile::tempdir().expect("tmp");
+        let chunk = LARGE_FILE as usize;
+        for len in [chunk - 1, chunk, chunk + 1, 2 * chunk, 2 * chunk + 7] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let p = d.path().join(format!("f{len}"));
+            fs::write(&p, &bytes).expect("write");
+            assert_eq!(hash_file(&p, len as u64).expect("hash"), *blake3::hash(&bytes).as_bytes(), "{len} bytes");
+        }
     }
 
     #[test]
