@@ -121,3 +121,18 @@ fn bench_scale_times_and_measures_every_stage_at_every_size() {
     assert_eq!(csv.lines().count(), 121, "header + 120 rows");
     assert!(d.path().join("release-120/images_001/images").is_dir());
 }
+
+/// `bench accum` on small images: both models, each accumulation a column of time and
+/// peak RSS from its own process.
+#[test]
+fn bench_accum_measures_each_accumulation_in_its_own_process() {
+    let out = run(Command::new(example_bin("bench_accum")).args(["--accum", "1,2", "--images", "40", "--size", "32", "--batch", "8"]));
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ViT-S")).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for r in rows {
+        let cells: Vec<f64> = r.split('|').map(str::trim).skip(2).filter(|c| !c.is_empty()).map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+        assert_eq!(cells.len(), 4, "{r}");
+        assert!(cells.iter().all(|v| *v > 0.0), "{r}");
+    }
+    assert!(out.contains("accum 2 (micro-batch 4)"), "{out}");
+}

@@ -78,9 +78,10 @@ enum Cmd {
     /// `attention` (lesion coverage by supervised setting × map method), `ablation` (visible
     /// tokens and pre-training masks, focal vs diffuse evidence), `ingest` (images/s and peak RSS of ingestion against Pillow + pyarrow; memory at 10k/50k),
     /// `dp` (data-parallel images/s for 1 and N processes under mpirun, collective time per step),
-    /// `scale` (each stage's time and peak RSS on generated ChestX-ray14 releases of 10k/50k/112k rows).
+    /// `scale` (each stage's time and peak RSS on generated ChestX-ray14 releases of 10k/50k/112k rows),
+    /// `accum` (peak RSS and time of a ViT-S epoch at 1, 2 and 4 accumulated micro-batches).
     #[command(
-        after_help = "Examples:\n  cargo xtask bench ingest -- --images 5000\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench fused\n  cargo xtask bench study -- --seeds 1,2,3\n  cargo xtask bench attention\n  cargo xtask bench ablation -- --seeds 1,2,3\n  cargo xtask bench dp -- --processes 2\n  cargo xtask bench scale -- --rows 10000,50000,112120"
+        after_help = "Examples:\n  cargo xtask bench ingest -- --images 5000\n  cargo xtask bench runner\n  cargo xtask bench runner -- --files 100000 --big-mib 1024\n  cargo xtask bench model -- --quick\n  cargo xtask bench fused\n  cargo xtask bench study -- --seeds 1,2,3\n  cargo xtask bench attention\n  cargo xtask bench ablation -- --seeds 1,2,3\n  cargo xtask bench dp -- --processes 2\n  cargo xtask bench scale -- --rows 10000,50000,112120\n  cargo xtask bench accum"
     )]
     Bench {
         /// Which benchmark.
@@ -209,7 +210,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 "loader" => "bench_loader",
                 "dp" => "bench_dp",
                 "scale" => "bench_scale",
-                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, attention, ablation, ingest, loader, dp, scale"),
+                "accum" => "bench_accum",
+                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, attention, ablation, ingest, loader, dp, scale, accum"),
             };
             let mut tc = Toolchain::new(flavour, &target_dir())?;
             let bin = build_all(&tc)?;
