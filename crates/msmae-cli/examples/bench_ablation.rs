@@ -6,7 +6,8 @@
 //! prints those per condition × method, and the pairs that answer the questions.
 //!
 //! Flags: `--pipeline`, `--store`, `--set` as `bench study`; `--diffuse-contrast X`
-//! (default 0.08: the supervised ViT then classifies about as well as on the focal images).
+//! (default 0.08: the supervised ViT then classifies about as well as on the focal images);
+//! `--conditions focal,diffuse` (default both) to run or print some of them.
 //! Another pipeline of the same shape (a `seeds` group of `eval/classify` stages compared by
 //! a top-level `report`, an `attn` stage per round), e.g. `pipelines/guided.yaml`: its
 //! methods are its eval stages, labelled by their descriptions, and every pair of them is
@@ -43,20 +44,24 @@ const PAIRS: [(&str, &str); 7] = [
 
 fn main() {
     let mut contrast = "0.08".to_string();
+    let mut only: Option<String> = None;
     let mut rest: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        if a == "--diffuse-contrast" {
-            contrast = it.next().unwrap_or(contrast);
-        } else {
-            rest.push(a);
+        match a.as_str() {
+            "--diffuse-contrast" => contrast = it.next().unwrap_or(contrast),
+            "--conditions" => only = it.next(),
+            _ => rest.push(a),
         }
     }
     // The seeds are the rounds of the pipeline's `seeds` group: the pipeline's own `seed`
     // plays no part, so one run per condition.
     let args = Args::parse_from("ablation", &[0], "pipelines/ablation.yaml", rest);
     let diffuse = ["params.evidence=diffuse".to_string(), format!("params.contrast={contrast}")];
-    let conditions: [(&str, Vec<&str>); 2] = [("focal", vec![]), ("diffuse", diffuse.iter().map(String::as_str).collect())];
+    let conditions: Vec<(&str, Vec<&str>)> = [("focal", vec![]), ("diffuse", diffuse.iter().map(String::as_str).collect())]
+        .into_iter()
+        .filter(|(name, _)| only.as_deref().is_none_or(|o| o.split(',').any(|c| c == *name)))
+        .collect();
     let (arms, pairs) = layout(&args.pipeline);
     let mut out = String::new();
     for (name, sets) in &conditions {
