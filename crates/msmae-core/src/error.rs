@@ -22,7 +22,7 @@ pub enum StageError {
     Cancelled,
     #[error("missing input slot `{slot}`")]
     MissingInput { slot: String },
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -75,25 +75,76 @@ impl StageError {
     }
 }
 
-/// An error and its causes on one line: `outer: inner: innermost`.
+/// An error and its causes on one line: `outer: inner: innermost`. Each error's message
+/// names its own operation and leaves its cause to `source()`, so every cause appears once.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        let t = c.to_string();
-        // `#[error(transparent)]` wrappers repeat their source's text.
-        if !s.ends_with(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
+        s.push_str(": ");
+        s.push_str(&c.to_string());
         cur = c.source();
     }
     s
 }
 
+/// The first error of `e`'s chain whose message already contains its cause's message (the
+/// cause would then print twice in [`chain`]): `(message, cause)`. For tests of error types.
+pub fn repeated_cause(e: &(dyn std::error::Error + 'static)) -> Option<(String, String)> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(src) = c.source() {
+            let (m, s) = (c.to_string(), src.to_string());
+            if !s.is_empty() && m.contains(&s) {
+                return Some((m, s));
+            }
+        }
+        cur = c.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every variant renders its cause once.
+    #[test]
+    fn no_variant_repeats_its_cause() {
+        let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied");
+        let all = [
+            StageError::Cancelled,
+            StageError::MissingInput { slot: "data".into() },
+            StageError::io("/x", io()),
+            StageError::data("/x.csv", Some("row 3, column `label`".into()), "not a number"),
+            StageError::config("epochs", "must be at least 1"),
+            StageError::Device { backend: "tch".into(), device: "cuda:3".into(), source: Box::new(io()) },
+            StageError::Diverged { epoch: 1, step: 2, loss: f64::INFINITY },
+            StageError::Resume { path: "/r".into(), epoch: 4, message: "truncated".into() },
+            StageError::WriteCheckpoint { path: "/c".into(), message: "disk full".into() },
+            StageError::other("something"),
+            StageError::Boxed(Box::new(StageError::io("/inner", io()))),
+        ];
+        for e in &all {
+            assert_eq!(repeated_cause(e), None, "{e:?}");
+            let text = chain(e);
+            assert_eq!(text.matches("permission denied").count(), usize::from(text.contains("permission denied")), "{text}");
+        }
+        assert_eq!(chain(&all[10]), "/inner: permission denied", "a transparent wrapper adds nothing");
+        assert_eq!(chain(&all[5]), "backend `tch`, device `cuda:3`: permission denied");
+    }
+
+    #[test]
+    fn a_message_that_repeats_its_cause_is_found() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading /x: {source}")]
+        struct Twice {
+            #[source]
+            source: std::io::Error,
+        }
+        let e = Twice { source: std::io::Error::other("gone") };
+        assert_eq!(repeated_cause(&e), Some(("reading /x: gone".into(), "gone".into())));
+    }
 
     #[test]
     fn causes_chain_through_source() {

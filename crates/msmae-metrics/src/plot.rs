@@ -31,7 +31,7 @@ pub enum PlotError {
     #[error("{path}: drawing the chart failed: {message}")]
     Draw { path: PathBuf, message: String },
     /// The PNG could not be written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

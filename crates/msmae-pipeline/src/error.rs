@@ -52,13 +52,13 @@ impl std::error::Error for SpecErrors {}
 pub enum Error {
     #[error(transparent)]
     Spec(#[from] SpecErrors),
-    #[error("read {path}: {source}")]
+    #[error("read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Store {
         op: &'static str,
         path: PathBuf,
@@ -71,7 +71,7 @@ pub enum Error {
     UnknownStage { name: String, known: String },
     #[error("stage `{stage}` needs `{upstream}`, which is not selected and has no cached output: run it first (e.g. `--until {upstream}`)")]
     NotCached { stage: String, upstream: String },
-    #[error("hash {path}: {source}")]
+    #[error("hash {path}")]
     Hash {
         path: PathBuf,
         #[source]

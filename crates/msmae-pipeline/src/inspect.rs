@@ -85,7 +85,7 @@ pub fn status(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv) -> Vec
         let parts = match key_parts(plan, node, &digests, store, env) {
             Ok(p) => p,
             Err(e) => {
-                rows.push(StatusRow { name: node.name.clone(), kind, state: State::Error { message: e.to_string() }, key: None, parts: None });
+                rows.push(StatusRow { name: node.name.clone(), kind, state: State::Error { message: msmae_core::error::chain(&e) }, key: None, parts: None });
                 continue;
             }
         };
@@ -107,7 +107,7 @@ pub fn status(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv) -> Vec
                 Some(l) => State::Stale { reasons: parts.diff(&l.parts) },
                 None => State::New,
             },
-            Err(e) => State::Error { message: e.to_string() },
+            Err(e) => State::Error { message: msmae_core::error::chain(&e) },
         };
         rows.push(StatusRow { name: node.name.clone(), kind, state, key: Some(key), parts: Some(parts) });
     }

@@ -240,7 +240,7 @@ impl Store {
     /// Whether the object is there and matches its manifest in files and sizes: what a
     /// cache hit checks before serving it (a full re-hash is `msmae verify`).
     pub fn object_intact(&self, digest: &str) -> std::result::Result<(), String> {
-        let m = self.manifest(digest).map_err(|e| e.to_string())?;
+        let m = self.manifest(digest).map_err(|e| msmae_core::error::chain(&e))?;
         if m.digest != digest {
             return Err(format!("its manifest names digest {}", m.digest));
         }
@@ -659,7 +659,7 @@ impl Store {
                     Err(e) => Some(format!("{}: {e}", f.path)),
                     Ok(md) if md.len() != f.size => Some(format!("{}: size {} ≠ recorded {}", f.path, md.len(), f.size)),
                     Ok(md) => match hashing::hash_file(&p, md.len()) {
-                        Err(e) => Some(e.to_string()),
+                        Err(e) => Some(msmae_core::error::chain(&e)),
                         Ok(h) if blake3::Hash::from(h).to_hex().as_str() != f.blake3 => Some(format!("{}: content differs from manifest", f.path)),
                         Ok(_) => None,
                     },

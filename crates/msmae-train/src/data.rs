@@ -67,7 +67,7 @@ fn projection(builder: &ParquetRecordBatchReaderBuilder<File>, path: &Path, name
 impl ImageTable {
     /// Read the metadata and the light columns of every row.
     pub fn open(path: &Path) -> Result<Self, StageError> {
-        let meta = read_meta(path).map_err(|e| fmt_err(path, e.to_string()))?;
+        let meta = read_meta(path).map_err(StageError::from)?;
         let builder = open_builder(path)?;
         let mut group_starts = vec![0usize];
         for g in builder.metadata().row_groups() {

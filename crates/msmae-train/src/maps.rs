@@ -161,7 +161,7 @@ pub fn write_maps(path: &Path, table: &ImageTable, maps: &Maps, grid: [usize; 2]
 
 /// Read an attention table and key it by the rows of `table` (matched by image id).
 pub fn read_maps(path: &Path, table: &ImageTable, grid: [usize; 2]) -> Result<Maps, StageError> {
-    let (meta, rows) = read_attention(path).map_err(|e| StageError::data(path, None, e.to_string()))?;
+    let (meta, rows) = read_attention(path).map_err(StageError::from)?;
     if [meta.grid[0] as usize, meta.grid[1] as usize] != grid {
         return Err(StageError::data(
             path,

@@ -210,9 +210,10 @@ pub fn field(seed: u64) -> Vec<f32> {
     out
 }
 
-/// Run `cmd`, sampling the child's peak resident memory (`VmHWM`) until it exits: (exit
-/// success, wall seconds, peak RSS in MiB).
+/// Run `cmd` (its standard output discarded), sampling the child's peak resident memory
+/// (`VmHWM`) until it exits: (exit success, wall seconds, peak RSS in MiB).
 pub fn run_measured(cmd: &mut Command) -> (bool, f64, f64) {
+    cmd.stdout(std::process::Stdio::null());
     let t = std::time::Instant::now();
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     let status_file = PathBuf::from(format!("/proc/{}/status", child.id()));
