@@ -254,7 +254,7 @@ fn extract_pass(
             let img = figures::denormalize(chw, ch, h, w, normalizer);
             let fig = figures::overlay(&img, &ranked, grid, lesion.map(Vec::as_slice), 4);
             let path = ctx.output_path(&format!("overlays/{k:03}_{}.png", sanitize(&table.rows[r].id)))?;
-            fig.save(&path).map_err(|e| StageError::io(&path, std::io::Error::other(e)))?;
+            fig.save(&path).map_err(|e| StageError::write(&path, e))?;
         }
         out.ranked.insert(r, ranked);
         Ok(())

@@ -162,10 +162,7 @@ impl<'a> StageContext<'a> {
     /// Path for a declared output file; creates its parent directory.
     pub fn output_path(&self, rel: &str) -> Result<PathBuf, StageError> {
         if !self.output.declares(rel) {
-            return Err(StageError::other(format!(
-                "stage `{}` writes `{rel}`, which its output declaration ({:?}) does not list",
-                self.name, self.output.files
-            )));
+            return Err(StageError::Undeclared { stage: self.name.clone(), file: rel.to_string(), declared: format!("{:?}", self.output.files) });
         }
         let p = self.out_dir.join(rel);
         if let Some(parent) = p.parent() {

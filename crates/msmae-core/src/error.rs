@@ -53,6 +53,19 @@ pub enum StageError {
     /// A checkpoint could not be written.
     #[error("writing checkpoint {path}: {message}")]
     WriteCheckpoint { path: PathBuf, message: String },
+    /// An output file could not be encoded or written (a JSON summary, a figure, weights).
+    #[error("writing {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The stage wrote a file its output declaration does not list (a bug of the stage).
+    #[error("stage `{stage}` writes `{file}`, which its output declaration ({declared}) does not list")]
+    Undeclared { stage: String, file: String, declared: String },
+    /// A collective operation across the ranks of a multi-process run failed.
+    #[error("{operation} across the ranks: {message}")]
+    Collective { operation: &'static str, message: String },
     #[error("{0}")]
     Other(String),
     #[error(transparent)]
@@ -72,6 +85,10 @@ impl StageError {
     }
     pub fn other(message: impl Into<String>) -> Self {
         Self::Other(message.into())
+    }
+    /// Writing `path` failed because of `source` (an encoder's or a file's error).
+    pub fn write(path: impl Into<PathBuf>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Write { path: path.into(), source: source.into() }
     }
 }
 
@@ -122,6 +139,9 @@ mod tests {
             StageError::Diverged { epoch: 1, step: 2, loss: f64::INFINITY },
             StageError::Resume { path: "/r".into(), epoch: 4, message: "truncated".into() },
             StageError::WriteCheckpoint { path: "/c".into(), message: "disk full".into() },
+            StageError::write("/out/summary.json", io()),
+            StageError::Undeclared { stage: "a".into(), file: "x.png".into(), declared: "[\"*.json\"]".into() },
+            StageError::Collective { operation: "summing gradients", message: "rank 1 left".into() },
             StageError::other("something"),
             StageError::Boxed(Box::new(StageError::io("/inner", io()))),
         ];
@@ -130,7 +150,8 @@ mod tests {
             let text = chain(e);
             assert_eq!(text.matches("permission denied").count(), usize::from(text.contains("permission denied")), "{text}");
         }
-        assert_eq!(chain(&all[10]), "/inner: permission denied", "a transparent wrapper adds nothing");
+        assert_eq!(chain(&all[13]), "/inner: permission denied", "a transparent wrapper adds nothing");
+        assert_eq!(chain(&all[10]), "writing /out/summary.json: permission denied");
         assert_eq!(chain(&all[5]), "backend `tch`, device `cuda:3`: permission denied");
     }
 

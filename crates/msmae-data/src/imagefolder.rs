@@ -190,7 +190,12 @@ fn assign_splits(found: &mut [Found], c: &ImageFolderConfig, seed: u64) -> Resul
         by_patient.entry(f.patient.clone()).or_default().insert(f.split);
     }
     if let Some((p, s)) = by_patient.iter().find(|(_, s)| s.len() > 1) {
-        return Err(StageError::other(format!("patient `{p}` has images in several split folders ({s:?}): splits must be by patient")));
+        let folders: Vec<&str> = s.iter().map(|x| x.map_or("(none)", |x| x.as_str())).collect();
+        return Err(StageError::data(
+            &c.root,
+            Some(format!("patient `{p}`")),
+            format!("has images in several split folders ({}): splits must be by patient", folders.join(", ")),
+        ));
     }
     let folder_layout = found.iter().any(|f| f.split.is_some());
     let patients: Vec<String> = by_patient.keys().cloned().collect();

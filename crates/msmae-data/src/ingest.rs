@@ -304,7 +304,7 @@ pub fn write_image_table(
     if !previews.is_empty() {
         let pp = ctx.output_path("previews/sheet.png")?;
         let imgs: Vec<(&[u8], Option<&[u8]>)> = previews.iter().map(|(p, m)| (p.as_slice(), m.as_deref())).collect();
-        crate::preview::sheet(&imgs, o.size, o.size, o.channels).save(&pp).map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
+        crate::preview::sheet(&imgs, o.size, o.size, o.channels).save(&pp).map_err(|e| StageError::write(&pp, e))?;
     }
     Ok(())
 }

@@ -282,7 +282,7 @@ impl Stage for Synthetic {
                 c.modality.channels(),
             )
             .save(&pp)
-            .map_err(|e| StageError::other(format!("{}: {e}", pp.display())))?;
+            .map_err(|e| StageError::write(&pp, e))?;
         }
         Ok(())
     }

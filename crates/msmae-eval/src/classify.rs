@@ -273,7 +273,7 @@ impl Stage for EvalClassify {
             Headline { accuracy: m.accuracy, macro_f1: m.macro_f1, auc: m.auc(), same_model: true }
         });
         let mp = ctx.output_path(METRICS_FILE)?;
-        let json = serde_json::to_vec_pretty(&m).map_err(|e| StageError::other(format!("{}: {e}", mp.display())))?;
+        let json = serde_json::to_vec_pretty(&m).map_err(|e| StageError::write(&mp, e))?;
         std::fs::write(&mp, json).map_err(|e| StageError::io(&mp, e))?;
         let rp = ctx.output_path("report.md")?;
         std::fs::write(&rp, report_markdown(&m)).map_err(|e| StageError::io(&rp, e))?;

@@ -310,7 +310,7 @@ impl Stage for EvalCompare {
         let mp = ctx.output_path("comparison.md")?;
         std::fs::write(&mp, format!("# Comparison\n\n{table}")).map_err(|e| StageError::io(&mp, e))?;
         let jp = ctx.output_path("comparison.json")?;
-        let json = serde_json::to_vec_pretty(&c).map_err(|e| StageError::other(format!("{}: {e}", jp.display())))?;
+        let json = serde_json::to_vec_pretty(&c).map_err(|e| StageError::write(&jp, e))?;
         std::fs::write(&jp, json).map_err(|e| StageError::io(&jp, e))?;
         tracing::info!("{}: comparison\n{table}", ctx.name);
         Ok(())

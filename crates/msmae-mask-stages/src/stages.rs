@@ -191,7 +191,7 @@ pub fn normalise_rows(rows: Vec<AttentionRow>, patches: usize) -> (Vec<Attention
 
 fn write_json(ctx: &StageContext<'_>, rel: &str, value: &impl Serialize) -> Result<(), StageError> {
     let p = ctx.output_path(rel)?;
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| StageError::other(format!("{}: {e}", p.display())))?;
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| StageError::write(&p, e))?;
     std::fs::write(&p, bytes).map_err(|e| StageError::io(&p, e))
 }
 
@@ -267,7 +267,7 @@ fn export_plans(
     let l = meta.patches();
     let chosen: Vec<(usize, &AttentionRow)> = rows.iter().enumerate().filter(|(_, r)| r.split == e.split).take(e.images as usize).collect();
     if chosen.is_empty() {
-        return Err(StageError::other(format!("export.split: the attention table has no `{}` rows to export; choose another split", e.split.as_str())));
+        return Err(StageError::config("export.split", format!("the attention table has no `{}` rows to export; choose another split", e.split.as_str())));
     }
     let bar = ctx.progress.bar(Some(chosen.len() as u64), "mask export");
     let mut records = Vec::with_capacity(chosen.len() * e.epochs.len());
@@ -304,7 +304,7 @@ fn export_plans(
     let lines: Vec<FigureLine<'_>> =
         chosen.iter().zip(state_refs.chunks(per_image)).map(|(&(_, r), states)| FigureLine { weights: &r.weights, states }).collect();
     let fp = ctx.output_path("masks.png")?;
-    figure(meta.grid, &lines).save(&fp).map_err(|err| StageError::other(format!("{}: {err}", fp.display())))?;
+    figure(meta.grid, &lines).save(&fp).map_err(|err| StageError::write(&fp, err))?;
     let mean = |i: usize| if n[i] > 0 { serde_json::json!(wsum[i] / n[i] as f64) } else { serde_json::Value::Null };
     let (mv, mm) = (mean(0), mean(1));
     if let (Some(v), Some(m)) = (mv.as_f64(), mm.as_f64()) {

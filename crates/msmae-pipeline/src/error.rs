@@ -116,3 +116,41 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant of the runner's errors renders its cause once in `chain`.
+    #[test]
+    fn no_variant_repeats_its_cause() {
+        let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied");
+        let spec = SpecErrors(vec![SpecError { file: "p.yaml".into(), line: 3, column: 5, key: "stages.a.with".into(), message: "bad".into() }]);
+        let all = [
+            Error::Spec(spec),
+            Error::Read { path: "/p.yaml".into(), source: io() },
+            Error::store("write", "/s/index/k", io()),
+            Error::Corrupt { path: "/s/objects/ab".into(), message: "truncated manifest".into() },
+            Error::UnknownStage { name: "x".into(), known: "a, b".into() },
+            Error::NotCached { stage: "b".into(), upstream: "a".into() },
+            Error::Hash { path: "/d/x.png".into(), source: io() },
+            Error::Output { stage: "a".into(), message: "did not write model.safetensors".into() },
+            Error::Slurm("sbatch: invalid partition".into()),
+            Error::Cancelled { stage: "a".into() },
+            Error::LockFile { path: "/p.lock".into(), message: "not YAML".into() },
+            Error::ReadOnly { path: "/s".into(), what: "stage `a` must run".into() },
+            Error::OutOfSpace { stage: "a".into(), store: "/s".into(), written: "1 GB".into(), available: "10 MB".into(), cause: "no space".into() },
+            Error::Busy { path: "/s".into(), holder: "pid 7".into() },
+            Error::NotAStore { path: "/home".into(), found: "notes/".into() },
+            Error::Audit("stage `a` differs".into()),
+            Error::LockOwner { lock: "/a.lock".into(), owner: "a.yml".into(), pipeline: "a.yaml".into(), suggested: "a.yaml.lock".into() },
+        ];
+        for e in &all {
+            assert_eq!(msmae_core::error::repeated_cause(e), None, "{e:?}");
+            let text = msmae_core::error::chain(e);
+            assert!(text.matches("permission denied").count() <= 1, "{text}");
+        }
+        assert_eq!(msmae_core::error::chain(&all[1]), "read /p.yaml: permission denied");
+        assert_eq!(msmae_core::error::chain(&all[2]), "write /s/index/k: permission denied");
+    }
+}

@@ -122,5 +122,5 @@ pub fn save_sheet(path: &Path, rows: &[RgbImage], scale: u32) -> Result<(), Stag
         y += r.height() + 2;
     }
     let big = image::imageops::resize(&sheet, w * scale, h * scale, image::imageops::FilterType::Nearest);
-    big.save(path).map_err(|e| StageError::other(format!("writing {}: {e}", path.display())))
+    big.save(path).map_err(|e| StageError::write(path, e))
 }

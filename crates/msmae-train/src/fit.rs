@@ -276,7 +276,7 @@ fn join_ranks<M: Module>(ctx: &StageContext<'_>, comm: &dyn msmae_dist::Collecti
             run.start
         )));
     }
-    run.model = crate::dist::broadcast_parameters(comm, run.model).map_err(|e| StageError::other(format!("broadcasting the parameters from rank 0: {e}")))?;
+    run.model = crate::dist::broadcast_parameters(comm, run.model).map_err(|message| StageError::Collective { operation: "broadcasting the parameters from rank 0", message })?;
     tracing::debug!("`{}`: rank {} of {} joined at epoch {}", ctx.name, comm.rank(), comm.size(), run.start);
     Ok(run)
 }
@@ -403,7 +403,7 @@ fn gradients<S: TrainStep>(
     // the ranks is the global batch's gradient.
     let mut extra = [lv as f32, rv.unwrap_or(0.0) as f32, f32::from(u8::from(rv.is_some()))];
     let (g, spent) =
-        crate::dist::sum_gradients(comm, model, g, &mut extra, &rt.train).map_err(|e| StageError::other(format!("summing gradients over the ranks: {e}")))?;
+        crate::dist::sum_gradients(comm, model, g, &mut extra, &rt.train).map_err(|message| StageError::Collective { operation: "summing gradients", message })?;
     let rv = (extra[2] > 0.0).then_some(f64::from(extra[1]));
     Ok((g, f64::from(extra[0]), rv, Some(spent.as_secs_f64())))
 }

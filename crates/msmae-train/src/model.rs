@@ -178,7 +178,7 @@ pub fn save<M: Module>(dir: &Path, model: &M, meta: &CheckpointMeta) -> Result<(
     // One metadata entry: the default three live in a HashMap, so their order (and the
     // file bytes) would change from run to run.
     let mut store = SafetensorsStore::from_file(&p).overwrite(true).clear_metadata().metadata("producer", "msmae (burn 0.22.1)");
-    model.save_into(&mut store).map_err(|e| StageError::other(format!("writing {}: {e}", p.display())))?;
+    model.save_into(&mut store).map_err(|e| StageError::write(&p, e.to_string()))?;
     let j = dir.join(META_FILE);
     let bytes = serde_json::to_vec_pretty(meta).map_err(|e| json_err(&j, e))?;
     std::fs::write(&j, bytes).map_err(|e| StageError::io(&j, e))

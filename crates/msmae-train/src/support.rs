@@ -29,7 +29,7 @@ pub fn open_table(ctx: &StageContext<'_>, slot: &str) -> Result<Arc<ImageTable>,
 /// Write `v` as pretty JSON to the declared output file `rel`.
 pub fn write_json(ctx: &StageContext<'_>, rel: &str, v: &impl Serialize) -> Result<(), StageError> {
     let p = ctx.output_path(rel)?;
-    let bytes = serde_json::to_vec_pretty(v).map_err(|e| StageError::other(format!("encoding {}: {e}", p.display())))?;
+    let bytes = serde_json::to_vec_pretty(v).map_err(|e| StageError::write(&p, e))?;
     std::fs::write(&p, bytes).map_err(|e| StageError::io(&p, e))
 }
 
