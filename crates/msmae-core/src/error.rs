@@ -151,7 +151,7 @@ mod tests {
             assert_eq!(text.matches("permission denied").count(), usize::from(text.contains("permission denied")), "{text}");
         }
         assert_eq!(chain(&all[13]), "/inner: permission denied", "a transparent wrapper adds nothing");
-        assert_eq!(chain(&all[10]), "writing /out/summary.json: permission denied");
+        assert_eq!(chain(&all[9]), "writing /out/summary.json: permission denied");
         assert_eq!(chain(&all[5]), "backend `tch`, device `cuda:3`: permission denied");
     }
 
