@@ -5,7 +5,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use msmae_core::{ConfigError, InputSlot, ListedFiles, OutputDecl, Registry, Resources, Stage, StageContext, StageError};
+use msmae_core::{
+    ConfigError, InputSlot, ListedFiles, OutputDecl, Registry, Resources, Stage, StageContext, StageError,
+};
 use msmae_pipeline::{Plan, RunOptions, RunReport, Store};
 use serde::{Deserialize, Serialize};
 
@@ -148,7 +150,11 @@ impl Stage for Pair {
         "test-pair"
     }
     fn inputs(&self, _: &PairCfg) -> Vec<InputSlot> {
-        vec![InputSlot::one("left", "blob", "left"), InputSlot::one("right", "blob", "right"), InputSlot::optional("table", "table", "optional table")]
+        vec![
+            InputSlot::one("left", "blob", "left"),
+            InputSlot::one("right", "blob", "right"),
+            InputSlot::optional("table", "table", "optional table"),
+        ]
     }
     fn output(&self, _: &PairCfg) -> OutputDecl {
         OutputDecl::new("blob", &["out.txt"])
@@ -192,8 +198,11 @@ impl Stage for Ext {
     fn run(&self, c: &ExtCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         mark(&c.marker, &ctx.name);
         let root = ctx.resolve(&c.root);
-        let mut names: Vec<String> =
-            fs::read_dir(&root).map_err(|e| StageError::io(&root, e))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = fs::read_dir(&root)
+            .map_err(|e| StageError::io(&root, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         let p = ctx.output_path("listing.txt")?;
         fs::write(&p, names.join("\n")).map_err(|e| StageError::io(&p, e))?;
@@ -243,7 +252,10 @@ impl Stage for Listed {
     }
     fn run(&self, c: &ListCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         mark(&c.marker, &ctx.name);
-        let parts: Vec<String> = listed_paths(&ctx.resolve(&c.list))?.iter().map(|p| fs::read_to_string(p).unwrap_or_else(|_| "missing".into())).collect();
+        let parts: Vec<String> = listed_paths(&ctx.resolve(&c.list))?
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap_or_else(|_| "missing".into()))
+            .collect();
         let p = ctx.output_path("out.txt")?;
         fs::write(&p, parts.join("+")).map_err(|e| StageError::io(&p, e))
     }
@@ -281,7 +293,9 @@ impl Stage for Misbehave {
                 fs::write(out.join("secret.bin"), "x").map_err(|e| StageError::io("secret", e))
             }
             "missing" => Ok(()),
-            "symlink" => std::os::unix::fs::symlink("/etc/hostname", out.join("out.txt")).map_err(|e| StageError::io("link", e)),
+            "symlink" => {
+                std::os::unix::fs::symlink("/etc/hostname", out.join("out.txt")).map_err(|e| StageError::io("link", e))
+            }
             "panic" => panic!("stage bug"),
             "escape" => ctx.output_path("../escape.txt").map(|_| ()),
             other => Err(StageError::other(format!("unknown mode {other}"))),
@@ -394,8 +408,11 @@ impl Stage for Measure {
         OutputDecl::new("metrics", &["metrics.json"]).metric("score", "metrics.json", "/score")
     }
     fn run(&self, c: &MeasureCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
-        let score: f64 =
-            fs::read_to_string(&c.reading).map_err(|e| StageError::io(&c.reading, e))?.trim().parse().map_err(|_| StageError::other("not a number"))?;
+        let score: f64 = fs::read_to_string(&c.reading)
+            .map_err(|e| StageError::io(&c.reading, e))?
+            .trim()
+            .parse()
+            .map_err(|_| StageError::other("not a number"))?;
         let p = ctx.output_path("metrics.json")?;
         fs::write(&p, serde_json::json!({ "score": score }).to_string()).map_err(|e| StageError::io(&p, e))
     }
@@ -403,7 +420,15 @@ impl Stage for Measure {
 
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(Source).register(Concat).register(Pair).register(Ext).register(Listed).register(Misbehave).register(Slow).register(Model).register(Measure);
+    r.register(Source)
+        .register(Concat)
+        .register(Pair)
+        .register(Ext)
+        .register(Listed)
+        .register(Misbehave)
+        .register(Slow)
+        .register(Model)
+        .register(Measure);
     r
 }
 

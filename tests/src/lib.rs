@@ -38,20 +38,32 @@ pub fn lock_digests(lock: &Path) -> Vec<(String, String)> {
 /// # Panics
 /// As [`lock_digests`], and when the lock file does not record `stage`.
 pub fn artifact_dir(store: &Path, lock: &Path, stage: &str) -> PathBuf {
-    let d = lock_digests(lock).into_iter().find(|(s, _)| s == stage).map(|(_, d)| d).unwrap_or_else(|| panic!("`{stage}` in {}", lock.display()));
+    let d = lock_digests(lock)
+        .into_iter()
+        .find(|(s, _)| s == stage)
+        .map(|(_, d)| d)
+        .unwrap_or_else(|| panic!("`{stage}` in {}", lock.display()));
     store.join("objects").join(&d[..2]).join(&d).join("data")
 }
 
 fn built(rel: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("locating the test executable: {e}"));
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap_or_else(|| panic!("{} has no target profile folder above it", exe.display()));
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap_or_else(|| panic!("{} has no target profile folder above it", exe.display()));
     let bin = profile_dir.join(format!("{rel}{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.is_file(), "{} not found: run the suite with `cargo xtask test` (it builds the msmae binary and the examples with the tests)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} not found: run the suite with `cargo xtask test` (it builds the msmae binary and the examples with the tests)",
+        bin.display()
+    );
     bin
 }
 
 /// The model of the tiny study: two blocks of width 32 on 8-pixel patches of 32×32 images.
-pub const TINY_MODEL: &str = "{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
+pub const TINY_MODEL: &str =
+    "{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
 
 /// A tiny MSMAE study that exercises every stage kind of the method's DAG (ingest, the
 /// supervised attention model, maps, masks, MSMAE and MAE pre-training, both fine-tunings,

@@ -20,7 +20,11 @@ fn pipeline(f: &Fixture) -> String {
 }
 
 fn listing(p: &Path) -> Vec<(String, u64)> {
-    msmae_pipeline::hashing::list_files(p).expect("list").into_iter().map(|(r, f)| (r, fs::metadata(f).map(|m| m.len()).unwrap_or(0))).collect()
+    msmae_pipeline::hashing::list_files(p)
+        .expect("list")
+        .into_iter()
+        .map(|(r, f)| (r, fs::metadata(f).map(|m| m.len()).unwrap_or(0)))
+        .collect()
 }
 
 #[test]
@@ -31,7 +35,11 @@ fn recorded_stages_are_recomputed_and_compared_without_touching_store_or_lock() 
     let r = f.run_with(&[], RunOptions { compute_threads: 2, ..RunOptions::default() });
     assert!(r.ok());
     let lock = LockFile::read(&f.path("p.lock"), "p").expect("lock");
-    assert_eq!(lock.stage("m").and_then(|s| s.run.threads), Some(2), "the threads a backend stage computed with are recorded");
+    assert_eq!(
+        lock.stage("m").and_then(|s| s.run.threads),
+        Some(2),
+        "the threads a backend stage computed with are recorded"
+    );
     assert!(lock.stage("a").is_some_and(|s| s.run.threads.is_none()), "not for a stage without the backend");
     let (lock_before, store_before) = (f.lock_text(), listing(&f.path(".msmae")));
     let asked = RefCell::new(Vec::new());
@@ -51,7 +59,10 @@ fn recorded_stages_are_recomputed_and_compared_without_touching_store_or_lock() 
     let plan = f.plan(&[]);
     let store = f.store();
     let a = audit(&plan, &store, &lock, &opts(&[], None, 0.0), &msmae_core::NoProgress).expect("audit");
-    assert_eq!(a.iter().map(|x| (x.stage.as_str(), x.verdict)).collect::<Vec<_>>(), [("a", Verdict::BitIdentical), ("m", Verdict::BitIdentical)]);
+    assert_eq!(
+        a.iter().map(|x| (x.stage.as_str(), x.verdict)).collect::<Vec<_>>(),
+        [("a", Verdict::BitIdentical), ("m", Verdict::BitIdentical)]
+    );
     assert_eq!(*asked.borrow(), [2], "the backend stage is recomputed with its recorded thread count");
     // The result changes (as a thread-dependent reduction would): the metric delta is shown.
     fs::write(f.path("reading"), "0.53").expect("write");
@@ -70,15 +81,25 @@ fn recorded_stages_are_recomputed_and_compared_without_touching_store_or_lock() 
     assert_eq!(f.lock_text(), lock_before);
     assert_eq!(listing(&f.path(".msmae")), store_before);
     // Bad requests: an unknown stage, a store without the recorded inputs.
-    let e = audit(&plan, &store, &lock, &opts(&["nosuch"], None, 0.0), &msmae_core::NoProgress).expect_err("unknown").to_string();
+    let e = audit(&plan, &store, &lock, &opts(&["nosuch"], None, 0.0), &msmae_core::NoProgress)
+        .expect_err("unknown")
+        .to_string();
     assert!(e.contains("unknown stage `nosuch`") && !e.contains('\n'), "{e}");
     let empty = Store::open(&f.path("other-store")).expect("store");
-    let e = audit(&plan, &empty, &lock, &opts(&["m"], None, 0.0), &msmae_core::NoProgress).expect_err("no inputs").to_string();
+    let e = audit(&plan, &empty, &lock, &opts(&["m"], None, 0.0), &msmae_core::NoProgress)
+        .expect_err("no inputs")
+        .to_string();
     assert!(e.contains("input `data` of stage `m`") && e.contains("other-store"), "{e}");
 }
 
 fn msmae(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").env_remove("MSMAE_DEVICE").output().expect("run msmae")
+    Command::new(msmae_tests::msmae_bin())
+        .current_dir(dir)
+        .args(args)
+        .env_remove("MSMAE_STORE")
+        .env_remove("MSMAE_DEVICE")
+        .output()
+        .expect("run msmae")
 }
 
 /// Real stages through the binary: ingestion and a short training reproduce bit for bit on
@@ -94,7 +115,10 @@ fn the_binary_audits_real_stages_bit_for_bit() {
     let o = msmae(d.path(), &["run", "a.yaml"]);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("warmup_epochs: 5 is longer than this run allows; using 1"), "the default warm-up is clipped to a 1-epoch run, and said so:\n{err}");
+    assert!(
+        err.contains("warmup_epochs: 5 is longer than this run allows; using 1"),
+        "the default warm-up is clipped to a 1-epoch run, and said so:\n{err}"
+    );
     let lock_before = fs::read(d.path().join("a.lock")).expect("lock");
     let o = msmae(d.path(), &["audit", "a.yaml"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();

@@ -16,7 +16,13 @@ fn run(cmd: &mut Command) -> String {
 #[test]
 fn bench_model_parity_passes_on_the_cpu_in_f32_and_bf16() {
     for precision in ["f32", "bf16"] {
-        let out = run(Command::new(example_bin("bench_model")).args(["--parity", "--device", "cpu", "--precision", precision]));
+        let out = run(Command::new(example_bin("bench_model")).args([
+            "--parity",
+            "--device",
+            "cpu",
+            "--precision",
+            precision,
+        ]));
         let lines: Vec<&str> = out.lines().filter(|l| l.starts_with(&format!("parity {precision} "))).collect();
         assert_eq!(lines.len(), 5, "forward, map, loss and two gradients:\n{out}");
         assert!(lines.iter().all(|l| l.ends_with(": ok")), "{out}");
@@ -65,11 +71,20 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
     yaml.push_str("  attn-a-cls-mean3: { uses: attention/extract, needs: [sup-a, data], with: { method: cls, smooth: { op: mean, size: 3 }, overlays: 1 } }\n");
     let pipeline = d.path().join("cov.yaml");
     std::fs::write(&pipeline, yaml).expect("write");
-    let out =
-        run(Command::new(example_bin("bench_attention")).arg("--pipeline").arg(&pipeline).arg("--store").arg(d.path().join("store")).args(["--seeds", "3,4"]));
+    let out = run(Command::new(example_bin("bench_attention"))
+        .arg("--pipeline")
+        .arg(&pipeline)
+        .arg("--store")
+        .arg(d.path().join("store"))
+        .args(["--seeds", "3,4"]));
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-") && l.contains("`: ")).collect();
     assert_eq!(rows.len(), 4, "setting A raw, max3, mean3; setting B raw: {out}");
-    assert!(rows[0].starts_with("| `sup-a`: setting A | none |") && rows[3].contains("setting B") && rows[3].contains("| none |"), "{out}");
+    assert!(
+        rows[0].starts_with("| `sup-a`: setting A | none |")
+            && rows[3].contains("setting B")
+            && rows[3].contains("| none |"),
+        "{out}"
+    );
     assert!(rows[1].contains("| max3 |") && rows[2].contains("| mean3 |"), "{out}");
     for (k, r) in rows.iter().enumerate() {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();
@@ -85,7 +100,11 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
                 assert_eq!(*c, "—", "{r}");
                 continue;
             }
-            let mean: f64 = c.split(' ').next().and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("coverage cell `{c}` in {r}"));
+            let mean: f64 = c
+                .split(' ')
+                .next()
+                .and_then(|x| x.parse().ok())
+                .unwrap_or_else(|| panic!("coverage cell `{c}` in {r}"));
             assert!((0.0..=1.0).contains(&mean) && c.contains('±'), "two seeds give mean ± sd: {r}");
         }
     }
@@ -93,7 +112,10 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
     // up to the top 100 %, where every lesion pixel is covered
     let detail: Vec<&str> = out.lines().filter(|l| l.starts_with("| `sup-") && !l.contains("`: ")).collect();
     assert_eq!(detail.len(), 8, "{out}");
-    assert!(detail.iter().any(|l| l.contains("| rollout+max3 |")) && detail.iter().any(|l| l.contains("| cls+mean3 |")), "{out}");
+    assert!(
+        detail.iter().any(|l| l.contains("| rollout+max3 |")) && detail.iter().any(|l| l.contains("| cls+mean3 |")),
+        "{out}"
+    );
     assert!(out.contains("top 5 %") && out.contains("top 100 %"), "{out}");
     assert!(detail.iter().all(|l| l.trim_end().ends_with("| 1.000 |")), "{out}");
 }
@@ -104,8 +126,12 @@ fn bench_attention_tabulates_coverage_by_setting_and_map_method() {
 #[test]
 fn bench_scale_times_and_measures_every_stage_at_every_size() {
     let d = tempfile::tempdir().expect("tmp");
-    let out = run(Command::new(example_bin("bench_scale")).args(["--rows", "60,120", "--pool", "2", "--size", "32", "--batch", "8"]).arg("--dir").arg(d.path()));
-    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| stage") && !l.starts_with("|---")).collect();
+    let out = run(Command::new(example_bin("bench_scale"))
+        .args(["--rows", "60,120", "--pool", "2", "--size", "32", "--batch", "8"])
+        .arg("--dir")
+        .arg(d.path()));
+    let rows: Vec<&str> =
+        out.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| stage") && !l.starts_with("|---")).collect();
     assert_eq!(rows.len(), 5, "ingest, epoch, extraction, masks, evaluation:\n{out}");
     for r in &rows {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();
@@ -126,11 +152,18 @@ fn bench_scale_times_and_measures_every_stage_at_every_size() {
 /// peak RSS from its own process.
 #[test]
 fn bench_accum_measures_each_accumulation_in_its_own_process() {
-    let out = run(Command::new(example_bin("bench_accum")).args(["--accum", "1,2", "--images", "40", "--size", "32", "--batch", "8"]));
+    let out = run(Command::new(example_bin("bench_accum"))
+        .args(["--accum", "1,2", "--images", "40", "--size", "32", "--batch", "8"]));
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ViT-S")).collect();
     assert_eq!(rows.len(), 2, "{out}");
     for r in rows {
-        let cells: Vec<f64> = r.split('|').map(str::trim).skip(2).filter(|c| !c.is_empty()).map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+        let cells: Vec<f64> = r
+            .split('|')
+            .map(str::trim)
+            .skip(2)
+            .filter(|c| !c.is_empty())
+            .map(|c| c.parse().unwrap_or(f64::NAN))
+            .collect();
         assert_eq!(cells.len(), 4, "{r}");
         assert!(cells.iter().all(|v| *v > 0.0), "{r}");
     }

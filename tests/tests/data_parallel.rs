@@ -7,7 +7,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const MODEL: &str = "{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
+const MODEL: &str =
+    "{ patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
 
 /// A classifier (the supervised attention model, with stochastic depth) and an MAE (with the
 /// MSMAE CLS term), one epoch each at global batch `params.bs`.
@@ -25,7 +26,13 @@ stages:
 }
 
 fn msmae(dir: &Path, args: &[&str]) -> Output {
-    Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").env_remove("MSMAE_DEVICE").output().expect("run msmae")
+    Command::new(msmae_tests::msmae_bin())
+        .current_dir(dir)
+        .args(args)
+        .env_remove("MSMAE_STORE")
+        .env_remove("MSMAE_DEVICE")
+        .output()
+        .expect("run msmae")
 }
 
 fn text(o: &Output) -> String {
@@ -53,7 +60,9 @@ fn weights(p: &Path) -> BTreeMap<String, Vec<f32>> {
     st.tensors()
         .into_iter()
         .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
-        .map(|(name, t)| (name, t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+        .map(|(name, t)| {
+            (name, t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        })
         .collect()
 }
 
@@ -66,7 +75,10 @@ fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f
 /// An even global batch that gives exactly three optimiser steps in one epoch of `train`
 /// images (full batches only).
 fn three_step_batch(train: usize) -> usize {
-    (2..).step_by(2).find(|b| train / b == 3).unwrap_or_else(|| panic!("no even batch gives 3 steps over {train} images"))
+    (2..)
+        .step_by(2)
+        .find(|b| train / b == 3)
+        .unwrap_or_else(|| panic!("no even batch gives 3 steps over {train} images"))
 }
 
 #[test]
@@ -77,7 +89,9 @@ fn two_replicas_give_the_one_device_parameters_after_three_adamw_steps() {
         fs::write(d.path().join("dp.yaml"), pipeline()).expect("write");
     }
     ok(msmae(one.path(), &["run", "dp.yaml", "--until", "data"]));
-    let train = json(&artifact(one.path(), "data").join("split_report.json"))["splits"]["train"]["images"].as_u64().expect("train images") as usize;
+    let train = json(&artifact(one.path(), "data").join("split_report.json"))["splits"]["train"]["images"]
+        .as_u64()
+        .expect("train images") as usize;
     let bs = three_step_batch(train);
     let set = format!("params.bs={bs}");
     ok(msmae(one.path(), &["run", "dp.yaml", "--device", "cpu", "--set", &set]));
@@ -108,9 +122,15 @@ fn the_replica_count_is_run_only_and_a_batch_that_does_not_split_is_refused() {
     let why = ok(msmae(d.path(), &["why", "dp.yaml", "supervised", "--device", "cpu,cpu"]));
     assert!(why.contains("devices cpu,cpu") && why.contains("not in the key"), "{why}");
     // a global batch of 9 over 2 devices: refused, naming the field, before any training
-    let odd = msmae(d.path(), &["run", "dp.yaml", "--device", "cpu,cpu", "--set", "params.bs=9", "--stage", "supervised"]);
+    let odd =
+        msmae(d.path(), &["run", "dp.yaml", "--device", "cpu,cpu", "--set", "params.bs=9", "--stage", "supervised"]);
     assert!(!odd.status.success(), "{}", text(&odd));
-    assert!(text(&odd).contains("stages.supervised.with.batch_size") && text(&odd).contains("does not split evenly over 2 devices"), "{}", text(&odd));
+    assert!(
+        text(&odd).contains("stages.supervised.with.batch_size")
+            && text(&odd).contains("does not split evenly over 2 devices"),
+        "{}",
+        text(&odd)
+    );
     assert_eq!(odd.status.code(), Some(2), "refused like an invalid pipeline file");
     assert!(!text(&odd).contains("running `supervised`"), "refused before anything ran: {}", text(&odd));
     let mixed = msmae(d.path(), &["run", "dp.yaml", "--device", "auto,cpu"]);
@@ -126,13 +146,25 @@ fn the_gradient_transport_is_checked_and_nccl_needs_cuda_memory() {
     fs::write(dir.path().join("dp.yaml"), pipeline()).expect("write");
     let with = |value: &str, args: &[&str]| {
         let mut c = Command::new(msmae_tests::msmae_bin());
-        c.current_dir(dir.path()).args(args).env_remove("MSMAE_STORE").env_remove("MSMAE_DEVICE").env("MSMAE_COLLECTIVE", value);
+        c.current_dir(dir.path())
+            .args(args)
+            .env_remove("MSMAE_STORE")
+            .env_remove("MSMAE_DEVICE")
+            .env("MSMAE_COLLECTIVE", value);
         c.output().expect("run msmae")
     };
-    let timeout =
-        Command::new(msmae_tests::msmae_bin()).current_dir(dir.path()).args(["run", "dp.yaml"]).env("MSMAE_NCCL_TIMEOUT", "soon").output().expect("msmae");
+    let timeout = Command::new(msmae_tests::msmae_bin())
+        .current_dir(dir.path())
+        .args(["run", "dp.yaml"])
+        .env("MSMAE_NCCL_TIMEOUT", "soon")
+        .output()
+        .expect("msmae");
     assert_eq!(timeout.status.code(), Some(2), "{}", text(&timeout));
-    assert!(text(&timeout).contains("MSMAE_NCCL_TIMEOUT=`soon` is not a positive number of seconds"), "{}", text(&timeout));
+    assert!(
+        text(&timeout).contains("MSMAE_NCCL_TIMEOUT=`soon` is not a positive number of seconds"),
+        "{}",
+        text(&timeout)
+    );
     let bad = with("gloo", &["run", "dp.yaml"]);
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
     assert!(text(&bad).contains("MSMAE_COLLECTIVE=`gloo` is not one of auto, mpi, nccl"), "{}", text(&bad));
@@ -141,17 +173,28 @@ fn the_gradient_transport_is_checked_and_nccl_needs_cuda_memory() {
     let nccl = with("nccl", &["run", "dp.yaml", "--device", "cpu", "--until", "supervised"]);
     let said = text(&nccl);
     assert!(!nccl.status.success(), "{said}");
-    assert!(said.contains("MSMAE_COLLECTIVE=nccl sums gradients in CUDA memory, but this stage trains on the CPU"), "{said}");
+    assert!(
+        said.contains("MSMAE_COLLECTIVE=nccl sums gradients in CUDA memory, but this stage trains on the CPU"),
+        "{said}"
+    );
     assert!(said.contains("--device cuda"), "says what to do: {said}");
     let lock = dir.path().join("dp.lock");
-    let locked: Vec<String> = if lock.is_file() { msmae_tests::lock_digests(&lock).into_iter().map(|(s, _)| s).collect() } else { Vec::new() };
+    let locked: Vec<String> = if lock.is_file() {
+        msmae_tests::lock_digests(&lock).into_iter().map(|(s, _)| s).collect()
+    } else {
+        Vec::new()
+    };
     assert!(!locked.iter().any(|s| s == "supervised"), "the failed stage is not in the lock file: {locked:?}");
 
     ok(with("mpi", &["run", "dp.yaml", "--device", "cpu", "--until", "supervised"]));
     assert!(artifact(dir.path(), "supervised").join("model.safetensors").is_file());
     // run-only: the transport is shown beside the key, and another one serves the cache
     let why = ok(with("nccl", &["why", "dp.yaml", "supervised", "--device", "cpu"]));
-    assert!(why.contains("up to date") && why.contains("gradients across processes: MSMAE_COLLECTIVE=nccl (run-only, likewise)"), "{why}");
+    assert!(
+        why.contains("up to date")
+            && why.contains("gradients across processes: MSMAE_COLLECTIVE=nccl (run-only, likewise)"),
+        "{why}"
+    );
 }
 
 /// `msmae env` says what a node offers: no NCCL and no driver here, PyTorch's NCCL when
@@ -179,7 +222,8 @@ fn msmae_env_reports_nccl_the_driver_and_the_gradient_transport() {
     ] {
         assert!(plain.contains(want), "`{want}` in:\n{plain}");
     }
-    let py = std::env::var_os("MSMAE_PYTHON").unwrap_or_else(|| panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`"));
+    let py = std::env::var_os("MSMAE_PYTHON")
+        .unwrap_or_else(|| panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`"));
     let script = "import os, torch, nvidia.nccl as n\nprint(os.path.join(list(n.__path__)[0], 'lib', 'libnccl.so.2'))\nprint('.'.join(map(str, torch.cuda.nccl.version())))";
     let out = Command::new(py).args(["-c", script]).output().expect("python");
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -225,10 +269,13 @@ fn two_mpi_processes_give_the_one_process_parameters() {
         fs::write(d.path().join("dp.yaml"), pipeline()).expect("write");
     }
     ok(msmae(one.path(), &["run", "dp.yaml", "--until", "data"]));
-    let train = json(&artifact(one.path(), "data").join("split_report.json"))["splits"]["train"]["images"].as_u64().expect("train images") as usize;
+    let train = json(&artifact(one.path(), "data").join("split_report.json"))["splits"]["train"]["images"]
+        .as_u64()
+        .expect("train images") as usize;
     let set = format!("params.bs={}", three_step_batch(train));
     ok(msmae(one.path(), &["run", "dp.yaml", "--device", "cpu", "--set", &set]));
-    let log = ok(mpirun(two.path(), 2, &["run", "dp.yaml", "--device", "cpu", "--set", &set]).output().expect("mpirun"));
+    let log =
+        ok(mpirun(two.path(), 2, &["run", "dp.yaml", "--device", "cpu", "--set", &set]).output().expect("mpirun"));
     assert!(log.contains("× 2 processes (mpi)"), "the run says it is one of two processes: {log}");
     assert_eq!(log.matches("dp: 3 ran, 0 cached, 0 failed").count(), 1, "rank 0 alone reports: {log}");
     for stage in ["supervised", "mae"] {
@@ -242,11 +289,14 @@ fn two_mpi_processes_give_the_one_process_parameters() {
     // Two ranks × two replicas each: four shares of every global batch.
     let four = tempfile::tempdir().expect("tmp");
     fs::write(four.path().join("dp.yaml"), pipeline()).expect("write");
-    let set4 = format!("params.bs={}", (4..).step_by(4).find(|b| train / b == 3).expect("a batch of 4k with three steps"));
+    let set4 =
+        format!("params.bs={}", (4..).step_by(4).find(|b| train / b == 3).expect("a batch of 4k with three steps"));
     ok(msmae(four.path(), &["run", "dp.yaml", "--device", "cpu", "--set", &set4, "--until", "supervised"]));
     let single = weights(&artifact(four.path(), "supervised").join("model.safetensors"));
     fs::remove_dir_all(four.path().join(".msmae")).expect("fresh store");
-    ok(mpirun(four.path(), 2, &["run", "dp.yaml", "--device", "cpu,cpu", "--set", &set4, "--until", "supervised"]).output().expect("mpirun"));
+    ok(mpirun(four.path(), 2, &["run", "dp.yaml", "--device", "cpu,cpu", "--set", &set4, "--until", "supervised"])
+        .output()
+        .expect("mpirun"));
     let d = max_diff(&single, &weights(&artifact(four.path(), "supervised").join("model.safetensors")));
     eprintln!("supervised: 1 device vs 2 processes × 2 replicas, largest parameter difference {d:e}");
     assert!(d < 1e-5, "2 processes × 2 replicas differ from one device by {d}");
@@ -272,7 +322,10 @@ fn ranks_on_different_kinds_of_device_fail_together_by_name() {
     assert!(!out.status.success(), "{said}");
     let why = "the ranks train on different kinds of device (gradients in host memory on 1, CUDA memory on 0, backend memory on 1 of 2 ranks)";
     for rank in ["rank 0 of 2", "rank 1 of 2"] {
-        assert!(said.contains(&format!("{rank}: stage `supervised` failed: summing gradients over the ranks: {why}")), "{rank}: {said}");
+        assert!(
+            said.contains(&format!("{rank}: stage `supervised` failed: summing gradients over the ranks: {why}")),
+            "{rank}: {said}"
+        );
     }
 }
 
@@ -299,17 +352,30 @@ fn a_killed_rank_ends_the_job_by_name_and_the_rerun_resumes() {
     let want = weights(&artifact(whole.path(), "mae").join("model.safetensors"));
 
     ok(msmae(cut.path(), &["run", "dp.yaml", "--until", "data"]));
-    let mut job = mpirun(cut.path(), 2, &["run", "dp.yaml", "--device", "cpu"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("mpirun");
+    let mut job = mpirun(cut.path(), 2, &["run", "dp.yaml", "--device", "cpu"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun");
     let resume = cut.path().join(".msmae/resume");
     let t = Instant::now();
     loop {
-        let state = fs::read_dir(&resume).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path().join("state.json"));
-        let done =
-            state.and_then(|p| fs::read(p).ok()).and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["epochs_done"].as_u64());
+        let state = fs::read_dir(&resume)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.path().join("state.json"));
+        let done = state
+            .and_then(|p| fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["epochs_done"].as_u64());
         if done.is_some_and(|n| n >= 2) {
             break;
         }
-        assert!(job.try_wait().expect("wait").is_none(), "training finished before a rank could be killed; make it longer");
+        assert!(
+            job.try_wait().expect("wait").is_none(),
+            "training finished before a rank could be killed; make it longer"
+        );
         assert!(t.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -359,20 +425,28 @@ fn the_tiny_study_on_two_processes_matches_one_process() {
     for log in [&a, &b] {
         assert!(log.contains("tinystudy: 18 ran, 0 cached, 0 failed"), "{log}");
     }
-    let lock = |d: &Path| -> BTreeMap<String, String> { msmae_tests::lock_digests(&d.join("tinystudy.lock")).into_iter().collect() };
+    let lock = |d: &Path| -> BTreeMap<String, String> {
+        msmae_tests::lock_digests(&d.join("tinystudy.lock")).into_iter().collect()
+    };
     let (la, lb) = (lock(one.path()), lock(two.path()));
     assert_eq!(la["data"], lb["data"], "ingestion is the same bytes on any process count");
-    let metrics =
-        |d: &Path, l: &BTreeMap<String, String>, stage: &str| json(&d.join(".msmae/objects").join(&l[stage][..2]).join(&l[stage]).join("data/metrics.json"));
+    let metrics = |d: &Path, l: &BTreeMap<String, String>, stage: &str| {
+        json(&d.join(".msmae/objects").join(&l[stage][..2]).join(&l[stage]).join("data/metrics.json"))
+    };
     // Tolerance: a classifier's test accuracy may move by a few of its 24+ test images when
     // reduction order flips near-tied predictions or mask choices over several epochs.
     for stage in ["eval-msmae", "eval-mae"] {
-        let (x, y) =
-            (metrics(one.path(), &la, stage)["accuracy"].as_f64().expect("accuracy"), metrics(two.path(), &lb, stage)["accuracy"].as_f64().expect("accuracy"));
+        let (x, y) = (
+            metrics(one.path(), &la, stage)["accuracy"].as_f64().expect("accuracy"),
+            metrics(two.path(), &lb, stage)["accuracy"].as_f64().expect("accuracy"),
+        );
         eprintln!("{stage}: test accuracy {x:.4} on 1 process, {y:.4} on 2");
         assert!((x - y).abs() <= 0.1, "{stage}: accuracy {x} on 1 process vs {y} on 2");
     }
-    let (x, y) = (metrics(one.path(), &la, "seg")["dice"].as_f64().expect("dice"), metrics(two.path(), &lb, "seg")["dice"].as_f64().expect("dice"));
+    let (x, y) = (
+        metrics(one.path(), &la, "seg")["dice"].as_f64().expect("dice"),
+        metrics(two.path(), &lb, "seg")["dice"].as_f64().expect("dice"),
+    );
     eprintln!("seg: test Dice {x:.4} on 1 process, {y:.4} on 2");
     assert!((x - y).abs() <= 0.05, "seg: Dice {x} on 1 process vs {y} on 2");
 }
@@ -394,13 +468,17 @@ stages:
 "#
         )
     };
-    let runs: Vec<(usize, &str, tempfile::TempDir)> =
-        [(1, "cpu"), (4, "cpu"), (4, "cpu,cpu")].into_iter().map(|(a, dev)| (a, dev, tempfile::tempdir().expect("tmp"))).collect();
+    let runs: Vec<(usize, &str, tempfile::TempDir)> = [(1, "cpu"), (4, "cpu"), (4, "cpu,cpu")]
+        .into_iter()
+        .map(|(a, dev)| (a, dev, tempfile::tempdir().expect("tmp")))
+        .collect();
     for (accum, device, d) in &runs {
         fs::write(d.path().join("dp.yaml"), pipeline(*accum)).expect("write");
         ok(msmae(d.path(), &["run", "dp.yaml", "--device", device]));
     }
-    let train = json(&artifact(runs[0].2.path(), "data").join("split_report.json"))["splits"]["train"]["images"].as_u64().expect("train images") as usize;
+    let train = json(&artifact(runs[0].2.path(), "data").join("split_report.json"))["splits"]["train"]["images"]
+        .as_u64()
+        .expect("train images") as usize;
     assert_eq!(train / 32, 3, "{train} training images: three full batches of 32");
     for stage in ["supervised", "mae"] {
         let base = weights(&artifact(runs[0].2.path(), stage).join("model.safetensors"));

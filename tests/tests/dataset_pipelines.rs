@@ -9,7 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn msmae(dir: &Path, args: &[&str]) -> Output {
-    Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").output().expect("run msmae")
+    Command::new(msmae_tests::msmae_bin())
+        .current_dir(dir)
+        .args(args)
+        .env_remove("MSMAE_STORE")
+        .output()
+        .expect("run msmae")
 }
 
 fn text(o: &Output) -> String {
@@ -47,7 +52,9 @@ const TINY: &[&str] = &[
 
 /// `stage → committed artifact directory`, from the lock file.
 fn artifact(dir: &Path, name: &str, stage: &str) -> PathBuf {
-    let lock: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(dir.join(format!("pipelines/{name}.lock"))).expect("lock")).expect("yaml");
+    let lock: serde_yaml::Value =
+        serde_yaml::from_str(&fs::read_to_string(dir.join(format!("pipelines/{name}.lock"))).expect("lock"))
+            .expect("yaml");
     let d = lock["stages"]
         .as_sequence()
         .expect("stages")
@@ -93,17 +100,37 @@ fn chestxray_pipeline_trains_multi_label_and_reports_mean_auc() {
     let report = json(&artifact(d.path(), "chestxray", "data").join("split_report.json"));
     assert!(report["splits"]["test"]["images"].as_u64().unwrap_or(0) > 0, "{report}");
     // A rehearsal on a sample of the patients: every split kept, whole patients, fewer rows.
-    let o = msmae(d.path(), &["run", "pipelines/chestxray.yaml", "--until", "data", "--set", "params.sample=0.3", "--set", "params.size=32"]);
+    let o = msmae(
+        d.path(),
+        &[
+            "run",
+            "pipelines/chestxray.yaml",
+            "--until",
+            "data",
+            "--set",
+            "params.sample=0.3",
+            "--set",
+            "params.size=32",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let small = json(&artifact(d.path(), "chestxray", "data").join("split_report.json"));
     for split in ["train", "val", "test"] {
-        let (all, some) = (report["splits"][split]["images"].as_u64().unwrap_or(0), small["splits"][split]["images"].as_u64().unwrap_or(0));
+        let (all, some) = (
+            report["splits"][split]["images"].as_u64().unwrap_or(0),
+            small["splits"][split]["images"].as_u64().unwrap_or(0),
+        );
         assert!(some > 0 && some < all, "{split}: {some} of {all} images in the sample: {small}");
     }
     // the PyTorch exports (their numbers are checked against timm in msmae-train's tests)
     let c = json(&artifact(d.path(), "chestxray", "export-classifier").join("config.json"));
     assert_eq!(
-        (c["library"].as_str(), c["model_args"]["num_classes"].as_u64(), c["model_args"]["global_pool"].as_str(), c["multi_label"].as_bool()),
+        (
+            c["library"].as_str(),
+            c["model_args"]["num_classes"].as_u64(),
+            c["model_args"]["global_pool"].as_str(),
+            c["multi_label"].as_bool()
+        ),
         (Some("timm"), Some(14), Some("avg"), Some(true)),
         "{c}"
     );
@@ -164,10 +191,14 @@ fn multi_class_masks_from_a_manifest_segment_per_class() {
                 0
             }
         };
-        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([[30, 120, 230][usize::from(class(x, y))] + (i % 5) as u8]))
-            .save(data.join(format!("img{i}.png")))
-            .expect("image");
-        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([class(x, y)])).save(data.join(format!("img{i}_m.png"))).expect("mask");
+        image::GrayImage::from_fn(32, 32, |x, y| {
+            image::Luma([[30, 120, 230][usize::from(class(x, y))] + (i % 5) as u8])
+        })
+        .save(data.join(format!("img{i}.png")))
+        .expect("image");
+        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([class(x, y)]))
+            .save(data.join(format!("img{i}_m.png")))
+            .expect("mask");
         csv.push_str(&format!("img{i}.png,img{i}_m.png,P{i}\n"));
     }
     fs::write(data.join("manifest.csv"), csv).expect("csv");
@@ -180,7 +211,8 @@ stages:
     fs::write(d.path().join("organs.yaml"), pipeline).expect("pipeline");
     let o = msmae(d.path(), &["run", "organs.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
-    let lock: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(d.path().join("organs.lock")).expect("lock")).expect("yaml");
+    let lock: serde_yaml::Value =
+        serde_yaml::from_str(&fs::read_to_string(d.path().join("organs.lock")).expect("lock")).expect("yaml");
     let digest = lock["stages"]
         .as_sequence()
         .expect("stages")
@@ -192,13 +224,22 @@ stages:
     let m = json(&d.path().join(".msmae/objects").join(&digest[..2]).join(&digest).join("data/metrics.json"));
     for class in ["organ", "lesion"] {
         let c = &m["per_mask_class"][class];
-        assert!(c["dice"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)) && c["images"].as_u64().unwrap_or(0) > 0, "{class}: {m}");
+        assert!(
+            c["dice"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)) && c["images"].as_u64().unwrap_or(0) > 0,
+            "{class}: {m}"
+        );
     }
     assert!(m["per_mask_class"].get("background").is_none(), "background is not scored");
     // a mask value outside the named classes is named
     image::GrayImage::from_pixel(32, 32, image::Luma([7])).save(data.join("img3_m.png")).expect("bad mask");
     let o = msmae(d.path(), &["run", "organs.yaml"]);
-    assert!(!o.status.success() && text(&o).contains("img3_m.png") && text(&o).contains("mask value 7 is not a class index"), "{}", text(&o));
+    assert!(
+        !o.status.success()
+            && text(&o).contains("img3_m.png")
+            && text(&o).contains("mask value 7 is not a class index"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// A manifest of absolute paths outside its folder: editing a listed image re-runs the
@@ -237,13 +278,20 @@ fn a_manifest_stage_re_runs_when_a_listed_image_elsewhere_changes() {
 /// names the folder it expected.
 #[test]
 fn dataset_pipelines_refuse_to_start_without_their_data() {
-    for (name, folder) in
-        [("chestxray", "data/chestxray14"), ("messidor2", "data/messidor2"), ("busi", "data/busi"), ("ham10000", "data/ham10000"), ("btmd", "data/btmd")]
-    {
+    for (name, folder) in [
+        ("chestxray", "data/chestxray14"),
+        ("messidor2", "data/messidor2"),
+        ("busi", "data/busi"),
+        ("ham10000", "data/ham10000"),
+        ("btmd", "data/btmd"),
+    ] {
         let (d, _) = project(name);
         let o = msmae(d.path(), &["run", &format!("pipelines/{name}.yaml")]);
         let t = text(&o);
         assert!(!o.status.success() && t.contains(folder) && t.contains("data/README.md"), "{name}: {t}");
-        assert!(!d.path().join(".msmae/objects").exists() && !d.path().join("pipelines/.msmae/objects").exists(), "{name}: nothing ran");
+        assert!(
+            !d.path().join(".msmae/objects").exists() && !d.path().join("pipelines/.msmae/objects").exists(),
+            "{name}: nothing ran"
+        );
     }
 }

@@ -31,7 +31,10 @@ impl Tmpfs {
         match o {
             Ok(o) if o.status.success() => Some(Self(at.to_path_buf())),
             Ok(o) => {
-                eprintln!("SKIPPED: cannot mount a tmpfs here ({}); the read-only and full-disk tests need root with CAP_SYS_ADMIN", text(&o).trim());
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs here ({}); the read-only and full-disk tests need root with CAP_SYS_ADMIN",
+                    text(&o).trim()
+                );
                 None
             }
             Err(e) => {
@@ -60,7 +63,9 @@ fn pipeline(images: u32, size: u32) -> String {
 }
 
 fn entries(p: &Path) -> Vec<String> {
-    fs::read_dir(p).map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    fs::read_dir(p)
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -121,8 +126,14 @@ fn a_full_store_fails_the_stage_naming_the_store_and_the_next_run_completes() {
     let full = msmae(d.path(), &mnt.0).args(["run", "d.yaml", "--until", "data"]).output().expect("run");
     let said = text(&full);
     assert_eq!(full.status.code(), Some(1), "{said}");
-    assert!(said.contains("the artifact store") && said.contains("is full") && said.contains(&*mnt.0.to_string_lossy()), "{said}");
-    assert!(said.contains(" wrote ") && said.contains("KiB available there"), "names what it wrote and what was free: {said}");
+    assert!(
+        said.contains("the artifact store") && said.contains("is full") && said.contains(&*mnt.0.to_string_lossy()),
+        "{said}"
+    );
+    assert!(
+        said.contains(" wrote ") && said.contains("KiB available there"),
+        "names what it wrote and what was free: {said}"
+    );
     assert!(entries(&mnt.0.join("tmp")).is_empty(), "no staging left: {:?}", entries(&mnt.0.join("tmp")));
     assert!(entries(&mnt.0.join("objects")).is_empty(), "no partial object: {:?}", entries(&mnt.0.join("objects")));
     assert!(!fs::read_to_string(d.path().join("d.lock")).unwrap_or_default().contains("name: data"));

@@ -18,7 +18,10 @@ fn errors(src: &str) -> String {
 
 fn assert_error(src: &str, location: &str, message: &str) {
     let e = errors(src);
-    assert!(e.lines().any(|l| l.starts_with(location) && l.contains(message)), "expected `{location}` … `{message}` in:\n{e}");
+    assert!(
+        e.lines().any(|l| l.starts_with(location) && l.contains(message)),
+        "expected `{location}` … `{message}` in:\n{e}"
+    );
 }
 
 #[test]
@@ -34,11 +37,27 @@ fn unknown_kind_suggests_the_nearest() {
 fn config_type_errors_point_at_the_key_inside_with() {
     let src = "stages:\n  a:\n    uses: test/source\n    with:\n      value: 3\n";
     // an integer is not a string
-    assert_error(src, "pipelines/x.yaml:5:", "stages.a.with.value: invalid type: integer `3`, expected a string (stage `a`, kind `test/source`)");
-    assert_error("stages:\n  a:\n    uses: test/source\n    with: { value: x, vaule: y }\n", "pipelines/x.yaml:4:", "unknown field `vaule`");
-    assert_error("stages:\n  a:\n    uses: test/source\n", "pipelines/x.yaml:2:", "stages.a.with: missing field `value`");
+    assert_error(
+        src,
+        "pipelines/x.yaml:5:",
+        "stages.a.with.value: invalid type: integer `3`, expected a string (stage `a`, kind `test/source`)",
+    );
+    assert_error(
+        "stages:\n  a:\n    uses: test/source\n    with: { value: x, vaule: y }\n",
+        "pipelines/x.yaml:4:",
+        "unknown field `vaule`",
+    );
+    assert_error(
+        "stages:\n  a:\n    uses: test/source\n",
+        "pipelines/x.yaml:2:",
+        "stages.a.with: missing field `value`",
+    );
     let long = "x".repeat(1001);
-    assert_error(&format!("stages:\n  a:\n    uses: test/source\n    with:\n      value: {long}\n"), "pipelines/x.yaml:5:", "stages.a.with.value: too long");
+    assert_error(
+        &format!("stages:\n  a:\n    uses: test/source\n    with:\n      value: {long}\n"),
+        "pipelines/x.yaml:5:",
+        "stages.a.with.value: too long",
+    );
 }
 
 #[test]
@@ -79,9 +98,9 @@ fn needs_must_name_stages_and_fit_slots() {
 
 #[test]
 fn same_kind_slots_fill_in_order_and_overflow_is_ambiguous() {
-    let ok =
-        "stages:\n  a: { uses: test/source, with: { value: a } }\n  b: { uses: test/source, with: { value: b } }\n  p: { uses: test/pair, needs: [a, b] }\n";
-    let plan = msmae_pipeline::plan(msmae_pipeline::parse(Path::new("x.yaml"), ok, &[]).expect("parse"), &registry()).expect("plan");
+    let ok = "stages:\n  a: { uses: test/source, with: { value: a } }\n  b: { uses: test/source, with: { value: b } }\n  p: { uses: test/pair, needs: [a, b] }\n";
+    let plan = msmae_pipeline::plan(msmae_pipeline::parse(Path::new("x.yaml"), ok, &[]).expect("parse"), &registry())
+        .expect("plan");
     let p = &plan.nodes[plan.index_of("p").expect("p")];
     assert_eq!(p.bindings.keys().collect::<Vec<_>>(), ["left", "right"]);
     assert_error(
@@ -93,19 +112,28 @@ fn same_kind_slots_fill_in_order_and_overflow_is_ambiguous() {
 
 #[test]
 fn cycles_are_named() {
-    let e = errors("stages:\n  a: { uses: test/concat, needs: [c] }\n  b: { uses: test/concat, needs: [a] }\n  c: { uses: test/concat, needs: [b] }\n");
+    let e = errors(
+        "stages:\n  a: { uses: test/concat, needs: [c] }\n  b: { uses: test/concat, needs: [a] }\n  c: { uses: test/concat, needs: [b] }\n",
+    );
     assert!(e.contains("dependency cycle: "), "{e}");
     assert!(["a → b → c → a", "b → c → a → b", "c → a → b → c"].iter().any(|c| e.contains(c)), "{e}");
 }
 
 #[test]
 fn all_problems_are_reported_at_once() {
-    let e = errors("stages:\n  a: { uses: nope/x }\n  b: { uses: test/source, with: { value: [1] } }\n  c: { uses: test/concat, needs: [zz] }\n");
+    let e = errors(
+        "stages:\n  a: { uses: nope/x }\n  b: { uses: test/source, with: { value: [1] } }\n  c: { uses: test/concat, needs: [zz] }\n",
+    );
     assert_eq!(e.lines().count(), 3, "{e}");
 }
 
 #[test]
 fn a_missing_dataset_folder_stops_the_run_before_it_starts() {
     let e = errors("stages:\n  a:\n    uses: test/ingest\n    with: { root: no/such/dataset }\n");
-    assert!(e.starts_with("pipelines/x.yaml:4:5: stages.a.with: stage `a` reads `pipelines/no/such/dataset`, which does not exist"), "{e}");
+    assert!(
+        e.starts_with(
+            "pipelines/x.yaml:4:5: stages.a.with: stage `a` reads `pipelines/no/such/dataset`, which does not exist"
+        ),
+        "{e}"
+    );
 }

@@ -25,7 +25,9 @@ fn pipeline(stage: &str) -> String {
 }
 
 fn staging_left(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir.join(".msmae/tmp")).map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    fs::read_dir(dir.join(".msmae/tmp"))
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -36,9 +38,17 @@ fn a_diverging_loss_stops_the_stage_by_epoch_and_step_and_commits_nothing() {
     let o = msmae(d.path()).args(["run", "f.yaml"]).output().expect("run");
     let said = text(&o);
     assert_eq!(o.status.code(), Some(1), "{said}");
-    assert!(said.contains("training diverged at epoch") && said.contains(", step ") && said.contains("lower the learning rate"), "{said}");
+    assert!(
+        said.contains("training diverged at epoch")
+            && said.contains(", step ")
+            && said.contains("lower the learning rate"),
+        "{said}"
+    );
     let lock = fs::read_to_string(d.path().join("f.lock")).unwrap_or_default();
-    assert!(lock.contains("name: data") && !lock.contains("name: train"), "nothing of the diverged stage is recorded: {lock}");
+    assert!(
+        lock.contains("name: data") && !lock.contains("name: train"),
+        "nothing of the diverged stage is recorded: {lock}"
+    );
     assert!(staging_left(d.path()).is_empty(), "{:?}", staging_left(d.path()));
 }
 
@@ -46,11 +56,17 @@ fn a_diverging_loss_stops_the_stage_by_epoch_and_step_and_commits_nothing() {
 fn sigint_mid_stage_commits_nothing_and_exits_1() {
     let d = tempfile::tempdir().expect("tmp");
     fs::write(d.path().join("f.yaml"), pipeline("epochs: 500")).expect("write");
-    let mut child = msmae(d.path()).args(["run", "f.yaml"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child =
+        msmae(d.path()).args(["run", "f.yaml"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     // Interrupt once training has checkpointed an epoch.
     let resume = d.path().join(".msmae/resume");
     let t = Instant::now();
-    while !fs::read_dir(&resume).ok().and_then(|mut r| r.next()).and_then(Result::ok).is_some_and(|e| e.path().join("state.json").is_file()) {
+    while !fs::read_dir(&resume)
+        .ok()
+        .and_then(|mut r| r.next())
+        .and_then(Result::ok)
+        .is_some_and(|e| e.path().join("state.json").is_file())
+    {
         assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
         assert!(child.try_wait().expect("wait").is_none(), "the run ended early");
         std::thread::sleep(Duration::from_millis(20));

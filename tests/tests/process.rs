@@ -15,7 +15,9 @@ const CHILD: &str = "MSMAE_TEST_CHILD";
 fn child_main() -> bool {
     let Some(dir) = std::env::var_os(CHILD) else { return false };
     let f = Fixture::at(Path::new(&dir));
-    let sets: Vec<String> = std::env::var("MSMAE_TEST_SET").map(|s| s.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect()).unwrap_or_default();
+    let sets: Vec<String> = std::env::var("MSMAE_TEST_SET")
+        .map(|s| s.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default();
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let r = f.run_with(&sets, msmae_pipeline::RunOptions::default());
     println!("\nOUTCOMES {}", outcomes(&r).iter().map(|(n, o)| format!("{n}={o}")).collect::<Vec<_>>().join(","));
@@ -45,7 +47,12 @@ fn child_outcomes(c: Child) -> (bool, String) {
     let out = c.wait_with_output().expect("child output");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let line = text.lines().find(|l| l.starts_with("OUTCOMES ")).map(str::to_string).unwrap_or_default();
-    assert!(!line.is_empty(), "child printed no outcome ({:?}); stdout: {text} stderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !line.is_empty(),
+        "child printed no outcome ({:?}); stdout: {text} stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), line)
 }
 
@@ -89,7 +96,8 @@ fn sigkill_mid_stage_keeps_previous_results_and_resumes_only_what_is_missing() {
     f.clear_marks();
 
     // v=two re-runs `slow`; kill the runner while it is inside the stage.
-    let mut child = spawn("sigkill_mid_stage_keeps_previous_results_and_resumes_only_what_is_missing", &f.path(""), "params.v=two");
+    let mut child =
+        spawn("sigkill_mid_stage_keeps_previous_results_and_resumes_only_what_is_missing", &f.path(""), "params.v=two");
     wait_for(&f.path("started"), "the child to enter the slow stage");
     child.kill().expect("SIGKILL");
     let status = child.wait().expect("wait");
@@ -170,14 +178,16 @@ fn gc_waits_for_a_running_pipeline_and_removes_nothing_it_made() {
     wait_for(&f.path("started"), "the runner to enter the slow stage");
     let store = f.store();
     let lock = f.path("p.lock");
-    let busy = msmae_pipeline::inspect::gc(&store, true, false, &[lock.as_path()], false).expect_err("the store is in use");
+    let busy =
+        msmae_pipeline::inspect::gc(&store, true, false, &[lock.as_path()], false).expect_err("the store is in use");
     assert!(busy.to_string().contains("a running pipeline"), "{busy}");
     let gc = std::thread::spawn({
         let (root, lock) = (store.root().to_path_buf(), lock.clone());
         move || {
             let t = Instant::now();
             let store = msmae_pipeline::Store::open(&root).expect("store");
-            let r = msmae_pipeline::inspect::gc(&store, true, false, &[lock.as_path()], true).expect("gc after the run");
+            let r =
+                msmae_pipeline::inspect::gc(&store, true, false, &[lock.as_path()], true).expect("gc after the run");
             (t.elapsed(), r)
         }
     });

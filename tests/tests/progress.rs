@@ -32,7 +32,10 @@ fn stages_log_progress_lines_when_stderr_is_not_a_terminal() {
     for part in ["/", "%", "/s", "loss ", "lr ", "images/s", "ETA "] {
         assert!(s.contains(part), "`{part}` in a training progress line: {s}");
     }
-    assert!(!lines("data: ").iter().filter(|l| l.contains("/200")).collect::<Vec<_>>().is_empty(), "ingestion is logged:\n{log}");
+    assert!(
+        !lines("data: ").iter().filter(|l| l.contains("/200")).collect::<Vec<_>>().is_empty(),
+        "ingestion is logged:\n{log}"
+    );
     assert!(!lines("attn: attention maps: ").is_empty(), "attention extraction is logged:\n{log}");
     // Quiet by default: the same run at the default intervals logs no step lines (it is
     // over in seconds).

@@ -25,7 +25,8 @@ fn ok(c: &mut Command) -> String {
 }
 
 fn json_file(p: &Path) -> serde_json::Value {
-    serde_json::from_slice(&fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    serde_json::from_slice(&fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// A run of the tiny study with TensorBoard logging on (per step too).
@@ -43,14 +44,23 @@ fn show_and_path_read_results_from_the_lock_file_without_running() {
 
     // Text: the comparison table, every stage that declares results, all current.
     let t = ok(msmae(d.path()).args(["show", "tinystudy.yaml"]));
-    for s in ["comparison of `report`", "eval-msmae", "eval-mae", "lesion_coverage", "dice", "reconstruction_loss", "accuracy"] {
+    for s in [
+        "comparison of `report`",
+        "eval-msmae",
+        "eval-mae",
+        "lesion_coverage",
+        "dice",
+        "reconstruction_loss",
+        "accuracy",
+    ] {
         assert!(t.contains(s), "`{s}` in:\n{t}");
     }
     assert!(!t.contains("STALE") && !t.contains("not current"), "{t}");
     assert!(!t.contains("\ndata "), "stages that declare no results are left out without a filter:\n{t}");
 
     // JSON: the numbers are the artifacts' own.
-    let j: serde_json::Value = serde_json::from_str(&ok(msmae(d.path()).args(["show", "tinystudy.yaml", "--format", "json"]))).expect("json");
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(msmae(d.path()).args(["show", "tinystudy.yaml", "--format", "json"]))).expect("json");
     let stages = j["stages"].as_array().expect("stages");
     let eval = stages.iter().find(|s| s["name"] == "eval-msmae").expect("eval-msmae");
     let metrics = json_file(&msmae_tests::artifact_dir(&store, &lock, "eval-msmae").join("metrics.json"));
@@ -59,13 +69,19 @@ fn show_and_path_read_results_from_the_lock_file_without_running() {
     assert_eq!(eval["state"], "up to date");
     let seg = stages.iter().find(|s| s["name"] == "seg").expect("seg");
     let seg_metrics = json_file(&msmae_tests::artifact_dir(&store, &lock, "seg").join("metrics.json"));
-    assert!(seg["metrics"].as_array().is_some_and(|m| m.iter().any(|x| x[0] == "dice" && x[1] == seg_metrics["dice"])), "{seg}");
+    assert!(
+        seg["metrics"].as_array().is_some_and(|m| m.iter().any(|x| x[0] == "dice" && x[1] == seg_metrics["dice"])),
+        "{seg}"
+    );
     let attn = stages.iter().find(|s| s["name"] == "attn").expect("attn");
     assert!(attn["metrics"].as_array().is_some_and(|m| m.iter().any(|x| x[0] == "lesion_coverage")), "{attn}");
 
     // Named stages only, in CSV and Markdown.
     let c = ok(msmae(d.path()).args(["show", "tinystudy.yaml", "eval-mae", "seg", "--format", "csv"]));
-    assert!(c.starts_with("stage,kind,state,metric,value\n") && c.contains("eval-mae,eval/classify,up to date,accuracy,"), "{c}");
+    assert!(
+        c.starts_with("stage,kind,state,metric,value\n") && c.contains("eval-mae,eval/classify,up to date,accuracy,"),
+        "{c}"
+    );
     assert!(!c.contains("eval-msmae"), "{c}");
     let m = ok(msmae(d.path()).args(["show", "tinystudy.yaml", "report", "--format", "md"]));
     assert!(m.contains("| stage") && m.contains("|--") && m.contains("| eval-msmae"), "{m}");
@@ -108,9 +124,15 @@ fn show_and_path_read_results_from_the_lock_file_without_running() {
     ok(msmae(d.path()).args(["run", "tinystudy.yaml"]));
     for against in ["before.lock", "HEAD"] {
         let t = ok(msmae(d.path()).args(["show", "tinystudy.yaml", "--against", against]));
-        assert!(t.lines().next().is_some_and(|h| h.contains("stage") && h.contains("current") && h.contains("delta")), "{t}");
+        assert!(
+            t.lines().next().is_some_and(|h| h.contains("stage") && h.contains("current") && h.contains("delta")),
+            "{t}"
+        );
         let epochs = t.lines().find(|l| l.starts_with("ft-msmae ") && l.contains(" epochs ")).unwrap_or_default();
-        assert!(epochs.contains(" 2 ") && epochs.contains(" 3 ") && epochs.contains("+1.0000"), "ft-msmae trained one epoch more ({against}):\n{t}");
+        assert!(
+            epochs.contains(" 2 ") && epochs.contains(" 3 ") && epochs.contains("+1.0000"),
+            "ft-msmae trained one epoch more ({against}):\n{t}"
+        );
         let same = t.lines().find(|l| l.starts_with("ft-mae ") && l.contains("train_loss")).unwrap_or_default();
         assert!(same.contains("+0.0000"), "ft-mae did not change ({against}):\n{t}");
     }
@@ -121,14 +143,21 @@ fn show_and_path_read_results_from_the_lock_file_without_running() {
 }
 
 fn chromium() -> Option<PathBuf> {
-    ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .find_map(|b| std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(b)).find(|f| f.is_file())))
+    ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|b| {
+        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(b)).find(|f| f.is_file()))
+    })
 }
 
 fn headless(chrome: &Path) -> Command {
     let mut c = Command::new(chrome);
-    c.args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars"]);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--hide-scrollbars",
+    ]);
     c
 }
 
@@ -149,10 +178,24 @@ fn the_report_page_loads_in_a_headless_browser_without_errors_or_broken_images()
         assert!(html.contains(&format!("<section id=\"{id}\">")), "section {id}");
     }
     // Self-contained: nothing is fetched from anywhere.
-    assert!(!html.contains("http://") || html.matches("http://").all(|_| html.contains("xmlns=\"http://www.w3.org/2000/svg\"")));
-    assert!(!html.contains("https://") && !html.contains("src=\"/") && !html.contains("src=\"file:"), "only embedded resources");
+    assert!(
+        !html.contains("http://")
+            || html.matches("http://").all(|_| html.contains("xmlns=\"http://www.w3.org/2000/svg\""))
+    );
+    assert!(
+        !html.contains("https://") && !html.contains("src=\"/") && !html.contains("src=\"file:"),
+        "only embedded resources"
+    );
     // Every declared figure kind is embedded.
-    for caption in ["ROC curves", "confusion matrix", "attention overlays", "reconstructions", "loss per epoch", "test predictions", "accuracy per epoch"] {
+    for caption in [
+        "ROC curves",
+        "confusion matrix",
+        "attention overlays",
+        "reconstructions",
+        "loss per epoch",
+        "test predictions",
+        "accuracy per epoch",
+    ] {
         assert!(html.contains(caption), "figure `{caption}` in the report");
     }
 
@@ -165,7 +208,11 @@ fn the_report_page_loads_in_a_headless_browser_without_errors_or_broken_images()
     assert!(dom.status.success(), "chromium failed: {}", text(&dom));
     let attr = |name: &str| -> String {
         let key = format!("{name}=\"");
-        dom_text.split_once(&key).and_then(|(_, rest)| rest.split_once('"')).map(|(v, _)| v.to_string()).unwrap_or_default()
+        dom_text
+            .split_once(&key)
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(v, _)| v.to_string())
+            .unwrap_or_default()
     };
     assert_eq!(attr("data-ready"), "1", "the page's load handler ran:\n{}", &dom_text[..dom_text.len().min(2000)]);
     assert_eq!(attr("data-errors"), "0", "script errors: {}", attr("data-error-text"));
@@ -176,7 +223,10 @@ fn the_report_page_loads_in_a_headless_browser_without_errors_or_broken_images()
 
     // A screenshot of the top of the page: it renders (not blank) at the asked size.
     let shot = d.path().join("out/report.png");
-    let o = headless(&chrome).args(["--window-size=1280,1800", &format!("--screenshot={}", shot.display()), &url]).output().expect("chromium");
+    let o = headless(&chrome)
+        .args(["--window-size=1280,1800", &format!("--screenshot={}", shot.display()), &url])
+        .output()
+        .expect("chromium");
     assert!(o.status.success() && shot.is_file(), "screenshot: {}", text(&o));
     let img = image::open(&shot).expect("a PNG").to_rgb8();
     assert_eq!((img.width(), img.height()), (1280, 1800));
@@ -213,11 +263,18 @@ print(json.dumps(out))
         let loss = r["loss/train"].as_array().unwrap_or_else(|| panic!("{stage}: loss/train in {r}"));
         assert_eq!(loss.len(), epochs.len(), "{stage}: one point per epoch");
         for (p, e) in loss.iter().zip(epochs) {
-            let (step, v, want) = (p[0].as_i64().unwrap_or(-1), p[1].as_f64().unwrap_or(f64::NAN), e["train_loss"].as_f64().unwrap_or(f64::NAN));
+            let (step, v, want) = (
+                p[0].as_i64().unwrap_or(-1),
+                p[1].as_f64().unwrap_or(f64::NAN),
+                e["train_loss"].as_f64().unwrap_or(f64::NAN),
+            );
             assert_eq!(step, e["epoch"].as_i64().unwrap_or(-2) + 1, "{stage}: epochs counted from 1");
             assert!((v - want).abs() <= 1e-6 * want.abs().max(1.0), "{stage}: {v} vs history {want}");
         }
-        assert!(r["lr"].is_array() && r["step/loss"].as_array().is_some_and(|s| s.len() >= epochs.len()), "{stage}: lr and per-step loss: {r}");
+        assert!(
+            r["lr"].is_array() && r["step/loss"].as_array().is_some_and(|s| s.len() >= epochs.len()),
+            "{stage}: lr and per-step loss: {r}"
+        );
     }
     assert!(runs["supervised"]["val/accuracy"].is_array(), "{}", runs["supervised"]);
     assert!(runs["pretrain"]["loss/reconstruction"].is_array(), "{}", runs["pretrain"]);
@@ -236,7 +293,11 @@ print(json.dumps(out))
 fn the_self_contained_shipped_pipelines_plan() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for name in ["quickstart", "attention", "ablation", "guided"] {
-        let o = Command::new(msmae_tests::msmae_bin()).arg("dag").arg(root.join("pipelines").join(format!("{name}.yaml"))).output().expect("run msmae");
+        let o = Command::new(msmae_tests::msmae_bin())
+            .arg("dag")
+            .arg(root.join("pipelines").join(format!("{name}.yaml")))
+            .output()
+            .expect("run msmae");
         let t = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         assert!(o.status.success(), "{name}: {t}");
         if name == "ablation" {

@@ -102,8 +102,13 @@ fn stage_from_until_force_select_what_runs() {
     assert_eq!(f.marks().len(), 4);
     // unknown stage name
     let plan = f.plan(&[]);
-    let e =
-        msmae_pipeline::run(&plan, &f.store(), &RunOptions { stage: Some("zz".into()), ..Default::default() }, &msmae_core::NoProgress).expect_err("unknown");
+    let e = msmae_pipeline::run(
+        &plan,
+        &f.store(),
+        &RunOptions { stage: Some("zz".into()), ..Default::default() },
+        &msmae_core::NoProgress,
+    )
+    .expect_err("unknown");
     assert!(e.to_string().contains("unknown stage `zz`; stages: a, b, c, d"), "{e}");
 }
 
@@ -114,7 +119,9 @@ fn running_one_stage_needs_its_inputs_cached() {
     let r = f.run_with(&[], RunOptions { stage: Some("c".into()), ..Default::default() });
     assert!(!r.ok());
     match outcome(&r, "a") {
-        Outcome::Failed { error } => assert!(error.contains("`a`, which is not selected and has no cached output"), "{error}"),
+        Outcome::Failed { error } => {
+            assert!(error.contains("`a`, which is not selected and has no cached output"), "{error}")
+        }
         o => panic!("{o:?}"),
     }
     assert_eq!(outcome(&r, "c"), &Outcome::Blocked { upstream: "b".into() });
@@ -154,7 +161,11 @@ fn external_inputs_are_hashed_into_the_key() {
     fs::write(f.path("dataset/images/2.png"), "two").expect("w");
     f.clear_marks();
     let r = f.run();
-    assert_eq!(outcome(&r, "ingest").label(), "ran (output unchanged)", "a new file re-runs ingestion; its top-level listing is the same");
+    assert_eq!(
+        outcome(&r, "ingest").label(),
+        "ran (output unchanged)",
+        "a new file re-runs ingestion; its top-level listing is the same"
+    );
     assert_eq!(f.marks(), ["ingest"]);
     fs::write(f.path("dataset/extra.csv"), "x").expect("w");
     assert_eq!(outcome(&f.run(), "ingest").label(), "ran");
@@ -163,10 +174,12 @@ fn external_inputs_are_hashed_into_the_key() {
     assert_eq!(ext.len(), 1);
     assert_eq!((ext[0].path.as_str(), ext[0].files), ("dataset", 4));
     let plan = f.plan(&[]);
-    let why = msmae_pipeline::inspect::why(&plan, &f.store(), &lock, &msmae_core::ExecEnv::cpu_flex(), "ingest").expect("why");
+    let why = msmae_pipeline::inspect::why(&plan, &f.store(), &lock, &msmae_core::ExecEnv::cpu_flex(), "ingest")
+        .expect("why");
     assert!(why.contains("up to date"), "{why}");
     fs::write(f.path("dataset/labels.csv"), "1,b").expect("w");
-    let why = msmae_pipeline::inspect::why(&plan, &f.store(), &lock, &msmae_core::ExecEnv::cpu_flex(), "ingest").expect("why");
+    let why = msmae_pipeline::inspect::why(&plan, &f.store(), &lock, &msmae_core::ExecEnv::cpu_flex(), "ingest")
+        .expect("why");
     assert!(why.contains("external `dataset` changed"), "{why}");
 }
 
@@ -212,8 +225,12 @@ fn listed_files_are_hashed_one_by_one_wherever_they_live() {
     fs::remove_file(&far).expect("rm");
     let plan = f.plan(&[]);
     let lock = msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock");
-    let why = msmae_pipeline::inspect::why(&plan, &f.store(), &lock, &msmae_core::ExecEnv::cpu_flex(), "read").expect("why");
-    assert!(why.contains("external `files listed in data/list.txt` changed: 2 files/7 bytes → 1 files/3 bytes"), "{why}");
+    let why =
+        msmae_pipeline::inspect::why(&plan, &f.store(), &lock, &msmae_core::ExecEnv::cpu_flex(), "read").expect("why");
+    assert!(
+        why.contains("external `files listed in data/list.txt` changed: 2 files/7 bytes → 1 files/3 bytes"),
+        "{why}"
+    );
     assert_eq!(out(&f.run()), "FAR+missing+FAR");
     fs::write(&far, "near").expect("w");
     assert_eq!(out(&f.run()), "FAR+near+FAR");
@@ -280,7 +297,10 @@ fn backend_is_part_of_the_key_only_for_stages_that_use_it() {
     assert_eq!(outcome(&r, "data").label(), "cached");
     assert_eq!(outcome(&r, "train").label(), "ran");
     // cuda:0 vs cuda:1 is the same device kind: not a cache miss
-    let r = f.run_with(&[], RunOptions { env: msmae_core::ExecEnv { device: "cuda:1".into(), ..env.clone() }, ..Default::default() });
+    let r = f.run_with(
+        &[],
+        RunOptions { env: msmae_core::ExecEnv { device: "cuda:1".into(), ..env.clone() }, ..Default::default() },
+    );
     assert_eq!(outcome(&r, "train").label(), "cached");
     // bf16 changes the numbers: its own key; back to f32 is a hit again
     let bf16 = msmae_core::ExecEnv { precision: "bf16".into(), ..env.clone() };
@@ -341,8 +361,13 @@ fn verify_detects_tampering_and_missing_artifacts() {
     let (_, bad) = msmae_pipeline::inspect::verify(&store, &lock).expect("verify");
     assert_eq!(bad.len(), 1, "{bad:?}");
     assert_eq!(bad[0].stage, "b");
-    assert!(bad[0].problem.contains("size 8 ≠ recorded 7") || bad[0].problem.contains("content differs"), "{:?}", bad[0]);
-    fs::remove_dir_all(store.object_dir(&lock.stage("d").expect("d").output.digest).parent().expect("object root")).expect("rm");
+    assert!(
+        bad[0].problem.contains("size 8 ≠ recorded 7") || bad[0].problem.contains("content differs"),
+        "{:?}",
+        bad[0]
+    );
+    fs::remove_dir_all(store.object_dir(&lock.stage("d").expect("d").output.digest).parent().expect("object root"))
+        .expect("rm");
     let (_, bad) = msmae_pipeline::inspect::verify(&store, &lock).expect("verify");
     assert!(bad.iter().any(|m| m.stage == "d" && m.problem.contains("missing from the store")), "{bad:?}");
 }
@@ -379,7 +404,8 @@ fn an_unreadable_lock_file_stops_gc_and_is_never_overwritten() {
     let store = f.store();
     let before = store.objects().expect("objects").len();
     let good = f.lock_text();
-    let conflicted = format!("<<<<<<< HEAD\n{good}=======\n{}>>>>>>> feature\n", good.replace("stages:", "stages:\n# theirs"));
+    let conflicted =
+        format!("<<<<<<< HEAD\n{good}=======\n{}>>>>>>> feature\n", good.replace("stages:", "stages:\n# theirs"));
     let truncated = good[..good.len() / 2].to_string();
     for (what, text) in [("conflict markers", conflicted), ("truncated", truncated)] {
         fs::write(f.path("p.lock"), &text).expect("write");
@@ -387,9 +413,14 @@ fn an_unreadable_lock_file_stops_gc_and_is_never_overwritten() {
         assert!(e.contains("p.lock") && e.contains("Nothing was removed"), "{what}: {e}");
         assert_eq!(store.objects().expect("objects").len(), before, "{what}: gc removed objects");
         let r = f.plan(&[]);
-        let err = msmae_pipeline::run(&r, &store, &RunOptions { lock_file: Some(f.path("p.lock")), ..RunOptions::default() }, &msmae_core::NoProgress)
-            .expect_err(what)
-            .to_string();
+        let err = msmae_pipeline::run(
+            &r,
+            &store,
+            &RunOptions { lock_file: Some(f.path("p.lock")), ..RunOptions::default() },
+            &msmae_core::NoProgress,
+        )
+        .expect_err(what)
+        .to_string();
         assert!(err.contains("p.lock"), "{what}: {err}");
         assert_eq!(f.lock_text(), text, "{what}: the unreadable lock file was rewritten");
     }
@@ -416,10 +447,16 @@ fn damaged_objects_are_recomputed_and_foreign_digests_refused() {
     fs::set_permissions(&file, perms).expect("chmod");
     fs::write(&file, "truncated").expect("damage");
     let r = f.run();
-    assert_eq!(r.stage("b").map(|s| s.outcome.label()), Some("ran (output unchanged)"), "the damaged artifact is recomputed");
+    assert_eq!(
+        r.stage("b").map(|s| s.outcome.label()),
+        Some("ran (output unchanged)"),
+        "the damaged artifact is recomputed"
+    );
     assert_eq!(r.count("cached"), 3, "the others are served");
     assert!(store.object_intact(&b).is_ok(), "the recomputed artifact replaced the damaged one");
-    let (_, bad) = msmae_pipeline::inspect::verify(&store, &msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock")).expect("verify");
+    let (_, bad) =
+        msmae_pipeline::inspect::verify(&store, &msmae_pipeline::LockFile::read(&f.path("p.lock"), "p").expect("lock"))
+            .expect("verify");
     assert!(bad.is_empty(), "{bad:?}");
     // a lock file whose digest would lead out of the store
     let text = f.lock_text().replace(&b, "../../../../etc");
@@ -444,11 +481,19 @@ fn verify_inputs_rehashes_what_a_running_stage_reads() {
     perms.set_readonly(false);
     fs::set_permissions(&file, perms).expect("chmod");
     fs::write(&file, text.to_uppercase()).expect("same size, other bytes");
-    let opts = |verify_inputs| RunOptions { stage: Some("c".into()), verify_inputs, lock_file: Some(f.path("p.lock")), ..RunOptions::default() };
+    let opts = |verify_inputs| RunOptions {
+        stage: Some("c".into()),
+        verify_inputs,
+        lock_file: Some(f.path("p.lock")),
+        ..RunOptions::default()
+    };
     let r = msmae_pipeline::run(&f.plan(&[]), &store, &opts(true), &msmae_core::NoProgress).expect("run");
     match &r.stage("c").expect("c").outcome {
         msmae_pipeline::Outcome::Failed { error } => {
-            assert!(error.contains("input `b`") && error.contains("is damaged") && error.contains("--stage b"), "{error}")
+            assert!(
+                error.contains("input `b`") && error.contains("is damaged") && error.contains("--stage b"),
+                "{error}"
+            )
         }
         other => panic!("c must fail on its damaged input, got {other:?}"),
     }

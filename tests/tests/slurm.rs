@@ -26,11 +26,17 @@ impl Cluster {
             fs::create_dir_all(root.join(d)).expect("dir");
         }
         let munged = start_munge();
-        let host = String::from_utf8_lossy(&Command::new("hostname").arg("-s").output().expect("hostname").stdout).trim().to_string();
+        let host = String::from_utf8_lossy(&Command::new("hostname").arg("-s").output().expect("hostname").stdout)
+            .trim()
+            .to_string();
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let mem_mb = fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
             .map(|kb| kb / 1024 - 1024)
             .unwrap_or(2048);
         // Ports away from the defaults, varied by process so two test runs do not collide.
@@ -90,12 +96,18 @@ impl Cluster {
     /// `msmae ARGS` in `dir`, as a driver of this cluster (poll often: tests are short).
     fn msmae(&self, dir: &Path) -> Command {
         let mut c = self.cmd(msmae_tests::msmae_bin().to_str().expect("utf-8 path"));
-        c.current_dir(dir).env_remove("MSMAE_STORE").env_remove("MSMAE_DEVICE").env("MSMAE_SLURM_POLL", "0.2").env("MSMAE_SLURM_GRACE", "5");
+        c.current_dir(dir)
+            .env_remove("MSMAE_STORE")
+            .env_remove("MSMAE_DEVICE")
+            .env("MSMAE_SLURM_POLL", "0.2")
+            .env("MSMAE_SLURM_GRACE", "5");
         c
     }
 
     fn queue(&self) -> String {
-        String::from_utf8_lossy(&self.cmd("squeue").args(["-h", "-o", "%i %j %T"]).output().expect("squeue").stdout).trim().to_string()
+        String::from_utf8_lossy(&self.cmd("squeue").args(["-h", "-o", "%i %j %T"]).output().expect("squeue").stdout)
+            .trim()
+            .to_string()
     }
 
     fn logs(&self) -> String {
@@ -127,12 +139,24 @@ fn start_munge() -> Option<u32> {
         assert!(Command::new("chown").args(["munge:munge", d]).status().expect("chown").success());
     }
     if !Path::new("/etc/munge/munge.key").exists() {
-        assert!(Command::new("runuser").args(["-u", "munge", "--", "mungekey", "--create"]).status().expect("mungekey").success());
+        assert!(
+            Command::new("runuser")
+                .args(["-u", "munge", "--", "mungekey", "--create"])
+                .status()
+                .expect("mungekey")
+                .success()
+        );
     }
     let ok = Command::new("runuser").args(["-u", "munge", "--", "munged"]).status().expect("munged");
     assert!(ok.success(), "munged did not start");
     let t = Instant::now();
-    while !Command::new("munge").arg("-n").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+    while !Command::new("munge")
+        .arg("-n")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
         assert!(t.elapsed() < Duration::from_secs(20), "munged does not answer");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -149,7 +173,10 @@ fn ok(o: Output) -> String {
 }
 
 #[test]
-#[cfg_attr(not(feature = "slurm"), ignore = "needs Slurm and munge and root to start them: `cargo xtask setup --system` installs them (as root)")]
+#[cfg_attr(
+    not(feature = "slurm"),
+    ignore = "needs Slurm and munge and root to start them: `cargo xtask setup --system` installs them (as root)"
+)]
 fn stages_run_as_slurm_jobs() {
     let cluster = Cluster::start();
     the_tiny_study_gives_the_local_digests(&cluster);
@@ -169,36 +196,65 @@ fn the_tiny_study_gives_the_local_digests(cluster: &Cluster) {
         fs::write(d.path().join("tinystudy.yaml"), msmae_tests::tiny_study()).expect("write");
     }
     ok(cluster.msmae(local.path()).args(["run", "tinystudy.yaml", "--device", "cpu"]).output().expect("run"));
-    let log = ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm"]).output().expect("run"));
+    let log = ok(cluster
+        .msmae(slurm.path())
+        .args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm"])
+        .output()
+        .expect("run"));
     assert!(log.contains("tinystudy: 18 ran, 0 cached, 0 failed"), "{log}");
     assert!(log.contains("Slurm job"), "{log}");
-    assert_eq!(digests(&slurm.path().join("tinystudy.lock")), digests(&local.path().join("tinystudy.lock")), "Slurm and local runs differ");
+    assert_eq!(
+        digests(&slurm.path().join("tinystudy.lock")),
+        digests(&local.path().join("tinystudy.lock")),
+        "Slurm and local runs differ"
+    );
     // The jobs' scripts and logs are kept under the store.
     let runs = fs::read_dir(slurm.path().join(".msmae/slurm")).expect("slurm dir").count();
     assert_eq!(runs, 1);
     // A second driver run: everything cached, no job submitted.
-    let again = ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm"]).output().expect("run"));
+    let again = ok(cluster
+        .msmae(slurm.path())
+        .args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm"])
+        .output()
+        .expect("run"));
     assert!(again.contains("0 ran, 18 cached") && !again.contains("Slurm job"), "{again}");
     // --stage re-executes one stage as a job even though it is cached; same output
-    let one =
-        ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--stage", "masks"]).output().expect("run"));
-    assert!(one.contains("ran (output unchanged)") && one.contains("1 ran, 3 cached") && one.contains("Slurm job"), "{one}");
+    let one = ok(cluster
+        .msmae(slurm.path())
+        .args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--stage", "masks"])
+        .output()
+        .expect("run"));
+    assert!(
+        one.contains("ran (output unchanged)") && one.contains("1 ran, 3 cached") && one.contains("Slurm job"),
+        "{one}"
+    );
     // --from re-executes a stage and what its output changes (nothing: early cut-off)
-    let from =
-        ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--from", "eval-mae"]).output().expect("run"));
+    let from = ok(cluster
+        .msmae(slurm.path())
+        .args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--from", "eval-mae"])
+        .output()
+        .expect("run"));
     assert!(from.contains("ran (output unchanged)"), "{from}");
     assert_eq!(digests(&slurm.path().join("tinystudy.lock")), digests(&local.path().join("tinystudy.lock")));
     let verify = ok(cluster.msmae(slurm.path()).args(["verify", "tinystudy.yaml"]).output().expect("verify"));
     assert!(verify.contains("18"), "{verify}");
     // --until stops where asked; everything up to it is cached
-    let until =
-        ok(cluster.msmae(slurm.path()).args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--until", "pretrain"]).output().expect("run"));
+    let until = ok(cluster
+        .msmae(slurm.path())
+        .args(["run", "tinystudy.yaml", "--device", "cpu", "--executor", "slurm", "--until", "pretrain"])
+        .output()
+        .expect("run"));
     assert!(until.contains("0 ran, 5 cached"), "{until}");
     // why: the job's environment and the run-only devices beside the key
-    let why = ok(cluster.msmae(slurm.path()).args(["why", "tinystudy.yaml", "pretrain", "--device", "cpu"]).output().expect("why"));
+    let why = ok(cluster
+        .msmae(slurm.path())
+        .args(["why", "tinystudy.yaml", "pretrain", "--device", "cpu"])
+        .output()
+        .expect("why"));
     assert!(why.contains("up to date") || why.contains("nothing changed"), "{why}");
     // status and why read the same store and lock file
-    let status = ok(cluster.msmae(slurm.path()).args(["status", "tinystudy.yaml", "--device", "cpu"]).output().expect("status"));
+    let status =
+        ok(cluster.msmae(slurm.path()).args(["status", "tinystudy.yaml", "--device", "cpu"]).output().expect("status"));
     assert!(!status.contains("stale") && !status.contains("new"), "{status}");
     eprintln!("tiny study under Slurm and locally: {:.0} s", t.elapsed().as_secs_f64());
 }
@@ -206,13 +262,22 @@ fn the_tiny_study_gives_the_local_digests(cluster: &Cluster) {
 fn a_failing_stage_names_its_job_and_log(cluster: &Cluster) {
     let d = tempfile::tempdir().expect("tmp");
     fs::create_dir_all(d.path().join("empty")).expect("dir");
-    fs::write(d.path().join("bad.yaml"), "name: bad\nstages:\n  data: { uses: ingest/imagefolder, with: { root: empty } }\n").expect("write");
-    let o = cluster.msmae(d.path()).args(["run", "bad.yaml", "--device", "cpu", "--executor", "slurm"]).output().expect("run");
+    fs::write(
+        d.path().join("bad.yaml"),
+        "name: bad\nstages:\n  data: { uses: ingest/imagefolder, with: { root: empty } }\n",
+    )
+    .expect("write");
+    let o = cluster
+        .msmae(d.path())
+        .args(["run", "bad.yaml", "--device", "cpu", "--executor", "slurm"])
+        .output()
+        .expect("run");
     let said = text(&o);
     assert!(!o.status.success(), "{said}");
     let job = said.split("Slurm job ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string();
     assert!(job.chars().all(|c| c.is_ascii_digit()) && !job.is_empty(), "the error names the job: {said}");
-    let log = said.split("log ").last().and_then(|r| r.split_whitespace().next()).map(PathBuf::from).expect("a log path");
+    let log =
+        said.split("log ").last().and_then(|r| r.split_whitespace().next()).map(PathBuf::from).expect("a log path");
     assert!(log.is_file(), "the log it names exists: {} ({said})", log.display());
     assert!(
         fs::read_to_string(&log).unwrap_or_default().contains("no class folders"),
@@ -239,7 +304,12 @@ fn two_drivers_on_one_store_compute_each_stage_once(cluster: &Cluster) {
     };
     let (a, b) = (spawn("a.lock"), spawn("b.lock"));
     let (a, b) = (text(&a.wait_with_output().expect("a")), text(&b.wait_with_output().expect("b")));
-    let ran = |s: &str| s.lines().find_map(|l| l.strip_prefix("twice: ")).and_then(|l| l.split(" ran").next()?.trim().parse::<usize>().ok()).unwrap_or(99);
+    let ran = |s: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("twice: "))
+            .and_then(|l| l.split(" ran").next()?.trim().parse::<usize>().ok())
+            .unwrap_or(99)
+    };
     assert_eq!(ran(&a) + ran(&b), 2, "each of the 2 stages ran once over both drivers:\n{a}\n{b}");
     assert_eq!(digests(&d.path().join("a.lock")), digests(&d.path().join("b.lock")));
 }
@@ -269,7 +339,11 @@ fn interrupting_the_driver_cancels_its_jobs(cluster: &Cluster) {
     let out = driver.wait_with_output().expect("driver ends");
     let t = Instant::now();
     while !cluster.queue().is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(60), "jobs left in the queue a minute after Ctrl-C: {}", cluster.queue());
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "jobs left in the queue a minute after Ctrl-C: {}",
+            cluster.queue()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let said = text(&out);
@@ -292,7 +366,11 @@ fn a_job_over_its_time_limit_is_retried_from_its_checkpoint(cluster: &Cluster) {
         msmae_tests::TINY_MODEL
     );
     fs::write(d.path().join("slow.yaml"), yaml).expect("write");
-    let o = cluster.msmae(d.path()).args(["run", "slow.yaml", "--device", "cpu", "--executor", "slurm", "--retries", "1"]).output().expect("run");
+    let o = cluster
+        .msmae(d.path())
+        .args(["run", "slow.yaml", "--device", "cpu", "--executor", "slurm", "--retries", "1"])
+        .output()
+        .expect("run");
     let said = text(&o);
     assert!(!o.status.success(), "{said}");
     assert!(said.contains("ended by time limit; resubmitting from its checkpoint (1 of 1 retries)"), "{said}");
@@ -302,7 +380,9 @@ fn a_job_over_its_time_limit_is_retried_from_its_checkpoint(cluster: &Cluster) {
         .expect("slurm dir")
         .flatten()
         .flat_map(|run| fs::read_dir(run.path()).into_iter().flatten().flatten())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("pre-") && e.file_name().to_string_lossy().ends_with(".log"))
+        .filter(|e| {
+            e.file_name().to_string_lossy().starts_with("pre-") && e.file_name().to_string_lossy().ends_with(".log")
+        })
         .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
     assert_eq!(logs.len(), 2, "two attempts, two logs");
@@ -321,7 +401,11 @@ fn a_job_without_the_device_it_was_keyed_for_fails(cluster: &Cluster) {
         msmae_tests::TINY_MODEL
     );
     fs::write(d.path().join("gpu.yaml"), yaml).expect("write");
-    let o = cluster.msmae(d.path()).args(["run", "gpu.yaml", "--device", "cuda", "--executor", "slurm"]).output().expect("run");
+    let o = cluster
+        .msmae(d.path())
+        .args(["run", "gpu.yaml", "--device", "cuda", "--executor", "slurm"])
+        .output()
+        .expect("run");
     let said = text(&o);
     assert!(!o.status.success(), "{said}");
     assert!(said.contains("gpu: 1 ran, 0 cached, 1 failed"), "the ingestion job ran, the training job failed: {said}");

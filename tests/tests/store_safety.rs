@@ -29,12 +29,14 @@ fn text(o: &Output) -> String {
 }
 
 fn files_under(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = msmae_pipeline::hashing::list_files(p).expect("list").into_iter().map(|(r, _)| r).collect();
+    let mut v: Vec<String> =
+        msmae_pipeline::hashing::list_files(p).expect("list").into_iter().map(|(r, _)| r).collect();
     v.sort();
     v
 }
 
-const TINY: &str = "name: p\nstages:\n  data: { uses: ingest/synthetic, with: { images: 40, size: 32, previews: 1 } }\n";
+const TINY: &str =
+    "name: p\nstages:\n  data: { uses: ingest/synthetic, with: { images: 40, size: 32, previews: 1 } }\n";
 
 #[test]
 fn an_ordinary_directory_is_refused_as_a_store_and_keeps_its_files() {
@@ -63,7 +65,10 @@ fn an_ordinary_directory_is_refused_as_a_store_and_keeps_its_files() {
     // A new directory and an empty one become stores (with the marker); a store is reused.
     fs::create_dir_all(d.path().join("empty")).expect("mkdir");
     for store in ["fresh/nested", "empty"] {
-        let o = msmae(d.path(), &["run", "proj/p.yaml", "--store", store, "--lock", &format!("{}.lock", store.replace('/', "-"))]);
+        let o = msmae(
+            d.path(),
+            &["run", "proj/p.yaml", "--store", store, "--lock", &format!("{}.lock", store.replace('/', "-"))],
+        );
         assert!(o.status.success(), "{store}: {}", text(&o));
         assert!(d.path().join(store).join("MSMAE_STORE").is_file(), "{store} is marked");
     }
@@ -164,7 +169,9 @@ fn gc_keeps_what_a_missing_lock_file_referenced_until_it_is_forgotten() {
         assert!(store.has_object(digest), "{digest} was kept");
     }
     fs::rename(d.path().join("away"), d.path().join("one.lock")).expect("restore");
-    let (checked, bad) = inspect::verify(&store, &msmae_pipeline::LockFile::read(&d.path().join("one.lock"), "one").expect("lock")).expect("verify");
+    let (checked, bad) =
+        inspect::verify(&store, &msmae_pipeline::LockFile::read(&d.path().join("one.lock"), "one").expect("lock"))
+            .expect("verify");
     assert!(bad.is_empty() && checked == 2, "{bad:?}");
     // A cached run registers its root again, even when the root record was lost.
     for r in store.roots().expect("roots") {
@@ -190,7 +197,10 @@ fn a_lock_file_belongs_to_one_pipeline_file() {
     assert!(before.contains("pipeline_file: a.yaml"), "{before}");
     // a.yml defaults to the same a.lock: refused, naming both and the fix.
     let e = run_pipeline(d.path(), "a.yml", None).expect_err("refused").to_string();
-    assert!(e.contains("belongs to pipeline") && e.contains("a.yaml") && e.contains("a.yml") && e.contains("--lock"), "{e}");
+    assert!(
+        e.contains("belongs to pipeline") && e.contains("a.yaml") && e.contains("a.yml") && e.contains("--lock"),
+        "{e}"
+    );
     assert_eq!(fs::read_to_string(d.path().join("a.lock")).expect("lock"), before, "the lock file is untouched");
     // A shared --lock likewise; its own lock file works.
     fs::create_dir_all(d.path().join("sub")).expect("mkdir");
@@ -209,10 +219,15 @@ fn report_never_overwrites_the_pipeline_a_lock_file_the_store_or_a_foreign_file(
     fs::write(d.path().join("p.yaml"), TINY).expect("write");
     assert!(msmae(d.path(), &["run", "p.yaml"]).status.success());
     fs::write(d.path().join("notes.html"), "<html>mine</html>").expect("write");
-    let object = msmae_tests::artifact_dir(&d.path().join(".msmae"), &d.path().join("p.lock"), "data").join("split_report.json");
+    let object =
+        msmae_tests::artifact_dir(&d.path().join(".msmae"), &d.path().join("p.lock"), "data").join("split_report.json");
     let object_s = object.to_string_lossy().into_owned();
-    let guarded =
-        [("p.yaml", "pipeline file"), ("p.lock", "lock file"), ("notes.html", "not a report msmae wrote"), (object_s.as_str(), "inside the artifact store")];
+    let guarded = [
+        ("p.yaml", "pipeline file"),
+        ("p.lock", "lock file"),
+        ("notes.html", "not a report msmae wrote"),
+        (object_s.as_str(), "inside the artifact store"),
+    ];
     for (target, why) in guarded {
         let before = fs::read(d.path().join(target)).expect("read");
         let o = msmae(d.path(), &["report", "p.yaml", "-o", target]);
@@ -228,7 +243,11 @@ fn report_never_overwrites_the_pipeline_a_lock_file_the_store_or_a_foreign_file(
     fs::write(d.path().join("p.yml"), TINY.replace("images: 40", "images: 41")).expect("write");
     for cmd in ["status", "show", "report"] {
         let o = msmae(d.path(), &[cmd, "p.yml"]);
-        assert!(!o.status.success() && text(&o).contains("belongs to pipeline") && text(&o).contains("--lock"), "{cmd}: {}", text(&o));
+        assert!(
+            !o.status.success() && text(&o).contains("belongs to pipeline") && text(&o).contains("--lock"),
+            "{cmd}: {}",
+            text(&o)
+        );
     }
 }
 
@@ -247,7 +266,8 @@ fn bounds_on_jobs_nesting_names_params_counts_and_encodings() {
     let o = msmae(d.path(), &["run", "p.yaml", "--set", "params.sise=64", "--dry-run"]);
     assert_eq!(code(&o), 2, "{}", text(&o));
     assert!(text(&o).contains("did you mean `params.size`"), "{}", text(&o));
-    fs::write(d.path().join("deep.yaml"), format!("stages: {}{}\n", "[".repeat(100_000), "]".repeat(100_000))).expect("write");
+    fs::write(d.path().join("deep.yaml"), format!("stages: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)))
+        .expect("write");
     let t = std::time::Instant::now();
     let o = msmae(d.path(), &["run", "deep.yaml", "--dry-run"]);
     assert_eq!(code(&o), 2, "{}", text(&o));
@@ -257,11 +277,19 @@ fn bounds_on_jobs_nesting_names_params_counts_and_encodings() {
     let o = msmae(d.path(), &["run", "latin1.yaml"]);
     assert_eq!(code(&o), 2, "{}", text(&o));
     assert!(text(&o).contains("not UTF-8"), "{}", text(&o));
-    fs::write(d.path().join("huge.yaml"), "name: h\nstages:\n  data: { uses: ingest/synthetic, with: { images: 1000000000 } }\n").expect("write");
+    fs::write(
+        d.path().join("huge.yaml"),
+        "name: h\nstages:\n  data: { uses: ingest/synthetic, with: { images: 1000000000 } }\n",
+    )
+    .expect("write");
     let o = msmae(d.path(), &["run", "huge.yaml"]);
     assert_eq!(code(&o), 2, "{}", text(&o));
     assert!(text(&o).contains("images"), "{}", text(&o));
-    fs::write(d.path().join("abs.yaml"), "name: /tmp/escape\nstages:\n  data: { uses: ingest/synthetic, with: { images: 40 } }\n").expect("write");
+    fs::write(
+        d.path().join("abs.yaml"),
+        "name: /tmp/escape\nstages:\n  data: { uses: ingest/synthetic, with: { images: 40 } }\n",
+    )
+    .expect("write");
     let o = msmae(d.path(), &["run", "abs.yaml", "--tensorboard", "tb"]);
     assert_eq!(code(&o), 2, "an absolute pipeline name is refused (it names folders): {}", text(&o));
 }
@@ -290,12 +318,18 @@ fn non_regular_files_in_an_image_folder_are_rejects() {
     let o = msmae(d.path(), &["run", "p.yaml"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(t.elapsed().as_secs() < 120);
-    let rejects =
-        fs::read_to_string(msmae_tests::artifact_dir(&d.path().join(".msmae"), &d.path().join("p.lock"), "data").join("rejects.json")).expect("rejects");
+    let rejects = fs::read_to_string(
+        msmae_tests::artifact_dir(&d.path().join(".msmae"), &d.path().join("p.lock"), "data").join("rejects.json"),
+    )
+    .expect("rejects");
     assert!(rejects.contains("x.png") && rejects.contains("FIFO"), "{rejects}");
     assert!(rejects.contains("zero.png") && rejects.contains("device"), "{rejects}");
     // Without `skip` the run stops naming the file.
-    fs::write(d.path().join("q.yaml"), "name: q\nstages:\n  data: { uses: ingest/imagefolder, with: { root: imgs, size: 16, channels: 1 } }\n").expect("write");
+    fs::write(
+        d.path().join("q.yaml"),
+        "name: q\nstages:\n  data: { uses: ingest/imagefolder, with: { root: imgs, size: 16, channels: 1 } }\n",
+    )
+    .expect("write");
     let o = msmae(d.path(), &["run", "q.yaml"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("x.png") || text(&o).contains("zero.png"), "{}", text(&o));

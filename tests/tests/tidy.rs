@@ -45,7 +45,11 @@ fn every_rust_file_opens_with_a_module_doc() {
         .filter(|p| !fs::read_to_string(p).unwrap_or_default().trim_start_matches('\u{feff}').starts_with("//!"))
         .map(|p| p.strip_prefix(root()).unwrap_or(p).display().to_string())
         .collect();
-    assert!(missing.is_empty(), "these files do not open with a `//!` line saying what lives there:\n  {}", missing.join("\n  "));
+    assert!(
+        missing.is_empty(),
+        "these files do not open with a `//!` line saying what lives there:\n  {}",
+        missing.join("\n  ")
+    );
 }
 
 /// Repository paths mentioned in `text`: a run of path characters that starts with one of
@@ -112,7 +116,8 @@ fn documents_and_comments_refer_only_to_files_that_exist() {
     for f in rust_files() {
         // Comments only: string literals in tests name files that must *not* exist.
         let text = fs::read_to_string(&f).unwrap_or_default();
-        let comments: String = text.lines().filter_map(|l| l.trim_start().strip_prefix("//")).collect::<Vec<_>>().join("\n");
+        let comments: String =
+            text.lines().filter_map(|l| l.trim_start().strip_prefix("//")).collect::<Vec<_>>().join("\n");
         check(&f, &comments);
     }
     assert!(broken.is_empty(), "references to files that do not exist:\n  {}", broken.join("\n  "));
@@ -137,7 +142,11 @@ fn every_crate_depends_only_on_what_the_architecture_allows() {
             in_table = false;
         }
         if in_table && cells.len() == 2 && cells[0].trim_matches('`').starts_with("msmae-") {
-            let deps = cells[1].split(',').map(|d| d.trim().trim_matches('`').to_string()).filter(|d| d.starts_with("msmae-")).collect();
+            let deps = cells[1]
+                .split(',')
+                .map(|d| d.trim().trim_matches('`').to_string())
+                .filter(|d| d.starts_with("msmae-"))
+                .collect();
             allowed.insert(cells[0].trim_matches('`').to_string(), deps);
         }
     }
@@ -171,7 +180,14 @@ fn narration(text: &str) -> Vec<String> {
                 out.push(format!("line {}: `{} {}`", n + 1, w[0], w[1]));
             }
         }
-        for phrase in ["before the rewrite", "after the rewrite", "development round", "loader rewrite", "this session", "last session"] {
+        for phrase in [
+            "before the rewrite",
+            "after the rewrite",
+            "development round",
+            "loader rewrite",
+            "this session",
+            "last session",
+        ] {
             if line.contains(phrase) {
                 out.push(format!("line {}: `{phrase}`", n + 1));
             }
@@ -196,17 +212,25 @@ fn docs_pipelines_scripts_and_comments_speak_of_the_product_as_it_is() {
     }
     for f in rust_files() {
         let text = fs::read_to_string(&f).unwrap_or_default();
-        let comments: String = text.lines().map(|l| l.trim_start().strip_prefix("//").unwrap_or("")).collect::<Vec<_>>().join("\n");
+        let comments: String =
+            text.lines().map(|l| l.trim_start().strip_prefix("//").unwrap_or("")).collect::<Vec<_>>().join("\n");
         for hit in narration(&comments) {
             found.push(format!("{}: {hit}", f.strip_prefix(&root).unwrap_or(&f).display()));
         }
     }
-    assert!(found.is_empty(), "history narration or tracker numbers (put them in CHANGELOG.md):\n  {}", found.join("\n  "));
+    assert!(
+        found.is_empty(),
+        "history narration or tracker numbers (put them in CHANGELOG.md):\n  {}",
+        found.join("\n  ")
+    );
 }
 
 #[test]
 fn the_narration_check_finds_what_it_should() {
-    assert_eq!(narration("as of issue 17 and Session 7;\nafter the loader rewrite"), ["line 1: `issue 17`", "line 1: `session 7`", "line 2: `loader rewrite`"]);
+    assert_eq!(
+        narration("as of issue 17 and Session 7;\nafter the loader rewrite"),
+        ["line 1: `issue 17`", "line 1: `session 7`", "line 2: `loader rewrite`"]
+    );
     assert!(narration("repeat: 3 — round 2 uses seed 2; an issue with the data; issues 3").is_empty());
 }
 
@@ -216,8 +240,11 @@ fn the_narration_check_finds_what_it_should() {
 fn every_method_section_that_is_cited_exists() {
     let root = root();
     let method = fs::read_to_string(root.join("docs/method.md")).expect("docs/method.md");
-    let headings: Vec<String> =
-        method.lines().filter(|l| l.starts_with('#')).filter_map(|l| l.split_whitespace().nth(1).filter(|w| w.starts_with('§')).map(str::to_string)).collect();
+    let headings: Vec<String> = method
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(1).filter(|w| w.starts_with('§')).map(str::to_string))
+        .collect();
     assert!(headings.len() >= 5, "docs/method.md has numbered (§) headings: {headings:?}");
     let mut sources = rust_files();
     for d in ["pipelines", "docs", "crates", "scripts"] {
@@ -231,12 +258,19 @@ fn every_method_section_that_is_cited_exists() {
         // this file, which spells the pattern itself.
         let text = if f.ends_with("tests/tidy.rs") { String::new() } else { raw };
         for (i, _) in text.match_indices("method.md §") {
-            let cited: String = text[i + "method.md ".len()..].chars().take_while(|c| *c == '§' || c.is_ascii_digit() || *c == '.').collect();
+            let cited: String = text[i + "method.md ".len()..]
+                .chars()
+                .take_while(|c| *c == '§' || c.is_ascii_digit() || *c == '.')
+                .collect();
             let cited = cited.trim_end_matches('.').to_string();
             if !headings.contains(&cited) {
                 missing.push(format!("{}: {cited}", f.strip_prefix(&root).unwrap_or(&f).display()));
             }
         }
     }
-    assert!(missing.is_empty(), "cited sections of docs/method.md that are not headings there:\n  {}", missing.join("\n  "));
+    assert!(
+        missing.is_empty(),
+        "cited sections of docs/method.md that are not headings there:\n  {}",
+        missing.join("\n  ")
+    );
 }

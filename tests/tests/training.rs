@@ -11,7 +11,13 @@ use std::time::{Duration, Instant};
 use msmae_tests::{TINY_MODEL as MODEL, artifact_dir, lock_digests as digests, tiny_study as study};
 
 fn msmae(dir: &Path, backend: &str, args: &[&str]) -> Output {
-    Command::new(msmae_tests::msmae_bin()).current_dir(dir).args(args).env_remove("MSMAE_STORE").env("MSMAE_BACKEND", backend).output().expect("run msmae")
+    Command::new(msmae_tests::msmae_bin())
+        .current_dir(dir)
+        .args(args)
+        .env_remove("MSMAE_STORE")
+        .env("MSMAE_BACKEND", backend)
+        .output()
+        .expect("run msmae")
 }
 
 fn text(o: &Output) -> String {
@@ -73,13 +79,20 @@ fn the_msmae_study_runs_end_to_end_with_real_outputs_and_is_bit_identical() {
     let seg = json(&artifact_dir(&store, &lock, "seg").join("metrics.json"));
     let dice = seg["dice"].as_f64().expect("dice");
     assert!((0.0..=1.0).contains(&dice) && seg["images_with_lesion"].as_u64().unwrap_or(0) > 0, "{seg}");
-    assert_eq!(seg["blocks"], serde_json::json!([1, 2]), "two evenly spread blocks of a 2-block encoder (deduplicated)");
+    assert_eq!(
+        seg["blocks"],
+        serde_json::json!([1, 2]),
+        "two evenly spread blocks of a 2-block encoder (deduplicated)"
+    );
 
     // map refresh as DAG rounds: round 2 continues from round 1 under masks from its maps
     let r2 = json(&artifact_dir(&store, &lock, "rounds.2.pretrain").join("history.json"));
     assert!(r2["epochs"][0]["masking"].as_str().unwrap_or("").starts_with("Msmae"), "{r2}");
     let a2 = json(&artifact_dir(&store, &lock, "rounds.2.attn").join("summary.json"));
-    assert_eq!(a2["model"].as_str(), digests(&lock).iter().find(|(s, _)| s == "rounds.1.pretrain").map(|(_, d)| d.as_str()));
+    assert_eq!(
+        a2["model"].as_str(),
+        digests(&lock).iter().find(|(s, _)| s == "rounds.1.pretrain").map(|(_, d)| d.as_str())
+    );
 
     // the same pipeline from scratch elsewhere: every artifact bit-identical
     let o = msmae(b.path(), backend, &["run", "tinystudy.yaml"]);
@@ -119,15 +132,24 @@ fn killed_training_resumes_to_the_uninterrupted_result(yaml: &str, epochs: u64) 
     let resume = cut.path().join(".msmae/resume");
     let t = Instant::now();
     let epochs_done = loop {
-        let state = fs::read_dir(&resume).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path().join("state.json"));
-        if let Some(v) = state.and_then(|p| fs::read(p).ok()).and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
+        let state = fs::read_dir(&resume)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.path().join("state.json"));
+        if let Some(v) =
+            state.and_then(|p| fs::read(p).ok()).and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        {
             let n = v["epochs_done"].as_u64().unwrap_or(0);
             if n >= 3 {
                 child.kill().expect("kill");
                 break n;
             }
         }
-        assert!(child.try_wait().expect("wait").is_none(), "training finished before it could be killed; make it longer");
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "training finished before it could be killed; make it longer"
+        );
         assert!(t.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -142,7 +164,10 @@ fn killed_training_resumes_to_the_uninterrupted_result(yaml: &str, epochs: u64) 
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("resuming after epoch"), "{}", text(&o));
     assert_eq!(digests(&cut.path().join("resume.lock")), want, "resumed run differs from the uninterrupted one");
-    assert!(fs::read_dir(&resume).map(|d| d.count()).unwrap_or(0) == 0, "checkpoints are removed once the artifact is committed");
+    assert!(
+        fs::read_dir(&resume).map(|d| d.count()).unwrap_or(0) == 0,
+        "checkpoints are removed once the artifact is committed"
+    );
 }
 
 #[test]
@@ -163,10 +188,17 @@ fn bad_training_configs_are_refused_before_anything_runs() {
     let o = msmae(d.path(), "flex", &["run", "bad.yaml"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("bad.yaml:4:") && t.contains("stages.ft.with.mask_ratio") && t.contains("finetune/msmae"), "{t}");
+    assert!(
+        t.contains("bad.yaml:4:") && t.contains("stages.ft.with.mask_ratio") && t.contains("finetune/msmae"),
+        "{t}"
+    );
     assert!(t.contains("bad.yaml:5:") && t.contains("stages.pre.with.min_lr"), "{t}");
     assert!(t.contains("stages.seg.with.blocks"), "{t}");
-    assert!(!d.path().join(".msmae/objects").exists() || fs::read_dir(d.path().join(".msmae/objects")).map(|r| r.count()).unwrap_or(0) == 0, "nothing ran");
+    assert!(
+        !d.path().join(".msmae/objects").exists()
+            || fs::read_dir(d.path().join(".msmae/objects")).map(|r| r.count()).unwrap_or(0) == 0,
+        "nothing ran"
+    );
 }
 
 /// How often a training stage checkpoints is not part of what it produces: changing it
@@ -225,15 +257,24 @@ fn an_exported_mae_imports_into_another_pipeline_and_fine_tunes() {
         fs::read(pre.join("model.safetensors")).expect("pre-trained"),
         "export → import is bit-exact"
     );
-    assert_eq!(json(&artifact_dir(&store, &lock2, "mae").join("model.json"))["normalizer"], meta["normalizer"], "the export's normalisation came back");
+    assert_eq!(
+        json(&artifact_dir(&store, &lock2, "mae").join("model.json"))["normalizer"],
+        meta["normalizer"],
+        "the export's normalisation came back"
+    );
     let h = json(&artifact_dir(&store, &lock2, "ft").join("history.json"));
     assert_eq!(h["epochs"].as_array().map(Vec::len), Some(1), "{h}");
     // A mismatched architecture stops the import naming the file and the tensors.
-    let wrong =
-        fs::read_to_string(d.path().join("second.yaml")).expect("read").replace("depth: 2, num_heads: 2, decoder_dim", "depth: 3, num_heads: 2, decoder_dim");
+    let wrong = fs::read_to_string(d.path().join("second.yaml"))
+        .expect("read")
+        .replace("depth: 2, num_heads: 2, decoder_dim", "depth: 3, num_heads: 2, decoder_dim");
     fs::write(d.path().join("second.yaml"), wrong).expect("write");
     let o = msmae(d.path(), "flex", &["run", "second.yaml"]);
-    assert!(!o.status.success() && text(&o).contains("model.safetensors") && text(&o).contains("blocks.2."), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("model.safetensors") && text(&o).contains("blocks.2."),
+        "{}",
+        text(&o)
+    );
 }
 
 /// `finetune/linear` on a tiny pre-trained MAE: the probe trains (LARS, batch norm + head),
@@ -254,7 +295,12 @@ fn a_linear_probe_trains_a_head_on_a_frozen_encoder_and_is_evaluated() {
     let h = json(&artifact_dir(&store, &lock, "lin").join("history.json"));
     let epochs = h["epochs"].as_array().expect("epochs");
     assert_eq!(epochs.len(), 3, "{h}");
-    assert!(epochs.iter().all(|e| e["train_loss"].as_f64().is_some_and(f64::is_finite) && e["val_accuracy"].as_f64().is_some()), "{h}");
+    assert!(
+        epochs
+            .iter()
+            .all(|e| e["train_loss"].as_f64().is_some_and(f64::is_finite) && e["val_accuracy"].as_f64().is_some()),
+        "{h}"
+    );
     assert_eq!(h["summary"]["pool"], "cls", "{h}");
     let meta = json(&artifact_dir(&store, &lock, "lin").join("model.json"));
     assert_eq!((meta["kind"].as_str(), meta["trained_by"].as_str()), (Some("vit"), Some("finetune/linear")), "{meta}");
@@ -263,14 +309,24 @@ fn a_linear_probe_trains_a_head_on_a_frozen_encoder_and_is_evaluated() {
     assert!((0.0..=1.0).contains(&acc), "{m}");
     // the frozen encoder: the classifier's blocks read the same CLS attention as the MAE's
     let maps = |stage: &str| {
-        let (_, rows) = msmae_data::attention::read_attention(&artifact_dir(&store, &lock, stage).join("attention.parquet")).expect("maps");
+        let (_, rows) =
+            msmae_data::attention::read_attention(&artifact_dir(&store, &lock, stage).join("attention.parquet"))
+                .expect("maps");
         rows.into_iter().map(|r| r.weights).collect::<Vec<_>>()
     };
     assert_eq!(maps("attn-pre"), maps("attn-lin"), "the probe left the encoder as it was");
-    let preds = |stage: &str| fs::read(artifact_dir(&store, &lock, stage).join("predictions.parquet")).expect("predictions");
+    let preds =
+        |stage: &str| fs::read(artifact_dir(&store, &lock, stage).join("predictions.parquet")).expect("predictions");
     assert_ne!(preds("lin"), preds("lin-mean"), "CLS and mean pooling are different probes");
     // a bad config is refused naming the field
-    fs::write(d.path().join("bad.yaml"), fs::read_to_string(d.path().join("probe.yaml")).expect("read").replace("name: probe", "name: bad").replace("pool: mean", "pool: max")).expect("write");
+    fs::write(
+        d.path().join("bad.yaml"),
+        fs::read_to_string(d.path().join("probe.yaml"))
+            .expect("read")
+            .replace("name: probe", "name: bad")
+            .replace("pool: mean", "pool: max"),
+    )
+    .expect("write");
     let o = msmae(d.path(), "auto", &["run", "bad.yaml"]);
     assert!(!o.status.success() && text(&o).contains("pool"), "{}", text(&o));
 }
@@ -313,8 +369,12 @@ stages:
     let (store, lock) = (d.path().join(".msmae"), d.path().join("switches.lock"));
 
     // diffuse data: large marked regions, the diffuse class names
-    let report = fs::read_to_string(artifact_dir(&store, &lock, "data").join("split_report.json")).expect("split report");
-    assert!(report.contains("lucency") && report.contains("reticular") && !report.contains("nodule"), "the diffuse class names: {report}");
+    let report =
+        fs::read_to_string(artifact_dir(&store, &lock, "data").join("split_report.json")).expect("split report");
+    assert!(
+        report.contains("lucency") && report.contains("reticular") && !report.contains("nodule"),
+        "the diffuse class names: {report}"
+    );
 
     // three map methods, each a map per image, each named in its summary, not all equal
     let maps: Vec<Vec<u8>> = ["cls", "rollout", "gradient"]
@@ -335,7 +395,11 @@ stages:
     // summary scores and the masks rank by; every smoothed map is the 3×3 max of its raw map
     let dir = artifact_dir(&store, &lock, "attn-smooth");
     let s = json(&dir.join("summary.json"));
-    assert_eq!((s["method"].as_str(), &s["smooth"]), (Some("rollout"), &serde_json::json!({ "op": "max", "size": 3 })), "{s}");
+    assert_eq!(
+        (s["method"].as_str(), &s["smooth"]),
+        (Some("rollout"), &serde_json::json!({ "op": "max", "size": 3 })),
+        "{s}"
+    );
     let read = |p: &Path| -> ([usize; 2], Vec<Vec<f32>>) {
         let (meta, rows) = msmae_data::attention::read_attention(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         ([meta.grid[0] as usize, meta.grid[1] as usize], rows.into_iter().map(|r| r.weights).collect())
@@ -347,8 +411,17 @@ stages:
     assert_eq!((grid, smoothed.len()), ([4, 4], 120));
     // the 3×3 max, cut at the border, computed here independently
     let max3 = |m: &[f32]| -> Vec<f32> {
-        let at = |y: i64, x: i64| if (0..4).contains(&y) && (0..4).contains(&x) { m[(y * 4 + x) as usize] } else { f32::NEG_INFINITY };
-        (0..16i64).map(|i| (-1..=1).flat_map(|dy| (-1..=1).map(move |dx| (dy, dx))).map(|(dy, dx)| at(i / 4 + dy, i % 4 + dx)).fold(f32::NEG_INFINITY, f32::max)).collect()
+        let at = |y: i64, x: i64| {
+            if (0..4).contains(&y) && (0..4).contains(&x) { m[(y * 4 + x) as usize] } else { f32::NEG_INFINITY }
+        };
+        (0..16i64)
+            .map(|i| {
+                (-1..=1)
+                    .flat_map(|dy| (-1..=1).map(move |dx| (dy, dx)))
+                    .map(|(dy, dx)| at(i / 4 + dy, i % 4 + dx))
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
+            .collect()
     };
     for (a, b) in smoothed.iter().zip(&plain) {
         assert_eq!(a, &max3(b), "a smoothed map is the 3×3 max of its raw map");
@@ -374,7 +447,8 @@ stages:
 
     // eval/compare over the seeds: a summary per method, one paired row
     let c = json(&artifact_dir(&store, &lock, "report").join("comparison.json"));
-    let methods: Vec<&str> = c["methods"].as_array().expect("methods").iter().filter_map(|m| m["method"].as_str()).collect();
+    let methods: Vec<&str> =
+        c["methods"].as_array().expect("methods").iter().filter_map(|m| m["method"].as_str()).collect();
     assert_eq!(methods, ["seeds.*.eval-highest", "seeds.*.eval-uniform"], "{c}");
     assert_eq!(c["methods"][0]["rounds"], serde_json::json!([1, 2]), "{c}");
     assert_eq!(c["paired"].as_array().map(Vec::len), Some(1), "{c}");
@@ -385,7 +459,9 @@ stages:
     assert!(o.status.success() && text(&o).contains(" ± "), "{}", text(&o));
 
     // a smoothing of even size is refused naming the field
-    let bad = fs::read_to_string(d.path().join("switches.yaml")).expect("read").replace("smooth: { op: max, size: 3 }", "smooth: { op: max, size: 2 }");
+    let bad = fs::read_to_string(d.path().join("switches.yaml"))
+        .expect("read")
+        .replace("smooth: { op: max, size: 3 }", "smooth: { op: max, size: 2 }");
     fs::write(d.path().join("even.yaml"), bad.replace("name: switches", "name: even")).expect("write");
     let o = msmae(d.path(), "auto", &["run", "even.yaml"]);
     assert!(!o.status.success() && text(&o).contains("smooth") && text(&o).contains("odd"), "{}", text(&o));

@@ -26,12 +26,16 @@ use crate::toolchain::Toolchain;
 pub const GPU_TORCH_VERSION: &str = "2.11.0";
 const LINK_RECIPE: &str = "pypi-torch-2.11.0-cu130-wheel-link-only-v1";
 const LINK_DIR_NAME: &str = "libtorch-2.11.0-cu130-link";
-const GPU_TORCH_WHEEL: (&str, &str, &str) =
-    ("torch==2.11.0", "torch-2.11.0-cp311-cp311-manylinux_2_28_x86_64.whl", "7aa2f9bbc6d4595ba72138026b2074be1233186150e9292865e04b7a63b8c67a");
+const GPU_TORCH_WHEEL: (&str, &str, &str) = (
+    "torch==2.11.0",
+    "torch-2.11.0-cp311-cp311-manylinux_2_28_x86_64.whl",
+    "7aa2f9bbc6d4595ba72138026b2074be1233186150e9292865e04b7a63b8c67a",
+);
 /// Libraries torch-sys links (plus libgomp, found by pattern).
 const LINK_LIBS: &[&str] = &["libc10.so", "libc10_cuda.so", "libtorch.so", "libtorch_cpu.so", "libtorch_cuda.so"];
 /// What goes into the bundle: (cargo target flag, name).
-pub const BUNDLE_BINARIES: &[(&str, &str)] = &[("--bin", "msmae"), ("--example", "bench_model"), ("--example", "bench_loader")];
+pub const BUNDLE_BINARIES: &[(&str, &str)] =
+    &[("--bin", "msmae"), ("--example", "bench_model"), ("--example", "bench_loader")];
 /// The device takes at most 64 MiB with the working tree; the bundle stays well under.
 pub const BUNDLE_LIMIT_BYTES: u64 = 40 * 1024 * 1024;
 pub const BUNDLE_DIR: &str = "gpu-bundle";
@@ -90,16 +94,26 @@ pub fn ensure_link_libtorch() -> Result<PathBuf> {
     fs::create_dir_all(&downloads).with_context(|| format!("creating {}", downloads.display()))?;
     let (req, file, sha) = GPU_TORCH_WHEEL;
     let requirements = downloads.join("requirements.txt");
-    fs::write(&requirements, format!("{req} --hash=sha256:{sha}\n")).with_context(|| format!("writing {}", requirements.display()))?;
+    fs::write(&requirements, format!("{req} --hash=sha256:{sha}\n"))
+        .with_context(|| format!("writing {}", requirements.display()))?;
     let python = std::env::var("MSMAE_PYTHON").unwrap_or_else(|_| "python3".into());
     eprintln!("[gpu-bundle] downloading {req} (~530 MB) from PyPI");
     let mut pip = Command::new(&python);
-    pip.args(["-m", "pip", "download", "--no-deps", "--progress-bar", "off", "--disable-pip-version-check", "--require-hashes"])
-        .args(libtorch::PIP_TARGET_ARGS)
-        .arg("-r")
-        .arg(&requirements)
-        .arg("-d")
-        .arg(&downloads);
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--progress-bar",
+        "off",
+        "--disable-pip-version-check",
+        "--require-hashes",
+    ])
+    .args(libtorch::PIP_TARGET_ARGS)
+    .arg("-r")
+    .arg(&requirements)
+    .arg("-d")
+    .arg(&downloads);
     check(&mut pip, "pip download torch==2.11.0")?;
     let stage = parent.join(format!(".{LINK_DIR_NAME}.tmp-{}", std::process::id()));
     let _ = fs::remove_dir_all(&stage);
@@ -107,7 +121,10 @@ pub fn ensure_link_libtorch() -> Result<PathBuf> {
     unpack.arg("-c").arg(UNPACK_LINK_PY).arg(&stage).arg(downloads.join(file)).args(LINK_LIBS);
     check(&mut unpack, "unpacking the torch 2.11.0 wheel")?;
     let lib = stage.join("lib");
-    let gomp = fs::read_dir(&lib)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.starts_with("libgomp.so."));
+    let gomp = fs::read_dir(&lib)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libgomp.so."));
     if let Some(g) = gomp {
         std::os::unix::fs::symlink(&g, lib.join("libgomp.so")).context("linking libgomp.so")?;
     }
@@ -134,7 +151,11 @@ fn output(c: &mut Command, what: &str) -> Result<String> {
 /// `DT_NEEDED` entries of an ELF file (readelf, from binutils).
 fn needed(file: &Path) -> Result<Vec<String>> {
     let text = output(Command::new("readelf").arg("-d").arg(file), "readelf -d")?;
-    Ok(text.lines().filter(|l| l.contains("(NEEDED)")).filter_map(|l| Some(l.split('[').nth(1)?.trim_end_matches(']').to_string())).collect())
+    Ok(text
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| Some(l.split('[').nth(1)?.trim_end_matches(']').to_string()))
+        .collect())
 }
 
 /// Build, check, strip and pack the bundle into `ROOT/gpu-bundle/`; returns the archive.
@@ -143,7 +164,11 @@ pub fn bundle(tc: &Toolchain, root: &Path) -> Result<PathBuf> {
     for (flag, name) in BUNDLE_BINARIES {
         args.extend([*flag, *name]);
     }
-    eprintln!("[gpu-bundle] building {} against PyTorch {GPU_TORCH_VERSION} into {}", BUNDLE_BINARIES.len(), tc.target_dir.display());
+    eprintln!(
+        "[gpu-bundle] building {} against PyTorch {GPU_TORCH_VERSION} into {}",
+        BUNDLE_BINARIES.len(),
+        tc.target_dir.display()
+    );
     check(&mut tc.cargo(root, &args), "the bundle build")?;
     let out = root.join(BUNDLE_DIR);
     let stage = out.join("stage");
@@ -154,7 +179,12 @@ pub fn bundle(tc: &Toolchain, root: &Path) -> Result<PathBuf> {
         let built = if *flag == "--bin" { release.join(name) } else { release.join("examples").join(name) };
         let libs = needed(&built)?;
         // Without libtorch_cuda.so in DT_NEEDED the binary would load but see no GPU.
-        ensure!(libs.iter().any(|l| l == "libtorch_cuda.so"), "{} does not link libtorch_cuda.so (needs: {})", built.display(), libs.join(", "));
+        ensure!(
+            libs.iter().any(|l| l == "libtorch_cuda.so"),
+            "{} does not link libtorch_cuda.so (needs: {})",
+            built.display(),
+            libs.join(", ")
+        );
         let dest = stage.join("bin").join(name);
         check(Command::new("strip").arg("-o").arg(&dest).arg(&built), "strip")?;
     }
@@ -168,8 +198,13 @@ pub fn bundle(tc: &Toolchain, root: &Path) -> Result<PathBuf> {
         bail!("the bundle is {:.1} MiB, over the {} MiB limit", size as f64 / 1048576.0, BUNDLE_LIMIT_BYTES / 1048576);
     }
     fs::rename(&partial, &archive)?;
-    let commit = output(Command::new("git").arg("-C").arg(root).args(["rev-parse", "HEAD"]), "git rev-parse").unwrap_or_default();
-    let dirty = output(Command::new("git").arg("-C").arg(root).args(["status", "--porcelain", "--untracked-files=no"]), "git status").unwrap_or_default();
+    let commit = output(Command::new("git").arg("-C").arg(root).args(["rev-parse", "HEAD"]), "git rev-parse")
+        .unwrap_or_default();
+    let dirty = output(
+        Command::new("git").arg("-C").arg(root).args(["status", "--porcelain", "--untracked-files=no"]),
+        "git status",
+    )
+    .unwrap_or_default();
     let manifest = format!(
         "torch={GPU_TORCH_VERSION}\ncommit={}{}\nbinaries={}\nbytes={size}\n",
         commit.trim(),
@@ -178,7 +213,11 @@ pub fn bundle(tc: &Toolchain, root: &Path) -> Result<PathBuf> {
     );
     fs::write(out.join("MANIFEST"), manifest)?;
     let _ = fs::remove_dir_all(&stage);
-    eprintln!("[gpu-bundle] {} ({:.1} MiB); on the GPU machine run: bash scripts/gpu-check.sh", archive.display(), size as f64 / 1048576.0);
+    eprintln!(
+        "[gpu-bundle] {} ({:.1} MiB); on the GPU machine run: bash scripts/gpu-check.sh",
+        archive.display(),
+        size as f64 / 1048576.0
+    );
     Ok(archive)
 }
 

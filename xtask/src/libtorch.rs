@@ -88,7 +88,8 @@ pub const CPU_DIR_NAME: &str = "libtorch-2.9.0-cpu";
 /// Environment variables that would make torch-sys ignore or misread `LIBTORCH`;
 /// callers running cargo with [`cargo_env`] should remove them
 /// (`Command::env_remove`).
-pub const CONFLICTING_ENV_VARS: &[&str] = &["LIBTORCH_USE_PYTORCH", "LIBTORCH_INCLUDE", "LIBTORCH_LIB", "LIBTORCH_STATIC", "LIBTORCH_CXX11_ABI"];
+pub const CONFLICTING_ENV_VARS: &[&str] =
+    &["LIBTORCH_USE_PYTORCH", "LIBTORCH_INCLUDE", "LIBTORCH_LIB", "LIBTORCH_STATIC", "LIBTORCH_CXX11_ABI"];
 
 /// A wheel pinned by exact file name and sha256.
 struct Wheel {
@@ -148,8 +149,17 @@ const DROP_NEEDED: &[&str] = &["libtorch_cuda.so"];
 
 /// Libraries any glibc-based linux provides; every other `DT_NEEDED` entry must
 /// be satisfied from `DIR/lib`.
-const SYSTEM_LIBS: &[&str] =
-    &["libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "libutil.so.1", "libgcc_s.so.1", "libstdc++.so.6", "ld-linux-x86-64.so.2"];
+const SYSTEM_LIBS: &[&str] = &[
+    "libc.so.6",
+    "libm.so.6",
+    "libdl.so.2",
+    "libpthread.so.0",
+    "librt.so.1",
+    "libutil.so.1",
+    "libgcc_s.so.1",
+    "libstdc++.so.6",
+    "ld-linux-x86-64.so.2",
+];
 
 /// Files a finished slim install must have (relative to its root).
 const REQUIRED_FILES: &[&str] = &[
@@ -351,7 +361,10 @@ fn inspect(dir: &Path) -> DirState {
     };
     let want = Stamp::current_cpu();
     if stamp != want {
-        return DirState::Stale(format!("installed torch {} / recipe {}, want torch {} / recipe {}", stamp.torch, stamp.recipe, want.torch, want.recipe));
+        return DirState::Stale(format!(
+            "installed torch {} / recipe {}, want torch {} / recipe {}",
+            stamp.torch, stamp.recipe, want.torch, want.recipe
+        ));
     }
     let missing = missing_files(dir);
     if !missing.is_empty() {
@@ -419,7 +432,10 @@ pub fn cargo_env(dir: &Path) -> Vec<(String, String)> {
 }
 
 fn cargo_env_with(dir: &Path, ld_library_path: Option<OsString>) -> Vec<(String, String)> {
-    vec![("LIBTORCH".to_owned(), dir.to_string_lossy().into_owned()), ("LD_LIBRARY_PATH".to_owned(), prepend_path(&dir.join("lib"), ld_library_path))]
+    vec![
+        ("LIBTORCH".to_owned(), dir.to_string_lossy().into_owned()),
+        ("LD_LIBRARY_PATH".to_owned(), prepend_path(&dir.join("lib"), ld_library_path)),
+    ]
 }
 
 /// `first:rest…`, with empty entries and duplicates of `first` removed from `rest`.
@@ -458,7 +474,10 @@ fn check_pip(python: &OsStr) -> Result<()> {
 
 /// Runs `cmd` with its stdout sent to our stderr; fails unless it exits 0.
 fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.stdout(io::stderr()).status().with_context(|| format!("could not start {what} ({:?})", cmd.get_program()))?;
+    let status = cmd
+        .stdout(io::stderr())
+        .status()
+        .with_context(|| format!("could not start {what} ({:?})", cmd.get_program()))?;
     ensure!(status.success(), "{what} failed ({status})");
     Ok(())
 }
@@ -470,7 +489,11 @@ fn requirements_txt() -> String {
 fn download_wheels(python: &OsStr, downloads: &Path) -> Result<()> {
     let requirements = downloads.join("requirements.txt");
     fs::write(&requirements, requirements_txt()).with_context(|| format!("writing {}", requirements.display()))?;
-    eprintln!("[libtorch] downloading {} wheels from PyPI (torch is ~900 MB) into {}", ALL_WHEELS.len(), downloads.display());
+    eprintln!(
+        "[libtorch] downloading {} wheels from PyPI (torch is ~900 MB) into {}",
+        ALL_WHEELS.len(),
+        downloads.display()
+    );
     let started = Instant::now();
     let mut cmd = Command::new(python);
     cmd.args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--progress-bar", "off"])
@@ -481,7 +504,12 @@ fn download_wheels(python: &OsStr, downloads: &Path) -> Result<()> {
         .arg(&requirements);
     run_checked(&mut cmd, "`pip download` of the PyTorch wheels (is PyPI reachable?)")?;
     for w in ALL_WHEELS {
-        ensure!(downloads.join(w.file).is_file(), "pip reported success but {} is missing from {}", w.file, downloads.display());
+        ensure!(
+            downloads.join(w.file).is_file(),
+            "pip reported success but {} is missing from {}",
+            w.file,
+            downloads.display()
+        );
     }
     eprintln!("[libtorch] download done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
@@ -502,9 +530,23 @@ fn unpack(python: &OsStr, downloads: &Path, stage: &Path, patchelf: &Path) -> Re
 }
 
 fn print_needed(patchelf: &Path, file: &Path) -> Result<Vec<String>> {
-    let out = Command::new(patchelf).arg("--print-needed").arg(file).output().with_context(|| format!("could not run {}", patchelf.display()))?;
-    ensure!(out.status.success(), "`patchelf --print-needed {}` failed: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim());
-    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
+    let out = Command::new(patchelf)
+        .arg("--print-needed")
+        .arg(file)
+        .output()
+        .with_context(|| format!("could not run {}", patchelf.display()))?;
+    ensure!(
+        out.status.success(),
+        "`patchelf --print-needed {}` failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
 }
 
 fn drop_cuda_needed(patchelf: &Path, stage: &Path) -> Result<()> {
@@ -548,7 +590,11 @@ fn verify_needed(patchelf: &Path, stage: &Path) -> Result<String> {
             gomp = needed.into_iter().find(|n| n.starts_with("libgomp"));
         }
     }
-    ensure!(unresolved.is_empty(), "the slim libtorch is incomplete (the torch wheel's dependencies changed?): {}", unresolved.join("; "));
+    ensure!(
+        unresolved.is_empty(),
+        "the slim libtorch is incomplete (the torch wheel's dependencies changed?): {}",
+        unresolved.join("; ")
+    );
     gomp.context("libtorch_cpu.so has no DT_NEEDED entry for libgomp; the torch wheel layout changed")
 }
 
@@ -585,7 +631,11 @@ fn symlink(_target: &str, _link: &Path) -> io::Result<()> {
 
 fn dir_size(path: &Path) -> u64 {
     let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
-    if meta.is_dir() { fs::read_dir(path).map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum::<u64>()).unwrap_or(0) } else { meta.len() }
+    if meta.is_dir() {
+        fs::read_dir(path).map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum::<u64>()).unwrap_or(0)
+    } else {
+        meta.len()
+    }
 }
 
 fn remove_dir_if_exists(path: &Path) -> Result<()> {
@@ -636,7 +686,8 @@ fn swap_into_place(stage: &Path, dir: &Path, parent: &Path, name: &str) -> Resul
 fn install_cpu(dir: &Path) -> Result<()> {
     let started = Instant::now();
     let parent = dir.parent().with_context(|| format!("{} has no parent directory", dir.display()))?;
-    let name = dir.file_name().with_context(|| format!("{} has no file name", dir.display()))?.to_string_lossy().into_owned();
+    let name =
+        dir.file_name().with_context(|| format!("{} has no file name", dir.display()))?.to_string_lossy().into_owned();
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
 
     let python = python_program();
@@ -661,11 +712,15 @@ fn install_cpu(dir: &Path) -> Result<()> {
         symlink(&gomp, &gomp_link).with_context(|| format!("linking {} -> {gomp}", gomp_link.display()))?;
     }
     let build_version = stage.join("build-version");
-    fs::write(&build_version, format!("{TORCH_VERSION}\n")).with_context(|| format!("writing {}", build_version.display()))?;
+    fs::write(&build_version, format!("{TORCH_VERSION}\n"))
+        .with_context(|| format!("writing {}", build_version.display()))?;
     check_ldd(&stage)?;
     let missing = missing_files(&stage);
     ensure!(missing.is_empty(), "the unpacked libtorch lacks {}", missing.join(", "));
-    ensure!(!stage.join("lib/libtorch_cuda.so").exists(), "libtorch_cuda.so must not be in the CPU install (torch-sys would link it)");
+    ensure!(
+        !stage.join("lib/libtorch_cuda.so").exists(),
+        "libtorch_cuda.so must not be in the CPU install (torch-sys would link it)"
+    );
     let stamp = stage.join(STAMP_FILE);
     fs::write(&stamp, Stamp::current_cpu().render()).with_context(|| format!("writing {}", stamp.display()))?;
 
@@ -674,7 +729,12 @@ fn install_cpu(dir: &Path) -> Result<()> {
     if let Err(e) = fs::remove_dir_all(&downloads) {
         eprintln!("[libtorch] warning: could not remove {}: {e}", downloads.display());
     }
-    eprintln!("[libtorch] installed {} ({} MiB) in {:.1}s", dir.display(), dir_size(dir) / (1024 * 1024), started.elapsed().as_secs_f64());
+    eprintln!(
+        "[libtorch] installed {} ({} MiB) in {:.1}s",
+        dir.display(),
+        dir_size(dir) / (1024 * 1024),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -696,7 +756,8 @@ pub fn ensure_cuda() -> Result<(Vec<(String, String)>, PathBuf)> {
     let venv_python = venv_bin.join("python");
     let stamp_path = venv.join(STAMP_FILE);
     let want = Stamp { torch: TORCH_VERSION.to_owned(), recipe: CUDA_RECIPE.to_owned() };
-    let ready = venv_python.exists() && fs::read_to_string(&stamp_path).ok().and_then(|t| Stamp::parse(&t)).is_some_and(|s| s == want);
+    let ready = venv_python.exists()
+        && fs::read_to_string(&stamp_path).ok().and_then(|t| Stamp::parse(&t)).is_some_and(|s| s == want);
     if ready {
         eprintln!("[libtorch] CUDA PyTorch {TORCH_VERSION} venv already at {}", venv.display());
     } else {
@@ -712,15 +773,27 @@ pub fn ensure_cuda() -> Result<(Vec<(String, String)>, PathBuf)> {
         fs::write(&stamp_path, want.render()).with_context(|| format!("writing {}", stamp_path.display()))?;
     }
     let out = Command::new(&venv_python)
-        .args(["-c", "import os, torch; print(torch.__version__); print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+        .args([
+            "-c",
+            "import os, torch; print(torch.__version__); print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
         .output()
         .with_context(|| format!("could not run {}", venv_python.display()))?;
-    ensure!(out.status.success(), "`import torch` fails in {}: {}", venv.display(), String::from_utf8_lossy(&out.stderr).trim());
+    ensure!(
+        out.status.success(),
+        "`import torch` fails in {}: {}",
+        venv.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut lines = stdout.lines().map(str::trim);
     let version = lines.next().unwrap_or_default();
     let torch_lib = lines.next().unwrap_or_default();
-    ensure!(version.split('+').next() == Some(TORCH_VERSION), "the venv has torch {version}, need {TORCH_VERSION}; delete {} and rerun", venv.display());
+    ensure!(
+        version.split('+').next() == Some(TORCH_VERSION),
+        "the venv has torch {version}, need {TORCH_VERSION}; delete {} and rerun",
+        venv.display()
+    );
     ensure!(!torch_lib.is_empty(), "could not locate torch/lib in {}", venv.display());
     let env = vec![
         ("LIBTORCH_USE_PYTORCH".to_owned(), "1".to_owned()),
@@ -818,7 +891,13 @@ mod tests {
     fn cargo_env_prepends_lib_dir_once() {
         let dir = Path::new("/x/libtorch");
         let env = cargo_env_with(dir, Some(OsString::from("/a::/x/libtorch/lib:/b")));
-        assert_eq!(env, vec![("LIBTORCH".to_owned(), "/x/libtorch".to_owned()), ("LD_LIBRARY_PATH".to_owned(), "/x/libtorch/lib:/a:/b".to_owned()),]);
+        assert_eq!(
+            env,
+            vec![
+                ("LIBTORCH".to_owned(), "/x/libtorch".to_owned()),
+                ("LD_LIBRARY_PATH".to_owned(), "/x/libtorch/lib:/a:/b".to_owned()),
+            ]
+        );
         let env = cargo_env_with(dir, None);
         assert_eq!(env[1].1, "/x/libtorch/lib");
         let env = cargo_env_with(dir, Some(OsString::new()));

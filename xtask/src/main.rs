@@ -54,7 +54,9 @@ enum Cmd {
     )]
     GpuBundle,
     /// Build the `msmae` binary (release) and run a pipeline with it.
-    #[command(after_help = "Example:\n  cargo xtask run pipelines/quickstart.yaml\n  cargo xtask run pipelines/quickstart.yaml --stage data --force")]
+    #[command(
+        after_help = "Example:\n  cargo xtask run pipelines/quickstart.yaml\n  cargo xtask run pipelines/quickstart.yaml --stage data --force"
+    )]
     Run {
         /// Pipeline file, then any `msmae run` flags.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
@@ -67,7 +69,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// The whole test suite, both backends built, parity tests included (README command).
-    #[command(after_help = "Examples:\n  cargo xtask test\n  cargo xtask test -- spec::   # only tests whose name contains `spec::`")]
+    #[command(
+        after_help = "Examples:\n  cargo xtask test\n  cargo xtask test -- spec::   # only tests whose name contains `spec::`"
+    )]
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -211,7 +215,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 "dp" => "bench_dp",
                 "scale" => "bench_scale",
                 "accum" => "bench_accum",
-                other => bail!("unknown benchmark `{other}`; available: runner, model, fused, study, attention, ablation, ingest, loader, dp, scale, accum"),
+                other => bail!(
+                    "unknown benchmark `{other}`; available: runner, model, fused, study, attention, ablation, ingest, loader, dp, scale, accum"
+                ),
             };
             let mut tc = Toolchain::new(flavour, &target_dir())?;
             let bin = build_all(&tc)?;
@@ -226,8 +232,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 
 /// The Debian packages the whole test suite needs: installed with their recommended
 /// packages (Open MPI's launcher needs them), then without.
-pub const SYSTEM_PACKAGES: [&[&str]; 2] =
-    [&["openmpi-bin", "libopenmpi-dev", "libclang-dev"], &["slurmctld", "slurmd", "slurm-client", "munge", "chromium", "fonts-dejavu-core"]];
+pub const SYSTEM_PACKAGES: [&[&str]; 2] = [
+    &["openmpi-bin", "libopenmpi-dev", "libclang-dev"],
+    &["slurmctld", "slurmd", "slurm-client", "munge", "chromium", "fonts-dejavu-core"],
+];
 
 /// `setup --system`: apt-get the [`SYSTEM_PACKAGES`] as root; otherwise say what to run.
 fn install_system_packages() -> Result<()> {
@@ -276,10 +284,17 @@ fn test(flavour: Flavour, args: &[String]) -> Result<ExitCode> {
     if !filters.is_empty() {
         c.arg("--").args(filters);
     }
-    let missing: Vec<&str> = [(tc.mpi, "Open MPI"), (tc.slurm, "Slurm"), (tc.browser, "Chromium")].iter().filter(|(has, _)| !has).map(|(_, n)| *n).collect();
+    let missing: Vec<&str> = [(tc.mpi, "Open MPI"), (tc.slurm, "Slurm"), (tc.browser, "Chromium")]
+        .iter()
+        .filter(|(has, _)| !has)
+        .map(|(_, n)| *n)
+        .collect();
     let (code, totals) = speak::test_totals(c)?;
     let note = if totals.ignored > 0 && !missing.is_empty() {
-        format!(" (not found here: {}; `cargo xtask setup --system` installs them as root, then the skipped tests run)", missing.join(", "))
+        format!(
+            " (not found here: {}; `cargo xtask setup --system` installs them as root, then the skipped tests run)",
+            missing.join(", ")
+        )
     } else {
         String::new()
     };

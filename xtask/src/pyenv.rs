@@ -36,8 +36,12 @@ pub fn ensure() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(cache_root()).with_context(|| format!("create {}", cache_root().display()))?;
     let lock_path = dir.with_extension("lock");
-    let lock =
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
     lock.lock().with_context(|| format!("lock {}", lock_path.display()))?;
     // Someone else may have finished it while this job waited.
     if ready() {
@@ -49,7 +53,9 @@ pub fn ensure() -> Result<PathBuf> {
     let req = dir.join("requirements.txt");
     std::fs::write(&req, REQUIREMENTS).with_context(|| format!("write {}", req.display()))?;
     run(
-        Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:", "-r"]).arg(&req),
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:", "-r"])
+            .arg(&req),
         "pip install the test requirements (is PyPI reachable?)",
     )?;
     // The stamp last: a venv without it is unfinished and is redone.

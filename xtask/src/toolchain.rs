@@ -37,7 +37,9 @@ pub fn browser_testable() -> bool {
         _ => {}
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    ["chromium", "chromium-browser", "google-chrome"].iter().any(|b| std::env::split_paths(&path).any(|d| d.join(b).is_file()))
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .any(|b| std::env::split_paths(&path).any(|d| d.join(b).is_file()))
 }
 
 /// Whether the Slurm tests can run here: root, and `slurmctld`, `slurmd`, `sbatch` and
@@ -49,7 +51,9 @@ pub fn slurm_testable() -> bool {
         _ => {}
     }
     let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let found = |p: &str| ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].iter().any(|d| Path::new(d).join(p).is_file());
+    let found = |p: &str| {
+        ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].iter().any(|d| Path::new(d).join(p).is_file())
+    };
     root && ["slurmctld", "slurmd", "sbatch", "munged"].iter().all(|p| found(p))
 }
 
@@ -67,11 +71,17 @@ pub fn mpi_available() -> bool {
         return false;
     }
     let libclang = std::env::var_os("LIBCLANG_PATH").is_some()
-        || ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"].iter().any(|d| has_libclang(Path::new(d)))
-        || std::fs::read_dir("/usr/lib")
-            .is_ok_and(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("llvm-") && has_libclang(&e.path().join("lib"))));
+        || ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"]
+            .iter()
+            .any(|d| has_libclang(Path::new(d)))
+        || std::fs::read_dir("/usr/lib").is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("llvm-") && has_libclang(&e.path().join("lib")))
+        });
     if !libclang {
-        eprintln!("xtask: mpicc found but no libclang (rsmpi generates its bindings with it): building without MPI; `apt-get install libclang-dev` to add it");
+        eprintln!(
+            "xtask: mpicc found but no libclang (rsmpi generates its bindings with it): building without MPI; `apt-get install libclang-dev` to add it"
+        );
     }
     libclang
 }
@@ -135,12 +145,18 @@ impl Flavour {
     /// builds pass `--target <host>`: without it cargo applies them to build scripts and
     /// proc macros too, which cannot link libtorch (and must not).
     pub fn link_args(self, torch_lib: &Path) -> Vec<String> {
-        let keep_cuda =
-            ["-C".to_string(), format!("link-arg=-L{}", torch_lib.display()), "-C".into(), "link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed".into()];
+        let keep_cuda = [
+            "-C".to_string(),
+            format!("link-arg=-L{}", torch_lib.display()),
+            "-C".into(),
+            "link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed".into(),
+        ];
         match self {
             Flavour::Flex | Flavour::Cpu => vec![],
             Flavour::Cuda => keep_cuda.to_vec(),
-            Flavour::Bundle => keep_cuda.into_iter().chain(["-C".into(), "link-arg=-Wl,--allow-shlib-undefined".into()]).collect(),
+            Flavour::Bundle => {
+                keep_cuda.into_iter().chain(["-C".into(), "link-arg=-Wl,--allow-shlib-undefined".into()]).collect()
+            }
         }
     }
 
@@ -208,7 +224,16 @@ impl Toolchain {
         if !link.is_empty() {
             env.push((ENCODED_RUSTFLAGS.into(), link.join("\x1f")));
         }
-        Toolchain { flavour, triple, env, unset, target_dir: flavour.target_dir(shared_target), mpi: false, slurm: false, browser: false }
+        Toolchain {
+            flavour,
+            triple,
+            env,
+            unset,
+            target_dir: flavour.target_dir(shared_target),
+            mpi: false,
+            slurm: false,
+            browser: false,
+        }
     }
 
     /// Where the release artifacts land (`<target dir>[/<triple>]/release`).
@@ -271,7 +296,9 @@ mod tests {
     use super::*;
 
     fn env_of(c: &Command) -> Vec<(String, Option<String>)> {
-        c.get_envs().map(|(k, v)| (k.to_string_lossy().into_owned(), v.map(|v| v.to_string_lossy().into_owned()))).collect()
+        c.get_envs()
+            .map(|(k, v)| (k.to_string_lossy().into_owned(), v.map(|v| v.to_string_lossy().into_owned())))
+            .collect()
     }
 
     #[test]
@@ -299,8 +326,14 @@ mod tests {
         assert!(Flavour::Cpu.link_args(lib).is_empty());
         for f in [Flavour::Cuda, Flavour::Bundle] {
             let args = f.link_args(lib);
-            assert!(args.contains(&"link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed".to_string()), "{f:?}: {args:?}");
-            assert!(args.contains(&"link-arg=-L/venv with space/torch/lib".to_string()), "one argument, space and all: {args:?}");
+            assert!(
+                args.contains(&"link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed".to_string()),
+                "{f:?}: {args:?}"
+            );
+            assert!(
+                args.contains(&"link-arg=-L/venv with space/torch/lib".to_string()),
+                "one argument, space and all: {args:?}"
+            );
             assert!(args.chunks(2).all(|p| p[0] == "-C"), "{args:?}");
         }
         assert!(!Flavour::Cuda.link_args(lib).iter().any(|a| a.contains("allow-shlib-undefined")));
@@ -328,14 +361,25 @@ mod tests {
         assert!(env.contains(&("LIBTORCH_LIB".into(), None)), "{env:?}");
         assert!(env.contains(&("CARGO_TARGET_DIR".into(), Some("/t/target-cuda".into()))), "{env:?}");
         let flags = env.iter().find(|(k, _)| k == ENCODED_RUSTFLAGS).and_then(|(_, v)| v.clone()).unwrap_or_default();
-        assert_eq!(flags.split('\x1f').collect::<Vec<_>>(), Flavour::Cuda.link_args(Path::new("/v/torch/lib")), "{env:?}");
+        assert_eq!(
+            flags.split('\x1f').collect::<Vec<_>>(),
+            Flavour::Cuda.link_args(Path::new("/v/torch/lib")),
+            "{env:?}"
+        );
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         // --target: the link flags must not reach build scripts and proc macros
         assert_eq!(args, ["build", "--release", "--features", TCH_FEATURES, "--target", "x86_64-unknown-linux-gnu"]);
         assert_eq!(cuda.release_dir(), Path::new("/t/target-cuda/x86_64-unknown-linux-gnu/release"));
         assert!(cuda.run_env().all(|(k, _)| k != ENCODED_RUSTFLAGS), "link flags are for the build only");
         // CPU: no link flags; the shared target dir.
-        let cpu = Toolchain::with_env(Flavour::Cpu, vec![("LIBTORCH".into(), "/lt".into())], libtorch::CONFLICTING_ENV_VARS.to_vec(), shared, vec![], None);
+        let cpu = Toolchain::with_env(
+            Flavour::Cpu,
+            vec![("LIBTORCH".into(), "/lt".into())],
+            libtorch::CONFLICTING_ENV_VARS.to_vec(),
+            shared,
+            vec![],
+            None,
+        );
         assert_eq!(cpu.release_dir(), Path::new("/t/target/release"));
         let env = env_of(&cpu.cargo(Path::new("/repo"), &["test"]));
         assert!(env.contains(&("CARGO_TARGET_DIR".into(), Some("/t/target".into()))), "{env:?}");

@@ -77,7 +77,8 @@ impl Stage for AttentionExtract {
     type Config = ExtractConfig;
     const KIND: &'static str = "attention/extract";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "CLS-attention maps of every image from a ViT or MAE checkpoint → Parquet, overlays, lesion coverage";
+    const SUMMARY: &'static str =
+        "CLS-attention maps of every image from a ViT or MAE checkpoint → Parquet, overlays, lesion coverage";
     const USES_BACKEND: bool = true;
 
     fn code_fingerprint(&self) -> &'static str {
@@ -155,7 +156,8 @@ impl Stage for AttentionExtract {
         }
         let mut ranked_provenance = provenance;
         if let Some(s) = c.smooth {
-            ranked_provenance["smoothing"] = serde_json::json!({ "applied": true, "op": s.op.as_str(), "size": s.size });
+            ranked_provenance["smoothing"] =
+                serde_json::json!({ "applied": true, "op": s.op.as_str(), "size": s.size });
         }
         write_maps(&ctx.output_path("attention.parquet")?, &table, &pass.ranked, grid, ranked_provenance)?;
         // Coverage where the model classifies the image right and where it does not: how
@@ -168,7 +170,8 @@ impl Stage for AttentionExtract {
                 .iter()
                 .zip(&scores)
                 .map(|(r, s)| {
-                    let arg = s.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(k, _)| k as i64).unwrap_or(-1);
+                    let arg =
+                        s.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(k, _)| k as i64).unwrap_or(-1);
                     table.rows[*r].label.map(i64::from) == Some(arg)
                 })
                 .collect();
@@ -228,7 +231,8 @@ fn extract_pass(
     grid: [usize; 2],
     rt: &Runtime,
 ) -> Result<ExtractPass, StageError> {
-    let mut show: Vec<usize> = table.rows_of(Split::Test).into_iter().filter(|r| rows.binary_search(r).is_ok()).collect();
+    let mut show: Vec<usize> =
+        table.rows_of(Split::Test).into_iter().filter(|r| rows.binary_search(r).is_ok()).collect();
     if show.is_empty() {
         show = rows.to_vec();
     }
@@ -246,7 +250,8 @@ fn extract_pass(
         if let Some(m) = lesion.filter(|m| m.iter().any(|&v| v > 0)) {
             let (coverage, hit) = lesion_coverage(&ranked, grid, m, h, w, top);
             out.coverage.add(table.rows[r].split.as_str(), coverage, hit);
-            let curve = CURVE.iter().map(|&f| lesion_coverage(&ranked, grid, m, h, w, top_patches(grid, f)).0).collect();
+            let curve =
+                CURVE.iter().map(|&f| lesion_coverage(&ranked, grid, m, h, w, top_patches(grid, f)).0).collect();
             out.lesions.push(LesionImage { row: r, coverage, curve });
         }
         if let Some(k) = show.iter().position(|&x| x == r) {
@@ -324,14 +329,18 @@ fn mean_curve(images: &[&LesionImage]) -> Vec<CurvePoint> {
     CURVE
         .iter()
         .enumerate()
-        .map(|(k, &f)| CurvePoint { top_fraction: f, lesion_coverage: images.iter().map(|l| l.curve[k]).sum::<f64>() / images.len().max(1) as f64 })
+        .map(|(k, &f)| CurvePoint {
+            top_fraction: f,
+            lesion_coverage: images.iter().map(|l| l.curve[k]).sum::<f64>() / images.len().max(1) as f64,
+        })
         .collect()
 }
 
 impl ByPrediction {
     fn split(lesions: &[LesionImage], right: &[bool]) -> Self {
         let part = |want: bool| {
-            let part: Vec<&LesionImage> = lesions.iter().zip(right).filter(|(_, ok)| **ok == want).map(|(l, _)| l).collect();
+            let part: Vec<&LesionImage> =
+                lesions.iter().zip(right).filter(|(_, ok)| **ok == want).map(|(l, _)| l).collect();
             PredictionCoverage {
                 images: part.len(),
                 lesion_coverage: part.iter().map(|l| l.coverage).sum::<f64>() / part.len().max(1) as f64,
@@ -397,7 +406,10 @@ impl Coverage {
     }
 
     fn per_split(&self) -> std::collections::BTreeMap<String, SplitCoverage> {
-        self.by_split.iter().map(|(k, (s, n))| (k.to_string(), SplitCoverage { images: *n, lesion_coverage: s / *n as f64 })).collect()
+        self.by_split
+            .iter()
+            .map(|(k, (s, n))| (k.to_string(), SplitCoverage { images: *n, lesion_coverage: s / *n as f64 }))
+            .collect()
     }
 }
 
@@ -426,7 +438,8 @@ pub fn lesion_coverage(map: &[f32], grid: [usize; 2], lesion: &[u8], h: usize, w
     }
     let total: usize = per_patch.iter().sum();
     let inside: usize = per_patch.iter().zip(&is_top).filter(|(_, t)| **t).map(|(n, _)| n).sum();
-    let peak = per_patch.iter().enumerate().max_by_key(|(i, n)| (**n, std::cmp::Reverse(*i))).map(|(i, _)| i).unwrap_or(0);
+    let peak =
+        per_patch.iter().enumerate().max_by_key(|(i, n)| (**n, std::cmp::Reverse(*i))).map(|(i, _)| i).unwrap_or(0);
     (if total > 0 { inside as f64 / total as f64 } else { 0.0 }, is_top[peak])
 }
 

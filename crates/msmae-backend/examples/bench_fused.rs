@@ -50,7 +50,8 @@ fn layer_norm(dev: &Device, reps: usize, fused_op: bool) -> f64 {
 fn attention(dev: &Device, reps: usize, fused_op: bool) -> f64 {
     let ad = dev.clone().autodiff();
     let shape = [4, 12, 197, 64];
-    let qkv: Vec<Tensor<4>> = (0..3).map(|_| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &ad).detach()).collect();
+    let qkv: Vec<Tensor<4>> =
+        (0..3).map(|_| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &ad).detach()).collect();
     let w = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &ad).detach();
     median_ms(reps, || {
         let (q, k, v) = (qkv[0].clone().require_grad(), qkv[1].clone().require_grad(), qkv[2].clone().require_grad());
@@ -69,9 +70,21 @@ fn adamw(dev: &Device, reps: usize, fused_op: bool) -> f64 {
     let n = 21_500_000;
     // Owned state moved into each update (as the optimiser does), so the fused op may
     // update it in place.
-    let mut state = Some((Tensor::<1>::random([n], Distribution::Normal(0.0, 0.02), dev), Tensor::<1>::zeros([n], dev), Tensor::<1>::zeros([n], dev)));
+    let mut state = Some((
+        Tensor::<1>::random([n], Distribution::Normal(0.0, 0.02), dev),
+        Tensor::<1>::zeros([n], dev),
+        Tensor::<1>::zeros([n], dev),
+    ));
     let g = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.01), dev);
-    let h = AdamWHyper { lr: 1e-4, beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, weight_decay: 0.05, bias_correction_1: 0.1, bias_correction_2: 0.001 };
+    let h = AdamWHyper {
+        lr: 1e-4,
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: 0.05,
+        bias_correction_1: 0.1,
+        bias_correction_2: 0.001,
+    };
     median_ms(reps, || {
         let (p, m, v) = state.take().expect("state");
         let (p, m, v) = if fused_op {
@@ -79,7 +92,9 @@ fn adamw(dev: &Device, reps: usize, fused_op: bool) -> f64 {
         } else {
             let m = m * h.beta_1 + g.clone() * (1.0 - h.beta_1);
             let v = v * h.beta_2 + g.clone().square() * (1.0 - h.beta_2);
-            let update = (v.clone() / h.bias_correction_2).sqrt().add_scalar(h.epsilon).recip() * m.clone() * (h.lr / h.bias_correction_1);
+            let update = (v.clone() / h.bias_correction_2).sqrt().add_scalar(h.epsilon).recip()
+                * m.clone()
+                * (h.lr / h.bias_correction_1);
             (p * (1.0 - h.lr * h.weight_decay) - update, m, v)
         };
         let _: f32 = p.clone().slice(0..1).into_scalar();
@@ -89,15 +104,19 @@ fn adamw(dev: &Device, reps: usize, fused_op: bool) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let reps = args.iter().position(|a| a == "--reps").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(7);
+    let reps =
+        args.iter().position(|a| a == "--reps").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(7);
     println!("| op (forward + backward) | backend | fused ms | composed ms | speed-up |");
     println!("|---|---|---|---|---|");
     for &kind in compiled_backends() {
         let req = if kind == BackendKind::Tch { BackendRequest::Tch } else { BackendRequest::Flex };
         let dev = select(req, DeviceRequest::Cpu).expect("compiled backend").device;
         type Bench = fn(&Device, usize, bool) -> f64;
-        let ops: [(&str, Bench); 3] =
-            [("LayerNorm [4, 197, 768]", layer_norm), ("attention [4, 12, 197, 64]", attention), ("AdamW update, 21.5 M params (no backward)", adamw)];
+        let ops: [(&str, Bench); 3] = [
+            ("LayerNorm [4, 197, 768]", layer_norm),
+            ("attention [4, 12, 197, 64]", attention),
+            ("AdamW update, 21.5 M params (no backward)", adamw),
+        ];
         for (name, f) in ops {
             let (a, b) = (f(&dev, reps, true), f(&dev, reps, false));
             println!("| {name} | {kind} | {a:.2} | {b:.2} | {:.2}× |", b / a);

@@ -83,7 +83,12 @@ pub trait FusedKernels: Backend {
     /// `softmax(q kᵀ · scale) v` over `[batch, heads, tokens, head_dim]`; returns the output
     /// and what the backward needs (backend-specific: the probabilities in the composed
     /// kernel, the log-sum-exp rows in libtorch's flash kernel).
-    fn attention_forward(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         generic::attention_forward::<Self>(q, k, v, scale)
     }
 
@@ -107,7 +112,11 @@ pub trait FusedKernels: Backend {
     /// dim]` with the heads merged, plus the backward's state. Views in, views out: no
     /// split/merge copies, and the backward writes the three gradients into one buffer
     /// (instead of three zero-padded slices summed).
-    fn self_attention_forward(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn self_attention_forward(
+        qkv: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (q, k, v) = generic::split_heads::<Self>(qkv, heads);
         let (out, aux) = Self::attention_forward(q, k, v, scale);
         (generic::merge_heads::<Self>(out), aux)
@@ -123,8 +132,15 @@ pub trait FusedKernels: Backend {
         scale: f64,
     ) -> FloatTensor<Self> {
         let (q, k, v) = generic::split_heads::<Self>(qkv, heads);
-        let (dq, dk, dv) =
-            Self::attention_backward(generic::unmerge_heads::<Self>(grad, heads), q, k, v, generic::unmerge_heads::<Self>(out, heads), aux, scale);
+        let (dq, dk, dv) = Self::attention_backward(
+            generic::unmerge_heads::<Self>(grad, heads),
+            q,
+            k,
+            v,
+            generic::unmerge_heads::<Self>(out, heads),
+            aux,
+            scale,
+        );
         generic::stack_heads::<Self>(dq, dk, dv)
     }
 
@@ -149,8 +165,18 @@ pub trait FusedKernels: Backend {
 /// The ops models call, dispatched on the tensors' device.
 #[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait FusedOps: Backend {
-    fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
-    fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
     fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
     fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_adamw(
@@ -166,10 +192,20 @@ pub trait FusedOps: Backend {
 macro_rules! concrete_fused_ops {
     ($backend:ty) => {
         impl FusedOps for $backend {
-            fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+            fn fused_layer_norm(
+                x: FloatTensor<Self>,
+                gamma: FloatTensor<Self>,
+                beta: FloatTensor<Self>,
+                eps: f64,
+            ) -> FloatTensor<Self> {
                 Self::layer_norm_forward(x, gamma, beta, eps).0
             }
-            fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+            fn fused_attention(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                scale: f64,
+            ) -> FloatTensor<Self> {
                 Self::attention_forward(q, k, v, scale).0
             }
             fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
@@ -198,7 +234,12 @@ concrete_fused_ops!(burn::backend::LibTorch);
 
 /// Autodiff: one node per op, its backward the backend's backward kernel.
 impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
-    fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct LayerNormBackward;
 
@@ -225,11 +266,18 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let (out, mean, rstd) = B::layer_norm_forward(x.clone(), gamma.clone(), beta, eps);
                 prep.finish((x, mean, rstd, gamma), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::layer_norm_forward(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), eps).0),
+            OpsKind::UnTracked(prep) => prep.finish(
+                B::layer_norm_forward(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), eps).0,
+            ),
         }
     }
 
-    fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct AttentionBackward;
 
@@ -256,7 +304,9 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let (out, aux) = B::attention_forward(q.clone(), k.clone(), v.clone(), scale);
                 prep.finish((q, k, v, out.clone(), aux, scale), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::attention_forward(q.into_primitive(), k.into_primitive(), v.into_primitive(), scale).0),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::attention_forward(q.into_primitive(), k.into_primitive(), v.into_primitive(), scale).0)
+            }
         }
     }
 
@@ -302,7 +352,10 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let (x, w) = ops.state;
                 let d_out = w.shape()[1];
                 if let Some(node) = node_b {
-                    grads.register::<B>(node.id, B::float_reshape(B::float_sum_dim(grad.clone(), 0), Shape::new([d_out])));
+                    grads.register::<B>(
+                        node.id,
+                        B::float_reshape(B::float_sum_dim(grad.clone(), 0), Shape::new([d_out])),
+                    );
                 }
                 if let Some(node) = node_w {
                     grads.register::<B>(node.id, B::float_matmul(B::float_transpose(x), grad.clone()));
@@ -319,7 +372,9 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let out = B::linear_forward(x.clone(), w.clone(), b);
                 prep.finish((x, w), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::linear_forward(x.into_primitive(), w.into_primitive(), b.into_primitive())),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::linear_forward(x.into_primitive(), w.into_primitive(), b.into_primitive()))
+            }
         }
     }
 
@@ -338,7 +393,12 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
 /// LayerNorm over the last dimension (`gamma`, `beta`: `[d]`).
 pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(x.into_dispatch(), gamma.into_dispatch(), beta.into_dispatch(), eps))
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
 }
 
 /// `softmax(q kᵀ · scale) v`, in the thread's [`precision`](crate::precision).
@@ -347,7 +407,12 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
 /// - q, k, v: `[batch, heads, tokens, head_dim]` → `[batch, heads, tokens, head_dim]`
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
     let (q, k, v) = (lower(q), lower(k), lower(v));
-    raise(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), scale)))
+    raise(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale,
+    )))
 }
 
 /// Multi-head self-attention on the output of a fused qkv projection (timm layout: q, k,
@@ -366,7 +431,11 @@ pub fn self_attention(qkv: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
 /// - x: `[rows, d_in]`, w: `[d_in, d_out]`, b: `[d_out]` → `[rows, d_out]`
 pub fn linear(x: Tensor<2>, w: Tensor<2>, b: Tensor<1>) -> Tensor<2> {
     let (x, w, b) = (lower(x), lower(w), lower(b));
-    raise(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(x.into_dispatch(), w.into_dispatch(), b.into_dispatch())))
+    raise(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        b.into_dispatch(),
+    )))
 }
 
 /// `a · b` (batched over leading dimensions) in the thread's [`precision`](crate::precision).
@@ -376,8 +445,20 @@ pub fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
 
 /// One AdamW step on a parameter; returns `(param, moment_1, moment_2)`. Buffers that
 /// nothing else references are updated in place where the backend can.
-pub fn adamw_update<const D: usize>(param: Tensor<D>, grad: Tensor<D>, m: Tensor<D>, v: Tensor<D>, h: AdamWHyper) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
-    let (p, m, v) = <Dispatch as FusedOps>::fused_adamw(param.into_dispatch(), grad.into_dispatch(), m.into_dispatch(), v.into_dispatch(), h);
+pub fn adamw_update<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    m: Tensor<D>,
+    v: Tensor<D>,
+    h: AdamWHyper,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let (p, m, v) = <Dispatch as FusedOps>::fused_adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        h,
+    );
     (Tensor::from_dispatch(p), Tensor::from_dispatch(m), Tensor::from_dispatch(v))
 }
 
@@ -412,13 +493,25 @@ pub mod generic {
     }
 
     /// `[b, n, 3·h·hd]` → q, k, v `[b, h, n, hd]` (views).
-    pub fn split_heads<B: Backend>(qkv: FloatTensor<B>, heads: usize) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    pub fn split_heads<B: Backend>(
+        qkv: FloatTensor<B>,
+        heads: usize,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
         let [b, n, d3] = qkv.shape().dims();
         let hd = d3 / 3 / heads;
         let x = B::float_permute(B::float_reshape(qkv, Shape::new([b, n, 3, heads, hd])), &[2, 0, 3, 1, 4]);
         let part = |i: usize| {
             B::float_reshape(
-                B::float_slice(x.clone(), &[Slice::from(i..i + 1), Slice::from(0..b), Slice::from(0..heads), Slice::from(0..n), Slice::from(0..hd)]),
+                B::float_slice(
+                    x.clone(),
+                    &[
+                        Slice::from(i..i + 1),
+                        Slice::from(0..b),
+                        Slice::from(0..heads),
+                        Slice::from(0..n),
+                        Slice::from(0..hd),
+                    ],
+                ),
                 Shape::new([b, heads, n, hd]),
             )
         };
@@ -440,7 +533,10 @@ pub mod generic {
     /// dq, dk, dv `[b, h, n, hd]` → `[b, n, 3·h·hd]`, the layout of `qkv`.
     pub fn stack_heads<B: Backend>(dq: FloatTensor<B>, dk: FloatTensor<B>, dv: FloatTensor<B>) -> FloatTensor<B> {
         let [b, h, n, hd] = dq.shape().dims();
-        let all = B::float_cat(vec![dq, dk, dv].into_iter().map(|t| B::float_reshape(t, Shape::new([1, b, h, n, hd]))).collect(), 0); // [3, b, h, n, hd]
+        let all = B::float_cat(
+            vec![dq, dk, dv].into_iter().map(|t| B::float_reshape(t, Shape::new([1, b, h, n, hd]))).collect(),
+            0,
+        ); // [3, b, h, n, hd]
         B::float_reshape(B::float_permute(all, &[1, 3, 0, 2, 4]), Shape::new([b, n, 3 * h * hd]))
     }
 
@@ -457,7 +553,8 @@ pub mod generic {
         let var = B::float_mean_dim(B::float_mul(centered.clone(), centered.clone()), last);
         let rstd = B::float_recip(B::float_sqrt(B::float_add_scalar(var, eps.into())));
         let normed = B::float_mul(centered, rstd.clone());
-        let out = B::float_add(B::float_mul(normed, broadcast_row::<B>(gamma, rank, d)), broadcast_row::<B>(beta, rank, d));
+        let out =
+            B::float_add(B::float_mul(normed, broadcast_row::<B>(gamma, rank, d)), broadcast_row::<B>(beta, rank, d));
         (out, mean, rstd)
     }
 
@@ -473,7 +570,10 @@ pub mod generic {
         let rows = x.shape().num_elements() / d;
         let xhat = B::float_mul(B::float_sub(x, mean), rstd.clone());
         let rows_2d = |t: FloatTensor<B>| B::float_reshape(t, Shape::from(vec![rows, d]));
-        let dgamma = B::float_reshape(B::float_sum_dim(rows_2d(B::float_mul(grad.clone(), xhat.clone())), 0), Shape::from(vec![d]));
+        let dgamma = B::float_reshape(
+            B::float_sum_dim(rows_2d(B::float_mul(grad.clone(), xhat.clone())), 0),
+            Shape::from(vec![d]),
+        );
         let dbeta = B::float_reshape(B::float_sum_dim(rows_2d(grad.clone()), 0), Shape::from(vec![d]));
         // dx = rstd · (g·γ − mean(g·γ) − x̂ · mean(g·γ·x̂))
         let gg = B::float_mul(grad, broadcast_row::<B>(gamma, rank, d));
@@ -484,7 +584,12 @@ pub mod generic {
     }
 
     /// Returns `(out, probabilities)`.
-    pub fn attention_forward<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, scale: f64) -> (FloatTensor<B>, FloatTensor<B>) {
+    pub fn attention_forward<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        scale: f64,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
         let scores = B::float_matmul(B::float_mul_scalar(q, scale.into()), B::float_transpose(k));
         // Softmax in float32 whatever the matmuls' precision (as autocast does).
         let dtype = scores.dtype();
@@ -521,12 +626,26 @@ pub mod generic {
         v: FloatTensor<B>,
         h: AdamWHyper,
     ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
-        let m = B::float_add(B::float_mul_scalar(m, h.beta_1.into()), B::float_mul_scalar(grad.clone(), (1.0 - h.beta_1).into()));
-        let v = B::float_add(B::float_mul_scalar(v, h.beta_2.into()), B::float_mul_scalar(B::float_mul(grad.clone(), grad), (1.0 - h.beta_2).into()));
+        let m = B::float_add(
+            B::float_mul_scalar(m, h.beta_1.into()),
+            B::float_mul_scalar(grad.clone(), (1.0 - h.beta_1).into()),
+        );
+        let v = B::float_add(
+            B::float_mul_scalar(v, h.beta_2.into()),
+            B::float_mul_scalar(B::float_mul(grad.clone(), grad), (1.0 - h.beta_2).into()),
+        );
         // update = lr · (m / bc1) / (sqrt(v / bc2) + eps)
-        let denom = B::float_add_scalar(B::float_sqrt(B::float_div_scalar(v.clone(), h.bias_correction_2.into())), h.epsilon.into());
-        let update = B::float_mul_scalar(B::float_mul(B::float_recip(denom), m.clone()), (h.lr / h.bias_correction_1).into());
-        let decayed = if h.weight_decay == 0.0 { param } else { B::float_mul_scalar(param, (1.0 - h.lr * h.weight_decay).into()) };
+        let denom = B::float_add_scalar(
+            B::float_sqrt(B::float_div_scalar(v.clone(), h.bias_correction_2.into())),
+            h.epsilon.into(),
+        );
+        let update =
+            B::float_mul_scalar(B::float_mul(B::float_recip(denom), m.clone()), (h.lr / h.bias_correction_1).into());
+        let decayed = if h.weight_decay == 0.0 {
+            param
+        } else {
+            B::float_mul_scalar(param, (1.0 - h.lr * h.weight_decay).into())
+        };
         (B::float_sub(decayed, update), m, v)
     }
 }
@@ -590,12 +709,14 @@ mod torch {
         rstd: &tch::Tensor,
         gamma: &tch::Tensor,
     ) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
-        let (g, x, mean, rstd, gamma) = (g.contiguous(), x.contiguous(), mean.contiguous(), rstd.contiguous(), gamma.contiguous());
+        let (g, x, mean, rstd, gamma) =
+            (g.contiguous(), x.contiguous(), mean.contiguous(), rstd.contiguous(), gamma.contiguous());
         let d = gamma.numel();
         let dx = tch::Tensor::empty(x.size(), (Kind::Float, TDevice::Cpu));
         // SAFETY: all are contiguous f32 CPU tensors alive until the end of this function;
         // `dx` is fresh and only written here.
-        let (gs, xs, ms, rstds, gms, dxs) = unsafe { (slice(&g), slice(&x), slice(&mean), slice(&rstd), slice(&gamma), slice_mut(&dx)) };
+        let (gs, xs, ms, rstds, gms, dxs) =
+            unsafe { (slice(&g), slice(&x), slice(&mean), slice(&rstd), slice(&gamma), slice_mut(&dx)) };
         let partials: Vec<(Vec<f32>, Vec<f32>)> = dxs
             .par_chunks_mut(ROWS_PER_CHUNK * d)
             .enumerate()
@@ -608,7 +729,9 @@ mod torch {
                     let (mu, rs) = (ms[row], rstds[row]);
                     let (mut sum_gg, mut sum_ggx) = (0f32, 0f32);
                     // Iterators rather than indices: no bounds checks in the inner loops.
-                    for (((&g, &x), &gm), (dg, db)) in gr.iter().zip(xr).zip(gms).zip(dgamma.iter_mut().zip(dbeta.iter_mut())) {
+                    for (((&g, &x), &gm), (dg, db)) in
+                        gr.iter().zip(xr).zip(gms).zip(dgamma.iter_mut().zip(dbeta.iter_mut()))
+                    {
                         let xhat = (x - mu) * rs;
                         let gg = g * gm;
                         sum_gg += gg;
@@ -636,7 +759,13 @@ mod torch {
     }
 
     /// AdamW in one pass: reads param, grad and both moments once, writes them once.
-    fn adamw_cpu(param: TchTensor, grad: &tch::Tensor, m: TchTensor, v: TchTensor, h: AdamWHyper) -> (TchTensor, TchTensor, TchTensor) {
+    fn adamw_cpu(
+        param: TchTensor,
+        grad: &tch::Tensor,
+        m: TchTensor,
+        v: TchTensor,
+        h: AdamWHyper,
+    ) -> (TchTensor, TchTensor, TchTensor) {
         let (param, m, v) = (owned_buffer(param), owned_buffer(m), owned_buffer(v));
         let grad = grad.contiguous();
         let (b1, b2) = (h.beta_1 as f32, h.beta_2 as f32);
@@ -644,7 +773,8 @@ mod torch {
         let decay = (1.0 - h.lr * h.weight_decay) as f32;
         // SAFETY: contiguous f32 CPU buffers of one length, owned by this op (owned_buffer),
         // alive until the end of this function; `grad` is only read.
-        let (ps, gs, mst, vst) = unsafe { (slice_mut(&param.tensor), slice(&grad), slice_mut(&m.tensor), slice_mut(&v.tensor)) };
+        let (ps, gs, mst, vst) =
+            unsafe { (slice_mut(&param.tensor), slice(&grad), slice_mut(&m.tensor), slice_mut(&v.tensor)) };
         ps.par_chunks_mut(ELEMS_PER_CHUNK)
             .zip(mst.par_chunks_mut(ELEMS_PER_CHUNK))
             .zip(vst.par_chunks_mut(ELEMS_PER_CHUNK))
@@ -676,7 +806,9 @@ mod torch {
         /// Whether `MSMAE_CUDA_ATTENTION=efficient` asks for the libtorch kernel.
         pub fn enabled() -> bool {
             static ON: OnceLock<bool> = OnceLock::new();
-            *ON.get_or_init(|| std::env::var("MSMAE_CUDA_ATTENTION").is_ok_and(|v| v.trim().eq_ignore_ascii_case("efficient")))
+            *ON.get_or_init(|| {
+                std::env::var("MSMAE_CUDA_ATTENTION").is_ok_and(|v| v.trim().eq_ignore_ascii_case("efficient"))
+            })
         }
 
         /// The kernel takes `[batch, heads, tokens, head_dim]` CUDA tensors of one float
@@ -686,7 +818,9 @@ mod torch {
             let kind = q.kind();
             enabled()
                 && matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half)
-                && [q, k, v].iter().all(|t| t.device().is_cuda() && t.kind() == kind && t.dim() == 4 && t.stride()[3] == 1)
+                && [q, k, v]
+                    .iter()
+                    .all(|t| t.device().is_cuda() && t.kind() == kind && t.dim() == 4 && t.stride()[3] == 1)
                 && q.size()[3] % 8 == 0
         }
 
@@ -697,9 +831,22 @@ mod torch {
         }
 
         /// Returns `(out, logsumexp)`.
-        pub fn efficient_forward(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, scale: f64) -> (tch::Tensor, tch::Tensor) {
-            let (out, lse, _seed, _offset) =
-                tch::Tensor::internal_scaled_dot_product_efficient_attention(q, k, v, None::<tch::Tensor>, true, 0.0, false, scale);
+        pub fn efficient_forward(
+            q: &tch::Tensor,
+            k: &tch::Tensor,
+            v: &tch::Tensor,
+            scale: f64,
+        ) -> (tch::Tensor, tch::Tensor) {
+            let (out, lse, _seed, _offset) = tch::Tensor::internal_scaled_dot_product_efficient_attention(
+                q,
+                k,
+                v,
+                None::<tch::Tensor>,
+                true,
+                0.0,
+                false,
+                scale,
+            );
             (out, lse)
         }
 
@@ -752,15 +899,27 @@ mod torch {
     }
 
     impl FusedKernels for LibTorch {
-        fn layer_norm_forward(x: TchTensor, gamma: TchTensor, beta: TchTensor, eps: f64) -> (TchTensor, TchTensor, TchTensor) {
+        fn layer_norm_forward(
+            x: TchTensor,
+            gamma: TchTensor,
+            beta: TchTensor,
+            eps: f64,
+        ) -> (TchTensor, TchTensor, TchTensor) {
             let d = *x.tensor.size().last().expect("LayerNorm input has at least one dimension");
             let (out, mean, rstd) = x.tensor.native_layer_norm([d], Some(&gamma.tensor), Some(&beta.tensor), eps);
             (TchTensor::new(out), TchTensor::new(mean), TchTensor::new(rstd))
         }
 
-        fn layer_norm_backward(grad: TchTensor, x: TchTensor, mean: TchTensor, rstd: TchTensor, gamma: TchTensor) -> (TchTensor, TchTensor, TchTensor) {
+        fn layer_norm_backward(
+            grad: TchTensor,
+            x: TchTensor,
+            mean: TchTensor,
+            rstd: TchTensor,
+            gamma: TchTensor,
+        ) -> (TchTensor, TchTensor, TchTensor) {
             if [&grad, &x, &mean, &rstd, &gamma].iter().all(|t| cpu_f32(&t.tensor)) {
-                let (dx, dgamma, dbeta) = layer_norm_backward_cpu(&grad.tensor, &x.tensor, &mean.tensor, &rstd.tensor, &gamma.tensor);
+                let (dx, dgamma, dbeta) =
+                    layer_norm_backward_cpu(&grad.tensor, &x.tensor, &mean.tensor, &rstd.tensor, &gamma.tensor);
                 (TchTensor::new(dx), TchTensor::new(dgamma), TchTensor::new(dbeta))
             } else {
                 generic::layer_norm_backward::<Self>(grad, x, mean, rstd, gamma)
@@ -769,8 +928,15 @@ mod torch {
 
         fn attention_forward(q: TchTensor, k: TchTensor, v: TchTensor, scale: f64) -> (TchTensor, TchTensor) {
             if [&q, &k, &v].iter().all(|t| cpu_f32(&t.tensor)) {
-                let (out, lse) =
-                    tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(&q.tensor, &k.tensor, &v.tensor, 0.0, false, None::<tch::Tensor>, scale);
+                let (out, lse) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
+                    &q.tensor,
+                    &k.tensor,
+                    &v.tensor,
+                    0.0,
+                    false,
+                    None::<tch::Tensor>,
+                    scale,
+                );
                 (TchTensor::new(out), TchTensor::new(lse))
             } else if cuda::use_efficient(&q.tensor, &k.tensor, &v.tensor) {
                 let (out, lse) = cuda::efficient_forward(&q.tensor, &k.tensor, &v.tensor, scale);
@@ -804,7 +970,15 @@ mod torch {
                 );
                 (TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv))
             } else if cuda::is_logsumexp(&q.tensor, &aux.tensor) {
-                let (dq, dk, dv) = cuda::efficient_backward(&grad.tensor, &q.tensor, &k.tensor, &v.tensor, &out.tensor, &aux.tensor, scale);
+                let (dq, dk, dv) = cuda::efficient_backward(
+                    &grad.tensor,
+                    &q.tensor,
+                    &k.tensor,
+                    &v.tensor,
+                    &out.tensor,
+                    &aux.tensor,
+                    scale,
+                );
                 (TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv))
             } else {
                 generic::attention_backward::<Self>(grad, q, k, v, aux, scale)
@@ -815,7 +989,13 @@ mod torch {
             TchTensor::new(b.tensor.addmm(&x.tensor, &w.tensor))
         }
 
-        fn adamw_update(param: TchTensor, grad: TchTensor, m: TchTensor, v: TchTensor, h: AdamWHyper) -> (TchTensor, TchTensor, TchTensor) {
+        fn adamw_update(
+            param: TchTensor,
+            grad: TchTensor,
+            m: TchTensor,
+            v: TchTensor,
+            h: AdamWHyper,
+        ) -> (TchTensor, TchTensor, TchTensor) {
             if [&param, &grad, &m, &v].iter().all(|t| cpu_f32(&t.tensor)) {
                 adamw_cpu(param, &grad.tensor, m, v, h)
             } else {

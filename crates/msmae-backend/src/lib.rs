@@ -66,7 +66,11 @@ impl FromStr for DeviceRequest {
             "cpu" => Ok(Self::Cpu),
             "auto" => Ok(Self::Auto),
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
-            _ => t.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(|| BackendError::UnknownDevice(s.to_string())),
+            _ => t
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| BackendError::UnknownDevice(s.to_string())),
         }
     }
 }
@@ -249,7 +253,9 @@ pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute,
         },
     };
     let device = match (kind, device) {
-        (BackendKind::Flex, DeviceRequest::Cuda(_)) => return Err(BackendError::FlexCpuOnly(format!("--device {device}"))),
+        (BackendKind::Flex, DeviceRequest::Cuda(_)) => {
+            return Err(BackendError::FlexCpuOnly(format!("--device {device}")));
+        }
         (BackendKind::Flex, _) => DeviceRequest::Cpu,
         (BackendKind::Tch, DeviceRequest::Auto) => {
             if cuda_device_count() > 0 {
@@ -258,7 +264,9 @@ pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute,
                 DeviceRequest::Cpu
             }
         }
-        (BackendKind::Tch, DeviceRequest::Cuda(n)) if n >= cuda_device_count() => return Err(BackendError::NoCuda(device.to_string())),
+        (BackendKind::Tch, DeviceRequest::Cuda(n)) if n >= cuda_device_count() => {
+            return Err(BackendError::NoCuda(device.to_string()));
+        }
         (_, d) => d,
     };
     let (name, dkind) = match device {
@@ -285,7 +293,9 @@ pub fn select(backend: BackendRequest, device: DeviceRequest) -> Result<Compute,
 /// backend and the device kind (what enters the cache key); `env.device` lists them.
 pub fn select_all(backend: BackendRequest, devices: &DeviceList) -> Result<Compute, BackendError> {
     let requests: Vec<DeviceRequest> = match devices.0.as_slice() {
-        [DeviceRequest::Auto] if cfg!(feature = "tch") && backend != BackendRequest::Flex && cuda_device_count() > 0 => {
+        [DeviceRequest::Auto]
+            if cfg!(feature = "tch") && backend != BackendRequest::Flex && cuda_device_count() > 0 =>
+        {
             (0..cuda_device_count()).map(DeviceRequest::Cuda).collect()
         }
         [] => vec![DeviceRequest::Auto],
@@ -340,7 +350,10 @@ mod tests {
     fn flex_is_cpu_only_and_env_names_what_changes_numbers() {
         let c = select(BackendRequest::Flex, DeviceRequest::Auto).expect("flex cpu");
         assert_eq!(c.env, ExecEnv::cpu_flex());
-        assert_eq!(select(BackendRequest::Flex, DeviceRequest::Cuda(0)).err(), Some(BackendError::FlexCpuOnly("--device cuda:0".into())));
+        assert_eq!(
+            select(BackendRequest::Flex, DeviceRequest::Cuda(0)).err(),
+            Some(BackendError::FlexCpuOnly("--device cuda:0".into()))
+        );
         let auto = select(BackendRequest::Auto, DeviceRequest::Cpu).expect("auto cpu");
         assert_eq!(auto.backend, if cfg!(feature = "tch") { BackendKind::Tch } else { BackendKind::Flex });
         assert_eq!(auto.env.device_kind, "cpu");
@@ -358,7 +371,10 @@ mod tests {
         assert_eq!((two.env.device.as_str(), two.env.device_kind.as_str()), ("cpu,cpu", "cpu"));
         let one = select_all(BackendRequest::Flex, &"auto".parse().expect("auto")).expect("auto");
         assert_eq!((one.replicas.len(), one.env.device.as_str()), (1, "cpu"));
-        assert!(matches!(select_all(BackendRequest::Flex, &"cpu,cuda:0".parse().expect("mixed")), Err(BackendError::FlexCpuOnly(_))));
+        assert!(matches!(
+            select_all(BackendRequest::Flex, &"cpu,cuda:0".parse().expect("mixed")),
+            Err(BackendError::FlexCpuOnly(_))
+        ));
     }
 
     #[test]
@@ -384,7 +400,10 @@ mod tests {
         let f = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").device;
         let t = select(BackendRequest::Tch, DeviceRequest::Cpu).expect("tch").device;
         let (x, w) = seeded(&f, 3, || {
-            (Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &f), Tensor::<2>::random([16, 16], Distribution::Normal(0.0, 0.25), &f))
+            (
+                Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &f),
+                Tensor::<2>::random([16, 16], Distribution::Normal(0.0, 0.25), &f),
+            )
         });
         let run = |dev: &Device| {
             let dev = dev.clone().autodiff();

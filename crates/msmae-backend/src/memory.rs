@@ -59,7 +59,13 @@ mod torch {
             _ => None,
         };
         let out = memory.map(|m| f(m, len));
-        (rewrap(Tensor::from_dispatch(DispatchTensor { kind: DispatchTensorKind::LibTorch(BackendTensor::Float(owned)), autodiff })), out)
+        (
+            rewrap(Tensor::from_dispatch(DispatchTensor {
+                kind: DispatchTensorKind::LibTorch(BackendTensor::Float(owned)),
+                autodiff,
+            })),
+            out,
+        )
     }
 }
 

@@ -36,7 +36,11 @@ fn split_qkv(qkv: Tensor<3>, h: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
     let [b, n, d3] = qkv.dims();
     let hd = d3 / 3 / h;
     let p = qkv.reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
-    (p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]), p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]), p.narrow(0, 2, 1).reshape([b, h, n, hd]))
+    (
+        p.clone().narrow(0, 0, 1).reshape([b, h, n, hd]),
+        p.clone().narrow(0, 1, 1).reshape([b, h, n, hd]),
+        p.narrow(0, 2, 1).reshape([b, h, n, hd]),
+    )
 }
 
 fn softmax_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
@@ -64,14 +68,20 @@ fn fused_layer_norm_matches_composed_ops_in_value_and_gradient() {
             let w = Tensor::<3>::random([3, 5, 24], Distribution::Normal(0.0, 1.0), &ad).detach();
 
             let run = |fused_op: bool| {
-                let (x, gamma, beta) = (x0.clone().require_grad(), gamma0.clone().require_grad(), beta0.clone().require_grad());
+                let (x, gamma, beta) =
+                    (x0.clone().require_grad(), gamma0.clone().require_grad(), beta0.clone().require_grad());
                 let out = if fused_op {
                     fused::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-6)
                 } else {
                     ln_reference(x.clone(), gamma.clone(), beta.clone(), 1e-6)
                 };
                 let grads = (out.clone() * w.clone()).sum().backward();
-                (out.inner(), x.grad(&grads).expect("dx"), gamma.grad(&grads).expect("dgamma"), beta.grad(&grads).expect("dbeta"))
+                (
+                    out.inner(),
+                    x.grad(&grads).expect("dx"),
+                    gamma.grad(&grads).expect("dgamma"),
+                    beta.grad(&grads).expect("dbeta"),
+                )
             };
             let (o1, dx1, dg1, db1) = run(true);
             let (o2, dx2, dg2, db2) = run(false);
@@ -84,7 +94,12 @@ fn fused_layer_norm_matches_composed_ops_in_value_and_gradient() {
         // Without autodiff (evaluation): the forward kernel alone.
         let x = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &dev);
         let (g, b) = (Tensor::<1>::ones([16], &dev), Tensor::<1>::zeros([16], &dev));
-        assert_close(&format!("{kind} inference"), fused::layer_norm(x.clone(), g.clone(), b.clone(), 1e-6), ln_reference(x, g, b, 1e-6), 1e-5);
+        assert_close(
+            &format!("{kind} inference"),
+            fused::layer_norm(x.clone(), g.clone(), b.clone(), 1e-6),
+            ln_reference(x, g, b, 1e-6),
+            1e-5,
+        );
     }
 }
 
@@ -132,7 +147,8 @@ fn fused_adamw_follows_the_update_rule_and_leaves_shared_buffers_alone() {
             let mut p = Tensor::<1>::from_floats(p0.as_slice(), &dev);
             let mut m = Tensor::<1>::zeros([n], &dev);
             let mut v = Tensor::<1>::zeros([n], &dev);
-            let (mut pr, mut mr, mut vr) = (p0.iter().map(|&x| x as f64).collect::<Vec<_>>(), vec![0f64; n], vec![0f64; n]);
+            let (mut pr, mut mr, mut vr) =
+                (p0.iter().map(|&x| x as f64).collect::<Vec<_>>(), vec![0f64; n], vec![0f64; n]);
             let keep = p.clone(); // another owner of the first parameter buffer
             for t in 1..=4 {
                 let g: Vec<f32> = (0..n).map(|i| (((i + 7 * t as usize) * 13 % 29) as f32 - 14.0) / 10.0).collect();
@@ -142,7 +158,8 @@ fn fused_adamw_follows_the_update_rule_and_leaves_shared_buffers_alone() {
                     let gi = g[i] as f64;
                     mr[i] = 0.9 * mr[i] + 0.1 * gi;
                     vr[i] = 0.95 * vr[i] + 0.05 * gi * gi;
-                    pr[i] = pr[i] * (1.0 - h.lr * wd) - h.lr / h.bias_correction_1 * mr[i] / ((vr[i] / h.bias_correction_2).sqrt() + 1e-8);
+                    pr[i] = pr[i] * (1.0 - h.lr * wd)
+                        - h.lr / h.bias_correction_1 * mr[i] / ((vr[i] / h.bias_correction_2).sqrt() + 1e-8);
                 }
             }
             let worst = values(p).iter().zip(&pr).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
@@ -213,7 +230,11 @@ fn fused_linear_matches_matmul_plus_bias_in_value_and_gradient() {
         let g = Tensor::<2>::random([37, 40], Distribution::Normal(0.0, 1.0), &ad).detach();
         let run = |fused_op: bool| {
             let (x, w, b) = (x0.clone().require_grad(), w0.clone().require_grad(), b0.clone().require_grad());
-            let out = if fused_op { fused::linear(x.clone(), w.clone(), b.clone()) } else { x.clone().matmul(w.clone()) + b.clone().unsqueeze::<2>() };
+            let out = if fused_op {
+                fused::linear(x.clone(), w.clone(), b.clone())
+            } else {
+                x.clone().matmul(w.clone()) + b.clone().unsqueeze::<2>()
+            };
             let grads = (out.clone() * g.clone()).sum().backward();
             (out.inner(), x.grad(&grads).expect("dx"), w.grad(&grads).expect("dw"), b.grad(&grads).expect("db"))
         };
@@ -226,7 +247,12 @@ fn fused_linear_matches_matmul_plus_bias_in_value_and_gradient() {
         // a transposed (non-contiguous) input, as the model's views can be
         let xt = Tensor::<2>::random([24, 37], Distribution::Normal(0.0, 1.0), &dev).transpose();
         let (w, b) = (w0.clone().inner(), b0.clone().inner());
-        assert_close(&format!("{kind} linear transposed input"), fused::linear(xt.clone(), w.clone(), b.clone()), xt.matmul(w) + b.unsqueeze::<2>(), 1e-5);
+        assert_close(
+            &format!("{kind} linear transposed input"),
+            fused::linear(xt.clone(), w.clone(), b.clone()),
+            xt.matmul(w) + b.unsqueeze::<2>(),
+            1e-5,
+        );
     }
 }
 
@@ -273,7 +299,12 @@ fn bf16_precision_rounds_matmuls_and_attention_and_keeps_float32_around_them() {
             let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
             (diff / norm).sqrt()
         };
-        for (what, lo, hi, tol) in [("linear", &y16, &y32, 0.01), ("output", &o16, &o32, 0.02), ("dw", &dw16, &dw32, 0.03), ("dx", &dx16, &dx32, 0.03)] {
+        for (what, lo, hi, tol) in [
+            ("linear", &y16, &y32, 0.01),
+            ("output", &o16, &o32, 0.02),
+            ("dw", &dw16, &dw32, 0.03),
+            ("dx", &dx16, &dx32, 0.03),
+        ] {
             let r = rel(lo, hi);
             eprintln!("{kind} {what}: relative error {r:.5}");
             assert!(r > 0.0, "{kind} {what}: bf16 gave exactly the float32 numbers; nothing was rounded");

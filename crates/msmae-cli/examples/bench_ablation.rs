@@ -58,24 +58,36 @@ fn main() {
     // plays no part, so one run per condition.
     let args = Args::parse_from("ablation", &[0], "pipelines/ablation.yaml", rest);
     let diffuse = ["params.evidence=diffuse".to_string(), format!("params.contrast={contrast}")];
-    let conditions: Vec<(&str, Vec<&str>)> = [("focal", vec![]), ("diffuse", diffuse.iter().map(String::as_str).collect())]
-        .into_iter()
-        .filter(|(name, _)| only.as_deref().is_none_or(|o| o.split(',').any(|c| c == *name)))
-        .collect();
+    let conditions: Vec<(&str, Vec<&str>)> =
+        [("focal", vec![]), ("diffuse", diffuse.iter().map(String::as_str).collect())]
+            .into_iter()
+            .filter(|(name, _)| only.as_deref().is_none_or(|o| o.split(',').any(|c| c == *name)))
+            .collect();
     let (arms, pairs) = layout(&args.pipeline);
     let mut out = String::new();
     for (name, sets) in &conditions {
         let lock = args.run_with(&format!("ablation/{name}"), args.seeds[0], sets);
         let c = common::json(&lock.dir("report").join("comparison.json"));
-        let rounds: Vec<String> =
-            lock.stages.iter().filter_map(|s| s.get("name").and_then(|n| n.as_str())).filter(|n| n.ends_with(".attn")).map(str::to_string).collect();
-        let coverage: Vec<f64> =
-            rounds.iter().map(|a| common::json(&lock.dir(a).join("summary.json"))["lesion_coverage"].as_f64().unwrap_or(f64::NAN)).collect();
+        let rounds: Vec<String> = lock
+            .stages
+            .iter()
+            .filter_map(|s| s.get("name").and_then(|n| n.as_str()))
+            .filter(|n| n.ends_with(".attn"))
+            .map(str::to_string)
+            .collect();
+        let coverage: Vec<f64> = rounds
+            .iter()
+            .map(|a| common::json(&lock.dir(a).join("summary.json"))["lesion_coverage"].as_f64().unwrap_or(f64::NAN))
+            .collect();
         let sup_val: Vec<f64> = rounds
             .iter()
             .map(|a| {
                 let h = common::json(&lock.dir(&a.replace(".attn", ".supervised")).join("history.json"));
-                h["epochs"].as_array().and_then(|e| e.last()).and_then(|e| e["val_accuracy"].as_f64()).unwrap_or(f64::NAN)
+                h["epochs"]
+                    .as_array()
+                    .and_then(|e| e.last())
+                    .and_then(|e| e["val_accuracy"].as_f64())
+                    .unwrap_or(f64::NAN)
             })
             .collect();
         let ms = |v: &serde_json::Value| match (v["mean"].as_f64(), v["sd"].as_f64()) {
@@ -83,7 +95,9 @@ fn main() {
             _ => "—".into(),
         };
         let iv = |v: &serde_json::Value| match (v["mean"].as_f64(), v["lo"].as_f64(), v["hi"].as_f64()) {
-            (Some(m), Some(lo), Some(hi)) => format!("{m:+.3} [{lo:+.3}, {hi:+.3}]{}", if lo > 0.0 || hi < 0.0 { " *" } else { "" }),
+            (Some(m), Some(lo), Some(hi)) => {
+                format!("{m:+.3} [{lo:+.3}, {hi:+.3}]{}", if lo > 0.0 || hi < 0.0 { " *" } else { "" })
+            }
             _ => "—".into(),
         };
         let _ = writeln!(
@@ -99,10 +113,19 @@ fn main() {
         for (stage, label) in &arms {
             let key = format!("seeds.*.{stage}");
             let Some(m) = methods.iter().find(|m| m["method"] == key.as_str()) else { continue };
-            let _ =
-                writeln!(out, "| {label} (`{stage}`) | {} | {} | {} | {} |", ms(&m["accuracy"]), ms(&m["auc"]), ms(&m["last_accuracy"]), ms(&m["last_auc"]));
+            let _ = writeln!(
+                out,
+                "| {label} (`{stage}`) | {} | {} | {} | {} |",
+                ms(&m["accuracy"]),
+                ms(&m["auc"]),
+                ms(&m["last_accuracy"]),
+                ms(&m["last_auc"])
+            );
         }
-        let _ = writeln!(out, "\npaired differences, condition `{name}` (mean [95 % t interval] over the seeds; * = excludes 0)");
+        let _ = writeln!(
+            out,
+            "\npaired differences, condition `{name}` (mean [95 % t interval] over the seeds; * = excludes 0)"
+        );
         let _ = writeln!(out, "| A − B | accuracy | macro AUC | last-epoch accuracy |");
         let _ = writeln!(out, "|---|---|---|---|");
         let paired = c["paired"].as_array().cloned().unwrap_or_default();
@@ -123,7 +146,13 @@ fn main() {
                 let f = |k: &str| v[k].as_f64().map(|x| -x);
                 serde_json::json!({ "mean": f("mean"), "lo": f("hi"), "hi": f("lo") })
             };
-            let _ = writeln!(out, "| `{a}` − `{b}` | {} | {} | {} |", iv(&flip(&p["accuracy"])), iv(&flip(&p["auc"])), iv(&flip(&p["last_accuracy"])));
+            let _ = writeln!(
+                out,
+                "| `{a}` − `{b}` | {} | {} | {} |",
+                iv(&flip(&p["accuracy"])),
+                iv(&flip(&p["auc"])),
+                iv(&flip(&p["last_accuracy"]))
+            );
         }
         eprintln!("[bench ablation/{name}] done");
     }

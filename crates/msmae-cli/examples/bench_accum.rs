@@ -26,7 +26,8 @@ fn main() {
     let (images, size, batch) = (arg("--images", "96"), arg("--size", "224"), arg("--batch", "32"));
     let work = tempfile::tempdir().expect("tmp");
     let store = work.path().join("store");
-    let stages = [("supervised", "ViT-S/16 classifier (attention/train-supervised)"), ("mae", "ViT-S/16 MAE (mae/pretrain)")];
+    let stages =
+        [("supervised", "ViT-S/16 classifier (attention/train-supervised)"), ("mae", "ViT-S/16 MAE (mae/pretrain)")];
     // (stage, accum) → (seconds, MiB)
     let mut rows: Vec<Vec<(f64, f64)>> = vec![Vec::new(); stages.len()];
     for &accum in &accums {
@@ -53,8 +54,13 @@ fn main() {
             rows[k].push((secs, mib));
         }
     }
-    println!("\ngradient accumulation: one epoch at {size} px, global batch {batch}, {images} images; one process per run, wall seconds and peak RSS (MiB)\n");
-    let head: Vec<String> = accums.iter().map(|a| format!("accum {a} (micro-batch {}): s | MiB", batch.parse::<usize>().unwrap_or(32) / a)).collect();
+    println!(
+        "\ngradient accumulation: one epoch at {size} px, global batch {batch}, {images} images; one process per run, wall seconds and peak RSS (MiB)\n"
+    );
+    let head: Vec<String> = accums
+        .iter()
+        .map(|a| format!("accum {a} (micro-batch {}): s | MiB", batch.parse::<usize>().unwrap_or(32) / a))
+        .collect();
     println!("| model | {} |", head.join(" | "));
     println!("|---|{}", "---|---|".repeat(accums.len()));
     for (k, (_, label)) in stages.iter().enumerate() {

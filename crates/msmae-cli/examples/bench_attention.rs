@@ -73,13 +73,25 @@ fn main() {
             e.right.push(f("/by_prediction/correct/lesion_coverage"));
             e.wrong.push(f("/by_prediction/wrong/lesion_coverage"));
             let curve = summary["coverage_curve"].as_array().cloned().unwrap_or_default();
-            e.curves.push(curve.iter().map(|x| (x["top_fraction"].as_f64().unwrap_or(f64::NAN), x["lesion_coverage"].as_f64().unwrap_or(f64::NAN))).collect());
+            e.curves.push(
+                curve
+                    .iter()
+                    .map(|x| {
+                        (
+                            x["top_fraction"].as_f64().unwrap_or(f64::NAN),
+                            x["lesion_coverage"].as_f64().unwrap_or(f64::NAN),
+                        )
+                    })
+                    .collect(),
+            );
         }
         for (model, s) in settings.iter_mut() {
             let h = json(&lock.dir(model).join("history.json"));
             let best = h["summary"]["best_epoch"].as_u64();
             let epochs = h["epochs"].as_array().cloned().unwrap_or_default();
-            let pick = best.and_then(|b| epochs.iter().find(|e| e["epoch"].as_u64() == Some(b)).cloned()).or_else(|| epochs.last().cloned());
+            let pick = best
+                .and_then(|b| epochs.iter().find(|e| e["epoch"].as_u64() == Some(b)).cloned())
+                .or_else(|| epochs.last().cloned());
             s.val_accuracy.push(pick.and_then(|e| e["val_accuracy"].as_f64()).unwrap_or(f64::NAN));
             s.train_seconds.push(lock.seconds(model));
             s.description = descriptions.get(model).cloned().unwrap_or_default();
@@ -101,7 +113,9 @@ fn main() {
             if !METHODS.iter().any(|m| s.by_method.contains_key(&format!("{m}{smooth}"))) {
                 continue;
             }
-            let cell = |m: &str, f: &dyn Fn(&PerMethod) -> String| s.by_method.get(&format!("{m}{smooth}")).map(f).unwrap_or_else(|| "—".into());
+            let cell = |m: &str, f: &dyn Fn(&PerMethod) -> String| {
+                s.by_method.get(&format!("{m}{smooth}")).map(f).unwrap_or_else(|| "—".into())
+            };
             let hits: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.2}", avg(&e.hit)))).collect();
             let secs: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| format!("{:.1}", avg(&e.seconds)))).collect();
             let cov: Vec<String> = METHODS.iter().map(|m| cell(m, &|e| mean_sd(&e.coverage))).collect();
@@ -126,16 +140,21 @@ fn print_detail(rows: &[(&String, &Setting)]) {
     println!(
         "\ncoverage (top 25 %) on the images with a lesion that the supervised ViT classifies right | wrong, and the coverage curve over the top fraction"
     );
-    let fractions: Vec<f64> =
-        rows.iter().find_map(|(_, s)| s.by_method.values().find_map(|p| p.curves.first()).map(|c| c.iter().map(|x| x.0).collect())).unwrap_or_default();
+    let fractions: Vec<f64> = rows
+        .iter()
+        .find_map(|(_, s)| s.by_method.values().find_map(|p| p.curves.first()).map(|c| c.iter().map(|x| x.0).collect()))
+        .unwrap_or_default();
     let head: Vec<String> = fractions.iter().map(|f| format!("top {:.0} %", f * 100.0)).collect();
     println!("| setting | map | right | wrong | {} |", head.join(" | "));
     println!("|---|---|---|---|{}", "---|".repeat(head.len()));
     for (name, s) in rows {
         for m in SMOOTHINGS.iter().flat_map(|smooth| METHODS.iter().map(move |m| format!("{m}{smooth}"))) {
             let Some(p) = s.by_method.get(&m) else { continue };
-            let curve: Vec<String> =
-                (0..fractions.len()).map(|k| format!("{:.3}", avg(&p.curves.iter().filter_map(|c| c.get(k).map(|x| x.1)).collect::<Vec<_>>()))).collect();
+            let curve: Vec<String> = (0..fractions.len())
+                .map(|k| {
+                    format!("{:.3}", avg(&p.curves.iter().filter_map(|c| c.get(k).map(|x| x.1)).collect::<Vec<_>>()))
+                })
+                .collect();
             println!("| `{name}` | {m} | {} | {} | {} |", mean_sd(&p.right), mean_sd(&p.wrong), curve.join(" | "));
         }
     }
@@ -148,7 +167,14 @@ fn descriptions(pipeline: &std::path::Path) -> BTreeMap<String, String> {
     y.get("stages")
         .and_then(|s| s.as_mapping())
         .map(|m| {
-            m.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.get("description").and_then(|d| d.as_str()).unwrap_or("").to_string()))).collect()
+            m.iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        k.as_str()?.to_string(),
+                        v.get("description").and_then(|d| d.as_str()).unwrap_or("").to_string(),
+                    ))
+                })
+                .collect()
         })
         .unwrap_or_default()
 }

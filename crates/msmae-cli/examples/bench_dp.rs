@@ -65,10 +65,15 @@ fn main() {
         } else {
             let mut c = Command::new("mpirun");
             c.args(["-np", &procs.to_string(), "--oversubscribe", "--bind-to", "none"]).arg(&exe).args(args);
-            c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+            c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+                .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
             c
         };
-        c.current_dir(&dir).env("MSMAE_TIMINGS", &timings).env("OMP_NUM_THREADS", threads.to_string()).env("MKL_NUM_THREADS", threads.to_string());
+        c.current_dir(&dir)
+            .env("MSMAE_TIMINGS", &timings)
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .env("MKL_NUM_THREADS", threads.to_string());
         eprintln!("[bench dp] {procs} process(es) × {threads} thread(s) …");
         run(&mut c, &format!("{procs}×{threads}"));
         rows.push(Row::read(procs, threads, &timings));
@@ -126,9 +131,14 @@ struct Row {
 
 impl Row {
     fn read(procs: usize, threads: usize, timings: &Path) -> Row {
-        let text = std::fs::read_to_string(timings).unwrap_or_else(|e| panic!("{}: {e} (no timings recorded)", timings.display()));
+        let text = std::fs::read_to_string(timings)
+            .unwrap_or_else(|e| panic!("{}: {e} (no timings recorded)", timings.display()));
         let mut r = Row { procs, threads, images: 0.0, seconds: 0.0, comm: 0.0, steps: 0 };
-        for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v["epoch"].as_u64() != Some(0)) {
+        for v in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["epoch"].as_u64() != Some(0))
+        {
             r.images += v["images"].as_f64().unwrap_or(0.0);
             r.seconds += v["seconds"].as_f64().unwrap_or(0.0);
             r.comm += v["comm_seconds"].as_f64().unwrap_or(0.0);

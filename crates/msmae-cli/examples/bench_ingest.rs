@@ -35,7 +35,11 @@ fn arg(name: &str, default: &str) -> String {
 
 fn peak_rss_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()).map_or(f64::NAN, |kb| kb / 1024.0)
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn generate(dir: &Path, n: usize) -> (Vec<PathBuf>, Vec<PathBuf>) {
@@ -52,11 +56,17 @@ fn generate(dir: &Path, n: usize) -> (Vec<PathBuf>, Vec<PathBuf>) {
                 return 0;
             }
             let f = field(i as u64);
-            let grey = image::GrayImage::from_fn(1024, 1024, |x, y| image::Luma([f[(y * 1024 + x) as usize].clamp(0.0, 255.0) as u8]));
+            let grey = image::GrayImage::from_fn(1024, 1024, |x, y| {
+                image::Luma([f[(y * 1024 + x) as usize].clamp(0.0, 255.0) as u8])
+            });
             grey.save(&p).expect("png");
             let rgb = image::RgbImage::from_fn(1024, 1024, |x, y| {
                 let v = f[(y * 1024 + x) as usize];
-                image::Rgb([(v * 1.1).clamp(0.0, 255.0) as u8, (v * 0.6).clamp(0.0, 255.0) as u8, (v * 0.3).clamp(0.0, 255.0) as u8])
+                image::Rgb([
+                    (v * 1.1).clamp(0.0, 255.0) as u8,
+                    (v * 0.6).clamp(0.0, 255.0) as u8,
+                    (v * 0.3).clamp(0.0, 255.0) as u8,
+                ])
             });
             let mut w = std::io::BufWriter::new(std::fs::File::create(&j).expect("jpg"));
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, 90).encode_image(&rgb).expect("jpeg");
@@ -90,8 +100,13 @@ fn manifests(dir: &Path, name: &str, files: &[PathBuf], rows: usize) -> (PathBuf
 
 /// `--worker MANIFEST OUT SIZE CHANNELS THREADS`: one msmae ingest, one JSON line.
 fn worker(args: &[String]) {
-    let (manifest, out, size, channels, threads) =
-        (PathBuf::from(&args[0]), PathBuf::from(&args[1]), &args[2], &args[3], args[4].parse::<usize>().expect("threads"));
+    let (manifest, out, size, channels, threads) = (
+        PathBuf::from(&args[0]),
+        PathBuf::from(&args[1]),
+        &args[2],
+        &args[3],
+        args[4].parse::<usize>().expect("threads"),
+    );
     let c: ManifestConfig = serde_json::from_value(serde_json::json!({ "manifest": manifest, "id_column": "id", "size": size.parse::<u32>().expect("size"), "channels": channels.parse::<u32>().expect("channels"), "previews": 0, "split": { "train": 1.0, "val": 0.0, "test": 0.0 } })).expect("config");
     std::fs::create_dir_all(&out).expect("mkdir");
     let t = Instant::now();
@@ -114,7 +129,10 @@ fn worker(args: &[String]) {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v["total_images"].as_u64())
         .unwrap_or(0);
-    println!("{}", serde_json::json!({ "images": rows, "seconds": s, "images_per_s": rows as f64 / s, "peak_rss_mib": peak_rss_mib() }));
+    println!(
+        "{}",
+        serde_json::json!({ "images": rows, "seconds": s, "images_per_s": rows as f64 / s, "peak_rss_mib": peak_rss_mib() })
+    );
 }
 
 fn run_json(cmd: &mut Command) -> serde_json::Value {
@@ -132,17 +150,26 @@ fn main() {
     let n: usize = arg("--images", "5000").parse().expect("--images");
     let size = arg("--size", "224");
     let threads = arg("--threads", &std::thread::available_parallelism().map_or(2, |n| n.get()).to_string());
-    let cache =
-        std::env::var("MSMAE_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/msmae"));
+    let cache = std::env::var("MSMAE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/msmae"));
     let dir = PathBuf::from(arg("--dir", &cache.join("bench-ingest").display().to_string()));
-    let scales: Vec<usize> = arg("--scale", "10000,50000").split(',').filter(|s| !s.is_empty()).map(|s| s.parse().expect("--scale")).collect();
+    let scales: Vec<usize> = arg("--scale", "10000,50000")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("--scale"))
+        .collect();
     let (pngs, jpgs) = generate(&dir, n);
     let work = tempfile::tempdir_in(&dir).expect("tmp");
     let me = std::env::current_exe().expect("exe");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../msmae-data/tests/python/ingest_bench.py");
     let python = std::env::var_os("MSMAE_PYTHON").filter(|_| !args.iter().any(|a| a == "--no-python"));
-    let bytes = |fs: &[PathBuf]| fs.iter().map(|f| std::fs::metadata(f).map_or(0, |m| m.len())).sum::<u64>() as f64 / fs.len() as f64 / 1024.0;
-    println!("ingest benchmark: {n} images 1024×1024 per format → {size}×{size}, msmae with {threads} threads, Python one process (Pillow + pyarrow)");
+    let bytes = |fs: &[PathBuf]| {
+        fs.iter().map(|f| std::fs::metadata(f).map_or(0, |m| m.len())).sum::<u64>() as f64 / fs.len() as f64 / 1024.0
+    };
+    println!(
+        "ingest benchmark: {n} images 1024×1024 per format → {size}×{size}, msmae with {threads} threads, Python one process (Pillow + pyarrow)"
+    );
     println!("average file: PNG {:.0} KiB, JPEG {:.0} KiB\n", bytes(&pngs), bytes(&jpgs));
     println!("| input | Python img/s | msmae img/s | speed-up | Python peak RSS MiB | msmae peak RSS MiB |");
     println!("|---|---|---|---|---|---|");
@@ -152,17 +179,23 @@ fn main() {
         for f in files.iter() {
             let _ = std::fs::read(f);
         }
-        let ours = run_json(Command::new(&me).arg("--worker").arg(&csv).arg(work.path().join(format!("ours-{channels}"))).args([&size, channels, &threads]));
-        let py = python.as_ref().map(|p| {
-            run_json(Command::new(p).arg(&script).arg(&txt).arg(work.path().join(format!("py-{channels}.parquet"))).args([
-                "--size",
-                &size,
-                "--channels",
-                channels,
-                "--row-group",
-                "256",
-            ]))
-        });
+        let ours = run_json(
+            Command::new(&me)
+                .arg("--worker")
+                .arg(&csv)
+                .arg(work.path().join(format!("ours-{channels}")))
+                .args([&size, channels, &threads]),
+        );
+        let py =
+            python.as_ref().map(|p| {
+                run_json(
+                    Command::new(p)
+                        .arg(&script)
+                        .arg(&txt)
+                        .arg(work.path().join(format!("py-{channels}.parquet")))
+                        .args(["--size", &size, "--channels", channels, "--row-group", "256"]),
+                )
+            });
         let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         match py {
             Some(py) => println!(
@@ -173,11 +206,15 @@ fn main() {
                 f(&py, "peak_rss_mib"),
                 f(&ours, "peak_rss_mib")
             ),
-            None => println!("| {name} | – | {:.0} | – | – | {:.0} |", f(&ours, "images_per_s"), f(&ours, "peak_rss_mib")),
+            None => {
+                println!("| {name} | – | {:.0} | – | – | {:.0} |", f(&ours, "images_per_s"), f(&ours, "peak_rss_mib"))
+            }
         }
     }
     if !scales.is_empty() {
-        println!("\nmemory is bounded by the row groups in flight, not by the dataset: msmae on manifests cycling over the PNGs\n");
+        println!(
+            "\nmemory is bounded by the row groups in flight, not by the dataset: msmae on manifests cycling over the PNGs\n"
+        );
         println!("| rows | seconds | img/s | peak RSS MiB |");
         println!("|---|---|---|---|");
         for rows in scales {

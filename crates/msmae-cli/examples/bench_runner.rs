@@ -41,7 +41,11 @@ impl Stage for IndexStage {
     }
     fn run(&self, c: &IndexCfg, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         let root = ctx.resolve(&c.root);
-        let n = if root.is_file() { 1 } else { msmae_pipeline::hashing::list_files(&root).map_err(|e| StageError::other(e.to_string()))?.len() };
+        let n = if root.is_file() {
+            1
+        } else {
+            msmae_pipeline::hashing::list_files(&root).map_err(|e| StageError::other(e.to_string()))?.len()
+        };
         let p = ctx.output_path("count.txt")?;
         fs::write(&p, n.to_string()).map_err(|e| StageError::io(&p, e))
     }
@@ -109,12 +113,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let d = memo.tree(&data)?;
     let s = t.elapsed().as_secs_f64();
-    rows.push((format!("hash {files} small files, cold"), format!("{s:.2} s = {:.0} files/s, {:.0} MB/s", d.files as f64 / s, d.bytes as f64 / s / 1e6)));
+    rows.push((
+        format!("hash {files} small files, cold"),
+        format!("{s:.2} s = {:.0} files/s, {:.0} MB/s", d.files as f64 / s, d.bytes as f64 / s / 1e6),
+    ));
     let t = Instant::now();
     let d2 = memo.tree(&data)?;
     let s2 = t.elapsed().as_secs_f64();
     assert_eq!(d.hex, d2.hex);
-    rows.push((format!("re-hash {files} small files, memo hit"), format!("{:.0} ms ({} bytes read)", s2 * 1e3, d2.hashed_bytes)));
+    rows.push((
+        format!("re-hash {files} small files, memo hit"),
+        format!("{:.0} ms ({} bytes read)", s2 * 1e3, d2.hashed_bytes),
+    ));
     let t = Instant::now();
     let b = memo.tree(&big)?;
     let s = t.elapsed().as_secs_f64();
@@ -153,7 +163,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         assert_eq!(cached, 2, "a no-op re-run serves every stage from the cache");
         noop.push(s);
     }
-    rows.push((format!("no-op re-run, {} files + {big_mib} MiB (median of {repeat})", files + 1), format!("{:.0} ms", median(noop) * 1e3)));
+    rows.push((
+        format!("no-op re-run, {} files + {big_mib} MiB (median of {repeat})", files + 1),
+        format!("{:.0} ms", median(noop) * 1e3),
+    ));
     fs::remove_file(store_dir.join("hashmemo.tsv"))?;
     let (s, cached) = run()?;
     assert_eq!(cached, 2);
@@ -165,6 +178,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (k, v) in rows {
         println!("| {k:w$} | {v} |");
     }
-    println!("\nmachine: {} cpus; dataset at {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), root.display());
+    println!(
+        "\nmachine: {} cpus; dataset at {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        root.display()
+    );
     Ok(())
 }

@@ -59,7 +59,9 @@ fn pool(dir: &Path, n: usize) -> Vec<PathBuf> {
             let p = d.join(format!("{i:04}.png"));
             if !p.is_file() {
                 let f = field(1000 + i as u64);
-                let img = image::GrayImage::from_fn(1024, 1024, |x, y| image::Luma([f[(y * 1024 + x) as usize].clamp(0.0, 255.0) as u8]));
+                let img = image::GrayImage::from_fn(1024, 1024, |x, y| {
+                    image::Luma([f[(y * 1024 + x) as usize].clamp(0.0, 255.0) as u8])
+                });
                 let tmp = p.with_extension("png.part");
                 img.save_with_format(&tmp, image::ImageFormat::Png).expect("png");
                 std::fs::rename(&tmp, &p).expect("rename");
@@ -116,7 +118,8 @@ fn release(root: &Path, rows: usize, pool: &[PathBuf]) -> usize {
             train_val.push_str(&name);
             train_val.push('\n');
         }
-        links.push((root.join(format!("images_{:03}/images", 1 + i / 10_000)).join(name), pool[i % pool.len()].clone()));
+        links
+            .push((root.join(format!("images_{:03}/images", 1 + i / 10_000)).join(name), pool[i % pool.len()].clone()));
         left -= 1;
         follow += 1;
     }
@@ -152,16 +155,23 @@ fn pipeline(root: &Path, size: &str, batch: &str) -> String {
 }
 
 fn main() {
-    let rows: Vec<usize> = arg("--rows", "10000,50000,112120").split(',').filter(|s| !s.is_empty()).map(|s| s.parse().expect("--rows")).collect();
+    let rows: Vec<usize> = arg("--rows", "10000,50000,112120")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("--rows"))
+        .collect();
     let pool_n: usize = arg("--pool", "32").parse().expect("--pool");
     let size = arg("--size", "64");
     let batch = arg("--batch", "256");
     let keep = std::env::args().any(|a| a == "--keep");
-    let cache =
-        std::env::var("MSMAE_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/msmae"));
+    let cache = std::env::var("MSMAE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/msmae"));
     let dir = PathBuf::from(arg("--dir", &cache.join("bench-scale").display().to_string()));
     let pool = pool(&dir, pool_n);
-    let avg = pool.iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>() as f64 / pool.len() as f64 / 1024.0;
+    let avg = pool.iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>() as f64
+        / pool.len() as f64
+        / 1024.0;
     // (rows, per stage (seconds, peak RSS MiB))
     let mut results: Vec<(usize, Vec<(f64, f64)>)> = Vec::new();
     for &n in &rows {
@@ -200,7 +210,11 @@ fn main() {
         let cells: Vec<String> = results.iter().map(|(_, per)| format!("{:.1} | {:.0}", per[k].0, per[k].1)).collect();
         let (first, last) = (results.first().expect("a size"), results.last().expect("a size"));
         let per_k = last.1[k].0 / last.0 as f64 * 1000.0;
-        let growth = if last.0 > first.0 { (last.1[k].1 - first.1[k].1) / (last.0 - first.0) as f64 * 10_000.0 } else { f64::NAN };
+        let growth = if last.0 > first.0 {
+            (last.1[k].1 - first.1[k].1) / (last.0 - first.0) as f64 * 10_000.0
+        } else {
+            f64::NAN
+        };
         println!("| {label} | {} | {per_k:.2} | {growth:+.1} |", cells.join(" | "));
     }
 }

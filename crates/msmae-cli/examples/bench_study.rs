@@ -49,7 +49,8 @@ impl Row {
         let attn = common::json(&lock.dir("attn").join("summary.json"));
         let evals = ["eval-scratch", "eval-mae", "eval-msmae-full", "eval-msmae"].map(|e| lock.scores(e));
         let per_epoch = |name: &str| {
-            let epochs = common::json(&lock.dir(name).join("history.json"))["epochs"].as_array().map(Vec::len).unwrap_or(1);
+            let epochs =
+                common::json(&lock.dir(name).join("history.json"))["epochs"].as_array().map(Vec::len).unwrap_or(1);
             lock.seconds(name) / epochs as f64
         };
         Row {
@@ -59,8 +60,13 @@ impl Row {
             scores: evals.map(|e| e[0]),
             last: evals.map(|e| e[1]),
             epoch_seconds: [per_epoch("ft-mae"), per_epoch("ft-msmae")],
-            dice: ["seg-msmae", "seg-scratch"]
-                .map(|n| if lock.has(n) { common::json(&lock.dir(n).join("metrics.json"))["dice"].as_f64().unwrap_or(f64::NAN) } else { f64::NAN }),
+            dice: ["seg-msmae", "seg-scratch"].map(|n| {
+                if lock.has(n) {
+                    common::json(&lock.dir(n).join("metrics.json"))["dice"].as_f64().unwrap_or(f64::NAN)
+                } else {
+                    f64::NAN
+                }
+            }),
         }
     }
 }
@@ -71,7 +77,10 @@ const METHODS: [&str; 4] = ["none", "MAE", "MSMAE-pt + full ft", "MSMAE"];
 /// best-validation models' test figures, or (`last`) the last epoch's models'.
 fn print_paired(rows: &[Row], last: bool) {
     let which = if last { "last-epoch models" } else { "best-validation models" };
-    println!("\npaired test differences over {} seeds, {which} (mean [95 % t interval]; * = interval excludes 0)", rows.len());
+    println!(
+        "\npaired test differences over {} seeds, {which} (mean [95 % t interval]; * = interval excludes 0)",
+        rows.len()
+    );
     println!("| A − B | accuracy | macro-F1 | macro AUC |");
     println!("|---|---|---|---|");
     let pairs = (0..METHODS.len()).flat_map(|i| (i + 1..METHODS.len()).map(move |j| (i, j)));
@@ -86,40 +95,69 @@ fn print_paired(rows: &[Row], last: bool) {
         println!("| {} − {} | {} | {} | {} |", METHODS[j], METHODS[i], cell(&|s| s.0), cell(&|s| s.1), cell(&|s| s.2));
     }
     if !last && rows.iter().all(|r| r.dice[0].is_finite()) {
-        let p = msmae_eval::stats::paired(&rows.iter().map(|r| r.dice[0]).collect::<Vec<_>>(), &rows.iter().map(|r| r.dice[1]).collect::<Vec<_>>());
+        let p = msmae_eval::stats::paired(
+            &rows.iter().map(|r| r.dice[0]).collect::<Vec<_>>(),
+            &rows.iter().map(|r| r.dice[1]).collect::<Vec<_>>(),
+        );
         println!("segmentation Dice, MSMAE-pre-trained − random encoder: {:+.3} [{:+.3}, {:+.3}]", p.mean, p.lo, p.hi);
     }
 }
 
 fn print_table(rows: &[Row]) {
     println!("\nper seed (test split)");
-    println!("| seed | lesion coverage (top 25 %) | hit rate | acc none | acc MAE | acc MSMAE-pt + full ft | acc MSMAE | s/epoch full | s/epoch MSMAE |");
+    println!(
+        "| seed | lesion coverage (top 25 %) | hit rate | acc none | acc MAE | acc MSMAE-pt + full ft | acc MSMAE | s/epoch full | s/epoch MSMAE |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |",
-            r.seed, r.coverage, r.hit, r.scores[0].0, r.scores[1].0, r.scores[2].0, r.scores[3].0, r.epoch_seconds[0], r.epoch_seconds[1]
+            r.seed,
+            r.coverage,
+            r.hit,
+            r.scores[0].0,
+            r.scores[1].0,
+            r.scores[2].0,
+            r.scores[3].0,
+            r.epoch_seconds[0],
+            r.epoch_seconds[1]
         );
     }
     let col = |f: &dyn Fn(&Row) -> f64| mean_sd(&rows.iter().map(f).collect::<Vec<_>>());
     println!("\nover {} seeds (mean ± sd)", rows.len());
     println!("| method | accuracy | macro-F1 | macro AUC |");
     println!("|---|---|---|---|");
-    for (i, name) in
-        ["no pre-training (finetune/full)", "MAE (random 0.75) + finetune/full", "MSMAE pre-training + finetune/full", "MSMAE (pre-training + finetune/msmae)"]
-            .iter()
-            .enumerate()
+    for (i, name) in [
+        "no pre-training (finetune/full)",
+        "MAE (random 0.75) + finetune/full",
+        "MSMAE pre-training + finetune/full",
+        "MSMAE (pre-training + finetune/msmae)",
+    ]
+    .iter()
+    .enumerate()
     {
-        println!("| {name} | {} | {} | {} |", col(&|r| r.scores[i].0), col(&|r| r.scores[i].1), col(&|r| r.scores[i].2));
+        println!(
+            "| {name} | {} | {} | {} |",
+            col(&|r| r.scores[i].0),
+            col(&|r| r.scores[i].1),
+            col(&|r| r.scores[i].2)
+        );
     }
-    println!("\nlesion coverage of the top-25 % attention patches: {} (uniform attention: 0.250)", col(&|r| r.coverage));
+    println!(
+        "\nlesion coverage of the top-25 % attention patches: {} (uniform attention: 0.250)",
+        col(&|r| r.coverage)
+    );
     println!(
         "fine-tuning wall time per epoch (stage time / epochs, incl. validation): full {} s, MSMAE {} s",
         col(&|r| r.epoch_seconds[0]),
         col(&|r| r.epoch_seconds[1])
     );
     if rows.iter().all(|r| r.dice[0].is_finite()) {
-        println!("segmentation Dice (test images with lesions): MSMAE-pre-trained encoder {}, random encoder {}", col(&|r| r.dice[0]), col(&|r| r.dice[1]));
+        println!(
+            "segmentation Dice (test images with lesions): MSMAE-pre-trained encoder {}, random encoder {}",
+            col(&|r| r.dice[0]),
+            col(&|r| r.dice[1])
+        );
     }
     println!("\ntest accuracy of the last epoch's model (mean ± sd; the best-validation model's above)");
     println!("| method | accuracy | macro-F1 | macro AUC |");

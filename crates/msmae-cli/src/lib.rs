@@ -283,7 +283,9 @@ pub enum Command {
     /// What this machine and build offer for training: backends, CUDA devices, MPI, the
     /// process group, NCCL and the CUDA driver, and how gradients would be summed. For
     /// checking a node before a long job.
-    #[command(after_help = "Examples:\n  msmae env\n  mpirun -np 2 msmae env\n  MSMAE_NCCL_LIBRARY=/opt/nccl/lib/libnccl.so.2 msmae env")]
+    #[command(
+        after_help = "Examples:\n  msmae env\n  mpirun -np 2 msmae env\n  MSMAE_NCCL_LIBRARY=/opt/nccl/lib/libnccl.so.2 msmae env"
+    )]
     Env,
     /// List the stage kinds this binary provides.
     #[command(after_help = "Example:\n  msmae stages")]
@@ -328,8 +330,9 @@ pub fn main_with(registry: Registry) -> ExitCode {
     match execute(cli, &registry) {
         Ok(code) => code,
         Err(e) => {
-            let spec = e.downcast_ref::<msmae_pipeline::Error>().is_some_and(|e| matches!(e, msmae_pipeline::Error::Spec(_)))
-                || e.downcast_ref::<UsageError>().is_some();
+            let spec =
+                e.downcast_ref::<msmae_pipeline::Error>().is_some_and(|e| matches!(e, msmae_pipeline::Error::Spec(_)))
+                    || e.downcast_ref::<UsageError>().is_some();
             let code = if spec { 2 } else { 1 };
             if group.is_solo() {
                 eprintln!("error: {}", msmae_core::error::chain(e.as_ref()));
@@ -361,7 +364,8 @@ fn init_tracing(verbose: u8, quiet: bool) {
 }
 
 fn store_for(common: &Common) -> Result<Store> {
-    let path = common.store.clone().unwrap_or_else(|| common.pipeline.parent().unwrap_or(Path::new(".")).join(".msmae"));
+    let path =
+        common.store.clone().unwrap_or_else(|| common.pipeline.parent().unwrap_or(Path::new(".")).join(".msmae"));
     Store::open(&path).with_context(|| format!("opening the artifact store {}", path.display()))
 }
 
@@ -415,12 +419,24 @@ fn slurm_options(
     tensorboard: Option<&Path>,
 ) -> Result<msmae_pipeline::slurm::SlurmOptions> {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut args: Vec<String> = vec![abs(&common.pipeline).to_string_lossy().into_owned(), "--store".into(), abs(store.root()).to_string_lossy().into_owned()];
+    let mut args: Vec<String> = vec![
+        abs(&common.pipeline).to_string_lossy().into_owned(),
+        "--store".into(),
+        abs(store.root()).to_string_lossy().into_owned(),
+    ];
     for s in &common.set {
         args.extend(["--set".into(), format!("{}={}", s.path, s.value)]);
     }
-    let device = if env.device_kind == "cuda" && env.device == "auto" { "cuda".to_string() } else { env.device.clone() };
-    args.extend(["--device".into(), device, "--backend".into(), env.backend.clone(), "--precision".into(), env.precision.clone()]);
+    let device =
+        if env.device_kind == "cuda" && env.device == "auto" { "cuda".to_string() } else { env.device.clone() };
+    args.extend([
+        "--device".into(),
+        device,
+        "--backend".into(),
+        env.backend.clone(),
+        "--precision".into(),
+        env.precision.clone(),
+    ]);
     if let Some(tb) = tensorboard {
         args.extend(["--tensorboard".into(), abs(tb).to_string_lossy().into_owned()]);
     }
@@ -463,7 +479,10 @@ fn run_stage(registry: &Registry, common: &Common, job: StageJob) -> Result<Exit
             Ok(c) => c,
             Err(e) if !uses_backend => cluster_compute(common, &Default::default()).map_err(|_| e)?,
             Err(e) => {
-                return Err(e.context(format!("this job on {} cannot compute on the device it was keyed for", msmae_pipeline::store::Host::current().hostname)));
+                return Err(e.context(format!(
+                    "this job on {} cannot compute on the device it was keyed for",
+                    msmae_pipeline::store::Host::current().hostname
+                )));
             }
         };
         let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
@@ -543,7 +562,9 @@ const REPORT_MARKER: &str = "<meta name=\"generator\" content=\"msmae report\">"
 fn check_report_target(out: &Path, common: &Common, store: &Store, lock: &Path) -> Result<()> {
     let resolve = msmae_pipeline::store::resolved_path;
     let target = resolve(out);
-    let refuse = |what: String| Err(anyhow::anyhow!("refusing to write the report to {}: {what}; choose another file with -o", out.display()));
+    let refuse = |what: String| {
+        Err(anyhow::anyhow!("refusing to write the report to {}: {what}; choose another file with -o", out.display()))
+    };
     if target == resolve(&common.pipeline) {
         return refuse("it is the pipeline file".into());
     }
@@ -585,10 +606,23 @@ fn environment_report() -> String {
         .collect();
     line("backends", backends.join(", "));
     let gpus = msmae_backend::cuda_device_count();
-    line("CUDA devices", if gpus == 0 { "none (libtorch sees no GPU)".into() } else { format!("{gpus} (cuda:0 … cuda:{})", gpus - 1) });
-    line("MPI", if msmae_dist::HAS_MPI { "compiled in".into() } else { "not compiled in (a multi-process launch is refused)".into() });
+    line(
+        "CUDA devices",
+        if gpus == 0 { "none (libtorch sees no GPU)".into() } else { format!("{gpus} (cuda:0 … cuda:{})", gpus - 1) },
+    );
+    line(
+        "MPI",
+        if msmae_dist::HAS_MPI {
+            "compiled in".into()
+        } else {
+            "not compiled in (a multi-process launch is refused)".into()
+        },
+    );
     let g = msmae_dist::group();
-    line("process", format!("rank {} of {} ({}), local rank {}", g.rank(), g.size(), g.name(), msmae_dist::local_rank()));
+    line(
+        "process",
+        format!("rank {} of {} ({}), local rank {}", g.rank(), g.size(), g.name(), msmae_dist::local_rank()),
+    );
     let nccl = msmae_dist::nccl::library_version(&msmae_dist::nccl::nccl_candidates(|k| std::env::var(k).ok()));
     match &nccl {
         Ok((v, path)) => line("NCCL", format!("{v} ({path})")),
@@ -607,8 +641,12 @@ fn environment_report() -> String {
     let how = match transport {
         GradientTransport::Mpi => "MPI on host memory (CUDA gradients copied to the host)".to_string(),
         GradientTransport::Nccl if usable => "NCCL on CUDA memory, also at world size 1".to_string(),
-        GradientTransport::Nccl => "NCCL required but not usable here: training would fail at its first step".to_string(),
-        GradientTransport::Auto if usable => "NCCL on CUDA devices (if every rank has it), MPI on host memory for CPU training".to_string(),
+        GradientTransport::Nccl => {
+            "NCCL required but not usable here: training would fail at its first step".to_string()
+        }
+        GradientTransport::Auto if usable => {
+            "NCCL on CUDA devices (if every rank has it), MPI on host memory for CPU training".to_string()
+        }
         GradientTransport::Auto => "MPI on host memory (NCCL needs a GPU, its driver and libnccl)".to_string(),
     };
     line("gradients", format!("{}={transport}: {how}", GradientTransport::VAR));
@@ -627,11 +665,29 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { common, stage, from, until, force, dry_run, jobs, no_wait, executor, profile, retries, verify_inputs, tensorboard } => {
+        Command::Run {
+            common,
+            stage,
+            from,
+            until,
+            force,
+            dry_run,
+            jobs,
+            no_wait,
+            executor,
+            profile,
+            retries,
+            verify_inputs,
+            tensorboard,
+        } => {
             if let Some(j) = jobs
                 && !(1..=MAX_JOBS).contains(&j)
             {
-                return Err(UsageError(format!("--jobs {j}: give between 1 and {MAX_JOBS} job slots (this machine has {})", RunOptions::default().jobs)).into());
+                return Err(UsageError(format!(
+                    "--jobs {j}: give between 1 and {MAX_JOBS} job slots (this machine has {})",
+                    RunOptions::default().jobs
+                ))
+                .into());
             }
             let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
             let store = store_for(&common)?;
@@ -641,7 +697,8 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 (Some(p), ExecutorArg::Slurm) => msmae_pipeline::slurm::Profile::load(p)?,
                 _ => Default::default(),
             };
-            let compute = if executor == ExecutorArg::Slurm { cluster_compute(&common, &profile)? } else { compute(&common)? };
+            let compute =
+                if executor == ExecutorArg::Slurm { cluster_compute(&common, &profile)? } else { compute(&common)? };
             let executor = match executor {
                 ExecutorArg::Local => msmae_pipeline::Executor::Local,
                 ExecutorArg::Slurm => msmae_pipeline::Executor::Slurm(std::sync::Arc::new(slurm_options(
@@ -729,7 +786,12 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             for m in &bad {
                 println!("MISMATCH {}: {}", m.stage, m.problem);
             }
-            println!("verified {checked} of {} artifacts in {}: {} mismatches", lock.stages.len(), lp.display(), bad.len());
+            println!(
+                "verified {checked} of {} artifacts in {}: {} mismatches",
+                lock.stages.len(),
+                lp.display(),
+                bad.len()
+            );
             Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Show { common, stages, format, against } => {
@@ -749,8 +811,11 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 None => results::render(&rows, None, format),
                 Some(spec) => {
                     let (label, other) = results::against_lock(&spec, &lp)?;
-                    let theirs: Vec<results::StageResults> =
-                        plan.nodes.iter().map(|n| results::read(&store, &other, &n.name, n.kind.kind(), &n.output)).collect();
+                    let theirs: Vec<results::StageResults> = plan
+                        .nodes
+                        .iter()
+                        .map(|n| results::read(&store, &other, &n.name, n.kind.kind(), &n.output))
+                        .collect();
                     let d = results::deltas(&rows, &theirs);
                     results::render(&rows, Some((&label, &d)), format)
                 }
@@ -763,9 +828,16 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let rows = results::collect(&plan, &store, &lock, &keyed_env(&common)?, std::slice::from_ref(&stage))?;
             let r = rows.first().context("no such stage")?;
             match (&r.artifact, &r.path) {
-                (None, _) => anyhow::bail!("stage `{stage}` has no artifact in {}: run the pipeline first", lp.display()),
+                (None, _) => {
+                    anyhow::bail!("stage `{stage}` has no artifact in {}: run the pipeline first", lp.display())
+                }
                 (Some(d), None) => {
-                    anyhow::bail!("stage `{stage}`: artifact {} recorded in {} is not in the store {}", &d[..12], lp.display(), store.root().display())
+                    anyhow::bail!(
+                        "stage `{stage}`: artifact {} recorded in {} is not in the store {}",
+                        &d[..12],
+                        lp.display(),
+                        store.root().display()
+                    )
                 }
                 (Some(_), Some(p)) => {
                     if !r.is_current() {
@@ -801,7 +873,9 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             println!("{} ({} KiB): open it in a browser", out.display(), page.len() / 1024);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { common, stages, threads, tolerance, format, scratch } => audit(registry, &common, stages, threads, tolerance, format, scratch),
+        Command::Audit { common, stages, threads, tolerance, format, scratch } => {
+            audit(registry, &common, stages, threads, tolerance, format, scratch)
+        }
         Command::Gc { common, prune, dry_run, no_wait, forget } => {
             let store = store_for(&common)?;
             for f in &forget {
@@ -810,7 +884,11 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 } else if store.forget_root(f)? {
                     println!("forgot {}: gc no longer keeps what it referenced", f.display());
                 } else {
-                    anyhow::bail!("{} is not a lock file registered with the store {}", f.display(), store.root().display());
+                    anyhow::bail!(
+                        "{} is not a lock file registered with the store {}",
+                        f.display(),
+                        store.root().display()
+                    );
                 }
             }
             let lp = lock_path(&common);
@@ -877,7 +955,9 @@ fn audit(
     let bars = progress::bars();
     let audits = msmae_pipeline::audit::audit(&plan, &store, &lock, &opts, bars.as_ref())?;
     match format {
-        AuditFormat::Text => print!("{}", msmae_pipeline::audit::render_text(&common.pipeline, &lock_path, &audits, tolerance)),
+        AuditFormat::Text => {
+            print!("{}", msmae_pipeline::audit::render_text(&common.pipeline, &lock_path, &audits, tolerance))
+        }
         AuditFormat::Json => println!("{}", serde_json::to_string_pretty(&audits)?),
     }
     Ok(if audits.iter().all(|a| a.verdict.reproduced()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -915,7 +995,14 @@ fn print_report(r: &msmae_pipeline::RunReport) {
             Outcome::Ran { seconds, .. } => format!("{seconds:.2}"),
             _ => String::new(),
         };
-        println!("{:w$}  {:28} {:22} {:>9}  {}", s.name, s.kind, s.outcome.label(), secs, s.artifact.as_deref().map(|a| &a[..12]).unwrap_or("-"));
+        println!(
+            "{:w$}  {:28} {:22} {:>9}  {}",
+            s.name,
+            s.kind,
+            s.outcome.label(),
+            secs,
+            s.artifact.as_deref().map(|a| &a[..12]).unwrap_or("-")
+        );
         match &s.outcome {
             Outcome::Failed { error } => println!("{:w$}    error: {error}", ""),
             Outcome::WouldRun { reasons } => reasons.iter().for_each(|x| println!("{:w$}    - {x}", "")),

@@ -34,7 +34,9 @@ impl Default for Bars {
 impl Bars {
     /// Log lines at the intervals the environment sets (see the module doc).
     pub fn log_from_env() -> Self {
-        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite() && *v > 0.0);
+        let num = |k: &str| {
+            std::env::var(k).ok().and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite() && *v > 0.0)
+        };
         Bars::Log {
             steps: num("MSMAE_PROGRESS_STEPS").map_or(50, |v| v.ceil() as u64),
             every: Duration::from_secs_f64(num("MSMAE_PROGRESS_SECONDS").unwrap_or(30.0)),
@@ -64,7 +66,9 @@ impl LogBar {
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let rate = s.pos as f64 / secs;
         let mut line = match self.len {
-            Some(n) if n > 0 => format!("{}: {}/{n} ({:.0} %), {rate:.2}/s", self.name, s.pos, 100.0 * s.pos as f64 / n as f64),
+            Some(n) if n > 0 => {
+                format!("{}: {}/{n} ({:.0} %), {rate:.2}/s", self.name, s.pos, 100.0 * s.pos as f64 / n as f64)
+            }
             _ => format!("{}: {}, {rate:.2}/s", self.name, s.pos),
         };
         if !s.message.is_empty() {

@@ -114,7 +114,13 @@ fn summary(o: &mut String, x: &Inputs<'_>) {
     for r in x.results {
         for t in &r.tables {
             any = true;
-            let _ = write!(o, "<h3>{} <span class=\"meta\">({}, {})</span></h3>", esc(&t.name), esc(&r.name), state_span(&r.state));
+            let _ = write!(
+                o,
+                "<h3>{} <span class=\"meta\">({}, {})</span></h3>",
+                esc(&t.name),
+                esc(&r.name),
+                state_span(&r.state)
+            );
             o.push_str("<table><tr>");
             for c in &t.columns {
                 let _ = write!(o, "<th>{}</th>", esc(c));
@@ -125,7 +131,11 @@ fn summary(o: &mut String, x: &Inputs<'_>) {
                 for v in row {
                     match v {
                         serde_json::Value::Number(n) => {
-                            let _ = write!(o, "<td class=\"num\">{}</td>", n.as_f64().map(results::num).unwrap_or_else(|| n.to_string()));
+                            let _ = write!(
+                                o,
+                                "<td class=\"num\">{}</td>",
+                                n.as_f64().map(results::num).unwrap_or_else(|| n.to_string())
+                            );
                         }
                         serde_json::Value::String(s) => {
                             let _ = write!(o, "<td>{}</td>", esc(s));
@@ -146,8 +156,16 @@ fn summary(o: &mut String, x: &Inputs<'_>) {
         any = true;
         o.push_str("<h3>Headline numbers per stage</h3><table><tr><th>stage</th><th>kind</th><th>state</th><th>results</th></tr>\n");
         for r in with_metrics {
-            let m: Vec<String> = r.metrics.iter().map(|(n, v)| format!("{} <b>{}</b>", esc(n), results::num(*v))).collect();
-            let _ = writeln!(o, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", esc(&r.name), esc(&r.kind), state_span(&r.state), m.join(" · "));
+            let m: Vec<String> =
+                r.metrics.iter().map(|(n, v)| format!("{} <b>{}</b>", esc(n), results::num(*v))).collect();
+            let _ = writeln!(
+                o,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&r.name),
+                esc(&r.kind),
+                state_span(&r.state),
+                m.join(" · ")
+            );
         }
         o.push_str("</table>\n");
     }
@@ -179,7 +197,11 @@ fn dag(o: &mut String, x: &Inputs<'_>) {
             .filter(|&i| depth[i] == d)
             .map(|i| {
                 let deps = &nodes[i].deps;
-                let bary = if deps.is_empty() { i as f64 } else { deps.iter().map(|&j| pos[j].1 as f64).sum::<f64>() / deps.len() as f64 };
+                let bary = if deps.is_empty() {
+                    i as f64
+                } else {
+                    deps.iter().map(|&j| pos[j].1 as f64).sum::<f64>() / deps.len() as f64
+                };
                 (bary, i)
             })
             .collect();
@@ -219,7 +241,11 @@ fn dag(o: &mut String, x: &Inputs<'_>) {
             "stale" | "cached" => "#fff1d6",
             _ => "#eaeef2",
         };
-        let label: String = if n.name.chars().count() > 20 { n.name.chars().take(19).collect::<String>() + "…" } else { n.name.clone() };
+        let label: String = if n.name.chars().count() > 20 {
+            n.name.chars().take(19).collect::<String>() + "…"
+        } else {
+            n.name.clone()
+        };
         let _ = writeln!(
             o,
             "<g><title>{} ({}): {}</title><rect x=\"{x0:.1}\" y=\"{y0:.1}\" width=\"{bw}\" height=\"{bh}\" rx=\"5\" fill=\"{fill}\" stroke=\"#57606a\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" text-anchor=\"middle\" font-family=\"sans-serif\">{}</text></g>",
@@ -267,7 +293,12 @@ fn figures(o: &mut String, x: &Inputs<'_>) {
         let Some(l) = x.lock.stage(&n.name) else { continue };
         let digest = &l.output.digest;
         let Ok(manifest) = x.store.manifest(digest) else {
-            let _ = writeln!(o, "<h3>{}</h3><p class=\"note\">artifact {} is not in the store</p>", esc(&n.name), esc(&digest[..12]));
+            let _ = writeln!(
+                o,
+                "<h3>{}</h3><p class=\"note\">artifact {} is not in the store</p>",
+                esc(&n.name),
+                esc(&digest[..12])
+            );
             continue;
         };
         let current = x.status.iter().find(|s| s.name == n.name).is_some_and(|s| s.state.label() == "up to date");
@@ -291,7 +322,11 @@ fn figures(o: &mut String, x: &Inputs<'_>) {
             for (k, rel) in files.iter().enumerate() {
                 let Ok(bytes) = std::fs::read(dir.join(rel)) else { continue };
                 let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
-                let caption = if files.len() > 1 { format!("{} ({}/{}): {rel}", f.caption, k + 1, files.len()) } else { f.caption.clone() };
+                let caption = if files.len() > 1 {
+                    format!("{} ({}/{}): {rel}", f.caption, k + 1, files.len())
+                } else {
+                    f.caption.clone()
+                };
                 let _ = writeln!(
                     o,
                     "<figure><img alt=\"{}: {}\" src=\"data:image/png;base64,{b64}\"><figcaption>{}</figcaption></figure>",
@@ -319,10 +354,20 @@ fn provenance(o: &mut String, x: &Inputs<'_>) {
         let mut inputs: Vec<String> = p
             .inputs
             .iter()
-            .flat_map(|(slot, v)| v.iter().map(move |i| format!("{slot}: {} <code>{}</code>", esc(&i.stage), esc(&i.digest[..12.min(i.digest.len())]))))
+            .flat_map(|(slot, v)| {
+                v.iter().map(move |i| {
+                    format!("{slot}: {} <code>{}</code>", esc(&i.stage), esc(&i.digest[..12.min(i.digest.len())]))
+                })
+            })
             .collect();
-        inputs.extend(p.external.iter().map(|e| format!("{} <code>{}</code> ({} files)", esc(&e.path), esc(&e.digest[..12.min(e.digest.len())]), e.files)));
-        let env = p.env.as_ref().map(|e| format!("{} / {} / {}", e.backend, e.device_kind, e.precision)).unwrap_or_else(|| "(not numeric)".into());
+        inputs.extend(p.external.iter().map(|e| {
+            format!("{} <code>{}</code> ({} files)", esc(&e.path), esc(&e.digest[..12.min(e.digest.len())]), e.files)
+        }));
+        let env = p
+            .env
+            .as_ref()
+            .map(|e| format!("{} / {} / {}", e.backend, e.device_kind, e.precision))
+            .unwrap_or_else(|| "(not numeric)".into());
         let tools: Vec<String> = l.run.tools.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let h = &l.run.host;
         let _ = writeln!(

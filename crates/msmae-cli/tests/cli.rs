@@ -8,7 +8,13 @@ use std::process::{Command, Output};
 const PIPELINE: &str = "name: tiny\nseed: 5\nparams: { n: 24 }\nstages:\n  xray: { uses: ingest/synthetic, with: { images: '${params.n}', size: 32, modality: xray, previews: 4 } }\n  fundus: { uses: ingest/synthetic, with: { images: 12, size: 32, modality: fundus } }\n";
 
 fn msmae(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_msmae")).current_dir(dir).args(args).env_remove("MSMAE_STORE").env("MSMAE_BACKEND", "flex").output().expect("run msmae")
+    Command::new(env!("CARGO_BIN_EXE_msmae"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("MSMAE_STORE")
+        .env("MSMAE_BACKEND", "flex")
+        .output()
+        .expect("run msmae")
 }
 
 fn text(o: &Output) -> String {
@@ -78,7 +84,8 @@ fn the_image_table_has_the_declared_files() {
     for shard in fs::read_dir(&objects).expect("objects") {
         for o in fs::read_dir(shard.expect("shard").path()).expect("shard") {
             let data = o.expect("object").path().join("data");
-            let report: serde_json::Value = serde_json::from_slice(&fs::read(data.join("split_report.json")).expect("report")).expect("json");
+            let report: serde_json::Value =
+                serde_json::from_slice(&fs::read(data.join("split_report.json")).expect("report")).expect("json");
             found.push(report["total_images"].as_u64().expect("count"));
             assert!(data.join("images.parquet").is_file());
             assert!(data.join("previews/sheet.png").is_file());
@@ -94,11 +101,22 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     fs::write(d.path().join("bad.yaml"), "stages:\n  a:\n    uses: ingest/synthetik\n").expect("w");
     let o = msmae(d.path(), &["run", "bad.yaml"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("bad.yaml:3:5: stages.a.uses: unknown stage kind `ingest/synthetik` (did you mean `ingest/synthetic`?)"), "{}", text(&o));
-    fs::write(d.path().join("typed.yaml"), "stages:\n  a:\n    uses: ingest/synthetic\n    with: { size: big }\n").expect("w");
+    assert!(
+        text(&o).contains(
+            "bad.yaml:3:5: stages.a.uses: unknown stage kind `ingest/synthetik` (did you mean `ingest/synthetic`?)"
+        ),
+        "{}",
+        text(&o)
+    );
+    fs::write(d.path().join("typed.yaml"), "stages:\n  a:\n    uses: ingest/synthetic\n    with: { size: big }\n")
+        .expect("w");
     let o = msmae(d.path(), &["run", "typed.yaml"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("typed.yaml:4:13: stages.a.with.size: invalid type: string \"big\", expected u32"), "{}", text(&o));
+    assert!(
+        text(&o).contains("typed.yaml:4:13: stages.a.with.size: invalid type: string \"big\", expected u32"),
+        "{}",
+        text(&o)
+    );
     let o = msmae(d.path(), &["run", "missing.yaml"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("read missing.yaml: No such file or directory"), "{}", text(&o));
@@ -107,7 +125,8 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     let o = msmae(d.path(), &["verify", "tiny.yaml"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("no lock file (run the pipeline first)"), "{}", text(&o));
-    fs::write(d.path().join("range.yaml"), "stages:\n  a:\n    uses: ingest/synthetic\n    with: { size: 8 }\n").expect("w");
+    fs::write(d.path().join("range.yaml"), "stages:\n  a:\n    uses: ingest/synthetic\n    with: { size: 8 }\n")
+        .expect("w");
     let o = msmae(d.path(), &["run", "range.yaml"]);
     assert!(text(&o).contains("stages.a.with.size: must be between 16 and 1024 pixels"), "{}", text(&o));
 }
@@ -171,7 +190,12 @@ fn every_registered_stage_kind_carries_a_build_time_fingerprint_of_its_computing
         );
         assert!(code.crates.contains_key("msmae-core"), "`{}`: {:?}", s.kind(), code.crates);
         for runner in ["msmae-pipeline", "msmae-cli", "msmae-fingerprint"] {
-            assert!(!code.crates.contains_key(runner), "`{}` counts the runner crate {runner}: {:?}", s.kind(), code.crates);
+            assert!(
+                !code.crates.contains_key(runner),
+                "`{}` counts the runner crate {runner}: {:?}",
+                s.kind(),
+                code.crates
+            );
         }
         for dep in code.deps.keys() {
             assert!(msmae_fingerprint::is_numeric(dep), "`{}` keys on {dep}, which is not a numeric crate", s.kind());
@@ -179,16 +203,31 @@ fn every_registered_stage_kind_carries_a_build_time_fingerprint_of_its_computing
         kinds += 1;
     }
     assert!(kinds >= 15, "{kinds} kinds");
-    let code = |kind: &str| msmae_pipeline::key::Code::parse(registry.iter().find(|s| s.kind() == kind).expect(kind).code_fingerprint());
+    let code = |kind: &str| {
+        msmae_pipeline::key::Code::parse(registry.iter().find(|s| s.kind() == kind).expect(kind).code_fingerprint())
+    };
     // Ingestion computes with image codecs and Parquet, not with burn or the process group.
     let ingest = code("ingest/synthetic");
-    assert!(!ingest.crates.contains_key("msmae-dist") && !ingest.crates.contains_key("msmae-backend"), "{:?}", ingest.crates);
-    assert!(ingest.deps.contains_key("parquet") && ingest.deps.contains_key("image") && !ingest.deps.contains_key("burn"), "{:?}", ingest.deps);
+    assert!(
+        !ingest.crates.contains_key("msmae-dist") && !ingest.crates.contains_key("msmae-backend"),
+        "{:?}",
+        ingest.crates
+    );
+    assert!(
+        ingest.deps.contains_key("parquet") && ingest.deps.contains_key("image") && !ingest.deps.contains_key("burn"),
+        "{:?}",
+        ingest.deps
+    );
     // Training computes with burn (and the mask library), not with the evaluation stages.
     let pretrain = code("mae/pretrain");
     assert!(pretrain.deps.contains_key("burn") && pretrain.crates.contains_key("msmae-mask"), "{:?}", pretrain);
     assert!(!pretrain.crates.contains_key("msmae-eval"), "{:?}", pretrain.crates);
     // The mask stages' own code keys the mask stages alone; the masking library keys both.
-    assert!(!pretrain.crates.contains_key("msmae-mask-stages") && code("mask/msmae").crates.contains_key("msmae-mask-stages"), "{:?}", pretrain.crates);
+    assert!(
+        !pretrain.crates.contains_key("msmae-mask-stages")
+            && code("mask/msmae").crates.contains_key("msmae-mask-stages"),
+        "{:?}",
+        pretrain.crates
+    );
     assert!(code("mask/msmae").crates.contains_key("msmae-mask"));
 }

@@ -37,7 +37,8 @@ fn invocation(line: &str) -> Option<(String, Vec<String>)> {
         (Some(&"xtask"), Some(&"cargo")) => (words.get(at + 1)?.to_string(), &words[at + 2..]),
         _ => (words.get(at + 1)?.to_string(), &words[at + 2..]),
     };
-    let flags = rest.iter().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap_or(w).to_string()).collect();
+    let flags =
+        rest.iter().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap_or(w).to_string()).collect();
     Some((sub, flags))
 }
 
@@ -58,7 +59,11 @@ fn every_msmae_command_in_the_docs_exists_as_written() {
             // `cargo xtask [--cuda|--no-tch] run P …` is `msmae run P …` (those two flags are
             // cargo xtask's own: which build runs it).
             let line = if line.starts_with("cargo xtask ") {
-                line.split_whitespace().filter(|w| !matches!(*w, "--cuda" | "--no-tch")).collect::<Vec<_>>().join(" ").replace("cargo xtask run ", "msmae run ")
+                line.split_whitespace()
+                    .filter(|w| !matches!(*w, "--cuda" | "--no-tch"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .replace("cargo xtask run ", "msmae run ")
             } else {
                 line
             };
@@ -87,9 +92,15 @@ fn every_msmae_command_in_the_docs_exists_as_written() {
 
 #[test]
 fn invocations_are_read_from_shell_lines() {
-    assert_eq!(invocation("msmae run p.yaml --stage masks --set a=1"), Some(("run".into(), vec!["--stage".into(), "--set".into()])));
+    assert_eq!(
+        invocation("msmae run p.yaml --stage masks --set a=1"),
+        Some(("run".into(), vec!["--stage".into(), "--set".into()]))
+    );
     assert_eq!(invocation("cargo xtask msmae status p.yaml"), Some(("status".into(), vec![])));
     assert_eq!(invocation("mpirun -np 2 msmae env"), Some(("env".into(), vec![])));
     assert_eq!(invocation("ls data"), None);
-    assert_eq!(shell_lines("x\n```sh\nmsmae gc p --prune   # note\n```\n```yaml\nmsmae: no\n```\n"), ["msmae gc p --prune"]);
+    assert_eq!(
+        shell_lines("x\n```sh\nmsmae gc p --prune   # note\n```\n```yaml\nmsmae: no\n```\n"),
+        ["msmae gc p --prune"]
+    );
 }

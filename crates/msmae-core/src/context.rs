@@ -49,7 +49,13 @@ pub struct ExecEnv {
 
 impl ExecEnv {
     pub fn cpu_flex() -> Self {
-        Self { backend: "flex".into(), device: "cpu".into(), device_kind: "cpu".into(), precision: "f32".into(), library: String::new() }
+        Self {
+            backend: "flex".into(),
+            device: "cpu".into(),
+            device_kind: "cpu".into(),
+            precision: "f32".into(),
+            library: String::new(),
+        }
     }
 }
 
@@ -162,7 +168,11 @@ impl<'a> StageContext<'a> {
     /// Path for a declared output file; creates its parent directory.
     pub fn output_path(&self, rel: &str) -> Result<PathBuf, StageError> {
         if !self.output.declares(rel) {
-            return Err(StageError::Undeclared { stage: self.name.clone(), file: rel.to_string(), declared: format!("{:?}", self.output.files) });
+            return Err(StageError::Undeclared {
+                stage: self.name.clone(),
+                file: rel.to_string(),
+                declared: format!("{:?}", self.output.files),
+            });
         }
         let p = self.out_dir.join(rel);
         if let Some(parent) = p.parent() {

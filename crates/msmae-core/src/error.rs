@@ -148,7 +148,11 @@ mod tests {
         for e in &all {
             assert_eq!(repeated_cause(e), None, "{e:?}");
             let text = chain(e);
-            assert_eq!(text.matches("permission denied").count(), usize::from(text.contains("permission denied")), "{text}");
+            assert_eq!(
+                text.matches("permission denied").count(),
+                usize::from(text.contains("permission denied")),
+                "{text}"
+            );
         }
         assert_eq!(chain(&all[13]), "/inner: permission denied", "a transparent wrapper adds nothing");
         assert_eq!(chain(&all[9]), "writing /out/summary.json: permission denied");

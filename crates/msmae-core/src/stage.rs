@@ -156,7 +156,11 @@ impl<S: Stage> PreparedStage for Prepared<S> {
         self.stage.output(&self.config)
     }
     fn external_inputs(&self, base: &Path) -> Vec<PathBuf> {
-        self.stage.external_inputs(&self.config).into_iter().map(|p| if p.is_absolute() { p } else { base.join(p) }).collect()
+        self.stage
+            .external_inputs(&self.config)
+            .into_iter()
+            .map(|p| if p.is_absolute() { p } else { base.join(p) })
+            .collect()
     }
     fn listed_inputs(&self, base: &Path) -> Result<Option<ListedFiles>, StageError> {
         self.stage.listed_inputs(&self.config, base)
@@ -243,8 +247,12 @@ impl Registry {
 
     /// Registered kinds closest to `kind` (for "did you mean" hints).
     pub fn suggest(&self, kind: &str) -> Vec<&'static str> {
-        let mut scored: Vec<(usize, &'static str)> =
-            self.stages.keys().map(|k| (edit_distance(kind, k), *k)).filter(|(d, k)| *d <= 3.max(k.len() / 3)).collect();
+        let mut scored: Vec<(usize, &'static str)> = self
+            .stages
+            .keys()
+            .map(|k| (edit_distance(kind, k), *k))
+            .filter(|(d, k)| *d <= 3.max(k.len() / 3))
+            .collect();
         scored.sort();
         scored.into_iter().take(3).map(|(_, k)| k).collect()
     }

@@ -19,7 +19,9 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, LargeListArray, ListArray, ListBuilder, RecordBatch, StringArray};
+use arrow::array::{
+    Array, ArrayRef, Float32Array, Float32Builder, LargeListArray, ListArray, ListBuilder, RecordBatch, StringArray,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -80,17 +82,31 @@ fn check_meta(path: &Path, meta: &AttentionMeta) -> Result<(), TableError> {
         ));
     }
     if meta.grid[0] == 0 || meta.grid[1] == 0 {
-        return Err(format_err(path, format!("attention grid {}×{} is empty: it must be at least 1×1", meta.grid[0], meta.grid[1])));
+        return Err(format_err(
+            path,
+            format!("attention grid {}×{} is empty: it must be at least 1×1", meta.grid[0], meta.grid[1]),
+        ));
     }
     Ok(())
 }
 
 /// Check one row's weights against the grid; `seen` catches duplicate ids.
-fn check_row(path: &Path, meta: &AttentionMeta, id: &str, weights: &[f32], seen: &mut HashSet<String>) -> Result<(), TableError> {
+fn check_row(
+    path: &Path,
+    meta: &AttentionMeta,
+    id: &str,
+    weights: &[f32],
+    seen: &mut HashSet<String>,
+) -> Result<(), TableError> {
     let bad = |m: String| format_err(path, format!("row `{id}`: {m}"));
     let l = meta.patches();
     if weights.len() != l {
-        return Err(bad(format!("holds {} weights, expected {l} for the {}×{} grid", weights.len(), meta.grid[0], meta.grid[1])));
+        return Err(bad(format!(
+            "holds {} weights, expected {l} for the {}×{} grid",
+            weights.len(),
+            meta.grid[0],
+            meta.grid[1]
+        )));
     }
     if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
         return Err(bad(format!("weight {i} is {w}, not a finite number")));
@@ -134,8 +150,8 @@ pub fn write_attention(path: &Path, meta: &AttentionMeta, rows: &[AttentionRow])
     let parquet_err = |e: parquet::errors::ParquetError| format_err(path, e.to_string());
     let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
     for chunk in rows.chunks(ROW_GROUP) {
-        let mut w =
-            ListBuilder::new(Float32Builder::with_capacity(chunk.len() * meta.patches())).with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+        let mut w = ListBuilder::new(Float32Builder::with_capacity(chunk.len() * meta.patches()))
+            .with_field(Arc::new(Field::new("item", DataType::Float32, false)));
         for r in chunk {
             w.values().append_slice(&r.weights);
             w.append(true);
@@ -157,23 +173,27 @@ pub fn write_attention(path: &Path, meta: &AttentionMeta, rows: &[AttentionRow])
 /// `large_list` weights columns (as written by other tools).
 pub fn read_attention(path: &Path) -> Result<(AttentionMeta, Vec<AttentionRow>), TableError> {
     let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| format_err(path, format!("not a readable Parquet file: {e}")))?;
-    let text = builder
-        .schema()
-        .metadata()
-        .get(ATTENTION_META_KEY)
-        .cloned()
-        .ok_or_else(|| format_err(path, format!("not an msmae attention table (no `{ATTENTION_META_KEY}` footer metadata)")))?;
-    let meta: AttentionMeta = serde_json::from_str(&text).map_err(|e| format_err(path, format!("footer metadata `{ATTENTION_META_KEY}`: {e}")))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(|e| format_err(path, format!("not a readable Parquet file: {e}")))?;
+    let text = builder.schema().metadata().get(ATTENTION_META_KEY).cloned().ok_or_else(|| {
+        format_err(path, format!("not an msmae attention table (no `{ATTENTION_META_KEY}` footer metadata)"))
+    })?;
+    let meta: AttentionMeta = serde_json::from_str(&text)
+        .map_err(|e| format_err(path, format!("footer metadata `{ATTENTION_META_KEY}`: {e}")))?;
     check_meta(path, &meta)?;
     let reader = builder.build().map_err(|e| format_err(path, e.to_string()))?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| format_err(path, e.to_string()))?;
-        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format_err(path, format!("missing column `{name}`")));
+        let col =
+            |name: &str| batch.column_by_name(name).ok_or_else(|| format_err(path, format!("missing column `{name}`")));
         let strs = |name: &str| -> Result<StringArray, TableError> {
-            col(name)?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| format_err(path, format!("column `{name}` is not utf8")))
+            col(name)?
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or_else(|| format_err(path, format!("column `{name}` is not utf8")))
         };
         let (ids, splits) = (strs("id")?, strs("split")?);
         let weights = col("weights")?;
@@ -186,7 +206,8 @@ pub fn read_attention(path: &Path) -> Result<(AttentionMeta, Vec<AttentionRow>),
             if splits.is_null(r) {
                 return Err(bad("null split".into()));
             }
-            let split = Split::parse(splits.value(r)).ok_or_else(|| bad(format!("unknown split `{}`", splits.value(r))))?;
+            let split =
+                Split::parse(splits.value(r)).ok_or_else(|| bad(format!("unknown split `{}`", splits.value(r))))?;
             if weights.is_null(r) {
                 return Err(bad("null weights".into()));
             }
@@ -195,9 +216,15 @@ pub fn read_attention(path: &Path) -> Result<(AttentionMeta, Vec<AttentionRow>),
             } else if let Some(l) = weights.as_any().downcast_ref::<LargeListArray>() {
                 l.value(r)
             } else {
-                return Err(format_err(path, format!("column `weights` is {}, expected list<float32>", weights.data_type())));
+                return Err(format_err(
+                    path,
+                    format!("column `weights` is {}, expected list<float32>", weights.data_type()),
+                ));
             };
-            let values = values.as_any().downcast_ref::<Float32Array>().ok_or_else(|| bad(format!("weights are {}, expected float32", values.data_type())))?;
+            let values = values
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .ok_or_else(|| bad(format!("weights are {}, expected float32", values.data_type())))?;
             if values.null_count() > 0 {
                 return Err(bad(format!("{} null weights", values.null_count())));
             }
@@ -214,11 +241,19 @@ mod tests {
     use super::*;
 
     fn meta(grid: [u32; 2]) -> AttentionMeta {
-        AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid, provenance: serde_json::json!({"test": "attention"}) }
+        AttentionMeta {
+            schema_version: ATTENTION_SCHEMA_VERSION,
+            grid,
+            provenance: serde_json::json!({"test": "attention"}),
+        }
     }
 
     fn row(i: usize, l: usize) -> AttentionRow {
-        AttentionRow { id: format!("img{i}"), split: Split::ALL[i % 3], weights: (0..l).map(|k| (k * (i + 1)) as f32 * 0.25).collect() }
+        AttentionRow {
+            id: format!("img{i}"),
+            split: Split::ALL[i % 3],
+            weights: (0..l).map(|k| (k * (i + 1)) as f32 * 0.25).collect(),
+        }
     }
 
     #[test]
@@ -245,7 +280,10 @@ mod tests {
             (vec![row(0, 4), row(5, 3)], "row `img5`: holds 3 weights, expected 4"),
             (vec![AttentionRow { weights: vec![0.0, f32::NAN, 0.0, 0.0], ..row(1, 4) }], "row `img1`: weight 1 is NaN"),
             (vec![AttentionRow { weights: vec![0.0, 1.0, f32::INFINITY, 0.0], ..row(1, 4) }], "not a finite number"),
-            (vec![AttentionRow { weights: vec![0.0, 1.0, 0.0, -0.5], ..row(2, 4) }], "row `img2`: weight 3 is -0.5, weights must be non-negative"),
+            (
+                vec![AttentionRow { weights: vec![0.0, 1.0, 0.0, -0.5], ..row(2, 4) }],
+                "row `img2`: weight 3 is -0.5, weights must be non-negative",
+            ),
             (vec![row(0, 4), row(1, 4), row(0, 4)], "row `img0`: duplicate id"),
         ];
         for (rows, want) in cases {
@@ -253,7 +291,9 @@ mod tests {
             assert!(e.contains(want) && e.contains("a.parquet"), "{e}");
         }
         assert!(!p.exists(), "nothing written for invalid rows");
-        let e = write_attention(&p, &AttentionMeta { schema_version: 9, ..m.clone() }, &[]).expect_err("version").to_string();
+        let e = write_attention(&p, &AttentionMeta { schema_version: 9, ..m.clone() }, &[])
+            .expect_err("version")
+            .to_string();
         assert!(e.contains("schema version 9"), "{e}");
         let e = write_attention(&p, &meta([0, 4]), &[]).expect_err("grid").to_string();
         assert!(e.contains("0×4 is empty"), "{e}");
@@ -266,7 +306,9 @@ mod tests {
             Field::new("split", DataType::Utf8, false),
             Field::new("weights", DataType::List(Arc::new(Field::new("item", DataType::Float32, true))), false),
         ];
-        let md = meta_json.map(|j| std::collections::HashMap::from([(ATTENTION_META_KEY.to_string(), j)])).unwrap_or_default();
+        let md = meta_json
+            .map(|j| std::collections::HashMap::from([(ATTENTION_META_KEY.to_string(), j)]))
+            .unwrap_or_default();
         let schema = Arc::new(Schema::new(fields).with_metadata(md));
         let mut w = ListBuilder::new(Float32Builder::new());
         for v in weights {
@@ -308,7 +350,12 @@ mod tests {
         write_raw(&p, None, &["a"], &[vec![1.0; 6]]);
         assert!(read_attention(&p).expect_err("meta").to_string().contains("not an msmae attention table"));
         let p = d.path().join("v2.parquet");
-        write_raw(&p, Some(serde_json::to_string(&AttentionMeta { schema_version: 2, ..meta([2, 3]) }).expect("json")), &["a"], &[vec![1.0; 6]]);
+        write_raw(
+            &p,
+            Some(serde_json::to_string(&AttentionMeta { schema_version: 2, ..meta([2, 3]) }).expect("json")),
+            &["a"],
+            &[vec![1.0; 6]],
+        );
         assert!(read_attention(&p).expect_err("version").to_string().contains("schema version 2 is not supported"));
         // not Parquet at all, truncated Parquet, missing file
         let p = d.path().join("garbage.parquet");

@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, read_list, relative, write_image_table};
+use crate::ingest::{
+    Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, read_list, relative,
+    write_image_table,
+};
 use crate::meta::TextTable;
 use crate::table::{Split, SplitFractions, carve_validation};
 
@@ -42,8 +45,7 @@ pub const FINDINGS: [&str; 14] = [
 ];
 
 /// The header the published CSV has (for error messages).
-const HEADER: &str =
-    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]";
+const HEADER: &str = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]";
 
 fn d_train_val() -> PathBuf {
     PathBuf::from("train_val_list.txt")
@@ -107,8 +109,11 @@ fn image_dirs(root: &Path) -> Result<Vec<PathBuf>, StageError> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().strip_prefix("images_").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())))
+                && p.file_name().is_some_and(|n| {
+                    n.to_string_lossy()
+                        .strip_prefix("images_")
+                        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                })
         })
         .collect();
     parts.sort();
@@ -117,7 +122,11 @@ fn image_dirs(root: &Path) -> Result<Vec<PathBuf>, StageError> {
         dirs.push(if inner.is_dir() { inner } else { p });
     }
     if dirs.is_empty() {
-        return Err(StageError::data(root, None, "no image folder: expected images_001/images/ … images_012/images/ (as downloaded) or one images/ folder"));
+        return Err(StageError::data(
+            root,
+            None,
+            "no image folder: expected images_001/images/ … images_012/images/ (as downloaded) or one images/ folder",
+        ));
     }
     Ok(dirs)
 }
@@ -133,7 +142,12 @@ pub fn parse_findings(value: &str) -> Result<Vec<u8>, String> {
         match FINDINGS.iter().position(|f| *f == p) {
             Some(i) => v[i] = 1,
             None if p == "No Finding" => return Err(format!("`No Finding` together with findings in `{value}`")),
-            None => return Err(format!("unknown finding `{p}` (expected `No Finding` or `|`-separated names among {})", FINDINGS.join(", "))),
+            None => {
+                return Err(format!(
+                    "unknown finding `{p}` (expected `No Finding` or `|`-separated names among {})",
+                    FINDINGS.join(", ")
+                ));
+            }
         }
     }
     Ok(v)
@@ -143,7 +157,8 @@ impl Stage for ChestXray14 {
     type Config = ChestXray14Config;
     const KIND: &'static str = "ingest/chestxray14";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "NIH ChestX-ray14 as published (Data_Entry CSV, official split lists) → multi-label image table";
+    const SUMMARY: &'static str =
+        "NIH ChestX-ray14 as published (Data_Entry CSV, official split lists) → multi-label image table";
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
@@ -183,7 +198,8 @@ impl Stage for ChestXray14 {
             })?,
         };
         let t = TextTable::read_csv(&csv_path, b',')?;
-        let (index, findings, patient) = (t.column("Image Index", HEADER)?, t.column("Finding Labels", HEADER)?, t.column("Patient ID", HEADER)?);
+        let (index, findings, patient) =
+            (t.column("Image Index", HEADER)?, t.column("Finding Labels", HEADER)?, t.column("Patient ID", HEADER)?);
         let mut triage = Triage::new(c.on_error);
 
         // Official split lists: a name in both is an error whatever the policy.
@@ -196,7 +212,10 @@ impl Stage for ChestXray14 {
                         return Err(StageError::data(
                             &p,
                             Some(format!("line {line}")),
-                            format!("`{name}` is also in {}: the official split files must be disjoint", c.train_val_list.display()),
+                            format!(
+                                "`{name}` is also in {}: the official split files must be disjoint",
+                                c.train_val_list.display()
+                            ),
                         ));
                     }
                     Some(_) => tracing::warn!("{}:{line}: `{name}` is listed twice", p.display()),
@@ -238,7 +257,12 @@ impl Stage for ChestXray14 {
                 }
             };
             if !files.contains_key(id) {
-                triage.problem(&csv_path, Some(t.row_name(i)), what, format!("image `{id}` is listed but no such file is in the image folders"))?;
+                triage.problem(
+                    &csv_path,
+                    Some(t.row_name(i)),
+                    what,
+                    format!("image `{id}` is listed but no such file is in the image folders"),
+                )?;
                 continue;
             }
             let Some(&(split, _)) = official.get(id) else {
@@ -263,27 +287,42 @@ impl Stage for ChestXray14 {
         for r in &rows {
             sides.entry(r.patient.as_str()).or_default().insert(r.split);
         }
-        let crossing: BTreeSet<String> = sides.iter().filter(|(_, s)| s.len() > 1).map(|(p, _)| p.to_string()).collect();
+        let crossing: BTreeSet<String> =
+            sides.iter().filter(|(_, s)| s.len() > 1).map(|(p, _)| p.to_string()).collect();
         for p in &crossing {
             let ids: Vec<&str> = rows.iter().filter(|r| &r.patient == p).map(|r| r.id.as_str()).collect();
             triage.problem(
                 &root.join(&c.test_list),
                 None,
                 format!("patient {p}"),
-                format!("patient `{p}` has images in both {} and {} ({})", c.train_val_list.display(), c.test_list.display(), ids.join(", ")),
+                format!(
+                    "patient `{p}` has images in both {} and {} ({})",
+                    c.train_val_list.display(),
+                    c.test_list.display(),
+                    ids.join(", ")
+                ),
             )?;
         }
         rows.retain(|r| !crossing.contains(&r.patient));
 
         // Validation carved out of train_val by patient.
-        let train: Vec<String> = rows.iter().filter(|r| r.split == Split::Train).map(|r| r.patient.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let train: Vec<String> = rows
+            .iter()
+            .filter(|r| r.split == Split::Train)
+            .map(|r| r.patient.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let val = carve_validation(train, c.val_fraction, &mut seeded_rng(ctx.seed, &["chestxray14/val".into()]));
         let items: Vec<Item> = rows
             .into_iter()
             .map(|r| {
                 let path = files[&r.id].clone();
                 let split = if r.split == Split::Train && val.contains(&r.patient) { Split::Val } else { r.split };
-                Item { labels: Some(r.labels), ..Item::new(r.id, path.clone(), relative(&path, &root), r.patient, split, None) }
+                Item {
+                    labels: Some(r.labels),
+                    ..Item::new(r.id, path.clone(), relative(&path, &root), r.patient, split, None)
+                }
             })
             .collect();
         let names: Vec<String> = FINDINGS.iter().map(|s| s.to_string()).collect();
@@ -308,7 +347,15 @@ mod tests {
         let v = parse_findings("Cardiomegaly|Effusion").expect("ok");
         assert_eq!((v[1], v[2], v.iter().map(|&x| u32::from(x)).sum::<u32>()), (1, 1, 2));
         assert_eq!(parse_findings("Hernia").expect("ok")[13], 1);
-        assert!(parse_findings("Cardiomegaly|Pneumonitis").expect_err("unknown finding").contains("unknown finding `Pneumonitis`"));
-        assert!(parse_findings("No Finding|Mass").expect_err("contradiction").contains("`No Finding` together with findings"));
+        assert!(
+            parse_findings("Cardiomegaly|Pneumonitis")
+                .expect_err("unknown finding")
+                .contains("unknown finding `Pneumonitis`")
+        );
+        assert!(
+            parse_findings("No Finding|Mass")
+                .expect_err("contradiction")
+                .contains("`No Finding` together with findings")
+        );
     }
 }

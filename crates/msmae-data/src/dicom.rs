@@ -87,7 +87,10 @@ pub fn window(x: f64, center: f64, width: f64, f: VoiFunction) -> f64 {
 /// Decode a DICOM file's bytes. `Err` says what is unsupported or broken.
 pub fn decode(bytes: &[u8]) -> Result<DicomImage, String> {
     check_declared_lengths(bytes)?;
-    let obj = OpenFileOptions::new().read_preamble(ReadPreamble::Auto).from_reader(bytes).map_err(|e| format!("not a readable DICOM file: {e}"))?;
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Auto)
+        .from_reader(bytes)
+        .map_err(|e| format!("not a readable DICOM file: {e}"))?;
     let uid = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']).to_string();
     match TransferSyntaxRegistry.get(&uid) {
         Some(ts) if ts.can_decode_all() => {}
@@ -99,9 +102,13 @@ pub fn decode(bytes: &[u8]) -> Result<DicomImage, String> {
         }
         None => return Err(format!("unknown DICOM transfer syntax {uid}")),
     }
-    for (tag, what) in [(tags::MODALITY_LUT_SEQUENCE, "Modality LUT Sequence"), (tags::VOILUT_SEQUENCE, "VOI LUT Sequence")] {
+    for (tag, what) in
+        [(tags::MODALITY_LUT_SEQUENCE, "Modality LUT Sequence"), (tags::VOILUT_SEQUENCE, "VOI LUT Sequence")]
+    {
         if obj.element_opt(tag).ok().flatten().is_some() {
-            return Err(format!("the file has a {what} (a lookup table); only Rescale Slope/Intercept and Window Center/Width are supported"));
+            return Err(format!(
+                "the file has a {what} (a lookup table); only Rescale Slope/Intercept and Window Center/Width are supported"
+            ));
         }
     }
     // The declared size, checked before any pixel buffer is allocated.
@@ -136,14 +143,32 @@ pub fn decode(bytes: &[u8]) -> Result<DicomImage, String> {
                 bits_stored,
             });
         }
-        (other, n) => return Err(format!("photometric interpretation {other} with {n} samples per pixel is not supported (MONOCHROME1, MONOCHROME2 or RGB)")),
+        (other, n) => {
+            return Err(format!(
+                "photometric interpretation {other} with {n} samples per pixel is not supported (MONOCHROME1, MONOCHROME2 or RGB)"
+            ));
+        }
     }
     let modality: Vec<f64> = px.to_vec_frame(0).map_err(|e| format!("cannot read the pixel values: {e}"))?;
-    let center = obj.element_opt(tags::WINDOW_CENTER).ok().flatten().and_then(|e| e.to_multi_float64().ok()).and_then(|v| v.first().copied());
-    let width = obj.element_opt(tags::WINDOW_WIDTH).ok().flatten().and_then(|e| e.to_multi_float64().ok()).and_then(|v| v.first().copied());
+    let center = obj
+        .element_opt(tags::WINDOW_CENTER)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_multi_float64().ok())
+        .and_then(|v| v.first().copied());
+    let width = obj
+        .element_opt(tags::WINDOW_WIDTH)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_multi_float64().ok())
+        .and_then(|v| v.first().copied());
     let voi = match (center, width) {
         (Some(center), Some(width)) => {
-            let name = obj.element_opt(tags::VOILUT_FUNCTION).ok().flatten().and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()));
+            let name = obj
+                .element_opt(tags::VOILUT_FUNCTION)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()));
             let function = match name.as_deref().unwrap_or("LINEAR") {
                 "LINEAR" | "" => VoiFunction::Linear,
                 "LINEAR_EXACT" => VoiFunction::LinearExact,
@@ -157,7 +182,8 @@ pub fn decode(bytes: &[u8]) -> Result<DicomImage, String> {
             Voi::Window { center, width, function }
         }
         _ => {
-            let (min, max) = modality.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+            let (min, max) =
+                modality.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
             Voi::MinMax { min, max }
         }
     };
@@ -181,8 +207,12 @@ impl DicomImage {
     pub fn to_image(&self) -> image::DynamicImage {
         let q: Vec<u16> = self.values.iter().map(|&v| (v.clamp(0.0, 1.0) * 65535.0).round() as u16).collect();
         match self.channels {
-            1 => image::DynamicImage::ImageLuma16(image::ImageBuffer::from_raw(self.width, self.height, q).unwrap_or_default()),
-            _ => image::DynamicImage::ImageRgb16(image::ImageBuffer::from_raw(self.width, self.height, q).unwrap_or_default()),
+            1 => image::DynamicImage::ImageLuma16(
+                image::ImageBuffer::from_raw(self.width, self.height, q).unwrap_or_default(),
+            ),
+            _ => image::DynamicImage::ImageRgb16(
+                image::ImageBuffer::from_raw(self.width, self.height, q).unwrap_or_default(),
+            ),
         }
     }
 }
@@ -335,7 +365,11 @@ impl Walker<'_> {
                 return Ok(if in_item && h.element == 0xE00D { h.value } else { end });
             }
             pos = if h.len == UNDEFINED {
-                if (h.group, h.element) == (0x7FE0, 0x0010) { self.fragments(h.value, end)? } else { self.sequence(h.value, end, true, depth + 1)? }
+                if (h.group, h.element) == (0x7FE0, 0x0010) {
+                    self.fragments(h.value, end)?
+                } else {
+                    self.sequence(h.value, end, true, depth + 1)?
+                }
             } else {
                 let value_end = self.value_end(&h)?;
                 if self.is_sequence(&h) {

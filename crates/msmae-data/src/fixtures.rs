@@ -18,7 +18,8 @@ fn save_grey(p: &Path, img: &image::GrayImage) {
 /// `Patient Gender`. `flat`: one `images/` folder, else `images_001/images/`,
 /// `images_002/images/`. Returns the image names.
 pub fn chestxray14(root: &Path, v2020: bool, flat: bool) -> Vec<String> {
-    const FINDINGS: [&str; 5] = ["No Finding", "Cardiomegaly", "Effusion|Mass", "Hernia", "Atelectasis|Effusion|Pneumothorax"];
+    const FINDINGS: [&str; 5] =
+        ["No Finding", "Cardiomegaly", "Effusion|Mass", "Hernia", "Atelectasis|Effusion|Pneumothorax"];
     let mut csv = String::from("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,");
     csv.push_str(if v2020 { "Patient Sex" } else { "Patient Gender" });
     csv.push_str(",View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]");
@@ -39,16 +40,26 @@ pub fn chestxray14(root: &Path, v2020: bool, flat: bool) -> Vec<String> {
                 save_grey(
                     &path,
                     &image::GrayImage::from_fn(40, 40, |x, y| {
-                        image::Luma([if x.abs_diff(cx) < 5 && y.abs_diff(cy) < 5 { 220 } else { ((x + y + p) % 64) as u8 + 40 }])
+                        image::Luma([if x.abs_diff(cx) < 5 && y.abs_diff(cy) < 5 {
+                            220
+                        } else {
+                            ((x + y + p) % 64) as u8 + 40
+                        }])
                     }),
                 );
             }
-            csv.push_str(&format!("{name},{f},{k},{},{},M,PA,2500,2048,0.143,0.143{}\n", p + 1, 40 + p, if v2020 { "," } else { "" }));
+            csv.push_str(&format!(
+                "{name},{f},{k},{},{},M,PA,2500,2048,0.143,0.143{}\n",
+                p + 1,
+                40 + p,
+                if v2020 { "," } else { "" }
+            ));
             if p < 8 { &mut test } else { &mut train_val }.push_str(&format!("{name}\n"));
             names.push(name);
         }
     }
-    std::fs::write(root.join(if v2020 { "Data_Entry_2017_v2020.csv" } else { "Data_Entry_2017.csv" }), csv).expect("csv");
+    std::fs::write(root.join(if v2020 { "Data_Entry_2017_v2020.csv" } else { "Data_Entry_2017.csv" }), csv)
+        .expect("csv");
     std::fs::write(root.join("train_val_list.txt"), train_val).expect("list");
     std::fs::write(root.join("test_list.txt"), test).expect("list");
     names
@@ -66,7 +77,11 @@ pub fn messidor2(root: &Path, exams: u32) {
         let names: Vec<(String, String)> = (0..2)
             .map(|k| {
                 let n = e * 2 + k;
-                if e % 2 == 0 { (format!("IM{n:06}.JPG"), format!("IM{n:06}.jpg")) } else { (format!("2005_{n:05}_PP.png"), format!("2005_{n:05}_PP.png")) }
+                if e % 2 == 0 {
+                    (format!("IM{n:06}.JPG"), format!("IM{n:06}.jpg"))
+                } else {
+                    (format!("2005_{n:05}_PP.png"), format!("2005_{n:05}_PP.png"))
+                }
             })
             .collect();
         for (k, (file, listed)) in names.iter().enumerate() {
@@ -104,15 +119,20 @@ pub fn busi(root: &Path, per_class: [u32; 3]) {
             let first = |x: u32, y: u32| lesion && (4..20).contains(&x) && (4..28).contains(&y);
             let second = |x: u32, y: u32| lesion && i == 1 && (24..36).contains(&x) && (8..16).contains(&y);
             let v = (90 + i) as u8;
-            image::RgbImage::from_fn(40, 32, |x, y| if first(x, y) || second(x, y) { image::Rgb([230, 230, 230]) } else { image::Rgb([v, v / 2, 255 - v]) })
-                .save({
-                    std::fs::create_dir_all(root.join(class)).expect("mkdir");
-                    root.join(format!("{class}/{stem}.png"))
-                })
-                .expect("image");
+            image::RgbImage::from_fn(40, 32, |x, y| {
+                if first(x, y) || second(x, y) { image::Rgb([230, 230, 230]) } else { image::Rgb([v, v / 2, 255 - v]) }
+            })
+            .save({
+                std::fs::create_dir_all(root.join(class)).expect("mkdir");
+                root.join(format!("{class}/{stem}.png"))
+            })
+            .expect("image");
             let mask = image::GrayImage::from_fn(40, 32, |x, y| image::Luma([if first(x, y) { 255 } else { 0 }]));
             if i % 2 == 0 {
-                image::DynamicImage::ImageLuma8(mask).to_rgb8().save(root.join(format!("{class}/{stem}_mask.png"))).expect("rgb mask");
+                image::DynamicImage::ImageLuma8(mask)
+                    .to_rgb8()
+                    .save(root.join(format!("{class}/{stem}_mask.png")))
+                    .expect("rgb mask");
             } else {
                 mask.save(root.join(format!("{class}/{stem}_mask.png"))).expect("mask");
             }

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, relative, write_image_table};
+use crate::ingest::{
+    Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, relative, write_image_table,
+};
 use crate::meta::TextTable;
 use crate::table::SplitFractions;
 
@@ -84,9 +86,17 @@ struct Row {
 fn read_metadata(path: &Path) -> Result<Vec<Row>, StageError> {
     let t = TextTable::read_csv(path, b',')?;
     const EXPECTED: &str = "lesion_id,image_id,dx,dx_type,age,sex,localization";
-    let (lesion, image, dx) = (t.column("lesion_id", EXPECTED)?, t.column("image_id", EXPECTED)?, t.column("dx", EXPECTED)?);
+    let (lesion, image, dx) =
+        (t.column("lesion_id", EXPECTED)?, t.column("image_id", EXPECTED)?, t.column("dx", EXPECTED)?);
     (0..t.len())
-        .map(|i| Ok(Row { line: i + 2, lesion: lesion.require(i)?.to_string(), image: image.require(i)?.to_string(), dx: dx.require(i)?.to_string() }))
+        .map(|i| {
+            Ok(Row {
+                line: i + 2,
+                lesion: lesion.require(i)?.to_string(),
+                image: image.require(i)?.to_string(),
+                dx: dx.require(i)?.to_string(),
+            })
+        })
         .collect()
 }
 
@@ -94,7 +104,8 @@ impl Stage for Ham10000 {
     type Config = Ham10000Config;
     const KIND: &'static str = "ingest/ham10000";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "HAM10000 as published (metadata CSV + two image folders) → image table, splits by lesion";
+    const SUMMARY: &'static str =
+        "HAM10000 as published (metadata CSV + two image folders) → image table, splits by lesion";
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
@@ -134,17 +145,29 @@ impl Stage for Ham10000 {
         let mut triage = Triage::new(c.on_error);
         // Images on disk, by id (the file stem).
         let dirs: Vec<PathBuf> = c.image_dirs.iter().map(|d| root.join(d)).collect();
-        let files = index_files(&dirs, &["jpg"], |name| name.rsplit_once('.').map_or(name, |(stem, _)| stem).to_string())?;
+        let files =
+            index_files(&dirs, &["jpg"], |name| name.rsplit_once('.').map_or(name, |(stem, _)| stem).to_string())?;
         // Check rows: known labels, unique ids, images present.
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut good: Vec<&Row> = Vec::new();
         for r in &rows {
             let problem = if !CLASSES.contains(&r.dx.as_str()) {
-                Some(format!("line {}, column `dx`: unknown label `{}` (expected one of {})", r.line, r.dx, CLASSES.join(", ")))
+                Some(format!(
+                    "line {}, column `dx`: unknown label `{}` (expected one of {})",
+                    r.line,
+                    r.dx,
+                    CLASSES.join(", ")
+                ))
             } else if let Some(first) = seen.get(&r.image) {
-                Some(format!("line {}, column `image_id`: `{}` is listed twice (first on line {first})", r.line, r.image))
+                Some(format!(
+                    "line {}, column `image_id`: `{}` is listed twice (first on line {first})",
+                    r.line, r.image
+                ))
             } else if !files.contains_key(&r.image) {
-                Some(format!("line {}: image `{}` is listed but no {}.jpg exists in {:?}", r.line, r.image, r.image, c.image_dirs))
+                Some(format!(
+                    "line {}: image `{}` is listed but no {}.jpg exists in {:?}",
+                    r.line, r.image, r.image, c.image_dirs
+                ))
             } else {
                 None
             };
@@ -156,7 +179,12 @@ impl Stage for Ham10000 {
         }
         for (id, p) in &files {
             if !seen.contains_key(id) {
-                triage.problem(p, None, relative(p, &root), format!("image `{id}` is not listed in {}", c.metadata.display()))?;
+                triage.problem(
+                    p,
+                    None,
+                    relative(p, &root),
+                    format!("image `{id}` is not listed in {}", c.metadata.display()),
+                )?;
             }
         }
         // Split by lesion.
@@ -179,9 +207,13 @@ impl Stage for Ham10000 {
                 )
             })
             .collect();
-        let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts =
-            WriteOptions { bit_depth: c.bit_depth, sample: c.sample, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let provenance =
+            serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
+        let opts = WriteOptions {
+            bit_depth: c.bit_depth,
+            sample: c.sample,
+            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+        };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

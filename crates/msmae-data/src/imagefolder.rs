@@ -104,7 +104,11 @@ fn scan(root: &Path, c: &ImageFolderConfig) -> Result<(Vec<Found>, usize), Stage
         }
     }
     if class_dirs.is_empty() {
-        return Err(StageError::data(root, None, "no class folders: expected ROOT/<class>/<image> or ROOT/<split>/<class>/<image>"));
+        return Err(StageError::data(
+            root,
+            None,
+            "no class folders: expected ROOT/<class>/<image> or ROOT/<split>/<class>/<image>",
+        ));
     }
     let exts: BTreeSet<String> = c.extensions.iter().map(|e| e.to_ascii_lowercase()).collect();
     let (mut found, mut ignored) = (Vec::new(), 0);
@@ -159,21 +163,33 @@ fn mask_base<'a>(stem: &'a str, suffix: &str) -> Option<&'a str> {
 /// image, is an error naming the file, or with `on_error: skip` a reject.
 fn pair_masks(found: Vec<Found>, suffix: &str, on_error: OnError) -> Result<(Vec<Found>, Vec<Reject>), StageError> {
     let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let (masks, mut images): (Vec<Found>, Vec<Found>) = found.into_iter().partition(|f| mask_base(&stem(&f.path), suffix).is_some());
-    let index: BTreeMap<(PathBuf, String), usize> = images.iter().enumerate().map(|(i, f)| ((f.path.with_file_name(""), stem(&f.path)), i)).collect();
+    let (masks, mut images): (Vec<Found>, Vec<Found>) =
+        found.into_iter().partition(|f| mask_base(&stem(&f.path), suffix).is_some());
+    let index: BTreeMap<(PathBuf, String), usize> =
+        images.iter().enumerate().map(|(i, f)| ((f.path.with_file_name(""), stem(&f.path)), i)).collect();
     let mut triage = Triage::new(on_error);
     for m in masks {
         let s = stem(&m.path);
         let base = mask_base(&s, suffix).unwrap_or_default().to_string();
         match index.get(&(m.path.with_file_name(""), base.clone())) {
             Some(&i) => images[i].masks.push(m.path),
-            None => triage.problem(&m.path, None, m.rel.clone(), format!("mask without an image: no `{base}.*` beside it"))?,
+            None => triage.problem(
+                &m.path,
+                None,
+                m.rel.clone(),
+                format!("mask without an image: no `{base}.*` beside it"),
+            )?,
         }
     }
     let mut kept = Vec::with_capacity(images.len());
     for mut f in images {
         if f.masks.is_empty() {
-            triage.problem(&f.path, None, f.rel.clone(), format!("image without a mask: no `{}{suffix}.*` beside it", stem(&f.path)))?;
+            triage.problem(
+                &f.path,
+                None,
+                f.rel.clone(),
+                format!("image without a mask: no `{}{suffix}.*` beside it", stem(&f.path)),
+            )?;
             continue;
         }
         f.masks.sort();
@@ -203,7 +219,8 @@ fn assign_splits(found: &mut [Found], c: &ImageFolderConfig, seed: u64) -> Resul
     let mut assigned: BTreeMap<String, Split> = BTreeMap::new();
     if folder_layout {
         let has_val = found.iter().any(|f| f.split == Some(Split::Val));
-        let train: Vec<String> = patients.iter().filter(|p| by_patient[*p].contains(&Some(Split::Train))).cloned().collect();
+        let train: Vec<String> =
+            patients.iter().filter(|p| by_patient[*p].contains(&Some(Split::Train))).cloned().collect();
         let val = carve_validation(train.clone(), if has_val { 0.0 } else { c.val_fraction }, &mut rng);
         for p in train {
             let s = if val.contains(&p) { Split::Val } else { Split::Train };
@@ -286,7 +303,8 @@ impl Stage for ImageFolder {
                 Ok(Item { masks: f.masks, ..Item::new(f.rel.clone(), f.path, f.rel, f.patient, split, label) })
             })
             .collect::<Result<Vec<_>, StageError>>()?;
-        let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
+        let provenance =
+            serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
         let opts = WriteOptions {
             bit_depth: c.bit_depth,
             masks: c.mask_suffix.is_some(),

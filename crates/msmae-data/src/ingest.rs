@@ -111,17 +111,36 @@ pub struct WriteOptions {
 impl WriteOptions {
     /// Single-label, no masks.
     pub fn new(size: u32, channels: u32, aspect: Aspect, on_error: OnError, row_group: u32, previews: u32) -> Self {
-        Self { size, channels, aspect, on_error, row_group, previews, multi_label: false, masks: false, bit_depth: 8, mask_classes: Vec::new(), sample: None }
+        Self {
+            size,
+            channels,
+            aspect,
+            on_error,
+            row_group,
+            previews,
+            multi_label: false,
+            masks: false,
+            bit_depth: 8,
+            mask_classes: Vec::new(),
+            sample: None,
+        }
     }
 }
 
 /// The artifact every file-based source produces.
 pub fn output_decl() -> OutputDecl {
-    OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"]).figure("sample images", "previews/*.png")
+    OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
+        .figure("sample images", "previews/*.png")
 }
 
 /// Checks of the options every file-based source shares.
-pub fn check_options(size: u32, channels: u32, split: &crate::table::SplitFractions, row_group: u32, bit_depth: u32) -> Result<(), ConfigError> {
+pub fn check_options(
+    size: u32,
+    channels: u32,
+    split: &crate::table::SplitFractions,
+    row_group: u32,
+    bit_depth: u32,
+) -> Result<(), ConfigError> {
     let err = |path: &str, message: String| Err(ConfigError { path: path.into(), message });
     if bit_depth != 8 && bit_depth != 16 {
         return err("bit_depth", "must be 8 or 16 (16 keeps the depth of DICOM and 16-bit PNG/TIFF sources)".into());
@@ -147,13 +166,16 @@ type DecodedItem = (Decoded, Option<Vec<u8>>, String);
 /// Decode one item: the image (resized), its merged mask when the source has masks, and
 /// the SHA-256 of the image file. `Err` names the file at fault (image or mask).
 fn decode_item(it: &Item, o: &WriteOptions) -> Result<DecodedItem, (PathBuf, DecodeError)> {
-    let (img, bytes) = decode_file(&it.path, o.size, o.channels, o.aspect, o.bit_depth).map_err(|e| (it.path.clone(), e))?;
+    let (img, bytes) =
+        decode_file(&it.path, o.size, o.channels, o.aspect, o.bit_depth).map_err(|e| (it.path.clone(), e))?;
     let sha = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     drop(bytes);
     let mask = match (o.masks, o.mask_classes.len()) {
         (false, _) => None,
         (true, 0) => Some(decode_masks(&it.masks, img.source_width, img.source_height, o.size, o.aspect)?),
-        (true, k) => Some(crate::decode::decode_class_mask(&it.masks, img.source_width, img.source_height, o.size, o.aspect, k)?),
+        (true, k) => {
+            Some(crate::decode::decode_class_mask(&it.masks, img.source_width, img.source_height, o.size, o.aspect, k)?)
+        }
     };
     Ok((img, mask, sha))
 }
@@ -161,9 +183,10 @@ fn decode_item(it: &Item, o: &WriteOptions) -> Result<DecodedItem, (PathBuf, Dec
 /// `sample:` is a fraction in (0, 1].
 pub fn check_sample(sample: Option<f64>) -> Result<(), ConfigError> {
     match sample {
-        Some(f) if !(f > 0.0 && f <= 1.0) => {
-            Err(ConfigError { path: "sample".into(), message: format!("{f}: give a fraction of the patients in (0, 1], e.g. 0.05") })
-        }
+        Some(f) if !(f > 0.0 && f <= 1.0) => Err(ConfigError {
+            path: "sample".into(),
+            message: format!("{f}: give a fraction of the patients in (0, 1], e.g. 0.05"),
+        }),
         _ => Ok(()),
     }
 }
@@ -180,7 +203,8 @@ pub fn sample_patients(items: &[Item], fraction: f64, seed: u64) -> Vec<Item> {
     }
     let mut keep: BTreeSet<&str> = BTreeSet::new();
     for patients in by_split.values() {
-        let mut ranked: Vec<(u64, &str)> = patients.iter().map(|p| (msmae_core::derive_seed(seed, &["sample".into(), (*p).into()]), *p)).collect();
+        let mut ranked: Vec<(u64, &str)> =
+            patients.iter().map(|p| (msmae_core::derive_seed(seed, &["sample".into(), (*p).into()]), *p)).collect();
         ranked.sort();
         let n = ((patients.len() as f64 * fraction).ceil() as usize).clamp(1, patients.len());
         keep.extend(ranked.into_iter().take(n).map(|(_, p)| p));
@@ -202,7 +226,13 @@ pub fn write_image_table(
     let items = match o.sample {
         Some(f) if f < 1.0 => {
             sampled = sample_patients(items, f, ctx.seed);
-            tracing::info!("`{}`: a sample of {:.1} % of every split's patients: {} of {} images", ctx.name, 100.0 * f, sampled.len(), items.len());
+            tracing::info!(
+                "`{}`: a sample of {:.1} % of every split's patients: {} of {} images",
+                ctx.name,
+                100.0 * f,
+                sampled.len(),
+                items.len()
+            );
             &sampled[..]
         }
         _ => items,
@@ -223,7 +253,10 @@ pub fn write_image_table(
     let mut writer = ImageTableWriter::create(&table, meta, o.row_group as usize)?;
     let mut tally = SplitTally::new(label_names);
     let mut previews: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(ctx.threads.max(1))
+        .build()
+        .map_err(|e| StageError::other(e.to_string()))?;
     let bar = ctx.progress.bar(Some(items.len() as u64), &ctx.name);
     // Decode row group k+1 on the pool while this thread compresses and writes row group k:
     // two row groups in flight at most.
@@ -241,7 +274,8 @@ pub fn write_image_table(
                     let (img, mask, sha) = match d {
                         Ok(x) => x,
                         Err((path, e)) if o.on_error == OnError::Skip => {
-                            let reason = if path == it.path { e.to_string() } else { format!("mask {}: {e}", path.display()) };
+                            let reason =
+                                if path == it.path { e.to_string() } else { format!("mask {}: {e}", path.display()) };
                             rejects.push(Reject { path: it.source.clone(), reason });
                             continue;
                         }
@@ -249,13 +283,19 @@ pub fn write_image_table(
                             return Err(StageError::data(
                                 &path,
                                 None,
-                                format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"),
+                                format!(
+                                    "{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"
+                                ),
                             ));
                         }
                     };
                     tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
                     if (previews.len() as u32) < o.previews {
-                        let eight = if o.bit_depth == 16 { img.pixels.chunks_exact(2).map(|b| b[1]).collect() } else { img.pixels.clone() };
+                        let eight = if o.bit_depth == 16 {
+                            img.pixels.chunks_exact(2).map(|b| b[1]).collect()
+                        } else {
+                            img.pixels.clone()
+                        };
                         previews.push((eight, mask.clone()));
                     }
                     writer.push(ImageRow {
@@ -287,7 +327,11 @@ pub fn write_image_table(
     }
     let rows = writer.finish()?;
     if rows == 0 {
-        return Err(StageError::other(format!("no image could be ingested ({} listed, {} rejected)", items.len(), rejects.len())));
+        return Err(StageError::other(format!(
+            "no image could be ingested ({} listed, {} rejected)",
+            items.len(),
+            rejects.len()
+        )));
     }
     tally.rejected = rejects.len() as u64;
     let report = tally.report();
@@ -298,7 +342,13 @@ pub fn write_image_table(
     write("split_report.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
     write("rejects.json", serde_json::to_vec_pretty(&rejects).unwrap_or_default())?;
     if let Some(first) = rejects.first() {
-        tracing::warn!("{}: {} rejected (listed in rejects.json), first: {} — {}", ctx.name, rejects.len(), first.path, first.reason);
+        tracing::warn!(
+            "{}: {} rejected (listed in rejects.json), first: {} — {}",
+            ctx.name,
+            rejects.len(),
+            first.path,
+            first.reason
+        );
     }
     tracing::info!("{}: split report\n{}", ctx.name, report.table(label_names));
     if !previews.is_empty() {
@@ -324,7 +374,13 @@ impl Triage {
 
     /// `file` is where the problem is (a metadata file or an image), `what` how the rejects
     /// list names the entry (relative path or `file:line`), `location` the row/column.
-    pub fn problem(&mut self, file: &std::path::Path, location: Option<String>, what: String, message: String) -> Result<(), StageError> {
+    pub fn problem(
+        &mut self,
+        file: &std::path::Path,
+        location: Option<String>,
+        what: String,
+        message: String,
+    ) -> Result<(), StageError> {
         match self.on_error {
             OnError::Skip => {
                 let reason = match location {
@@ -334,16 +390,22 @@ impl Triage {
                 self.rejects.push(Reject { path: what, reason });
                 Ok(())
             }
-            OnError::Fail => {
-                Err(StageError::data(file, location, format!("{message} (set `on_error: skip` to leave such entries out and list them in rejects.json)")))
-            }
+            OnError::Fail => Err(StageError::data(
+                file,
+                location,
+                format!("{message} (set `on_error: skip` to leave such entries out and list them in rejects.json)"),
+            )),
         }
     }
 }
 
 /// Every file with one of `extensions` (lower case, no dot) directly in `dirs`, by
 /// `key(file name)`; the same key in two places is an error naming both files.
-pub fn index_files(dirs: &[PathBuf], extensions: &[&str], key: impl Fn(&str) -> String) -> Result<std::collections::BTreeMap<String, PathBuf>, StageError> {
+pub fn index_files(
+    dirs: &[PathBuf],
+    extensions: &[&str],
+    key: impl Fn(&str) -> String,
+) -> Result<std::collections::BTreeMap<String, PathBuf>, StageError> {
     let mut files = std::collections::BTreeMap::new();
     for d in dirs {
         for e in std::fs::read_dir(d).map_err(|e| StageError::io(d, e))? {
@@ -354,7 +416,11 @@ pub fn index_files(dirs: &[PathBuf], extensions: &[&str], key: impl Fn(&str) -> 
             }
             let name = p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             if let Some(prev) = files.insert(key(&name), p.clone()) {
-                return Err(StageError::data(&p, None, format!("`{name}` also exists as {}: one image, two files", prev.display())));
+                return Err(StageError::data(
+                    &p,
+                    None,
+                    format!("`{name}` also exists as {}: one image, two files", prev.display()),
+                ));
             }
         }
     }
@@ -365,7 +431,13 @@ pub fn index_files(dirs: &[PathBuf], extensions: &[&str], key: impl Fn(&str) -> 
 /// the 1-based line number of each.
 pub fn read_list(path: &std::path::Path) -> Result<Vec<(usize, String)>, StageError> {
     let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
-    Ok(text.trim_start_matches('\u{feff}').lines().enumerate().map(|(i, l)| (i + 1, l.trim().to_string())).filter(|(_, l)| !l.is_empty()).collect())
+    Ok(text
+        .trim_start_matches('\u{feff}')
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim().to_string()))
+        .filter(|(_, l)| !l.is_empty())
+        .collect())
 }
 
 /// `path` relative to `root`, with `/` separators (the table's `source_path`).
@@ -382,22 +454,37 @@ mod tests {
         let items: Vec<Item> = (0..300)
             .map(|i| {
                 let split = [Split::Train, Split::Train, Split::Val, Split::Test][i % 4];
-                Item::new(format!("img{i}"), PathBuf::from(format!("{i}.png")), format!("{i}.png"), format!("p{}", i / 4 % 75 + 100 * (i % 4)), split, Some(0))
+                Item::new(
+                    format!("img{i}"),
+                    PathBuf::from(format!("{i}.png")),
+                    format!("{i}.png"),
+                    format!("p{}", i / 4 % 75 + 100 * (i % 4)),
+                    split,
+                    Some(0),
+                )
             })
             .collect();
-        let patients = |v: &[Item]| v.iter().map(|it| (it.patient.clone(), it.split)).collect::<std::collections::BTreeSet<_>>();
+        let patients =
+            |v: &[Item]| v.iter().map(|it| (it.patient.clone(), it.split)).collect::<std::collections::BTreeSet<_>>();
         let small = sample_patients(&items, 0.1, 7);
         let large = sample_patients(&items, 0.5, 7);
         assert!(patients(&small).is_subset(&patients(&large)), "a larger sample keeps the smaller one's patients");
         for split in [Split::Train, Split::Val, Split::Test] {
-            let (all, kept) = (items.iter().filter(|i| i.split == split).count(), small.iter().filter(|i| i.split == split).count());
+            let (all, kept) =
+                (items.iter().filter(|i| i.split == split).count(), small.iter().filter(|i| i.split == split).count());
             assert!(kept > 0 && kept < all, "{split:?}: {kept} of {all}");
         }
         // every image of a kept patient is kept
         for (p, _) in patients(&small) {
-            assert_eq!(items.iter().filter(|i| i.patient == p).count(), small.iter().filter(|i| i.patient == p).count(), "{p}");
+            assert_eq!(
+                items.iter().filter(|i| i.patient == p).count(),
+                small.iter().filter(|i| i.patient == p).count(),
+                "{p}"
+            );
         }
         assert_ne!(patients(&sample_patients(&items, 0.1, 8)), patients(&small), "the seed picks the sample");
-        assert!(check_sample(Some(0.0)).is_err() && check_sample(Some(1.5)).is_err() && check_sample(Some(0.05)).is_ok());
+        assert!(
+            check_sample(Some(0.0)).is_err() && check_sample(Some(1.5)).is_err() && check_sample(Some(0.05)).is_ok()
+        );
     }
 }

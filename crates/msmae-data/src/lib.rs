@@ -34,5 +34,10 @@ pub use table::{ImageRow, ImageTableWriter, Split, TableMeta};
 
 /// Every ingestion stage kind of this crate.
 pub fn register(r: &mut msmae_core::Registry) {
-    r.register(Synthetic).register(ImageFolder).register(Ham10000).register(ChestXray14).register(Messidor2).register(Manifest);
+    r.register(Synthetic)
+        .register(ImageFolder)
+        .register(Ham10000)
+        .register(ChestXray14)
+        .register(Messidor2)
+        .register(Manifest);
 }

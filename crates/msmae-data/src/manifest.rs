@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use msmae_core::{ConfigError, InputSlot, ListedFiles, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
+use msmae_core::{
+    ConfigError, InputSlot, ListedFiles, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng,
+};
 
 use crate::decode::Aspect;
 use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
@@ -164,7 +166,9 @@ struct LabelColumns<'a> {
 
 impl LabelColumns<'_> {
     fn class_index(&self, col: &Column<'_>, v: &str) -> Result<usize, String> {
-        self.names.iter().position(|n| n == v).ok_or_else(|| format!("unknown label `{v}` in column `{}` (classes: {})", col.name(), self.names.join(", ")))
+        self.names.iter().position(|n| n == v).ok_or_else(|| {
+            format!("unknown label `{v}` in column `{}` (classes: {})", col.name(), self.names.join(", "))
+        })
     }
 
     /// Row `i`'s class index or multi-hot labels, and the last problem found (column, message).
@@ -225,7 +229,10 @@ impl Stage for Manifest {
         crate::ingest::check_sample(c.sample)?;
         check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
-        let forms = [c.label_column.is_some(), c.labels_column.is_some(), c.label_columns.is_some()].iter().filter(|b| **b).count();
+        let forms = [c.label_column.is_some(), c.labels_column.is_some(), c.label_columns.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
         if forms > 1 {
             return err("label_column", "give one of label_column, labels_column, label_columns");
         }
@@ -292,24 +299,47 @@ impl Stage for Manifest {
         let t = TextTable::read(&manifest)?;
         let path_col = t.column(&c.path_column, EXPECTED)?;
         let opt = |name: &Option<String>| name.as_deref().map(|n| t.column(n, EXPECTED)).transpose();
-        let (id_col, label_col, labels_col, patient_col, split_col, mask_col) =
-            (opt(&c.id_column)?, opt(&c.label_column)?, opt(&c.labels_column)?, opt(&c.patient_column)?, opt(&c.split_column)?, opt(&c.mask_column)?);
-        let hot_cols = c.label_columns.as_ref().map(|v| v.iter().map(|n| t.column(n, EXPECTED)).collect::<Result<Vec<_>, _>>()).transpose()?;
+        let (id_col, label_col, labels_col, patient_col, split_col, mask_col) = (
+            opt(&c.id_column)?,
+            opt(&c.label_column)?,
+            opt(&c.labels_column)?,
+            opt(&c.patient_column)?,
+            opt(&c.split_column)?,
+            opt(&c.mask_column)?,
+        );
+        let hot_cols = c
+            .label_columns
+            .as_ref()
+            .map(|v| v.iter().map(|n| t.column(n, EXPECTED)).collect::<Result<Vec<_>, _>>())
+            .transpose()?;
 
         // Class names: given, or the sorted distinct values.
         let names: Vec<String> = match (&c.classes, &hot_cols, label_col, labels_col) {
             (Some(v), ..) => v.clone(),
             (None, Some(cols), ..) => cols.iter().map(|c| c.name().to_string()).collect(),
-            (None, None, Some(col), _) => (0..t.len()).filter_map(|i| col.get(i)).map(str::to_string).collect::<BTreeSet<_>>().into_iter().collect(),
+            (None, None, Some(col), _) => (0..t.len())
+                .filter_map(|i| col.get(i))
+                .map(str::to_string)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
             (None, None, None, Some(col)) => (0..t.len())
                 .filter_map(|i| col.get(i))
-                .flat_map(|v| v.split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string))
+                .flat_map(|v| {
+                    v.split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string)
+                })
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect(),
             _ => Vec::new(),
         };
-        let label_cols = LabelColumns { label: label_col, labels: labels_col, hot: hot_cols.as_deref(), names: &names, separator: &c.separator };
+        let label_cols = LabelColumns {
+            label: label_col,
+            labels: labels_col,
+            hot: hot_cols.as_deref(),
+            names: &names,
+            separator: &c.separator,
+        };
         let manifest_name = manifest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut triage = Triage::new(c.on_error);
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -324,7 +354,12 @@ impl Stage for Manifest {
             let loc = |col: &str| Some(format!("{}, column `{col}`", t.row_name(i)));
             if let Some(first) = seen.insert(id.clone(), i) {
                 let col = c.id_column.as_deref().unwrap_or(&c.path_column);
-                triage.problem(&manifest, loc(col), what, format!("id `{id}` is listed twice (first on {})", t.row_name(first)))?;
+                triage.problem(
+                    &manifest,
+                    loc(col),
+                    what,
+                    format!("id `{id}` is listed twice (first on {})", t.row_name(first)),
+                )?;
                 continue;
             }
             let outside = |w: &str, col: &str| -> Result<(), StageError> {
@@ -348,7 +383,12 @@ impl Stage for Manifest {
             }
             let path = root.join(written);
             if !path.is_file() {
-                triage.problem(&manifest, loc(&c.path_column), what, format!("image `{}` is listed but does not exist", path.display()))?;
+                triage.problem(
+                    &manifest,
+                    loc(&c.path_column),
+                    what,
+                    format!("image `{}` is listed but does not exist", path.display()),
+                )?;
                 continue;
             }
             // The last problem found on the row is the one reported.
@@ -357,7 +397,10 @@ impl Stage for Manifest {
                 Some(col) => match col.get(i).map(|v| (v, Split::from_name(v))) {
                     Some((_, Some(s))) => Some(s),
                     Some((v, None)) => {
-                        bad = Some((col.name().to_string(), format!("unknown split `{v}` (expected train, val or test)")));
+                        bad = Some((
+                            col.name().to_string(),
+                            format!("unknown split `{v}` (expected train, val or test)"),
+                        ));
                         None
                     }
                     None => {
@@ -375,7 +418,8 @@ impl Stage for Manifest {
                 bad = Some((c.mask_column.clone().unwrap_or_default(), "no mask path".into()));
             }
             if let Some(m) = masks.iter().find(|m| !m.is_file()) {
-                bad = Some((c.mask_column.clone().unwrap_or_default(), format!("mask `{}` does not exist", m.display())));
+                bad =
+                    Some((c.mask_column.clone().unwrap_or_default(), format!("mask `{}` does not exist", m.display())));
             }
             if let Some((col, m)) = bad {
                 triage.problem(&manifest, loc(&col), what, m)?;
@@ -400,12 +444,18 @@ impl Stage for Manifest {
                     return Err(StageError::data(
                         &manifest,
                         Some(format!("column `{}`", c.split_column.clone().unwrap_or_default())),
-                        format!("patient `{}` is in both {} and {}: splits must be by patient", r.patient, prev.as_str(), s.as_str()),
+                        format!(
+                            "patient `{}` is in both {} and {}: splits must be by patient",
+                            r.patient,
+                            prev.as_str(),
+                            s.as_str()
+                        ),
                     ));
                 }
             }
         } else {
-            let patients: Vec<String> = rows.iter().map(|r| r.patient.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let patients: Vec<String> =
+                rows.iter().map(|r| r.patient.clone()).collect::<BTreeSet<_>>().into_iter().collect();
             let splits = c.split.assign(patients.len(), &mut seeded_rng(ctx.seed, &["manifest/splits".into()]));
             split_of.extend(patients.into_iter().zip(splits));
         }
@@ -414,10 +464,15 @@ impl Stage for Manifest {
             .into_iter()
             .map(|r| {
                 let split = split_of[&r.patient];
-                Item { labels: r.labels, masks: r.masks, ..Item::new(r.id, r.path, r.source, r.patient, split, r.label) }
+                Item {
+                    labels: r.labels,
+                    masks: r.masks,
+                    ..Item::new(r.id, r.path, r.source, r.patient, split, r.label)
+                }
             })
             .collect();
-        let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
+        let provenance =
+            serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
         let opts = WriteOptions {
             bit_depth: c.bit_depth,
             multi_label: multi,

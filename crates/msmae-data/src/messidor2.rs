@@ -16,7 +16,10 @@ use serde::{Deserialize, Serialize};
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Reject, Triage, WriteOptions, check_options, defaults, index_files, output_decl, relative, write_image_table};
+use crate::ingest::{
+    Item, OnError, Reject, Triage, WriteOptions, check_options, defaults, index_files, output_decl, relative,
+    write_image_table,
+};
 use crate::meta::TextTable;
 use crate::table::SplitFractions;
 
@@ -92,7 +95,8 @@ impl Stage for Messidor2 {
     type Config = Messidor2Config;
     const KIND: &'static str = "ingest/messidor2";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "Messidor-2 as published (grades CSV, exam pairs, IMAGES/) → DR grade 0–4 image table, splits by exam";
+    const SUMMARY: &'static str =
+        "Messidor-2 as published (grades CSV, exam pairs, IMAGES/) → DR grade 0–4 image table, splits by exam";
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
@@ -123,7 +127,8 @@ impl Stage for Messidor2 {
 
     fn run(&self, c: &Messidor2Config, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         let root = ctx.resolve(&c.root);
-        let files = index_files(&[root.join(&c.images)], &["jpg", "jpeg", "png", "tif", "tiff"], str::to_ascii_lowercase)?;
+        let files =
+            index_files(&[root.join(&c.images)], &["jpg", "jpeg", "png", "tif", "tiff"], str::to_ascii_lowercase)?;
         let mut triage = Triage::new(c.on_error);
 
         // Exams: both eyes are one patient.
@@ -151,8 +156,11 @@ impl Stage for Messidor2 {
         }
 
         let t = TextTable::read_csv(&root.join(&c.grades), b',')?;
-        let (id_col, grade_col, gradable_col) =
-            (t.column("image_id", HEADER)?, t.column("adjudicated_dr_grade", HEADER)?, t.column("adjudicated_gradable", HEADER)?);
+        let (id_col, grade_col, gradable_col) = (
+            t.column("image_id", HEADER)?,
+            t.column("adjudicated_dr_grade", HEADER)?,
+            t.column("adjudicated_gradable", HEADER)?,
+        );
         let grades_name = relative(&root.join(&c.grades), &root);
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut ungradable: Vec<Reject> = Vec::new();
@@ -171,11 +179,19 @@ impl Stage for Messidor2 {
                 continue;
             }
             let Some(path) = files.get(&key) else {
-                triage.problem(t.path(), Some(t.row_name(i)), what, format!("image `{id}` is listed but not in {}/", c.images.display()))?;
+                triage.problem(
+                    t.path(),
+                    Some(t.row_name(i)),
+                    what,
+                    format!("image `{id}` is listed but not in {}/", c.images.display()),
+                )?;
                 continue;
             };
             if gradable_col.get(i).and_then(parse_grade) == Some(0) {
-                ungradable.push(Reject { path: relative(path, &root), reason: "excluded: ungradable (adjudicated_gradable = 0)".into() });
+                ungradable.push(Reject {
+                    path: relative(path, &root),
+                    reason: "excluded: ungradable (adjudicated_gradable = 0)".into(),
+                });
                 continue;
             }
             match grade_col.get(i).and_then(parse_grade) {
@@ -199,7 +215,8 @@ impl Stage for Messidor2 {
 
         // Split by exam (an image outside the exam list is its own patient).
         let patient = |id: &str| exam_of.get(&id.to_ascii_lowercase()).cloned().unwrap_or_else(|| id.to_string());
-        let patients: Vec<String> = rows.iter().map(|(id, _, _)| patient(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let patients: Vec<String> =
+            rows.iter().map(|(id, _, _)| patient(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         let splits = c.split.assign(patients.len(), &mut seeded_rng(ctx.seed, &["messidor2/splits".into()]));
         let split_of: BTreeMap<&str, crate::table::Split> = patients.iter().map(String::as_str).zip(splits).collect();
         let items: Vec<Item> = rows
@@ -212,9 +229,13 @@ impl Stage for Messidor2 {
         let names: Vec<String> = GRADES.iter().map(|s| s.to_string()).collect();
         let mut rejects = triage.rejects;
         rejects.extend(ungradable);
-        let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts =
-            WriteOptions { bit_depth: c.bit_depth, sample: c.sample, ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews) };
+        let provenance =
+            serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
+        let opts = WriteOptions {
+            bit_depth: c.bit_depth,
+            sample: c.sample,
+            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+        };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

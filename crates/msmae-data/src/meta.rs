@@ -41,7 +41,10 @@ impl TextTable {
         let mut names = Vec::new();
         let mut cols = Vec::new();
         for col in df.columns() {
-            let s = col.as_materialized_series().str().map_err(|e| StageError::data(path, Some(format!("column `{}`", col.name())), e.to_string()))?;
+            let s = col
+                .as_materialized_series()
+                .str()
+                .map_err(|e| StageError::data(path, Some(format!("column `{}`", col.name())), e.to_string()))?;
             names.push(col.name().trim_start_matches('\u{feff}').trim().to_string());
             cols.push((0..s.len()).map(|i| s.get(i).map(str::to_string)).collect());
         }
@@ -52,15 +55,20 @@ impl TextTable {
     pub fn read_parquet(path: &Path) -> Result<Self, StageError> {
         let fmt = |m: String| StageError::data(path, None, m);
         let f = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| fmt(format!("not a readable Parquet file: {e}")))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+            .map_err(|e| fmt(format!("not a readable Parquet file: {e}")))?;
         let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
         let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); names.len()];
         for batch in builder.build().map_err(|e| fmt(e.to_string()))? {
             let batch = batch.map_err(|e| fmt(e.to_string()))?;
             for (i, a) in batch.columns().iter().enumerate() {
-                let text = arrow::compute::cast(a, &DataType::Utf8)
-                    .map_err(|e| StageError::data(path, Some(format!("column `{}`", names[i])), format!("cannot read as text: {e}")))?;
-                let s = text.as_any().downcast_ref::<StringArray>().ok_or_else(|| fmt(format!("column `{}`: not text after cast", names[i])))?;
+                let text = arrow::compute::cast(a, &DataType::Utf8).map_err(|e| {
+                    StageError::data(path, Some(format!("column `{}`", names[i])), format!("cannot read as text: {e}"))
+                })?;
+                let s = text
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or_else(|| fmt(format!("column `{}`: not text after cast", names[i])))?;
                 cols[i].extend((0..s.len()).map(|r| s.is_valid(r).then(|| s.value(r).to_string())));
             }
         }

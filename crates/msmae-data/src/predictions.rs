@@ -21,7 +21,10 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, Int32Array, ListArray, ListBuilder, RecordBatch, StringArray, UInt8Array, UInt8Builder};
+use arrow::array::{
+    Array, ArrayRef, Float32Array, Float32Builder, Int32Array, ListArray, ListBuilder, RecordBatch, StringArray,
+    UInt8Array, UInt8Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -82,7 +85,10 @@ fn check_meta(path: &Path, meta: &PredictionMeta) -> Result<(), TableError> {
         return Err(format_err(path, "label_names is empty: predictions need at least one class"));
     }
     if !meta.multi_label && meta.label_names.len() < 2 {
-        return Err(format_err(path, format!("single-label predictions need at least 2 classes, label_names has {}", meta.label_names.len())));
+        return Err(format_err(
+            path,
+            format!("single-label predictions need at least 2 classes, label_names has {}", meta.label_names.len()),
+        ));
     }
     Ok(())
 }
@@ -124,12 +130,19 @@ fn check_row(meta: &PredictionMeta, row: &PredictionRow) -> Result<(), String> {
 
 /// The Arrow schema of a predictions table with `meta` (its JSON in the schema metadata).
 pub fn predictions_schema(meta: &PredictionMeta) -> Schema {
-    let mut fields = vec![Field::new("id", DataType::Utf8, false), Field::new("split", DataType::Utf8, false), Field::new("label", DataType::Int32, true)];
+    let mut fields = vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("label", DataType::Int32, true),
+    ];
     if meta.multi_label {
         fields.push(Field::new("labels", DataType::List(Arc::new(Field::new("item", DataType::UInt8, true))), false));
     }
     fields.push(Field::new("scores", DataType::List(Arc::new(Field::new("item", DataType::Float32, true))), false));
-    let md = std::collections::HashMap::from([(PREDICTIONS_META_KEY.to_string(), serde_json::to_string(meta).unwrap_or_default())]);
+    let md = std::collections::HashMap::from([(
+        PREDICTIONS_META_KEY.to_string(),
+        serde_json::to_string(meta).unwrap_or_default(),
+    )]);
     Schema::new(fields).with_metadata(md)
 }
 
@@ -183,13 +196,12 @@ pub fn read_predictions(path: &Path) -> Result<(PredictionMeta, Vec<PredictionRo
     let fmt = |m: String| format_err(path, m);
     let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| fmt(e.to_string()))?;
-    let text = builder
-        .schema()
-        .metadata()
-        .get(PREDICTIONS_META_KEY)
-        .cloned()
-        .ok_or_else(|| fmt(format!("not an msmae predictions table (no `{PREDICTIONS_META_KEY}` footer metadata)")))?;
-    let meta: PredictionMeta = serde_json::from_str(&text).map_err(|e| fmt(format!("footer metadata `{PREDICTIONS_META_KEY}`: {e}")))?;
+    let text =
+        builder.schema().metadata().get(PREDICTIONS_META_KEY).cloned().ok_or_else(|| {
+            fmt(format!("not an msmae predictions table (no `{PREDICTIONS_META_KEY}` footer metadata)"))
+        })?;
+    let meta: PredictionMeta =
+        serde_json::from_str(&text).map_err(|e| fmt(format!("footer metadata `{PREDICTIONS_META_KEY}`: {e}")))?;
     check_meta(path, &meta)?;
     let reader = builder.build().map_err(|e| fmt(e.to_string()))?;
     let mut out = Vec::new();
@@ -198,31 +210,50 @@ pub fn read_predictions(path: &Path) -> Result<(PredictionMeta, Vec<PredictionRo
         let batch = batch.map_err(|e| fmt(e.to_string()))?;
         let col = |name: &str| batch.column_by_name(name).ok_or_else(|| fmt(format!("missing column `{name}`")));
         let strs = |name: &str| -> Result<StringArray, TableError> {
-            col(name)?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not utf8")))
+            col(name)?
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or_else(|| fmt(format!("column `{name}` is not utf8")))
         };
         let lists = |name: &str| -> Result<ListArray, TableError> {
-            col(name)?.as_any().downcast_ref::<ListArray>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not a list")))
+            col(name)?
+                .as_any()
+                .downcast_ref::<ListArray>()
+                .cloned()
+                .ok_or_else(|| fmt(format!("column `{name}` is not a list")))
         };
         let (id, split) = (strs("id")?, strs("split")?);
-        let label = col("label")?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| fmt("column `label` is not int32".into()))?;
+        let label = col("label")?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .cloned()
+            .ok_or_else(|| fmt("column `label` is not int32".into()))?;
         let scores = lists("scores")?;
         let labels = if meta.multi_label { Some(lists("labels")?) } else { None };
         for r in 0..batch.num_rows() {
             let rid = id.value(r);
             let bad = |m: String| fmt(format!("row `{rid}`: {m}"));
             let sv = scores.value(r);
-            let sv = sv.as_any().downcast_ref::<Float32Array>().ok_or_else(|| bad("column `scores` does not hold float32 values".into()))?;
+            let sv = sv
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .ok_or_else(|| bad("column `scores` does not hold float32 values".into()))?;
             let labels = match &labels {
                 Some(l) => {
                     let v = l.value(r);
-                    let v = v.as_any().downcast_ref::<UInt8Array>().ok_or_else(|| bad("column `labels` does not hold uint8 values".into()))?;
+                    let v = v
+                        .as_any()
+                        .downcast_ref::<UInt8Array>()
+                        .ok_or_else(|| bad("column `labels` does not hold uint8 values".into()))?;
                     Some(v.values().to_vec())
                 }
                 None => None,
             };
             let row = PredictionRow {
                 id: rid.to_string(),
-                split: Split::parse(split.value(r)).ok_or_else(|| bad(format!("unknown split `{}`", split.value(r))))?,
+                split: Split::parse(split.value(r))
+                    .ok_or_else(|| bad(format!("unknown split `{}`", split.value(r))))?,
                 label: label.is_valid(r).then(|| label.value(r)),
                 labels,
                 scores: sv.values().to_vec(),
@@ -316,10 +347,18 @@ mod tests {
         rows[5].id = "img1".into();
         let e = write_predictions(&p, &meta(false), &rows).expect_err("dup").to_string();
         assert!(e.contains("row `img1`: duplicate id"), "{e}");
-        let multi = vec![PredictionRow { id: "m".into(), split: Split::Val, label: None, labels: Some(vec![0, 2, 1]), scores: vec![0.0; 3] }];
+        let multi = vec![PredictionRow {
+            id: "m".into(),
+            split: Split::Val,
+            label: None,
+            labels: Some(vec![0, 2, 1]),
+            scores: vec![0.0; 3],
+        }];
         let e = write_predictions(&p, &meta(true), &multi).expect_err("multi-hot").to_string();
         assert!(e.contains("row `m`: labels[1] = 2 is not 0 or 1"), "{e}");
-        let e = write_predictions(&p, &PredictionMeta { schema_version: 9, ..meta(false) }, &single_rows()).expect_err("version").to_string();
+        let e = write_predictions(&p, &PredictionMeta { schema_version: 9, ..meta(false) }, &single_rows())
+            .expect_err("version")
+            .to_string();
         assert!(e.contains("schema version 9 is not supported"), "{e}");
         assert!(!p.exists(), "nothing is written for invalid input");
     }
@@ -354,7 +393,10 @@ mod tests {
         w.write(&batch).expect("write");
         w.close().expect("close");
         let e = read_predictions(&p).expect_err("range").to_string();
-        assert!(e.contains("bad.parquet") && e.contains("row `r0`: scores[2] = 1.5 is not a probability in [0, 1]"), "{e}");
+        assert!(
+            e.contains("bad.parquet") && e.contains("row `r0`: scores[2] = 1.5 is not a probability in [0, 1]"),
+            "{e}"
+        );
         let e = read_predictions(&d.path().join("missing.parquet")).expect_err("missing").to_string();
         assert!(e.contains("missing.parquet"), "{e}");
     }

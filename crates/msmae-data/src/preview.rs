@@ -6,7 +6,11 @@ pub fn sheet(images: &[(&[u8], Option<&[u8]>)], height: u32, width: u32, channel
     let cols = 8u32.min(images.len() as u32).max(1);
     let rows = (images.len() as u32).div_ceil(cols).max(1);
     let pad = 2;
-    let mut out = image::RgbImage::from_pixel(cols * (width + pad) + pad, rows * (height + pad) + pad, image::Rgb([255, 255, 255]));
+    let mut out = image::RgbImage::from_pixel(
+        cols * (width + pad) + pad,
+        rows * (height + pad) + pad,
+        image::Rgb([255, 255, 255]),
+    );
     let (h, w) = (height as usize, width as usize);
     for (k, (px, mask)) in images.iter().enumerate() {
         let (ox, oy) = (pad + (k as u32 % cols) * (width + pad), pad + (k as u32 / cols) * (height + pad));
@@ -17,7 +21,11 @@ pub fn sheet(images: &[(&[u8], Option<&[u8]>)], height: u32, width: u32, channel
                     m[i] != 0
                         && [(0i64, 1i64), (1, 0), (0, -1), (-1, 0)].iter().any(|(dx, dy)| {
                             let (xx, yy) = (x as i64 + dx, y as i64 + dy);
-                            xx < 0 || yy < 0 || xx >= w as i64 || yy >= h as i64 || m[yy as usize * w + xx as usize] == 0
+                            xx < 0
+                                || yy < 0
+                                || xx >= w as i64
+                                || yy >= h as i64
+                                || m[yy as usize * w + xx as usize] == 0
                         })
                 });
                 let rgb = if edge {

@@ -42,9 +42,17 @@ impl SplitTally {
     }
 
     /// Count an image; `Err` names the patient if it already appeared in another split.
-    pub fn add(&mut self, patient: &str, split: Split, label: Option<i32>, labels: Option<&[u8]>) -> Result<(), String> {
+    pub fn add(
+        &mut self,
+        patient: &str,
+        split: Split,
+        label: Option<i32>,
+        labels: Option<&[u8]>,
+    ) -> Result<(), String> {
         match self.patients.get(patient) {
-            Some(s) if *s != split => return Err(format!("patient `{patient}` is in both {} and {}", s.as_str(), split.as_str())),
+            Some(s) if *s != split => {
+                return Err(format!("patient `{patient}` is in both {} and {}", s.as_str(), split.as_str()));
+            }
             Some(_) => {}
             None => {
                 self.patients.insert(patient.to_string(), split);
@@ -70,9 +78,16 @@ impl SplitTally {
         let splits: BTreeMap<String, SplitCounts> = self
             .per_split
             .iter()
-            .map(|(s, (n, p, c))| (s.as_str().to_string(), SplitCounts { images: *n, patients: p.len() as u64, classes: c.clone() }))
+            .map(|(s, (n, p, c))| {
+                (s.as_str().to_string(), SplitCounts { images: *n, patients: p.len() as u64, classes: c.clone() })
+            })
             .collect();
-        SplitReport { total_images: splits.values().map(|s| s.images).sum(), total_patients: self.patients.len() as u64, splits, rejected: self.rejected }
+        SplitReport {
+            total_images: splits.values().map(|s| s.images).sum(),
+            total_patients: self.patients.len() as u64,
+            splits,
+            rejected: self.rejected,
+        }
     }
 }
 
@@ -94,7 +109,11 @@ impl SplitReport {
             }
             out.push('\n');
         }
-        let _ = write!(out, "total {} images, {} patients, {} rejected", self.total_images, self.total_patients, self.rejected);
+        let _ = write!(
+            out,
+            "total {} images, {} patients, {} rejected",
+            self.total_images, self.total_patients, self.rejected
+        );
         out
     }
 }

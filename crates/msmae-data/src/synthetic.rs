@@ -167,7 +167,8 @@ impl Stage for Synthetic {
     type Config = SyntheticConfig;
     const KIND: &'static str = "ingest/synthetic";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "seeded X-ray-/fundus-like images with lesions of known class and shape → image table";
+    const SUMMARY: &'static str =
+        "seeded X-ray-/fundus-like images with lesions of known class and shape → image table";
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
@@ -176,7 +177,10 @@ impl Stage for Synthetic {
     fn validate(&self, c: &SyntheticConfig) -> Result<(), ConfigError> {
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
         if !(1..=MAX_IMAGES).contains(&c.images) {
-            return err("images", &format!("must be between 1 and {MAX_IMAGES} (a generated benchmark, not a data set)"));
+            return err(
+                "images",
+                &format!("must be between 1 and {MAX_IMAGES} (a generated benchmark, not a data set)"),
+            );
         }
         if !(16..=1024).contains(&c.size) {
             return err("size", "must be between 16 and 1024 pixels");
@@ -210,7 +214,8 @@ impl Stage for Synthetic {
     }
 
     fn output(&self, _: &SyntheticConfig) -> OutputDecl {
-        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "previews/*.png"]).figure("sample images", "previews/*.png")
+        OutputDecl::new("image-table", &["images.parquet", "split_report.json", "previews/*.png"])
+            .figure("sample images", "previews/*.png")
     }
 
     fn resources(&self, _: &SyntheticConfig) -> Resources {
@@ -235,14 +240,18 @@ impl Stage for Synthetic {
         let mut writer = ImageTableWriter::create(&table, meta, c.row_group as usize)?;
         let splits = patient_splits(c, ctx.seed);
         let mut tally = SplitTally::new(&names);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(|e| StageError::other(e.to_string()))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(ctx.threads.max(1))
+            .build()
+            .map_err(|e| StageError::other(e.to_string()))?;
         let bar = ctx.progress.bar(Some(u64::from(c.images)), &ctx.name);
         let mut previews: Vec<Sample> = Vec::new();
         let chunk = c.row_group.max(1);
         for start in (0..c.images).step_by(chunk as usize) {
             ctx.cancel.check()?;
             let end = (start + chunk).min(c.images);
-            let samples: Vec<Sample> = pool.install(|| (start..end).into_par_iter().map(|i| generate(c, ctx.seed, i)).collect());
+            let samples: Vec<Sample> =
+                pool.install(|| (start..end).into_par_iter().map(|i| generate(c, ctx.seed, i)).collect());
             for (i, s) in (start..end).zip(samples) {
                 let patient = i / c.images_per_patient;
                 let split = splits[patient as usize];
@@ -271,7 +280,8 @@ impl Stage for Synthetic {
         writer.finish()?;
         let report = tally.report();
         let rp = ctx.output_path("split_report.json")?;
-        std::fs::write(&rp, serde_json::to_vec_pretty(&report).unwrap_or_default()).map_err(|e| StageError::io(&rp, e))?;
+        std::fs::write(&rp, serde_json::to_vec_pretty(&report).unwrap_or_default())
+            .map_err(|e| StageError::io(&rp, e))?;
         tracing::info!("{}: split report\n{}", ctx.name, report.table(&names));
         if !previews.is_empty() {
             let pp = ctx.output_path("previews/sheet.png")?;
@@ -294,7 +304,8 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Split of each patient: patients shuffled by the seed, then cut by the fractions.
 pub fn patient_splits(c: &SyntheticConfig, seed: u64) -> Vec<Split> {
-    c.split.assign(c.images.div_ceil(c.images_per_patient) as usize, &mut seeded_rng(seed, &["synthetic/splits".into()]))
+    c.split
+        .assign(c.images.div_ceil(c.images_per_patient) as usize, &mut seeded_rng(seed, &["synthetic/splits".into()]))
 }
 
 /// Per-patient anatomy.
@@ -310,7 +321,16 @@ struct Anatomy {
 
 fn anatomy(seed: u64, patient: u32) -> Anatomy {
     let mut r = seeded_rng(seed, &["synthetic/patient".into(), patient.into()]);
-    let vessels = (0..7).map(|_| [r.random_range(0.0..2.0 * PI), r.random_range(0.25..0.45), r.random_range(-0.6..0.6), r.random_range(0.6..1.0)]).collect();
+    let vessels = (0..7)
+        .map(|_| {
+            [
+                r.random_range(0.0..2.0 * PI),
+                r.random_range(0.25..0.45),
+                r.random_range(-0.6..0.6),
+                r.random_range(0.6..1.0),
+            ]
+        })
+        .collect();
     Anatomy {
         lung_rx: r.random_range(0.15..0.19),
         lung_ry: r.random_range(0.29..0.36),
@@ -374,9 +394,11 @@ pub fn generate(c: &SyntheticConfig, seed: u64, index: u32) -> Sample {
     }
     // lesion profile (amplitude 1 at its strongest)
     if label > 0 && !diffuse {
-        let lobes: Vec<(f32, f32, f32)> =
-            (0..4).map(|_| (r.random_range(-0.6..0.6) * radius, r.random_range(-0.6..0.6) * radius, r.random_range(0.6..1.0))).collect();
-        let dots: Vec<(f32, f32)> = (0..6).map(|_| (r.random_range(-1.2..1.2) * radius, r.random_range(-1.2..1.2) * radius)).collect();
+        let lobes: Vec<(f32, f32, f32)> = (0..4)
+            .map(|_| (r.random_range(-0.6..0.6) * radius, r.random_range(-0.6..0.6) * radius, r.random_range(0.6..1.0)))
+            .collect();
+        let dots: Vec<(f32, f32)> =
+            (0..6).map(|_| (r.random_range(-1.2..1.2) * radius, r.random_range(-1.2..1.2) * radius)).collect();
         for y in 0..n {
             for x in 0..n {
                 let (dx, dy) = (x as f32 + 0.5 - center.0, y as f32 + 0.5 - center.1);
@@ -384,16 +406,19 @@ pub fn generate(c: &SyntheticConfig, seed: u64, index: u32) -> Sample {
                 let g = |s: f32, d: f32| (-d * d / (2.0 * s * s)).exp();
                 let v = match (c.modality, label) {
                     (Modality::Xray, 1) => g(radius * 0.6, d),
-                    (Modality::Xray, 2) => {
-                        lobes.iter().map(|(ox, oy, w)| w * g(radius * 0.7, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max)
-                    }
+                    (Modality::Xray, 2) => lobes
+                        .iter()
+                        .map(|(ox, oy, w)| w * g(radius * 0.7, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt()))
+                        .fold(0.0, f32::max),
                     (Modality::Xray, _) => g(radius * 0.25, d - radius) - 0.6 * g(radius * 0.45, d),
-                    (Modality::Fundus, 1) => {
-                        dots.iter().map(|(ox, oy)| g(0.6f32.max(sz / 110.0), ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max)
-                    }
-                    (Modality::Fundus, 2) => {
-                        lobes.iter().map(|(ox, oy, w)| w * g(radius * 0.35, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt())).fold(0.0, f32::max)
-                    }
+                    (Modality::Fundus, 1) => dots
+                        .iter()
+                        .map(|(ox, oy)| g(0.6f32.max(sz / 110.0), ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt()))
+                        .fold(0.0, f32::max),
+                    (Modality::Fundus, 2) => lobes
+                        .iter()
+                        .map(|(ox, oy, w)| w * g(radius * 0.35, ((dx - ox).powi(2) + (dy - oy).powi(2)).sqrt()))
+                        .fold(0.0, f32::max),
                     (Modality::Fundus, _) => g(radius * 0.7, d) * (1.0 + 0.2 * (5.0 * dy.atan2(dx)).sin()),
                 };
                 lesion_field[y * n + x] = v;
@@ -511,7 +536,10 @@ mod tests {
                     for (k, &m) in s.mask.iter().enumerate() {
                         let (x, y) = ((k % 64) as f32 + 0.5, (k / 64) as f32 + 0.5);
                         if m == 1 {
-                            assert!(((x - cx).powi(2) + (y - cy).powi(2)).sqrt() < 2.5 * r, "{modality:?} image {i}: mask pixel far from the lesion");
+                            assert!(
+                                ((x - cx).powi(2) + (y - cy).powi(2)).sqrt() < 2.5 * r,
+                                "{modality:?} image {i}: mask pixel far from the lesion"
+                            );
                         }
                     }
                 }
@@ -578,7 +606,10 @@ mod tests {
                 }
             }
             let (mean_in, mean_out) = (inside / n_in, outside / (a.mask.len() as f64 - n_in));
-            assert!(mean_in > 20.0 && mean_in > 10.0 * mean_out, "image {i}: mean change {mean_in:.1} inside vs {mean_out:.2} outside");
+            assert!(
+                mean_in > 20.0 && mean_in > 10.0 * mean_out,
+                "image {i}: mean change {mean_in:.1} inside vs {mean_out:.2} outside"
+            );
         }
     }
 

@@ -20,7 +20,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BinaryArray, BinaryBuilder, Int32Array, ListArray, ListBuilder, RecordBatch, StringArray, UInt8Builder};
+use arrow::array::{
+    Array, ArrayRef, BinaryArray, BinaryBuilder, Int32Array, ListArray, ListBuilder, RecordBatch, StringArray,
+    UInt8Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -88,7 +91,11 @@ impl Split {
 
 /// Move `fraction` of `patients` (given in a deterministic order) to validation: a seeded
 /// shuffle, then the first `round(n · fraction)`. Returns those patients.
-pub fn carve_validation<T: Clone + Ord>(mut patients: Vec<T>, fraction: f64, rng: &mut impl rand::Rng) -> std::collections::BTreeSet<T> {
+pub fn carve_validation<T: Clone + Ord>(
+    mut patients: Vec<T>,
+    fraction: f64,
+    rng: &mut impl rand::Rng,
+) -> std::collections::BTreeSet<T> {
     rand::seq::SliceRandom::shuffle(patients.as_mut_slice(), rng);
     let n_val = (patients.len() as f64 * fraction).round() as usize;
     patients.into_iter().take(n_val).collect()
@@ -249,13 +256,27 @@ impl ImageTableWriter {
             .set_column_statistics_enabled(ColumnPath::from("pixels"), EnabledStatistics::None)
             .set_column_statistics_enabled(ColumnPath::from("mask"), EnabledStatistics::None)
             .build();
-        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| TableError::Format { path: path.into(), message: e.to_string() })?;
-        Ok(Self { path: path.into(), meta, schema, writer, pending: Vec::with_capacity(row_group), row_group: row_group.max(1), rows: 0 })
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
+            .map_err(|e| TableError::Format { path: path.into(), message: e.to_string() })?;
+        Ok(Self {
+            path: path.into(),
+            meta,
+            schema,
+            writer,
+            pending: Vec::with_capacity(row_group),
+            row_group: row_group.max(1),
+            rows: 0,
+        })
     }
 
     /// Queue a row (checked against the table's size and labels).
     pub fn push(&mut self, row: ImageRow) -> Result<(), TableError> {
-        let (h, w, c, b) = (self.meta.height as usize, self.meta.width as usize, self.meta.channels as usize, self.meta.sample_bytes());
+        let (h, w, c, b) = (
+            self.meta.height as usize,
+            self.meta.width as usize,
+            self.meta.channels as usize,
+            self.meta.sample_bytes(),
+        );
         let bad = |m: String| TableError::Format { path: self.path.clone(), message: format!("row `{}`: {m}", row.id) };
         if row.pixels.len() != h * w * c * b {
             return Err(bad(format!("pixels hold {} bytes, expected {h}×{w}×{c}×{b}", row.pixels.len())));
@@ -282,8 +303,11 @@ impl ImageTableWriter {
             return Ok(());
         }
         let rows = std::mem::take(&mut self.pending);
-        let batch = to_batch(&self.schema, &self.meta, &rows).map_err(|e| TableError::Format { path: self.path.clone(), message: e.to_string() })?;
-        self.writer.write(&batch).map_err(|e| TableError::Format { path: self.path.clone(), message: e.to_string() })?;
+        let batch = to_batch(&self.schema, &self.meta, &rows)
+            .map_err(|e| TableError::Format { path: self.path.clone(), message: e.to_string() })?;
+        self.writer
+            .write(&batch)
+            .map_err(|e| TableError::Format { path: self.path.clone(), message: e.to_string() })?;
         self.writer.flush().map_err(|e| TableError::Format { path: self.path.clone(), message: e.to_string() })?;
         self.rows += rows.len() as u64;
         Ok(())
@@ -297,11 +321,19 @@ impl ImageTableWriter {
     }
 }
 
-fn to_batch(schema: &Arc<Schema>, meta: &TableMeta, rows: &[ImageRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
+fn to_batch(
+    schema: &Arc<Schema>,
+    meta: &TableMeta,
+    rows: &[ImageRow],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     let s = |f: fn(&ImageRow) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f))) as ArrayRef;
     let i = |f: fn(&ImageRow) -> i32| Arc::new(Int32Array::from_iter_values(rows.iter().map(f))) as ArrayRef;
-    let mut cols: Vec<ArrayRef> =
-        vec![s(|r| &r.id), s(|r| &r.patient_id), s(|r| r.split.as_str()), Arc::new(Int32Array::from_iter(rows.iter().map(|r| r.label)))];
+    let mut cols: Vec<ArrayRef> = vec![
+        s(|r| &r.id),
+        s(|r| &r.patient_id),
+        s(|r| r.split.as_str()),
+        Arc::new(Int32Array::from_iter(rows.iter().map(|r| r.label))),
+    ];
     if meta.multi_label {
         let mut b = ListBuilder::new(UInt8Builder::new());
         for r in rows {
@@ -331,18 +363,21 @@ fn to_batch(schema: &Arc<Schema>, meta: &TableMeta, rows: &[ImageRow]) -> Result
 /// Read the table-wide metadata of an image table.
 pub fn read_meta(path: &Path) -> Result<TableMeta, TableError> {
     let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| TableError::Format { path: path.into(), message: e.to_string() })?;
-    let text = b
-        .schema()
-        .metadata()
-        .get(META_KEY)
-        .cloned()
-        .ok_or_else(|| TableError::Format { path: path.into(), message: format!("not an msmae image table (no `{META_KEY}` footer metadata)") })?;
-    let meta: TableMeta = serde_json::from_str(&text).map_err(|e| TableError::Format { path: path.into(), message: format!("footer metadata: {e}") })?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(|e| TableError::Format { path: path.into(), message: e.to_string() })?;
+    let text = b.schema().metadata().get(META_KEY).cloned().ok_or_else(|| TableError::Format {
+        path: path.into(),
+        message: format!("not an msmae image table (no `{META_KEY}` footer metadata)"),
+    })?;
+    let meta: TableMeta = serde_json::from_str(&text)
+        .map_err(|e| TableError::Format { path: path.into(), message: format!("footer metadata: {e}") })?;
     if meta.schema_version != SCHEMA_VERSION {
         return Err(TableError::Format {
             path: path.into(),
-            message: format!("image table schema version {} is not supported (expected {SCHEMA_VERSION}): re-run ingestion", meta.schema_version),
+            message: format!(
+                "image table schema version {} is not supported (expected {SCHEMA_VERSION}): re-run ingestion",
+                meta.schema_version
+            ),
         });
     }
     Ok(meta)
@@ -358,15 +393,28 @@ pub fn read_rows(path: &Path) -> Result<Vec<ImageRow>, TableError> {
         let batch = batch.map_err(|e| fmt(e.to_string()))?;
         let col = |name: &str| batch.column_by_name(name).ok_or_else(|| fmt(format!("missing column `{name}`")));
         let strs = |name: &str| -> Result<StringArray, TableError> {
-            col(name)?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not utf8")))
+            col(name)?
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or_else(|| fmt(format!("column `{name}` is not utf8")))
         };
         let ints = |name: &str| -> Result<Int32Array, TableError> {
-            col(name)?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not int32")))
+            col(name)?
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .cloned()
+                .ok_or_else(|| fmt(format!("column `{name}` is not int32")))
         };
         let bins = |name: &str| -> Result<BinaryArray, TableError> {
-            col(name)?.as_any().downcast_ref::<BinaryArray>().cloned().ok_or_else(|| fmt(format!("column `{name}` is not binary")))
+            col(name)?
+                .as_any()
+                .downcast_ref::<BinaryArray>()
+                .cloned()
+                .ok_or_else(|| fmt(format!("column `{name}` is not binary")))
         };
-        let (id, pid, split, sp, sh) = (strs("id")?, strs("patient_id")?, strs("split")?, strs("source_path")?, strs("source_sha256")?);
+        let (id, pid, split, sp, sh) =
+            (strs("id")?, strs("patient_id")?, strs("split")?, strs("source_path")?, strs("source_sha256")?);
         let (label, w, h, c) = (ints("label")?, ints("width")?, ints("height")?, ints("channels")?);
         let (px, mask) = (bins("pixels")?, bins("mask")?);
         let labels = batch.column_by_name("labels").and_then(|a| a.as_any().downcast_ref::<ListArray>().cloned());
@@ -374,11 +422,15 @@ pub fn read_rows(path: &Path) -> Result<Vec<ImageRow>, TableError> {
             out.push(ImageRow {
                 id: id.value(r).into(),
                 patient_id: pid.value(r).into(),
-                split: Split::parse(split.value(r)).ok_or_else(|| fmt(format!("row {r}: unknown split `{}`", split.value(r))))?,
+                split: Split::parse(split.value(r))
+                    .ok_or_else(|| fmt(format!("row {r}: unknown split `{}`", split.value(r))))?,
                 label: label.is_valid(r).then(|| label.value(r)),
                 labels: labels.as_ref().map(|l| {
                     let v = l.value(r);
-                    v.as_any().downcast_ref::<arrow::array::UInt8Array>().map(|a| a.values().to_vec()).unwrap_or_default()
+                    v.as_any()
+                        .downcast_ref::<arrow::array::UInt8Array>()
+                        .map(|a| a.values().to_vec())
+                        .unwrap_or_default()
                 }),
                 width: w.value(r),
                 height: h.value(r),

@@ -67,7 +67,9 @@ fn both_csv_variants_and_layouts_give_the_same_table() {
         assert_eq!((two[1], two.iter().map(|&x| u32::from(x)).sum::<u32>()), (1, 1));
         let three = hot("00000003_000.png"); // Effusion|Mass
         assert_eq!((three[2], three[4], three.iter().map(|&x| u32::from(x)).sum::<u32>()), (1, 1, 2));
-        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("out/split_report.json")).expect("report")).expect("json");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join("out/split_report.json")).expect("report"))
+                .expect("json");
         assert_eq!(report["total_patients"], 30);
         tables.push(rows.into_iter().map(|r| (r.id, r.split, r.labels, r.pixels)).collect::<Vec<_>>());
     }
@@ -90,7 +92,12 @@ fn append(p: &Path, text: &str) {
 #[test]
 fn every_bad_input_is_named() {
     let e = failure(|r| append(&r.join("Data_Entry_2017.csv"), "00000009_000.png,Mass,0,9,40,M,PA,1,1,1,1\n"));
-    assert!(e.contains("Data_Entry_2017.csv (line 62, column `Image Index`): `00000009_000.png` is listed twice (first on line"), "{e}");
+    assert!(
+        e.contains(
+            "Data_Entry_2017.csv (line 62, column `Image Index`): `00000009_000.png` is listed twice (first on line"
+        ),
+        "{e}"
+    );
     let e = failure(|r| append(&r.join("Data_Entry_2017.csv"), "00000099_000.png,Pneumonitis,0,99,40,M,PA,1,1,1,1\n"));
     assert!(e.contains("line 62, column `Finding Labels`): unknown finding `Pneumonitis`"), "{e}");
     let e = failure(|r| append(&r.join("Data_Entry_2017.csv"), "00000099_000.png,Mass,0,99,40,M,PA,1,1,1,1\n"));
@@ -106,7 +113,8 @@ fn every_bad_input_is_named() {
     });
     assert!(e.contains("00000001_000.png") && e.contains("cannot decode"), "{e}");
     let e = failure(|r| {
-        let text = std::fs::read_to_string(r.join("Data_Entry_2017.csv")).expect("r").replacen("Patient ID", "PatientID", 1);
+        let text =
+            std::fs::read_to_string(r.join("Data_Entry_2017.csv")).expect("r").replacen("Patient ID", "PatientID", 1);
         std::fs::write(r.join("Data_Entry_2017.csv"), text).expect("w");
     });
     assert!(e.contains("(header, column `Patient ID`): missing column `Patient ID`"), "{e}");
@@ -118,7 +126,12 @@ fn every_bad_input_is_named() {
         std::fs::write(r.join("train_val_list.txt"), tv).expect("w");
         append(&r.join("test_list.txt"), "00000009_001.png\n");
     });
-    assert!(e.contains("patient `9` has images in both train_val_list.txt and test_list.txt (00000009_000.png, 00000009_001.png"), "{e}");
+    assert!(
+        e.contains(
+            "patient `9` has images in both train_val_list.txt and test_list.txt (00000009_000.png, 00000009_001.png"
+        ),
+        "{e}"
+    );
     let e = failure(|r| {
         let tv = std::fs::read_to_string(r.join("train_val_list.txt")).expect("r").replace("00000030_000.png\n", "");
         std::fs::write(r.join("train_val_list.txt"), tv).expect("w");
@@ -141,9 +154,14 @@ fn skip_policy_rejects_and_records() {
     let p9 = names.iter().filter(|n| n.starts_with("00000009_")).count();
     assert_eq!(rows.len(), names.len() - 1 - p9);
     assert!(rows.iter().all(|r| r.patient_id != "9" && r.id != "00000001_000.png"));
-    let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("out/rejects.json")).expect("rejects")).expect("json");
+    let rejects: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("out/rejects.json")).expect("rejects")).expect("json");
     let text = rejects.to_string();
-    assert!(text.contains("Data_Entry_2017_v2020.csv:62") && text.contains("patient 9") && text.contains("empty file"), "{text}");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("out/split_report.json")).expect("report")).expect("json");
+    assert!(
+        text.contains("Data_Entry_2017_v2020.csv:62") && text.contains("patient 9") && text.contains("empty file"),
+        "{text}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("out/split_report.json")).expect("report")).expect("json");
     assert_eq!(report["rejected"], 3);
 }

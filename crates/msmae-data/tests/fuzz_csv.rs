@@ -67,7 +67,13 @@ fn csv_case() -> impl Strategy<Value = CsvCase> {
         prop::collection::vec(prop::collection::vec(cell(), 0..8), 0..12),
         any::<bool>(),
     )
-        .prop_map(|(bom, crlf, header, rows, trailing_newline)| CsvCase { bom, crlf, header, rows, trailing_newline })
+        .prop_map(|(bom, crlf, header, rows, trailing_newline)| CsvCase {
+            bom,
+            crlf,
+            header,
+            rows,
+            trailing_newline,
+        })
 }
 
 fn bytes_of(c: &CsvCase) -> Vec<u8> {
@@ -142,5 +148,7 @@ fn the_csv_reader_never_panics_and_returns_rectangular_tables() {
         .unwrap_or_else(|e| panic!("csv reader: {e}"));
     let (read, refused) = *counts.borrow();
     assert!(read > 0, "no case read at all: the generator produces only broken files");
-    eprintln!("fuzz: metadata CSV reader, {cases} generated files: {read} read as tables, {refused} refused with an error naming the file, 0 panics");
+    eprintln!(
+        "fuzz: metadata CSV reader, {cases} generated files: {read} read as tables, {refused} refused with an error naming the file, 0 panics"
+    );
 }

@@ -32,7 +32,8 @@ fn dicom_radiograph() -> Vec<u8> {
     let (rows, cols) = (40u16, 48u16);
     let us = |t, v: u16| DataElement::new(t, VR::US, PrimitiveValue::from(v));
     let ds = |t, v: &str| DataElement::new(t, VR::DS, PrimitiveValue::from(v));
-    let pixels: Vec<u8> = (0..u32::from(rows) * u32::from(cols)).flat_map(|i| (((i * 37) % 4096) as u16).to_le_bytes()).collect();
+    let pixels: Vec<u8> =
+        (0..u32::from(rows) * u32::from(cols)).flat_map(|i| (((i * 37) % 4096) as u16).to_le_bytes()).collect();
     let obj = dicom_object::InMemDicomObject::from_element_iter([
         DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("DX")),
         us(tags::SAMPLES_PER_PIXEL, 1),

@@ -25,7 +25,11 @@ fn release(root: &Path, with_dataset_column: bool, extra: &str) {
         for k in 0..2 {
             let id = format!("ISIC_{:07}", l * 2 + k);
             jpg(&root.join(format!("HAM10000_images_part_{}/{id}.jpg", 1 + (l + k) % 2)), (l * 10) as u8);
-            csv.push_str(&format!("HAM_{l:07},{id},{},histo,50.0,male,back{}\n", dx[l % 7], if with_dataset_column { ",vidir_modern" } else { "" }));
+            csv.push_str(&format!(
+                "HAM_{l:07},{id},{},histo,50.0,male,back{}\n",
+                dx[l % 7],
+                if with_dataset_column { ",vidir_modern" } else { "" }
+            ));
         }
     }
     csv.push_str(extra);
@@ -33,8 +37,10 @@ fn release(root: &Path, with_dataset_column: bool, extra: &str) {
 }
 
 fn run(root: &Path, out: &Path, skip: bool) -> Result<(), StageError> {
-    let c: Ham10000Config =
-        serde_json::from_value(serde_json::json!({ "root": root, "size": 16, "previews": 2, "on_error": if skip { "skip" } else { "fail" } })).expect("config");
+    let c: Ham10000Config = serde_json::from_value(
+        serde_json::json!({ "root": root, "size": 16, "previews": 2, "on_error": if skip { "skip" } else { "fail" } }),
+    )
+    .expect("config");
     Ham10000.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
     std::fs::create_dir_all(out).expect("mkdir");
     let mut ctx = StageContext::new(
@@ -92,13 +98,19 @@ fn every_mismatch_is_named() {
     let e = failure("HAM_0000099,ISIC_0000100,mel,histo,1,male,back\n", |_| {});
     assert!(e.contains("line 50: image `ISIC_0000100` is listed but no ISIC_0000100.jpg exists"), "{e}");
     let e = failure("", |root| jpg(&root.join("HAM10000_images_part_2/ISIC_0009999.jpg"), 1));
-    assert!(e.contains("ISIC_0009999.jpg") && e.contains("image `ISIC_0009999` is not listed in HAM10000_metadata.csv"), "{e}");
+    assert!(
+        e.contains("ISIC_0009999.jpg") && e.contains("image `ISIC_0009999` is not listed in HAM10000_metadata.csv"),
+        "{e}"
+    );
     let e = failure("", |root| {
-        let text = std::fs::read_to_string(root.join("HAM10000_metadata.csv")).expect("csv").replacen("dx,", "diagnosis,", 1);
+        let text =
+            std::fs::read_to_string(root.join("HAM10000_metadata.csv")).expect("csv").replacen("dx,", "diagnosis,", 1);
         std::fs::write(root.join("HAM10000_metadata.csv"), text).expect("csv");
     });
     assert!(e.contains("HAM10000_metadata.csv (header, column `dx`): missing column `dx`"), "{e}");
-    let e = failure("", |root| std::fs::write(root.join("HAM10000_images_part_1/ISIC_0000000.jpg"), b"").expect("truncate"));
+    let e = failure("", |root| {
+        std::fs::write(root.join("HAM10000_images_part_1/ISIC_0000000.jpg"), b"").expect("truncate")
+    });
     assert!(e.contains("ISIC_0000000.jpg") && e.contains("empty file"), "{e}");
     let e = failure("", |root| {
         let p = root.join("HAM10000_images_part_1/ISIC_0000000.jpg");
@@ -111,13 +123,19 @@ fn every_mismatch_is_named() {
 #[test]
 fn skip_policy_records_rejects_and_keeps_the_rest() {
     let d = tempfile::tempdir().expect("tmp");
-    release(d.path(), false, "HAM_0000099,ISIC_0000100,mel,histo,1,male,back\nHAM_0000098,ISIC_0000003,xx,histo,1,male,back\n");
+    release(
+        d.path(),
+        false,
+        "HAM_0000099,ISIC_0000100,mel,histo,1,male,back\nHAM_0000098,ISIC_0000003,xx,histo,1,male,back\n",
+    );
     jpg(&d.path().join("HAM10000_images_part_1/ISIC_0007777.jpg"), 3);
     run(d.path(), &d.path().join("out"), true).expect("skips");
     let rows = table::read_rows(&d.path().join("out/images.parquet")).expect("rows");
     assert_eq!(rows.len(), 48);
-    let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("out/rejects.json")).expect("rejects")).expect("json");
+    let rejects: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("out/rejects.json")).expect("rejects")).expect("json");
     assert_eq!(rejects.as_array().map(Vec::len), Some(3), "{rejects}");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("out/split_report.json")).expect("report")).expect("json");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("out/split_report.json")).expect("report")).expect("json");
     assert_eq!(report["rejected"], 3);
 }

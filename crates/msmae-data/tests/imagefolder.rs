@@ -68,7 +68,8 @@ fn btmd_style_split_folders_with_val_carved_from_training() {
     assert_eq!((count(Split::Train), count(Split::Val), count(Split::Test)), (60, 20, 24));
     assert!(rows.iter().filter(|r| r.split == Split::Test).all(|r| r.id.starts_with("Testing/")));
     assert!(rows.iter().all(|r| r.pixels.len() == 16 * 16 && r.channels == 1 && (r.width, r.height) == (40, 30)));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("split_report.json")).expect("report")).expect("json");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("split_report.json")).expect("report")).expect("json");
     assert_eq!(report["splits"]["test"]["classes"]["pituitary"], 6);
     assert!(out.join("previews/sheet.png").is_file());
     assert_eq!(std::fs::read_to_string(out.join("rejects.json")).expect("rejects").trim(), "[]");
@@ -80,7 +81,13 @@ fn class_folders_split_by_patient_prefix() {
     let root = d.path().join("derm");
     for p in 0..30 {
         for eye in ["left", "right"] {
-            write_png(&root.join(format!("{}/P{p:03}_{eye}.png", if p % 3 == 0 { "sick" } else { "well" })), 20, 20, p as u8, true);
+            write_png(
+                &root.join(format!("{}/P{p:03}_{eye}.png", if p % 3 == 0 { "sick" } else { "well" })),
+                20,
+                20,
+                p as u8,
+                true,
+            );
         }
     }
     let out = d.path().join("out");
@@ -118,11 +125,13 @@ fn corrupt_and_empty_files_fail_by_name_or_are_rejected() {
     std::fs::create_dir_all(&out2).expect("mkdir");
     run(&config(&root, serde_json::json!({ "on_error": "skip" })), &out2).expect("skips");
     assert_eq!(table::read_rows(&out2.join("images.parquet")).expect("rows").len(), 4);
-    let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(out2.join("rejects.json")).expect("rejects")).expect("json");
+    let rejects: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out2.join("rejects.json")).expect("rejects")).expect("json");
     let list = rejects.as_array().expect("array");
     assert_eq!(list.len(), 2);
     assert!(list.iter().any(|r| r["path"] == "a/empty.png" && r["reason"] == "empty file (0 bytes)"), "{rejects}");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out2.join("split_report.json")).expect("report")).expect("json");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out2.join("split_report.json")).expect("report")).expect("json");
     assert_eq!(report["rejected"], 2);
 }
 
@@ -131,7 +140,10 @@ fn an_empty_root_says_what_layout_it_expects() {
     let d = tempfile::tempdir().expect("tmp");
     std::fs::create_dir_all(d.path().join("ds")).expect("mkdir");
     let e = run(&config(&d.path().join("ds"), serde_json::json!({})), d.path()).expect_err("fails");
-    assert!(e.to_string().contains("no class folders: expected ROOT/<class>/<image> or ROOT/<split>/<class>/<image>"), "{e}");
+    assert!(
+        e.to_string().contains("no class folders: expected ROOT/<class>/<image> or ROOT/<split>/<class>/<image>"),
+        "{e}"
+    );
 }
 
 fn busi(root: &Path) {
@@ -171,21 +183,27 @@ fn segmentation_pairs_merge_masks_and_every_image_needs_one() {
     // an image without a mask, and a mask without an image: named, or rejected with skip
     std::fs::remove_file(root.join("benign/benign (2)_mask.png")).expect("rm");
     std::fs::copy(root.join("benign/benign (3)_mask.png"), root.join("malignant/malignant (9)_mask.png")).expect("cp");
-    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("x")).expect_err("fails").to_string();
+    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("x"))
+        .expect_err("fails")
+        .to_string();
     assert!(
-        e.contains("benign (2).png") && e.contains("image without a mask") || e.contains("malignant (9)_mask.png") && e.contains("mask without an image"),
+        e.contains("benign (2).png") && e.contains("image without a mask")
+            || e.contains("malignant (9)_mask.png") && e.contains("mask without an image"),
         "{e}"
     );
     let out2 = d.path().join("out2");
     std::fs::create_dir_all(&out2).expect("mkdir");
     run(&config(&root, serde_json::json!({ "mask_suffix": "_mask", "on_error": "skip" })), &out2).expect("skips");
     assert_eq!(table::read_rows(&out2.join("images.parquet")).expect("rows").len(), 12);
-    let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(out2.join("rejects.json")).expect("rejects")).expect("json");
+    let rejects: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out2.join("rejects.json")).expect("rejects")).expect("json");
     let text = rejects.to_string();
     assert!(text.contains("benign/benign (2).png") && text.contains("malignant/malignant (9)_mask.png"), "{text}");
     // a mask of another size than its image is named
     image::GrayImage::new(10, 10).save(root.join("benign/benign (2)_mask.png")).expect("small mask");
     std::fs::remove_file(root.join("malignant/malignant (9)_mask.png")).expect("rm");
-    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("y")).expect_err("fails").to_string();
+    let e = run(&config(&root, serde_json::json!({ "mask_suffix": "_mask" })), &d.path().join("y"))
+        .expect_err("fails")
+        .to_string();
     assert!(e.contains("benign (2)_mask.png") && e.contains("mask is 10×10 but its image is 40×32"), "{e}");
 }

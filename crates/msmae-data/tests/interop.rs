@@ -12,7 +12,9 @@ use msmae_data::table::{self, ImageRow, ImageTableWriter, TableMeta};
 fn python() -> PathBuf {
     match std::env::var_os("MSMAE_PYTHON") {
         Some(p) => PathBuf::from(p),
-        None => panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment"),
+        None => panic!(
+            "MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment"
+        ),
     }
 }
 
@@ -76,7 +78,19 @@ fn pyarrow_reads_the_table_unchanged() {
     assert_eq!(v["num_rows"], 12);
     assert_eq!(
         v["columns"],
-        serde_json::json!(["id", "patient_id", "split", "label", "width", "height", "channels", "pixels", "mask", "source_path", "source_sha256"])
+        serde_json::json!([
+            "id",
+            "patient_id",
+            "split",
+            "label",
+            "width",
+            "height",
+            "channels",
+            "pixels",
+            "mask",
+            "source_path",
+            "source_sha256"
+        ])
     );
     assert_eq!(v["types"]["pixels"], "binary");
     assert_eq!(v["types"]["label"], "int32");
@@ -93,7 +107,11 @@ fn pyarrow_reads_the_table_unchanged() {
     assert_eq!(v["pixel_sha256"], serde_json::json!(rows.iter().map(|r| sha(&r.pixels)).collect::<Vec<_>>()));
     assert_eq!(
         v["mask_sums"],
-        serde_json::json!(rows.iter().map(|r| r.mask.as_ref().map(|m| m.iter().map(|&x| u64::from(x)).sum::<u64>())).collect::<Vec<_>>())
+        serde_json::json!(
+            rows.iter()
+                .map(|r| r.mask.as_ref().map(|m| m.iter().map(|&x| u64::from(x)).sum::<u64>()))
+                .collect::<Vec<_>>()
+        )
     );
 }
 
@@ -154,7 +172,8 @@ fn pyarrow_reads_a_multi_label_ingested_table() {
     use msmae_data::chestxray14::{ChestXray14, ChestXray14Config};
     let d = tempfile::tempdir().expect("tmp");
     msmae_data::fixtures::chestxray14(d.path(), false, false);
-    let c: ChestXray14Config = serde_json::from_value(serde_json::json!({ "root": d.path(), "size": 8, "previews": 0 })).expect("config");
+    let c: ChestXray14Config =
+        serde_json::from_value(serde_json::json!({ "root": d.path(), "size": 8, "previews": 0 })).expect("config");
     let out = d.path().join("out");
     std::fs::create_dir_all(&out).expect("mkdir");
     let mut ctx = StageContext::new(

@@ -43,7 +43,11 @@ fn csv_dataset(root: &Path, extra_rows: &str) -> std::path::PathBuf {
             .save(root.join(format!("img/{i}_m.png")))
             .expect("mask");
         let split = ["train", "train", "validation", "test", "train", "Testing"][(i / 2) as usize];
-        csv.push_str(&format!("img/{i}.png,{},P{},{split},img/{i}_m.png\n", ["benign", "malignant", "normal"][(i % 3) as usize], i / 2));
+        csv.push_str(&format!(
+            "img/{i}.png,{},P{},{split},img/{i}_m.png\n",
+            ["benign", "malignant", "normal"][(i % 3) as usize],
+            i / 2
+        ));
     }
     csv.push_str(extra_rows);
     let p = root.join("manifest.csv");
@@ -92,11 +96,15 @@ fn parquet_manifest_with_multi_hot_columns_or_joined_names() {
     ])
     .expect("batch");
     let m = d.path().join("m.parquet");
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&m).expect("create"), batch.schema(), None).expect("writer");
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&m).expect("create"), batch.schema(), None)
+        .expect("writer");
     w.write(&batch).expect("write");
     w.close().expect("close");
     let mut hots = Vec::new();
-    for (k, form) in [("hot", serde_json::json!({ "label_columns": ["effusion", "mass"] })), ("joined", serde_json::json!({ "labels_column": "findings" }))] {
+    for (k, form) in [
+        ("hot", serde_json::json!({ "label_columns": ["effusion", "mass"] })),
+        ("joined", serde_json::json!({ "labels_column": "findings" })),
+    ] {
         let mut cfg = serde_json::json!({ "manifest": m, "path_column": "file", "size": 8, "split": { "train": 0.5, "val": 0.25, "test": 0.25 } });
         cfg.as_object_mut().expect("obj").extend(form.as_object().expect("obj").clone());
         let out = d.path().join(k);
@@ -110,7 +118,11 @@ fn parquet_manifest_with_multi_hot_columns_or_joined_names() {
     }
     assert_eq!(hots[0], hots[1], "both forms give the same table");
     assert_eq!(hots[0][2].2, vec![1, 1]);
-    assert_eq!(hots[0].iter().filter(|r| r.1 == Split::Train).count(), 4, "seeded split by image when no patient column");
+    assert_eq!(
+        hots[0].iter().filter(|r| r.1 == Split::Train).count(),
+        4,
+        "seeded split by image when no patient column"
+    );
 }
 
 #[test]
@@ -123,11 +135,22 @@ fn bad_rows_are_named_or_rejected() {
         run(c, &d.path().join("out")).expect_err("must fail").to_string()
     };
     let e = fail("img/0.png,benign,P9,train,\n", serde_json::json!({}));
-    assert!(e.contains("manifest.csv (line 14, column `path`): id `img/0.png` is listed twice (first on line 2)"), "{e}");
+    assert!(
+        e.contains("manifest.csv (line 14, column `path`): id `img/0.png` is listed twice (first on line 2)"),
+        "{e}"
+    );
     let e = fail("img/99.png,benign,P9,train,\n", serde_json::json!({}));
-    assert!(e.contains("line 14, column `path`): image") && e.contains("img/99.png` is listed but does not exist"), "{e}");
+    assert!(
+        e.contains("line 14, column `path`): image") && e.contains("img/99.png` is listed but does not exist"),
+        "{e}"
+    );
     let e = fail("", serde_json::json!({ "classes": ["benign", "malignant"] }));
-    assert!(e.contains("line 4, column `diagnosis`): unknown label `normal` in column `diagnosis` (classes: benign, malignant)"), "{e}");
+    assert!(
+        e.contains(
+            "line 4, column `diagnosis`): unknown label `normal` in column `diagnosis` (classes: benign, malignant)"
+        ),
+        "{e}"
+    );
     let e = fail("", serde_json::json!({ "patient_column": "subject" }));
     assert!(
         e.contains("(header, column `subject`): missing column `subject`; the file has columns [\"path\", \"diagnosis\", \"patient\", \"split\", \"mask\"]"),
@@ -146,7 +169,8 @@ fn bad_rows_are_named_or_rejected() {
     run(serde_json::json!({ "manifest": m, "label_column": "diagnosis", "classes": ["benign", "malignant", "normal"], "size": 10, "on_error": "skip" }), &out)
         .expect("skips");
     assert_eq!(table::read_rows(&out.join("images.parquet")).expect("rows").len(), 12);
-    let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("rejects.json")).expect("rejects")).expect("json");
+    let rejects: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("rejects.json")).expect("rejects")).expect("json");
     assert_eq!(rejects.as_array().map(Vec::len), Some(2), "{rejects}");
     assert!(rejects.to_string().contains("manifest.csv:line 15"), "{rejects}");
 }
@@ -174,13 +198,19 @@ fn paths_outside_the_root_are_refused_unless_allowed() {
     let far = tempfile::tempdir().expect("tmp");
     let x = far.path().join("x.png");
     png(&x, 7);
-    for (row, col) in
-        [(format!("{},benign,P9,train,img/0_m.png\n", x.display()), "path"), ("img/1_m.png,benign,P9,train,../../etc/m.png\n".to_string(), "mask")]
-    {
+    for (row, col) in [
+        (format!("{},benign,P9,train,img/0_m.png\n", x.display()), "path"),
+        ("img/1_m.png,benign,P9,train,../../etc/m.png\n".to_string(), "mask"),
+    ] {
         let m = csv_dataset(d.path(), &row);
         let cfg = serde_json::json!({ "manifest": m, "label_column": "diagnosis", "id_column": null, "mask_column": "mask", "size": 10, "on_error": "skip" });
         let e = run(cfg, &d.path().join("out")).expect_err("refused").to_string();
-        assert!(e.contains(&format!("line 14, column `{col}`")) && e.contains("leads outside the root") && e.contains("allow_outside_root"), "{e}");
+        assert!(
+            e.contains(&format!("line 14, column `{col}`"))
+                && e.contains("leads outside the root")
+                && e.contains("allow_outside_root"),
+            "{e}"
+        );
     }
     let m = csv_dataset(d.path(), &format!("{},benign,P9,train,img/0_m.png\n", x.display()));
     let out = d.path().join("allowed");
@@ -203,17 +233,31 @@ fn the_cache_tracks_exactly_the_listed_images_and_masks() {
         c.as_object_mut().expect("obj").extend(extra.as_object().expect("obj").clone());
         serde_json::from_value(c).expect("config")
     };
-    assert_eq!(Manifest.external_inputs(&cfg(serde_json::json!({}))), [Path::new("manifest.csv")], "the manifest, not its folder");
+    assert_eq!(
+        Manifest.external_inputs(&cfg(serde_json::json!({}))),
+        [Path::new("manifest.csv")],
+        "the manifest, not its folder"
+    );
     let l = Manifest.listed_inputs(&cfg(serde_json::json!({})), d.path()).expect("reads").expect("lists");
     assert_eq!(l.list, m, "the manifest is resolved against the pipeline's folder");
     assert_eq!(l.files.len(), 12 * 2 + 3, "12 images and masks, then one image with two masks");
     assert_eq!(&l.files[..2], [d.path().join("img/0.png"), d.path().join("img/0_m.png")]);
-    assert_eq!(&l.files[24..], [x.clone(), d.path().join("img/0_m.png"), d.path().join("img/1_m.png")], "absolute paths stay as written");
+    assert_eq!(
+        &l.files[24..],
+        [x.clone(), d.path().join("img/0_m.png"), d.path().join("img/1_m.png")],
+        "absolute paths stay as written"
+    );
     // `root` moves the base of relative paths; without a mask column masks are not read.
-    let l = Manifest.listed_inputs(&cfg(serde_json::json!({ "root": "elsewhere", "mask_column": null })), d.path()).expect("reads").expect("lists");
+    let l = Manifest
+        .listed_inputs(&cfg(serde_json::json!({ "root": "elsewhere", "mask_column": null })), d.path())
+        .expect("reads")
+        .expect("lists");
     assert_eq!((l.files.len(), &l.files[0], &l.files[12]), (13, &d.path().join("elsewhere/img/0.png"), &x));
     // A column the config names but the manifest lacks stops the plan with the header named.
-    let e = Manifest.listed_inputs(&cfg(serde_json::json!({ "path_column": "file" })), d.path()).expect_err("fails").to_string();
+    let e = Manifest
+        .listed_inputs(&cfg(serde_json::json!({ "path_column": "file" })), d.path())
+        .expect_err("fails")
+        .to_string();
     assert!(e.contains("manifest.csv (header, column `file`): missing column `file`"), "{e}");
 }
 
@@ -222,7 +266,8 @@ fn a_crafted_huge_image_is_one_reject_under_on_error_skip() {
     let d = tempfile::tempdir().expect("tmp");
     // 100 000 × 100 000 RGB declared in a 70-byte file, among 12 ordinary images.
     let m = csv_dataset(d.path(), "img/bomb.png,benign,P9,train,\n");
-    std::fs::write(d.path().join("img/bomb.png"), msmae_data::fixtures::png_declaring(100_000, 100_000)).expect("write");
+    std::fs::write(d.path().join("img/bomb.png"), msmae_data::fixtures::png_declaring(100_000, 100_000))
+        .expect("write");
     let cfg = |on_error: &str| serde_json::json!({ "manifest": m, "label_column": "diagnosis", "size": 10, "on_error": on_error });
     let e = run(cfg("fail"), &d.path().join("fail")).expect_err("refused");
     assert!(e.to_string().contains("bomb.png") && e.to_string().contains("over the limit"), "{e}");

@@ -58,7 +58,8 @@ fn exams_stay_together_and_ungradable_images_are_excluded() {
     assert_eq!(exams["exam-0004"].len(), 1, "exam 3's ungradable eye is out");
     let jpg = rows.iter().find(|r| r.id == "IM000001.jpg").expect("listed as .jpg, found as .JPG");
     assert_eq!((jpg.source_path.as_str(), jpg.label), ("IMAGES/IM000001.JPG", Some(1)));
-    let rejects: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("out/rejects.json")).expect("rejects")).expect("json");
+    let rejects: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("out/rejects.json")).expect("rejects")).expect("json");
     assert_eq!(rejects[0]["path"], "IMAGES/2005_00007_PP.png");
     assert!(rejects[0]["reason"].as_str().expect("reason").contains("ungradable"));
 }
@@ -79,11 +80,18 @@ fn append(p: &Path, text: &str) {
 #[test]
 fn every_bad_input_is_named() {
     let e = failure(|r| append(&r.join("messidor_data.csv"), "IM000000.jpg,1,0,1\n"));
-    assert!(e.contains("messidor_data.csv (line 42, column `image_id`): `IM000000.jpg` is listed twice (first on line 2)"), "{e}");
+    assert!(
+        e.contains("messidor_data.csv (line 42, column `image_id`): `IM000000.jpg` is listed twice (first on line 2)"),
+        "{e}"
+    );
     let e = failure(|r| append(&r.join("messidor_data.csv"), "IM999999.jpg,1,0,1\n"));
     assert!(e.contains("line 42): image `IM999999.jpg` is listed but not in IMAGES/"), "{e}");
     let e = failure(|r| {
-        let t = std::fs::read_to_string(r.join("messidor_data.csv")).expect("r").replacen("IM000000.jpg,0,", "IM000000.jpg,7,", 1);
+        let t = std::fs::read_to_string(r.join("messidor_data.csv")).expect("r").replacen(
+            "IM000000.jpg,0,",
+            "IM000000.jpg,7,",
+            1,
+        );
         std::fs::write(r.join("messidor_data.csv"), t).expect("w");
     });
     assert!(e.contains("line 2, column `adjudicated_dr_grade`): grade `7` is not 0–4"), "{e}");

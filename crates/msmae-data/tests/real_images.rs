@@ -40,7 +40,12 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 fn real_images_decode_like_pydicom_and_pillow() {
     let d = tempfile::tempdir().expect("tmp");
     let index = references(d.path());
-    assert_eq!(index["skipped"].as_array().map_or(0, Vec::len), 0, "every reference case must run: {}", index["skipped"]);
+    assert_eq!(
+        index["skipped"].as_array().map_or(0, Vec::len),
+        0,
+        "every reference case must run: {}",
+        index["skipped"]
+    );
     let cases = index["cases"].as_array().expect("cases");
     let mut seen = BTreeMap::new();
     for c in cases {
@@ -53,7 +58,12 @@ fn real_images_decode_like_pydicom_and_pillow() {
                 let shape = (c["shape"][0].as_u64().expect("h") as u32, c["shape"][1].as_u64().expect("w") as u32);
                 assert_eq!((img.height, img.width), shape, "{name}");
                 assert_eq!(img.inverted, c["inverted"] == true, "{name}: MONOCHROME1 inversion");
-                assert_eq!(matches!(img.voi, dicom::Voi::Window { .. }), c["rule"] == "window", "{name}: {:?}", img.voi);
+                assert_eq!(
+                    matches!(img.voi, dicom::Voi::Window { .. }),
+                    c["rule"] == "window",
+                    "{name}: {:?}",
+                    img.voi
+                );
                 let diff = max_abs(&img.values, &f32s(&d.path().join(format!("{name}.f32"))));
                 assert!(diff < 1e-5, "{name}: max |msmae − pydicom| = {diff}");
                 seen.insert(name.to_string(), diff);
@@ -65,20 +75,43 @@ fn real_images_decode_like_pydicom_and_pillow() {
                 seen.insert(name.to_string(), 0.0);
             }
             "pillow" => {
-                let ours: Vec<f32> = image::load_from_memory(&bytes).expect("decode").to_rgb8().into_raw().into_iter().map(|v| f32::from(v) / 255.0).collect();
+                let ours: Vec<f32> = image::load_from_memory(&bytes)
+                    .expect("decode")
+                    .to_rgb8()
+                    .into_raw()
+                    .into_iter()
+                    .map(|v| f32::from(v) / 255.0)
+                    .collect();
                 let theirs = f32s(&d.path().join(format!("{name}.f32")));
                 assert_eq!(ours.len(), theirs.len(), "{name}");
                 let diff = max_abs(&ours, &theirs);
                 let mean = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
                 // PNG is lossless: exact. JPEG: zune-jpeg vs libjpeg-turbo IDCT/upsampling differ by a few levels at most.
-                let (max_tol, mean_tol) = if src.extension().is_some_and(|e| e == "png") { (0.0, 0.0) } else { (6.0 / 255.0, 0.5 / 255.0) };
-                assert!(diff <= max_tol && mean <= mean_tol, "{name}: max {} / mean {} levels", diff * 255.0, mean * 255.0);
+                let (max_tol, mean_tol) =
+                    if src.extension().is_some_and(|e| e == "png") { (0.0, 0.0) } else { (6.0 / 255.0, 0.5 / 255.0) };
+                assert!(
+                    diff <= max_tol && mean <= mean_tol,
+                    "{name}: max {} / mean {} levels",
+                    diff * 255.0,
+                    mean * 255.0
+                );
                 seen.insert(name.to_string(), diff);
             }
             k => panic!("unknown kind {k}"),
         }
     }
-    for must in ["RG1_UNCR", "RG3_UNCR", "693_UNCR", "MR2_UNCR", "CT_small", "MR_small", "MR_small_RLE", "RG1_J2KR", "retina", "microaneurysms"] {
+    for must in [
+        "RG1_UNCR",
+        "RG3_UNCR",
+        "693_UNCR",
+        "MR2_UNCR",
+        "CT_small",
+        "MR_small",
+        "MR_small_RLE",
+        "RG1_J2KR",
+        "retina",
+        "microaneurysms",
+    ] {
         assert!(seen.contains_key(must), "reference case {must} missing: {seen:?}");
     }
     eprintln!("max |difference| per case: {seen:?}");
@@ -161,7 +194,9 @@ fn a_real_dicom_radiograph_ingests_through_a_manifest() {
     let rows16 = table::read_rows(&out16.join("images.parquet")).expect("rows");
     assert_eq!(rows16[0].pixels.len(), 2 * 64 * 64);
     let deep: Vec<u16> = rows16[0].pixels.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-    assert!(deep.iter().zip(&rows[0].pixels).all(|(&v, &e)| ((f64::from(v) / 257.0).round() - f64::from(e)).abs() <= 1.0));
+    assert!(
+        deep.iter().zip(&rows[0].pixels).all(|(&v, &e)| ((f64::from(v) / 257.0).round() - f64::from(e)).abs() <= 1.0)
+    );
     let distinct16 = deep.iter().collect::<std::collections::BTreeSet<_>>().len();
     let distinct8 = rows[0].pixels.iter().collect::<std::collections::BTreeSet<_>>().len();
     assert!(distinct16 > 2 * distinct8, "16 bits keep more grey levels ({distinct16} vs {distinct8})");

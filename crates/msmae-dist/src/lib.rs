@@ -193,7 +193,13 @@ fn init_from(world: Option<WorldEnv>) -> Result<Guard, DistError> {
     {
         let g = mpi_group::MpiGroup::init()?;
         if (g.rank(), g.size()) != (w.rank, w.size) {
-            return Err(DistError::Mismatch { launcher: w.launcher, rank: w.rank, size: w.size, mpi_rank: g.rank(), mpi_size: g.size() });
+            return Err(DistError::Mismatch {
+                launcher: w.launcher,
+                rank: w.rank,
+                size: w.size,
+                mpi_rank: g.rank(),
+                mpi_size: g.size(),
+            });
         }
         tracing::debug!("rank {} of {} ({}), local rank {}", w.rank, w.size, w.launcher, w.local_rank);
         let _ = LOCAL_RANK.set(w.local_rank);
@@ -226,9 +232,15 @@ mod tests {
 
     #[test]
     fn launchers_are_read_in_order_and_one_process_is_no_world() {
-        let w = WorldEnv::detect(env(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_LOCAL_RANK", "1"), ("RANK", "0")]));
+        let w = WorldEnv::detect(env(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+            ("RANK", "0"),
+        ]));
         assert_eq!(w, Ok(Some(WorldEnv { rank: 1, size: 2, local_rank: 1, launcher: "mpirun" })));
-        let t = WorldEnv::detect(env(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "n1")]));
+        let t =
+            WorldEnv::detect(env(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "n1")]));
         assert_eq!(t.map(|w| w.map(|w| (w.rank, w.size, w.local_rank))), Ok(Some((3, 4, 1))));
         assert_eq!(WorldEnv::detect(env(&[("RANK", "0"), ("WORLD_SIZE", "1")])), Ok(None));
         assert_eq!(WorldEnv::detect(env(&[])), Ok(None));
@@ -245,7 +257,10 @@ mod tests {
 
     #[test]
     fn bad_variables_are_named() {
-        assert_eq!(WorldEnv::detect(env(&[("RANK", "x"), ("WORLD_SIZE", "2")])), Err(DistError::BadVar { var: "RANK".into(), value: "x".into() }));
+        assert_eq!(
+            WorldEnv::detect(env(&[("RANK", "x"), ("WORLD_SIZE", "2")])),
+            Err(DistError::BadVar { var: "RANK".into(), value: "x".into() })
+        );
         let e = WorldEnv::detect(env(&[("PMI_RANK", "2"), ("PMI_SIZE", "2")])).expect_err("rank 2 of 2");
         assert!(e.to_string().contains("rank 2 is not below the world size 2"), "{e}");
     }
@@ -253,7 +268,8 @@ mod tests {
     #[test]
     fn without_mpi_a_launch_is_a_clear_error_and_no_launch_is_solo() {
         if !HAS_MPI {
-            let e = init_from(Some(WorldEnv { rank: 1, size: 2, local_rank: 1, launcher: "mpirun" })).expect_err("no MPI");
+            let e =
+                init_from(Some(WorldEnv { rank: 1, size: 2, local_rank: 1, launcher: "mpirun" })).expect_err("no MPI");
             assert!(e.to_string().contains("built without MPI") && e.to_string().contains("rank 1 of 2"), "{e}");
         }
         let solo = Solo;

@@ -45,9 +45,12 @@ impl std::fmt::Debug for MpiGroup {
 
 impl MpiGroup {
     pub(crate) fn init() -> Result<Self, DistError> {
-        let (universe, level) = mpi::initialize_with_threading(Threading::Serialized).ok_or_else(|| DistError::Init("MPI was already initialised".into()))?;
+        let (universe, level) = mpi::initialize_with_threading(Threading::Serialized)
+            .ok_or_else(|| DistError::Init("MPI was already initialised".into()))?;
         if !matches!(level, Threading::Serialized | Threading::Multiple) {
-            return Err(DistError::Init(format!("the MPI library offers thread level {level:?}, below the serialized level msmae needs")));
+            return Err(DistError::Init(format!(
+                "the MPI library offers thread level {level:?}, below the serialized level msmae needs"
+            )));
         }
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);

@@ -163,7 +163,12 @@ fn with_source(e: &libloading::Error) -> String {
 fn symbol<T: Copy>(lib: &Library, what: &'static str, path: &str, name: &'static str) -> Result<T, NcclError> {
     // SAFETY: `T` is the C signature of `name` as declared in nccl.h / cuda.h (the type
     // aliases above); the library outlives the copy (see the API structs).
-    unsafe { lib.get::<T>(name).map(|s| *s) }.map_err(|e| NcclError::Symbol { what, symbol: name, source_path: path.to_string(), why: with_source(&e) })
+    unsafe { lib.get::<T>(name).map(|s| *s) }.map_err(|e| NcclError::Symbol {
+        what,
+        symbol: name,
+        source_path: path.to_string(),
+        why: with_source(&e),
+    })
 }
 
 /// The names to try for NCCL: `MSMAE_NCCL_LIBRARY`'s path alone when it is set.
@@ -224,7 +229,11 @@ impl NcclApi {
 
 /// NCCL's integer version as `major.minor.patch`.
 pub fn decode_version(v: i32) -> String {
-    if v >= 10000 { format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100) } else { format!("{}.{}.{}", v / 1000, (v % 1000) / 100, v % 100) }
+    if v >= 10000 {
+        format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100)
+    } else {
+        format!("{}.{}.{}", v / 1000, (v % 1000) / 100, v % 100)
+    }
 }
 
 impl CudaApi {
@@ -275,7 +284,13 @@ fn apis() -> Result<&'static (NcclApi, CudaApi), NcclError> {
 /// that needs no GPU (`ncclGetVersion` touches no device).
 pub fn library_version(names: &[String]) -> Result<(String, String), NcclError> {
     let api = NcclApi::load(names)?;
-    let v = api.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: 0, device: 0, code, message: api.message(code) })?;
+    let v = api.version().map_err(|code| NcclError::Nccl {
+        call: "ncclGetVersion",
+        rank: 0,
+        device: 0,
+        code,
+        message: api.message(code),
+    })?;
     Ok((v, api.path.clone()))
 }
 
@@ -316,7 +331,11 @@ unsafe impl Sync for Nccl {}
 
 impl fmt::Debug for Nccl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Nccl {{ rank: {}, size: {}, device: cuda:{}, version: {} }}", self.rank, self.size, self.device, self.version)
+        write!(
+            f,
+            "Nccl {{ rank: {}, size: {}, device: cuda:{}, version: {} }}",
+            self.rank, self.size, self.device, self.version
+        )
     }
 }
 
@@ -332,8 +351,13 @@ impl Nccl {
         let mine = apis().and_then(|api| {
             let timeout = timeout_from(|k| std::env::var(k).ok())?;
             let ctx = current_context(&api.1, device)?;
-            let version =
-                api.0.version().map_err(|code| NcclError::Nccl { call: "ncclGetVersion", rank: group.rank(), device, code, message: api.0.message(code) })?;
+            let version = api.0.version().map_err(|code| NcclError::Nccl {
+                call: "ncclGetVersion",
+                rank: group.rank(),
+                device,
+                code,
+                message: api.0.message(code),
+            })?;
             Ok((api, ctx, version, timeout))
         });
         let mut ok = vec![0.0f32; group.size()];
@@ -348,7 +372,8 @@ impl Nccl {
             Err(e) => return Err(NcclError::Unavailable { ranks: missing, first: e.to_string() }),
         };
         let nccl = &api.0;
-        let nccl_err = |call, code| NcclError::Nccl { call, rank: group.rank(), device, code, message: nccl.message(code) };
+        let nccl_err =
+            |call, code| NcclError::Nccl { call, rank: group.rank(), device, code, message: nccl.message(code) };
         let mut bytes = vec![0u8; UNIQUE_ID_BYTES];
         let mut drawn = 1.0f32;
         if group.rank() == 0 {
@@ -394,7 +419,18 @@ impl Nccl {
             return Err(nccl_err("ncclCommInitRank", rc));
         }
         tracing::debug!("NCCL {version} ({}) rank {} of {} on cuda:{device}", nccl.path, group.rank(), group.size());
-        Ok(Self { comm, ctx, rank: group.rank(), size: group.size(), device, version, api, lock: Mutex::new(()), timeout, aborted: AtomicBool::new(false) })
+        Ok(Self {
+            comm,
+            ctx,
+            rank: group.rank(),
+            size: group.size(),
+            device,
+            version,
+            api,
+            lock: Mutex::new(()),
+            timeout,
+            aborted: AtomicBool::new(false),
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -414,7 +450,13 @@ impl Nccl {
     fn call(&self, what: &'static str, f: impl FnOnce(&NcclApi) -> c_int) -> Result<(), NcclError> {
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let (nccl, cuda) = (&self.api.0, &self.api.1);
-        let failed = |code| NcclError::Nccl { call: what, rank: self.rank, device: self.device, code, message: nccl.message(code) };
+        let failed = |code| NcclError::Nccl {
+            call: what,
+            rank: self.rank,
+            device: self.device,
+            code,
+            message: nccl.message(code),
+        };
         if self.aborted.load(Ordering::SeqCst) {
             return Err(NcclError::Nccl {
                 call: what,
@@ -459,7 +501,12 @@ impl Nccl {
             }
             if started.elapsed() > self.timeout {
                 self.abort();
-                return Err(NcclError::Timeout { call: what, rank: self.rank, device: self.device, seconds: self.timeout.as_secs_f64().to_string() });
+                return Err(NcclError::Timeout {
+                    call: what,
+                    rank: self.rank,
+                    device: self.device,
+                    seconds: self.timeout.as_secs_f64().to_string(),
+                });
             }
             if polls < 10_000 {
                 std::hint::spin_loop();
@@ -488,7 +535,9 @@ impl Nccl {
         let null: Stream = std::ptr::null_mut();
         // SAFETY: as the caller promises; the legacy default stream (null) is ordered after
         // the synchronise in `call`.
-        self.call("ncclAllReduce", |n| unsafe { (n.all_reduce)(ptr as *const c_void, ptr as *mut c_void, len, NCCL_FLOAT32, NCCL_SUM, self.comm, null) })
+        self.call("ncclAllReduce", |n| unsafe {
+            (n.all_reduce)(ptr as *const c_void, ptr as *mut c_void, len, NCCL_FLOAT32, NCCL_SUM, self.comm, null)
+        })
     }
 
     /// `root`'s values on every rank, in place.
@@ -498,7 +547,9 @@ impl Nccl {
     pub unsafe fn broadcast(&self, ptr: *mut f32, len: usize, root: usize) -> Result<(), NcclError> {
         let null: Stream = std::ptr::null_mut();
         // SAFETY: as the caller promises.
-        self.call("ncclBroadcast", |n| unsafe { (n.broadcast)(ptr as *const c_void, ptr as *mut c_void, len, NCCL_FLOAT32, root as c_int, self.comm, null) })
+        self.call("ncclBroadcast", |n| unsafe {
+            (n.broadcast)(ptr as *const c_void, ptr as *mut c_void, len, NCCL_FLOAT32, root as c_int, self.comm, null)
+        })
     }
 }
 
@@ -584,14 +635,16 @@ mod tests {
     /// is needed for either); the error strings come from NCCL itself.
     #[test]
     fn pytorchs_nccl_loads_with_every_entry_point_and_draws_a_unique_id() {
-        let py = std::env::var_os("MSMAE_PYTHON")
-            .unwrap_or_else(|| panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test` (its venv has PyTorch's NCCL)"));
+        let py = std::env::var_os("MSMAE_PYTHON").unwrap_or_else(|| {
+            panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test` (its venv has PyTorch's NCCL)")
+        });
         let script = "import os, torch, nvidia.nccl as n\nprint(os.path.join(list(n.__path__)[0], 'lib', 'libnccl.so.2'))\nprint('.'.join(map(str, torch.cuda.nccl.version())))";
         let out = std::process::Command::new(py).args(["-c", script]).output().expect("run the reference Python");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let mut lines = text.lines();
-        let (path, torch_version) = (lines.next().unwrap_or_default().to_string(), lines.next().unwrap_or_default().to_string());
+        let (path, torch_version) =
+            (lines.next().unwrap_or_default().to_string(), lines.next().unwrap_or_default().to_string());
         let (version, from) = library_version(std::slice::from_ref(&path)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((version.as_str(), from.as_str()), (torch_version.as_str(), path.as_str()));
         let api = NcclApi::load(&[path]).unwrap_or_else(|e| panic!("{e}"));

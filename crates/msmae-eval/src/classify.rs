@@ -120,34 +120,54 @@ impl Metrics {
 }
 
 /// Compute the metrics of `rows` (already restricted to one split).
-pub fn compute(meta: &PredictionMeta, rows: &[&PredictionRow], split: Split, source_stage: &str, source_digest: &str) -> Metrics {
+pub fn compute(
+    meta: &PredictionMeta,
+    rows: &[&PredictionRow],
+    split: Split,
+    source_stage: &str,
+    source_digest: &str,
+) -> Metrics {
     let names = &meta.label_names;
     let n = names.len();
     let scores: Vec<Vec<f64>> = rows.iter().map(|r| r.scores.iter().map(|&s| f64::from(s)).collect()).collect();
-    let base = |accuracy, macro_f1, macro_auc, mean_auc, auc_skipped: &[usize], per_class, confusion_matrix, threshold| Metrics {
-        source_stage: source_stage.into(),
-        source_digest: source_digest.into(),
-        split,
-        n: rows.len() as u64,
-        multi_label: meta.multi_label,
-        label_names: names.clone(),
-        accuracy,
-        macro_f1,
-        macro_auc,
-        mean_auc,
-        auc_skipped: auc_skipped.iter().map(|&k| names[k].clone()).collect(),
-        threshold,
-        per_class,
-        confusion_matrix,
-        last_epoch: None,
-    };
+    let base =
+        |accuracy, macro_f1, macro_auc, mean_auc, auc_skipped: &[usize], per_class, confusion_matrix, threshold| {
+            Metrics {
+                source_stage: source_stage.into(),
+                source_digest: source_digest.into(),
+                split,
+                n: rows.len() as u64,
+                multi_label: meta.multi_label,
+                label_names: names.clone(),
+                accuracy,
+                macro_f1,
+                macro_auc,
+                mean_auc,
+                auc_skipped: auc_skipped.iter().map(|&k| names[k].clone()).collect(),
+                threshold,
+                per_class,
+                confusion_matrix,
+                last_epoch: None,
+            }
+        };
     if meta.multi_label {
         let y: Vec<Vec<u8>> = rows.iter().map(|r| r.labels.clone().unwrap_or_default()).collect();
         let auc = metrics::multilabel_auc(&y, &scores, n);
         let prf = metrics::multilabel_prf(&y, &scores, n, MULTI_LABEL_THRESHOLD);
-        let per_class = (0..n).map(|j| ClassRow { name: names[j].clone(), stats: prf.per_label[j], auc: auc.per_label[j] }).collect();
+        let per_class = (0..n)
+            .map(|j| ClassRow { name: names[j].clone(), stats: prf.per_label[j], auc: auc.per_label[j] })
+            .collect();
         let cm = prf.counts.iter().map(|c| c.to_vec()).collect();
-        base(prf.subset_accuracy, prf.macro_f1, None, auc.mean_auc, &auc.skipped, per_class, cm, Some(MULTI_LABEL_THRESHOLD))
+        base(
+            prf.subset_accuracy,
+            prf.macro_f1,
+            None,
+            auc.mean_auc,
+            &auc.skipped,
+            per_class,
+            cm,
+            Some(MULTI_LABEL_THRESHOLD),
+        )
     } else {
         // Labels were checked when the file was read: present and in range.
         let y: Vec<usize> = rows.iter().map(|r| r.label.unwrap_or(0).max(0) as usize).collect();
@@ -155,8 +175,18 @@ pub fn compute(meta: &PredictionMeta, rows: &[&PredictionRow], split: Split, sou
         let cm = metrics::confusion_matrix(&y, &pred, n);
         let stats = metrics::per_class(&cm);
         let auc = metrics::ovr_auc(&y, &scores, n);
-        let per_class = (0..n).map(|k| ClassRow { name: names[k].clone(), stats: stats[k], auc: auc.per_class[k] }).collect();
-        base(metrics::accuracy(&y, &pred), metrics::macro_f1(&y, &pred, n), auc.macro_auc, None, &auc.skipped, per_class, cm, None)
+        let per_class =
+            (0..n).map(|k| ClassRow { name: names[k].clone(), stats: stats[k], auc: auc.per_class[k] }).collect();
+        base(
+            metrics::accuracy(&y, &pred),
+            metrics::macro_f1(&y, &pred, n),
+            auc.macro_auc,
+            None,
+            &auc.skipped,
+            per_class,
+            cm,
+            None,
+        )
     }
 }
 
@@ -170,11 +200,18 @@ pub fn report_markdown(m: &Metrics) -> String {
     let mut s = String::new();
     let kind = if m.multi_label { "multi-label" } else { "single-label" };
     let _ = writeln!(s, "# Evaluation of `{}` — split `{}`\n", m.source_stage, m.split.as_str());
-    let _ = writeln!(s, "{} images, {kind}, {} {}.\n", m.n, m.label_names.len(), if m.multi_label { "labels" } else { "classes" });
+    let _ = writeln!(
+        s,
+        "{} images, {kind}, {} {}.\n",
+        m.n,
+        m.label_names.len(),
+        if m.multi_label { "labels" } else { "classes" }
+    );
     let _ = writeln!(s, "| metric | value |\n|---|---|");
     if m.multi_label {
         let _ = writeln!(s, "| mean AUC | {} |", fmt_opt(m.mean_auc));
-        let _ = writeln!(s, "| macro F1 (score ≥ {}) | {:.4} |", m.threshold.unwrap_or(MULTI_LABEL_THRESHOLD), m.macro_f1);
+        let _ =
+            writeln!(s, "| macro F1 (score ≥ {}) | {:.4} |", m.threshold.unwrap_or(MULTI_LABEL_THRESHOLD), m.macro_f1);
         let _ = writeln!(s, "| subset accuracy | {:.4} |", m.accuracy);
     } else {
         let _ = writeln!(s, "| accuracy | {:.4} |", m.accuracy);
@@ -186,9 +223,22 @@ pub fn report_markdown(m: &Metrics) -> String {
         let _ = writeln!(s, "\nLeft out of the AUC average ({why}): {}.", m.auc_skipped.join(", "));
     }
     let _ = writeln!(s, "\n## Per {}\n", if m.multi_label { "label" } else { "class" });
-    let _ = writeln!(s, "| {} | precision | recall | F1 | support | AUC |\n|---|---|---|---|---|---|", if m.multi_label { "label" } else { "class" });
+    let _ = writeln!(
+        s,
+        "| {} | precision | recall | F1 | support | AUC |\n|---|---|---|---|---|---|",
+        if m.multi_label { "label" } else { "class" }
+    );
     for r in &m.per_class {
-        let _ = writeln!(s, "| {} | {:.4} | {:.4} | {:.4} | {} | {} |", r.name, r.stats.precision, r.stats.recall, r.stats.f1, r.stats.support, fmt_opt(r.auc));
+        let _ = writeln!(
+            s,
+            "| {} | {:.4} | {:.4} | {:.4} | {} | {} |",
+            r.name,
+            r.stats.precision,
+            r.stats.recall,
+            r.stats.f1,
+            r.stats.support,
+            fmt_opt(r.auc)
+        );
     }
     if m.multi_label {
         let _ = writeln!(s, "\n## Counts per label (score ≥ {})\n", m.threshold.unwrap_or(MULTI_LABEL_THRESHOLD));
@@ -197,8 +247,11 @@ pub fn report_markdown(m: &Metrics) -> String {
             let _ = writeln!(s, "| {name} | {} |", c.iter().map(u64::to_string).collect::<Vec<_>>().join(" | "));
         }
     } else if m.label_names.len() > crate::plot::MAX_CHART_ITEMS {
-        let _ =
-            writeln!(s, "\n## Confusion matrix\n\n{} classes: too many for a table here; it is in `{METRICS_FILE}` (`confusion_matrix`).", m.label_names.len());
+        let _ = writeln!(
+            s,
+            "\n## Confusion matrix\n\n{} classes: too many for a table here; it is in `{METRICS_FILE}` (`confusion_matrix`).",
+            m.label_names.len()
+        );
     } else {
         let _ = writeln!(s, "\n## Confusion matrix (rows: true class, columns: predicted)\n");
         let _ = writeln!(s, "| true \\ predicted | {} |", m.label_names.join(" | "));
@@ -218,14 +271,18 @@ impl Stage for EvalClassify {
     type Config = ClassifyConfig;
     const KIND: &'static str = "eval/classify";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "predictions → accuracy, macro-F1, macro AUC (or per-label AUC), report, ROC and confusion charts";
+    const SUMMARY: &'static str =
+        "predictions → accuracy, macro-F1, macro AUC (or per-label AUC), report, ROC and confusion charts";
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
     }
 
     fn inputs(&self, _: &ClassifyConfig) -> Vec<InputSlot> {
-        vec![InputSlot::one("predictions", "predictions", "a model's scores per image (predictions.parquet)").or_kind("vit-checkpoint")]
+        vec![
+            InputSlot::one("predictions", "predictions", "a model's scores per image (predictions.parquet)")
+                .or_kind("vit-checkpoint"),
+        ]
     }
 
     fn output(&self, _: &ClassifyConfig) -> OutputDecl {
@@ -249,7 +306,11 @@ impl Stage for EvalClassify {
         if selected.is_empty() {
             let present: Vec<String> = Split::ALL
                 .iter()
-                .filter_map(|s| Some(rows.iter().filter(|r| r.split == *s).count()).filter(|n| *n > 0).map(|n| format!("{} ({n})", s.as_str())))
+                .filter_map(|s| {
+                    Some(rows.iter().filter(|r| r.split == *s).count())
+                        .filter(|n| *n > 0)
+                        .map(|n| format!("{} ({n})", s.as_str()))
+                })
                 .collect();
             return Err(StageError::data(
                 &path,
@@ -300,7 +361,13 @@ fn write_roc(path: &Path, meta: &PredictionMeta, rows: &[&PredictionRow], m: &Me
     for (k, name) in meta.label_names.iter().enumerate() {
         let truth: Vec<bool> = rows
             .iter()
-            .map(|r| if meta.multi_label { r.labels.as_ref().and_then(|l| l.get(k)).is_some_and(|&v| v != 0) } else { r.label == Some(k as i32) })
+            .map(|r| {
+                if meta.multi_label {
+                    r.labels.as_ref().and_then(|l| l.get(k)).is_some_and(|&v| v != 0)
+                } else {
+                    r.label == Some(k as i32)
+                }
+            })
             .collect();
         let scores: Vec<f64> = rows.iter().map(|r| r.scores.get(k).map_or(0.0, |&s| f64::from(s))).collect();
         let points = metrics::roc_curve(&truth, &scores);
@@ -318,11 +385,24 @@ fn write_roc(path: &Path, meta: &PredictionMeta, rows: &[&PredictionRow], m: &Me
 fn write_confusion(path: &Path, m: &Metrics) -> Result<(), StageError> {
     if m.multi_label {
         let cols: Vec<String> = ["TN", "FP", "FN", "TP"].iter().map(|s| s.to_string()).collect();
-        let title = format!("Counts per label at score ≥ {}: {} on {}", m.threshold.unwrap_or(MULTI_LABEL_THRESHOLD), m.source_stage, m.split.as_str());
+        let title = format!(
+            "Counts per label at score ≥ {}: {} on {}",
+            m.threshold.unwrap_or(MULTI_LABEL_THRESHOLD),
+            m.source_stage,
+            m.split.as_str()
+        );
         heatmap_chart(path, &title, "outcome", "label", &m.label_names, &cols, &m.confusion_matrix)?;
     } else {
         let title = format!("Confusion matrix: {} on {} (n = {})", m.source_stage, m.split.as_str(), m.n);
-        heatmap_chart(path, &title, "predicted class", "true class", &m.label_names, &m.label_names, &m.confusion_matrix)?;
+        heatmap_chart(
+            path,
+            &title,
+            "predicted class",
+            "true class",
+            &m.label_names,
+            &m.label_names,
+            &m.confusion_matrix,
+        )?;
     }
     Ok(())
 }

@@ -108,7 +108,8 @@ pub struct Interval {
 pub fn method_of(stage: &str) -> (String, Option<u64>) {
     let parts: Vec<&str> = stage.split('.').collect();
     if parts.len() >= 3
-        && let Some(i) = (1..parts.len() - 1).rev().find(|&i| !parts[i].is_empty() && parts[i].bytes().all(|b| b.is_ascii_digit()))
+        && let Some(i) =
+            (1..parts.len() - 1).rev().find(|&i| !parts[i].is_empty() && parts[i].bytes().all(|b| b.is_ascii_digit()))
         && let Ok(round) = parts[i].parse()
     {
         let mut m = parts.clone();
@@ -173,7 +174,14 @@ fn over_rounds(inputs: &[(String, Metrics)]) -> (Vec<MethodSummary>, Vec<PairedR
                 (p.n >= 2).then_some(Interval { mean: p.mean, lo: p.lo, hi: p.hi })
             };
             let Some(accuracy) = diff(0) else { continue };
-            paired.push(PairedRow { a: a.clone(), b: b.clone(), rounds: common.len(), accuracy, auc: diff(2), last_accuracy: diff(3) });
+            paired.push(PairedRow {
+                a: a.clone(),
+                b: b.clone(),
+                rounds: common.len(),
+                accuracy,
+                auc: diff(2),
+                last_accuracy: diff(3),
+            });
         }
     }
     (methods, paired)
@@ -229,7 +237,16 @@ pub fn table_markdown(c: &Comparison) -> String {
     let _ = writeln!(s, "| model | {acc} | macro-F1 | {auc} | n | split |");
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     for r in &c.rows {
-        let _ = writeln!(s, "| {} | {:.4} | {:.4} | {} | {} | {} |", r.stage, r.accuracy, r.macro_f1, fmt_opt(r.auc), r.n, r.split);
+        let _ = writeln!(
+            s,
+            "| {} | {:.4} | {:.4} | {} | {} | {} |",
+            r.stage,
+            r.accuracy,
+            r.macro_f1,
+            fmt_opt(r.auc),
+            r.n,
+            r.split
+        );
     }
     for w in &c.warnings {
         let _ = writeln!(s, "\nNote: {w}.");
@@ -255,13 +272,24 @@ pub fn table_markdown(c: &Comparison) -> String {
     }
     if !c.paired.is_empty() {
         let iv = |v: &Option<Interval>| {
-            v.map_or("—".to_string(), |Interval { mean, lo, hi }| format!("{mean:+.4} [{lo:+.4}, {hi:+.4}]{}", if lo > 0.0 || hi < 0.0 { " *" } else { "" }))
+            v.map_or("—".to_string(), |Interval { mean, lo, hi }| {
+                format!("{mean:+.4} [{lo:+.4}, {hi:+.4}]{}", if lo > 0.0 || hi < 0.0 { " *" } else { "" })
+            })
         };
         let _ = writeln!(s, "\nPaired differences over the shared rounds (mean [95 % t interval]; * = excludes 0):\n");
         let _ = writeln!(s, "| A − B | rounds | {acc} | {auc} | last-epoch {acc} |");
         let _ = writeln!(s, "|---|---|---|---|---|");
         for p in &c.paired {
-            let _ = writeln!(s, "| {} − {} | {} | {} | {} | {} |", p.a, p.b, p.rounds, iv(&Some(p.accuracy)), iv(&p.auc), iv(&p.last_accuracy));
+            let _ = writeln!(
+                s,
+                "| {} − {} | {} | {} | {} | {} |",
+                p.a,
+                p.b,
+                p.rounds,
+                iv(&Some(p.accuracy)),
+                iv(&p.auc),
+                iv(&p.last_accuracy)
+            );
         }
     }
     s
@@ -301,8 +329,9 @@ impl Stage for EvalCompare {
         for a in inputs {
             let p = a.path(METRICS_FILE);
             let text = std::fs::read(&p).map_err(|e| StageError::io(&p, e))?;
-            let m: Metrics =
-                serde_json::from_slice(&text).map_err(|e| StageError::data(&p, Some(format!("line {}, column {}", e.line(), e.column())), e.to_string()))?;
+            let m: Metrics = serde_json::from_slice(&text).map_err(|e| {
+                StageError::data(&p, Some(format!("line {}, column {}", e.line(), e.column())), e.to_string())
+            })?;
             loaded.push((a.stage.clone(), m));
         }
         let c = compare(&loaded);

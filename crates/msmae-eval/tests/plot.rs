@@ -12,7 +12,8 @@ fn line_chart_draws_lines_text_and_legend() {
     let p = d.path().join("loss.png");
     let train: Vec<(f64, f64)> = (0..50).map(|e| (f64::from(e), 2.0 * (-f64::from(e) / 15.0).exp() + 0.1)).collect();
     let val: Vec<(f64, f64)> = (0..50).map(|e| (f64::from(e), 2.1 * (-f64::from(e) / 18.0).exp() + 0.2)).collect();
-    line_chart(&p, "Loss per epoch", "epoch", "loss", &[Series::new("train", train), Series::new("val", val)]).expect("chart");
+    line_chart(&p, "Loss per epoch", "epoch", "loss", &[Series::new("train", train), Series::new("val", val)])
+        .expect("chart");
     let img = image::open(&p).expect("decode").to_rgb8();
     assert_eq!(img.dimensions(), CHART_SIZE);
     // The first series' colour (Tableau blue) is drawn.
@@ -20,7 +21,10 @@ fn line_chart_draws_lines_text_and_legend() {
     assert!(img.pixels().filter(|px| px.0 == [255, 127, 14]).count() > 200, "val line missing");
     // Title text: dark pixels in the top band, centred.
     let (w, _) = img.dimensions();
-    let title = (0..48).flat_map(|y| (w / 3..2 * w / 3).map(move |x| (x, y))).filter(|&(x, y)| dark(img.get_pixel(x, y))).count();
+    let title = (0..48)
+        .flat_map(|y| (w / 3..2 * w / 3).map(move |x| (x, y)))
+        .filter(|&(x, y)| dark(img.get_pixel(x, y)))
+        .count();
     assert!(title > 150, "no title text ({title} dark pixels)");
     // Tick labels left of the plot area (the y axis) and the axis description.
     let left = (60..560).flat_map(|y| (0..70).map(move |x| (x, y))).filter(|&(x, y)| dark(img.get_pixel(x, y))).count();

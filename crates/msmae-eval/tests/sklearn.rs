@@ -15,7 +15,9 @@ const TOL: f64 = 1e-9;
 fn python() -> PathBuf {
     match std::env::var_os("MSMAE_PYTHON") {
         Some(p) => PathBuf::from(p),
-        None => panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (scikit-learn)"),
+        None => panic!(
+            "MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (scikit-learn)"
+        ),
     }
 }
 
@@ -96,7 +98,8 @@ type MultiCase = (String, Vec<Vec<u8>>, Vec<Vec<f64>>);
 fn multi_cases() -> Vec<MultiCase> {
     let mut rng = Lcg(11);
     let mut cases = Vec::new();
-    for (name, degenerate) in [("multi-label with one-class labels", true), ("multi-label, all labels defined", false)] {
+    for (name, degenerate) in [("multi-label with one-class labels", true), ("multi-label, all labels defined", false)]
+    {
         let mut ys = Vec::new();
         let mut ss = Vec::new();
         for i in 0..60u64 {
@@ -167,10 +170,17 @@ fn metrics_match_scikit_learn() {
             let s: Vec<f64> = p.iter().map(|row| row[k]).collect();
             let ours = metrics::roc_curve(&t, &s);
             let theirs = r["roc_curves"][k].as_array().expect("curve");
-            assert_eq!(ours.len(), theirs.len(), "{name}: ROC curve of class {k} has {} points, scikit-learn {}", ours.len(), theirs.len());
+            assert_eq!(
+                ours.len(),
+                theirs.len(),
+                "{name}: ROC curve of class {k} has {} points, scikit-learn {}",
+                ours.len(),
+                theirs.len()
+            );
             for (i, ((fx, fy), t)) in ours.iter().zip(theirs).enumerate() {
                 assert!(
-                    (fx - t[0].as_f64().unwrap_or(f64::NAN)).abs() < 1e-12 && (fy - t[1].as_f64().unwrap_or(f64::NAN)).abs() < 1e-12,
+                    (fx - t[0].as_f64().unwrap_or(f64::NAN)).abs() < 1e-12
+                        && (fy - t[1].as_f64().unwrap_or(f64::NAN)).abs() < 1e-12,
                     "{name}: ROC point {i} of class {k}: ours ({fx}, {fy}), scikit-learn {t}"
                 );
             }
@@ -228,10 +238,16 @@ fn pyarrow_reads_the_predictions_table() {
     let out = Command::new(python()).arg("-c").arg(code).arg(&p).output().expect("run python");
     assert!(out.status.success(), "pyarrow failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["types"], json!({"id": "string", "split": "string", "label": "int32", "labels": "list<item: uint8>", "scores": "list<item: float>"}));
+    assert_eq!(
+        v["types"],
+        json!({"id": "string", "split": "string", "label": "int32", "labels": "list<item: uint8>", "scores": "list<item: float>"})
+    );
     assert_eq!(v["nullable"]["label"], true);
     assert_eq!(v["nullable"]["scores"], false);
     assert_eq!(v["meta"]["label_names"], json!(["a", "b"]));
     assert_eq!(v["meta"]["schema_version"], PREDICTIONS_SCHEMA_VERSION);
-    assert_eq!(v["rows"][1], json!({"id": "r1", "split": "test", "label": null, "labels": [1, 1], "scores": [0.25, 0.6000000238418579]}));
+    assert_eq!(
+        v["rows"][1],
+        json!({"id": "r1", "split": "test", "label": null, "labels": [1, 1], "scores": [0.25, 0.6000000238418579]})
+    );
 }

@@ -83,7 +83,12 @@ fn near(a: f64, b: f64) -> bool {
 fn classify_computes_single_label_metrics_on_the_chosen_split() {
     let d = tempfile::tempdir().expect("tmp");
     let input = artifact(d.path(), "ft-msmae", "predictions");
-    write_predictions(&input.path("predictions.parquet"), &meta(&["normal", "nodule", "mass"], false), &single_label_rows()).expect("write");
+    write_predictions(
+        &input.path("predictions.parquet"),
+        &meta(&["normal", "nodule", "mass"], false),
+        &single_label_rows(),
+    )
+    .expect("write");
     let out = run_classify(d.path(), &input, &ClassifyConfig::default(), "eval-msmae").expect("run");
     let (m, v) = read_metrics(&out);
     assert_eq!(m.n, 6);
@@ -102,7 +107,11 @@ fn classify_computes_single_label_metrics_on_the_chosen_split() {
     assert_eq!(m.per_class[2].stats.support, 2);
     assert!(near(m.per_class[2].stats.precision, 2.0 / 3.0));
     let report = std::fs::read_to_string(out.join("report.md")).expect("report");
-    assert!(report.contains("| accuracy | 0.6667 |") && report.contains("| nodule | 0.5000 | 0.5000 | 0.5000 | 2 | 0.8125 |"), "{report}");
+    assert!(
+        report.contains("| accuracy | 0.6667 |")
+            && report.contains("| nodule | 0.5000 | 0.5000 | 0.5000 | 2 | 0.8125 |"),
+        "{report}"
+    );
     assert_png(&out.join("roc.png"));
     assert_png(&out.join("confusion.png"));
 
@@ -118,9 +127,15 @@ fn classify_computes_single_label_metrics_on_the_chosen_split() {
 fn classify_names_the_file_and_split_when_the_split_is_empty() {
     let d = tempfile::tempdir().expect("tmp");
     let input = artifact(d.path(), "ft", "predictions");
-    write_predictions(&input.path("predictions.parquet"), &meta(&["a", "b", "c"], false), &single_label_rows()).expect("write");
-    let e = run_classify(d.path(), &input, &ClassifyConfig { split: Split::Val }, "eval").expect_err("no val rows").to_string();
-    assert!(e.contains("predictions.parquet") && e.contains("(split `val`)") && e.contains("train (1), test (6)"), "{e}");
+    write_predictions(&input.path("predictions.parquet"), &meta(&["a", "b", "c"], false), &single_label_rows())
+        .expect("write");
+    let e = run_classify(d.path(), &input, &ClassifyConfig { split: Split::Val }, "eval")
+        .expect_err("no val rows")
+        .to_string();
+    assert!(
+        e.contains("predictions.parquet") && e.contains("(split `val`)") && e.contains("train (1), test (6)"),
+        "{e}"
+    );
     let cfg: Result<ClassifyConfig, _> = serde_json::from_value(serde_json::json!({"split": "test", "threshold": 0.3}));
     assert!(cfg.is_err_and(|e| e.to_string().contains("unknown field `threshold`")));
 }
@@ -137,9 +152,14 @@ fn classify_multi_label_reports_per_label_and_mean_auc() {
         scores: scores.to_vec(),
     };
     // Label `effusion` is never positive: no AUC, left out of the mean.
-    let rows =
-        vec![r("1", [1, 0, 0], [0.9, 0.2, 0.1]), r("2", [0, 1, 0], [0.3, 0.8, 0.2]), r("3", [1, 1, 0], [0.6, 0.4, 0.7]), r("4", [0, 0, 0], [0.5, 0.5, 0.3])];
-    write_predictions(&input.path("predictions.parquet"), &meta(&["nodule", "mass", "effusion"], true), &rows).expect("write");
+    let rows = vec![
+        r("1", [1, 0, 0], [0.9, 0.2, 0.1]),
+        r("2", [0, 1, 0], [0.3, 0.8, 0.2]),
+        r("3", [1, 1, 0], [0.6, 0.4, 0.7]),
+        r("4", [0, 0, 0], [0.5, 0.5, 0.3]),
+    ];
+    write_predictions(&input.path("predictions.parquet"), &meta(&["nodule", "mass", "effusion"], true), &rows)
+        .expect("write");
     let out = run_classify(d.path(), &input, &ClassifyConfig::default(), "eval-cxr").expect("run");
     let (m, v) = read_metrics(&out);
     // nodule: pos {0.9, 0.6} vs neg {0.3, 0.5} → 1; mass: pos {0.8, 0.4} vs neg {0.2, 0.5} → 3/4.
@@ -170,7 +190,12 @@ fn compare_tables_every_input_by_stage_name() {
         write_predictions(&input.path("predictions.parquet"), &meta(&["a", "b", "c"], false), &rows).expect("write");
         let name = format!("eval-{stage}");
         let out = run_classify(d.path(), &input, &ClassifyConfig::default(), &name).expect("classify");
-        metrics.push(InputArtifact { stage: name, kind: ArtifactKind::new("metrics"), dir: out, digest: format!("m-{stage}") });
+        metrics.push(InputArtifact {
+            stage: name,
+            kind: ArtifactKind::new("metrics"),
+            dir: out,
+            digest: format!("m-{stage}"),
+        });
     }
     let out = d.path().join("out-report");
     std::fs::create_dir_all(&out).expect("mkdir");
@@ -188,7 +213,8 @@ fn compare_tables_every_input_by_stage_name() {
         BTreeMap::from([("metrics".to_string(), metrics)]),
     );
     EvalCompare.run(&c, &mut ctx).expect("compare");
-    let cmp: Comparison = serde_json::from_slice(&std::fs::read(out.join("comparison.json")).expect("json")).expect("parse");
+    let cmp: Comparison =
+        serde_json::from_slice(&std::fs::read(out.join("comparison.json")).expect("json")).expect("parse");
     assert_eq!(cmp.rows.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["eval-ft-msmae", "eval-ft-mae"]);
     assert_eq!(cmp.rows[1].source_stage, "ft-mae");
     assert!(near(cmp.rows[0].accuracy, 4.0 / 6.0) && near(cmp.rows[1].accuracy, 5.0 / 6.0));
@@ -201,7 +227,8 @@ fn compare_tables_every_input_by_stage_name() {
     // Missing metrics.json: the error names the file.
     let empty = d.path().join("in-empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
-    let bad = vec![InputArtifact { stage: "x".into(), kind: ArtifactKind::new("metrics"), dir: empty, digest: "d".into() }];
+    let bad =
+        vec![InputArtifact { stage: "x".into(), kind: ArtifactKind::new("metrics"), dir: empty, digest: "d".into() }];
     let mut ctx = StageContext::new(
         "report".into(),
         1,

@@ -26,7 +26,8 @@ impl Stage for FinetuneLinear {
     type Config = LinearProbeConfig;
     const KIND: &'static str = "finetune/linear";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "linear probe of a frozen pre-trained encoder (BatchNorm + linear head, LARS), saved as a ViT classifier";
+    const SUMMARY: &'static str =
+        "linear probe of a frozen pre-trained encoder (BatchNorm + linear head, LARS), saved as a ViT classifier";
     const USES_BACKEND: bool = true;
     const RUN_ONLY: &'static [&'static str] = &["checkpoint_every", "encoder_batch"];
 
@@ -39,7 +40,8 @@ impl Stage for FinetuneLinear {
     fn inputs(&self, _: &LinearProbeConfig) -> Vec<InputSlot> {
         vec![
             InputSlot::one("data", "image-table", "the image table to train and validate on"),
-            InputSlot::one("pretrained", "mae-checkpoint", "the encoder to probe (kept frozen)").or_kind("vit-checkpoint"),
+            InputSlot::one("pretrained", "mae-checkpoint", "the encoder to probe (kept frozen)")
+                .or_kind("vit-checkpoint"),
         ]
     }
     fn output(&self, _: &LinearProbeConfig) -> OutputDecl {

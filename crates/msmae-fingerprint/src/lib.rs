@@ -76,8 +76,10 @@ pub fn is_numeric(name: &str) -> bool {
 /// Build scripts report failure by panicking; this panics when the manifest dir is unset or
 /// a source file cannot be read, with the path in the message.
 pub fn emit() {
-    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| panic!("CARGO_MANIFEST_DIR is not set: call emit() from build.rs"));
-    let fp = fingerprint(Path::new(&dir)).unwrap_or_else(|e| panic!("msmae-fingerprint: cannot hash sources under {dir}: {e}"));
+    let dir = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| panic!("CARGO_MANIFEST_DIR is not set: call emit() from build.rs"));
+    let fp = fingerprint(Path::new(&dir))
+        .unwrap_or_else(|e| panic!("msmae-fingerprint: cannot hash sources under {dir}: {e}"));
     for f in &fp.files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
@@ -100,7 +102,8 @@ pub struct Fingerprint {
 impl Fingerprint {
     /// The exported form: `v2;<digest>;<crate>=<digest>,…;<dep>=<version>,…`.
     pub fn encode(&self) -> String {
-        let join = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let join =
+            |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
         format!("v2;{};{};{}", self.digest, join(&self.crates), join(&self.deps))
     }
 }
@@ -171,7 +174,8 @@ pub fn normalise_rust(bytes: &[u8]) -> Vec<u8> {
 }
 
 fn is_doc_attr(g: &proc_macro2::Group) -> bool {
-    g.delimiter() == Delimiter::Bracket && matches!(g.stream().into_iter().next(), Some(TokenTree::Ident(i)) if i == "doc")
+    g.delimiter() == Delimiter::Bracket
+        && matches!(g.stream().into_iter().next(), Some(TokenTree::Ident(i)) if i == "doc")
 }
 
 fn write_tokens(ts: TokenStream, out: &mut String) {
@@ -196,7 +200,11 @@ fn write_tokens(ts: TokenStream, out: &mut String) {
             // The `;` ending a block's last statement when it diverges (`continue;`,
             // `return x;`, `break;`): `{ continue }` is the same block.
             TokenTree::Punct(p) if p.as_char() == ';' && i + 1 == tokens.len() && diverges(&tokens[..i]) => {}
-            TokenTree::Punct(p) if p.as_char() == '>' && i > 0 && matches!(&tokens[i - 1], TokenTree::Punct(q) if q.as_char() == '=') => {
+            TokenTree::Punct(p)
+                if p.as_char() == '>'
+                    && i > 0
+                    && matches!(&tokens[i - 1], TokenTree::Punct(q) if q.as_char() == '=') =>
+            {
                 out.push_str(">\u{1}");
                 // `=> { expr }` is `=> expr,`, and `=> { return x; }` is `=> return x,`:
                 // rustfmt wraps a long arm in braces.
@@ -257,10 +265,18 @@ fn write_tokens(ts: TokenStream, out: &mut String) {
 /// with its `;`. `None` for a real block.
 fn arm_body(stream: TokenStream) -> Option<TokenStream> {
     let tokens: Vec<TokenTree> = stream.into_iter().collect();
-    let semis: Vec<usize> = tokens.iter().enumerate().filter(|(_, t)| matches!(t, TokenTree::Punct(p) if p.as_char() == ';')).map(|(i, _)| i).collect();
+    let semis: Vec<usize> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| matches!(t, TokenTree::Punct(p) if p.as_char() == ';'))
+        .map(|(i, _)| i)
+        .collect();
     match semis.as_slice() {
         [] if !tokens.is_empty() => Some(tokens.into_iter().collect()),
-        [last] if *last + 1 == tokens.len() && matches!(tokens.first(), Some(TokenTree::Ident(i)) if i == "return" || i == "break" || i == "continue") => {
+        [last]
+            if *last + 1 == tokens.len()
+                && matches!(tokens.first(), Some(TokenTree::Ident(i)) if i == "return" || i == "break" || i == "continue") =>
+        {
             Some(tokens.into_iter().take(*last).collect())
         }
         _ => None,
@@ -270,7 +286,8 @@ fn arm_body(stream: TokenStream) -> Option<TokenStream> {
 /// Whether the last statement of `tokens` (after its last top-level `;`) starts with
 /// `return`, `break` or `continue`.
 fn diverges(tokens: &[TokenTree]) -> bool {
-    let start = tokens.iter().rposition(|t| matches!(t, TokenTree::Punct(p) if p.as_char() == ';')).map_or(0, |k| k + 1);
+    let start =
+        tokens.iter().rposition(|t| matches!(t, TokenTree::Punct(p) if p.as_char() == ';')).map_or(0, |k| k + 1);
     matches!(tokens.get(start), Some(TokenTree::Ident(i)) if i == "return" || i == "break" || i == "continue")
 }
 
@@ -407,7 +424,11 @@ pub fn parse_lock(text: &str) -> Vec<LockedPackage> {
 
 /// The numeric crates reachable from `members`' lock entries through their direct external
 /// dependencies named in `direct`, with their versions (several versions joined by `+`).
-fn numeric_closure(lock: &[LockedPackage], members: &BTreeSet<String>, direct: &BTreeSet<String>) -> BTreeMap<String, String> {
+fn numeric_closure(
+    lock: &[LockedPackage],
+    members: &BTreeSet<String>,
+    direct: &BTreeSet<String>,
+) -> BTreeMap<String, String> {
     let find = |entry: &str| -> Option<&LockedPackage> {
         let mut it = entry.splitn(2, ' ');
         let name = it.next().unwrap_or("");
@@ -506,7 +527,10 @@ version = "1.0.0"
             &t.0.join("crates/msmae-a/Cargo.toml"),
             "[package]\nname='msmae-a'\n[dependencies]\nmsmae-b = { workspace = true }\nimage.workspace = true\nrand = '0.9'\ntracing = '0.1'\n[dev-dependencies]\nmsmae-c.workspace = true\n",
         );
-        write(&t.0.join("crates/msmae-a/src/lib.rs"), "//! a\n/// doc\npub fn a() -> u32 { match 1 { 1 => 2, _ => 3 } }\n");
+        write(
+            &t.0.join("crates/msmae-a/src/lib.rs"),
+            "//! a\n/// doc\npub fn a() -> u32 { match 1 { 1 => 2, _ => 3 } }\n",
+        );
         write(&t.0.join("crates/msmae-b/Cargo.toml"), "[package]\nname='msmae-b'\n");
         write(&t.0.join("crates/msmae-b/src/lib.rs"), "pub const B: u32 = 1;");
         write(&t.0.join("crates/msmae-c/Cargo.toml"), "[package]\nname='msmae-c'\n");
@@ -545,8 +569,16 @@ version = "1.0.0"
             normalise_rust(b"match x { Ok(_) => {\n return Err(e);\n }\n Err(e) => 1 }"),
             "a diverging arm rustfmt braced"
         );
-        assert_ne!(normalise_rust(b"match x { _ => { f(); g() } }"), normalise_rust(b"match x { _ => f() }"), "a real block counts");
-        assert_eq!(normalise_rust(b"v.map(|x| x + 1)"), normalise_rust(b"v.map(|x| {\n x + 1\n })"), "a closure body rustfmt braced");
+        assert_ne!(
+            normalise_rust(b"match x { _ => { f(); g() } }"),
+            normalise_rust(b"match x { _ => f() }"),
+            "a real block counts"
+        );
+        assert_eq!(
+            normalise_rust(b"v.map(|x| x + 1)"),
+            normalise_rust(b"v.map(|x| {\n x + 1\n })"),
+            "a closure body rustfmt braced"
+        );
         assert_eq!(
             normalise_rust(b"let Some(x) = y else { continue };"),
             normalise_rust(b"let Some(x) = y else {\n continue;\n};"),
@@ -562,7 +594,11 @@ version = "1.0.0"
         let a = t.0.join("crates/msmae-a");
         let f1 = fingerprint(&a).expect("hash");
         let deps: Vec<(&str, &str)> = f1.deps.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        assert_eq!(deps, [("image", "0.25.6"), ("png", "0.17.16"), ("rand", "0.9.2")], "tracing, serde and syn are not numeric; rand 0.8 is not used");
+        assert_eq!(
+            deps,
+            [("image", "0.25.6"), ("png", "0.17.16"), ("rand", "0.9.2")],
+            "tracing, serde and syn are not numeric; rand 0.8 is not used"
+        );
         write(&t.0.join("Cargo.lock"), &LOCK.replace("0.17.16", "0.17.17"));
         let f2 = fingerprint(&a).expect("hash");
         assert_ne!(f2.digest, f1.digest);

@@ -54,7 +54,8 @@ impl Stage for ExportPytorch {
     type Config = ExportConfig;
     const KIND: &'static str = "export/pytorch";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "a ViT or MAE checkpoint as PyTorch safetensors under timm/MAE names, with its constructor arguments";
+    const SUMMARY: &'static str =
+        "a ViT or MAE checkpoint as PyTorch safetensors under timm/MAE names, with its constructor arguments";
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
@@ -69,19 +70,28 @@ impl Stage for ExportPytorch {
         let input = ctx.input("model")?.clone();
         let (loaded, meta) = model::load(&input.dir, &cpu()?)?;
         let weights = ctx.output_path(WEIGHTS_FILE)?;
-        let (bytes, config) = export(&loaded, &meta, &input.digest).map_err(|e| StageError::data(input.dir.join(model::MODEL_FILE), None, e))?;
+        let (bytes, config) = export(&loaded, &meta, &input.digest)
+            .map_err(|e| StageError::data(input.dir.join(model::MODEL_FILE), None, e))?;
         std::fs::write(&weights, bytes).map_err(|e| StageError::io(&weights, e))?;
         let cfg = ctx.output_path(CONFIG_FILE)?;
         let text = serde_json::to_vec_pretty(&config).map_err(|e| StageError::other(e.to_string()))?;
         std::fs::write(&cfg, text).map_err(|e| StageError::io(&cfg, e))?;
-        tracing::info!("`{}`: {} tensors under {} names → {}", ctx.name, config["tensors"], config["library"], weights.display());
+        tracing::info!(
+            "`{}`: {} tensors under {} names → {}",
+            ctx.name,
+            config["tensors"],
+            config["library"],
+            weights.display()
+        );
         Ok(())
     }
 }
 
 /// Weights are moved, not computed: the CPU reference backend does, whatever the run's.
 fn cpu() -> Result<Device, StageError> {
-    Ok(msmae_backend::select(msmae_backend::BackendRequest::Flex, msmae_backend::DeviceRequest::Cpu).map_err(|e| StageError::other(e.to_string()))?.device)
+    Ok(msmae_backend::select(msmae_backend::BackendRequest::Flex, msmae_backend::DeviceRequest::Cpu)
+        .map_err(|e| StageError::other(e.to_string()))?
+        .device)
 }
 
 /// The constructor arguments of timm's `VisionTransformer` for `v`.
@@ -104,7 +114,8 @@ fn timm_args(v: &VitConfig) -> serde_json::Value {
 
 /// Add a fixed position table under its PyTorch name (msmae does not store it).
 fn add_table(tensors: &mut BTreeMap<String, (Vec<usize>, Vec<u8>)>, name: &str, t: &Tensor<3>) -> Result<(), String> {
-    let v = t.to_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| format!("position table `{name}`: {e:?}"))?;
+    let v =
+        t.to_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| format!("position table `{name}`: {e:?}"))?;
     tensors.insert(name.to_string(), (t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect()));
     Ok(())
 }
@@ -114,7 +125,8 @@ fn add_table(tensors: &mut BTreeMap<String, (Vec<usize>, Vec<u8>)>, name: &str, 
 pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(Vec<u8>, serde_json::Value), String> {
     // burn's adapter does the PyTorch conventions (linear weights transposed, LayerNorm
     // gamma/beta → weight/bias); the MAE's `encoder.` nesting is flattened as in MAE.
-    let mut store = SafetensorsStore::from_bytes(None).with_to_adapter(BurnToPyTorchAdapter).with_key_remapping(r"^encoder\.", "");
+    let mut store =
+        SafetensorsStore::from_bytes(None).with_to_adapter(BurnToPyTorchAdapter).with_key_remapping(r"^encoder\.", "");
     match loaded {
         Loaded::Vit(m) => m.save_into(&mut store),
         Loaded::Mae(m) => m.save_into(&mut store),
@@ -139,7 +151,9 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
             hidden.floor()
         ));
     }
-    let mut notes: Vec<&str> = vec!["LayerNorm eps is 1e-6 (timm's ViT default; for models_mae.py pass norm_layer=partial(nn.LayerNorm, eps=1e-6))"];
+    let mut notes: Vec<&str> = vec![
+        "LayerNorm eps is 1e-6 (timm's ViT default; for models_mae.py pass norm_layer=partial(nn.LayerNorm, eps=1e-6))",
+    ];
     let config = match loaded {
         Loaded::Vit(m) => {
             // timm: with fc_norm the final `norm` is an Identity (no parameters).
@@ -175,7 +189,9 @@ pub fn export(loaded: &Loaded, meta: &CheckpointMeta, source: &str) -> Result<(V
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(k, (shape, data))| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).map(|v| (k.clone(), v)).map_err(|e| format!("tensor `{k}`: {e}"))
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| format!("tensor `{k}`: {e}"))
         })
         .collect::<Result<_, _>>()?;
     let info = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
@@ -269,8 +285,7 @@ impl Stage for ImportPytorch {
     type Config = ImportConfig;
     const KIND: &'static str = "import/pytorch";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str =
-        "timm/MAE-named PyTorch weights (safetensors, or torch.save .pth: exports, MAE's released weights) as a ViT or MAE checkpoint";
+    const SUMMARY: &'static str = "timm/MAE-named PyTorch weights (safetensors, or torch.save .pth: exports, MAE's released weights) as a ViT or MAE checkpoint";
 
     fn code_fingerprint(&self) -> &'static str {
         msmae_core::code_fingerprint!()
@@ -284,7 +299,9 @@ impl Stage for ImportPytorch {
         }
         for (field, v) in [("mean", &c.mean), ("std", &c.std)] {
             match v {
-                Some(v) if v.len() != c.channels => return err(field, format!("needs one value per channel ({}), found {}", c.channels, v.len())),
+                Some(v) if v.len() != c.channels => {
+                    return err(field, format!("needs one value per channel ({}), found {}", c.channels, v.len()));
+                }
                 _ => {}
             }
         }
@@ -323,7 +340,9 @@ impl Stage for ImportPytorch {
         };
         let beside = path.with_file_name(CONFIG_FILE);
         let exported: Option<serde_json::Value> = match std::fs::read(&beside) {
-            Ok(b) => Some(serde_json::from_slice(&b).map_err(|e| StageError::data(&beside, None, format!("not JSON: {e}")))?),
+            Ok(b) => Some(
+                serde_json::from_slice(&b).map_err(|e| StageError::data(&beside, None, format!("not JSON: {e}")))?,
+            ),
             Err(_) => None,
         };
         let (loaded, meta) = import(bytes, c, exported.as_ref()).map_err(|m| StageError::data(&path, None, m))?;
@@ -332,7 +351,13 @@ impl Stage for ImportPytorch {
             Loaded::Vit(m) => model::save(&out, m, &meta)?,
             Loaded::Mae(m) => model::save(&out, m, &meta)?,
         }
-        tracing::info!("`{}`: {:?} checkpoint ({} classes) from {}", ctx.name, c.checkpoint, meta.vit.num_classes, path.display());
+        tracing::info!(
+            "`{}`: {:?} checkpoint ({} classes) from {}",
+            ctx.name,
+            c.checkpoint,
+            meta.vit.num_classes,
+            path.display()
+        );
         Ok(())
     }
 }
@@ -340,12 +365,20 @@ impl Stage for ImportPytorch {
 /// Compare a position table in the file with the one msmae computes.
 fn check_table(st: &safetensors::SafeTensors<'_>, name: &str, dim: usize, grid: [usize; 2]) -> Result<(), String> {
     let Ok(t) = st.tensor(name) else {
-        return Err(format!("no `{name}`: without the position table the weights were trained with, msmae cannot tell they used its fixed sin-cos one"));
+        return Err(format!(
+            "no `{name}`: without the position table the weights were trained with, msmae cannot tell they used its fixed sin-cos one"
+        ));
     };
     let want = msmae_vit::pos_embed::sincos_2d(dim, grid[0], grid[1]);
     let shape = [1, 1 + grid[0] * grid[1], dim];
     if t.shape() != shape || t.dtype() != safetensors::Dtype::F32 {
-        return Err(format!("`{name}` is {:?} {:?}; the model needs f32 {shape:?} ({}×{} patches of dim {dim})", t.dtype(), t.shape(), grid[0], grid[1]));
+        return Err(format!(
+            "`{name}` is {:?} {:?}; the model needs f32 {shape:?} ({}×{} patches of dim {dim})",
+            t.dtype(),
+            t.shape(),
+            grid[0],
+            grid[1]
+        ));
     }
     let got = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     let diff = got.zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -362,7 +395,11 @@ fn check_table(st: &safetensors::SafeTensors<'_>, name: &str, dim: usize, grid: 
 /// Build the model `c` declares and fill it from the safetensors `bytes`. `exported` is
 /// the `config.json` an `export/pytorch` wrote beside them, if any: its normalisation,
 /// label names and multi-label flag are the defaults of the fields `c` leaves out.
-pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Value>) -> Result<(Loaded, CheckpointMeta), String> {
+pub fn import(
+    bytes: Vec<u8>,
+    c: &ImportConfig,
+    exported: Option<&serde_json::Value>,
+) -> Result<(Loaded, CheckpointMeta), String> {
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
     // burn loads a float tensor at the width the file stores: anything but f32 would make
     // a mixed-precision checkpoint.
@@ -376,8 +413,12 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
     let has = |n: &str| names.iter().any(|k| k == n);
     let has_decoder = names.iter().any(|k| k.starts_with("decoder_"));
     match (c.checkpoint, has_decoder) {
-        (CheckpointKind::Mae, false) => return Err("no `decoder_*` tensors: this is an encoder, import it with `checkpoint: vit`".into()),
-        (CheckpointKind::Vit, true) => return Err("holds an MAE decoder (`decoder_*`): import it with `checkpoint: mae`".into()),
+        (CheckpointKind::Mae, false) => {
+            return Err("no `decoder_*` tensors: this is an encoder, import it with `checkpoint: vit`".into());
+        }
+        (CheckpointKind::Vit, true) => {
+            return Err("holds an MAE decoder (`decoder_*`): import it with `checkpoint: mae`".into());
+        }
         _ => {}
     }
     let num_classes = match st.tensor("head.weight") {
@@ -385,11 +426,20 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
         Ok(t) => return Err(format!("`head.weight` has shape {:?}, expected [classes, dim]", t.shape())),
         Err(_) => 0,
     };
-    let from_export = |key: &str| exported.and_then(|e| e.get(key)).cloned().and_then(|v| serde_json::from_value::<Vec<String>>(v).ok());
-    let from_input =
-        |key: &str| exported.and_then(|e| e.get("input")).and_then(|i| i.get(key)).cloned().and_then(|v| serde_json::from_value::<Vec<f32>>(v).ok());
+    let from_export = |key: &str| {
+        exported.and_then(|e| e.get(key)).cloned().and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
+    };
+    let from_input = |key: &str| {
+        exported
+            .and_then(|e| e.get("input"))
+            .and_then(|i| i.get(key))
+            .cloned()
+            .and_then(|v| serde_json::from_value::<Vec<f32>>(v).ok())
+    };
     let label_names = match c.label_names.clone().or_else(|| from_export("label_names")) {
-        Some(v) if v.len() != num_classes => return Err(format!("label_names lists {} names, the head has {num_classes} outputs", v.len())),
+        Some(v) if v.len() != num_classes => {
+            return Err(format!("label_names lists {} names, the head has {num_classes} outputs", v.len()));
+        }
         Some(v) => v,
         None => (0..num_classes).map(|i| format!("class{i}")).collect(),
     };
@@ -410,7 +460,10 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
     }
     // The file's bytes move into burn's store (a ViT-B file is ~350 MB: no copy).
     let device = cpu().map_err(|e| e.to_string())?;
-    let mut store = SafetensorsStore::from_bytes(Some(bytes)).with_from_adapter(PyTorchToBurnAdapter).allow_partial(true).validate(false);
+    let mut store = SafetensorsStore::from_bytes(Some(bytes))
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .allow_partial(true)
+        .validate(false);
     let (loaded, result) = match &mae {
         None => {
             let mut m = vit.init(&device);
@@ -419,30 +472,45 @@ pub fn import(bytes: Vec<u8>, c: &ImportConfig, exported: Option<&serde_json::Va
         }
         Some(cfg) => {
             let mut m = cfg.init(&device);
-            let r = m.load_from(&mut store.with_key_remapping(MAE_ENCODER_KEYS, "encoder.$1")).map_err(|e| e.to_string())?;
+            let r = m
+                .load_from(&mut store.with_key_remapping(MAE_ENCODER_KEYS, "encoder.$1"))
+                .map_err(|e| e.to_string())?;
             (Loaded::Mae(m), r)
         }
     };
     if !result.errors.is_empty() {
         let errs: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
-        return Err(format!("tensors do not fit the declared architecture (check `model` and `image_size`): {}", errs.join("; ")));
+        return Err(format!(
+            "tensors do not fit the declared architecture (check `model` and `image_size`): {}",
+            errs.join("; ")
+        ));
     }
     // A global-pool classifier has no final `norm` in timm (an Identity); msmae keeps the
     // module (unused on that path) at its initial value.
-    let missing: Vec<&str> = result.missing.iter().map(|(k, _)| k.as_str()).filter(|k| !(vit.global_pool && k.starts_with("norm."))).collect();
+    let missing: Vec<&str> = result
+        .missing
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !(vit.global_pool && k.starts_with("norm.")))
+        .collect();
     if !missing.is_empty() {
         return Err(format!("tensors missing for the declared architecture: {missing:?}"));
     }
-    let unused: Vec<&str> = result.unused.iter().map(String::as_str).filter(|k| !matches!(*k, "pos_embed" | "decoder_pos_embed")).collect();
+    let unused: Vec<&str> =
+        result.unused.iter().map(String::as_str).filter(|k| !matches!(*k, "pos_embed" | "decoder_pos_embed")).collect();
     if !unused.is_empty() {
         return Err(format!("tensors the declared architecture has no place for: {unused:?}"));
     }
     let mean = c.mean.clone().or_else(|| from_input("mean")).unwrap_or_else(|| IMAGENET_MEAN.to_vec());
     let std = c.std.clone().or_else(|| from_input("std")).unwrap_or_else(|| IMAGENET_STD.to_vec());
     if mean.len() != c.channels || std.len() != c.channels || std.iter().any(|s| s.is_nan() || *s <= 0.0) {
-        return Err(format!("normalisation for {} channels with positive std expected, found mean {mean:?} std {std:?}", c.channels));
+        return Err(format!(
+            "normalisation for {} channels with positive std expected, found mean {mean:?} std {std:?}",
+            c.channels
+        ));
     }
-    let multi_label = c.multi_label || exported.and_then(|e| e.get("multi_label")).and_then(serde_json::Value::as_bool).unwrap_or(false);
+    let multi_label = c.multi_label
+        || exported.and_then(|e| e.get("multi_label")).and_then(serde_json::Value::as_bool).unwrap_or(false);
     let meta = CheckpointMeta {
         format: 1,
         kind: c.checkpoint,

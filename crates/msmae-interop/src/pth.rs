@@ -48,7 +48,8 @@ fn allowed(module: &str, name: &str) -> bool {
         || (module == "torch.storage" && name == "UntypedStorage")
 }
 
-const DTYPES: &[&str] = &["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"];
+const DTYPES: &[&str] =
+    &["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"];
 
 /// Read a `torch.save` file into f32 safetensors bytes of its weights.
 pub fn to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
@@ -70,8 +71,14 @@ pub fn to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
         let raw = t.read().map_err(|e| format!("tensor `{name}`: {e}"))?;
         let f32_bytes: Vec<u8> = match t.dtype() {
             DType::F32 => raw,
-            DType::F16 => raw.chunks_exact(2).flat_map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes()).collect(),
-            DType::BF16 => raw.chunks_exact(2).flat_map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes()).collect(),
+            DType::F16 => raw
+                .chunks_exact(2)
+                .flat_map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes())
+                .collect(),
+            DType::BF16 => raw
+                .chunks_exact(2)
+                .flat_map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes())
+                .collect(),
             other => return Err(format!("tensor `{name}` is {other:?}; weights must be f32, f16 or bf16")),
         };
         tensors.insert(name.clone(), (t.shape().to_vec(), f32_bytes));
@@ -79,7 +86,9 @@ pub fn to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(k, (shape, data))| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).map(|v| (k.clone(), v)).map_err(|e| format!("tensor `{k}`: {e}"))
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| format!("tensor `{k}`: {e}"))
         })
         .collect::<Result<_, _>>()?;
     safetensors::serialize(views, None).map_err(|e| format!("converting the weights: {e}"))
@@ -99,11 +108,17 @@ fn zip_pickle(path: &Path) -> Result<Vec<u8>, String> {
     }
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("a damaged or truncated zip archive: {e}"))?;
     let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
-    let name = names.into_iter().find(|n| n.ends_with("/data.pkl") || n == "data.pkl").ok_or("a zip archive without `data.pkl`: not a torch.save file")?;
+    let name = names
+        .into_iter()
+        .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")
+        .ok_or("a zip archive without `data.pkl`: not a torch.save file")?;
     let mut entry = zip.by_name(&name).map_err(|e| format!("`{name}`: {e}"))?;
     let limit = pytorch_reader::MAX_PICKLE_SIZE;
     let mut out = Vec::new();
-    (&mut entry).take(limit + 1).read_to_end(&mut out).map_err(|e| format!("reading `{name}` (truncated file?): {e}"))?;
+    (&mut entry)
+        .take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("reading `{name}` (truncated file?): {e}"))?;
     if out.len() as u64 > limit {
         return Err(format!("`{name}` is larger than {limit} bytes"));
     }
@@ -133,14 +148,18 @@ pub fn globals(p: &[u8]) -> Result<Vec<(String, String)>, String> {
     let mut memo: BTreeMap<u64, Option<String>> = BTreeMap::new();
     let bad = |what: &str, at: usize| format!("a damaged pickle ({what} at byte {at})");
     let take = |i: &mut usize, n: usize| -> Result<std::ops::Range<usize>, String> {
-        let end = i.checked_add(n).filter(|&e| e <= p.len()).ok_or_else(|| format!("a truncated pickle (at byte {i})"))?;
+        let end =
+            i.checked_add(n).filter(|&e| e <= p.len()).ok_or_else(|| format!("a truncated pickle (at byte {i})"))?;
         let r = *i..end;
         *i = end;
         Ok(r)
     };
     let line = |i: &mut usize| -> Result<String, String> {
         let start = *i;
-        let len = p[start..].iter().position(|&b| b == b'\n').ok_or_else(|| format!("a truncated pickle (at byte {start})"))?;
+        let len = p[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| format!("a truncated pickle (at byte {start})"))?;
         *i = start + len + 1;
         Ok(String::from_utf8_lossy(&p[start..start + len]).into_owned())
     };
@@ -221,14 +240,23 @@ pub fn globals(p: &[u8]) -> Result<Vec<(String, String)>, String> {
                 let module = stack.pop().flatten();
                 match (module, name) {
                     (Some(m), Some(n)) => out.push((m, n)),
-                    _ => return Err(format!("refused: a STACK_GLOBAL at byte {at} whose module and name are not plain strings")),
+                    _ => {
+                        return Err(format!(
+                            "refused: a STACK_GLOBAL at byte {at} whose module and name are not plain strings"
+                        ));
+                    }
                 }
                 stack.push(None);
             }
-            0x82..=0x84 => return Err(format!("refused: the pickle names a global through the copyreg extension registry (opcode {op:#04x} at byte {at})")),
+            0x82..=0x84 => {
+                return Err(format!(
+                    "refused: the pickle names a global through the copyreg extension registry (opcode {op:#04x} at byte {at})"
+                ));
+            }
             // no argument
-            b'(' | b'0' | b'1' | b'2' | b'N' | b'Q' | b'R' | b'a' | b'b' | b'd' | b'}' | b'e' | b'l' | b']' | b'o' | b's' | b't' | b')' | b'u' | 0x81
-            | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | 0x8f | 0x90 | 0x91 | 0x92 | 0x97 | 0x98 => {
+            b'(' | b'0' | b'1' | b'2' | b'N' | b'Q' | b'R' | b'a' | b'b' | b'd' | b'}' | b'e' | b'l' | b']' | b'o'
+            | b's' | b't' | b')' | b'u' | 0x81 | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | 0x8f | 0x90 | 0x91 | 0x92
+            | 0x97 | 0x98 => {
                 stack.push(None);
             }
             other => return Err(bad(&format!("unknown opcode {other:#04x}"), at)),
@@ -257,7 +285,10 @@ mod tests {
         p4.extend_from_slice(&[0x93, b'h', 0, 0x8c, 4]);
         p4.extend_from_slice(b"exec");
         p4.extend_from_slice(&[0x93, b'.']);
-        assert_eq!(globals(&p4).expect("walk"), [("builtins".into(), "eval".into()), ("builtins".into(), "exec".into())]);
+        assert_eq!(
+            globals(&p4).expect("walk"),
+            [("builtins".into(), "eval".into()), ("builtins".into(), "exec".into())]
+        );
         // the containers and rebuild functions torch.save writes are allowed
         let ok = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02ctorch\nFloatStorage\nq\x03.";
         assert!(check_globals(ok).is_ok());

@@ -17,7 +17,9 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use msmae_backend::{BackendRequest, DeviceRequest, seeded, select};
 use msmae_core::{ExecEnv, InputArtifact, NoProgress, Stage, StageContext};
-use msmae_interop::{CONFIG_FILE, ExportConfig, ExportPytorch, ImageSize, ImportConfig, ImportPytorch, WEIGHTS_FILE, import};
+use msmae_interop::{
+    CONFIG_FILE, ExportConfig, ExportPytorch, ImageSize, ImportConfig, ImportPytorch, WEIGHTS_FILE, import,
+};
 use msmae_train::data::Normalizer;
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec};
 use msmae_vit::{MaeConfig, VitConfig};
@@ -27,7 +29,9 @@ const TOLERANCE: f64 = 1e-4;
 fn python() -> PathBuf {
     match std::env::var_os("MSMAE_PYTHON") {
         Some(p) => PathBuf::from(p),
-        None => panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (PyTorch, timm)"),
+        None => panic!(
+            "MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (PyTorch, timm)"
+        ),
     }
 }
 
@@ -59,7 +63,12 @@ fn meta(kind: CheckpointKind, vit: &VitConfig, mae: Option<MaeConfig>) -> Checkp
 /// Run the stage on the checkpoint in `ckpt`; returns the export directory.
 fn export(ckpt: &Path, out: &Path) -> PathBuf {
     std::fs::create_dir_all(out).expect("mkdir");
-    let input = InputArtifact { stage: "model".into(), kind: msmae_core::ArtifactKind::new("vit-checkpoint"), dir: ckpt.to_path_buf(), digest: "0".repeat(64) };
+    let input = InputArtifact {
+        stage: "model".into(),
+        kind: msmae_core::ArtifactKind::new("vit-checkpoint"),
+        dir: ckpt.to_path_buf(),
+        digest: "0".repeat(64),
+    };
     let mut ctx = StageContext::new(
         "export".into(),
         0,
@@ -77,7 +86,13 @@ fn export(ckpt: &Path, out: &Path) -> PathBuf {
 }
 
 /// Write `x` and msmae's output `name`, run the timm script, return its report.
-fn timm_report<const D: usize>(dir: &Path, export_dir: &Path, x: &Tensor<4>, name: &str, out: Tensor<D>) -> serde_json::Value {
+fn timm_report<const D: usize>(
+    dir: &Path,
+    export_dir: &Path,
+    x: &Tensor<4>,
+    name: &str,
+    out: Tensor<D>,
+) -> serde_json::Value {
     let bytes = |t: Vec<f32>| t.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
     let xs = x.dims().to_vec();
     let os = out.dims().to_vec();
@@ -101,12 +116,18 @@ fn vit_exports_load_strictly_into_timm_and_give_the_same_logits() {
     let tmp = tempfile::tempdir().expect("tmp");
     for (name, global_pool) in [("finetuned", true), ("cls-token", false)] {
         let cfg = VitConfig::new([16, 24], 4, 3, 32, 2, 4).with_num_classes(3).with_global_pool(global_pool);
-        let (vit, x) = seeded(&dev, 17, || (cfg.init(&dev).map(&mut Perturb), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+        let (vit, x) = seeded(&dev, 17, || {
+            (
+                cfg.init(&dev).map(&mut Perturb),
+                Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev),
+            )
+        });
         let ckpt = tmp.path().join(name);
         std::fs::create_dir_all(&ckpt).expect("mkdir");
         model::save(&ckpt, &vit, &meta(CheckpointKind::Vit, &cfg, None)).expect("save");
         let out = export(&ckpt, &tmp.path().join(format!("{name}-export")));
-        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(CONFIG_FILE)).expect("config")).expect("json");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join(CONFIG_FILE)).expect("config")).expect("json");
         assert_eq!(config["model_args"]["global_pool"], if global_pool { "avg" } else { "token" });
         assert_eq!(config["input"]["mean"], serde_json::json!([0.4f32, 0.5f32, 0.6f32]));
         assert_eq!(config["label_names"], serde_json::json!(["class0", "class1", "class2"]));
@@ -120,7 +141,8 @@ fn vit_exports_load_strictly_into_timm_and_give_the_same_logits() {
         // Back in: the same model (a global-pool classifier's unused `norm` aside, which
         // timm does not have).
         let c = import_cfg(CheckpointKind::Vit);
-        let (back, m) = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &c, None).expect("import the export");
+        let (back, m) =
+            import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &c, None).expect("import the export");
         assert_eq!((m.vit.global_pool, m.vit.num_classes), (global_pool, 3));
         let Loaded::Vit(back) = back else { panic!("a ViT") };
         back.forward(x.clone()).into_data().assert_eq(&vit.forward(x.clone()).into_data(), true);
@@ -135,7 +157,9 @@ fn mae_exports_give_timm_the_encoder_and_keep_the_decoder() {
     let dev = select(BackendRequest::Flex, DeviceRequest::Cpu).expect("flex").device;
     let tmp = tempfile::tempdir().expect("tmp");
     let cfg = MaeConfig::new(VitConfig::new([16, 24], 4, 3, 32, 2, 4).with_num_classes(3), 16, 1, 2);
-    let (mae, x) = seeded(&dev, 23, || (cfg.init(&dev).map(&mut Perturb), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let (mae, x) = seeded(&dev, 23, || {
+        (cfg.init(&dev).map(&mut Perturb), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev))
+    });
     let ckpt = tmp.path().join("mae");
     std::fs::create_dir_all(&ckpt).expect("mkdir");
     model::save(&ckpt, &mae, &meta(CheckpointKind::Mae, &cfg.encoder, Some(cfg.clone()))).expect("save");
@@ -152,8 +176,12 @@ fn mae_exports_give_timm_the_encoder_and_keep_the_decoder() {
             && unexpected.contains(&"mask_token"),
         "{r}"
     );
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(CONFIG_FILE)).expect("config")).expect("json");
-    assert_eq!((config["model_args"]["decoder_embed_dim"].as_u64(), config["model_args"]["decoder_depth"].as_u64()), (Some(16), Some(1)));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join(CONFIG_FILE)).expect("config")).expect("json");
+    assert_eq!(
+        (config["model_args"]["decoder_embed_dim"].as_u64(), config["model_args"]["decoder_depth"].as_u64()),
+        (Some(16), Some(1))
+    );
     // Back in, bit-exact (the CLS head included).
     let c = ImportConfig { norm_pix_loss: false, ..import_cfg(CheckpointKind::Mae) };
     let (back, m) = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &c, None).expect("import the export");
@@ -161,7 +189,8 @@ fn mae_exports_give_timm_the_encoder_and_keep_the_decoder() {
     let Loaded::Mae(back) = back else { panic!("an MAE") };
     assert_eq!(weights_of(&back), weights_of(&mae), "the round trip is bit-exact");
     // The wrong kind is named.
-    let e = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &import_cfg(CheckpointKind::Vit), None).expect_err("refused");
+    let e = import(std::fs::read(out.join(WEIGHTS_FILE)).expect("read"), &import_cfg(CheckpointKind::Vit), None)
+        .expect_err("refused");
     assert!(e.contains("import it with `checkpoint: mae`"), "{e}");
 }
 
@@ -189,7 +218,10 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     let o = Command::new(python()).arg(script).arg(tmp.path()).output().expect("run python");
     assert!(o.status.success(), "timm_make.py: {}", String::from_utf8_lossy(&o.stderr));
     let read = |n: &str| std::fs::read(tmp.path().join(n)).expect("read");
-    let c = ImportConfig { label_names: Some(["a", "b", "c", "d", "e"].map(String::from).to_vec()), ..import_cfg(CheckpointKind::Vit) };
+    let c = ImportConfig {
+        label_names: Some(["a", "b", "c", "d", "e"].map(String::from).to_vec()),
+        ..import_cfg(CheckpointKind::Vit)
+    };
     let (loaded, meta) = import(read("sincos.safetensors"), &c, None).expect("import timm's classifier");
     assert_eq!((meta.vit.global_pool, meta.vit.num_classes, meta.label_names[4].as_str()), (true, 5, "e"));
     assert_eq!(meta.normalizer.mean, [0.485, 0.456, 0.406], "ImageNet's by default");
@@ -209,7 +241,11 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     assert!(f64::from(d) <= TOLERANCE && got.len() == want.len(), "timm's logits differ by {d:e}");
 
     let e = import(read("learned.safetensors"), &c, None).expect_err("refused");
-    assert!(e.contains("`pos_embed` is not the fixed 2-D sin-cos table") && e.contains("learned position embeddings are not supported"), "{e}");
+    assert!(
+        e.contains("`pos_embed` is not the fixed 2-D sin-cos table")
+            && e.contains("learned position embeddings are not supported"),
+        "{e}"
+    );
     // A wrong architecture is named, with the tensors that do not fit.
     let deeper = ImportConfig { model: ModelSpec { depth: Some(3), ..c.model.clone() }, ..c.clone() };
     let e = import(read("sincos.safetensors"), &deeper, None).expect_err("refused");
@@ -217,7 +253,9 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     let wider = ImportConfig { model: ModelSpec { embed_dim: Some(64), ..c.model.clone() }, ..c.clone() };
     let e = import(read("sincos.safetensors"), &wider, None).expect_err("refused");
     assert!(e.contains("`pos_embed` is F32 [1, 25, 32]; the model needs f32 [1, 25, 64]"), "{e}");
-    let e = import(read("sincos.safetensors"), &ImportConfig { label_names: Some(vec!["x".into()]), ..c.clone() }, None).expect_err("refused");
+    let e =
+        import(read("sincos.safetensors"), &ImportConfig { label_names: Some(vec!["x".into()]), ..c.clone() }, None)
+            .expect_err("refused");
     assert!(e.contains("label_names lists 1 names, the head has 5 outputs"), "{e}");
     let e = import(b"not safetensors".to_vec(), &c, None).expect_err("refused");
     assert!(e.contains("not a safetensors file"), "{e}");
@@ -242,12 +280,18 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
                 edit(&n, t).map(|(d, b)| (n, d, shape, b))
             })
             .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-            kept.iter().map(|(n, d, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), b).expect("view"))).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
+            .iter()
+            .map(|(n, d, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), b).expect("view")))
+            .collect();
         safetensors::serialize(views, None).expect("serialize")
     };
     let half = rebuilt(&|n, t| {
-        Some(if n == "blocks.0.mlp.fc1.weight" { (safetensors::Dtype::F16, t.data()[..t.data().len() / 2].to_vec()) } else { (t.dtype(), t.data().to_vec()) })
+        Some(if n == "blocks.0.mlp.fc1.weight" {
+            (safetensors::Dtype::F16, t.data()[..t.data().len() / 2].to_vec())
+        } else {
+            (t.dtype(), t.data().to_vec())
+        })
     });
     let e = import(half, &c, None).expect_err("refused");
     assert!(e.contains("tensor `blocks.0.mlp.fc1.weight` is F16") && e.contains("v.float()"), "{e}");
@@ -255,10 +299,12 @@ fn a_timm_classifier_imports_with_its_logits_and_learned_positions_are_refused()
     let e = import(no_pos, &c, None).expect_err("refused");
     assert!(e.contains("no `pos_embed`"), "{e}");
     // An export's config.json supplies the defaults the config leaves out.
-    let exported =
-        serde_json::json!({ "label_names": ["p", "q", "r", "s", "t"], "multi_label": true, "input": { "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6] } });
+    let exported = serde_json::json!({ "label_names": ["p", "q", "r", "s", "t"], "multi_label": true, "input": { "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6] } });
     let (_, m) = import(sincos.clone(), &import_cfg(CheckpointKind::Vit), Some(&exported)).expect("import");
-    assert_eq!((m.label_names[0].as_str(), m.multi_label, m.normalizer.mean.clone(), m.normalizer.std[2]), ("p", true, vec![0.1, 0.2, 0.3], 0.6));
+    assert_eq!(
+        (m.label_names[0].as_str(), m.multi_label, m.normalizer.mean.clone(), m.normalizer.std[2]),
+        ("p", true, vec![0.1, 0.2, 0.3], 0.6)
+    );
     let (_, m) = import(sincos.clone(), &c, Some(&exported)).expect("import");
     assert_eq!(m.label_names[0], "a", "the config wins over the file");
     let two_means = serde_json::json!({ "input": { "mean": [0.1, 0.2], "std": [0.4, 0.5] } });
@@ -275,13 +321,25 @@ fn import_configs_are_checked_before_anything_runs() {
         ImportPytorch.validate(&c).err().map(|e| e.to_string()).unwrap_or_default()
     };
     assert_eq!(bad(serde_json::json!({})), "");
-    assert_eq!(bad(serde_json::json!({ "weights": "mae_pretrain_vit_base.pth" })), "", "a torch.save file is read directly");
-    assert!(bad(serde_json::json!({ "weights": "weights.bin" })).contains("must be a .safetensors file or a torch.save checkpoint"));
-    assert!(bad(serde_json::json!({ "channels": 1, "mean": [0.5, 0.5] })).contains("needs one value per channel (1), found 2"));
+    assert_eq!(
+        bad(serde_json::json!({ "weights": "mae_pretrain_vit_base.pth" })),
+        "",
+        "a torch.save file is read directly"
+    );
+    assert!(
+        bad(serde_json::json!({ "weights": "weights.bin" }))
+            .contains("must be a .safetensors file or a torch.save checkpoint")
+    );
+    assert!(
+        bad(serde_json::json!({ "channels": 1, "mean": [0.5, 0.5] }))
+            .contains("needs one value per channel (1), found 2")
+    );
     assert!(bad(serde_json::json!({ "channels": 1, "mean": [0.5], "std": [0.0] })).contains("must be positive"));
     assert!(bad(serde_json::json!({ "image_size": 30 })).contains("multiple of the patch size"));
-    let c: ImportConfig =
-        serde_json::from_value(serde_json::json!({ "weights": "w.safetensors", "checkpoint": "mae", "image_size": [32, 48] })).expect("parses");
+    let c: ImportConfig = serde_json::from_value(
+        serde_json::json!({ "weights": "w.safetensors", "checkpoint": "mae", "image_size": [32, 48] }),
+    )
+    .expect("parses");
     assert_eq!((c.image_size.hw(), ImportPytorch.output(&c).kind.as_str()), ([32, 48], "mae-checkpoint"));
     assert!(matches!(c.image_size, ImageSize::Rect(_)));
 }
@@ -307,14 +365,20 @@ fn torch_save_checkpoints_import_bit_for_bit_and_hostile_pickles_are_refused() {
     };
     let read = |n: &str| std::fs::read(tmp.path().join(n)).expect("read");
     let pth = |n: &str| msmae_interop::pth::to_safetensors(&tmp.path().join(n));
-    for (file, reference) in
-        [("release.pth", "sincos.safetensors"), ("bare.pth", "sincos.safetensors"), ("half.pth", "half.safetensors"), ("bf16.pth", "bf16.safetensors")]
-    {
+    for (file, reference) in [
+        ("release.pth", "sincos.safetensors"),
+        ("bare.pth", "sincos.safetensors"),
+        ("half.pth", "half.safetensors"),
+        ("bf16.pth", "bf16.safetensors"),
+    ] {
         let got = model_of(pth(file).unwrap_or_else(|e| panic!("{file}: {e}")));
         assert!(got == model_of(read(reference)), "{file} imports to other tensors than {reference}");
     }
     let e = pth("evil.pth").expect_err("refused");
-    assert!(e.contains("refused") && e.contains("system") && (e.contains("`posix.system`") || e.contains("`os.system`")), "{e}");
+    assert!(
+        e.contains("refused") && e.contains("system") && (e.contains("`posix.system`") || e.contains("`os.system`")),
+        "{e}"
+    );
     assert!(!tmp.path().join("pwned").exists(), "nothing in the file ran");
     let e = pth("legacy.pth").expect_err("refused");
     assert!(e.contains("not a zip-format torch.save file") && e.contains("re-save"), "{e}");

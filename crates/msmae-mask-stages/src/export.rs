@@ -25,7 +25,9 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, ListArray, ListBuilder, RecordBatch, StringArray, UInt8Array, UInt8Builder, UInt64Array};
+use arrow::array::{
+    Array, ArrayRef, ListArray, ListBuilder, RecordBatch, StringArray, UInt8Array, UInt8Builder, UInt64Array,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -87,14 +89,23 @@ pub fn write_masks(path: &Path, meta: &MasksMeta, records: &[MaskRecord]) -> Res
     let l = meta.grid[0] as usize * meta.grid[1] as usize;
     for r in records {
         if r.states.len() != l {
-            return Err(format_err(path, format!("row `{}` epoch {}: {} states for a grid of {l} patches", r.id, r.epoch, r.states.len())));
+            return Err(format_err(
+                path,
+                format!("row `{}` epoch {}: {} states for a grid of {l} patches", r.id, r.epoch, r.states.len()),
+            ));
         }
         if let Some(s) = r.states.iter().find(|s| **s > 2) {
-            return Err(format_err(path, format!("row `{}` epoch {}: state {s} is not 0 (visible), 1 (masked) or 2 (thrown)", r.id, r.epoch)));
+            return Err(format_err(
+                path,
+                format!("row `{}` epoch {}: state {s} is not 0 (visible), 1 (masked) or 2 (thrown)", r.id, r.epoch),
+            ));
         }
     }
     let item = Arc::new(Field::new("item", DataType::UInt8, false));
-    let md = HashMap::from([(MASKS_META_KEY.to_string(), serde_json::to_string(meta).map_err(|e| format_err(path, format!("footer metadata: {e}")))?)]);
+    let md = HashMap::from([(
+        MASKS_META_KEY.to_string(),
+        serde_json::to_string(meta).map_err(|e| format_err(path, format!("footer metadata: {e}")))?,
+    )]);
     let schema = Arc::new(
         Schema::new(vec![
             Field::new("id", DataType::Utf8, false),
@@ -128,21 +139,29 @@ pub fn write_masks(path: &Path, meta: &MasksMeta, records: &[MaskRecord]) -> Res
 /// Read `masks.parquet` back (audits, tests).
 pub fn read_masks(path: &Path) -> Result<(MasksMeta, Vec<MaskRecord>), TableError> {
     let f = File::open(path).map_err(|source| TableError::Io { path: path.into(), source })?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| format_err(path, format!("not a readable Parquet file: {e}")))?;
-    let text = b
-        .schema()
-        .metadata()
-        .get(MASKS_META_KEY)
-        .cloned()
-        .ok_or_else(|| format_err(path, format!("not an msmae masks table (no `{MASKS_META_KEY}` footer metadata)")))?;
-    let meta: MasksMeta = serde_json::from_str(&text).map_err(|e| format_err(path, format!("footer metadata `{MASKS_META_KEY}`: {e}")))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(|e| format_err(path, format!("not a readable Parquet file: {e}")))?;
+    let text =
+        b.schema().metadata().get(MASKS_META_KEY).cloned().ok_or_else(|| {
+            format_err(path, format!("not an msmae masks table (no `{MASKS_META_KEY}` footer metadata)"))
+        })?;
+    let meta: MasksMeta = serde_json::from_str(&text)
+        .map_err(|e| format_err(path, format!("footer metadata `{MASKS_META_KEY}`: {e}")))?;
     if meta.schema_version != MASKS_SCHEMA_VERSION {
-        return Err(format_err(path, format!("masks table schema version {} is not supported (expected {MASKS_SCHEMA_VERSION})", meta.schema_version)));
+        return Err(format_err(
+            path,
+            format!(
+                "masks table schema version {} is not supported (expected {MASKS_SCHEMA_VERSION})",
+                meta.schema_version
+            ),
+        ));
     }
     let mut out = Vec::new();
     for batch in b.build().map_err(|e| format_err(path, e.to_string()))? {
         let batch = batch.map_err(|e| format_err(path, e.to_string()))?;
-        let col = |name: &str| batch.column_by_name(name).cloned().ok_or_else(|| format_err(path, format!("missing column `{name}`")));
+        let col = |name: &str| {
+            batch.column_by_name(name).cloned().ok_or_else(|| format_err(path, format!("missing column `{name}`")))
+        };
         let typed = |name: &str| format_err(path, format!("column `{name}` has the wrong type"));
         let (id, ri, ep, st) = (col("id")?, col("row_index")?, col("epoch")?, col("states")?);
         let id = id.as_any().downcast_ref::<StringArray>().ok_or_else(|| typed("id"))?;
@@ -152,7 +171,12 @@ pub fn read_masks(path: &Path) -> Result<(MasksMeta, Vec<MaskRecord>), TableErro
         for r in 0..batch.num_rows() {
             let v = st.value(r);
             let v = v.as_any().downcast_ref::<UInt8Array>().ok_or_else(|| typed("states"))?;
-            out.push(MaskRecord { id: id.value(r).to_string(), row_index: ri.value(r), epoch: ep.value(r), states: v.values().to_vec() });
+            out.push(MaskRecord {
+                id: id.value(r).to_string(),
+                row_index: ri.value(r),
+                epoch: ep.value(r),
+                states: v.values().to_vec(),
+            });
         }
     }
     Ok((meta, out))
@@ -173,7 +197,11 @@ pub fn figure(grid: [u32; 2], lines: &[FigureLine<'_>]) -> image::RgbImage {
     let s = 64u32.div_ceil(gh.max(gw)).max(4);
     let (ph, pw, pad) = (gh * s, gw * s, 4u32);
     let panels = lines.iter().map(|l| 1 + l.states.len() as u32).max().unwrap_or(1);
-    let mut img = image::RgbImage::from_pixel(pad + panels * (pw + pad), pad + (lines.len().max(1) as u32) * (ph + pad), image::Rgb([255, 255, 255]));
+    let mut img = image::RgbImage::from_pixel(
+        pad + panels * (pw + pad),
+        pad + (lines.len().max(1) as u32) * (ph + pad),
+        image::Rgb([255, 255, 255]),
+    );
     let block = |img: &mut image::RgbImage, panel: u32, line: u32, patch: u32, rgb: [u8; 3]| {
         let (ox, oy) = (pad + panel * (pw + pad) + (patch % gw) * s, pad + line * (ph + pad) + (patch / gw) * s);
         for y in oy..oy + s {
@@ -253,7 +281,9 @@ mod tests {
         let img = figure([2, 2], &[FigureLine { weights: &w, states: &st }]);
         let s = 32; // 64 / 2
         assert_eq!(img.dimensions(), (4 + 2 * (2 * s + 4), 4 + 2 * s + 4));
-        let at = |panel: u32, patch: u32| img.get_pixel(4 + panel * (2 * s + 4) + (patch % 2) * s + s / 2, 4 + (patch / 2) * s + s / 2).0;
+        let at = |panel: u32, patch: u32| {
+            img.get_pixel(4 + panel * (2 * s + 4) + (patch % 2) * s + s / 2, 4 + (patch / 2) * s + s / 2).0
+        };
         assert_eq!(at(0, 0), [0, 0, 0]);
         assert_eq!(at(0, 1), [255, 255, 255]);
         assert_eq!(at(0, 2), [128, 128, 128]);

@@ -135,7 +135,8 @@ impl RandomMaskConfig {
 fn check_policy(policy: &MaskPolicy) -> Result<(), ConfigError> {
     policy.check().map_err(|message| {
         let first = message.split_whitespace().next().unwrap_or_default();
-        let path = if ["mask_ratio", "throw_ratio", "hints"].contains(&first) { first.to_string() } else { String::new() };
+        let path =
+            if ["mask_ratio", "throw_ratio", "hints"].contains(&first) { first.to_string() } else { String::new() };
         ConfigError { path, message }
     })
 }
@@ -158,7 +159,11 @@ fn check_export(export: Option<&ExportConfig>) -> Result<(), ConfigError> {
 }
 
 fn attention_slot() -> InputSlot {
-    InputSlot::one("attention", ATTENTION_KIND, "per-image attention maps (attention.parquet), e.g. from attention/extract")
+    InputSlot::one(
+        "attention",
+        ATTENTION_KIND,
+        "per-image attention maps (attention.parquet), e.g. from attention/extract",
+    )
 }
 
 fn weighted_output(export: Option<&ExportConfig>) -> OutputDecl {
@@ -166,7 +171,8 @@ fn weighted_output(export: Option<&ExportConfig>) -> OutputDecl {
     if export.is_some() {
         files.extend(["masks.parquet", "masks.png"]);
     }
-    OutputDecl::new(MASK_WEIGHTS_KIND, &files).figure("masks (visible, masked, thrown patches over the map)", "masks.png")
+    OutputDecl::new(MASK_WEIGHTS_KIND, &files)
+        .figure("masks (visible, masked, thrown patches over the map)", "masks.png")
 }
 
 /// Each row divided by its sum (accumulated in f64); an all-zero row becomes uniform.
@@ -213,10 +219,16 @@ fn run_weighted(
     let l = meta.patches();
     let (rows, zero_rows) = normalise_rows(rows, l);
     if zero_rows > 0 {
-        tracing::warn!("{}: {zero_rows} of {} attention maps in {} are all zero; they sample uniformly", ctx.name, rows.len(), src.display());
+        tracing::warn!(
+            "{}: {zero_rows} of {} attention maps in {} are all zero; they sample uniformly",
+            ctx.name,
+            rows.len(),
+            src.display()
+        );
     }
     ctx.cancel.check()?;
-    let source = serde_json::json!({ "stage": input.stage, "kind": input.kind, "digest": input.digest, "file": ATTENTION_FILE });
+    let source =
+        serde_json::json!({ "stage": input.stage, "kind": input.kind, "digest": input.digest, "file": ATTENTION_FILE });
     let out_meta = AttentionMeta {
         schema_version: ATTENTION_SCHEMA_VERSION,
         grid: meta.grid,
@@ -235,7 +247,9 @@ fn run_weighted(
     write_json(ctx, "policy.json", policy)?;
 
     let (masked, thrown) = match *policy {
-        MaskPolicy::Msmae { mask_ratio, throw_ratio } | MaskPolicy::Highest { mask_ratio, throw_ratio } => counts(l, mask_ratio, throw_ratio),
+        MaskPolicy::Msmae { mask_ratio, throw_ratio } | MaskPolicy::Highest { mask_ratio, throw_ratio } => {
+            counts(l, mask_ratio, throw_ratio)
+        }
         MaskPolicy::Attmask { mask_ratio, .. } | MaskPolicy::Random { mask_ratio } => counts(l, mask_ratio, 0.0),
     };
     let mut summary = serde_json::json!({
@@ -265,9 +279,13 @@ fn export_plans(
     ctx: &mut StageContext<'_>,
 ) -> Result<serde_json::Value, StageError> {
     let l = meta.patches();
-    let chosen: Vec<(usize, &AttentionRow)> = rows.iter().enumerate().filter(|(_, r)| r.split == e.split).take(e.images as usize).collect();
+    let chosen: Vec<(usize, &AttentionRow)> =
+        rows.iter().enumerate().filter(|(_, r)| r.split == e.split).take(e.images as usize).collect();
     if chosen.is_empty() {
-        return Err(StageError::config("export.split", format!("the attention table has no `{}` rows to export; choose another split", e.split.as_str())));
+        return Err(StageError::config(
+            "export.split",
+            format!("the attention table has no `{}` rows to export; choose another split", e.split.as_str()),
+        ));
     }
     let bar = ctx.progress.bar(Some(chosen.len() as u64), "mask export");
     let mut records = Vec::with_capacity(chosen.len() * e.epochs.len());
@@ -301,14 +319,21 @@ fn export_plans(
     write_masks(&mp, &masks_meta, &records)?;
     let per_image = e.epochs.len();
     let state_refs: Vec<&[u8]> = records.iter().map(|r| r.states.as_slice()).collect();
-    let lines: Vec<FigureLine<'_>> =
-        chosen.iter().zip(state_refs.chunks(per_image)).map(|(&(_, r), states)| FigureLine { weights: &r.weights, states }).collect();
+    let lines: Vec<FigureLine<'_>> = chosen
+        .iter()
+        .zip(state_refs.chunks(per_image))
+        .map(|(&(_, r), states)| FigureLine { weights: &r.weights, states })
+        .collect();
     let fp = ctx.output_path("masks.png")?;
     figure(meta.grid, &lines).save(&fp).map_err(|err| StageError::write(&fp, err))?;
     let mean = |i: usize| if n[i] > 0 { serde_json::json!(wsum[i] / n[i] as f64) } else { serde_json::Value::Null };
     let (mv, mm) = (mean(0), mean(1));
     if let (Some(v), Some(m)) = (mv.as_f64(), mm.as_f64()) {
-        tracing::info!("{}: mean weight of masked patches {m:.5}, of visible patches {v:.5} (uniform {:.5})", ctx.name, 1.0 / l as f64);
+        tracing::info!(
+            "{}: mean weight of masked patches {m:.5}, of visible patches {v:.5} (uniform {:.5})",
+            ctx.name,
+            1.0 / l as f64
+        );
     }
     Ok(serde_json::json!({
         "split": e.split,

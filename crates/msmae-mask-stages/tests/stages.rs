@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use msmae_core::{ArtifactKind, DynStage, ExecEnv, InputArtifact, NoProgress, Registry, Stage, StageContext, StageError};
+use msmae_core::{
+    ArtifactKind, DynStage, ExecEnv, InputArtifact, NoProgress, Registry, Stage, StageContext, StageError,
+};
 use msmae_data::attention::{ATTENTION_SCHEMA_VERSION, AttentionMeta, AttentionRow, read_attention, write_attention};
 use msmae_data::table::Split;
 use msmae_mask::{MaskPolicy, counts};
@@ -32,9 +34,18 @@ fn peaked(i: usize) -> Vec<f32> {
 fn attention_dir(root: &Path) -> PathBuf {
     let dir = root.join("attn");
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let rows: Vec<AttentionRow> =
-        (0..30).map(|i| AttentionRow { id: format!("img{i:03}"), split: Split::ALL[i % 3], weights: if i == 5 { vec![0.0; L] } else { peaked(i) } }).collect();
-    let meta = AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid: GRID, provenance: serde_json::json!({"model": "test"}) };
+    let rows: Vec<AttentionRow> = (0..30)
+        .map(|i| AttentionRow {
+            id: format!("img{i:03}"),
+            split: Split::ALL[i % 3],
+            weights: if i == 5 { vec![0.0; L] } else { peaked(i) },
+        })
+        .collect();
+    let meta = AttentionMeta {
+        schema_version: ATTENTION_SCHEMA_VERSION,
+        grid: GRID,
+        provenance: serde_json::json!({"model": "test"}),
+    };
     write_attention(&dir.join("attention.parquet"), &meta, &rows).expect("write attention");
     dir
 }
@@ -46,7 +57,12 @@ fn run_stage<S: Stage>(stage: &S, c: &S::Config, out: &Path, attn: Option<&Path>
     if let Some(a) = attn {
         inputs.insert(
             "attention".to_string(),
-            vec![InputArtifact { stage: "attn".into(), kind: ArtifactKind::new("attention-maps"), dir: a.to_path_buf(), digest: "d1g35t".into() }],
+            vec![InputArtifact {
+                stage: "attn".into(),
+                kind: ArtifactKind::new("attention-maps"),
+                dir: a.to_path_buf(),
+                digest: "d1g35t".into(),
+            }],
         );
     }
     let mut ctx = StageContext::new(
@@ -130,7 +146,8 @@ fn msmae_writes_policy_normalised_weights_and_exported_plans() {
         let n = |s: u8| r.states.iter().filter(|&&x| x == s).count();
         assert_eq!((n(1), n(2), n(0)), (m, t, L - m - t), "{r:?}");
         // The documented RNG key reproduces the plan.
-        let plan = mm.policy.select(Some(&rows[row].weights), L, &mut msmae_mask::sample_rng(7, "mask", r.epoch, r.row_index));
+        let plan =
+            mm.policy.select(Some(&rows[row].weights), L, &mut msmae_mask::sample_rng(7, "mask", r.epoch, r.row_index));
         assert_eq!(plan.states(), r.states);
     }
     // Different epochs give different plans for the same image.
@@ -141,7 +158,13 @@ fn msmae_writes_policy_normalised_weights_and_exported_plans() {
     assert_eq!(s["per_plan"]["thrown"], t);
     assert_eq!(s["all_zero_maps"], 1);
     assert_eq!(s["export"]["plans"].as_array().expect("plans").len(), 12);
-    assert!(s["export"]["plans"].as_array().expect("plans").iter().all(|p| p["masked"] == m && p["thrown"] == t && p["visible"] == L - m - t));
+    assert!(
+        s["export"]["plans"]
+            .as_array()
+            .expect("plans")
+            .iter()
+            .all(|p| p["masked"] == m && p["thrown"] == t && p["visible"] == L - m - t)
+    );
     let mean = |k: &str| s["export"]["mean_weight"][k].as_f64().expect("mean");
     // Peaked maps (≈20:1): sampling without replacement puts the peaks first, so masked
     // patches carry clearly more weight than visible ones.
@@ -163,9 +186,14 @@ fn reruns_are_byte_identical_and_seeds_matter() {
     run_stage(&MsmaeMask, &c, &b, Some(&attn), 11).expect("b");
     run_stage(&MsmaeMask, &c, &other, Some(&attn), 12).expect("c");
     for f in ["policy.json", "weights.parquet", "summary.json", "masks.parquet", "masks.png"] {
-        assert_eq!(std::fs::read(a.join(f)).expect("a"), std::fs::read(b.join(f)).expect("b"), "{f} differs between identical runs");
+        assert_eq!(
+            std::fs::read(a.join(f)).expect("a"),
+            std::fs::read(b.join(f)).expect("b"),
+            "{f} differs between identical runs"
+        );
     }
-    let (ra, rc) = (read_masks(&a.join("masks.parquet")).expect("a").1, read_masks(&other.join("masks.parquet")).expect("c").1);
+    let (ra, rc) =
+        (read_masks(&a.join("masks.parquet")).expect("a").1, read_masks(&other.join("masks.parquet")).expect("c").1);
     assert_eq!(ra.iter().map(|r| &r.id).collect::<Vec<_>>(), rc.iter().map(|r| &r.id).collect::<Vec<_>>());
     assert_ne!(ra, rc, "another seed draws other plans");
 }
@@ -252,14 +280,20 @@ fn bad_inputs_fail_naming_the_file() {
     // an empty table
     let empty = d.path().join("empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
-    let meta = AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid: GRID, provenance: serde_json::json!({}) };
+    let meta =
+        AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid: GRID, provenance: serde_json::json!({}) };
     write_attention(&empty.join("attention.parquet"), &meta, &[]).expect("write");
     let e = run_stage(&MsmaeMask, &c, &d.path().join("o3"), Some(&empty), 1).expect_err("empty").to_string();
     assert!(e.contains("no rows"), "{e}");
     // export of a split the table lacks
     let one = d.path().join("one");
     std::fs::create_dir_all(&one).expect("mkdir");
-    write_attention(&one.join("attention.parquet"), &meta, &[AttentionRow { id: "a".into(), split: Split::Train, weights: peaked(0) }]).expect("write");
+    write_attention(
+        &one.join("attention.parquet"),
+        &meta,
+        &[AttentionRow { id: "a".into(), split: Split::Train, weights: peaked(0) }],
+    )
+    .expect("write");
     let c = msmae_config(serde_json::json!({ "export": {} }));
     let e = run_stage(&MsmaeMask, &c, &d.path().join("o4"), Some(&one), 1).expect_err("no test rows").to_string();
     assert!(e.contains("export.split") && e.contains("`test`"), "{e}");

@@ -44,7 +44,13 @@ impl Augmentation {
 /// torchvision's `RandomResizedCrop.get_params`: up to 10 tries of a random area fraction
 /// in `scale` and log-uniform aspect ratio in `ratio`; otherwise a centre crop with the
 /// aspect ratio clamped into `ratio`. Integer pixel boxes, like torchvision.
-pub fn random_resized_crop(rng: &mut ChaCha8Rng, height: usize, width: usize, scale: (f64, f64), ratio: (f64, f64)) -> CropBox {
+pub fn random_resized_crop(
+    rng: &mut ChaCha8Rng,
+    height: usize,
+    width: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+) -> CropBox {
     let (h, w) = (height as f64, width as f64);
     let area = h * w;
     let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
@@ -81,7 +87,16 @@ pub fn sample(rng: &mut ChaCha8Rng, height: usize, width: usize, scale: (f64, f6
 /// an `out_h × out_w` patch grid: each output patch gets the integral of the map over the
 /// part of the source it shows (map cells count with unit area).
 #[allow(clippy::too_many_arguments)]
-pub fn transform_weights(map: &[f32], map_h: usize, map_w: usize, src_h: usize, src_w: usize, aug: &Augmentation, out_h: usize, out_w: usize) -> Vec<f32> {
+pub fn transform_weights(
+    map: &[f32],
+    map_h: usize,
+    map_w: usize,
+    src_h: usize,
+    src_w: usize,
+    aug: &Augmentation,
+    out_h: usize,
+    out_w: usize,
+) -> Vec<f32> {
     assert_eq!(map.len(), map_h * map_w, "weight map has {} values, expected {map_h}×{map_w}", map.len());
     let (sy, sx) = (map_h as f64 / src_h as f64, map_w as f64 / src_w as f64);
     let (top, left) = (aug.crop.top * sy, aug.crop.left * sx);
@@ -176,6 +191,10 @@ mod tests {
             assert_eq!(c.height.fract(), 0.0);
         }
         let a = sample(&mut sample_rng(9, "augment", 3, 7), 64, 64, (0.2, 1.0));
-        assert_eq!(a, sample(&mut sample_rng(9, "augment", 3, 7), 64, 64, (0.2, 1.0)), "same (seed, epoch, id), same crop");
+        assert_eq!(
+            a,
+            sample(&mut sample_rng(9, "augment", 3, 7), 64, 64, (0.2, 1.0)),
+            "same (seed, epoch, id), same crop"
+        );
     }
 }

@@ -174,7 +174,9 @@ impl MaskPolicy {
     /// Patches kept visible out of `len`.
     pub fn visible_count(&self, len: usize) -> usize {
         match *self {
-            MaskPolicy::Random { mask_ratio } | MaskPolicy::Attmask { mask_ratio, .. } => len - counts(len, mask_ratio, 0.0).0,
+            MaskPolicy::Random { mask_ratio } | MaskPolicy::Attmask { mask_ratio, .. } => {
+                len - counts(len, mask_ratio, 0.0).0
+            }
             MaskPolicy::Msmae { mask_ratio, throw_ratio } | MaskPolicy::Highest { mask_ratio, throw_ratio } => {
                 let (m, t) = counts(len, mask_ratio, throw_ratio);
                 len - m - t
@@ -184,14 +186,18 @@ impl MaskPolicy {
 
     /// Check the ratios; returns a description of the first problem.
     pub fn check(&self) -> Result<(), String> {
-        let unit = |name: &str, v: f64| if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(format!("{name} must be within [0, 1], got {v}")) };
+        let unit = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(format!("{name} must be within [0, 1], got {v}")) }
+        };
         match *self {
             MaskPolicy::Random { mask_ratio } => unit("mask_ratio", mask_ratio),
             MaskPolicy::Msmae { mask_ratio, throw_ratio } | MaskPolicy::Highest { mask_ratio, throw_ratio } => {
                 unit("mask_ratio", mask_ratio)?;
                 unit("throw_ratio", throw_ratio)?;
                 if mask_ratio + throw_ratio >= 1.0 {
-                    return Err(format!("mask_ratio + throw_ratio must leave patches visible, got {mask_ratio} + {throw_ratio}"));
+                    return Err(format!(
+                        "mask_ratio + throw_ratio must leave patches visible, got {mask_ratio} + {throw_ratio}"
+                    ));
                 }
                 Ok(())
             }
@@ -217,7 +223,9 @@ impl MaskPolicy {
             MaskPolicy::Random { mask_ratio } => random_select(len, mask_ratio, rng),
             MaskPolicy::Msmae { mask_ratio, throw_ratio } => msmae_select(w(), mask_ratio, throw_ratio, rng),
             MaskPolicy::Attmask { mask_ratio, hints } => attmask_select(w(), mask_ratio, hints, rng),
-            MaskPolicy::Highest { mask_ratio, throw_ratio } => msmae_select(&complement(w()), mask_ratio, throw_ratio, rng),
+            MaskPolicy::Highest { mask_ratio, throw_ratio } => {
+                msmae_select(&complement(w()), mask_ratio, throw_ratio, rng)
+            }
         }
     }
 }

@@ -76,7 +76,12 @@ fn ratio(num: u64, den: u64) -> f64 {
 impl ClassStats {
     /// From true positives, false positives and false negatives (zero division → 0).
     pub fn from_counts(tp: u64, fp: u64, fn_: u64) -> Self {
-        Self { precision: ratio(tp, tp + fp), recall: ratio(tp, tp + fn_), f1: ratio(2 * tp, 2 * tp + fp + fn_), support: tp + fn_ }
+        Self {
+            precision: ratio(tp, tp + fp),
+            recall: ratio(tp, tp + fn_),
+            f1: ratio(2 * tp, 2 * tp + fp + fn_),
+            support: tp + fn_,
+        }
     }
 }
 
@@ -98,7 +103,10 @@ pub fn per_class(confusion: &[Vec<u64>]) -> Vec<ClassStats> {
 pub fn macro_f1(y_true: &[usize], y_pred: &[usize], n_classes: usize) -> f64 {
     let m = confusion_matrix(y_true, y_pred, n_classes);
     let stats = per_class(&m);
-    let present: Vec<f64> = (0..n_classes).filter(|&k| m[k].iter().sum::<u64>() > 0 || m.iter().any(|row| row[k] > 0)).map(|k| stats[k].f1).collect();
+    let present: Vec<f64> = (0..n_classes)
+        .filter(|&k| m[k].iter().sum::<u64>() > 0 || m.iter().any(|row| row[k] > 0))
+        .map(|k| stats[k].f1)
+        .collect();
     if present.is_empty() { 0.0 } else { present.iter().sum::<f64>() / present.len() as f64 }
 }
 

@@ -68,7 +68,11 @@ impl Series {
 fn ensure_font(path: &Path) -> Result<(), PlotError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
-    if ok { Ok(()) } else { Err(PlotError::Draw { path: path.into(), message: "the embedded font could not be loaded".into() }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(PlotError::Draw { path: path.into(), message: "the embedded font could not be loaded".into() })
+    }
 }
 
 /// Distinct colours for up to 10 series (then they repeat), colour-blind friendly (Tableau 10).
@@ -90,7 +94,8 @@ fn draw_err(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> PlotError + '_ {
 }
 
 fn save_png(path: &Path, buf: Vec<u8>, (w, h): (u32, u32)) -> Result<(), PlotError> {
-    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| PlotError::Draw { path: path.into(), message: "bitmap size mismatch".into() })?;
+    let img = image::RgbImage::from_raw(w, h, buf)
+        .ok_or_else(|| PlotError::Draw { path: path.into(), message: "bitmap size mismatch".into() })?;
     img.save_with_format(path, image::ImageFormat::Png).map_err(|e| match e {
         image::ImageError::IoError(source) => PlotError::Io { path: path.into(), source },
         other => PlotError::Draw { path: path.into(), message: other.to_string() },
@@ -118,7 +123,10 @@ fn axis_range(v: impl Iterator<Item = f64>) -> (f64, f64) {
 pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<(), PlotError> {
     let data = |m: String| PlotError::Data { path: path.into(), message: m };
     if series.len() > MAX_CHART_ITEMS {
-        let note = format!("{} curves are too many to read in one chart (at most {MAX_CHART_ITEMS}): the numbers are in the stage's tables", series.len());
+        let note = format!(
+            "{} curves are too many to read in one chart (at most {MAX_CHART_ITEMS}): the numbers are in the stage's tables",
+            series.len()
+        );
         return note_chart(path, title, &note);
     }
     if series.iter().all(|s| s.points.is_empty()) {
@@ -130,7 +138,8 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     ensure_font(path)?;
     let all = || series.iter().flat_map(|s| s.points.iter());
     let unit = all().all(|&(x, y)| (0.0..=1.0).contains(&x) && (0.0..=1.0).contains(&y));
-    let ((x0, x1), (y0, y1)) = if unit { ((0.0, 1.0), (0.0, 1.0)) } else { (axis_range(all().map(|p| p.0)), axis_range(all().map(|p| p.1))) };
+    let ((x0, x1), (y0, y1)) =
+        if unit { ((0.0, 1.0), (0.0, 1.0)) } else { (axis_range(all().map(|p| p.0)), axis_range(all().map(|p| p.1))) };
     let size = CHART_SIZE;
     let mut buf = vec![255u8; (size.0 * size.1 * 3) as usize];
     let e = draw_err(path);
@@ -189,10 +198,15 @@ pub fn note_chart(path: &Path, title: &str, note: &str) -> Result<(), PlotError>
     {
         let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
         root.fill(&WHITE).map_err(|x| e(&x))?;
-        let centre = plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Center);
+        let centre = plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Center,
+            plotters::style::text_anchor::VPos::Center,
+        );
         let (w, h) = (size.0 as i32, size.1 as i32);
-        root.draw(&Text::new(title.to_string(), (w / 2, 40), TextStyle::from((FAMILY, 26).into_font()).pos(centre))).map_err(|x| e(&x))?;
-        root.draw(&Text::new(note.to_string(), (w / 2, h / 2), TextStyle::from((FAMILY, 18).into_font()).pos(centre))).map_err(|x| e(&x))?;
+        root.draw(&Text::new(title.to_string(), (w / 2, 40), TextStyle::from((FAMILY, 26).into_font()).pos(centre)))
+            .map_err(|x| e(&x))?;
+        root.draw(&Text::new(note.to_string(), (w / 2, h / 2), TextStyle::from((FAMILY, 18).into_font()).pos(centre)))
+            .map_err(|x| e(&x))?;
         root.present().map_err(|x| e(&x))?;
     }
     save_png(path, buf, size)
@@ -216,7 +230,9 @@ pub fn heatmap_chart(
         return Err(data(format!("heatmap `{title}` has no rows or columns")));
     }
     if nr > MAX_CHART_ITEMS || nc > MAX_CHART_ITEMS {
-        let note = format!("{nr} × {nc} cells are too many to read in one chart (at most {MAX_CHART_ITEMS} a side): the counts are in the stage's tables");
+        let note = format!(
+            "{nr} × {nc} cells are too many to read in one chart (at most {MAX_CHART_ITEMS} a side): the counts are in the stage's tables"
+        );
         return note_chart(path, title, &note);
     }
     if cells.len() != nr || cells.iter().any(|r| r.len() != nc) {
@@ -240,11 +256,19 @@ pub fn heatmap_chart(
         let row_label = |v: &f64| {
             // Row 0 at the top: the y axis counts up from the bottom.
             let k = (nr as f64 - v - 0.5).round();
-            if (0.0..nr as f64).contains(&k) && (v.fract() - 0.5).abs() < 1e-6 { row_names[k as usize].clone() } else { String::new() }
+            if (0.0..nr as f64).contains(&k) && (v.fract() - 0.5).abs() < 1e-6 {
+                row_names[k as usize].clone()
+            } else {
+                String::new()
+            }
         };
         let col_label = |v: &f64| {
             let k = (v - 0.5).round();
-            if (0.0..nc as f64).contains(&k) && (v.fract() - 0.5).abs() < 1e-6 { col_names[k as usize].clone() } else { String::new() }
+            if (0.0..nc as f64).contains(&k) && (v.fract() - 0.5).abs() < 1e-6 {
+                col_names[k as usize].clone()
+            } else {
+                String::new()
+            }
         };
         chart
             .configure_mesh()
@@ -266,15 +290,27 @@ pub fn heatmap_chart(
                 let shade = |lo: u8, hi: u8| (f64::from(hi) + (f64::from(lo) - f64::from(hi)) * f).round() as u8;
                 let fill = RGBColor(shade(8, 247), shade(48, 251), shade(107, 255));
                 let y = (nr - 1 - r) as f64;
-                chart.draw_series(std::iter::once(Rectangle::new([(c as f64, y), (c as f64 + 1.0, y + 1.0)], fill.filled()))).map_err(|x| e(&x))?;
                 chart
-                    .draw_series(std::iter::once(Rectangle::new([(c as f64, y), (c as f64 + 1.0, y + 1.0)], RGBColor(200, 200, 200).stroke_width(1))))
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(c as f64, y), (c as f64 + 1.0, y + 1.0)],
+                        fill.filled(),
+                    )))
+                    .map_err(|x| e(&x))?;
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(c as f64, y), (c as f64 + 1.0, y + 1.0)],
+                        RGBColor(200, 200, 200).stroke_width(1),
+                    )))
                     .map_err(|x| e(&x))?;
                 let ink = if f > 0.5 { WHITE } else { BLACK };
-                let style = TextStyle::from((FAMILY, 18).into_font())
-                    .color(&ink)
-                    .pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Center));
-                chart.draw_series(std::iter::once(Text::new(v.to_string(), (c as f64 + 0.5, y + 0.5), style))).map_err(|x| e(&x))?;
+                let style =
+                    TextStyle::from((FAMILY, 18).into_font()).color(&ink).pos(plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Center,
+                        plotters::style::text_anchor::VPos::Center,
+                    ));
+                chart
+                    .draw_series(std::iter::once(Text::new(v.to_string(), (c as f64 + 0.5, y + 0.5), style)))
+                    .map_err(|x| e(&x))?;
             }
         }
         root.present().map_err(|x| e(&x))?;

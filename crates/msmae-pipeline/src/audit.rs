@@ -43,7 +43,11 @@ pub struct AuditOptions<'a> {
 
 impl std::fmt::Debug for AuditOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditOptions").field("stages", &self.stages).field("threads", &self.threads).field("tolerance", &self.tolerance).finish_non_exhaustive()
+        f.debug_struct("AuditOptions")
+            .field("stages", &self.stages)
+            .field("threads", &self.threads)
+            .field("tolerance", &self.tolerance)
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,7 +102,13 @@ pub struct StageAudit {
 }
 
 /// Recompute `opts.stages` of `plan` as `lock` records them, reading inputs from `store`.
-pub fn audit(plan: &Plan, store: &Store, lock: &LockFile, opts: &AuditOptions<'_>, progress: &dyn Progress) -> Result<Vec<StageAudit>> {
+pub fn audit(
+    plan: &Plan,
+    store: &Store,
+    lock: &LockFile,
+    opts: &AuditOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<Vec<StageAudit>> {
     let names: Vec<String> = if opts.stages.is_empty() {
         plan.nodes.iter().filter(|n| lock.stage(&n.name).is_some()).map(|n| n.name.clone()).collect()
     } else {
@@ -108,10 +118,15 @@ pub fn audit(plan: &Plan, store: &Store, lock: &LockFile, opts: &AuditOptions<'_
     let mut todo = Vec::new();
     for name in &names {
         let Some(node) = plan.nodes.iter().find(|n| &n.name == name) else {
-            return Err(Error::UnknownStage { name: name.clone(), known: plan.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ") });
+            return Err(Error::UnknownStage {
+                name: name.clone(),
+                known: plan.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+            });
         };
         let Some(rec) = lock.stage(name) else {
-            return Err(Error::Audit(format!("stage `{name}` has no record in the lock file: there is nothing to reproduce yet (run the pipeline first)")));
+            return Err(Error::Audit(format!(
+                "stage `{name}` has no record in the lock file: there is nothing to reproduce yet (run the pipeline first)"
+            )));
         };
         for (slot, ins) in &rec.parts.inputs {
             for i in ins {
@@ -134,7 +149,10 @@ pub fn audit(plan: &Plan, store: &Store, lock: &LockFile, opts: &AuditOptions<'_
     let scratch_root = match &opts.scratch {
         Some(p) => p.clone(),
         None => {
-            tmp = tempfile::Builder::new().prefix("msmae-audit-").tempdir().map_err(|e| Error::store("create", std::env::temp_dir(), e))?;
+            tmp = tempfile::Builder::new()
+                .prefix("msmae-audit-")
+                .tempdir()
+                .map_err(|e| Error::store("create", std::env::temp_dir(), e))?;
             tmp.path().join("store")
         }
     };
@@ -182,12 +200,19 @@ fn audit_stage(
                 .iter()
                 .map(|m| {
                     let (r, c) = (before.get(&m.name).copied(), after.get(&m.name).copied());
-                    MetricDelta { name: m.name.clone(), recorded: r, recomputed: c, delta: r.zip(c).map(|(r, c)| c - r) }
+                    MetricDelta {
+                        name: m.name.clone(),
+                        recorded: r,
+                        recomputed: c,
+                        delta: r.zip(c).map(|(r, c)| c - r),
+                    }
                 })
                 .collect();
             a.verdict = if digest == rec.output.digest {
                 Verdict::BitIdentical
-            } else if !a.metrics.is_empty() && a.metrics.iter().all(|m| m.delta.is_some_and(|d| d.abs() <= opts.tolerance)) {
+            } else if !a.metrics.is_empty()
+                && a.metrics.iter().all(|m| m.delta.is_some_and(|d| d.abs() <= opts.tolerance))
+            {
                 Verdict::WithinTolerance
             } else {
                 Verdict::Differs
@@ -213,10 +238,13 @@ fn recompute(
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<(String, msmae_core::OutputDecl)> {
-    let prepared = node
-        .kind
-        .prepare(&rec.parts.config)
-        .map_err(|e| Error::Audit(format!("the recorded config of `{}` is not valid for this msmae's `{}`: {e}", node.name, node.kind.kind())))?;
+    let prepared = node.kind.prepare(&rec.parts.config).map_err(|e| {
+        Error::Audit(format!(
+            "the recorded config of `{}` is not valid for this msmae's `{}`: {e}",
+            node.name,
+            node.kind.kind()
+        ))
+    })?;
     let decl = prepared.output();
     let mut inputs: BTreeMap<String, Vec<InputArtifact>> = BTreeMap::new();
     for (slot, ins) in &rec.parts.inputs {
@@ -246,13 +274,22 @@ fn recompute(
     )
     .with_resume_dir(resume);
     tracing::info!("recomputing `{}` ({}) with {threads} threads", node.name, node.kind.kind());
-    prepared.run(&mut ctx).map_err(|e| Error::Output { stage: node.name.clone(), message: msmae_core::error::chain(&e) })?;
+    prepared
+        .run(&mut ctx)
+        .map_err(|e| Error::Output { stage: node.name.clone(), message: msmae_core::error::chain(&e) })?;
     let manifest = scratch.commit(staging, &node.name, &decl)?;
     Ok((manifest.digest, decl))
 }
 
 /// The recorded run's circumstances against this machine's, and what changed since.
-fn differences(plan: &Plan, store: &Store, node: &crate::plan::Node, rec: &StageLock, env: &ExecEnv, threads: usize) -> Vec<String> {
+fn differences(
+    plan: &Plan,
+    store: &Store,
+    node: &crate::plan::Node,
+    rec: &StageLock,
+    env: &ExecEnv,
+    threads: usize,
+) -> Vec<String> {
     let mut d = Vec::new();
     let here = Host::current();
     let was = &rec.run.host;
@@ -287,8 +324,13 @@ fn differences(plan: &Plan, store: &Store, node: &crate::plan::Node, rec: &Stage
     }
     let code = Code::parse(node.kind.code_fingerprint());
     if code.digest != rec.parts.code {
-        let changed: Vec<&String> = code.crates.iter().filter(|(k, v)| rec.parts.crates.get(*k) != Some(v)).map(|(k, _)| k).collect();
-        let which = if changed.is_empty() { String::new() } else { format!(" ({})", changed.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")) };
+        let changed: Vec<&String> =
+            code.crates.iter().filter(|(k, v)| rec.parts.crates.get(*k) != Some(v)).map(|(k, _)| k).collect();
+        let which = if changed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", changed.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "))
+        };
         d.push(format!("code changed since the record{which}"));
     }
     for (name, v) in &code.deps {
@@ -299,7 +341,10 @@ fn differences(plan: &Plan, store: &Store, node: &crate::plan::Node, rec: &Stage
     }
     // Data folders the stage reads: their content now against the record.
     for ext in &rec.parts.external {
-        if let Some(p) = node.external.iter().find(|p| p.strip_prefix(&plan.spec.base_dir).unwrap_or(p).to_string_lossy() == ext.path)
+        if let Some(p) = node
+            .external
+            .iter()
+            .find(|p| p.strip_prefix(&plan.spec.base_dir).unwrap_or(p).to_string_lossy() == ext.path)
             && let Ok(now) = store.memo().tree(p)
             && now.hex != ext.digest
         {
@@ -319,11 +364,23 @@ pub fn render_text(pipeline: &Path, lock: &Path, audits: &[StageAudit], toleranc
     let mut s = String::new();
     let _ = writeln!(s, "audit of {} against {}", pipeline.display(), lock.display());
     let w = audits.iter().map(|a| a.stage.len()).max().unwrap_or(5).max(5);
-    let _ = writeln!(s, "{:w$}  {:24} {:17} {:>7} {:>9}  artifact recorded → recomputed", "stage", "kind", "result", "threads", "seconds");
+    let _ = writeln!(
+        s,
+        "{:w$}  {:24} {:17} {:>7} {:>9}  artifact recorded → recomputed",
+        "stage", "kind", "result", "threads", "seconds"
+    );
     for a in audits {
         let rec = &a.recorded[..12.min(a.recorded.len())];
         let got = a.recomputed.as_deref().map_or("-", |d| &d[..12.min(d.len())]);
-        let _ = writeln!(s, "{:w$}  {:24} {:17} {:>7} {:>9.2}  {rec} → {got}", a.stage, a.kind, a.verdict.label(), a.threads, a.seconds);
+        let _ = writeln!(
+            s,
+            "{:w$}  {:24} {:17} {:>7} {:>9.2}  {rec} → {got}",
+            a.stage,
+            a.kind,
+            a.verdict.label(),
+            a.threads,
+            a.seconds
+        );
         if let Some(e) = &a.error {
             let _ = writeln!(s, "{:w$}    error: {e}", "");
         }

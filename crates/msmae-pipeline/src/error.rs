@@ -69,7 +69,9 @@ pub enum Error {
     Corrupt { path: PathBuf, message: String },
     #[error("unknown stage `{name}`; stages: {known}")]
     UnknownStage { name: String, known: String },
-    #[error("stage `{stage}` needs `{upstream}`, which is not selected and has no cached output: run it first (e.g. `--until {upstream}`)")]
+    #[error(
+        "stage `{stage}` needs `{upstream}`, which is not selected and has no cached output: run it first (e.g. `--until {upstream}`)"
+    )]
     NotCached { stage: String, upstream: String },
     #[error("hash {path}")]
     Hash {
@@ -125,7 +127,13 @@ mod tests {
     #[test]
     fn no_variant_repeats_its_cause() {
         let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied");
-        let spec = SpecErrors(vec![SpecError { file: "p.yaml".into(), line: 3, column: 5, key: "stages.a.with".into(), message: "bad".into() }]);
+        let spec = SpecErrors(vec![SpecError {
+            file: "p.yaml".into(),
+            line: 3,
+            column: 5,
+            key: "stages.a.with".into(),
+            message: "bad".into(),
+        }]);
         let all = [
             Error::Spec(spec),
             Error::Read { path: "/p.yaml".into(), source: io() },
@@ -139,11 +147,22 @@ mod tests {
             Error::Cancelled { stage: "a".into() },
             Error::LockFile { path: "/p.lock".into(), message: "not YAML".into() },
             Error::ReadOnly { path: "/s".into(), what: "stage `a` must run".into() },
-            Error::OutOfSpace { stage: "a".into(), store: "/s".into(), written: "1 GB".into(), available: "10 MB".into(), cause: "no space".into() },
+            Error::OutOfSpace {
+                stage: "a".into(),
+                store: "/s".into(),
+                written: "1 GB".into(),
+                available: "10 MB".into(),
+                cause: "no space".into(),
+            },
             Error::Busy { path: "/s".into(), holder: "pid 7".into() },
             Error::NotAStore { path: "/home".into(), found: "notes/".into() },
             Error::Audit("stage `a` differs".into()),
-            Error::LockOwner { lock: "/a.lock".into(), owner: "a.yml".into(), pipeline: "a.yaml".into(), suggested: "a.yaml.lock".into() },
+            Error::LockOwner {
+                lock: "/a.lock".into(),
+                owner: "a.yml".into(),
+                pipeline: "a.yaml".into(),
+                suggested: "a.yaml.lock".into(),
+            },
         ];
         for e in &all {
             assert_eq!(msmae_core::error::repeated_cause(e), None, "{e:?}");

@@ -180,7 +180,9 @@ pub struct RunReport {
 impl RunReport {
     /// No stage failed, was blocked or cancelled.
     pub fn ok(&self) -> bool {
-        self.stages.iter().all(|s| !matches!(s.outcome, Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled))
+        self.stages
+            .iter()
+            .all(|s| !matches!(s.outcome, Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled))
     }
     pub fn count(&self, label: &str) -> usize {
         self.stages.iter().filter(|s| s.outcome.label() == label).count()
@@ -198,8 +200,10 @@ struct Selection {
 }
 
 fn node_index(plan: &Plan, name: &str) -> Result<usize> {
-    plan.index_of(name)
-        .ok_or_else(|| Error::UnknownStage { name: name.into(), known: plan.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ") })
+    plan.index_of(name).ok_or_else(|| Error::UnknownStage {
+        name: name.into(),
+        known: plan.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+    })
 }
 
 fn select(plan: &Plan, o: &RunOptions) -> Result<Selection> {
@@ -234,12 +238,24 @@ fn select(plan: &Plan, o: &RunOptions) -> Result<Selection> {
 }
 
 /// The key parts of `node`, given the artifact digests of its upstream nodes.
-pub fn key_parts(plan: &Plan, node: &Node, digests: &BTreeMap<usize, String>, store: &Store, env: &ExecEnv) -> Result<KeyParts> {
+pub fn key_parts(
+    plan: &Plan,
+    node: &Node,
+    digests: &BTreeMap<usize, String>,
+    store: &Store,
+    env: &ExecEnv,
+) -> Result<KeyParts> {
     let inputs = node
         .bindings
         .iter()
         .map(|(slot, ups)| {
-            let refs = ups.iter().map(|&j| InputRef { stage: plan.nodes[j].name.clone(), digest: digests.get(&j).cloned().unwrap_or_default() }).collect();
+            let refs = ups
+                .iter()
+                .map(|&j| InputRef {
+                    stage: plan.nodes[j].name.clone(),
+                    digest: digests.get(&j).cloned().unwrap_or_default(),
+                })
+                .collect();
             (slot.clone(), refs)
         })
         .collect();
@@ -423,7 +439,12 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
             artifact: digests.get(&i).cloned(),
         })
         .collect();
-    Ok(RunReport { pipeline: plan.spec.name.clone(), stages, seconds: t0.elapsed().as_secs_f64(), lock_file: lock_path })
+    Ok(RunReport {
+        pipeline: plan.spec.name.clone(),
+        stages,
+        seconds: t0.elapsed().as_secs_f64(),
+        lock_file: lock_path,
+    })
 }
 
 /// Register the lock file as a gc root with the artifacts it references, after every run,
@@ -473,12 +494,16 @@ fn check_global_batches(plan: &Plan, sel: &Selection, opts: &RunOptions) -> Resu
 /// The outcome node `i` takes from a dependency that failed, was blocked or cancelled, or
 /// (in a dry run) would run; `None` while its dependencies are fine.
 fn inherited_outcome(plan: &Plan, i: usize, outcome: &[Option<Outcome>]) -> Option<Outcome> {
-    let bad = *plan.nodes[i]
-        .deps
-        .iter()
-        .find(|&&d| matches!(outcome[d], Some(Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled | Outcome::WouldRun { .. })))?;
+    let bad = *plan.nodes[i].deps.iter().find(|&&d| {
+        matches!(
+            outcome[d],
+            Some(Outcome::Failed { .. } | Outcome::Blocked { .. } | Outcome::Cancelled | Outcome::WouldRun { .. })
+        )
+    })?;
     Some(match &outcome[bad] {
-        Some(Outcome::WouldRun { .. }) => Outcome::WouldRun { reasons: vec![format!("after `{}`", plan.nodes[bad].name)] },
+        Some(Outcome::WouldRun { .. }) => {
+            Outcome::WouldRun { reasons: vec![format!("after `{}`", plan.nodes[bad].name)] }
+        }
         Some(Outcome::Cancelled) => Outcome::Cancelled,
         _ => Outcome::Blocked { upstream: plan.nodes[bad].name.clone() },
     })
@@ -509,7 +534,12 @@ impl Job<'_> {
         }
         let msg = match std::panic::catch_unwind(AssertUnwindSafe(|| self.execute())) {
             Ok(m) => m,
-            Err(p) => Msg::Done { i: self.i, outcome: Outcome::Failed { error: format!("panicked: {}", panic_text(&p)) }, entry: None, key: None },
+            Err(p) => Msg::Done {
+                i: self.i,
+                outcome: Outcome::Failed { error: format!("panicked: {}", panic_text(&p)) },
+                entry: None,
+                key: None,
+            },
         };
         if !g.is_solo() {
             let Msg::Done { outcome, entry, key, .. } = &msg;
@@ -522,7 +552,12 @@ impl Job<'_> {
     /// after a time limit, node failure or preemption while `--retries` allows.
     fn on_slurm(&self, s: &crate::slurm::SlurmOptions, node: &Node, key: &str) -> Msg {
         use crate::slurm::{JobEnd, Submission};
-        let fail = |error: String| Msg::Done { i: self.i, outcome: Outcome::Failed { error }, entry: None, key: Some(key.to_string()) };
+        let fail = |error: String| Msg::Done {
+            i: self.i,
+            outcome: Outcome::Failed { error },
+            entry: None,
+            key: Some(key.to_string()),
+        };
         let dir = self.store.root().join("slurm").join(&s.run_id);
         let outcome = dir.join(format!("{}.outcome.json", node.name));
         let log = dir.join(format!("{}-%j.log", node.name));
@@ -539,7 +574,8 @@ impl Job<'_> {
             lock_check: None,
         };
         // The run's first job proves that file locks on the store reach across nodes.
-        let check = (!s.locks_checked.swap(true, std::sync::atomic::Ordering::SeqCst)).then(|| dir.join(format!("{}.lockcheck", node.name)));
+        let check = (!s.locks_checked.swap(true, std::sync::atomic::Ordering::SeqCst))
+            .then(|| dir.join(format!("{}.lockcheck", node.name)));
         spec.lock_check = check.as_deref();
         for attempt in 0..=s.retries {
             let script = crate::slurm::script(s, &spec);
@@ -553,7 +589,8 @@ impl Job<'_> {
             let log_file = crate::slurm::log_path(&sub);
             tracing::info!("`{}`: Slurm job {} (log {})", node.name, sub.job, log_file.display());
             let verdict = |_: &std::path::Path| self.store.key_lock_held(key).unwrap_or(false);
-            let end = match crate::slurm::wait(s, &sub, spec.lock_check, &verdict, &|| self.opts.cancel.is_cancelled()) {
+            let end = match crate::slurm::wait(s, &sub, spec.lock_check, &verdict, &|| self.opts.cancel.is_cancelled())
+            {
                 Ok(e) => e,
                 Err(e) => {
                     crate::slurm::cancel(&sub.job);
@@ -565,7 +602,11 @@ impl Job<'_> {
                     return match self.store.lookup(key) {
                         Ok(Some(entry)) => {
                             let unchanged = self.previous.as_ref().is_some_and(|(_, d)| d == &entry.artifact);
-                            let outcome = if o.outcome == "ran" { Outcome::Ran { seconds: o.seconds, unchanged } } else { Outcome::Cached };
+                            let outcome = if o.outcome == "ran" {
+                                Outcome::Ran { seconds: o.seconds, unchanged }
+                            } else {
+                                Outcome::Cached
+                            };
                             Msg::Done { i: self.i, outcome, entry: Some(Box::new(entry)), key: Some(key.to_string()) }
                         }
                         Ok(None) => fail(format!(
@@ -579,7 +620,12 @@ impl Job<'_> {
                     };
                 }
                 JobEnd::Outcome(o) if o.outcome == "cancelled" => {
-                    return Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key.to_string()) };
+                    return Msg::Done {
+                        i: self.i,
+                        outcome: Outcome::Cancelled,
+                        entry: None,
+                        key: Some(key.to_string()),
+                    };
                 }
                 JobEnd::Outcome(o) => {
                     return fail(format!(
@@ -590,8 +636,21 @@ impl Job<'_> {
                         log_file.display()
                     ));
                 }
-                JobEnd::Cancelled => return Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key.to_string()) },
-                JobEnd::Lost => return fail(format!("Slurm job {} left the queue without an outcome; log {}", sub.job, log_file.display())),
+                JobEnd::Cancelled => {
+                    return Msg::Done {
+                        i: self.i,
+                        outcome: Outcome::Cancelled,
+                        entry: None,
+                        key: Some(key.to_string()),
+                    };
+                }
+                JobEnd::Lost => {
+                    return fail(format!(
+                        "Slurm job {} left the queue without an outcome; log {}",
+                        sub.job,
+                        log_file.display()
+                    ));
+                }
                 JobEnd::Retryable(why) if attempt < s.retries => {
                     tracing::warn!(
                         "`{}`: Slurm job {} ended by {why}; resubmitting from its checkpoint ({} of {} retries)",
@@ -633,12 +692,17 @@ impl Job<'_> {
         let node = &self.plan.nodes[self.i];
         let key = resume.file_name().map(|k| k.to_string_lossy().into_owned()).unwrap_or_default();
         let out = self.store.root().join("tmp").join(format!("{key}.rank{}", g.rank()));
-        let res = std::fs::create_dir_all(out.join("data")).map_err(|e| format!("creating {}: {e}", out.display())).and_then(|()| {
-            let mut ctx = self.context(node, out.join("data")).with_resume_dir(resume.to_path_buf()).with_group(self.opts.group.clone());
-            std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx)))
-                .map_err(|p| format!("panicked: {}", panic_text(&p)))?
-                .map_err(|e| chain(&e))
-        });
+        let res = std::fs::create_dir_all(out.join("data"))
+            .map_err(|e| format!("creating {}: {e}", out.display()))
+            .and_then(|()| {
+                let mut ctx = self
+                    .context(node, out.join("data"))
+                    .with_resume_dir(resume.to_path_buf())
+                    .with_group(self.opts.group.clone());
+                std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx)))
+                    .map_err(|p| format!("panicked: {}", panic_text(&p)))?
+                    .map_err(|e| chain(&e))
+            });
         let _ = crate::store::remove_tree(&out);
         if let Err(e) = res {
             abort_job(g, &node.name, &e);
@@ -678,7 +742,12 @@ impl Job<'_> {
     }
 
     fn execute(&self) -> Msg {
-        let fail = |error: String, key: Option<String>| Msg::Done { i: self.i, outcome: Outcome::Failed { error }, entry: None, key };
+        let fail = |error: String, key: Option<String>| Msg::Done {
+            i: self.i,
+            outcome: Outcome::Failed { error },
+            entry: None,
+            key,
+        };
         let node = &self.plan.nodes[self.i];
         let parts = match key_parts(self.plan, node, &self.digests, self.store, &self.opts.env) {
             Ok(p) => p,
@@ -701,7 +770,12 @@ impl Job<'_> {
             Ok(c) => c,
             Err(e) => return fail(chain(&e), Some(key)),
         };
-        let done = |outcome, entry: IndexEntry| Msg::Done { i: self.i, outcome, entry: Some(Box::new(entry)), key: Some(key.clone()) };
+        let done = |outcome, entry: IndexEntry| Msg::Done {
+            i: self.i,
+            outcome,
+            entry: Some(Box::new(entry)),
+            key: Some(key.clone()),
+        };
         if let Some(entry) = &cached
             && !self.forced
         {
@@ -709,7 +783,8 @@ impl Job<'_> {
         }
         if !self.selected && !self.forced {
             let upstream = node.name.clone();
-            let stage = self.plan.nodes.iter().find(|n| n.deps.contains(&self.i)).map(|n| n.name.clone()).unwrap_or_default();
+            let stage =
+                self.plan.nodes.iter().find(|n| n.deps.contains(&self.i)).map(|n| n.name.clone()).unwrap_or_default();
             return fail(Error::NotCached { stage, upstream }.to_string(), Some(key));
         }
         if self.opts.dry_run {
@@ -728,7 +803,11 @@ impl Job<'_> {
                     Ok(problems) => {
                         let up = &self.plan.nodes[j].name;
                         return fail(
-                            format!("input `{up}` (artifact {}) is damaged: {}; re-run it with `--stage {up}`", &d[..12], problems.join("; ")),
+                            format!(
+                                "input `{up}` (artifact {}) is damaged: {}; re-run it with `--stage {up}`",
+                                &d[..12],
+                                problems.join("; ")
+                            ),
                             Some(key),
                         );
                     }
@@ -739,7 +818,11 @@ impl Job<'_> {
         if let Executor::Slurm(s) = &self.opts.executor {
             return self.on_slurm(s, node, &key);
         }
-        let _lock = match self.store.lock_key(&key, &format!("stage `{}` of {}", node.name, self.plan.spec.name), self.opts.wait) {
+        let _lock = match self.store.lock_key(
+            &key,
+            &format!("stage `{}` of {}", node.name, self.plan.spec.name),
+            self.opts.wait,
+        ) {
             Ok(l) => l,
             Err(e) => return fail(chain(&e), Some(key)),
         };
@@ -759,7 +842,9 @@ impl Job<'_> {
                 let unchanged = self.previous.as_ref().is_some_and(|(_, d)| d == &entry.artifact);
                 done(Outcome::Ran { seconds, unchanged }, entry)
             }
-            Err(Error::Cancelled { .. }) => Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key) },
+            Err(Error::Cancelled { .. }) => {
+                Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key) }
+            }
             Err(e) => fail(chain(&e), Some(key)),
         }
     }
@@ -818,7 +903,8 @@ impl Job<'_> {
                 seconds: (seconds * 1000.0).round() / 1000.0,
                 host: Host::current(),
                 tools: self.opts.tools.clone(),
-                threads: (node.kind.uses_backend() && self.opts.compute_threads > 0).then_some(self.opts.compute_threads),
+                threads: (node.kind.uses_backend() && self.opts.compute_threads > 0)
+                    .then_some(self.opts.compute_threads),
             },
         };
         self.store.record(&entry).map_err(full)?;
@@ -857,7 +943,9 @@ fn tell(g: &dyn Collective, w: &Word) {
 fn hear(g: &dyn Collective) -> Word {
     let mut bytes = Vec::new();
     g.broadcast_bytes(&mut bytes, 0);
-    serde_json::from_slice(&bytes).unwrap_or_else(|e| abort_job(g, "-", &format!("could not read rank 0's message ({e}): are all ranks the same msmae build?")))
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        abort_job(g, "-", &format!("could not read rank 0's message ({e}): are all ranks the same msmae build?"))
+    })
 }
 
 /// End every rank of a multi-process run after this rank failed in `stage`.
@@ -873,7 +961,10 @@ fn abort_job(g: &dyn Collective, stage: &str, error: &str) -> ! {
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
 }
 
 fn show_env(e: Option<&EnvKey>) -> String {

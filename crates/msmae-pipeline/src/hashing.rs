@@ -33,7 +33,11 @@ struct Stamp {
 
 impl Stamp {
     fn of(md: &fs::Metadata) -> Self {
-        Stamp { size: md.len(), mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()), inode: md.ino() }
+        Stamp {
+            size: md.len(),
+            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+            inode: md.ino(),
+        }
     }
 }
 
@@ -257,7 +261,11 @@ pub fn list_files(root: &Path) -> Result<Vec<(String, PathBuf)>> {
             let p = entry.path();
             // The directory entry's type is free (no stat); only links need following.
             let ft = entry.file_type().map_err(|source| Error::Hash { path: p.clone(), source })?;
-            let ft = if ft.is_symlink() { fs::metadata(&p).map_err(|source| Error::Hash { path: p.clone(), source })?.file_type() } else { ft };
+            let ft = if ft.is_symlink() {
+                fs::metadata(&p).map_err(|source| Error::Hash { path: p.clone(), source })?.file_type()
+            } else {
+                ft
+            };
             if ft.is_dir() {
                 stack.push(p);
             } else if ft.is_file() {
@@ -326,13 +334,23 @@ mod tests {
     fn freshly_written_files_are_not_memoised() {
         let now = SystemTime::now();
         let ago = |s: f64| Some(now - Duration::from_secs_f64(s));
-        assert!(racy(ago(0.0), now) && racy(ago(1.9), now) && racy(None, now) && racy(Some(now + Duration::from_secs(5)), now));
+        assert!(
+            racy(ago(0.0), now)
+                && racy(ago(1.9), now)
+                && racy(None, now)
+                && racy(Some(now + Duration::from_secs(5)), now)
+        );
         assert!(!racy(ago(2.0), now) && !racy(ago(3600.0), now));
         // Through the memo, without depending on how long hashing takes: a file dated in
         // the future is never old enough.
         let d = tempfile::tempdir().expect("tmp");
         fs::write(d.path().join("f"), b"new").expect("w");
-        fs::File::options().write(true).open(d.path().join("f")).expect("open").set_modified(now + Duration::from_secs(3600)).expect("touch");
+        fs::File::options()
+            .write(true)
+            .open(d.path().join("f"))
+            .expect("open")
+            .set_modified(now + Duration::from_secs(3600))
+            .expect("touch");
         let memo = HashMemo::in_memory();
         memo.file(&d.path().join("f")).expect("hash");
         assert!(memo.is_empty());
@@ -349,7 +367,11 @@ mod tests {
         assert_eq!((g.files, g.bytes), (0, 0));
         let with_file = memo.listed(&[odd[0].clone(), d.path().join("f")]).expect("hash");
         assert_eq!(with_file.files, 1);
-        assert_ne!(memo.listed(&odd[..1]).expect("hash").hex, memo.listed(&odd[..2]).expect("hash").hex, "each missing entry counts");
+        assert_ne!(
+            memo.listed(&odd[..1]).expect("hash").hex,
+            memo.listed(&odd[..2]).expect("hash").hex,
+            "each missing entry counts"
+        );
     }
 
     #[test]

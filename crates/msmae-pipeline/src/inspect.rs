@@ -79,13 +79,25 @@ pub fn status(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv) -> Vec
     for (i, node) in plan.nodes.iter().enumerate() {
         let kind = node.kind.kind().to_string();
         if let Some(&d) = node.deps.iter().find(|d| !digests.contains_key(d)) {
-            rows.push(StatusRow { name: node.name.clone(), kind, state: State::Waiting { upstream: plan.nodes[d].name.clone() }, key: None, parts: None });
+            rows.push(StatusRow {
+                name: node.name.clone(),
+                kind,
+                state: State::Waiting { upstream: plan.nodes[d].name.clone() },
+                key: None,
+                parts: None,
+            });
             continue;
         }
         let parts = match key_parts(plan, node, &digests, store, env) {
             Ok(p) => p,
             Err(e) => {
-                rows.push(StatusRow { name: node.name.clone(), kind, state: State::Error { message: msmae_core::error::chain(&e) }, key: None, parts: None });
+                rows.push(StatusRow {
+                    name: node.name.clone(),
+                    kind,
+                    state: State::Error { message: msmae_core::error::chain(&e) },
+                    key: None,
+                    parts: None,
+                });
                 continue;
             }
         };
@@ -101,9 +113,11 @@ pub fn status(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv) -> Vec
                 }
             }
             Ok(None) => match locked {
-                Some(l) if l.key == key => {
-                    State::Stale { reasons: vec!["recorded in the lock file but missing from the store (gc'd or another machine)".into()] }
-                }
+                Some(l) if l.key == key => State::Stale {
+                    reasons: vec![
+                        "recorded in the lock file but missing from the store (gc'd or another machine)".into(),
+                    ],
+                },
                 Some(l) => State::Stale { reasons: parts.diff(&l.parts) },
                 None => State::New,
             },
@@ -119,7 +133,10 @@ pub fn status(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv) -> Vec
 pub fn why(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, stage: &str) -> Result<String> {
     let rows = status(plan, store, lock, env);
     let Some(row) = rows.iter().find(|r| r.name == stage) else {
-        return Err(crate::Error::UnknownStage { name: stage.into(), known: rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ") });
+        return Err(crate::Error::UnknownStage {
+            name: stage.into(),
+            known: rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
+        });
     };
     let mut out = String::new();
     let _ = writeln!(out, "{} ({}): {}", row.name, row.kind, row.state.label());
@@ -174,9 +191,18 @@ pub fn why(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, stage: &s
             let _ = writeln!(out, "  environment {}{lib} / {} / {}", e.backend, e.device_kind, e.precision);
             // Which devices, and how many data-parallel replicas, change numbers only by float
             // reduction order (tested to 1e-5): run-only, like `checkpoint_every`.
-            let _ = writeln!(out, "  devices {} (run-only, not in the key: replicas agree up to float reduction order)", env.device);
-            let transport = msmae_dist::GradientTransport::current().map(|t| t.to_string()).unwrap_or_else(|e| e.to_string());
-            let _ = writeln!(out, "  gradients across processes: {}={transport} (run-only, likewise)", msmae_dist::GradientTransport::VAR);
+            let _ = writeln!(
+                out,
+                "  devices {} (run-only, not in the key: replicas agree up to float reduction order)",
+                env.device
+            );
+            let transport =
+                msmae_dist::GradientTransport::current().map(|t| t.to_string()).unwrap_or_else(|e| e.to_string());
+            let _ = writeln!(
+                out,
+                "  gradients across processes: {}={transport} (run-only, likewise)",
+                msmae_dist::GradientTransport::VAR
+            );
         }
     }
     Ok(out)
@@ -197,13 +223,21 @@ pub fn dag(plan: &Plan, format: DagFormat) -> String {
         DagFormat::Text => {
             let w = plan.nodes.iter().map(|n| n.name.len()).max().unwrap_or(0);
             for n in &plan.nodes {
-                let needs: Vec<String> = n.bindings.iter().flat_map(|(slot, ups)| ups.iter().map(move |&j| format!("{slot}={}", plan.nodes[j].name))).collect();
+                let needs: Vec<String> = n
+                    .bindings
+                    .iter()
+                    .flat_map(|(slot, ups)| ups.iter().map(move |&j| format!("{slot}={}", plan.nodes[j].name)))
+                    .collect();
                 let needs = if needs.is_empty() { String::new() } else { format!("  ← {}", needs.join(", ")) };
                 let _ = writeln!(out, "{:w$}  {} → {}{needs}", n.name, n.kind.kind(), n.output.kind);
             }
         }
         DagFormat::Dot => {
-            let _ = writeln!(out, "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, fontname=\"Helvetica\"];", plan.spec.name);
+            let _ = writeln!(
+                out,
+                "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, fontname=\"Helvetica\"];",
+                plan.spec.name
+            );
             for n in &plan.nodes {
                 let _ = writeln!(out, "  \"{}\" [label=\"{}\\n{}\"];", n.name, n.name, n.kind.kind());
             }
@@ -259,13 +293,19 @@ pub fn verify(store: &Store, lock: &LockFile) -> Result<(usize, Vec<Mismatch>)> 
             push(format!("artifact {}: {p}", &s.output.digest[..12]));
         }
         match store.manifest(&s.output.digest) {
-            Ok(m) if m.bytes != s.output.bytes || m.files.len() as u64 != s.output.files => {
-                push(format!("artifact has {} files/{} bytes, lock records {}/{}", m.files.len(), m.bytes, s.output.files, s.output.bytes))
-            }
+            Ok(m) if m.bytes != s.output.bytes || m.files.len() as u64 != s.output.files => push(format!(
+                "artifact has {} files/{} bytes, lock records {}/{}",
+                m.files.len(),
+                m.bytes,
+                s.output.files,
+                s.output.bytes
+            )),
             _ => {}
         }
         match store.index_entry(&s.key)? {
-            Some(e) if e.artifact != s.output.digest => push(format!("cache index maps key to {}, lock records {}", e.artifact, s.output.digest)),
+            Some(e) if e.artifact != s.output.digest => {
+                push(format!("cache index maps key to {}, lock records {}", e.artifact, s.output.digest))
+            }
             None => push("cache index has no entry for the recorded key".into()),
             _ => {}
         }
@@ -336,7 +376,8 @@ pub fn gc(store: &Store, prune: bool, dry_run: bool, extra_roots: &[&Path], wait
             continue;
         }
         report.objects += 1;
-        report.bytes += if dry_run { store.manifest(&o).map(|m| m.bytes).unwrap_or(0) } else { store.remove_object(&o)? };
+        report.bytes +=
+            if dry_run { store.manifest(&o).map(|m| m.bytes).unwrap_or(0) } else { store.remove_object(&o)? };
     }
     Ok(report)
 }

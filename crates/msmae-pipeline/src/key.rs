@@ -55,8 +55,9 @@ pub struct Code {
 
 impl Code {
     pub fn parse(s: &str) -> Self {
-        let pairs =
-            |t: &str| -> BTreeMap<String, String> { t.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        let pairs = |t: &str| -> BTreeMap<String, String> {
+            t.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
         match s.strip_prefix("v2;").map(|r| r.splitn(3, ';').collect::<Vec<_>>()) {
             Some(p) if p.len() == 3 => Code { digest: p[0].to_string(), crates: pairs(p[1]), deps: pairs(p[2]) },
             _ => Code { digest: s.to_string(), ..Code::default() },
@@ -133,8 +134,17 @@ impl KeyParts {
                 .crates
                 .iter()
                 .filter(|(k, v)| old.crates.get(*k) != Some(v))
-                .map(|(k, _)| if old.crates.contains_key(k) { format!("`{k}`") } else { format!("`{k}` (new on its path)") })
-                .chain(old.crates.keys().filter(|k| !self.crates.contains_key(*k)).map(|k| format!("`{k}` (no longer on its path)")))
+                .map(
+                    |(k, _)| {
+                        if old.crates.contains_key(k) { format!("`{k}`") } else { format!("`{k}` (new on its path)") }
+                    },
+                )
+                .chain(
+                    old.crates
+                        .keys()
+                        .filter(|k| !self.crates.contains_key(*k))
+                        .map(|k| format!("`{k}` (no longer on its path)")),
+                )
                 .collect();
             if changed.is_empty() {
                 out.push(format!("code changed (fingerprint {} → {})", short(&old.code), short(&self.code)));
@@ -164,7 +174,10 @@ impl KeyParts {
             let db: Vec<&str> = b.map(|v| v.iter().map(|i| i.digest.as_str()).collect()).unwrap_or_default();
             if da != db {
                 let names = |v: Option<&Vec<InputRef>>| {
-                    v.map(|v| v.iter().map(|i| format!("{}@{}", i.stage, short(&i.digest))).collect::<Vec<_>>().join(", ")).unwrap_or_else(|| "nothing".into())
+                    v.map(|v| {
+                        v.iter().map(|i| format!("{}@{}", i.stage, short(&i.digest))).collect::<Vec<_>>().join(", ")
+                    })
+                    .unwrap_or_else(|| "nothing".into())
                 };
                 out.push(format!("input `{slot}` changed: {} → {}", names(a), names(b)));
             }
@@ -175,7 +188,10 @@ impl KeyParts {
             for e in &self.external {
                 match old.external.iter().find(|o| o.path == e.path) {
                     Some(o) if o.digest == e.digest => {}
-                    Some(o) => out.push(format!("external `{}` changed: {} files/{} bytes → {} files/{} bytes", e.path, o.files, o.bytes, e.files, e.bytes)),
+                    Some(o) => out.push(format!(
+                        "external `{}` changed: {} files/{} bytes → {} files/{} bytes",
+                        e.path, o.files, o.bytes, e.files, e.bytes
+                    )),
                     None => out.push(format!("external `{}` added", e.path)),
                 }
             }
@@ -193,7 +209,11 @@ impl KeyParts {
         }
         let without_library = |e: &Option<EnvKey>| e.as_ref().map(|e| EnvKey { library: String::new(), ..e.clone() });
         if without_library(&self.env) != without_library(&old.env) {
-            let show = |e: &Option<EnvKey>| e.as_ref().map(|e| format!("{}/{}/{}", e.backend, e.device_kind, e.precision)).unwrap_or_else(|| "-".into());
+            let show = |e: &Option<EnvKey>| {
+                e.as_ref()
+                    .map(|e| format!("{}/{}/{}", e.backend, e.device_kind, e.precision))
+                    .unwrap_or_else(|| "-".into())
+            };
             out.push(format!("environment {} → {}", show(&old.env), show(&self.env)));
         }
         if out.is_empty() && self.key() != old.key() {
@@ -287,7 +307,14 @@ mod tests {
         b.deps.insert("image".into(), "0.25.6".into());
         assert_ne!(a.key(), b.key());
         assert_eq!(b.diff(&a), ["code of `msmae-b` changed", "dependency image 0.25.5 → 0.25.6"]);
-        let env = |l: &str| Some(EnvKey { backend: "tch".into(), library: l.into(), device_kind: "cpu".into(), precision: "f32".into() });
+        let env = |l: &str| {
+            Some(EnvKey {
+                backend: "tch".into(),
+                library: l.into(),
+                device_kind: "cpu".into(),
+                precision: "f32".into(),
+            })
+        };
         let (mut c, mut d) = (a.clone(), a.clone());
         c.env = env("libtorch 2.9.0");
         d.env = env("libtorch 2.11.0");
@@ -312,11 +339,16 @@ mod tests {
     }
 
     fn arb_json() -> impl Strategy<Value = Json> {
-        let leaf = prop_oneof![any::<i64>().prop_map(Json::from), any::<bool>().prop_map(Json::from), "[a-z]{0,4}".prop_map(Json::from)];
+        let leaf = prop_oneof![
+            any::<i64>().prop_map(Json::from),
+            any::<bool>().prop_map(Json::from),
+            "[a-z]{0,4}".prop_map(Json::from)
+        ];
         leaf.prop_recursive(3, 24, 4, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Array),
-                prop::collection::btree_map("[a-z]{1,3}", inner, 0..4).prop_map(|m| Json::Object(m.into_iter().collect())),
+                prop::collection::btree_map("[a-z]{1,3}", inner, 0..4)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
             ]
         })
     }

@@ -115,8 +115,7 @@ mod tests {
 
     #[test]
     fn finds_keys_items_and_falls_back_to_ancestors() {
-        let src =
-            "name: q\nstages:\n  data:\n    uses: ingest/synthetic\n    with: { size: 64, n: [1, 2] }\n  next:\n    needs:\n      - data\n      - other\n";
+        let src = "name: q\nstages:\n  data:\n    uses: ingest/synthetic\n    with: { size: 64, n: [1, 2] }\n  next:\n    needs:\n      - data\n      - other\n";
         let ix = LocationIndex::build(src);
         assert_eq!(ix.find("name"), Some((1, 1)));
         assert_eq!(ix.find("stages.data.uses"), Some((4, 5)));

@@ -36,7 +36,11 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("name", &self.name).field("kind", &self.kind.kind()).field("deps", &self.deps).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("kind", &self.kind.kind())
+            .field("deps", &self.deps)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +108,8 @@ pub fn plan(spec: PipelineSpec, registry: &Registry) -> Result<Plan, SpecErrors>
     let prepared = prepare_kinds(&spec, registry, &mut errs);
     let bindings = bind_needs(&spec, &prepared, &mut errs);
     check_external_inputs(&spec, &prepared, &mut errs);
-    let deps: Vec<Vec<usize>> = bindings.iter().map(|b| b.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect()).collect();
+    let deps: Vec<Vec<usize>> =
+        bindings.iter().map(|b| b.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect()).collect();
     let order = match topo_order(&deps) {
         Ok(o) => o,
         Err(cycle) => {
@@ -129,16 +134,23 @@ fn prepare_kinds(spec: &PipelineSpec, registry: &Registry, errs: &mut Vec<SpecEr
         let Some(kind) = registry.get(&s.uses) else {
             let hint = match registry.suggest(&s.uses).as_slice() {
                 [] => String::new(),
-                near => format!(" (did you mean {}?)", near.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or ")),
+                near => format!(
+                    " (did you mean {}?)",
+                    near.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or ")
+                ),
             };
-            errs.push(spec.error(&format!("{}.uses", s.src), format!("unknown stage kind `{}`{hint}; `msmae stages` lists the kinds", s.uses)));
+            errs.push(spec.error(
+                &format!("{}.uses", s.src),
+                format!("unknown stage kind `{}`{hint}; `msmae stages` lists the kinds", s.uses),
+            ));
             prepared.push(None);
             continue;
         };
         match kind.prepare(&s.with) {
             Ok(p) => prepared.push(Some((kind.clone(), p))),
             Err(e) => {
-                let key = if e.path.is_empty() { format!("{}.with", s.src) } else { format!("{}.with.{}", s.src, e.path) };
+                let key =
+                    if e.path.is_empty() { format!("{}.with", s.src) } else { format!("{}.with.{}", s.src, e.path) };
                 errs.push(spec.error(&key, format!("{} (stage `{}`, kind `{}`)", e.message, s.name, s.uses)));
                 prepared.push(None);
             }
@@ -148,7 +160,14 @@ fn prepare_kinds(spec: &PipelineSpec, registry: &Registry, errs: &mut Vec<SpecEr
 }
 
 /// The index of stage `stage` named in `needs` of `s` (at `src`), or an error.
-fn resolve(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, stage: &str, src: &str, errs: &mut Vec<SpecError>) -> Option<usize> {
+fn resolve(
+    spec: &PipelineSpec,
+    names: &BTreeMap<&str, usize>,
+    s: &StageSpec,
+    stage: &str,
+    src: &str,
+    errs: &mut Vec<SpecError>,
+) -> Option<usize> {
     if stage == s.name {
         errs.push(spec.error(src, format!("stage `{}` cannot need itself", s.name)));
         return None;
@@ -156,7 +175,11 @@ fn resolve(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, st
     match names.get(stage) {
         Some(&j) => Some(j),
         None => {
-            let near: Vec<&str> = names.keys().copied().filter(|n| msmae_core::stage::edit_distance(n, stage) <= 1.max(stage.len() / 3)).collect();
+            let near: Vec<&str> = names
+                .keys()
+                .copied()
+                .filter(|n| msmae_core::stage::edit_distance(n, stage) <= 1.max(stage.len() / 3))
+                .collect();
             let hint = near.first().map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default();
             errs.push(spec.error(src, format!("`{stage}` is not a stage of this pipeline{hint}")));
             None
@@ -166,7 +189,11 @@ fn resolve(spec: &PipelineSpec, names: &BTreeMap<&str, usize>, s: &StageSpec, st
 
 /// Step 2: `needs` → input slots, per stage: by slot name (a map) or by artifact kind (a list),
 /// then each slot's arity.
-fn bind_needs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Vec<SpecError>) -> Vec<BTreeMap<String, Vec<usize>>> {
+fn bind_needs(
+    spec: &PipelineSpec,
+    prepared: &Prepared,
+    errs: &mut Vec<SpecError>,
+) -> Vec<BTreeMap<String, Vec<usize>>> {
     let names: BTreeMap<&str, usize> = spec.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     let mut bindings: Vec<BTreeMap<String, Vec<usize>>> = vec![BTreeMap::new(); spec.stages.len()];
     for (i, s) in spec.stages.iter().enumerate() {
@@ -193,7 +220,11 @@ fn bind_needs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Vec<SpecError
 }
 
 fn slot_list(slots: &[InputSlot]) -> String {
-    slots.iter().map(|sl| format!("{} ({})", sl.name, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|"))).collect::<Vec<_>>().join(", ")
+    slots
+        .iter()
+        .map(|sl| format!("{} ({})", sl.name, sl.kinds.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join("|")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `needs: { slot: stage | [stages] }`.
@@ -210,7 +241,10 @@ fn bind_named(
 ) {
     for (slot, ns) in m {
         let Some(sl) = slots.iter().find(|x| &x.name == slot) else {
-            errs.push(spec.error(&format!("{}.needs.{slot}", s.src), format!("kind `{}` has no input slot `{slot}`; its slots: {}", s.uses, slot_list(slots))));
+            errs.push(spec.error(
+                &format!("{}.needs.{slot}", s.src),
+                format!("kind `{}` has no input slot `{slot}`; its slots: {}", s.uses, slot_list(slots)),
+            ));
             continue;
         };
         for n in ns {
@@ -283,7 +317,13 @@ fn bind_listed(
 }
 
 /// Every slot got as many artifacts as its arity allows.
-fn check_arity(spec: &PipelineSpec, s: &StageSpec, slots: &[InputSlot], b: &BTreeMap<String, Vec<usize>>, errs: &mut Vec<SpecError>) {
+fn check_arity(
+    spec: &PipelineSpec,
+    s: &StageSpec,
+    slots: &[InputSlot],
+    b: &BTreeMap<String, Vec<usize>>,
+    errs: &mut Vec<SpecError>,
+) {
     let needs_key = format!("{}.needs", s.src);
     for sl in slots {
         let got = b.get(&sl.name).map(Vec::len).unwrap_or(0);
@@ -333,7 +373,13 @@ fn check_external_inputs(spec: &PipelineSpec, prepared: &Prepared, errs: &mut Ve
 }
 
 /// The plan's nodes in execution order (`order`), indices renumbered to positions in it.
-fn build_nodes(spec: &PipelineSpec, prepared: &Prepared, bindings: &[BTreeMap<String, Vec<usize>>], deps: &[Vec<usize>], order: &[usize]) -> Vec<Node> {
+fn build_nodes(
+    spec: &PipelineSpec,
+    prepared: &Prepared,
+    bindings: &[BTreeMap<String, Vec<usize>>],
+    deps: &[Vec<usize>],
+    order: &[usize],
+) -> Vec<Node> {
     let mut pos = vec![0; order.len()];
     for (p, &i) in order.iter().enumerate() {
         pos[i] = p;
@@ -344,7 +390,8 @@ fn build_nodes(spec: &PipelineSpec, prepared: &Prepared, bindings: &[BTreeMap<St
             let s = &spec.stages[i];
             // Every stage was prepared: `plan` returns its errors before building nodes.
             let (kind, p) = prepared[i].clone()?;
-            let b: BTreeMap<String, Vec<usize>> = bindings[i].iter().map(|(k, v)| (k.clone(), v.iter().map(|&j| pos[j]).collect())).collect();
+            let b: BTreeMap<String, Vec<usize>> =
+                bindings[i].iter().map(|(k, v)| (k.clone(), v.iter().map(|&j| pos[j]).collect())).collect();
             Some(Node {
                 name: s.name.clone(),
                 config: p.key_json(),

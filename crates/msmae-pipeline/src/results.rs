@@ -58,14 +58,21 @@ impl StageResults {
 
 /// The results of every stage of `plan` (or of `only`, in the order given) as `lock`
 /// records them, with each stage's state against the pipeline as it is now.
-pub fn collect(plan: &Plan, store: &Store, lock: &LockFile, env: &ExecEnv, only: &[String]) -> Result<Vec<StageResults>> {
+pub fn collect(
+    plan: &Plan,
+    store: &Store,
+    lock: &LockFile,
+    env: &ExecEnv,
+    only: &[String],
+) -> Result<Vec<StageResults>> {
     let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
     for s in only {
         if !names.contains(s) {
             return Err(Error::UnknownStage { name: s.clone(), known: names.join(", ") });
         }
     }
-    let states: BTreeMap<String, State> = inspect::status(plan, store, lock, env).into_iter().map(|r| (r.name, r.state)).collect();
+    let states: BTreeMap<String, State> =
+        inspect::status(plan, store, lock, env).into_iter().map(|r| (r.name, r.state)).collect();
     let order: Vec<&String> = if only.is_empty() { names.iter().collect() } else { only.iter().collect() };
     let mut out = Vec::new();
     for name in order {
@@ -90,7 +97,9 @@ pub fn metric_values(dir: &std::path::Path, decl: &msmae_core::OutputDecl) -> BT
     let mut files: BTreeMap<&str, Option<serde_json::Value>> = BTreeMap::new();
     let mut out = BTreeMap::new();
     for d in &decl.metrics {
-        let v = files.entry(d.file.as_str()).or_insert_with(|| std::fs::read(dir.join(&d.file)).ok().and_then(|b| serde_json::from_slice(&b).ok()));
+        let v = files
+            .entry(d.file.as_str())
+            .or_insert_with(|| std::fs::read(dir.join(&d.file)).ok().and_then(|b| serde_json::from_slice(&b).ok()));
         if let Some(x) = v.as_ref().and_then(|v| json_at(v, &d.pointer)).as_ref().and_then(serde_json::Value::as_f64) {
             out.insert(d.name.clone(), x);
         }
@@ -123,7 +132,9 @@ pub fn read(store: &Store, lock: &LockFile, name: &str, kind: &str, decl: &msmae
     for d in decl.metrics.iter().chain(&decl.tables) {
         files.entry(d.file.as_str()).or_insert_with(|| {
             let p = dir.join(&d.file);
-            std::fs::read(&p).map_err(|e| format!("{}: {e}", d.file)).and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", d.file)))
+            std::fs::read(&p)
+                .map_err(|e| format!("{}: {e}", d.file))
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", d.file)))
         });
     }
     problems.extend(files.values().filter_map(|v| v.as_ref().err().cloned()));
@@ -160,7 +171,10 @@ fn table(name: &str, rows: &[serde_json::Value]) -> Table {
             }
         }
     }
-    let rows = rows.iter().map(|row| columns.iter().map(|c| row.get(c).cloned().unwrap_or(serde_json::Value::Null)).collect()).collect();
+    let rows = rows
+        .iter()
+        .map(|row| columns.iter().map(|c| row.get(c).cloned().unwrap_or(serde_json::Value::Null)).collect())
+        .collect();
     Table { name: name.to_string(), columns, rows }
 }
 
@@ -179,11 +193,17 @@ pub fn against_lock(spec: &str, lock_path: &Path) -> Result<(String, LockFile)> 
         .arg(dir)
         .args(["show", &format!("{spec}:./{file}")])
         .output()
-        .map_err(|e| Error::LockFile { path: PathBuf::from(spec), message: format!("neither a file nor a git revision (running git: {e})") })?;
+        .map_err(|e| Error::LockFile {
+            path: PathBuf::from(spec),
+            message: format!("neither a file nor a git revision (running git: {e})"),
+        })?;
     if !out.status.success() {
         return Err(Error::LockFile {
             path: PathBuf::from(format!("{spec}:{file}")),
-            message: format!("neither a lock file nor a git revision holding one: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            message: format!(
+                "neither a lock file nor a git revision holding one: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         });
     }
     let label = format!("{spec}:{file}");
@@ -285,7 +305,8 @@ pub fn render(results: &[StageResults], against: Option<(&str, &[Delta])>, forma
 }
 
 fn csv(results: &[StageResults], against: Option<(&str, &[Delta])>) -> String {
-    let q = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    let q =
+        |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
     let mut out = String::new();
     match against {
         None => {
@@ -300,7 +321,8 @@ fn csv(results: &[StageResults], against: Option<(&str, &[Delta])>) -> String {
             let _ = writeln!(out, "stage,metric,{},current,delta", q(label));
             let f = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
             for d in deltas {
-                let _ = writeln!(out, "{},{},{},{},{}", q(&d.stage), q(&d.metric), f(d.against), f(d.current), f(d.delta));
+                let _ =
+                    writeln!(out, "{},{},{},{},{}", q(&d.stage), q(&d.metric), f(d.against), f(d.current), f(d.delta));
             }
         }
     }
@@ -310,10 +332,18 @@ fn csv(results: &[StageResults], against: Option<(&str, &[Delta])>) -> String {
 /// A plain or Markdown table.
 pub fn grid(header: &[String], rows: &[Vec<String>], md: bool) -> String {
     let cols = header.len();
-    let w: Vec<usize> =
-        (0..cols).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0).max(header[c].chars().count())).collect();
+    let w: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+                .max(header[c].chars().count())
+        })
+        .collect();
     let line = |cells: &[String]| -> String {
-        let padded: Vec<String> = (0..cols).map(|c| format!("{:w$}", cells.get(c).map(String::as_str).unwrap_or(""), w = w[c])).collect();
+        let padded: Vec<String> =
+            (0..cols).map(|c| format!("{:w$}", cells.get(c).map(String::as_str).unwrap_or(""), w = w[c])).collect();
         if md { format!("| {} |", padded.join(" | ")) } else { padded.join("  ").trim_end().to_string() }
     };
     let mut out = line(header) + "\n";
@@ -334,8 +364,18 @@ fn text(results: &[StageResults], against: Option<(&str, &[Delta])>, md: bool) -
             .iter()
             .map(|d| {
                 let f = |x: Option<f64>| x.map(num).unwrap_or_else(|| "-".into());
-                let cur = if d.current_is_current || d.current.is_none() { f(d.current) } else { format!("{} (stale)", f(d.current)) };
-                vec![d.stage.clone(), d.metric.clone(), f(d.against), cur, d.delta.map(|x| format!("{x:+.4}")).unwrap_or_else(|| "-".into())]
+                let cur = if d.current_is_current || d.current.is_none() {
+                    f(d.current)
+                } else {
+                    format!("{} (stale)", f(d.current))
+                };
+                vec![
+                    d.stage.clone(),
+                    d.metric.clone(),
+                    f(d.against),
+                    cur,
+                    d.delta.map(|x| format!("{x:+.4}")).unwrap_or_else(|| "-".into()),
+                ]
             })
             .collect();
         out += &grid(&h(&["stage", "metric", label, "current", "delta"]), &rows, md);
@@ -357,7 +397,12 @@ fn text(results: &[StageResults], against: Option<(&str, &[Delta])>, md: bool) -
     out += &grid(&h(&["stage", "kind", "state", "results"]), &rows, md);
     for r in results {
         for t in &r.tables {
-            let title = format!("{} of `{}`{}", t.name, r.name, if r.is_current() { String::new() } else { format!(" ({})", r.state.to_uppercase()) });
+            let title = format!(
+                "{} of `{}`{}",
+                t.name,
+                r.name,
+                if r.is_current() { String::new() } else { format!(" ({})", r.state.to_uppercase()) }
+            );
             out += &if md { format!("\n**{title}**\n\n") } else { format!("\n{title}:\n") };
             let rows: Vec<Vec<String>> = t.rows.iter().map(|row| row.iter().map(cell).collect()).collect();
             out += &grid(&t.columns, &rows, md);
@@ -367,7 +412,12 @@ fn text(results: &[StageResults], against: Option<(&str, &[Delta])>, md: bool) -
     if !stale.is_empty() {
         out += "\nnot current (the pipeline changed since these results; `msmae run` recomputes them):\n";
         for r in stale {
-            let _ = writeln!(out, "  {}: {}", r.name, if r.detail.is_empty() { r.state.as_str() } else { r.detail.as_str() });
+            let _ = writeln!(
+                out,
+                "  {}: {}",
+                r.name,
+                if r.detail.is_empty() { r.state.as_str() } else { r.detail.as_str() }
+            );
         }
     }
     out

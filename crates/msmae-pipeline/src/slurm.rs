@@ -179,7 +179,8 @@ pub struct JobSpec<'a> {
 
 /// The `sbatch` script of one stage.
 pub fn script(o: &SlurmOptions, j: &JobSpec<'_>) -> String {
-    let (pipeline, stage, key, data_parallel, r, log, outcome) = (j.pipeline, j.stage, j.key, j.data_parallel, &j.resources, j.log, j.outcome);
+    let (pipeline, stage, key, data_parallel, r, log, outcome) =
+        (j.pipeline, j.stage, j.key, j.data_parallel, &j.resources, j.log, j.outcome);
     let mut s = String::from("#!/bin/sh\n");
     let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
     opt("job-name", &format!("msmae-{pipeline}-{stage}"));
@@ -218,14 +219,25 @@ pub fn script(o: &SlurmOptions, j: &JobSpec<'_>) -> String {
     }
     let mut cmd = vec![quote(&o.exe.to_string_lossy()), "run-stage".into()];
     cmd.extend(o.args.iter().map(|a| quote(a)));
-    cmd.extend(["--stage".into(), quote(stage), "--key".into(), quote(key), "--outcome".into(), quote(&outcome.to_string_lossy())]);
+    cmd.extend([
+        "--stage".into(),
+        quote(stage),
+        "--key".into(),
+        quote(key),
+        "--outcome".into(),
+        quote(&outcome.to_string_lossy()),
+    ]);
     if j.force {
         cmd.push("--force".into());
     }
     if let Some(c) = j.lock_check {
         cmd.extend(["--lock-check".into(), quote(&c.to_string_lossy())]);
     }
-    let launch = if nodes * tasks_per_node > 1 { format!("srun --mpi={} ", o.profile.mpi.as_deref().unwrap_or("pmix")) } else { "exec ".into() };
+    let launch = if nodes * tasks_per_node > 1 {
+        format!("srun --mpi={} ", o.profile.mpi.as_deref().unwrap_or("pmix"))
+    } else {
+        "exec ".into()
+    };
     s.push_str(&format!("{launch}{}\n", cmd.join(" ")));
     s
 }
@@ -244,13 +256,16 @@ pub fn submit(dir: &Path, stage: &str, script: &str) -> Result<String> {
     std::fs::create_dir_all(dir).map_err(|e| Error::store("create", dir, e))?;
     let file = dir.join(format!("{stage}.sbatch"));
     std::fs::write(&file, script).map_err(|e| Error::store("write", &file, e))?;
-    let out = Command::new("sbatch")
-        .arg("--parsable")
-        .arg(&file)
-        .output()
-        .map_err(|e| Error::Slurm(format!("running sbatch: {e} (is Slurm's client installed and SLURM_CONF set?)")))?;
+    let out =
+        Command::new("sbatch").arg("--parsable").arg(&file).output().map_err(|e| {
+            Error::Slurm(format!("running sbatch: {e} (is Slurm's client installed and SLURM_CONF set?)"))
+        })?;
     if !out.status.success() {
-        return Err(Error::Slurm(format!("sbatch {}: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::Slurm(format!(
+            "sbatch {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let id = text.trim().split(';').next().unwrap_or("").to_string();
@@ -262,7 +277,10 @@ pub fn submit(dir: &Path, stage: &str, script: &str) -> Result<String> {
 
 /// Whether the job is still in the queue (`squeue -h -j ID`; a purged id is not).
 fn queued(job: &str) -> Result<bool> {
-    let out = Command::new("squeue").args(["-h", "-j", job, "-o", "%T"]).output().map_err(|e| Error::Slurm(format!("running squeue: {e}")))?;
+    let out = Command::new("squeue")
+        .args(["-h", "-j", job, "-o", "%T"])
+        .output()
+        .map_err(|e| Error::Slurm(format!("running squeue: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("Invalid job id") {
@@ -272,7 +290,18 @@ fn queued(job: &str) -> Result<bool> {
     }
     let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
     Ok(!state.is_empty()
-        && !matches!(state.as_str(), "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "PREEMPTED" | "OUT_OF_MEMORY" | "BOOT_FAIL" | "DEADLINE"))
+        && !matches!(
+            state.as_str(),
+            "COMPLETED"
+                | "FAILED"
+                | "CANCELLED"
+                | "TIMEOUT"
+                | "NODE_FAIL"
+                | "PREEMPTED"
+                | "OUT_OF_MEMORY"
+                | "BOOT_FAIL"
+                | "DEADLINE"
+        ))
 }
 
 /// `scancel` the job and wait (up to a minute) until the queue no longer runs it.
@@ -299,7 +328,10 @@ pub fn await_lock_verdict(prefix: &Path, cancel: &msmae_core::CancelToken) -> Re
             return Err(Error::Slurm("cancelled while the driver checked the store's locks".into()));
         }
         if t.elapsed() > Duration::from_secs(600) {
-            return Err(Error::Slurm(format!("no word from the driver on the lock check in ten minutes ({})", ack.display())));
+            return Err(Error::Slurm(format!(
+                "no word from the driver on the lock check in ten minutes ({})",
+                ack.display()
+            )));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -316,7 +348,13 @@ fn write_atomic_str(p: &Path, s: &str) -> Result<()> {
 /// Wait for the job to leave the queue and say how it ended. With a lock check, answer the
 /// job once it holds its key lock: `held_here(held marker)` says whether this host sees it
 /// held; if not, the job is told to stop and the run fails with what to fix.
-pub fn wait(o: &SlurmOptions, s: &Submission, lock_check: Option<&Path>, held_here: &dyn Fn(&Path) -> bool, cancelled: &dyn Fn() -> bool) -> Result<JobEnd> {
+pub fn wait(
+    o: &SlurmOptions,
+    s: &Submission,
+    lock_check: Option<&Path>,
+    held_here: &dyn Fn(&Path) -> bool,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<JobEnd> {
     let mut checked = lock_check.is_none();
     while queued(&s.job)? {
         if cancelled() {
@@ -348,13 +386,18 @@ pub fn wait(o: &SlurmOptions, s: &Submission, lock_check: Option<&Path>, held_he
         // Slurm writes why it ended a job into its log; the stage itself, stopped by the
         // SIGTERM that comes first, says only "cancelled".
         let log = std::fs::read_to_string(log_path(s)).unwrap_or_default();
-        for (marker, why) in [("DUE TO TIME LIMIT", "time limit"), ("DUE TO NODE FAIL", "node failure"), ("DUE TO PREEMPTION", "preempted")] {
+        for (marker, why) in [
+            ("DUE TO TIME LIMIT", "time limit"),
+            ("DUE TO NODE FAIL", "node failure"),
+            ("DUE TO PREEMPTION", "preempted"),
+        ] {
             if log.contains(marker) {
                 return Ok(JobEnd::Retryable(why.into()));
             }
         }
         if let Ok(bytes) = std::fs::read(&s.outcome) {
-            let out: JobOutcome = serde_json::from_slice(&bytes).map_err(|e| Error::Slurm(format!("{}: {e}", s.outcome.display())))?;
+            let out: JobOutcome =
+                serde_json::from_slice(&bytes).map_err(|e| Error::Slurm(format!("{}: {e}", s.outcome.display())))?;
             return Ok(JobEnd::Outcome(out));
         }
         if t.elapsed() >= o.grace {
@@ -387,7 +430,12 @@ mod tests {
     }
 
     fn job(data_parallel: bool, resources: StageResources) -> String {
-        let o = opts(Profile { partition: Some("gpu".into()), account: Some("rad".into()), extra: vec!["--constraint=a100".into()], ..Default::default() });
+        let o = opts(Profile {
+            partition: Some("gpu".into()),
+            account: Some("rad".into()),
+            extra: vec!["--constraint=a100".into()],
+            ..Default::default()
+        });
         let spec = JobSpec {
             pipeline: "study",
             stage: "pretrain",
@@ -404,7 +452,16 @@ mod tests {
 
     #[test]
     fn training_jobs_get_one_task_per_gpu_and_the_profile() {
-        let s = job(true, StageResources { cpus: Some(8), mem: Some("64G".into()), gpus: Some(4), time: Some("12:00:00".into()), nodes: Some(2) });
+        let s = job(
+            true,
+            StageResources {
+                cpus: Some(8),
+                mem: Some("64G".into()),
+                gpus: Some(4),
+                time: Some("12:00:00".into()),
+                nodes: Some(2),
+            },
+        );
         for line in [
             "#SBATCH --job-name=msmae-study-pretrain",
             "#SBATCH --cpus-per-task=8",
@@ -432,7 +489,10 @@ mod tests {
     #[test]
     fn light_jobs_are_one_task_and_gres_is_a_profile_choice() {
         let s = job(false, StageResources { gpus: Some(1), ..Default::default() });
-        assert!(!s.contains("--nodes") && !s.contains("ntasks") && s.contains("\nexec '/opt/msmae bin/msmae' run-stage"), "{s}");
+        assert!(
+            !s.contains("--nodes") && !s.contains("ntasks") && s.contains("\nexec '/opt/msmae bin/msmae' run-stage"),
+            "{s}"
+        );
         let mut o = opts(Profile { gpu_flag: GpuFlag::Gres, ..Default::default() });
         o.args.clear();
         let spec = JobSpec {
@@ -448,14 +508,23 @@ mod tests {
         };
         let s = script(&o, &spec);
         assert!(s.trim_end().ends_with("--force --lock-check /s/x"), "{s}");
-        assert!(s.contains("#SBATCH --gres=gpu:2") && s.contains("--ntasks-per-node=2") && !s.contains("gpus-per-node"), "{s}");
+        assert!(
+            s.contains("#SBATCH --gres=gpu:2") && s.contains("--ntasks-per-node=2") && !s.contains("gpus-per-node"),
+            "{s}"
+        );
     }
 
     #[test]
     fn stage_resources_fill_in_from_defaults_and_profiles_parse() {
-        let r = StageResources { gpus: Some(2), ..Default::default() }.or(&StageResources { cpus: Some(4), gpus: Some(1), ..Default::default() });
+        let r = StageResources { gpus: Some(2), ..Default::default() }.or(&StageResources {
+            cpus: Some(4),
+            gpus: Some(1),
+            ..Default::default()
+        });
         assert_eq!((r.cpus, r.gpus), (Some(4), Some(2)));
-        let p: Profile = serde_yaml::from_str("partition: gpu\ngpu_flag: gres\ntraining: { gpus: 1, time: '1-00:00:00' }\n").expect("profile");
+        let p: Profile =
+            serde_yaml::from_str("partition: gpu\ngpu_flag: gres\ntraining: { gpus: 1, time: '1-00:00:00' }\n")
+                .expect("profile");
         assert_eq!((p.gpu_flag, p.training.gpus), (GpuFlag::Gres, Some(1)));
         let e = serde_yaml::from_str::<Profile>("partitoin: gpu\n").expect_err("typo");
         assert!(e.to_string().contains("partitoin"), "{e}");

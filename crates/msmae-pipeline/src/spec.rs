@@ -113,7 +113,8 @@ pub struct Override {
 impl std::str::FromStr for Override {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (path, value) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected KEY=VALUE, e.g. params.size=32"))?;
+        let (path, value) =
+            s.split_once('=').ok_or_else(|| format!("`{s}`: expected KEY=VALUE, e.g. params.size=32"))?;
         let path = path.trim();
         if path != "seed" && path != "name" && !path.starts_with("params.") {
             return Err(format!("`{path}`: only `seed`, `name` and `params.*` can be set from the command line"));
@@ -185,7 +186,13 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
     let (depth, line) = nesting_depth(src);
     if depth > MAX_NESTING {
         let message = format!("nested {depth} levels deep (at most {MAX_NESTING}): this is not a pipeline file");
-        return Err(SpecErrors(vec![SpecError { file: file.to_path_buf(), line, column: 0, key: String::new(), message }]));
+        return Err(SpecErrors(vec![SpecError {
+            file: file.to_path_buf(),
+            line,
+            column: 0,
+            key: String::new(),
+            message,
+        }]));
     }
     let index = LocationIndex::build(src);
     let mut errs = Errors { file, index: &index, list: Vec::new() };
@@ -194,7 +201,13 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
         Err(e) => {
             let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
             let message = format!("invalid YAML: {e}");
-            return Err(SpecErrors(vec![SpecError { file: file.to_path_buf(), line, column, key: String::new(), message }]));
+            return Err(SpecErrors(vec![SpecError {
+                file: file.to_path_buf(),
+                line,
+                column,
+                key: String::new(),
+                message,
+            }]));
         }
     };
     if doc.is_null() {
@@ -217,14 +230,22 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
     // one, a written name must be one.
     let default_name: String = file
         .file_stem()
-        .map(|s| s.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect())
+        .map(|s| {
+            s.to_string_lossy()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+                .collect()
+        })
         .filter(|s: &String| !s.is_empty())
         .unwrap_or_else(|| "pipeline".into());
     let name = match top.get("name") {
         None => default_name,
         Some(Yaml::String(s)) if valid_name(s) => s.clone(),
         Some(v) => {
-            errs.at("name", format!("must be a name of letters, digits, `-` and `_` (it names folders), found {}", show(v)));
+            errs.at(
+                "name",
+                format!("must be a name of letters, digits, `-` and `_` (it names folders), found {}", show(v)),
+            );
             default_name
         }
     };
@@ -247,7 +268,11 @@ pub fn parse(file: &Path, src: &str, overrides: &[Override]) -> Result<PipelineS
             Json::Null
         }
     };
-    let mut stages = parse_stages(top.get("stages"), &Vars { params: &params, seed, name: &name, round: None, prev: None }, &mut errs);
+    let mut stages = parse_stages(
+        top.get("stages"),
+        &Vars { params: &params, seed, name: &name, round: None, prev: None },
+        &mut errs,
+    );
     resolve_last_rounds(&mut stages);
     if !errs.list.is_empty() {
         return Err(SpecErrors(errs.list));
@@ -392,7 +417,10 @@ fn check_param_path(params: Option<&Yaml>, rest: &str) -> Result<(), String> {
         match map.get(part) {
             Some(v) => cur = Some(v),
             None => {
-                let near = names.iter().filter(|n| msmae_core::stage::edit_distance(part, n) <= 2).min_by_key(|n| msmae_core::stage::edit_distance(part, n));
+                let near = names
+                    .iter()
+                    .filter(|n| msmae_core::stage::edit_distance(part, n) <= 2)
+                    .min_by_key(|n| msmae_core::stage::edit_distance(part, n));
                 let hint = near.map(|n| format!(" (did you mean `{seen}.{n}`?)")).unwrap_or_default();
                 let known = if names.is_empty() { "none".to_string() } else { names.join(", ") };
                 return Err(format!("no parameter `{part}` in `{seen}`{hint}; declared: {known}"));
@@ -436,7 +464,12 @@ impl Vars<'_> {
         match expr {
             "seed" => return Ok(Json::from(self.seed)),
             "name" => return Ok(Json::from(self.name)),
-            "round" => return self.round.map(Json::from).ok_or_else(|| "`${round}` is only defined inside a `repeat:` group".into()),
+            "round" => {
+                return self
+                    .round
+                    .map(Json::from)
+                    .ok_or_else(|| "`${round}` is only defined inside a `repeat:` group".into());
+            }
             _ => {}
         }
         if let Some(p) = expr.strip_prefix("params.") {
@@ -448,11 +481,9 @@ impl Vars<'_> {
         }
         if let Some(x) = expr.strip_prefix("prev.") {
             let prev = self.prev.ok_or_else(|| format!("`${{{expr}}}` is only defined inside a `repeat:` group"))?;
-            return prev
-                .get(x)
-                .cloned()
-                .map(Json::from)
-                .ok_or_else(|| format!("`${{{expr}}}`: round 1 has no previous `{x}`; name it in the group's `init:` map"));
+            return prev.get(x).cloned().map(Json::from).ok_or_else(|| {
+                format!("`${{{expr}}}`: round 1 has no previous `{x}`; name it in the group's `init:` map")
+            });
         }
         Err(format!("`${{{expr}}}`: unknown reference; use params.NAME, seed, name, round or prev.STAGE"))
     }
@@ -462,7 +493,9 @@ impl Vars<'_> {
         Ok(match v {
             Json::String(s) => self.apply_str(s)?,
             Json::Array(a) => Json::Array(a.iter().map(|x| self.apply(x)).collect::<Result<_, _>>()?),
-            Json::Object(o) => Json::Object(o.iter().map(|(k, x)| Ok((k.clone(), self.apply(x)?))).collect::<Result<_, String>>()?),
+            Json::Object(o) => {
+                Json::Object(o.iter().map(|(k, x)| Ok((k.clone(), self.apply(x)?))).collect::<Result<_, String>>()?)
+            }
             other => other.clone(),
         })
     }
@@ -510,7 +543,14 @@ fn check_keys(v: &serde_yaml::Mapping, path: &str, allowed: &[&str], errs: &mut 
 
 /// Parse one stage definition. `group` carries (group name, round, member names) inside a
 /// `repeat:` group, where bare member names refer to the same round.
-fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<(&str, u64, &[String])>, errs: &mut Errors<'_>) -> Option<StageSpec> {
+fn parse_stage(
+    name: &str,
+    v: &Yaml,
+    path: &str,
+    vars: &Vars<'_>,
+    group: Option<(&str, u64, &[String])>,
+    errs: &mut Errors<'_>,
+) -> Option<StageSpec> {
     let Some(m) = v.as_mapping() else {
         errs.at(path, format!("a stage must be a map with `uses:`, found {}", show(v)));
         return None;
@@ -520,7 +560,10 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
     let uses = match m.get("uses") {
         Some(Yaml::String(s)) => s.clone(),
         Some(other) => {
-            errs.at(&format!("{path}.uses"), format!("must be a stage kind such as `ingest/synthetic`, found {}", show(other)));
+            errs.at(
+                &format!("{path}.uses"),
+                format!("must be a stage kind such as `ingest/synthetic`, found {}", show(other)),
+            );
             String::new()
         }
         None => {
@@ -545,14 +588,18 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
             }
         };
         let stage = match group {
-            Some((g, r, members)) if members.iter().any(|x| x == &stage) && !s.contains("${") => format!("{g}.{r}.{stage}"),
+            Some((g, r, members)) if members.iter().any(|x| x == &stage) && !s.contains("${") => {
+                format!("{g}.{r}.{stage}")
+            }
             _ => stage,
         };
         Some(Need { stage, src: at })
     };
     let list = |raw: &Yaml, at: &str, errs: &mut Errors<'_>| -> Vec<Need> {
         match raw {
-            Yaml::Sequence(items) => items.iter().enumerate().filter_map(|(i, x)| resolve_need(x, format!("{at}.{i}"), errs)).collect(),
+            Yaml::Sequence(items) => {
+                items.iter().enumerate().filter_map(|(i, x)| resolve_need(x, format!("{at}.{i}"), errs)).collect()
+            }
             other => resolve_need(other, at.to_string(), errs).into_iter().collect(),
         }
     };
@@ -573,7 +620,10 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
         ),
         Some(other @ (Yaml::Sequence(_) | Yaml::String(_))) => Needs::List(list(other, &needs_path, errs)),
         Some(other) => {
-            errs.at(&needs_path, format!("must be a list of stage names or a map of input slot → stage, found {}", show(other)));
+            errs.at(
+                &needs_path,
+                format!("must be a list of stage names or a map of input slot → stage, found {}", show(other)),
+            );
             Needs::List(Vec::new())
         }
     };
@@ -598,7 +648,10 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
     let description = m.get("description").and_then(|d| d.as_str()).map(str::to_string);
     let resources = match m.get("resources") {
         None | Some(Yaml::Null) => Default::default(),
-        Some(r @ Yaml::Mapping(_)) => match to_json(r).and_then(|j| vars.apply(&j)).and_then(|j| serde_json::from_value(j).map_err(|e| e.to_string())) {
+        Some(r @ Yaml::Mapping(_)) => match to_json(r)
+            .and_then(|j| vars.apply(&j))
+            .and_then(|j| serde_json::from_value(j).map_err(|e| e.to_string()))
+        {
             Ok(r) => r,
             Err(e) => {
                 errs.at(&format!("{path}.resources"), format!("{e} (expected cpus, mem, gpus, time, nodes)"));
@@ -606,11 +659,23 @@ fn parse_stage(name: &str, v: &Yaml, path: &str, vars: &Vars<'_>, group: Option<
             }
         },
         Some(other) => {
-            errs.at(&format!("{path}.resources"), format!("must be a map (cpus, mem, gpus, time, nodes), found {}", show(other)));
+            errs.at(
+                &format!("{path}.resources"),
+                format!("must be a map (cpus, mem, gpus, time, nodes), found {}", show(other)),
+            );
             Default::default()
         }
     };
-    (errs.list.len() == before).then(|| StageSpec { name: name.to_string(), uses, needs, with, seed, description, resources, src: path.to_string() })
+    (errs.list.len() == before).then(|| StageSpec {
+        name: name.to_string(),
+        uses,
+        needs,
+        with,
+        seed,
+        description,
+        resources,
+        src: path.to_string(),
+    })
 }
 
 /// A `seed:` value: an integer, or an expression giving one (`"${round}"`: a `repeat:`
@@ -646,9 +711,14 @@ fn expand_group(gname: &str, v: &Yaml, path: &str, vars: &Vars<'_>, errs: &mut E
     };
     let init: BTreeMap<String, String> = match m.get("init") {
         None => BTreeMap::new(),
-        Some(Yaml::Mapping(i)) => i.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string()))).collect(),
+        Some(Yaml::Mapping(i)) => {
+            i.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string()))).collect()
+        }
         Some(other) => {
-            errs.at(&format!("{path}.init"), format!("must map member names to stages outside the group, found {}", show(other)));
+            errs.at(
+                &format!("{path}.init"),
+                format!("must map member names to stages outside the group, found {}", show(other)),
+            );
             return;
         }
     };
@@ -659,11 +729,18 @@ fn expand_group(gname: &str, v: &Yaml, path: &str, vars: &Vars<'_>, errs: &mut E
     let names: Vec<String> = members.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
     for k in init.keys() {
         if !names.contains(k) {
-            errs.at(&format!("{path}.init.{k}"), format!("`{k}` is not a stage of this group (members: {})", names.join(", ")));
+            errs.at(
+                &format!("{path}.init.{k}"),
+                format!("`{k}` is not a stage of this group (members: {})", names.join(", ")),
+            );
         }
     }
     for r in 1..=repeat {
-        let prev: BTreeMap<String, String> = if r == 1 { init.clone() } else { names.iter().map(|n| (n.clone(), format!("{gname}.{}.{n}", r - 1))).collect() };
+        let prev: BTreeMap<String, String> = if r == 1 {
+            init.clone()
+        } else {
+            names.iter().map(|n| (n.clone(), format!("{gname}.{}.{n}", r - 1))).collect()
+        };
         let mut rv = Vars { params: vars.params, seed: vars.seed, name: vars.name, round: Some(r), prev: Some(&prev) };
         // The group's `seed:` (evaluated per round) is its members' default seed.
         if let Some(sv) = m.get("seed") {
@@ -679,7 +756,9 @@ fn expand_group(gname: &str, v: &Yaml, path: &str, vars: &Vars<'_>, errs: &mut E
                 continue;
             }
             let before = errs.list.len();
-            if let Some(s) = parse_stage(&format!("{gname}.{r}.{member}"), sv, &mpath, &rv, Some((gname, r, &names)), errs) {
+            if let Some(s) =
+                parse_stage(&format!("{gname}.{r}.{member}"), sv, &mpath, &rv, Some((gname, r, &names)), errs)
+            {
                 out.push(s);
             }
             // Report a problem of the template once, not once per round.
@@ -756,7 +835,20 @@ mod tests {
         let src = "stages:\n  data: { uses: d }\n  pre: { uses: p, needs: [data] }\n  refresh:\n    repeat: 3\n    init: { pre: pre }\n    stages:\n      attn: { uses: a, needs: ['${prev.pre}', data] }\n      pre: { uses: p, needs: [data, attn], with: { r: '${round}' } }\n  ft: { uses: f, needs: [refresh.last.pre] }\n";
         let s = p(src).expect("parses");
         let names: Vec<&str> = s.stages.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["data", "pre", "refresh.1.attn", "refresh.1.pre", "refresh.2.attn", "refresh.2.pre", "refresh.3.attn", "refresh.3.pre", "ft"]);
+        assert_eq!(
+            names,
+            [
+                "data",
+                "pre",
+                "refresh.1.attn",
+                "refresh.1.pre",
+                "refresh.2.attn",
+                "refresh.2.pre",
+                "refresh.3.attn",
+                "refresh.3.pre",
+                "ft"
+            ]
+        );
         let need = |n: &str| s.stage(n).expect("stage").needs.all().iter().map(|x| x.stage.clone()).collect::<Vec<_>>();
         assert_eq!(need("refresh.1.attn"), ["pre", "data"]);
         assert_eq!(need("refresh.2.attn"), ["refresh.1.pre", "data"]);
@@ -775,9 +867,17 @@ mod tests {
             ("seed: -3\nstages:\n  a: { uses: k }\n", "p.yaml:1:", "seed: must be a non-negative integer"),
             ("stages:\n  a:\n    uses: k\n    with: { x: '${params.nope}' }\n", "p.yaml:4:", "no parameter `nope`"),
             ("stages:\n  a.b: { uses: k }\n", "p.yaml:2:", "use letters, digits"),
-            ("stages:\n  g:\n    repeat: 2\n    stages:\n      x: { uses: k, needs: ['${prev.x}'] }\n", "p.yaml:5:", "round 1 has no previous `x`"),
+            (
+                "stages:\n  g:\n    repeat: 2\n    stages:\n      x: { uses: k, needs: ['${prev.x}'] }\n",
+                "p.yaml:5:",
+                "round 1 has no previous `x`",
+            ),
             ("stages: []\n", "p.yaml:1:", "stages: must be a map"),
-            ("stages:\n  a: { uses: k, resources: { gpu: 1 } }\n", "p.yaml:2:", "stages.a.resources: unknown field `gpu`"),
+            (
+                "stages:\n  a: { uses: k, resources: { gpu: 1 } }\n",
+                "p.yaml:2:",
+                "stages.a.resources: unknown field `gpu`",
+            ),
             ("", "p.yaml", "the file is empty"),
         ];
         for (src, loc, msg) in cases {

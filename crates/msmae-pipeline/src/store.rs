@@ -99,8 +99,10 @@ pub struct Host {
 
 impl Host {
     pub fn current() -> Self {
-        let hostname =
-            fs::read_to_string("/proc/sys/kernel/hostname").or_else(|_| fs::read_to_string("/etc/hostname")).map(|s| s.trim().to_string()).unwrap_or_default();
+        let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| fs::read_to_string("/etc/hostname"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         Host {
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
@@ -118,7 +120,12 @@ fn cpu_model() -> String {
         .get_or_init(|| {
             fs::read_to_string("/proc/cpuinfo")
                 .ok()
-                .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+                .and_then(|t| {
+                    t.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .and_then(|l| l.split_once(':'))
+                        .map(|(_, v)| v.trim().to_string())
+                })
                 .unwrap_or_default()
         })
         .clone()
@@ -326,7 +333,9 @@ impl Store {
         for e in fs::read_dir(&dir).map_err(|e| Error::store("list", &dir, e))? {
             let p = e.map_err(|e| Error::store("list", &dir, e))?.path();
             if p.extension().is_some_and(|x| x == "json")
-                && let Ok(entry) = fs::read_to_string(&p).map_err(|_| ()).and_then(|t| serde_json::from_str::<IndexEntry>(&t).map_err(|_| ()))
+                && let Ok(entry) = fs::read_to_string(&p)
+                    .map_err(|_| ())
+                    .and_then(|t| serde_json::from_str::<IndexEntry>(&t).map_err(|_| ()))
                 && check_digest(&entry.artifact).is_ok()
             {
                 out.push(entry);
@@ -339,7 +348,13 @@ impl Store {
     /// Lock `key` for computing it. If another process holds it: with `wait`, log who and
     /// block until it is released; without, return [`Error::Busy`].
     pub fn lock_key(&self, key: &str, holder: &str, wait: bool) -> Result<KeyLock> {
-        self.acquire(&self.key_lock_path(key), true, wait, holder, Blocker::Recorded { otherwise: "another msmae process" })
+        self.acquire(
+            &self.key_lock_path(key),
+            true,
+            wait,
+            holder,
+            Blocker::Recorded { otherwise: "another msmae process" },
+        )
     }
 
     /// Held by every runner for its whole run, shared; `gc` takes it exclusively, so gc and
@@ -348,7 +363,8 @@ impl Store {
     pub fn run_lock(&self, exclusive: bool, wait: bool, holder: &str) -> Result<KeyLock> {
         // Shared holders do not record themselves (there may be many): an exclusive waiter
         // is told it waits for running pipelines.
-        let blocker = if exclusive { Blocker::Named("a running pipeline") } else { Blocker::Recorded { otherwise: "msmae gc" } };
+        let blocker =
+            if exclusive { Blocker::Named("a running pipeline") } else { Blocker::Recorded { otherwise: "msmae gc" } };
         self.acquire(&self.key_lock_path("store-gc"), exclusive, wait, holder, blocker)
     }
 
@@ -385,7 +401,10 @@ impl Store {
                 Err(_) => return Ok(KeyLock { _file: None }),
             },
             Err(Error::Store { source, .. }) if is_read_only(&source) => {
-                return Err(Error::ReadOnly { path: self.root.clone(), what: format!("{holder} needs to write to it") });
+                return Err(Error::ReadOnly {
+                    path: self.root.clone(),
+                    what: format!("{holder} needs to write to it"),
+                });
             }
             Err(e) => return Err(e),
         };
@@ -410,7 +429,13 @@ impl Store {
         }
         if exclusive {
             let _ = f.set_len(0);
-            let _ = write!(f, "pid {} on {} ({holder}, since {})", std::process::id(), Host::current().hostname, now_rfc3339());
+            let _ = write!(
+                f,
+                "pid {} on {} ({holder}, since {})",
+                std::process::id(),
+                Host::current().hostname,
+                now_rfc3339()
+            );
             let _ = f.flush();
         }
         Ok(KeyLock { _file: Some(f) })
@@ -421,7 +446,11 @@ impl Store {
         let n = NONCE.fetch_add(1, Ordering::Relaxed);
         // Key first (what cleaning reads), then host and pid: on a store shared by the nodes
         // of a cluster, pids repeat across hosts.
-        let host: String = Host::current().hostname.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+        let host: String = Host::current()
+            .hostname
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+            .collect();
         let root = self.root.join("tmp").join(format!("{key}.{host}.{}.{n}", std::process::id()));
         let _ = remove_tree(&root);
         let data = root.join("data");
@@ -436,11 +465,17 @@ impl Store {
         let files = hashing::list_files(&data)?;
         let undeclared: Vec<&str> = files.iter().map(|(r, _)| r.as_str()).filter(|r| !decl.declares(r)).collect();
         if !undeclared.is_empty() {
-            return Err(Error::Output { stage: stage.into(), message: format!("wrote undeclared files {undeclared:?} (declared: {:?})", decl.files) });
+            return Err(Error::Output {
+                stage: stage.into(),
+                message: format!("wrote undeclared files {undeclared:?} (declared: {:?})", decl.files),
+            });
         }
         let missing: Vec<&str> = decl.required().filter(|r| !files.iter().any(|(f, _)| f == r)).collect();
         if !missing.is_empty() {
-            return Err(Error::Output { stage: stage.into(), message: format!("did not write required files {missing:?}") });
+            return Err(Error::Output {
+                stage: stage.into(),
+                message: format!("did not write required files {missing:?}"),
+            });
         }
         check_no_symlinks(&data, stage)?;
         let entries: Vec<FileEntry> = files
@@ -459,13 +494,19 @@ impl Store {
         // or removed from a stored artifact (remove_tree lifts this for gc).
         seal_dirs(&data)?;
         let digest = Manifest::compute_digest(&decl.kind.0, &entries);
-        let manifest = Manifest { digest: digest.clone(), kind: decl.kind.0.clone(), bytes: entries.iter().map(|f| f.size).sum(), files: entries };
+        let manifest = Manifest {
+            digest: digest.clone(),
+            kind: decl.kind.0.clone(),
+            bytes: entries.iter().map(|f| f.size).sum(),
+            files: entries,
+        };
         if self.has_object(&digest) && self.object_intact(&digest).is_ok() {
             return Ok(manifest); // identical artifact already stored; staging is dropped
         }
         write_atomic(
             &staging.root.join("manifest.json"),
-            &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Corrupt { path: staging.root.clone(), message: e.to_string() })?,
+            &serde_json::to_vec_pretty(&manifest)
+                .map_err(|e| Error::Corrupt { path: staging.root.clone(), message: e.to_string() })?,
         )?;
         let target = self.object_root(&digest);
         let parent = target.parent().unwrap_or(&self.root).to_path_buf();
@@ -486,7 +527,8 @@ impl Store {
 
     /// Record `key → artifact` (after [`Self::commit`]).
     pub fn record(&self, entry: &IndexEntry) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(entry).map_err(|e| Error::Corrupt { path: self.index_path(&entry.key), message: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(entry)
+            .map_err(|e| Error::Corrupt { path: self.index_path(&entry.key), message: e.to_string() })?;
         write_atomic(&self.index_path(&entry.key), &bytes)
     }
 
@@ -524,11 +566,20 @@ impl Store {
             let p = e.map_err(|e| Error::store("list", &dir, e))?.path();
             let key = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if !is_key(&key) || p.is_symlink() || !p.is_dir() {
-                tracing::warn!("left alone in the store's resume/: {} (not a checkpoint directory msmae made)", p.display());
+                tracing::warn!(
+                    "left alone in the store's resume/: {} (not a checkpoint directory msmae made)",
+                    p.display()
+                );
                 continue;
             }
             let lock = self.root.join("locks").join(format!("{key}.lock"));
-            let free = fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock).map(|f| f.try_lock().is_ok()).unwrap_or(false);
+            let free = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock)
+                .map(|f| f.try_lock().is_ok())
+                .unwrap_or(false);
             let committed = matches!(self.lookup(&key), Ok(Some(_)));
             if free && (all || committed) {
                 if !dry_run {
@@ -557,7 +608,13 @@ impl Store {
                 continue;
             }
             let lock = self.root.join("locks").join(format!("{key}.lock"));
-            let free = fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock).map(|f| f.try_lock().is_ok()).unwrap_or(false);
+            let free = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock)
+                .map(|f| f.try_lock().is_ok())
+                .unwrap_or(false);
             if free {
                 remove_tree(&p).map_err(|e| Error::store("remove", &p, e))?;
                 removed.push(p);
@@ -578,7 +635,8 @@ impl Store {
         if read_root(&p).is_some_and(|r| r == root) {
             return Ok(());
         }
-        let bytes = serde_json::to_vec_pretty(&root).map_err(|e| Error::Corrupt { path: p.clone(), message: e.to_string() })?;
+        let bytes =
+            serde_json::to_vec_pretty(&root).map_err(|e| Error::Corrupt { path: p.clone(), message: e.to_string() })?;
         write_atomic(&p, &bytes)
     }
 
@@ -657,10 +715,14 @@ impl Store {
                 let p = dir.join(&f.path);
                 match fs::metadata(&p) {
                     Err(e) => Some(format!("{}: {e}", f.path)),
-                    Ok(md) if md.len() != f.size => Some(format!("{}: size {} ≠ recorded {}", f.path, md.len(), f.size)),
+                    Ok(md) if md.len() != f.size => {
+                        Some(format!("{}: size {} ≠ recorded {}", f.path, md.len(), f.size))
+                    }
                     Ok(md) => match hashing::hash_file(&p, md.len()) {
                         Err(e) => Some(msmae_core::error::chain(&e)),
-                        Ok(h) if blake3::Hash::from(h).to_hex().as_str() != f.blake3 => Some(format!("{}: content differs from manifest", f.path)),
+                        Ok(h) if blake3::Hash::from(h).to_hex().as_str() != f.blake3 => {
+                            Some(format!("{}: content differs from manifest", f.path))
+                        }
                         Ok(_) => None,
                     },
                 }
@@ -688,7 +750,8 @@ fn identify(root: &Path) -> Result<()> {
         Err(e) => return Err(Error::store("open", root, e)),
         Ok(m) => m,
     };
-    let dir_md = if md.file_type().is_symlink() { fs::metadata(root).map_err(|e| Error::store("open", root, e))? } else { md };
+    let dir_md =
+        if md.file_type().is_symlink() { fs::metadata(root).map_err(|e| Error::store("open", root, e))? } else { md };
     if !dir_md.is_dir() {
         return Err(Error::NotAStore { path: root.to_path_buf(), found: "it is not a directory".into() });
     }
@@ -697,20 +760,28 @@ fn identify(root: &Path) -> Result<()> {
         let version = text.trim().rsplit(' ').next().and_then(|v| v.parse::<u32>().ok());
         return match version {
             Some(v) if v <= STORE_FORMAT => Ok(()),
-            Some(v) => {
-                Err(Error::NotAStore { path: root.to_path_buf(), found: format!("it is a store of format {v}, newer than this msmae's {STORE_FORMAT}") })
+            Some(v) => Err(Error::NotAStore {
+                path: root.to_path_buf(),
+                found: format!("it is a store of format {v}, newer than this msmae's {STORE_FORMAT}"),
+            }),
+            None => {
+                Err(Error::NotAStore { path: root.to_path_buf(), found: format!("its {MARKER} file is unreadable") })
             }
-            None => Err(Error::NotAStore { path: root.to_path_buf(), found: format!("its {MARKER} file is unreadable") }),
         };
     }
-    let names: Vec<String> =
-        fs::read_dir(root).map_err(|e| Error::store("list", root, e))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = fs::read_dir(root)
+        .map_err(|e| Error::store("list", root, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     // Another process writing the marker of this new store right now.
     let marker_in_progress = |n: &str| n.starts_with(&format!(".{MARKER}.tmp."));
     if names.iter().all(|n| marker_in_progress(n)) {
         return Ok(());
     }
-    let older_store = names.iter().all(|n| LAYOUT.contains(&n.as_str())) && root.join("objects").is_dir() && root.join("index").is_dir();
+    let older_store = names.iter().all(|n| LAYOUT.contains(&n.as_str()))
+        && root.join("objects").is_dir()
+        && root.join("index").is_dir();
     if older_store {
         return Ok(());
     }
@@ -767,7 +838,10 @@ fn check_no_symlinks(dir: &Path, stage: &str) -> Result<()> {
         let e = e.map_err(|e| Error::store("list", dir, e))?;
         let ft = e.file_type().map_err(|err| Error::store("stat", e.path(), err))?;
         if ft.is_symlink() {
-            return Err(Error::Output { stage: stage.into(), message: format!("{} is a symbolic link; artifacts hold plain files", e.path().display()) });
+            return Err(Error::Output {
+                stage: stage.into(),
+                message: format!("{} is a symbolic link; artifacts hold plain files", e.path().display()),
+            });
         }
         if ft.is_dir() {
             check_no_symlinks(&e.path(), stage)?;
@@ -823,7 +897,13 @@ enum Blocker {
 }
 
 fn open_lock(p: &Path) -> Result<fs::File> {
-    fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p).map_err(|e| Error::store("open lock", p, e))
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .map_err(|e| Error::store("open lock", p, e))
 }
 
 /// Digests (of artifacts) are 64 lowercase hex characters; anything else read from a lock
@@ -882,7 +962,10 @@ pub fn is_read_only(e: &std::io::Error) -> bool {
 
 /// Whether an error (its text: stages wrap I/O errors in their own) says the disk is full.
 pub fn is_out_of_space(text: &str) -> bool {
-    text.contains("No space left on device") || text.contains("os error 28") || text.contains("storage full") || text.contains("StorageFull")
+    text.contains("No space left on device")
+        || text.contains("os error 28")
+        || text.contains("storage full")
+        || text.contains("StorageFull")
 }
 
 /// Bytes available to this user on the filesystem holding `p`, if it can be asked.

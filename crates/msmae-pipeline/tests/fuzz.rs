@@ -100,7 +100,9 @@ fn check_pipeline(src: &str) -> Result<(), TestCaseError> {
 fn the_pipeline_parser_never_panics_on_mutated_pipelines() {
     msmae_pipeline::parse(Path::new("q.yaml"), PIPELINE, &[]).expect("the unmutated pipeline parses");
     let cases = 3000;
-    runner(cases).run(&prop::collection::vec(edit(), 1..6), |edits| check_pipeline(&apply(PIPELINE, &edits))).expect("the parser held");
+    runner(cases)
+        .run(&prop::collection::vec(edit(), 1..6), |edits| check_pipeline(&apply(PIPELINE, &edits)))
+        .expect("the parser held");
     eprintln!("fuzz: pipeline parser, {cases} mutated pipelines");
 }
 

@@ -21,7 +21,10 @@ use msmae_train::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainSt
 use msmae_train::maps::{MapState, Maps, attention_maps, read_maps, write_maps};
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec, Schedule, adamw};
 use msmae_train::runtime::{self, Runtime, images, to_vec};
-use msmae_train::support::{check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule, write_history};
+use msmae_train::support::{
+    check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule,
+    write_history,
+};
 use msmae_vit::attention_map::{MapMethod, MapReading, Smoothing};
 use msmae_vit::patch::{gather_tokens, index_tensor, patchify};
 use msmae_vit::{MaeConfig, MaskedAutoencoder};
@@ -145,7 +148,12 @@ impl PretrainStep {
 impl TrainStep for PretrainStep {
     type Model = MaskedAutoencoder;
 
-    fn epoch_plan(&mut self, epoch: usize, model: &MaskedAutoencoder, ctx: &StageContext<'_>) -> Result<EpochPlan, StageError> {
+    fn epoch_plan(
+        &mut self,
+        epoch: usize,
+        model: &MaskedAutoencoder,
+        ctx: &StageContext<'_>,
+    ) -> Result<EpochPlan, StageError> {
         let mut refreshed = false;
         if let Some(g) = &mut self.guided
             && epoch >= g.warmup_mask_epochs
@@ -168,10 +176,16 @@ impl TrainStep for PretrainStep {
         let policy = self.policy(epoch);
         let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
         spec.augment = self.augment;
-        let weights = if policy.needs_weights() { self.guided.as_ref().and_then(|g| g.maps.current.clone()) } else { None };
+        let weights =
+            if policy.needs_weights() { self.guided.as_ref().and_then(|g| g.maps.current.clone()) } else { None };
         spec.masks = Some(MaskSpec { policy: policy.clone(), weights, grid: self.grid });
         let l = self.grid[0] * self.grid[1];
-        Ok(EpochPlan { spec, masking: format!("{policy:?}"), tokens: policy.visible_count(l) + 1, refreshed_maps: refreshed })
+        Ok(EpochPlan {
+            spec,
+            masking: format!("{policy:?}"),
+            tokens: policy.visible_count(l) + 1,
+            refreshed_maps: refreshed,
+        })
     }
 
     fn step(&mut self, model: &MaskedAutoencoder, batch: &mut Batch, device: &Device) -> Result<StepLoss, StageError> {
@@ -196,7 +210,8 @@ impl Stage for MaePretrain {
     type Config = PretrainConfig;
     const KIND: &'static str = "mae/pretrain";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "MAE pre-training; with `masks`: MSMAE attention-guided masking/throwing, CLS supervision, map refresh";
+    const SUMMARY: &'static str =
+        "MAE pre-training; with `masks`: MSMAE attention-guided masking/throwing, CLS supervision, map refresh";
     const USES_BACKEND: bool = true;
     const DATA_PARALLEL: bool = true;
     const RUN_ONLY: &'static [&'static str] = &["checkpoint_every", "accum_steps"];
@@ -227,17 +242,28 @@ impl Stage for MaePretrain {
     fn inputs(&self, _: &PretrainConfig) -> Vec<InputSlot> {
         vec![
             InputSlot::one("data", "image-table", "the images (labels used only by the cls_weight term)"),
-            InputSlot::optional("masks", "mask-weights", "attention weights + policy from a mask/* stage (none: MAE random masking)"),
-            InputSlot::optional("init", "mae-checkpoint", "continue from this MAE (a previous round of a `repeat:` group; none: fresh weights)"),
+            InputSlot::optional(
+                "masks",
+                "mask-weights",
+                "attention weights + policy from a mask/* stage (none: MAE random masking)",
+            ),
+            InputSlot::optional(
+                "init",
+                "mae-checkpoint",
+                "continue from this MAE (a previous round of a `repeat:` group; none: fresh weights)",
+            ),
         ]
     }
     fn output(&self, _: &PretrainConfig) -> OutputDecl {
-        OutputDecl::new("mae-checkpoint", &["model.safetensors", "model.json", "history.json", "reconstructions.png", "attention*.parquet", "*.png"])
-            .metric("epochs", "history.json", "/epochs/#")
-            .metric("train_loss", "history.json", "/epochs/-1/train_loss")
-            .metric("reconstruction_loss", "history.json", "/epochs/-1/reconstruction_loss")
-            .figure("reconstructions (original, masked input, reconstruction)", "reconstructions.png")
-            .figure("loss per epoch", "loss.png")
+        OutputDecl::new(
+            "mae-checkpoint",
+            &["model.safetensors", "model.json", "history.json", "reconstructions.png", "attention*.parquet", "*.png"],
+        )
+        .metric("epochs", "history.json", "/epochs/#")
+        .metric("train_loss", "history.json", "/epochs/-1/train_loss")
+        .metric("reconstruction_loss", "history.json", "/epochs/-1/reconstruction_loss")
+        .figure("reconstructions (original, masked input, reconstruction)", "reconstructions.png")
+        .figure("loss per epoch", "loss.png")
     }
     fn resources(&self, _: &PretrainConfig) -> Resources {
         Resources::Exclusive
@@ -262,7 +288,11 @@ impl Stage for MaePretrain {
         let guided = guided.map(|(policy, maps)| Guided {
             policy,
             // At least the last epoch uses the attention-guided masks it was given.
-            warmup_mask_epochs: clip_to_run("warmup_mask_epochs", c.warmup_mask_epochs as f64, c.epochs.saturating_sub(1) as f64) as usize,
+            warmup_mask_epochs: clip_to_run(
+                "warmup_mask_epochs",
+                c.warmup_mask_epochs as f64,
+                c.epochs.saturating_sub(1) as f64,
+            ) as usize,
             refresh_every: c.refresh_every,
             reading: MapReading { method: c.map_method.unwrap_or_default(), smooth: c.map_smooth },
             maps: MapState { table: table.clone(), grid, current: Some(Arc::new(maps)) },
@@ -285,7 +315,12 @@ impl Stage for MaePretrain {
         let opts = FitOptions {
             epochs: c.epochs,
             batch_size: c.batch_size,
-            schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64), epochs: c.epochs as f64 },
+            schedule: Schedule {
+                lr,
+                min_lr: c.min_lr,
+                warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64),
+                epochs: c.epochs as f64,
+            },
             checkpoint_every: c.checkpoint_every,
             patience: None,
             accum_steps: c.accum_steps,
@@ -324,7 +359,12 @@ impl Stage for MaePretrain {
 
 /// A fresh MAE for the table's images (with a CLS head over its classes when `cls_weight`
 /// is on), initialised right after seeding the backend.
-fn fresh(table: &ImageTable, c: &PretrainConfig, rt: &Runtime, seed: u64) -> Result<(MaskedAutoencoder, Normalizer, MaeConfig), StageError> {
+fn fresh(
+    table: &ImageTable,
+    c: &PretrainConfig,
+    rt: &Runtime,
+    seed: u64,
+) -> Result<(MaskedAutoencoder, Normalizer, MaeConfig), StageError> {
     let mut arch = c.model.mae([table.height(), table.width()], table.channels()).with_norm_pix_loss(c.norm_pix_loss);
     if c.cls_weight > 0.0 {
         arch.encoder.num_classes = table.num_classes();
@@ -336,7 +376,12 @@ fn fresh(table: &ImageTable, c: &PretrainConfig, rt: &Runtime, seed: u64) -> Res
 
 /// The MAE of `init` (a previous round), checked to fit the table and, with `cls_weight`,
 /// to have a CLS head over the table's labels.
-fn from_init(i: &InputArtifact, table: &ImageTable, c: &PretrainConfig, rt: &Runtime) -> Result<(MaskedAutoencoder, Normalizer, MaeConfig), StageError> {
+fn from_init(
+    i: &InputArtifact,
+    table: &ImageTable,
+    c: &PretrainConfig,
+    rt: &Runtime,
+) -> Result<(MaskedAutoencoder, Normalizer, MaeConfig), StageError> {
     let what = i.dir.join(model::META_FILE);
     let (loaded, meta) = model::load(&i.dir, &rt.train)?;
     check_image_compat(&meta, table, &what)?;
@@ -344,7 +389,8 @@ fn from_init(i: &InputArtifact, table: &ImageTable, c: &PretrainConfig, rt: &Run
         return Err(StageError::data(&what, None, "`init` must be an MAE checkpoint (from mae/pretrain)"));
     };
     let k = table.num_classes();
-    if c.cls_weight > 0.0 && (meta.label_names != table.meta.label_names || meta.multi_label != table.meta.multi_label) {
+    if c.cls_weight > 0.0 && (meta.label_names != table.meta.label_names || meta.multi_label != table.meta.multi_label)
+    {
         return Err(StageError::data(
             &what,
             None,
@@ -372,7 +418,12 @@ fn from_init(i: &InputArtifact, table: &ImageTable, c: &PretrainConfig, rt: &Run
 /// What a `mask/*` artifact asks for: the random-masking ratio, and for attention-guided
 /// policies the policy with its starting maps (`mask/random`: MAE masking with the mask
 /// stage's ratio throughout, no maps).
-fn guidance(m: &InputArtifact, table: &ImageTable, grid: [usize; 2], c: &PretrainConfig) -> Result<(f64, Option<(MaskPolicy, Maps)>), StageError> {
+fn guidance(
+    m: &InputArtifact,
+    table: &ImageTable,
+    grid: [usize; 2],
+    c: &PretrainConfig,
+) -> Result<(f64, Option<(MaskPolicy, Maps)>), StageError> {
     let pp = m.path("policy.json");
     let text = std::fs::read(&pp).map_err(|e| StageError::io(&pp, e))?;
     let policy: MaskPolicy = serde_json::from_slice(&text).map_err(|e| StageError::data(&pp, None, e.to_string()))?;
@@ -407,7 +458,16 @@ fn reconstructions(
     let weights: Maps = if needs {
         match maps.filter(|m| rows.iter().all(|r| m.contains_key(r))) {
             Some(m) => rows.iter().map(|r| (*r, m[r].clone())).collect(),
-            None => attention_maps(&mae.encoder, table, &rows, norm, rows.len(), step.guided.as_ref().map(|g| g.reading).unwrap_or_default(), rt, ctx)?,
+            None => attention_maps(
+                &mae.encoder,
+                table,
+                &rows,
+                norm,
+                rows.len(),
+                step.guided.as_ref().map(|g| g.reading).unwrap_or_default(),
+                rt,
+                ctx,
+            )?,
         }
     } else {
         HashMap::new()
@@ -437,7 +497,16 @@ fn reconstructions(
         let flat = to_vec(pred)?;
         for (i, plan) in batch.plans.iter().enumerate() {
             let chw = &imgs_host[i * ch * h * w..(i + 1) * ch * h * w];
-            figure_rows.push(figures::reconstruction_row(chw, ch, h, w, p, plan, &flat[i * nm * pd..(i + 1) * nm * pd], norm));
+            figure_rows.push(figures::reconstruction_row(
+                chw,
+                ch,
+                h,
+                w,
+                p,
+                plan,
+                &flat[i * nm * pd..(i + 1) * nm * pd],
+                norm,
+            ));
         }
     }
     figures::save_sheet(&ctx.output_path("reconstructions.png")?, &figure_rows, 3)

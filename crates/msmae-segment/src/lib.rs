@@ -44,13 +44,19 @@ pub struct PupHead {
 impl PupHead {
     pub fn new(dim: usize, channels: usize, ups: usize, classes: usize, device: &Device) -> Self {
         let conv = |i: usize| {
-            Conv2dConfig::new([if i == 0 { dim } else { channels }, channels], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device)
+            Conv2dConfig::new([if i == 0 { dim } else { channels }, channels], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device)
         };
         Self {
             convs: (0..ups).map(conv).collect(),
             norms: (0..ups).map(|_| BatchNormConfig::new(channels).init(device)).collect(),
             cls: Conv2dConfig::new([channels, classes], [1, 1]).init(device),
-            up: Interpolate2dConfig::new().with_scale_factor(Some([2.0, 2.0])).with_mode(InterpolateMode::Linear).with_align_corners(false).init(),
+            up: Interpolate2dConfig::new()
+                .with_scale_factor(Some([2.0, 2.0]))
+                .with_mode(InterpolateMode::Linear)
+                .with_align_corners(false)
+                .init(),
         }
     }
 
@@ -77,7 +83,10 @@ pub struct SetrPup {
 /// Four evenly spread blocks of `depth` (docs/method.md §6: 4, 6, 8, 12 of 12), 1-based,
 /// distinct.
 pub fn spread_blocks(depth: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = [1.0 / 3.0, 0.5, 2.0 / 3.0, 1.0].iter().map(|f| ((depth as f64 * f).round() as usize).clamp(1, depth)).collect();
+    let mut v: Vec<usize> = [1.0 / 3.0, 0.5, 2.0 / 3.0, 1.0]
+        .iter()
+        .map(|f| ((depth as f64 * f).round() as usize).clamp(1, depth))
+        .collect();
     v.dedup();
     v
 }
@@ -85,7 +94,14 @@ pub fn spread_blocks(depth: usize) -> Vec<usize> {
 impl SetrPup {
     /// `classes`: 1 for a binary lesion mask (one logit), else the number of mask classes
     /// including background.
-    pub fn new(encoder: VisionTransformer, cfg: &VitConfig, blocks: Vec<usize>, channels: usize, classes: usize, device: &Device) -> Self {
+    pub fn new(
+        encoder: VisionTransformer,
+        cfg: &VitConfig,
+        blocks: Vec<usize>,
+        channels: usize,
+        classes: usize,
+        device: &Device,
+    ) -> Self {
         let ups = (cfg.patch_size as f64).log2().round() as usize;
         let heads = blocks.iter().map(|_| PupHead::new(cfg.embed_dim, channels, ups, classes.max(1), device)).collect();
         Self { encoder, heads, blocks, grid: cfg.grid() }
@@ -116,7 +132,9 @@ impl SetrPup {
 /// # Shapes
 /// - logits, target: `[batch, 1, H, W]` → `[1]`
 pub fn seg_loss(logits: Tensor<4>, target: Tensor<4>) -> Tensor<1> {
-    let bce = (logits.clone().clamp_min(0.0) - logits.clone() * target.clone() + (logits.clone().abs().neg().exp() + 1.0).log()).mean();
+    let bce = (logits.clone().clamp_min(0.0) - logits.clone() * target.clone()
+        + (logits.clone().abs().neg().exp() + 1.0).log())
+    .mean();
     let p = sigmoid(logits);
     let [b, _, _, _] = p.dims();
     let inter = (p.clone() * target.clone()).reshape([b as i32, -1]).sum_dim(1);
@@ -212,7 +230,8 @@ impl Stage for SetrPupStage {
     type Config = SegmentConfig;
     const KIND: &'static str = "segment/setr-pup";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "SETR-PUP segmentation on a pre-trained (or random) ViT encoder; Dice/IoU on the test split";
+    const SUMMARY: &'static str =
+        "SETR-PUP segmentation on a pre-trained (or random) ViT encoder; Dice/IoU on the test split";
     const USES_BACKEND: bool = true;
     const DATA_PARALLEL: bool = true;
     const RUN_ONLY: &'static [&'static str] = &["checkpoint_every", "accum_steps"];
@@ -241,17 +260,21 @@ impl Stage for SetrPupStage {
     fn inputs(&self, _: &SegmentConfig) -> Vec<InputSlot> {
         vec![
             InputSlot::one("data", "image-table", "images with lesion masks"),
-            InputSlot::optional("pretrained", "mae-checkpoint", "pre-trained encoder (none: random initialisation)").or_kind("vit-checkpoint"),
+            InputSlot::optional("pretrained", "mae-checkpoint", "pre-trained encoder (none: random initialisation)")
+                .or_kind("vit-checkpoint"),
         ]
     }
     fn output(&self, _: &SegmentConfig) -> OutputDecl {
-        OutputDecl::new("segmentation", &["model.safetensors", "model.json", "metrics.json", "history.json", "predictions.png", "*.png"])
-            .metric("dice", "metrics.json", "/dice")
-            .metric("iou", "metrics.json", "/iou")
-            .metric("dice_all_images", "metrics.json", "/dice_all_images")
-            .metric("train_loss", "history.json", "/epochs/-1/train_loss")
-            .figure("test predictions (image, truth, prediction)", "predictions.png")
-            .figure("loss per epoch", "loss.png")
+        OutputDecl::new(
+            "segmentation",
+            &["model.safetensors", "model.json", "metrics.json", "history.json", "predictions.png", "*.png"],
+        )
+        .metric("dice", "metrics.json", "/dice")
+        .metric("iou", "metrics.json", "/iou")
+        .metric("dice_all_images", "metrics.json", "/dice_all_images")
+        .metric("train_loss", "history.json", "/epochs/-1/train_loss")
+        .figure("test predictions (image, truth, prediction)", "predictions.png")
+        .figure("loss per epoch", "loss.png")
     }
     fn resources(&self, _: &SegmentConfig) -> Resources {
         Resources::Exclusive
@@ -265,7 +288,11 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     let rt = runtime::runtime(ctx)?;
     let table = Arc::new(ImageTable::open(&ctx.input("data")?.path("images.parquet"))?);
     if !table.meta.has_masks {
-        return Err(StageError::data(&table.path, None, "this image table has no lesion masks (segmentation needs image/mask pairs)"));
+        return Err(StageError::data(
+            &table.path,
+            None,
+            "this image table has no lesion masks (segmentation needs image/mask pairs)",
+        ));
     }
     let size = [table.height(), table.width()];
     runtime::seed_backend(&rt, ctx.seed, "init", 0);
@@ -277,7 +304,13 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
                 return Err(StageError::data(
                     p.dir.join(ckpt::META_FILE),
                     None,
-                    format!("model expects {:?}×{} images, the table holds {:?}×{}", meta.vit.image_size, meta.vit.in_chans, size, table.channels()),
+                    format!(
+                        "model expects {:?}×{} images, the table holds {:?}×{}",
+                        meta.vit.image_size,
+                        meta.vit.in_chans,
+                        size,
+                        table.channels()
+                    ),
                 ));
             }
             (loaded.into_encoder(), meta.normalizer, meta.vit)
@@ -290,7 +323,10 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     };
     let blocks = c.blocks.clone().unwrap_or_else(|| spread_blocks(vit_cfg.depth));
     if let Some(b) = blocks.iter().find(|b| **b > vit_cfg.depth) {
-        return Err(StageError::config("blocks", format!("block {b} does not exist in a {}-block encoder", vit_cfg.depth)));
+        return Err(StageError::config(
+            "blocks",
+            format!("block {b} does not exist in a {}-block encoder", vit_cfg.depth),
+        ));
     }
     if !vit_cfg.patch_size.is_power_of_two() {
         return Err(StageError::config(
@@ -301,7 +337,8 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     // Multi-class masks (class indices, `mask_classes` in the table) or one binary lesion mask.
     let classes = table.meta.mask_classes.len();
     let multi = classes >= 2;
-    let model = SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, if multi { classes } else { 1 }, &rt.train);
+    let model =
+        SetrPup::new(encoder, &vit_cfg, blocks.clone(), c.head_channels, if multi { classes } else { 1 }, &rt.train);
     runtime::materialise(&model);
     let new_optim = || AdamConfig::new().with_weight_decay(Some(WeightDecayConfig::new(c.weight_decay as f32))).init();
     let mut step = SegStep {
@@ -324,7 +361,12 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     let res = fit::fit(ctx, &rt, &data, &mut step, model, |_| new_optim(), &opts)?;
     let history = res.history;
     let train_seconds: f64 = history.iter().map(|h| h.seconds).sum();
-    tracing::info!("`{}`: {} epochs, {:.2} s per epoch of training steps", ctx.name, c.epochs, train_seconds / history.len().max(1) as f64);
+    tracing::info!(
+        "`{}`: {} epochs, {:.2} s per epoch of training steps",
+        ctx.name,
+        c.epochs,
+        train_seconds / history.len().max(1) as f64
+    );
     let (per_image, figure) = evaluate(ctx, &res.model, &table, &norm, &rt, classes, c.figure_images)?;
     let model = res.model.valid();
     let meta = ckpt::CheckpointMeta {
@@ -340,7 +382,8 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
     ckpt::save(ctx.out_dir(), &model, &meta)?;
     let provenance = serde_json::json!({ "pretrained": pretrained.as_ref().map(|p| &p.digest), "blocks": blocks });
     write_json(ctx, "metrics.json", &metrics_json(ctx, &table, per_image, provenance))?;
-    let epochs: Vec<serde_json::Value> = history.iter().map(|h| serde_json::json!({ "epoch": h.epoch, "train_loss": h.train_loss })).collect();
+    let epochs: Vec<serde_json::Value> =
+        history.iter().map(|h| serde_json::json!({ "epoch": h.epoch, "train_loss": h.train_loss })).collect();
     write_json(ctx, "history.json", &serde_json::json!({ "epochs": epochs }))?;
     let pts: Vec<(f64, f64)> = history.iter().map(|h| ((h.epoch + 1) as f64, h.train_loss)).collect();
     msmae_metrics::plot::line_chart(
@@ -355,7 +398,12 @@ fn run(c: &SegmentConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> 
 
 /// `metrics.json`: Dice/IoU over the test split, per image class, per mask class, and per
 /// image. `provenance` holds `pretrained` and `blocks`.
-fn metrics_json(ctx: &StageContext<'_>, table: &ImageTable, per_image: Vec<serde_json::Value>, provenance: serde_json::Value) -> serde_json::Value {
+fn metrics_json(
+    ctx: &StageContext<'_>,
+    table: &ImageTable,
+    per_image: Vec<serde_json::Value>,
+    provenance: serde_json::Value,
+) -> serde_json::Value {
     let summary = metrics::summarize(&per_image);
     // Multi-class: per mask class, over the test images whose truth contains it.
     let per_mask_class: serde_json::Map<String, serde_json::Value> = table
@@ -364,9 +412,15 @@ fn metrics_json(ctx: &StageContext<'_>, table: &ImageTable, per_image: Vec<serde
         .iter()
         .skip(1)
         .map(|name| {
-            let v: Vec<(f64, f64)> =
-                per_image.iter().filter_map(|r| Some((r["mask_classes"][name]["dice"].as_f64()?, r["mask_classes"][name]["iou"].as_f64()?))).collect();
-            let mean = |f: fn(&(f64, f64)) -> f64| if v.is_empty() { None } else { Some(logged(v.iter().map(f).sum::<f64>() / v.len() as f64)) };
+            let v: Vec<(f64, f64)> = per_image
+                .iter()
+                .filter_map(|r| {
+                    Some((r["mask_classes"][name]["dice"].as_f64()?, r["mask_classes"][name]["iou"].as_f64()?))
+                })
+                .collect();
+            let mean = |f: fn(&(f64, f64)) -> f64| {
+                if v.is_empty() { None } else { Some(logged(v.iter().map(f).sum::<f64>() / v.len() as f64)) }
+            };
             (name.clone(), serde_json::json!({ "dice": mean(|x| x.0), "iou": mean(|x| x.1), "images": v.len() }))
         })
         .collect();
@@ -418,7 +472,12 @@ struct SegStep {
 impl TrainStep for SegStep {
     type Model = SetrPup;
 
-    fn epoch_plan(&mut self, _epoch: usize, _model: &SetrPup, _ctx: &StageContext<'_>) -> Result<EpochPlan, StageError> {
+    fn epoch_plan(
+        &mut self,
+        _epoch: usize,
+        _model: &SetrPup,
+        _ctx: &StageContext<'_>,
+    ) -> Result<EpochPlan, StageError> {
         let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
         spec.augment = self.augment;
         spec.lesion_masks = true;
@@ -429,7 +488,11 @@ impl TrainStep for SegStep {
     fn step(&mut self, model: &SetrPup, batch: &mut data::Batch, device: &Device) -> Result<StepLoss, StageError> {
         let target = masks_tensor(batch, &self.table, self.classes, device)?;
         let x = images(batch, &self.table, device);
-        let loss = if self.classes >= 2 { seg_loss_multi(model.forward(x), target) } else { seg_loss(model.forward(x), target) };
+        let loss = if self.classes >= 2 {
+            seg_loss_multi(model.forward(x), target)
+        } else {
+            seg_loss(model.forward(x), target)
+        };
         Ok(StepLoss { loss, reconstruction: None })
     }
 }
@@ -460,15 +523,18 @@ fn evaluate(
         let probs = to_vec(if classes >= 2 { softmax(logits, 1) } else { sigmoid(logits) })?;
         let per = classes.max(1) * h * w;
         for (i, &r) in batch.rows.iter().enumerate() {
-            let gt = batch
-                .lesions
-                .get(i)
-                .and_then(Option::as_ref)
-                .ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[r].id)), "no lesion mask"))?;
+            let gt = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| {
+                StageError::data(
+                    &table.path,
+                    Some(format!("row `{}`, column `mask`", table.rows[r].id)),
+                    "no lesion mask",
+                )
+            })?;
             let (pred, record) = image_record(table, r, gt, &probs[i * per..(i + 1) * per], classes);
             per_image.push(record);
             if figure.len() < figure_images && gt.iter().any(|v| *v > 0) {
-                let img = msmae_train::figures::denormalize(&host[i * ch * h * w..(i + 1) * ch * h * w], ch, h, w, norm);
+                let img =
+                    msmae_train::figures::denormalize(&host[i * ch * h * w..(i + 1) * ch * h * w], ch, h, w, norm);
                 figure.push(prediction_row(&img, gt, &pred));
             }
         }
@@ -479,7 +545,13 @@ fn evaluate(
 /// The predicted mask of table row `r` from its class probabilities `probs` (`[classes, H·W]`,
 /// one map when binary) and its metrics record: Dice/IoU (per foreground class present in
 /// the truth for class-index masks, their mean overall).
-fn image_record(table: &ImageTable, r: usize, gt: &[u8], probs: &[f32], classes: usize) -> (Vec<u8>, serde_json::Value) {
+fn image_record(
+    table: &ImageTable,
+    r: usize,
+    gt: &[u8],
+    probs: &[f32],
+    classes: usize,
+) -> (Vec<u8>, serde_json::Value) {
     let hw = gt.len();
     let class = table.rows[r].label.and_then(|l| table.meta.label_names.get(l as usize)).cloned();
     let id = &table.rows[r].id;
@@ -487,14 +559,19 @@ fn image_record(table: &ImageTable, r: usize, gt: &[u8], probs: &[f32], classes:
     if classes < 2 {
         let pred: Vec<u8> = probs.iter().map(|p| u8::from(*p >= 0.5)).collect();
         let (dice, iou) = metrics::dice_iou(&pred, gt);
-        return (pred, serde_json::json!({ "id": id, "class": class, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": lesion_pixels }));
+        return (
+            pred,
+            serde_json::json!({ "id": id, "class": class, "dice": logged(dice), "iou": logged(iou), "lesion_pixels": lesion_pixels }),
+        );
     }
     let at = |k: usize, px: usize| probs[k * hw + px];
-    let pred: Vec<u8> = (0..hw).map(|px| (0..classes).max_by(|&a, &b| at(a, px).total_cmp(&at(b, px))).unwrap_or(0) as u8).collect();
+    let pred: Vec<u8> =
+        (0..hw).map(|px| (0..classes).max_by(|&a, &b| at(a, px).total_cmp(&at(b, px))).unwrap_or(0) as u8).collect();
     let mut per = serde_json::Map::new();
     let (mut ds, mut is) = (Vec::new(), Vec::new());
     for k in 1..classes {
-        let (g, p): (Vec<u8>, Vec<u8>) = gt.iter().zip(&pred).map(|(&g, &p)| (u8::from(usize::from(g) == k), u8::from(usize::from(p) == k))).unzip();
+        let (g, p): (Vec<u8>, Vec<u8>) =
+            gt.iter().zip(&pred).map(|(&g, &p)| (u8::from(usize::from(g) == k), u8::from(usize::from(p) == k))).unzip();
         if g.contains(&1) {
             let (d, iu) = metrics::dice_iou(&p, &g);
             ds.push(d);
@@ -515,15 +592,18 @@ fn finite(v: f64) -> Option<f64> {
 }
 
 /// Targets: `[batch, 1, H, W]` 0/1 (binary, `classes` 1) or one-hot `[batch, K, H, W]`.
-fn masks_tensor(batch: &data::Batch, table: &ImageTable, classes: usize, device: &Device) -> Result<Tensor<4>, StageError> {
+fn masks_tensor(
+    batch: &data::Batch,
+    table: &ImageTable,
+    classes: usize,
+    device: &Device,
+) -> Result<Tensor<4>, StageError> {
     let (h, w) = (table.height(), table.width());
     let mut v = Vec::with_capacity(batch.len() * classes * h * w);
     for (i, r) in batch.rows.iter().enumerate() {
-        let m = batch
-            .lesions
-            .get(i)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[*r].id)), "no lesion mask"))?;
+        let m = batch.lesions.get(i).and_then(Option::as_ref).ok_or_else(|| {
+            StageError::data(&table.path, Some(format!("row `{}`, column `mask`", table.rows[*r].id)), "no lesion mask")
+        })?;
         if classes == 1 {
             v.extend(m.iter().map(|x| f32::from(u8::from(*x > 0))));
         } else {
@@ -546,7 +626,15 @@ fn prediction_row(img: &RgbImage, gt: &[u8], pred: &[u8]) -> RgbImage {
             let i = (y * w + x) as usize;
             row.put_pixel(x, y, Rgb(p));
             let tint = |on: bool, c: [u8; 3]| {
-                if on { Rgb([(p[0] / 2).saturating_add(c[0] / 2), (p[1] / 2).saturating_add(c[1] / 2), (p[2] / 2).saturating_add(c[2] / 2)]) } else { Rgb(p) }
+                if on {
+                    Rgb([
+                        (p[0] / 2).saturating_add(c[0] / 2),
+                        (p[1] / 2).saturating_add(c[1] / 2),
+                        (p[2] / 2).saturating_add(c[2] / 2),
+                    ])
+                } else {
+                    Rgb(p)
+                }
             };
             row.put_pixel(w + gap + x, y, tint(gt[i] > 0, [0, 255, 0]));
             row.put_pixel(2 * (w + gap) + x, y, tint(pred[i] > 0, [255, 0, 0]));
@@ -578,7 +666,10 @@ mod tests {
         let m = SetrPup::new(cfg.init(&dev), &cfg, vec![1, 2], 8, 1, &dev);
         let y = m.forward(Tensor::zeros([2, 1, 16, 16], &dev));
         assert_eq!(y.dims(), [2, 1, 16, 16]);
-        let t = Tensor::<4>::from_data(TensorData::new((0..256).map(|i| f32::from(u8::from(i % 3 == 0))).collect::<Vec<_>>(), [1, 1, 16, 16]), &dev);
+        let t = Tensor::<4>::from_data(
+            TensorData::new((0..256).map(|i| f32::from(u8::from(i % 3 == 0))).collect::<Vec<_>>(), [1, 1, 16, 16]),
+            &dev,
+        );
         let good = seg_loss((t.clone() - 0.5) * 20.0, t.clone()).into_scalar::<f32>();
         let bad = seg_loss((t.clone() - 0.5) * -20.0, t).into_scalar::<f32>();
         assert!(good < 0.01 && bad > 1.0, "{good} {bad}");

@@ -40,8 +40,11 @@ pub struct Summary {
 /// Summarise per-image records `{dice, iou, lesion_pixels}`.
 pub fn summarize(per_image: &[serde_json::Value]) -> Summary {
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let lesion: Vec<&serde_json::Value> = per_image.iter().filter(|v| v["lesion_pixels"].as_u64().unwrap_or(0) > 0).collect();
-    let mean = |xs: &[&serde_json::Value], k: &str| if xs.is_empty() { f64::NAN } else { xs.iter().map(|v| f(v, k)).sum::<f64>() / xs.len() as f64 };
+    let lesion: Vec<&serde_json::Value> =
+        per_image.iter().filter(|v| v["lesion_pixels"].as_u64().unwrap_or(0) > 0).collect();
+    let mean = |xs: &[&serde_json::Value], k: &str| {
+        if xs.is_empty() { f64::NAN } else { xs.iter().map(|v| f(v, k)).sum::<f64>() / xs.len() as f64 }
+    };
     let all: Vec<&serde_json::Value> = per_image.iter().collect();
     Summary {
         dice_lesion: mean(&lesion, "dice"),
@@ -89,6 +92,9 @@ mod tests {
         let names: Vec<&str> = by.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["benign", "malignant", "normal"]);
         assert!((by[0].1.dice_lesion - 0.7).abs() < 1e-12 && by[0].1.n_lesion == 2);
-        assert!(by[2].1.dice_lesion.is_nan() && by[2].1.n == 1 && by[2].1.dice_all == 1.0, "no lesion: only the all-images mean");
+        assert!(
+            by[2].1.dice_lesion.is_nan() && by[2].1.n == 1 && by[2].1.dice_all == 1.0,
+            "no lesion: only the all-images mean"
+        );
     }
 }

@@ -31,7 +31,8 @@ fn dice_and_iou_match_numpy() {
     }
     let input = serde_json::to_vec(&cases).expect("json");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/dice_iou.py");
-    let mut child = Command::new(python).arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python");
+    let mut child =
+        Command::new(python).arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python");
     child.stdin.take().expect("stdin").write_all(&input).expect("write");
     let out = child.wait_with_output().expect("python output");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -39,7 +39,8 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 /// Also writes the pixels raw (`<table>.raw`, n × H × W × C bytes) for a torchvision side
 /// without pyarrow (the GPU machine's Python has PyTorch and timm, perhaps not pyarrow).
 fn make_table(path: &Path, n: usize, size: usize, channels: usize) {
-    let mut raw = std::io::BufWriter::new(std::fs::File::create(path.with_extension("raw")).expect("create the raw sidecar"));
+    let mut raw =
+        std::io::BufWriter::new(std::fs::File::create(path.with_extension("raw")).expect("create the raw sidecar"));
     let meta = TableMeta {
         schema_version: SCHEMA_VERSION,
         label_names: vec!["a".into(), "b".into()],
@@ -56,12 +57,24 @@ fn make_table(path: &Path, n: usize, size: usize, channels: usize) {
     for i in 0..n {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i as u64);
         let blobs: Vec<(f32, f32, f32, f32)> = (0..4)
-            .map(|_| (rng.random_range(0.0..size as f32), rng.random_range(0.0..size as f32), rng.random_range(8.0..48.0), rng.random_range(40.0..160.0)))
+            .map(|_| {
+                (
+                    rng.random_range(0.0..size as f32),
+                    rng.random_range(0.0..size as f32),
+                    rng.random_range(8.0..48.0),
+                    rng.random_range(40.0..160.0),
+                )
+            })
             .collect();
         let mut pixels = Vec::with_capacity(size * size * channels);
         for y in 0..size {
             for x in 0..size {
-                let v: f32 = blobs.iter().map(|&(cy, cx, r, a)| a * (-((y as f32 - cy).powi(2) + (x as f32 - cx).powi(2)) / (2.0 * r * r)).exp()).sum();
+                let v: f32 = blobs
+                    .iter()
+                    .map(|&(cy, cx, r, a)| {
+                        a * (-((y as f32 - cy).powi(2) + (x as f32 - cx).powi(2)) / (2.0 * r * r)).exp()
+                    })
+                    .sum();
                 let noise: f32 = rng.random_range(-12.0..12.0);
                 let v = (40.0 + v + noise).clamp(0.0, 255.0) as u8;
                 pixels.extend(std::iter::repeat_n(v, channels));
@@ -103,8 +116,11 @@ fn run_one(table: &Path, batch: usize) {
     let t = Arc::new(ImageTable::open(table).expect("open the table"));
     let rows = t.rows_of(Split::Train);
     let mut spec = LoaderSpec::train(batch, (0.2, 1.0));
-    spec.masks =
-        Some(MaskSpec { policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 }, weights: Some(Arc::new(weights(rows.len()))), grid: [GRID, GRID] });
+    spec.masks = Some(MaskSpec {
+        policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 },
+        weights: Some(Arc::new(weights(rows.len()))),
+        grid: [GRID, GRID],
+    });
     let norm = Normalizer { mean: vec![0.45; t.channels()], std: vec![0.25; t.channels()] };
     let mut first: Option<Instant> = None;
     let mut images = 0usize;
@@ -187,10 +203,18 @@ fn main() {
             (Some(a), Some(b)) => format!("{:.2}×", a / b),
             _ => "-".into(),
         };
-        println!("| {t} | {} | {} | {} | {} | {ratio} |", cell(ours, 1.0), cell(ours, t as f64), cell(theirs, 1.0), cell(theirs, t as f64));
+        println!(
+            "| {t} | {} | {} | {} | {} | {ratio} |",
+            cell(ours, 1.0),
+            cell(ours, t as f64),
+            cell(theirs, 1.0),
+            cell(theirs, t as f64)
+        );
     }
     if raw_fallback {
-        println!("(no pyarrow in that Python: torchvision read the raw pixels, not the Parquet table: less work than msmae's read)");
+        println!(
+            "(no pyarrow in that Python: torchvision read the raw pixels, not the Parquet table: less work than msmae's read)"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

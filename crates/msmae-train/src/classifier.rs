@@ -25,7 +25,10 @@ use crate::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Va
 use crate::maps::{MapState, attention_maps};
 use crate::model::{self, CheckpointKind, CheckpointMeta, LayerDecay, ModelSpec, Schedule, adamw};
 use crate::runtime::{self, Runtime, images, to_vec};
-use crate::support::{check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule, write_history};
+use crate::support::{
+    check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule,
+    write_history,
+};
 
 fn d_epochs() -> usize {
     30
@@ -197,18 +200,33 @@ fn msmae_policy(c: &ClassifierConfig) -> MaskPolicy {
 }
 
 pub fn classifier_output() -> OutputDecl {
-    OutputDecl::new("vit-checkpoint", &["model.safetensors", "model.json", "history.json", "predictions.parquet", "predictions_last*.parquet", "*.png"])
-        .metric("epochs", "history.json", "/epochs/#")
-        .metric("train_loss", "history.json", "/epochs/-1/train_loss")
-        .metric("val_accuracy", "history.json", "/epochs/-1/val_accuracy")
-        .metric("val_auc", "history.json", "/epochs/-1/val_auc")
-        .figure("loss per epoch", "loss.png")
-        .figure("accuracy per epoch", "accuracy.png")
+    OutputDecl::new(
+        "vit-checkpoint",
+        &[
+            "model.safetensors",
+            "model.json",
+            "history.json",
+            "predictions.parquet",
+            "predictions_last*.parquet",
+            "*.png",
+        ],
+    )
+    .metric("epochs", "history.json", "/epochs/#")
+    .metric("train_loss", "history.json", "/epochs/-1/train_loss")
+    .metric("val_accuracy", "history.json", "/epochs/-1/val_accuracy")
+    .metric("val_auc", "history.json", "/epochs/-1/val_auc")
+    .figure("loss per epoch", "loss.png")
+    .figure("accuracy per epoch", "accuracy.png")
 }
 
 /// What `Stage::run` of a classifier stage does: build or load the model, train it through
 /// [`fit::fit`], write the checkpoint, val/test predictions, history and charts.
-pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConfig, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
+pub fn run_classifier(
+    kind: ClassifierKind,
+    stage_kind: &str,
+    c: &ClassifierConfig,
+    ctx: &mut StageContext<'_>,
+) -> Result<(), StageError> {
     let rt = runtime::runtime(ctx)?;
     let table = open_table(ctx, "data")?;
     let k = table.num_classes();
@@ -220,7 +238,9 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
     let (model, norm, arch) = match &pretrained {
         Some(p) => from_pretrained(p, &table, c, &rt)?,
         None => {
-            c.model.check([table.height(), table.width()], table.channels()).map_err(|m| StageError::config("model", m))?;
+            c.model
+                .check([table.height(), table.width()], table.channels())
+                .map_err(|m| StageError::config("model", m))?;
             let cfg = c
                 .model
                 .vit([table.height(), table.width()], table.channels())
@@ -246,7 +266,12 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
     let opts = FitOptions {
         epochs: c.epochs,
         batch_size: c.batch_size,
-        schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64), epochs: c.epochs as f64 },
+        schedule: Schedule {
+            lr,
+            min_lr: c.min_lr,
+            warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64),
+            epochs: c.epochs as f64,
+        },
         checkpoint_every: c.checkpoint_every,
         patience: c.patience,
         accum_steps: c.accum_steps,
@@ -279,7 +304,11 @@ pub fn run_classifier(kind: ClassifierKind, stage_kind: &str, c: &ClassifierConf
         train_seconds / res.history.len().max(1) as f64,
         res.history.last().map(|h| h.tokens).unwrap_or(0)
     );
-    write_history(ctx, &res.history, serde_json::json!({ "best_epoch": res.best_epoch, "layer_decay": layer_decay, "lr": lr }))
+    write_history(
+        ctx,
+        &res.history,
+        serde_json::json!({ "best_epoch": res.best_epoch, "layer_decay": layer_decay, "lr": lr }),
+    )
 }
 
 /// A classifier initialised from a pre-trained encoder (MAE or ViT checkpoint): patch
@@ -293,7 +322,8 @@ fn from_pretrained(
     let (loaded, meta) = model::load(&p.dir, &rt.train)?;
     check_image_compat(&meta, table, &p.dir.join(model::META_FILE))?;
     let enc = loaded.into_encoder();
-    let cfg = VitConfig { num_classes: table.num_classes(), drop_path: c.drop_path, global_pool: true, ..meta.vit.clone() };
+    let cfg =
+        VitConfig { num_classes: table.num_classes(), drop_path: c.drop_path, global_pool: true, ..meta.vit.clone() };
     let mut vit = cfg.init(&rt.train);
     let depth = enc.blocks.len();
     vit.patch_embed = enc.patch_embed;
@@ -331,7 +361,13 @@ pub(crate) fn write_preds(
         .zip(scores)
         .map(|(&r, s)| {
             let row = &table.rows[r];
-            PredictionRow { id: row.id.clone(), split: row.split, label: row.label, labels: row.labels.clone(), scores: s }
+            PredictionRow {
+                id: row.id.clone(),
+                split: row.split,
+                label: row.label,
+                labels: row.labels.clone(),
+                scores: s,
+            }
         })
         .collect();
     let meta = PredictionMeta {
@@ -373,11 +409,30 @@ pub struct ClassifierStep {
 }
 
 impl ClassifierStep {
-    pub fn new(rt: Runtime, table: Arc<ImageTable>, norm: Normalizer, c: &ClassifierConfig, layer_decay: f64, selection: Option<TokenSelection>) -> Self {
+    pub fn new(
+        rt: Runtime,
+        table: Arc<ImageTable>,
+        norm: Normalizer,
+        c: &ClassifierConfig,
+        layer_decay: f64,
+        selection: Option<TokenSelection>,
+    ) -> Self {
         let val_rows = table.labelled_rows_of(Split::Val);
         let label_smoothing = if table.meta.multi_label { 0.0 } else { c.label_smoothing };
         let augment = c.augment.then_some((c.crop_scale[0], c.crop_scale[1]));
-        Self { rt, table, norm, batch_size: c.batch_size, augment, label_smoothing, layer_decay, select_on: c.select_on, selection, val_rows, decay: None }
+        Self {
+            rt,
+            table,
+            norm,
+            batch_size: c.batch_size,
+            augment,
+            label_smoothing,
+            layer_decay,
+            select_on: c.select_on,
+            selection,
+            val_rows,
+            decay: None,
+        }
     }
 
     fn grid(model: &VisionTransformer, table: &ImageTable) -> [usize; 2] {
@@ -392,7 +447,12 @@ impl TrainStep for ClassifierStep {
         self.decay = Some(LayerDecay::new(model, self.layer_decay));
     }
 
-    fn epoch_plan(&mut self, epoch: usize, model: &VisionTransformer, ctx: &StageContext<'_>) -> Result<EpochPlan, StageError> {
+    fn epoch_plan(
+        &mut self,
+        epoch: usize,
+        model: &VisionTransformer,
+        ctx: &StageContext<'_>,
+    ) -> Result<EpochPlan, StageError> {
         let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
         spec.augment = self.augment;
         let grid = Self::grid(model, &self.table);
@@ -403,11 +463,25 @@ impl TrainStep for ClassifierStep {
         let mut refreshed = false;
         if sel.maps.current.is_none() || (sel.refresh_every > 0 && epoch.is_multiple_of(sel.refresh_every)) {
             let rows = self.table.labelled_rows_of(Split::Train);
-            sel.maps.current = Some(Arc::new(attention_maps(model, &self.table, &rows, &self.norm, self.batch_size.max(64), sel.reading, &self.rt, ctx)?));
+            sel.maps.current = Some(Arc::new(attention_maps(
+                model,
+                &self.table,
+                &rows,
+                &self.norm,
+                self.batch_size.max(64),
+                sel.reading,
+                &self.rt,
+                ctx,
+            )?));
             refreshed = true;
         }
         spec.masks = Some(MaskSpec { policy: sel.policy.clone(), weights: sel.maps.current.clone(), grid });
-        Ok(EpochPlan { spec, masking: format!("{:?}", sel.policy), tokens: sel.policy.visible_count(l) + 1, refreshed_maps: refreshed })
+        Ok(EpochPlan {
+            spec,
+            masking: format!("{:?}", sel.policy),
+            tokens: sel.policy.visible_count(l) + 1,
+            refreshed_maps: refreshed,
+        })
     }
 
     fn step(&mut self, model: &VisionTransformer, batch: &mut Batch, device: &Device) -> Result<StepLoss, StageError> {
@@ -434,7 +508,8 @@ impl TrainStep for ClassifierStep {
         if self.val_rows.is_empty() {
             return Ok(Validation::default());
         }
-        let (s, loss) = predict(model, &self.table, &self.val_rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?;
+        let (s, loss) =
+            predict(model, &self.table, &self.val_rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?;
         let (accuracy, auc) = (accuracy(&s, &self.val_rows, &self.table), auc(&s, &self.val_rows, &self.table));
         // Higher is better; a score the split cannot give (AUC with one class present)
         // falls back to minus the loss.
@@ -456,7 +531,10 @@ impl TrainStep for ClassifierStep {
 pub fn class_targets(batch: &Batch, table: &ImageTable, device: &Device) -> ClassTargets {
     let n = batch.len();
     if table.meta.multi_label {
-        ClassTargets::MultiHot(Tensor::<2>::from_data(TensorData::new(batch.targets.clone(), [n, table.num_classes()]), device))
+        ClassTargets::MultiHot(Tensor::<2>::from_data(
+            TensorData::new(batch.targets.clone(), [n, table.num_classes()]),
+            device,
+        ))
     } else {
         ClassTargets::Classes(Tensor::<1, Int>::from_data(TensorData::new(batch.labels.clone(), [n]), device))
     }
@@ -519,7 +597,8 @@ pub(crate) fn auc(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Op
     let probs: Vec<Vec<f64>> = scores.iter().map(|s| s.iter().map(|&v| f64::from(v)).collect()).collect();
     let k = table.num_classes();
     if table.meta.multi_label {
-        let truth: Vec<Vec<u8>> = rows.iter().map(|&r| table.rows[r].labels.clone().unwrap_or_else(|| vec![0; k])).collect();
+        let truth: Vec<Vec<u8>> =
+            rows.iter().map(|&r| table.rows[r].labels.clone().unwrap_or_else(|| vec![0; k])).collect();
         msmae_metrics::metrics::multilabel_auc(&truth, &probs, k).mean_auc
     } else {
         let truth: Vec<usize> = rows.iter().map(|&r| table.rows[r].label.unwrap_or(0).max(0) as usize).collect();
@@ -533,7 +612,10 @@ pub fn classifier_inputs(pretrained: bool) -> Vec<msmae_core::InputSlot> {
     use msmae_core::InputSlot;
     let mut v = vec![InputSlot::one("data", "image-table", "the image table to train and validate on")];
     if pretrained {
-        v.push(InputSlot::optional("pretrained", "mae-checkpoint", "pre-trained encoder (none: from scratch)").or_kind("vit-checkpoint"));
+        v.push(
+            InputSlot::optional("pretrained", "mae-checkpoint", "pre-trained encoder (none: from scratch)")
+                .or_kind("vit-checkpoint"),
+        );
     }
     v
 }
@@ -574,7 +656,11 @@ macro_rules! classifier_stage {
             fn resources(&self, _: &Self::Config) -> ::msmae_core::Resources {
                 ::msmae_core::Resources::Exclusive
             }
-            fn run(&self, c: &Self::Config, ctx: &mut ::msmae_core::StageContext<'_>) -> Result<(), ::msmae_core::StageError> {
+            fn run(
+                &self,
+                c: &Self::Config,
+                ctx: &mut ::msmae_core::StageContext<'_>,
+            ) -> Result<(), ::msmae_core::StageError> {
                 $crate::classifier::run_classifier($ck, $kind, c, ctx)
             }
         }

@@ -54,11 +54,18 @@ fn open_builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, St
     ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| fmt_err(path, e.to_string()))
 }
 
-fn projection(builder: &ParquetRecordBatchReaderBuilder<File>, path: &Path, names: &[&str]) -> Result<ProjectionMask, StageError> {
+fn projection(
+    builder: &ParquetRecordBatchReaderBuilder<File>,
+    path: &Path,
+    names: &[&str],
+) -> Result<ProjectionMask, StageError> {
     let fields = builder.schema().fields();
     let mut idx = Vec::new();
     for n in names {
-        let i = fields.iter().position(|f| f.name() == n).ok_or_else(|| fmt_err(path, format!("image table has no column `{n}`")))?;
+        let i = fields
+            .iter()
+            .position(|f| f.name() == n)
+            .ok_or_else(|| fmt_err(path, format!("image table has no column `{n}`")))?;
         idx.push(i);
     }
     Ok(ProjectionMask::roots(builder.parquet_schema(), idx))
@@ -79,23 +86,43 @@ impl ImageTable {
             cols.push("labels");
         }
         let mask = projection(&builder, path, &cols)?;
-        let reader = builder.with_projection(mask).with_batch_size(8192).build().map_err(|e| fmt_err(path, e.to_string()))?;
+        let reader =
+            builder.with_projection(mask).with_batch_size(8192).build().map_err(|e| fmt_err(path, e.to_string()))?;
         let mut rows = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| fmt_err(path, e.to_string()))?;
             let col = |n: &str| batch.column_by_name(n).ok_or_else(|| fmt_err(path, format!("missing column `{n}`")));
-            let ids = col("id")?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt_err(path, "column `id` is not utf8"))?;
-            let splits = col("split")?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| fmt_err(path, "column `split` is not utf8"))?;
-            let labels = col("label")?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| fmt_err(path, "column `label` is not int32"))?;
+            let ids = col("id")?
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or_else(|| fmt_err(path, "column `id` is not utf8"))?;
+            let splits = col("split")?
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or_else(|| fmt_err(path, "column `split` is not utf8"))?;
+            let labels = col("label")?
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .cloned()
+                .ok_or_else(|| fmt_err(path, "column `label` is not int32"))?;
             let multi = if meta.multi_label {
-                Some(col("labels")?.as_any().downcast_ref::<ListArray>().cloned().ok_or_else(|| fmt_err(path, "column `labels` is not a list of uint8"))?)
+                Some(
+                    col("labels")?
+                        .as_any()
+                        .downcast_ref::<ListArray>()
+                        .cloned()
+                        .ok_or_else(|| fmt_err(path, "column `labels` is not a list of uint8"))?,
+                )
             } else {
                 None
             };
             for r in 0..batch.num_rows() {
                 let id = ids.value(r).to_string();
-                let split = Split::parse(splits.value(r))
-                    .ok_or_else(|| StageError::data(path, Some(format!("row `{id}`")), format!("unknown split `{}`", splits.value(r))))?;
+                let split = Split::parse(splits.value(r)).ok_or_else(|| {
+                    StageError::data(path, Some(format!("row `{id}`")), format!("unknown split `{}`", splits.value(r)))
+                })?;
                 let multi_hot = multi.as_ref().map(|l| {
                     let v = l.value(r);
                     v.as_any().downcast_ref::<UInt8Array>().map(|a| a.values().to_vec()).unwrap_or_default()
@@ -118,7 +145,11 @@ impl ImageTable {
                     ));
                 }
                 if multi_hot.as_ref().is_some_and(|m| m.iter().any(|v| *v > 1)) {
-                    return Err(StageError::data(path, Some(format!("row `{id}`, column `labels`")), "multi-hot values must be 0 or 1"));
+                    return Err(StageError::data(
+                        path,
+                        Some(format!("row `{id}`, column `labels`")),
+                        "multi-hot values must be 0 or 1",
+                    ));
                 }
                 if id.is_empty() {
                     return Err(StageError::data(path, Some(format!("row {}", rows.len())), "empty image id"));
@@ -159,7 +190,12 @@ impl ImageTable {
 
     /// Rows of a split that carry a label (every row for multi-label tables).
     pub fn labelled_rows_of(&self, split: Split) -> Vec<usize> {
-        self.rows.iter().enumerate().filter(|(_, r)| r.split == split && (r.label.is_some() || r.labels.is_some())).map(|(i, _)| i).collect()
+        self.rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.split == split && (r.label.is_some() || r.labels.is_some()))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     fn group_of(&self, row: usize) -> usize {
@@ -171,7 +207,12 @@ impl ImageTable {
         let builder = open_builder(&self.path)?;
         let cols: &[&str] = if masks { &["pixels", "mask"] } else { &["pixels"] };
         let mask = projection(&builder, &self.path, cols)?;
-        let reader = builder.with_projection(mask).with_row_groups(vec![g]).with_batch_size(4096).build().map_err(|e| fmt_err(&self.path, e.to_string()))?;
+        let reader = builder
+            .with_projection(mask)
+            .with_row_groups(vec![g])
+            .with_batch_size(4096)
+            .build()
+            .map_err(|e| fmt_err(&self.path, e.to_string()))?;
         let expect = self.height() * self.width() * self.channels() * self.meta.sample_bytes();
         let mut out = Vec::new();
         for batch in reader {
@@ -180,13 +221,21 @@ impl ImageTable {
                 .column_by_name("pixels")
                 .and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned())
                 .ok_or_else(|| fmt_err(&self.path, "column `pixels` is not binary"))?;
-            let mk = if masks { batch.column_by_name("mask").and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned()) } else { None };
+            let mk = if masks {
+                batch.column_by_name("mask").and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned())
+            } else {
+                None
+            };
             for r in 0..batch.num_rows() {
                 let row = self.group_starts[g] + out.len();
                 let p = px.value(r);
                 if p.len() != expect {
                     let id = self.rows.get(row).map(|x| x.id.as_str()).unwrap_or("?");
-                    return Err(StageError::data(&self.path, Some(format!("row `{id}`, column `pixels`")), format!("{} bytes, expected {expect}", p.len())));
+                    return Err(StageError::data(
+                        &self.path,
+                        Some(format!("row `{id}`, column `pixels`")),
+                        format!("{} bytes, expected {expect}", p.len()),
+                    ));
                 }
                 let m = mk.as_ref().and_then(|m| m.is_valid(r).then(|| m.value(r).to_vec()));
                 if let Some(m) = m.as_ref().filter(|m| m.len() != self.height() * self.width()) {
@@ -223,7 +272,11 @@ impl ImageTable {
                 let px = &data[r - self.group_starts[g]].0;
                 let samples = px.len() / self.meta.sample_bytes();
                 for i in 0..samples {
-                    let v = if deep { f64::from(u16::from_le_bytes([px[2 * i], px[2 * i + 1]])) / 65535.0 } else { f64::from(px[i]) / 255.0 };
+                    let v = if deep {
+                        f64::from(u16::from_le_bytes([px[2 * i], px[2 * i + 1]])) / 65535.0
+                    } else {
+                        f64::from(px[i]) / 255.0
+                    };
                     sum[i % c] += v;
                     sq[i % c] += v * v;
                 }
@@ -234,7 +287,8 @@ impl ImageTable {
             return Ok(Normalizer { mean: vec![0.5; c], std: vec![0.25; c] });
         }
         let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
-        let std: Vec<f32> = sq.iter().zip(&sum).map(|(q, s)| ((q / n - (s / n).powi(2)).max(1e-8).sqrt().max(1e-3)) as f32).collect();
+        let std: Vec<f32> =
+            sq.iter().zip(&sum).map(|(q, s)| ((q / n - (s / n).powi(2)).max(1e-8).sqrt().max(1e-3)) as f32).collect();
         Ok(Normalizer { mean, std })
     }
 }
@@ -250,7 +304,17 @@ pub struct Normalizer {
 /// Resample the `aug` crop of an H×W×C u8 image to `out_h × out_w` (bilinear, pixel
 /// centres aligned, flip applied) and normalise into `out` as C×out_h×out_w.
 #[allow(clippy::too_many_arguments)]
-pub fn render(pixels: &[u8], h: usize, w: usize, c: usize, aug: &Augmentation, out_h: usize, out_w: usize, norm: &Normalizer, out: &mut [f32]) {
+pub fn render(
+    pixels: &[u8],
+    h: usize,
+    w: usize,
+    c: usize,
+    aug: &Augmentation,
+    out_h: usize,
+    out_w: usize,
+    norm: &Normalizer,
+    out: &mut [f32],
+) {
     render_samples(|i| f32::from(pixels[i]), 255.0, h, w, c, aug, out_h, out_w, norm, out);
 }
 
@@ -270,7 +334,18 @@ pub fn render_depth(
     out: &mut [f32],
 ) {
     if bit_depth == 16 {
-        render_samples(|i| f32::from(u16::from_le_bytes([pixels[2 * i], pixels[2 * i + 1]])), 65535.0, h, w, c, aug, out_h, out_w, norm, out);
+        render_samples(
+            |i| f32::from(u16::from_le_bytes([pixels[2 * i], pixels[2 * i + 1]])),
+            65535.0,
+            h,
+            w,
+            c,
+            aug,
+            out_h,
+            out_w,
+            norm,
+            out,
+        );
     } else {
         render(pixels, h, w, c, aug, out_h, out_w, norm, out);
     }
@@ -296,14 +371,18 @@ fn render_samples(
     let cols: Vec<(usize, usize, f32)> = (0..out_w)
         .map(|x| {
             let xs = if aug.flip { out_w - 1 - x } else { x };
-            let fx = (aug.crop.left + (xs as f64 + 0.5) * sx - 0.5).clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0).clamp(0.0, (w - 1) as f64);
+            let fx = (aug.crop.left + (xs as f64 + 0.5) * sx - 0.5)
+                .clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0)
+                .clamp(0.0, (w - 1) as f64);
             let x0 = fx.floor() as usize;
             ((x0 * c), ((x0 + 1).min(w - 1) * c), (fx - x0 as f64) as f32)
         })
         .collect();
     for y in 0..out_h {
         // Sample inside the crop (crop, then resize — as torchvision's resized_crop).
-        let fy = (aug.crop.top + (y as f64 + 0.5) * sy - 0.5).clamp(aug.crop.top, aug.crop.top + aug.crop.height - 1.0).clamp(0.0, (h - 1) as f64);
+        let fy = (aug.crop.top + (y as f64 + 0.5) * sy - 0.5)
+            .clamp(aug.crop.top, aug.crop.top + aug.crop.height - 1.0)
+            .clamp(0.0, (h - 1) as f64);
         let y0 = fy.floor() as usize;
         let (r0, r1) = (y0 * w * c, (y0 + 1).min(h - 1) * w * c);
         let ty = (fy - y0 as f64) as f32;
@@ -328,11 +407,16 @@ pub fn render_mask(mask: &[u8], h: usize, w: usize, aug: &Augmentation, out_h: u
     let (sy, sx) = (aug.crop.height / out_h as f64, aug.crop.width / out_w as f64);
     let mut out = vec![0u8; out_h * out_w];
     for y in 0..out_h {
-        let fy = (aug.crop.top + (y as f64 + 0.5) * sy).floor().clamp(aug.crop.top, aug.crop.top + aug.crop.height - 1.0).clamp(0.0, (h - 1) as f64) as usize;
+        let fy = (aug.crop.top + (y as f64 + 0.5) * sy)
+            .floor()
+            .clamp(aug.crop.top, aug.crop.top + aug.crop.height - 1.0)
+            .clamp(0.0, (h - 1) as f64) as usize;
         for x in 0..out_w {
             let xs = if aug.flip { out_w - 1 - x } else { x };
-            let fx =
-                (aug.crop.left + (xs as f64 + 0.5) * sx).floor().clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0).clamp(0.0, (w - 1) as f64) as usize;
+            let fx = (aug.crop.left + (xs as f64 + 0.5) * sx)
+                .floor()
+                .clamp(aug.crop.left, aug.crop.left + aug.crop.width - 1.0)
+                .clamp(0.0, (w - 1) as f64) as usize;
             out[y * out_w + x] = mask[fy * w + fx];
         }
     }
@@ -382,7 +466,17 @@ pub struct LoaderSpec {
 impl LoaderSpec {
     /// In table order, no augmentation, no masks (evaluation, attention maps).
     pub fn eval(batch_size: usize) -> Self {
-        Self { batch_size, shuffle: false, augment: None, drop_last: false, masks: None, lesion_masks: false, shuffle_groups: 1, prefetch: 2, shard: (0, 1) }
+        Self {
+            batch_size,
+            shuffle: false,
+            augment: None,
+            drop_last: false,
+            masks: None,
+            lesion_masks: false,
+            shuffle_groups: 1,
+            prefetch: 2,
+            shard: (0, 1),
+        }
     }
 
     /// Shuffled, augmented, full batches only (training).
@@ -492,7 +586,10 @@ impl Iterator for BatchStream {
                     Some(Ok(())) => "it stopped without an error".into(),
                     None => "the loader thread could not be started".into(),
                 };
-                Some(Err(StageError::other(format!("the data loader failed after {} of {} batches: {why}", self.received, self.num_batches))))
+                Some(Err(StageError::other(format!(
+                    "the data loader failed after {} of {} batches: {why}",
+                    self.received, self.num_batches
+                ))))
             }
             Err(_) => None,
         }
@@ -543,7 +640,14 @@ pub fn epoch_order(table: &ImageTable, rows: &[usize], spec: &LoaderSpec, seed: 
 }
 
 /// Start streaming one epoch of `rows`.
-pub fn stream(table: Arc<ImageTable>, rows: &[usize], spec: LoaderSpec, norm: Normalizer, seed: u64, epoch: u64) -> BatchStream {
+pub fn stream(
+    table: Arc<ImageTable>,
+    rows: &[usize],
+    spec: LoaderSpec,
+    norm: Normalizer,
+    seed: u64,
+    epoch: u64,
+) -> BatchStream {
     let order = epoch_order(&table, rows, &spec, seed, epoch);
     let bs = spec.batch_size.max(1);
     let mut batches: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
@@ -551,10 +655,14 @@ pub fn stream(table: Arc<ImageTable>, rows: &[usize], spec: LoaderSpec, norm: No
         batches.pop();
     }
     let (rank, ranks) = spec.shard;
-    let batches: Vec<(Vec<usize>, usize)> = batches.into_iter().map(|b| (b[msmae_dist::share(b.len(), ranks, rank)].to_vec(), b.len())).collect();
+    let batches: Vec<(Vec<usize>, usize)> =
+        batches.into_iter().map(|b| (b[msmae_dist::share(b.len(), ranks, rank)].to_vec(), b.len())).collect();
     let num_batches = batches.len();
     let (tx, rx) = sync_channel(spec.prefetch.max(1));
-    let handle = std::thread::Builder::new().name("msmae-loader".into()).spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx)).ok();
+    let handle = std::thread::Builder::new()
+        .name("msmae-loader".into())
+        .spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx))
+        .ok();
     BatchStream { rx: Some(rx), handle, num_batches, received: 0, failed: false }
 }
 
@@ -654,7 +762,8 @@ fn prepare(
                 None => None,
             };
             // Lesion masks go through the same crop and flip as the image.
-            let lesion = if spec.lesion_masks { data[*off].1.as_ref().map(|m| render_mask(m, h, w, &aug, h, w)) } else { None };
+            let lesion =
+                if spec.lesion_masks { data[*off].1.as_ref().map(|m| render_mask(m, h, w, &aug, h, w)) } else { None };
             Ok((plan, lesion))
         })
         .collect::<Vec<Result<_, StageError>>>()
@@ -672,7 +781,9 @@ fn prepare(
     let rows: Vec<usize> = samples.iter().map(|s| s.0).collect();
     let labels = rows.iter().map(|&r| table.rows[r].label.map_or(-1, i64::from)).collect();
     let targets = if table.meta.multi_label {
-        rows.iter().flat_map(|&r| table.rows[r].labels.clone().unwrap_or_else(|| vec![0; k]).into_iter().map(f32::from)).collect()
+        rows.iter()
+            .flat_map(|&r| table.rows[r].labels.clone().unwrap_or_else(|| vec![0; k]).into_iter().map(f32::from))
+            .collect()
     } else {
         Vec::new()
     };

@@ -47,7 +47,8 @@ impl ModuleVisitor for Gather {
         match to_vec(param.val()) {
             Ok(v) if v.len() == len => self.flat.extend_from_slice(&v),
             Ok(v) => {
-                self.failed.get_or_insert_with(|| format!("a tensor of {} values where its parameter has {len}", v.len()));
+                self.failed
+                    .get_or_insert_with(|| format!("a tensor of {} values where its parameter has {len}", v.len()));
                 self.flat.resize(offset + len, 0.0);
             }
             Err(e) => {
@@ -97,7 +98,9 @@ impl ModuleVisitor for GatherGrads<'_> {
                 g.to_device(self.device).reshape([len])
             }
             Some(g) => {
-                self.failed.get_or_insert_with(|| format!("a gradient of shape {:?} for a parameter of shape {shape:?}", g.dims()));
+                self.failed.get_or_insert_with(|| {
+                    format!("a gradient of shape {:?} for a parameter of shape {shape:?}", g.dims())
+                });
                 self.present.push(0.0);
                 Tensor::zeros([len], self.device)
             }
@@ -143,7 +146,15 @@ pub fn sum_gradients<M: Module>(
     device: &Device,
 ) -> Result<(GradientsParams, Duration), String> {
     let transport = GradientTransport::current().map_err(|e| e.to_string())?;
-    let mut g = GatherGrads { grads: &mut grads, device, parts: Vec::new(), slots: Vec::new(), present: Vec::new(), offset: 0, failed: None };
+    let mut g = GatherGrads {
+        grads: &mut grads,
+        device,
+        parts: Vec::new(),
+        slots: Vec::new(),
+        present: Vec::new(),
+        offset: 0,
+        failed: None,
+    };
     model.visit(&mut g);
     if let Some(e) = g.failed.take() {
         return Err(e);
@@ -159,7 +170,12 @@ pub fn sum_gradients<M: Module>(
     let spent = t.elapsed();
     let tail = to_vec(flat.clone().slice(grad_len..grad_len + tail_len)).map_err(|e| e.to_string())?;
     extra.copy_from_slice(&tail[n..]);
-    let mut s = ScatterGrads { grads: GradientsParams::new(), flat: &flat, slots: slots.into_iter(), present: tail[..n].iter() };
+    let mut s = ScatterGrads {
+        grads: GradientsParams::new(),
+        flat: &flat,
+        slots: slots.into_iter(),
+        present: tail[..n].iter(),
+    };
     model.visit(&mut s);
     Ok((s.grads, spent))
 }
@@ -170,7 +186,9 @@ fn reduce_flat(comm: &dyn Collective, transport: GradientTransport, flat: Tensor
     let (flat, done) = with_f32_memory(flat, |memory, len| -> Result<bool, String> {
         agree(comm, if matches!(memory, Memory::Host(_)) { Lies::Host } else { Lies::Cuda })?;
         match memory {
-            Memory::Host(_) if transport == GradientTransport::Nccl => Err(nccl_needs_cuda("this stage trains on the CPU")),
+            Memory::Host(_) if transport == GradientTransport::Nccl => {
+                Err(nccl_needs_cuda("this stage trains on the CPU"))
+            }
             Memory::Host(ptr) => {
                 #[allow(unsafe_code)]
                 // SAFETY: `with_f32_memory` hands out a contiguous host buffer of `len` f32s
@@ -267,7 +285,11 @@ fn nccl(comm: &dyn Collective, transport: GradientTransport, device: usize) -> R
     }
     let made = match Nccl::init(comm, device) {
         Ok(n) => {
-            tracing::info!("gradients summed by NCCL {} over {} rank(s), this one on cuda:{device}", n.version(), n.size());
+            tracing::info!(
+                "gradients summed by NCCL {} over {} rank(s), this one on cuda:{device}",
+                n.version(),
+                n.size()
+            );
             Some(Arc::new(n))
         }
         Err(e @ NcclError::Unavailable { .. }) if transport == GradientTransport::Auto => {

@@ -71,7 +71,16 @@ pub fn overlay(img: &RgbImage, map: &[f32], grid: [usize; 2], lesion: Option<&[u
 /// visible + predicted masked patches (thrown black). `pred` holds the predicted patches in
 /// the order of `plan.masked`, already in normalised pixel space, `(p, p, C)` each.
 #[allow(clippy::too_many_arguments)]
-pub fn reconstruction_row(chw: &[f32], c: usize, h: usize, w: usize, p: usize, plan: &MaskPlan, pred: &[f32], norm: &Normalizer) -> RgbImage {
+pub fn reconstruction_row(
+    chw: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    p: usize,
+    plan: &MaskPlan,
+    pred: &[f32],
+    norm: &Normalizer,
+) -> RgbImage {
     let gw = w / p;
     let orig = denormalize(chw, c, h, w, norm);
     let mut rec = chw.to_vec();

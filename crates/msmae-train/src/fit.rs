@@ -99,7 +99,12 @@ pub trait TrainStep {
     fn start(&mut self, _model: &Self::Model) {}
 
     /// What epoch `epoch` streams; may refresh attention maps from `model` first.
-    fn epoch_plan(&mut self, epoch: usize, model: &Self::Model, ctx: &StageContext<'_>) -> Result<EpochPlan, StageError>;
+    fn epoch_plan(
+        &mut self,
+        epoch: usize,
+        model: &Self::Model,
+        ctx: &StageContext<'_>,
+    ) -> Result<EpochPlan, StageError>;
 
     /// Forward pass and loss of one batch on `device` (an autodiff device: the training
     /// device, or a data-parallel replica's, where `model` lives). The loss must be a mean
@@ -179,7 +184,11 @@ pub fn fit<S: TrainStep>(
     opts: &FitOptions,
 ) -> Result<Fitted<S::Model>, StageError> {
     if data.rows.len() < opts.batch_size {
-        return Err(StageError::data(&data.table.path, None, format!("{} training images, fewer than one batch of {}", data.rows.len(), opts.batch_size)));
+        return Err(StageError::data(
+            &data.table.path,
+            None,
+            format!("{} training images, fewer than one batch of {}", data.rows.len(), opts.batch_size),
+        ));
     }
     let comm = ctx.group();
     check_shards(opts.batch_size, rt.replicas.len() * comm.size())?;
@@ -197,7 +206,19 @@ pub fn fit<S: TrainStep>(
         let plan = step.epoch_plan(epoch, &run.model, ctx)?;
         seed_backend(rt, ctx.seed, "epoch", epoch as u64);
         let t = Instant::now();
-        let (model, sums) = train_epoch(ctx, rt, comm, data, step, run.model, &mut run.optim, plan.spec.clone(), epoch, opts, &mut watch)?;
+        let (model, sums) = train_epoch(
+            ctx,
+            rt,
+            comm,
+            data,
+            step,
+            run.model,
+            &mut run.optim,
+            plan.spec.clone(),
+            epoch,
+            opts,
+            &mut watch,
+        )?;
         run.model = model;
         let seconds = t.elapsed().as_secs_f64();
         let val = step.validate(&run.model, ctx)?;
@@ -225,14 +246,20 @@ pub fn fit<S: TrainStep>(
             checkpoint(&resume, step, &run, if stop { opts.epochs } else { done })?;
         }
         if stop {
-            tracing::info!("`{}`: early stop after epoch {done} (best epoch {})", ctx.name, run.best.map(|b| b.1 + 1).unwrap_or(0));
+            tracing::info!(
+                "`{}`: early stop after epoch {done} (best epoch {})",
+                ctx.name,
+                run.best.map(|b| b.1 + 1).unwrap_or(0)
+            );
             break;
         }
     }
     let best_epoch = run.best.map(|b| b.1);
     let last_epoch = run.history.len().checked_sub(1);
     Ok(match run.best_model {
-        Some(best) if best_epoch != last_epoch => Fitted { model: best, last: Some(run.model), history: run.history, best_epoch },
+        Some(best) if best_epoch != last_epoch => {
+            Fitted { model: best, last: Some(run.model), history: run.history, best_epoch }
+        }
         Some(best) => Fitted { model: best, last: None, history: run.history, best_epoch },
         None => Fitted { model: run.model, last: None, history: run.history, best_epoch },
     })
@@ -252,18 +279,30 @@ fn restore<S: TrainStep>(
         return Ok(RunState { model, optim, history: Vec::new(), best: None, best_model: None, start: 0 });
     };
     let layout = step.maps().map(|m| (m.table.clone(), m.grid));
-    let Restored { model, optim, best, maps } = resume.restore(&st, model, optimizer, layout.as_ref().map(|(t, g)| (t.as_ref(), *g)))?;
+    let Restored { model, optim, best, maps } =
+        resume.restore(&st, model, optimizer, layout.as_ref().map(|(t, g)| (t.as_ref(), *g)))?;
     if let (Some(ms), Some(m)) = (step.maps(), maps) {
         ms.current = Some(m);
     }
     tracing::info!("`{}`: resuming after epoch {} of {}", ctx.name, st.epochs_done, opts.epochs);
-    Ok(RunState { model, optim, history: st.history, best: st.best, best_model: best, start: st.epochs_done.min(opts.epochs) })
+    Ok(RunState {
+        model,
+        optim,
+        history: st.history,
+        best: st.best,
+        best_model: best,
+        start: st.epochs_done.min(opts.epochs),
+    })
 }
 
 /// The ranks of a multi-process run start from the same place: rank 0's epoch (a rank
 /// that resumed elsewhere cannot continue its optimiser state: the store must be shared) and
 /// rank 0's parameters.
-fn join_ranks<M: Module>(ctx: &StageContext<'_>, comm: &dyn msmae_dist::Collective, mut run: RunState<M>) -> Result<RunState<M>, StageError> {
+fn join_ranks<M: Module>(
+    ctx: &StageContext<'_>,
+    comm: &dyn msmae_dist::Collective,
+    mut run: RunState<M>,
+) -> Result<RunState<M>, StageError> {
     let mut start = (run.start as u64).to_le_bytes().to_vec();
     comm.broadcast_bytes(&mut start, 0);
     let leader = u64::from_le_bytes(start.try_into().unwrap_or_default()) as usize;
@@ -276,7 +315,8 @@ fn join_ranks<M: Module>(ctx: &StageContext<'_>, comm: &dyn msmae_dist::Collecti
             run.start
         )));
     }
-    run.model = crate::dist::broadcast_parameters(comm, run.model).map_err(|message| StageError::Collective { operation: "broadcasting the parameters from rank 0", message })?;
+    run.model = crate::dist::broadcast_parameters(comm, run.model)
+        .map_err(|message| StageError::Collective { operation: "broadcasting the parameters from rank 0", message })?;
     tracing::debug!("`{}`: rank {} of {} joined at epoch {}", ctx.name, comm.rank(), comm.size(), run.start);
     Ok(run)
 }
@@ -300,10 +340,21 @@ fn record_timing(ctx: &StageContext<'_>, log: &EpochLog, sums: &EpochSums, devic
     }
 }
 
-fn checkpoint<S: TrainStep>(resume: &Resume, step: &mut S, run: &RunState<S::Model>, epochs_done: usize) -> Result<(), StageError> {
+fn checkpoint<S: TrainStep>(
+    resume: &Resume,
+    step: &mut S,
+    run: &RunState<S::Model>,
+    epochs_done: usize,
+) -> Result<(), StageError> {
     let maps = step.maps().and_then(|m| m.current.clone().map(|c| (c, m.table.clone(), m.grid)));
     let st = ResumeState { epochs_done, history: run.history.clone(), best: run.best, has_maps: maps.is_some() };
-    resume.save(&st, &run.model, &run.optim, run.best_model.as_ref(), maps.as_ref().map(|(m, t, g)| (m.as_ref(), t.as_ref(), *g)))
+    resume.save(
+        &st,
+        &run.model,
+        &run.optim,
+        run.best_model.as_ref(),
+        maps.as_ref().map(|(m, t, g)| (m.as_ref(), t.as_ref(), *g)),
+    )
 }
 
 /// Loss sums over an epoch's samples.
@@ -370,7 +421,11 @@ pub fn check_accumulation(batch_size: usize, devices: usize, accum_steps: usize)
 
 /// The per-sample keys of stochastic depth for `rows` in `epoch` ([`msmae_vit::stochastic`]).
 fn sample_keys(seed: u64, epoch: usize, rows: &[usize]) -> Vec<u64> {
-    rows.iter().map(|&r| derive_seed(seed, &[SeedPath::from("drop-path"), SeedPath::from(epoch as u64), SeedPath::from(r as u64)])).collect()
+    rows.iter()
+        .map(|&r| {
+            derive_seed(seed, &[SeedPath::from("drop-path"), SeedPath::from(epoch as u64), SeedPath::from(r as u64)])
+        })
+        .collect()
 }
 
 /// Where a step is (what its per-sample draws are keyed by) and in how many micro-batches
@@ -402,8 +457,8 @@ fn gradients<S: TrainStep>(
     // Every rank's gradients are weighted by its share of the global batch: their sum over
     // the ranks is the global batch's gradient.
     let mut extra = [lv as f32, rv.unwrap_or(0.0) as f32, f32::from(u8::from(rv.is_some()))];
-    let (g, spent) =
-        crate::dist::sum_gradients(comm, model, g, &mut extra, &rt.train).map_err(|message| StageError::Collective { operation: "summing gradients", message })?;
+    let (g, spent) = crate::dist::sum_gradients(comm, model, g, &mut extra, &rt.train)
+        .map_err(|message| StageError::Collective { operation: "summing gradients", message })?;
     let rv = (extra[2] > 0.0).then_some(f64::from(extra[1]));
     Ok((g, f64::from(extra[0]), rv, Some(spent.as_secs_f64())))
 }
@@ -553,8 +608,14 @@ impl Watch {
 
     /// An epoch's scalars at step `epoch + 1` (epochs counted from 1, as in the log lines).
     fn epoch(&mut self, h: &EpochLog) {
-        let mut v: Vec<(&str, f64)> = vec![("loss/train", h.train_loss), ("lr", h.lr), ("time/epoch_seconds", h.seconds)];
-        let optional = [("loss/reconstruction", h.reconstruction_loss), ("loss/val", h.val_loss), ("val/accuracy", h.val_accuracy), ("val/auc", h.val_auc)];
+        let mut v: Vec<(&str, f64)> =
+            vec![("loss/train", h.train_loss), ("lr", h.lr), ("time/epoch_seconds", h.seconds)];
+        let optional = [
+            ("loss/reconstruction", h.reconstruction_loss),
+            ("loss/val", h.val_loss),
+            ("val/accuracy", h.val_accuracy),
+            ("val/auc", h.val_auc),
+        ];
         v.extend(optional.into_iter().filter_map(|(k, x)| x.map(|x| (k, x))));
         self.write(h.epoch as i64 + 1, &v);
     }

@@ -25,7 +25,9 @@ use crate::data::{Batch, ImageTable, LoaderSpec, Normalizer};
 use crate::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Validation};
 use crate::model::{self, CheckpointKind, CheckpointMeta, Schedule};
 use crate::runtime::{self, Runtime, images};
-use crate::support::{check_image_compat, clip_to_run, config_error, defaults, open_table, validate_schedule, write_history};
+use crate::support::{
+    check_image_compat, clip_to_run, config_error, defaults, open_table, validate_schedule, write_history,
+};
 
 /// Which features of the frozen encoder the head reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -105,7 +107,10 @@ fn d_encoder_batch() -> usize {
 pub fn validate_linear_probe(c: &LinearProbeConfig) -> Result<(), ConfigError> {
     validate_schedule(c.epochs, c.batch_size, c.blr, c.min_lr, c.warmup_epochs, c.crop_scale)?;
     if c.batch_size < 2 {
-        return config_error("batch_size", "must be at least 2: the batch norm before the head normalises over the batch");
+        return config_error(
+            "batch_size",
+            "must be at least 2: the batch norm before the head normalises over the batch",
+        );
     }
     if !(0.0..1.0).contains(&c.momentum) {
         return config_error("momentum", "must be in [0, 1)");
@@ -137,7 +142,8 @@ impl LinearProbe {
         let mut bn = BatchNormConfig::new(dim).with_epsilon(BN_EPS).init(device);
         bn.gamma = bn.gamma.set_require_grad(false);
         bn.beta = bn.beta.set_require_grad(false);
-        let head = LinearConfig::new(dim, classes).with_initializer(Initializer::Normal { mean: 0.0, std: 0.01 }).init(device);
+        let head =
+            LinearConfig::new(dim, classes).with_initializer(Initializer::Normal { mean: 0.0, std: 0.01 }).init(device);
         Self { bn, head }
     }
 
@@ -212,7 +218,12 @@ impl LinearProbeStep {
 impl TrainStep for LinearProbeStep {
     type Model = LinearProbe;
 
-    fn epoch_plan(&mut self, _epoch: usize, _model: &LinearProbe, _ctx: &StageContext<'_>) -> Result<EpochPlan, StageError> {
+    fn epoch_plan(
+        &mut self,
+        _epoch: usize,
+        _model: &LinearProbe,
+        _ctx: &StageContext<'_>,
+    ) -> Result<EpochPlan, StageError> {
         let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
         spec.augment = self.augment;
         let tokens = self.arch.grid()[0] * self.arch.grid()[1] + 1;
@@ -222,7 +233,10 @@ impl TrainStep for LinearProbeStep {
     fn step(&mut self, model: &LinearProbe, batch: &mut Batch, device: &Device) -> Result<StepLoss, StageError> {
         let features = self.features(batch).to_device(&device.clone().inner()).autodiff();
         let logits = model.forward(features);
-        Ok(StepLoss { loss: classification_loss(logits, class_targets(batch, &self.table, device), 0.0), reconstruction: None })
+        Ok(StepLoss {
+            loss: classification_loss(logits, class_targets(batch, &self.table, device), 0.0),
+            reconstruction: None,
+        })
     }
 
     fn validate(&mut self, model: &LinearProbe, ctx: &StageContext<'_>) -> Result<Validation, StageError> {
@@ -277,11 +291,17 @@ pub fn run_linear_probe(stage_kind: &str, c: &LinearProbeConfig, ctx: &mut Stage
         val_rows: table.labelled_rows_of(Split::Val),
     };
     let lr = c.blr * c.batch_size as f64 / 256.0;
-    let data = TrainData { table: table.clone(), rows: table.labelled_rows_of(Split::Train), norm: meta.normalizer.clone() };
+    let data =
+        TrainData { table: table.clone(), rows: table.labelled_rows_of(Split::Train), norm: meta.normalizer.clone() };
     let opts = FitOptions {
         epochs: c.epochs,
         batch_size: c.batch_size,
-        schedule: Schedule { lr, min_lr: c.min_lr, warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64), epochs: c.epochs as f64 },
+        schedule: Schedule {
+            lr,
+            min_lr: c.min_lr,
+            warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64),
+            epochs: c.epochs as f64,
+        },
         checkpoint_every: c.checkpoint_every,
         patience: c.patience,
         accum_steps: 1,
@@ -301,9 +321,27 @@ pub fn run_linear_probe(stage_kind: &str, c: &LinearProbeConfig, ctx: &mut Stage
     };
     model::save(ctx.out_dir(), &vit, &ck)?;
     let provenance = serde_json::json!({ "stage": stage_kind, "name": ctx.name, "seed": ctx.seed, "pretrained": input.digest, "best_epoch": res.best_epoch, "pool": c.pool });
-    write_preds(ctx, &rt, &table, &vit, &meta.normalizer, c.batch_size.max(64), provenance.clone(), "predictions.parquet")?;
+    write_preds(
+        ctx,
+        &rt,
+        &table,
+        &vit,
+        &meta.normalizer,
+        c.batch_size.max(64),
+        provenance.clone(),
+        "predictions.parquet",
+    )?;
     if let Some(last) = &res.last {
-        write_preds(ctx, &rt, &table, &step.classifier(last), &meta.normalizer, c.batch_size.max(64), provenance, "predictions_last.parquet")?;
+        write_preds(
+            ctx,
+            &rt,
+            &table,
+            &step.classifier(last),
+            &meta.normalizer,
+            c.batch_size.max(64),
+            provenance,
+            "predictions_last.parquet",
+        )?;
     }
     let train_seconds: f64 = res.history.iter().map(|h| h.seconds).sum();
     tracing::info!(
@@ -328,7 +366,8 @@ mod tests {
         let probe = LinearProbe::new(4, 3, &train);
         // running statistics from two training-mode passes
         for s in [1.0f32, 3.0] {
-            let x = Tensor::<2>::from_floats([[0.1 * s, 2.0, -1.0, 0.5], [0.4, -s, 0.3, 2.0], [1.5, 0.2, s, -0.7]], &train);
+            let x =
+                Tensor::<2>::from_floats([[0.1 * s, 2.0, -1.0, 0.5], [0.4, -s, 0.3, 2.0], [1.5, 0.2, s, -0.7]], &train);
             let _ = probe.forward(x);
         }
         let probe_eval = probe.valid();

@@ -70,7 +70,17 @@ fn raw_maps(
         return attention_pass(vit, table, rows, norm, LoaderSpec::eval(batch_size), method, rt, ctx, |_, _, _| Ok(()));
     }
     let mine = msmae_dist::share(rows.len(), g.size(), g.rank());
-    let local = attention_pass(vit, table, &rows[mine.clone()], norm, LoaderSpec::eval(batch_size), method, rt, ctx, |_, _, _| Ok(()))?;
+    let local = attention_pass(
+        vit,
+        table,
+        &rows[mine.clone()],
+        norm,
+        LoaderSpec::eval(batch_size),
+        method,
+        rt,
+        ctx,
+        |_, _, _| Ok(()),
+    )?;
     let l = vit.pos_embed.dims()[1] - 1; // patches (the position table also holds the CLS slot)
     let mut flat = vec![0f32; rows.len() * l];
     for (k, r) in rows.iter().enumerate().skip(mine.start).take(mine.len()) {
@@ -113,8 +123,11 @@ pub fn attention_pass(
         devices.into_iter().map(|d| (d.clone(), model.clone().fork(&d))).collect()
     } else {
         let model = vit.valid();
-        let r: Vec<(Device, VisionTransformer)> =
-            rt.inference.iter().map(|d| (d.clone(), if d == &rt.device { model.clone() } else { model.clone().fork(d) })).collect();
+        let r: Vec<(Device, VisionTransformer)> = rt
+            .inference
+            .iter()
+            .map(|d| (d.clone(), if d == &rt.device { model.clone() } else { model.clone().fork(d) }))
+            .collect();
         if r.is_empty() { vec![(rt.device.clone(), model)] } else { r }
     };
     let bar = ctx.progress.bar(Some(rows.len() as u64), &format!("{}: attention maps", ctx.name));
@@ -138,8 +151,12 @@ pub fn attention_pass(
         let batch = batch?;
         let n = batch.len();
         let (device, replica) = &replicas[k % replicas.len()];
-        let x = Tensor::from_data(TensorData::new(batch.images.clone(), [n, table.channels(), table.height(), table.width()]), device);
-        let maps = patch_maps(replica, x, method).map_err(|e| StageError::other(format!("{} maps: {e}", method.as_str())))?;
+        let x = Tensor::from_data(
+            TensorData::new(batch.images.clone(), [n, table.channels(), table.height(), table.width()]),
+            device,
+        );
+        let maps =
+            patch_maps(replica, x, method).map_err(|e| StageError::other(format!("{} maps: {e}", method.as_str())))?;
         round.push((batch, maps));
         if round.len() == replicas.len() {
             read_back(&mut round)?;
@@ -150,12 +167,21 @@ pub fn attention_pass(
 }
 
 /// Write maps as an attention table (rows in table order).
-pub fn write_maps(path: &Path, table: &ImageTable, maps: &Maps, grid: [usize; 2], provenance: serde_json::Value) -> Result<u64, StageError> {
+pub fn write_maps(
+    path: &Path,
+    table: &ImageTable,
+    maps: &Maps,
+    grid: [usize; 2],
+    provenance: serde_json::Value,
+) -> Result<u64, StageError> {
     let mut keys: Vec<usize> = maps.keys().copied().collect();
     keys.sort_unstable();
-    let rows: Vec<AttentionRow> =
-        keys.iter().map(|r| AttentionRow { id: table.rows[*r].id.clone(), split: table.rows[*r].split, weights: maps[r].clone() }).collect();
-    let meta = AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid: [grid[0] as u32, grid[1] as u32], provenance };
+    let rows: Vec<AttentionRow> = keys
+        .iter()
+        .map(|r| AttentionRow { id: table.rows[*r].id.clone(), split: table.rows[*r].split, weights: maps[r].clone() })
+        .collect();
+    let meta =
+        AttentionMeta { schema_version: ATTENTION_SCHEMA_VERSION, grid: [grid[0] as u32, grid[1] as u32], provenance };
     write_attention(path, &meta, &rows).map_err(StageError::from)
 }
 
@@ -166,7 +192,10 @@ pub fn read_maps(path: &Path, table: &ImageTable, grid: [usize; 2]) -> Result<Ma
         return Err(StageError::data(
             path,
             None,
-            format!("attention maps on a {:?} grid, but the model's patch grid is {grid:?} (same image size and patch size needed)", meta.grid),
+            format!(
+                "attention maps on a {:?} grid, but the model's patch grid is {grid:?} (same image size and patch size needed)",
+                meta.grid
+            ),
         ));
     }
     let by_id: HashMap<&str, usize> = table.rows.iter().enumerate().map(|(i, r)| (r.id.as_str(), i)).collect();
@@ -176,7 +205,13 @@ pub fn read_maps(path: &Path, table: &ImageTable, grid: [usize; 2]) -> Result<Ma
             Some(&i) => {
                 out.insert(i, r.weights);
             }
-            None => return Err(StageError::data(path, Some(format!("row `{}`", r.id)), format!("image not in the image table {}", table.path.display()))),
+            None => {
+                return Err(StageError::data(
+                    path,
+                    Some(format!("row `{}`", r.id)),
+                    format!("image not in the image table {}", table.path.display()),
+                ));
+            }
         }
     }
     Ok(out)

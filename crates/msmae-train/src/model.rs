@@ -73,15 +73,26 @@ impl ModelSpec {
             Preset::Small => (256, 4, 8),
             Preset::Base => (512, 8, 16),
         };
-        MaeConfig::new(self.vit(image_size, in_chans), self.decoder_dim.unwrap_or(dd), self.decoder_depth.unwrap_or(dl), self.decoder_heads.unwrap_or(dh))
+        MaeConfig::new(
+            self.vit(image_size, in_chans),
+            self.decoder_dim.unwrap_or(dd),
+            self.decoder_depth.unwrap_or(dl),
+            self.decoder_heads.unwrap_or(dh),
+        )
     }
 
     /// Check the spec against an image size (divisibility, heads).
     pub fn check(&self, image_size: [usize; 2], in_chans: usize) -> Result<(), String> {
         let m = self.mae(image_size, in_chans);
         m.encoder.check()?;
-        if m.decoder_num_heads == 0 || !m.decoder_embed_dim.is_multiple_of(m.decoder_num_heads) || !m.decoder_embed_dim.is_multiple_of(4) {
-            return Err(format!("decoder_dim {} must be divisible by decoder_heads {} and by 4", m.decoder_embed_dim, m.decoder_num_heads));
+        if m.decoder_num_heads == 0
+            || !m.decoder_embed_dim.is_multiple_of(m.decoder_num_heads)
+            || !m.decoder_embed_dim.is_multiple_of(4)
+        {
+            return Err(format!(
+                "decoder_dim {} must be divisible by decoder_heads {} and by 4",
+                m.decoder_embed_dim, m.decoder_num_heads
+            ));
         }
         Ok(())
     }
@@ -167,7 +178,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Loaded, CheckpointMeta), Sta
     let loaded = match (meta.kind, &meta.mae) {
         (CheckpointKind::Vit, _) => Loaded::Vit(load_weights(meta.vit.init(device), &p)?),
         (CheckpointKind::Mae, Some(m)) => Loaded::Mae(load_weights(m.init(device), &p)?),
-        (CheckpointKind::Mae, None) => return Err(json_err(&dir.join(META_FILE), "an MAE checkpoint without its `mae` config")),
+        (CheckpointKind::Mae, None) => {
+            return Err(json_err(&dir.join(META_FILE), "an MAE checkpoint without its `mae` config"));
+        }
     };
     Ok((loaded, meta))
 }
@@ -177,7 +190,8 @@ pub fn save<M: Module>(dir: &Path, model: &M, meta: &CheckpointMeta) -> Result<(
     let p = dir.join(MODEL_FILE);
     // One metadata entry: the default three live in a HashMap, so their order (and the
     // file bytes) would change from run to run.
-    let mut store = SafetensorsStore::from_file(&p).overwrite(true).clear_metadata().metadata("producer", "msmae (burn 0.22.1)");
+    let mut store =
+        SafetensorsStore::from_file(&p).overwrite(true).clear_metadata().metadata("producer", "msmae (burn 0.22.1)");
     model.save_into(&mut store).map_err(|e| StageError::write(&p, e.to_string()))?;
     let j = dir.join(META_FILE);
     let bytes = serde_json::to_vec_pretty(meta).map_err(|e| json_err(&j, e))?;
@@ -209,7 +223,11 @@ pub fn no_decay_ids<M: Module>(model: &M) -> Vec<ParamId> {
 /// weight matrices only ([`msmae_vit::optim::LeanAdamW`]: burn's update with fewer buffers).
 pub fn adamw<M: Module>(model: &M, beta2: f64, weight_decay: f64) -> ModuleOptimizer {
     let opt = msmae_vit::optim::LeanAdamW { beta_1: 0.9, beta_2: beta2, epsilon: 1e-8, weight_decay };
-    ModuleOptimizer::from(opt).with_group(ParamGroup::from_ids(no_decay_ids(model)), msmae_vit::optim::LeanAdamW { weight_decay: 0.0, ..opt }, None)
+    ModuleOptimizer::from(opt).with_group(
+        ParamGroup::from_ids(no_decay_ids(model)),
+        msmae_vit::optim::LeanAdamW { weight_decay: 0.0, ..opt },
+        None,
+    )
 }
 
 /// Linear warm-up then half-cosine to `min_lr`, evaluated per step with fractional epochs

@@ -108,7 +108,9 @@ impl Resume {
             None => None,
         };
         let maps = match (&self.dir, st.has_maps, maps) {
-            (Some(d), true, Some((table, grid))) => Some(Arc::new(read_maps(&d.join(format!("maps-e{epoch}.parquet")), table, grid)?)),
+            (Some(d), true, Some((table, grid))) => {
+                Some(Arc::new(read_maps(&d.join(format!("maps-e{epoch}.parquet")), table, grid)?))
+            }
             _ => None,
         };
         Ok(Restored { model, optim, best, maps })
@@ -139,15 +141,20 @@ impl Resume {
             write_maps(&dir.join(format!("maps-e{e}.parquet")), table, m, grid, serde_json::Value::Null)?;
         }
         // Durable before the state points at them (power loss, not just a kill).
-        for p in
-            [Some(mp.clone()), Some(op.clone()), best.map(|_| self.file("best", e).unwrap_or_default()), maps.map(|_| dir.join(format!("maps-e{e}.parquet")))]
-                .into_iter()
-                .flatten()
+        for p in [
+            Some(mp.clone()),
+            Some(op.clone()),
+            best.map(|_| self.file("best", e).unwrap_or_default()),
+            maps.map(|_| dir.join(format!("maps-e{e}.parquet"))),
+        ]
+        .into_iter()
+        .flatten()
         {
             std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(|x| StageError::io(&p, x))?;
         }
         let tmp = dir.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(st).map_err(|x| err(&tmp, x.to_string()))?).map_err(|x| StageError::io(&tmp, x))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(st).map_err(|x| err(&tmp, x.to_string()))?)
+            .map_err(|x| StageError::io(&tmp, x))?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|x| StageError::io(&tmp, x))?;
         std::fs::rename(&tmp, dir.join("state.json")).map_err(|x| StageError::io(dir, x))?;
         std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|x| StageError::io(dir, x))?;
@@ -155,7 +162,9 @@ impl Resume {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for f in rd.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                let keep = name == "state.json" || name.ends_with(&format!("-e{e}.bpk")) || name == format!("maps-e{e}.parquet");
+                let keep = name == "state.json"
+                    || name.ends_with(&format!("-e{e}.bpk"))
+                    || name == format!("maps-e{e}.parquet");
                 if !keep {
                     let _ = std::fs::remove_file(f.path());
                 }

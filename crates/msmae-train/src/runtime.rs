@@ -27,15 +27,23 @@ pub struct Runtime {
 impl Runtime {
     /// One device, no data parallelism.
     pub fn single(device: Device) -> Self {
-        Self { train: device.clone().autodiff(), replicas: vec![device.clone().autodiff()], inference: vec![device.clone()], device }
+        Self {
+            train: device.clone().autodiff(),
+            replicas: vec![device.clone().autodiff()],
+            inference: vec![device.clone()],
+            device,
+        }
     }
 }
 
 /// Resolve the stage's backend/device (from the runner's `--backend`/`--device`), and set
 /// this thread's compute precision (`--precision`) for the stage's model code.
 pub fn runtime(ctx: &StageContext<'_>) -> Result<Runtime, StageError> {
-    let device_error =
-        |e: msmae_backend::BackendError| StageError::Device { backend: ctx.env.backend.clone(), device: ctx.env.device.clone(), source: Box::new(e) };
+    let device_error = |e: msmae_backend::BackendError| StageError::Device {
+        backend: ctx.env.backend.clone(),
+        device: ctx.env.device.clone(),
+        source: Box::new(e),
+    };
     let b = ctx.env.backend.parse().map_err(device_error)?;
     let d: msmae_backend::DeviceList = ctx.env.device.parse().map_err(device_error)?;
     let p: Precision = ctx.env.precision.parse().map_err(device_error)?;

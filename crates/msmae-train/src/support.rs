@@ -80,11 +80,17 @@ fn loss_chart(ctx: &StageContext<'_>, history: &[EpochLog]) -> Result<(), StageE
 
 pub fn check_image_compat(meta: &CheckpointMeta, table: &ImageTable, what: &Path) -> Result<(), StageError> {
     let n = &meta.normalizer;
-    if n.mean.len() != meta.vit.in_chans || n.std.len() != meta.vit.in_chans || n.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
+    if n.mean.len() != meta.vit.in_chans
+        || n.std.len() != meta.vit.in_chans
+        || n.std.iter().any(|s| s.is_nan() || *s <= 0.0)
+    {
         return Err(StageError::data(
             what,
             None,
-            format!("normalizer for {} channels with positive std expected, found mean {:?} std {:?}", meta.vit.in_chans, n.mean, n.std),
+            format!(
+                "normalizer for {} channels with positive std expected, found mean {:?} std {:?}",
+                meta.vit.in_chans, n.mean, n.std
+            ),
         ));
     }
     let want = [table.height(), table.width()];
@@ -153,7 +159,14 @@ pub fn clip_to_run(field: &str, value: f64, limit: f64) -> f64 {
 }
 
 /// Checks every training stage shares: epochs, batch, learning rates, warm-up, crop.
-pub fn validate_schedule(epochs: usize, batch_size: usize, blr: f64, min_lr: f64, warmup_epochs: f64, crop_scale: [f64; 2]) -> Result<(), ConfigError> {
+pub fn validate_schedule(
+    epochs: usize,
+    batch_size: usize,
+    blr: f64,
+    min_lr: f64,
+    warmup_epochs: f64,
+    crop_scale: [f64; 2],
+) -> Result<(), ConfigError> {
     if epochs == 0 {
         return config_error("epochs", "must be at least 1");
     }
@@ -184,7 +197,9 @@ pub fn validate_accumulation(batch_size: usize, accum_steps: usize) -> Result<()
     if !batch_size.is_multiple_of(accum_steps) {
         return config_error(
             "accum_steps",
-            format!("the batch of {batch_size} does not split into {accum_steps} equal micro-batches; use a divisor of batch_size"),
+            format!(
+                "the batch of {batch_size} does not split into {accum_steps} equal micro-batches; use a divisor of batch_size"
+            ),
         );
     }
     Ok(())

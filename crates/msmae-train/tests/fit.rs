@@ -62,7 +62,12 @@ impl TrainStep for ToyStep {
         }
         self.epoch = epoch;
         self.batch_in_epoch = 0;
-        Ok(EpochPlan { spec: LoaderSpec::train(8, (0.5, 1.0)), masking: "none".into(), tokens: 1, refreshed_maps: false })
+        Ok(EpochPlan {
+            spec: LoaderSpec::train(8, (0.5, 1.0)),
+            masking: "none".into(),
+            tokens: 1,
+            refreshed_maps: false,
+        })
     }
 
     fn step(&mut self, model: &Toy, batch: &mut Batch, device: &Device) -> Result<StepLoss, StageError> {
@@ -106,18 +111,42 @@ impl Run {
     }
 
     fn step(&self, scores: Vec<f64>) -> ToyStep {
-        ToyStep { table: self.table.clone(), scores, poison: None, cancel_at: None, epoch: 0, batch_in_epoch: 0, snapshots: Vec::new() }
+        ToyStep {
+            table: self.table.clone(),
+            scores,
+            poison: None,
+            cancel_at: None,
+            epoch: 0,
+            batch_in_epoch: 0,
+            snapshots: Vec::new(),
+        }
     }
 
     /// Train from a seeded initialisation with checkpoints in `resume/` every epoch.
-    fn fit(&self, step: &mut ToyStep, epochs: usize, patience: Option<usize>, cancel: CancelToken) -> Result<msmae_train::fit::Fitted<Toy>, StageError> {
+    fn fit(
+        &self,
+        step: &mut ToyStep,
+        epochs: usize,
+        patience: Option<usize>,
+        cancel: CancelToken,
+    ) -> Result<msmae_train::fit::Fitted<Toy>, StageError> {
         let out = self.dir.path().join("out");
         let resume = self.dir.path().join("resume");
         std::fs::create_dir_all(&out).expect("out");
         std::fs::create_dir_all(&resume).expect("resume");
-        let ctx =
-            StageContext::new("toy".into(), 5, ExecEnv::cpu_flex(), 2, cancel, &NoProgress, out.clone(), out, OutputDecl::new("toy", &["*"]), BTreeMap::new())
-                .with_resume_dir(resume);
+        let ctx = StageContext::new(
+            "toy".into(),
+            5,
+            ExecEnv::cpu_flex(),
+            2,
+            cancel,
+            &NoProgress,
+            out.clone(),
+            out,
+            OutputDecl::new("toy", &["*"]),
+            BTreeMap::new(),
+        )
+        .with_resume_dir(resume);
         let _one_at_a_time = FITTING.lock().unwrap_or_else(|e| e.into_inner());
         // Parameters are initialised lazily: materialise them right after seeding.
         let model = msmae_backend::seeded(&self.rt.train, 3, || {
@@ -125,7 +154,11 @@ impl Run {
             msmae_train::runtime::materialise(&m);
             m
         });
-        let data = TrainData { table: self.table.clone(), rows: self.table.rows_of(Split::Train), norm: Normalizer { mean: vec![0.5], std: vec![0.25] } };
+        let data = TrainData {
+            table: self.table.clone(),
+            rows: self.table.rows_of(Split::Train),
+            norm: Normalizer { mean: vec![0.5], std: vec![0.25] },
+        };
         let opts = FitOptions {
             epochs,
             batch_size: 8,
@@ -170,7 +203,9 @@ fn an_interrupted_fit_resumes_to_the_uninterrupted_result() {
     let res = r.fit(&mut again, 5, None, CancelToken::new()).expect("resumed");
     assert_eq!(again.snapshots.len(), 2, "only epochs 3 and 4 ran again");
     assert_eq!(weights(&res.model), whole.0, "bit-identical to the uninterrupted run");
-    let strip = |h: &[msmae_train::fit::EpochLog]| h.iter().map(|e| (e.epoch, e.train_loss.to_bits(), e.lr.to_bits())).collect::<Vec<_>>();
+    let strip = |h: &[msmae_train::fit::EpochLog]| {
+        h.iter().map(|e| (e.epoch, e.train_loss.to_bits(), e.lr.to_bits())).collect::<Vec<_>>()
+    };
     assert_eq!(strip(&res.history), strip(&whole.1));
 }
 
@@ -184,6 +219,8 @@ fn a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint() {
         StageError::Diverged { epoch, step, loss } => assert!(*epoch == 2 && *step == 3 && loss.is_nan(), "{err}"),
         other => panic!("expected Diverged, got {other}"),
     }
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(r.dir.path().join("resume/state.json")).expect("state.json kept")).expect("json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(r.dir.path().join("resume/state.json")).expect("state.json kept"))
+            .expect("json");
     assert_eq!(state["epochs_done"], 2, "the checkpoint after epoch 2 is kept");
 }

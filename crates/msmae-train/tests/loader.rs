@@ -18,7 +18,9 @@ const SIZE: usize = 16;
 
 /// 50 images in row groups of 8; image i is filled with the value i.
 fn table(dir: &std::path::Path) -> Arc<ImageTable> {
-    common::flat_table(dir, SIZE, 50, 8, ["a", "b"], |i| (if i < 40 { Split::Train } else { Split::Test }, i32::from(i % 2), i))
+    common::flat_table(dir, SIZE, 50, 8, ["a", "b"], |i| {
+        (if i < 40 { Split::Train } else { Split::Test }, i32::from(i % 2), i)
+    })
 }
 
 fn unit() -> Normalizer {
@@ -76,7 +78,11 @@ fn masks_have_the_policy_sizes_and_follow_the_weights() {
     let w: Vec<f32> = (0..16).map(|i| if i % 4 == 0 { 1.0 } else { 1e-6 }).collect();
     let weights: HashMap<usize, Vec<f32>> = rows.iter().map(|&r| (r, w.clone())).collect();
     let mut spec = LoaderSpec::eval(8);
-    spec.masks = Some(MaskSpec { policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 }, weights: Some(Arc::new(weights)), grid });
+    spec.masks = Some(MaskSpec {
+        policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 },
+        weights: Some(Arc::new(weights)),
+        grid,
+    });
     let (mut left_masked, mut n) = (0usize, 0usize);
     for b in data::stream(t.clone(), &rows, spec, unit(), 1, 0) {
         let b = b.expect("batch");
@@ -91,7 +97,11 @@ fn masks_have_the_policy_sizes_and_follow_the_weights() {
     assert!(left_masked as f64 / n as f64 > 3.9, "{left_masked} of {}", 4 * n);
     // attention strategies refuse to run without weights for a row
     let mut spec = LoaderSpec::eval(8);
-    spec.masks = Some(MaskSpec { policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 }, weights: Some(Arc::new(HashMap::new())), grid });
+    spec.masks = Some(MaskSpec {
+        policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 },
+        weights: Some(Arc::new(HashMap::new())),
+        grid,
+    });
     let e = data::stream(t, &rows, spec, unit(), 1, 0).next().expect("one").expect_err("no weights");
     assert!(e.to_string().contains("img00"), "{e}");
 }
@@ -126,7 +136,11 @@ fn a_crashing_loader_is_an_error_not_a_short_epoch() {
     // weight maps of the wrong length make the selection panic inside the loader thread
     let weights: HashMap<usize, Vec<f32>> = rows.iter().map(|&r| (r, vec![1.0; 3])).collect();
     let mut spec = LoaderSpec::eval(8);
-    spec.masks = Some(MaskSpec { policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 }, weights: Some(Arc::new(weights)), grid: [4, 4] });
+    spec.masks = Some(MaskSpec {
+        policy: MaskPolicy::Msmae { mask_ratio: 0.45, throw_ratio: 0.30 },
+        weights: Some(Arc::new(weights)),
+        grid: [4, 4],
+    });
     let got: Vec<_> = data::stream(t, &rows, spec, unit(), 1, 0).collect();
     assert_eq!(got.len(), 1, "one error, then the stream ends");
     let e = got.into_iter().next().expect("item").expect_err("an error");

@@ -47,7 +47,8 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let tiny = MaeConfig::new(VitConfig::new([64, 64], 8, 3, 128, 4, 4).with_num_classes(4).with_global_pool(true), 64, 2, 4);
+    let tiny =
+        MaeConfig::new(VitConfig::new([64, 64], 8, 3, 128, 4, 4).with_num_classes(4).with_global_pool(true), 64, 2, 4);
     let mut base = MaeConfig::vit_base_patch16(3);
     base.encoder.num_classes = 4;
     base.encoder.global_pool = true;
@@ -71,7 +72,12 @@ fn plans(l: usize, batch: usize, kind: Kind) -> (Vec<Vec<usize>>, Vec<Vec<usize>
     for i in 0..batch {
         let mut rng = msmae_mask::sample_rng(0, "bench", 0, i as u64);
         let p = match kind {
-            Kind::Finetune(keep) => msmae_mask::msmae_select(&vec![1.0; l], 0.45 * (1.0 - keep) / 0.75, 0.30 * (1.0 - keep) / 0.75, &mut rng),
+            Kind::Finetune(keep) => msmae_mask::msmae_select(
+                &vec![1.0; l],
+                0.45 * (1.0 - keep) / 0.75,
+                0.30 * (1.0 - keep) / 0.75,
+                &mut rng,
+            ),
             Kind::Pretrain => msmae_mask::msmae_select(&vec![1.0; l], 0.45, 0.30, &mut rng),
         };
         vis.push(p.visible);
@@ -83,7 +89,9 @@ fn plans(l: usize, batch: usize, kind: Kind) -> (Vec<Vec<usize>>, Vec<Vec<usize>
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
@@ -94,7 +102,12 @@ fn optimizer(beta_2: f64) -> burn::optim::ModuleOptimizer {
     if std::env::var_os("MSMAE_BURN_ADAMW").is_some() {
         AdamWConfig::new().with_beta_2(beta_2 as f32).with_weight_decay(0.05).with_epsilon(1e-8).init()
     } else {
-        burn::optim::ModuleOptimizer::from(msmae_vit::optim::LeanAdamW { beta_1: 0.9, beta_2, epsilon: 1e-8, weight_decay: 0.05 })
+        burn::optim::ModuleOptimizer::from(msmae_vit::optim::LeanAdamW {
+            beta_1: 0.9,
+            beta_2,
+            epsilon: 1e-8,
+            weight_decay: 0.05,
+        })
     }
 }
 
@@ -121,7 +134,10 @@ impl Target {
 /// PyTorch (each caching allocator keeps what it took, so at the end of a run this is its
 /// peak plus the CUDA context).
 fn gpu_used_mib(n: usize) -> Option<f64> {
-    let o = Command::new("nvidia-smi").args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", &n.to_string()]).output().ok()?;
+    let o = Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", &n.to_string()])
+        .output()
+        .ok()?;
     String::from_utf8_lossy(&o.stdout).trim().parse().ok()
 }
 
@@ -140,7 +156,10 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize, target: Target) {
     let [h, w] = c.encoder.image_size;
     let l = c.encoder.num_patches();
     let imgs = Tensor::<4>::random([case.batch, c.encoder.in_chans, h, w], Distribution::Normal(0.0, 1.0), &dev);
-    let y = Tensor::<1, Int>::from_data(TensorData::new((0..case.batch as i64).map(|i| i % 4).collect::<Vec<_>>(), [case.batch]), &dev);
+    let y = Tensor::<1, Int>::from_data(
+        TensorData::new((0..case.batch as i64).map(|i| i % 4).collect::<Vec<_>>(), [case.batch]),
+        &dev,
+    );
     let (vis, msk) = plans(l, case.batch, case.kind);
     let (vis, msk) = (index_tensor(&vis, &dev), index_tensor(&msk, &dev));
     // per timed step: forward, backward, optimiser seconds (libtorch runs eagerly and the
@@ -153,7 +172,8 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize, target: Target) {
             let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&dev);
             for s in 0..steps + 2 {
                 let t = Instant::now();
-                let logits = if keep >= 1.0 { m.forward(imgs.clone()) } else { m.forward_visible(imgs.clone(), vis.clone()) };
+                let logits =
+                    if keep >= 1.0 { m.forward(imgs.clone()) } else { m.forward_visible(imgs.clone(), vis.clone()) };
                 let loss = ce.forward(logits, y.clone());
                 let t_fwd = t.elapsed().as_secs_f64();
                 let g = GradientsParams::from_grads(loss.backward(), &m);
@@ -170,7 +190,12 @@ fn run_one(case: &Case, backend: BackendRequest, steps: usize, target: Target) {
             let mut opt = optimizer(0.95);
             for s in 0..steps + 2 {
                 let t = Instant::now();
-                let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((msmae_vit::ClassTargets::Classes(y.clone()), 0.1)));
+                let out = m.forward(
+                    imgs.clone(),
+                    vis.clone(),
+                    msk.clone(),
+                    Some((msmae_vit::ClassTargets::Classes(y.clone()), 0.1)),
+                );
                 let t_fwd = t.elapsed().as_secs_f64();
                 let g = GradientsParams::from_grads(out.loss.backward(), &m);
                 let t_bwd = t.elapsed().as_secs_f64();
@@ -226,7 +251,8 @@ enum Impl {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let requested: DeviceRequest = flag(&args, "--device").map(|d| d.parse().unwrap_or_else(|e| panic!("{e}"))).unwrap_or(DeviceRequest::Cpu);
+    let requested: DeviceRequest =
+        flag(&args, "--device").map(|d| d.parse().unwrap_or_else(|e| panic!("{e}"))).unwrap_or(DeviceRequest::Cpu);
     // `auto` resolved once, here: children and the PyTorch side get `cpu` or `cuda:N`.
     let device = match select(BackendRequest::Auto, requested) {
         Ok(c) => c.env.device.parse().unwrap_or(DeviceRequest::Cpu),
@@ -235,7 +261,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let target = Target { device, precision: flag(&args, "--precision").map(|p| p.parse().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_default() };
+    let target = Target {
+        device,
+        precision: flag(&args, "--precision").map(|p| p.parse().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_default(),
+    };
     if args.iter().any(|a| a == "--parity") {
         std::process::exit(if parity(target) { 0 } else { 1 });
     }
@@ -254,7 +283,8 @@ fn main() {
     let explicit = args.iter().any(|a| a == "--explicit");
     let flex_large = args.iter().any(|a| a == "--flex-large");
     let rounds = flag(&args, "--rounds").and_then(|s| s.parse::<usize>().ok()).unwrap_or(1).max(1);
-    let only: Option<Vec<usize>> = flag(&args, "--only").map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    let only: Option<Vec<usize>> =
+        flag(&args, "--only").map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect());
     let python = std::env::var_os("MSMAE_PYTHON");
     // The PyTorch side lives in the source tree: where it was built, or under $MSMAE_REPO
     // (the GPU machine gets the tree at another path).
@@ -302,7 +332,11 @@ fn main() {
         let run_torch = |attn: &str| {
             let py = python.as_ref()?;
             let cfg = serde_json::to_string(&case.cfg).ok()?;
-            let o = Command::new(py).arg(&script).args([&cfg, &kind, &case.batch.to_string(), &steps, attn, &dev_arg, &prec_arg]).output().ok()?;
+            let o = Command::new(py)
+                .arg(&script)
+                .args([&cfg, &kind, &case.batch.to_string(), &steps, attn, &dev_arg, &prec_arg])
+                .output()
+                .ok()?;
             if !o.status.success() {
                 eprintln!("PyTorch ({attn}) failed on {}: {}", case.name, String::from_utf8_lossy(&o.stderr));
             }
@@ -310,7 +344,16 @@ fn main() {
         };
         let run_burn = |label: &str, b: BackendRequest, attention: Option<&str>| {
             let mut c = Command::new(&exe);
-            c.args(["--one", &idx.to_string(), &format!("{b:?}").to_lowercase(), "--steps", &steps, "--batch", &case.batch.to_string()]).args(target.args());
+            c.args([
+                "--one",
+                &idx.to_string(),
+                &format!("{b:?}").to_lowercase(),
+                "--steps",
+                &steps,
+                "--batch",
+                &case.batch.to_string(),
+            ])
+            .args(target.args());
             if let Some(a) = attention {
                 c.env("MSMAE_CUDA_ATTENTION", a);
             }
@@ -359,7 +402,12 @@ fn main() {
             if let Some((ms, mib)) = res {
                 // speed relative to PyTorch (SDPA): > 1 means faster
                 let ratio = torch.map(|t| format!("{:.2}×", t / ms)).unwrap_or_else(|| "-".into());
-                println!("| {} | {} | {label} | {ms:.1} | {:.0} | {mib:.0} | {ratio} |", case.name, case.batch, case.batch as f64 * 1e3 / ms);
+                println!(
+                    "| {} | {} | {label} | {ms:.1} | {:.0} | {mib:.0} | {ratio} |",
+                    case.name,
+                    case.batch,
+                    case.batch as f64 * 1e3 / ms
+                );
                 table.push((idx, label.clone(), *ms));
             }
         }
@@ -367,7 +415,8 @@ fn main() {
     println!();
     println!("| speed-up of 25%-token over all-token fine-tuning | impl | ratio |");
     println!("|---|---|---|");
-    let labels: Vec<String> = std::iter::once("PyTorch eager (SDPA)".to_string()).chain(burns.iter().map(|b| b.0.clone())).collect();
+    let labels: Vec<String> =
+        std::iter::once("PyTorch eager (SDPA)".to_string()).chain(burns.iter().map(|b| b.0.clone())).collect();
     for (full, part, name) in [(0usize, 1usize, "tiny"), (3, 4, "ViT-B/16"), (6, 7, "ViT-B/16")] {
         for label in &labels {
             let get = |i: usize| table.iter().find(|(j, l, _)| *j == i && l == label).map(|x| x.2);
@@ -401,7 +450,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
 /// The `--parity` check; true when every figure is within tolerance.
 fn parity(target: Target) -> bool {
     let cuda = target.cuda().is_some();
-    let (tgt_backend, ref_backend) = if cuda { (BackendRequest::Tch, BackendRequest::Tch) } else { (BackendRequest::Auto, BackendRequest::Flex) };
+    let (tgt_backend, ref_backend) =
+        if cuda { (BackendRequest::Tch, BackendRequest::Tch) } else { (BackendRequest::Auto, BackendRequest::Flex) };
     let tgt = match select(tgt_backend, target.device) {
         Ok(c) => c.device.autodiff(),
         Err(e) => {
@@ -433,10 +483,17 @@ fn parity(target: Target) -> bool {
         let logits = m.encoder.forward(x.clone());
         let (_, attn) = m.encoder.forward_with_attention(x.clone());
         let map = msmae_vit::attention_map::cls_attention_map(attn);
-        let out = m.forward(x, index_tensor(&vis, dev), index_tensor(&msk, dev), Some((msmae_vit::ClassTargets::Classes(y), 0.1)));
+        let out = m.forward(
+            x,
+            index_tensor(&vis, dev),
+            index_tensor(&msk, dev),
+            Some((msmae_vit::ClassTargets::Classes(y), 0.1)),
+        );
         let grads = out.loss.backward();
         let v = |t: Tensor<2>| t.inner().into_data().try_into_vec_as::<f32>().expect("f32");
-        let g = |t: Tensor<2>| t.grad(&grads).map(|g| g.into_data().try_into_vec_as::<f32>().expect("f32")).unwrap_or_default();
+        let g = |t: Tensor<2>| {
+            t.grad(&grads).map(|g| g.into_data().try_into_vec_as::<f32>().expect("f32")).unwrap_or_default()
+        };
         let qkv = m.encoder.blocks[0].attn.qkv.weight.val();
         let pred = m.decoder_pred.weight.val();
         vec![

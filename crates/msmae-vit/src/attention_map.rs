@@ -68,7 +68,8 @@ fn cls_row(r: Tensor<3>) -> Tensor<2> {
 /// # Panics
 /// With no blocks.
 pub fn rollout_map(attns: Vec<Tensor<4>>) -> Tensor<2> {
-    let [b, _, t, _] = attns.first().map(Tensor::dims).unwrap_or_else(|| panic!("attention rollout needs at least one block"));
+    let [b, _, t, _] =
+        attns.first().map(Tensor::dims).unwrap_or_else(|| panic!("attention rollout needs at least one block"));
     let eye = Tensor::<2>::eye(t, &attns[0].device()).reshape([1, t, t]);
     let mut r: Option<Tensor<3>> = None;
     for a in attns {
@@ -104,11 +105,17 @@ pub fn gradient_map(vit: &VisionTransformer, imgs: Tensor<4>) -> Result<Tensor<2
     let [b, _, _, _] = imgs.dims();
     let t = vit.pos_embed.dims()[1];
     let heads = vit.blocks.first().map(|blk| blk.attn.num_heads).ok_or("a ViT without blocks has no attention")?;
-    let probes: Vec<Tensor<4>> = vit.blocks.iter().map(|_| Tensor::<4>::zeros([b, heads, t, t], &device).require_grad()).collect();
+    let probes: Vec<Tensor<4>> =
+        vit.blocks.iter().map(|_| Tensor::<4>::zeros([b, heads, t, t], &device).require_grad()).collect();
     let (x, attns) = vit.forward_attentions(imgs, Some(probes.clone()));
     let logits = vit.head_forward(vit.pool(x));
     let [_, k] = logits.dims();
-    let pred: Vec<i64> = logits.clone().inner().argmax(1).try_into_vec_as::<i64>().map_err(|e| format!("reading the predictions back: {e:?}"))?;
+    let pred: Vec<i64> = logits
+        .clone()
+        .inner()
+        .argmax(1)
+        .try_into_vec_as::<i64>()
+        .map_err(|e| format!("reading the predictions back: {e:?}"))?;
     let mut onehot = vec![0f32; b * k];
     for (i, p) in pred.iter().enumerate() {
         onehot[i * k + *p as usize] = 1.0;
@@ -174,7 +181,11 @@ impl Smoothing {
     /// Why this smoothing is not usable, if it is not.
     pub fn check(&self) -> Result<(), String> {
         if self.size == 0 || self.size.is_multiple_of(2) || self.size > Self::MAX_SIZE {
-            return Err(format!("size must be odd, from 1 to {} (patches on each side of the centre patch: (size - 1) / 2); got {}", Self::MAX_SIZE, self.size));
+            return Err(format!(
+                "size must be odd, from 1 to {} (patches on each side of the centre patch: (size - 1) / 2); got {}",
+                Self::MAX_SIZE,
+                self.size
+            ));
         }
         Ok(())
     }
@@ -288,7 +299,8 @@ mod tests {
         let plain = MapReading { method: MapMethod::Rollout, smooth: None };
         assert_eq!(plain.label(), "rollout");
         assert_eq!(plain.finish(MAP.to_vec(), GRID), MAP.to_vec());
-        let smoothed = MapReading { method: MapMethod::Rollout, smooth: Some(Smoothing { op: SmoothOp::Max, size: 3 }) };
+        let smoothed =
+            MapReading { method: MapMethod::Rollout, smooth: Some(Smoothing { op: SmoothOp::Max, size: 3 }) };
         assert_eq!(smoothed.label(), "rollout+max3");
         assert_eq!(smoothed.finish(MAP.to_vec(), GRID)[0], 1.0);
     }

@@ -40,7 +40,13 @@ pub fn encoder(c: &VitConfig, kept: usize) -> Flops {
     let l = c.num_patches() as f64;
     let d = c.embed_dim as f64;
     let (bl, at) = block(kept as f64 + 1.0, d, c.mlp_ratio, c.depth as f64);
-    Flops { patch_embed: l * c.patch_dim() as f64 * d, blocks_linear: bl, attention: at, decoder: 0.0, head: d * c.num_classes as f64 }
+    Flops {
+        patch_embed: l * c.patch_dim() as f64 * d,
+        blocks_linear: bl,
+        attention: at,
+        decoder: 0.0,
+        head: d * c.num_classes as f64,
+    }
 }
 
 /// An MAE pre-training forward: `visible` patches encoded, `visible + masked` decoded.

@@ -115,7 +115,11 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// γ = 1, β = 0.
     pub fn new(dim: usize, epsilon: f64, device: &Device) -> Self {
-        Self { gamma: Initializer::Ones.init([dim], device), beta: Some(Initializer::Zeros.init([dim], device)), epsilon }
+        Self {
+            gamma: Initializer::Ones.init([dim], device),
+            beta: Some(Initializer::Zeros.init([dim], device)),
+            epsilon,
+        }
     }
 
     /// # Shapes

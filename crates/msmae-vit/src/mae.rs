@@ -46,14 +46,20 @@ impl MaeConfig {
         let enc = &self.encoder;
         let dd = self.decoder_embed_dim;
         let [gh, gw] = enc.grid();
-        let lin = |a, b| LinearConfig::new(a, b).with_initializer(Initializer::XavierUniform { gain: 1.0 }).init(device);
+        let lin =
+            |a, b| LinearConfig::new(a, b).with_initializer(Initializer::XavierUniform { gain: 1.0 }).init(device);
         MaskedAutoencoder {
             // The MAE encoder never pools globally: its CLS head reads the final-norm CLS token.
             encoder: VitConfig { global_pool: false, ..enc.clone() }.init(device),
             decoder_embed: lin(enc.embed_dim, dd),
             mask_token: Param::from_tensor(Tensor::random([1, 1, dd], Distribution::Normal(0.0, 0.02), device)),
-            decoder_pos_embed: Tensor::<3>::from_data(TensorData::new(sincos_2d(dd, gh, gw), [1, 1 + gh * gw, dd]), device),
-            decoder_blocks: (0..self.decoder_depth).map(|_| Block::new(dd, self.decoder_num_heads, enc.mlp_ratio, enc.norm_eps, 0.0, device)).collect(),
+            decoder_pos_embed: Tensor::<3>::from_data(
+                TensorData::new(sincos_2d(dd, gh, gw), [1, 1 + gh * gw, dd]),
+                device,
+            ),
+            decoder_blocks: (0..self.decoder_depth)
+                .map(|_| Block::new(dd, self.decoder_num_heads, enc.mlp_ratio, enc.norm_eps, 0.0, device))
+                .collect(),
             decoder_norm: LayerNorm::new(dd, enc.norm_eps, device),
             decoder_pred: lin(dd, enc.patch_dim()),
             patch_size: enc.patch_size,
@@ -122,7 +128,13 @@ impl MaskedAutoencoder {
     /// classification loss on plain logits — cross-entropy on class indices, binary
     /// cross-entropy on multi-hot targets (the reference code applies softmax twice;
     /// docs/method.md §4).
-    pub fn forward(&self, imgs: Tensor<4>, visible: Tensor<2, Int>, masked: Tensor<2, Int>, cls: Option<(ClassTargets, f64)>) -> MaeOutput {
+    pub fn forward(
+        &self,
+        imgs: Tensor<4>,
+        visible: Tensor<2, Int>,
+        masked: Tensor<2, Int>,
+        cls: Option<(ClassTargets, f64)>,
+    ) -> MaeOutput {
         let latent = self.forward_encoder(imgs.clone(), visible.clone());
         let pred = self.forward_decoder(latent.clone(), visible, masked.clone());
         let rec = self.forward_loss(imgs, pred.clone(), masked);
@@ -131,7 +143,9 @@ impl MaskedAutoencoder {
             h.forward(latent.narrow(1, 0, 1).reshape([b, d]))
         });
         let loss = match (&logits, cls) {
-            (Some(lg), Some((targets, w))) if w > 0.0 => rec.clone() + classification_loss(lg.clone(), targets, 0.0) * w,
+            (Some(lg), Some((targets, w))) if w > 0.0 => {
+                rec.clone() + classification_loss(lg.clone(), targets, 0.0) * w
+            }
             _ => rec.clone(),
         };
         MaeOutput { loss, reconstruction_loss: rec, pred, logits }

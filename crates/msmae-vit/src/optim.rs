@@ -19,7 +19,13 @@ pub struct LeanAdamW {
 impl burn::optim::Optimizer for LeanAdamW {
     type State<const D: usize> = burn::optim::AdamWState<D>;
 
-    fn step<const D: usize>(&self, lr: f64, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
+    fn step<const D: usize>(
+        &self,
+        lr: f64,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
         let (m, v, time) = match state {
             Some(s) => (s.momentum.moment_1, s.momentum.moment_2, s.momentum.time + 1),
             None => (grad.zeros_like(), grad.zeros_like(), 1),
@@ -59,7 +65,13 @@ pub struct Lars {
 impl burn::optim::Optimizer for Lars {
     type State<const D: usize> = burn::optim::SgdState<D>;
 
-    fn step<const D: usize>(&self, lr: f64, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
+    fn step<const D: usize>(
+        &self,
+        lr: f64,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
         let mut update = grad;
         if D > 1 {
             if self.weight_decay != 0.0 {
@@ -71,7 +83,9 @@ impl burn::optim::Optimizer for Lars {
                 update = update * (self.trust_coefficient * p / u);
             }
         }
-        let momentum = burn::optim::momentum::Momentum::new(&burn::optim::momentum::MomentumConfig::new().with_momentum(self.momentum).with_dampening(0.0));
+        let momentum = burn::optim::momentum::Momentum::new(
+            &burn::optim::momentum::MomentumConfig::new().with_momentum(self.momentum).with_dampening(0.0),
+        );
         let (velocity, m) = momentum.transform(update, state.and_then(|s| s.momentum));
         (tensor - velocity * lr, Some(burn::optim::SgdState::new(Some(m))))
     }
@@ -114,7 +128,8 @@ mod tests {
                 mb[i] = m * mb[i] + gb[i];
                 rb[i] -= lr * mb[i];
             }
-            let gwt = Tensor::<1>::from_floats([gw[0] as f32, gw[1] as f32, gw[2] as f32, gw[3] as f32], &dev).reshape([2, 2]);
+            let gwt = Tensor::<1>::from_floats([gw[0] as f32, gw[1] as f32, gw[2] as f32, gw[3] as f32], &dev)
+                .reshape([2, 2]);
             (w, sw) = lars.step(lr, w, gwt, sw);
             (b, sb) = lars.step(lr, b, Tensor::<1>::from_floats([gb[0] as f32, gb[1] as f32], &dev), sb);
         }
@@ -136,7 +151,12 @@ mod tests {
         let dev = Device::flex();
         for wd in [0.0, 0.05] {
             let lean = LeanAdamW { beta_1: 0.9, beta_2: 0.95, epsilon: 1e-8, weight_decay: wd };
-            let burn_opt = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8).with_weight_decay(wd as f32).build();
+            let burn_opt = AdamWConfig::new()
+                .with_beta_1(0.9)
+                .with_beta_2(0.95)
+                .with_epsilon(1e-8)
+                .with_weight_decay(wd as f32)
+                .build();
             let p0 = Tensor::<1>::from_floats([0.5, -1.0, 2.0, 0.0], &dev);
             let (mut pa, mut pb) = (p0.clone(), p0);
             let (mut sa, mut sb) = (None, None);
@@ -145,7 +165,8 @@ mod tests {
                 (pa, sa) = lean.step(1e-2, pa, g.clone(), sa);
                 (pb, sb) = burn_opt.step(1e-2, pb, g, sb);
             }
-            let (a, b): (Vec<f32>, Vec<f32>) = (pa.into_data().try_to_vec::<f32>().expect("a"), pb.into_data().try_to_vec::<f32>().expect("b"));
+            let (a, b): (Vec<f32>, Vec<f32>) =
+                (pa.into_data().try_to_vec::<f32>().expect("a"), pb.into_data().try_to_vec::<f32>().expect("b"));
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() < 1e-6, "wd {wd}: {a:?} vs {b:?}");
             }

@@ -37,7 +37,16 @@ mod tests {
         // patch (row 1, col 2): first half encodes col 2, second half row 1
         let row = &e[(1 + 3 + 2) * 8..(2 + 3 + 2) * 8];
         let w1 = 1.0 / 10000f64.powf(0.5);
-        let want = [(2.0f64).sin(), (2.0 * w1).sin(), (2.0f64).cos(), (2.0 * w1).cos(), (1.0f64).sin(), (1.0 * w1).sin(), (1.0f64).cos(), (1.0 * w1).cos()];
+        let want = [
+            (2.0f64).sin(),
+            (2.0 * w1).sin(),
+            (2.0f64).cos(),
+            (2.0 * w1).cos(),
+            (1.0f64).sin(),
+            (1.0 * w1).sin(),
+            (1.0f64).cos(),
+            (1.0 * w1).cos(),
+        ];
         for (g, w) in row.iter().zip(want) {
             assert!((f64::from(*g) - w).abs() < 1e-6, "{row:?}");
         }

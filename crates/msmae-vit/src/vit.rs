@@ -33,8 +33,12 @@ impl PatchEmbed {
         let [p, q] = self.proj.kernel_size;
         let [gh, gw] = [h / p, w / q];
         let [d, _, _, _] = self.proj.weight.dims();
-        let patches =
-            imgs.narrow(2, 0, gh * p).narrow(3, 0, gw * q).reshape([b, c, gh, p, gw, q]).permute([0, 2, 4, 1, 3, 5]).reshape([b * gh * gw, c * p * q]);
+        let patches = imgs
+            .narrow(2, 0, gh * p)
+            .narrow(3, 0, gw * q)
+            .reshape([b, c, gh, p, gw, q])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([b * gh * gw, c * p * q]);
         let weight = self.proj.weight.val().reshape([d, c * p * q]).transpose(); // [c·p·q, d]
         affine(patches, weight, self.proj.bias.as_ref().map(|b| b.val())).reshape([b, gh * gw, d])
     }
@@ -70,7 +74,9 @@ impl VitConfig {
         let d = self.embed_dim;
         let [gh, gw] = self.grid();
         let pos = sincos_2d(d, gh, gw);
-        let dpr = |i: usize| if self.depth > 1 { self.drop_path * i as f64 / (self.depth - 1) as f64 } else { self.drop_path };
+        let dpr = |i: usize| {
+            if self.depth > 1 { self.drop_path * i as f64 / (self.depth - 1) as f64 } else { self.drop_path }
+        };
         VisionTransformer {
             patch_embed: PatchEmbed {
                 proj: Conv2dConfig::new([self.in_chans, d], [self.patch_size, self.patch_size])
@@ -80,11 +86,16 @@ impl VitConfig {
             },
             cls_token: Param::from_tensor(Tensor::random([1, 1, d], Distribution::Normal(0.0, 0.02), device)),
             pos_embed: Tensor::<3>::from_data(TensorData::new(pos, [1, 1 + gh * gw, d]), device),
-            blocks: (0..self.depth).map(|i| Block::new(d, self.num_heads, self.mlp_ratio, self.norm_eps, dpr(i), device)).collect(),
+            blocks: (0..self.depth)
+                .map(|i| Block::new(d, self.num_heads, self.mlp_ratio, self.norm_eps, dpr(i), device))
+                .collect(),
             norm: LayerNorm::new(d, self.norm_eps, device),
             fc_norm: self.global_pool.then(|| LayerNorm::new(d, self.norm_eps, device)),
-            head: (self.num_classes > 0)
-                .then(|| LinearConfig::new(d, self.num_classes).with_initializer(Initializer::Normal { mean: 0.0, std: 0.01 }).init(device)),
+            head: (self.num_classes > 0).then(|| {
+                LinearConfig::new(d, self.num_classes)
+                    .with_initializer(Initializer::Normal { mean: 0.0, std: 0.01 })
+                    .init(device)
+            }),
             global_pool: self.global_pool,
             embed_dim: d,
         }
@@ -114,7 +125,12 @@ impl VisionTransformer {
 
     /// Run the blocks; returns the output, the last block's attention (if asked) and the
     /// outputs of the (0-based) `collect` blocks.
-    pub fn blocks_forward(&self, mut x: Tensor<3>, last_attention: bool, collect: &[usize]) -> (Tensor<3>, Option<Tensor<4>>, Vec<Tensor<3>>) {
+    pub fn blocks_forward(
+        &self,
+        mut x: Tensor<3>,
+        last_attention: bool,
+        collect: &[usize],
+    ) -> (Tensor<3>, Option<Tensor<4>>, Vec<Tensor<3>>) {
         let mut attn = None;
         let mut inter = Vec::new();
         let n = self.blocks.len();

@@ -21,7 +21,8 @@ fn vals(t: Tensor<2>) -> Vec<f32> {
 fn patchify_layout_and_round_trip() {
     let dev = flex();
     // [1, 2, 4, 6] with value = c*100 + y*10 + x; patch 2 → grid 2×3, patch_dim 8
-    let data: Vec<f32> = (0..2).flat_map(|c| (0..4).flat_map(move |y| (0..6).map(move |x| (c * 100 + y * 10 + x) as f32))).collect();
+    let data: Vec<f32> =
+        (0..2).flat_map(|c| (0..4).flat_map(move |y| (0..6).map(move |x| (c * 100 + y * 10 + x) as f32))).collect();
     let imgs = Tensor::<4>::from_data(TensorData::new(data, [1, 2, 4, 6]), &dev);
     let p = patchify(imgs.clone(), 2);
     assert_eq!(p.dims(), [1, 6, 8]);
@@ -50,7 +51,8 @@ fn forward_shapes_and_visible_forward_with_every_patch_equals_the_full_forward()
     let dev = flex();
     let c = small(5);
     assert_eq!(c.grid(), [4, 6]);
-    let (m, imgs) = seeded(&dev, 1, || (c.init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let (m, imgs) =
+        seeded(&dev, 1, || (c.init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
     let full = m.forward(imgs.clone());
     assert_eq!(full.dims(), [2, 5]);
     let all: Vec<usize> = (0..24).collect();
@@ -66,7 +68,9 @@ fn forward_shapes_and_visible_forward_with_every_patch_equals_the_full_forward()
 #[test]
 fn attention_rows_are_distributions_and_the_map_is_min_max_normalised() {
     let dev = flex();
-    let (m, imgs) = seeded(&dev, 2, || (small(0).init(&dev), Tensor::<4>::random([3, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let (m, imgs) = seeded(&dev, 2, || {
+        (small(0).init(&dev), Tensor::<4>::random([3, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev))
+    });
     let (tokens, attn) = m.forward_with_attention(imgs);
     assert_eq!(tokens.dims(), [3, 25, 32]);
     assert_eq!(attn.dims(), [3, 4, 25, 25]);
@@ -93,7 +97,8 @@ fn attention_rows_are_distributions_and_the_map_is_min_max_normalised() {
 
 fn mae_batch(dev: &Device) -> (msmae_vit::MaskedAutoencoder, Tensor<4>, Tensor<2, Int>, Tensor<2, Int>) {
     let cfg = MaeConfig::new(VitConfig::new([16, 16], 4, 1, 32, 2, 4).with_num_classes(3), 16, 1, 2);
-    let (m, imgs) = seeded(dev, 3, || (cfg.init(dev), Tensor::<4>::random([2, 1, 16, 16], Distribution::Normal(0.0, 1.0), dev)));
+    let (m, imgs) =
+        seeded(dev, 3, || (cfg.init(dev), Tensor::<4>::random([2, 1, 16, 16], Distribution::Normal(0.0, 1.0), dev)));
     let mut rng = msmae_mask::sample_rng(1, "mask", 0, 0);
     let plans: Vec<_> = (0..2).map(|_| msmae_mask::msmae_select(&[1.0; 16], 0.45, 0.30, &mut rng)).collect();
     let vis = index_tensor(&plans.iter().map(|p| p.visible.clone()).collect::<Vec<_>>(), dev);
@@ -169,7 +174,12 @@ fn lean_adamw_updates_in_place_and_trains() {
     }
     for dev in devices {
         let (mut m, imgs, vis, msk) = mae_batch(&dev);
-        let mut opt = burn::optim::ModuleOptimizer::from(msmae_vit::optim::LeanAdamW { beta_1: 0.9, beta_2: 0.95, epsilon: 1e-8, weight_decay: 0.05 });
+        let mut opt = burn::optim::ModuleOptimizer::from(msmae_vit::optim::LeanAdamW {
+            beta_1: 0.9,
+            beta_2: 0.95,
+            epsilon: 1e-8,
+            weight_decay: 0.05,
+        });
         let first: f32 = m.forward(imgs.clone(), vis.clone(), msk.clone(), None).loss.into_scalar();
         let mut copies_after_first = 0;
         for step in 0..30 {
@@ -180,7 +190,11 @@ fn lean_adamw_updates_in_place_and_trains() {
                 copies_after_first = msmae_backend::fused::adamw_buffer_copies();
             }
         }
-        assert_eq!(msmae_backend::fused::adamw_buffer_copies(), copies_after_first, "{dev:?}: AdamW copied shared buffers after the first step");
+        assert_eq!(
+            msmae_backend::fused::adamw_buffer_copies(),
+            copies_after_first,
+            "{dev:?}: AdamW copied shared buffers after the first step"
+        );
         let last: f32 = m.forward(imgs, vis, msk, None).loss.into_scalar();
         assert!(last < 0.7 * first, "{dev:?}: loss {first} → {last}");
     }
@@ -208,7 +222,9 @@ fn min_max_host(v: &[f32]) -> Vec<f32> {
 #[test]
 fn attention_rollout_multiplies_the_residual_averaged_attention_of_every_block() {
     let dev = flex();
-    let (m, imgs) = seeded(&dev, 4, || (small(0).init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let (m, imgs) = seeded(&dev, 4, || {
+        (small(0).init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev))
+    });
     let (_, attns) = m.forward_attentions(imgs.clone(), None);
     assert_eq!(attns.len(), 2);
     // the last entry is the attention forward_with_attention reports
@@ -252,7 +268,9 @@ fn probed_logit(m: &msmae_vit::VisionTransformer, imgs: Tensor<4>, probes: Vec<T
 fn attention_probes_carry_the_gradient_of_the_output_with_respect_to_each_blocks_attention() {
     let dev = flex();
     let ad = dev.clone().autodiff();
-    let (m, imgs) = seeded(&dev, 5, || (small(3).init(&dev), Tensor::<4>::random([1, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let (m, imgs) = seeded(&dev, 5, || {
+        (small(3).init(&dev), Tensor::<4>::random([1, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev))
+    });
     let shape = [1, 4, 25, 25];
     let m_ad = m.clone().fork(&ad);
     let probes: Vec<Tensor<4>> = (0..2).map(|_| Tensor::<4>::zeros(shape, &ad).require_grad()).collect();
@@ -260,18 +278,33 @@ fn attention_probes_carry_the_gradient_of_the_output_with_respect_to_each_blocks
     let grads = y.sum().backward();
     // central differences at a few entries of each block's attention (head, row, column)
     for (blk, (h, i, j)) in [(0, (1, 0, 3)), (0, (3, 7, 0)), (1, (2, 0, 9)), (1, (0, 5, 5))] {
-        let g = probes[blk].grad(&grads).expect("a gradient for every probe").into_data().try_into_vec::<f32>().expect("f32");
+        let g = probes[blk]
+            .grad(&grads)
+            .expect("a gradient for every probe")
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("f32");
         let analytic = g[((h * 25) + i) * 25 + j];
         let eps = 1e-2f32;
         let at = |s: f32| {
             let mut onehot = vec![0f32; 4 * 25 * 25];
             onehot[((h * 25) + i) * 25 + j] = s;
-            let p: Vec<Tensor<4>> =
-                (0..2).map(|b| if b == blk { Tensor::from_data(TensorData::new(onehot.clone(), shape), &dev) } else { Tensor::zeros(shape, &dev) }).collect();
+            let p: Vec<Tensor<4>> = (0..2)
+                .map(|b| {
+                    if b == blk {
+                        Tensor::from_data(TensorData::new(onehot.clone(), shape), &dev)
+                    } else {
+                        Tensor::zeros(shape, &dev)
+                    }
+                })
+                .collect();
             vals(probed_logit(&m, imgs.clone(), p, 1).reshape([1, 1]))[0]
         };
         let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-        assert!((analytic - numeric).abs() <= 2e-3 + 2e-2 * numeric.abs(), "block {blk} ({h}, {i}, {j}): autodiff {analytic}, central difference {numeric}");
+        assert!(
+            (analytic - numeric).abs() <= 2e-3 + 2e-2 * numeric.abs(),
+            "block {blk} ({h}, {i}, {j}): autodiff {analytic}, central difference {numeric}"
+        );
     }
 }
 
@@ -279,17 +312,27 @@ fn attention_probes_carry_the_gradient_of_the_output_with_respect_to_each_blocks
 fn gradient_maps_are_per_image_normalised_and_need_a_head_and_autodiff() {
     let dev = flex();
     let ad = dev.clone().autodiff();
-    let (m, imgs) = seeded(&dev, 6, || (small(3).init(&dev), Tensor::<4>::random([3, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let (m, imgs) = seeded(&dev, 6, || {
+        (small(3).init(&dev), Tensor::<4>::random([3, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev))
+    });
     let m_ad = m.clone().fork(&ad);
-    let batch = vals(msmae_vit::attention_map::gradient_map(&m_ad, Tensor::from_data(imgs.to_data(), &ad)).expect("map"));
+    let batch =
+        vals(msmae_vit::attention_map::gradient_map(&m_ad, Tensor::from_data(imgs.to_data(), &ad)).expect("map"));
     assert_eq!(batch.len(), 3 * 24);
     assert!(batch.iter().all(|x| (0.0..=1.0).contains(x)));
     // each image's map is its own (the class picked per image, no batch coupling)
-    let alone = vals(msmae_vit::attention_map::gradient_map(&m_ad, Tensor::from_data(imgs.clone().narrow(0, 1, 1).to_data(), &ad)).expect("map"));
+    let alone = vals(
+        msmae_vit::attention_map::gradient_map(&m_ad, Tensor::from_data(imgs.clone().narrow(0, 1, 1).to_data(), &ad))
+            .expect("map"),
+    );
     for (a, b) in alone.iter().zip(&batch[24..48]) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     }
     assert!(msmae_vit::attention_map::gradient_map(&m, imgs.clone()).expect_err("plain device").contains("autodiff"));
     let headless = small(0).init(&ad);
-    assert!(msmae_vit::attention_map::gradient_map(&headless, Tensor::from_data(imgs.to_data(), &ad)).expect_err("no head").contains("needs a classifier"));
+    assert!(
+        msmae_vit::attention_map::gradient_map(&headless, Tensor::from_data(imgs.to_data(), &ad))
+            .expect_err("no head")
+            .contains("needs a classifier")
+    );
 }

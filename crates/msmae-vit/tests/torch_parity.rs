@@ -22,7 +22,9 @@ const TOLERANCE: f64 = 1e-4;
 fn python() -> PathBuf {
     match std::env::var_os("MSMAE_PYTHON") {
         Some(p) => PathBuf::from(p),
-        None => panic!("MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (PyTorch 2.9.0)"),
+        None => panic!(
+            "MSMAE_PYTHON is not set: run the suite with `cargo xtask test`, which creates the reference Python environment (PyTorch 2.9.0)"
+        ),
     }
 }
 
@@ -33,7 +35,10 @@ fn flat<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// Export with PyTorch names: `encoder.` dropped (MAE's flat layout), Linear weights
 /// transposed and LayerNorm `gamma/beta` renamed by burn's adapter.
 fn export(m: &MaskedAutoencoder, path: &Path) {
-    let mut store = SafetensorsStore::from_file(path).with_to_adapter(BurnToPyTorchAdapter).with_key_remapping(r"^encoder\.", "").overwrite(true);
+    let mut store = SafetensorsStore::from_file(path)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .with_key_remapping(r"^encoder\.", "")
+        .overwrite(true);
     m.save_into(&mut store).expect("export safetensors");
 }
 
@@ -48,8 +53,11 @@ fn import(m: &mut MaskedAutoencoder, path: &Path) {
 fn case(norm_pix: bool, backend: BackendRequest) {
     let dir = tempfile::tempdir().expect("tmp");
     let dev = select(backend, DeviceRequest::Cpu).expect("backend").device.autodiff();
-    let cfg = MaeConfig::new(VitConfig::new([16, 24], 4, 3, 32, 2, 4).with_num_classes(3), 16, 2, 2).with_norm_pix_loss(norm_pix);
-    let (m, imgs) = seeded(&dev, if norm_pix { 11 } else { 7 }, || (cfg.init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev)));
+    let cfg = MaeConfig::new(VitConfig::new([16, 24], 4, 3, 32, 2, 4).with_num_classes(3), 16, 2, 2)
+        .with_norm_pix_loss(norm_pix);
+    let (m, imgs) = seeded(&dev, if norm_pix { 11 } else { 7 }, || {
+        (cfg.init(&dev), Tensor::<4>::random([2, 3, 16, 24], Distribution::Normal(0.0, 1.0), &dev))
+    });
     // attention-like weights; 24 patches → 10 masked, 8 thrown, 6 visible
     let plans: Vec<_> = (0..2u64)
         .map(|i| {
@@ -67,7 +75,8 @@ fn case(norm_pix: bool, backend: BackendRequest) {
 
     export(&m, &dir.path().join("w0.safetensors"));
     let latent = m.forward_encoder(imgs.clone(), vis.clone());
-    let out = m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((msmae_vit::ClassTargets::Classes(y), cls_weight)));
+    let out =
+        m.forward(imgs.clone(), vis.clone(), msk.clone(), Some((msmae_vit::ClassTargets::Classes(y), cls_weight)));
     let (_, attn) = m.encoder.forward_with_attention(imgs.clone());
     let rust = serde_json::json!({
         "pos_embed": flat(m.encoder.pos_embed.clone()),
@@ -93,10 +102,24 @@ fn case(norm_pix: bool, backend: BackendRequest) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/reference.py");
     let o = Command::new(python()).arg(script).arg(dir.path()).output().expect("run the PyTorch reference");
     assert!(o.status.success(), "reference.py failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("report")).expect("report json");
-    for q in ["pos_embed", "patchify", "latent", "pred", "logits", "loss", "reconstruction_loss", "attention_map", "gradients"] {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("report")).expect("report json");
+    for q in [
+        "pos_embed",
+        "patchify",
+        "latent",
+        "pred",
+        "logits",
+        "loss",
+        "reconstruction_loss",
+        "attention_map",
+        "gradients",
+    ] {
         let d = report[q].as_f64().unwrap_or_else(|| panic!("report lacks {q}: {report}"));
-        assert!(d <= TOLERANCE, "{backend:?}, norm_pix={norm_pix}: {q} differs from PyTorch by {d:e} (> {TOLERANCE:e}); report: {report}");
+        assert!(
+            d <= TOLERANCE,
+            "{backend:?}, norm_pix={norm_pix}: {q} differs from PyTorch by {d:e} (> {TOLERANCE:e}); report: {report}"
+        );
     }
     eprintln!("{backend:?}, norm_pix={norm_pix}: max abs differences vs PyTorch: {report}");
     assert!(report["grad_scale"].as_f64().unwrap_or(0.0) > 1e-3, "gradients are not trivially zero: {report}");
@@ -129,7 +152,10 @@ fn mae_matches_pytorch_with_norm_pix() {
 #[test]
 #[cfg_attr(not(feature = "tch"), ignore = "built without libtorch (burn-flex only): `cargo xtask test` builds it in")]
 fn mae_matches_pytorch_on_libtorch() {
-    assert!(compiled_backends().contains(&BackendKind::Tch), "the `tch` feature is on, so libtorch must be compiled in");
+    assert!(
+        compiled_backends().contains(&BackendKind::Tch),
+        "the `tch` feature is on, so libtorch must be compiled in"
+    );
     case(false, BackendRequest::Tch);
     case(true, BackendRequest::Tch);
 }

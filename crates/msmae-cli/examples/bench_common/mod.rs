@@ -22,12 +22,15 @@ impl Args {
 
     /// [`Args::parse`] of the given arguments (a benchmark took its own flags out first).
     pub fn parse_from(name: &str, seeds: &[u64], pipeline: &str, argv: Vec<String>) -> Args {
-        let mut a = Args { seeds: seeds.to_vec(), pipeline: PathBuf::from(pipeline), store: PathBuf::new(), sets: Vec::new() };
+        let mut a =
+            Args { seeds: seeds.to_vec(), pipeline: PathBuf::from(pipeline), store: PathBuf::new(), sets: Vec::new() };
         let mut store = None;
         let mut it = argv.into_iter();
         while let Some(x) = it.next() {
             match x.as_str() {
-                "--seeds" => a.seeds = it.next().unwrap_or_default().split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+                "--seeds" => {
+                    a.seeds = it.next().unwrap_or_default().split(',').filter_map(|s| s.trim().parse().ok()).collect()
+                }
                 "--pipeline" => a.pipeline = it.next().map(PathBuf::from).unwrap_or(a.pipeline),
                 "--store" => store = it.next().map(PathBuf::from),
                 "--set" => a.sets.extend(it.next()),
@@ -41,13 +44,15 @@ impl Args {
             eprintln!("--seeds needs at least one seed, e.g. --seeds 1,2,3");
             std::process::exit(2);
         }
-        a.store = store.unwrap_or_else(|| std::env::temp_dir().join(format!("msmae-bench-{name}-{}", std::process::id())));
+        a.store =
+            store.unwrap_or_else(|| std::env::temp_dir().join(format!("msmae-bench-{name}-{}", std::process::id())));
         a
     }
 
     /// The lock file the runs of this pipeline write in the store.
     pub fn lock(&self) -> PathBuf {
-        let stem = self.pipeline.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "bench".into());
+        let stem =
+            self.pipeline.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "bench".into());
         if stem == "quickstart" { self.store.join("bench.lock") } else { self.store.join(format!("{stem}.lock")) }
     }
 
@@ -66,7 +71,11 @@ impl Args {
         );
         let lock = self.lock();
         let mut c = Command::new(msmae_exe());
-        c.args(["run"]).arg(&self.pipeline).arg("--store").arg(&self.store).arg("--lock").arg(&lock).args(["--set", &format!("seed={seed}"), "-q"]);
+        c.args(["run"]).arg(&self.pipeline).arg("--store").arg(&self.store).arg("--lock").arg(&lock).args([
+            "--set",
+            &format!("seed={seed}"),
+            "-q",
+        ]);
         for s in self.sets.iter().map(String::as_str).chain(extra.iter().copied()) {
             c.args(["--set", s]);
         }
@@ -89,7 +98,8 @@ pub fn msmae_exe() -> PathBuf {
 }
 
 pub fn json(p: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// A lock file's stages and where their artifacts are.
@@ -100,9 +110,13 @@ pub struct Lock {
 
 impl Lock {
     pub fn read(store: &Path, lock: &Path) -> Lock {
-        let l: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(lock).unwrap_or_else(|e| panic!("{}: {e}", lock.display())))
-            .unwrap_or_else(|e| panic!("{}: {e}", lock.display()));
-        Lock { store: store.to_path_buf(), stages: l.get("stages").and_then(|s| s.as_sequence()).cloned().unwrap_or_default() }
+        let l: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(lock).unwrap_or_else(|e| panic!("{}: {e}", lock.display())))
+                .unwrap_or_else(|e| panic!("{}: {e}", lock.display()));
+        Lock {
+            store: store.to_path_buf(),
+            stages: l.get("stages").and_then(|s| s.as_sequence()).cloned().unwrap_or_default(),
+        }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -110,7 +124,10 @@ impl Lock {
     }
 
     pub fn stage(&self, name: &str) -> &serde_yaml::Value {
-        self.stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name)).unwrap_or_else(|| panic!("stage `{name}` not in the lock file"))
+        self.stages
+            .iter()
+            .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+            .unwrap_or_else(|| panic!("stage `{name}` not in the lock file"))
     }
 
     /// Names of the stages of one kind, in lock order.
@@ -136,7 +153,13 @@ impl Lock {
 
     /// The artifact directory of stage `name`.
     pub fn dir(&self, name: &str) -> PathBuf {
-        let d = self.stage(name).get("output").and_then(|o| o.get("digest")).and_then(|d| d.as_str()).map(str::to_string).expect("digest");
+        let d = self
+            .stage(name)
+            .get("output")
+            .and_then(|o| o.get("digest"))
+            .and_then(|d| d.as_str())
+            .map(str::to_string)
+            .expect("digest");
         self.store.join("objects").join(&d[..2]).join(&d).join("data")
     }
 
@@ -183,12 +206,14 @@ pub fn field(seed: u64) -> Vec<f32> {
     const N: usize = 1024;
     const G: usize = 128;
     let mut rng = Rng(seed * 7919 + 1);
-    let blobs: Vec<(f32, f32, f32, f32)> =
-        (0..24).map(|_| (rng.unit() * G as f32, rng.unit() * G as f32, 5.0 + rng.unit() * 20.0, (rng.unit() - 0.5) * 120.0)).collect();
+    let blobs: Vec<(f32, f32, f32, f32)> = (0..24)
+        .map(|_| (rng.unit() * G as f32, rng.unit() * G as f32, 5.0 + rng.unit() * 20.0, (rng.unit() - 0.5) * 120.0))
+        .collect();
     let mut grid = vec![0f32; G * G];
     for (i, g) in grid.iter_mut().enumerate() {
         let (y, x) = ((i / G) as f32, (i % G) as f32);
-        *g = blobs.iter().map(|(bx, by, s, a)| a * (-((x - bx).powi(2) + (y - by).powi(2)) / (2.0 * s * s)).exp()).sum();
+        *g =
+            blobs.iter().map(|(bx, by, s, a)| a * (-((x - bx).powi(2) + (y - by).powi(2)) / (2.0 * s * s)).exp()).sum();
     }
     let mut out = vec![0f32; N * N];
     for y in 0..N {
@@ -220,7 +245,11 @@ pub fn run_measured(cmd: &mut Command) -> (bool, f64, f64) {
     let mut peak_kib = 0f64;
     loop {
         if let Ok(s) = std::fs::read_to_string(&status_file)
-            && let Some(kib) = s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok())
+            && let Some(kib) = s
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
         {
             peak_kib = peak_kib.max(kib);
         }

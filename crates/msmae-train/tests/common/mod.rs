@@ -8,7 +8,14 @@ use msmae_train::data::ImageTable;
 
 /// `n` flat `size`×`size` single-channel images in row groups of `row_group`; `image(i)`
 /// gives image i's split, label and pixel value.
-pub fn flat_table(dir: &Path, size: usize, n: u8, row_group: usize, label_names: [&str; 2], image: impl Fn(u8) -> (Split, i32, u8)) -> Arc<ImageTable> {
+pub fn flat_table(
+    dir: &Path,
+    size: usize,
+    n: u8,
+    row_group: usize,
+    label_names: [&str; 2],
+    image: impl Fn(u8) -> (Split, i32, u8),
+) -> Arc<ImageTable> {
     let meta = TableMeta {
         schema_version: SCHEMA_VERSION,
         label_names: label_names.iter().map(|s| s.to_string()).collect(),
