@@ -205,7 +205,7 @@ fn main() {
     );
     let head: Vec<String> = results.iter().map(|(n, _)| format!("{n} rows: s | MiB")).collect();
     println!("| stage | {} | s per 1k rows (largest) | MiB per 10k rows (first → last) |", head.join(" | "));
-    println!("|---|{}---|---|", "---|".repeat(results.len()));
+    println!("|---|{}---|---|", "---|".repeat(2 * results.len()));
     for (k, (_, label)) in STAGES.iter().enumerate() {
         let cells: Vec<String> = results.iter().map(|(_, per)| format!("{:.1} | {:.0}", per[k].0, per[k].1)).collect();
         let (first, last) = (results.first().expect("a size"), results.last().expect("a size"));
