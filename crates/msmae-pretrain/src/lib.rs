@@ -315,12 +315,7 @@ impl Stage for MaePretrain {
         let opts = FitOptions {
             epochs: c.epochs,
             batch_size: c.batch_size,
-            schedule: Schedule {
-                lr,
-                min_lr: c.min_lr,
-                warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64),
-                epochs: c.epochs as f64,
-            },
+            schedule: Schedule::warmup_cosine(lr, c.min_lr, c.warmup_epochs, c.epochs),
             checkpoint_every: c.checkpoint_every,
             patience: None,
             accum_steps: c.accum_steps,

@@ -23,11 +23,10 @@ use msmae_vit::{VisionTransformer, VitConfig};
 use crate::data::{self, Batch, ImageTable, LoaderSpec, MaskSpec, Normalizer};
 use crate::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Validation};
 use crate::maps::{MapState, attention_maps};
-use crate::model::{self, CheckpointKind, CheckpointMeta, LayerDecay, ModelSpec, Schedule, adamw};
+use crate::model::{self, CheckpointMeta, LayerDecay, ModelSpec, Schedule, adamw};
 use crate::runtime::{self, Runtime, images, to_vec};
 use crate::support::{
-    check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule,
-    write_history,
+    check_image_compat, config_error, defaults, open_table, validate_accumulation, validate_schedule, write_history,
 };
 
 fn d_epochs() -> usize {
@@ -266,27 +265,13 @@ pub fn run_classifier(
     let opts = FitOptions {
         epochs: c.epochs,
         batch_size: c.batch_size,
-        schedule: Schedule {
-            lr,
-            min_lr: c.min_lr,
-            warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64),
-            epochs: c.epochs as f64,
-        },
+        schedule: Schedule::warmup_cosine(lr, c.min_lr, c.warmup_epochs, c.epochs),
         checkpoint_every: c.checkpoint_every,
         patience: c.patience,
         accum_steps: c.accum_steps,
     };
     let res = fit::fit(ctx, &rt, &data, &mut step, model, |m| adamw(m, 0.999, c.weight_decay), &opts)?;
-    let meta = CheckpointMeta {
-        format: 1,
-        kind: CheckpointKind::Vit,
-        vit: arch,
-        mae: None,
-        normalizer: norm.clone(),
-        label_names: table.meta.label_names.clone(),
-        multi_label: table.meta.multi_label,
-        trained_by: stage_kind.to_string(),
-    };
+    let meta = CheckpointMeta::classifier(arch, norm.clone(), &table, stage_kind);
     model::save(ctx.out_dir(), &res.model, &meta)?;
     let provenance = serde_json::json!({ "stage": stage_kind, "name": ctx.name, "seed": ctx.seed, "pretrained": pretrained.as_ref().map(|p| &p.digest), "best_epoch": res.best_epoch });
     write_preds(ctx, &rt, &table, &res.model, &norm, c.batch_size.max(64), provenance.clone(), "predictions.parquet")?;

@@ -23,11 +23,9 @@ use msmae_vit::{VisionTransformer, VitConfig};
 use crate::classifier::{SelectOn, accuracy, auc, class_targets, predict, write_preds};
 use crate::data::{Batch, ImageTable, LoaderSpec, Normalizer};
 use crate::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Validation};
-use crate::model::{self, CheckpointKind, CheckpointMeta, Schedule};
+use crate::model::{self, CheckpointMeta, Schedule};
 use crate::runtime::{self, Runtime, images};
-use crate::support::{
-    check_image_compat, clip_to_run, config_error, defaults, open_table, validate_schedule, write_history,
-};
+use crate::support::{check_image_compat, config_error, defaults, open_table, validate_schedule, write_history};
 
 /// Which features of the frozen encoder the head reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -296,12 +294,7 @@ pub fn run_linear_probe(stage_kind: &str, c: &LinearProbeConfig, ctx: &mut Stage
     let opts = FitOptions {
         epochs: c.epochs,
         batch_size: c.batch_size,
-        schedule: Schedule {
-            lr,
-            min_lr: c.min_lr,
-            warmup_epochs: clip_to_run("warmup_epochs", c.warmup_epochs, c.epochs as f64),
-            epochs: c.epochs as f64,
-        },
+        schedule: Schedule::warmup_cosine(lr, c.min_lr, c.warmup_epochs, c.epochs),
         checkpoint_every: c.checkpoint_every,
         patience: c.patience,
         accum_steps: 1,
@@ -309,16 +302,7 @@ pub fn run_linear_probe(stage_kind: &str, c: &LinearProbeConfig, ctx: &mut Stage
     let lars = Lars { momentum: c.momentum, weight_decay: c.weight_decay, trust_coefficient: c.trust_coefficient };
     let res = fit::fit(ctx, &rt, &data, &mut step, probe, |_| ModuleOptimizer::from(lars), &opts)?;
     let vit = step.classifier(&res.model);
-    let ck = CheckpointMeta {
-        format: 1,
-        kind: CheckpointKind::Vit,
-        vit: arch,
-        mae: None,
-        normalizer: meta.normalizer.clone(),
-        label_names: table.meta.label_names.clone(),
-        multi_label: table.meta.multi_label,
-        trained_by: stage_kind.to_string(),
-    };
+    let ck = CheckpointMeta::classifier(arch, meta.normalizer.clone(), &table, stage_kind);
     model::save(ctx.out_dir(), &vit, &ck)?;
     let provenance = serde_json::json!({ "stage": stage_kind, "name": ctx.name, "seed": ctx.seed, "pretrained": input.digest, "best_epoch": res.best_epoch, "pool": c.pool });
     write_preds(

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use msmae_core::StageError;
 use msmae_vit::{MaeConfig, MaskedAutoencoder, VisionTransformer, VitConfig};
 
-use crate::data::Normalizer;
+use crate::data::{ImageTable, Normalizer};
 
 /// Model size presets (docs/method.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -120,6 +120,22 @@ pub struct CheckpointMeta {
     pub multi_label: bool,
     /// Kind of the stage that trained it.
     pub trained_by: String,
+}
+
+impl CheckpointMeta {
+    /// The metadata of a ViT classifier trained on `table` by `trained_by`.
+    pub fn classifier(vit: VitConfig, normalizer: Normalizer, table: &ImageTable, trained_by: &str) -> Self {
+        Self {
+            format: 1,
+            kind: CheckpointKind::Vit,
+            vit,
+            mae: None,
+            normalizer,
+            label_names: table.meta.label_names.clone(),
+            multi_label: table.meta.multi_label,
+            trained_by: trained_by.to_string(),
+        }
+    }
 }
 
 /// Weights as safetensors (burn parameter names). Not burnpack: burnpack stores the random
@@ -241,6 +257,13 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// Warm-up to `lr` then cosine to `min_lr` over `epochs`, the warm-up clipped to the run
+    /// (with a warning naming the field) — the schedule of every training stage.
+    pub fn warmup_cosine(lr: f64, min_lr: f64, warmup_epochs: f64, epochs: usize) -> Self {
+        let epochs = epochs as f64;
+        Self { lr, min_lr, warmup_epochs: crate::support::clip_to_run("warmup_epochs", warmup_epochs, epochs), epochs }
+    }
+
     /// Learning rate at fractional epoch `e`.
     pub fn at(&self, e: f64) -> f64 {
         if e < self.warmup_epochs {
