@@ -159,10 +159,13 @@ fn main() {
     println!("{out}");
 }
 
+/// Pairs of names: (eval stage, label) or (A, B).
+type Named = Vec<(String, String)>;
+
 /// The methods (eval stage, label) and the pairs (A, B → A − B) to print: the fixed ones of
 /// `pipelines/ablation.yaml`, or for another pipeline its eval stages in file order and
 /// every pair of them.
-fn layout(pipeline: &std::path::Path) -> (Vec<(String, String)>, Vec<(String, String)>) {
+fn layout(pipeline: &std::path::Path) -> (Named, Named) {
     if pipeline.file_stem().is_some_and(|s| s == "ablation") {
         let m = METHODS.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         let p = PAIRS.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();

@@ -212,7 +212,7 @@ fn racy(mtime: Option<SystemTime>, now: SystemTime) -> bool {
 }
 
 /// Hash a file's content (multi-threaded for large files). Large files are read in chunks
-/// of [`LARGE_FILE`] bytes, not mapped: a mapped file's pages count in the process's
+/// of 16 MiB, not mapped: a mapped file's pages count in the process's
 /// resident memory as they are read, so hashing a 2 GB image table would raise the peak RSS
 /// of the stage that wrote it by 2 GB. (BLAKE3's digest does not depend on how the input
 /// is split between updates.)

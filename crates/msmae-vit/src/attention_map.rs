@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn smoothing_reads_from_yaml_and_refuses_unknown_fields() {
-        let s: Smoothing = serde_json::from_str(r#"{"op": "mean", "size": 5}"#).unwrap();
+        let s: Smoothing = serde_json::from_str(r#"{"op": "mean", "size": 5}"#).expect("a smoothing");
         assert_eq!(s, Smoothing { op: SmoothOp::Mean, size: 5 });
         assert!(serde_json::from_str::<Smoothing>(r#"{"op": "max", "size": 3, "sigma": 1}"#).is_err());
         assert!(serde_json::from_str::<Smoothing>(r#"{"op": "median", "size": 3}"#).is_err());
