@@ -64,7 +64,7 @@ pub enum StageError {
     #[error("stage `{stage}` writes `{file}`, which its output declaration ({declared}) does not list")]
     Undeclared { stage: String, file: String, declared: String },
     /// A collective operation across the ranks of a multi-process run failed.
-    #[error("{operation} across the ranks: {message}")]
+    #[error("{operation}: {message}")]
     Collective { operation: &'static str, message: String },
     #[error("{0}")]
     Other(String),
@@ -141,7 +141,7 @@ mod tests {
             StageError::WriteCheckpoint { path: "/c".into(), message: "disk full".into() },
             StageError::write("/out/summary.json", io()),
             StageError::Undeclared { stage: "a".into(), file: "x.png".into(), declared: "[\"*.json\"]".into() },
-            StageError::Collective { operation: "summing gradients", message: "rank 1 left".into() },
+            StageError::Collective { operation: "summing gradients over the ranks", message: "rank 1 left".into() },
             StageError::other("something"),
             StageError::Boxed(Box::new(StageError::io("/inner", io()))),
         ];

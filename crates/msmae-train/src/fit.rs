@@ -458,7 +458,7 @@ fn gradients<S: TrainStep>(
     // the ranks is the global batch's gradient.
     let mut extra = [lv as f32, rv.unwrap_or(0.0) as f32, f32::from(u8::from(rv.is_some()))];
     let (g, spent) = crate::dist::sum_gradients(comm, model, g, &mut extra, &rt.train)
-        .map_err(|message| StageError::Collective { operation: "summing gradients", message })?;
+        .map_err(|message| StageError::Collective { operation: "summing gradients over the ranks", message })?;
     let rv = (extra[2] > 0.0).then_some(f64::from(extra[1]));
     Ok((g, f64::from(extra[0]), rv, Some(spent.as_secs_f64())))
 }
