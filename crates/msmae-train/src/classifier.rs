@@ -493,23 +493,46 @@ impl TrainStep for ClassifierStep {
         if self.val_rows.is_empty() {
             return Ok(Validation::default());
         }
-        let (s, loss) =
-            predict(model, &self.table, &self.val_rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?;
-        let (accuracy, auc) = (accuracy(&s, &self.val_rows, &self.table), auc(&s, &self.val_rows, &self.table));
-        // Higher is better; a score the split cannot give (AUC with one class present)
-        // falls back to minus the loss.
-        let chosen = match (self.select_on, self.table.meta.multi_label) {
-            (SelectOn::Auto, false) | (SelectOn::Accuracy, _) => accuracy,
-            (SelectOn::Auto, true) | (SelectOn::Auc, _) => auc,
-            (SelectOn::Loss, _) => None,
-        };
-        let score = chosen.or(Some(loss).filter(|v| v.is_finite()).map(|v| -v));
-        Ok(Validation { loss: Some(loss), accuracy, auc, score })
+        validate_classifier_on(
+            model,
+            &self.table,
+            &self.val_rows,
+            &self.norm,
+            self.batch_size,
+            self.select_on,
+            &self.rt,
+            ctx,
+        )
     }
 
     fn maps(&mut self) -> Option<&mut MapState> {
         self.selection.as_mut().map(|s| &mut s.maps)
     }
+}
+
+/// Validation of a classifier on `rows`: loss, accuracy, AUC, and the score `select_on`
+/// picks (higher is better; a score the split cannot give, AUC with one class present,
+/// falls back to minus the loss).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn validate_classifier_on(
+    model: &VisionTransformer,
+    table: &Arc<ImageTable>,
+    rows: &[usize],
+    norm: &Normalizer,
+    batch_size: usize,
+    select_on: SelectOn,
+    rt: &Runtime,
+    ctx: &StageContext<'_>,
+) -> Result<Validation, StageError> {
+    let (s, loss) = predict(model, table, rows, norm, batch_size.max(64), rt, ctx)?;
+    let (accuracy, auc) = (accuracy(&s, rows, table), auc(&s, rows, table));
+    let chosen = match (select_on, table.meta.multi_label) {
+        (SelectOn::Auto, false) | (SelectOn::Accuracy, _) => accuracy,
+        (SelectOn::Auto, true) | (SelectOn::Auc, _) => auc,
+        (SelectOn::Loss, _) => None,
+    };
+    let score = chosen.or(Some(loss).filter(|v| v.is_finite()).map(|v| -v));
+    Ok(Validation { loss: Some(loss), accuracy, auc, score })
 }
 
 /// The targets of a batch: class indices, or multi-hot rows for multi-label tables.
@@ -562,7 +585,7 @@ pub fn predict(
     Ok((scores, if n > 0 { loss_sum / n as f64 } else { f64::NAN }))
 }
 
-pub(crate) fn accuracy(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
+fn accuracy(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
     if table.meta.multi_label || rows.is_empty() {
         return None;
     }
@@ -578,7 +601,7 @@ pub(crate) fn accuracy(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) 
 }
 
 /// Macro one-vs-rest AUC (single-label) or mean per-label AUC (multi-label) of `scores`.
-pub(crate) fn auc(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
+fn auc(scores: &[Vec<f32>], rows: &[usize], table: &ImageTable) -> Option<f64> {
     let probs: Vec<Vec<f64>> = scores.iter().map(|s| s.iter().map(|&v| f64::from(v)).collect()).collect();
     let k = table.num_classes();
     if table.meta.multi_label {

@@ -20,7 +20,7 @@ use msmae_vit::loss::classification_loss;
 use msmae_vit::optim::Lars;
 use msmae_vit::{VisionTransformer, VitConfig};
 
-use crate::classifier::{SelectOn, accuracy, auc, class_targets, predict, write_preds};
+use crate::classifier::{SelectOn, class_targets, validate_classifier_on, write_preds};
 use crate::data::{Batch, ImageTable, LoaderSpec, Normalizer};
 use crate::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Validation};
 use crate::model::{self, CheckpointMeta, Schedule};
@@ -242,15 +242,16 @@ impl TrainStep for LinearProbeStep {
             return Ok(Validation::default());
         }
         let vit = self.classifier(model);
-        let (s, loss) = predict(&vit, &self.table, &self.val_rows, &self.norm, self.batch_size.max(64), &self.rt, ctx)?;
-        let (accuracy, auc) = (accuracy(&s, &self.val_rows, &self.table), auc(&s, &self.val_rows, &self.table));
-        let chosen = match (self.select_on, self.table.meta.multi_label) {
-            (SelectOn::Auto, false) | (SelectOn::Accuracy, _) => accuracy,
-            (SelectOn::Auto, true) | (SelectOn::Auc, _) => auc,
-            (SelectOn::Loss, _) => None,
-        };
-        let score = chosen.or(Some(loss).filter(|v| v.is_finite()).map(|v| -v));
-        Ok(Validation { loss: Some(loss), accuracy, auc, score })
+        validate_classifier_on(
+            &vit,
+            &self.table,
+            &self.val_rows,
+            &self.norm,
+            self.batch_size,
+            self.select_on,
+            &self.rt,
+            ctx,
+        )
     }
 }
 
