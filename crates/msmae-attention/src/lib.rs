@@ -149,17 +149,15 @@ impl Stage for AttentionExtract {
             "stage": Self::KIND, "name": ctx.name, "model": input.digest, "model_stage": input.stage, "trained_by": meta.trained_by,
         });
         let reading = MapReading { method: c.method, smooth: c.smooth };
+        let mut ranked_provenance = provenance.clone();
         if let Some(s) = c.smooth {
-            let mut p = provenance.clone();
+            let mut p = provenance;
             p["smoothing"] = serde_json::json!({ "applied": false, "note": format!("the raw maps; attention.parquet holds them smoothed ({})", s.label()) });
             write_maps(&ctx.output_path("attention_raw.parquet")?, &table, &pass.raw, grid, p)?;
-        }
-        let mut ranked_provenance = provenance;
-        if let Some(s) = c.smooth {
             ranked_provenance["smoothing"] =
                 serde_json::json!({ "applied": true, "op": s.op.as_str(), "size": s.size });
         }
-        write_maps(&ctx.output_path("attention.parquet")?, &table, &pass.ranked, grid, ranked_provenance)?;
+        write_maps(&ctx.output_path("attention.parquet")?, &table, pass.ranking(), grid, ranked_provenance)?;
         // Coverage where the model classifies the image right and where it does not: how
         // much of the miss is the classifier's (a model that has not found the lesion
         // cannot point at it).
@@ -179,8 +177,7 @@ impl Stage for AttentionExtract {
         } else {
             None
         };
-        let top = top_patches(grid, c.top_fraction);
-        let summary = ExtractSummary::new(c, &reading, &pass, grid, &input.digest, top, by_prediction);
+        let summary = ExtractSummary::new(c, &pass, grid, &input.digest, by_prediction);
         if let Some(cov) = summary.lesion_coverage {
             tracing::info!(
                 "`{}` ({}): top {:.0} % attention patches cover {:.1} % of lesion pixels ({} images with lesions; uniform attention would cover {:.0} %)",
@@ -209,14 +206,21 @@ struct LesionImage {
     curve: Vec<f64>,
 }
 
-/// What one pass over the images gives: the raw and the ranking maps (the same without
-/// smoothing), the coverage summed over the images with a lesion, and each such image.
+/// What one pass over the images gives: the raw maps, the smoothed ones when asked for,
+/// the coverage summed over the images with a lesion, and each such image.
 #[derive(Debug, Default)]
 struct ExtractPass {
     raw: Maps,
-    ranked: Maps,
+    smoothed: Option<Maps>,
     coverage: Coverage,
     lesions: Vec<LesionImage>,
+}
+
+impl ExtractPass {
+    /// The maps the patches are ranked by.
+    fn ranking(&self) -> &Maps {
+        self.smoothed.as_ref().unwrap_or(&self.raw)
+    }
 }
 
 /// One pass: maps, lesion coverage and overlays from the same batches.
@@ -241,27 +245,28 @@ fn extract_pass(
     spec.lesion_masks = true;
     let (h, w, ch) = (table.height(), table.width(), table.channels());
     let top = top_patches(grid, c.top_fraction);
-    let reading = MapReading { method: c.method, smooth: c.smooth };
-    let mut out = ExtractPass::default();
+    let mut out = ExtractPass { smoothed: c.smooth.map(|_| Maps::new()), ..ExtractPass::default() };
     let raw = attention_pass(vit, table, rows, normalizer, spec, c.method, rt, ctx, |batch, i, map| {
         let r = batch.rows[i];
-        let ranked = reading.finish(map.to_vec(), grid);
+        let smoothed = c.smooth.map(|s| s.apply(map, grid));
+        let ranked: &[f32] = smoothed.as_deref().unwrap_or(map);
         let lesion = batch.lesions.get(i).and_then(Option::as_ref);
         if let Some(m) = lesion.filter(|m| m.iter().any(|&v| v > 0)) {
-            let (coverage, hit) = lesion_coverage(&ranked, grid, m, h, w, top);
+            let (coverage, hit) = lesion_coverage(ranked, grid, m, h, w, top);
             out.coverage.add(table.rows[r].split.as_str(), coverage, hit);
-            let curve =
-                CURVE.iter().map(|&f| lesion_coverage(&ranked, grid, m, h, w, top_patches(grid, f)).0).collect();
+            let curve = CURVE.iter().map(|&f| lesion_coverage(ranked, grid, m, h, w, top_patches(grid, f)).0).collect();
             out.lesions.push(LesionImage { row: r, coverage, curve });
         }
         if let Some(k) = show.iter().position(|&x| x == r) {
             let chw = &batch.images[i * ch * h * w..(i + 1) * ch * h * w];
             let img = figures::denormalize(chw, ch, h, w, normalizer);
-            let fig = figures::overlay(&img, &ranked, grid, lesion.map(Vec::as_slice), 4);
+            let fig = figures::overlay(&img, ranked, grid, lesion.map(Vec::as_slice), 4);
             let path = ctx.output_path(&format!("overlays/{k:03}_{}.png", sanitize(&table.rows[r].id)))?;
             fig.save(&path).map_err(|e| StageError::write(&path, e))?;
         }
-        out.ranked.insert(r, ranked);
+        if let (Some(all), Some(m)) = (out.smoothed.as_mut(), smoothed) {
+            all.insert(r, m);
+        }
         Ok(())
     })?;
     out.raw = raw;
@@ -354,24 +359,22 @@ impl ByPrediction {
 impl ExtractSummary {
     fn new(
         c: &ExtractConfig,
-        reading: &MapReading,
         pass: &ExtractPass,
         grid: [usize; 2],
         model: &str,
-        top: usize,
         by_prediction: Option<ByPrediction>,
     ) -> Self {
         let n = pass.coverage.images;
         let mean = |x: f64| (n > 0).then(|| x / n as f64);
         let all: Vec<&LesionImage> = pass.lesions.iter().collect();
         Self {
-            method: reading.method.as_str().to_string(),
-            smooth: reading.smooth,
-            images: pass.ranked.len(),
+            method: c.method.as_str().to_string(),
+            smooth: c.smooth,
+            images: pass.raw.len(),
             grid,
             model: model.to_string(),
             top_fraction: c.top_fraction,
-            top_patches: top,
+            top_patches: top_patches(grid, c.top_fraction),
             images_with_lesion: n,
             lesion_coverage: mean(pass.coverage.sum),
             lesion_hit_rate: mean(pass.coverage.hits as f64),

@@ -221,11 +221,13 @@ pub fn hash_file(path: &Path, size: u64) -> Result<[u8; 32]> {
     let mut hasher = blake3::Hasher::new();
     let mut f = fs::File::open(path).map_err(err)?;
     if size >= LARGE_FILE {
-        let mut buf = vec![0u8; LARGE_FILE as usize];
+        use std::io::Read;
+        let mut buf = Vec::with_capacity(LARGE_FILE as usize);
         loop {
-            let n = fill(&mut f, &mut buf).map_err(err)?;
-            hasher.update_rayon(&buf[..n]);
-            if n < buf.len() {
+            buf.clear();
+            let n = (&mut f).take(LARGE_FILE).read_to_end(&mut buf).map_err(err)?;
+            hasher.update_rayon(&buf);
+            if n < LARGE_FILE as usize {
                 break;
             }
         }
@@ -233,21 +235,6 @@ pub fn hash_file(path: &Path, size: u64) -> Result<[u8; 32]> {
         hasher.update_reader(f).map_err(err)?;
     }
     Ok(*hasher.finalize().as_bytes())
-}
-
-/// Read until `buf` is full or the file ends; the bytes read.
-fn fill(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::io::Read;
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Every regular file under `root` as (`/`-separated relative path, full path), sorted.

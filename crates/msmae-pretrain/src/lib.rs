@@ -174,8 +174,7 @@ impl TrainStep for PretrainStep {
             }
         }
         let policy = self.policy(epoch);
-        let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
-        spec.augment = self.augment;
+        let mut spec = LoaderSpec::train(self.batch_size, self.augment);
         let weights =
             if policy.needs_weights() { self.guided.as_ref().and_then(|g| g.maps.current.clone()) } else { None };
         spec.masks = Some(MaskSpec { policy: policy.clone(), weights, grid: self.grid });

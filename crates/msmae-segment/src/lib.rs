@@ -478,8 +478,7 @@ impl TrainStep for SegStep {
         _model: &SetrPup,
         _ctx: &StageContext<'_>,
     ) -> Result<EpochPlan, StageError> {
-        let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
-        spec.augment = self.augment;
+        let mut spec = LoaderSpec::train(self.batch_size, self.augment);
         spec.lesion_masks = true;
         let l = self.table.height() * self.table.width();
         Ok(EpochPlan { spec, masking: "none".into(), tokens: l, refreshed_maps: false })

@@ -438,8 +438,7 @@ impl TrainStep for ClassifierStep {
         model: &VisionTransformer,
         ctx: &StageContext<'_>,
     ) -> Result<EpochPlan, StageError> {
-        let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
-        spec.augment = self.augment;
+        let mut spec = LoaderSpec::train(self.batch_size, self.augment);
         let grid = Self::grid(model, &self.table);
         let l = grid[0] * grid[1];
         let Some(sel) = &mut self.selection else {
@@ -490,9 +489,6 @@ impl TrainStep for ClassifierStep {
     }
 
     fn validate(&mut self, model: &VisionTransformer, ctx: &StageContext<'_>) -> Result<Validation, StageError> {
-        if self.val_rows.is_empty() {
-            return Ok(Validation::default());
-        }
         validate_classifier_on(
             model,
             &self.table,
@@ -512,7 +508,7 @@ impl TrainStep for ClassifierStep {
 
 /// Validation of a classifier on `rows`: loss, accuracy, AUC, and the score `select_on`
 /// picks (higher is better; a score the split cannot give, AUC with one class present,
-/// falls back to minus the loss).
+/// falls back to minus the loss). No rows: no validation.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn validate_classifier_on(
     model: &VisionTransformer,
@@ -524,6 +520,9 @@ pub(crate) fn validate_classifier_on(
     rt: &Runtime,
     ctx: &StageContext<'_>,
 ) -> Result<Validation, StageError> {
+    if rows.is_empty() {
+        return Ok(Validation::default());
+    }
     let (s, loss) = predict(model, table, rows, norm, batch_size.max(64), rt, ctx)?;
     let (accuracy, auc) = (accuracy(&s, rows, table), auc(&s, rows, table));
     let chosen = match (select_on, table.meta.multi_label) {

@@ -479,12 +479,13 @@ impl LoaderSpec {
         }
     }
 
-    /// Shuffled, augmented, full batches only (training).
-    pub fn train(batch_size: usize, scale: (f64, f64)) -> Self {
+    /// Shuffled, full batches only (training), augmented with RandomResizedCrop of `scale`
+    /// and flips (`None`: the images as stored).
+    pub fn train(batch_size: usize, scale: impl Into<Option<(f64, f64)>>) -> Self {
         Self {
             batch_size,
             shuffle: true,
-            augment: Some(scale),
+            augment: scale.into(),
             drop_last: true,
             masks: None,
             lesion_masks: false,

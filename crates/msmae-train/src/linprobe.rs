@@ -222,8 +222,7 @@ impl TrainStep for LinearProbeStep {
         _model: &LinearProbe,
         _ctx: &StageContext<'_>,
     ) -> Result<EpochPlan, StageError> {
-        let mut spec = LoaderSpec::train(self.batch_size, self.augment.unwrap_or((1.0, 1.0)));
-        spec.augment = self.augment;
+        let spec = LoaderSpec::train(self.batch_size, self.augment);
         let tokens = self.arch.grid()[0] * self.arch.grid()[1] + 1;
         Ok(EpochPlan { spec, masking: "none (frozen encoder)".into(), tokens, refreshed_maps: false })
     }
@@ -238,9 +237,6 @@ impl TrainStep for LinearProbeStep {
     }
 
     fn validate(&mut self, model: &LinearProbe, ctx: &StageContext<'_>) -> Result<Validation, StageError> {
-        if self.val_rows.is_empty() {
-            return Ok(Validation::default());
-        }
         let vit = self.classifier(model);
         validate_classifier_on(
             &vit,
