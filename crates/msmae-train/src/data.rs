@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
@@ -557,6 +557,7 @@ impl Batch {
 #[derive(Debug)]
 pub struct BatchStream {
     rx: Option<Receiver<Result<Batch, StageError>>>,
+    stats: Arc<Mutex<LoaderStats>>,
     handle: Option<JoinHandle<()>>,
     pub num_batches: usize,
     received: usize,
@@ -597,6 +598,23 @@ impl Iterator for BatchStream {
     }
 }
 
+/// What a stream's loader has done so far: row-group reads and the most groups it held at
+/// once (its memory is about that many groups of pixels).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoaderStats {
+    pub group_reads: usize,
+    pub peak_groups_held: usize,
+    /// The most groups the loader may hold.
+    pub capacity: usize,
+}
+
+impl BatchStream {
+    /// The loader's reads and peak held groups so far.
+    pub fn stats(&self) -> LoaderStats {
+        *self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl Drop for BatchStream {
     fn drop(&mut self) {
         // Closing the receiver makes the producer's next send fail, so it stops.
@@ -609,6 +627,17 @@ impl Drop for BatchStream {
 
 /// Pixel bytes the shuffle window may hold (see [`LoaderSpec::shuffle_groups`]).
 pub const SHUFFLE_BUDGET: usize = 1 << 30;
+
+/// Row groups shuffled together, and the most the loader holds in memory at once:
+/// `shuffle_groups`, or as many groups as fit in [`SHUFFLE_BUDGET`] when it is 0.
+fn window_groups(table: &ImageTable, spec: &LoaderSpec) -> usize {
+    if spec.shuffle_groups > 0 {
+        return spec.shuffle_groups;
+    }
+    let largest = table.group_starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(1).max(1);
+    let bytes = largest * table.height() * table.width() * table.channels() * table.meta.sample_bytes();
+    (SHUFFLE_BUDGET / bytes.max(1)).max(2)
+}
 
 /// The order in which an epoch visits `rows`: row groups in a seeded random order, rows
 /// shuffled within windows of `shuffle_groups` groups (so only that many groups are held
@@ -624,13 +653,7 @@ pub fn epoch_order(table: &ImageTable, rows: &[usize], spec: &LoaderSpec, seed: 
     }
     let mut groups: Vec<Vec<usize>> = by_group.into_values().collect();
     groups.shuffle(&mut rng);
-    let window = if spec.shuffle_groups > 0 {
-        spec.shuffle_groups
-    } else {
-        let largest = table.group_starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(1).max(1);
-        let bytes = largest * table.height() * table.width() * table.channels();
-        (SHUFFLE_BUDGET / bytes.max(1)).max(2)
-    };
+    let window = window_groups(table, spec);
     let mut order = Vec::with_capacity(rows.len());
     for window in groups.chunks(window) {
         let mut w: Vec<usize> = window.iter().flatten().copied().collect();
@@ -660,11 +683,13 @@ pub fn stream(
         batches.into_iter().map(|b| (b[msmae_dist::share(b.len(), ranks, rank)].to_vec(), b.len())).collect();
     let num_batches = batches.len();
     let (tx, rx) = sync_channel(spec.prefetch.max(1));
+    let stats = Arc::new(Mutex::new(LoaderStats::default()));
+    let shared = stats.clone();
     let handle = std::thread::Builder::new()
         .name("msmae-loader".into())
-        .spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx))
+        .spawn(move || produce(&table, batches, &spec, &norm, seed, epoch, tx, &shared))
         .ok();
-    BatchStream { rx: Some(rx), handle, num_batches, received: 0, failed: false }
+    BatchStream { rx: Some(rx), stats, handle, num_batches, received: 0, failed: false }
 }
 
 type GroupData = Arc<Vec<GroupRow>>;
@@ -677,38 +702,19 @@ fn produce(
     seed: u64,
     epoch: u64,
     tx: SyncSender<Result<Batch, StageError>>,
+    stats: &Mutex<LoaderStats>,
 ) {
-    // Remaining uses of each group, so a group is dropped right after its last row.
-    let mut uses: HashMap<usize, usize> = HashMap::new();
-    for (b, _) in &batches {
-        for &r in b {
-            *uses.entry(table.group_of(r)).or_default() += 1;
-        }
-    }
-    let mut cache: HashMap<usize, GroupData> = HashMap::new();
+    let mut cache = GroupCache::new(&batches, table, window_groups(table, spec));
+    stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner).capacity = cache.capacity;
     for (rows, global) in batches {
         let mut samples = Vec::with_capacity(rows.len());
         for &r in &rows {
             let g = table.group_of(r);
-            let data = match cache.get(&g) {
-                Some(d) => d.clone(),
-                None => match table.read_group(g, spec.lesion_masks) {
-                    Ok(d) => {
-                        let d = Arc::new(d);
-                        cache.insert(g, d.clone());
-                        d
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                },
-            };
-            samples.push((r, data.clone(), r - table.group_starts[g]));
-            if let Some(u) = uses.get_mut(&g) {
-                *u -= 1;
-                if *u == 0 {
-                    cache.remove(&g);
+            match cache.take(table, g, spec.lesion_masks, stats) {
+                Ok(data) => samples.push((r, data, r - table.group_starts[g])),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
                 }
             }
         }
@@ -716,6 +722,68 @@ fn produce(
         if tx.send(batch).is_err() {
             return; // consumer gone
         }
+    }
+}
+
+/// The row groups an epoch's loader holds: each group is read when first needed and
+/// dropped after its last use; when `capacity` groups are held and another is needed, the
+/// one needed again furthest in the future is dropped (and read again when it is), so memory
+/// stays bounded whatever order the rows come in — evaluation of the val rows and then the
+/// test rows, for one, visits every group twice.
+struct GroupCache {
+    held: HashMap<usize, GroupData>,
+    /// Positions (in the epoch's sample order) at which each group is still needed.
+    uses: HashMap<usize, std::collections::VecDeque<usize>>,
+    capacity: usize,
+}
+
+impl GroupCache {
+    fn new(batches: &[(Vec<usize>, usize)], table: &ImageTable, capacity: usize) -> Self {
+        let mut uses: HashMap<usize, std::collections::VecDeque<usize>> = HashMap::new();
+        for (pos, &r) in batches.iter().flat_map(|(b, _)| b).enumerate() {
+            uses.entry(table.group_of(r)).or_default().push_back(pos);
+        }
+        Self { held: HashMap::new(), uses, capacity: capacity.max(1) }
+    }
+
+    /// Group `g`'s rows for its next use.
+    fn take(
+        &mut self,
+        table: &ImageTable,
+        g: usize,
+        masks: bool,
+        stats: &Mutex<LoaderStats>,
+    ) -> Result<GroupData, StageError> {
+        let data = match self.held.get(&g) {
+            Some(d) => d.clone(),
+            None => {
+                if self.held.len() >= self.capacity {
+                    let furthest = self
+                        .held
+                        .keys()
+                        .copied()
+                        .max_by_key(|h| self.uses.get(h).and_then(|u| u.front().copied()).unwrap_or(usize::MAX));
+                    if let Some(h) = furthest {
+                        self.held.remove(&h);
+                    }
+                }
+                let d = Arc::new(table.read_group(g, masks)?);
+                self.held.insert(g, d.clone());
+                let mut st = stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                st.group_reads += 1;
+                st.peak_groups_held = st.peak_groups_held.max(self.held.len());
+                st.capacity = self.capacity;
+                d
+            }
+        };
+        let left = self.uses.get_mut(&g).map(|u| {
+            u.pop_front();
+            u.len()
+        });
+        if left.unwrap_or(0) == 0 {
+            self.held.remove(&g);
+        }
+        Ok(data)
     }
 }
 

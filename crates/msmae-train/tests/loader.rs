@@ -69,6 +69,43 @@ fn an_epoch_visits_every_row_once_and_is_a_function_of_seed_and_epoch() {
 }
 
 #[test]
+fn the_loader_holds_at_most_its_window_of_row_groups_whatever_the_row_order() {
+    let d = tempfile::tempdir().expect("tmp");
+    // 48 images in 6 groups of 8, val and test rows alternating inside every group
+    let t = common::flat_table(d.path(), SIZE, 48, 8, ["a", "b"], |i| {
+        (if i % 2 == 0 { Split::Val } else { Split::Test }, i32::from(i % 3 == 0), i)
+    });
+    // Predictions visit the val rows and then the test rows: every group twice.
+    let mut rows = t.rows_of(Split::Val);
+    rows.extend(t.rows_of(Split::Test));
+    let mut s = data::stream(t.clone(), &rows, LoaderSpec::eval(5), unit(), 1, 0);
+    let mut seen = Vec::new();
+    for b in s.by_ref() {
+        let b = b.expect("batch");
+        for (i, r) in b.rows.iter().enumerate() {
+            let px = &b.images[i * SIZE * SIZE..(i + 1) * SIZE * SIZE];
+            assert!(px.iter().all(|v| (v - *r as f32 / 255.0).abs() < 1e-5), "row {r} has its own pixels");
+        }
+        seen.extend(b.rows);
+    }
+    assert_eq!(seen, rows, "in the order asked");
+    let st = s.stats();
+    assert_eq!(st.capacity, 1);
+    assert_eq!(st.peak_groups_held, 1, "one group at a time");
+    assert_eq!(st.group_reads, 12, "each group read once per pass");
+
+    // A shuffled epoch in windows of 2 groups reads each group once and holds at most 2.
+    let train: Vec<usize> = (0..48).collect();
+    let mut spec = LoaderSpec::train(4, None);
+    spec.shuffle_groups = 2;
+    let mut s = data::stream(t.clone(), &train, spec, unit(), 3, 0);
+    assert_eq!(s.by_ref().map(|b| b.expect("batch").len()).sum::<usize>(), 48);
+    let st = s.stats();
+    assert_eq!((st.capacity, st.group_reads), (2, 6));
+    assert!(st.peak_groups_held <= 2, "{st:?}");
+}
+
+#[test]
 fn masks_have_the_policy_sizes_and_follow_the_weights() {
     let d = tempfile::tempdir().expect("tmp");
     let t = table(d.path());
