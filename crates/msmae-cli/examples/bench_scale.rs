@@ -14,7 +14,10 @@
 //! 32), `--size S` ingested side (default 64), `--batch B` training batch (default 256),
 //! `--dir PATH` (default
 //! `$MSMAE_CACHE_DIR/bench-scale`, else `~/.cache/msmae/bench-scale`), `--keep` (keep the
-//! stores).
+//! stores), `--stages data,supervised,attn,masks,eval` (a subset), `--sample F` (ingest a
+//! seeded patient sample: every row of the release is read and checked, only the sample
+//! decoded and written — how a million-row label file weighs on ingestion, without an hour
+//! of decoding).
 
 #[path = "bench_common/mod.rs"]
 mod common;
@@ -147,9 +150,9 @@ const STAGES: [(&str, &str); 5] = [
     ("eval", "evaluation (eval/classify)"),
 ];
 
-fn pipeline(root: &Path, size: &str, batch: &str) -> String {
+fn pipeline(root: &Path, size: &str, batch: &str, sample: &str) -> String {
     format!(
-        "name: scale\nseed: 1\nstages:\n  data: {{ uses: ingest/chestxray14, with: {{ root: {root}, size: {size}, channels: 1, val_fraction: 0.1, previews: 0 }} }}\n  supervised: {{ uses: attention/train-supervised, needs: [data], with: {{ model: {{ patch_size: 16, embed_dim: 32, depth: 1, num_heads: 2 }}, epochs: 1, batch_size: {batch}, warmup_epochs: 0 }} }}\n  attn: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 0, batch_size: 512 }} }}\n  masks: {{ uses: mask/msmae, needs: [attn] }}\n  eval: {{ uses: eval/classify, needs: [supervised] }}\n",
+        "name: scale\nseed: 1\nstages:\n  data: {{ uses: ingest/chestxray14, with: {{ root: {root}, size: {size}, channels: 1, val_fraction: 0.1, previews: 0, sample: {sample} }} }}\n  supervised: {{ uses: attention/train-supervised, needs: [data], with: {{ model: {{ patch_size: 16, embed_dim: 32, depth: 1, num_heads: 2 }}, epochs: 1, batch_size: {batch}, warmup_epochs: 0 }} }}\n  attn: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 0, batch_size: 512 }} }}\n  masks: {{ uses: mask/msmae, needs: [attn] }}\n  eval: {{ uses: eval/classify, needs: [supervised] }}\n",
         root = root.display(),
     )
 }
@@ -164,6 +167,10 @@ fn main() {
     let size = arg("--size", "64");
     let batch = arg("--batch", "256");
     let keep = std::env::args().any(|a| a == "--keep");
+    let sample = arg("--sample", "1.0");
+    let only = arg("--stages", &STAGES.map(|(s, _)| s).join(","));
+    let stages: Vec<(&str, &str)> = STAGES.iter().copied().filter(|(s, _)| only.split(',').any(|o| o == *s)).collect();
+    assert!(!stages.is_empty(), "--stages: pick from data, supervised, attn, masks, eval");
     let cache = std::env::var("MSMAE_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/msmae"));
@@ -181,9 +188,9 @@ fn main() {
         eprintln!("[bench scale] {n} rows ({tests} in test_list.txt) at {}", root.display());
         let work = tempfile::tempdir_in(&dir).expect("tmp");
         let yaml = work.path().join("scale.yaml");
-        std::fs::write(&yaml, pipeline(&root, &size, &batch)).expect("pipeline");
+        std::fs::write(&yaml, pipeline(&root, &size, &batch, &sample)).expect("pipeline");
         let mut per = Vec::new();
-        for (stage, _) in STAGES {
+        for (stage, _) in &stages {
             let mut c = Command::new(msmae_exe());
             c.arg("run").arg(&yaml).args(["--stage", stage, "-q"]).arg("--store").arg(work.path().join("store"));
             let (ok, secs, rss) = run_measured(&mut c);
@@ -201,12 +208,13 @@ fn main() {
         results.push((n, per));
     }
     println!(
-        "\nscale benchmark: generated ChestX-ray14 releases (NIH layout, {pool_n} distinct 1024² PNGs of {avg:.0} KiB hard-linked), ingested at {size} px; one process per stage, wall seconds and peak RSS (MiB)\n"
+        "\nscale benchmark: generated ChestX-ray14 releases (NIH layout, {pool_n} distinct 1024² PNGs of {avg:.0} KiB hard-linked), ingested at {size} px{}; one process per stage, wall seconds and peak RSS (MiB)\n",
+        if sample == "1.0" { String::new() } else { format!(", a sample of {sample} of the patients") }
     );
     let head: Vec<String> = results.iter().map(|(n, _)| format!("{n} rows: s | MiB")).collect();
     println!("| stage | {} | s per 1k rows (largest) | MiB per 10k rows (first → last) |", head.join(" | "));
     println!("|---|{}---|---|", "---|".repeat(2 * results.len()));
-    for (k, (_, label)) in STAGES.iter().enumerate() {
+    for (k, (_, label)) in stages.iter().enumerate() {
         let cells: Vec<String> = results.iter().map(|(_, per)| format!("{:.1} | {:.0}", per[k].0, per[k].1)).collect();
         let (first, last) = (results.first().expect("a size"), results.last().expect("a size"));
         let per_k = last.1[k].0 / last.0 as f64 * 1000.0;

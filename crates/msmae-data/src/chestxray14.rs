@@ -191,140 +191,14 @@ impl Stage for ChestXray14 {
 
     fn run(&self, c: &ChestXray14Config, ctx: &mut StageContext<'_>) -> Result<(), StageError> {
         let root = ctx.resolve(&c.root);
-        let csv_path = match &c.metadata {
-            Some(m) => root.join(m),
-            None => ["Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv"].iter().map(|n| root.join(n)).find(|p| p.is_file()).ok_or_else(|| {
-                StageError::data(&root, None, "no label file: expected Data_Entry_2017.csv or Data_Entry_2017_v2020.csv (or name it with `metadata:`)")
-            })?,
-        };
-        let t = TextTable::read_csv(&csv_path, b',')?;
-        let (index, findings, patient) =
-            (t.column("Image Index", HEADER)?, t.column("Finding Labels", HEADER)?, t.column("Patient ID", HEADER)?);
-        let mut triage = Triage::new(c.on_error);
-
-        // Official split lists: a name in both is an error whatever the policy.
-        let mut official: BTreeMap<String, (Split, usize)> = BTreeMap::new();
-        for (file, split) in [(&c.train_val_list, Split::Train), (&c.test_list, Split::Test)] {
-            let p = root.join(file);
-            for (line, name) in read_list(&p)? {
-                match official.get(&name) {
-                    Some((s, _)) if *s != split => {
-                        return Err(StageError::data(
-                            &p,
-                            Some(format!("line {line}")),
-                            format!(
-                                "`{name}` is also in {}: the official split files must be disjoint",
-                                c.train_val_list.display()
-                            ),
-                        ));
-                    }
-                    Some(_) => tracing::warn!("{}:{line}: `{name}` is listed twice", p.display()),
-                    None => {
-                        official.insert(name, (split, line));
-                    }
-                }
-            }
-        }
-        let files = index_files(&image_dirs(&root)?, &["png"], str::to_string)?;
-
-        // Rows: unique ids, known findings, image present, in an official list.
-        struct Row {
-            id: String,
-            patient: String,
-            labels: Vec<u8>,
-            split: Split,
-        }
+        let csv_path = label_file(c, &root)?;
         let csv_name = relative(&csv_path, &root);
-        let mut rows: Vec<Row> = Vec::with_capacity(t.len());
-        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        for i in 0..t.len() {
-            let (id, pid, f) = (index.require(i)?, patient.require(i)?, findings.require(i)?);
-            let what = format!("{csv_name}:{}", i + 2);
-            if let Some(first) = seen.insert(id.to_string(), i + 2) {
-                triage.problem(
-                    &csv_path,
-                    Some(format!("{}, column `Image Index`", t.row_name(i))),
-                    what,
-                    format!("`{id}` is listed twice (first on line {first})"),
-                )?;
-                continue;
-            }
-            let labels = match parse_findings(f) {
-                Ok(l) => l,
-                Err(m) => {
-                    triage.problem(&csv_path, Some(format!("{}, column `Finding Labels`", t.row_name(i))), what, m)?;
-                    continue;
-                }
-            };
-            if !files.contains_key(id) {
-                triage.problem(
-                    &csv_path,
-                    Some(t.row_name(i)),
-                    what,
-                    format!("image `{id}` is listed but no such file is in the image folders"),
-                )?;
-                continue;
-            }
-            let Some(&(split, _)) = official.get(id) else {
-                triage.problem(
-                    &csv_path,
-                    Some(t.row_name(i)),
-                    what,
-                    format!("image `{id}` is in neither {} nor {}", c.train_val_list.display(), c.test_list.display()),
-                )?;
-                continue;
-            };
-            rows.push(Row { id: id.to_string(), patient: pid.to_string(), labels, split });
-        }
-        for (name, p) in &files {
-            if !seen.contains_key(name) {
-                triage.problem(p, None, relative(p, &root), format!("image `{name}` is not listed in {csv_name}"))?;
-            }
-        }
-        // A patient on both sides of the official split: an error, or all of the patient's
-        // images rejected.
-        let mut sides: BTreeMap<&str, BTreeSet<Split>> = BTreeMap::new();
-        for r in &rows {
-            sides.entry(r.patient.as_str()).or_default().insert(r.split);
-        }
-        let crossing: BTreeSet<String> =
-            sides.iter().filter(|(_, s)| s.len() > 1).map(|(p, _)| p.to_string()).collect();
-        for p in &crossing {
-            let ids: Vec<&str> = rows.iter().filter(|r| &r.patient == p).map(|r| r.id.as_str()).collect();
-            triage.problem(
-                &root.join(&c.test_list),
-                None,
-                format!("patient {p}"),
-                format!(
-                    "patient `{p}` has images in both {} and {} ({})",
-                    c.train_val_list.display(),
-                    c.test_list.display(),
-                    ids.join(", ")
-                ),
-            )?;
-        }
-        rows.retain(|r| !crossing.contains(&r.patient));
-
-        // Validation carved out of train_val by patient.
-        let train: Vec<String> = rows
-            .iter()
-            .filter(|r| r.split == Split::Train)
-            .map(|r| r.patient.clone())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let val = carve_validation(train, c.val_fraction, &mut seeded_rng(ctx.seed, &["chestxray14/val".into()]));
-        let items: Vec<Item> = rows
-            .into_iter()
-            .map(|r| {
-                let path = files[&r.id].clone();
-                let split = if r.split == Split::Train && val.contains(&r.patient) { Split::Val } else { r.split };
-                Item {
-                    labels: Some(r.labels),
-                    ..Item::new(r.id, path.clone(), relative(&path, &root), r.patient, split, None)
-                }
-            })
-            .collect();
+        let mut triage = Triage::new(c.on_error);
+        // The label file, the lists and the folder index are dropped before any image is
+        // decoded: only the kept rows stay in memory.
+        let rows = read_rows(c, &root, &csv_path, &mut triage)?;
+        let rows = drop_crossing_patients(rows, c, &root, &mut triage)?;
+        let items = assign_validation(rows, c.val_fraction, ctx.seed, &root);
         let names: Vec<String> = FINDINGS.iter().map(|s| s.to_string()).collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c, "metadata": csv_name });
         let opts = WriteOptions {
@@ -335,6 +209,170 @@ impl Stage for ChestXray14 {
         };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
+}
+
+/// `metadata:`, else whichever published label file the root has.
+fn label_file(c: &ChestXray14Config, root: &Path) -> Result<PathBuf, StageError> {
+    match &c.metadata {
+        Some(m) => Ok(root.join(m)),
+        None => ["Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv"]
+            .iter()
+            .map(|n| root.join(n))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                StageError::data(
+                    root,
+                    None,
+                    "no label file: expected Data_Entry_2017.csv or Data_Entry_2017_v2020.csv (or name it with `metadata:`)",
+                )
+            }),
+    }
+}
+
+/// A kept row of the label file.
+struct Row {
+    id: String,
+    patient: String,
+    labels: Vec<u8>,
+    /// The official side: train (train_val) or test.
+    split: Split,
+    path: PathBuf,
+}
+
+/// Image name → (official split, line) from both list files; a name in both is an error
+/// whatever the policy.
+fn official_split(c: &ChestXray14Config, root: &Path) -> Result<BTreeMap<String, (Split, usize)>, StageError> {
+    let mut official: BTreeMap<String, (Split, usize)> = BTreeMap::new();
+    for (file, split) in [(&c.train_val_list, Split::Train), (&c.test_list, Split::Test)] {
+        let p = root.join(file);
+        for (line, name) in read_list(&p)? {
+            match official.get(&name) {
+                Some((s, _)) if *s != split => {
+                    return Err(StageError::data(
+                        &p,
+                        Some(format!("line {line}")),
+                        format!(
+                            "`{name}` is also in {}: the official split files must be disjoint",
+                            c.train_val_list.display()
+                        ),
+                    ));
+                }
+                Some(_) => tracing::warn!("{}:{line}: `{name}` is listed twice", p.display()),
+                None => {
+                    official.insert(name, (split, line));
+                }
+            }
+        }
+    }
+    Ok(official)
+}
+
+/// The rows of the label file that can be ingested: unique ids, known findings, the image
+/// present and in an official list; every problem goes through `triage`, and an image
+/// no row lists is one too.
+fn read_rows(c: &ChestXray14Config, root: &Path, csv_path: &Path, triage: &mut Triage) -> Result<Vec<Row>, StageError> {
+    let t = TextTable::read_csv(csv_path, b',')?;
+    let (index, findings, patient) =
+        (t.column("Image Index", HEADER)?, t.column("Finding Labels", HEADER)?, t.column("Patient ID", HEADER)?);
+    let official = official_split(c, root)?;
+    let mut files = index_files(&image_dirs(root)?, &["png"], str::to_string)?;
+    let csv_name = relative(csv_path, root);
+    let mut rows: Vec<Row> = Vec::with_capacity(t.len());
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..t.len() {
+        let (id, pid, f) = (index.require(i)?, patient.require(i)?, findings.require(i)?);
+        let what = format!("{csv_name}:{}", i + 2);
+        if let Some(first) = seen.insert(id.to_string(), i + 2) {
+            triage.problem(
+                csv_path,
+                Some(format!("{}, column `Image Index`", t.row_name(i))),
+                what,
+                format!("`{id}` is listed twice (first on line {first})"),
+            )?;
+            continue;
+        }
+        let labels = match parse_findings(f) {
+            Ok(l) => l,
+            Err(m) => {
+                triage.problem(csv_path, Some(format!("{}, column `Finding Labels`", t.row_name(i))), what, m)?;
+                continue;
+            }
+        };
+        let Some(path) = files.get(id).cloned() else {
+            triage.problem(
+                csv_path,
+                Some(t.row_name(i)),
+                what,
+                format!("image `{id}` is listed but no such file is in the image folders"),
+            )?;
+            continue;
+        };
+        let Some(&(split, _)) = official.get(id) else {
+            triage.problem(
+                csv_path,
+                Some(t.row_name(i)),
+                what,
+                format!("image `{id}` is in neither {} nor {}", c.train_val_list.display(), c.test_list.display()),
+            )?;
+            continue;
+        };
+        rows.push(Row { id: id.to_string(), patient: pid.to_string(), labels, split, path });
+    }
+    files.retain(|name, _| !seen.contains_key(name));
+    for (name, p) in &files {
+        triage.problem(p, None, relative(p, root), format!("image `{name}` is not listed in {csv_name}"))?;
+    }
+    Ok(rows)
+}
+
+/// A patient on both sides of the official split: an error, or (with `on_error: skip`) all
+/// of the patient's images rejected.
+fn drop_crossing_patients(
+    mut rows: Vec<Row>,
+    c: &ChestXray14Config,
+    root: &Path,
+    triage: &mut Triage,
+) -> Result<Vec<Row>, StageError> {
+    let mut sides: BTreeMap<&str, BTreeSet<Split>> = BTreeMap::new();
+    for r in &rows {
+        sides.entry(r.patient.as_str()).or_default().insert(r.split);
+    }
+    let crossing: BTreeSet<String> = sides.iter().filter(|(_, s)| s.len() > 1).map(|(p, _)| p.to_string()).collect();
+    for p in &crossing {
+        let ids: Vec<&str> = rows.iter().filter(|r| &r.patient == p).map(|r| r.id.as_str()).collect();
+        triage.problem(
+            &root.join(&c.test_list),
+            None,
+            format!("patient {p}"),
+            format!(
+                "patient `{p}` has images in both {} and {} ({})",
+                c.train_val_list.display(),
+                c.test_list.display(),
+                ids.join(", ")
+            ),
+        )?;
+    }
+    rows.retain(|r| !crossing.contains(&r.patient));
+    Ok(rows)
+}
+
+/// The items to write: validation carved out of train_val by patient (seeded).
+fn assign_validation(rows: Vec<Row>, val_fraction: f64, seed: u64, root: &Path) -> Vec<Item> {
+    let train: Vec<String> = rows
+        .iter()
+        .filter(|r| r.split == Split::Train)
+        .map(|r| r.patient.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let val = carve_validation(train, val_fraction, &mut seeded_rng(seed, &["chestxray14/val".into()]));
+    rows.into_iter()
+        .map(|r| {
+            let split = if r.split == Split::Train && val.contains(&r.patient) { Split::Val } else { r.split };
+            let source = relative(&r.path, root);
+            Item { labels: Some(r.labels), ..Item::new(r.id, r.path, source, r.patient, split, None) }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use msmae_core::StageError;
 pub struct TextTable {
     path: PathBuf,
     names: Vec<String>,
-    cols: Vec<Vec<Option<String>>>,
+    cols: Vec<TextColumn>,
     /// CSV rows are named by their line (header is line 1); Parquet rows by their index.
     csv: bool,
 }
@@ -40,13 +40,16 @@ impl TextTable {
             .map_err(|e| StageError::data(path, None, format!("cannot read the CSV: {e}")))?;
         let mut names = Vec::new();
         let mut cols = Vec::new();
-        for col in df.columns() {
+        // Column by column, each polars column dropped once copied.
+        for col in df.into_columns() {
             let s = col
                 .as_materialized_series()
                 .str()
                 .map_err(|e| StageError::data(path, Some(format!("column `{}`", col.name())), e.to_string()))?;
             names.push(col.name().trim_start_matches('\u{feff}').trim().to_string());
-            cols.push((0..s.len()).map(|i| s.get(i).map(str::to_string)).collect());
+            let mut c = TextColumn::default();
+            c.extend((0..s.len()).map(|i| s.get(i)));
+            cols.push(c);
         }
         Ok(Self { path: path.into(), names, cols, csv: true })
     }
@@ -58,7 +61,7 @@ impl TextTable {
         let builder = ParquetRecordBatchReaderBuilder::try_new(f)
             .map_err(|e| fmt(format!("not a readable Parquet file: {e}")))?;
         let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
-        let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); names.len()];
+        let mut cols: Vec<TextColumn> = vec![TextColumn::default(); names.len()];
         for batch in builder.build().map_err(|e| fmt(e.to_string()))? {
             let batch = batch.map_err(|e| fmt(e.to_string()))?;
             for (i, a) in batch.columns().iter().enumerate() {
@@ -69,7 +72,7 @@ impl TextTable {
                     .as_any()
                     .downcast_ref::<StringArray>()
                     .ok_or_else(|| fmt(format!("column `{}`: not text after cast", names[i])))?;
-                cols[i].extend((0..s.len()).map(|r| s.is_valid(r).then(|| s.value(r).to_string())));
+                cols[i].extend(s.iter());
             }
         }
         Ok(Self { path: path.into(), names, cols, csv: false })
@@ -85,7 +88,7 @@ impl TextTable {
         &self.path
     }
     pub fn len(&self) -> usize {
-        self.cols.first().map_or(0, Vec::len)
+        self.cols.first().map_or(0, TextColumn::len)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -120,6 +123,32 @@ impl TextTable {
     }
 }
 
+/// A column's values end to end in one buffer: a few bytes per cell over the text itself,
+/// so a million-row label file stays small. A null reads as an empty value (both are
+/// "no value" to the sources).
+#[derive(Debug, Clone, PartialEq, Default)]
+struct TextColumn {
+    text: String,
+    /// End of each value in `text`.
+    ends: Vec<usize>,
+}
+
+impl TextColumn {
+    fn extend<'s>(&mut self, values: impl Iterator<Item = Option<&'s str>>) {
+        for v in values {
+            self.text.push_str(v.unwrap_or(""));
+            self.ends.push(self.text.len());
+        }
+    }
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+    fn value(&self, row: usize) -> &str {
+        let start = if row == 0 { 0 } else { self.ends[row - 1] };
+        &self.text[start..self.ends[row]]
+    }
+}
+
 /// One column of a [`TextTable`].
 #[derive(Debug, Clone, Copy)]
 pub struct Column<'a> {
@@ -131,7 +160,7 @@ pub struct Column<'a> {
 impl<'a> Column<'a> {
     /// The trimmed value, `None` when empty or null.
     pub fn get(&self, row: usize) -> Option<&'a str> {
-        self.table.cols[self.idx][row].as_deref().map(str::trim).filter(|s| !s.is_empty())
+        Some(self.table.cols[self.idx].value(row).trim()).filter(|s| !s.is_empty())
     }
     /// The trimmed value; an error naming the line and column when empty.
     pub fn require(&self, row: usize) -> Result<&'a str, StageError> {
@@ -143,5 +172,33 @@ impl<'a> Column<'a> {
     /// An error about this column at `row`.
     pub fn error(&self, row: usize, message: impl Into<String>) -> StageError {
         self.table.error(row, self.name, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_back_trimmed_and_empty_or_missing_cells_are_no_value() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("labels.csv");
+        std::fs::write(&p, "\u{feff}id, label ,note\na.png,1, x \nb.png,,\n,2,\"q, r\"\nc.png,  ,é\n").expect("csv");
+        let t = TextTable::read_csv(&p, b',').expect("read");
+        assert_eq!(t.names(), ["id", "label", "note"]);
+        assert_eq!(t.len(), 4);
+        let (id, label, note) =
+            (t.column("id", "").expect("id"), t.column("label", "").expect("label"), t.column("note", "").expect("note"));
+        fn all<'a>(c: Column<'a>, n: usize) -> Vec<Option<&'a str>> {
+            (0..n).map(|r| c.get(r)).collect()
+        }
+        let all = |c| all(c, t.len());
+        assert_eq!(all(id), [Some("a.png"), Some("b.png"), None, Some("c.png")]);
+        assert_eq!(all(label), [Some("1"), None, Some("2"), None]);
+        assert_eq!(all(note), [Some("x"), None, Some("q, r"), Some("é")]);
+        let e = id.require(2).expect_err("empty id").to_string();
+        assert!(e.contains("line 4") && e.contains("`id`") && e.contains("empty value"), "{e}");
+        let e = t.column("Patient ID", "id, label").expect_err("missing").to_string();
+        assert!(e.contains("missing column `Patient ID`") && e.contains("\"note\""), "{e}");
     }
 }
