@@ -278,11 +278,11 @@ fn read_rows(c: &ChestXray14Config, root: &Path, csv_path: &Path, triage: &mut T
     let mut files = index_files(&image_dirs(root)?, &["png"], str::to_string)?;
     let csv_name = relative(csv_path, root);
     let mut rows: Vec<Row> = Vec::with_capacity(t.len());
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(t.len());
     for i in 0..t.len() {
         let (id, pid, f) = (index.require(i)?, patient.require(i)?, findings.require(i)?);
         let what = format!("{csv_name}:{}", i + 2);
-        if let Some(first) = seen.insert(id.to_string(), i + 2) {
+        if let Some(first) = seen.insert(id, i + 2) {
             triage.problem(
                 csv_path,
                 Some(format!("{}, column `Image Index`", t.row_name(i))),
@@ -318,7 +318,7 @@ fn read_rows(c: &ChestXray14Config, root: &Path, csv_path: &Path, triage: &mut T
         };
         rows.push(Row { id: id.to_string(), patient: pid.to_string(), labels, split, path });
     }
-    files.retain(|name, _| !seen.contains_key(name));
+    files.retain(|name, _| !seen.contains_key(name.as_str()));
     for (name, p) in &files {
         triage.problem(p, None, relative(p, root), format!("image `{name}` is not listed in {csv_name}"))?;
     }

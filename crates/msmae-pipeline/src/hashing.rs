@@ -41,12 +41,39 @@ impl Stamp {
     }
 }
 
-/// Memo of file digests, persisted as a small text file in the store.
+/// Memo of file digests, persisted as a small text file in the store. Files are keyed by
+/// a 128-bit BLAKE3 hash of their path, so a memo of a million files stays under 100 MB.
 #[derive(Debug, Default)]
 pub struct HashMemo {
     path: Option<PathBuf>,
-    entries: Mutex<HashMap<PathBuf, (Stamp, [u8; 32])>>,
+    entries: Mutex<HashMap<PathKey, (Stamp, [u8; 32])>>,
     dirty: Mutex<bool>,
+}
+
+/// A memo key: the first 128 bits of the BLAKE3 hash of a path's bytes.
+type PathKey = [u8; 16];
+
+fn path_key(path: &Path) -> PathKey {
+    let h = blake3::hash(path.as_os_str().as_encoded_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&h.as_bytes()[..16]);
+    k
+}
+
+fn key_hex(k: &PathKey) -> String {
+    k.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_key(field: &str) -> Option<PathKey> {
+    // A key is 32 hex digits; anything else is a path (memos that named their files).
+    if field.len() != 32 || !field.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Some(path_key(Path::new(field)));
+    }
+    let mut k = [0u8; 16];
+    for (i, byte) in k.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&field[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(k)
 }
 
 /// The digest of one file or tree and how much was read.
@@ -76,9 +103,9 @@ impl HashMemo {
                     let size = it.next()?.parse().ok()?;
                     let mtime_ns = it.next()?.parse().ok()?;
                     let inode = it.next()?.parse().ok()?;
-                    let p = PathBuf::from(it.next()?);
+                    let key = parse_key(it.next()?)?;
                     let h = blake3::Hash::from_hex(hex).ok()?;
-                    Some((p, (Stamp { size, mtime_ns, inode }, *h.as_bytes())))
+                    Some((key, (Stamp { size, mtime_ns, inode }, *h.as_bytes())))
                 })();
                 if let Some((p, e)) = parsed {
                     entries.insert(p, e);
@@ -102,12 +129,9 @@ impl HashMemo {
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         {
             let mut f = std::io::BufWriter::new(fs::File::create(&tmp)?);
-            for (p, (s, h)) in rows {
-                let Some(ps) = p.to_str() else { continue };
-                if ps.contains('\n') || ps.contains('\t') {
-                    continue;
-                }
-                writeln!(f, "{}\t{}\t{}\t{}\t{}", blake3::Hash::from(*h).to_hex(), s.size, s.mtime_ns, s.inode, ps)?;
+            for (k, (s, h)) in rows {
+                let (hash, key) = (blake3::Hash::from(*h).to_hex(), key_hex(k));
+                writeln!(f, "{hash}\t{}\t{}\t{}\t{key}", s.size, s.mtime_ns, s.inode)?;
             }
             f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         }
@@ -128,14 +152,15 @@ impl HashMemo {
     pub fn file(&self, path: &Path) -> Result<([u8; 32], u64, u64)> {
         let md = fs::metadata(path).map_err(|source| Error::Hash { path: path.to_path_buf(), source })?;
         let stamp = Stamp::of(&md);
-        if let Some((s, h)) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(path)
+        let key = path_key(path);
+        if let Some((s, h)) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
             && *s == stamp
         {
             return Ok((*h, stamp.size, 0));
         }
         let h = hash_file(path, stamp.size)?;
         if !racy(md.modified().ok(), SystemTime::now()) {
-            self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_path_buf(), (stamp, h));
+            self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (stamp, h));
             *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = true;
         }
         Ok((h, stamp.size, stamp.size))
@@ -152,20 +177,24 @@ impl HashMemo {
             hasher.update(&h);
             return Ok(Digest { hex: hasher.finalize().to_hex().to_string(), files: 1, bytes, hashed_bytes: read });
         }
-        let files = list_files(root)?;
-        let hashed: Vec<([u8; 32], u64, u64)> = files.par_iter().map(|(_, p)| self.file(p)).collect::<Result<_>>()?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"tree\0");
-        let (mut bytes, mut read) = (0, 0);
-        for ((rel, _), (h, size, r)) in files.iter().zip(&hashed) {
-            hasher.update(&(rel.len() as u64).to_le_bytes());
-            hasher.update(rel.as_bytes());
-            hasher.update(&size.to_le_bytes());
-            hasher.update(h);
-            bytes += size;
-            read += r;
-        }
-        Ok(Digest { hex: hasher.finalize().to_hex().to_string(), files: files.len() as u64, bytes, hashed_bytes: read })
+        let (mut files, mut bytes, mut read) = (0, 0, 0);
+        walk_files(root, WALK_BATCH, |batch| {
+            let hashed: Vec<([u8; 32], u64, u64)> =
+                batch.par_iter().map(|(_, p)| self.file(p)).collect::<Result<_>>()?;
+            for ((rel, _), (h, size, r)) in batch.iter().zip(&hashed) {
+                hasher.update(&(rel.len() as u64).to_le_bytes());
+                hasher.update(rel.as_bytes());
+                hasher.update(&size.to_le_bytes());
+                hasher.update(h);
+                files += 1;
+                bytes += size;
+                read += r;
+            }
+            Ok(())
+        })?;
+        Ok(Digest { hex: hasher.finalize().to_hex().to_string(), files, bytes, hashed_bytes: read })
     }
 
     /// Digest of a list of files named somewhere else (a manifest's images): sizes and
@@ -237,32 +266,79 @@ pub fn hash_file(path: &Path, size: u64) -> Result<[u8; 32]> {
     Ok(*hasher.finalize().as_bytes())
 }
 
+/// Files hashed together when digesting a tree.
+const WALK_BATCH: usize = 4096;
+
 /// Every regular file under `root` as (`/`-separated relative path, full path), sorted.
 pub fn list_files(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let rd = fs::read_dir(&dir).map_err(|source| Error::Hash { path: dir.clone(), source })?;
-        for entry in rd {
-            let entry = entry.map_err(|source| Error::Hash { path: dir.clone(), source })?;
-            let p = entry.path();
-            // The directory entry's type is free (no stat); only links need following.
-            let ft = entry.file_type().map_err(|source| Error::Hash { path: p.clone(), source })?;
-            let ft = if ft.is_symlink() {
-                fs::metadata(&p).map_err(|source| Error::Hash { path: p.clone(), source })?.file_type()
-            } else {
-                ft
-            };
-            if ft.is_dir() {
-                stack.push(p);
-            } else if ft.is_file() {
-                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
-                out.push((rel, p));
-            }
+    walk_files(root, WALK_BATCH, |batch| {
+        out.extend_from_slice(batch);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Every regular file under `root` (symlinks followed), in the order of their `/`-separated
+/// relative paths, handed to `visit` in batches of up to `batch` as (relative path, full
+/// path). Only the listing of the directories being walked and one batch are held, so a
+/// tree of a million images costs little memory.
+///
+/// Each directory's entries are sorted by name, a folder's name with `/` appended: the
+/// relative path of an entry starts with that key and no key is a prefix of another's
+/// path, so this depth-first order is the sorted order of the relative paths.
+pub fn walk_files(
+    root: &Path,
+    batch: usize,
+    mut visit: impl FnMut(&[(String, PathBuf)]) -> Result<()>,
+) -> Result<()> {
+    let mut pending = Vec::with_capacity(batch.max(1));
+    walk_dir(root, root, batch.max(1), &mut pending, &mut visit)?;
+    if !pending.is_empty() {
+        visit(&pending)?;
+    }
+    Ok(())
+}
+
+fn walk_dir(
+    root: &Path,
+    dir: &Path,
+    batch: usize,
+    pending: &mut Vec<(String, PathBuf)>,
+    visit: &mut impl FnMut(&[(String, PathBuf)]) -> Result<()>,
+) -> Result<()> {
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Hash { path, source }
+    };
+    let mut entries: Vec<(String, PathBuf, bool)> = Vec::new();
+    for entry in fs::read_dir(dir).map_err(err(dir))? {
+        let entry = entry.map_err(err(dir))?;
+        let p = entry.path();
+        // The directory entry's type is free (no stat); only links need following.
+        let ft = entry.file_type().map_err(err(&p))?;
+        let ft = if ft.is_symlink() { fs::metadata(&p).map_err(err(&p))?.file_type() } else { ft };
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ft.is_dir() {
+            entries.push((name + "/", p, true));
+        } else if ft.is_file() {
+            entries.push((name, p, false));
         }
     }
-    out.sort();
-    Ok(out)
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    for (_, p, is_dir) in entries {
+        if is_dir {
+            walk_dir(root, &p, batch, pending, visit)?;
+            continue;
+        }
+        let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+        pending.push((rel, p));
+        if pending.len() >= batch {
+            visit(pending)?;
+            pending.clear();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -315,6 +391,70 @@ mod tests {
         // A rename changes the digest even with identical bytes.
         fs::rename(d.path().join("a/y.csv"), d.path().join("a/w.csv")).expect("mv");
         assert_ne!(reloaded.tree(&d.path().join("a")).expect("hash").hex, t3.hex);
+    }
+
+    /// The walk's depth-first order is the sorted order of the relative paths (names that
+    /// sort around `/`: `a.txt` < `a/…` < `a0`, `a-/…` < `a/…`), whatever the batch size, and
+    /// the tree digest is the one over that sorted list.
+    #[test]
+    fn the_walk_visits_files_in_sorted_relative_path_order_in_batches() {
+        let d = tempfile::tempdir().expect("tmp");
+        let names = ["a.txt", "a/b", "a/b.c", "a/c/d", "a-/e", "a0", "a b", "ab/f", "z", "a/c.d"];
+        for n in names {
+            let p = d.path().join(n);
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(&p, n.as_bytes()).expect("w");
+        }
+        let mut sorted: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        sorted.sort();
+        for batch in [1, 2, 3, 100] {
+            let mut seen = Vec::new();
+            let mut sizes = Vec::new();
+            walk_files(d.path(), batch, |b| {
+                sizes.push(b.len());
+                seen.extend(b.iter().map(|(rel, full)| {
+                    assert_eq!(full, &d.path().join(rel));
+                    rel.clone()
+                }));
+                Ok(())
+            })
+            .expect("walk");
+            assert_eq!(seen, sorted, "batch {batch}");
+            assert!(sizes.iter().all(|n| *n <= batch && *n > 0), "{sizes:?}");
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"tree\0");
+        for rel in &sorted {
+            hasher.update(&(rel.len() as u64).to_le_bytes());
+            hasher.update(rel.as_bytes());
+            hasher.update(&(rel.len() as u64).to_le_bytes());
+            hasher.update(blake3::hash(rel.as_bytes()).as_bytes());
+        }
+        assert_eq!(HashMemo::in_memory().tree(d.path()).expect("tree").hex, hasher.finalize().to_hex().to_string());
+    }
+
+    /// The memo keys files by a hash of their path; a memo that names its files by path
+    /// still serves them.
+    #[test]
+    fn the_memo_is_keyed_by_path_hash_and_reads_path_keyed_lines() {
+        let d = tempfile::tempdir().expect("tmp");
+        let f = d.path().join("img.png");
+        fs::write(&f, b"pixels").expect("w");
+        age(&f);
+        let memo_path = d.path().join("memo.tsv");
+        let memo = HashMemo::load(&memo_path);
+        let (h, _, read) = memo.file(&f).expect("hash");
+        assert_eq!(read, 6);
+        memo.save().expect("save");
+        let text = fs::read_to_string(&memo_path).expect("memo");
+        let key = text.trim_end().rsplit('\t').next().expect("key");
+        assert_eq!(key, key_hex(&path_key(&f)));
+        assert!(!text.contains("img.png"), "{text}");
+        // The same line naming the file by its path.
+        let named = text.replacen(key, &f.display().to_string(), 1);
+        fs::write(&memo_path, named).expect("w");
+        let (h2, _, read) = HashMemo::load(&memo_path).file(&f).expect("hash");
+        assert_eq!((h2, read), (h, 0), "served from the path-keyed line");
     }
 
     #[test]
