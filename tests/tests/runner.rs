@@ -120,6 +120,7 @@ fn running_one_stage_needs_its_inputs_cached() {
     assert!(!r.ok());
     match outcome(&r, "a") {
         Outcome::Failed { error } => {
+            let error = error.to_string();
             assert!(error.contains("`a`, which is not selected and has no cached output"), "{error}")
         }
         o => panic!("{o:?}"),
@@ -264,7 +265,7 @@ fn outputs_are_checked_against_the_declaration() {
         let r = f.run();
         assert!(!r.ok());
         match outcome(&r, "bad") {
-            Outcome::Failed { error } => assert!(error.contains(msg), "{how}: {error}"),
+            Outcome::Failed { error } => assert!(error.to_string().contains(msg), "{how}: {error}"),
             o => panic!("{how}: {o:?}"),
         }
         assert_eq!(outcome(&r, "after"), &Outcome::Blocked { upstream: "bad".into() });
@@ -490,6 +491,7 @@ fn verify_inputs_rehashes_what_a_running_stage_reads() {
     let r = msmae_pipeline::run(&f.plan(&[]), &store, &opts(true), &msmae_core::NoProgress).expect("run");
     match &r.stage("c").expect("c").outcome {
         msmae_pipeline::Outcome::Failed { error } => {
+            let error = error.to_string();
             assert!(
                 error.contains("input `b`") && error.contains("is damaged") && error.contains("--stage b"),
                 "{error}"

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a stage failed or verification found mismatches, 2 the
 //! pipeline file or the command line is invalid.
 
+mod commands;
 mod progress;
 pub mod report;
 
@@ -107,75 +108,10 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  msmae run pipelines/quickstart.yaml\n  msmae run pipelines/quickstart.yaml --stage masks        # re-run one stage\n  msmae run pipelines/quickstart.yaml --set params.size=32 --dry-run"
     )]
-    Run {
-        #[command(flatten)]
-        common: Common,
-        /// Run only this stage (re-executed even if cached); its inputs must be cached.
-        #[arg(long)]
-        stage: Option<String>,
-        /// Re-execute this stage, then whatever downstream its output changes.
-        #[arg(long)]
-        from: Option<String>,
-        /// Stop after this stage (and what it needs).
-        #[arg(long)]
-        until: Option<String>,
-        /// Re-execute every selected stage even if cached.
-        #[arg(long)]
-        force: bool,
-        /// Show what would run and why; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Job slots (light stages take one, training stages all).
-        #[arg(short, long)]
-        jobs: Option<usize>,
-        /// Fail instead of waiting when another runner is computing a stage.
-        #[arg(long)]
-        no_wait: bool,
-        /// Where stages run: `local` (threads of this process) or `slurm` (one job per
-        /// stage, this process driving from the login node; the store must be shared).
-        #[arg(long, value_enum, default_value = "local")]
-        executor: ExecutorArg,
-        /// Slurm profile (YAML: partition, account, qos, gpu_flag, mpi, extra, light,
-        /// training); none of it enters the cache key.
-        #[arg(long, env = "MSMAE_SLURM_PROFILE")]
-        profile: Option<PathBuf>,
-        /// Re-hash the inputs of every stage that runs before running it (a cache hit checks
-        /// files and sizes only).
-        #[arg(long)]
-        verify_inputs: bool,
-        /// Resubmissions of a Slurm job ended by its time limit, a node failure or preemption
-        /// (the stage resumes from its checkpoint).
-        #[arg(long, default_value_t = 1)]
-        retries: usize,
-        /// Write TensorBoard scalars (loss, lr, validation metrics per epoch; per step too
-        /// with MSMAE_TENSORBOARD_STEPS=1) of every training stage that runs into
-        /// DIR/PIPELINE/STAGE/ (outside the store: never part of a cache key).
-        #[arg(long, env = "MSMAE_TENSORBOARD", value_name = "DIR")]
-        tensorboard: Option<PathBuf>,
-    },
+    Run(RunArgs),
     /// What a Slurm job runs: one stage of a pipeline into the shared store (hidden).
     #[command(hide = true)]
-    RunStage {
-        #[command(flatten)]
-        common: Common,
-        #[arg(long)]
-        stage: String,
-        /// The key the driver submitted the stage under.
-        #[arg(long)]
-        key: String,
-        /// Where to write the outcome (JSON, atomically) for the driver.
-        #[arg(long)]
-        outcome: PathBuf,
-        /// Re-execute even if cached (the driver's `--stage`, `--from`, `--force`).
-        #[arg(long)]
-        force: bool,
-        /// Prove to the driver that the store's file locks reach across nodes (marker prefix).
-        #[arg(long)]
-        lock_check: Option<PathBuf>,
-        /// The driver's `--tensorboard`.
-        #[arg(long, env = "MSMAE_TENSORBOARD", value_name = "DIR")]
-        tensorboard: Option<PathBuf>,
-    },
+    RunStage(RunStageArgs),
     /// Which stages are up to date, which would run and why.
     #[command(after_help = "Example:\n  msmae status pipelines/quickstart.yaml")]
     Status {
@@ -205,39 +141,13 @@ pub enum Command {
     },
     /// Remove interrupted runs' leftovers and unreferenced artifacts from the store.
     #[command(after_help = "Example:\n  msmae gc pipelines/quickstart.yaml --prune --dry-run")]
-    Gc {
-        #[command(flatten)]
-        common: Common,
-        /// Keep only artifacts recorded in lock files (drop other cached configurations).
-        #[arg(long)]
-        prune: bool,
-        #[arg(long)]
-        dry_run: bool,
-        /// Fail instead of waiting while a pipeline runs on this store.
-        #[arg(long)]
-        no_wait: bool,
-        /// Forget a lock file registered with this store (one that was deleted on purpose),
-        /// so that gc no longer keeps the artifacts it referenced; removes nothing itself.
-        #[arg(long, value_name = "LOCK")]
-        forget: Vec<PathBuf>,
-    },
+    Gc(GcArgs),
     /// Show the results the lock file records (metrics, the comparison table, Dice/IoU,
     /// lesion coverage) without running anything; stale or missing stages are marked.
     #[command(
         after_help = "Examples:\n  msmae show pipelines/quickstart.yaml\n  msmae show pipelines/quickstart.yaml report seg-msmae --format md\n  msmae show pipelines/quickstart.yaml --against HEAD~1          # the lock file as committed there\n  msmae show pipelines/quickstart.yaml --against old/quickstart.lock --format csv"
     )]
-    Show {
-        #[command(flatten)]
-        common: Common,
-        /// Only these stages (default: every stage that declares results).
-        stages: Vec<String>,
-        #[arg(long, value_enum, default_value = "text")]
-        format: ShowFormat,
-        /// Compare with another lock file, or with this pipeline's lock file at a git
-        /// revision (`HEAD~1`, a tag, a commit): side by side, with deltas.
-        #[arg(long, value_name = "LOCK|REV")]
-        against: Option<String>,
-    },
+    Show(ShowArgs),
     /// Print the directory of a stage's recorded artifact (for scripts).
     #[command(after_help = "Example:\n  ls \"$(msmae path pipelines/quickstart.yaml attn)\"/overlays")]
     Path {
@@ -263,23 +173,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  msmae audit pipelines/quickstart.yaml\n  msmae audit pipelines/quickstart.yaml ft-msmae --threads 1 --tolerance 0.01\n  msmae audit pipelines/quickstart.yaml data masks --format json"
     )]
-    Audit {
-        #[command(flatten)]
-        common: Common,
-        /// Stages to recompute (default: every stage the lock file records).
-        stages: Vec<String>,
-        /// CPU threads to compute with (default: the count recorded for each stage).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Largest absolute difference of a declared metric still counted as reproduced.
-        #[arg(long, default_value_t = 0.0)]
-        tolerance: f64,
-        #[arg(long, value_enum, default_value = "text")]
-        format: AuditFormat,
-        /// Recompute here and keep the results (default: a temporary directory).
-        #[arg(long)]
-        scratch: Option<PathBuf>,
-    },
+    Audit(AuditArgs),
     /// What this machine and build offer for training: backends, CUDA devices, MPI, the
     /// process group, NCCL and the CUDA driver, and how gradients would be summed. For
     /// checking a node before a long job.
@@ -290,6 +184,133 @@ pub enum Command {
     /// List the stage kinds this binary provides.
     #[command(after_help = "Example:\n  msmae stages")]
     Stages,
+}
+
+// `msmae run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Run only this stage (re-executed even if cached); its inputs must be cached.
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Re-execute this stage, then whatever downstream its output changes.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Stop after this stage (and what it needs).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Re-execute every selected stage even if cached.
+    #[arg(long)]
+    pub force: bool,
+    /// Show what would run and why; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Job slots (light stages take one, training stages all).
+    #[arg(short, long)]
+    pub jobs: Option<usize>,
+    /// Fail instead of waiting when another runner is computing a stage.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Where stages run: `local` (threads of this process) or `slurm` (one job per
+    /// stage, this process driving from the login node; the store must be shared).
+    #[arg(long, value_enum, default_value = "local")]
+    pub executor: ExecutorArg,
+    /// Slurm profile (YAML: partition, account, qos, gpu_flag, mpi, extra, light,
+    /// training); none of it enters the cache key.
+    #[arg(long, env = "MSMAE_SLURM_PROFILE")]
+    pub profile: Option<PathBuf>,
+    /// Re-hash the inputs of every stage that runs before running it (a cache hit checks
+    /// files and sizes only).
+    #[arg(long)]
+    pub verify_inputs: bool,
+    /// Resubmissions of a Slurm job ended by its time limit, a node failure or preemption
+    /// (the stage resumes from its checkpoint).
+    #[arg(long, default_value_t = 1)]
+    pub retries: usize,
+    /// Write TensorBoard scalars (loss, lr, validation metrics per epoch; per step too
+    /// with MSMAE_TENSORBOARD_STEPS=1) of every training stage that runs into
+    /// DIR/PIPELINE/STAGE/ (outside the store: never part of a cache key).
+    #[arg(long, env = "MSMAE_TENSORBOARD", value_name = "DIR")]
+    pub tensorboard: Option<PathBuf>,
+}
+
+// `msmae run-stage`.
+#[derive(Debug, Args)]
+pub struct RunStageArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long)]
+    pub stage: String,
+    /// The key the driver submitted the stage under.
+    #[arg(long)]
+    pub key: String,
+    /// Where to write the outcome (JSON, atomically) for the driver.
+    #[arg(long)]
+    pub outcome: PathBuf,
+    /// Re-execute even if cached (the driver's `--stage`, `--from`, `--force`).
+    #[arg(long)]
+    pub force: bool,
+    /// Prove to the driver that the store's file locks reach across nodes (marker prefix).
+    #[arg(long)]
+    pub lock_check: Option<PathBuf>,
+    /// The driver's `--tensorboard`.
+    #[arg(long, env = "MSMAE_TENSORBOARD", value_name = "DIR")]
+    pub tensorboard: Option<PathBuf>,
+}
+
+// `msmae gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Keep only artifacts recorded in lock files (drop other cached configurations).
+    #[arg(long)]
+    pub prune: bool,
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Fail instead of waiting while a pipeline runs on this store.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Forget a lock file registered with this store (one that was deleted on purpose),
+    /// so that gc no longer keeps the artifacts it referenced; removes nothing itself.
+    #[arg(long, value_name = "LOCK")]
+    pub forget: Vec<PathBuf>,
+}
+
+// `msmae show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Only these stages (default: every stage that declares results).
+    pub stages: Vec<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: ShowFormat,
+    /// Compare with another lock file, or with this pipeline's lock file at a git
+    /// revision (`HEAD~1`, a tag, a commit): side by side, with deltas.
+    #[arg(long, value_name = "LOCK|REV")]
+    pub against: Option<String>,
+}
+
+// `msmae audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Stages to recompute (default: every stage the lock file records).
+    pub stages: Vec<String>,
+    /// CPU threads to compute with (default: the count recorded for each stage).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Largest absolute difference of a declared metric still counted as reproduced.
+    #[arg(long, default_value_t = 0.0)]
+    pub tolerance: f64,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: AuditFormat,
+    /// Recompute here and keep the results (default: a temporary directory).
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
 }
 
 /// A command line that cannot be carried out as written (exit 2, like a clap error).
@@ -453,85 +474,6 @@ fn slurm_options(
     })
 }
 
-/// `run-stage`: one stage in a Slurm job. Writes the outcome file in every case but a kill.
-/// What the driver asked a Slurm job (`run-stage`) for.
-struct StageJob {
-    stage: String,
-    key: String,
-    outcome: PathBuf,
-    force: bool,
-    lock_check: Option<PathBuf>,
-    tensorboard: Option<PathBuf>,
-}
-
-fn run_stage(registry: &Registry, common: &Common, job: StageJob) -> Result<ExitCode> {
-    let StageJob { stage, key, outcome, force, lock_check, tensorboard } = job;
-    let (stage, key, outcome) = (stage.as_str(), key.as_str(), outcome.as_path());
-    let host = msmae_pipeline::store::Host::current().hostname;
-    let t = std::time::Instant::now();
-    let result = (|| -> Result<msmae_pipeline::RunReport> {
-        let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
-        let store = store_for(common)?;
-        // The device this job was keyed for, resolved here: a node without it fails, where
-        // the stage computes with a model (for the others the device is not in the key).
-        let uses_backend = plan.nodes.iter().find(|n| n.name == stage).is_none_or(|n| n.kind.uses_backend());
-        let compute = match compute(common) {
-            Ok(c) => c,
-            Err(e) if !uses_backend => cluster_compute(common, &Default::default()).map_err(|_| e)?,
-            Err(e) => {
-                return Err(e.context(format!(
-                    "this job on {} cannot compute on the device it was keyed for",
-                    msmae_pipeline::store::Host::current().hostname
-                )));
-            }
-        };
-        let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
-        tools.insert("msmae".into(), env!("CARGO_PKG_VERSION").into());
-        let opts = RunOptions {
-            stage: Some(stage.to_string()),
-            expect_key: Some(key.to_string()),
-            force,
-            update_lock: false,
-            lock_check,
-            env: compute.env.clone(),
-            tools,
-            cancel: cancel_on_ctrl_c(),
-            lock_file: Some(lock_path(common)),
-            group: msmae_dist::group(),
-            run_log: tensorboard,
-            compute_threads: msmae_backend::compute_threads(compute.backend),
-            ..RunOptions::default()
-        };
-        Ok(msmae_pipeline::run(&plan, &store, &opts, &msmae_core::NoProgress)?)
-    })();
-    let out = match &result {
-        Ok(r) => match r.stage(stage).map(|s| &s.outcome) {
-            Some(Outcome::Ran { .. }) => ("ran", None),
-            Some(Outcome::Cached) => ("cached", None),
-            Some(Outcome::Cancelled) => ("cancelled", None),
-            Some(Outcome::Failed { error }) => ("failed", Some(error.clone())),
-            Some(o) => ("failed", Some(format!("stage ended {}", o.label()))),
-            None => ("failed", Some(format!("no stage `{stage}` in the report"))),
-        },
-        Err(e) => ("failed", Some(msmae_core::error::chain(e.as_ref()))),
-    };
-    if let Some(e) = &out.1 {
-        eprintln!("error: stage `{stage}`: {e}");
-    }
-    let record = msmae_pipeline::slurm::JobOutcome {
-        stage: stage.to_string(),
-        key: Some(key.to_string()),
-        outcome: out.0.to_string(),
-        error: out.1.clone(),
-        seconds: t.elapsed().as_secs_f64(),
-        host,
-    };
-    if msmae_dist::group().rank() == 0 {
-        record.write(outcome)?;
-    }
-    Ok(if out.0 == "ran" || out.0 == "cached" { ExitCode::SUCCESS } else { ExitCode::from(1) })
-}
-
 /// What the inspecting commands read: the plan, the store, the lock file and its path.
 struct Recorded {
     plan: msmae_pipeline::Plan,
@@ -655,312 +597,20 @@ fn environment_report() -> String {
 
 fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
     match cli.command {
-        Command::Env => {
-            print!("{}", environment_report());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Stages => {
-            for s in registry.iter() {
-                println!("{:28} v{}  {}", s.kind(), s.version(), s.summary());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Run {
-            common,
-            stage,
-            from,
-            until,
-            force,
-            dry_run,
-            jobs,
-            no_wait,
-            executor,
-            profile,
-            retries,
-            verify_inputs,
-            tensorboard,
-        } => {
-            if let Some(j) = jobs
-                && !(1..=MAX_JOBS).contains(&j)
-            {
-                return Err(UsageError(format!(
-                    "--jobs {j}: give between 1 and {MAX_JOBS} job slots (this machine has {})",
-                    RunOptions::default().jobs
-                ))
-                .into());
-            }
-            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
-            let store = store_for(&common)?;
-            // Under Slurm the jobs compute, on their nodes: the key's environment is the one
-            // asked for, resolved there (a job that cannot get it fails), not this machine's.
-            let profile = match (&profile, executor) {
-                (Some(p), ExecutorArg::Slurm) => msmae_pipeline::slurm::Profile::load(p)?,
-                _ => Default::default(),
-            };
-            let compute =
-                if executor == ExecutorArg::Slurm { cluster_compute(&common, &profile)? } else { compute(&common)? };
-            let executor = match executor {
-                ExecutorArg::Local => msmae_pipeline::Executor::Local,
-                ExecutorArg::Slurm => msmae_pipeline::Executor::Slurm(std::sync::Arc::new(slurm_options(
-                    &common,
-                    &store,
-                    &compute.env,
-                    profile,
-                    retries,
-                    tensorboard.as_deref(),
-                )?)),
-            };
-            let cancel = cancel_on_ctrl_c();
-            let mut tools: BTreeMap<String, String> = compute.tools().into_iter().collect();
-            tools.insert("msmae".into(), env!("CARGO_PKG_VERSION").into());
-            let opts = RunOptions {
-                jobs: jobs.unwrap_or_else(|| RunOptions::default().jobs),
-                force,
-                stage,
-                from,
-                until,
-                dry_run,
-                wait: !no_wait,
-                env: compute.env.clone(),
-                tools,
-                cancel,
-                lock_file: Some(lock_path(&common)),
-                group: msmae_dist::group(),
-                executor,
-                expect_key: None,
-                update_lock: true,
-                lock_check: None,
-                verify_inputs,
-                run_log: tensorboard.map(|d| std::path::absolute(&d).unwrap_or(d)),
-                compute_threads: msmae_backend::compute_threads(compute.backend),
-            };
-            let g = msmae_dist::group();
-            let ranks = if g.is_solo() { String::new() } else { format!(" × {} processes ({})", g.size(), g.name()) };
-            tracing::info!(
-                "pipeline `{}`: {} stages, backend {} on {}{ranks} ({}), store {}",
-                plan.spec.name,
-                plan.nodes.len(),
-                compute.env.backend,
-                compute.env.device,
-                compute.env.precision,
-                store.root().display()
-            );
-            let bars = progress::bars();
-            let report = msmae_pipeline::run(&plan, &store, &opts, bars.as_ref())?;
-            if opts.group.rank() == 0 {
-                print_report(&report);
-            }
-            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
-        Command::RunStage { common, stage, key, outcome, force, lock_check, tensorboard } => {
-            run_stage(registry, &common, StageJob { stage, key, outcome, force, lock_check, tensorboard })
-        }
-        Command::Status { common } => {
-            let Recorded { plan, store, lock, .. } = recorded(&common, registry)?;
-            print_status(&inspect::status(&plan, &store, &lock, &keyed_env(&common)?));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Why { common, stage } => {
-            let Recorded { plan, store, lock, .. } = recorded(&common, registry)?;
-            print!("{}", inspect::why(&plan, &store, &lock, &keyed_env(&common)?, &stage)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Dag { common, format } => {
-            let plan = msmae_pipeline::load_plan(&common.pipeline, &common.set, registry)?;
-            let f = match format {
-                Format::Text => DagFormat::Text,
-                Format::Dot => DagFormat::Dot,
-                Format::Mermaid => DagFormat::Mermaid,
-            };
-            print!("{}", inspect::dag(&plan, f));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Verify { common } => {
-            let store = store_for(&common)?;
-            let lp = lock_path(&common);
-            if !lp.exists() {
-                anyhow::bail!("{}: no lock file (run the pipeline first)", lp.display());
-            }
-            let lock = LockFile::read(&lp, "")?;
-            let (checked, bad) = inspect::verify(&store, &lock)?;
-            for m in &bad {
-                println!("MISMATCH {}: {}", m.stage, m.problem);
-            }
-            println!(
-                "verified {checked} of {} artifacts in {}: {} mismatches",
-                lock.stages.len(),
-                lp.display(),
-                bad.len()
-            );
-            Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
-        Command::Show { common, stages, format, against } => {
-            let Recorded { plan, store, lock_path: lp, lock } = recorded(&common, registry)?;
-            let env = keyed_env(&common)?;
-            let rows = results::collect(&plan, &store, &lock, &env, &stages)?;
-            let format = match format {
-                ShowFormat::Text => results::ShowFormat::Text,
-                ShowFormat::Json => results::ShowFormat::Json,
-                ShowFormat::Csv => results::ShowFormat::Csv,
-                ShowFormat::Md => results::ShowFormat::Md,
-            };
-            if lock.stages.is_empty() && against.is_none() {
-                eprintln!("note: {} records no results yet: run the pipeline first", lp.display());
-            }
-            let out = match against {
-                None => results::render(&rows, None, format),
-                Some(spec) => {
-                    let (label, other) = results::against_lock(&spec, &lp)?;
-                    let theirs: Vec<results::StageResults> = plan
-                        .nodes
-                        .iter()
-                        .map(|n| results::read(&store, &other, &n.name, n.kind.kind(), &n.output))
-                        .collect();
-                    let d = results::deltas(&rows, &theirs);
-                    results::render(&rows, Some((&label, &d)), format)
-                }
-            };
-            print!("{out}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Path { common, stage } => {
-            let Recorded { plan, store, lock_path: lp, lock } = recorded(&common, registry)?;
-            let rows = results::collect(&plan, &store, &lock, &keyed_env(&common)?, std::slice::from_ref(&stage))?;
-            let r = rows.first().context("no such stage")?;
-            match (&r.artifact, &r.path) {
-                (None, _) => {
-                    anyhow::bail!("stage `{stage}` has no artifact in {}: run the pipeline first", lp.display())
-                }
-                (Some(d), None) => {
-                    anyhow::bail!(
-                        "stage `{stage}`: artifact {} recorded in {} is not in the store {}",
-                        &d[..12],
-                        lp.display(),
-                        store.root().display()
-                    )
-                }
-                (Some(_), Some(p)) => {
-                    if !r.is_current() {
-                        eprintln!(
-                            "note: `{stage}` is {} ({}): this is the artifact the lock file records, not what the pipeline would produce now",
-                            r.state, r.detail
-                        );
-                    }
-                    println!("{}", p.display());
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Report { common, output } => {
-            let Recorded { plan, store, lock_path: lp, lock } = recorded(&common, registry)?;
-            let env = keyed_env(&common)?;
-            let status = inspect::status(&plan, &store, &lock, &env);
-            let all: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
-            let rows = results::collect(&plan, &store, &lock, &env, &all)?;
-            let page = report::html(&report::Inputs {
-                plan: &plan,
-                store: &store,
-                lock: &lock,
-                lock_label: lp.display().to_string(),
-                status: &status,
-                results: &rows,
-                generated: msmae_pipeline::store::now_rfc3339(),
-                version: env!("CARGO_PKG_VERSION"),
-            });
-            let out = output.unwrap_or_else(|| common.pipeline.with_extension("report.html"));
-            check_report_target(&out, &common, &store, &lp)?;
-            msmae_pipeline::store::write_atomic(&out, page.as_bytes())?;
-            println!("{} ({} KiB): open it in a browser", out.display(), page.len() / 1024);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Audit { common, stages, threads, tolerance, format, scratch } => {
-            audit(registry, &common, stages, threads, tolerance, format, scratch)
-        }
-        Command::Gc { common, prune, dry_run, no_wait, forget } => {
-            let store = store_for(&common)?;
-            for f in &forget {
-                if dry_run {
-                    println!("would forget {}", f.display());
-                } else if store.forget_root(f)? {
-                    println!("forgot {}: gc no longer keeps what it referenced", f.display());
-                } else {
-                    anyhow::bail!(
-                        "{} is not a lock file registered with the store {}",
-                        f.display(),
-                        store.root().display()
-                    );
-                }
-            }
-            let lp = lock_path(&common);
-            let extra: Vec<&Path> = if lp.exists() { vec![lp.as_path()] } else { vec![] };
-            let r = inspect::gc(&store, prune, dry_run, &extra, !no_wait)?;
-            for (lf, n) in &r.missing_roots {
-                eprintln!(
-                    "note: kept {n} artifacts of {}, a lock file registered with this store that is missing now; if it was deleted on purpose: msmae gc {} --forget {}",
-                    lf.display(),
-                    common.pipeline.display(),
-                    lf.display()
-                );
-            }
-            println!(
-                "{}{} objects ({} bytes), {} index entries, {} staging dirs, {} checkpoint dirs; kept {} objects",
-                if dry_run { "would remove " } else { "removed " },
-                r.objects,
-                r.bytes,
-                r.index_entries,
-                r.tmp_dirs,
-                r.resume_dirs,
-                r.kept_objects
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Env => Ok(commands::env()),
+        Command::Stages => Ok(commands::stages(registry)),
+        Command::Run(args) => commands::run(registry, args),
+        Command::RunStage(args) => commands::run_stage(registry, args),
+        Command::Status { common } => commands::status(registry, &common),
+        Command::Why { common, stage } => commands::why(registry, &common, &stage),
+        Command::Dag { common, format } => commands::dag(registry, &common, format),
+        Command::Verify { common } => commands::verify(&common),
+        Command::Show(args) => commands::show(registry, args),
+        Command::Path { common, stage } => commands::path(registry, &common, &stage),
+        Command::Report { common, output } => commands::report(registry, &common, output),
+        Command::Audit(args) => commands::audit(registry, args),
+        Command::Gc(args) => commands::gc(args),
     }
-}
-
-/// `msmae audit`: recompute recorded stages in a scratch store and compare.
-fn audit(
-    registry: &Registry,
-    common: &Common,
-    stages: Vec<String>,
-    threads: Option<usize>,
-    tolerance: f64,
-    format: AuditFormat,
-    scratch: Option<PathBuf>,
-) -> Result<ExitCode> {
-    if threads == Some(0) || threads.is_some_and(|t| t > MAX_JOBS) {
-        return Err(UsageError(format!("--threads: give between 1 and {MAX_JOBS}")).into());
-    }
-    if !(tolerance >= 0.0 && tolerance.is_finite()) {
-        return Err(UsageError(format!("--tolerance {tolerance}: give a finite number ≥ 0")).into());
-    }
-    let Recorded { plan, store, lock_path, lock } = recorded(common, registry)?;
-    if !lock_path.exists() {
-        anyhow::bail!("{}: no lock file, so nothing to reproduce (run the pipeline first)", lock_path.display());
-    }
-    let compute = compute(common)?;
-    let backend = compute.backend;
-    let set_threads = move |n: usize| {
-        msmae_backend::set_compute_threads(backend, n);
-        msmae_backend::compute_threads(backend)
-    };
-    let opts = msmae_pipeline::audit::AuditOptions {
-        stages,
-        threads,
-        tolerance,
-        env: compute.env.clone(),
-        set_threads: &set_threads,
-        scratch,
-        cancel: cancel_on_ctrl_c(),
-    };
-    let bars = progress::bars();
-    let audits = msmae_pipeline::audit::audit(&plan, &store, &lock, &opts, bars.as_ref())?;
-    match format {
-        AuditFormat::Text => {
-            print!("{}", msmae_pipeline::audit::render_text(&common.pipeline, &lock_path, &audits, tolerance))
-        }
-        AuditFormat::Json => println!("{}", serde_json::to_string_pretty(&audits)?),
-    }
-    Ok(if audits.iter().all(|a| a.verdict.reproduced()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// A cancellation token that the first Ctrl-C sets (stages stop at their next check, nothing

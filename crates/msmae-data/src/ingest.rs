@@ -220,7 +220,7 @@ pub fn write_image_table(
     label_names: &[String],
     items: &[Item],
     o: WriteOptions,
-    mut rejects: Vec<Reject>,
+    rejects: Vec<Reject>,
 ) -> Result<(), StageError> {
     let sampled;
     let items = match o.sample {
@@ -249,19 +249,46 @@ pub fn write_image_table(
         mask_classes: o.mask_classes.clone(),
         provenance,
     };
+    let mut written = Written { tally: SplitTally::new(label_names), previews: Vec::new(), rejects, rows: 0 };
+    write_rows(ctx, meta, items, &o, &mut written)?;
+    if written.rows == 0 {
+        return Err(StageError::other(format!(
+            "no image could be ingested ({} listed, {} rejected)",
+            items.len(),
+            written.rejects.len()
+        )));
+    }
+    write_reports(ctx, label_names, written, &o)
+}
+
+/// What writing the rows leaves for the reports.
+struct Written {
+    tally: SplitTally,
+    previews: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    rejects: Vec<Reject>,
+    rows: u64,
+}
+
+/// Decode the items and write them to `images.parquet`, one row group at a time: row group
+/// k+1 decodes on the pool while this thread compresses and writes row group k, so two row
+/// groups are in flight at most. A file that cannot be decoded fails the stage or becomes a
+/// reject, as `on_error` says.
+fn write_rows(
+    ctx: &mut StageContext<'_>,
+    meta: TableMeta,
+    items: &[Item],
+    o: &WriteOptions,
+    out: &mut Written,
+) -> Result<(), StageError> {
     let table = ctx.output_path("images.parquet")?;
     let mut writer = ImageTableWriter::create(&table, meta, o.row_group as usize)?;
-    let mut tally = SplitTally::new(label_names);
-    let mut previews: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(ctx.threads.max(1))
         .build()
         .map_err(|e| StageError::other(e.to_string()))?;
     let bar = ctx.progress.bar(Some(items.len() as u64), &ctx.name);
-    // Decode row group k+1 on the pool while this thread compresses and writes row group k:
-    // two row groups in flight at most.
     let chunks: Vec<&[Item]> = items.chunks(o.row_group.max(1) as usize).collect();
-    let decode = |chunk: &[Item]| pool.install(|| chunk.par_iter().map(|it| decode_item(it, &o)).collect::<Vec<_>>());
+    let decode = |chunk: &[Item]| pool.install(|| chunk.par_iter().map(|it| decode_item(it, o)).collect::<Vec<_>>());
     let mut next = chunks.first().map(|c| decode(c));
     for (k, chunk) in chunks.iter().enumerate() {
         ctx.cancel.check()?;
@@ -269,52 +296,7 @@ pub fn write_image_table(
         let following = chunks.get(k + 1).copied();
         let (ahead, written) = std::thread::scope(|s| {
             let handle = following.map(|c| s.spawn(move || decode(c)));
-            let written = (|| -> Result<(), StageError> {
-                for (it, d) in chunk.iter().zip(decoded) {
-                    let (img, mask, sha) = match d {
-                        Ok(x) => x,
-                        Err((path, e)) if o.on_error == OnError::Skip => {
-                            let reason =
-                                if path == it.path { e.to_string() } else { format!("mask {}: {e}", path.display()) };
-                            rejects.push(Reject { path: it.source.clone(), reason });
-                            continue;
-                        }
-                        Err((path, e)) => {
-                            return Err(StageError::data(
-                                &path,
-                                None,
-                                format!(
-                                    "{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"
-                                ),
-                            ));
-                        }
-                    };
-                    tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
-                    if (previews.len() as u32) < o.previews {
-                        let eight = if o.bit_depth == 16 {
-                            img.pixels.chunks_exact(2).map(|b| b[1]).collect()
-                        } else {
-                            img.pixels.clone()
-                        };
-                        previews.push((eight, mask.clone()));
-                    }
-                    writer.push(ImageRow {
-                        id: it.id.clone(),
-                        patient_id: it.patient.clone(),
-                        split: it.split,
-                        label: it.label,
-                        labels: it.labels.clone(),
-                        width: img.source_width as i32,
-                        height: img.source_height as i32,
-                        channels: o.channels as i32,
-                        pixels: img.pixels,
-                        mask,
-                        source_path: it.source.clone(),
-                        source_sha256: sha,
-                    })?;
-                }
-                Ok(())
-            })();
+            let written = chunk.iter().zip(decoded).try_for_each(|(it, d)| write_row(&mut writer, it, d, o, out));
             (handle.map(|h| h.join()), written)
         });
         written?;
@@ -325,14 +307,64 @@ pub fn write_image_table(
         };
         bar.inc(chunk.len() as u64);
     }
-    let rows = writer.finish()?;
-    if rows == 0 {
-        return Err(StageError::other(format!(
-            "no image could be ingested ({} listed, {} rejected)",
-            items.len(),
-            rejects.len()
-        )));
+    out.rows = writer.finish()?;
+    Ok(())
+}
+
+/// One decoded item into the table (and the tally and previews), or into the rejects.
+fn write_row(
+    writer: &mut ImageTableWriter,
+    it: &Item,
+    decoded: Result<DecodedItem, (PathBuf, DecodeError)>,
+    o: &WriteOptions,
+    out: &mut Written,
+) -> Result<(), StageError> {
+    let (img, mask, sha) = match decoded {
+        Ok(x) => x,
+        Err((path, e)) if o.on_error == OnError::Skip => {
+            let reason = if path == it.path { e.to_string() } else { format!("mask {}: {e}", path.display()) };
+            out.rejects.push(Reject { path: it.source.clone(), reason });
+            return Ok(());
+        }
+        Err((path, e)) => {
+            return Err(StageError::data(
+                &path,
+                None,
+                format!("{e} (set `on_error: skip` to leave such files out and list them in rejects.json)"),
+            ));
+        }
+    };
+    out.tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
+    if (out.previews.len() as u32) < o.previews {
+        let eight = if o.bit_depth == 16 { img.pixels.chunks_exact(2).map(|b| b[1]).collect() } else { img.pixels.clone() };
+        out.previews.push((eight, mask.clone()));
     }
+    writer.push(ImageRow {
+        id: it.id.clone(),
+        patient_id: it.patient.clone(),
+        split: it.split,
+        label: it.label,
+        labels: it.labels.clone(),
+        width: img.source_width as i32,
+        height: img.source_height as i32,
+        channels: o.channels as i32,
+        pixels: img.pixels,
+        mask,
+        source_path: it.source.clone(),
+        source_sha256: sha,
+    })?;
+    Ok(())
+}
+
+/// `split_report.json`, `rejects.json` and the preview sheet; the split report and the
+/// first reject go to the log too.
+fn write_reports(
+    ctx: &mut StageContext<'_>,
+    label_names: &[String],
+    written: Written,
+    o: &WriteOptions,
+) -> Result<(), StageError> {
+    let Written { mut tally, previews, rejects, .. } = written;
     tally.rejected = rejects.len() as u64;
     let report = tally.report();
     let write = |rel: &str, bytes: Vec<u8>| -> Result<(), StageError> {

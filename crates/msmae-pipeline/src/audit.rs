@@ -276,7 +276,7 @@ fn recompute(
     tracing::info!("recomputing `{}` ({}) with {threads} threads", node.name, node.kind.kind());
     prepared
         .run(&mut ctx)
-        .map_err(|e| Error::Output { stage: node.name.clone(), message: msmae_core::error::chain(&e) })?;
+        .map_err(|e| Error::Stage { stage: node.name.clone(), source: e })?;
     let manifest = scratch.commit(staging, &node.name, &decl)?;
     Ok((manifest.digest, decl))
 }

@@ -81,6 +81,25 @@ pub enum Error {
     },
     #[error("stage `{stage}` output: {message}")]
     Output { stage: String, message: String },
+    /// A stage's own error, kept whole (its causes ride on `source`).
+    #[error("stage `{stage}` failed")]
+    Stage {
+        stage: String,
+        #[source]
+        source: msmae_core::StageError,
+    },
+    #[error("panicked: {message}")]
+    Panicked { message: String },
+    #[error(
+        "its key here is {key}, not {submitted} as submitted (computing on {env}): the code, config, inputs or environment changed since; re-run the driver"
+    )]
+    KeyMismatch { key: String, submitted: String, env: String },
+    #[error("input `{upstream}` (artifact {artifact}) is damaged: {problems}; re-run it with `--stage {upstream}`")]
+    DamagedInput { upstream: String, artifact: String, problems: String },
+    /// A failure another process reported (a Slurm job, rank 0 of a multi-process run), as
+    /// it rendered it.
+    #[error("{0}")]
+    Reported(String),
     #[error("slurm: {0}")]
     Slurm(String),
     #[error("stage `{stage}` was cancelled")]
@@ -92,9 +111,16 @@ pub enum Error {
     )]
     ReadOnly { path: PathBuf, what: String },
     #[error(
-        "the artifact store {store} is full: stage `{stage}` wrote {written} before the filesystem ran out, so it needs more than the {available} available there; nothing was committed (its staging is removed): free space or move the store (--store), then re-run ({cause})"
+        "the artifact store {store} is full: stage `{stage}` wrote {written} before the filesystem ran out, so it needs more than the {available} available there; nothing was committed (its staging is removed): free space or move the store (--store), then re-run"
     )]
-    OutOfSpace { stage: String, store: PathBuf, written: String, available: String, cause: String },
+    OutOfSpace {
+        stage: String,
+        store: PathBuf,
+        written: String,
+        available: String,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("artifact store {path} is held by {holder} (waiting is the default: drop --no-wait to wait for it)")]
     Busy { path: PathBuf, holder: String },
     #[error(
@@ -114,6 +140,70 @@ pub enum Error {
 impl Error {
     pub fn store(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Store { op, path: path.into(), source }
+    }
+
+    /// Whether the filesystem ran out of space somewhere down this error's causes: an I/O
+    /// error of that kind, or a cause that a library turned into text.
+    pub fn is_out_of_space(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && (io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28))
+            {
+                return true;
+            }
+            let text = e.to_string();
+            if ["No space left on device", "os error 28", "StorageFull", "storage full", "no storage space"]
+                .iter()
+                .any(|t| text.contains(t))
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+}
+
+/// Why a stage failed: the error itself when it failed in this process (so a caller can
+/// look at its variant and causes), the rendered chain when another process reported it.
+/// Displays as the whole chain; serialises as that text.
+#[derive(Debug, Clone)]
+pub struct Failure(std::sync::Arc<Error>);
+
+impl Failure {
+    pub fn error(&self) -> &Error {
+        &self.0
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure(std::sync::Arc::new(e))
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&msmae_core::error::chain(&*self.0))
+    }
+}
+
+impl PartialEq for Failure {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl serde::Serialize for Failure {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Failure {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d).map(|s| Error::Reported(s).into())
     }
 }
 
@@ -152,8 +242,20 @@ mod tests {
                 store: "/s".into(),
                 written: "1 GB".into(),
                 available: "10 MB".into(),
-                cause: "no space".into(),
+                source: Box::new(Error::store(
+                    "write",
+                    "/s/tmp/x",
+                    std::io::Error::new(std::io::ErrorKind::StorageFull, "no space"),
+                )),
             },
+            Error::Stage {
+                stage: "a".into(),
+                source: msmae_core::StageError::io("/d/x.png", std::io::Error::other("disk on fire")),
+            },
+            Error::Panicked { message: "index out of bounds".into() },
+            Error::KeyMismatch { key: "k1".into(), submitted: "k2".into(), env: "cpu".into() },
+            Error::DamagedInput { upstream: "b".into(), artifact: "abc".into(), problems: "x.bin: size".into() },
+            Error::Reported("stage `a` failed: read /x: gone".into()),
             Error::Busy { path: "/s".into(), holder: "pid 7".into() },
             Error::NotAStore { path: "/home".into(), found: "notes/".into() },
             Error::Audit("stage `a` differs".into()),
@@ -171,5 +273,32 @@ mod tests {
         }
         assert_eq!(msmae_core::error::chain(&all[1]), "read /p.yaml: permission denied");
         assert_eq!(msmae_core::error::chain(&all[2]), "write /s/index/k: permission denied");
+    }
+
+    /// A failure keeps the error value in this process and crosses processes as its text.
+    #[test]
+    fn a_failure_keeps_its_error_and_travels_as_its_chain() {
+        let f: Failure = Error::Stage {
+            stage: "data".into(),
+            source: msmae_core::StageError::io("/d/x.png", std::io::Error::other("gone")),
+        }
+        .into();
+        assert!(matches!(f.error(), Error::Stage { stage, .. } if stage == "data"));
+        assert_eq!(f.to_string(), "stage `data` failed: read /d/x.png: gone");
+        let json = serde_json::to_string(&f).expect("ser");
+        let back: Failure = serde_json::from_str(&json).expect("de");
+        assert!(matches!(back.error(), Error::Reported(_)));
+        assert_eq!(back, f, "the same text");
+        assert_eq!(back.to_string(), f.to_string());
+    }
+
+    #[test]
+    fn running_out_of_space_is_found_down_the_causes() {
+        let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "full");
+        assert!(Error::store("write", "/s/x", full).is_out_of_space());
+        let as_text = msmae_core::StageError::other("writing images.parquet: No space left on device (os error 28)");
+        assert!(Error::Stage { stage: "a".into(), source: as_text }.is_out_of_space());
+        let other = msmae_core::StageError::io("/d/x.png", std::io::Error::other("gone"));
+        assert!(!Error::Stage { stage: "a".into(), source: other }.is_out_of_space());
     }
 }

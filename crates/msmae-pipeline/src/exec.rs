@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use msmae_core::error::chain;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Failure, Result};
 use crate::key::{EnvKey, ExternalRef, InputRef, KeyParts};
 use crate::lockfile::{self, LockFile};
 use crate::plan::{Node, Plan};
@@ -136,7 +136,7 @@ pub enum Outcome {
     /// Not part of the selection.
     Skipped,
     Failed {
-        error: String,
+        error: Failure,
     },
     /// An upstream stage failed or was cancelled.
     Blocked {
@@ -309,6 +309,41 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
     let t0 = Instant::now();
     let sel = select(plan, opts)?;
     check_global_batches(plan, &sel, opts)?;
+    let (lock_path, lock) = read_lock(plan, opts)?;
+    let leader = opts.group.rank() == 0;
+    // gc waits until this run ends (and this run until a gc ends): shared among runners.
+    let _run_lock = if opts.dry_run { None } else { Some(store.run_lock(false, opts.wait, "msmae run")?) };
+    if !opts.dry_run && leader {
+        for p in store.clean_stale_tmp()? {
+            tracing::info!("removed staging directory of an interrupted run: {}", p.display());
+        }
+    }
+    let owner = lockfile::Owner { name: &plan.spec.name, file: &plan.spec.file };
+    let order: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
+    let records = !opts.dry_run && leader && opts.update_lock;
+    // Each artifact enters the lock file as soon as its stage ends.
+    let record = |name: &str, entry: IndexEntry| -> Result<()> {
+        if records {
+            lockfile::update(store, &lock_path, &owner, &order, &[(name.to_string(), entry)])?;
+        }
+        Ok(())
+    };
+    let done = schedule(plan, store, opts, progress, &sel, &lock, record)?;
+    if records {
+        register_root(store, &lock_path, &plan.spec.name);
+    }
+    if leader
+        && let Err(e) = store.memo().save()
+        && !store::is_read_only(&e)
+    {
+        tracing::warn!("could not save the hash memo: {e}");
+    }
+    Ok(done.report(plan, t0.elapsed().as_secs_f64(), lock_path))
+}
+
+/// The pipeline's lock file (empty when there is none yet), refused when it belongs to
+/// another pipeline; a warning when it was written under an older key scheme.
+fn read_lock(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, LockFile)> {
     let lock_path = opts.lock_file.clone().unwrap_or_else(|| lockfile::default_path(&plan.spec.file));
     let lock = LockFile::read(&lock_path, &plan.spec.name)?;
     lock.check_owner(&lock_path, &plan.spec.file, &plan.spec.name)?;
@@ -318,26 +353,56 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
             lock_path.display()
         );
     }
-    let owner = lockfile::Owner { name: &plan.spec.name, file: &plan.spec.file };
-    let order: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
-    let leader = opts.group.rank() == 0;
-    // gc waits until this run ends (and this run until a gc ends): shared among runners.
-    let _run_lock = if opts.dry_run { None } else { Some(store.run_lock(false, opts.wait, "msmae run")?) };
-    if !opts.dry_run && leader {
-        for p in store.clean_stale_tmp()? {
-            tracing::info!("removed staging directory of an interrupted run: {}", p.display());
-        }
+    Ok((lock_path, lock))
+}
+
+/// What the scheduler knows of every stage: its outcome once settled, its key and its
+/// artifact once it has one.
+struct Progressed {
+    outcome: Vec<Option<Outcome>>,
+    keys: Vec<Option<String>>,
+    digests: BTreeMap<usize, String>,
+}
+
+impl Progressed {
+    fn report(self, plan: &Plan, seconds: f64, lock_file: PathBuf) -> RunReport {
+        let Progressed { mut outcome, mut keys, digests } = self;
+        let stages = plan
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| StageReport {
+                name: node.name.clone(),
+                kind: node.kind.kind().to_string(),
+                outcome: outcome[i].take().unwrap_or(Outcome::Cancelled),
+                key: keys[i].take(),
+                artifact: digests.get(&i).cloned(),
+            })
+            .collect();
+        RunReport { pipeline: plan.spec.name.clone(), stages, seconds, lock_file }
     }
+}
+
+/// Walk the DAG: launch every stage whose inputs are ready while job slots allow, settle
+/// what an upstream failure or a cancellation decides, hand each new artifact to `record`
+/// (an error there cancels the run and is returned once the running stages end).
+fn schedule(
+    plan: &Plan,
+    store: &Store,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    sel: &Selection,
+    lock: &LockFile,
+    record: impl Fn(&str, IndexEntry) -> Result<()>,
+) -> Result<Progressed> {
     let n = plan.nodes.len();
-    let mut outcome: Vec<Option<Outcome>> = vec![None; n];
-    let mut keys: Vec<Option<String>> = vec![None; n];
-    let mut digests: BTreeMap<usize, String> = BTreeMap::new();
-    let mut running: BTreeMap<usize, usize> = BTreeMap::new(); // node → slots
-    for (i, o) in outcome.iter_mut().enumerate() {
+    let mut st = Progressed { outcome: vec![None; n], keys: vec![None; n], digests: BTreeMap::new() };
+    for (i, o) in st.outcome.iter_mut().enumerate() {
         if !sel.needed.contains(&i) {
             *o = Some(Outcome::Skipped);
         }
     }
+    let mut running: BTreeMap<usize, usize> = BTreeMap::new(); // node → slots
     // The ranks of a multi-process run walk the DAG in lockstep: one stage at a time. Under
     // Slurm every ready stage is submitted at once (the scheduler shares the cluster out).
     let slurm = matches!(opts.executor, Executor::Slurm(_));
@@ -354,19 +419,19 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
         loop {
             // Propagate failures and launch what is ready.
             for i in 0..n {
-                if outcome[i].is_some() || running.contains_key(&i) {
+                if st.outcome[i].is_some() || running.contains_key(&i) {
                     continue;
                 }
                 let node = &plan.nodes[i];
-                if let Some(o) = inherited_outcome(plan, i, &outcome) {
-                    outcome[i] = Some(o);
+                if let Some(o) = inherited_outcome(plan, i, &st.outcome) {
+                    st.outcome[i] = Some(o);
                     continue;
                 }
-                if !node.deps.iter().all(|d| digests.contains_key(d)) {
+                if !node.deps.iter().all(|d| st.digests.contains_key(d)) {
                     continue;
                 }
                 if opts.cancel.is_cancelled() {
-                    outcome[i] = Some(Outcome::Cancelled);
+                    st.outcome[i] = Some(Outcome::Cancelled);
                     continue;
                 }
                 let slots = if slurm { 1 } else { node.resources.slots(budget) };
@@ -382,7 +447,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
                     opts,
                     progress,
                     i,
-                    digests: digests.clone(),
+                    digests: st.digests.clone(),
                     forced: sel.forced.contains(&i),
                     selected: sel.selected.contains(&i),
                     threads: slots,
@@ -397,54 +462,23 @@ pub fn run(plan: &Plan, store: &Store, opts: &RunOptions, progress: &dyn Progres
             }
             let Ok(Msg::Done { i, outcome: o, entry, key }) = rx.recv() else { break };
             running.remove(&i);
-            keys[i] = key;
+            st.keys[i] = key;
             let name = &plan.nodes[i].name;
             match &o {
                 Outcome::Failed { error } => tracing::error!("{name}: {error}"),
                 other => tracing::info!("{name}: {}", other.label()),
             }
             if let Some(e) = entry {
-                digests.insert(i, e.artifact.clone());
-                if !opts.dry_run
-                    && leader
-                    && opts.update_lock
-                    && let Err(err) = lockfile::update(store, &lock_path, &owner, &order, &[(name.clone(), *e)])
-                {
+                st.digests.insert(i, e.artifact.clone());
+                if let Err(err) = record(name, *e) {
                     result = Err(err);
                     opts.cancel.cancel();
                 }
             }
-            outcome[i] = Some(o);
+            st.outcome[i] = Some(o);
         }
     });
-    result?;
-    if leader && !opts.dry_run && opts.update_lock {
-        register_root(store, &lock_path, &plan.spec.name);
-    }
-    if leader
-        && let Err(e) = store.memo().save()
-        && !store::is_read_only(&e)
-    {
-        tracing::warn!("could not save the hash memo: {e}");
-    }
-    let stages = plan
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| StageReport {
-            name: node.name.clone(),
-            kind: node.kind.kind().to_string(),
-            outcome: outcome[i].clone().unwrap_or(Outcome::Cancelled),
-            key: keys[i].clone(),
-            artifact: digests.get(&i).cloned(),
-        })
-        .collect();
-    Ok(RunReport {
-        pipeline: plan.spec.name.clone(),
-        stages,
-        seconds: t0.elapsed().as_secs_f64(),
-        lock_file: lock_path,
-    })
+    result.map(|()| st)
 }
 
 /// Register the lock file as a gc root with the artifacts it references, after every run,
@@ -536,7 +570,7 @@ impl Job<'_> {
             Ok(m) => m,
             Err(p) => Msg::Done {
                 i: self.i,
-                outcome: Outcome::Failed { error: format!("panicked: {}", panic_text(&p)) },
+                outcome: Outcome::Failed { error: Error::Panicked { message: panic_text(&p) }.into() },
                 entry: None,
                 key: None,
             },
@@ -552,9 +586,9 @@ impl Job<'_> {
     /// after a time limit, node failure or preemption while `--retries` allows.
     fn on_slurm(&self, s: &crate::slurm::SlurmOptions, node: &Node, key: &str) -> Msg {
         use crate::slurm::{JobEnd, Submission};
-        let fail = |error: String| Msg::Done {
+        let fail = |error: Error| Msg::Done {
             i: self.i,
-            outcome: Outcome::Failed { error },
+            outcome: Outcome::Failed { error: error.into() },
             entry: None,
             key: Some(key.to_string()),
         };
@@ -583,7 +617,7 @@ impl Job<'_> {
             let _ = std::fs::remove_file(&outcome);
             let job = match crate::slurm::submit(&dir, &node.name, &script) {
                 Ok(j) => j,
-                Err(e) => return fail(chain(&e)),
+                Err(e) => return fail(e),
             };
             let sub = Submission { job, log: log.clone(), outcome: outcome.clone() };
             let log_file = crate::slurm::log_path(&sub);
@@ -594,7 +628,7 @@ impl Job<'_> {
                 Ok(e) => e,
                 Err(e) => {
                     crate::slurm::cancel(&sub.job);
-                    return fail(chain(&e));
+                    return fail(e);
                 }
             };
             match end {
@@ -609,14 +643,14 @@ impl Job<'_> {
                             };
                             Msg::Done { i: self.i, outcome, entry: Some(Box::new(entry)), key: Some(key.to_string()) }
                         }
-                        Ok(None) => fail(format!(
-                            "Slurm job {} says `{}` {} but the store has no artifact for its key (is the store on a filesystem the nodes share?); log {}",
+                        Ok(None) => fail(Error::Slurm(format!(
+                            "job {} says `{}` {} but the store has no artifact for its key (is the store on a filesystem the nodes share?); log {}",
                             sub.job,
                             node.name,
                             o.outcome,
                             log_file.display()
-                        )),
-                        Err(e) => fail(chain(&e)),
+                        ))),
+                        Err(e) => fail(e),
                     };
                 }
                 JobEnd::Outcome(o) if o.outcome == "cancelled" => {
@@ -628,13 +662,13 @@ impl Job<'_> {
                     };
                 }
                 JobEnd::Outcome(o) => {
-                    return fail(format!(
-                        "Slurm job {} on {} failed: {}; log {}",
+                    return fail(Error::Slurm(format!(
+                        "job {} on {} failed: {}; log {}",
                         sub.job,
                         o.host,
                         o.error.unwrap_or_else(|| o.outcome.clone()),
                         log_file.display()
-                    ));
+                    )));
                 }
                 JobEnd::Cancelled => {
                     return Msg::Done {
@@ -645,11 +679,11 @@ impl Job<'_> {
                     };
                 }
                 JobEnd::Lost => {
-                    return fail(format!(
-                        "Slurm job {} left the queue without an outcome; log {}",
+                    return fail(Error::Slurm(format!(
+                        "job {} left the queue without an outcome; log {}",
                         sub.job,
                         log_file.display()
-                    ));
+                    )));
                 }
                 JobEnd::Retryable(why) if attempt < s.retries => {
                     tracing::warn!(
@@ -661,16 +695,16 @@ impl Job<'_> {
                     );
                 }
                 JobEnd::Retryable(why) => {
-                    return fail(format!(
-                        "Slurm job {} ended by {why} (a timeout: raise `resources: time`), after {} retries; log {}",
+                    return fail(Error::Slurm(format!(
+                        "job {} ended by {why} (a timeout: raise `resources: time`), after {} retries; log {}",
                         sub.job,
                         s.retries,
                         log_file.display()
-                    ));
+                    )));
                 }
             }
         }
-        fail("no Slurm attempt ran".into())
+        fail(Error::Slurm("no attempt ran".into()))
     }
 
     /// A rank other than 0: adopt rank 0's outcome of this stage, after running its part of
@@ -742,16 +776,16 @@ impl Job<'_> {
     }
 
     fn execute(&self) -> Msg {
-        let fail = |error: String, key: Option<String>| Msg::Done {
+        let fail = |error: Error, key: Option<String>| Msg::Done {
             i: self.i,
-            outcome: Outcome::Failed { error },
+            outcome: Outcome::Failed { error: error.into() },
             entry: None,
             key,
         };
         let node = &self.plan.nodes[self.i];
         let parts = match key_parts(self.plan, node, &self.digests, self.store, &self.opts.env) {
             Ok(p) => p,
-            Err(e) => return fail(chain(&e), None),
+            Err(e) => return fail(e, None),
         };
         let key = parts.key();
         if let Some(want) = &self.opts.expect_key
@@ -759,16 +793,11 @@ impl Job<'_> {
             && want != &key
         {
             let env = show_env(parts.env.as_ref());
-            return fail(
-                format!(
-                    "its key here is {key}, not {want} as submitted (computing on {env}): the code, config, inputs or environment changed since; re-run the driver"
-                ),
-                Some(key),
-            );
+            return fail(Error::KeyMismatch { key: key.clone(), submitted: want.clone(), env }, Some(key));
         }
         let cached = match self.store.lookup(&key) {
             Ok(c) => c,
-            Err(e) => return fail(chain(&e), Some(key)),
+            Err(e) => return fail(e, Some(key)),
         };
         let done = |outcome, entry: IndexEntry| Msg::Done {
             i: self.i,
@@ -785,7 +814,7 @@ impl Job<'_> {
             let upstream = node.name.clone();
             let stage =
                 self.plan.nodes.iter().find(|n| n.deps.contains(&self.i)).map(|n| n.name.clone()).unwrap_or_default();
-            return fail(Error::NotCached { stage, upstream }.to_string(), Some(key));
+            return fail(Error::NotCached { stage, upstream }, Some(key));
         }
         if self.opts.dry_run {
             let reasons = match (&self.previous, self.forced) {
@@ -802,16 +831,14 @@ impl Job<'_> {
                     Ok(problems) if problems.is_empty() => {}
                     Ok(problems) => {
                         let up = &self.plan.nodes[j].name;
-                        return fail(
-                            format!(
-                                "input `{up}` (artifact {}) is damaged: {}; re-run it with `--stage {up}`",
-                                &d[..12],
-                                problems.join("; ")
-                            ),
-                            Some(key),
-                        );
+                        let damaged = Error::DamagedInput {
+                            upstream: up.clone(),
+                            artifact: d[..12].to_string(),
+                            problems: problems.join("; "),
+                        };
+                        return fail(damaged, Some(key));
                     }
-                    Err(e) => return fail(chain(&e), Some(key)),
+                    Err(e) => return fail(e, Some(key)),
                 }
             }
         }
@@ -824,12 +851,12 @@ impl Job<'_> {
             self.opts.wait,
         ) {
             Ok(l) => l,
-            Err(e) => return fail(chain(&e), Some(key)),
+            Err(e) => return fail(e, Some(key)),
         };
         if let Some(check) = &self.opts.lock_check
             && let Err(e) = crate::slurm::await_lock_verdict(check, &self.opts.cancel)
         {
-            return fail(chain(&e), Some(key));
+            return fail(e, Some(key));
         }
         if !self.forced {
             // Another runner may have produced it while we waited for the lock.
@@ -845,7 +872,7 @@ impl Job<'_> {
             Err(Error::Cancelled { .. }) => {
                 Msg::Done { i: self.i, outcome: Outcome::Cancelled, entry: None, key: Some(key) }
             }
-            Err(e) => fail(chain(&e), Some(key)),
+            Err(e) => fail(e, Some(key)),
         }
     }
 
@@ -860,8 +887,10 @@ impl Job<'_> {
         let res = if g.is_solo() || !node.kind.data_parallel() {
             // A panic is caught here, while the staging directory still exists to be measured
             // (a full disk makes some writers panic) and then removed.
-            std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx)))
-                .unwrap_or_else(|p| Err(msmae_core::StageError::other(format!("panicked: {}", panic_text(&p)))))
+            match std::panic::catch_unwind(AssertUnwindSafe(|| node.prepared.run(&mut ctx))) {
+                Ok(r) => r.map_err(|source| Error::Stage { stage: node.name.clone(), source }),
+                Err(p) => Err(Error::Panicked { message: panic_text(&p) }),
+            }
         } else {
             // Every rank runs it; a failure here while others wait in a collective ends the job.
             tell(g, &Word::Start { resume });
@@ -874,20 +903,17 @@ impl Job<'_> {
         };
         let seconds = t.elapsed().as_secs_f64();
         if let Err(e) = res {
-            if matches!(e, msmae_core::StageError::Cancelled) || self.opts.cancel.is_cancelled() {
+            let cancelled = matches!(&e, Error::Stage { source: msmae_core::StageError::Cancelled, .. });
+            if cancelled || self.opts.cancel.is_cancelled() {
                 return Err(Error::Cancelled { stage: node.name.clone() });
             }
-            let message = chain(&e);
-            if store::is_out_of_space(&message) {
-                return Err(self.out_of_space(node, staging.bytes(), message));
+            if e.is_out_of_space() {
+                return Err(self.out_of_space(node, staging.bytes(), e));
             }
-            return Err(Error::Output { stage: node.name.clone(), message });
+            return Err(e);
         }
         let written = staging.bytes();
-        let full = |e: Error| {
-            let message = chain(&e);
-            if store::is_out_of_space(&message) { self.out_of_space(node, written, message) } else { e }
-        };
+        let full = |e: Error| if e.is_out_of_space() { self.out_of_space(node, written, e) } else { e };
         let manifest = self.store.commit(staging, &node.name, &node.output).map_err(full)?;
         self.store.drop_resume_dir(key);
         let entry = IndexEntry {
@@ -913,7 +939,7 @@ impl Job<'_> {
 
     /// The error of a stage that ran out of disk: which store, how much it had written, how
     /// much is free (its staging directory is removed when the error returns).
-    fn out_of_space(&self, node: &Node, written: u64, cause: String) -> Error {
+    fn out_of_space(&self, node: &Node, written: u64, cause: Error) -> Error {
         let root = self.store.root();
         Error::OutOfSpace {
             stage: node.name.clone(),
@@ -921,7 +947,7 @@ impl Job<'_> {
             written: store::human_bytes(written),
             // What was free when the stage started: what it wrote plus what is left.
             available: store::free_bytes(root).map_or_else(|| "space".into(), |f| store::human_bytes(f + written)),
-            cause,
+            source: Box::new(cause),
         }
     }
 }

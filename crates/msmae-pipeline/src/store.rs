@@ -960,14 +960,6 @@ pub fn is_read_only(e: &std::io::Error) -> bool {
     matches!(e.kind(), std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied)
 }
 
-/// Whether an error (its text: stages wrap I/O errors in their own) says the disk is full.
-pub fn is_out_of_space(text: &str) -> bool {
-    text.contains("No space left on device")
-        || text.contains("os error 28")
-        || text.contains("storage full")
-        || text.contains("StorageFull")
-}
-
 /// Bytes available to this user on the filesystem holding `p`, if it can be asked.
 pub fn free_bytes(p: &Path) -> Option<u64> {
     rustix::fs::statvfs(p).ok().map(|s| s.f_bavail.saturating_mul(s.f_frsize))
