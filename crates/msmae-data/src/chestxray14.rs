@@ -14,13 +14,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
-use crate::decode::Aspect;
 use crate::ingest::{
-    Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, read_list, relative,
+    Item, Triage, WriteOptions, defaults, index_files, output_decl, read_list, relative,
     write_image_table,
 };
 use crate::meta::TextTable;
@@ -54,10 +52,9 @@ fn d_test() -> PathBuf {
     PathBuf::from("test_list.txt")
 }
 
+crate::ingest::ingest_config! {
 /// `with:` of `ingest/chestxray14`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChestXray14Config {
+pub struct ChestXray14Config, channels: "crate::ingest::defaults::grey" {
     /// Dataset root (relative to the pipeline file).
     pub root: PathBuf,
     /// Label CSV, relative to the root; default: `Data_Entry_2017.csv`, else
@@ -68,31 +65,10 @@ pub struct ChestXray14Config {
     pub train_val_list: PathBuf,
     #[serde(default = "d_test")]
     pub test_list: PathBuf,
-    #[serde(default = "defaults::size")]
-    pub size: u32,
-    /// 1 (the radiographs are grey; RGBA files are converted) or 3.
-    #[serde(default = "defaults::grey")]
-    pub channels: u32,
-    #[serde(default)]
-    pub aspect: Aspect,
     /// Fraction of train_val patients moved to validation.
     #[serde(default = "defaults::val_fraction")]
     pub val_fraction: f64,
-    #[serde(default)]
-    pub on_error: OnError,
-    #[serde(default = "defaults::row_group")]
-    pub row_group: u32,
-    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
-    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
-    /// pipeline on a small part of the real data. Absent: every image.
-    #[serde(default)]
-    pub sample: Option<f64>,
-    #[serde(default = "defaults::previews")]
-    pub previews: u32,
-    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
-    /// training loader's normalisation (twice the storage).
-    #[serde(default = "defaults::bit_depth")]
-    pub bit_depth: u32,
+}
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -165,8 +141,7 @@ impl Stage for ChestXray14 {
     }
 
     fn validate(&self, c: &ChestXray14Config) -> Result<(), ConfigError> {
-        crate::ingest::check_sample(c.sample)?;
-        check_options(c.size, c.channels, &SplitFractions::default(), c.row_group, c.bit_depth)?;
+        c.table().check(&SplitFractions::default())?;
         if !(0.0..1.0).contains(&c.val_fraction) {
             return Err(ConfigError { path: "val_fraction".into(), message: "must be in [0, 1)".into() });
         }
@@ -202,10 +177,8 @@ impl Stage for ChestXray14 {
         let names: Vec<String> = FINDINGS.iter().map(|s| s.to_string()).collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c, "metadata": csv_name });
         let opts = WriteOptions {
-            bit_depth: c.bit_depth,
             multi_label: true,
-            sample: c.sample,
-            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+            ..c.table().write_options()
         };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }

@@ -11,13 +11,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
-use crate::decode::Aspect;
 use crate::ingest::{
-    Item, OnError, Triage, WriteOptions, check_options, defaults, index_files, output_decl, relative, write_image_table,
+    Item, Triage, WriteOptions, index_files, output_decl, relative, write_image_table,
 };
 use crate::meta::TextTable;
 use crate::table::SplitFractions;
@@ -32,10 +30,9 @@ fn d_dirs() -> Vec<PathBuf> {
     vec![PathBuf::from("HAM10000_images_part_1"), PathBuf::from("HAM10000_images_part_2")]
 }
 
+crate::ingest::ingest_config! {
 /// `with:` of `ingest/ham10000`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Ham10000Config {
+pub struct Ham10000Config, channels: "crate::ingest::defaults::rgb" {
     /// Dataset root (relative to the pipeline file).
     pub root: PathBuf,
     /// Metadata CSV, relative to the root.
@@ -44,31 +41,10 @@ pub struct Ham10000Config {
     /// Image folders, relative to the root.
     #[serde(default = "d_dirs")]
     pub image_dirs: Vec<PathBuf>,
-    #[serde(default = "defaults::size")]
-    pub size: u32,
-    #[serde(default = "defaults::rgb")]
-    pub channels: u32,
-    /// The images are 600×450: `pad` keeps the whole lesion field, `crop` the centre.
-    #[serde(default)]
-    pub aspect: Aspect,
     /// Fractions of lesions per split.
     #[serde(default)]
     pub split: SplitFractions,
-    #[serde(default)]
-    pub on_error: OnError,
-    #[serde(default = "defaults::row_group")]
-    pub row_group: u32,
-    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
-    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
-    /// pipeline on a small part of the real data. Absent: every image.
-    #[serde(default)]
-    pub sample: Option<f64>,
-    #[serde(default = "defaults::previews")]
-    pub previews: u32,
-    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
-    /// training loader's normalisation (twice the storage).
-    #[serde(default = "defaults::bit_depth")]
-    pub bit_depth: u32,
+}
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -112,8 +88,7 @@ impl Stage for Ham10000 {
     }
 
     fn validate(&self, c: &Ham10000Config) -> Result<(), ConfigError> {
-        crate::ingest::check_sample(c.sample)?;
-        check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
+        c.table().check(&c.split)?;
         if c.image_dirs.is_empty() {
             return Err(ConfigError { path: "image_dirs".into(), message: "name at least one image folder".into() });
         }
@@ -210,9 +185,7 @@ impl Stage for Ham10000 {
         let provenance =
             serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
         let opts = WriteOptions {
-            bit_depth: c.bit_depth,
-            sample: c.sample,
-            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+            ..c.table().write_options()
         };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }

@@ -7,32 +7,22 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
-use crate::decode::Aspect;
 pub use crate::ingest::OnError;
-use crate::ingest::{Item, Reject, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
+use crate::ingest::{Item, Reject, Triage, WriteOptions, defaults, output_decl, write_image_table};
 use crate::table::{Split, SplitFractions, carve_validation};
 
 fn d_ext() -> Vec<String> {
     ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"].iter().map(|s| s.to_string()).collect()
 }
 
+crate::ingest::ingest_config! {
 /// `with:` of `ingest/imagefolder`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageFolderConfig {
+pub struct ImageFolderConfig, channels: "crate::ingest::defaults::rgb" {
     /// Dataset root (relative to the pipeline file).
     pub root: PathBuf,
-    #[serde(default = "defaults::size")]
-    pub size: u32,
-    /// 1 (grey) or 3 (RGB).
-    #[serde(default = "defaults::rgb")]
-    pub channels: u32,
-    #[serde(default)]
-    pub aspect: Aspect,
     /// Patient fractions when the root has no split folders.
     #[serde(default)]
     pub split: SplitFractions,
@@ -42,8 +32,6 @@ pub struct ImageFolderConfig {
     /// The patient id is the file stem up to this separator (e.g. `_` for `P001_left.png`).
     #[serde(default)]
     pub patient_separator: Option<String>,
-    #[serde(default)]
-    pub on_error: OnError,
     /// Segmentation pairs: files named `<image stem><mask_suffix>[_<n>].<ext>` beside an
     /// image are its masks (BUSI: `_mask`, with `_mask_1`, `_mask_2`, … merged), and every
     /// image must have at least one.
@@ -52,19 +40,7 @@ pub struct ImageFolderConfig {
     /// File extensions taken as images (case-insensitive); other files are ignored.
     #[serde(default = "d_ext")]
     pub extensions: Vec<String>,
-    #[serde(default = "defaults::row_group")]
-    pub row_group: u32,
-    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
-    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
-    /// pipeline on a small part of the real data. Absent: every image.
-    #[serde(default)]
-    pub sample: Option<f64>,
-    #[serde(default = "defaults::previews")]
-    pub previews: u32,
-    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
-    /// training loader's normalisation (twice the storage).
-    #[serde(default = "defaults::bit_depth")]
-    pub bit_depth: u32,
+}
 }
 
 /// One file found under the root.
@@ -252,8 +228,7 @@ impl Stage for ImageFolder {
     }
 
     fn validate(&self, c: &ImageFolderConfig) -> Result<(), ConfigError> {
-        crate::ingest::check_sample(c.sample)?;
-        check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
+        c.table().check(&c.split)?;
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
         if !(0.0..1.0).contains(&c.val_fraction) {
             return err("val_fraction", "must be in [0, 1)");
@@ -306,10 +281,8 @@ impl Stage for ImageFolder {
         let provenance =
             serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
         let opts = WriteOptions {
-            bit_depth: c.bit_depth,
             masks: c.mask_suffix.is_some(),
-            sample: c.sample,
-            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+            ..c.table().write_options()
         };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }

@@ -127,6 +127,104 @@ impl WriteOptions {
     }
 }
 
+/// Declares the `with:` struct of a file-based ingest kind: the kind's own fields as given,
+/// then the image-table options every such kind shares — `size`, `channels` (with the
+/// kind's default), `aspect`, `on_error`, `row_group`, `sample`, `previews`, `bit_depth` —
+/// and [`table`](TableOptions) to read them. The shared fields are written out in each
+/// struct rather than flattened from one (serde's `flatten` does not combine with
+/// `deny_unknown_fields`), so a misspelt key is still refused with its path, and the
+/// config serialises — and keys the cache — exactly as the fields say.
+macro_rules! ingest_config {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident, channels: $channels:literal {
+            $($fields:tt)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($fields)*
+            /// Side of the square table images, in pixels (8–2048).
+            #[serde(default = "crate::ingest::defaults::size")]
+            pub size: u32,
+            /// 1 (grey; colour and RGBA files are converted) or 3 (RGB).
+            #[serde(default = $channels)]
+            pub channels: u32,
+            /// How a non-square image becomes square.
+            #[serde(default)]
+            pub aspect: crate::decode::Aspect,
+            /// A file that cannot be used: `fail` the stage naming it, or `skip` it and list it
+            /// in `rejects.json`.
+            #[serde(default)]
+            pub on_error: crate::ingest::OnError,
+            /// Rows per Parquet row group (and per parallel decode batch).
+            #[serde(default = "crate::ingest::defaults::row_group")]
+            pub row_group: u32,
+            /// Keep a seeded sample of this fraction of the patients of every split (`0.05`:
+            /// one in twenty), whole patients in their splits: a rehearsal of the whole
+            /// pipeline on a small part of the real data. Absent: every image.
+            #[serde(default)]
+            pub sample: Option<f64>,
+            /// Images on the preview sheet.
+            #[serde(default = "crate::ingest::defaults::previews")]
+            pub previews: u32,
+            /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
+            /// training loader's normalisation (twice the storage).
+            #[serde(default = "crate::ingest::defaults::bit_depth")]
+            pub bit_depth: u32,
+        }
+
+        impl $name {
+            /// The image-table options of this config.
+            pub fn table(&self) -> crate::ingest::TableOptions {
+                crate::ingest::TableOptions {
+                    size: self.size,
+                    channels: self.channels,
+                    aspect: self.aspect,
+                    on_error: self.on_error,
+                    row_group: self.row_group,
+                    sample: self.sample,
+                    previews: self.previews,
+                    bit_depth: self.bit_depth,
+                }
+            }
+        }
+    };
+}
+pub(crate) use ingest_config;
+
+/// The image-table options every file-based ingest kind takes (see `ingest_config!`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TableOptions {
+    pub size: u32,
+    pub channels: u32,
+    pub aspect: Aspect,
+    pub on_error: OnError,
+    pub row_group: u32,
+    pub sample: Option<f64>,
+    pub previews: u32,
+    pub bit_depth: u32,
+}
+
+impl TableOptions {
+    /// The checks every file-based source shares, with the source's split fractions.
+    pub fn check(&self, split: &crate::table::SplitFractions) -> Result<(), ConfigError> {
+        check_sample(self.sample)?;
+        check_options(self.size, self.channels, split, self.row_group, self.bit_depth)
+    }
+
+    /// Single-label writing options without masks; a source sets what differs.
+    pub fn write_options(&self) -> WriteOptions {
+        WriteOptions {
+            bit_depth: self.bit_depth,
+            sample: self.sample,
+            ..WriteOptions::new(self.size, self.channels, self.aspect, self.on_error, self.row_group, self.previews)
+        }
+    }
+}
+
 /// The artifact every file-based source produces.
 pub fn output_decl() -> OutputDecl {
     OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
@@ -480,6 +578,45 @@ pub fn relative(path: &std::path::Path, root: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shared image-table options read from the top level of `with:` beside the kind's
+    /// own, with the kind's `channels` default; the full config serialises flat, as the
+    /// cache key has always seen it; a misspelt key is refused with its name.
+    #[test]
+    fn the_shared_table_options_read_and_serialise_at_the_top_level() {
+        use crate::chestxray14::ChestXray14Config;
+        use crate::imagefolder::ImageFolderConfig;
+        let full = serde_json::json!({
+            "root": "data/cxr", "metadata": null, "train_val_list": "a.txt", "test_list": "b.txt",
+            "val_fraction": 0.2, "size": 64, "channels": 3, "aspect": "pad", "on_error": "skip",
+            "row_group": 32, "sample": 0.05, "previews": 0, "bit_depth": 16,
+        });
+        let c: ChestXray14Config = serde_json::from_value(full.clone()).expect("every field");
+        assert_eq!(serde_json::to_value(&c).expect("json"), full, "round trip, flat");
+        let t = c.table();
+        assert_eq!(
+            (t.size, t.channels, t.aspect, t.on_error, t.row_group, t.sample, t.previews, t.bit_depth),
+            (64, 3, Aspect::Pad, OnError::Skip, 32, Some(0.05), 0, 16)
+        );
+        let o = t.write_options();
+        assert_eq!((o.size, o.channels, o.bit_depth, o.sample, o.multi_label, o.masks), (64, 3, 16, Some(0.05), false, false));
+        // Defaults: grey for ChestX-ray14, RGB for image folders.
+        let c: ChestXray14Config = serde_json::from_value(serde_json::json!({ "root": "r" })).expect("defaults");
+        assert_eq!((c.size, c.channels, c.row_group, c.previews, c.bit_depth, c.sample), (224, 1, 256, 16, 8, None));
+        let f: ImageFolderConfig = serde_json::from_value(serde_json::json!({ "root": "r" })).expect("defaults");
+        assert_eq!(f.channels, 3);
+        // Unknown keys, shared or not, are refused by name.
+        for bad in ["sise", "rowgroup", "colour"] {
+            let e = serde_json::from_value::<ChestXray14Config>(serde_json::json!({ "root": "r", bad: 1 }))
+                .expect_err("unknown")
+                .to_string();
+            assert!(e.contains(&format!("unknown field `{bad}`")), "{e}");
+        }
+        // The shared checks run with the kind's split.
+        let bad: ChestXray14Config =
+            serde_json::from_value(serde_json::json!({ "root": "r", "bit_depth": 12 })).expect("parses");
+        assert_eq!(bad.table().check(&crate::table::SplitFractions::default()).expect_err("12 bits").path, "bit_depth");
+    }
 
     #[test]
     fn a_sample_keeps_whole_patients_in_their_splits_and_grows_monotonically() {

@@ -11,14 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 
 use msmae_core::{
     ConfigError, InputSlot, ListedFiles, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng,
 };
 
-use crate::decode::Aspect;
-use crate::ingest::{Item, OnError, Triage, WriteOptions, check_options, defaults, output_decl, write_image_table};
+use crate::ingest::{Item, Triage, WriteOptions, output_decl, write_image_table};
 use crate::meta::{Column, TextTable};
 use crate::table::{Split, SplitFractions};
 
@@ -47,10 +45,9 @@ fn mask_paths<'a>(cell: Option<&'a str>, separator: &'a str, root: &'a Path) -> 
     cell.unwrap_or("").split(separator).map(str::trim).filter(|s| !s.is_empty()).map(|m| root.join(m))
 }
 
+crate::ingest::ingest_config! {
 /// `with:` of `ingest/manifest`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ManifestConfig {
+pub struct ManifestConfig, channels: "crate::ingest::defaults::rgb" {
     /// The manifest (`.csv`, or `.parquet`/`.pq`), relative to the pipeline file.
     pub manifest: PathBuf,
     /// Base of relative image paths; default: the manifest's folder.
@@ -89,34 +86,14 @@ pub struct ManifestConfig {
     /// named here (index 0 = background), one file per image. Absent: binary lesion masks.
     #[serde(default)]
     pub mask_classes: Option<Vec<String>>,
-    #[serde(default = "defaults::size")]
-    pub size: u32,
-    #[serde(default = "defaults::rgb")]
-    pub channels: u32,
-    #[serde(default)]
-    pub aspect: Aspect,
     #[serde(default)]
     pub split: SplitFractions,
-    #[serde(default)]
-    pub on_error: OnError,
-    #[serde(default = "defaults::row_group")]
-    pub row_group: u32,
-    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
-    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
-    /// pipeline on a small part of the real data. Absent: every image.
-    #[serde(default)]
-    pub sample: Option<f64>,
-    #[serde(default = "defaults::previews")]
-    pub previews: u32,
-    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
-    /// training loader's normalisation (twice the storage).
-    #[serde(default = "defaults::bit_depth")]
-    pub bit_depth: u32,
     /// Accept image and mask paths outside `root` (absolute, or with `..` leading out of
     /// it). Off by default: a manifest from elsewhere must not make the stage read files
     /// anywhere on the machine.
     #[serde(default)]
     pub allow_outside_root: bool,
+}
 }
 
 /// Whether `written` (a path from the manifest) leads outside `root`: absolute but not
@@ -226,8 +203,7 @@ impl Stage for Manifest {
     }
 
     fn validate(&self, c: &ManifestConfig) -> Result<(), ConfigError> {
-        crate::ingest::check_sample(c.sample)?;
-        check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)?;
+        c.table().check(&c.split)?;
         let err = |path: &str, message: &str| Err(ConfigError { path: path.into(), message: message.into() });
         let forms = [c.label_column.is_some(), c.labels_column.is_some(), c.label_columns.is_some()]
             .iter()
@@ -474,12 +450,10 @@ impl Stage for Manifest {
         let provenance =
             serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
         let opts = WriteOptions {
-            bit_depth: c.bit_depth,
             multi_label: multi,
             masks: c.mask_column.is_some(),
             mask_classes: c.mask_classes.clone().unwrap_or_default(),
-            sample: c.sample,
-            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+            ..c.table().write_options()
         };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }

@@ -11,13 +11,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
-use crate::decode::Aspect;
 use crate::ingest::{
-    Item, OnError, Reject, Triage, WriteOptions, check_options, defaults, index_files, output_decl, relative,
+    Item, Reject, Triage, WriteOptions, index_files, output_decl, relative,
     write_image_table,
 };
 use crate::meta::TextTable;
@@ -38,10 +36,9 @@ fn d_images() -> PathBuf {
     PathBuf::from("IMAGES")
 }
 
+crate::ingest::ingest_config! {
 /// `with:` of `ingest/messidor2`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Messidor2Config {
+pub struct Messidor2Config, channels: "crate::ingest::defaults::rgb" {
     /// Dataset root (relative to the pipeline file).
     pub root: PathBuf,
     /// The adjudicated grades, relative to the root.
@@ -54,32 +51,10 @@ pub struct Messidor2Config {
     /// Image folder, relative to the root.
     #[serde(default = "d_images")]
     pub images: PathBuf,
-    #[serde(default = "defaults::size")]
-    pub size: u32,
-    #[serde(default = "defaults::rgb")]
-    pub channels: u32,
-    /// The photographs are wider than high with the retina filling the height: `crop`
-    /// keeps the disc, `pad` the whole frame.
-    #[serde(default)]
-    pub aspect: Aspect,
     /// Fractions of patients (exams) per split.
     #[serde(default)]
     pub split: SplitFractions,
-    #[serde(default)]
-    pub on_error: OnError,
-    #[serde(default = "defaults::row_group")]
-    pub row_group: u32,
-    /// Keep a seeded sample of this fraction of the patients of every split (`0.05`: one
-    /// in twenty), whole patients and their splits as they are: a rehearsal of the whole
-    /// pipeline on a small part of the real data. Absent: every image.
-    #[serde(default)]
-    pub sample: Option<f64>,
-    #[serde(default = "defaults::previews")]
-    pub previews: u32,
-    /// 8, or 16 to keep the depth of DICOM and 16-bit PNG/TIFF sources through to the
-    /// training loader's normalisation (twice the storage).
-    #[serde(default = "defaults::bit_depth")]
-    pub bit_depth: u32,
+}
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -103,8 +78,7 @@ impl Stage for Messidor2 {
     }
 
     fn validate(&self, c: &Messidor2Config) -> Result<(), ConfigError> {
-        crate::ingest::check_sample(c.sample)?;
-        check_options(c.size, c.channels, &c.split, c.row_group, c.bit_depth)
+        c.table().check(&c.split)
     }
 
     fn inputs(&self, _: &Messidor2Config) -> Vec<InputSlot> {
@@ -232,9 +206,7 @@ impl Stage for Messidor2 {
         let provenance =
             serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
         let opts = WriteOptions {
-            bit_depth: c.bit_depth,
-            sample: c.sample,
-            ..WriteOptions::new(c.size, c.channels, c.aspect, c.on_error, c.row_group, c.previews)
+            ..c.table().write_options()
         };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }

@@ -2,11 +2,13 @@
 //! (trailing comma, `Patient Sex`), both folder layouts, the official split with
 //! validation carved by patient, multi-hot labels, and each bad-input case named.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use msmae_core::{ExecEnv, NoProgress, Stage, StageContext, StageError};
-use msmae_data::chestxray14::{ChestXray14, ChestXray14Config};
+use msmae_core::StageError;
+use msmae_data::chestxray14::ChestXray14;
 use msmae_data::table::{self, Split};
 
 fn release(root: &Path, v2020: bool, flat: bool) -> Vec<String> {
@@ -14,26 +16,8 @@ fn release(root: &Path, v2020: bool, flat: bool) -> Vec<String> {
 }
 
 fn run(root: &Path, out: &Path, extra: serde_json::Value) -> Result<(), StageError> {
-    let mut v = serde_json::json!({ "root": root, "size": 16, "previews": 2, "val_fraction": 0.2 });
-    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-        o.extend(e.clone());
-    }
-    let c: ChestXray14Config = serde_json::from_value(v).expect("config");
-    ChestXray14.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
-    std::fs::create_dir_all(out).expect("mkdir");
-    let mut ctx = StageContext::new(
-        "cxr".into(),
-        5,
-        ExecEnv::cpu_flex(),
-        2,
-        Default::default(),
-        &NoProgress,
-        out.to_path_buf(),
-        out.to_path_buf(),
-        ChestXray14.output(&c),
-        BTreeMap::new(),
-    );
-    ChestXray14.run(&c, &mut ctx)
+    let base = serde_json::json!({ "root": root, "size": 16, "previews": 2, "val_fraction": 0.2 });
+    common::ingest(&ChestXray14, common::with(base, extra), 5, out)
 }
 
 #[test]

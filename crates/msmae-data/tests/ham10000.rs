@@ -1,11 +1,13 @@
 //! `ingest/ham10000` on a generated release in the published layout: lesion-level splits,
 //! the optional `dataset` column, and every metadata/file mismatch named by row or file.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use msmae_core::{ExecEnv, NoProgress, Stage, StageContext, StageError};
-use msmae_data::ham10000::{Ham10000, Ham10000Config};
+use msmae_core::StageError;
+use msmae_data::ham10000::Ham10000;
 use msmae_data::table;
 
 fn jpg(p: &Path, v: u8) {
@@ -37,25 +39,9 @@ fn release(root: &Path, with_dataset_column: bool, extra: &str) {
 }
 
 fn run(root: &Path, out: &Path, skip: bool) -> Result<(), StageError> {
-    let c: Ham10000Config = serde_json::from_value(
-        serde_json::json!({ "root": root, "size": 16, "previews": 2, "on_error": if skip { "skip" } else { "fail" } }),
-    )
-    .expect("config");
-    Ham10000.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
-    std::fs::create_dir_all(out).expect("mkdir");
-    let mut ctx = StageContext::new(
-        "ham".into(),
-        1,
-        ExecEnv::cpu_flex(),
-        2,
-        Default::default(),
-        &NoProgress,
-        out.to_path_buf(),
-        out.to_path_buf(),
-        Ham10000.output(&c),
-        BTreeMap::new(),
-    );
-    Ham10000.run(&c, &mut ctx)
+    let with =
+        serde_json::json!({ "root": root, "size": 16, "previews": 2, "on_error": if skip { "skip" } else { "fail" } });
+    common::ingest(&Ham10000, with, 1, out)
 }
 
 #[test]

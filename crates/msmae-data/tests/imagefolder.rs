@@ -2,10 +2,12 @@
 //! size conversion, ignored non-images, and bad files (fail with the file's name, or skip
 //! into rejects.json).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use msmae_core::{ExecEnv, NoProgress, Stage, StageContext, StageError};
+use msmae_core::StageError;
 use msmae_data::imagefolder::{ImageFolder, ImageFolderConfig};
 use msmae_data::table::{self, Split};
 
@@ -19,28 +21,12 @@ fn write_png(p: &Path, w: u32, h: u32, v: u8, rgb: bool) {
 }
 
 fn config(root: &Path, extra: serde_json::Value) -> ImageFolderConfig {
-    let mut v = serde_json::json!({ "root": root, "size": 16, "channels": 1, "previews": 4 });
-    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-        o.extend(e.clone());
-    }
-    serde_json::from_value(v).expect("config")
+    let base = serde_json::json!({ "root": root, "size": 16, "channels": 1, "previews": 4 });
+    serde_json::from_value(common::with(base, extra)).expect("config")
 }
 
 fn run(c: &ImageFolderConfig, out: &Path) -> Result<(), StageError> {
-    ImageFolder.validate(c).map_err(|e| StageError::other(e.to_string()))?;
-    let mut ctx = StageContext::new(
-        "data".into(),
-        3,
-        ExecEnv::cpu_flex(),
-        2,
-        Default::default(),
-        &NoProgress,
-        out.to_path_buf(),
-        out.to_path_buf(),
-        ImageFolder.output(c),
-        BTreeMap::new(),
-    );
-    ImageFolder.run(c, &mut ctx)
+    common::run(&ImageFolder, c, 3, out)
 }
 
 #[test]

@@ -1,12 +1,13 @@
 //! `ingest/manifest`: CSV and Parquet manifests, the three label forms, patient and split
 //! columns, masks, and each bad row named by line and column.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
-use msmae_core::{ExecEnv, NoProgress, Stage, StageContext, StageError};
+use msmae_core::{Stage, StageError};
 use msmae_data::manifest::{Manifest, ManifestConfig};
 use msmae_data::table::{self, Split};
 
@@ -16,22 +17,7 @@ fn png(p: &Path, v: u8) {
 }
 
 fn run(extra: serde_json::Value, out: &Path) -> Result<(), StageError> {
-    let c: ManifestConfig = serde_json::from_value(extra).expect("config");
-    Manifest.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
-    std::fs::create_dir_all(out).expect("mkdir");
-    let mut ctx = StageContext::new(
-        "man".into(),
-        4,
-        ExecEnv::cpu_flex(),
-        2,
-        Default::default(),
-        &NoProgress,
-        out.to_path_buf(),
-        out.to_path_buf(),
-        Manifest.output(&c),
-        BTreeMap::new(),
-    );
-    Manifest.run(&c, &mut ctx)
+    common::ingest(&Manifest, extra, 4, out)
 }
 
 /// 12 images of 6 patients; CSV with path, diagnosis, patient, split, mask.

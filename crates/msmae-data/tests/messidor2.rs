@@ -2,11 +2,13 @@
 //! split, ungradable images excluded, the `.jpg`/`.JPG` case mismatch of the released CSV,
 //! and each bad input named.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use msmae_core::{ExecEnv, NoProgress, Stage, StageContext, StageError};
-use msmae_data::messidor2::{Messidor2, Messidor2Config};
+use msmae_core::StageError;
+use msmae_data::messidor2::Messidor2;
 use msmae_data::table;
 
 fn release(root: &Path) {
@@ -14,26 +16,8 @@ fn release(root: &Path) {
 }
 
 fn run(root: &Path, out: &Path, extra: serde_json::Value) -> Result<(), StageError> {
-    let mut v = serde_json::json!({ "root": root, "size": 16, "previews": 2 });
-    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-        o.extend(e.clone());
-    }
-    let c: Messidor2Config = serde_json::from_value(v).expect("config");
-    Messidor2.validate(&c).map_err(|e| StageError::other(e.to_string()))?;
-    std::fs::create_dir_all(out).expect("mkdir");
-    let mut ctx = StageContext::new(
-        "m2".into(),
-        9,
-        ExecEnv::cpu_flex(),
-        2,
-        Default::default(),
-        &NoProgress,
-        out.to_path_buf(),
-        out.to_path_buf(),
-        Messidor2.output(&c),
-        BTreeMap::new(),
-    );
-    Messidor2.run(&c, &mut ctx)
+    let base = serde_json::json!({ "root": root, "size": 16, "previews": 2 });
+    common::ingest(&Messidor2, common::with(base, extra), 9, out)
 }
 
 #[test]
