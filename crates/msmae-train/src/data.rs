@@ -202,69 +202,51 @@ impl ImageTable {
         self.group_starts.partition_point(|&s| s <= row) - 1
     }
 
-    /// Pixels (and lesion masks, when asked and present) of every row of group `g`, as
-    /// Parquet decodes them: one buffer per column for the whole group, each image a slice
-    /// of it. (A copy per image would make one small allocation per image between the
-    /// group-sized buffers the decoder makes, and the allocator's heap would fragment and
-    /// grow epoch after epoch.)
-    pub fn read_group(&self, g: usize, masks: bool) -> Result<GroupRows, StageError> {
+    /// Pixels (and lesion masks, when asked and present) of every row of group `g`.
+    pub fn read_group(&self, g: usize, masks: bool) -> Result<Vec<GroupRow>, StageError> {
         let builder = open_builder(&self.path)?;
         let cols: &[&str] = if masks { &["pixels", "mask"] } else { &["pixels"] };
         let mask = projection(&builder, &self.path, cols)?;
-        let rows = self.group_starts[g + 1] - self.group_starts[g];
         let reader = builder
             .with_projection(mask)
             .with_row_groups(vec![g])
-            .with_batch_size(rows.max(1))
+            .with_batch_size(4096)
             .build()
             .map_err(|e| fmt_err(&self.path, e.to_string()))?;
-        let (mut px_parts, mut mk_parts) = (Vec::new(), Vec::new());
+        let expect = self.height() * self.width() * self.channels() * self.meta.sample_bytes();
+        let mut out = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| fmt_err(&self.path, e.to_string()))?;
-            let column = |name: &str| {
-                batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned())
+            let px = batch
+                .column_by_name("pixels")
+                .and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned())
+                .ok_or_else(|| fmt_err(&self.path, "column `pixels` is not binary"))?;
+            let mk = if masks {
+                batch.column_by_name("mask").and_then(|c| c.as_any().downcast_ref::<BinaryArray>().cloned())
+            } else {
+                None
             };
-            px_parts.push(column("pixels").ok_or_else(|| fmt_err(&self.path, "column `pixels` is not binary"))?);
-            if masks && let Some(m) = column("mask") {
-                mk_parts.push(m);
-            }
-        }
-        let concat = |parts: Vec<BinaryArray>| -> Result<Option<BinaryArray>, StageError> {
-            match parts.len() {
-                0 => Ok(None),
-                1 => Ok(parts.into_iter().next()),
-                _ => {
-                    let refs: Vec<&dyn Array> = parts.iter().map(|p| p as &dyn Array).collect();
-                    let joined = arrow::compute::concat(&refs).map_err(|e| fmt_err(&self.path, e.to_string()))?;
-                    Ok(joined.as_any().downcast_ref::<BinaryArray>().cloned())
+            for r in 0..batch.num_rows() {
+                let row = self.group_starts[g] + out.len();
+                let p = px.value(r);
+                if p.len() != expect {
+                    let id = self.rows.get(row).map(|x| x.id.as_str()).unwrap_or("?");
+                    return Err(StageError::data(
+                        &self.path,
+                        Some(format!("row `{id}`, column `pixels`")),
+                        format!("{} bytes, expected {expect}", p.len()),
+                    ));
                 }
-            }
-        };
-        let out = GroupRows {
-            pixels: concat(px_parts)?.unwrap_or_else(|| BinaryArray::from_vec(Vec::new())),
-            masks: concat(mk_parts)?,
-        };
-        if out.len() != rows {
-            return Err(fmt_err(&self.path, format!("row group {g}: {} rows read of {rows}", out.len())));
-        }
-        let expect = self.height() * self.width() * self.channels() * self.meta.sample_bytes();
-        let plane = self.height() * self.width();
-        for r in 0..rows {
-            let id = || self.rows.get(self.group_starts[g] + r).map_or("?", |x| x.id.as_str()).to_string();
-            let p = out.pixels(r);
-            if p.len() != expect {
-                return Err(StageError::data(
-                    &self.path,
-                    Some(format!("row `{}`, column `pixels`", id())),
-                    format!("{} bytes, expected {expect}", p.len()),
-                ));
-            }
-            if let Some(m) = out.mask(r).filter(|m| m.len() != plane) {
-                return Err(StageError::data(
-                    &self.path,
-                    Some(format!("row `{}`, column `mask`", id())),
-                    format!("{} bytes, expected {}×{}", m.len(), self.height(), self.width()),
-                ));
+                let m = mk.as_ref().and_then(|m| m.is_valid(r).then(|| m.value(r).to_vec()));
+                if let Some(m) = m.as_ref().filter(|m| m.len() != self.height() * self.width()) {
+                    let id = self.rows.get(row).map(|x| x.id.as_str()).unwrap_or("?");
+                    return Err(StageError::data(
+                        &self.path,
+                        Some(format!("row `{id}`, column `mask`")),
+                        format!("{} bytes, expected {}×{}", m.len(), self.height(), self.width()),
+                    ));
+                }
+                out.push((p.to_vec(), m));
             }
         }
         Ok(out)
@@ -287,7 +269,7 @@ impl ImageTable {
             let data = self.read_group(g, false)?;
             let deep = self.meta.bit_depth == 16;
             for r in members {
-                let px = data.pixels(r - self.group_starts[g]);
+                let px = &data[r - self.group_starts[g]].0;
                 let samples = px.len() / self.meta.sample_bytes();
                 for i in 0..samples {
                     let v = if deep {
@@ -441,29 +423,8 @@ pub fn render_mask(mask: &[u8], h: usize, w: usize, aug: &Augmentation, out_h: u
     out
 }
 
-/// The rows of one row group (see [`ImageTable::read_group`]).
-#[derive(Debug)]
-pub struct GroupRows {
-    pixels: BinaryArray,
-    masks: Option<BinaryArray>,
-}
-
-impl GroupRows {
-    pub fn len(&self) -> usize {
-        self.pixels.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.pixels.is_empty()
-    }
-    /// Row `i`'s pixels (row-major H×W×C samples).
-    pub fn pixels(&self, i: usize) -> &[u8] {
-        self.pixels.value(i)
-    }
-    /// Row `i`'s lesion mask, when read and present.
-    pub fn mask(&self, i: usize) -> Option<&[u8]> {
-        self.masks.as_ref().filter(|m| m.is_valid(i)).map(|m| m.value(i))
-    }
-}
+/// One row of a row group: pixels, and the lesion mask when asked for and present.
+pub type GroupRow = (Vec<u8>, Option<Vec<u8>>);
 
 /// What preparing a sample gives besides its image (rendered in place into the batch):
 /// its mask plan and its rendered lesion mask.
@@ -731,7 +692,7 @@ pub fn stream(
     BatchStream { rx: Some(rx), stats, handle, num_batches, received: 0, failed: false }
 }
 
-type GroupData = Arc<GroupRows>;
+type GroupData = Arc<Vec<GroupRow>>;
 
 fn produce(
     table: &ImageTable,
@@ -843,7 +804,7 @@ fn prepare(
         .par_chunks_mut(per.max(1))
         .zip(samples.par_iter())
         .map(|(img, (row, data, off))| {
-            let px = data.pixels(*off);
+            let px = &data[*off].0;
             let aug = match spec.augment {
                 Some(scale) => augment::sample(&mut sample_rng(seed, "augment", epoch, *row as u64), h, w, scale),
                 None => Augmentation::identity(h, w),
@@ -871,7 +832,7 @@ fn prepare(
             };
             // Lesion masks go through the same crop and flip as the image.
             let lesion =
-                if spec.lesion_masks { data.mask(*off).map(|m| render_mask(m, h, w, &aug, h, w)) } else { None };
+                if spec.lesion_masks { data[*off].1.as_ref().map(|m| render_mask(m, h, w, &aug, h, w)) } else { None };
             Ok((plan, lesion))
         })
         .collect::<Vec<Result<_, StageError>>>()
