@@ -264,6 +264,9 @@ fn read_rows(c: &ChestXray14Config, root: &Path, csv_path: &Path, triage: &mut T
             )?;
             continue;
         }
+        // Taken out of the index once listed, whatever else is wrong with the row: what is
+        // left at the end is what no row lists.
+        let file = files.remove(id);
         let labels = match parse_findings(f) {
             Ok(l) => l,
             Err(m) => {
@@ -271,7 +274,7 @@ fn read_rows(c: &ChestXray14Config, root: &Path, csv_path: &Path, triage: &mut T
                 continue;
             }
         };
-        let Some(path) = files.get(id).cloned() else {
+        let Some(path) = file else {
             triage.problem(
                 csv_path,
                 Some(t.row_name(i)),
@@ -291,7 +294,6 @@ fn read_rows(c: &ChestXray14Config, root: &Path, csv_path: &Path, triage: &mut T
         };
         rows.push(Row { id: id.to_string(), patient: pid.to_string(), labels, split, path });
     }
-    files.retain(|name, _| !seen.contains_key(name.as_str()));
     for (name, p) in &files {
         triage.problem(p, None, relative(p, root), format!("image `{name}` is not listed in {csv_name}"))?;
     }

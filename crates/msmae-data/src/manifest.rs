@@ -288,153 +288,24 @@ impl Stage for Manifest {
             .as_ref()
             .map(|v| v.iter().map(|n| t.column(n, EXPECTED)).collect::<Result<Vec<_>, _>>())
             .transpose()?;
-
-        // Class names: given, or the sorted distinct values.
-        let names: Vec<String> = match (&c.classes, &hot_cols, label_col, labels_col) {
-            (Some(v), ..) => v.clone(),
-            (None, Some(cols), ..) => cols.iter().map(|c| c.name().to_string()).collect(),
-            (None, None, Some(col), _) => (0..t.len())
-                .filter_map(|i| col.get(i))
-                .map(str::to_string)
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-            (None, None, None, Some(col)) => (0..t.len())
-                .filter_map(|i| col.get(i))
-                .flat_map(|v| {
-                    v.split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string)
-                })
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-            _ => Vec::new(),
+        let names = class_names(c, &t, hot_cols.as_deref(), label_col, labels_col);
+        let cols = Columns {
+            path: path_col,
+            id: id_col,
+            patient: patient_col,
+            split: split_col,
+            mask: mask_col,
+            labels: LabelColumns {
+                label: label_col,
+                labels: labels_col,
+                hot: hot_cols.as_deref(),
+                names: &names,
+                separator: &c.separator,
+            },
         };
-        let label_cols = LabelColumns {
-            label: label_col,
-            labels: labels_col,
-            hot: hot_cols.as_deref(),
-            names: &names,
-            separator: &c.separator,
-        };
-        let manifest_name = manifest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut triage = Triage::new(c.on_error);
-        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        let mut rows: Vec<Row> = Vec::new();
-        for i in 0..t.len() {
-            let what = format!("{manifest_name}:{}", t.row_name(i));
-            let written = path_col.require(i)?;
-            let id = match id_col {
-                Some(col) => col.require(i)?.to_string(),
-                None => written.to_string(),
-            };
-            let loc = |col: &str| Some(format!("{}, column `{col}`", t.row_name(i)));
-            if let Some(first) = seen.insert(id.clone(), i) {
-                let col = c.id_column.as_deref().unwrap_or(&c.path_column);
-                triage.problem(
-                    &manifest,
-                    loc(col),
-                    what,
-                    format!("id `{id}` is listed twice (first on {})", t.row_name(first)),
-                )?;
-                continue;
-            }
-            let outside = |w: &str, col: &str| -> Result<(), StageError> {
-                if !c.allow_outside_root && leaves_root(w, &root) {
-                    return Err(StageError::data(
-                        &manifest,
-                        loc(col),
-                        format!(
-                            "`{w}` leads outside the root {}; set `allow_outside_root: true` if the manifest is trusted to name files anywhere",
-                            root.display()
-                        ),
-                    ));
-                }
-                Ok(())
-            };
-            outside(written, &c.path_column)?;
-            if let (Some(col), Some(mc)) = (mask_col, &c.mask_column) {
-                for m in col.get(i).unwrap_or("").split(c.separator.as_str()).map(str::trim).filter(|m| !m.is_empty()) {
-                    outside(m, mc)?;
-                }
-            }
-            let path = root.join(written);
-            if !path.is_file() {
-                triage.problem(
-                    &manifest,
-                    loc(&c.path_column),
-                    what,
-                    format!("image `{}` is listed but does not exist", path.display()),
-                )?;
-                continue;
-            }
-            // The last problem found on the row is the one reported.
-            let (label, labels, mut bad) = label_cols.of_row(i);
-            let split = match split_col {
-                Some(col) => match col.get(i).map(|v| (v, Split::from_name(v))) {
-                    Some((_, Some(s))) => Some(s),
-                    Some((v, None)) => {
-                        bad = Some((
-                            col.name().to_string(),
-                            format!("unknown split `{v}` (expected train, val or test)"),
-                        ));
-                        None
-                    }
-                    None => {
-                        bad = Some((col.name().to_string(), "empty split".into()));
-                        None
-                    }
-                },
-                None => None,
-            };
-            let masks: Vec<PathBuf> = match mask_col {
-                Some(col) => mask_paths(col.get(i), &c.separator, &root).collect(),
-                None => Vec::new(),
-            };
-            if mask_col.is_some() && masks.is_empty() {
-                bad = Some((c.mask_column.clone().unwrap_or_default(), "no mask path".into()));
-            }
-            if let Some(m) = masks.iter().find(|m| !m.is_file()) {
-                bad =
-                    Some((c.mask_column.clone().unwrap_or_default(), format!("mask `{}` does not exist", m.display())));
-            }
-            if let Some((col, m)) = bad {
-                triage.problem(&manifest, loc(&col), what, m)?;
-                continue;
-            }
-            let patient = match patient_col {
-                Some(col) => col.require(i)?.to_string(),
-                None => id.clone(),
-            };
-            let source = crate::ingest::relative(&path, &root);
-            rows.push(Row { id, path, source, patient, split, label, labels, masks });
-        }
-
-        // Splits: the manifest's (checked patient-disjoint) or a seeded draw by patient.
-        let mut split_of: BTreeMap<String, Split> = BTreeMap::new();
-        if split_col.is_some() {
-            for r in &rows {
-                let s = r.split.unwrap_or(Split::Train);
-                if let Some(prev) = split_of.insert(r.patient.clone(), s)
-                    && prev != s
-                {
-                    return Err(StageError::data(
-                        &manifest,
-                        Some(format!("column `{}`", c.split_column.clone().unwrap_or_default())),
-                        format!(
-                            "patient `{}` is in both {} and {}: splits must be by patient",
-                            r.patient,
-                            prev.as_str(),
-                            s.as_str()
-                        ),
-                    ));
-                }
-            }
-        } else {
-            let patients: Vec<String> =
-                rows.iter().map(|r| r.patient.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-            let splits = c.split.assign(patients.len(), &mut seeded_rng(ctx.seed, &["manifest/splits".into()]));
-            split_of.extend(patients.into_iter().zip(splits));
-        }
+        let rows = read_rows(c, &t, &cols, &manifest, &root, &mut triage)?;
+        let split_of = assign_splits(c, &rows, cols.split.is_some(), &manifest, ctx.seed)?;
         let multi = labels_col.is_some() || hot_cols.is_some();
         let items: Vec<Item> = rows
             .into_iter()
@@ -457,4 +328,210 @@ impl Stage for Manifest {
         };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
+}
+
+/// The manifest's columns a run reads.
+struct Columns<'a> {
+    path: Column<'a>,
+    id: Option<Column<'a>>,
+    patient: Option<Column<'a>>,
+    split: Option<Column<'a>>,
+    mask: Option<Column<'a>>,
+    labels: LabelColumns<'a>,
+}
+
+/// Class names: given, or the label columns' names, or the sorted distinct values.
+fn class_names(
+    c: &ManifestConfig,
+    t: &TextTable,
+    hot_cols: Option<&[Column<'_>]>,
+    label_col: Option<Column<'_>>,
+    labels_col: Option<Column<'_>>,
+) -> Vec<String> {
+    match (&c.classes, hot_cols, label_col, labels_col) {
+        (Some(v), ..) => v.clone(),
+        (None, Some(cols), ..) => cols.iter().map(|c| c.name().to_string()).collect(),
+        (None, None, Some(col), _) => (0..t.len())
+            .filter_map(|i| col.get(i))
+            .map(str::to_string)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        (None, None, None, Some(col)) => (0..t.len())
+            .filter_map(|i| col.get(i))
+            .flat_map(|v| v.split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The rows that can be ingested: unique ids, paths inside the root (unless allowed),
+/// existing images and masks, known labels and splits; every problem goes through `triage`.
+fn read_rows(
+    c: &ManifestConfig,
+    t: &TextTable,
+    cols: &Columns<'_>,
+    manifest: &Path,
+    root: &Path,
+    triage: &mut Triage,
+) -> Result<Vec<Row>, StageError> {
+    let manifest_name = manifest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut rows: Vec<Row> = Vec::new();
+    for i in 0..t.len() {
+        let what = format!("{manifest_name}:{}", t.row_name(i));
+        let written = cols.path.require(i)?;
+        let id = match cols.id {
+            Some(col) => col.require(i)?.to_string(),
+            None => written.to_string(),
+        };
+        let loc = |col: &str| Some(format!("{}, column `{col}`", t.row_name(i)));
+        if let Some(first) = seen.insert(id.clone(), i) {
+            let col = c.id_column.as_deref().unwrap_or(&c.path_column);
+            triage.problem(
+                manifest,
+                loc(col),
+                what,
+                format!("id `{id}` is listed twice (first on {})", t.row_name(first)),
+            )?;
+            continue;
+        }
+        check_inside_root(c, cols, i, written, manifest, root, &loc)?;
+        let path = root.join(written);
+        if !path.is_file() {
+            triage.problem(
+                manifest,
+                loc(&c.path_column),
+                what,
+                format!("image `{}` is listed but does not exist", path.display()),
+            )?;
+            continue;
+        }
+        let (label, labels, split, masks) = match row_values(c, cols, i, root) {
+            Ok(v) => v,
+            Err((col, m)) => {
+                triage.problem(manifest, loc(&col), what, m)?;
+                continue;
+            }
+        };
+        let patient = match cols.patient {
+            Some(col) => col.require(i)?.to_string(),
+            None => id.clone(),
+        };
+        let source = crate::ingest::relative(&path, root);
+        rows.push(Row { id, path, source, patient, split, label, labels, masks });
+    }
+    Ok(rows)
+}
+
+/// A path of row `i` (the image's, then its masks') that leads outside the root is an
+/// error whatever the policy, unless `allow_outside_root`.
+fn check_inside_root(
+    c: &ManifestConfig,
+    cols: &Columns<'_>,
+    i: usize,
+    written: &str,
+    manifest: &Path,
+    root: &Path,
+    loc: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), StageError> {
+    let outside = |w: &str, col: &str| -> Result<(), StageError> {
+        if !c.allow_outside_root && leaves_root(w, root) {
+            return Err(StageError::data(
+                manifest,
+                loc(col),
+                format!(
+                    "`{w}` leads outside the root {}; set `allow_outside_root: true` if the manifest is trusted to name files anywhere",
+                    root.display()
+                ),
+            ));
+        }
+        Ok(())
+    };
+    outside(written, &c.path_column)?;
+    if let (Some(col), Some(mc)) = (cols.mask, &c.mask_column) {
+        for m in col.get(i).unwrap_or("").split(c.separator.as_str()).map(str::trim).filter(|m| !m.is_empty()) {
+            outside(m, mc)?;
+        }
+    }
+    Ok(())
+}
+
+/// Row `i`'s label(s), split and mask files; `Err((column, message))` for the last problem
+/// found on the row (the one reported).
+#[allow(clippy::type_complexity)]
+fn row_values(
+    c: &ManifestConfig,
+    cols: &Columns<'_>,
+    i: usize,
+    root: &Path,
+) -> Result<(Option<i32>, Option<Vec<u8>>, Option<Split>, Vec<PathBuf>), (String, String)> {
+    let (label, labels, mut bad) = cols.labels.of_row(i);
+    let split = match cols.split {
+        Some(col) => match col.get(i).map(|v| (v, Split::from_name(v))) {
+            Some((_, Some(s))) => Some(s),
+            Some((v, None)) => {
+                bad = Some((col.name().to_string(), format!("unknown split `{v}` (expected train, val or test)")));
+                None
+            }
+            None => {
+                bad = Some((col.name().to_string(), "empty split".into()));
+                None
+            }
+        },
+        None => None,
+    };
+    let masks: Vec<PathBuf> = match cols.mask {
+        Some(col) => mask_paths(col.get(i), &c.separator, root).collect(),
+        None => Vec::new(),
+    };
+    if cols.mask.is_some() && masks.is_empty() {
+        bad = Some((c.mask_column.clone().unwrap_or_default(), "no mask path".into()));
+    }
+    if let Some(m) = masks.iter().find(|m| !m.is_file()) {
+        bad = Some((c.mask_column.clone().unwrap_or_default(), format!("mask `{}` does not exist", m.display())));
+    }
+    match bad {
+        Some(b) => Err(b),
+        None => Ok((label, labels, split, masks)),
+    }
+}
+
+/// Each patient's split: the manifest's (checked patient-disjoint), or a seeded draw by
+/// patient when it has no split column.
+fn assign_splits(
+    c: &ManifestConfig,
+    rows: &[Row],
+    has_split_column: bool,
+    manifest: &Path,
+    seed: u64,
+) -> Result<BTreeMap<String, Split>, StageError> {
+    let mut split_of: BTreeMap<String, Split> = BTreeMap::new();
+    if !has_split_column {
+        let patients: Vec<String> =
+            rows.iter().map(|r| r.patient.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let splits = c.split.assign(patients.len(), &mut seeded_rng(seed, &["manifest/splits".into()]));
+        split_of.extend(patients.into_iter().zip(splits));
+        return Ok(split_of);
+    }
+    for r in rows {
+        let s = r.split.unwrap_or(Split::Train);
+        if let Some(prev) = split_of.insert(r.patient.clone(), s)
+            && prev != s
+        {
+            return Err(StageError::data(
+                manifest,
+                Some(format!("column `{}`", c.split_column.clone().unwrap_or_default())),
+                format!(
+                    "patient `{}` is in both {} and {}: splits must be by patient",
+                    r.patient,
+                    prev.as_str(),
+                    s.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(split_of)
 }

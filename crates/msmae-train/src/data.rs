@@ -694,6 +694,7 @@ pub fn stream(
 
 type GroupData = Arc<Vec<GroupRow>>;
 
+#[allow(clippy::too_many_arguments)]
 fn produce(
     table: &ImageTable,
     batches: Vec<(Vec<usize>, usize)>,
