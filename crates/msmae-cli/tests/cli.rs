@@ -234,7 +234,10 @@ fn every_registered_stage_kind_carries_a_build_time_fingerprint_of_its_computing
 
 /// Every metric and table that a stage kind declares (the JSON pointers `msmae show`, the
 /// report page and `msmae audit` read) resolves in a real artifact of that kind: a pointer
-/// that drifted from what the stage writes would otherwise just leave a blank.
+/// that drifted from what the stage writes would otherwise just leave a blank. A metric
+/// may be null where it does not apply to the data (a multi-label AUC of single-label
+/// data), never absent; the fine-tuning runs over two seeds so that the comparison's
+/// over-seed tables exist.
 #[test]
 fn every_declared_metric_and_table_resolves_in_a_real_artifact() {
     const M: &str = "{ patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
@@ -244,17 +247,21 @@ fn every_declared_metric_and_table_resolves_in_a_real_artifact() {
   supervised: {{ uses: attention/train-supervised, needs: [data], with: {{ model: {M}, epochs: 2, batch_size: 16, warmup_epochs: 1 }} }}
   attn: {{ uses: attention/extract, needs: [supervised, data], with: {{ overlays: 1 }} }}
   masks: {{ uses: mask/msmae, needs: [attn] }}
-  random: {{ uses: mask/random, needs: [data] }}
+  random: {{ uses: mask/random }}
   attmask: {{ uses: mask/attmask, needs: [attn] }}
   pretrain: {{ uses: mae/pretrain, needs: [data, masks], with: {{ model: {M}, epochs: 2, batch_size: 16, warmup_epochs: 1, warmup_mask_epochs: 1, figure_images: 1 }} }}
-  ft-msmae: {{ uses: finetune/msmae, needs: [pretrain, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1 }} }}
-  ft-full: {{ uses: finetune/full, needs: [pretrain, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1 }} }}
   lin: {{ uses: finetune/linear, needs: [pretrain, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1 }} }}
-  eval-msmae: {{ uses: eval/classify, needs: [ft-msmae] }}
-  eval-full: {{ uses: eval/classify, needs: [ft-full] }}
-  report: {{ uses: eval/compare, needs: [eval-msmae, eval-full] }}
   seg: {{ uses: segment/setr-pup, needs: [pretrain, data], with: {{ epochs: 1, batch_size: 16, head_channels: 8, figure_images: 1 }} }}
-  export: {{ uses: export/pytorch, needs: [ft-full] }}
+  export: {{ uses: export/pytorch, needs: [lin] }}
+  seeds:
+    repeat: 2
+    seed: \"${{round}}\"
+    stages:
+      ft-msmae: {{ uses: finetune/msmae, needs: [pretrain, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1 }} }}
+      ft-full: {{ uses: finetune/full, needs: [pretrain, data], with: {{ epochs: 2, batch_size: 16, warmup_epochs: 1 }} }}
+      eval-msmae: {{ uses: eval/classify, needs: [ft-msmae] }}
+      eval-full: {{ uses: eval/classify, needs: [ft-full] }}
+  report: {{ uses: eval/compare, needs: [seeds.*.eval-msmae, seeds.*.eval-full] }}
 "
     );
     let d = tempfile::tempdir().expect("tmp");
@@ -270,20 +277,46 @@ fn every_declared_metric_and_table_resolves_in_a_real_artifact() {
     let mut declared = 0;
     for node in &plan.nodes {
         let stage = stages.iter().find(|s| s["name"] == node.name.as_str());
-        let names = |key: &str, of: fn(&serde_json::Value) -> Option<&str>| -> Vec<String> {
-            stage
-                .and_then(|s| s[key].as_array())
-                .map(|a| a.iter().filter_map(of).map(str::to_string).collect())
-                .unwrap_or_default()
+        let shown = |key: &str, name: &str| {
+            stage.and_then(|s| s[key].as_array()).is_some_and(|a| {
+                a.iter().any(|m| m.get(0).and_then(|n| n.as_str()) == Some(name) || m["name"] == name)
+            })
         };
-        let metrics = names("metrics", |m| m[0].as_str());
-        let tables = names("tables", |t| t["name"].as_str());
+        let dir = stage.and_then(|s| s["path"].as_str()).map(PathBuf::from);
+        let value = |file: &str, pointer: &str| {
+            let dir = dir.as_ref().unwrap_or_else(|| panic!("`{}` has no artifact in {stage:?}", node.name));
+            let v: serde_json::Value = serde_json::from_slice(&fs::read(dir.join(file)).expect("result file"))
+                .unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()));
+            msmae_core::artifact::json_at(&v, pointer)
+        };
         for m in &node.output.metrics {
-            assert!(metrics.contains(&m.name), "`{}` ({}): metric `{}` at {} {} is not in {stage:?}", node.name, node.kind.kind(), m.name, m.file, m.pointer);
+            // A number, shown by `msmae show`; or null where the metric does not apply to
+            // these data (a multi-label AUC of single-label data): never absent.
+            match value(&m.file, &m.pointer) {
+                Some(v) if v.is_number() => assert!(shown("metrics", &m.name), "`{}`: `{}` not shown", node.name, m.name),
+                Some(serde_json::Value::Null) => {}
+                other => panic!(
+                    "`{}` ({}): metric `{}` at {} {} resolves to {other:?}",
+                    node.name,
+                    node.kind.kind(),
+                    m.name,
+                    m.file,
+                    m.pointer
+                ),
+            }
             declared += 1;
         }
         for t in &node.output.tables {
-            assert!(tables.contains(&t.name), "`{}` ({}): table `{}` at {} {} is not in {stage:?}", node.name, node.kind.kind(), t.name, t.file, t.pointer);
+            let v = value(&t.file, &t.pointer);
+            assert!(
+                v.as_ref().is_some_and(serde_json::Value::is_array) && shown("tables", &t.name),
+                "`{}` ({}): table `{}` at {} {} resolves to {v:?}",
+                node.name,
+                node.kind.kind(),
+                t.name,
+                t.file,
+                t.pointer
+            );
             declared += 1;
         }
     }

@@ -284,7 +284,7 @@ mod tests {
         }
         .into();
         assert!(matches!(f.error(), Error::Stage { stage, .. } if stage == "data"));
-        assert_eq!(f.to_string(), "stage `data` failed: read /d/x.png: gone");
+        assert_eq!(f.to_string(), "stage `data` failed: /d/x.png: gone");
         let json = serde_json::to_string(&f).expect("ser");
         let back: Failure = serde_json::from_str(&json).expect("de");
         assert!(matches!(back.error(), Error::Reported(_)));
