@@ -119,12 +119,7 @@ pub(crate) fn verify(common: &Common) -> Result<ExitCode> {
     for m in &bad {
         println!("MISMATCH {}: {}", m.stage, m.problem);
     }
-    println!(
-        "verified {checked} of {} artifacts in {}: {} mismatches",
-        lock.stages.len(),
-        lp.display(),
-        bad.len()
-    );
+    println!("verified {checked} of {} artifacts in {}: {} mismatches", lock.stages.len(), lp.display(), bad.len());
     Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
@@ -147,11 +142,8 @@ pub(crate) fn show(registry: &Registry, args: ShowArgs) -> Result<ExitCode> {
         None => results::render(&rows, None, format),
         Some(spec) => {
             let (label, other) = results::against_lock(&spec, &lp)?;
-            let theirs: Vec<results::StageResults> = plan
-                .nodes
-                .iter()
-                .map(|n| results::read(&store, &other, &n.name, n.kind.kind(), &n.output))
-                .collect();
+            let theirs: Vec<results::StageResults> =
+                plan.nodes.iter().map(|n| results::read(&store, &other, &n.name, n.kind.kind(), &n.output)).collect();
             let d = results::deltas(&rows, &theirs);
             results::render(&rows, Some((&label, &d)), format)
         }
@@ -224,11 +216,7 @@ pub(crate) fn gc(args: GcArgs) -> Result<ExitCode> {
         } else if store.forget_root(f)? {
             println!("forgot {}: gc no longer keeps what it referenced", f.display());
         } else {
-            anyhow::bail!(
-                "{} is not a lock file registered with the store {}",
-                f.display(),
-                store.root().display()
-            );
+            anyhow::bail!("{} is not a lock file registered with the store {}", f.display(), store.root().display());
         }
     }
     let lp = lock_path(&common);
@@ -378,4 +366,3 @@ pub(crate) fn audit(registry: &Registry, args: AuditArgs) -> Result<ExitCode> {
     }
     Ok(if audits.iter().all(|a| a.verdict.reproduced()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
-

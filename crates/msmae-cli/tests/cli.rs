@@ -240,7 +240,8 @@ fn every_registered_stage_kind_carries_a_build_time_fingerprint_of_its_computing
 /// over-seed tables exist.
 #[test]
 fn every_declared_metric_and_table_resolves_in_a_real_artifact() {
-    const M: &str = "{ patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
+    const M: &str =
+        "{ patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2 }";
     let yaml = format!(
         "name: results\nseed: 3\nstages:
   data: {{ uses: ingest/synthetic, with: {{ images: 96, size: 32, modality: xray, previews: 2 }} }}
@@ -278,9 +279,9 @@ fn every_declared_metric_and_table_resolves_in_a_real_artifact() {
     for node in &plan.nodes {
         let stage = stages.iter().find(|s| s["name"] == node.name.as_str());
         let shown = |key: &str, name: &str| {
-            stage.and_then(|s| s[key].as_array()).is_some_and(|a| {
-                a.iter().any(|m| m.get(0).and_then(|n| n.as_str()) == Some(name) || m["name"] == name)
-            })
+            stage
+                .and_then(|s| s[key].as_array())
+                .is_some_and(|a| a.iter().any(|m| m.get(0).and_then(|n| n.as_str()) == Some(name) || m["name"] == name))
         };
         let dir = stage.and_then(|s| s["path"].as_str()).map(PathBuf::from);
         let value = |file: &str, pointer: &str| {
@@ -293,7 +294,9 @@ fn every_declared_metric_and_table_resolves_in_a_real_artifact() {
             // A number, shown by `msmae show`; or null where the metric does not apply to
             // these data (a multi-label AUC of single-label data): never absent.
             match value(&m.file, &m.pointer) {
-                Some(v) if v.is_number() => assert!(shown("metrics", &m.name), "`{}`: `{}` not shown", node.name, m.name),
+                Some(v) if v.is_number() => {
+                    assert!(shown("metrics", &m.name), "`{}`: `{}` not shown", node.name, m.name)
+                }
                 Some(serde_json::Value::Null) => {}
                 other => panic!(
                     "`{}` ({}): metric `{}` at {} {} resolves to {other:?}",
@@ -326,7 +329,8 @@ fn every_declared_metric_and_table_resolves_in_a_real_artifact() {
     // declare no results.
     let covered: std::collections::BTreeSet<&str> = plan.nodes.iter().map(|n| n.kind.kind()).collect();
     for s in registry.iter() {
-        let outside = (s.kind().starts_with("ingest/") && s.kind() != "ingest/synthetic") || s.kind() == "import/pytorch";
+        let outside =
+            (s.kind().starts_with("ingest/") && s.kind() != "ingest/synthetic") || s.kind() == "import/pytorch";
         assert!(outside || covered.contains(s.kind()), "`{}` is not in this test's pipeline: add it", s.kind());
     }
 }

@@ -14,12 +14,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 use crate::ingest::{
-    Item, Triage, WriteOptions, defaults, index_files, output_decl, read_list, relative,
-    write_image_table,
+    Item, Triage, WriteOptions, defaults, index_files, output_decl, read_list, relative, write_image_table,
 };
 use crate::meta::TextTable;
 use crate::table::{Split, SplitFractions, carve_validation};
@@ -176,10 +174,7 @@ impl Stage for ChestXray14 {
         let items = assign_validation(rows, c.val_fraction, ctx.seed, &root);
         let names: Vec<String> = FINDINGS.iter().map(|s| s.to_string()).collect();
         let provenance = serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c, "metadata": csv_name });
-        let opts = WriteOptions {
-            multi_label: true,
-            ..c.table().write_options()
-        };
+        let opts = WriteOptions { multi_label: true, ..c.table().write_options() };
         write_image_table(ctx, provenance, &names, &items, opts, triage.rejects)
     }
 }

@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
 pub use crate::ingest::OnError;
@@ -280,10 +279,7 @@ impl Stage for ImageFolder {
             .collect::<Result<Vec<_>, StageError>>()?;
         let provenance =
             serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions {
-            masks: c.mask_suffix.is_some(),
-            ..c.table().write_options()
-        };
+        let opts = WriteOptions { masks: c.mask_suffix.is_some(), ..c.table().write_options() };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

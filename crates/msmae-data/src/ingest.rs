@@ -434,7 +434,8 @@ fn write_row(
     };
     out.tally.add(&it.patient, it.split, it.label, it.labels.as_deref()).map_err(StageError::other)?;
     if (out.previews.len() as u32) < o.previews {
-        let eight = if o.bit_depth == 16 { img.pixels.chunks_exact(2).map(|b| b[1]).collect() } else { img.pixels.clone() };
+        let eight =
+            if o.bit_depth == 16 { img.pixels.chunks_exact(2).map(|b| b[1]).collect() } else { img.pixels.clone() };
         out.previews.push((eight, mask.clone()));
     }
     writer.push(ImageRow {
@@ -599,7 +600,10 @@ mod tests {
             (64, 3, Aspect::Pad, OnError::Skip, 32, Some(0.05), 0, 16)
         );
         let o = t.write_options();
-        assert_eq!((o.size, o.channels, o.bit_depth, o.sample, o.multi_label, o.masks), (64, 3, 16, Some(0.05), false, false));
+        assert_eq!(
+            (o.size, o.channels, o.bit_depth, o.sample, o.multi_label, o.masks),
+            (64, 3, 16, Some(0.05), false, false)
+        );
         // Defaults: grey for ChestX-ray14, RGB for image folders.
         let c: ChestXray14Config = serde_json::from_value(serde_json::json!({ "root": "r" })).expect("defaults");
         assert_eq!((c.size, c.channels, c.row_group, c.previews, c.bit_depth, c.sample), (224, 1, 256, 16, 8, None));

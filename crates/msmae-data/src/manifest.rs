@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-
 use msmae_core::{
     ConfigError, InputSlot, ListedFiles, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng,
 };
@@ -351,12 +350,9 @@ fn class_names(
     match (&c.classes, hot_cols, label_col, labels_col) {
         (Some(v), ..) => v.clone(),
         (None, Some(cols), ..) => cols.iter().map(|c| c.name().to_string()).collect(),
-        (None, None, Some(col), _) => (0..t.len())
-            .filter_map(|i| col.get(i))
-            .map(str::to_string)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect(),
+        (None, None, Some(col), _) => {
+            (0..t.len()).filter_map(|i| col.get(i)).map(str::to_string).collect::<BTreeSet<_>>().into_iter().collect()
+        }
         (None, None, None, Some(col)) => (0..t.len())
             .filter_map(|i| col.get(i))
             .flat_map(|v| v.split(c.separator.as_str()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string))

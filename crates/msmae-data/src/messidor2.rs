@@ -11,13 +11,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-
 use msmae_core::{ConfigError, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError, seeded_rng};
 
-use crate::ingest::{
-    Item, Reject, Triage, WriteOptions, index_files, output_decl, relative,
-    write_image_table,
-};
+use crate::ingest::{Item, Reject, Triage, WriteOptions, index_files, output_decl, relative, write_image_table};
 use crate::meta::TextTable;
 use crate::table::SplitFractions;
 
@@ -205,9 +201,7 @@ impl Stage for Messidor2 {
         rejects.extend(ungradable);
         let provenance =
             serde_json::json!({ "stage": Self::KIND, "version": Self::VERSION, "seed": ctx.seed, "config": c });
-        let opts = WriteOptions {
-            ..c.table().write_options()
-        };
+        let opts = WriteOptions { ..c.table().write_options() };
         write_image_table(ctx, provenance, &names, &items, opts, rejects)
     }
 }

@@ -187,8 +187,11 @@ mod tests {
         let t = TextTable::read_csv(&p, b',').expect("read");
         assert_eq!(t.names(), ["id", "label", "note"]);
         assert_eq!(t.len(), 4);
-        let (id, label, note) =
-            (t.column("id", "").expect("id"), t.column("label", "").expect("label"), t.column("note", "").expect("note"));
+        let (id, label, note) = (
+            t.column("id", "").expect("id"),
+            t.column("label", "").expect("label"),
+            t.column("note", "").expect("note"),
+        );
         fn all<'a>(c: Column<'a>, n: usize) -> Vec<Option<&'a str>> {
             (0..n).map(|r| c.get(r)).collect()
         }

@@ -274,9 +274,7 @@ fn recompute(
     )
     .with_resume_dir(resume);
     tracing::info!("recomputing `{}` ({}) with {threads} threads", node.name, node.kind.kind());
-    prepared
-        .run(&mut ctx)
-        .map_err(|e| Error::Stage { stage: node.name.clone(), source: e })?;
+    prepared.run(&mut ctx).map_err(|e| Error::Stage { stage: node.name.clone(), source: e })?;
     let manifest = scratch.commit(staging, &node.name, &decl)?;
     Ok((manifest.digest, decl))
 }

@@ -287,11 +287,7 @@ pub fn list_files(root: &Path) -> Result<Vec<(String, PathBuf)>> {
 /// Each directory's entries are sorted by name, a folder's name with `/` appended: the
 /// relative path of an entry starts with that key and no key is a prefix of another's
 /// path, so this depth-first order is the sorted order of the relative paths.
-pub fn walk_files(
-    root: &Path,
-    batch: usize,
-    mut visit: impl FnMut(&[(String, PathBuf)]) -> Result<()>,
-) -> Result<()> {
+pub fn walk_files(root: &Path, batch: usize, mut visit: impl FnMut(&[(String, PathBuf)]) -> Result<()>) -> Result<()> {
     let mut pending = Vec::with_capacity(batch.max(1));
     walk_dir(root, root, batch.max(1), &mut pending, &mut visit)?;
     if !pending.is_empty() {
