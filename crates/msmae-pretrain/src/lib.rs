@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use burn::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use msmae_core::{ConfigError, InputArtifact, InputSlot, OutputDecl, Resources, Stage, StageContext, StageError};
 use msmae_data::table::Split;
@@ -22,8 +21,7 @@ use msmae_train::maps::{MapState, Maps, attention_maps, read_maps, write_maps};
 use msmae_train::model::{self, CheckpointKind, CheckpointMeta, Loaded, ModelSpec, Schedule, adamw};
 use msmae_train::runtime::{self, Runtime, images, to_vec};
 use msmae_train::support::{
-    check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, validate_schedule,
-    write_history,
+    check_image_compat, clip_to_run, config_error, defaults, open_table, validate_accumulation, write_history,
 };
 use msmae_vit::attention_map::{MapMethod, MapReading, Smoothing};
 use msmae_vit::patch::{gather_tokens, index_tensor, patchify};
@@ -45,25 +43,18 @@ fn d_min_lr() -> f64 {
     0.0
 }
 
+::msmae_train::training_config! {
 /// `with:` of `mae/pretrain`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PretrainConfig {
+pub struct PretrainConfig, defaults: {
+        epochs: "d_epochs",
+        blr: "::msmae_train::support::defaults::blr",
+        min_lr: "d_min_lr",
+        warmup_epochs: "::msmae_train::support::defaults::warmup_epochs",
+        weight_decay: "::msmae_train::support::defaults::weight_decay",
+        crop_scale: "::msmae_train::support::defaults::crop_scale",
+    } {
     #[serde(default)]
     pub model: ModelSpec,
-    #[serde(default = "d_epochs")]
-    pub epochs: usize,
-    #[serde(default = "defaults::batch_size")]
-    pub batch_size: usize,
-    /// lr = blr · batch_size / 256 (docs/method.md §4: 1e-3).
-    #[serde(default = "defaults::blr")]
-    pub blr: f64,
-    #[serde(default = "d_min_lr")]
-    pub min_lr: f64,
-    #[serde(default = "defaults::warmup_epochs")]
-    pub warmup_epochs: f64,
-    #[serde(default = "defaults::weight_decay")]
-    pub weight_decay: f64,
     /// MAE random masking ratio: the warm-up phase, or the whole run without `masks`.
     #[serde(default = "d_mask_ratio")]
     pub mask_ratio: f64,
@@ -88,12 +79,6 @@ pub struct PretrainConfig {
     pub cls_weight: f64,
     #[serde(default)]
     pub norm_pix_loss: bool,
-    #[serde(default = "defaults::augment")]
-    pub augment: bool,
-    #[serde(default = "defaults::crop_scale")]
-    pub crop_scale: [f64; 2],
-    #[serde(default = "defaults::checkpoint_every")]
-    pub checkpoint_every: usize,
     /// Micro-batches each device computes a global batch in, summing their gradients
     /// before one optimiser step: memory falls with the micro-batch, the result does not
     /// change (up to float rounding), so it is not part of the cache key. `batch_size`
@@ -103,6 +88,7 @@ pub struct PretrainConfig {
     /// Validation images in `reconstructions.png`.
     #[serde(default = "defaults::figure_images")]
     pub figure_images: usize,
+}
 }
 
 /// Attention-guided masking after the warm-up, from `maps` (refreshed in the loop).
@@ -219,7 +205,7 @@ impl Stage for MaePretrain {
         msmae_core::code_fingerprint!()
     }
     fn validate(&self, c: &PretrainConfig) -> Result<(), ConfigError> {
-        validate_schedule(c.epochs, c.batch_size, c.blr, c.min_lr, c.warmup_epochs, c.crop_scale)?;
+        c.schedule().check()?;
         validate_accumulation(c.batch_size, c.accum_steps)?;
         if !(c.mask_ratio > 0.0 && c.mask_ratio < 1.0) {
             return config_error("mask_ratio", "must be in (0, 1): something must be masked and something visible");

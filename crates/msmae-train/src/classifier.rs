@@ -25,9 +25,7 @@ use crate::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Va
 use crate::maps::{MapState, attention_maps};
 use crate::model::{self, CheckpointMeta, LayerDecay, ModelSpec, Schedule, adamw};
 use crate::runtime::{self, Runtime, images, to_vec};
-use crate::support::{
-    check_image_compat, config_error, defaults, open_table, validate_accumulation, validate_schedule, write_history,
-};
+use crate::support::{check_image_compat, config_error, defaults, open_table, validate_accumulation, write_history};
 
 fn d_epochs() -> usize {
     30
@@ -58,28 +56,21 @@ pub enum SelectOn {
     Auc,
 }
 
+::msmae_train::training_config! {
 /// `with:` of the classifier stages (`attention/train-supervised`, `finetune/full`,
 /// `finetune/msmae`). Fields that do not apply to a kind are rejected by its validation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClassifierConfig {
+pub struct ClassifierConfig, defaults: {
+        epochs: "d_epochs",
+        blr: "::msmae_train::support::defaults::blr",
+        min_lr: "d_min_lr",
+        warmup_epochs: "::msmae_train::support::defaults::warmup_epochs",
+        weight_decay: "::msmae_train::support::defaults::weight_decay",
+        crop_scale: "::msmae_train::support::defaults::crop_scale",
+    } {
     /// Architecture when training from scratch (ignored with a `pretrained` input, whose
     /// architecture is used).
     #[serde(default)]
     pub model: ModelSpec,
-    #[serde(default = "d_epochs")]
-    pub epochs: usize,
-    #[serde(default = "defaults::batch_size")]
-    pub batch_size: usize,
-    /// Base learning rate: lr = blr · batch_size / 256.
-    #[serde(default = "defaults::blr")]
-    pub blr: f64,
-    #[serde(default = "d_min_lr")]
-    pub min_lr: f64,
-    #[serde(default = "defaults::warmup_epochs")]
-    pub warmup_epochs: f64,
-    #[serde(default = "defaults::weight_decay")]
-    pub weight_decay: f64,
     /// Layer-wise lr decay (fine-tuning: 0.75; 1 = none).
     #[serde(default)]
     pub layer_decay: Option<f64>,
@@ -87,11 +78,6 @@ pub struct ClassifierConfig {
     pub label_smoothing: f64,
     #[serde(default = "d_drop_path")]
     pub drop_path: f64,
-    /// RandomResizedCrop + flip.
-    #[serde(default = "defaults::augment")]
-    pub augment: bool,
-    #[serde(default = "defaults::crop_scale")]
-    pub crop_scale: [f64; 2],
     /// Early stopping: epochs without a better validation score.
     #[serde(default)]
     pub patience: Option<usize>,
@@ -99,8 +85,6 @@ pub struct ClassifierConfig {
     /// AUC for multi-label data), `accuracy`, `loss` or `auc`.
     #[serde(default)]
     pub select_on: SelectOn,
-    #[serde(default = "defaults::checkpoint_every")]
-    pub checkpoint_every: usize,
     /// Micro-batches each device computes a global batch in, summing their gradients
     /// before one optimiser step: memory falls with the micro-batch, the result does not
     /// change (up to float rounding), so it is not part of the cache key. `batch_size`
@@ -132,6 +116,7 @@ pub struct ClassifierConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_smooth: Option<Smoothing>,
 }
+}
 
 /// Where `finetune/msmae`'s visible tokens come from (see [`ClassifierConfig::visible`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -155,7 +140,7 @@ pub enum ClassifierKind {
 }
 
 pub fn validate_classifier(c: &ClassifierConfig, kind: ClassifierKind) -> Result<(), ConfigError> {
-    validate_schedule(c.epochs, c.batch_size, c.blr, c.min_lr, c.warmup_epochs, c.crop_scale)?;
+    c.schedule().check()?;
     validate_accumulation(c.batch_size, c.accum_steps)?;
     if !(0.0..1.0).contains(&c.label_smoothing) {
         return config_error("label_smoothing", "must be in [0, 1)");

@@ -17,6 +17,9 @@
 //! The stage kinds live in `msmae-attention`, `msmae-pretrain`, `msmae-finetune`,
 //! `msmae-segment` and `msmae-interop`.
 
+// `training_config!` names this crate by its absolute path, from here as from the stage crates.
+extern crate self as msmae_train;
+
 pub mod classifier;
 pub mod data;
 pub mod dist;

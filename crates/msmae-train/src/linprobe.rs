@@ -25,7 +25,7 @@ use crate::data::{Batch, ImageTable, LoaderSpec, Normalizer};
 use crate::fit::{self, EpochPlan, FitOptions, StepLoss, TrainData, TrainStep, Validation};
 use crate::model::{self, CheckpointMeta, Schedule};
 use crate::runtime::{self, Runtime, images};
-use crate::support::{check_image_compat, config_error, defaults, open_table, validate_schedule, write_history};
+use crate::support::{check_image_compat, config_error, open_table, write_history};
 
 /// Which features of the frozen encoder the head reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -58,35 +58,23 @@ fn d_crop() -> [f64; 2] {
     [0.08, 1.0]
 }
 
-/// `with:` of `finetune/linear` (defaults: MAE's `main_linprobe.py`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LinearProbeConfig {
-    #[serde(default = "d_epochs")]
-    pub epochs: usize,
-    /// Images per optimiser step; the learning rate is `blr × batch_size / 256`.
-    #[serde(default = "defaults::batch_size")]
-    pub batch_size: usize,
-    #[serde(default = "d_blr")]
-    pub blr: f64,
-    #[serde(default)]
-    pub min_lr: f64,
-    #[serde(default = "d_warmup")]
-    pub warmup_epochs: f64,
-    /// LARS weight decay (matrices only; the reference probes with 0).
-    #[serde(default)]
-    pub weight_decay: f64,
+::msmae_train::training_config! {
+/// `with:` of `finetune/linear` (defaults: MAE's `main_linprobe.py`). Its `weight_decay` is
+/// LARS's, on matrices only; the reference probes with 0.
+pub struct LinearProbeConfig, defaults: {
+        epochs: "d_epochs",
+        blr: "d_blr",
+        min_lr: "Default::default",
+        warmup_epochs: "d_warmup",
+        weight_decay: "Default::default",
+        crop_scale: "d_crop",
+    } {
     #[serde(default = "d_momentum")]
     pub momentum: f64,
     #[serde(default = "d_trust")]
     pub trust_coefficient: f64,
     #[serde(default)]
     pub pool: ProbePool,
-    /// Random resized crops (`crop_scale`) and horizontal flips.
-    #[serde(default = "defaults::augment")]
-    pub augment: bool,
-    #[serde(default = "d_crop")]
-    pub crop_scale: [f64; 2],
     /// Images the frozen encoder embeds at once (memory only: features are the same).
     #[serde(default = "d_encoder_batch")]
     pub encoder_batch: usize,
@@ -94,8 +82,7 @@ pub struct LinearProbeConfig {
     pub select_on: SelectOn,
     #[serde(default)]
     pub patience: Option<usize>,
-    #[serde(default = "defaults::checkpoint_every")]
-    pub checkpoint_every: usize,
+}
 }
 
 fn d_encoder_batch() -> usize {
@@ -103,7 +90,7 @@ fn d_encoder_batch() -> usize {
 }
 
 pub fn validate_linear_probe(c: &LinearProbeConfig) -> Result<(), ConfigError> {
-    validate_schedule(c.epochs, c.batch_size, c.blr, c.min_lr, c.warmup_epochs, c.crop_scale)?;
+    c.schedule().check()?;
     if c.batch_size < 2 {
         return config_error(
             "batch_size",
@@ -338,6 +325,42 @@ pub fn run_linear_probe(stage_kind: &str, c: &LinearProbeConfig, ctx: &mut Stage
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The schedule fields every training kind shares read at the top level of `with:`
+    /// beside the kind's own, each kind with its defaults; the config serialises flat (as
+    /// the cache key has always seen it); misspelt keys are refused by name.
+    #[test]
+    fn the_shared_schedule_reads_at_the_top_level_with_each_kinds_defaults() {
+        use crate::classifier::ClassifierConfig;
+        let probe: LinearProbeConfig = serde_json::from_value(serde_json::json!({})).expect("defaults");
+        let s = probe.schedule();
+        assert_eq!((s.epochs, s.blr, s.min_lr, s.warmup_epochs, s.weight_decay), (90, 0.1, 0.0, 10.0, 0.0));
+        assert_eq!((s.batch_size, s.augment, s.crop_scale, s.checkpoint_every), (64, true, [0.08, 1.0], 5));
+        let cls: ClassifierConfig = serde_json::from_value(serde_json::json!({})).expect("defaults");
+        let s = cls.schedule();
+        assert_eq!((s.epochs, s.blr, s.min_lr, s.warmup_epochs, s.weight_decay), (30, 1e-3, 1e-6, 5.0, 0.05));
+        assert_eq!(s.crop_scale, [0.2, 1.0]);
+        let set = serde_json::json!({
+            "epochs": 7, "batch_size": 32, "blr": 0.5, "min_lr": 0.001, "warmup_epochs": 1.5,
+            "weight_decay": 0.01, "augment": false, "crop_scale": [0.3, 0.9], "checkpoint_every": 2,
+            "momentum": 0.8, "pool": "mean",
+        });
+        let probe: LinearProbeConfig = serde_json::from_value(set.clone()).expect("every shared field");
+        let back = serde_json::to_value(&probe).expect("json");
+        for (k, v) in set.as_object().expect("object") {
+            assert_eq!(&back[k], v, "`{k}` at the top level");
+        }
+        assert_eq!(probe.schedule().check(), Ok(()));
+        for bad in ["epoch", "warmup", "crop"] {
+            let e = serde_json::from_value::<LinearProbeConfig>(serde_json::json!({ bad: 1 }))
+                .expect_err("unknown")
+                .to_string();
+            assert!(e.contains(&format!("unknown field `{bad}`")), "{e}");
+        }
+        let bad: LinearProbeConfig =
+            serde_json::from_value(serde_json::json!({ "crop_scale": [0.9, 0.2] })).expect("parses");
+        assert_eq!(bad.schedule().check().expect_err("min > max").path, "crop_scale");
+    }
 
     /// The folded head gives the probe's eval-mode logits.
     #[test]

@@ -158,6 +158,103 @@ pub fn clip_to_run(field: &str, value: f64, limit: f64) -> f64 {
     }
 }
 
+/// Declares a training kind's `with:` struct: the kind's own fields as given, then the
+/// schedule every training kind shares — `epochs`, `batch_size`, `blr`, `min_lr`,
+/// `warmup_epochs`, `weight_decay`, `augment`, `crop_scale`, `checkpoint_every` — with the
+/// kind's defaults for the six that differ between kinds (function paths, as serde's
+/// `default = "…"` takes them), and [`schedule`](TrainingSchedule) to read them. The shared
+/// fields are written out in each struct rather than flattened from one (serde's `flatten`
+/// does not combine with `deny_unknown_fields`): a misspelt key is still refused with its
+/// path, and the config serialises — and keys the cache — as the fields say.
+#[macro_export]
+macro_rules! training_config {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident, defaults: {
+            epochs: $epochs:literal,
+            blr: $blr:literal,
+            min_lr: $min_lr:literal,
+            warmup_epochs: $warmup:literal,
+            weight_decay: $wd:literal,
+            crop_scale: $crop:literal $(,)?
+        } {
+            $($fields:tt)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($fields)*
+            /// Passes over the training split.
+            #[serde(default = $epochs)]
+            pub epochs: usize,
+            /// Images per optimiser step, over every device and accumulated micro-batch.
+            #[serde(default = "::msmae_train::support::defaults::batch_size")]
+            pub batch_size: usize,
+            /// Base learning rate: the peak lr is `blr · batch_size / 256`.
+            #[serde(default = $blr)]
+            pub blr: f64,
+            /// The lr the cosine decay ends at.
+            #[serde(default = $min_lr)]
+            pub min_lr: f64,
+            /// Epochs of linear warm-up (clipped to the run when longer).
+            #[serde(default = $warmup)]
+            pub warmup_epochs: f64,
+            /// Decoupled weight decay (none on biases, norms and tokens).
+            #[serde(default = $wd)]
+            pub weight_decay: f64,
+            /// RandomResizedCrop of `crop_scale` and horizontal flips.
+            #[serde(default = "::msmae_train::support::defaults::augment")]
+            pub augment: bool,
+            /// `[min, max]` fraction of the image area a random crop covers.
+            #[serde(default = $crop)]
+            pub crop_scale: [f64; 2],
+            /// Epochs between resumable checkpoints (run-only: not part of the cache key).
+            #[serde(default = "::msmae_train::support::defaults::checkpoint_every")]
+            pub checkpoint_every: usize,
+        }
+
+        impl $name {
+            /// The training schedule of this config.
+            pub fn schedule(&self) -> $crate::support::TrainingSchedule {
+                $crate::support::TrainingSchedule {
+                    epochs: self.epochs,
+                    batch_size: self.batch_size,
+                    blr: self.blr,
+                    min_lr: self.min_lr,
+                    warmup_epochs: self.warmup_epochs,
+                    weight_decay: self.weight_decay,
+                    augment: self.augment,
+                    crop_scale: self.crop_scale,
+                    checkpoint_every: self.checkpoint_every,
+                }
+            }
+        }
+    };
+}
+
+/// The schedule every training kind takes (see [`training_config!`](crate::training_config)).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainingSchedule {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub blr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub weight_decay: f64,
+    pub augment: bool,
+    pub crop_scale: [f64; 2],
+    pub checkpoint_every: usize,
+}
+
+impl TrainingSchedule {
+    /// The checks every training kind shares ([`validate_schedule`]).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        validate_schedule(self.epochs, self.batch_size, self.blr, self.min_lr, self.warmup_epochs, self.crop_scale)
+    }
+}
+
 /// Checks every training stage shares: epochs, batch, learning rates, warm-up, crop.
 pub fn validate_schedule(
     epochs: usize,
