@@ -7,6 +7,7 @@
 //! cast to text.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::array::{Array, StringArray};
 use arrow::datatypes::DataType;
@@ -28,25 +29,34 @@ pub struct TextTable {
 impl TextTable {
     /// Read a CSV file with a header line; `separator` is usually `b','`.
     pub fn read_csv(path: &Path, separator: u8) -> Result<Self, StageError> {
-        if !path.is_file() {
-            return Err(StageError::data(path, None, "file not found"));
+        Self::from_csv_frame(path, csv_frame(path, separator, None, None)?)
+    }
+
+    /// [`read_csv`](Self::read_csv) holding only the columns named in `keep` (a label file's
+    /// other columns can be most of it). When one of them is missing, every column is read,
+    /// so that [`column`](Self::column) names what the file has.
+    pub fn read_csv_columns(path: &Path, separator: u8, keep: &[&str]) -> Result<Self, StageError> {
+        let header = csv_frame(path, separator, Some(0), None)?;
+        let names: Vec<String> = header.get_column_names().iter().map(|n| clean_name(n)).collect();
+        let mut idx: Vec<usize> = keep.iter().filter_map(|k| names.iter().position(|n| n == k)).collect();
+        if idx.len() != keep.len() {
+            return Self::read_csv(path, separator);
         }
-        let df = CsvReadOptions::default()
-            .with_has_header(true)
-            .with_infer_schema_length(Some(0)) // every column as text: values are checked by the source
-            .map_parse_options(|p| p.with_separator(separator).with_truncate_ragged_lines(true))
-            .try_into_reader_with_file_path(Some(path.to_path_buf()))
-            .and_then(|r| r.finish())
-            .map_err(|e| StageError::data(path, None, format!("cannot read the CSV: {e}")))?;
+        idx.sort_unstable();
+        idx.dedup();
+        Self::from_csv_frame(path, csv_frame(path, separator, None, Some(idx))?)
+    }
+
+    /// The table of a CSV frame, column by column, each polars column dropped once copied.
+    fn from_csv_frame(path: &Path, df: DataFrame) -> Result<Self, StageError> {
         let mut names = Vec::new();
         let mut cols = Vec::new();
-        // Column by column, each polars column dropped once copied.
         for col in df.into_columns() {
             let s = col
                 .as_materialized_series()
                 .str()
                 .map_err(|e| StageError::data(path, Some(format!("column `{}`", col.name())), e.to_string()))?;
-            names.push(col.name().trim_start_matches('\u{feff}').trim().to_string());
+            names.push(clean_name(col.name()));
             let mut c = TextColumn::default();
             c.extend((0..s.len()).map(|i| s.get(i)));
             cols.push(c);
@@ -121,6 +131,34 @@ impl TextTable {
     pub fn error(&self, row: usize, col: &str, message: impl Into<String>) -> StageError {
         StageError::data(&self.path, Some(format!("{}, column `{col}`", self.row_name(row))), message)
     }
+}
+
+/// A CSV file as polars reads it, every column as text (values are checked by the
+/// source), ragged lines truncated; the first `n_rows` rows only, the `projection`'s columns
+/// only, when given.
+fn csv_frame(
+    path: &Path,
+    separator: u8,
+    n_rows: Option<usize>,
+    projection: Option<Vec<usize>>,
+) -> Result<DataFrame, StageError> {
+    if !path.is_file() {
+        return Err(StageError::data(path, None, "file not found"));
+    }
+    CsvReadOptions::default()
+        .with_has_header(true)
+        .with_infer_schema_length(Some(0))
+        .with_n_rows(n_rows)
+        .with_projection(projection.map(Arc::new))
+        .map_parse_options(|p| p.with_separator(separator).with_truncate_ragged_lines(true))
+        .try_into_reader_with_file_path(Some(path.to_path_buf()))
+        .and_then(|r| r.finish())
+        .map_err(|e| StageError::data(path, None, format!("cannot read the CSV: {e}")))
+}
+
+/// A header name without a byte-order mark or surrounding spaces.
+fn clean_name(name: &str) -> String {
+    name.trim_start_matches('\u{feff}').trim().to_string()
 }
 
 /// A column's values end to end in one buffer: a few bytes per cell over the text itself,
@@ -203,5 +241,24 @@ mod tests {
         assert!(e.contains("line 4") && e.contains("`id`") && e.contains("empty value"), "{e}");
         let e = t.column("Patient ID", "id, label").expect_err("missing").to_string();
         assert!(e.contains("missing column `Patient ID`") && e.contains("\"note\""), "{e}");
+    }
+
+    #[test]
+    fn reading_some_columns_keeps_their_values_and_a_missing_one_is_named_as_before() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("labels.csv");
+        std::fs::write(&p, "\u{feff}id,age,label,site,\na.png,40,1,x,\nb.png,,0,y,\n").expect("csv");
+        let all = TextTable::read_csv(&p, b',').expect("all");
+        let some = TextTable::read_csv_columns(&p, b',', &["label", "id"]).expect("some");
+        assert_eq!(some.names(), ["id", "label"], "file order");
+        assert_eq!(some.len(), 2);
+        for name in ["id", "label"] {
+            let (a, b) = (all.column(name, "").expect("all"), some.column(name, "").expect("some"));
+            assert_eq!((0..2).map(|r| a.get(r)).collect::<Vec<_>>(), (0..2).map(|r| b.get(r)).collect::<Vec<_>>());
+        }
+        assert!(!some.has("age") && !some.has("site"));
+        let full = TextTable::read_csv_columns(&p, b',', &["id", "Patient ID"]).expect("falls back");
+        let e = full.column("Patient ID", "id, Patient ID").expect_err("missing").to_string();
+        assert!(e.contains("missing column `Patient ID`") && e.contains("\"age\""), "{e}");
     }
 }
