@@ -108,25 +108,6 @@ pub struct WriteOptions {
     pub sample: Option<f64>,
 }
 
-impl WriteOptions {
-    /// Single-label, no masks.
-    pub fn new(size: u32, channels: u32, aspect: Aspect, on_error: OnError, row_group: u32, previews: u32) -> Self {
-        Self {
-            size,
-            channels,
-            aspect,
-            on_error,
-            row_group,
-            previews,
-            multi_label: false,
-            masks: false,
-            bit_depth: 8,
-            mask_classes: Vec::new(),
-            sample: None,
-        }
-    }
-}
-
 /// Declares the `with:` struct of a file-based ingest kind: the kind's own fields as given,
 /// then the image-table options every such kind shares — `size`, `channels` (with the
 /// kind's default), `aspect`, `on_error`, `row_group`, `sample`, `previews`, `bit_depth` —
@@ -212,15 +193,42 @@ impl TableOptions {
     /// The checks every file-based source shares, with the source's split fractions.
     pub fn check(&self, split: &crate::table::SplitFractions) -> Result<(), ConfigError> {
         check_sample(self.sample)?;
-        check_options(self.size, self.channels, split, self.row_group, self.bit_depth)
+        let err = |path: &str, message: String| Err(ConfigError { path: path.into(), message });
+        if self.bit_depth != 8 && self.bit_depth != 16 {
+            return err(
+                "bit_depth",
+                "must be 8 or 16 (16 keeps the depth of DICOM and 16-bit PNG/TIFF sources)".into(),
+            );
+        }
+        if !(8..=2048).contains(&self.size) {
+            return err("size", "must be between 8 and 2048 pixels".into());
+        }
+        if self.channels != 1 && self.channels != 3 {
+            return err("channels", "must be 1 (grey) or 3 (RGB)".into());
+        }
+        if let Err(m) = split.check() {
+            return err("split", m);
+        }
+        if self.row_group == 0 {
+            return err("row_group", "must be positive".into());
+        }
+        Ok(())
     }
 
     /// Single-label writing options without masks; a source sets what differs.
     pub fn write_options(&self) -> WriteOptions {
         WriteOptions {
+            size: self.size,
+            channels: self.channels,
+            aspect: self.aspect,
+            on_error: self.on_error,
+            row_group: self.row_group,
+            previews: self.previews,
+            multi_label: false,
+            masks: false,
             bit_depth: self.bit_depth,
+            mask_classes: Vec::new(),
             sample: self.sample,
-            ..WriteOptions::new(self.size, self.channels, self.aspect, self.on_error, self.row_group, self.previews)
         }
     }
 }
@@ -229,33 +237,6 @@ impl TableOptions {
 pub fn output_decl() -> OutputDecl {
     OutputDecl::new("image-table", &["images.parquet", "split_report.json", "rejects.json", "previews/*.png"])
         .figure("sample images", "previews/*.png")
-}
-
-/// Checks of the options every file-based source shares.
-pub fn check_options(
-    size: u32,
-    channels: u32,
-    split: &crate::table::SplitFractions,
-    row_group: u32,
-    bit_depth: u32,
-) -> Result<(), ConfigError> {
-    let err = |path: &str, message: String| Err(ConfigError { path: path.into(), message });
-    if bit_depth != 8 && bit_depth != 16 {
-        return err("bit_depth", "must be 8 or 16 (16 keeps the depth of DICOM and 16-bit PNG/TIFF sources)".into());
-    }
-    if !(8..=2048).contains(&size) {
-        return err("size", "must be between 8 and 2048 pixels".into());
-    }
-    if channels != 1 && channels != 3 {
-        return err("channels", "must be 1 (grey) or 3 (RGB)".into());
-    }
-    if let Err(m) = split.check() {
-        return err("split", m);
-    }
-    if row_group == 0 {
-        return err("row_group", "must be positive".into());
-    }
-    Ok(())
 }
 
 /// A decoded image, its merged mask (when the source has masks) and its file's SHA-256.

@@ -366,16 +366,17 @@ struct Progressed {
 
 impl Progressed {
     fn report(self, plan: &Plan, seconds: f64, lock_file: PathBuf) -> RunReport {
-        let Progressed { mut outcome, mut keys, digests } = self;
+        let Progressed { outcome, keys, digests } = self;
         let stages = plan
             .nodes
             .iter()
+            .zip(outcome.into_iter().zip(keys))
             .enumerate()
-            .map(|(i, node)| StageReport {
+            .map(|(i, (node, (outcome, key)))| StageReport {
                 name: node.name.clone(),
                 kind: node.kind.kind().to_string(),
-                outcome: outcome[i].take().unwrap_or(Outcome::Cancelled),
-                key: keys[i].take(),
+                outcome: outcome.unwrap_or(Outcome::Cancelled),
+                key,
                 artifact: digests.get(&i).cloned(),
             })
             .collect();

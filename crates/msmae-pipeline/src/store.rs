@@ -572,14 +572,8 @@ impl Store {
                 );
                 continue;
             }
-            let lock = self.root.join("locks").join(format!("{key}.lock"));
-            let free = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&lock)
-                .map(|f| f.try_lock().is_ok())
-                .unwrap_or(false);
+            // A lock that cannot even be checked counts as held: nothing is removed.
+            let free = !self.key_lock_held(&key).unwrap_or(true);
             let committed = matches!(self.lookup(&key), Ok(Some(_)));
             if free && (all || committed) {
                 if !dry_run {
@@ -607,14 +601,8 @@ impl Store {
                 tracing::warn!("left alone in the store's tmp/: {} (not a staging directory msmae made)", p.display());
                 continue;
             }
-            let lock = self.root.join("locks").join(format!("{key}.lock"));
-            let free = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&lock)
-                .map(|f| f.try_lock().is_ok())
-                .unwrap_or(false);
+            // A lock that cannot even be checked counts as held: nothing is removed.
+            let free = !self.key_lock_held(key).unwrap_or(true);
             if free {
                 remove_tree(&p).map_err(|e| Error::store("remove", &p, e))?;
                 removed.push(p);
